@@ -1,0 +1,92 @@
+# pgolf build.   make            ./train_gpt (nvcc, sm_90a) and ./tokenize
+#                make test       build everything and run every test
+#                make cpu        ./train_gpt_cpu: the CPU-only build (g++), quick to compile
+#                make submission build/submission/train_gpt.cu: the stripped, byte-counted single file
+# Knobs: GPU_ARCH=sm_90a (e.g. sm_80), USE_MPI=auto|0|1, USE_NCCL=auto|0|1, CPU_ARCH=native, DEBUG=1
+
+NVCC      ?= nvcc
+CXX       ?= g++
+GPU_ARCH  ?= sm_90a
+CPU_ARCH  ?= native
+USE_MPI   ?= auto
+USE_NCCL  ?= auto
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC) 2>/dev/null))
+
+ifeq ($(DEBUG),1)
+  OPT := -O0 -g
+  NVOPT := -O0 -g -lineinfo
+else
+  OPT := -O3
+  NVOPT := -O3
+endif
+
+# --- optional features, each decision printed once ------------------------------------------
+ifeq ($(USE_MPI),auto)
+  USE_MPI := $(if $(shell command -v mpicxx 2>/dev/null),1,0)
+endif
+ifeq ($(USE_MPI),1)
+  MPI_CFLAGS := $(shell mpicxx --showme:compile 2>/dev/null || mpicxx -show 2>/dev/null | tr ' ' '\n' | grep '^-I' | tr '\n' ' ')
+  MPI_LIBS   := $(shell mpicxx --showme:link 2>/dev/null || mpicxx -show 2>/dev/null | tr ' ' '\n' | grep -E '^-(L|l|Wl)' | tr '\n' ' ')
+  MPI_DEFS   := -DPGOLF_MPI
+endif
+ifeq ($(USE_NCCL),auto)
+  USE_NCCL := $(if $(or $(wildcard $(CUDA_HOME)/include/nccl.h),$(wildcard /usr/include/nccl.h)),1,0)
+endif
+ifeq ($(USE_NCCL),1)
+  NCCL_DEFS := -DPGOLF_NCCL
+  NCCL_LIBS := -lnccl
+endif
+
+# --- the byte-counted code: every source compiled into train_gpt ------------------------------
+CODE_FILES  := train_gpt.cu tokenizer/spm_model.h $(wildcard sections/*.cuh)
+CODE_BYTES  := $(shell cat $(CODE_FILES) 2>/dev/null | wc -c)
+SUBMISSION  := build/submission/train_gpt.cu
+STRIP_BYTES  = $(shell [ -f $(SUBMISSION) ] && wc -c < $(SUBMISSION) || echo 0)
+
+comma       := ,
+HOST_FLAGS  := -fopenmp -march=$(CPU_ARCH) -Wall -Wextra
+NVFLAGS     := $(NVOPT) -std=c++17 -arch=$(GPU_ARCH) -x cu -Xcompiler "$(subst $() ,$(comma),$(HOST_FLAGS))" \
+               $(MPI_DEFS) $(MPI_CFLAGS) $(NCCL_DEFS)
+LIBS        := -lcublasLt -lcublas -lzstd -lgomp $(NCCL_LIBS) $(MPI_LIBS)
+TU_DEPS     := train_gpt.cu tokenizer/spm_model.h $(wildcard sections/*.cuh)
+
+.PHONY: all test cpu submission clean corpus info
+all: info train_gpt tokenize
+
+info:
+	@echo "pgolf: nvcc $(shell $(NVCC) --version 2>/dev/null | grep -o 'release [0-9.]*') ($(NVCC)), GPU_ARCH=$(GPU_ARCH)" \
+	      "MPI=$(USE_MPI) NCCL=$(USE_NCCL) code_bytes=$(CODE_BYTES) stripped=$(STRIP_BYTES)"
+	@[ "$(USE_MPI)" = 1 ] || echo "pgolf: building without MPI (single process); install libopenmpi-dev for mpirun -np N"
+
+train_gpt: $(TU_DEPS) $(SUBMISSION)
+	$(NVCC) $(NVFLAGS) -DPGOLF_CODE_BYTES=$(CODE_BYTES) -DPGOLF_CODE_BYTES_STRIPPED=$(STRIP_BYTES) -o $@ train_gpt.cu $(LIBS)
+
+# The CPU reference alone (no CUDA): the same file through g++.
+cpu: train_gpt_cpu
+train_gpt_cpu: $(TU_DEPS)
+	$(CXX) $(OPT) -std=c++17 -x c++ $(HOST_FLAGS) $(MPI_DEFS) $(MPI_CFLAGS) -DPGOLF_CODE_BYTES=$(CODE_BYTES) -o $@ train_gpt.cu -lzstd $(MPI_LIBS)
+
+tokenize: tokenizer/tokenize.cpp tokenizer/spm_model.h tokenizer/spm_encode.h
+	$(CXX) -O2 -std=c++17 -Wall -Wextra -o $@ tokenizer/tokenize.cpp
+
+# --- the submission: one file, CPU reference sections and comments removed -------------------
+submission: $(SUBMISSION)
+$(SUBMISSION): $(TU_DEPS) scripts/make_submission
+	@mkdir -p build/submission
+	python3 scripts/make_submission train_gpt.cu $@
+
+# --- tests ------------------------------------------------------------------------------------
+tests/test_tokenizer: tests/test_tokenizer.cpp tests/harness.h tokenizer/spm_model.h tokenizer/spm_encode.h
+	$(CXX) -O2 -std=c++17 -Wall -Wextra -Itests -o $@ tests/test_tokenizer.cpp
+
+tests/test_main: tests/test_main.cu tests/harness.h $(wildcard tests/*.cuh) $(TU_DEPS)
+	$(NVCC) $(NVFLAGS) -Xcompiler -Wno-unused-function -I. -DPGOLF_CODE_BYTES=$(CODE_BYTES) -o $@ tests/test_main.cu $(LIBS)
+
+corpus:
+	@scripts/make_corpus
+
+test: all train_gpt_cpu tests/test_main tests/test_tokenizer corpus
+	@tests/run.sh
+
+clean:
+	rm -rf train_gpt train_gpt_cpu tokenize tests/test_main tests/test_tokenizer build
