@@ -82,7 +82,7 @@ tests/test_tokenizer: tests/test_tokenizer.cpp tests/harness.h tokenizer/spm_mod
 tests/test_main: tests/test_main.cu tests/harness.h $(wildcard tests/*.cuh) $(TU_DEPS)
 	$(NVCC) $(NVFLAGS) -Xcompiler -Wno-unused-function -I. -DPGOLF_CODE_BYTES=$(CODE_BYTES) -o $@ tests/test_main.cu $(LIBS)
 
-corpus:
+corpus: tokenize
 	@scripts/make_corpus
 
 test: all train_gpt_cpu tests/test_main tests/test_tokenizer corpus

@@ -83,12 +83,18 @@ static int g_rank = 0, g_world = 1;  // set once by distributed_init()
 
 // printf on rank 0 only, also appended to the run's log file when one is open.
 static FILE* g_logfile = nullptr;
+static bool g_quiet = false;  // tests silence the training log
 __attribute__((format(printf, 1, 2))) static void log0(const char* fmt, ...) {
-    if (g_rank != 0) return;
+    if (g_rank != 0 || g_quiet) return;
     va_list ap;
     va_start(ap, fmt); vprintf(fmt, ap); va_end(ap);
     if (g_logfile) { va_start(ap, fmt); vfprintf(g_logfile, fmt, ap); va_end(ap); fflush(g_logfile); }
     fflush(stdout);
+}
+
+static std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
+static std::string fmt(const char* f, ...) {  // printf into a std::string
+    char buf[1024]; va_list ap; va_start(ap, f); vsnprintf(buf, sizeof buf, f, ap); va_end(ap); return buf;
 }
 
 static double now_ms() {
@@ -219,7 +225,8 @@ struct Config {
     int val_loss_every = 1000, train_log_every = 200;
     long val_tokens_limit = 0;         // evaluate only a prefix of the validation stream (0 = all)
     int val_truncate_to_seq = 0;       // 1 = drop the tail that is not a multiple of TRAIN_SEQ_LEN, as the reference
-    int checkpoint_every = 0;          // steps between checkpoints (0 = only at the end)
+    int checkpoint_every = 0;          // steps between checkpoints (0 = none during training)
+    int checkpoint_keep = 2;           // newest checkpoints kept on disk (0 = all)
     // training length and batch
     int iterations = 20000, warmdown_iters = 1200, warmup_steps = 20;
     long train_batch_tokens = 524288;
@@ -396,7 +403,8 @@ static std::vector<Setting> config_settings(Config& c) {
         {"TRAIN_LOG_EVERY", 'i', &c.train_log_every, "steps between train-loss lines"},
         {"VAL_TOKENS_LIMIT", 'l', &c.val_tokens_limit, "evaluate only the first N validation tokens (0 = all)"},
         {"VAL_TRUNCATE_TO_SEQ", 'i', &c.val_truncate_to_seq, "1 = score only a multiple of TRAIN_SEQ_LEN positions, as the reference"},
-        {"CHECKPOINT_EVERY", 'i', &c.checkpoint_every, "steps between checkpoints (0 = at the end only)"},
+        {"CHECKPOINT_EVERY", 'i', &c.checkpoint_every, "steps between checkpoints, plus one at the end (0 = none)"},
+        {"CHECKPOINT_KEEP", 'i', &c.checkpoint_keep, "newest checkpoints kept (0 = all)"},
         {"ITERATIONS", 'i', &c.iterations, "training steps"},
         {"WARMDOWN_ITERS", 'i', &c.warmdown_iters, "length of the linear lr warm-down (steps, or its wall-clock equivalent)"},
         {"WARMUP_STEPS", 'i', &c.warmup_steps, "compiler warm-up steps of the reference; nothing to warm up here, so unused"},
@@ -738,7 +746,6 @@ enum ParamRole {
     P_NUM_ROLES
 };
 enum ParamGroup { GROUP_TOKEN, GROUP_HEAD, GROUP_MATRIX, GROUP_SCALAR };
-static const char* GROUP_NAMES[] = {"token", "head", "matrix", "scalar"};
 
 struct ParamSpec {
     std::string name;
@@ -1573,6 +1580,8 @@ template <class T> static void scale_inplace(Cpu<T>, T* x, size_t n, float s) { 
 template <class T> static void add_inplace(Cpu<T>, T* x, const T* y, size_t n) { for (size_t i = 0; i < n; i++) x[i] += y[i]; }
 template <class T> static void add_forward(Cpu<T>, T* out, const T* x, const T* y, size_t n) { for (size_t i = 0; i < n; i++) out[i] = x[i] + y[i]; }
 template <class T> static void copy_forward(Cpu<T>, T* out, const T* x, size_t n) { memcpy(out, x, n * sizeof(T)); }
+// master weights → the copy the forward reads (the same memory on the CPU; bf16 on the GPU)
+template <class T> static void cast_params(Cpu<T>, T* dst, const T* src, size_t n) { if (dst != src) memcpy(dst, src, n * sizeof(T)); }
 #endif
 
 static bool layer_has_xsa(const Config& c, int l) { return (l % c.num_cores()) >= c.num_cores() - c.xsa_last_n; }
@@ -2232,6 +2241,7 @@ template <class D> struct TrainState {
     double train_ms = 0;
     bool qat_active = false;
     DataLoader loader;
+    std::vector<std::string> checkpoints;    // written so far, oldest first
 };
 
 // Activation capacity: the largest batch any phase runs (training micro-batch, eval, TTT).
@@ -2306,11 +2316,14 @@ template <class T> static void refresh_compute_weights(Cpu<T> dev, Model<Cpu<T>>
 }
 #endif
 
-static std::string checkpoint_path(const Config& c) { return c.out_dir + "/checkpoint.safetensors"; }
+static std::string checkpoint_path(const Config& c, int step) { return c.out_dir + fmt("/checkpoint_%06d.safetensors", step); }
 
 template <class D> static void save_checkpoint(D dev, Model<D>& m, TrainState<D>& s) {
-    if (g_rank != 0) return;
     Config c = m.cfg;
+    std::string path = checkpoint_path(c, s.step);
+    if (!s.checkpoints.empty() && s.checkpoints.back() == path) return;  // already saved at this step
+    s.checkpoints.push_back(path);
+    if (g_rank != 0) return;
     size_t n = m.nparams;
     std::vector<float> w(n), am(n), av(n), avg(s.avg ? n : 0);
     auto fetch = [&](std::vector<float>& dst, const typename D::grad* src) {
@@ -2324,10 +2337,15 @@ template <class D> static void save_checkpoint(D dev, Model<D>& m, TrainState<D>
     for (const ParamSpec& p : m.table) blobs.push_back({"optimizer.v." + p.name, p.shape, av.data() + p.offset, p.numel});
     if (s.avg) for (const ParamSpec& p : m.table) blobs.push_back({"average." + p.name, p.shape, avg.data() + p.offset, p.numel});
     char ms[64]; snprintf(ms, sizeof ms, "%.17g", s.train_ms);
-    safetensors_write(checkpoint_path(c), blobs, {
+    safetensors_write(path, blobs, {
         {"format", "pgolf-checkpoint-1"}, {"config", config_to_text(c)}, {"step", std::to_string(s.step)},
         {"train_ms", ms}, {"swa_count", std::to_string(s.swa_count)}, {"qat_active", std::to_string((int)s.qat_active)},
         {"loader_file", std::to_string(s.loader.stream.file_idx)}, {"loader_pos", std::to_string(s.loader.stream.pos)}});
+    log0("checkpoint: %s\n", path.c_str());
+    while (c.checkpoint_keep > 0 && (int)s.checkpoints.size() > c.checkpoint_keep) {
+        remove(s.checkpoints.front().c_str());
+        s.checkpoints.erase(s.checkpoints.begin());
+    }
 }
 
 // Training shape settings must match to resume; cadence, logging and eval settings may differ.
@@ -2412,7 +2430,7 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         double train_loss = loss_sum / ((double)local * accum);
         double tl[1] = {train_loss}; host_allreduce_sum(tl, 1); train_loss = tl[0] / g_world;
         if (!std::isfinite(train_loss)) {
-            std::string ck = c.checkpoint_every > 0 ? checkpoint_path(c) : std::string("none (set CHECKPOINT_EVERY)");
+            std::string ck = s.checkpoints.empty() ? std::string("none (set CHECKPOINT_EVERY)") : s.checkpoints.back();
             fail("train_loss is %f at step %d: stopping (last good checkpoint: %s)", train_loss, s.step + 1, ck.c_str());
         }
         optimizer_step(dev, m, s, scale, (float)muon_momentum_at(c, s.step));
@@ -2513,10 +2531,6 @@ template <class D> static std::vector<EvalResult> evaluate_modes(D dev, Model<D>
     return results;
 }
 
-static std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
-static std::string fmt(const char* f, ...) {
-    char buf[1024]; va_list ap; va_start(ap, f); vsnprintf(buf, sizeof buf, f, ap); va_end(ap); return buf;
-}
 
 // Everything after the command line is parsed: data, model, training, export, evaluation.
 template <class D> static void run(D dev, Config& c, const char* device_name) {
@@ -2547,7 +2561,8 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     size_t pbytes = m.nparams * sizeof(typename D::grad);
     log0("memory: params %.1f MiB, grads %.1f MiB, optimizer %.1f MiB, activations %.1f MiB (%ld tokens × up to %d)\n",
          pbytes / 1048576.0, pbytes / 1048576.0, 3 * pbytes / 1048576.0, m.act_bytes / 1048576.0, cap_tokens, cap_t);
-    log0("device:%s world_size:%d grad_accum_steps:%d\n", device_name, g_world, grad_accum_steps(c, g_world));
+    log0("device:%s world_size:%d (this node's ranks from local rank %d) grad_accum_steps:%d\n", device_name, g_world, g_local_rank,
+         grad_accum_steps(c, g_world));
 
     std::string json;
     auto add_json = [&](const std::string& line) { json += (json.empty() ? "" : ",\n") + std::string("  ") + line; };

@@ -4,6 +4,10 @@
 #include "harness.h"
 
 #include "test_model.cuh"
+#include "test_train.cuh"
 #include "test_compress.cuh"
 
-int main(int argc, char** argv) { return test_main(argc, argv); }
+int main(int argc, char** argv) {
+    g_quiet = !getenv("PGOLF_TEST_LOG");  // PGOLF_TEST_LOG=1 shows the training log lines
+    return test_main(argc, argv);
+}

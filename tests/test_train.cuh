@@ -1,0 +1,318 @@
+// Configuration, data, optimizers, schedule, averaging, checkpoints: the CPU reference's driver.
+
+// --- helpers --------------------------------------------------------------------------------------
+static std::string test_dir(const char* name) {
+    std::string d = "/tmp/pgolf_test_" + std::to_string(getpid()) + "_" + name;
+    make_dirs(d);
+    return d;
+}
+static void write_shard_file(const std::string& path, const std::vector<uint16_t>& tokens, int magic = SHARD_MAGIC,
+                             int version = SHARD_VERSION, long count = -1, size_t extra_bytes = 0) {
+    int32_t header[256] = {magic, version, (int32_t)(count >= 0 ? count : (long)tokens.size())};
+    std::vector<uint8_t> buf(sizeof header + 2 * tokens.size() + extra_bytes, 0);
+    memcpy(buf.data(), header, sizeof header);
+    memcpy(buf.data() + sizeof header, tokens.data(), 2 * tokens.size());
+    write_file_atomic(path, buf.data(), buf.size());
+}
+// Documents of random length (BOS + tokens), as the challenge's shards.
+static std::vector<uint16_t> synthetic_stream(size_t n, int vocab, uint64_t seed) {
+    Rng rng(seed);
+    std::vector<uint16_t> t;
+    while (t.size() < n) {
+        t.push_back(BOS_ID);
+        int len = 1 + (int)(rng.uniform() * 300);
+        for (int i = 0; i < len && t.size() < n; i++) t.push_back((uint16_t)(4 + rng.uniform() * (vocab - 4)));
+    }
+    return t;
+}
+static Config small_train_config(const std::string& data) {
+    Config c;
+    preset_tiny(c);
+    c.data_path = data;
+    c.vocab_size = 64; c.num_layers = 2; c.model_dim = 32; c.num_heads = 2; c.num_kv_heads = 1;
+    c.train_seq_len = 16; c.train_batch_tokens = 128; c.grad_accum_steps = 2;
+    c.bigram_vocab_size = 53; c.bigram_dim = 16; c.fp16_keep_patterns = "";
+    c.iterations = 6; c.warmdown_iters = 4; c.val_loss_every = 0; c.train_log_every = 0;
+    c.eval_stride = 16; c.eval_batch_seqs = 4; c.ttt_eval_seq_len = 16; c.ttt_chunk_size = 8; c.ttt_batch_size = 2;
+    c.ttt_batch_seqs = 2; c.val_tokens_limit = 0;
+    return c;
+}
+static std::string small_dataset(const char* name, int vocab = 64) {
+    std::string d = test_dir(name);
+    write_shard_file(d + "/fineweb_train_000000.bin", synthetic_stream(3000, vocab, 1));
+    write_shard_file(d + "/fineweb_train_000001.bin", synthetic_stream(2000, vocab, 2));
+    write_shard_file(d + "/fineweb_val_000000.bin", synthetic_stream(700, vocab, 3));
+    return d;
+}
+// Trains `c` from its init (or from a checkpoint) and returns the final master weights.
+static std::vector<float> train_weights(Config c, const std::string& resume = "", int* steps_done = nullptr) {
+    Cpu<float> dev;
+    long cap; int cap_t;
+    activation_capacity(c, 1, &cap, &cap_t);
+    Model<Cpu<float>> m;
+    model_init(dev, m, c, (int)((cap + cap_t - 1) / cap_t), cap_t);
+    TrainState<Cpu<float>> s;
+    train_state_init(dev, s, m);
+    s.loader.stream.open(shard_files(c.data_path, "train"), c.vocab_size);
+    if (!resume.empty()) load_checkpoint(dev, m, s, resume);
+    EvalData ev;
+    ev.val = load_validation_tokens(c);
+    ev.luts.base_bytes.assign(c.vocab_size, 1); ev.luts.has_leading_space.assign(c.vocab_size, 0); ev.luts.is_boundary.assign(c.vocab_size, 0);
+    train(dev, m, s, ev);
+    if (c.checkpoint_every > 0) save_checkpoint(dev, m, s);
+    if (steps_done) *steps_done = s.step;
+    return std::vector<float>(m.params, m.params + m.nparams);
+}
+
+// --- configuration ----------------------------------------------------------------------------------
+TEST(config_rejects_bad_shapes) {
+    Config c;
+    c.num_heads = 7;
+    CHECK_THROWS(config_validate(c, 1), "NUM_HEADS=7 must divide MODEL_DIM=512");
+    c = Config(); c.num_kv_heads = 3;
+    CHECK_THROWS(config_validate(c, 1), "NUM_KV_HEADS=3 must divide NUM_HEADS=8");
+    c = Config(); c.train_batch_tokens = 524288 + 1024;
+    CHECK_THROWS(config_validate(c, 1), "TRAIN_BATCH_TOKENS=525312 must be a multiple of world size 1");
+    c = Config();
+    CHECK_THROWS(config_validate(c, 3), "world size 3 does not divide 8");
+    c = Config(); c.rope_dims = 70;
+    CHECK_THROWS(config_validate(c, 1), "ROPE_DIMS=70");
+    c = Config(); c.bigram_vocab_size = 10; c.bigram_hash_size = 10;
+    CHECK_THROWS(config_validate(c, 1), "two different bigram embeddings");
+}
+TEST(config_env_errors_and_presets) {
+    setenv("CONFIG", "nonexistent", 1);
+    CHECK_THROWS(config_from_env(), "CONFIG=nonexistent: unknown preset (expected one of baseline, pr467, pr600, pr456, tiny)");
+    setenv("CONFIG", "pr467", 1);
+    setenv("ITERATIONS", "12x", 1);
+    CHECK_THROWS(config_from_env(), "ITERATIONS=\"12x\": expected an integer");
+    setenv("ITERATIONS", "77", 1);
+    Config c = config_from_env();
+    CHECK(c.iterations == 77 && c.num_layers == 10 && c.warmdown_iters == 3500 && c.swa_start_frac == 0.35f);
+    unsetenv("ITERATIONS"); unsetenv("CONFIG");
+    for (const Preset& p : PRESETS) {  // every preset is a valid configuration at its reference world size
+        Config q; p.apply(q);
+        config_validate(q, strcmp(p.name, "tiny") ? 8 : 1);
+    }
+}
+TEST(config_text_roundtrip) {
+    Config c; preset_pr456(c);
+    c.data_path = "/some where/with=equals";
+    std::string text = config_to_text(c);
+    Config d = config_from_text(text, "test");
+    CHECK(config_to_text(d) == text);
+    CHECK_THROWS(config_from_text("NOT_A_KEY=1\n", "x.pgz"), "x.pgz: unknown config key NOT_A_KEY");
+}
+
+// --- data -------------------------------------------------------------------------------------------
+TEST(shard_bad_inputs_name_the_file) {
+    std::string d = test_dir("shards");
+    std::vector<uint16_t> toks = {1, 5, 6, 7};
+    write_shard_file(d + "/magic.bin", toks, 1234);
+    CHECK_THROWS(load_shard(d + "/magic.bin", 64), "magic.bin: bad magic 1234 (expected 20240520)");
+    write_shard_file(d + "/version.bin", toks, SHARD_MAGIC, 2);
+    CHECK_THROWS(load_shard(d + "/version.bin", 64), "version.bin: unsupported shard version 2");
+    write_shard_file(d + "/count.bin", toks, SHARD_MAGIC, 1, 10);
+    CHECK_THROWS(load_shard(d + "/count.bin", 64), "count.bin: header says 10 tokens, i.e. 1044 bytes, but the file has 1032 bytes (truncated?)");
+    write_shard_file(d + "/odd.bin", toks, SHARD_MAGIC, 1, -1, 1);
+    CHECK_THROWS(load_shard(d + "/odd.bin", 64), "odd.bin: header says 4 tokens, i.e. 1032 bytes, but the file has 1033 bytes");
+    std::vector<uint8_t> tiny(100, 0);
+    write_file_atomic(d + "/short.bin", tiny.data(), tiny.size());
+    CHECK_THROWS(load_shard(d + "/short.bin", 64), "short.bin: 100 bytes is shorter than the 1024-byte shard header");
+    write_shard_file(d + "/vocab.bin", {1, 5, 99});
+    CHECK_THROWS(load_shard(d + "/vocab.bin", 64), "vocab.bin: token 99 at position 2 is outside the vocabulary (VOCAB_SIZE=64)");
+    CHECK_THROWS(load_shard(d + "/missing.bin", 64), "cannot open");
+    CHECK_THROWS(shard_files(d + "/nowhere", "train"), "no train shards match");
+    CHECK(load_shard(d + "/vocab.bin", 128).size() == 3);
+}
+// The reference's order: any world size with the same global batch sees the same sequences.
+TEST(loader_order_is_world_size_invariant) {
+    std::string d = small_dataset("loader");
+    std::vector<std::string> files = shard_files(d, "train");
+    long global = 256;
+    DataLoader one; one.stream.open(files, 64);
+    std::vector<DataLoader> two(2);
+    for (int r = 0; r < 2; r++) { two[r].rank = r; two[r].world = 2; two[r].stream.open(files, 64); }
+    std::vector<int32_t> x, y, x2, y2;
+    for (int step = 0; step < 30; step++) {  // crosses shard boundaries and wraps around
+        std::vector<int32_t> all1, all2;
+        for (int micro = 0; micro < 8; micro++) { one.next_batch(global, 8, x, y); all1.insert(all1.end(), x.begin(), x.end()); all1.insert(all1.end(), y.begin(), y.end()); }
+        for (int micro = 0; micro < 4; micro++)
+            for (int r = 0; r < 2; r++) { two[r].next_batch(global, 4, x2, y2); all2.insert(all2.end(), x2.begin(), x2.end()); all2.insert(all2.end(), y2.begin(), y2.end()); }
+        CHECK_MSG(all1 == all2, "step %d: world 1 and world 2 see different tokens", step);
+    }
+    // and targets are inputs shifted by one within each rank's span
+    one.next_batch(global, 8, x, y);
+    for (size_t i = 0; i + 1 < x.size(); i++) CHECK(y[i] == x[i + 1]);
+}
+TEST(validation_stream_truncation) {
+    std::string d = small_dataset("val");
+    Config c = small_train_config(d);
+    std::vector<uint16_t> all = load_validation_tokens(c);
+    CHECK(all.size() == 700);
+    c.val_truncate_to_seq = 1;  // the reference keeps ((N-1)/L)·L + 1 tokens
+    CHECK(load_validation_tokens(c).size() == (size_t)((699 / 16) * 16 + 1));
+    c.val_truncate_to_seq = 0; c.val_tokens_limit = 100;
+    CHECK(load_validation_tokens(c).size() == 100);
+}
+
+// --- optimizers and schedule ----------------------------------------------------------------------------
+TEST(adamw_matches_hand_computation) {
+    float p[2] = {1.0f, -2.0f}, g1[2] = {0.5f, -1.0f}, g2[2] = {0.1f, 0.2f}, m[2] = {0, 0}, v[2] = {0, 0};
+    float lr = 0.1f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.04f;
+    double P[2] = {1.0, -2.0}, M[2] = {0, 0}, Vv[2] = {0, 0};
+    const float* gs[2] = {g1, g2};
+    for (int t = 1; t <= 2; t++) {
+        adamw_update(Cpu<float>{}, p, gs[t - 1], m, v, 2, lr, b1, b2, eps, wd, t);
+        for (int i = 0; i < 2; i++) {  // torch.optim.AdamW, step by step
+            double g = gs[t - 1][i];
+            P[i] *= 1 - lr * wd;
+            M[i] = b1 * M[i] + (1 - b1) * g;
+            Vv[i] = b2 * Vv[i] + (1 - b2) * g * g;
+            double mhat = M[i] / (1 - std::pow(b1, t)), vhat = Vv[i] / (1 - std::pow(b2, t));
+            P[i] -= lr * mhat / (std::sqrt(vhat) + eps);
+        }
+    }
+    CHECK_ALL_CLOSE(p, P, 2, 1e-6, 1e-7);
+}
+// Newton–Schulz acts on each singular value alone: σ → aσ + bσ³ + cσ⁵ (after σ/‖G‖_F), 5 times.
+TEST(newton_schulz_maps_singular_values) {
+    for (int shape = 0; shape < 2; shape++) {
+        int rows = shape ? 48 : 20, cols = shape ? 20 : 48, r = std::min(rows, cols);
+        Rng rng(7);
+        std::vector<float> U((size_t)rows * rows), V((size_t)cols * cols);
+        orthogonal_init(U.data(), rows, rows, rng);
+        orthogonal_init(V.data(), cols, cols, rng);
+        std::vector<double> s(r);
+        for (int i = 0; i < r; i++) s[i] = 0.05 + 3.0 * i / r;  // spread, including small ones
+        double fro = 0;
+        for (double x : s) fro += x * x;
+        fro = std::sqrt(fro);
+        auto build = [&](const std::vector<double>& sv) {  // U diag(sv) Vᵀ
+            std::vector<double> G((size_t)rows * cols, 0.0);
+            for (int i = 0; i < rows; i++)
+                for (int j = 0; j < cols; j++)
+                    for (int k = 0; k < r; k++) G[(size_t)i * cols + j] += U[(size_t)i * rows + k] * sv[k] * V[(size_t)j * cols + k];
+            return G;
+        };
+        std::vector<double> G = build(s);
+        std::vector<float> Gf(G.begin(), G.end()), out(Gf.size());
+        newton_schulz(Cpu<float>{}, out.data(), Gf.data(), rows, cols, 5);
+        std::vector<double> f(r);
+        for (int i = 0; i < r; i++) {
+            double x = s[i] / (fro + 1e-7);
+            for (int k = 0; k < 5; k++) x = NS_A * x + NS_B * x * x * x + NS_C * x * x * x * x * x;
+            f[i] = x;
+            CHECK_MSG(x > 0.0 && x < 1.25, "singular value %g maps outside the quintic's band: %g", s[i], x);
+        }
+        std::vector<double> want = build(f);
+        CHECK_ALL_CLOSE(out.data(), want.data(), out.size(), 1e-4, 2e-5);
+    }
+}
+TEST(muon_step_matches_hand_computation) {
+    int rows = 6, cols = 3;
+    Rng rng(3);
+    std::vector<float> g(18), buf(18), upd(18), p(18);
+    for (auto& x : g) x = (float)rng.normal();
+    for (auto& x : buf) x = (float)rng.normal();
+    for (auto& x : p) x = (float)rng.normal();
+    std::vector<float> buf0 = buf, p0 = p;
+    float mu = 0.95f, lr = 0.02f, wd = 0.04f;
+    muon_direction(Cpu<float>{}, upd.data(), g.data(), buf.data(), rows, cols, mu, 5);
+    std::vector<float> nest(18), want(18);
+    for (int i = 0; i < 18; i++) { buf0[i] = mu * buf0[i] + g[i]; nest[i] = g[i] + mu * buf0[i]; }
+    newton_schulz(Cpu<float>{}, want.data(), nest.data(), rows, cols, 5);
+    for (auto& x : want) x *= std::sqrt(2.0f);  // √max(1, rows/cols)
+    CHECK_ALL_CLOSE(buf.data(), buf0.data(), 18, 0, 0);
+    CHECK_ALL_CLOSE(upd.data(), want.data(), 18, 1e-6, 1e-7);
+    apply_update(Cpu<float>{}, p.data(), upd.data(), 18, lr, wd);
+    for (int i = 0; i < 18; i++) CHECK_CLOSE(p[i], p0[i] * (1 - lr * wd) - lr * want[i], 1e-6, 1e-7);
+}
+TEST(lr_multiplier_matches_reference_formula) {
+    Config c;
+    c.iterations = 1000; c.warmdown_iters = 200; c.max_wallclock_seconds = 0;
+    CHECK(lr_multiplier(c, 0, 0) == 1.0 && lr_multiplier(c, 799, 0) == 1.0);
+    CHECK_CLOSE(lr_multiplier(c, 800, 0), 1.0, 1e-12, 0);
+    CHECK_CLOSE(lr_multiplier(c, 900, 0), 0.5, 1e-12, 0);
+    CHECK_CLOSE(lr_multiplier(c, 999, 0), 0.005, 1e-12, 0);
+    c.max_wallclock_seconds = 600;  // 100 ms per step so far: warm-down = 200 × 100 ms = 20 s
+    CHECK(lr_multiplier(c, 5000, 500000) == 1.0);                    // 100 s remaining > 20 s
+    CHECK_CLOSE(lr_multiplier(c, 5900, 590000), 10000.0 / 20000.0 * (5900.0 / 5900.0), 1e-12, 0);
+    CHECK_CLOSE(lr_multiplier(c, 5990, 599000), 1000.0 / (200 * 599000.0 / 5990), 1e-12, 0);
+    CHECK(lr_multiplier(c, 6100, 610000) == 0.0);
+    c.warmdown_iters = 0;
+    CHECK(lr_multiplier(c, 5990, 599000) == 1.0);
+    c.muon_momentum_warmup_start = 0.85f; c.muon_momentum = 0.95f; c.muon_momentum_warmup_steps = 500;
+    CHECK_CLOSE(muon_momentum_at(c, 0), 0.85, 1e-6, 0);
+    CHECK_CLOSE(muon_momentum_at(c, 250), 0.90, 1e-6, 0);
+    CHECK_CLOSE(muon_momentum_at(c, 9999), 0.95, 1e-6, 0);
+}
+// Fake quantization is quantize→dequantize with the per-row scale max(rowmax/clip, floor).
+TEST(qat_fake_quant_is_quantize_dequantize) {
+    int rows = 5, cols = 33;
+    Rng rng(11);
+    std::vector<float> w((size_t)rows * cols), out(w.size());
+    for (auto& x : w) x = (float)(0.02 * rng.normal());
+    for (int c = 0; c < cols; c++) w[(size_t)4 * cols + c] = 0.0f;  // an all-zero row hits the floor
+    for (int bits : {5, 6}) {
+        int clip = (1 << (bits - 1)) - 1;
+        float floor = 1.0f / 31;
+        fake_quant_rows(Cpu<float>{}, out.data(), w.data(), rows, cols, clip, floor);
+        for (int r = 0; r < rows; r++) {
+            float mx = 0;
+            for (int c = 0; c < cols; c++) mx = std::max(mx, std::fabs(w[(size_t)r * cols + c]));
+            float s = std::max(mx / clip, floor);
+            for (int c = 0; c < cols; c++) {
+                float q = std::nearbyint(w[(size_t)r * cols + c] / s);
+                q = std::min(std::max(q, (float)-(clip + 1)), (float)clip);
+                CHECK(out[(size_t)r * cols + c] == q * s);
+                CHECK(std::fabs(out[(size_t)r * cols + c] - w[(size_t)r * cols + c]) <= s / 2 + 1e-9f);
+            }
+        }
+    }
+}
+
+// --- training loop ----------------------------------------------------------------------------------------
+// thwu1 SWA: the final weights are the arithmetic mean of the snapshots taken.
+TEST(swa_is_the_mean_of_the_snapshots) {
+    std::string d = small_dataset("swa");
+    Config c = small_train_config(d);
+    c.warmdown_iters = 0;  // lr multiplier 1 throughout, so shorter runs are prefixes of longer ones
+    c.swa_enabled = 0;
+    std::vector<std::vector<float>> snaps;
+    for (int steps : {2, 4, 6}) { c.iterations = steps; snaps.push_back(train_weights(c)); }
+    c.iterations = 6; c.swa_enabled = 1; c.swa_every = 2; c.swa_start_frac = 2.0f;
+    std::vector<float> avg = train_weights(c);
+    for (size_t i = 0; i < avg.size(); i++) {
+        double mean = ((double)snaps[0][i] + snaps[1][i] + snaps[2][i]) / 3;
+        CHECK_MSG(std::fabs(avg[i] - mean) <= 1e-6 * (1 + std::fabs(mean)), "element %zu: %g vs mean %g", i, avg[i], mean);
+    }
+}
+// Train N steps ≡ train k, checkpoint, resume, train N − k: bit for bit.
+TEST(resume_is_bit_identical) {
+    std::string d = small_dataset("resume");
+    Config c = small_train_config(d);
+    c.iterations = 8; c.warmdown_iters = 5; c.swa_enabled = 1; c.swa_every = 2; c.swa_start_frac = 0.9f;
+    c.out_dir = test_dir("resume_run");
+    c.checkpoint_every = 3; c.checkpoint_keep = 0;
+    std::vector<float> straight = train_weights(c);  // writes checkpoints at steps 3, 6 and 8
+    int steps = 0;
+    Config b = c; b.checkpoint_every = 0;
+    std::vector<float> resumed = train_weights(b, checkpoint_path(c, 3), &steps);
+    CHECK(steps == 8);
+    CHECK_MSG(memcmp(straight.data(), resumed.data(), straight.size() * 4) == 0, "resumed weights differ from the straight run");
+}
+TEST(checkpoint_rejects_other_shapes_and_corruption) {
+    std::string d = small_dataset("ckpt");
+    Config c = small_train_config(d);
+    c.iterations = 1; c.checkpoint_every = 1; c.out_dir = test_dir("ckpt_run");
+    train_weights(c);
+    Config other = c; other.model_dim = 64; other.num_heads = 2;
+    CHECK_THROWS(train_weights(other, checkpoint_path(c, 1)), "checkpoint has MODEL_DIM=32 but this run has MODEL_DIM=64");
+    std::vector<uint8_t> bytes = read_file(checkpoint_path(c, 1));
+    std::string cut = c.out_dir + "/cut.safetensors";
+    write_file_atomic(cut, bytes.data(), bytes.size() / 2);
+    CHECK_THROWS(train_weights(c, cut), "cut.safetensors");
+    write_file_atomic(cut, bytes.data(), 5);
+    CHECK_THROWS(train_weights(c, cut), "too short for a safetensors file");
+}
