@@ -71,9 +71,9 @@ tokenize: tokenizer/tokenize.cpp tokenizer/spm_model.h tokenizer/spm_encode.h
 
 # --- the submission: one file, CPU reference sections and comments removed -------------------
 submission: $(SUBMISSION)
-$(SUBMISSION): $(TU_DEPS) scripts/make_submission
+$(SUBMISSION): $(TU_DEPS) scripts/strip_source
 	@mkdir -p build/submission
-	python3 scripts/make_submission train_gpt.cu $@
+	python3 scripts/strip_source train_gpt.cu $@
 
 # --- tests ------------------------------------------------------------------------------------
 tests/test_tokenizer: tests/test_tokenizer.cpp tests/harness.h tokenizer/spm_model.h tokenizer/spm_encode.h

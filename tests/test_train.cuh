@@ -316,3 +316,37 @@ TEST(checkpoint_rejects_other_shapes_and_corruption) {
     write_file_atomic(cut, bytes.data(), 5);
     CHECK_THROWS(train_weights(c, cut), "too short for a safetensors file");
 }
+
+// --- end to end ---------------------------------------------------------------------------------------
+// The tiny preset learns: after a short CPU run on the embedded corpus its val_bpb is well below
+// the unigram baseline of that corpus (train-set token frequencies, add-one smoothed).
+TEST(tiny_trains_below_unigram_baseline) {
+    Config c;
+    preset_tiny(c);
+    c.data_path = "data/datasets/debian_prose_sp1024";
+    if (glob_sorted(c.data_path + "/fineweb_train_*.bin").empty())
+        throw TestFailure("the embedded corpus is missing: run scripts/make_corpus (make test does)");
+    c.iterations = 50; c.warmdown_iters = 20; c.train_batch_tokens = 4096; c.val_tokens_limit = 32768;
+    SpmModel sp = spm_load("data/tokenizers/fineweb_1024_bpe.model");
+    EvalData ev;
+    ev.luts = spm_byte_luts(sp, c.vocab_size);
+    ev.val = load_validation_tokens(c);
+    std::vector<double> count(c.vocab_size, 1.0);
+    double total = c.vocab_size;
+    for (const std::string& f : shard_files(c.data_path, "train"))
+        for (uint16_t t : load_shard(f, c.vocab_size)) { count[t] += 1; total += 1; }
+    ScoreSums uni;
+    for (size_t j = 0; j + 1 < ev.val.size(); j++) uni.add(-std::log(count[ev.val[j + 1]] / total), ev.val[j], ev.val[j + 1], ev.luts);
+    Cpu<float> dev;
+    long cap; int cap_t;
+    activation_capacity(c, 1, &cap, &cap_t);
+    Model<Cpu<float>> m;
+    model_init(dev, m, c, (int)((cap + cap_t - 1) / cap_t), cap_t);
+    TrainState<Cpu<float>> s;
+    train_state_init(dev, s, m);
+    s.loader.stream.open(shard_files(c.data_path, "train"), c.vocab_size);
+    train(dev, m, s, ev);
+    EvalResult r = eval_standard(dev, m, ev);
+    printf("    unigram val_bpb %.4f, tiny after %d steps %.4f\n", uni.val_bpb(), c.iterations, r.val_bpb);
+    CHECK_MSG(r.val_bpb < uni.val_bpb() - 0.25, "tiny reached val_bpb %.4f, not clearly below the unigram baseline %.4f", r.val_bpb, uni.val_bpb());
+}
