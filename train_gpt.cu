@@ -44,6 +44,8 @@
 #include <omp.h>
 #endif
 #ifdef PGOLF_MPI
+#define OMPI_SKIP_MPICXX 1   // the C API only
+#define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 #endif
 #include "tokenizer/spm_model.h"
@@ -363,8 +365,8 @@ static void preset_pr456(Config& c) {
 static void preset_tiny(Config& c) {
     preset_pr467(c);
     c.num_layers = 4; c.model_dim = 128; c.num_heads = 4; c.num_kv_heads = 2; c.mlp_mult = 3.0f;
-    c.train_seq_len = 256; c.train_batch_tokens = 8192; c.iterations = 300; c.warmdown_iters = 100;
-    c.max_wallclock_seconds = 0; c.val_loss_every = 100; c.train_log_every = 25;
+    c.train_seq_len = 256; c.train_batch_tokens = 8192; c.iterations = 200; c.warmdown_iters = 60;
+    c.max_wallclock_seconds = 0; c.val_loss_every = 50; c.train_log_every = 25;
     c.bigram_vocab_size = 2048; c.bigram_dim = 64;
     c.matrix_lr = 0.04f; c.scalar_lr = 0.04f; c.tied_embed_lr = 0.05f;
     c.muon_momentum_warmup_steps = 100;
@@ -621,6 +623,21 @@ static void config_validate(const Config& c, int world) {
          "TTT_LORA_OPTIMIZER=%s: expected adam, adamw or sgd", c.ttt_lora_optimizer.c_str());
 }
 static int grad_accum_steps(const Config& c, int world) { return c.grad_accum_steps > 0 ? c.grad_accum_steps : 8 / world; }
+
+// `./train_gpt settings`: every setting with its default under each preset, as a markdown table.
+static void print_settings_table() {
+    std::vector<Config> cs(sizeof PRESETS / sizeof PRESETS[0]);
+    std::string head = "| setting |", rule = "|---|";
+    for (size_t i = 0; i < cs.size(); i++) { PRESETS[i].apply(cs[i]); head += std::string(" ") + PRESETS[i].name + " |"; rule += "---|"; }
+    printf("%s meaning |\n%s---|\n", head.c_str(), rule.c_str());
+    std::vector<std::vector<Setting>> all;
+    for (Config& c : cs) all.push_back(config_settings(c));
+    for (size_t k = 0; k < all[0].size(); k++) {
+        std::string row = std::string("| `") + all[0][k].name + "` |";
+        for (auto& st : all) { std::string v = setting_value(st[k]); row += " " + (v.empty() ? std::string("—") : "`" + v + "`") + " |"; }
+        printf("%s %s |\n", row.c_str(), all[0][k].help);
+    }
+}
 
 static void config_print(Config& c) {
     log0("config: CONFIG=%s\n", c.preset.c_str());
@@ -2643,7 +2660,8 @@ static bool cuda_available();
 int main(int argc, char** argv) {
     distributed_init(&argc, &argv);
     if (argc > 1 && !strcmp(argv[1], "inspect")) { int rc = inspect_main(argc, argv); distributed_finish(); return rc; }
-    if (argc > 1) fail("unknown argument \"%s\": settings are environment variables (e.g. CONFIG=pr467 ./train_gpt), or `./train_gpt inspect ARTIFACT [CHECKPOINT]`", argv[1]);
+    if (argc > 1 && !strcmp(argv[1], "settings")) { print_settings_table(); return 0; }
+    if (argc > 1) fail("unknown argument \"%s\": settings are environment variables (e.g. CONFIG=pr467 ./train_gpt), `./train_gpt inspect ARTIFACT [CHECKPOINT]` or `./train_gpt settings`", argv[1]);
     Config c = config_from_env();
     if (!c.load_artifact.empty()) {  // the model comes from the artifact; env vars may change evaluation only
         std::vector<uint8_t> bytes;
