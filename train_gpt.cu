@@ -615,6 +615,8 @@ static void config_validate(const Config& c, int world) {
     need(c.eval_stride > 0 && c.eval_stride <= c.eval_len(), "EVAL_STRIDE=%d: expected 1..eval length %d", c.eval_stride, c.eval_len());
     need(c.eval_batch_seqs > 0, "EVAL_BATCH_SEQS=%d: expected > 0", c.eval_batch_seqs);
     need(c.qat_bits == 0 || c.qat_bits == 5 || c.qat_bits == 6 || c.qat_bits == 8, "QAT_BITS=%d: expected 0, 5, 6 or 8", c.qat_bits);
+    need(!c.late_qat || c.qat_bits > 0, "LATE_QAT=1 needs QAT_BITS (5 or 6)");
+    need(!c.swa_enabled || c.swa_every > 0, "SWA_EVERY=%d: expected > 0 with SWA_ENABLED=1", c.swa_every);
     need(c.ttt_chunk_size > 0 && c.ttt_eval_seq_len >= c.ttt_chunk_size, "TTT_CHUNK_SIZE=%d must be in 1..TTT_EVAL_SEQ_LEN=%d", c.ttt_chunk_size, c.ttt_eval_seq_len);
     need(c.ttt_lora_rank > 0, "TTT_LORA_RANK=%d: expected > 0", c.ttt_lora_rank);
     need(c.ttt_chunk_tokens > 0, "TTT_CHUNK_TOKENS=%d: expected > 0", c.ttt_chunk_tokens);
@@ -1898,6 +1900,8 @@ static float group_lr(const Config& c, ParamGroup g) {
     }
 }
 // Matrices the fake quantizer touches: the reference's CastedLinear weights (not the embeddings).
+// Largest quantized magnitude of the fake quantizer: 2^(bits−1) − 1, or int5's 15 under ALL_INT5.
+static int qat_clip(const Config& c) { return c.all_int5 ? 15 : (1 << (c.qat_bits - 1)) - 1; }
 static bool qat_applies(const ParamSpec& p) {
     return p.role == P_C_Q || p.role == P_C_K || p.role == P_C_V || p.role == P_ATTN_PROJ || p.role == P_FC ||
            p.role == P_MLP_PROJ || p.role == P_BIGRAM_PROJ || p.role == P_LM_HEAD;
@@ -2326,7 +2330,7 @@ template <class T> static void refresh_compute_weights(Cpu<T> dev, Model<Cpu<T>>
     const Config& c = m.cfg;
     if (m.compute_mat == m.params) m.compute_mat = m.compute_vec = (T*)device_alloc(dev, m.nparams * sizeof(T));
     memcpy(m.compute_mat, m.params, m.nparams * sizeof(T));
-    int clip = (1 << (c.qat_bits - 1)) - 1;
+    int clip = qat_clip(c);
     for (const ParamSpec& p : m.table)
         if (qat_applies(p)) fake_quant_rows(dev, m.compute_mat + p.offset, m.params + p.offset, p.rows(), p.cols(), clip, c.qat_scale_floor);
     m.w = point_weights(c, m.table, m.compute_mat, m.compute_vec);
@@ -2454,7 +2458,7 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         // PR #456: late QAT switches on after the first step whose lr multiplier is below the threshold
         if (c.late_qat && !s.qat_active && scale < c.qat_threshold) {
             s.qat_active = true;
-            log0("late_qat:enabled step:%d scale:%.4f clip_range:%d\n", s.step, scale, (1 << (c.qat_bits - 1)) - 1);
+            log0("late_qat:enabled step:%d scale:%.4f clip_range:%d\n", s.step, scale, qat_clip(c));
         }
         s.step++;
         double approx = s.train_ms + now_ms() - t0;
