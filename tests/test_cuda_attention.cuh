@@ -1,0 +1,406 @@
+// Fused causal attention (sections/cuda_attention.cuh).
+// CPU tests, run everywhere: the tiling plan (GQA packing, causal tile ranges, skip and mask
+// decisions, statistics indices) against brute-force enumeration; the warp-level operand plans
+// (ldmatrix addresses, accumulator layout, accumulator → A-operand repacking) against an emulation
+// of ldmatrix and mma.sync written from the PTX ISA's fragment tables; the launchers' shape checks.
+// GPU tests: forward (out, lse) and backward (dq, dk, dv) against attention_forward/backward(Cpu<float>)
+// on random inputs, for the shapes the model and the tiny configs use, ragged ones included.
+#ifdef __CUDACC__
+
+// The plans are checked over these sequence lengths, GQA group sizes and packed-tile heights.
+static const int ATTN_TEST_T[] = {1, 2, 7, 31, 32, 33, 63, 64, 65, 77, 129, 200, 513};
+static const int ATTN_TEST_GROUP[] = {1, 2, 3, 4, 5, 8, 16, 32, 64};
+
+TEST(attention_packing_covers_every_query_row_once) {
+    for (int rows : {64, 32})
+        for (int group : ATTN_TEST_GROUP) {
+            if (group > rows) continue;
+            int positions = attn_tile_positions(rows, group);
+            for (int T : ATTN_TEST_T) {
+                int n_qt = attn_query_tiles(T, positions), Hk = 2, H = group * Hk;
+                for (int g = 0; g < Hk; g++) {
+                    std::vector<int> hits((size_t)T * H, 0);
+                    for (int i = 0; i < n_qt; i++) {
+                        int valid_rows = 0;
+                        for (int m = 0; m < rows; m++) {
+                            int t, hoff;
+                            if (!attn_packed_row(i, m, positions, group, T, &t, &hoff)) continue;
+                            CHECK_MSG(t >= 0 && t < T && hoff >= 0 && hoff < group, "rows %d group %d T %d: tile %d row %d → t %d hoff %d",
+                                      rows, group, T, i, m, t, hoff);
+                            hits[(size_t)t * H + g * group + hoff]++;
+                            valid_rows++;
+                        }
+                        CHECK_MSG(valid_rows > 0, "rows %d group %d T %d: query tile %d of %d holds no row", rows, group, T, i, n_qt);
+                    }
+                    for (int t = 0; t < T; t++)
+                        for (int h = 0; h < H; h++)
+                            CHECK_MSG(hits[(size_t)t * H + h] == (h / group == g ? 1 : 0),
+                                      "rows %d group %d T %d kv head %d: (t %d, head %d) packed %d times", rows, group, T, g, t, h, hits[(size_t)t * H + h]);
+                }
+            }
+        }
+}
+
+// Largest and smallest valid position in packed query tile i (brute force).
+static void attn_tile_span(int i, int rows, int positions, int group, int T, int* tmin, int* tmax) {
+    *tmin = INT32_MAX; *tmax = -1;
+    for (int m = 0; m < rows; m++) {
+        int t, hoff;
+        if (attn_packed_row(i, m, positions, group, T, &t, &hoff)) { *tmin = std::min(*tmin, t); *tmax = std::max(*tmax, t); }
+    }
+}
+
+TEST(attention_tile_ranges_follow_the_causal_mask) {
+    for (int rows : {64, 32})
+        for (int group : ATTN_TEST_GROUP) {
+            if (group > rows) continue;
+            int positions = attn_tile_positions(rows, group);
+            for (int T : ATTN_TEST_T) {
+                int n_qt = attn_query_tiles(T, positions), n_kt = (T + ATTN_TILE - 1) / ATTN_TILE;
+                for (int i = 0; i < n_qt; i++) {  // forward and dQ visit exactly the key tiles up to the last visible key
+                    int tmin, tmax;
+                    attn_tile_span(i, rows, positions, group, T, &tmin, &tmax);
+                    CHECK_MSG(attn_key_tiles(i, positions, T, ATTN_TILE) == tmax / ATTN_TILE + 1,
+                              "rows %d group %d T %d: query tile %d (positions ≤ %d) visits %d key tiles", rows, group, T, i, tmax,
+                              attn_key_tiles(i, positions, T, ATTN_TILE));
+                }
+                for (int j = 0; j < n_kt; j++) {  // dK/dV visit exactly the query tiles with a position ≥ the tile's first key
+                    int first = attn_first_query_tile(j, ATTN_TILE, positions);
+                    for (int i = 0; i < n_qt; i++) {
+                        int tmin, tmax;
+                        attn_tile_span(i, rows, positions, group, T, &tmin, &tmax);
+                        bool sees = tmax >= j * ATTN_TILE;
+                        CHECK_MSG(sees == (i >= first), "rows %d group %d T %d: key tile %d starts at query tile %d, but tile %d %s its keys",
+                                  rows, group, T, j, first, i, sees ? "sees" : "does not see");
+                    }
+                }
+            }
+        }
+}
+
+// Brute force over valid (position, key) pairs of a block of rows and a range of keys.
+static void attn_pairs(int i, int m0, int m1, int key0, int key1, int rows, int positions, int group, int T, bool* any_visible, bool* any_hidden) {
+    *any_visible = *any_hidden = false;
+    for (int m = m0; m < m1 && m < rows; m++) {
+        int t, hoff;
+        if (!attn_packed_row(i, m, positions, group, T, &t, &hoff)) continue;
+        for (int key = key0; key < key1 && key < T; key++) (key <= t ? *any_visible : *any_hidden) = true;
+    }
+}
+
+TEST(attention_skip_and_mask_decisions_are_exact) {
+    for (int group : ATTN_TEST_GROUP)
+        for (int T : ATTN_TEST_T) {
+            // forward and dQ: warp w holds packed rows 16w..16w+15 of a 64-row tile, key tiles of 64
+            int positions = attn_tile_positions(ATTN_TILE, group), n_kt = (T + ATTN_TILE - 1) / ATTN_TILE;
+            for (int i = 0; i < attn_query_tiles(T, positions); i++)
+                for (int w = 0; w < 4; w++)
+                    for (int j = 0; j < n_kt; j++) {
+                        int lo, hi;
+                        bool vis, hid;
+                        attn_row_positions(i, w * 16, 16, positions, group, &lo, &hi);
+                        attn_pairs(i, w * 16, w * 16 + 16, j * ATTN_TILE, (j + 1) * ATTN_TILE, ATTN_TILE, positions, group, T, &vis, &hid);
+                        CHECK_MSG(!(attn_all_masked(j * ATTN_TILE, hi) && vis), "group %d T %d: query tile %d warp %d skips key tile %d, which it sees", group, T, i, w, j);
+                        CHECK_MSG(!(!attn_any_masked(j * ATTN_TILE + ATTN_TILE - 1, lo) && hid), "group %d T %d: query tile %d warp %d leaves key tile %d unmasked", group, T, i, w, j);
+                    }
+            // dK/dV: warp w holds keys 16w..16w+15 of a key tile, against whole query tiles of BQ rows
+            for (int bq : {64, 32}) {
+                if (group > bq) continue;
+                int pos = attn_tile_positions(bq, group);
+                for (int j = 0; j < n_kt; j++)
+                    for (int i = 0; i < attn_query_tiles(T, pos); i++)
+                        for (int w = 0; w < 4; w++) {
+                            int lo, hi, kw0 = j * ATTN_TILE + w * 16;
+                            bool vis, hid;
+                            attn_row_positions(i, 0, bq, pos, group, &lo, &hi);
+                            attn_pairs(i, 0, bq, kw0, kw0 + 16, bq, pos, group, T, &vis, &hid);
+                            CHECK_MSG(!(attn_all_masked(kw0, hi) && vis), "group %d T %d BQ %d: key warp %d of tile %d skips query tile %d, which sees it", group, T, bq, w, j, i);
+                            CHECK_MSG(!(!attn_any_masked(kw0 + 15, lo) && hid), "group %d T %d BQ %d: key warp %d of tile %d leaves query tile %d unmasked", group, T, bq, w, j, i);
+                        }
+            }
+        }
+}
+
+TEST(attention_statistics_index_matches_layouts) {
+    int B = 3, T = 5, H = 4, hd = 8;
+    size_t r = 0;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < H; h++, r++) {  // rows of [B,T,H,hd] in memory order
+                CHECK(attn_index(b, t, h, T, H, hd) == r * hd);
+                CHECK(attn_lse_index(b, h, t, T, H) == (size_t)(b * H + h) * T + t);
+                CHECK(attn_row_lse_index(r, T, H) == attn_lse_index(b, h, t, T, H));
+            }
+}
+
+// --- a warp of ldmatrix and mma.sync, emulated from the PTX ISA's fragment tables ---------------
+// ldmatrix .x4: lane l gives the address of row l%8 of matrix l/8. Without .trans lane l receives, in
+// register j, elements (row l/4, columns 2(l%4) and 2(l%4)+1) of matrix j; with .trans, elements
+// (rows 2(l%4) and 2(l%4)+1, column l/4). The lower-indexed element sits in the low 16 bits.
+static void emu_ldmatrix_x4(uint32_t out[32][4], const uint16_t* const addr[32], bool trans) {
+    for (int l = 0; l < 32; l++)
+        for (int j = 0; j < 4; j++) {
+            const uint16_t* const* m = addr + 8 * j;
+            int r = l / 4, c = 2 * (l % 4);
+            uint16_t lo = trans ? m[c][r] : m[r][c], hi = trans ? m[c + 1][r] : m[r][c + 1];
+            out[l][j] = lo | (uint32_t)hi << 16;
+        }
+}
+static double emu_bf16(uint32_t reg, int half) { return bf16_to_float((uint16_t)(half ? reg >> 16 : reg & 0xffff)); }
+// mma.m16n8k16.row.col bf16, d += A·B. With g = l/4, t = l%4: A regs 0..3 hold (g, 2t..2t+1),
+// (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..); B regs 0, 1 hold (k = 2t..2t+1, n = g), (k = 2t+8.., n = g);
+// D elements 0..3 are (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1).
+static void emu_mma_16816(float d[32][4], const uint32_t a[32][4], const uint32_t b0[32], const uint32_t b1[32]) {
+    double A[16][16], Bm[16][8];
+    for (int l = 0; l < 32; l++) {
+        int g = l / 4, t = l % 4;
+        for (int x = 0; x < 2; x++) {
+            A[g][2 * t + x] = emu_bf16(a[l][0], x);
+            A[g + 8][2 * t + x] = emu_bf16(a[l][1], x);
+            A[g][2 * t + 8 + x] = emu_bf16(a[l][2], x);
+            A[g + 8][2 * t + 8 + x] = emu_bf16(a[l][3], x);
+            Bm[2 * t + x][g] = emu_bf16(b0[l], x);
+            Bm[2 * t + 8 + x][g] = emu_bf16(b1[l], x);
+        }
+    }
+    for (int l = 0; l < 32; l++) {
+        int g = l / 4, t = l % 4;
+        for (int x = 0; x < 2; x++) {
+            double top = 0, bottom = 0;
+            for (int kk = 0; kk < 16; kk++) { top += A[g][kk] * Bm[kk][2 * t + x]; bottom += A[g + 8][kk] * Bm[kk][2 * t + x]; }
+            d[l][x] += (float)top;
+            d[l][2 + x] += (float)bottom;
+        }
+    }
+}
+
+// The forward's inner steps for one warp, with the kernels' own plans: S = Q·Kᵀ (A from the Q tile,
+// B from K stored [key][d]), then O = P·V with P repacked from S's accumulators (acc_to_a) and V
+// stored [key][d] read with .trans. dQ's dS·K and dK/dV's Sᵀ = K·Qᵀ, Pᵀ·dO, dSᵀ·Q use the same
+// plans on other tiles. Pad columns hold NaN, so a plan that reads them poisons the result.
+static void attn_check_fragment_plans(int hd, Rng& rng) {
+    const int LD = hd + ATTN_PAD, KS = hd / 16, NT = ATTN_TILE / 8, warp = 2;
+    auto tile = [&](double sd) {
+        std::vector<uint16_t> x((size_t)ATTN_TILE * LD, 0x7fc0);  // bf16 NaN in the pad
+        for (int r = 0; r < ATTN_TILE; r++)
+            for (int c = 0; c < hd; c++) x[(size_t)r * LD + c] = float_to_bf16((float)(sd * rng.normal()));
+        return x;
+    };
+    std::vector<uint16_t> sQ = tile(1.0), sK = tile(1.0), sV = tile(1.0);
+    auto val = [&](const std::vector<uint16_t>& s, int r, int c) { return (double)bf16_to_float(s[(size_t)r * LD + c]); };
+    const uint16_t* addr[32];
+    static uint32_t qf[8][32][4];       // [k-step][lane][register], hd ≤ 128
+    static float s[8][32][4], o[16][32][4];  // [n-tile][lane][element]
+    memset(s, 0, sizeof s);
+    memset(o, 0, sizeof o);
+    for (int kk = 0; kk < KS; kk++) {
+        for (int l = 0; l < 32; l++) addr[l] = &sQ[(size_t)(warp * 16 + ldsm_a_row(l)) * LD + kk * 16 + ldsm_a_col(l)];
+        uint32_t r[32][4];
+        emu_ldmatrix_x4(r, addr, false);
+        for (int l = 0; l < 32; l++) for (int x = 0; x < 4; x++) qf[kk][l][x] = r[l][x];
+    }
+    for (int kk = 0; kk < KS; kk++)
+        for (int np = 0; np < NT / 2; np++) {
+            for (int l = 0; l < 32; l++) addr[l] = &sK[(size_t)(np * 16 + ldsm_b_row(l)) * LD + kk * 16 + ldsm_b_col(l)];
+            uint32_t kb[32][4], a[32][4], b[4][32];
+            emu_ldmatrix_x4(kb, addr, false);
+            for (int l = 0; l < 32; l++) for (int x = 0; x < 4; x++) { a[l][x] = qf[kk][l][x]; b[x][l] = kb[l][x]; }
+            float d0[32][4], d1[32][4];
+            for (int l = 0; l < 32; l++) for (int e = 0; e < 4; e++) { d0[l][e] = s[2 * np][l][e]; d1[l][e] = s[2 * np + 1][l][e]; }
+            emu_mma_16816(d0, a, b[0], b[1]);
+            emu_mma_16816(d1, a, b[2], b[3]);
+            for (int l = 0; l < 32; l++) for (int e = 0; e < 4; e++) { s[2 * np][l][e] = d0[l][e]; s[2 * np + 1][l][e] = d1[l][e]; }
+        }
+    std::vector<double> P((size_t)16 * ATTN_TILE, NAN);  // S read back through the accumulator layout, as bf16
+    for (int n = 0; n < NT; n++)
+        for (int l = 0; l < 32; l++)
+            for (int e = 0; e < 4; e++) {
+                int row = mma_acc_row(l, e), key = n * 8 + mma_acc_col(l, e);
+                double want = 0;
+                for (int c = 0; c < hd; c++) want += val(sQ, warp * 16 + row, c) * val(sK, key, c);
+                CHECK_MSG(std::fabs(s[n][l][e] - want) <= 1e-5 * (1 + std::fabs(want)), "hd %d: S[%d][%d] from lane %d element %d is %.6g, Q·Kᵀ is %.6g",
+                          hd, row, key, l, e, s[n][l][e], want);
+                P[(size_t)row * ATTN_TILE + key] = round_to_bf16(s[n][l][e]);
+            }
+    for (double p : P) CHECK_MSG(!std::isnan(p), "hd %d: the accumulator layout leaves an element of the 16×64 tile unset", hd);
+    for (int kk = 0; kk < NT / 2; kk++) {
+        uint32_t pa[32][4];
+        for (int l = 0; l < 32; l++) acc_to_a(pa[l], s[2 * kk][l], s[2 * kk + 1][l]);
+        for (int dp = 0; dp < hd / 16; dp++) {
+            for (int l = 0; l < 32; l++) addr[l] = &sV[(size_t)(kk * 16 + ldsm_a_row(l)) * LD + dp * 16 + ldsm_a_col(l)];
+            uint32_t vb[32][4], b[4][32];
+            emu_ldmatrix_x4(vb, addr, true);
+            for (int l = 0; l < 32; l++) for (int x = 0; x < 4; x++) b[x][l] = vb[l][x];
+            float d0[32][4], d1[32][4];
+            for (int l = 0; l < 32; l++) for (int e = 0; e < 4; e++) { d0[l][e] = o[2 * dp][l][e]; d1[l][e] = o[2 * dp + 1][l][e]; }
+            emu_mma_16816(d0, pa, b[0], b[1]);
+            emu_mma_16816(d1, pa, b[2], b[3]);
+            for (int l = 0; l < 32; l++) for (int e = 0; e < 4; e++) { o[2 * dp][l][e] = d0[l][e]; o[2 * dp + 1][l][e] = d1[l][e]; }
+        }
+    }
+    for (int n = 0; n < hd / 8; n++)
+        for (int l = 0; l < 32; l++)
+            for (int e = 0; e < 4; e++) {
+                int row = mma_acc_row(l, e), c = n * 8 + mma_acc_col(l, e);
+                double want = 0;
+                for (int key = 0; key < ATTN_TILE; key++) want += P[(size_t)row * ATTN_TILE + key] * val(sV, key, c);
+                CHECK_MSG(std::fabs(o[n][l][e] - want) <= 1e-4 * (1 + std::fabs(want)), "hd %d: O[%d][%d] from lane %d element %d is %.6g, P·V is %.6g",
+                          hd, row, c, l, e, o[n][l][e], want);
+            }
+}
+
+TEST(attention_fragment_plans_match_ptx_layouts) {
+    Rng rng(77);
+    for (int hd : {16, 32, 64, 128}) attn_check_fragment_plans(hd, rng);
+}
+
+TEST(attention_rejects_unsupported_shapes) {
+    __nv_bfloat16* z = nullptr;
+    float* l = nullptr;
+    alignas(16) static __nv_bfloat16 buf[16];
+    CHECK_THROWS(attention_forward(Cuda{}, z, l, z, z, z, 1, 8, 4, 2, 48), "head dim 48");
+    CHECK_THROWS(attention_forward(Cuda{}, z, l, z, z, z, 1, 8, 6, 4, 64), "H a multiple of Hk");
+    CHECK_THROWS(attention_forward(Cuda{}, z, l, z, z, z, 1, 8, 128, 1, 64), "at most 64 fit");
+    CHECK_THROWS(attention_backward(Cuda{}, z, z, z, z, z, z, z, z, l, 1, 8, 64, 1, 128), "at most 32 fit");
+    CHECK_THROWS(attention_backward(Cuda{}, z, z, z, z, buf + 1, z, z, z, l, 1, 8, 4, 2, 64), "attention_backward: q is not 16-byte aligned");
+}
+
+// --- GPU against the CPU reference ----------------------------------------------------------------
+// Element `idx` of a [B,T,nh,hd] tensor (or of lse [B,H,T] when hd == 0) as text.
+static std::string attn_where(size_t idx, int T, int nh, int hd) {
+    if (hd == 0) return test_format("b=%zu h=%zu t=%zu", idx / T / nh, idx / T % nh, idx % T);
+    return test_format("b=%zu t=%zu h=%zu i=%zu", idx / hd / nh / T, idx / hd / nh % T, idx / hd % nh, idx % hd);
+}
+// max |got − want| ≤ rel·max|ref| + floor, where ref is the reference result itself (want minus the
+// buffer's initial values for gradients). NaN (a poisoned, unwritten element) always fails.
+static void attn_expect_band(const char* what, const char* shape, const std::vector<float>& got, const std::vector<float>& want,
+                             double ref_max, double rel, double floor, int T, int nh, int hd) {
+    double tol = rel * ref_max + floor, worst = -1;
+    size_t at = 0, bad = 0;
+    for (size_t i = 0; i < got.size(); i++) {
+        double err = std::fabs((double)got[i] - want[i]);
+        if (!(err <= tol)) { bad++; if (!(err <= worst)) { worst = err; at = i; } }
+    }
+    CHECK_MSG(bad == 0, "%s %s: %zu of %zu elements off by more than %.3g (= %g·max|ref| %.4g + %g); worst at %s: got %.6g want %.6g",
+              what, shape, bad, got.size(), tol, rel, ref_max, floor, attn_where(at, T, nh, hd).c_str(), got[at], want[at]);
+}
+// lse is fp32 all through: |got − want| ≤ 1e-4·max(1, |want|) per element.
+static void attn_expect_lse(const char* shape, const std::vector<float>& got, const std::vector<float>& want, int T, int H) {
+    for (size_t i = 0; i < got.size(); i++)
+        CHECK_MSG(std::fabs((double)got[i] - want[i]) <= 1e-4 * std::max(1.0, std::fabs((double)want[i])),
+                  "lse %s: at %s got %.7g want %.7g", shape, attn_where(i, T, H, 0).c_str(), got[i], want[i]);
+}
+
+struct AttnDev {  // one device buffer, freed on every exit path of a test
+    void* p = nullptr;
+    explicit AttnDev(size_t bytes) { cudaCheck(cudaMalloc(&p, bytes ? bytes : 1)); }
+    ~AttnDev() { cudaFree(p); }
+    template <class X> X* as() const { return (X*)p; }
+};
+static void attn_upload(const AttnDev& d, const std::vector<uint16_t>& h) { cudaCheck(cudaMemcpy(d.p, h.data(), h.size() * 2, cudaMemcpyHostToDevice)); }
+template <class X> static std::vector<X> attn_download(const AttnDev& d, size_t n) {
+    std::vector<X> h(n);
+    cudaCheck(cudaMemcpy(h.data(), d.p, n * sizeof(X), cudaMemcpyDeviceToHost));
+    return h;
+}
+static std::vector<float> attn_widen(const std::vector<uint16_t>& h) {
+    std::vector<float> f(h.size());
+    for (size_t i = 0; i < h.size(); i++) f[i] = bf16_to_float(h[i]);
+    return f;
+}
+static double attn_max_abs(const std::vector<float>& x) {
+    double m = 0;
+    for (float v : x) m = std::max(m, (double)std::fabs(v));
+    return m;
+}
+
+static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd) {
+    std::string shape = test_format("(B,T,H,Hk,hd)=(%d,%d,%d,%d,%d)", B, T, H, Hk, hd);
+    const char* sh = shape.c_str();
+    size_t nq = (size_t)B * T * H * hd, nk = (size_t)B * T * Hk * hd, nl = (size_t)B * H * T;
+    Rng rng(1000003ull * T + 1009 * H + 31 * Hk + hd + 7 * B);
+    auto random_bf16 = [&](size_t n, double sd) {
+        std::vector<uint16_t> h(n);
+        for (uint16_t& x : h) x = float_to_bf16((float)(sd * rng.normal()));
+        return h;
+    };
+    // q·k/√hd then has standard deviation 1.5: softmax rows are neither flat nor one-hot
+    std::vector<uint16_t> q = random_bf16(nq, 1.5), k = random_bf16(nk, 1.0), v = random_bf16(nk, 1.0), dout = random_bf16(nq, 1.0);
+    std::vector<float> qf = attn_widen(q), kf = attn_widen(k), vf = attn_widen(v), doutf = attn_widen(dout);
+    std::vector<float> out_ref(nq), lse_ref(nl);
+    attention_forward(Cpu<float>{}, out_ref.data(), lse_ref.data(), qf.data(), kf.data(), vf.data(), B, T, H, Hk, hd);
+
+    AttnDev dq_(nq * 2), dk_(nk * 2), dv_(nk * 2), dout_(nq * 2), q_(nq * 2), k_(nk * 2), v_(nk * 2), out_(nq * 2), lse_(nl * 4);
+    attn_upload(q_, q); attn_upload(k_, k); attn_upload(v_, v); attn_upload(dout_, dout);
+    auto bf = [](const AttnDev& d) { return d.as<__nv_bfloat16>(); };
+
+    // forward, twice over poisoned outputs: within the bf16 band, and bit-identical
+    std::vector<uint16_t> out1;
+    std::vector<float> lse1;
+    for (int run = 0; run < 2; run++) {
+        cudaCheck(cudaMemset(out_.p, 0xff, nq * 2));
+        cudaCheck(cudaMemset(lse_.p, 0xff, nl * 4));
+        attention_forward(Cuda{}, bf(out_), lse_.as<float>(), bf(q_), bf(k_), bf(v_), B, T, H, Hk, hd);
+        cudaCheck(cudaDeviceSynchronize());
+        std::vector<uint16_t> out = attn_download<uint16_t>(out_, nq);
+        std::vector<float> lse = attn_download<float>(lse_, nl);
+        if (run == 0) {
+            attn_expect_band("out", sh, attn_widen(out), out_ref, attn_max_abs(out_ref), 1e-2, 1e-5, T, H, hd);
+            attn_expect_lse(sh, lse, lse_ref, T, H);
+            out1 = out; lse1 = lse;
+        } else {
+            CHECK_MSG(out == out1 && !memcmp(lse.data(), lse1.data(), nl * 4), "forward %s: a second run differs from the first", sh);
+        }
+    }
+
+    // backward from the reference's own out (as bf16) and lse, so it is tested apart from the forward
+    std::vector<uint16_t> out_in(nq);
+    for (size_t i = 0; i < nq; i++) out_in[i] = float_to_bf16(out_ref[i]);
+    std::vector<float> out_inf = attn_widen(out_in), dq_ref(nq, 0.f), dk_ref(nk, 0.f), dv_ref(nk, 0.f);
+    attention_backward(Cpu<float>{}, dq_ref.data(), dk_ref.data(), dv_ref.data(), doutf.data(), qf.data(), kf.data(), vf.data(),
+                       out_inf.data(), lse_ref.data(), B, T, H, Hk, hd);
+    double mq = attn_max_abs(dq_ref), mk = attn_max_abs(dk_ref), mv = attn_max_abs(dv_ref);
+    // the kernels add into dq, dk, dv: start them at nonzero values (|x| ≤ max|grad|/2) and expect the sum
+    auto start = [&](size_t n, double m) {
+        std::vector<uint16_t> h(n);
+        for (uint16_t& x : h) x = float_to_bf16((float)(m * (rng.uniform() - 0.5)));
+        return h;
+    };
+    std::vector<uint16_t> dq0 = start(nq, mq), dk0 = start(nk, mk), dv0 = start(nk, mv);
+    auto plus = [](const std::vector<uint16_t>& a, const std::vector<float>& b) {
+        std::vector<float> s(b.size());
+        for (size_t i = 0; i < b.size(); i++) s[i] = bf16_to_float(a[i]) + b[i];
+        return s;
+    };
+    attn_upload(out_, out_in);
+    cudaCheck(cudaMemcpy(lse_.p, lse_ref.data(), nl * 4, cudaMemcpyHostToDevice));
+    std::vector<uint16_t> g1[3];
+    for (int run = 0; run < 2; run++) {
+        attn_upload(dq_, dq0); attn_upload(dk_, dk0); attn_upload(dv_, dv0);
+        // the D scratch must be rewritten before it is read: poison it before the second run
+        if (run == 1) cudaCheck(cudaMemset(g_attention_D, 0xff, g_attention_D_cap * sizeof(float)));
+        attention_backward(Cuda{}, bf(dq_), bf(dk_), bf(dv_), bf(dout_), bf(q_), bf(k_), bf(v_), bf(out_), lse_.as<float>(), B, T, H, Hk, hd);
+        cudaCheck(cudaDeviceSynchronize());
+        std::vector<uint16_t> g[3] = {attn_download<uint16_t>(dq_, nq), attn_download<uint16_t>(dk_, nk), attn_download<uint16_t>(dv_, nk)};
+        if (run == 0) {
+            attn_expect_band("dq", sh, attn_widen(g[0]), plus(dq0, dq_ref), mq, 1e-2, 1e-5, T, H, hd);
+            attn_expect_band("dk", sh, attn_widen(g[1]), plus(dk0, dk_ref), mk, 1e-2, 1e-5, T, Hk, hd);
+            attn_expect_band("dv", sh, attn_widen(g[2]), plus(dv0, dv_ref), mv, 1e-2, 1e-5, T, Hk, hd);
+            for (int x = 0; x < 3; x++) g1[x] = g[x];
+        } else {
+            for (int x = 0; x < 3; x++)
+                CHECK_MSG(g[x] == g1[x], "backward %s: %s of a second run differs from the first", sh, x == 0 ? "dq" : x == 1 ? "dk" : "dv");
+        }
+    }
+}
+
+TEST(cuda_attention_single_token_hd64) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 1, 1, 1, 64); }
+TEST(cuda_attention_ragged_gqa_hd32) { REQUIRE_GPU(); attention_gpu_vs_cpu(2, 77, 4, 2, 32); }
+TEST(cuda_attention_ragged_gqa_hd64) { REQUIRE_GPU(); attention_gpu_vs_cpu(3, 129, 8, 4, 64); }
+TEST(cuda_attention_mha_t513_hd64) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 513, 8, 8, 64); }
+TEST(cuda_attention_mqa_hd16) { REQUIRE_GPU(); attention_gpu_vs_cpu(2, 256, 4, 1, 16); }
+TEST(cuda_attention_group3_hd32) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 70, 6, 2, 32); }
+TEST(cuda_attention_ragged_hd128) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 100, 4, 2, 128); }
+TEST(cuda_attention_t2048_hd64) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 2048, 8, 4, 64); }
+
+#endif  // __CUDACC__
