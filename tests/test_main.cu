@@ -6,6 +6,7 @@
 #include "test_model.cuh"
 #include "test_train.cuh"
 #include "test_compress.cuh"
+#include "test_eval.cuh"
 
 int main(int argc, char** argv) {
     g_quiet = !getenv("PGOLF_TEST_LOG");  // PGOLF_TEST_LOG=1 shows the training log lines
