@@ -620,6 +620,13 @@ static void config_validate(const Config& c, int world) {
     need(c.ttt_chunk_size > 0 && c.ttt_eval_seq_len >= c.ttt_chunk_size, "TTT_CHUNK_SIZE=%d must be in 1..TTT_EVAL_SEQ_LEN=%d", c.ttt_chunk_size, c.ttt_eval_seq_len);
     need(c.ttt_lora_rank > 0, "TTT_LORA_RANK=%d: expected > 0", c.ttt_lora_rank);
     need(c.ttt_chunk_tokens > 0, "TTT_CHUNK_TOKENS=%d: expected > 0", c.ttt_chunk_tokens);
+    need(c.ttt_batch_seqs > 0, "TTT_BATCH_SEQS=%d: expected > 0", c.ttt_batch_seqs);
+    need(c.ttt_batch_size > 0, "TTT_BATCH_SIZE=%d: expected > 0", c.ttt_batch_size);
+    need(c.ttt_steps >= 1 && c.ttt_n_epochs >= 1 && c.ttt_epochs >= 0, "TTT_STEPS=%d, TTT_N_EPOCHS=%d, TTT_EPOCHS=%d: expected ≥ 1, ≥ 1, ≥ 0",
+         c.ttt_steps, c.ttt_n_epochs, c.ttt_epochs);
+    need(c.ttt_freeze_blocks >= 0 && c.ttt_freeze_blocks <= c.num_layers, "TTT_FREEZE_BLOCKS=%d: expected 0..NUM_LAYERS=%d", c.ttt_freeze_blocks, c.num_layers);
+    need(c.ttt_lora_schedule == "constant" || c.ttt_lora_schedule == "cosine_epochs",
+         "TTT_LORA_SCHEDULE=%s: expected constant or cosine_epochs", c.ttt_lora_schedule.c_str());
     need(c.ttt_optimizer == "sgd" || c.ttt_optimizer == "adamw", "TTT_OPTIMIZER=%s: expected sgd or adamw", c.ttt_optimizer.c_str());
     need(c.ttt_lora_optimizer == "adam" || c.ttt_lora_optimizer == "adamw" || c.ttt_lora_optimizer == "sgd",
          "TTT_LORA_OPTIMIZER=%s: expected adam, adamw or sgd", c.ttt_lora_optimizer.c_str());
@@ -1317,8 +1324,7 @@ template <class T> static void resid_mix_backward(Cpu<T>, T* dx, T* dx0, T* dmix
             size_t i = (size_t)n * C + c;
             dx[i] += mix[c] * dout[i];
             dx0[i] += mix[C + c] * dout[i];
-            dmix[c] += dout[i] * x[i];
-            dmix[C + c] += dout[i] * x0[i];
+            if (dmix) { dmix[c] += dout[i] * x[i]; dmix[C + c] += dout[i] * x0[i]; }  // null: frozen base (LoRA TTT)
         }
 }
 
@@ -1365,7 +1371,7 @@ template <class T> static void smear_backward(Cpu<T>, T* dx, T* dgate, const T* 
             T d = dout[(size_t)n * C + c];
             dx[(size_t)n * C + c] += (T(1) - g) * d;
             if (n % T_) dx[(size_t)(n - 1) * C + c] += g * d;
-            dgate[c] += d * (prev - x[(size_t)n * C + c]) * g * (T(1) - g);
+            if (dgate) dgate[c] += d * (prev - x[(size_t)n * C + c]) * g * (T(1) - g);
         }
 }
 
