@@ -42,6 +42,8 @@ CODE_FILES  := train_gpt.cu tokenizer/spm_model.h $(wildcard sections/*.cuh)
 CODE_BYTES  := $(shell cat $(CODE_FILES) 2>/dev/null | wc -c)
 SUBMISSION  := build/submission/train_gpt.cu
 STRIP_BYTES  = $(shell [ -f $(SUBMISSION) ] && wc -c < $(SUBMISSION) || echo 0)
+STRIP_SUM    = $(shell [ -f $(SUBMISSION) ] && sha256sum $(SUBMISSION) | cut -c1-16 || echo unknown)
+CODE_DEFS    = -DPGOLF_CODE_BYTES=$(CODE_BYTES) -DPGOLF_CODE_BYTES_STRIPPED=$(STRIP_BYTES) -DPGOLF_CODE_CHECKSUM=\"$(STRIP_SUM)\"
 
 comma       := ,
 HOST_FLAGS  := -fopenmp -march=$(CPU_ARCH) -Wall -Wextra
@@ -59,12 +61,12 @@ info:
 	@[ "$(USE_MPI)" = 1 ] || echo "pgolf: building without MPI (single process); install libopenmpi-dev for mpirun -np N"
 
 train_gpt: $(TU_DEPS) $(SUBMISSION)
-	$(NVCC) $(NVFLAGS) -DPGOLF_CODE_BYTES=$(CODE_BYTES) -DPGOLF_CODE_BYTES_STRIPPED=$(STRIP_BYTES) -o $@ train_gpt.cu $(LIBS)
+	$(NVCC) $(NVFLAGS) $(CODE_DEFS) -o $@ train_gpt.cu $(LIBS)
 
 # The CPU reference alone (no CUDA): the same file through g++.
 cpu: train_gpt_cpu
-train_gpt_cpu: $(TU_DEPS)
-	$(CXX) $(OPT) -std=c++17 -x c++ $(HOST_FLAGS) $(MPI_DEFS) $(MPI_CFLAGS) -DPGOLF_CODE_BYTES=$(CODE_BYTES) -o $@ train_gpt.cu -lzstd $(MPI_LIBS)
+train_gpt_cpu: $(TU_DEPS) $(SUBMISSION)
+	$(CXX) $(OPT) -std=c++17 -x c++ $(HOST_FLAGS) $(MPI_DEFS) $(MPI_CFLAGS) $(CODE_DEFS) -o $@ train_gpt.cu -lzstd $(MPI_LIBS)
 
 tokenize: tokenizer/tokenize.cpp tokenizer/spm_model.h tokenizer/spm_encode.h
 	$(CXX) -O2 -std=c++17 -Wall -Wextra -o $@ tokenizer/tokenize.cpp

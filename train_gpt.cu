@@ -319,7 +319,7 @@ static void preset_pr467(Config& c) {
     c.grad_clip_norm = 0.3f; c.muon_weight_decay = 0.04f; c.adam_wd = 0.04f;
     c.bigram_vocab_size = 10240; c.bigram_dim = 128; c.smear = 1; c.ortho_init = INIT_ORTHO_THWU1;
     c.swa_enabled = 1; c.swa_start_frac = 0.35f; c.swa_every = 50;
-    c.quant_scheme = "mixed"; c.pack = "bytes"; c.prune_frac = 0.03f;
+    c.quant_scheme = "mixed"; c.prune_frac = 0.03f;
     c.fp16_keep_patterns = "tok_emb,blocks.8.attn.c_k";
     c.control_patterns += ",smear,bigram.scale";
     c.eval_mode = "sliding,lora_ttt"; c.eval_stride = 64; c.eval_batch_seqs = 32;
@@ -335,7 +335,7 @@ static void preset_pr600(Config& c) {
     c.val_loss_every = 0;
     c.swa_steps = 500; c.swa_decay = 0.4f;
     c.qat_bits = 6; c.qat_scale_floor = 1e-7f / 31.0f;
-    c.quant_scheme = "int6"; c.pack = "bits";
+    c.quant_scheme = "int6";
     c.eval_mode = "sliding"; c.eval_stride = 512; c.eval_batch_seqs = 32;
     // TTT as the PR plans it (its submitted score had TTT off): rank 128 on all attention + MLP,
     // chunks of 64, 4 Adam steps per chunk.
@@ -514,12 +514,12 @@ static std::string setting_value(const Setting& s) {
     switch (s.kind) {
         case 'i': return std::to_string(*(int*)s.ptr);
         case 'l': return std::to_string(*(long*)s.ptr);
-        case 'f': snprintf(buf, sizeof buf, "%g", *(float*)s.ptr); return buf;
-        case 'd': snprintf(buf, sizeof buf, "%g", *(double*)s.ptr); return buf;
+        case 'f': snprintf(buf, sizeof buf, "%.9g", *(float*)s.ptr); return buf;   // exact round trip
+        case 'd': snprintf(buf, sizeof buf, "%.17g", *(double*)s.ptr); return buf;
         default: return *(std::string*)s.ptr;
     }
 }
-static void setting_parse(const Setting& s, const char* text) {
+static void setting_parse(const Setting& s, const char* text, const std::string& where = "") {
     char* end = nullptr;
     errno = 0;
     switch (s.kind) {
@@ -530,7 +530,8 @@ static void setting_parse(const Setting& s, const char* text) {
         default: *(std::string*)s.ptr = text; return;
     }
     if (errno || end == text || *end != '\0')
-        fail("%s=\"%s\": expected %s", s.name, text, s.kind == 'i' || s.kind == 'l' ? "an integer" : "a number");
+        fail("%s%s=\"%s\": expected %s", where.empty() ? "" : (where + ": ").c_str(), s.name, text,
+             s.kind == 'i' || s.kind == 'l' ? "an integer" : "a number");
 }
 
 // Preset (CONFIG) first, then every env var that names a setting.
@@ -575,7 +576,7 @@ static Config config_from_text(const std::string& text, const std::string& where
         if (key == "CONFIG") { c.preset = value; continue; }
         bool known = false;
         for (const Setting& s : settings)
-            if (key == s.name) { setting_parse(s, value.c_str()); known = true; }
+            if (key == s.name) { setting_parse(s, value.c_str(), where); known = true; }
         if (!known) fail("%s: unknown config key %s", where.c_str(), key.c_str());
     }
     return c;
@@ -777,9 +778,9 @@ struct ParamSpec {
     std::string name;
     std::vector<int> shape;  // {} for a scalar
     size_t offset = 0, numel = 0;
-    ParamRole role;
+    ParamRole role = P_TOK_EMB;
     int index = 0;           // layer or core index (0 for model-level tensors)
-    ParamGroup group;
+    ParamGroup group = GROUP_SCALAR;
     int uses = 1;            // layers that share this tensor (depth recurrence)
     int rows() const { return shape.size() == 2 ? shape[0] : 1; }
     int cols() const { return shape.empty() ? 1 : shape.back(); }
@@ -2256,6 +2257,9 @@ static void load_checkpoint_weights(const std::string& path, const std::vector<P
 #ifndef PGOLF_CODE_BYTES_STRIPPED   // and of the stripped single-file submission (`make submission`)
 #define PGOLF_CODE_BYTES_STRIPPED 0
 #endif
+#ifndef PGOLF_CODE_CHECKSUM         // sha256 prefix of the stripped submission, to tie a result to its code
+#define PGOLF_CODE_CHECKSUM "unknown"
+#endif
 static const long ARTIFACT_LIMIT_BYTES = 16000000;
 
 // Optimizer and averaging state, all in the parameter layout.
@@ -2596,6 +2600,9 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     add_json(fmt("\"run_id\": \"%s\"", json_escape(c.run_id).c_str()));
     add_json(fmt("\"preset\": \"%s\"", json_escape(c.preset).c_str()));
     add_json(fmt("\"device\": \"%s\", \"world_size\": %d", device_name, g_world));
+    add_json(fmt("\"seed\": %d, \"eval_mode\": \"%s\", \"data_path\": \"%s\", \"val_tokens\": %zu, \"val_tokens_limit\": %ld",
+                 c.seed, json_escape(c.eval_mode).c_str(), json_escape(c.data_path).c_str(), ev.val.size(), c.val_tokens_limit));
+    add_json(fmt("\"tokenizer_checksum\": \"%016llx\", \"code_checksum\": \"%s\"", (unsigned long long)sp.checksum, PGOLF_CODE_CHECKSUM));
     size_t artifact_bytes = 0;
     std::vector<uint8_t> artifact;
     std::string artifact_path = c.out_dir + "/final_model.pgz";
@@ -2618,10 +2625,12 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
             safetensors_write(c.out_dir + "/final_model.safetensors", blobs, {{"format", "pgolf-weights-1"}, {"config", config_to_text(c)}});
         }
         if (c.prune_frac > 0) { magnitude_prune(c, m.table, w.data()); log0("magnitude_pruning: frac=%g\n", c.prune_frac); }
-        ExportReport rep;
-        artifact = artifact_build(c, m.table, w.data(), &rep);
-        if (g_rank == 0) write_file_atomic(artifact_path, artifact.data(), artifact.size());
-        print_export_report(rep);
+        if (g_rank == 0) {  // one rank compresses (zstd-22 takes a while); the others wait and read the file
+            ExportReport rep;
+            artifact = artifact_build(c, m.table, w.data(), &rep);
+            write_file_atomic(artifact_path, artifact.data(), artifact.size());
+            print_export_report(rep);
+        }
         host_barrier();
     } else {
         artifact_path = c.load_artifact;
@@ -2639,7 +2648,7 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     long code = PGOLF_CODE_BYTES, code_stripped = PGOLF_CODE_BYTES_STRIPPED;
     long counted = code_stripped > 0 ? code_stripped : code;
     long total = (long)artifact_bytes + counted;
-    log0("Serialized model: %zu bytes (%s)\n", artifact_bytes, artifact_path.c_str());
+    log0("artifact:%s bytes:%zu (read back and dequantized for every score below)\n", artifact_path.c_str(), artifact_bytes);
     log0("Code size: %ld bytes (full source %ld, stripped submission %ld)\n", counted, code, code_stripped);
     log0("Total submission size: %ld bytes%s\n", total, total > ARTIFACT_LIMIT_BYTES ? "  <-- OVER THE 16,000,000-BYTE LIMIT: not a valid submission" : "");
     if (total > ARTIFACT_LIMIT_BYTES && g_rank == 0)
@@ -2705,8 +2714,8 @@ int main(int argc, char** argv) {
         g_logfile = fopen_check((c.out_dir + "/log.txt").c_str(), "a");
     }
     log0("pgolf train_gpt: code_bytes:%ld stripped:%ld\n", (long)PGOLF_CODE_BYTES, (long)PGOLF_CODE_BYTES_STRIPPED);
-    if (c.device == "cpu" && c.preset != "tiny" && c.preset != "baseline" && g_rank == 0 && c.load_artifact.empty())
-        log0("note: DEVICE=cpu runs the plain C++ reference; a %s-sized model trains very slowly on a CPU\n", c.preset.c_str());
+    if (c.device == "cpu" && (long)c.model_dim * c.num_layers > 1024 && c.load_artifact.empty())
+        log0("note: DEVICE=cpu runs the plain C++ reference; a %d-layer d%d model trains very slowly on a CPU\n", c.num_layers, c.model_dim);
     config_print(c);
     if (c.device == "cpu") {
 #if PGOLF_CPU_REFERENCE

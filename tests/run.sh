@@ -5,6 +5,7 @@
 set -u
 cd "$(dirname "$0")/.."
 filter="${1:-}"
+export OMP_WAIT_POLICY=passive  # idle OpenMP threads sleep instead of spinning (2 shared cores)
 log=$(mktemp); trap 'rm -f "$log"' EXIT
 crashed=0
 
