@@ -1562,6 +1562,14 @@ template <class D> static void model_init(D dev, Model<D>& m, const Config& c, i
     carve_acts(ar, m.acts, c, B, T);
 }
 
+template <class D> static void refresh_compute_weights(D dev, Model<D>& m, bool qat);
+template <class D> static void model_free(D dev, Model<D>& m) {
+    refresh_compute_weights(dev, m, false);  // drops a QAT copy
+    if (m.compute_mat != (void*)m.params) device_free(dev, m.compute_mat);
+    device_free(dev, m.params); device_free(dev, m.grads); device_free(dev, m.act_memory);
+    m.params = m.grads = nullptr; m.compute_mat = nullptr; m.compute_vec = nullptr; m.act_memory = nullptr;
+}
+
 #if PGOLF_CPU_REFERENCE
 // On the CPU the forward reads the master weights directly, or a fake-quantized copy under QAT.
 template <class T> static void model_bind_compute(Cpu<T>, Model<Cpu<T>>& m) {
@@ -2285,6 +2293,13 @@ static void activation_capacity(const Config& c, int world, long* tokens, int* m
     *max_t = std::max({c.train_seq_len, c.eval_len(), c.ttt_eval_seq_len});
 }
 
+// The model with activations for the largest batch any phase of a run needs.
+template <class D> static void model_init_for_run(D dev, Model<D>& m, const Config& c) {
+    long cap_tokens; int cap_t;
+    activation_capacity(c, g_world, &cap_tokens, &cap_t);
+    model_init(dev, m, c, (int)((cap_tokens + cap_t - 1) / cap_t), cap_t);
+}
+
 template <class D> static void train_state_init(D dev, TrainState<D>& s, Model<D>& m) {
     using G = typename D::grad;
     size_t bytes = m.nparams * sizeof(G);
@@ -2333,7 +2348,6 @@ template <class D> static void optimizer_step(D dev, Model<D>& m, TrainState<D>&
 }
 
 // The weights the forward reads: the master weights, fake-quantized under QAT.
-template <class D> static void refresh_compute_weights(D dev, Model<D>& m, bool qat);
 #if PGOLF_CPU_REFERENCE
 template <class T> static void refresh_compute_weights(Cpu<T> dev, Model<Cpu<T>>& m, bool qat) {
     if (!qat) { if (m.compute_mat != m.params) { free(m.compute_mat); model_bind_compute(dev, m); } return; }
@@ -2584,14 +2598,12 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     log0("val_loader:tokens:%zu scored_positions:%zu%s\n", ev.val.size(), ev.val.size() - 1,
          c.val_truncate_to_seq ? " (truncated to a multiple of TRAIN_SEQ_LEN, as the reference)" : "");
 
-    long cap_tokens; int cap_t;
-    activation_capacity(c, g_world, &cap_tokens, &cap_t);
     Model<D> m;
-    model_init(dev, m, c, (int)((cap_tokens + cap_t - 1) / cap_t), cap_t);
+    model_init_for_run(dev, m, c);
     print_param_table(m.table);
     size_t pbytes = m.nparams * sizeof(typename D::grad);
-    log0("memory: params %.1f MiB, grads %.1f MiB, optimizer %.1f MiB, activations %.1f MiB (%ld tokens × up to %d)\n",
-         pbytes / 1048576.0, pbytes / 1048576.0, 3 * pbytes / 1048576.0, m.act_bytes / 1048576.0, cap_tokens, cap_t);
+    log0("memory: params %.1f MiB, grads %.1f MiB, optimizer %.1f MiB, activations %.1f MiB (%d × %d tokens)\n",
+         pbytes / 1048576.0, pbytes / 1048576.0, 3 * pbytes / 1048576.0, m.act_bytes / 1048576.0, m.acts.B, m.acts.T);
     log0("device:%s world_size:%d (this node's ranks from local rank %d) grad_accum_steps:%d\n", device_name, g_world, g_local_rank,
          grad_accum_steps(c, g_world));
 

@@ -252,7 +252,7 @@ static std::vector<QTensor> quantize_model(const Config& c, const std::vector<Pa
 }
 // The weights the artifact will hold, without writing it: artifact_parse(artifact_build(...))
 // gives the same floats bit for bit (the same QTensors through the same dequantize_tensor).
-static void quantize_dequantize(Config& c, const std::vector<ParamSpec>& t, const float* w, std::vector<float>* out) {
+[[maybe_unused]] static void quantize_dequantize(Config& c, const std::vector<ParamSpec>& t, const float* w, std::vector<float>* out) {
     std::vector<QTensor> qt = quantize_model(c, t, w);
     out->assign(param_arena_size(t), 0.0f);
     for (size_t i = 0; i < t.size(); i++) dequantize_tensor(t[i], qt[i], out->data() + t[i].offset);

@@ -19,16 +19,11 @@ static Config eval_test_config() {
 // Random weights (not the init, whose zero projections would hide most of the model).
 template <class D> static void eval_test_model(Model<D>& m, const Config& c, uint64_t seed = 7) {
     config_validate(c, 1);
-    long tokens; int max_t;
-    activation_capacity(c, 1, &tokens, &max_t);
-    model_init(D{}, m, c, (int)((tokens + max_t - 1) / max_t), max_t);
+    model_init_for_run(D{}, m, c);
     Rng rng(seed);
     randomize(m.params, m.nparams, rng, 0.3);
 }
-template <class D> static void eval_test_model_free(Model<D>& m) {
-    refresh_compute_weights(D{}, m, false);
-    device_free(D{}, m.params); device_free(D{}, m.grads); device_free(D{}, m.act_memory);
-}
+template <class D> static void eval_test_model_free(Model<D>& m) { model_free(D{}, m); }
 
 // Documents of the given lengths (BOS included), bodies of random ids in [2, vocab); final_bos ends
 // the stream with a lone BOS, so that every document's last target is a BOS.

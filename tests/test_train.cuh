@@ -44,16 +44,18 @@ static std::string small_dataset(const char* name, int vocab = 64) {
     write_shard_file(d + "/fineweb_val_000000.bin", synthetic_stream(700, vocab, 3));
     return d;
 }
+// A CPU model and its training state at step 0, reading the config's train shards.
+static void start_training(const Config& c, Model<Cpu<float>>& m, TrainState<Cpu<float>>& s) {
+    model_init_for_run(Cpu<float>{}, m, c);
+    train_state_init(Cpu<float>{}, s, m);
+    s.loader.stream.open(shard_files(c.data_path, "train"), c.vocab_size);
+}
 // Trains `c` from its init (or from a checkpoint) and returns the final master weights.
 static std::vector<float> train_weights(Config c, const std::string& resume = "", int* steps_done = nullptr) {
     Cpu<float> dev;
-    long cap; int cap_t;
-    activation_capacity(c, 1, &cap, &cap_t);
     Model<Cpu<float>> m;
-    model_init(dev, m, c, (int)((cap + cap_t - 1) / cap_t), cap_t);
     TrainState<Cpu<float>> s;
-    train_state_init(dev, s, m);
-    s.loader.stream.open(shard_files(c.data_path, "train"), c.vocab_size);
+    start_training(c, m, s);
     if (!resume.empty()) load_checkpoint(dev, m, s, resume);
     EvalData ev;
     ev.val = load_validation_tokens(c);
@@ -338,13 +340,9 @@ TEST(tiny_trains_below_unigram_baseline) {
     ScoreSums uni;
     for (size_t j = 0; j + 1 < ev.val.size(); j++) uni.add(-std::log(count[ev.val[j + 1]] / total), ev.val[j], ev.val[j + 1], ev.luts);
     Cpu<float> dev;
-    long cap; int cap_t;
-    activation_capacity(c, 1, &cap, &cap_t);
     Model<Cpu<float>> m;
-    model_init(dev, m, c, (int)((cap + cap_t - 1) / cap_t), cap_t);
     TrainState<Cpu<float>> s;
-    train_state_init(dev, s, m);
-    s.loader.stream.open(shard_files(c.data_path, "train"), c.vocab_size);
+    start_training(c, m, s);
     train(dev, m, s, ev);
     EvalResult r = eval_standard(dev, m, ev);
     printf("    unigram val_bpb %.4f, tiny after %d steps %.4f\n", uni.val_bpb(), c.iterations, r.val_bpb);
