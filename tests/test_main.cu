@@ -7,6 +7,7 @@
 #include "test_train.cuh"
 #include "test_compress.cuh"
 #include "test_eval.cuh"
+#include "test_cuda.cuh"  // defines REQUIRE_GPU: before the other CUDA tests
 
 int main(int argc, char** argv) {
     g_quiet = !getenv("PGOLF_TEST_LOG");  // PGOLF_TEST_LOG=1 shows the training log lines
