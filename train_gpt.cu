@@ -49,6 +49,16 @@
 #include <mpi.h>
 #endif
 #include "tokenizer/spm_model.h"
+#ifdef __CUDACC__
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cublasLt.h>
+#include <cub/device/device_radix_sort.cuh>  // stable sort for the deterministic embedding backward
+#include <tuple>
+#ifdef PGOLF_NCCL
+#include <nccl.h>
+#endif
+#endif
 
 #ifndef PGOLF_CPU_REFERENCE
 #define PGOLF_CPU_REFERENCE 1
@@ -199,15 +209,7 @@ static inline float half_to_float(uint16_t h) {
     else x = sign | ((exp + 112) << 23) | (man << 13);
     float f; memcpy(&f, &x, 4); return f;
 }
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t x; memcpy(&x, &f, 4);
-    if ((x & 0x7fffffff) > 0x7f800000) return (x >> 16) | 0x40;  // nan stays nan
-    x += 0x7fff + ((x >> 16) & 1);
-    return x >> 16;
-}
 static inline float bf16_to_float(uint16_t b) { uint32_t x = (uint32_t)b << 16; float f; memcpy(&f, &x, 4); return f; }
-static inline float round_to_half(float f) { return half_to_float(float_to_half(f)); }
-static inline float round_to_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
 // ============================================================================================
 // 2. Configuration: one struct, filled from a preset, then from the reference's env-var names
@@ -514,8 +516,18 @@ static std::string setting_value(const Setting& s) {
     switch (s.kind) {
         case 'i': return std::to_string(*(int*)s.ptr);
         case 'l': return std::to_string(*(long*)s.ptr);
-        case 'f': snprintf(buf, sizeof buf, "%.9g", *(float*)s.ptr); return buf;   // exact round trip
-        case 'd': snprintf(buf, sizeof buf, "%.17g", *(double*)s.ptr); return buf;
+        case 'f':  // the shortest text that reads back as the same float (0.35, not 0.349999994)
+            for (int digits = 6; digits <= 9; digits++) {
+                snprintf(buf, sizeof buf, "%.*g", digits, *(float*)s.ptr);
+                if (strtof(buf, nullptr) == *(float*)s.ptr) break;
+            }
+            return buf;
+        case 'd':
+            for (int digits = 6; digits <= 17; digits++) {
+                snprintf(buf, sizeof buf, "%.*g", digits, *(double*)s.ptr);
+                if (strtod(buf, nullptr) == *(double*)s.ptr) break;
+            }
+            return buf;
         default: return *(std::string*)s.ptr;
     }
 }
@@ -2009,6 +2021,11 @@ template <class T> static void allreduce_sum(Cpu<T>, T* x, size_t n) {
 
 // Contiguous split of n items over ranks: rank r takes [n·r/W, n·(r+1)/W).
 static long split_begin(long n, int rank, int world) { return n * rank / world; }
+
+#ifdef __CUDACC__
+#include "sections/cuda.cuh"
+#include "sections/cuda_attention.cuh"
+#endif
 
 // ============================================================================================
 // 9. Compression: quantization, packing, the artifact
