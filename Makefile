@@ -38,7 +38,7 @@ ifeq ($(USE_NCCL),1)
 endif
 
 # --- the byte-counted code: every source compiled into train_gpt ------------------------------
-CODE_FILES  := train_gpt.cu tokenizer/spm_model.h $(wildcard sections/*.cuh)
+CODE_FILES  := train_gpt.cu tokenizer/spm_model.h
 CODE_BYTES  := $(shell cat $(CODE_FILES) 2>/dev/null | wc -c)
 SUBMISSION  := build/submission/train_gpt.cu
 STRIP_BYTES  = $(shell [ -f $(SUBMISSION) ] && wc -c < $(SUBMISSION) || echo 0)
@@ -50,7 +50,7 @@ HOST_FLAGS  := -fopenmp -march=$(CPU_ARCH) -Wall -Wextra
 NVFLAGS     := $(NVOPT) -std=c++17 -arch=$(GPU_ARCH) -x cu -Xcompiler "$(subst $() ,$(comma),$(HOST_FLAGS))" \
                $(MPI_DEFS) $(MPI_CFLAGS) $(NCCL_DEFS)
 LIBS        := -lcublasLt -lcublas -lzstd -lgomp $(NCCL_LIBS) $(MPI_LIBS)
-TU_DEPS     := train_gpt.cu tokenizer/spm_model.h $(wildcard sections/*.cuh)
+TU_DEPS     := train_gpt.cu tokenizer/spm_model.h
 
 .PHONY: all test cpu submission clean corpus info
 all: info train_gpt tokenize

@@ -1,4 +1,4 @@
-// CUDA core (sections/cuda.cuh): every op against the CPU reference, training steps against
+// The CUDA path: every op against the CPU reference, training steps against
 // Cpu<float>, determinism — and, on any machine, the host-side logic the kernels rely on (the
 // cuBLASLt layout mapping, Newton–Schulz without transposes, reduction plans, launch geometry,
 // the RoPE table, the memory plan, the arena layout, clean failure without a GPU).
@@ -8,7 +8,7 @@
 // reference runs in double on exactly the bf16-rounded inputs the GPU sees. Outputs are poisoned
 // (0xFF bytes: NaN in bf16 and fp32) before each call; accumulated outputs start from random values.
 
-#ifdef PGOLF_CUDA  // defined by sections/cuda.cuh: nothing to test in a build without it
+#ifdef PGOLF_CUDA  // defined by train_gpt.cu's GPU part: nothing to test in a build without it
 #include <memory>
 
 #define REQUIRE_GPU() do { if (!cuda_available()) SKIP("no CUDA device"); } while (0)

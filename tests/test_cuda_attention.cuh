@@ -1,4 +1,4 @@
-// Fused causal attention (sections/cuda_attention.cuh).
+// Fused causal attention on the GPU (train_gpt.cu, section 5).
 // CPU tests, run everywhere: the tiling plan (GQA packing, causal tile ranges, skip and mask
 // decisions, statistics indices) against brute-force enumeration; the warp-level operand plans
 // (ldmatrix addresses, accumulator layout, accumulator → A-operand repacking) against an emulation

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# CUDA build checks, cheap enough for every `make test` (one nvcc compile, about 20 s on 2 cores):
-#   cuda_build_compiles_<arch>    train_gpt.cu with sections/cuda*.cuh compiles for GPU_ARCH (sm_90a);
-#   cuda_build_no_warnings        nothing in sections/cuda*.cuh warns: nvcc's front end, the host
-#                                 compiler's -Wall -Wextra, and ptxas spills or local memory (a
-#                                 per-lane array indexed at run time ends up in slow local memory);
-#   cuda_build_train_gpt_is_cuda  the built ./train_gpt links cuBLASLt (the nvcc build, not g++'s);
-#   cuda_build_tests_present      tests/test_main carries the CUDA core tests.
-# Prints PASS/FAIL/SKIP lines like every test and exits non-zero on a failure.
+# The bytes submitted are the bytes built and tested:
+#   cuda_build_submission_compiles_<arch>  the stripped single-file submission (make submission)
+#                                          compiles for GPU_ARCH (sm_90a) on its own;
+#   cuda_build_submission_no_warnings      with nvcc's front end, the host compiler's -Wall -Wextra and
+#                                          ptxas spill/local-memory warnings, nothing warns;
+#   cuda_build_train_gpt_is_cuda           ./train_gpt is the nvcc build (it links cuBLASLt);
+#   cuda_build_tests_present               tests/test_main carries the host-side CUDA tests;
+#   cuda_submission_trains_like_full       (GPU) the stripped build's first steps have the same losses,
+#                                          bit for bit, as the full build's.
 set -u
 cd "$(dirname "$0")/.."
 failed=0
@@ -16,62 +17,56 @@ skip() { echo "SKIP $1: $2"; }
 
 NVCC=${NVCC:-nvcc}
 arch=${GPU_ARCH:-sm_90a}
-if ! command -v "$NVCC" >/dev/null 2>&1; then
-    skip cuda_build "nvcc not found (the CUDA toolkit is not installed)"
-    exit 0
-fi
-if ! grep -q '#include "sections/cuda.cuh"' train_gpt.cu; then
-    skip cuda_build "train_gpt.cu does not include sections/cuda.cuh yet"
-    exit 0
-fi
+sub=build/submission/train_gpt.cu
+if ! command -v "$NVCC" >/dev/null 2>&1; then skip cuda_build "nvcc not found (the CUDA toolkit is not installed)"; exit 0; fi
+[ -f "$sub" ] || make -s submission >/dev/null || { fail cuda_build "make submission failed"; exit 1; }
 
-# the Makefile's feature switches, decided the same way
-defs=()
+defs=()  # the Makefile's feature switches, decided the same way
 cuda_home=$(dirname "$(dirname "$(command -v "$NVCC")")")
 if [ -f "$cuda_home/include/nccl.h" ] || [ -f /usr/include/nccl.h ]; then defs+=(-DPGOLF_NCCL); fi
 if command -v mpicxx >/dev/null 2>&1; then
     defs+=(-DPGOLF_MPI $(mpicxx --showme:compile 2>/dev/null || mpicxx -show 2>/dev/null | tr ' ' '\n' | grep '^-I'))
 fi
-
-log=$(mktemp)
-obj=$(mktemp --suffix=.o)
-trap 'rm -f "$log" "$obj"' EXIT
+bin=build/submission/train_gpt
+log=$(mktemp); trap 'rm -f "$log"' EXIT
 t0=$SECONDS
-if "$NVCC" -std=c++17 -arch="$arch" -x cu -Xcompiler -fopenmp,-Wall,-Wextra -Xptxas -warn-spills,-warn-lmem-usage \
-        "${defs[@]}" -I. -c -o "$obj" train_gpt.cu >"$log" 2>&1; then
-    pass "cuda_build_compiles_$arch ($((SECONDS - t0))s)"
-    # warnings located in the CUDA sections (nvcc: file(line): warning; gcc: file:line:col: warning),
-    # and every ptxas warning (only the CUDA sections hold kernels)
-    warns=$( { grep -E '^(\./)?sections/cuda[A-Za-z0-9_]*\.cuh[(:][0-9]+' "$log" | grep -iE 'warning'; grep -iE '^ptxas.*warning' "$log"; } )
-    if [ -z "$warns" ]; then
-        pass cuda_build_no_warnings
-    else
-        fail cuda_build_no_warnings "$(echo "$warns" | head -n 3 | tr '\n' ' ')"
-    fi
-    others=$(grep -ciE 'warning' "$log")
-    [ "$others" -gt 0 ] && [ -z "$warns" ] && echo "note: $others warning line(s) outside sections/cuda*.cuh (not counted here)"
+if "$NVCC" -O3 -std=c++17 -arch="$arch" -x cu -Xcompiler -fopenmp,-Wall,-Wextra -Xptxas -warn-spills,-warn-lmem-usage \
+        "${defs[@]}" -o "$bin" "$sub" -lcublasLt -lcublas -lzstd -lgomp $( [ ${#defs[@]} -gt 0 ] && [[ " ${defs[*]} " == *PGOLF_NCCL* ]] && echo -lnccl ) \
+        $(command -v mpicxx >/dev/null && mpicxx --showme:link 2>/dev/null) >"$log" 2>&1; then
+    pass "cuda_build_submission_compiles_$arch ($(wc -c < "$sub") bytes, $((SECONDS - t0))s)"
+    if grep -qiE 'warning' "$log"; then fail cuda_build_submission_no_warnings "$(grep -iE 'warning' "$log" | head -n 3 | tr '\n' ' ')"
+    else pass cuda_build_submission_no_warnings; fi
 else
-    fail "cuda_build_compiles_$arch" "$(grep -m 3 -E 'error' "$log" | tr '\n' ' ')"
+    fail "cuda_build_submission_compiles_$arch" "$(grep -m 3 -E 'error' "$log" | tr '\n' ' ')"
 fi
 
 if [ -x train_gpt ]; then
-    if ldd train_gpt 2>/dev/null | grep -q libcublasLt; then
-        pass cuda_build_train_gpt_is_cuda
-    else
-        fail cuda_build_train_gpt_is_cuda "./train_gpt does not link cuBLASLt: not the nvcc build with the CUDA path (make train_gpt)"
-    fi
+    if ldd train_gpt 2>/dev/null | grep -q libcublasLt; then pass cuda_build_train_gpt_is_cuda
+    else fail cuda_build_train_gpt_is_cuda "./train_gpt does not link cuBLASLt: not the nvcc build with the CUDA path (make train_gpt)"; fi
 else
     skip cuda_build_train_gpt_is_cuda "./train_gpt is not built (make)"
 fi
-
 if [ -x tests/test_main ]; then
     n=$(tests/test_main cuda_host_ 2>/dev/null | grep -cE '^(PASS|FAIL|SKIP) cuda_host_')
-    if [ "$n" -gt 0 ]; then
-        pass "cuda_build_tests_present ($n host-side CUDA tests)"
-    else
-        fail cuda_build_tests_present "tests/test_main runs no cuda_host_* test: tests/test_main.cu must include test_cuda.cuh"
-    fi
+    if [ "$n" -gt 0 ]; then pass "cuda_build_tests_present ($n host-side CUDA tests)"
+    else fail cuda_build_tests_present "tests/test_main runs no cuda_host_* test: tests/test_main.cu must include test_cuda.cuh"; fi
 else
     skip cuda_build_tests_present "tests/test_main is not built (make tests/test_main)"
+fi
+
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+    skip cuda_submission_trains_like_full "no CUDA device"
+elif [ ! -x "$bin" ] || [ ! -x train_gpt ]; then
+    fail cuda_submission_trains_like_full "binaries missing"
+else
+    tmp=$(mktemp -d)
+    run=(CONFIG=tiny DEVICE=cuda DATA_PATH=data/datasets/debian_prose_sp1024 ITERATIONS=5 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=1
+         VAL_TOKENS_LIMIT=8192 EVAL_MODE=standard ZSTD_LEVEL=3)
+    env "${run[@]}" OUT_DIR="$tmp/full" ./train_gpt > "$tmp/full.log" 2>&1
+    env "${run[@]}" OUT_DIR="$tmp/sub" "$bin" > "$tmp/sub.log" 2>&1
+    a=$(grep -o 'train_loss:[0-9.]*\|val_bpb:[0-9.]*' "$tmp/full.log"); b=$(grep -o 'train_loss:[0-9.]*\|val_bpb:[0-9.]*' "$tmp/sub.log")
+    if [ -n "$a" ] && [ "$a" = "$b" ]; then pass cuda_submission_trains_like_full
+    else fail cuda_submission_trains_like_full "full: $(echo $a | head -c 200) / stripped: $(echo $b | head -c 200)"; fi
+    rm -rf "$tmp"
 fi
 exit $failed

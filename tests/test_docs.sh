@@ -12,9 +12,6 @@ readme = open("README.md", encoding="utf-8").read()
 section = readme.split("## Read the code", 1)[1].split("\n## ", 1)[0]
 names = set(re.findall(r"`([a-z_][a-z0-9_]*)`", section))
 code = open("train_gpt.cu", encoding="utf-8").read()
-import glob
-for f in glob.glob("sections/*.cuh"):
-    code += open(f, encoding="utf-8").read()
 print(" ".join(sorted(n for n in names if not re.search(r"\b%s\b" % re.escape(n), code))))
 PY
 )
