@@ -1,7 +1,7 @@
 """Shared helpers for the data scripts (standard library only).
 
-- shard headers of the challenge format (data.md §4.1),
-- SWORD zText/zCom module reader and OSIS-to-text conversion (data.md §5),
+- shard headers of the challenge format ,
+- SWORD zText/zCom module reader and OSIS-to-text conversion ,
   used by scripts/make_corpus to turn Debian's public-domain Bible texts and
   commentaries into plain-text documents.
 """

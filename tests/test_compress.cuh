@@ -104,7 +104,7 @@ static bool same_bits(const std::vector<float>& a, const std::vector<float>& b) 
 
 // --- packing --------------------------------------------------------------------------------------
 
-// Independent bit-by-bit writer of eval.md §1.6's stream: value i occupies stream bits
+// Independent bit-by-bit writer of PR #600's bit stream: value i occupies stream bits
 // [i·b, (i+1)·b), LSB first; stream bit k is bit k%8 of byte k/8.
 static std::vector<uint8_t> pack_reference(const std::vector<int8_t>& q, int bits) {
     std::vector<uint8_t> out((q.size() * bits + 7) / 8, 0);
@@ -131,7 +131,7 @@ TEST(compress_pack_every_value_every_width) {
             CHECK(back == q);
         }
     }
-    // eval.md §1.6's int6 group formula: b0 = u0 | (u1&3)<<6, b1 = u1>>2 | (u2&15)<<4, b2 = u2>>4 | u3<<2
+    // PR #600's int6 group formula: b0 = u0 | (u1&3)<<6, b1 = u1>>2 | (u2&15)<<4, b2 = u2>>4 | u3<<2
     std::vector<int8_t> q = {-32, 31, 5, -7};
     uint8_t u[4], out[3];
     for (int i = 0; i < 4; i++) u[i] = (uint8_t)(q[i] + 32);
@@ -211,7 +211,7 @@ TEST(compress_prune_fraction_and_threshold) {
 
 // --- quantizers -----------------------------------------------------------------------------------
 
-// What eval.md's tables say each preset stores.
+// What each preset's reference exporter stores.
 TEST(compress_plans_follow_the_reference_tables) {
     Config c;
     preset_pr467(c);
@@ -258,7 +258,7 @@ TEST(compress_quantizer_hand_examples) {
     ParamSpec p;
     p.name = "blocks.0.attn.c_q.weight"; p.shape = {1, 4}; p.numel = 4;
     float row[4] = {0.1f, -0.2f, 0.3f, -1.0f};
-    // Variant B, int6: s = fp16(1.0/31); q = rint(x/s), clamp [−32, 31]
+    // thwu1's mixed scheme, int6: s = fp16(1.0/31); q = rint(x/s), clamp [−32, 31]
     QuantPlan b = {SK_INT6, QR_ROW_MAX, 31, -32, 31};
     float s = round_to_half(1.0f / 31.0f);
     std::vector<int8_t> q(4);
@@ -272,7 +272,7 @@ TEST(compress_quantizer_hand_examples) {
     float halves[3] = {2.5f, 3.5f, -2.5f};
     quantize_row(halves, 3, INFINITY, 1.0f, b, q.data());
     CHECK(q[0] == 2 && q[1] == 4 && q[2] == -2);
-    // Variant A on 4 values: c = quantile(|x|, 0.9999984): pos = 2.9999952, c = 1.0 − 4.8e−6·0.7;
+    // The baseline's int8 on 4 values: c = quantile(|x|, 0.9999984): pos = 2.9999952, c = 1.0 − 4.8e−6·0.7;
     // x clamped to ±c; s = c/127 (fp32) for q, stored fp16
     Config c;
     QTensor t = quantize_tensor(c, p, row);  // baseline: 4 elements → passthrough fp16
@@ -301,7 +301,7 @@ static void check_error_bound(const Config& c, const ParamSpec& p, const float* 
         float s = half_to_float(t.scales[i / cols]);
         CHECK(d[i] == (float)q * s);
         if (q == t.plan.qmin || q == t.plan.qmax) continue;  // maybe clipped
-        // q came from the fp32 scale in Variant A/D, while the fp16 one is stored: allow the mismatch
+        // q came from the fp32 scale in the int8 and PR #600 int6 schemes, while the fp16 one is stored: allow the mismatch
         double bound = t.plan.rule == QR_PERCENTILE ? s * (0.5 + (std::abs(q) + 1) * std::ldexp(1.0, -11)) : 0.5 * s * (1 + 1e-6);
         CHECK_MSG(std::fabs((double)w[i] - d[i]) <= bound, "%s rule %d: |%g − %g| > %g (q %d, s %g)", p.name.c_str(), t.plan.rule, w[i], d[i], bound, q, s);
     }
@@ -336,7 +336,7 @@ TEST(compress_clip_search_never_worse_than_no_clipping) {
         for (int i = 0; i < 512; i++) { double x = (double)w[r * 512 + i] - d[r * 512 + i]; e += x * x; }
         return e;
     };
-    // gptq_lite=1 vs Variant B (its p = 1.0 candidate), row by row
+    // gptq_lite=1 vs thwu1's plain rule (its p = 1.0 candidate), row by row
     std::vector<float> base(p.numel), srch(p.numel);
     dequantize_tensor(p, quantize_tensor(c, p, w.data()), base.data());
     c.gptq_lite = 1;
@@ -608,7 +608,7 @@ TEST(compress_size_pr467_shape) {
     }
     CHECK(sum == rep.artifact_bytes && bits == rep.bits_packed_bytes && bytes == rep.byte_container_bytes);
     CHECK(rep.artifact_bytes <= std::min(rep.bits_packed_bytes, rep.byte_container_bytes));
-    CHECK(rep.params == 25517137);  // eval.md §1.3: the 10L preset's parameter count
+    CHECK(rep.params == 25517137);  // thwu1's logged model_params for the 10L preset
     CHECK(rep.params_per_kind[SK_INT5] == 10u * 2 * 1536 * 512);
     CHECK(rep.artifact_bytes < 16000000);
     bool quiet = g_quiet;

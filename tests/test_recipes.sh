@@ -196,13 +196,13 @@ expect_refusal submission_refuses_duplicate_seed "same SEED" "$tmp/fx/dest_dup" 
 
 # --- 2. the recipes on the CPU --------------------------------------------------------------------
 recipes=(baseline pr467 pr600 pr456)
-declare -A modes=([baseline]="standard" [pr467]="sliding,lora_ttt" [pr600]="sliding" [pr456]="full_ttt")  # spec/README.md
+declare -A modes=([baseline]="standard" [pr467]="sliding,lora_ttt" [pr600]="sliding" [pr456]="full_ttt")  # each preset's final evaluation
 # short lengths for every recipe; the shape stays the recipes' CPU default (tiny: 4 layers, d128)
 short=(ITERATIONS=8 WARMDOWN_ITERS=16 TRAIN_SEQ_LEN=64 TRAIN_BATCH_TOKENS=512 VAL_TOKENS_LIMIT=2048
        VAL_LOSS_EVERY=4 TRAIN_LOG_EVERY=1 EVAL_STRIDE=32 EVAL_BATCH_SEQS=8
        TTT_EVAL_SEQ_LEN=64 TTT_CHUNK_SIZE=32 TTT_BATCH_SIZE=8 TTT_CHUNK_TOKENS=512 TTT_BATCH_SEQS=4)
 declare -A extra=([baseline]="" [pr467]="SWA_EVERY=1" [pr600]="SWA_STEPS=4" [pr456]="SWA_EVERY=1")
-# what must still be in force at the tiny shape: each preset's algorithm (spec/README.md)
+# what must still be in force at the tiny shape: each preset's algorithm
 declare -A algo=(
     [baseline]="QUANT_SCHEME=int8 BIGRAM_VOCAB_SIZE=0 SMEAR=0 SWA_ENABLED=0 EVAL_MODE=standard"
     [pr467]="SMEAR=1 BIGRAM_VOCAB_SIZE=2048 ORTHO_INIT=2 SWA_ENABLED=1 SWA_START_FRAC=0.35 PRUNE_FRAC=0.03 QUANT_SCHEME=mixed PACK=auto MUON_WEIGHT_DECAY=0.04 TTT_LORA_RANK=8 TTT_LORA_TARGETS=q,v TTT_LORA_SCHEDULE=cosine_epochs TTT_N_EPOCHS=2 TTT_REPORT_FINAL_EPOCH=1"
