@@ -237,7 +237,7 @@ struct Arena {
 // the chunk partials are added in chunk order: two identical runs give identical bits.
 
 #ifdef __CUDACC__
-// GPU: Basics: the tag, error checks, the device context
+// --- The device tag, error checks, the device context -------------------------------------------
 
 #define PGOLF_CUDA 1  // this build has the GPU path (tests/test_cuda.cuh compiles only then)
 using bf16 = __nv_bfloat16;
@@ -320,7 +320,7 @@ static CudaContext& cuda_ctx() {
 #endif
 
 #ifdef __CUDACC__
-// GPU: Launch geometry and deterministic reductions
+// --- Launch geometry and deterministic reductions --------------------------------------------------
 
 static const int BLOCK = 256;        // threads of the elementwise kernels
 static const int RED_ROWS = 8;       // row lanes of the column-reduction blocks (32 columns × 8 rows)
@@ -432,7 +432,7 @@ static const dim3 REDUCE_BLOCK(32, RED_ROWS);
 #endif
 
 #ifdef __CUDACC__
-// GPU: Memory: allocations, copies, the shared scratch
+// --- Device memory: allocations, copies, the shared scratch -----------------------------------------
 
 static void* cuda_malloc_checked(size_t bytes, const char* what) {
     cuda_ctx();
@@ -1309,7 +1309,7 @@ template <class T> static void embedding_backward(Cpu<T>, T* dtable, const T* do
 }
 #endif
 #ifdef __CUDACC__
-// GPU: Embedding: out[n] = table[idx[n]]
+// On the GPU.
 __global__ void embedding_forward_kernel(bf16* out, const int32_t* idx, const bf16* table, size_t N, int C) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < N * C; i += (size_t)gridDim.x * blockDim.x) {
         size_t n = i / C, c = i % C;
@@ -1393,7 +1393,7 @@ template <class T> static void bigram_lookup(Cpu<T>, int32_t* out, const int32_t
 }
 #endif
 #ifdef __CUDACC__
-// GPU: BigramHash indices
+// On the GPU.
 __global__ void bigram_lookup_kernel(int32_t* out, const int32_t* idx, int N, int T, int buckets, int vocab, bool pr600_hash) {
     for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += gridDim.x * blockDim.x)
         out[n] = bigram_bucket(idx[n], n % T ? idx[n - 1] : 0, n % T, buckets, vocab, pr600_hash);
@@ -1432,7 +1432,7 @@ template <class T> static void rmsnorm_backward(Cpu<T>, T* dinp, const T* dout, 
 }
 #endif
 #ifdef __CUDACC__
-// GPU: RMSNorm (no weight): one warp per row, fp32 sums
+// On the GPU: one warp per row, sums in fp32.
 __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* inp, int N, int C, float eps) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= N) return;
@@ -1519,7 +1519,7 @@ template <class T> static void matmul_backward(Cpu<T>, T* dinp, T* dw, const T* 
 }
 #endif
 #ifdef __CUDACC__
-// GPU: Linear layer through cuBLASLt
+// On the GPU: cuBLASLt, bf16 operands, fp32 accumulation.
 // cuBLAS is column-major; our matrices are row-major. A row-major X [r, c] is, byte for byte, the
 // column-major matrix Xᵀ (c × r, leading dimension c). So the row-major product C = op(A)·op(B)
 // (C: M×N, op(A): M×K, op(B): K×N) is the column-major product Cᵀ = op(B)ᵀ·op(A)ᵀ: cuBLAS's first
@@ -1722,7 +1722,7 @@ template <class T> static void qk_norm_rope_backward(Cpu<T>, T* dx, T* dgain, co
 }
 #endif
 #ifdef __CUDACC__
-// GPU: Query/key preparation: per-head RMSNorm, partial RoPE, per-head gain (fused)
+// On the GPU: the three steps fused in one kernel.
 // (cos, sin) of each (position, pair), computed on the host exactly as the CPU reference's rope_table
 // (fp32 inv_freq from rope_inv_freq, the angle rounded to fp32, then std::cos/std::sin).
 static void rope_table_host(std::vector<float2>& t, int rows, int rd, float base) {
@@ -1944,7 +1944,7 @@ template <class T> static void attention_backward(Cpu<T>, T* dq, T* dk, T* dv, c
 }
 #endif
 #ifdef __CUDACC__
-// GPU: Causal attention on the GPU: fused FlashAttention-2 style forward and backward
+// On the GPU: fused FlashAttention-2 style forward and backward.
 // The same function as attention_forward/backward(Cpu<T>, ...) above, without a T×T matrix in
 // memory: a block keeps one tile of rows in shared memory and streams the other side through it
 // in tiles, with the softmax statistics in fp32 registers (online softmax, FlashAttention-2).
@@ -2619,7 +2619,7 @@ template <class T> static void xsa_backward(Cpu<T>, T* da, T* dv, const T* dout,
 }
 #endif
 #ifdef __CUDACC__
-// GPU: XSA: remove from each head's output its component along the token's own value vector
+// On the GPU.
 // One warp per (token, kv group): v̂ is computed once and serves the group's query heads.
 __global__ void xsa_forward_kernel(bf16* out, const bf16* a, const bf16* v, int rows, int H, int Hk, int hd, float eps) {
     extern __shared__ float xsa_sh[];
@@ -2727,7 +2727,7 @@ template <class T> static void resid_mix_backward(Cpu<T>, T* dx, T* dx0, T* dmix
 }
 #endif
 #ifdef __CUDACC__
-// GPU: Residual lanes: out = mix[0]⊙x + mix[1]⊙x0
+// On the GPU.
 // (perf: fuse into the rmsnorm that follows it, and its backward into the rmsnorm backward)
 __global__ void resid_mix_forward_kernel(bf16* out, const bf16* x, const bf16* x0, const float* mix, size_t n, int C) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -2807,7 +2807,7 @@ template <class T> static void branch_add_backward(Cpu<T>, T* dres, T* dbranch, 
 }
 #endif
 #ifdef __CUDACC__
-// GPU: Scaled branch: out = res + scale ⊙ σ(gate) ⊙ branch
+// On the GPU.
 // scale_stride 0: one scalar scale (BigramHash); gate optional.
 // (perf: fuse into the epilogue of the matmul that produces `branch`)
 __global__ void branch_add_forward_kernel(bf16* out, const bf16* res, const bf16* branch, const float* scale, const float* gate,
@@ -2892,7 +2892,7 @@ template <class T> static void smear_backward(Cpu<T>, T* dx, T* dgate, const T* 
 }
 #endif
 #ifdef __CUDACC__
-// GPU: SmearGate: out[t] = (1−g)⊙x[t] + g⊙x[t−1], g = σ(gate), x[−1] = 0 within each sequence
+// On the GPU.
 __global__ void smear_forward_kernel(bf16* out, const bf16* x, const float* gate, size_t n, int T, int C) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         size_t row = i / C;
@@ -2958,7 +2958,7 @@ template <class T> static void mlp_act_backward(Cpu<T>, T* dh, const T* dout, co
 }
 #endif
 #ifdef __CUDACC__
-// GPU: MLP activation: relu(h)² or leaky_relu(h, 0.5)²
+// On the GPU.
 // (perf: the forward belongs in the fc matmul's epilogue, the backward in the proj dinp epilogue)
 __global__ void mlp_act_forward_kernel(bf16* out, const bf16* h, size_t n, float slope) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -3011,7 +3011,7 @@ template <class T> static void softcap_ce(Cpu<T>, T* losses, T* logits, const in
 }
 #endif
 #ifdef __CUDACC__
-// GPU: Soft-capped cross-entropy (fused): z = cap·tanh(l/cap), loss = logsumexp(z) − z[y]
+// On the GPU.
 // One block per row reads the bf16 logits and keeps everything else in fp32 registers: no fp32
 // logits are ever written. With weights, the row is overwritten with bf16
 // dlogits = w·(softmax(z) − onehot(y))·(1 − (z/cap)²). Each element is read and rewritten by the
@@ -3057,7 +3057,7 @@ template <class T> static void copy_forward(Cpu<T>, T* out, const T* x, size_t n
 template <class T> static void cast_params(Cpu<T>, T* dst, const T* src, size_t n) { if (dst != src) memcpy(dst, src, n * sizeof(T)); }
 #endif
 #ifdef __CUDACC__
-// GPU: Elementwise helpers of the model's data flow (bf16 activations or fp32 buffers)
+// On the GPU: bf16 activations or fp32 buffers.
 template <class X> __global__ void scale_inplace_kernel(X* x, size_t n, float s) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         x[i] = from_f32<X>(to_f32(x[i]) * s);
@@ -3228,7 +3228,7 @@ template <class T> static void model_bind_compute(Cpu<T>, Model<Cpu<T>>& m) {
 #endif
 
 #ifdef __CUDACC__
-// GPU: Model: the bf16 copy of the weights the forward reads
+// On the GPU the forward reads a bf16 copy of the weights.
 // The whole parameter arena gets one bf16 twin with the same offsets (each tensor starts at a
 // multiple of 16 elements: 32-byte aligned in bf16); vectors are read from the fp32 master.
 static void model_bind_compute(Cuda dev, Model<Cuda>& m) {
@@ -3589,7 +3589,7 @@ template <class T> static void refresh_compute_weights(Cpu<T> dev, Model<Cpu<T>>
 #endif
 
 #ifdef __CUDACC__
-// GPU: Optimizers: AdamW, SGD, Muon, clipping, averaging, QAT
+// --- The optimizers on the GPU: AdamW, SGD, Muon, clipping, averaging, QAT --------------------------
 // Elementwise updates mirror the CPU reference's fp32 formulas term by term.
 __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2, float eps, float wd,
                              float step_size, float bc2_sqrt) {
@@ -3860,7 +3860,7 @@ template <class T> static void allreduce_sum(Cpu<T>, T* x, size_t n) {
 static long split_begin(long n, int rank, int world) { return n * rank / world; }
 
 #ifdef __CUDACC__
-// GPU: Distributed: NCCL over the ranks MPI launched
+// --- NCCL over the ranks MPI launched -----------------------------------------------------------------
 // The communicator is made once (run_cuda): rank 0 draws the id, MPI broadcasts it. Built without
 // NCCL or MPI, this is a single-GPU program and more ranks are refused.
 static void nccl_init() {
@@ -5738,7 +5738,7 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
 }
 
 #ifdef __CUDACC__
-// GPU: Driver: the memory plan and the CUDA entry point
+// --- The GPU run: the memory plan and the CUDA entry point ------------------------------------------
 // Everything the run allocates up front, printed before allocating and checked against free memory.
 struct CudaMemoryPlan {
     size_t params = 0, compute = 0, grads = 0, optimizer = 0, activations = 0, scratch = 0, workspace = 0;
