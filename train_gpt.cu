@@ -5656,8 +5656,7 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     size_t pbytes = m.nparams * sizeof(typename D::grad);
     log0("memory: params %.1f MiB, grads %.1f MiB, optimizer %.1f MiB, activations %.1f MiB (%d × %d tokens)\n",
          pbytes / 1048576.0, pbytes / 1048576.0, 3 * pbytes / 1048576.0, m.act_bytes / 1048576.0, m.acts.B, m.acts.T);
-    log0("device:%s world_size:%d (this node's ranks from local rank %d) grad_accum_steps:%d\n", device_name, g_world, g_local_rank,
-         grad_accum_steps(c, g_world));
+    log0("device:%s world_size:%d local_rank:%d grad_accum_steps:%d\n", device_name, g_world, g_local_rank, grad_accum_steps(c, g_world));
 
     std::string json;
     auto add_json = [&](const std::string& line) { json += (json.empty() ? "" : ",\n") + std::string("  ") + line; };
