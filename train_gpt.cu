@@ -2098,6 +2098,23 @@ __device__ static inline void attn_load_key_tile(__nv_bfloat16* dst, const __nv_
     }
 }
 
+// Double buffering over key tiles: start copying key/value tile j+1 into the other stage, then wait
+// until tile j (in stage j & 1) has landed for every thread.
+template <int HDIM>
+__device__ static inline void attn_stage_next_kv(__nv_bfloat16* sK, __nv_bfloat16* sV, const __nv_bfloat16* k,
+                                                  const __nv_bfloat16* v, int b, int j, int n_kt, int g, int T, int Hk) {
+    constexpr int TILE = ATTN_TILE * (HDIM + ATTN_PAD);
+    if (j + 1 < n_kt) {
+        attn_load_key_tile<HDIM>(sK + ((j + 1) & 1) * TILE, k, b, (j + 1) * ATTN_TILE, g, T, Hk);
+        attn_load_key_tile<HDIM>(sV + ((j + 1) & 1) * TILE, v, b, (j + 1) * ATTN_TILE, g, T, Hk);
+        cp_async_commit();
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
+    }
+    __syncthreads();
+}
+
 // Forward. Grid (query tiles, Hk, B). Shared: Q tile, two stages of K and V tiles.
 template <int HDIM>
 __global__ void __launch_bounds__(ATTN_THREADS) attention_forward_kernel(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q,
@@ -2129,15 +2146,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_forward_kernel(__nv_bf
     float m_run[2] = {-INFINITY, -INFINITY};  // running max of the scaled scores (log2 units)
     float l_run[2] = {0.f, 0.f};              // running Σ exp2(s − m), this thread's columns only
     for (int j = 0; j < n_kt; j++) {
-        if (j + 1 < n_kt) {  // prefetch the next key tile into the other stage
-            attn_load_key_tile<HDIM>(sK + ((j + 1) & 1) * TILE, k, b, (j + 1) * ATTN_TILE, g, T, Hk);
-            attn_load_key_tile<HDIM>(sV + ((j + 1) & 1) * TILE, v, b, (j + 1) * ATTN_TILE, g, T, Hk);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        attn_stage_next_kv<HDIM>(sK, sV, k, v, b, j, n_kt, g, T, Hk);
         if (j == 0)
 #pragma unroll
             for (int kk = 0; kk < KS; kk++) ldmatrix_x4(qf[kk], sQ + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
@@ -2277,15 +2286,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dq_kernel(__n
     uint32_t qf[KS][4];  // this warp's Q rows as A operands (its dO rows are read per use: fewer registers)
     float acc[HDIM / 8][4] = {};
     for (int j = 0; j < n_kt; j++) {
-        if (j + 1 < n_kt) {
-            attn_load_key_tile<HDIM>(sK + ((j + 1) & 1) * TILE, k, b, (j + 1) * ATTN_TILE, g, T, Hk);
-            attn_load_key_tile<HDIM>(sV + ((j + 1) & 1) * TILE, v, b, (j + 1) * ATTN_TILE, g, T, Hk);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        attn_stage_next_kv<HDIM>(sK, sV, k, v, b, j, n_kt, g, T, Hk);
         if (j == 0)
 #pragma unroll
             for (int kk = 0; kk < KS; kk++) ldmatrix_x4(qf[kk], sQ + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
