@@ -5670,6 +5670,8 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     size_t artifact_bytes = 0;
     std::vector<uint8_t> artifact;
     std::string artifact_path = c.out_dir + "/final_model.pgz";
+    int steps = 0;
+    double train_ms = 0;
     if (c.load_artifact.empty()) {
         TrainState<D> s;
         train_state_init(dev, s, m);
@@ -5679,6 +5681,7 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
         train(dev, m, s, ev);
         if (c.checkpoint_every > 0) save_checkpoint(dev, m, s);
         add_json(fmt("\"steps\": %d, \"train_time_ms\": %.0f", s.step, s.train_ms));
+        steps = s.step; train_ms = s.train_ms;
         // export: final weights (full precision), pruning, quantization, zstd
         std::vector<typename D::grad> wd(m.nparams);
         to_host(dev, wd.data(), m.params, m.nparams);
@@ -5732,6 +5735,10 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     // summary
     log0("\n%-22s %12s %12s %12s\n", "summary", "val_loss", "val_bpb", "eval_ms");
     for (const EvalResult& r : results) log0("%-22s %12.6f %12.6f %12.0f%s\n", ("final_" + r.mode).c_str(), r.val_loss, r.val_bpb, r.ms, r.note.empty() ? "" : "  (not competition-legal)");
+    double eval_ms = 0;
+    for (const EvalResult& r : results) eval_ms += r.ms;
+    if (steps > 0) log0("%-22s %12d steps in %.1f s\n", "train", steps, train_ms / 1000);
+    log0("%-22s %12.1f s (all modes)\n", "eval", eval_ms / 1000);
     log0("%-22s %12zu bytes\n%-22s %12ld bytes\n%-22s %12ld bytes of 16000000 %s\n", "artifact", artifact_bytes, "code", counted,
          "total", total, total <= ARTIFACT_LIMIT_BYTES ? "(ok)" : "(OVER)");
     log0("outputs in %s\n", c.out_dir.c_str());
