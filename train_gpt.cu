@@ -5862,22 +5862,26 @@ int main(int argc, char** argv) {
     if (argc > 1 && !strcmp(argv[1], "settings")) { print_settings_table(); return 0; }
     if (argc > 1) fail("unknown argument \"%s\": settings are environment variables (e.g. CONFIG=pr467 ./train_gpt), `./train_gpt inspect ARTIFACT [CHECKPOINT]` or `./train_gpt settings`", argv[1]);
     Config c = config_from_env();
-    if (!c.load_artifact.empty()) {  // the model comes from the artifact; env vars may change evaluation only
+    if (!c.load_artifact.empty()) {
+        // The model and its evaluation settings come from the artifact; env vars may change the
+        // evaluation, and where this run writes, reads data and runs are always this run's own.
         std::vector<uint8_t> bytes;
         if (g_rank == 0) bytes = read_file(c.load_artifact);
         host_broadcast(bytes);
         Config art; std::vector<float> w;
         artifact_parse(bytes, c.load_artifact, &art, &w);
+        static const char* THIS_RUN[] = {"DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "OUT_DIR", "RESUME", "LOAD_ARTIFACT", "NLL_DUMP", "DEVICE"};
         std::vector<Setting> a = config_settings(art), e = config_settings(c);
         for (size_t i = 0; i < a.size(); i++) {
-            bool shape = false;
+            bool shape = false, own = false;
             for (const char* key : RESUME_MUST_MATCH) shape |= !strcmp(a[i].name, key);
+            for (const char* key : THIS_RUN) own |= !strcmp(a[i].name, key);
             const char* env = getenv(a[i].name);
-            if (env && shape && setting_value(a[i]) != setting_value(e[i]))
+            if (own) setting_parse(a[i], setting_value(e[i]).c_str());
+            else if (env && shape && setting_value(a[i]) != setting_value(e[i]))
                 fail("LOAD_ARTIFACT: %s=%s contradicts the artifact's %s=%s", a[i].name, env, a[i].name, setting_value(a[i]).c_str());
-            if (env && !shape) setting_parse(a[i], env);
+            else if (env && !shape) setting_parse(a[i], env);
         }
-        art.load_artifact = c.load_artifact;
         c = art;
     }
     if (c.run_id.empty()) {
