@@ -397,30 +397,38 @@ static void shard_put(ShardWriter& w, int id) {
 
 // --- subcommands ----------------------------------------------------------------------------------------
 
-static int cmd_encode(const SpmModel& m, const std::vector<std::string>& files) {
-    SpmEncoder enc = spm_encoder_build(m);
-    SpmScratch scratch;
-    std::vector<int> ids;
+// Runs fn(line, reader, out) on every line of the inputs (or stdin); fn appends its output line to
+// out, which is written in pieces of about 1 MB.
+template <class F> static void for_each_line(const std::vector<std::string>& files, F fn) {
     std::string line, out;
     for (const std::string& path : inputs_or_stdin(files)) {
         LineReader lr;
         line_reader_open(lr, path);
         while (line_reader_next(lr, &line)) {
-            ids.clear();
-            spm_encode(enc, line.data(), line.size(), &ids, &scratch);
-            for (size_t k = 0; k < ids.size(); k++) {
-                if (k) out.push_back(' ');
-                char num[12], *p = num + sizeof num;  // ids are >= 0: digits from the right
-                unsigned v = (unsigned)ids[k];
-                do { *--p = (char)('0' + v % 10); v /= 10; } while (v);
-                out.append(p, num + sizeof num - p);
-            }
-            out.push_back('\n');
+            fn(line, lr, out);
             if (out.size() > (1 << 20)) { write_out(out); out.clear(); }
         }
         line_reader_close(lr);
     }
     write_out(out);
+}
+
+static int cmd_encode(const SpmModel& m, const std::vector<std::string>& files) {
+    SpmEncoder enc = spm_encoder_build(m);
+    SpmScratch scratch;
+    std::vector<int> ids;
+    for_each_line(files, [&](const std::string& line, const LineReader&, std::string& out) {
+        ids.clear();
+        spm_encode(enc, line.data(), line.size(), &ids, &scratch);
+        for (size_t k = 0; k < ids.size(); k++) {
+            if (k) out.push_back(' ');
+            char num[12], *p = num + sizeof num;  // ids are >= 0: digits from the right
+            unsigned v = (unsigned)ids[k];
+            do { *--p = (char)('0' + v % 10); v /= 10; } while (v);
+            out.append(p, num + sizeof num - p);
+        }
+        out.push_back('\n');
+    });
     return 0;
 }
 
@@ -445,23 +453,15 @@ static void parse_ids(const std::string& line, const LineReader& lr, std::vector
 static int cmd_decode(const SpmModel& m, const std::vector<std::string>& files) {
     if (m.has_denormalizer) throw std::runtime_error(m.path + ": has a denormalizer_spec, which decode does not support");
     std::vector<int> ids;
-    std::string line, out;
-    for (const std::string& path : inputs_or_stdin(files)) {
-        LineReader lr;
-        line_reader_open(lr, path);
-        while (line_reader_next(lr, &line)) {
-            parse_ids(line, lr, &ids);
-            try {
-                out += spm_decode(m, ids.data(), ids.size());
-            } catch (const std::exception& e) {
-                throw std::runtime_error(lr.name + ":" + std::to_string(lr.line_no) + ": " + e.what());
-            }
-            out.push_back('\n');
-            if (out.size() > (1 << 20)) { write_out(out); out.clear(); }
+    for_each_line(files, [&](const std::string& line, const LineReader& lr, std::string& out) {
+        parse_ids(line, lr, &ids);
+        try {
+            out += spm_decode(m, ids.data(), ids.size());
+        } catch (const std::exception& e) {
+            throw std::runtime_error(lr.name + ":" + std::to_string(lr.line_no) + ": " + e.what());
         }
-        line_reader_close(lr);
-    }
-    write_out(out);
+        out.push_back('\n');
+    });
     return 0;
 }
 
@@ -471,24 +471,17 @@ static int cmd_bytes(const SpmModel& m, const std::vector<std::string>& files) {
     ByteLuts luts = spm_byte_luts(m, (int)m.pieces.size());
     SpmScratch scratch;
     std::vector<int> ids;
-    std::string line, out;
-    for (const std::string& path : inputs_or_stdin(files)) {
-        LineReader lr;
-        line_reader_open(lr, path);
-        while (line_reader_next(lr, &line)) {
-            ids.clear();
-            spm_encode(enc, line.data(), line.size(), &ids, &scratch);
-            long long bytes = 0;
-            int prev = m.bos_id >= 0 ? m.bos_id : m.unk_id;  // both are boundaries
-            for (int id : ids) {
-                bytes += luts.base_bytes[id] + (luts.has_leading_space[id] && !luts.is_boundary[prev] ? 1 : 0);
-                prev = id;
-            }
-            out += std::to_string(bytes) + "\n";
+    for_each_line(files, [&](const std::string& line, const LineReader&, std::string& out) {
+        ids.clear();
+        spm_encode(enc, line.data(), line.size(), &ids, &scratch);
+        long long bytes = 0;
+        int prev = m.bos_id >= 0 ? m.bos_id : m.unk_id;  // both are boundaries
+        for (int id : ids) {
+            bytes += luts.base_bytes[id] + (luts.has_leading_space[id] && !luts.is_boundary[prev] ? 1 : 0);
+            prev = id;
         }
-        line_reader_close(lr);
-    }
-    write_out(out);
+        out += std::to_string(bytes) + "\n";
+    });
     return 0;
 }
 
