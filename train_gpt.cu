@@ -2098,6 +2098,25 @@ __device__ static inline void attn_load_key_tile(__nv_bfloat16* dst, const __nv_
     }
 }
 
+// acc += S·X for one warp's 16 rows: S holds the warp's 16 × ATTN_TILE scores (P or dS) in the
+// accumulator layout, X is a key tile [ATTN_TILE keys, HDIM] in shared memory (V or K); 16 keys at a time.
+template <int HDIM>
+__device__ static inline void attn_mma_rows_by_tile(float (&acc)[HDIM / 8][4], const float (&s)[ATTN_TILE / 8][4],
+                                                    const __nv_bfloat16* X, int lane) {
+    constexpr int LD = HDIM + ATTN_PAD;
+#pragma unroll
+    for (int kk = 0; kk < ATTN_TILE / 16; kk++) {
+        uint32_t a[4];
+        acc_to_a(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int d = 0; d < HDIM / 16; d++) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, X + (kk * 16 + ldsm_a_row(lane)) * LD + d * 16 + ldsm_a_col(lane));
+            mma_bf16_16816(acc[2 * d], a, b[0], b[1]);
+            mma_bf16_16816(acc[2 * d + 1], a, b[2], b[3]);
+        }
+    }
+}
 // Double buffering over key tiles: start copying key/value tile j+1 into the other stage, then wait
 // until tile j (in stage j & 1) has landed for every thread.
 template <int HDIM>
@@ -2197,18 +2216,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_forward_kernel(__nv_bf
             for (int n = 0; n < HDIM / 8; n++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) o[n][e] *= corr[e >> 1];
-#pragma unroll
-            for (int kk = 0; kk < NT / 2; kk++) {  // O += P·V, 16 keys at a time
-                uint32_t pa[4];
-                acc_to_a(pa, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-                for (int dp = 0; dp < HDIM / 16; dp++) {
-                    uint32_t vb[4];
-                    ldmatrix_x4_trans(vb, cV + (kk * 16 + ldsm_a_row(lane)) * LD + dp * 16 + ldsm_a_col(lane));
-                    mma_bf16_16816(o[2 * dp], pa, vb[0], vb[1]);
-                    mma_bf16_16816(o[2 * dp + 1], pa, vb[2], vb[3]);
-                }
-            }
+            attn_mma_rows_by_tile<HDIM>(o, s, cV, lane);  // O += P·V
         }
         __syncthreads();  // every warp is done with this stage before it is refilled
     }
@@ -2319,18 +2327,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dq_kernel(__n
                     float p = hidden ? 0.f : exp2f(s[n][e] * scale_log2 - lse2[e >> 1]);
                     s[n][e] = p * (dp[n][e] - dsum[e >> 1]);
                 }
-#pragma unroll
-            for (int kk = 0; kk < NT / 2; kk++) {  // dQ += dS·K, 16 keys at a time
-                uint32_t sa[4];
-                acc_to_a(sa, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-                for (int dd = 0; dd < HDIM / 16; dd++) {
-                    uint32_t kb[4];
-                    ldmatrix_x4_trans(kb, cK + (kk * 16 + ldsm_a_row(lane)) * LD + dd * 16 + ldsm_a_col(lane));
-                    mma_bf16_16816(acc[2 * dd], sa, kb[0], kb[1]);
-                    mma_bf16_16816(acc[2 * dd + 1], sa, kb[2], kb[3]);
-                }
-            }
+            attn_mma_rows_by_tile<HDIM>(acc, s, cK, lane);  // dQ += dS·K
         }
         __syncthreads();
     }
