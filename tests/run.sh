@@ -23,7 +23,7 @@ run() {  # run NAME CMD...
     rm -f "$out"
 }
 
-for bin in tests/test_tokenizer tests/test_main; do
+for bin in tests/test_tokenizer tests/test_emu_libs tests/test_main; do
     [ -x "$bin" ] && run "$bin" "$bin"
 done
 for script in tests/test_*.sh; do
