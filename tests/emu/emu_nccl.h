@@ -168,7 +168,8 @@ inline ncclResult_t ncclCommInitRank(ncclComm_t* out, int nranks, ncclUniqueId i
     }
     ncclComm* c = new ncclComm{emu_nccl::COMM_MAGIC, rank, nranks, 0, mpi};
 #else
-    if (nranks != 1) emu_fail("ncclCommInitRank: %d ranks, but this emulated build has no MPI (build with -DPGOLF_MPI)", nranks);
+    if (nranks != 1)
+        emu_fail("ncclCommInitRank: NCCL rank %d of %d, but this emulated build has no MPI (build with -DPGOLF_MPI)", rank, nranks);
     ncclComm* c = new ncclComm{emu_nccl::COMM_MAGIC, rank, nranks, 0};
 #endif
     *out = c;
