@@ -897,6 +897,14 @@ static void config_validate(const Config& c, int world) {
     need(c.num_kv_heads > 0 && c.num_heads % c.num_kv_heads == 0, "NUM_KV_HEADS=%d must divide NUM_HEADS=%d", c.num_kv_heads, c.num_heads);
     need(c.head_dim() % 2 == 0, "head dim MODEL_DIM/NUM_HEADS=%d must be even for RoPE", c.head_dim());
     need(c.rope_dims >= 0 && c.rope_dims <= c.head_dim() && c.rope_dims % 2 == 0, "ROPE_DIMS=%d: expected an even number ≤ head dim %d", c.rope_dims, c.head_dim());
+    // what the CUDA attention kernels are built for (attention_check repeats it per call; here it fails before any work)
+    int hd = c.head_dim(), group = c.num_heads / std::max(c.num_kv_heads, 1);
+    need(c.device != "cuda" || hd == 16 || hd == 32 || hd == 64 || hd == 128,
+         "head dim MODEL_DIM/NUM_HEADS=%d/%d=%d: the CUDA attention kernels support 16, 32, 64 or 128 (DEVICE=cpu runs any even head dim)",
+         c.model_dim, c.num_heads, hd);
+    need(c.device != "cuda" || group <= (hd == 128 ? 32 : 64),
+         "NUM_HEADS/NUM_KV_HEADS=%d: the CUDA attention kernels pack at most %d query heads per kv head at head dim %d",
+         group, hd == 128 ? 32 : 64, hd);
     need(c.mlp_hidden() > 0, "MLP_MULT=%g gives an empty MLP", c.mlp_mult);
     need(c.mlp_activation == "relu_sq" || c.mlp_activation == "leaky_relu_sq", "MLP_ACTIVATION=%s: expected relu_sq or leaky_relu_sq", c.mlp_activation.c_str());
     need(c.unique_layers >= 0 && c.unique_layers <= c.num_layers, "UNIQUE_LAYERS=%d: expected 0..NUM_LAYERS=%d", c.unique_layers, c.num_layers);
@@ -2477,6 +2485,31 @@ template <int HDIM> static size_t attn_dq_smem() { return 6 * (size_t)ATTN_TILE 
 template <int HDIM> static size_t attn_dkdv_smem() {
     return (2 * (size_t)ATTN_TILE + 4 * (size_t)attn_dkdv_rows<HDIM>()) * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16) +
            4 * (size_t)attn_dkdv_rows<HDIM>() * sizeof(float);
+}
+
+// Dynamic shared memory per block the attention kernels need at head dim hd: the largest of the three,
+// named in *kernel. At hd 128 the dQ kernel (Q, dO and two stages of K and V) needs 104,448 B.
+static size_t attention_smem_bytes(int hd, const char** kernel) {
+    size_t f = 0, q = 0, kv = 0;
+    switch (hd) {
+        case 16: f = attn_forward_smem<16>(); q = attn_dq_smem<16>(); kv = attn_dkdv_smem<16>(); break;
+        case 32: f = attn_forward_smem<32>(); q = attn_dq_smem<32>(); kv = attn_dkdv_smem<32>(); break;
+        case 64: f = attn_forward_smem<64>(); q = attn_dq_smem<64>(); kv = attn_dkdv_smem<64>(); break;
+        default: f = attn_forward_smem<128>(); q = attn_dq_smem<128>(); kv = attn_dkdv_smem<128>(); break;
+    }
+    *kernel = q >= f && q >= kv ? "attention_backward_dq_kernel" : f >= kv ? "attention_forward_kernel" : "attention_backward_dkdv_kernel";
+    return std::max({f, q, kv});
+}
+// At start, on the GPU the run got: a head dim whose attention kernels need more shared memory per block
+// than the GPU's opt-in maximum (sm_86/sm_89: 101,376 B, under hd 128's dQ tile) fails with the reason
+// instead of at the first backward.
+static void attention_smem_check(int hd, size_t optin_bytes, int major, int minor, const char* gpu) {
+    const char* kernel = "";
+    size_t need = attention_smem_bytes(hd, &kernel);
+    if (need > optin_bytes)
+        fail("head dim %d: %s needs %zu bytes of shared memory per block, but %s (sm_%d%d) allows at most %zu: use head dim 64 or less "
+             "(raise NUM_HEADS) or an sm_80/sm_90 GPU",
+             hd, kernel, need, gpu, major, minor, optin_bytes);
 }
 
 // Shapes the kernels handle, checked at every call (cheap next to the launch).
@@ -5906,6 +5939,7 @@ static void run_cuda(Config& c) {
     cuda_memory_plan_print(plan);
     cudaCheck(cudaMemGetInfo(&fr, &tot));
     cuda_memory_plan_check(plan, fr, tot);
+    attention_smem_check(c.head_dim(), cx.prop.sharedMemPerBlockOptin, cx.prop.major, cx.prop.minor, cx.prop.name);
     cuda_scratch(plan.scratch);  // reserved now, so training never grows it
     run(Cuda{}, c, "cuda");
 }

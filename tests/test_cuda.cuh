@@ -272,6 +272,26 @@ TEST(cuda_host_memory_plan) {
     cuda_memory_plan_check(p, p.total() + MEMORY_HEADROOM, 80ul << 30);
 }
 
+// The attention kernels' shared memory per block against each architecture's opt-in maximum
+// (CUDA C++ Programming Guide, compute capabilities table): sm_80 163 KB, sm_86/sm_89 99 KB, sm_90 227 KB.
+// Head dim 128's dQ kernel needs 6 tiles of 64 × (128 + 8) bf16 = 104,448 B: it fits sm_80 and sm_90,
+// and is refused at start on sm_86/sm_89 with the reason; head dim 64 and below fit everywhere.
+TEST(cuda_host_attention_smem_per_arch) {
+    const char* kernel = "";
+    CHECK(attention_smem_bytes(128, &kernel) == 104448 && !strcmp(kernel, "attention_backward_dq_kernel"));
+    CHECK(attention_smem_bytes(64, &kernel) == 6 * 64 * 72 * 2);
+    struct { int major, minor; size_t optin; } archs[] = {{8, 0, 166912}, {8, 6, 101376}, {8, 9, 101376}, {9, 0, 232448}};
+    for (auto a : archs)
+        for (int hd : {16, 32, 64, 128}) {
+            if (hd == 128 && a.optin < 104448)
+                CHECK_THROWS(attention_smem_check(hd, a.optin, a.major, a.minor, "test GPU"),
+                             test_format("attention_backward_dq_kernel needs 104448 bytes of shared memory per block, but test GPU (sm_%d%d) "
+                                         "allows at most 101376", a.major, a.minor));
+            else
+                attention_smem_check(hd, a.optin, a.major, a.minor, "test GPU");
+        }
+}
+
 TEST(cuda_host_compute_arena_layout) {
     // the bf16 twin uses the master's offsets: every tensor starts 32-byte aligned in bf16 (16 in fp32
     // elements), so the cuBLASLt alignment hints and vector loads hold for every weight
