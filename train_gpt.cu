@@ -5933,6 +5933,17 @@ static void run_cuda(Config& c) {
     log0("cuda: rank %d → GPU %d: %s, compute capability %d.%d, %d SMs, %.1f GiB (%.1f GiB free), driver %d.%d, runtime %d.%d\n",
          g_rank, cx.device, cx.prop.name, cx.prop.major, cx.prop.minor, cx.prop.multiProcessorCount, tot / 1073741824.0,
          fr / 1073741824.0, drv / 1000, drv % 1000 / 10, rt / 1000, rt % 1000 / 10);
+    cudaFuncAttributes fa;  // which of the binary's GPU codes this GPU runs: its own machine code, or PTX the driver compiled
+    cudaCheck(cudaFuncGetAttributes(&fa, cast_params_kernel));
+#ifdef __CUDA_ARCH_LIST__
+#define PGOLF_STR2(...) #__VA_ARGS__
+#define PGOLF_STR(...) PGOLF_STR2(__VA_ARGS__)
+    const char* built = PGOLF_STR(__CUDA_ARCH_LIST__);
+#else
+    const char* built = "(unknown)";
+#endif
+    log0("cuda: GPU code built for compute capabilities %s; this GPU runs sm_%d code (PTX version %d)\n", built, fa.binaryVersion,
+         fa.ptxVersion);
     nccl_init();
     CudaMemoryPlan plan = cuda_memory_plan(c, g_world, 0);
     plan = cuda_memory_plan(c, g_world, radix_sort_temp_bytes((int)plan.act_rows));  // now with cub's sort storage
