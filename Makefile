@@ -2,6 +2,7 @@
 #                make test       build everything and run every test
 #                make cpu        ./train_gpt_cpu: the CPU-only build (g++), quick to compile
 #                make submission build/submission/train_gpt.cu: the stripped, byte-counted single file
+#                make emu        tests/test_main_emu: the CUDA tests on the CPU, through the emulator in tests/emu
 # Knobs: GPU_ARCH=sm_90a (e.g. sm_80), USE_MPI=auto|0|1, USE_NCCL=auto|0|1, CPU_ARCH=native, DEBUG=1
 
 NVCC      ?= nvcc
@@ -52,7 +53,7 @@ NVFLAGS     := $(NVOPT) -std=c++17 -arch=$(GPU_ARCH) -x cu -Xcompiler "$(subst $
 LIBS        := -lcublasLt -lcublas -lzstd -lgomp $(NCCL_LIBS) $(MPI_LIBS)
 TU_DEPS     := train_gpt.cu tokenizer/spm_model.h
 
-.PHONY: all test cpu submission clean corpus info
+.PHONY: all test cpu submission clean corpus info emu
 all: info train_gpt tokenize
 
 info:
@@ -84,11 +85,33 @@ tests/test_tokenizer: tests/test_tokenizer.cpp tests/harness.h tokenizer/spm_mod
 tests/test_main: tests/test_main.cu tests/harness.h $(wildcard tests/*.cuh) $(TU_DEPS)
 	$(NVCC) $(NVFLAGS) -Xcompiler -Wno-unused-function -I. -DPGOLF_CODE_BYTES=$(CODE_BYTES) -o $@ tests/test_main.cu $(LIBS)
 
+# The CUDA path on the CPU: train_gpt.cu's kernels through the emulator in tests/emu (fibers per CUDA
+# thread, shared-memory race and uninitialized-read checks, launch limits; AddressSanitizer over the
+# whole program). clang++ gives the shared-memory checks their load/store callbacks; with g++ they are off.
+EMU_CXX     ?= $(if $(shell command -v clang++ 2>/dev/null),clang++,$(CXX))
+EMU_COV     := $(if $(findstring clang,$(EMU_CXX)),-fsanitize-coverage=func$(comma)trace-loads$(comma)trace-stores)
+EMU_FLAGS   := -O1 -std=c++17 -fopenmp -fsanitize=address -fno-omit-frame-pointer -Wall -Wextra -Wno-unused-function \
+               -I. -I$(CUDA_HOME)/include -DPGOLF_EMU $(MPI_DEFS) $(MPI_CFLAGS) $(NCCL_DEFS)
+EMU_LIBS    := -fsanitize=address -fopenmp -lzstd $(MPI_LIBS)
+EMU_DEPS    := $(wildcard tests/emu/*.h) tests/emu/emu_runtime.o
+# built only where the CUDA headers are (the emulator uses their types and declarations)
+EMU_TESTS   := $(if $(wildcard $(CUDA_HOME)/include/cuda_runtime.h),tests/test_main_emu)
+
+tests/emu/emu_runtime.o: tests/emu/emu_runtime.cpp $(wildcard tests/emu/*.h)
+	$(EMU_CXX) $(EMU_FLAGS) -c -o $@ tests/emu/emu_runtime.cpp
+
+tests/test_main_emu: tests/test_main.cu tests/harness.h $(wildcard tests/*.cuh) $(TU_DEPS) $(EMU_DEPS)
+	$(EMU_CXX) $(EMU_FLAGS) $(EMU_COV) -x c++ -DPGOLF_CODE_BYTES=$(CODE_BYTES) -c -o tests/test_main_emu.o tests/test_main.cu
+	$(EMU_CXX) -o $@ tests/test_main_emu.o tests/emu/emu_runtime.o $(EMU_LIBS)
+
+emu: $(EMU_TESTS)
+
 corpus: tokenize
 	@scripts/make_corpus
 
-test: all train_gpt_cpu tests/test_main tests/test_tokenizer corpus
+test: all train_gpt_cpu tests/test_main $(EMU_TESTS) tests/test_tokenizer corpus
 	@tests/run.sh
 
 clean:
-	rm -rf train_gpt train_gpt_cpu tokenize tests/test_main tests/test_tokenizer build
+	rm -rf train_gpt train_gpt_cpu tokenize tests/test_main tests/test_tokenizer build \
+	       tests/test_main_emu tests/test_main_emu.o tests/emu/emu_runtime.o
