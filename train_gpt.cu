@@ -2516,7 +2516,7 @@ static void attention_forward_hd(__nv_bfloat16* out, float* lse, const __nv_bflo
         smem_set = true;
     }
     dim3 grid(attn_query_tiles(T, attn_tile_positions(ATTN_TILE, H / Hk)), Hk, B);
-    PGOLF_LAUNCH(grid, ATTN_THREADS, smem, 0, attention_forward_kernel<HDIM>)(out, lse, q, k, v, T, H, Hk, ATTN_LOG2E / sqrtf((float)HDIM));
+    PGOLF_LAUNCH(grid, ATTN_THREADS, smem, cuda_ctx().stream, attention_forward_kernel<HDIM>)(out, lse, q, k, v, T, H, Hk, ATTN_LOG2E / sqrtf((float)HDIM));
     cudaCheck(cudaGetLastError());
 }
 static void attention_forward(Cuda, __nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
@@ -2533,15 +2533,11 @@ static void attention_forward(Cuda, __nv_bfloat16* out, float* lse, const __nv_b
     }
 }
 
-// D = rowsum(dO ⊙ O), [B,H,T]: scratch grown on demand and kept for the process (as llm.c keeps
-// its cuDNN workspace). Growing frees and allocates, so the first call must precede graph capture.
-static float* g_attention_D = nullptr;
-static size_t g_attention_D_cap = 0;
-
+// D = rowsum(dO ⊙ O), [B,H,T]: in the ops' scratch (cuda_memory_plan counts it).
 template <int HDIM>
 static void attention_backward_hd(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                                   const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                  const __nv_bfloat16* out, const float* lse, int B, int T, int H, int Hk) {
+                                  const __nv_bfloat16* out, const float* lse, float* D, int B, int T, int H, int Hk) {
     constexpr int BQ = attn_dkdv_rows<HDIM>();
     size_t smem_dq = attn_dq_smem<HDIM>(), smem_kv = attn_dkdv_smem<HDIM>();
     static bool smem_set = false;
@@ -2552,14 +2548,14 @@ static void attention_backward_hd(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfl
     }
     float scale = 1.f / sqrtf((float)HDIM), scale_log2 = ATTN_LOG2E * scale;
     size_t rows = (size_t)B * T * H, threads = rows * (HDIM / 8);
-    PGOLF_LAUNCH((unsigned)((threads + 255) / 256), 256, 0, 0, attention_backward_rowdot_kernel<HDIM>)(g_attention_D, dout, out, rows, T, H);
+    PGOLF_LAUNCH((unsigned)((threads + 255) / 256), 256, 0, g_cuda.stream, attention_backward_rowdot_kernel<HDIM>)(D, dout, out, rows, T, H);
     cudaCheck(cudaGetLastError());
     int group = H / Hk;
     dim3 grid_q(attn_query_tiles(T, attn_tile_positions(ATTN_TILE, group)), Hk, B);
-    PGOLF_LAUNCH(grid_q, ATTN_THREADS, smem_dq, 0, attention_backward_dq_kernel<HDIM>)(dq, dout, q, k, v, lse, g_attention_D, T, H, Hk, scale_log2, scale);
+    PGOLF_LAUNCH(grid_q, ATTN_THREADS, smem_dq, g_cuda.stream, attention_backward_dq_kernel<HDIM>)(dq, dout, q, k, v, lse, D, T, H, Hk, scale_log2, scale);
     cudaCheck(cudaGetLastError());
     dim3 grid_k((T + ATTN_TILE - 1) / ATTN_TILE, Hk, B);
-    PGOLF_LAUNCH(grid_k, ATTN_THREADS, smem_kv, 0, attention_backward_dkdv_kernel<HDIM, BQ>)(dk, dv, dout, q, k, v, lse, g_attention_D, T, H, Hk, scale_log2, scale);
+    PGOLF_LAUNCH(grid_k, ATTN_THREADS, smem_kv, g_cuda.stream, attention_backward_dkdv_kernel<HDIM, BQ>)(dk, dv, dout, q, k, v, lse, D, T, H, Hk, scale_log2, scale);
     cudaCheck(cudaGetLastError());
 }
 static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
@@ -2569,17 +2565,13 @@ static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_
     const char* names[] = {"dq", "dk", "dv", "dout", "q", "k", "v", "out"};
     attention_check("attention_backward", ptrs, names, 8, B, T, H, Hk, hd);
     if (B == 0 || T == 0) return;
-    size_t need = (size_t)B * H * T;
-    if (need > g_attention_D_cap) {
-        if (g_attention_D) cudaCheck(cudaFree(g_attention_D));
-        cudaCheck(cudaMalloc(&g_attention_D, need * sizeof(float)));
-        g_attention_D_cap = need;
-    }
+    float* D = nullptr;
+    scratch_carve([&](Arena& a) { D = a.take<float>((size_t)B * H * T); });
     switch (hd) {
-        case 16: attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, Hk); break;
-        case 32: attention_backward_hd<32>(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, Hk); break;
-        case 64: attention_backward_hd<64>(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, Hk); break;
-        default: attention_backward_hd<128>(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, Hk); break;
+        case 16: attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, D, B, T, H, Hk); break;
+        case 32: attention_backward_hd<32>(dq, dk, dv, dout, q, k, v, out, lse, D, B, T, H, Hk); break;
+        case 64: attention_backward_hd<64>(dq, dk, dv, dout, q, k, v, out, lse, D, B, T, H, Hk); break;
+        default: attention_backward_hd<128>(dq, dk, dv, dout, q, k, v, out, lse, D, B, T, H, Hk); break;
     }
 }
 #endif
@@ -5815,6 +5807,8 @@ static CudaMemoryPlan cuda_memory_plan(const Config& c, int world, size_t sort_t
         need = std::max(need, b.used);
         Arena q; q.take<float>((size_t)N * c.num_heads); q.take<float>((size_t)rc.chunks * c.num_heads);
         need = std::max(need, q.used);
+        Arena d; d.take<float>((size_t)N * c.num_heads);  // attention backward: D = rowsum(dO ⊙ O)
+        need = std::max(need, d.used);
     }
     for (const ParamSpec& s : table)
         if (s.group == GROUP_MATRIX) { Arena a; NsScratch ns; carve_ns_scratch(a, ns, s.rows(), s.cols()); need = std::max(need, a.used); }

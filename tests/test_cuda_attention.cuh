@@ -378,7 +378,7 @@ static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd) {
     for (int run = 0; run < 2; run++) {
         attn_upload(dq_, dq0); attn_upload(dk_, dk0); attn_upload(dv_, dv0);
         // the D scratch must be rewritten before it is read: poison it before the second run
-        if (run == 1) cudaCheck(cudaMemset(g_attention_D, 0xff, g_attention_D_cap * sizeof(float)));
+        if (run == 1) cudaCheck(cudaMemset(g_cuda.scratch, 0xff, g_cuda.scratch_bytes));
         attention_backward(Cuda{}, bf(dq_), bf(dk_), bf(dv_), bf(dout_), bf(q_), bf(k_), bf(v_), bf(out_), lse_.as<float>(), B, T, H, Hk, hd);
         cudaCheck(cudaDeviceSynchronize());
         std::vector<uint16_t> g[3] = {attn_download<uint16_t>(dq_, nq), attn_download<uint16_t>(dk_, nk), attn_download<uint16_t>(dv_, nk)};

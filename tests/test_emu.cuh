@@ -283,6 +283,50 @@ TEST(emu_catches_global_out_of_bounds) {
     emu_expect_clean("in bounds", run(100));
 }
 
+// --- the attention kernels run on the context stream, with scratch from the memory plan --------------------
+// Captured into a CUDA graph (which refuses work on the legacy stream and allocations while capturing:
+// cudaErrorStreamCaptureImplicit / cudaErrorStreamCaptureUnsupported on a GPU), then replayed: same bits.
+TEST(emu_attention_runs_on_context_stream_with_planned_scratch) {
+    const int B = 2, T = 70, H = 4, Hk = 2, hd = 32;
+    size_t nq = (size_t)B * T * H * hd, nk = (size_t)B * T * Hk * hd, nl = (size_t)B * H * T;
+    Rng rng(11);
+    std::vector<double> q = cu_randn(nq, rng), k = cu_randn(nk, rng), v = cu_randn(nk, rng), dout = cu_randn(nq, rng);
+    CU_UP(gq, bf16, q); CU_UP(gk, bf16, k); CU_UP(gv, bf16, v); CU_UP(gdo, bf16, dout);
+    GpuBuf out(nq * 2), lse(nl * 4), dq(nq * 2), dk(nk * 2), dv(nk * 2);
+    emu_expect_clean("attention captured in a graph", [&]() {
+        auto step = [&]() {
+            attention_forward(Cuda{}, out.b(), lse.f(), gq->b(), gk->b(), gv->b(), B, T, H, Hk, hd);
+            attention_backward(Cuda{}, dq.b(), dk.b(), dv.b(), gdo->b(), gq->b(), gk->b(), gv->b(), out.b(), lse.f(), B, T, H, Hk, hd);
+        };
+        auto grads = [&]() {
+            std::vector<uint16_t> g(2 * nq + 2 * nk);
+            to_host(Cuda{}, g.data(), (uint16_t*)out.p, nq);
+            to_host(Cuda{}, g.data() + nq, (uint16_t*)dq.p, nq);
+            to_host(Cuda{}, g.data() + 2 * nq, (uint16_t*)dk.p, nk);
+            to_host(Cuda{}, g.data() + 2 * nq + nk, (uint16_t*)dv.p, nk);
+            return g;
+        };
+        auto zero = [&]() { for (GpuBuf* b : {&out, &lse, &dq, &dk, &dv}) device_zero(Cuda{}, b->p, b->bytes); };
+        cuda_scratch((size_t)B * H * T * sizeof(float));  // run_cuda reserves the planned scratch before training
+        zero();
+        step();
+        std::vector<uint16_t> direct = grads();
+        size_t held = emu::allocated_bytes();
+        cudaStream_t st = cuda_ctx().stream;
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        cudaCheck(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+        step();
+        cudaCheck(cudaStreamEndCapture(st, &graph));
+        cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+        if (emu::allocated_bytes() != held) { printf("attention allocated device memory per call\n"); _exit(1); }
+        zero();
+        cudaCheck(cudaGraphLaunch(exec, st));
+        cudaCheck(cudaStreamSynchronize(st));
+        if (grads() != direct) { printf("the replayed graph gave other bits than the direct calls\n"); _exit(1); }
+    });
+}
+
 // --- launch limits per target ------------------------------------------------------------------------
 __global__ void emu_planted_launch_kernel(float* out) {
     if (threadIdx.x == 0) out[0] = dynamic_smem<float>()[0] = 1.0f;

@@ -821,6 +821,11 @@ const char* cudaGetErrorString(cudaError_t e) {
 const char* cudaGetErrorName(cudaError_t e) { return cudaGetErrorString(e); }
 
 cudaError_t cudaMalloc(void** p, size_t bytes) {
+    if (g_capturing) {  // cudaStreamCaptureModeGlobal: allocation is a prohibited "unsafe" call while capturing
+        fprintf(stderr, "cuda emulator: cudaMalloc(%zu bytes) while a stream is being captured\n", bytes);
+        *p = nullptr;
+        return err(cudaErrorStreamCaptureUnsupported);
+    }
     if (g_alloc_bytes + bytes > TOTAL_MEMORY) { *p = nullptr; return err(cudaErrorMemoryAllocation); }
     void* q = nullptr;
     if (posix_memalign(&q, 256, bytes ? bytes : 1)) { *p = nullptr; return err(cudaErrorMemoryAllocation); }
@@ -831,6 +836,10 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
 }
 cudaError_t cudaFree(void* p) {
     if (!p) return cudaSuccess;
+    if (g_capturing) {
+        fprintf(stderr, "cuda emulator: cudaFree(%p) while a stream is being captured\n", p);
+        return err(cudaErrorStreamCaptureUnsupported);
+    }
     auto it = g_allocs.find(p);
     if (it == g_allocs.end()) emu_fail("cudaFree(%p): not a pointer cudaMalloc returned (or freed twice)", p);
     g_alloc_bytes -= it->second;
