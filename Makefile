@@ -82,6 +82,11 @@ $(SUBMISSION): $(TU_DEPS) scripts/strip_source
 tests/test_tokenizer: tests/test_tokenizer.cpp tests/harness.h tokenizer/spm_model.h tokenizer/spm_encode.h
 	$(CXX) -O2 -std=c++17 -Wall -Wextra -Itests -o $@ tests/test_tokenizer.cpp
 
+# The CUDA emulator's library shims (cuBLASLt, CUB, NCCL over MPI), under AddressSanitizer; g++ only.
+tests/test_emu_libs: tests/test_emu_libs.cpp tests/harness.h $(wildcard tests/emu/*.h)
+	$(CXX) -O1 -g -std=c++17 -Wall -Wextra -fsanitize=address,undefined -Itests -I$(or $(CUDA_HOME),/usr/local/cuda)/include \
+	    $(MPI_DEFS) -DOMPI_SKIP_MPICXX $(MPI_CFLAGS) -o $@ tests/test_emu_libs.cpp $(MPI_LIBS)
+
 tests/test_main: tests/test_main.cu tests/harness.h $(wildcard tests/*.cuh) $(TU_DEPS)
 	$(NVCC) $(NVFLAGS) -Xcompiler -Wno-unused-function -I. -DPGOLF_CODE_BYTES=$(CODE_BYTES) -o $@ tests/test_main.cu $(LIBS)
 
@@ -115,9 +120,9 @@ emu: $(EMU_TESTS) $(if $(EMU_TESTS),train_gpt_emu)
 corpus: tokenize
 	@scripts/make_corpus
 
-test: all train_gpt_cpu tests/test_main $(EMU_TESTS) $(if $(EMU_TESTS),train_gpt_emu) tests/test_tokenizer corpus
+test: all train_gpt_cpu tests/test_main $(EMU_TESTS) $(if $(EMU_TESTS),train_gpt_emu) tests/test_tokenizer tests/test_emu_libs corpus
 	@tests/run.sh
 
 clean:
-	rm -rf train_gpt train_gpt_cpu tokenize tests/test_main tests/test_tokenizer build \
+	rm -rf train_gpt train_gpt_cpu tokenize tests/test_main tests/test_tokenizer tests/test_emu_libs build \
 	       tests/test_main_emu tests/test_main_emu.o tests/emu/emu_runtime.o train_gpt_emu train_gpt_emu.o

@@ -912,6 +912,14 @@ static void config_validate(const Config& c, int world) {
     need(c.num_kv_heads > 0 && c.num_heads % c.num_kv_heads == 0, "NUM_KV_HEADS=%d must divide NUM_HEADS=%d", c.num_kv_heads, c.num_heads);
     need(c.head_dim() % 2 == 0, "head dim MODEL_DIM/NUM_HEADS=%d must be even for RoPE", c.head_dim());
     need(c.rope_dims >= 0 && c.rope_dims <= c.head_dim() && c.rope_dims % 2 == 0, "ROPE_DIMS=%d: expected an even number ≤ head dim %d", c.rope_dims, c.head_dim());
+    // what the CUDA attention kernels are built for (attention_check repeats it per call; here it fails before any work)
+    int hd = c.head_dim(), group = c.num_heads / std::max(c.num_kv_heads, 1);
+    need(c.device != "cuda" || hd == 16 || hd == 32 || hd == 64 || hd == 128,
+         "head dim MODEL_DIM/NUM_HEADS=%d/%d=%d: the CUDA attention kernels support 16, 32, 64 or 128 (DEVICE=cpu runs any even head dim)",
+         c.model_dim, c.num_heads, hd);
+    need(c.device != "cuda" || group <= (hd == 128 ? 32 : 64),
+         "NUM_HEADS/NUM_KV_HEADS=%d: the CUDA attention kernels pack at most %d query heads per kv head at head dim %d",
+         group, hd == 128 ? 32 : 64, hd);
     need(c.mlp_hidden() > 0, "MLP_MULT=%g gives an empty MLP", c.mlp_mult);
     need(c.mlp_activation == "relu_sq" || c.mlp_activation == "leaky_relu_sq", "MLP_ACTIVATION=%s: expected relu_sq or leaky_relu_sq", c.mlp_activation.c_str());
     need(c.unique_layers >= 0 && c.unique_layers <= c.num_layers, "UNIQUE_LAYERS=%d: expected 0..NUM_LAYERS=%d", c.unique_layers, c.num_layers);
@@ -2494,6 +2502,31 @@ template <int HDIM> static size_t attn_dq_smem() { return 6 * (size_t)ATTN_TILE 
 template <int HDIM> static size_t attn_dkdv_smem() {
     return (2 * (size_t)ATTN_TILE + 4 * (size_t)attn_dkdv_rows<HDIM>()) * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16) +
            4 * (size_t)attn_dkdv_rows<HDIM>() * sizeof(float);
+}
+
+// Dynamic shared memory per block the attention kernels need at head dim hd: the largest of the three,
+// named in *kernel. At hd 128 the dQ kernel (Q, dO and two stages of K and V) needs 104,448 B.
+static size_t attention_smem_bytes(int hd, const char** kernel) {
+    size_t f = 0, q = 0, kv = 0;
+    switch (hd) {
+        case 16: f = attn_forward_smem<16>(); q = attn_dq_smem<16>(); kv = attn_dkdv_smem<16>(); break;
+        case 32: f = attn_forward_smem<32>(); q = attn_dq_smem<32>(); kv = attn_dkdv_smem<32>(); break;
+        case 64: f = attn_forward_smem<64>(); q = attn_dq_smem<64>(); kv = attn_dkdv_smem<64>(); break;
+        default: f = attn_forward_smem<128>(); q = attn_dq_smem<128>(); kv = attn_dkdv_smem<128>(); break;
+    }
+    *kernel = q >= f && q >= kv ? "attention_backward_dq_kernel" : f >= kv ? "attention_forward_kernel" : "attention_backward_dkdv_kernel";
+    return std::max({f, q, kv});
+}
+// At start, on the GPU the run got: a head dim whose attention kernels need more shared memory per block
+// than the GPU's opt-in maximum (sm_86/sm_89: 101,376 B, under hd 128's dQ tile) fails with the reason
+// instead of at the first backward.
+static void attention_smem_check(int hd, size_t optin_bytes, int major, int minor, const char* gpu) {
+    const char* kernel = "";
+    size_t need = attention_smem_bytes(hd, &kernel);
+    if (need > optin_bytes)
+        fail("head dim %d: %s needs %zu bytes of shared memory per block, but %s (sm_%d%d) allows at most %zu: use head dim 64 or less "
+             "(raise NUM_HEADS) or an sm_80/sm_90 GPU",
+             hd, kernel, need, gpu, major, minor, optin_bytes);
 }
 
 // Shapes the kernels handle, checked at every call (cheap next to the launch).
@@ -4822,32 +4855,60 @@ static void lora_parse_targets(const std::string& list, bool on[LORA_NUM]) {
     }
 }
 
-// Adapters for `docs` documents and forward passes of up to max_tokens positions. All A blocks come
-// first in lo.params, then all B blocks; returns the length of the A part. One allocation, headed
-// by dtmp, holds every per-layer tmp. Compute copies alias the master copy when the types agree.
-template <class D> static size_t lora_alloc(D dev, Lora<D>& lo, const Config& c, int docs, size_t max_tokens) {
-    using G = typename D::grad; using M = typename D::mat; using A = typename D::act;
-    lora_parse_targets(c.ttt_lora_targets, lo.on);
-    lo.docs = docs; lo.rank = c.ttt_lora_rank;
-    lo.scale = c.ttt_lora_alpha > 0 ? c.ttt_lora_alpha / c.ttt_lora_rank : 1.0f;
+// The adapters' arena for `docs` documents and forward passes of up to max_tokens positions: all A
+// blocks, then all B blocks, each padded to 16 elements; tmp_n elements per [max_tokens, rank] slot.
+struct LoraLayout {
+    bool on[LORA_NUM];
+    int in_dim[LORA_NUM], out_dim[LORA_NUM];
+    std::vector<size_t> offA[LORA_NUM], offB[LORA_NUM];
+    size_t n = 0, nA = 0, slots = 0, tmp_n = 0;
+};
+static LoraLayout lora_layout(const Config& c, int docs, size_t max_tokens) {
+    LoraLayout y;
+    lora_parse_targets(c.ttt_lora_targets, y.on);
     int Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden();
     const int ins[LORA_NUM] = {Dm, Dm, Dm, Dm, Dm, F, Dm}, outs[LORA_NUM] = {Dm, KV, KV, Dm, F, Dm, c.vocab_size};
     auto pad = [](size_t k) { return (k + 15) / 16 * 16; };
-    size_t r = lo.rank, n = 0, slots = 0;
-    std::vector<size_t> offA[LORA_NUM], offB[LORA_NUM];
+    size_t r = c.ttt_lora_rank;
     for (int t = 0; t < LORA_NUM; t++) {
-        lo.in_dim[t] = ins[t]; lo.out_dim[t] = outs[t];
-        int layers = !lo.on[t] ? 0 : t == LORA_HEAD ? 1 : c.num_layers;
-        for (int l = 0; l < layers; l++) { offA[t].push_back(n); n += pad(docs * r * ins[t]); slots++; }
+        y.in_dim[t] = ins[t]; y.out_dim[t] = outs[t];
+        int layers = !y.on[t] ? 0 : t == LORA_HEAD ? 1 : c.num_layers;
+        for (int l = 0; l < layers; l++) { y.offA[t].push_back(y.n); y.n += pad(docs * r * ins[t]); y.slots++; }
     }
-    size_t nA = n;
+    y.nA = y.n;
     for (int t = 0; t < LORA_NUM; t++)
-        for (size_t l = 0; l < offA[t].size(); l++) { offB[t].push_back(n); n += pad(docs * outs[t] * r); }
+        for (size_t l = 0; l < y.offA[t].size(); l++) { y.offB[t].push_back(y.n); y.n += pad(docs * outs[t] * r); }
+    y.tmp_n = pad(max_tokens * r);
+    return y;
+}
+// Bytes lora_state_init allocates: master adapters, grads, their compute copy (compute_bytes 0: it is the
+// master), the tmp slots, A's reset image and the optimizer moments. The GPU memory plan counts it.
+static size_t lora_state_bytes(const Config& c, int docs, size_t max_tokens, size_t grad_bytes, size_t compute_bytes, size_t act_bytes) {
+    LoraLayout y = lora_layout(c, docs, max_tokens);
+    size_t moments = c.ttt_lora_optimizer == "sgd" ? 1 : 2;
+    return y.n * grad_bytes * (2 + moments) + y.n * compute_bytes + (y.slots + 1) * y.tmp_n * act_bytes + y.nA * grad_bytes;
+}
+// Documents per LoRA TTT batch: TTT_BATCH_SIZE, or as many TTT_EVAL_SEQ_LEN windows as the activations hold.
+static int lora_ttt_docs(const Config& c, int act_B, int act_T) {
+    return (int)std::max<long>(1, std::min<long>(c.ttt_batch_size, (long)act_B * act_T / c.ttt_eval_seq_len));
+}
+
+// Adapters for `docs` documents and forward passes of up to max_tokens positions (lora_layout). One
+// allocation, headed by dtmp, holds every per-layer tmp. Compute copies alias the master copy when
+// the types agree. Returns the length of the A part.
+template <class D> static size_t lora_alloc(D dev, Lora<D>& lo, const Config& c, int docs, size_t max_tokens) {
+    using G = typename D::grad; using M = typename D::mat; using A = typename D::act;
+    LoraLayout y = lora_layout(c, docs, max_tokens);
+    for (int t = 0; t < LORA_NUM; t++) { lo.on[t] = y.on[t]; lo.in_dim[t] = y.in_dim[t]; lo.out_dim[t] = y.out_dim[t]; }
+    lo.docs = docs; lo.rank = c.ttt_lora_rank;
+    lo.scale = c.ttt_lora_alpha > 0 ? c.ttt_lora_alpha / c.ttt_lora_rank : 1.0f;
+    size_t n = y.n, nA = y.nA, slots = y.slots, tmp_n = y.tmp_n;
+    const std::vector<size_t>* offA = y.offA;
+    const std::vector<size_t>* offB = y.offB;
     lo.nparams = n;
     lo.params = (G*)device_alloc(dev, n * sizeof(G));
     lo.grads = (G*)device_alloc(dev, n * sizeof(G));
     lo.compute = std::is_same<M, G>::value ? (M*)lo.params : (M*)device_alloc(dev, n * sizeof(M));
-    size_t tmp_n = pad(max_tokens * r);
     lo.dtmp = (A*)device_alloc(dev, (slots + 1) * tmp_n * sizeof(A));
     A* next_tmp = lo.dtmp + tmp_n;
     for (int t = 0; t < LORA_NUM; t++) {
@@ -5011,7 +5072,7 @@ template <class D> static EvalResult eval_lora_ttt(D dev, Model<D>& m, const Eva
     std::stable_sort(mine.begin(), mine.end(), [](const EvalDoc& a, const EvalDoc& b) { return a.pred > b.pred; });
     int L = c.ttt_eval_seq_len;
     if (L > m.acts.T) fail("internal: TTT_EVAL_SEQ_LEN=%d exceeds the activation plan (%d positions)", L, m.acts.T);
-    int Bd = (int)std::max<long>(1, std::min<long>(c.ttt_batch_size, (long)m.acts.B * m.acts.T / L));
+    int Bd = lora_ttt_docs(c, m.acts.B, m.acts.T);
     int E = std::max(c.ttt_n_epochs, 1);
     bool report_final = c.ttt_report_final_epoch && E > 1;
     // Epochs after the first change only the final-epoch score: without that report they are skipped.
@@ -5601,6 +5662,28 @@ static std::vector<std::string> split_list(const std::string& s) {
     return out;
 }
 
+// Device memory the largest evaluation mode allocates beyond the model (modes run one at a time and
+// free their state), for activations of act_B × act_T positions: LoRA TTT's adapters and optimizer
+// (lora_state_init), full TTT's saved weights and moments (eval_full_ttt). The GPU memory plan counts it,
+// so a run that could not evaluate fails before training.
+struct EvalMemory { size_t bytes = 0; const char* mode = ""; const char* settings = ""; };
+static EvalMemory eval_memory(const Config& c, int act_B, int act_T, size_t nparams, size_t grad_bytes, size_t compute_bytes,
+                              size_t act_bytes) {
+    EvalMemory e;
+    for (const std::string& mode : split_list(c.eval_mode)) {
+        EvalMemory x;
+        if (mode == "lora_ttt") {
+            int docs = lora_ttt_docs(c, act_B, act_T);
+            x = {lora_state_bytes(c, docs, (size_t)docs * c.ttt_eval_seq_len, grad_bytes, compute_bytes, act_bytes), "lora_ttt",
+                 "TTT_BATCH_SIZE, TTT_LORA_RANK or TTT_LORA_TARGETS"};
+        } else if (mode == "full_ttt") {
+            x = {(c.ttt_optimizer == "sgd" ? 2 : 3) * nparams * grad_bytes, "full_ttt", "TTT_OPTIMIZER=sgd (one moment less)"};
+        }
+        if (x.bytes > e.bytes) e = x;
+    }
+    return e;
+}
+
 // Every EVAL_MODE in order; each prints the reference-style final_<mode> lines.
 template <class D> static std::vector<EvalResult> evaluate_modes(D dev, Model<D>& m, const EvalData& ev) {
     const Config& c = m.cfg;
@@ -5755,12 +5838,15 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
 // Everything the run allocates up front, printed before allocating and checked against free memory.
 struct CudaMemoryPlan {
     size_t params = 0, compute = 0, grads = 0, optimizer = 0, activations = 0, scratch = 0, workspace = 0;
+    size_t evaluation = 0;  // the largest EVAL_MODE's own state (the training state stays allocated meanwhile)
     long act_tokens = 0, act_rows = 0;  // tokens the activations must hold; rows allocated (B·T ≥ tokens)
     int act_t = 0;
     const char* act_setting = "";  // the setting that sets the activation capacity
-    size_t total() const { return params + compute + grads + optimizer + activations + scratch + workspace; }
+    const char* eval_mode = "";
+    const char* eval_settings = "";  // what shrinks the evaluation's state
+    size_t total() const { return params + compute + grads + optimizer + activations + scratch + workspace + evaluation; }
 };
-static const size_t MEMORY_HEADROOM = 512u << 20;  // CUDA/cuBLASLt/NCCL internals and the eval modes' extras
+static const size_t MEMORY_HEADROOM = 512u << 20;  // CUDA/cuBLASLt/NCCL internals and small per-call buffers
 
 // sort_temp_bytes: cub's sort storage for the capacity's tokens (a device query; 0 in host-only tests)
 static CudaMemoryPlan cuda_memory_plan(const Config& c, int world, size_t sort_temp_bytes) {
@@ -5814,18 +5900,26 @@ static CudaMemoryPlan cuda_memory_plan(const Config& c, int world, size_t sort_t
         if (s.group == GROUP_MATRIX) { Arena a; NsScratch ns; carve_ns_scratch(a, ns, s.rows(), s.cols()); need = std::max(need, a.used); }
     p.scratch = need;
     p.workspace = CUBLASLT_WORKSPACE_BYTES;
+    EvalMemory e = eval_memory(c, B, p.act_t, n, sizeof(float), sizeof(bf16), sizeof(bf16));
+    p.evaluation = e.bytes; p.eval_mode = e.mode; p.eval_settings = e.settings;
     return p;
 }
 static void cuda_memory_plan_print(const CudaMemoryPlan& p) {
     auto mib = [](size_t b) { return b / 1048576.0; };
     log0("cuda_memory_plan: params %.1f MiB (fp32 master) + bf16 copy %.1f + grads %.1f + optimizer %.1f + activations %.1f "
-         "(%ld tokens × up to %d, set by %s) + scratch %.1f + cuBLASLt workspace %.1f = %.1f MiB\n",
+         "(%ld tokens × up to %d, set by %s) + scratch %.1f + cuBLASLt workspace %.1f + evaluation %.1f%s%s%s = %.1f MiB\n",
          mib(p.params), mib(p.compute), mib(p.grads), mib(p.optimizer), mib(p.activations), p.act_tokens, p.act_t, p.act_setting,
-         mib(p.scratch), mib(p.workspace), mib(p.total()));
+         mib(p.scratch), mib(p.workspace), mib(p.evaluation), *p.eval_mode ? " (" : "", p.eval_mode, *p.eval_mode ? ")" : "",
+         mib(p.total()));
 }
 // Refuses a plan that cannot fit, before any allocation, naming the setting to lower.
 static void cuda_memory_plan_check(const CudaMemoryPlan& p, size_t free_bytes, size_t total_bytes) {
     size_t need = p.total() + MEMORY_HEADROOM;
+    if (need > free_bytes && p.evaluation > 0 && (need - p.evaluation <= free_bytes || p.evaluation > p.activations))
+        fail("GPU memory: this run needs %.0f MiB (%.0f MiB planned + %.0f MiB headroom) but the GPU has %.0f MiB free of %.0f MiB; "
+             "EVAL_MODE=%s takes %.0f MiB after training: lower %s",
+             need / 1048576.0, p.total() / 1048576.0, MEMORY_HEADROOM / 1048576.0, free_bytes / 1048576.0, total_bytes / 1048576.0,
+             p.eval_mode, p.evaluation / 1048576.0, p.eval_settings);
     if (need > free_bytes)
         fail("GPU memory: this run needs %.0f MiB (%.0f MiB planned + %.0f MiB headroom) but the GPU has %.0f MiB free of %.0f MiB; "
              "activations take %.0f MiB for %ld tokens: lower %s",
@@ -5856,6 +5950,7 @@ static void run_cuda(Config& c) {
     cuda_memory_plan_print(plan);
     cudaCheck(cudaMemGetInfo(&fr, &tot));
     cuda_memory_plan_check(plan, fr, tot);
+    attention_smem_check(c.head_dim(), cx.prop.sharedMemPerBlockOptin, cx.prop.major, cx.prop.minor, cx.prop.name);
     cuda_scratch(plan.scratch);  // reserved now, so training never grows it
     run(Cuda{}, c, "cuda");
 }

@@ -23,7 +23,9 @@ run() {  # run NAME CMD...
     rm -f "$out"
 }
 
-[ -x tests/test_tokenizer ] && run tests/test_tokenizer tests/test_tokenizer
+for bin in tests/test_tokenizer tests/test_emu_libs; do
+    [ -x "$bin" ] && run "$bin" "$bin"
+done
 # The CUDA tests: natively where a GPU is, and always through the emulator (tests/emu) when it is built;
 # without a GPU the native binary leaves them to the emulator (all but the no-GPU failure test).
 has_gpu=0

@@ -257,7 +257,9 @@ TEST(cuda_host_memory_plan) {
         activation_capacity(c, world, &tokens, &max_t);
         CHECK_MSG(p.act_tokens == tokens && p.act_t == max_t, "plan capacity %ld×%d, driver %ld×%d", p.act_tokens, p.act_t, tokens, max_t);
         CHECK(p.act_rows >= p.act_tokens && p.activations > 0 && p.scratch > 0);
-        CHECK(p.total() == p.params + p.compute + p.grads + p.optimizer + p.activations + p.scratch + p.workspace);
+        CHECK(p.total() == p.params + p.compute + p.grads + p.optimizer + p.activations + p.scratch + p.workspace + p.evaluation);
+        int B = (int)((tokens + max_t - 1) / max_t);
+        CHECK(p.evaluation > 0 && p.evaluation == eval_memory(c, B, max_t, n, 4, 2, 2).bytes);  // pr467 evaluates with LoRA TTT
         CHECK(strstr(p.act_setting, "TRAIN_BATCH_TOKENS"));  // 98,304 tokens per micro-batch sets it
         cuda_memory_plan_check(p, p.total() + MEMORY_HEADROOM, 80ul << 30);  // fits exactly
         CHECK_THROWS(cuda_memory_plan_check(p, p.total() / 2, 80ul << 30), "lower TRAIN_BATCH_TOKENS");
@@ -267,6 +269,34 @@ TEST(cuda_host_memory_plan) {
     c.eval_batch_seqs = 256;  // 524,288 eval tokens now set the capacity
     CudaMemoryPlan p = cuda_memory_plan(c, 8, 0);
     CHECK_THROWS(cuda_memory_plan_check(p, p.total() / 2, 80ul << 30), "EVAL_BATCH_SEQS");
+    // PR #600 with its LoRA TTT (rank 128 on every linear): ~14 GiB after training, refused before it
+    preset_pr600(c);
+    c.eval_mode = "sliding,lora_ttt";
+    p = cuda_memory_plan(c, 8, 0);
+    CHECK_MSG(p.evaluation > (14ul << 30) && !strcmp(p.eval_mode, "lora_ttt"), "evaluation %.1f GiB", p.evaluation / 1073741824.0);
+    CHECK_THROWS(cuda_memory_plan_check(p, p.total() - p.evaluation + MEMORY_HEADROOM, 80ul << 30), "EVAL_MODE=lora_ttt");
+    CHECK_THROWS(cuda_memory_plan_check(p, p.total() - p.evaluation + MEMORY_HEADROOM, 80ul << 30), "TTT_BATCH_SIZE");
+    cuda_memory_plan_check(p, p.total() + MEMORY_HEADROOM, 80ul << 30);
+}
+
+// The attention kernels' shared memory per block against each architecture's opt-in maximum
+// (CUDA C++ Programming Guide, compute capabilities table): sm_80 163 KB, sm_86/sm_89 99 KB, sm_90 227 KB.
+// Head dim 128's dQ kernel needs 6 tiles of 64 × (128 + 8) bf16 = 104,448 B: it fits sm_80 and sm_90,
+// and is refused at start on sm_86/sm_89 with the reason; head dim 64 and below fit everywhere.
+TEST(cuda_host_attention_smem_per_arch) {
+    const char* kernel = "";
+    CHECK(attention_smem_bytes(128, &kernel) == 104448 && !strcmp(kernel, "attention_backward_dq_kernel"));
+    CHECK(attention_smem_bytes(64, &kernel) == 6 * 64 * 72 * 2);
+    struct { int major, minor; size_t optin; } archs[] = {{8, 0, 166912}, {8, 6, 101376}, {8, 9, 101376}, {9, 0, 232448}};
+    for (auto a : archs)
+        for (int hd : {16, 32, 64, 128}) {
+            if (hd == 128 && a.optin < 104448)
+                CHECK_THROWS(attention_smem_check(hd, a.optin, a.major, a.minor, "test GPU"),
+                             test_format("attention_backward_dq_kernel needs 104448 bytes of shared memory per block, but test GPU (sm_%d%d) "
+                                         "allows at most 101376", a.major, a.minor));
+            else
+                attention_smem_check(hd, a.optin, a.major, a.minor, "test GPU");
+        }
 }
 
 TEST(cuda_host_compute_arena_layout) {

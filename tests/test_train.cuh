@@ -82,6 +82,31 @@ TEST(config_rejects_bad_shapes) {
     c = Config(); c.bigram_vocab_size = 10; c.bigram_hash_size = 10;
     CHECK_THROWS(config_validate(c, 1), "two different bigram embeddings");
 }
+// On the CUDA path a head dim or GQA ratio the attention kernels lack fails at start, not at the first
+// attention call after data loading; the CPU reference takes any even head dim.
+TEST(config_rejects_head_dims_the_cuda_kernels_lack) {
+    for (int heads : {4, 8, 16, 32}) {  // d512: head dims 128, 64, 32, 16
+        Config c; c.num_heads = heads; c.num_kv_heads = 4; c.device = "cuda";
+        config_validate(c, 1);
+    }
+    Config c; c.model_dim = 384; c.num_heads = 8; c.num_kv_heads = 4;  // head dim 48
+    c.device = "cpu";
+    config_validate(c, 1);
+    c.device = "cuda";
+    CHECK_THROWS(config_validate(c, 1), "head dim MODEL_DIM/NUM_HEADS=384/8=48: the CUDA attention kernels support 16, 32, 64 or 128");
+    c = Config(); c.num_heads = 32; c.num_kv_heads = 1; c.device = "cuda";  // 32 query heads per kv head at hd 16: fits
+    config_validate(c, 1);
+    c.model_dim = 4096;  // hd 128: 32 query heads per kv head fit, 64 do not
+    config_validate(c, 1);
+    c.num_heads = 64; c.model_dim = 8192;
+    CHECK_THROWS(config_validate(c, 1), "at most 32 query heads per kv head at head dim 128");
+    c.model_dim = 1024;  // hd 16: 64 heads fit, 128 do not
+    config_validate(c, 1);
+    c.num_heads = 128; c.model_dim = 2048;
+    CHECK_THROWS(config_validate(c, 1), "NUM_HEADS/NUM_KV_HEADS=128");
+    c.device = "cpu";
+    config_validate(c, 1);
+}
 TEST(config_env_errors_and_presets) {
     setenv("CONFIG", "nonexistent", 1);
     CHECK_THROWS(config_from_env(), "CONFIG=nonexistent: unknown preset (expected one of baseline, pr467, pr600, pr456, tiny)");
