@@ -2,6 +2,7 @@
 #                make test       build everything and run every test
 #                make cpu        ./train_gpt_cpu: the CPU-only build (g++), quick to compile
 #                make submission build/submission/train_gpt.cu: the stripped, byte-counted single file
+#                make emu        tests/test_main_emu and ./train_gpt_emu: the CUDA path on the CPU (tests/emu)
 # Knobs: GPU_ARCH=fat (or one arch: sm_90a, sm_80, ...), USE_MPI=auto|0|1, USE_NCCL=auto|0|1,
 #        CPU_ARCH=native (train_gpt_cpu only), DEBUG=1
 
@@ -68,7 +69,7 @@ NVFLAGS     := $(NVOPT) -std=c++17 $(GPU_CODE) -x cu -Xcompiler "$(subst $() ,$(
 LIBS        := -lcublasLt -lcublas -lzstd -lgomp $(NCCL_LIBS) $(MPI_LIBS)
 TU_DEPS     := train_gpt.cu tokenizer/spm_model.h
 
-.PHONY: all test cpu submission clean corpus info print-gpu-code
+.PHONY: all test cpu submission clean corpus info emu print-gpu-code
 all: info train_gpt tokenize
 
 info:
@@ -112,11 +113,40 @@ tests/test_emu_libs: tests/test_emu_libs.cpp tests/harness.h $(wildcard tests/em
 tests/test_main: tests/test_main.cu tests/harness.h $(wildcard tests/*.cuh) $(TU_DEPS)
 	$(NVCC) $(NVFLAGS) -Xcompiler -Wno-unused-function -I. -DPGOLF_CODE_BYTES=$(CODE_BYTES) -o $@ tests/test_main.cu $(LIBS)
 
+# The CUDA path on the CPU: train_gpt.cu's kernels through the emulator in tests/emu (fibers per CUDA
+# thread, shared-memory race and uninitialized-read checks, launch limits; AddressSanitizer over the
+# whole program). clang++ gives the shared-memory checks their load/store callbacks; with g++ they are off.
+EMU_CXX     ?= $(if $(shell command -v clang++ 2>/dev/null),clang++,$(CXX))
+EMU_COV     := $(if $(findstring clang,$(EMU_CXX)),-fsanitize-coverage=func$(comma)trace-loads$(comma)trace-stores \
+               -fsanitize-coverage-allowlist=tests/emu/checked_functions.txt)
+EMU_FLAGS   := -O1 -std=c++17 -fopenmp -fsanitize=address -fno-omit-frame-pointer -Wall -Wextra -Wno-unused-function \
+               -I. -I$(CUDA_HOME)/include -DPGOLF_EMU $(MPI_DEFS) $(MPI_CFLAGS) $(NCCL_DEFS)
+EMU_LIBS    := -fsanitize=address -fopenmp -lzstd $(MPI_LIBS)
+EMU_DEPS    := $(wildcard tests/emu/*.h) tests/emu/checked_functions.txt tests/emu/emu_runtime.o
+# built only where the CUDA headers are (the emulator uses their types and declarations)
+EMU_TESTS   := $(if $(wildcard $(CUDA_HOME)/include/cuda_runtime.h),tests/test_main_emu)
+
+tests/emu/emu_runtime.o: tests/emu/emu_runtime.cpp $(wildcard tests/emu/*.h)
+	$(EMU_CXX) $(EMU_FLAGS) -c -o $@ tests/emu/emu_runtime.cpp
+
+tests/test_main_emu: tests/test_main.cu tests/harness.h $(wildcard tests/*.cuh) $(TU_DEPS) $(EMU_DEPS)
+	$(EMU_CXX) $(EMU_FLAGS) $(EMU_COV) -x c++ -DPGOLF_CODE_BYTES=$(CODE_BYTES) -c -o tests/test_main_emu.o tests/test_main.cu
+	$(EMU_CXX) -o $@ tests/test_main_emu.o tests/emu/emu_runtime.o $(EMU_LIBS)
+
+# The whole program through the emulator: DEVICE=cuda runs the CUDA path on the CPU (slowly; it checks, it does not time).
+train_gpt_emu: $(TU_DEPS) $(SUBMISSION) $(EMU_DEPS)
+	$(EMU_CXX) $(EMU_FLAGS) $(EMU_COV) -x c++ $(CODE_DEFS) -c -o train_gpt_emu.o train_gpt.cu
+	$(EMU_CXX) -o $@ train_gpt_emu.o tests/emu/emu_runtime.o $(EMU_LIBS)
+
+emu: $(EMU_TESTS) $(if $(EMU_TESTS),train_gpt_emu)
+
 corpus: tokenize
 	@scripts/make_corpus
 
-test: all train_gpt_cpu tests/test_main tests/test_tokenizer $(EMU_LIBS_TEST) corpus
+test: all train_gpt_cpu tests/test_main $(EMU_TESTS) $(if $(EMU_TESTS),train_gpt_emu) tests/test_tokenizer $(EMU_LIBS_TEST) \
+      corpus
 	@tests/run.sh
 
 clean:
-	rm -rf train_gpt train_gpt_cpu tokenize tests/test_main tests/test_tokenizer tests/test_emu_libs build
+	rm -rf train_gpt train_gpt_cpu tokenize tests/test_main tests/test_tokenizer tests/test_emu_libs build \
+	       tests/test_main_emu tests/test_main_emu.o tests/emu/emu_runtime.o train_gpt_emu train_gpt_emu.o

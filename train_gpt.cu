@@ -49,14 +49,23 @@
 #include <mpi.h>
 #endif
 #include "tokenizer/spm_model.h"
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(PGOLF_EMU)
+#define PGOLF_CUDA 1  // this build has the GPU path: nvcc, or the tests' CUDA emulator (tests/emu, -DPGOLF_EMU)
+#endif
+#ifdef PGOLF_CUDA
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cublasLt.h>
-#include <cub/device/device_radix_sort.cuh>  // stable sort for the deterministic embedding backward
 #include <tuple>
 #ifdef PGOLF_NCCL
 #include <nccl.h>
+#endif
+#ifdef PGOLF_EMU
+#include "tests/emu/emu.h"  // the kernels on the CPU, with checks (never part of ./train_gpt)
+#else
+#include <cub/device/device_radix_sort.cuh>  // stable sort for the deterministic embedding backward
+// every launch is written PGOLF_LAUNCH(grid, block, smem, stream, kernel)(args): the emulator defines it too
+#define PGOLF_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #endif
 #endif
 
@@ -236,10 +245,9 @@ struct Arena {
 // gates, embedding rows) are cut into fixed row chunks, each summed in order by one block, then
 // the chunk partials are added in chunk order: two identical runs give identical bits.
 
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // --- The device tag, error checks, the device context -------------------------------------------
 
-#define PGOLF_CUDA 1  // this build has the GPU path (tests/test_cuda.cuh compiles only then)
 using bf16 = __nv_bfloat16;
 struct Cuda {
     using act = bf16;   // activations
@@ -319,7 +327,7 @@ static CudaContext& cuda_ctx() {
 }
 #endif
 
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // --- Launch geometry and deterministic reductions --------------------------------------------------
 
 static const int BLOCK = 256;        // threads of the elementwise kernels
@@ -345,6 +353,13 @@ static RowChunks row_chunks(long rows) {
     return {(int)((rows + per - 1) / per), per};
 }
 
+#ifndef PGOLF_EMU
+// The block's dynamic shared memory (launch argument smem), as X[].
+template <class X> __device__ __forceinline__ X* dynamic_smem() {
+    extern __shared__ __align__(16) unsigned char dynamic_smem_bytes[];
+    return (X*)dynamic_smem_bytes;
+}
+#endif
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 template <class X> __device__ __forceinline__ X from_f32(float f);
@@ -420,18 +435,18 @@ __global__ void column_partial_sums_kernel(float* partial, const float* in, int 
 }
 static void column_sums_add(float* out, const float* partial, int P, int C) {
     if (C <= 0) return;
-    column_sums_add_kernel<<<ceil_div(C, BLOCK), BLOCK, 0, g_cuda.stream>>>(out, partial, P, C);
+    PGOLF_LAUNCH(ceil_div(C, BLOCK), BLOCK, 0, g_cuda.stream, column_sums_add_kernel)(out, partial, P, C);
     launchCheck();
 }
 static void total_sum_add(float* out, const float* partial, size_t n) {
-    total_sum_add_kernel<<<1, 1024, 0, g_cuda.stream>>>(out, partial, n);
+    PGOLF_LAUNCH(1, 1024, 0, g_cuda.stream, total_sum_add_kernel)(out, partial, n);
     launchCheck();
 }
 static dim3 reduce_grid(int C, const RowChunks& rc) { return dim3(ceil_div(C, 32), rc.chunks); }
 static const dim3 REDUCE_BLOCK(32, RED_ROWS);
 #endif
 
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // --- Device memory: allocations, copies, the shared scratch -----------------------------------------
 
 static void* cuda_malloc_checked(size_t bytes, const char* what) {
@@ -500,7 +515,7 @@ __global__ void cast_params_kernel(bf16* dst, const float* src, size_t n) {
 }
 static void cast_params(Cuda, bf16* dst, const float* src, size_t n) {
     if (!n) return;
-    cast_params_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(dst, src, n);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, cast_params_kernel)(dst, src, n);
     launchCheck();
 }
 #endif
@@ -1317,7 +1332,7 @@ template <class T> static void embedding_backward(Cpu<T>, T* dtable, const T* do
         for (int c = 0; c < C; c++) dtable[(size_t)idx[n] * C + c] += dout[(size_t)n * C + c];
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU.
 __global__ void embedding_forward_kernel(bf16* out, const int32_t* idx, const bf16* table, size_t N, int C) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < N * C; i += (size_t)gridDim.x * blockDim.x) {
@@ -1328,7 +1343,7 @@ __global__ void embedding_forward_kernel(bf16* out, const int32_t* idx, const bf
 static void embedding_forward(Cuda, bf16* out, const int32_t* idx, const bf16* table, int N, int C) {
     size_t n = (size_t)N * C;
     if (!n) return;
-    embedding_forward_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(out, idx, table, N, C);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, embedding_forward_kernel)(out, idx, table, N, C);
     launchCheck();
 }
 
@@ -1378,10 +1393,10 @@ static void embedding_backward(Cuda, float* dtable, const bf16* dout, const int3
     SortScratch s;
     scratch_carve([&](Arena& a) { carve_sort_scratch(a, s, N, temp_bytes); });
     cudaStream_t st = g_cuda.stream;
-    iota_kernel<<<grid_for(N), BLOCK, 0, st>>>(s.pos_in, N);
+    PGOLF_LAUNCH(grid_for(N), BLOCK, 0, st, iota_kernel)(s.pos_in, N);
     launchCheck();
     cudaCheck(cub::DeviceRadixSort::SortPairs(s.temp, s.temp_bytes, idx, s.keys, s.pos_in, s.pos, N, 0, 32, st));
-    embedding_backward_kernel<<<ceil_div(N, EMB_RUNS_PER_BLOCK), 128, 0, st>>>(dtable, dout, s.keys, s.pos, N, C);
+    PGOLF_LAUNCH(ceil_div(N, EMB_RUNS_PER_BLOCK), 128, 0, st, embedding_backward_kernel)(dtable, dout, s.keys, s.pos, N, C);
     launchCheck();
 }
 #endif
@@ -1401,7 +1416,7 @@ template <class T> static void bigram_lookup(Cpu<T>, int32_t* out, const int32_t
     for (int n = 0; n < B * T_; n++) out[n] = bigram_bucket(idx[n], n % T_ ? idx[n - 1] : 0, n % T_, buckets, vocab, pr600_hash);
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU.
 __global__ void bigram_lookup_kernel(int32_t* out, const int32_t* idx, int N, int T, int buckets, int vocab, bool pr600_hash) {
     for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += gridDim.x * blockDim.x)
@@ -1410,7 +1425,7 @@ __global__ void bigram_lookup_kernel(int32_t* out, const int32_t* idx, int N, in
 static void bigram_lookup(Cuda, int32_t* out, const int32_t* idx, int B, int T_, int buckets, int vocab, bool pr600_hash) {
     int N = B * T_;
     if (N <= 0) return;
-    bigram_lookup_kernel<<<grid_for(N), BLOCK, 0, cuda_ctx().stream>>>(out, idx, N, T_, buckets, vocab, pr600_hash);
+    PGOLF_LAUNCH(grid_for(N), BLOCK, 0, cuda_ctx().stream, bigram_lookup_kernel)(out, idx, N, T_, buckets, vocab, pr600_hash);
     launchCheck();
 }
 #endif
@@ -1440,7 +1455,7 @@ template <class T> static void rmsnorm_backward(Cpu<T>, T* dinp, const T* dout, 
     }
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU: one warp per row, sums in fp32.
 __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* inp, int N, int C, float eps) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -1468,12 +1483,12 @@ __global__ void rmsnorm_backward_kernel(bf16* dinp, const bf16* dout, const bf16
 static const int ROWS_PER_BLOCK = 8;  // warps per block of the warp-per-row kernels
 static void rmsnorm_forward(Cuda, bf16* out, float* rstd, const bf16* inp, int N, int C) {
     if (N <= 0) return;
-    rmsnorm_forward_kernel<<<ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream>>>(out, rstd, inp, N, C, (float)RMSNORM_EPS);
+    PGOLF_LAUNCH(ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream, rmsnorm_forward_kernel)(out, rstd, inp, N, C, (float)RMSNORM_EPS);
     launchCheck();
 }
 static void rmsnorm_backward(Cuda, bf16* dinp, const bf16* dout, const bf16* inp, const float* rstd, int N, int C) {
     if (N <= 0) return;
-    rmsnorm_backward_kernel<<<ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream>>>(dinp, dout, inp, rstd, N, C);
+    PGOLF_LAUNCH(ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream, rmsnorm_backward_kernel)(dinp, dout, inp, rstd, N, C);
     launchCheck();
 }
 #endif
@@ -1527,7 +1542,7 @@ template <class T> static void matmul_backward(Cpu<T>, T* dinp, T* dw, const T* 
     if (dw) gemm_cpu(dw, dout, 1, OC, inp, OC, IC, N, true);
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU: cuBLASLt, bf16 operands, fp32 accumulation.
 // cuBLAS is column-major; our matrices are row-major. A row-major X [r, c] is, byte for byte, the
 // column-major matrix Xᵀ (c × r, leading dimension c). So the row-major product C = op(A)·op(B)
@@ -1730,7 +1745,7 @@ template <class T> static void qk_norm_rope_backward(Cpu<T>, T* dx, T* dgain, co
             for (int h = 0; h < nh; h++) dgain[h] += dgain_rows[(size_t)n * nh + h];
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU: the three steps fused in one kernel.
 // (cos, sin) of each (position, pair), computed on the host exactly as the CPU reference's rope_table
 // (fp32 inv_freq from rope_inv_freq, the angle rounded to fp32, then std::cos/std::sin).
@@ -1763,7 +1778,7 @@ static const int MAX_HEAD_DIM = 256;  // per-lane register arrays of the warp-pe
 // out = g·rope(x·r): x1 = x[i]·r, x2 = x[i+half]·r → (x1 cos + x2 sin, −x1 sin + x2 cos).
 __global__ void qk_norm_rope_forward_kernel(bf16* out, float* rstd, const bf16* x, const float* gain, const float2* rope,
                                             int rows, int T, int nh, int hd, int rd, float eps) {
-    extern __shared__ float qk_sh[];
+    float* qk_sh = dynamic_smem<float>();
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;  // row = n·nh + h
     if (row >= rows) return;
@@ -1791,7 +1806,7 @@ __global__ void qk_norm_rope_forward_kernel(bf16* out, float* rstd, const bf16* 
 // term to dgain_rows, summed over tokens afterwards in a fixed order.
 __global__ void qk_norm_rope_backward_kernel(bf16* dx, float* dgain_rows, const bf16* dout, const bf16* x, const float* rstd,
                                              const float* gain, const float2* rope, int rows, int T, int nh, int hd, int rd) {
-    extern __shared__ float qk_sh[];
+    float* qk_sh = dynamic_smem<float>();
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;
     if (row >= rows) return;
@@ -1841,7 +1856,7 @@ static void qk_norm_rope_forward(Cuda, bf16* out, float* rstd, const bf16* x, co
     check_head_dim(hd, "qk_norm_rope_forward");
     const float2* rope = rope_table_device(T_, rd, base);
     size_t sh = HEADS_PER_BLOCK * hd * sizeof(float);
-    qk_norm_rope_forward_kernel<<<ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, sh, g_cuda.stream>>>(
+    PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, sh, g_cuda.stream, qk_norm_rope_forward_kernel)(
         out, rstd, x, gain, rope, rows, T_, nh, hd, rd, (float)RMSNORM_EPS);
     launchCheck();
 }
@@ -1855,11 +1870,11 @@ static void qk_norm_rope_backward(Cuda, bf16* dx, float* dgain, const bf16* dout
     float *drows = nullptr, *partial = nullptr;
     if (dgain) scratch_carve([&](Arena& a) { drows = a.take<float>(rows); partial = a.take<float>((size_t)rc.chunks * nh); });
     size_t sh = HEADS_PER_BLOCK * 2 * hd * sizeof(float);
-    qk_norm_rope_backward_kernel<<<ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, sh, g_cuda.stream>>>(
+    PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, sh, g_cuda.stream, qk_norm_rope_backward_kernel)(
         dx, drows, dout, x, rstd, gain, rope, rows, T_, nh, hd, rd);
     launchCheck();
     if (dgain) {  // [N, nh] → [nh], in a fixed order
-        column_partial_sums_kernel<<<reduce_grid(nh, rc), REDUCE_BLOCK, 0, g_cuda.stream>>>(partial, drows, N, nh, rc.rows_per_chunk);
+        PGOLF_LAUNCH(reduce_grid(nh, rc), REDUCE_BLOCK, 0, g_cuda.stream, column_partial_sums_kernel)(partial, drows, N, nh, rc.rows_per_chunk);
         launchCheck();
         column_sums_add(dgain, partial, rc.chunks, nh);
     }
@@ -1952,7 +1967,7 @@ template <class T> static void attention_backward(Cpu<T>, T* dq, T* dk, T* dv, c
         }
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU: fused FlashAttention-2 style forward and backward.
 // The same function as attention_forward/backward(Cpu<T>, ...) above, without a T×T matrix in
 // memory: a block keeps one tile of rows in shared memory and streams the other side through it
@@ -2060,6 +2075,7 @@ HD static inline void acc_to_a(uint32_t a[4], const float c0[4], const float c1[
     a[3] = pack_bf16(c1[2], c1[3]);
 }
 
+#ifndef PGOLF_EMU  // the tests' CUDA emulator defines these helpers (tests/emu/emu.h)
 __device__ static inline uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 __device__ static inline void ldmatrix_x4(uint32_t r[4], const __nv_bfloat16* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -2082,6 +2098,7 @@ __device__ static inline void cp_async_16(void* dst, const void* src, bool valid
 }
 __device__ static inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ static inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+#endif
 
 // One tile of `ROWS` packed query rows (of q or dout) of query tile i into shared memory;
 // padding rows become zeros, which every product below turns into exact zeros.
@@ -2149,7 +2166,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_forward_kernel(__nv_bf
                                                                          const __nv_bfloat16* k, const __nv_bfloat16* v,
                                                                          int T, int H, int Hk, float scale_log2) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = ATTN_TILE / 8, TILE = ATTN_TILE * LD;
-    extern __shared__ uint4 attn_smem[];  // uint4: 16-byte aligned for cp.async and ldmatrix
+    uint4* attn_smem = dynamic_smem<uint4>();  // uint4: 16-byte aligned for cp.async and ldmatrix
     __nv_bfloat16* sQ = (__nv_bfloat16*)attn_smem;
     __nv_bfloat16* sK = sQ + TILE;      // stage s at sK + s·TILE
     __nv_bfloat16* sV = sK + 2 * TILE;
@@ -2272,7 +2289,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dq_kernel(__n
                                                                              const __nv_bfloat16* v, const float* lse, const float* D,
                                                                              int T, int H, int Hk, float scale_log2, float scale) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = ATTN_TILE / 8, TILE = ATTN_TILE * LD;
-    extern __shared__ uint4 attn_smem[];
+    uint4* attn_smem = dynamic_smem<uint4>();
     __nv_bfloat16* sQ = (__nv_bfloat16*)attn_smem;
     __nv_bfloat16* sdO = sQ + TILE;
     __nv_bfloat16* sK = sdO + TILE;     // stage s at sK + s·TILE
@@ -2365,7 +2382,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dkdv_kernel(_
                                                                                const float* lse, const float* D,
                                                                                int T, int H, int Hk, float scale_log2, float scale) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = BQ / 8, KTILE = ATTN_TILE * LD, QTILE = BQ * LD;
-    extern __shared__ uint4 attn_smem[];
+    uint4* attn_smem = dynamic_smem<uint4>();
     __nv_bfloat16* sK = (__nv_bfloat16*)attn_smem;
     __nv_bfloat16* sV = sK + KTILE;
     __nv_bfloat16* sQ = sV + KTILE;     // stage s at sQ + s·QTILE
@@ -2535,7 +2552,7 @@ static void attention_forward_hd(__nv_bfloat16* out, float* lse, const __nv_bflo
         smem_set = true;
     }
     dim3 grid(attn_query_tiles(T, attn_tile_positions(ATTN_TILE, H / Hk)), Hk, B);
-    attention_forward_kernel<HDIM><<<grid, ATTN_THREADS, smem>>>(out, lse, q, k, v, T, H, Hk, ATTN_LOG2E / sqrtf((float)HDIM));
+    PGOLF_LAUNCH(grid, ATTN_THREADS, smem, cuda_ctx().stream, attention_forward_kernel<HDIM>)(out, lse, q, k, v, T, H, Hk, ATTN_LOG2E / sqrtf((float)HDIM));
     cudaCheck(cudaGetLastError());
 }
 static void attention_forward(Cuda, __nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
@@ -2552,15 +2569,11 @@ static void attention_forward(Cuda, __nv_bfloat16* out, float* lse, const __nv_b
     }
 }
 
-// D = rowsum(dO ⊙ O), [B,H,T]: scratch grown on demand and kept for the process (as llm.c keeps
-// its cuDNN workspace). Growing frees and allocates, so the first call must precede graph capture.
-static float* g_attention_D = nullptr;
-static size_t g_attention_D_cap = 0;
-
+// D = rowsum(dO ⊙ O), [B,H,T]: in the ops' scratch (cuda_memory_plan counts it).
 template <int HDIM>
 static void attention_backward_hd(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                                   const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                  const __nv_bfloat16* out, const float* lse, int B, int T, int H, int Hk) {
+                                  const __nv_bfloat16* out, const float* lse, float* D, int B, int T, int H, int Hk) {
     constexpr int BQ = attn_dkdv_rows<HDIM>();
     size_t smem_dq = attn_dq_smem<HDIM>(), smem_kv = attn_dkdv_smem<HDIM>();
     static bool smem_set = false;
@@ -2571,14 +2584,14 @@ static void attention_backward_hd(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfl
     }
     float scale = 1.f / sqrtf((float)HDIM), scale_log2 = ATTN_LOG2E * scale;
     size_t rows = (size_t)B * T * H, threads = rows * (HDIM / 8);
-    attention_backward_rowdot_kernel<HDIM><<<(unsigned)((threads + 255) / 256), 256>>>(g_attention_D, dout, out, rows, T, H);
+    PGOLF_LAUNCH((unsigned)((threads + 255) / 256), 256, 0, g_cuda.stream, attention_backward_rowdot_kernel<HDIM>)(D, dout, out, rows, T, H);
     cudaCheck(cudaGetLastError());
     int group = H / Hk;
     dim3 grid_q(attn_query_tiles(T, attn_tile_positions(ATTN_TILE, group)), Hk, B);
-    attention_backward_dq_kernel<HDIM><<<grid_q, ATTN_THREADS, smem_dq>>>(dq, dout, q, k, v, lse, g_attention_D, T, H, Hk, scale_log2, scale);
+    PGOLF_LAUNCH(grid_q, ATTN_THREADS, smem_dq, g_cuda.stream, attention_backward_dq_kernel<HDIM>)(dq, dout, q, k, v, lse, D, T, H, Hk, scale_log2, scale);
     cudaCheck(cudaGetLastError());
     dim3 grid_k((T + ATTN_TILE - 1) / ATTN_TILE, Hk, B);
-    attention_backward_dkdv_kernel<HDIM, BQ><<<grid_k, ATTN_THREADS, smem_kv>>>(dk, dv, dout, q, k, v, lse, g_attention_D, T, H, Hk, scale_log2, scale);
+    PGOLF_LAUNCH(grid_k, ATTN_THREADS, smem_kv, g_cuda.stream, attention_backward_dkdv_kernel<HDIM, BQ>)(dk, dv, dout, q, k, v, lse, D, T, H, Hk, scale_log2, scale);
     cudaCheck(cudaGetLastError());
 }
 static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
@@ -2588,17 +2601,13 @@ static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_
     const char* names[] = {"dq", "dk", "dv", "dout", "q", "k", "v", "out"};
     attention_check("attention_backward", ptrs, names, 8, B, T, H, Hk, hd);
     if (B == 0 || T == 0) return;
-    size_t need = (size_t)B * H * T;
-    if (need > g_attention_D_cap) {
-        if (g_attention_D) cudaCheck(cudaFree(g_attention_D));
-        cudaCheck(cudaMalloc(&g_attention_D, need * sizeof(float)));
-        g_attention_D_cap = need;
-    }
+    float* D = nullptr;
+    scratch_carve([&](Arena& a) { D = a.take<float>((size_t)B * H * T); });
     switch (hd) {
-        case 16: attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, Hk); break;
-        case 32: attention_backward_hd<32>(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, Hk); break;
-        case 64: attention_backward_hd<64>(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, Hk); break;
-        default: attention_backward_hd<128>(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, Hk); break;
+        case 16: attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, D, B, T, H, Hk); break;
+        case 32: attention_backward_hd<32>(dq, dk, dv, dout, q, k, v, out, lse, D, B, T, H, Hk); break;
+        case 64: attention_backward_hd<64>(dq, dk, dv, dout, q, k, v, out, lse, D, B, T, H, Hk); break;
+        default: attention_backward_hd<128>(dq, dk, dv, dout, q, k, v, out, lse, D, B, T, H, Hk); break;
     }
 }
 #endif
@@ -2652,11 +2661,11 @@ template <class T> static void xsa_backward(Cpu<T>, T* da, T* dv, const T* dout,
         }
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU.
 // One warp per (token, kv group): v̂ is computed once and serves the group's query heads.
 __global__ void xsa_forward_kernel(bf16* out, const bf16* a, const bf16* v, int rows, int H, int Hk, int hd, float eps) {
-    extern __shared__ float xsa_sh[];
+    float* xsa_sh = dynamic_smem<float>();
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;  // row = n·Hk + g
     if (row >= rows) return;
@@ -2678,7 +2687,7 @@ __global__ void xsa_forward_kernel(bf16* out, const bf16* a, const bf16* v, int 
 // u = v̂: da += dy − (dy·u)u; du = −Σ_heads [(a·u)dy + (dy·u)a]; dv += (du − (du·u)u)/|v| (or du/eps below eps)
 __global__ void xsa_backward_kernel(bf16* da, bf16* dv, const bf16* dout, const bf16* a, const bf16* v, int rows, int H, int Hk,
                                     int hd, float eps, double eps_d) {
-    extern __shared__ float xsa_sh[];
+    float* xsa_sh = dynamic_smem<float>();
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;
     if (row >= rows) return;
@@ -2725,7 +2734,7 @@ static void xsa_forward(Cuda, bf16* out, const bf16* a, const bf16* v, int N, in
     int rows = N * Hk;
     if (rows <= 0) return;
     check_head_dim(hd, "xsa_forward");
-    xsa_forward_kernel<<<ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, HEADS_PER_BLOCK * hd * sizeof(float), cuda_ctx().stream>>>(
+    PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, HEADS_PER_BLOCK * hd * sizeof(float), cuda_ctx().stream, xsa_forward_kernel)(
         out, a, v, rows, H, Hk, hd, (float)XSA_EPS);
     launchCheck();
 }
@@ -2733,7 +2742,7 @@ static void xsa_backward(Cuda, bf16* da, bf16* dv, const bf16* dout, const bf16*
     int rows = N * Hk;
     if (rows <= 0) return;
     check_head_dim(hd, "xsa_backward");
-    xsa_backward_kernel<<<ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, HEADS_PER_BLOCK * hd * sizeof(float), cuda_ctx().stream>>>(
+    PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, HEADS_PER_BLOCK * hd * sizeof(float), cuda_ctx().stream, xsa_backward_kernel)(
         da, dv, dout, a, v, rows, H, Hk, hd, (float)XSA_EPS, XSA_EPS);
     launchCheck();
 }
@@ -2760,7 +2769,7 @@ template <class T> static void resid_mix_backward(Cpu<T>, T* dx, T* dx0, T* dmix
         }
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU.
 // (perf: fuse into the rmsnorm that follows it, and its backward into the rmsnorm backward)
 __global__ void resid_mix_forward_kernel(bf16* out, const bf16* x, const bf16* x0, const float* mix, size_t n, int C) {
@@ -2797,7 +2806,7 @@ __global__ void resid_mix_backward_kernel(bf16* dx, bf16* dx0, float* partial, c
 static void resid_mix_forward(Cuda, bf16* out, const bf16* x, const bf16* x0, const float* mix, int N, int C) {
     size_t n = (size_t)N * C;
     if (!n) return;
-    resid_mix_forward_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(out, x, x0, mix, n, C);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, resid_mix_forward_kernel)(out, x, x0, mix, n, C);
     launchCheck();
 }
 static void resid_mix_backward(Cuda, bf16* dx, bf16* dx0, float* dmix, const bf16* dout, const bf16* x, const bf16* x0,
@@ -2806,7 +2815,7 @@ static void resid_mix_backward(Cuda, bf16* dx, bf16* dx0, float* dmix, const bf1
     RowChunks rc = row_chunks(N);
     float* partial = nullptr;
     if (dmix) scratch_carve([&](Arena& a) { partial = a.take<float>((size_t)rc.chunks * 2 * C); });
-    resid_mix_backward_kernel<<<reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream>>>(dx, dx0, partial, dout, x, x0, mix, N, C, rc.rows_per_chunk);
+    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, resid_mix_backward_kernel)(dx, dx0, partial, dout, x, x0, mix, N, C, rc.rows_per_chunk);
     launchCheck();
     if (dmix) column_sums_add(dmix, partial, rc.chunks, 2 * C);
 }
@@ -2840,7 +2849,7 @@ template <class T> static void branch_add_backward(Cpu<T>, T* dres, T* dbranch, 
         }
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU.
 // scale_stride 0: one scalar scale (BigramHash); gate optional.
 // (perf: fuse into the epilogue of the matmul that produces `branch`)
@@ -2880,7 +2889,7 @@ static void branch_add_forward(Cuda, bf16* out, const bf16* res, const bf16* bra
                                int N, int C, int scale_stride = 1) {
     size_t n = (size_t)N * C;
     if (!n) return;
-    branch_add_forward_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(out, res, branch, scale, gate, n, C, scale_stride);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, branch_add_forward_kernel)(out, res, branch, scale, gate, n, C, scale_stride);
     launchCheck();
 }
 static void branch_add_backward(Cuda, bf16* dres, bf16* dbranch, float* dscale, float* dgate, const bf16* dout, const bf16* branch,
@@ -2893,7 +2902,7 @@ static void branch_add_backward(Cuda, bf16* dres, bf16* dbranch, float* dscale, 
             pscale = dscale ? a.take<float>((size_t)rc.chunks * C) : nullptr;
             pgate = dgate && gate ? a.take<float>((size_t)rc.chunks * C) : nullptr;
         });
-    branch_add_backward_kernel<<<reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream>>>(
+    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, branch_add_backward_kernel)(
         dres, dbranch, pscale, pgate, dout, branch, scale, gate, N, C, scale_stride, rc.rows_per_chunk);
     launchCheck();
     if (pscale) {
@@ -2925,7 +2934,7 @@ template <class T> static void smear_backward(Cpu<T>, T* dx, T* dgate, const T* 
         }
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU.
 __global__ void smear_forward_kernel(bf16* out, const bf16* x, const float* gate, size_t n, int T, int C) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -2960,7 +2969,7 @@ __global__ void smear_backward_kernel(bf16* dx, float* partial, const bf16* dout
 static void smear_forward(Cuda, bf16* out, const bf16* x, const float* gate, int N, int T_, int C) {
     size_t n = (size_t)N * C;
     if (!n) return;
-    smear_forward_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(out, x, gate, n, T_, C);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, smear_forward_kernel)(out, x, gate, n, T_, C);
     launchCheck();
 }
 static void smear_backward(Cuda, bf16* dx, float* dgate, const bf16* dout, const bf16* x, const float* gate, int N, int T_, int C) {
@@ -2968,7 +2977,7 @@ static void smear_backward(Cuda, bf16* dx, float* dgate, const bf16* dout, const
     RowChunks rc = row_chunks(N);
     float* partial = nullptr;
     if (dgate) scratch_carve([&](Arena& a) { partial = a.take<float>((size_t)rc.chunks * C); });
-    smear_backward_kernel<<<reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream>>>(dx, partial, dout, x, gate, N, T_, C, rc.rows_per_chunk);
+    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, smear_backward_kernel)(dx, partial, dout, x, gate, N, T_, C, rc.rows_per_chunk);
     launchCheck();
     if (dgate) column_sums_add(dgate, partial, rc.chunks, C);
 }
@@ -2991,7 +3000,7 @@ template <class T> static void mlp_act_backward(Cpu<T>, T* dh, const T* dout, co
     }
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU.
 // (perf: the forward belongs in the fc matmul's epilogue, the backward in the proj dinp epilogue)
 __global__ void mlp_act_forward_kernel(bf16* out, const bf16* h, size_t n, float slope) {
@@ -3008,12 +3017,12 @@ __global__ void mlp_act_backward_kernel(bf16* dh, const bf16* dout, const bf16* 
 }
 static void mlp_act_forward(Cuda, bf16* out, const bf16* h, size_t n, bool leaky) {
     if (!n) return;
-    mlp_act_forward_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(out, h, n, leaky ? LEAKY_SLOPE : 0.0f);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, mlp_act_forward_kernel)(out, h, n, leaky ? LEAKY_SLOPE : 0.0f);
     launchCheck();
 }
 static void mlp_act_backward(Cuda, bf16* dh, const bf16* dout, const bf16* h, size_t n, bool leaky) {
     if (!n) return;
-    mlp_act_backward_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(dh, dout, h, n, leaky ? LEAKY_SLOPE : 0.0f);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, mlp_act_backward_kernel)(dh, dout, h, n, leaky ? LEAKY_SLOPE : 0.0f);
     launchCheck();
 }
 #endif
@@ -3044,7 +3053,7 @@ template <class T> static void softcap_ce(Cpu<T>, T* losses, T* logits, const in
     }
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU.
 // One block per row reads the bf16 logits and keeps everything else in fp32 registers: no fp32
 // logits are ever written. With weights, the row is overwritten with bf16
@@ -3076,7 +3085,7 @@ __global__ void softcap_ce_kernel(float* losses, bf16* logits, const int32_t* ta
 }
 static void softcap_ce(Cuda, float* losses, bf16* logits, const int32_t* targets, const float* weights, int N, int V, float cap) {
     if (N <= 0) return;
-    softcap_ce_kernel<<<N, 256, 0, cuda_ctx().stream>>>(losses, logits, targets, weights, V, cap);
+    PGOLF_LAUNCH(N, 256, 0, cuda_ctx().stream, softcap_ce_kernel)(losses, logits, targets, weights, V, cap);
     launchCheck();
 }
 #endif
@@ -3090,7 +3099,7 @@ template <class T> static void copy_forward(Cpu<T>, T* out, const T* x, size_t n
 // master weights → the copy the forward reads (the same memory on the CPU; bf16 on the GPU)
 template <class T> static void cast_params(Cpu<T>, T* dst, const T* src, size_t n) { if (dst != src) memcpy(dst, src, n * sizeof(T)); }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU: bf16 activations or fp32 buffers.
 template <class X> __global__ void scale_inplace_kernel(X* x, size_t n, float s) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
@@ -3102,12 +3111,12 @@ template <class X> __global__ void add_forward_kernel(X* out, const X* x, const 
 }
 template <class X> static void scale_inplace(Cuda, X* x, size_t n, float s) {
     if (!n) return;
-    scale_inplace_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(x, n, s);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, scale_inplace_kernel<X>)(x, n, s);
     launchCheck();
 }
 template <class X> static void add_forward(Cuda, X* out, const X* x, const X* y, size_t n) {
     if (!n) return;
-    add_forward_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(out, x, y, n);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, add_forward_kernel<X>)(out, x, y, n);
     launchCheck();
 }
 template <class X> static void add_inplace(Cuda dev, X* x, const X* y, size_t n) { add_forward(dev, x, x, y, n); }
@@ -3261,7 +3270,7 @@ template <class T> static void model_bind_compute(Cpu<T>, Model<Cpu<T>>& m) {
 }
 #endif
 
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU the forward reads a bf16 copy of the weights.
 // The whole parameter arena gets one bf16 twin with the same offsets (each tensor starts at a
 // multiple of 16 elements: 32-byte aligned in bf16); vectors are read from the fp32 master.
@@ -3622,7 +3631,7 @@ template <class T> static void refresh_compute_weights(Cpu<T> dev, Model<Cpu<T>>
 }
 #endif
 
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // --- The optimizers on the GPU: AdamW, SGD, Muon, clipping, averaging, QAT --------------------------
 // Elementwise updates mirror the CPU reference's fp32 formulas term by term.
 __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2, float eps, float wd,
@@ -3638,7 +3647,7 @@ __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, size_
 static void adamw_update(Cuda, float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2, float eps, float wd, int t) {
     if (!n) return;
     double bc1 = 1.0 - std::pow((double)b1, t), bc2 = 1.0 - std::pow((double)b2, t);
-    adamw_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(p, g, m, v, n, lr, b1, b2, eps, wd, (float)(lr / bc1), (float)std::sqrt(bc2));
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, adamw_kernel)(p, g, m, v, n, lr, b1, b2, eps, wd, (float)(lr / bc1), (float)std::sqrt(bc2));
     launchCheck();
 }
 __global__ void sgd_kernel(float* p, const float* g, float* buf, size_t n, float lr, float momentum, float wd, bool first) {
@@ -3650,7 +3659,7 @@ __global__ void sgd_kernel(float* p, const float* g, float* buf, size_t n, float
 }
 static void sgd_update(Cuda, float* p, const float* g, float* buf, size_t n, float lr, float momentum, float wd, bool first) {
     if (!n) return;
-    sgd_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(p, g, buf, n, lr, momentum, wd, first);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, sgd_kernel)(p, g, buf, n, lr, momentum, wd, first);
     launchCheck();
 }
 __global__ void apply_update_kernel(float* p, const float* u, size_t n, float lr, float wd) {
@@ -3659,7 +3668,7 @@ __global__ void apply_update_kernel(float* p, const float* u, size_t n, float lr
 }
 static void apply_update(Cuda, float* p, const float* update, size_t n, float lr, float wd) {
     if (!n) return;
-    apply_update_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(p, update, n, lr, wd);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, apply_update_kernel)(p, update, n, lr, wd);
     launchCheck();
 }
 __global__ void average_kernel(float* avg, const float* w, size_t n, float decay, bool first) {
@@ -3668,7 +3677,7 @@ __global__ void average_kernel(float* avg, const float* w, size_t n, float decay
 }
 static void average_accumulate(Cuda, float* avg, const float* w, size_t n, float decay, bool first) {
     if (!n) return;
-    average_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(avg, w, n, decay, first);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, average_kernel)(avg, w, n, decay, first);
     launchCheck();
 }
 static void scale_grads(Cuda dev, float* x, size_t n, float s) { scale_inplace(dev, x, n, s); }
@@ -3686,7 +3695,7 @@ static double sum_squares(Cuda dev, const float* x, size_t n) {
     if (!n) return 0.0;
     double* partial = nullptr;
     scratch_carve([&](Arena& a) { partial = a.take<double>(NORM_BLOCKS); });
-    sum_squares_kernel<<<NORM_BLOCKS, BLOCK, 0, g_cuda.stream>>>(partial, x, n);
+    PGOLF_LAUNCH(NORM_BLOCKS, BLOCK, 0, g_cuda.stream, sum_squares_kernel)(partial, x, n);
     launchCheck();
     double host[NORM_BLOCKS], s = 0.0;
     to_host(dev, host, partial, NORM_BLOCKS);
@@ -3706,7 +3715,7 @@ __global__ void fake_quant_rows_kernel(bf16* out, const float* w, int cols, int 
 }
 static void fake_quant_rows(Cuda, bf16* out, const float* w, int rows, int cols, int clip, float floor) {
     if (rows <= 0 || cols <= 0) return;
-    fake_quant_rows_kernel<<<rows, BLOCK, 0, cuda_ctx().stream>>>(out, w, cols, clip, floor);
+    PGOLF_LAUNCH(rows, BLOCK, 0, cuda_ctx().stream, fake_quant_rows_kernel)(out, w, cols, clip, floor);
     launchCheck();
 }
 // The weights the forward reads: bf16 casts of the master, fake-quantized (QAT) where qat_applies.
@@ -3797,12 +3806,12 @@ static void muon_direction(Cuda, float* update, const float* g, float* buf, int 
     NsScratch s;
     scratch_carve([&](Arena& a) { carve_ns_scratch(a, s, rows, cols); });
     cudaStream_t st = g_cuda.stream;
-    muon_momentum_kernel<<<NORM_BLOCKS, BLOCK, 0, st>>>(update, buf, g, n, momentum, s.partial);
+    PGOLF_LAUNCH(NORM_BLOCKS, BLOCK, 0, st, muon_momentum_kernel)(update, buf, g, n, momentum, s.partial);
     launchCheck();
-    ns_normalize_kernel<<<grid_for(n), BLOCK, 0, st>>>(s.x, update, s.partial, n);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, st, ns_normalize_kernel)(s.x, update, s.partial, n);
     launchCheck();
     bf16* X = newton_schulz_bf16(s.x, s.x2, s.a, s.b, rows, cols, steps);
-    muon_finish_kernel<<<grid_for(n), BLOCK, 0, st>>>(update, X, n, (float)std::sqrt(std::max(1.0, (double)rows / cols)));
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, st, muon_finish_kernel)(update, X, n, (float)std::sqrt(std::max(1.0, (double)rows / cols)));
     launchCheck();
 }
 #endif
@@ -3893,7 +3902,7 @@ template <class T> static void allreduce_sum(Cpu<T>, T* x, size_t n) {
 // Contiguous split of n items over ranks: rank r takes [n·r/W, n·(r+1)/W).
 static long split_begin(long n, int rank, int world) { return n * rank / world; }
 
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // --- NCCL over the ranks MPI launched -----------------------------------------------------------------
 // The communicator is made once (run_cuda): rank 0 draws the id, MPI broadcasts it. Built without
 // NCCL or MPI, this is a single-GPU program and more ranks are refused.
@@ -5831,7 +5840,7 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     log0("outputs in %s\n", c.out_dir.c_str());
 }
 
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // --- The GPU run: the memory plan and the CUDA entry point ------------------------------------------
 // Everything the run allocates up front, printed before allocating and checked against free memory.
 struct CudaMemoryPlan {
@@ -5893,6 +5902,8 @@ static CudaMemoryPlan cuda_memory_plan(const Config& c, int world, size_t sort_t
         need = std::max(need, b.used);
         Arena q; q.take<float>((size_t)N * c.num_heads); q.take<float>((size_t)rc.chunks * c.num_heads);
         need = std::max(need, q.used);
+        Arena d; d.take<float>((size_t)N * c.num_heads);  // attention backward: D = rowsum(dO ⊙ O)
+        need = std::max(need, d.used);
     }
     for (const ParamSpec& s : table)
         if (s.group == GROUP_MATRIX) { Arena a; NsScratch ns; carve_ns_scratch(a, ns, s.rows(), s.cols()); need = std::max(need, a.used); }
@@ -6022,7 +6033,7 @@ int main(int argc, char** argv) {
         fail("DEVICE=cpu: this build has no CPU reference (it is the stripped submission)");
 #endif
     } else {
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
         run_cuda(c);
 #else
         fail("DEVICE=cuda: this train_gpt was built without CUDA");
@@ -6034,6 +6045,6 @@ int main(int argc, char** argv) {
 }
 #endif
 
-#ifndef __CUDACC__
+#ifndef PGOLF_CUDA
 static bool cuda_available() { return false; }
 #endif
