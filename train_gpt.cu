@@ -1000,6 +1000,8 @@ static void config_validate(const Config& c, int world) {
     need(c.mlp_hidden() > 0, "MLP_MULT=%g gives an empty MLP", c.mlp_mult);
     need(c.mlp_activation == "relu_sq" || c.mlp_activation == "leaky_relu_sq", "MLP_ACTIVATION=%s: expected relu_sq or leaky_relu_sq", c.mlp_activation.c_str());
     need(c.unique_layers >= 0 && c.unique_layers <= c.num_layers, "UNIQUE_LAYERS=%d: expected 0..NUM_LAYERS=%d", c.unique_layers, c.num_layers);
+    need(c.named_cores || c.num_cores() == c.num_layers, "UNIQUE_LAYERS=%d needs NAMED_CORES=1 (shared blocks are named cores.i)",
+         c.unique_layers);
     need(c.xsa_last_n >= 0 && c.xsa_last_n <= c.num_cores(), "XSA_LAST_N=%d: expected 0..%d", c.xsa_last_n, c.num_cores());
     need(c.logit_softcap > 0, "LOGIT_SOFTCAP=%g: expected > 0", c.logit_softcap);
     need(c.bigram_vocab_size == 0 || c.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE=%d: expected 0 or ≥ 2", c.bigram_vocab_size);
@@ -5612,12 +5614,8 @@ template <class D> static void save_checkpoint(D dev, Model<D>& m, TrainState<D>
     }
 }
 
-template <class D> static void load_checkpoint(D dev, Model<D>& m, TrainState<D>& s, const std::string& path) {
-    SafetensorsFile f = safetensors_read(path);
-    if (f.meta["format"] != "pgolf-checkpoint-1") fail("%s: not a pgolf checkpoint (format \"%s\")", path.c_str(), f.meta["format"].c_str());
-    Config saved = config_from_text(f.meta["config"], path);
-    // the model settings must match; a changed training setting makes a different continuation: say so
-    Config cur = m.cfg;
+// RESUME: the model settings must match; a changed training setting makes a different continuation: say so.
+static void config_check_resume(Config saved, Config cur, const std::string& path) {
     std::vector<Setting> a = config_settings(saved), b = config_settings(cur);
     for (size_t i = 0; i < a.size(); i++) {
         if (setting_value(a[i]) == setting_value(b[i])) continue;
@@ -5629,6 +5627,13 @@ template <class D> static void load_checkpoint(D dev, Model<D>& m, TrainState<D>
             log0("resume: %s=%s (the checkpoint's run had %s): training continues with the new value\n", b[i].name,
                  setting_value(b[i]).c_str(), setting_value(a[i]).c_str());
     }
+}
+
+template <class D> static void load_checkpoint(D dev, Model<D>& m, TrainState<D>& s, const std::string& path) {
+    SafetensorsFile f = safetensors_read(path);
+    if (f.meta["format"] != "pgolf-checkpoint-1") fail("%s: not a pgolf checkpoint (format \"%s\")", path.c_str(), f.meta["format"].c_str());
+    Config saved = config_from_text(f.meta["config"], path);
+    config_check_resume(saved, m.cfg, path);
     size_t n = m.nparams;
     std::vector<float> tmp(n, 0.0f);
     auto put = [&](const char* prefix, typename D::grad* dst) {
