@@ -5690,13 +5690,23 @@ static void on_stop_signal(int signo) {
     const char msg[] = "\nsignal: finishing this step, then writing a checkpoint and exiting (a second signal exits at once)\n";
     if (write(2, msg, sizeof msg - 1) < 0) {}
 }
+// A signal the parent ignores stays ignored (a background job in a script ignores SIGINT); off
+// restores what was there before.
 static void stop_signals_catch(bool on) {
-    struct sigaction sa = {};
-    sa.sa_handler = on ? on_stop_signal : SIG_DFL;
-    sa.sa_flags = SA_RESTART;  // file I/O in progress carries on
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, nullptr);
-    sigaction(SIGINT, &sa, nullptr);
+    static struct sigaction before[2];
+    static bool caught = false;
+    const int sigs[2] = {SIGTERM, SIGINT};
+    if (on == caught) return;
+    caught = on;
+    for (int i = 0; i < 2; i++) {
+        if (!on) { sigaction(sigs[i], &before[i], nullptr); continue; }
+        struct sigaction sa = {};
+        sa.sa_handler = on_stop_signal;
+        sa.sa_flags = SA_RESTART;  // file I/O in progress carries on
+        sigemptyset(&sa.sa_mask);
+        sigaction(sigs[i], nullptr, &before[i]);
+        if (before[i].sa_handler != SIG_IGN) sigaction(sigs[i], &sa, nullptr);
+    }
 }
 // The signal any rank received (SIGINT before SIGTERM), or 0: every rank stops after the same step.
 static int stop_signal_any_rank() {

@@ -45,17 +45,23 @@ wait_for() {  # wait_for FILE PATTERN: up to 60 s
 env "${common[@]}" ITERATIONS=100000 OUT_DIR="$tmp/term" "$bin" > "$tmp/term.log" 2>&1 &
 pid=$!
 wait_for "$tmp/term.log" "^step:2/" && kill -TERM "$pid"
+( sleep 60; kill -KILL "$pid" 2>/dev/null ) >/dev/null 2>&1 & watchdog=$!
 wait "$pid"; rc=$?
+kill "$watchdog" 2>/dev/null
 ck=$(grep -o 'continue with RESUME=.*' "$tmp/term.log" | cut -d= -f2)
 if [ "$rc" -eq 143 ] && [ -n "$ck" ] && [ -f "$ck" ]; then
     echo "PASS sigterm_writes_a_checkpoint_and_exits_143 ($(basename "$ck"))"
 else echo "FAIL sigterm_writes_a_checkpoint_and_exits_143: exit $rc, checkpoint '$ck'"; tail -3 "$tmp/term.log"; failed=1; fi
 
 # --- a second signal exits at once, mid-step (a step of 64k tokens takes seconds here) ---
+set -m  # the job gets its own process group and keeps SIGINT (a script's background jobs ignore it)
 env "${common[@]}" ITERATIONS=100000 TRAIN_BATCH_TOKENS=65536 OUT_DIR="$tmp/int" "$bin" > "$tmp/int.log" 2>&1 &
+set +m
 pid=$!
 wait_for "$tmp/int.log" "^step:1/" && { kill -INT "$pid"; sleep 0.3; kill -INT "$pid"; }
+( sleep 30; kill -KILL "$pid" 2>/dev/null ) >/dev/null 2>&1 & watchdog=$!
 wait "$pid"; rc=$?
+kill "$watchdog" 2>/dev/null
 if [ "$rc" -eq 130 ] && grep -q "second signal: exiting at once" "$tmp/int.log" && ! ls "$tmp/int"/checkpoint_* >/dev/null 2>&1; then
     echo "PASS second_signal_exits_at_once"
 else echo "FAIL second_signal_exits_at_once: exit $rc"; tail -3 "$tmp/int.log"; failed=1; fi
