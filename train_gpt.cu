@@ -814,20 +814,23 @@ enum Scope { SCOPE_MODEL, SCOPE_TRAINING, SCOPE_EVALUATION, SCOPE_RUN, SCOPE_NUM
 static const char* const SCOPE_NAMES[SCOPE_NUM] = {"model", "training", "evaluation", "this run"};
 static const char* const SCOPE_SETTINGS[SCOPE_NUM] = {
     "VOCAB_SIZE NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT MLP_ACTIVATION UNIQUE_LAYERS NAMED_CORES "
-    "TIE_EMBEDDINGS ROPE_BASE ROPE_DIMS LOGIT_SOFTCAP BIGRAM_VOCAB_SIZE BIGRAM_DIM BIGRAM_HASH_SIZE SMEAR SMEAR_GATE XSA_LAST_N",
-    "SEED ITERATIONS WARMDOWN_ITERS WARMUP_STEPS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN MAX_WALLCLOCK_SECONDS GRAD_ACCUM_STEPS "
-    "QK_GAIN_INIT TIED_EMBED_INIT_STD ORTHO_INIT EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR SCALAR_LR MUON_MOMENTUM "
-    "MUON_BACKEND_STEPS MUON_MOMENTUM_WARMUP_START MUON_MOMENTUM_WARMUP_STEPS MUON_WEIGHT_DECAY ADAM_WD WEIGHT_DECAY BETA1 "
-    "BETA2 ADAM_EPS GRAD_CLIP_NORM SWA_ENABLED SWA_START_FRAC SWA_EVERY SWA_STEPS SWA_DECAY SWA_START_STEP EMA_DECAY "
-    "LATE_QAT QAT_THRESHOLD QAT_BITS QAT_START_STEP QAT_SCALE_FLOOR QUANT_SCHEME PACK ZSTD_LEVEL PRUNE_FRAC GPTQ_LITE "
-    "ALL_INT5 FP16_KEEP_NAME_PATTERNS CONTROL_TENSOR_NAME_PATTERNS",
-    "VAL_BATCH_SIZE VAL_LOSS_EVERY VAL_TOKENS_LIMIT VAL_TRUNCATE_TO_SEQ EVAL_MODE EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH_SEQS "
-    "SLIDING EVAL_MAX_WALLCLOCK_SECONDS TTT_LORA_RANK TTT_LORA_LR TTT_LORA_ALPHA TTT_LORA_TARGETS TTT_LORA_OPTIMIZER "
-    "TTT_LORA_BETA1 TTT_LORA_BETA2 TTT_LORA_EPS TTT_LORA_WD TTT_CHUNK_SIZE TTT_EVAL_SEQ_LEN TTT_BATCH_SIZE TTT_STEPS "
-    "TTT_N_EPOCHS TTT_LORA_SCHEDULE TTT_REPORT_FINAL_EPOCH TTT_CHUNK_TOKENS TTT_EPOCHS TTT_FREEZE_BLOCKS TTT_BATCH_SEQS "
-    "TTT_LR TTT_MOMENTUM TTT_GRAD_CLIP TTT_WD TTT_BETA1 TTT_BETA2 TTT_EPS TTT_OPTIMIZER",
-    "DATA_PATH TOKENIZER_PATH RUN_ID OUT_DIR RESUME LOAD_ARTIFACT NLL_DUMP DEVICE TRAIN_LOG_EVERY CHECKPOINT_EVERY "
-    "CHECKPOINT_KEEP",
+    "TIE_EMBEDDINGS ROPE_BASE ROPE_DIMS LOGIT_SOFTCAP BIGRAM_VOCAB_SIZE BIGRAM_DIM BIGRAM_HASH_SIZE SMEAR "
+    "SMEAR_GATE XSA_LAST_N",
+    "SEED ITERATIONS WARMDOWN_ITERS WARMUP_STEPS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN MAX_WALLCLOCK_SECONDS "
+    "GRAD_ACCUM_STEPS QK_GAIN_INIT TIED_EMBED_INIT_STD ORTHO_INIT EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR "
+    "SCALAR_LR MUON_MOMENTUM MUON_BACKEND_STEPS MUON_MOMENTUM_WARMUP_START MUON_MOMENTUM_WARMUP_STEPS "
+    "MUON_WEIGHT_DECAY ADAM_WD WEIGHT_DECAY BETA1 BETA2 ADAM_EPS GRAD_CLIP_NORM SWA_ENABLED SWA_START_FRAC "
+    "SWA_EVERY SWA_STEPS SWA_DECAY SWA_START_STEP EMA_DECAY LATE_QAT QAT_THRESHOLD QAT_BITS QAT_START_STEP "
+    "QAT_SCALE_FLOOR QUANT_SCHEME PACK ZSTD_LEVEL PRUNE_FRAC GPTQ_LITE ALL_INT5 FP16_KEEP_NAME_PATTERNS "
+    "CONTROL_TENSOR_NAME_PATTERNS",
+    "VAL_BATCH_SIZE VAL_LOSS_EVERY VAL_TOKENS_LIMIT VAL_TRUNCATE_TO_SEQ EVAL_MODE EVAL_SEQ_LEN EVAL_STRIDE "
+    "EVAL_BATCH_SEQS SLIDING EVAL_MAX_WALLCLOCK_SECONDS TTT_LORA_RANK TTT_LORA_LR TTT_LORA_ALPHA "
+    "TTT_LORA_TARGETS TTT_LORA_OPTIMIZER TTT_LORA_BETA1 TTT_LORA_BETA2 TTT_LORA_EPS TTT_LORA_WD TTT_CHUNK_SIZE "
+    "TTT_EVAL_SEQ_LEN TTT_BATCH_SIZE TTT_STEPS TTT_N_EPOCHS TTT_LORA_SCHEDULE TTT_REPORT_FINAL_EPOCH "
+    "TTT_CHUNK_TOKENS TTT_EPOCHS TTT_FREEZE_BLOCKS TTT_BATCH_SEQS TTT_LR TTT_MOMENTUM TTT_GRAD_CLIP TTT_WD "
+    "TTT_BETA1 TTT_BETA2 TTT_EPS TTT_OPTIMIZER",
+    "DATA_PATH TOKENIZER_PATH RUN_ID OUT_DIR RESUME LOAD_ARTIFACT NLL_DUMP DEVICE TRAIN_LOG_EVERY "
+    "CHECKPOINT_EVERY CHECKPOINT_KEEP",
 };
 static Scope setting_scope(const char* name) {
     int found = -1, count = 0;
@@ -911,7 +914,8 @@ static std::vector<std::string> unknown_setting_warnings(char** env) {
             same_word |= word.size() > 1 && word.back() == '_' && name.compare(0, word.size(), word) == 0;
         }
         if (best_d <= std::max(1, (int)name.size() / 5) || same_word)
-            out.push_back(fmt("%s is not a pgolf setting and is ignored (did you mean %s?)", name.c_str(), best.c_str()));
+            out.push_back(fmt("%s is not a pgolf setting and is ignored (did you mean %s?)", name.c_str(),
+                              best.c_str()));
     }
     return out;
 }
@@ -976,8 +980,8 @@ static Config config_for_artifact(Config& env_cfg, Config art, const std::string
         const char* env = getenv(a[i].name);
         if (scope == SCOPE_RUN) setting_parse(a[i], setting_value(e[i]).c_str());
         else if (env && scope == SCOPE_MODEL && setting_value(a[i]) != setting_value(e[i]))
-            fail("LOAD_ARTIFACT: %s=%s contradicts the artifact's %s=%s (%s sets the model; unset it)", a[i].name, env, a[i].name,
-                 setting_value(a[i]).c_str(), path.c_str());
+            fail("LOAD_ARTIFACT: %s=%s contradicts the artifact's %s=%s (%s sets the model; unset it)", a[i].name, env,
+                 a[i].name, setting_value(a[i]).c_str(), path.c_str());
         else if (env && scope != SCOPE_MODEL) setting_parse(a[i], env);
     }
     return art;
@@ -1000,8 +1004,8 @@ static void config_validate(const Config& c, int world) {
     need(c.mlp_hidden() > 0, "MLP_MULT=%g gives an empty MLP", c.mlp_mult);
     need(c.mlp_activation == "relu_sq" || c.mlp_activation == "leaky_relu_sq", "MLP_ACTIVATION=%s: expected relu_sq or leaky_relu_sq", c.mlp_activation.c_str());
     need(c.unique_layers >= 0 && c.unique_layers <= c.num_layers, "UNIQUE_LAYERS=%d: expected 0..NUM_LAYERS=%d", c.unique_layers, c.num_layers);
-    need(c.named_cores || c.num_cores() == c.num_layers, "UNIQUE_LAYERS=%d needs NAMED_CORES=1 (shared blocks are named cores.i)",
-         c.unique_layers);
+    need(c.named_cores || c.num_cores() == c.num_layers,
+         "UNIQUE_LAYERS=%d needs NAMED_CORES=1 (shared blocks are named cores.i)", c.unique_layers);
     need(c.xsa_last_n >= 0 && c.xsa_last_n <= c.num_cores(), "XSA_LAST_N=%d: expected 0..%d", c.xsa_last_n, c.num_cores());
     need(c.logit_softcap > 0, "LOGIT_SOFTCAP=%g: expected > 0", c.logit_softcap);
     need(c.bigram_vocab_size == 0 || c.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE=%d: expected 0 or ≥ 2", c.bigram_vocab_size);
@@ -1043,23 +1047,26 @@ static void config_validate(const Config& c, int world) {
     for (const std::string& mode : split_list(c.eval_mode)) {
         bool known = false;
         for (const char* name : EVAL_MODE_NAMES) known |= mode == name;
-        need(known, "EVAL_MODE: unknown mode \"%s\" (expected a comma list of standard, sliding, lora_ttt, full_ttt)", mode.c_str());
+        need(known, "EVAL_MODE: unknown mode \"%s\" (expected a comma list of standard, sliding, lora_ttt, full_ttt)",
+             mode.c_str());
     }
     // SWA, PR #600's SWA_STEPS EMA and EMA_DECAY each replace the final weights by their own average of one
     // buffer; none of the reference records combines two, so a combination is refused, not guessed.
     int averages = (c.swa_enabled != 0) + (c.swa_steps > 0) + (c.ema_decay > 0);
-    need(averages <= 1, "SWA_ENABLED=%d, SWA_STEPS=%d and EMA_DECAY=%g: these are three different weight averages; set only one "
-         "(e.g. SWA_ENABLED=0 with EMA_DECAY)", c.swa_enabled, c.swa_steps, c.ema_decay);
+    need(averages <= 1, "SWA_ENABLED=%d, SWA_STEPS=%d and EMA_DECAY=%g: these are three different weight averages; "
+         "set only one (e.g. SWA_ENABLED=0 with EMA_DECAY)", c.swa_enabled, c.swa_steps, c.ema_decay);
     need(c.ema_decay >= 0 && c.ema_decay < 1, "EMA_DECAY=%g: expected [0, 1)", c.ema_decay);
-    need(c.swa_steps >= 0 && c.swa_decay >= 0 && c.swa_decay < 1, "SWA_STEPS=%d, SWA_DECAY=%g: expected ≥ 0 and [0, 1)", c.swa_steps, c.swa_decay);
+    need(c.swa_steps >= 0 && c.swa_decay >= 0 && c.swa_decay < 1,
+         "SWA_STEPS=%d, SWA_DECAY=%g: expected ≥ 0 and [0, 1)", c.swa_steps, c.swa_decay);
     need(c.zstd_level >= 1 && c.zstd_level <= 22, "ZSTD_LEVEL=%d: expected 1..22", c.zstd_level);
-    need(c.checkpoint_every >= 0 && c.checkpoint_keep >= 0, "CHECKPOINT_EVERY=%d, CHECKPOINT_KEEP=%d: expected ≥ 0", c.checkpoint_every,
-         c.checkpoint_keep);
+    need(c.checkpoint_every >= 0 && c.checkpoint_keep >= 0, "CHECKPOINT_EVERY=%d, CHECKPOINT_KEEP=%d: expected ≥ 0",
+         c.checkpoint_every, c.checkpoint_keep);
     need(c.val_batch_size > 0, "VAL_BATCH_SIZE=%ld: expected > 0", c.val_batch_size);
-    need(c.val_tokens_limit >= 0 && c.eval_seq_len >= 0, "VAL_TOKENS_LIMIT=%ld, EVAL_SEQ_LEN=%d: expected ≥ 0", c.val_tokens_limit,
-         c.eval_seq_len);
+    need(c.val_tokens_limit >= 0 && c.eval_seq_len >= 0, "VAL_TOKENS_LIMIT=%ld, EVAL_SEQ_LEN=%d: expected ≥ 0",
+         c.val_tokens_limit, c.eval_seq_len);
     need(c.max_wallclock_seconds >= 0 && c.eval_max_wallclock_seconds >= 0,
-         "MAX_WALLCLOCK_SECONDS=%g, EVAL_MAX_WALLCLOCK_SECONDS=%g: expected ≥ 0", c.max_wallclock_seconds, c.eval_max_wallclock_seconds);
+         "MAX_WALLCLOCK_SECONDS=%g, EVAL_MAX_WALLCLOCK_SECONDS=%g: expected ≥ 0", c.max_wallclock_seconds,
+         c.eval_max_wallclock_seconds);
     need(c.muon_backend_steps >= 0, "MUON_BACKEND_STEPS=%d: expected ≥ 0", c.muon_backend_steps);
 }
 
@@ -1068,7 +1075,9 @@ static void outputs_check(const Config& c) {
     if (c.nll_dump.empty()) return;
     std::string probe = c.nll_dump + ".probe.tmp";
     FILE* f = fopen(probe.c_str(), "wb");
-    if (!f) fail("NLL_DUMP=%s: cannot write %s: %s (its folder must exist and be writable)", c.nll_dump.c_str(), probe.c_str(), strerror(errno));
+    if (!f)
+        fail("NLL_DUMP=%s: cannot write %s: %s (its folder must exist and be writable)", c.nll_dump.c_str(),
+             probe.c_str(), strerror(errno));
     fclose(f);
     remove(probe.c_str());
 }
@@ -1083,7 +1092,8 @@ static void print_settings_table() {
     std::vector<std::vector<Setting>> all;
     for (Config& c : cs) all.push_back(config_settings(c));
     for (size_t k = 0; k < all[0].size(); k++) {
-        std::string row = std::string("| `") + all[0][k].name + "` | " + SCOPE_NAMES[setting_scope(all[0][k].name)] + " |";
+        std::string row = std::string("| `") + all[0][k].name + "` | ";
+        row += std::string(SCOPE_NAMES[setting_scope(all[0][k].name)]) + " |";
         for (auto& st : all) { std::string v = setting_value(st[k]); row += " " + (v.empty() ? std::string("—") : "`" + v + "`") + " |"; }
         printf("%s %s |\n", row.c_str(), all[0][k].help);
     }
@@ -5584,7 +5594,8 @@ template <class D> static void save_checkpoint(D dev, Model<D>& m, TrainState<D>
     if (g_world > 1) {  // gather each matrix's momentum from its owner: the others contribute zero bits
         int matrix_i = 0;
         for (const ParamSpec& p : m.table)
-            if (p.group == GROUP_MATRIX && muon_owner(matrix_i++) != g_rank) std::fill_n(am.data() + p.offset, p.numel, 0.0f);
+            if (p.group == GROUP_MATRIX && muon_owner(matrix_i++) != g_rank)
+                std::fill_n(am.data() + p.offset, p.numel, 0.0f);
         host_reduce_bits_to_root(am.data(), n);
     }
     bool finite = true;
@@ -5621,8 +5632,8 @@ static void config_check_resume(Config saved, Config cur, const std::string& pat
         if (setting_value(a[i]) == setting_value(b[i])) continue;
         Scope scope = setting_scope(a[i].name);
         if (scope == SCOPE_MODEL)
-            fail("%s: checkpoint has %s=%s but this run has %s=%s", path.c_str(), a[i].name, setting_value(a[i]).c_str(), a[i].name,
-                 setting_value(b[i]).c_str());
+            fail("%s: checkpoint has %s=%s but this run has %s=%s", path.c_str(), a[i].name,
+                 setting_value(a[i]).c_str(), a[i].name, setting_value(b[i]).c_str());
         if (scope == SCOPE_TRAINING)
             log0("resume: %s=%s (the checkpoint's run had %s): training continues with the new value\n", b[i].name,
                  setting_value(b[i]).c_str(), setting_value(a[i]).c_str());
@@ -5652,19 +5663,21 @@ template <class D> static void load_checkpoint(D dev, Model<D>& m, TrainState<D>
     s.swa_count = atoi(f.meta["swa_count"].c_str());
     s.qat_active = atoi(f.meta["qat_active"].c_str()) != 0;
     if (s.step > m.cfg.iterations)
-        fail("RESUME=%s: the checkpoint is at step %d, past ITERATIONS=%d: set ITERATIONS to %d or more to train on from it",
+        fail("RESUME=%s: the checkpoint is at step %d, past ITERATIONS=%d: set ITERATIONS to %d or more to train on",
              path.c_str(), s.step, m.cfg.iterations, s.step);
     // the loader position must exist in this run's train shards
     int file = atoi(f.meta["loader_file"].c_str());
     long pos = atol(f.meta["loader_pos"].c_str());
     const std::vector<std::string>& files = s.loader.stream.files;
     if (file < 0 || file >= (int)files.size())
-        fail("RESUME=%s: the checkpoint's loader position is train shard #%d (0-based), token %ld, but DATA_PATH=%s holds %zu train "
-             "shards: resume with the data it was trained on", path.c_str(), file, pos, m.cfg.data_path.c_str(), files.size());
+        fail("RESUME=%s: the checkpoint's loader position is train shard #%d (0-based), token %ld, but DATA_PATH=%s "
+             "holds %zu train shards: resume with the data it was trained on", path.c_str(), file, pos,
+             m.cfg.data_path.c_str(), files.size());
     s.loader.stream.open(files, m.cfg.vocab_size, file, pos);
     if (pos < 0 || pos > (long)s.loader.stream.tokens.size())
-        fail("RESUME=%s: the checkpoint's loader position is token %ld of %s, which holds %zu tokens (DATA_PATH=%s): resume with the "
-             "data it was trained on", path.c_str(), pos, files[file].c_str(), s.loader.stream.tokens.size(), m.cfg.data_path.c_str());
+        fail("RESUME=%s: the checkpoint's loader position is token %ld of %s, which holds %zu tokens (DATA_PATH=%s): "
+             "resume with the data it was trained on", path.c_str(), pos, files[file].c_str(),
+             s.loader.stream.tokens.size(), m.cfg.data_path.c_str());
     if (finite) s.checkpoints.push_back({path, s.step});  // a good checkpoint to name if training diverges
     log0("resumed from %s at step %d (train_time %.0fms)\n", path.c_str(), s.step, s.train_ms);
 }
@@ -5687,7 +5700,8 @@ static void on_stop_signal(int signo) {
         _exit(128 + signo);
     }
     g_stop_signal = signo;
-    const char msg[] = "\nsignal: finishing this step, then writing a checkpoint and exiting (a second signal exits at once)\n";
+    const char msg[] = "\nsignal: finishing this step, then writing a checkpoint and exiting "
+                       "(a second signal exits at once)\n";
     if (write(2, msg, sizeof msg - 1) < 0) {}
 }
 // A signal the parent ignores stays ignored (a background job in a script ignores SIGINT); off
@@ -5720,6 +5734,19 @@ static void write_result_json(const Config& c, const std::string& json_body) {
     std::string path = c.out_dir + "/result.json";
     std::string text = "{\n" + json_body + "\n}\n";
     write_file_atomic(path, text.data(), text.size());
+}
+
+// After a stop signal: a checkpoint of the finished step (when OUT_DIR is writable), then exit 128 + signo.
+template <class D> static void stop_on_signal(D dev, Model<D>& m, TrainState<D>& s, int signo) {
+    bool writable = g_rank != 0 || access(m.cfg.out_dir.c_str(), W_OK) == 0;
+    if (!any_rank(!writable)) save_checkpoint(dev, m, s);
+    std::string ck = !s.checkpoints.empty() && s.checkpoints.back().step == s.step ? s.checkpoints.back().path : "";
+    log0("stopped by %s after step %d: %s\n", signo == SIGINT ? "SIGINT" : "SIGTERM", s.step,
+         ck.empty() ? "no checkpoint written (OUT_DIR is not writable, or the weights are not finite)"
+                    : ("checkpoint " + ck + "; continue with RESUME=" + ck).c_str());
+    if (g_logfile) fclose(g_logfile);
+    distributed_finish();
+    exit(128 + signo);
 }
 
 // The training loop, as the reference's main(): validate every VAL_LOSS_EVERY steps, stop at
@@ -5766,8 +5793,9 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         double tl[1] = {train_loss}; host_allreduce_sum(tl, 1); train_loss = tl[0] / g_world;
         if (!std::isfinite(train_loss)) {
             std::string ck = last_good_checkpoint(s.checkpoints, s.step);
-            ck = ck.empty() ? "none: no checkpoint from before the divergence is on disk (set CHECKPOINT_EVERY, CHECKPOINT_KEEP=0 or ≥ 2)"
-                            : ck + "; resuming replays the same steps, so lower the lr or change the data order to get past it";
+            ck = ck.empty() ? "none: no checkpoint from before the divergence is on disk "
+                              "(set CHECKPOINT_EVERY, and CHECKPOINT_KEEP=0 or ≥ 2)"
+                            : ck + "; resuming replays the same steps, so lower the lr or change the data order";
             fail("train_loss is %f at step %d: stopping (last good checkpoint: %s)", train_loss, s.step + 1, ck.c_str());
         }
         optimizer_step(dev, m, s, scale, (float)muon_momentum_at(c, s.step));
@@ -5810,18 +5838,11 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         }
         if (int signo = stop_signal_any_rank()) {
             s.train_ms += now_ms() - t0;
-            bool writable = g_rank != 0 || access(c.out_dir.c_str(), W_OK) == 0;
-            if (!any_rank(!writable)) save_checkpoint(dev, m, s);
-            std::string ck = !s.checkpoints.empty() && s.checkpoints.back().step == s.step ? s.checkpoints.back().path : "";
-            log0("stopped by %s after step %d: %s\n", signo == SIGINT ? "SIGINT" : "SIGTERM", s.step,
-                 ck.empty() ? "no checkpoint written (OUT_DIR is not writable, or the weights are not finite)"
-                            : ("checkpoint " + ck + "; continue with RESUME=" + ck).c_str());
-            if (g_logfile) fclose(g_logfile);
-            distributed_finish();
-            exit(128 + signo);
+            stop_on_signal(dev, m, s, signo);
         }
     }
     stop_signals_catch(false);
+    if (int signo = stop_signal_any_rank()) stop_on_signal(dev, m, s, signo);  // one during the last evaluation
     // final weights: the SWA mean (more than one snapshot), PR #600's EMA, or the EMA
     if (c.swa_enabled && s.swa_count > 1) {
         log0("swa:applying averaged %d checkpoints\n", s.swa_count);
