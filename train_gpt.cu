@@ -5948,8 +5948,8 @@ static std::vector<std::string> split_list(const std::string& s) {
 // (lora_state_init), full TTT's saved weights and moments (eval_full_ttt). The GPU memory plan counts it,
 // so a run that could not evaluate fails before training.
 struct EvalMemory { size_t bytes = 0; const char* mode = ""; const char* settings = ""; };
-static EvalMemory eval_memory(const Config& c, int act_B, int act_T, size_t nparams, size_t grad_bytes,
-                              size_t compute_bytes, size_t act_bytes) {
+[[maybe_unused]] static EvalMemory eval_memory(const Config& c, int act_B, int act_T, size_t nparams, size_t grad_bytes,
+                                               size_t compute_bytes, size_t act_bytes) {
     EvalMemory e;
     for (const std::string& mode : split_list(c.eval_mode)) {
         EvalMemory x;
