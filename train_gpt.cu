@@ -555,13 +555,14 @@ struct Config {
     float beta1 = 0.9f, beta2 = 0.95f, adam_eps = 1e-8f, grad_clip_norm = 0.0f;
     // weight averaging
     int swa_enabled = 0, swa_every = 50;
-    float swa_start_frac = 0.4f;       // mean of snapshots taken while the lr multiplier < this (thwu1)
+    double swa_start_frac = 0.4;       // mean of snapshots taken while the lr multiplier < this (thwu1);
+                                       // a double, as the reference's Python float: ties compare as there
     int swa_steps = 0, swa_start_step = -1;
     float swa_decay = 0.4f;            // PR600's "SWA": an EMA over the last SWA_STEPS steps
     float ema_decay = 0.0f;            // EMA of every step (2026-03-22 record; 0 = off)
     // quantization-aware training
     int late_qat = 0, qat_bits = 0, qat_start_step = -1;
-    float qat_threshold = 0.1f;        // LATE_QAT switches on once the lr multiplier is below this
+    double qat_threshold = 0.1;        // LATE_QAT switches on once the lr multiplier is below this (double)
     float qat_scale_floor = 0.0f;      // smallest per-row scale of the fake quantizer
     // export
     std::string quant_scheme = "int8"; // int8 | mixed (int5 MLP / int6 attn) | int6
@@ -614,7 +615,7 @@ static void preset_pr467(Config& c) {
     c.muon_momentum = 0.99f; c.muon_momentum_warmup_start = 0.92f; c.muon_momentum_warmup_steps = 1500;
     c.grad_clip_norm = 0.3f; c.muon_weight_decay = 0.04f; c.adam_wd = 0.04f;
     c.bigram_vocab_size = 10240; c.bigram_dim = 128; c.smear = 1; c.ortho_init = INIT_ORTHO_THWU1;
-    c.swa_enabled = 1; c.swa_start_frac = 0.35f; c.swa_every = 50;
+    c.swa_enabled = 1; c.swa_start_frac = 0.35; c.swa_every = 50;
     c.quant_scheme = "mixed"; c.prune_frac = 0.03f;
     c.fp16_keep_patterns = "tok_emb,blocks.8.attn.c_k";
     c.control_patterns += ",smear,bigram.scale";
@@ -647,8 +648,8 @@ static void preset_pr456(Config& c) {
     c.tied_embed_lr = 0.035f; c.matrix_lr = 0.025f; c.scalar_lr = 0.025f;
     c.adam_wd = 0.01f; c.muon_weight_decay = 0.04f;
     c.unique_layers = 10; c.named_cores = 1; c.xsa_last_n = 3;
-    c.swa_start_frac = 0.2f;
-    c.late_qat = 1; c.qat_threshold = 0.1f; c.qat_bits = 6; c.qat_scale_floor = 1.0f / 31.0f;
+    c.swa_start_frac = 0.2;
+    c.late_qat = 1; c.qat_threshold = 0.1; c.qat_bits = 6; c.qat_scale_floor = 1.0f / 31.0f;
     c.fp16_keep_patterns = "tok_emb,cores.2.attn.c_k";
     c.eval_mode = "full_ttt"; c.eval_stride = 128; c.eval_batch_seqs = 64;
     c.ttt_optimizer = "adamw"; c.ttt_lr = 0.0005f; c.ttt_epochs = 1; c.ttt_batch_seqs = 16;
@@ -749,14 +750,14 @@ static std::vector<Setting> config_settings(Config& c) {
         {"ADAM_EPS", 'f', &c.adam_eps, "Adam epsilon"},
         {"GRAD_CLIP_NORM", 'f', &c.grad_clip_norm, "clip gradients to this global L2 norm (0 = off)"},
         {"SWA_ENABLED", 'i', &c.swa_enabled, "average snapshots taken during the warm-down"},
-        {"SWA_START_FRAC", 'f', &c.swa_start_frac, "snapshots start when the lr multiplier drops below this"},
+        {"SWA_START_FRAC", 'd', &c.swa_start_frac, "snapshots start when the lr multiplier drops below this"},
         {"SWA_EVERY", 'i', &c.swa_every, "steps between snapshots"},
         {"SWA_STEPS", 'i', &c.swa_steps, "PR #600: EMA over the last N steps (0 = off)"},
         {"SWA_DECAY", 'f', &c.swa_decay, "PR #600: decay of that EMA"},
         {"SWA_START_STEP", 'i', &c.swa_start_step, "PR #600: first EMA step (-1 = last SWA_STEPS)"},
         {"EMA_DECAY", 'f', &c.ema_decay, "EMA of the weights at every step (0 = off)"},
         {"LATE_QAT", 'i', &c.late_qat, "fake-quantize matrices once the lr multiplier < QAT_THRESHOLD"},
-        {"QAT_THRESHOLD", 'f', &c.qat_threshold, "lr multiplier that switches LATE_QAT on"},
+        {"QAT_THRESHOLD", 'd', &c.qat_threshold, "lr multiplier that switches LATE_QAT on"},
         {"QAT_BITS", 'i', &c.qat_bits, "bits of the fake quantizer (5 or 6; 0 = no QAT)"},
         {"QAT_START_STEP", 'i', &c.qat_start_step, "PR #600: QAT from this step (-1 = ITERATIONS - WARMDOWN_ITERS)"},
         {"QAT_SCALE_FLOOR", 'f', &c.qat_scale_floor, "smallest per-row scale of the fake quantizer"},
@@ -5342,6 +5343,7 @@ template <class D> struct TrainState {
     int step = 0, swa_count = 0;
     double train_ms = 0;
     bool qat_active = false;
+    EvalResult last_val;                     // the latest validation during training
     DataLoader loader;
     std::vector<std::string> checkpoints;    // written so far, oldest first
 };
@@ -5500,7 +5502,12 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         bool last = s.step == c.iterations || (stop_after >= 0 && s.step >= stop_after);
         if (last || (c.val_loss_every > 0 && s.step % c.val_loss_every == 0)) {
             s.train_ms += now_ms() - t0;
+            // PR #456's late QAT fake-quantizes only in training mode: its validation reads the plain weights
+            bool plain = c.late_qat && s.qat_active;
+            if (plain) refresh_compute_weights(dev, m, false);
             EvalResult r = eval_standard(dev, m, ev);
+            if (plain) refresh_compute_weights(dev, m, true);
+            s.last_val = r;
             log0("step:%d/%d val_loss:%.4f val_bpb:%.4f train_time:%.0fms step_avg:%.2fms\n", s.step, c.iterations,
                  r.val_loss, r.val_bpb, s.train_ms, s.train_ms / std::max(s.step, 1));
             t0 = now_ms();
