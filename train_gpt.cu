@@ -560,6 +560,7 @@ struct Config {
     int swa_steps = 0, swa_start_step = -1;
     float swa_decay = 0.4f;            // PR600's "SWA": an EMA over the last SWA_STEPS steps
     float ema_decay = 0.0f;            // EMA of every step (2026-03-22 record; 0 = off)
+    int embed_bf16 = 0;                // 1 = embedding tables stored in bf16 (weights, Adam moments, averages), as the reference
     // quantization-aware training
     int late_qat = 0, qat_bits = 0, qat_start_step = -1;
     double qat_threshold = 0.1;        // LATE_QAT switches on once the lr multiplier is below this (double)
@@ -756,6 +757,7 @@ static std::vector<Setting> config_settings(Config& c) {
         {"SWA_DECAY", 'f', &c.swa_decay, "PR #600: decay of that EMA"},
         {"SWA_START_STEP", 'i', &c.swa_start_step, "PR #600: first EMA step (-1 = last SWA_STEPS)"},
         {"EMA_DECAY", 'f', &c.ema_decay, "EMA of the weights at every step (0 = off)"},
+        {"EMBED_BF16", 'i', &c.embed_bf16, "1 = tok_emb and bigram tables keep bf16 weights, Adam moments and averages, as the reference"},
         {"LATE_QAT", 'i', &c.late_qat, "fake-quantize matrices once the lr multiplier < QAT_THRESHOLD"},
         {"QAT_THRESHOLD", 'd', &c.qat_threshold, "lr multiplier that switches LATE_QAT on"},
         {"QAT_BITS", 'i', &c.qat_bits, "bits of the fake quantizer (5 or 6; 0 = no QAT)"},
@@ -3520,6 +3522,17 @@ template <class T> static void scale_grads(Cpu<T>, T* x, size_t n, float s) { fo
 template <class T> static void average_accumulate(Cpu<T>, T* avg, const T* w, size_t n, float decay, bool first) {
     for (size_t i = 0; i < n; i++) avg[i] = first ? w[i] : (decay < 0 ? avg[i] + w[i] : T(decay) * avg[i] + (T(1) - T(decay)) * w[i]);
 }
+
+// --- bf16 storage (EMBED_BF16): round to the nearest bf16, ties to even, as a store to a bf16 tensor ----
+static inline float round_bf16(float f) {
+    if (std::isnan(f)) return f;
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    x = (x + 0x7fffu + ((x >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&f, &x, 4);
+    return f;
+}
+template <class T> static void round_to_bf16(Cpu<T>, T* x, size_t n) { for (size_t i = 0; i < n; i++) x[i] = T(round_bf16((float)x[i])); }
 #endif
 
 // --- Fake quantization (QAT, straight-through) ---------------------------------------------------------
@@ -3634,6 +3647,15 @@ __global__ void average_kernel(float* avg, const float* w, size_t n, float decay
 static void average_accumulate(Cuda, float* avg, const float* w, size_t n, float decay, bool first) {
     if (!n) return;
     average_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(avg, w, n, decay, first);
+    launchCheck();
+}
+__global__ void round_to_bf16_kernel(float* x, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] = __bfloat162float(__float2bfloat16(x[i]));
+}
+static void round_to_bf16(Cuda, float* x, size_t n) {
+    if (!n) return;
+    round_to_bf16_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(x, n);
     launchCheck();
 }
 static void scale_grads(Cuda dev, float* x, size_t n, float s) { scale_inplace(dev, x, n, s); }
@@ -5334,6 +5356,16 @@ static void load_checkpoint_weights(const std::string& path, const std::vector<P
 #endif
 static const long ARTIFACT_LIMIT_BYTES = 16000000;
 
+// EMBED_BF16: the reference casts the model to bf16 and restores only linear layers and control tensors,
+// so its embedding tables keep bf16 weights, gradients, Adam moments and averages.
+static bool stored_bf16(const Config& c, const ParamSpec& p) {
+    return c.embed_bf16 && (p.role == P_TOK_EMB || p.role == P_BIGRAM_EMBED);
+}
+template <class D, class G> static void round_bf16_tables(D dev, const Model<D>& m, G* buf) {
+    for (const ParamSpec& p : m.table)
+        if (stored_bf16(m.cfg, p)) round_to_bf16(dev, buf + p.offset, p.numel);
+}
+
 // Optimizer and averaging state, all in the parameter layout.
 template <class D> struct TrainState {
     using G = typename D::grad;
@@ -5373,6 +5405,7 @@ template <class D> static void train_state_init(D dev, TrainState<D>& s, Model<D
     s.update = (G*)device_alloc(dev, bytes);
     const Config& c = m.cfg;
     if (c.swa_enabled || c.swa_steps > 0 || c.ema_decay > 0) s.avg = (G*)device_alloc(dev, bytes);
+    round_bf16_tables(dev, m, m.params);  // the reference's .bfloat16() after init
     if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, true);  // EMA starts at the init
 }
 
@@ -5390,6 +5423,7 @@ template <class D> static void optimizer_step(D dev, Model<D>& m, TrainState<D>&
         double coef = c.grad_clip_norm / (norm + 1e-6);
         if (coef < 1.0) scale_grads(dev, m.grads, m.nparams, (float)coef);
     }
+    round_bf16_tables(dev, m, m.grads);
     int t = s.step + 1;
     int matrix_i = 0;
     for (const ParamSpec& p : m.table) {
@@ -5404,6 +5438,8 @@ template <class D> static void optimizer_step(D dev, Model<D>& m, TrainState<D>&
         } else {
             float wd = p.group == GROUP_HEAD ? 0.0f : c.adam_wd;
             adamw_update(dev, w, g, s.adam_m + p.offset, s.adam_v + p.offset, p.numel, lr, c.beta1, c.beta2, c.adam_eps, wd, t);
+            if (stored_bf16(c, p))  // fused Adam: fp32 math, bf16 stores
+                for (auto* x : {w, s.adam_m + p.offset, s.adam_v + p.offset}) round_to_bf16(dev, x, p.numel);
         }
     }
     if (g_world > 1) allreduce_sum(dev, s.update, m.nparams);  // (only the matrix slots are non-zero)
@@ -5546,9 +5582,11 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         // thwu1 SWA: sum snapshots every SWA_EVERY steps once the lr multiplier is below SWA_START_FRAC
         if (c.swa_enabled && scale < c.swa_start_frac && s.step % c.swa_every == 0) {
             average_accumulate(dev, s.avg, m.params, m.nparams, -1.0f, s.swa_count == 0);
+            round_bf16_tables(dev, m, s.avg);
             if (s.swa_count++ == 0) log0("swa:start step:%d\n", s.step);
         }
         if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, false);
+        if (c.ema_decay > 0) round_bf16_tables(dev, m, s.avg);
         if (c.train_log_every > 0 && (s.step <= 10 || s.step % c.train_log_every == 0 || stop_after >= 0)) {
             double eta = c.max_wallclock_seconds > 0 ? std::max(0.0, c.max_wallclock_seconds * 1000 - approx) / 1000
                                                      : (c.iterations - s.step) * approx / s.step / 1000;
@@ -5566,6 +5604,7 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
             int end = stop_after >= 0 ? stop_after : c.iterations;
             int begin = c.swa_start_step >= 0 ? c.swa_start_step : std::max(0, end - c.swa_steps);
             if (s.step > begin) average_accumulate(dev, s.avg, m.params, m.nparams, c.swa_decay, s.swa_count++ == 0);
+            if (s.step > begin) round_bf16_tables(dev, m, s.avg);
         }
         refresh_compute_weights(dev, m, s.qat_active);
         if (c.checkpoint_every > 0 && s.step % c.checkpoint_every == 0) {
@@ -5578,6 +5617,7 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
     if (c.swa_enabled && s.swa_count > 1) {
         log0("swa:applying averaged %d checkpoints\n", s.swa_count);
         scale_grads(dev, s.avg, m.nparams, 1.0f / s.swa_count);
+        round_bf16_tables(dev, m, s.avg);
         device_copy(dev, m.params, s.avg, m.nparams);
     } else if ((c.swa_steps > 0 && s.swa_count > 0) || c.ema_decay > 0) {
         log0("%s:applying averaged weights\n", c.ema_decay > 0 ? "ema" : "swa_ema");

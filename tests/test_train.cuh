@@ -339,6 +339,41 @@ TEST(validation_under_late_qat_reads_plain_weights) {
     CHECK_MSG(s.last_val.val_loss == plain, "in-training val_loss %.9f, plain weights %.9f, fake-quantized %.9f",
               s.last_val.val_loss, plain, quant);
 }
+// EMBED_BF16=1: the embedding tables' weights, Adam moments and SWA sum hold bf16 values (as the
+// reference's bf16 tensors), every other tensor stays fp32, and the run differs from the fp32 default.
+TEST(embed_bf16_keeps_the_tables_in_bf16) {
+    std::string d = small_dataset("bf16");
+    Config c = small_train_config(d);
+    c.swa_enabled = 1; c.swa_every = 1; c.swa_start_frac = 2.0; c.iterations = 4;
+    auto is_bf16 = [](float f) { uint32_t x; memcpy(&x, &f, 4); return (x & 0xffffu) == 0; };
+    std::vector<float> plain = train_weights(c);
+    c.embed_bf16 = 1;
+    Cpu<float> dev;
+    Model<Cpu<float>> m;
+    TrainState<Cpu<float>> s;
+    start_training(c, m, s);
+    EvalData ev;
+    ev.val = load_validation_tokens(c);
+    ev.luts.base_bytes.assign(c.vocab_size, 1); ev.luts.has_leading_space.assign(c.vocab_size, 0); ev.luts.is_boundary.assign(c.vocab_size, 0);
+    train(dev, m, s, ev);
+    int tables = 0;
+    for (const ParamSpec& p : m.table) {
+        bool want = p.role == P_TOK_EMB || p.role == P_BIGRAM_EMBED;
+        tables += want;
+        size_t off = 0, n_bf16 = 0;
+        for (const float* buf : {(const float*)m.params, (const float*)s.adam_m, (const float*)s.adam_v, (const float*)s.avg})
+            for (size_t i = 0; i < p.numel; i++) n_bf16 += is_bf16(buf[p.offset + i]) ? 1 : 0;
+        off = 4 * p.numel;
+        if (want) CHECK_MSG(n_bf16 == off, "%s: %zu of %zu values are not bf16", p.name.c_str(), off - n_bf16, off);
+        size_t fp32 = 0, nonzero = 0;  // other tensors: their non-zero weights are not all bf16 values
+        for (size_t i = 0; i < p.numel; i++) nonzero += m.params[p.offset + i] != 0;
+        for (size_t i = 0; i < p.numel; i++) fp32 += m.params[p.offset + i] != 0 && !is_bf16(m.params[p.offset + i]);
+        if (!want && nonzero > 64) CHECK_MSG(fp32 > 0, "%s: every weight is a bf16 value (should stay fp32)", p.name.c_str());
+    }
+    CHECK(tables == 2);
+    CHECK(memcmp(plain.data(), m.params, plain.size() * 4) != 0);
+    CHECK(round_bf16(1.0f + 1.0f / 256) == 1.0f && round_bf16(1.0f + 3.0f / 256) == 1.0f + 4.0f / 256);  // ties to even
+}
 // Train N steps ≡ train k, checkpoint, resume, train N − k: bit for bit.
 TEST(resume_is_bit_identical) {
     std::string d = small_dataset("resume");
