@@ -577,6 +577,7 @@ struct Config {
     std::string eval_mode = "standard";  // comma list of standard, sliding, lora_ttt, full_ttt
     int eval_seq_len = 0, eval_stride = 64, eval_batch_seqs = 32;
     std::string sliding = "exact";     // exact | reference (reference double-counts the tail)
+    std::string sliding_reference = "thwu1";  // whose window set SLIDING=reference reproduces: thwu1 | pr600
     double eval_max_wallclock_seconds = 0.0;
     // per-document LoRA TTT
     int ttt_lora_rank = 8, ttt_chunk_size = 256, ttt_eval_seq_len = 1024, ttt_batch_size = 64;
@@ -634,7 +635,7 @@ static void preset_pr600(Config& c) {
     c.swa_steps = 500; c.swa_decay = 0.4f;
     c.qat_bits = 6; c.qat_scale_floor = 1e-7f / 31.0f;
     c.quant_scheme = "int6";
-    c.eval_mode = "sliding"; c.eval_stride = 512; c.eval_batch_seqs = 32;
+    c.eval_mode = "sliding"; c.eval_stride = 512; c.eval_batch_seqs = 32; c.sliding_reference = "pr600";
     // TTT as the PR plans it (its submitted score had TTT off): rank 128 on all attention + MLP,
     // chunks of 64, 4 Adam steps per chunk.
     c.ttt_lora_rank = 128; c.ttt_chunk_size = 64; c.ttt_steps = 4; c.ttt_lora_lr = 0.0001f;
@@ -776,6 +777,7 @@ static std::vector<Setting> config_settings(Config& c) {
         {"EVAL_STRIDE", 'i', &c.eval_stride, "sliding-window stride"},
         {"EVAL_BATCH_SEQS", 'i', &c.eval_batch_seqs, "windows per forward pass"},
         {"SLIDING", 's', &c.sliding, "exact (every position once) | reference (the reference's window set)"},
+        {"SLIDING_REFERENCE", 's', &c.sliding_reference, "window set of SLIDING=reference: thwu1 (also PR #456) | pr600"},
         {"EVAL_MAX_WALLCLOCK_SECONDS", 'd', &c.eval_max_wallclock_seconds, "LoRA TTT deadline; later documents fall back to the base model (0 = none)"},
         {"TTT_LORA_RANK", 'i', &c.ttt_lora_rank, "LoRA rank"},
         {"TTT_LORA_LR", 'f', &c.ttt_lora_lr, "LoRA lr"},
@@ -922,6 +924,8 @@ static void config_validate(const Config& c, int world) {
     need(c.pack == "bits" || c.pack == "bytes" || c.pack == "auto", "PACK=%s: expected bits, bytes or auto", c.pack.c_str());
     need(c.prune_frac >= 0 && c.prune_frac < 1, "PRUNE_FRAC=%g: expected [0, 1)", c.prune_frac);
     need(c.sliding == "exact" || c.sliding == "reference", "SLIDING=%s: expected exact or reference", c.sliding.c_str());
+    need(c.sliding_reference == "thwu1" || c.sliding_reference == "pr600", "SLIDING_REFERENCE=%s: expected thwu1 or pr600",
+         c.sliding_reference.c_str());
     need(c.eval_stride > 0 && c.eval_stride <= c.eval_len(), "EVAL_STRIDE=%d: expected 1..eval length %d", c.eval_stride, c.eval_len());
     need(c.eval_batch_seqs > 0, "EVAL_BATCH_SEQS=%d: expected > 0", c.eval_batch_seqs);
     need(c.qat_bits == 0 || c.qat_bits == 5 || c.qat_bits == 6 || c.qat_bits == 8, "QAT_BITS=%d: expected 0, 5, 6 or 8", c.qat_bits);
@@ -4736,7 +4740,9 @@ static void (*g_ttt_step_hook)(const std::vector<long>& positions) = nullptr;
 // in every window. Window 0 scores all its positions, later ones their last S:
 //   exact (ours):   [L − S, len), windows with ws + L − S < T: every position exactly once;
 //   reference:      [max(len − S, 0), len), windows with len ≥ S (thwu1, PR #456): every window
-//                   that ends at T scores the same tail again.
+//                   that ends at T scores the same tail again;
+//   reference pr600: full windows only (ws + L ≤ T), each scoring [S, L): the tail after the last
+//                   full window is never scored; unless S = L/2, positions are scored twice or skipped.
 struct EvalWindow { long ws; int len, first; };  // inputs t[ws .. ws+len−1]; positions [first, len) scored
 
 static std::vector<EvalWindow> sliding_windows(const Config& c, long T) {
@@ -4747,6 +4753,7 @@ static std::vector<EvalWindow> sliding_windows(const Config& c, long T) {
         int len = (int)std::min<long>(L, T - ws);
         if (ws == 0) win.push_back({0, len, 0});
         else if (exact) { if (ws + L - S >= T) break; win.push_back({ws, len, L - S}); }
+        else if (c.sliding_reference == "pr600") { if (ws + L > T) break; win.push_back({ws, len, S}); }
         else { if (len < S) break; win.push_back({ws, len, std::max(len - S, 0)}); }
     }
     return win;
@@ -5376,6 +5383,7 @@ template <class D> struct TrainState {
     double train_ms = 0;
     bool qat_active = false;
     EvalResult last_val;                     // the latest validation during training
+    std::vector<double> losses;              // each step's mean training loss
     DataLoader loader;
     std::vector<std::string> checkpoints;    // written so far, oldest first
 };
@@ -5567,6 +5575,7 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         }
         double train_loss = loss_sum / ((double)local * accum);
         double tl[1] = {train_loss}; host_allreduce_sum(tl, 1); train_loss = tl[0] / g_world;
+        s.losses.push_back(train_loss);
         if (!std::isfinite(train_loss)) {
             std::string ck = s.checkpoints.empty() ? std::string("none (set CHECKPOINT_EVERY)") : s.checkpoints.back();
             fail("train_loss is %f at step %d: stopping (last good checkpoint: %s)", train_loss, s.step + 1, ck.c_str());
