@@ -30,6 +30,7 @@ static Config parity_config(const SafetensorsFile& f, const std::string& data_di
     const std::string preset = f.meta.at("preset");
     for (const Preset& p : PRESETS)
         if (preset == p.name) p.apply(c);
+    c.ttt_batch_size = 2; c.ttt_eval_seq_len = 64; c.ttt_batch_seqs = 2;  // a small activation plan, unless the dump says
     std::vector<Setting> settings = config_settings(c);
     std::string env = f.meta.at("env");
     for (size_t pos = 0; pos < env.size();) {
@@ -51,7 +52,6 @@ static Config parity_config(const SafetensorsFile& f, const std::string& data_di
     c.val_tokens_limit = 0;
     c.train_log_every = 0;
     c.checkpoint_every = 0;
-    c.ttt_batch_size = 2; c.ttt_eval_seq_len = c.train_seq_len; c.ttt_batch_seqs = 2;  // small activation plan
     return c;
 }
 
@@ -177,14 +177,15 @@ static void parity_eval(const char* preset) {
     ev.val = load_validation_tokens(c);
     ev.luts.base_bytes.assign(c.vocab_size, 1); ev.luts.has_leading_space.assign(c.vocab_size, 0); ev.luts.is_boundary.assign(c.vocab_size, 0);
     int modes = 0;
-    for (const char* mode : {"standard", "sliding"}) {
+    for (const char* mode : {"standard", "sliding", "full_ttt"}) {  // full_ttt last: it trains the model
         std::string key = std::string("nll.") + mode;
         if (!f.tensors.count(key)) continue;
         modes++;
         std::vector<float> want = parity_tensor(f, key);
         NllRecord rec;
         rec.init(ev.val.size() - 1);
-        EvalResult r = !strcmp(mode, "standard") ? eval_standard(dev, m, ev, &rec) : eval_sliding(dev, m, ev, &rec);
+        EvalResult r = !strcmp(mode, "standard") ? eval_standard(dev, m, ev, &rec)
+                     : !strcmp(mode, "sliding")  ? eval_sliding(dev, m, ev, &rec) : eval_full_ttt(dev, m, ev, &rec);
         size_t scored = 0, bad = 0, first_bad = 0;
         for (size_t j = 0; j < want.size(); j++) {
             float got = j < rec.nll.size() ? rec.nll[j] : NAN;
