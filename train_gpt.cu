@@ -560,7 +560,7 @@ struct Config {
     int swa_steps = 0, swa_start_step = -1;
     float swa_decay = 0.4f;            // PR600's "SWA": an EMA over the last SWA_STEPS steps
     float ema_decay = 0.0f;            // EMA of every step (2026-03-22 record; 0 = off)
-    int embed_bf16 = 0;                // 1 = embedding tables stored in bf16 (weights, Adam moments, averages), as the reference
+    int embed_bf16 = 0;                // 1 = embedding tables in bf16 (weights, moments, averages), as the reference
     // quantization-aware training
     int late_qat = 0, qat_bits = 0, qat_start_step = -1;
     double qat_threshold = 0.1;        // LATE_QAT switches on once the lr multiplier is below this (double)
@@ -758,7 +758,7 @@ static std::vector<Setting> config_settings(Config& c) {
         {"SWA_DECAY", 'f', &c.swa_decay, "PR #600: decay of that EMA"},
         {"SWA_START_STEP", 'i', &c.swa_start_step, "PR #600: first EMA step (-1 = last SWA_STEPS)"},
         {"EMA_DECAY", 'f', &c.ema_decay, "EMA of the weights at every step (0 = off)"},
-        {"EMBED_BF16", 'i', &c.embed_bf16, "1 = tok_emb and bigram tables keep bf16 weights, Adam moments and averages, as the reference"},
+        {"EMBED_BF16", 'i', &c.embed_bf16, "1 = tok_emb and bigram tables hold bf16 weights, moments and averages (the reference)"},
         {"LATE_QAT", 'i', &c.late_qat, "fake-quantize matrices once the lr multiplier < QAT_THRESHOLD"},
         {"QAT_THRESHOLD", 'd', &c.qat_threshold, "lr multiplier that switches LATE_QAT on"},
         {"QAT_BITS", 'i', &c.qat_bits, "bits of the fake quantizer (5 or 6; 0 = no QAT)"},
@@ -924,8 +924,8 @@ static void config_validate(const Config& c, int world) {
     need(c.pack == "bits" || c.pack == "bytes" || c.pack == "auto", "PACK=%s: expected bits, bytes or auto", c.pack.c_str());
     need(c.prune_frac >= 0 && c.prune_frac < 1, "PRUNE_FRAC=%g: expected [0, 1)", c.prune_frac);
     need(c.sliding == "exact" || c.sliding == "reference", "SLIDING=%s: expected exact or reference", c.sliding.c_str());
-    need(c.sliding_reference == "thwu1" || c.sliding_reference == "pr600", "SLIDING_REFERENCE=%s: expected thwu1 or pr600",
-         c.sliding_reference.c_str());
+    need(c.sliding_reference == "thwu1" || c.sliding_reference == "pr600",
+         "SLIDING_REFERENCE=%s: expected thwu1 or pr600", c.sliding_reference.c_str());
     need(c.eval_stride > 0 && c.eval_stride <= c.eval_len(), "EVAL_STRIDE=%d: expected 1..eval length %d", c.eval_stride, c.eval_len());
     need(c.eval_batch_seqs > 0, "EVAL_BATCH_SEQS=%d: expected > 0", c.eval_batch_seqs);
     need(c.qat_bits == 0 || c.qat_bits == 5 || c.qat_bits == 6 || c.qat_bits == 8, "QAT_BITS=%d: expected 0, 5, 6 or 8", c.qat_bits);
@@ -3536,7 +3536,9 @@ static inline float round_bf16(float f) {
     memcpy(&f, &x, 4);
     return f;
 }
-template <class T> static void round_to_bf16(Cpu<T>, T* x, size_t n) { for (size_t i = 0; i < n; i++) x[i] = T(round_bf16((float)x[i])); }
+template <class T> static void round_to_bf16(Cpu<T>, T* x, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] = T(round_bf16((float)x[i]));
+}
 #endif
 
 // --- Fake quantization (QAT, straight-through) ---------------------------------------------------------
