@@ -571,13 +571,15 @@ struct Config {
     float beta1 = 0.9f, beta2 = 0.95f, adam_eps = 1e-8f, grad_clip_norm = 0.0f;
     // weight averaging
     int swa_enabled = 0, swa_every = 50;
-    float swa_start_frac = 0.4f;       // mean of snapshots taken while the lr multiplier < this (thwu1)
+    double swa_start_frac = 0.4;       // mean of snapshots taken while the lr multiplier < this (thwu1);
+                                       // a double, as the reference's Python float: ties compare as there
     int swa_steps = 0, swa_start_step = -1;
     float swa_decay = 0.4f;            // PR600's "SWA": an EMA over the last SWA_STEPS steps
     float ema_decay = 0.0f;            // EMA of every step (2026-03-22 record; 0 = off)
+    int embed_bf16 = 0;                // 1 = embedding tables in bf16 (weights, moments, averages), as the reference
     // quantization-aware training
     int late_qat = 0, qat_bits = 0, qat_start_step = -1;
-    float qat_threshold = 0.1f;        // LATE_QAT switches on once the lr multiplier is below this
+    double qat_threshold = 0.1;        // LATE_QAT switches on once the lr multiplier is below this (double)
     float qat_scale_floor = 0.0f;      // smallest per-row scale of the fake quantizer
     // export
     std::string quant_scheme = "int8"; // int8 | mixed (int5 MLP / int6 attn) | int6
@@ -591,6 +593,7 @@ struct Config {
     std::string eval_mode = "standard";  // comma list of standard, sliding, lora_ttt, full_ttt
     int eval_seq_len = 0, eval_stride = 64, eval_batch_seqs = 32;
     std::string sliding = "exact";     // exact | reference (reference double-counts the tail)
+    std::string sliding_reference = "thwu1";  // whose window set SLIDING=reference reproduces: thwu1 | pr600
     double eval_max_wallclock_seconds = 0.0;
     // per-document LoRA TTT
     int ttt_lora_rank = 8, ttt_chunk_size = 256, ttt_eval_seq_len = 1024, ttt_batch_size = 64;
@@ -630,7 +633,7 @@ static void preset_pr467(Config& c) {
     c.muon_momentum = 0.99f; c.muon_momentum_warmup_start = 0.92f; c.muon_momentum_warmup_steps = 1500;
     c.grad_clip_norm = 0.3f; c.muon_weight_decay = 0.04f; c.adam_wd = 0.04f;
     c.bigram_vocab_size = 10240; c.bigram_dim = 128; c.smear = 1; c.ortho_init = INIT_ORTHO_THWU1;
-    c.swa_enabled = 1; c.swa_start_frac = 0.35f; c.swa_every = 50;
+    c.swa_enabled = 1; c.swa_start_frac = 0.35; c.swa_every = 50;
     c.quant_scheme = "mixed"; c.prune_frac = 0.03f;
     c.fp16_keep_patterns = "tok_emb,blocks.8.attn.c_k";
     c.control_patterns += ",smear,bigram.scale";
@@ -648,7 +651,7 @@ static void preset_pr600(Config& c) {
     c.swa_steps = 500; c.swa_decay = 0.4f;
     c.qat_bits = 6; c.qat_scale_floor = 1e-7f / 31.0f;
     c.quant_scheme = "int6";
-    c.eval_mode = "sliding"; c.eval_stride = 512; c.eval_batch_seqs = 32;
+    c.eval_mode = "sliding"; c.eval_stride = 512; c.eval_batch_seqs = 32; c.sliding_reference = "pr600";
     // TTT as the PR plans it (its submitted score had TTT off): rank 128 on all attention + MLP,
     // chunks of 64, 4 Adam steps per chunk.
     c.ttt_lora_rank = 128; c.ttt_chunk_size = 64; c.ttt_steps = 4; c.ttt_lora_lr = 0.0001f;
@@ -663,8 +666,8 @@ static void preset_pr456(Config& c) {
     c.tied_embed_lr = 0.035f; c.matrix_lr = 0.025f; c.scalar_lr = 0.025f;
     c.adam_wd = 0.01f; c.muon_weight_decay = 0.04f;
     c.unique_layers = 10; c.named_cores = 1; c.xsa_last_n = 3;
-    c.swa_start_frac = 0.2f;
-    c.late_qat = 1; c.qat_threshold = 0.1f; c.qat_bits = 6; c.qat_scale_floor = 1.0f / 31.0f;
+    c.swa_start_frac = 0.2;
+    c.late_qat = 1; c.qat_threshold = 0.1; c.qat_bits = 6; c.qat_scale_floor = 1.0f / 31.0f;
     c.fp16_keep_patterns = "tok_emb,cores.2.attn.c_k";
     c.eval_mode = "full_ttt"; c.eval_stride = 128; c.eval_batch_seqs = 64;
     c.ttt_optimizer = "adamw"; c.ttt_lr = 0.0005f; c.ttt_epochs = 1; c.ttt_batch_seqs = 16;
@@ -765,14 +768,15 @@ static std::vector<Setting> config_settings(Config& c) {
         {"ADAM_EPS", 'f', &c.adam_eps, "Adam epsilon"},
         {"GRAD_CLIP_NORM", 'f', &c.grad_clip_norm, "clip gradients to this global L2 norm (0 = off)"},
         {"SWA_ENABLED", 'i', &c.swa_enabled, "average snapshots taken during the warm-down"},
-        {"SWA_START_FRAC", 'f', &c.swa_start_frac, "snapshots start when the lr multiplier drops below this"},
+        {"SWA_START_FRAC", 'd', &c.swa_start_frac, "snapshots start when the lr multiplier drops below this"},
         {"SWA_EVERY", 'i', &c.swa_every, "steps between snapshots"},
         {"SWA_STEPS", 'i', &c.swa_steps, "PR #600: EMA over the last N steps (0 = off)"},
         {"SWA_DECAY", 'f', &c.swa_decay, "PR #600: decay of that EMA"},
         {"SWA_START_STEP", 'i', &c.swa_start_step, "PR #600: first EMA step (-1 = last SWA_STEPS)"},
         {"EMA_DECAY", 'f', &c.ema_decay, "EMA of the weights at every step (0 = off)"},
+        {"EMBED_BF16", 'i', &c.embed_bf16, "1 = tok_emb and bigram tables hold bf16 weights, moments and averages (the reference)"},
         {"LATE_QAT", 'i', &c.late_qat, "fake-quantize matrices once the lr multiplier < QAT_THRESHOLD"},
-        {"QAT_THRESHOLD", 'f', &c.qat_threshold, "lr multiplier that switches LATE_QAT on"},
+        {"QAT_THRESHOLD", 'd', &c.qat_threshold, "lr multiplier that switches LATE_QAT on"},
         {"QAT_BITS", 'i', &c.qat_bits, "bits of the fake quantizer (5 or 6; 0 = no QAT)"},
         {"QAT_START_STEP", 'i', &c.qat_start_step, "PR #600: QAT from this step (-1 = ITERATIONS - WARMDOWN_ITERS)"},
         {"QAT_SCALE_FLOOR", 'f', &c.qat_scale_floor, "smallest per-row scale of the fake quantizer"},
@@ -789,6 +793,7 @@ static std::vector<Setting> config_settings(Config& c) {
         {"EVAL_STRIDE", 'i', &c.eval_stride, "sliding-window stride"},
         {"EVAL_BATCH_SEQS", 'i', &c.eval_batch_seqs, "windows per forward pass"},
         {"SLIDING", 's', &c.sliding, "exact (every position once) | reference (the reference's window set)"},
+        {"SLIDING_REFERENCE", 's', &c.sliding_reference, "window set of SLIDING=reference: thwu1 (also PR #456) or pr600"},
         {"EVAL_MAX_WALLCLOCK_SECONDS", 'd', &c.eval_max_wallclock_seconds, "LoRA TTT deadline; later documents fall back to the base model (0 = none)"},
         {"TTT_LORA_RANK", 'i', &c.ttt_lora_rank, "LoRA rank"},
         {"TTT_LORA_LR", 'f', &c.ttt_lora_lr, "LoRA lr"},
@@ -835,11 +840,11 @@ static const char* const SCOPE_SETTINGS[SCOPE_NUM] = {
     "GRAD_ACCUM_STEPS QK_GAIN_INIT TIED_EMBED_INIT_STD ORTHO_INIT EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR "
     "SCALAR_LR MUON_MOMENTUM MUON_BACKEND_STEPS MUON_MOMENTUM_WARMUP_START MUON_MOMENTUM_WARMUP_STEPS "
     "MUON_WEIGHT_DECAY ADAM_WD WEIGHT_DECAY BETA1 BETA2 ADAM_EPS GRAD_CLIP_NORM SWA_ENABLED SWA_START_FRAC "
-    "SWA_EVERY SWA_STEPS SWA_DECAY SWA_START_STEP EMA_DECAY LATE_QAT QAT_THRESHOLD QAT_BITS QAT_START_STEP "
+    "SWA_EVERY SWA_STEPS SWA_DECAY SWA_START_STEP EMA_DECAY EMBED_BF16 LATE_QAT QAT_THRESHOLD QAT_BITS QAT_START_STEP "
     "QAT_SCALE_FLOOR QUANT_SCHEME PACK ZSTD_LEVEL PRUNE_FRAC GPTQ_LITE ALL_INT5 FP16_KEEP_NAME_PATTERNS "
     "CONTROL_TENSOR_NAME_PATTERNS",
     "VAL_BATCH_SIZE VAL_LOSS_EVERY VAL_TOKENS_LIMIT VAL_TRUNCATE_TO_SEQ EVAL_MODE EVAL_SEQ_LEN EVAL_STRIDE "
-    "EVAL_BATCH_SEQS SLIDING EVAL_MAX_WALLCLOCK_SECONDS TTT_LORA_RANK TTT_LORA_LR TTT_LORA_ALPHA "
+    "EVAL_BATCH_SEQS SLIDING SLIDING_REFERENCE EVAL_MAX_WALLCLOCK_SECONDS TTT_LORA_RANK TTT_LORA_LR TTT_LORA_ALPHA "
     "TTT_LORA_TARGETS TTT_LORA_OPTIMIZER TTT_LORA_BETA1 TTT_LORA_BETA2 TTT_LORA_EPS TTT_LORA_WD TTT_CHUNK_SIZE "
     "TTT_EVAL_SEQ_LEN TTT_BATCH_SIZE TTT_STEPS TTT_N_EPOCHS TTT_LORA_SCHEDULE TTT_REPORT_FINAL_EPOCH "
     "TTT_CHUNK_TOKENS TTT_EPOCHS TTT_FREEZE_BLOCKS TTT_BATCH_SEQS TTT_LR TTT_MOMENTUM TTT_GRAD_CLIP TTT_WD "
@@ -1049,6 +1054,8 @@ static void config_validate(const Config& c, int world) {
     need(c.pack == "bits" || c.pack == "bytes" || c.pack == "auto", "PACK=%s: expected bits, bytes or auto", c.pack.c_str());
     need(c.prune_frac >= 0 && c.prune_frac < 1, "PRUNE_FRAC=%g: expected [0, 1)", c.prune_frac);
     need(c.sliding == "exact" || c.sliding == "reference", "SLIDING=%s: expected exact or reference", c.sliding.c_str());
+    need(c.sliding_reference == "thwu1" || c.sliding_reference == "pr600",
+         "SLIDING_REFERENCE=%s: expected thwu1 or pr600", c.sliding_reference.c_str());
     need(c.eval_stride > 0 && c.eval_stride <= c.eval_len(), "EVAL_STRIDE=%d: expected 1..eval length %d", c.eval_stride, c.eval_len());
     need(c.eval_batch_seqs > 0, "EVAL_BATCH_SEQS=%d: expected > 0", c.eval_batch_seqs);
     need(c.qat_bits == 0 || c.qat_bits == 5 || c.qat_bits == 6 || c.qat_bits == 8, "QAT_BITS=%d: expected 0, 5, 6 or 8", c.qat_bits);
@@ -3708,6 +3715,19 @@ template <class T> static void scale_grads(Cpu<T>, T* x, size_t n, float s) { fo
 template <class T> static void average_accumulate(Cpu<T>, T* avg, const T* w, size_t n, float decay, bool first) {
     for (size_t i = 0; i < n; i++) avg[i] = first ? w[i] : (decay < 0 ? avg[i] + w[i] : T(decay) * avg[i] + (T(1) - T(decay)) * w[i]);
 }
+
+// --- bf16 storage (EMBED_BF16): round to the nearest bf16, ties to even, as a store to a bf16 tensor ----
+static inline float round_bf16(float f) {
+    if (std::isnan(f)) return f;
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    x = (x + 0x7fffu + ((x >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&f, &x, 4);
+    return f;
+}
+template <class T> static void round_to_bf16(Cpu<T>, T* x, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] = T(round_bf16((float)x[i]));
+}
 #endif
 
 // --- Fake quantization (QAT, straight-through) ---------------------------------------------------------
@@ -3822,6 +3842,15 @@ __global__ void average_kernel(float* avg, const float* w, size_t n, float decay
 static void average_accumulate(Cuda, float* avg, const float* w, size_t n, float decay, bool first) {
     if (!n) return;
     PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, average_kernel)(avg, w, n, decay, first);
+    launchCheck();
+}
+__global__ void round_to_bf16_kernel(float* x, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] = __bfloat162float(__float2bfloat16(x[i]));
+}
+static void round_to_bf16(Cuda, float* x, size_t n) {
+    if (!n) return;
+    round_to_bf16_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(x, n);
     launchCheck();
 }
 static void scale_grads(Cuda dev, float* x, size_t n, float s) { scale_inplace(dev, x, n, s); }
@@ -4918,7 +4947,9 @@ static void (*g_ttt_step_hook)(const std::vector<long>& positions) = nullptr;
 // in every window. Window 0 scores all its positions, later ones their last S:
 //   exact (ours):   [L − S, len), windows with ws + L − S < T: every position exactly once;
 //   reference:      [max(len − S, 0), len), windows with len ≥ S (thwu1, PR #456): every window
-//                   that ends at T scores the same tail again.
+//                   that ends at T scores the same tail again;
+//   reference pr600: full windows only (ws + L ≤ T), each scoring [S, L): the tail after the last
+//                   full window is never scored; unless S = L/2, positions are scored twice or skipped.
 struct EvalWindow { long ws; int len, first; };  // inputs t[ws .. ws+len−1]; positions [first, len) scored
 
 static std::vector<EvalWindow> sliding_windows(const Config& c, long T) {
@@ -4929,6 +4960,7 @@ static std::vector<EvalWindow> sliding_windows(const Config& c, long T) {
         int len = (int)std::min<long>(L, T - ws);
         if (ws == 0) win.push_back({0, len, 0});
         else if (exact) { if (ws + L - S >= T) break; win.push_back({ws, len, L - S}); }
+        else if (c.sliding_reference == "pr600") { if (ws + L > T) break; win.push_back({ws, len, S}); }
         else { if (len < S) break; win.push_back({ws, len, std::max(len - S, 0)}); }
     }
     return win;
@@ -5569,6 +5601,16 @@ static void load_checkpoint_weights(const std::string& path, const std::vector<P
 #endif
 static const long ARTIFACT_LIMIT_BYTES = 16000000;
 
+// EMBED_BF16: the reference casts the model to bf16 and restores only linear layers and control tensors,
+// so its embedding tables keep bf16 weights, gradients, Adam moments and averages.
+static bool stored_bf16(const Config& c, const ParamSpec& p) {
+    return c.embed_bf16 && (p.role == P_TOK_EMB || p.role == P_BIGRAM_EMBED);
+}
+template <class D, class G> static void round_bf16_tables(D dev, const Model<D>& m, G* buf) {
+    for (const ParamSpec& p : m.table)
+        if (stored_bf16(m.cfg, p)) round_to_bf16(dev, buf + p.offset, p.numel);
+}
+
 struct SavedCheckpoint { std::string path; int step; };  // its weights are finite (others are not written)
 
 // Optimizer and averaging state, all in the parameter layout.
@@ -5580,6 +5622,8 @@ template <class D> struct TrainState {
     int step = 0, swa_count = 0;
     double train_ms = 0;
     bool qat_active = false;
+    EvalResult last_val;                     // the latest validation during training
+    std::vector<double> losses;              // each step's mean training loss
     DataLoader loader;
     std::vector<SavedCheckpoint> checkpoints;  // on disk, oldest first: written so far, or resumed from
 };
@@ -5609,6 +5653,7 @@ template <class D> static void train_state_init(D dev, TrainState<D>& s, Model<D
     s.update = (G*)device_alloc(dev, bytes);
     const Config& c = m.cfg;
     if (c.swa_enabled || c.swa_steps > 0 || c.ema_decay > 0) s.avg = (G*)device_alloc(dev, bytes);
+    round_bf16_tables(dev, m, m.params);  // the reference's .bfloat16() after init
     if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, true);  // EMA starts at the init
 }
 
@@ -5629,6 +5674,7 @@ template <class D> static void optimizer_step(D dev, Model<D>& m, TrainState<D>&
         double coef = c.grad_clip_norm / (norm + 1e-6);
         if (coef < 1.0) scale_grads(dev, m.grads, m.nparams, (float)coef);
     }
+    round_bf16_tables(dev, m, m.grads);
     int t = s.step + 1;
     int matrix_i = 0;
     for (const ParamSpec& p : m.table) {
@@ -5643,6 +5689,8 @@ template <class D> static void optimizer_step(D dev, Model<D>& m, TrainState<D>&
         } else {
             float wd = p.group == GROUP_HEAD ? 0.0f : c.adam_wd;
             adamw_update(dev, w, g, s.adam_m + p.offset, s.adam_v + p.offset, p.numel, lr, c.beta1, c.beta2, c.adam_eps, wd, t);
+            if (stored_bf16(c, p))  // fused Adam: fp32 math, bf16 stores
+                for (auto* x : {w, s.adam_m + p.offset, s.adam_v + p.offset}) round_to_bf16(dev, x, p.numel);
         }
     }
     if (g_world > 1) allreduce_sum(dev, s.update, m.nparams);  // (only the matrix slots are non-zero)
@@ -5842,7 +5890,12 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         bool last = s.step >= c.iterations || (stop_after >= 0 && s.step >= stop_after);
         if (last || (c.val_loss_every > 0 && s.step % c.val_loss_every == 0)) {
             s.train_ms += now_ms() - t0;
+            // PR #456's late QAT fake-quantizes only in training mode: its validation reads the plain weights
+            bool plain = c.late_qat && s.qat_active;
+            if (plain) refresh_compute_weights(dev, m, false);
             EvalResult r = eval_standard(dev, m, ev);
+            if (plain) refresh_compute_weights(dev, m, true);
+            s.last_val = r;
             log0("step:%d/%d val_loss:%.4f val_bpb:%.4f train_time:%.0fms step_avg:%.2fms\n", s.step, c.iterations,
                  r.val_loss, r.val_bpb, s.train_ms, s.train_ms / std::max(s.step, 1));
             t0 = now_ms();
@@ -5866,6 +5919,7 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         }
         double train_loss = loss_sum / ((double)local * accum);
         double tl[1] = {train_loss}; host_allreduce_sum(tl, 1); train_loss = tl[0] / g_world;
+        s.losses.push_back(train_loss);
         if (!std::isfinite(train_loss)) {
             std::string ck = last_good_checkpoint(s.checkpoints, s.step);
             ck = ck.empty() ? "none: no checkpoint from before the divergence is on disk "
@@ -5884,9 +5938,11 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         // thwu1 SWA: sum snapshots every SWA_EVERY steps once the lr multiplier is below SWA_START_FRAC
         if (c.swa_enabled && scale < c.swa_start_frac && s.step % c.swa_every == 0) {
             average_accumulate(dev, s.avg, m.params, m.nparams, -1.0f, s.swa_count == 0);
+            round_bf16_tables(dev, m, s.avg);
             if (s.swa_count++ == 0) log0("swa:start step:%d\n", s.step);
         }
         if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, false);
+        if (c.ema_decay > 0) round_bf16_tables(dev, m, s.avg);
         if (c.train_log_every > 0 && (s.step <= 10 || s.step % c.train_log_every == 0 || stop_after >= 0)) {
             double eta = c.max_wallclock_seconds > 0 ? std::max(0.0, c.max_wallclock_seconds * 1000 - approx) / 1000
                                                      : (c.iterations - s.step) * approx / s.step / 1000;
@@ -5904,6 +5960,7 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
             int end = stop_after >= 0 ? stop_after : c.iterations;
             int begin = c.swa_start_step >= 0 ? c.swa_start_step : std::max(0, end - c.swa_steps);
             if (s.step > begin) average_accumulate(dev, s.avg, m.params, m.nparams, c.swa_decay, s.swa_count++ == 0);
+            if (s.step > begin) round_bf16_tables(dev, m, s.avg);
         }
         refresh_compute_weights(dev, m, s.qat_active);
         if (c.checkpoint_every > 0 && s.step % c.checkpoint_every == 0) {
@@ -5922,6 +5979,7 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
     if (c.swa_enabled && s.swa_count > 1) {
         log0("swa:applying averaged %d checkpoints\n", s.swa_count);
         scale_grads(dev, s.avg, m.nparams, 1.0f / s.swa_count);
+        round_bf16_tables(dev, m, s.avg);
         device_copy(dev, m.params, s.avg, m.nparams);
     } else if ((c.swa_steps > 0 && s.swa_count > 0) || c.ema_decay > 0) {
         log0("%s:applying averaged weights\n", c.ema_decay > 0 ? "ema" : "swa_ema");
