@@ -753,13 +753,24 @@ size_t allocated_bytes() { return g_alloc_bytes; }
 }
 
 extern "C" {
-cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
-cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : err(cudaErrorInvalidDevice); }
-cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+// The node: PGOLF_EMU_DEVICES GPUs (default 8, as an 8×H100 node), so that mpirun -np N runs one
+// emulated device per rank; each process emulates only the device it sets.
+static int device_count() {
+    const char* e = getenv("PGOLF_EMU_DEVICES");
+    return e && atoi(e) > 0 ? atoi(e) : 8;
+}
+static int g_device = 0;
+cudaError_t cudaGetDeviceCount(int* n) { *n = device_count(); return cudaSuccess; }
+cudaError_t cudaSetDevice(int d) {
+    if (d < 0 || d >= device_count()) return err(cudaErrorInvalidDevice);
+    g_device = d;
+    return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int* d) { *d = g_device; return cudaSuccess; }
 cudaError_t cudaDriverGetVersion(int* v) { *v = CUDART_VERSION; return cudaSuccess; }
 cudaError_t cudaRuntimeGetVersion(int* v) { *v = CUDART_VERSION; return cudaSuccess; }
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
-    if (d != 0) return err(cudaErrorInvalidDevice);
+    if (d < 0 || d >= device_count()) return err(cudaErrorInvalidDevice);
     const emu::Target& t = emu::target();
     memset(p, 0, sizeof *p);
     snprintf(p->name, sizeof p->name, "pgolf CUDA emulator (%s)", t.name);
