@@ -1013,10 +1013,11 @@ static void config_validate(const Config& c, int world) {
     need(c.num_kv_heads > 0 && c.num_heads % c.num_kv_heads == 0, "NUM_KV_HEADS=%d must divide NUM_HEADS=%d", c.num_kv_heads, c.num_heads);
     need(c.head_dim() % 2 == 0, "head dim MODEL_DIM/NUM_HEADS=%d must be even for RoPE", c.head_dim());
     need(c.rope_dims >= 0 && c.rope_dims <= c.head_dim() && c.rope_dims % 2 == 0, "ROPE_DIMS=%d: expected an even number ≤ head dim %d", c.rope_dims, c.head_dim());
-    // what the CUDA attention kernels are built for (attention_check repeats it per call; here it fails before any work)
+    // what the CUDA attention kernels are built for (attention_check repeats it per call; here it fails before work)
     int hd = c.head_dim(), group = c.num_heads / std::max(c.num_kv_heads, 1);
     need(c.device != "cuda" || hd == 16 || hd == 32 || hd == 64 || hd == 128,
-         "head dim MODEL_DIM/NUM_HEADS=%d/%d=%d: the CUDA attention kernels support 16, 32, 64 or 128 (DEVICE=cpu runs any even head dim)",
+         "head dim MODEL_DIM/NUM_HEADS=%d/%d=%d: the CUDA attention kernels support 16, 32, 64 or 128 "
+         "(DEVICE=cpu runs any even head dim)",
          c.model_dim, c.num_heads, hd);
     need(c.device != "cuda" || group <= (hd == 128 ? 32 : 64),
          "NUM_HEADS/NUM_KV_HEADS=%d: the CUDA attention kernels pack at most %d query heads per kv head at head dim %d",
@@ -2655,7 +2656,9 @@ static size_t attention_smem_bytes(int hd, const char** kernel) {
         case 64: f = attn_forward_smem<64>(); q = attn_dq_smem<64>(); kv = attn_dkdv_smem<64>(); break;
         default: f = attn_forward_smem<128>(); q = attn_dq_smem<128>(); kv = attn_dkdv_smem<128>(); break;
     }
-    *kernel = q >= f && q >= kv ? "attention_backward_dq_kernel" : f >= kv ? "attention_forward_kernel" : "attention_backward_dkdv_kernel";
+    *kernel = q >= f && q >= kv ? "attention_backward_dq_kernel"
+              : f >= kv         ? "attention_forward_kernel"
+                                : "attention_backward_dkdv_kernel";
     return std::max({f, q, kv});
 }
 // At start, on the GPU the run got: a head dim whose attention kernels need more shared memory per block
@@ -2665,8 +2668,8 @@ static void attention_smem_check(int hd, size_t optin_bytes, int major, int mino
     const char* kernel = "";
     size_t need = attention_smem_bytes(hd, &kernel);
     if (need > optin_bytes)
-        fail("head dim %d: %s needs %zu bytes of shared memory per block, but %s (sm_%d%d) allows at most %zu: use head dim 64 or less "
-             "(raise NUM_HEADS) or an sm_80/sm_90 GPU",
+        fail("head dim %d: %s needs %zu bytes of shared memory per block, but %s (sm_%d%d) allows at most %zu: "
+             "use head dim 64 or less (raise NUM_HEADS) or an sm_80/sm_90 GPU",
              hd, kernel, need, gpu, major, minor, optin_bytes);
 }
 
@@ -5041,10 +5044,12 @@ static LoraLayout lora_layout(const Config& c, int docs, size_t max_tokens) {
 }
 // Bytes lora_state_init allocates: master adapters, grads, their compute copy (compute_bytes 0: it is the
 // master), the tmp slots, A's reset image and the optimizer moments. The GPU memory plan counts it.
-static size_t lora_state_bytes(const Config& c, int docs, size_t max_tokens, size_t grad_bytes, size_t compute_bytes, size_t act_bytes) {
+static size_t lora_state_bytes(const Config& c, int docs, size_t max_tokens, size_t grad_bytes, size_t compute_bytes,
+                               size_t act_bytes) {
     LoraLayout y = lora_layout(c, docs, max_tokens);
     size_t moments = c.ttt_lora_optimizer == "sgd" ? 1 : 2;
-    return y.n * grad_bytes * (2 + moments) + y.n * compute_bytes + (y.slots + 1) * y.tmp_n * act_bytes + y.nA * grad_bytes;
+    size_t adapters = y.n * grad_bytes * (2 + moments) + y.n * compute_bytes;  // master, grads, moments, compute copy
+    return adapters + (y.slots + 1) * y.tmp_n * act_bytes + y.nA * grad_bytes;
 }
 // Documents per LoRA TTT batch: TTT_BATCH_SIZE, or as many TTT_EVAL_SEQ_LEN windows as the activations hold.
 static int lora_ttt_docs(const Config& c, int act_B, int act_T) {
@@ -5940,17 +5945,19 @@ static std::vector<std::string> split_list(const std::string& s) {
 // (lora_state_init), full TTT's saved weights and moments (eval_full_ttt). The GPU memory plan counts it,
 // so a run that could not evaluate fails before training.
 struct EvalMemory { size_t bytes = 0; const char* mode = ""; const char* settings = ""; };
-static EvalMemory eval_memory(const Config& c, int act_B, int act_T, size_t nparams, size_t grad_bytes, size_t compute_bytes,
-                              size_t act_bytes) {
+[[maybe_unused]] static EvalMemory eval_memory(const Config& c, int act_B, int act_T, size_t nparams, size_t grad_bytes,
+                                               size_t compute_bytes, size_t act_bytes) {
     EvalMemory e;
     for (const std::string& mode : split_list(c.eval_mode)) {
         EvalMemory x;
         if (mode == "lora_ttt") {
             int docs = lora_ttt_docs(c, act_B, act_T);
-            x = {lora_state_bytes(c, docs, (size_t)docs * c.ttt_eval_seq_len, grad_bytes, compute_bytes, act_bytes), "lora_ttt",
-                 "TTT_BATCH_SIZE, TTT_LORA_RANK or TTT_LORA_TARGETS"};
+            size_t window = (size_t)docs * c.ttt_eval_seq_len;
+            size_t bytes = lora_state_bytes(c, docs, window, grad_bytes, compute_bytes, act_bytes);
+            x = {bytes, "lora_ttt", "TTT_BATCH_SIZE, TTT_LORA_RANK or TTT_LORA_TARGETS"};
         } else if (mode == "full_ttt") {
-            x = {(c.ttt_optimizer == "sgd" ? 2 : 3) * nparams * grad_bytes, "full_ttt", "TTT_OPTIMIZER=sgd (one moment less)"};
+            size_t copies = c.ttt_optimizer == "sgd" ? 2 : 3;  // saved weights and the moments
+            x = {copies * nparams * grad_bytes, "full_ttt", "TTT_OPTIMIZER=sgd (one moment less)"};
         }
         if (x.bytes > e.bytes) e = x;
     }
@@ -6117,7 +6124,9 @@ struct CudaMemoryPlan {
     const char* act_setting = "";  // the setting that sets the activation capacity
     const char* eval_mode = "";
     const char* eval_settings = "";  // what shrinks the evaluation's state
-    size_t total() const { return params + compute + grads + optimizer + activations + scratch + workspace + evaluation; }
+    size_t total() const {
+        return params + compute + grads + optimizer + activations + scratch + workspace + evaluation;
+    }
 };
 static const size_t MEMORY_HEADROOM = 512u << 20;  // CUDA/cuBLASLt/NCCL internals and small per-call buffers
 
@@ -6180,19 +6189,21 @@ static CudaMemoryPlan cuda_memory_plan(const Config& c, int world, size_t sort_t
 static void cuda_memory_plan_print(const CudaMemoryPlan& p) {
     auto mib = [](size_t b) { return b / 1048576.0; };
     log0("cuda_memory_plan: params %.1f MiB (fp32 master) + bf16 copy %.1f + grads %.1f + optimizer %.1f + activations %.1f "
-         "(%ld tokens × up to %d, set by %s) + scratch %.1f + cuBLASLt workspace %.1f + evaluation %.1f%s%s%s = %.1f MiB\n",
+         "(%ld tokens × up to %d, set by %s) + scratch %.1f + cuBLASLt workspace %.1f "
+         "+ evaluation %.1f%s%s%s = %.1f MiB\n",
          mib(p.params), mib(p.compute), mib(p.grads), mib(p.optimizer), mib(p.activations), p.act_tokens, p.act_t, p.act_setting,
-         mib(p.scratch), mib(p.workspace), mib(p.evaluation), *p.eval_mode ? " (" : "", p.eval_mode, *p.eval_mode ? ")" : "",
-         mib(p.total()));
+         mib(p.scratch), mib(p.workspace), mib(p.evaluation), *p.eval_mode ? " (" : "", p.eval_mode,
+         *p.eval_mode ? ")" : "", mib(p.total()));
 }
 // Refuses a plan that cannot fit, before any allocation, naming the setting to lower.
 static void cuda_memory_plan_check(const CudaMemoryPlan& p, size_t free_bytes, size_t total_bytes) {
     size_t need = p.total() + MEMORY_HEADROOM;
-    if (need > free_bytes && p.evaluation > 0 && (need - p.evaluation <= free_bytes || p.evaluation > p.activations))
-        fail("GPU memory: this run needs %.0f MiB (%.0f MiB planned + %.0f MiB headroom) but the GPU has %.0f MiB free of %.0f MiB; "
-             "EVAL_MODE=%s takes %.0f MiB after training: lower %s",
-             need / 1048576.0, p.total() / 1048576.0, MEMORY_HEADROOM / 1048576.0, free_bytes / 1048576.0, total_bytes / 1048576.0,
-             p.eval_mode, p.evaluation / 1048576.0, p.eval_settings);
+    bool eval_breaks_it = need - p.evaluation <= free_bytes || p.evaluation > p.activations;
+    if (need > free_bytes && p.evaluation > 0 && eval_breaks_it)
+        fail("GPU memory: this run needs %.0f MiB (%.0f MiB planned + %.0f MiB headroom) but the GPU has %.0f MiB free "
+             "of %.0f MiB; EVAL_MODE=%s takes %.0f MiB after training: lower %s",
+             need / 1048576.0, p.total() / 1048576.0, MEMORY_HEADROOM / 1048576.0, free_bytes / 1048576.0,
+             total_bytes / 1048576.0, p.eval_mode, p.evaluation / 1048576.0, p.eval_settings);
     if (need > free_bytes)
         fail("GPU memory: this run needs %.0f MiB (%.0f MiB planned + %.0f MiB headroom) but the GPU has %.0f MiB free of %.0f MiB; "
              "activations take %.0f MiB for %ld tokens: lower %s",
@@ -6217,6 +6228,17 @@ static void run_cuda(Config& c) {
     log0("cuda: rank %d → GPU %d: %s, compute capability %d.%d, %d SMs, %.1f GiB (%.1f GiB free), driver %d.%d, runtime %d.%d\n",
          g_rank, cx.device, cx.prop.name, cx.prop.major, cx.prop.minor, cx.prop.multiProcessorCount, tot / 1073741824.0,
          fr / 1073741824.0, drv / 1000, drv % 1000 / 10, rt / 1000, rt % 1000 / 10);
+    cudaFuncAttributes fa;  // which of the binary's GPU codes this GPU runs: its own machine code, or compiled PTX
+    cudaCheck(cudaFuncGetAttributes(&fa, cast_params_kernel));
+#ifdef __CUDA_ARCH_LIST__
+#define PGOLF_STR2(...) #__VA_ARGS__
+#define PGOLF_STR(...) PGOLF_STR2(__VA_ARGS__)
+    const char* built = PGOLF_STR(__CUDA_ARCH_LIST__);
+#else
+    const char* built = "(unknown)";
+#endif
+    log0("cuda: GPU code built for compute capabilities %s; this GPU runs sm_%d code (PTX version %d)\n", built,
+         fa.binaryVersion, fa.ptxVersion);
     nccl_init();
     CudaMemoryPlan plan = cuda_memory_plan(c, g_world, 0);
     plan = cuda_memory_plan(c, g_world, radix_sort_temp_bytes((int)plan.act_rows));  // now with cub's sort storage

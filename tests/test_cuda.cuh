@@ -270,6 +270,7 @@ TEST(cuda_host_memory_plan) {
     CudaMemoryPlan p = cuda_memory_plan(c, 8, 0);
     CHECK_THROWS(cuda_memory_plan_check(p, p.total() / 2, 80ul << 30), "EVAL_BATCH_SEQS");
     // PR #600 with its LoRA TTT (rank 128 on every linear): ~14 GiB after training, refused before it
+    c = Config();
     preset_pr600(c);
     c.eval_mode = "sliding,lora_ttt";
     p = cuda_memory_plan(c, 8, 0);
@@ -286,7 +287,8 @@ TEST(cuda_host_memory_plan) {
 TEST(cuda_host_attention_smem_per_arch) {
     const char* kernel = "";
     CHECK(attention_smem_bytes(128, &kernel) == 104448 && !strcmp(kernel, "attention_backward_dq_kernel"));
-    CHECK(attention_smem_bytes(64, &kernel) == 6 * 64 * 72 * 2);
+    // hd 64: dK/dV's K, V tiles and four 64-row tiles plus 4·64 floats outgrow dQ's six tiles
+    CHECK(attention_smem_bytes(64, &kernel) == (2 * 64 + 4 * 64) * 72 * 2 + 4 * 64 * 4 && !strcmp(kernel, "attention_backward_dkdv_kernel"));
     struct { int major, minor; size_t optin; } archs[] = {{8, 0, 166912}, {8, 6, 101376}, {8, 9, 101376}, {9, 0, 232448}};
     for (auto a : archs)
         for (int hd : {16, 32, 64, 128}) {
@@ -869,9 +871,17 @@ template <class D> static double train_step(D dev, Model<D>& m, TrainState<D>& s
     return loss;
 }
 
-// One step of a full model against Cpu<float>: the loss within 1% and every parameter gradient within
-// relative L2 5e-2 (matrices) / 1e-1 (vectors and scalars, whose sums over all tokens cancel more);
-// bf16 activations through every layer are the only expected difference.
+// One step of a full model against Cpu<float>: the loss within 1%, and each parameter gradient within a
+// tolerance of its own that bf16 justifies. bf16 keeps 8 significant bits: one rounding moves a value by at
+// most 2⁻⁹ relative. How far such noise moves a gradient depends on the tensor: a matrix gradient sums
+// well-conditioned products, while a per-head gain or a scalar gate sums terms over every token that
+// cancel, which amplifies it. So the CPU reference measures it per tensor: s = the relative L2 change of
+// its fp32 gradient when every weight moves by a random ±2⁻⁸ (one bf16 ulp: twice the largest rounding,
+// about 3.5 times the RMS of the GPU's rounding of its bf16 weight copy). The GPU's gradients, which also
+// round activations, measured 0.4-1.25·s from the CPU's in the emulator (tiny and pr467: 0.2% to 5%, the
+// per-head q_gain the farthest); the tolerance is 2·s, room for a GPU's own summation orders, and at least
+// 2⁻⁷ (four bf16 roundings: a gradient whose s is tiny still multiplies bf16 activations). The former flat
+// 5% / 10% passed a 9% error in an attn_scale gradient that bf16 moves by 1.5%: now its tolerance is ~3%.
 static void compare_one_step(Config c, int B) {
     c.train_batch_tokens = (long)B * c.train_seq_len; c.grad_accum_steps = 1;
     config_validate(c, 1);
@@ -882,6 +892,11 @@ static void compare_one_step(Config c, int B) {
     model_init(Cpu<float>{}, mc, c, B, T);
     memcpy(mc.params, w.data(), w.size() * sizeof(float));
     double lc = loss_and_grads(Cpu<float>{}, mc, tok, B, T);
+    std::vector<float> gc(mc.grads, mc.grads + mc.nparams);
+    Rng rng(99);
+    for (size_t i = 0; i < w.size(); i++) mc.params[i] = w[i] * (rng.uniform() < 0.5 ? 1.0f - 1.0f / 256 : 1.0f + 1.0f / 256);
+    loss_and_grads(Cpu<float>{}, mc, tok, B, T);
+    std::vector<float> gp(mc.grads, mc.grads + mc.nparams);
     Model<Cuda> mg;
     model_init(Cuda{}, mg, c, B, T);
     to_device(Cuda{}, mg.params, w.data(), w.size());
@@ -892,16 +907,34 @@ static void compare_one_step(Config c, int B) {
     model_free(Cuda{}, mg);
     if (getenv("PGOLF_CUDA_TEST_VERBOSE")) printf("  %s loss gpu %.6f cpu %.6f\n", c.preset.c_str(), lg, lc);
     CHECK_MSG(std::fabs(lg - lc) <= 1e-2 * std::fabs(lc), "%s: GPU loss %.6f vs CPU %.6f", c.preset.c_str(), lg, lc);
+    // the largest error/tolerance over the tensors, and which
+    auto worst_of = [&](const std::vector<float>& gpu, bool verbose, std::string* worst) {
+        double worst_e = 0;
+        for (const ParamSpec& p : mc.table) {
+            std::vector<double> want(gc.begin() + p.offset, gc.begin() + p.offset + p.numel);
+            std::vector<double> got(gpu.begin() + p.offset, gpu.begin() + p.offset + p.numel);
+            std::vector<double> moved(gp.begin() + p.offset, gp.begin() + p.offset + p.numel);
+            double e = rel_l2(got, want), s = rel_l2(moved, want), tol = std::max(2 * s, 1.0 / 128);
+            if (verbose)
+                printf("  %s %-32s relative L2 %.3g (bf16 sensitivity %.3g, tolerance %.3g)\n", c.preset.c_str(),
+                       p.name.c_str(), e, s, tol);
+            if (e / tol > worst_e) {
+                worst_e = e / tol;
+                *worst = test_format("%s (relative L2 %.3g, tolerance %.3g)", p.name.c_str(), e, tol);
+            }
+        }
+        return worst_e;
+    };
     std::string worst;
-    double worst_e = 0;
-    for (const ParamSpec& p : mc.table) {
-        std::vector<double> got(gg.begin() + p.offset, gg.begin() + p.offset + p.numel);
-        std::vector<double> want(mc.grads + p.offset, mc.grads + p.offset + p.numel);
-        double e = rel_l2(got, want), tol = p.group == GROUP_MATRIX || p.group == GROUP_TOKEN || p.group == GROUP_HEAD ? 5e-2 : 1e-1;
-        if (getenv("PGOLF_CUDA_TEST_VERBOSE")) printf("  %s %-32s relative L2 %.3g (tolerance %g)\n", c.preset.c_str(), p.name.c_str(), e, tol);
-        if (e / tol > worst_e) { worst_e = e / tol; worst = test_format("%s (relative L2 %.3g, tolerance %g)", p.name.c_str(), e, tol); }
-    }
+    double worst_e = worst_of(gg, getenv("PGOLF_CUDA_TEST_VERBOSE") != nullptr, &worst);
     CHECK_MSG(worst_e <= 1.0, "%s: gradient %s", c.preset.c_str(), worst.c_str());
+    // a 9% error planted in one layer's attn_scale gradient (which the former flat 10% passed) fails
+    const ParamSpec* as = find_param(mc.table, P_ATTN_SCALE, c.num_layers - 1);
+    std::vector<float> planted = gg;
+    for (size_t i = 0; i < as->numel; i++) planted[as->offset + i] = gc[as->offset + i] * 1.09f;
+    CHECK_MSG(worst_of(planted, false, &worst) > 1.0, "%s: a 9%% error in %s's gradient passes", c.preset.c_str(),
+              as->name.c_str());
+    model_free(Cpu<float>{}, mc);
 }
 TEST(cuda_train_step_tiny_matches_cpu) {
     REQUIRE_GPU();

@@ -28,7 +28,9 @@ static void flush() {
         w();
     }
 }
-struct EmuError : std::runtime_error { using std::runtime_error::runtime_error; };
+struct EmuError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
 void emu_fail(const char* fmt, ...) {
     char buf[1024];
     va_list ap;
@@ -71,7 +73,8 @@ struct Mat {
     int rows, cols, ld, batch;
     long long stride;
     void* p;
-    Mat(cudaDataType_t t, int r, int c, int ld_, int b = 1, long long s = 0) : type(t), rows(r), cols(c), ld(ld_), batch(b), stride(s) {
+    Mat(cudaDataType_t t, int r, int c, int ld_, int b = 1, long long s = 0)
+        : type(t), rows(r), cols(c), ld(ld_), batch(b), stride(s) {
         size_t elems = (size_t)(b - 1) * s + (size_t)ld_ * c + 64;
         p = aligned_alloc(256, (elems * esz() + 255) / 256 * 256);
         memset(p, 0, elems * esz());
@@ -85,8 +88,10 @@ struct Mat {
     }
     void set(int b, int i, int j, float v) {
         size_t k = idx(b, i, j);
-        if (type == CUDA_R_16BF) ((__nv_bfloat16*)p)[k] = bf16_of_bits(bf16_bits_rne(v));
-        else ((float*)p)[k] = v;
+        if (type == CUDA_R_16BF)
+            ((__nv_bfloat16*)p)[k] = bf16_of_bits(bf16_bits_rne(v));
+        else
+            ((float*)p)[k] = v;
     }
     void fill(std::mt19937& g, float scale) {
         std::normal_distribution<float> nd(0.0f, scale);
@@ -100,8 +105,10 @@ struct Mat {
         if (batch > 1) {
             int32_t bc = batch;
             int64_t st = stride;
-            CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &bc, sizeof bc) == CUBLAS_STATUS_SUCCESS);
-            CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &st, sizeof st) == CUBLAS_STATUS_SUCCESS);
+            CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &bc, sizeof bc) ==
+                  CUBLAS_STATUS_SUCCESS);
+            CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &st, sizeof st) ==
+                  CUBLAS_STATUS_SUCCESS);
         }
         return l;
     }
@@ -119,7 +126,8 @@ struct Lt {
     std::vector<uint8_t> workspace = std::vector<uint8_t>(1 << 20);
     Lt() { CHECK(cublasLtCreate(&h) == CUBLAS_STATUS_SUCCESS); }
     ~Lt() { cublasLtDestroy(h); }
-    void matmul(bool ta, bool tb, float alpha, const Mat& A, const Mat& B, float beta, const void* C, Mat& D, bool run = true) {
+    void matmul(bool ta, bool tb, float alpha, const Mat& A, const Mat& B, float beta, const void* C, Mat& D,
+                bool run = true) {
         cublasLtMatmulDesc_t op;
         CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS);
         cublasOperation_t a = ta ? CUBLAS_OP_T : CUBLAS_OP_N, b = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -129,20 +137,22 @@ struct Lt {
         cublasLtMatmulPreference_t pref;
         CHECK(cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS);
         uint64_t ws = workspace.size();
-        CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws) == CUBLAS_STATUS_SUCCESS);
+        CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws) ==
+              CUBLAS_STATUS_SUCCESS);
         uint32_t al[4] = {alignment_of(A.p), alignment_of(B.p), alignment_of(C ? C : D.p), alignment_of(D.p)};
         const cublasLtMatmulPreferenceAttributes_t attrs[4] = {
             CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
             CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
-        for (int i = 0; i < 4; i++) CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attrs[i], &al[i], sizeof al[i]) == CUBLAS_STATUS_SUCCESS);
+        for (int i = 0; i < 4; i++)
+            CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attrs[i], &al[i], sizeof al[i]) == CUBLAS_STATUS_SUCCESS);
         cublasLtMatmulHeuristicResult_t heur;
         int found = 0;
         CHECK(cublasLtMatmulAlgoGetHeuristic(h, op, la, lb, ld, ld, pref, 1, &heur, &found) == CUBLAS_STATUS_SUCCESS);
         CHECK(found == 1 && heur.workspaceSize <= ws);
         cublasLtMatmulPreferenceDestroy(pref);
         if (run)
-            CHECK(cublasLtMatmul(h, op, &alpha, A.p, la, B.p, lb, &beta, C ? C : D.p, ld, D.p, ld, &heur.algo, workspace.data(),
-                                 workspace.size(), nullptr) == CUBLAS_STATUS_SUCCESS);
+            CHECK(cublasLtMatmul(h, op, &alpha, A.p, la, B.p, lb, &beta, C ? C : D.p, ld, D.p, ld, &heur.algo,
+                                 workspace.data(), workspace.size(), nullptr) == CUBLAS_STATUS_SUCCESS);
         // descriptors may go before the queued product runs: the product holds copies
         cublasLtMatrixLayoutDestroy(la);
         cublasLtMatrixLayoutDestroy(lb);
@@ -153,7 +163,8 @@ struct Lt {
 
 // D = alpha·op(A)·op(B) + beta·C in fp64 from the stored (already bf16) inputs, checked per element
 // with fp32 accumulation's bound (k·2⁻²³ of Σ|a·b|) plus D's rounding (half an ulp: 2⁻⁹ for bf16).
-static void check_product(bool ta, bool tb, double alpha, const Mat& A, const Mat& B, double beta, const Mat& Cold, const Mat& D) {
+static void check_product(bool ta, bool tb, double alpha, const Mat& A, const Mat& B, double beta, const Mat& Cold,
+                          const Mat& D) {
     int m = D.rows, n = D.cols, k = ta ? A.rows : A.cols;
     double out_rel = D.type == CUDA_R_16BF ? std::ldexp(1.0, -8) : std::ldexp(1.0, -23);
     for (int b = 0; b < D.batch; b++)
@@ -168,10 +179,11 @@ static void check_product(bool ta, bool tb, double alpha, const Mat& A, const Ma
                 }
                 double c = beta != 0 ? Cold.get(b, i, j) : 0.0;
                 double want = alpha * s + beta * c;
-                double tol = (k + 4) * std::ldexp(1.0, -23) * (std::fabs(alpha) * sabs + std::fabs(beta * c)) + out_rel * std::fabs(want) + 1e-30;
+                double tol = (k + 4) * std::ldexp(1.0, -23) * (std::fabs(alpha) * sabs + std::fabs(beta * c)) +
+                             out_rel * std::fabs(want) + 1e-30;
                 double got = D.get(b, i, j);
-                CHECK_MSG(std::fabs(got - want) <= tol, "batch %d D(%d,%d): got %.9g want %.9g (tol %.3g; ta %d tb %d)", b, i, j, got, want, tol,
-                          ta, tb);
+                CHECK_MSG(std::fabs(got - want) <= tol, "batch %d D(%d,%d): got %.9g want %.9g (tol %.3g; ta %d tb %d)",
+                          b, i, j, got, want, tol, ta, tb);
             }
 }
 
@@ -185,7 +197,8 @@ TEST(lt_matmul_matches_fp64_all_transposes) {
         for (int tb = 0; tb < 2; tb++)
             for (cudaDataType_t dt : {CUDA_R_16BF, CUDA_R_32F})
                 for (float beta : {0.0f, 1.0f, 0.5f}) {
-                    Mat A(CUDA_R_16BF, ta ? k : m, ta ? m : k, (ta ? k : m) + 3), B(CUDA_R_16BF, tb ? n : k, tb ? k : n, (tb ? n : k) + 5);
+                    Mat A(CUDA_R_16BF, ta ? k : m, ta ? m : k, (ta ? k : m) + 3),
+                        B(CUDA_R_16BF, tb ? n : k, tb ? k : n, (tb ? n : k) + 5);
                     Mat D(dt, m, n, m + 2), Cold(dt, m, n, m + 2);
                     A.fill(g, 1.0f);
                     B.fill(g, 1.0f);
@@ -238,8 +251,8 @@ TEST(lt_bf16_output_rounds_to_nearest_even) {
     Lt lt;
     const int m = 16, n = 16, k = 2;
     Mat A(CUDA_R_16BF, m, k, m), B(CUDA_R_16BF, k, n, k), D(CUDA_R_16BF, m, n, m);
-    // A(i,0)·B(0,j) + A(i,1)·B(1,j) = (1 + i/8)·1 + 2⁻¹⁰·(j − 8): 1 + i/8 needs 3 mantissa bits, the second term lands
-    // below, on and above the bf16 rounding point (ulp 2⁻⁷ at 1..2, 2⁻⁶ at 2..4)
+    // A(i,0)·B(0,j) + A(i,1)·B(1,j) = (1 + i/8)·1 + 2⁻¹⁰·(j − 8): 1 + i/8 needs 3 mantissa bits, the
+    // second term lands below, on and above the bf16 rounding point (ulp 2⁻⁷ at 1..2, 2⁻⁶ at 2..4)
     for (int i = 0; i < m; i++) {
         A.set(0, i, 0, 1.0f + i / 8.0f);
         A.set(0, i, 1, std::ldexp(1.0f, -10));
@@ -281,13 +294,15 @@ TEST(lt_scalars_and_beta_zero) {
     cublasLtMatmulPreference_t pref;
     cublasLtMatmulPreferenceCreate(&pref);
     uint32_t al = 256;
-    for (int i = 5; i <= 8; i++) cublasLtMatmulPreferenceSetAttribute(pref, (cublasLtMatmulPreferenceAttributes_t)i, &al, sizeof al);
+    for (int i = 5; i <= 8; i++)
+        cublasLtMatmulPreferenceSetAttribute(pref, (cublasLtMatmulPreferenceAttributes_t)i, &al, sizeof al);
     cublasLtMatmulHeuristicResult_t heur;
     int found = 0;
     cublasLtMatmulAlgoGetHeuristic(lt.h, op, l, l, ld, ld, pref, 1, &heur, &found);
     CHECK(found == 1 && heur.workspaceSize == 0);  // the preference allowed no workspace
     float alpha = 3.0f, beta = 0.0f;
-    CHECK(cublasLtMatmul(lt.h, op, &alpha, A.p, l, B.p, l, &beta, D.p, ld, D.p, ld, &heur.algo, nullptr, 0, nullptr) == CUBLAS_STATUS_SUCCESS);
+    CHECK(cublasLtMatmul(lt.h, op, &alpha, A.p, l, B.p, l, &beta, D.p, ld, D.p, ld, &heur.algo, nullptr, 0, nullptr) ==
+          CUBLAS_STATUS_SUCCESS);
     alpha = 100.0f;
     flush();
     check_product(false, false, 3.0, A, B, 0.0, Cold, D);
@@ -300,25 +315,32 @@ TEST(lt_rejects_unemulated_attributes_and_misuse) {
     cublasLtMatmulDesc_t op;
     cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F);
     uint32_t epi = CUBLASLT_EPILOGUE_BIAS;
-    CHECK_THROWS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi), "CUBLASLT_MATMUL_DESC_EPILOGUE");
+    CHECK_THROWS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi),
+                 "CUBLASLT_MATMUL_DESC_EPILOGUE");
     void* bias = nullptr;
-    CHECK_THROWS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias), "CUBLASLT_MATMUL_DESC_BIAS_POINTER");
+    CHECK_THROWS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias),
+                 "CUBLASLT_MATMUL_DESC_BIAS_POINTER");
     cublasOperation_t conj = CUBLAS_OP_C;
-    CHECK_THROWS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &conj, sizeof conj), "CUBLASLT_MATMUL_DESC_TRANSA");
+    CHECK_THROWS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &conj, sizeof conj),
+                 "CUBLASLT_MATMUL_DESC_TRANSA");
     int64_t wrong_size = CUBLAS_OP_T;
-    CHECK_THROWS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &wrong_size, sizeof wrong_size), "sizeInBytes 8");
+    CHECK_THROWS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &wrong_size, sizeof wrong_size),
+                 "sizeInBytes 8");
     Mat A(CUDA_R_16BF, 8, 8, 8);
     cublasLtMatrixLayout_t l = A.layout();
     int64_t ld = 16;
-    CHECK_THROWS(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_LD, &ld, sizeof ld), "CUBLASLT_MATRIX_LAYOUT_LD");
+    CHECK_THROWS(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_LD, &ld, sizeof ld),
+                 "CUBLASLT_MATRIX_LAYOUT_LD");
     int32_t order = CUBLASLT_ORDER_ROW;
-    CHECK_THROWS(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_ORDER, &order, sizeof order), "CUBLASLT_MATRIX_LAYOUT_ORDER");
+    CHECK_THROWS(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_ORDER, &order, sizeof order),
+                 "CUBLASLT_MATRIX_LAYOUT_ORDER");
     cublasLtMatrixLayout_t l16;
     CHECK_THROWS(cublasLtMatrixLayoutCreate(&l16, CUDA_R_16F, 8, 8, 8), "CUDA_R_16F");
     cublasLtMatmulPreference_t pref;
     cublasLtMatmulPreferenceCreate(&pref);
     uint32_t mode = 0;
-    CHECK_THROWS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_SEARCH_MODE, &mode, sizeof mode), "CUBLASLT_MATMUL_PREF_SEARCH_MODE");
+    CHECK_THROWS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_SEARCH_MODE, &mode, sizeof mode),
+                 "CUBLASLT_MATMUL_PREF_SEARCH_MODE");
     cublasLtMatmulDesc_t op16;
     cublasLtMatmulDescCreate(&op16, CUBLAS_COMPUTE_16F, CUDA_R_16F);
     cublasLtMatmulHeuristicResult_t heur;
@@ -333,54 +355,60 @@ TEST(lt_rejects_unemulated_attributes_and_misuse) {
     Mat D(CUDA_R_16BF, 8, 8, 8);
     uint64_t ws = 1 << 20;
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
-    CHECK(cublasLtMatmulAlgoGetHeuristic(lt.h, op, l, l, l, l, pref, 1, &heur, &found) == CUBLAS_STATUS_SUCCESS && found == 1);
+    CHECK(cublasLtMatmulAlgoGetHeuristic(lt.h, op, l, l, l, l, pref, 1, &heur, &found) == CUBLAS_STATUS_SUCCESS &&
+          found == 1);
     CHECK(heur.workspaceSize > 0);
     float one = 1.0f, zero = 0.0f;
     std::vector<uint8_t> work(heur.workspaceSize);
     const char* A2 = (const char*)A.p + 2;
     Mat big(CUDA_R_16BF, 80, 8, 80);
-    CHECK_THROWS(cublasLtMatmul(lt.h, op, &one, A2, l, A.p, l, &zero, D.p, l, D.p, l, &heur.algo, work.data(), work.size(), nullptr),
+    CHECK_THROWS(cublasLtMatmul(lt.h, op, &one, A2, l, A.p, l, &zero, D.p, l, D.p, l, &heur.algo, work.data(),
+                                work.size(), nullptr),
                  "MIN_ALIGNMENT_A_BYTES");
     // too small a workspace
-    CHECK_THROWS(cublasLtMatmul(lt.h, op, &one, A.p, l, A.p, l, &zero, D.p, l, D.p, l, &heur.algo, work.data(), work.size() - 1, nullptr),
+    CHECK_THROWS(cublasLtMatmul(lt.h, op, &one, A.p, l, A.p, l, &zero, D.p, l, D.p, l, &heur.algo, work.data(),
+                                work.size() - 1, nullptr),
                  "workspace");
     // D overlapping an input
-    CHECK_THROWS(cublasLtMatmul(lt.h, op, &one, A.p, l, B.p, l, &zero, A.p, l, A.p, l, &heur.algo, work.data(), work.size(), nullptr),
+    CHECK_THROWS(cublasLtMatmul(lt.h, op, &one, A.p, l, B.p, l, &zero, A.p, l, A.p, l, &heur.algo, work.data(),
+                                work.size(), nullptr),
                  "D overlaps A");
     // an algorithm chosen for other descriptors (the layout changed after the heuristic)
     int32_t bc = 2;
     int64_t st = 64;
     cublasLtMatrixLayout_t lbatch = A.layout();
-    CHECK(cublasLtMatmulAlgoGetHeuristic(lt.h, op, lbatch, lbatch, lbatch, lbatch, pref, 1, &heur, &found) == CUBLAS_STATUS_SUCCESS);
+    CHECK(cublasLtMatmulAlgoGetHeuristic(lt.h, op, lbatch, lbatch, lbatch, lbatch, pref, 1, &heur, &found) ==
+          CUBLAS_STATUS_SUCCESS);
     for (auto attr : {CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET})
         attr == CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT ? cublasLtMatrixLayoutSetAttribute(lbatch, attr, &bc, sizeof bc)
                                                    : cublasLtMatrixLayoutSetAttribute(lbatch, attr, &st, sizeof st);
-    CHECK_THROWS(cublasLtMatmul(lt.h, op, &one, big.p, lbatch, big.p, lbatch, &zero, D.p, lbatch, D.p, lbatch, &heur.algo, work.data(),
-                                work.size(), nullptr),
+    CHECK_THROWS(cublasLtMatmul(lt.h, op, &one, big.p, lbatch, big.p, lbatch, &zero, D.p, lbatch, D.p, lbatch,
+                                &heur.algo, work.data(), work.size(), nullptr),
                  "other descriptors");
     // a batch stride that makes the outputs overlap
     st = 32;
     cublasLtMatrixLayoutSetAttribute(lbatch, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &st, sizeof st);
-    CHECK_THROWS(cublasLtMatmulAlgoGetHeuristic(lt.h, op, lbatch, lbatch, lbatch, lbatch, pref, 1, &heur, &found), "overlap");
+    CHECK_THROWS(cublasLtMatmulAlgoGetHeuristic(lt.h, op, lbatch, lbatch, lbatch, lbatch, pref, 1, &heur, &found),
+                 "overlap");
     CHECK(g_queue.empty());
     (void)g;
 }
 
 // ========================================= CUB ==============================================
-static void sort_pairs(const std::vector<int32_t>& keys, std::vector<int32_t>& keys_out, std::vector<int32_t>& vals_out, int begin_bit,
-                       int end_bit) {
+static void sort_pairs(const std::vector<int32_t>& keys, std::vector<int32_t>& keys_out, std::vector<int32_t>& vals_out,
+                       int begin_bit, int end_bit) {
     int n = (int)keys.size();
     std::vector<int32_t> vals(n);
     for (int i = 0; i < n; i++) vals[i] = i;
     size_t bytes = 0;
-    CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes, (const int32_t*)nullptr, (int32_t*)nullptr, (const int32_t*)nullptr,
-                                          (int32_t*)nullptr, n) == cudaSuccess);
+    CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes, (const int32_t*)nullptr, (int32_t*)nullptr,
+                                          (const int32_t*)nullptr, (int32_t*)nullptr, n) == cudaSuccess);
     CHECK(bytes >= (size_t)n * 8);
     std::vector<uint8_t> temp(bytes);
     keys_out.assign(n, -1);
     vals_out.assign(n, -1);
-    CHECK(cub::DeviceRadixSort::SortPairs(temp.data(), bytes, keys.data(), keys_out.data(), vals.data(), vals_out.data(), n, begin_bit,
-                                          end_bit, nullptr) == cudaSuccess);
+    CHECK(cub::DeviceRadixSort::SortPairs(temp.data(), bytes, keys.data(), keys_out.data(), vals.data(),
+                                          vals_out.data(), n, begin_bit, end_bit, nullptr) == cudaSuccess);
     CHECK(n == 0 || vals_out[0] == -1);  // queued, not run yet
     flush();
 }
@@ -391,7 +419,8 @@ TEST(cub_sort_pairs_stable_by_key) {
     std::mt19937 g(6);
     for (int n : {0, 1, 7, 5000, 100000}) {
         std::vector<int32_t> keys(n);
-        for (int i = 0; i < n; i++) keys[i] = i % 5 == 0 ? (int32_t)g() : (int32_t)(g() % 37) - 3;  // a few keys thousands of times
+        for (int i = 0; i < n; i++)
+            keys[i] = i % 5 == 0 ? (int32_t)g() : (int32_t)(g() % 37) - 3;  // a few keys thousands of times
         std::vector<int32_t> ko, vo;
         sort_pairs(keys, ko, vo, 0, 32);
         std::vector<int32_t> order(n);
@@ -423,8 +452,10 @@ TEST(cub_sort_pairs_bit_range) {
             seen[vo[i]] = 1;
             CHECK(ko[i] == keys[vo[i]]);
             if (i > 0) {
-                CHECK_MSG(digit(ko[i - 1]) <= digit(ko[i]), "bits [%d,%d): not ascending at %d", range.first, range.second, i);
-                if (digit(ko[i - 1]) == digit(ko[i])) CHECK_MSG(vo[i - 1] < vo[i], "bits [%d,%d): not stable at %d", range.first, range.second, i);
+                CHECK_MSG(digit(ko[i - 1]) <= digit(ko[i]), "bits [%d,%d): not ascending at %d", range.first,
+                          range.second, i);
+                if (digit(ko[i - 1]) == digit(ko[i]))
+                    CHECK_MSG(vo[i - 1] < vo[i], "bits [%d,%d): not stable at %d", range.first, range.second, i);
             }
         }
     }
@@ -437,9 +468,13 @@ TEST(cub_sort_pairs_rejects_misuse) {
     cub::DeviceRadixSort::SortPairs(nullptr, bytes, k.data(), ko.data(), v.data(), vo.data(), n);
     std::vector<uint8_t> temp(bytes);
     size_t small = bytes - 1;
-    CHECK_THROWS(cub::DeviceRadixSort::SortPairs(temp.data(), small, k.data(), ko.data(), v.data(), vo.data(), n), "size query asks");
-    CHECK_THROWS(cub::DeviceRadixSort::SortPairs(temp.data(), bytes, k.data(), k.data(), v.data(), vo.data(), n), "overlap");
-    CHECK_THROWS(cub::DeviceRadixSort::SortPairs(temp.data(), bytes, k.data(), ko.data(), v.data(), vo.data(), n, 8, 40), "bit range");
+    CHECK_THROWS(cub::DeviceRadixSort::SortPairs(temp.data(), small, k.data(), ko.data(), v.data(), vo.data(), n),
+                 "size query asks");
+    CHECK_THROWS(cub::DeviceRadixSort::SortPairs(temp.data(), bytes, k.data(), k.data(), v.data(), vo.data(), n),
+                 "overlap");
+    CHECK_THROWS(
+        cub::DeviceRadixSort::SortPairs(temp.data(), bytes, k.data(), ko.data(), v.data(), vo.data(), n, 8, 40),
+        "bit range");
 }
 
 // ========================================= NCCL =============================================
@@ -457,7 +492,9 @@ static ncclComm_t nccl_comm() {
     return comm;
 }
 // Rank r's element i: a multiple of 1/64 below 64, so fp32 sums over ranks are exact.
-static float contribution(int r, size_t i) { return (float)((int)((i * 37 + (size_t)r * 11) % 97) - 48) / 64.0f * (r + 1); }
+static float contribution(int r, size_t i) {
+    return (float)((int)((i * 37 + (size_t)r * 11) % 97) - 48) / 64.0f * (r + 1);
+}
 
 TEST(nccl_all_reduce_sum_and_avg) {
     ncclComm_t c = nccl_comm();
@@ -487,7 +524,8 @@ TEST(nccl_all_reduce_sum_and_avg) {
                     float want = op == ncclAvg ? (float)sum * (1.0f / (float)g_world) : (float)sum;
                     float got = t == ncclFloat32 ? ((float*)recv)[i] : __bfloat162float(((__nv_bfloat16*)recv)[i]);
                     if (t == ncclBfloat16) want = bf16_bits_to_float(bf16_bits_rne(want));
-                    CHECK_MSG(got == want, "type %d op %d in_place %d: [%zu] got %g want %g", (int)t, (int)op, in_place, i, got, want);
+                    CHECK_MSG(got == want, "type %d op %d in_place %d: [%zu] got %g want %g", (int)t, (int)op, in_place,
+                              i, got, want);
                 }
             }
 }

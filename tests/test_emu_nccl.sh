@@ -5,7 +5,10 @@ set -u
 cd "$(dirname "$0")/.."
 bin=tests/test_emu_libs
 if ! command -v mpirun >/dev/null 2>&1; then echo "SKIP emu_nccl_two_ranks: no mpirun (install openmpi-bin)"; exit 0; fi
-if [ ! -x "$bin" ]; then echo "FAIL emu_nccl_two_ranks: $bin not built (make $bin)"; exit 1; fi
+if [ ! -x "$bin" ]; then
+    if [ -f "${CUDA_HOME:-/usr/local/cuda}/include/cuda_runtime.h" ]; then echo "FAIL emu_nccl_two_ranks: $bin not built (make $bin)"; exit 1; fi
+    echo "SKIP emu_nccl_two_ranks: no CUDA toolkit headers, so $bin is not built"; exit 0
+fi
 root=(); [ "$(id -u)" -eq 0 ] && root=(--allow-run-as-root)
 log=$(mktemp); trap 'rm -f "$log"' EXIT
 timeout 120 mpirun -np 2 --oversubscribe --tag-output "${root[@]}" "$bin" nccl_ > "$log" 2>&1

@@ -30,10 +30,11 @@ struct DeviceRadixSort {
     }
 
     template <typename KeyT, typename ValueT, typename NumItemsT>
-    static cudaError_t SortPairs(void* d_temp_storage, size_t& temp_storage_bytes, const KeyT* d_keys_in, KeyT* d_keys_out,
-                                 const ValueT* d_values_in, ValueT* d_values_out, NumItemsT num_items, int begin_bit = 0,
-                                 int end_bit = sizeof(KeyT) * 8, cudaStream_t stream = 0) {
-        static_assert(std::is_integral<KeyT>::value, "the emulated radix sort takes integer keys (what train_gpt.cu sorts)");
+    static cudaError_t SortPairs(void* d_temp_storage, size_t& temp_storage_bytes, const KeyT* d_keys_in,
+                                 KeyT* d_keys_out, const ValueT* d_values_in, ValueT* d_values_out, NumItemsT num_items,
+                                 int begin_bit = 0, int end_bit = sizeof(KeyT) * 8, cudaStream_t stream = 0) {
+        static_assert(std::is_integral<KeyT>::value,
+                      "the emulated radix sort takes integer keys (what train_gpt.cu sorts)");
         static_assert(std::is_integral<NumItemsT>::value, "num_items is an integer");
         if (num_items < 0) emu_fail("cub::DeviceRadixSort::SortPairs: num_items = %lld", (long long)num_items);
         const size_t n = (size_t)num_items;
@@ -44,10 +45,13 @@ struct DeviceRadixSort {
         }
         const int bits = (int)sizeof(KeyT) * 8;
         if (begin_bit < 0 || end_bit > bits || begin_bit > end_bit)
-            emu_fail("cub::DeviceRadixSort::SortPairs: bit range [%d, %d) outside a %d-bit key", begin_bit, end_bit, bits);
+            emu_fail("cub::DeviceRadixSort::SortPairs: bit range [%d, %d) outside a %d-bit key", begin_bit, end_bit,
+                     bits);
         if (temp_storage_bytes < need)
-            emu_fail("cub::DeviceRadixSort::SortPairs: %zu bytes of temporary storage for %zu pairs, the size query asks %zu",
-                     temp_storage_bytes, n, need);
+            emu_fail(
+                "cub::DeviceRadixSort::SortPairs: %zu bytes of temporary storage for %zu pairs, the size query asks "
+                "%zu",
+                temp_storage_bytes, n, need);
         if (n == 0) return cudaSuccess;
         if (!d_keys_in || !d_keys_out || !d_values_in || !d_values_out)
             emu_fail("cub::DeviceRadixSort::SortPairs: a null key or value array for %zu pairs", n);
@@ -56,23 +60,27 @@ struct DeviceRadixSort {
             return a < b + n * elem && b < a + n * elem;
         };
         if (overlap(d_keys_in, d_keys_out, sizeof(KeyT)) || overlap(d_values_in, d_values_out, sizeof(ValueT)))
-            emu_fail("cub::DeviceRadixSort::SortPairs: input and output ranges overlap (this overload needs distinct buffers)");
+            emu_fail(
+                "cub::DeviceRadixSort::SortPairs: input and output ranges overlap (this overload needs distinct "
+                "buffers)");
         uint8_t* temp = (uint8_t*)d_temp_storage;
         size_t temp_bytes = temp_storage_bytes;
         emu_stream_submit(stream, [=] {
             KeyT* keys = (KeyT*)temp;
             ValueT* values = (ValueT*)(temp + (n * sizeof(KeyT) + 255) / 256 * 256);
-            memset(temp, 0xa5, temp_bytes);  // all of the storage the caller promised is written, as the GPU's passes do
+            memset(temp, 0xa5,
+                   temp_bytes);  // all of the storage the caller promised is written, as the GPU's passes do
             memcpy(keys, d_keys_in, n * sizeof(KeyT));
             memcpy(values, d_values_in, n * sizeof(ValueT));
             using U = typename std::make_unsigned<KeyT>::type;
             const U sign = std::is_signed<KeyT>::value ? (U)((U)1 << (bits - 1)) : (U)0;
             const int width = end_bit - begin_bit;
-            const U mask = width >= bits ? (U)~(U)0 : (U)(((U)1 << width) - 1);
+            const U mask = width >= bits ? (U) ~(U)0 : (U)(((U)1 << width) - 1);
             auto digit = [&](KeyT k) { return (U)((U)((U)k ^ sign) >> begin_bit) & mask; };
             std::vector<size_t> order(n);
             std::iota(order.begin(), order.end(), (size_t)0);
-            std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return digit(keys[x]) < digit(keys[y]); });
+            std::stable_sort(order.begin(), order.end(),
+                             [&](size_t x, size_t y) { return digit(keys[x]) < digit(keys[y]); });
             for (size_t i = 0; i < n; i++) {
                 d_keys_out[i] = keys[order[i]];
                 d_values_out[i] = values[order[i]];

@@ -30,7 +30,9 @@ const uint64_t ALGO_MAGIC = 0x454d554c54414c47ull;  // "EMULTALG"
 // with a pattern, so a workspace smaller than promised, or freed, shows up under AddressSanitizer.
 const size_t ALGO_WORKSPACE_BYTES = 64u << 10;
 
-struct Handle { uint32_t magic; };
+struct Handle {
+    uint32_t magic;
+};
 struct Desc {
     uint32_t magic;
     cublasComputeType_t compute;
@@ -127,24 +129,28 @@ inline Handle* handle(cublasLtHandle_t h) {
 }
 inline Desc* desc(cublasLtMatmulDesc_t d) {
     Desc* p = reinterpret_cast<Desc*>(d);
-    if (!p || p->magic != DESC_MAGIC) emu_fail("cuBLASLt: a matmul descriptor that cublasLtMatmulDescCreate did not make (or destroyed)");
+    if (!p || p->magic != DESC_MAGIC)
+        emu_fail("cuBLASLt: a matmul descriptor that cublasLtMatmulDescCreate did not make (or destroyed)");
     return p;
 }
 inline Layout* layout(cublasLtMatrixLayout_t l) {
     Layout* p = reinterpret_cast<Layout*>(l);
-    if (!p || p->magic != LAYOUT_MAGIC) emu_fail("cuBLASLt: a matrix layout that cublasLtMatrixLayoutCreate did not make (or destroyed)");
+    if (!p || p->magic != LAYOUT_MAGIC)
+        emu_fail("cuBLASLt: a matrix layout that cublasLtMatrixLayoutCreate did not make (or destroyed)");
     return p;
 }
 inline Pref* pref(cublasLtMatmulPreference_t q) {
     Pref* p = reinterpret_cast<Pref*>(q);
-    if (!p || p->magic != PREF_MAGIC) emu_fail("cuBLASLt: a preference that cublasLtMatmulPreferenceCreate did not make (or destroyed)");
+    if (!p || p->magic != PREF_MAGIC)
+        emu_fail("cuBLASLt: a preference that cublasLtMatmulPreferenceCreate did not make (or destroyed)");
     return p;
 }
 // Copies an attribute's value after checking the size the caller declared against the documented type.
 template <class T>
 inline T attr_value(const char* name, const void* buf, size_t size) {
     if (!buf) emu_fail("cuBLASLt: %s set from a null buffer", name);
-    if (size != sizeof(T)) emu_fail("cuBLASLt: %s set with sizeInBytes %zu, the attribute is %zu bytes", name, size, sizeof(T));
+    if (size != sizeof(T))
+        emu_fail("cuBLASLt: %s set with sizeInBytes %zu, the attribute is %zu bytes", name, size, sizeof(T));
     T v;
     memcpy(&v, buf, sizeof v);
     return v;
@@ -156,25 +162,37 @@ inline uint64_t fingerprint(const Desc& d, const Layout* const ls[4]) {
     auto mix = [&](const void* p, size_t n) {
         for (size_t i = 0; i < n; i++) h = (h ^ ((const unsigned char*)p)[i]) * 1099511628211ull;
     };
-    mix(&d.compute, sizeof d.compute); mix(&d.scale, sizeof d.scale);
-    mix(&d.trans_a, sizeof d.trans_a); mix(&d.trans_b, sizeof d.trans_b);
+    mix(&d.compute, sizeof d.compute);
+    mix(&d.scale, sizeof d.scale);
+    mix(&d.trans_a, sizeof d.trans_a);
+    mix(&d.trans_b, sizeof d.trans_b);
     for (int i = 0; i < 4; i++) {
-        mix(&ls[i]->type, sizeof ls[i]->type); mix(&ls[i]->rows, sizeof ls[i]->rows); mix(&ls[i]->cols, sizeof ls[i]->cols);
-        mix(&ls[i]->ld, sizeof ls[i]->ld); mix(&ls[i]->batch, sizeof ls[i]->batch); mix(&ls[i]->stride, sizeof ls[i]->stride);
+        mix(&ls[i]->type, sizeof ls[i]->type);
+        mix(&ls[i]->rows, sizeof ls[i]->rows);
+        mix(&ls[i]->cols, sizeof ls[i]->cols);
+        mix(&ls[i]->ld, sizeof ls[i]->ld);
+        mix(&ls[i]->batch, sizeof ls[i]->batch);
+        mix(&ls[i]->stride, sizeof ls[i]->stride);
     }
     return h;
 }
 
 // The shape of a product, checked: everything cuBLASLt requires of the descriptors, and the type
 // combination this emulation implements (compute 32F, scale 32F, A/B bf16, C/D bf16 or fp32).
-struct Shape { uint64_t m, n, k; int32_t batch; };
+struct Shape {
+    uint64_t m, n, k;
+    int32_t batch;
+};
 inline Shape check_product(const Desc& d, const Layout& a, const Layout& b, const Layout& c, const Layout& dd) {
     if (d.compute != CUBLAS_COMPUTE_32F)
         emu_fail("cuBLASLt: compute type %d is not emulated (only CUBLAS_COMPUTE_32F)", (int)d.compute);
-    if (d.scale != CUDA_R_32F) emu_fail("cuBLASLt: scale type %s is not emulated (only CUDA_R_32F)", type_name(d.scale));
+    if (d.scale != CUDA_R_32F)
+        emu_fail("cuBLASLt: scale type %s is not emulated (only CUDA_R_32F)", type_name(d.scale));
     if (a.type != CUDA_R_16BF || b.type != CUDA_R_16BF)
-        emu_fail("cuBLASLt: A is %s and B is %s; only CUDA_R_16BF inputs are emulated", type_name(a.type), type_name(b.type));
-    if (c.type != dd.type) emu_fail("cuBLASLt: C is %s but D is %s; they must have one type", type_name(c.type), type_name(dd.type));
+        emu_fail("cuBLASLt: A is %s and B is %s; only CUDA_R_16BF inputs are emulated", type_name(a.type),
+                 type_name(b.type));
+    if (c.type != dd.type)
+        emu_fail("cuBLASLt: C is %s but D is %s; they must have one type", type_name(c.type), type_name(dd.type));
     const Layout* all[4] = {&a, &b, &c, &dd};
     const char* names = "ABCD";
     for (int i = 0; i < 4; i++)
@@ -189,16 +207,17 @@ inline Shape check_product(const Desc& d, const Layout& a, const Layout& b, cons
                  (unsigned long long)m, (unsigned long long)n);
     if (a_rows != m || b_cols != n || b_rows != k)
         emu_fail("cuBLASLt: op(A) is %llux%llu, op(B) %llux%llu, D %llux%llu: the shapes do not chain",
-                 (unsigned long long)a_rows, (unsigned long long)k, (unsigned long long)b_rows, (unsigned long long)b_cols,
-                 (unsigned long long)m, (unsigned long long)n);
+                 (unsigned long long)a_rows, (unsigned long long)k, (unsigned long long)b_rows,
+                 (unsigned long long)b_cols, (unsigned long long)m, (unsigned long long)n);
     for (int i = 0; i < 3; i++)
         if (all[i]->batch != dd.batch)
             emu_fail("cuBLASLt: %c has batch count %d but D has %d", names[i], all[i]->batch, dd.batch);
     for (int i = 0; i < 4; i++)
-        if (all[i]->stride < 0) emu_fail("cuBLASLt: %c has a negative batch stride %lld", names[i], (long long)all[i]->stride);
+        if (all[i]->stride < 0)
+            emu_fail("cuBLASLt: %c has a negative batch stride %lld", names[i], (long long)all[i]->stride);
     if (dd.batch > 1 && dd.stride < dd.ld * (int64_t)(n - 1) + (int64_t)m)
-        emu_fail("cuBLASLt: D's batch stride %lld makes the %d outputs overlap (each spans %lld elements)", (long long)dd.stride,
-                 dd.batch, (long long)(dd.ld * (int64_t)(n - 1) + (int64_t)m));
+        emu_fail("cuBLASLt: D's batch stride %lld makes the %d outputs overlap (each spans %lld elements)",
+                 (long long)dd.stride, dd.batch, (long long)(dd.ld * (int64_t)(n - 1) + (int64_t)m));
     return {m, n, k, dd.batch};
 }
 // Bytes from a matrix's first element to one past its last, over all batches.
@@ -225,8 +244,10 @@ __attribute__((no_sanitize_address)) static float dot_fp32(const float* a, const
     size_t p = 0;
     for (; p + 8 <= k; p += 8) {
         v4 a0, a1, b0, b1;
-        memcpy(&a0, a + p, 16); memcpy(&a1, a + p + 4, 16);
-        memcpy(&b0, b + p, 16); memcpy(&b1, b + p + 4, 16);
+        memcpy(&a0, a + p, 16);
+        memcpy(&a1, a + p + 4, 16);
+        memcpy(&b0, b + p, 16);
+        memcpy(&b1, b + p + 4, 16);
         s0 += a0 * b0;
         s1 += a1 * b1;
     }
@@ -236,8 +257,8 @@ __attribute__((no_sanitize_address)) static float dot_fp32(const float* a, const
 }
 
 // One product, all batches: what the stream runs.
-inline void run_product(Desc d, Layout la, Layout lb, Layout lc, Layout ld, Shape s, float alpha, float beta, const void* A,
-                        const void* B, const void* C, void* D) {
+inline void run_product(Desc d, Layout la, Layout lb, Layout lc, Layout ld, Shape s, float alpha, float beta,
+                        const void* A, const void* B, const void* C, void* D) {
     size_t m = s.m, n = s.n, k = s.k;
     std::vector<float> ap(m * k), bp(n * k), prod(m * n);
     const size_t JB = 64;  // columns of op(B) per block: that block of bp stays in cache while the rows of op(A) pass
@@ -263,8 +284,10 @@ inline void run_product(Desc d, Layout la, Layout lb, Layout lc, Layout ld, Shap
                 float v = alpha * prod[i * n + j];
                 if (beta != 0.0f) v += beta * load(c, lc.type, i + j * lc.ld);  // beta = 0: C is not read (may be NaN)
                 size_t o = i + j * ld.ld;
-                if (ld.type == CUDA_R_16BF) ((__nv_bfloat16*)dst)[o] = __float2bfloat16(v);
-                else ((float*)dst)[o] = v;
+                if (ld.type == CUDA_R_16BF)
+                    ((__nv_bfloat16*)dst)[o] = __float2bfloat16(v);
+                else
+                    ((float*)dst)[o] = v;
             }
     }
 }
@@ -298,9 +321,11 @@ inline cublasStatus_t cublasLtDestroy(cublasLtHandle_t h) {
     return CUBLAS_STATUS_SUCCESS;
 }
 
-inline cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* d, cublasComputeType_t compute, cudaDataType_t scale) {
+inline cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* d, cublasComputeType_t compute,
+                                               cudaDataType_t scale) {
     if (!d) emu_fail("cublasLtMatmulDescCreate: null descriptor pointer");
-    *d = reinterpret_cast<cublasLtMatmulDesc_t>(new emu_lt::Desc{emu_lt::DESC_MAGIC, compute, scale, CUBLAS_OP_N, CUBLAS_OP_N});
+    *d = reinterpret_cast<cublasLtMatmulDesc_t>(
+        new emu_lt::Desc{emu_lt::DESC_MAGIC, compute, scale, CUBLAS_OP_N, CUBLAS_OP_N});
     return CUBLAS_STATUS_SUCCESS;
 }
 inline cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) {
@@ -308,37 +333,41 @@ inline cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) {
     delete reinterpret_cast<emu_lt::Desc*>(d);
     return CUBLAS_STATUS_SUCCESS;
 }
-inline cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t attr, const void* buf,
-                                                     size_t size) {
+inline cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t attr,
+                                                     const void* buf, size_t size) {
     emu_lt::Desc* p = emu_lt::desc(d);
     const char* name = emu_lt::desc_attr_name(attr);
     switch (attr) {
     case CUBLASLT_MATMUL_DESC_TRANSA:
     case CUBLASLT_MATMUL_DESC_TRANSB: {
         int32_t v = emu_lt::attr_value<int32_t>(name, buf, size);
-        if (v != CUBLAS_OP_N && v != CUBLAS_OP_T) emu_fail("cuBLASLt: %s = %d is not emulated (only CUBLAS_OP_N, CUBLAS_OP_T)", name, v);
+        if (v != CUBLAS_OP_N && v != CUBLAS_OP_T)
+            emu_fail("cuBLASLt: %s = %d is not emulated (only CUBLAS_OP_N, CUBLAS_OP_T)", name, v);
         (attr == CUBLASLT_MATMUL_DESC_TRANSA ? p->trans_a : p->trans_b) = (cublasOperation_t)v;
         return CUBLAS_STATUS_SUCCESS;
     }
     case CUBLASLT_MATMUL_DESC_EPILOGUE: {
         uint32_t v = emu_lt::attr_value<uint32_t>(name, buf, size);
-        if (v != CUBLASLT_EPILOGUE_DEFAULT) emu_fail("cuBLASLt: %s = %u is not emulated (only CUBLASLT_EPILOGUE_DEFAULT)", name, v);
+        if (v != CUBLASLT_EPILOGUE_DEFAULT)
+            emu_fail("cuBLASLt: %s = %u is not emulated (only CUBLASLT_EPILOGUE_DEFAULT)", name, v);
         return CUBLAS_STATUS_SUCCESS;
     }
     case CUBLASLT_MATMUL_DESC_POINTER_MODE: {
         int32_t v = emu_lt::attr_value<int32_t>(name, buf, size);
-        if (v != CUBLASLT_POINTER_MODE_HOST) emu_fail("cuBLASLt: %s = %d is not emulated (only CUBLASLT_POINTER_MODE_HOST)", name, v);
+        if (v != CUBLASLT_POINTER_MODE_HOST)
+            emu_fail("cuBLASLt: %s = %d is not emulated (only CUBLASLT_POINTER_MODE_HOST)", name, v);
         return CUBLAS_STATUS_SUCCESS;
     }
     default: emu_fail("cuBLASLt: matmul descriptor attribute %s (%d) is not emulated", name, (int)attr);
     }
 }
 
-inline cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t* l, cudaDataType type, uint64_t rows, uint64_t cols,
-                                                 int64_t ld) {
+inline cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t* l, cudaDataType type, uint64_t rows,
+                                                 uint64_t cols, int64_t ld) {
     if (!l) emu_fail("cublasLtMatrixLayoutCreate: null layout pointer");
     if (type != CUDA_R_16BF && type != CUDA_R_32F)
-        emu_fail("cublasLtMatrixLayoutCreate: type %s is not emulated (only CUDA_R_16BF, CUDA_R_32F)", emu_lt::type_name(type));
+        emu_fail("cublasLtMatrixLayoutCreate: type %s is not emulated (only CUDA_R_16BF, CUDA_R_32F)",
+                 emu_lt::type_name(type));
     *l = reinterpret_cast<cublasLtMatrixLayout_t>(new emu_lt::Layout{emu_lt::LAYOUT_MAGIC, type, rows, cols, ld, 1, 0});
     return CUBLAS_STATUS_SUCCESS;
 }
@@ -347,8 +376,8 @@ inline cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) {
     delete reinterpret_cast<emu_lt::Layout*>(l);
     return CUBLAS_STATUS_SUCCESS;
 }
-inline cublasStatus_t cublasLtMatrixLayoutSetAttribute(cublasLtMatrixLayout_t l, cublasLtMatrixLayoutAttribute_t attr, const void* buf,
-                                                       size_t size) {
+inline cublasStatus_t cublasLtMatrixLayoutSetAttribute(cublasLtMatrixLayout_t l, cublasLtMatrixLayoutAttribute_t attr,
+                                                       const void* buf, size_t size) {
     emu_lt::Layout* p = emu_lt::layout(l);
     const char* name = emu_lt::layout_attr_name(attr);
     switch (attr) {
@@ -381,8 +410,9 @@ inline cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t
     delete reinterpret_cast<emu_lt::Pref*>(q);
     return CUBLAS_STATUS_SUCCESS;
 }
-inline cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t q, cublasLtMatmulPreferenceAttributes_t attr,
-                                                           const void* buf, size_t size) {
+inline cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t q,
+                                                           cublasLtMatmulPreferenceAttributes_t attr, const void* buf,
+                                                           size_t size) {
     emu_lt::Pref* p = emu_lt::pref(q);
     const char* name = emu_lt::pref_attr_name(attr);
     switch (attr) {
@@ -404,16 +434,18 @@ inline cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPrefere
 
 // One algorithm per product. It records, in cublasLtMatmulAlgo_t's opaque words, the descriptors it
 // was chosen for (a fingerprint), the pointer alignments the preference promised, and its workspace.
-inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t a,
-                                                     cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d,
+inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmulDesc_t op,
+                                                     cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                                                     cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d,
                                                      cublasLtMatmulPreference_t q, int requested,
                                                      cublasLtMatmulHeuristicResult_t results[], int* returned) {
     emu_lt::handle(h);
     const emu_lt::Layout* ls[4] = {emu_lt::layout(a), emu_lt::layout(b), emu_lt::layout(c), emu_lt::layout(d)};
     emu_lt::Desc* dp = emu_lt::desc(op);
     emu_lt::Pref* p = emu_lt::pref(q);
-    if (requested < 1 || !results || !returned) emu_fail("cublasLtMatmulAlgoGetHeuristic: requested %d results into %p/%p", requested,
-                                                         (void*)results, (void*)returned);
+    if (requested < 1 || !results || !returned)
+        emu_fail("cublasLtMatmulAlgoGetHeuristic: requested %d results into %p/%p", requested, (void*)results,
+                 (void*)returned);
     emu_lt::check_product(*dp, *ls[0], *ls[1], *ls[2], *ls[3]);
     cublasLtMatmulHeuristicResult_t r;
     memset(&r, 0, sizeof r);
@@ -430,16 +462,19 @@ inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasL
 }
 
 inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const void* alpha, const void* A,
-                                     cublasLtMatrixLayout_t a_desc, const void* B, cublasLtMatrixLayout_t b_desc, const void* beta,
-                                     const void* C, cublasLtMatrixLayout_t c_desc, void* D, cublasLtMatrixLayout_t d_desc,
-                                     const cublasLtMatmulAlgo_t* algo, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+                                     cublasLtMatrixLayout_t a_desc, const void* B, cublasLtMatrixLayout_t b_desc,
+                                     const void* beta, const void* C, cublasLtMatrixLayout_t c_desc, void* D,
+                                     cublasLtMatrixLayout_t d_desc, const cublasLtMatmulAlgo_t* algo, void* workspace,
+                                     size_t workspace_bytes, cudaStream_t stream) {
     using namespace emu_lt;
     handle(h);
     const Layout* ls[4] = {layout(a_desc), layout(b_desc), layout(c_desc), layout(d_desc)};
     Desc dsc = *desc(op);
     Shape s = check_product(dsc, *ls[0], *ls[1], *ls[2], *ls[3]);
-    if (!algo) emu_fail("cublasLtMatmul: no algorithm (the emulator needs the heuristic's choice, as train_gpt passes it)");
-    if (algo->data[0] != ALGO_MAGIC) emu_fail("cublasLtMatmul: the algorithm did not come from cublasLtMatmulAlgoGetHeuristic");
+    if (!algo)
+        emu_fail("cublasLtMatmul: no algorithm (the emulator needs the heuristic's choice, as train_gpt passes it)");
+    if (algo->data[0] != ALGO_MAGIC)
+        emu_fail("cublasLtMatmul: the algorithm did not come from cublasLtMatmulAlgoGetHeuristic");
     if (algo->data[1] != fingerprint(dsc, ls))
         emu_fail("cublasLtMatmul: the algorithm was chosen for other descriptors than these (a stale plan?)");
     if (!alpha || !beta) emu_fail("cublasLtMatmul: null alpha or beta");
@@ -449,22 +484,27 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op
     for (int i = 0; i < 4; i++) {
         if (!ptrs[i] && !(i == 2 && be == 0.0f)) emu_fail("cublasLtMatmul: %c is null", names[i]);
         if (ptrs[i] && (uintptr_t)ptrs[i] % algo->data[2 + i])
-            emu_fail("cublasLtMatmul: %c at %p is not aligned to the %llu bytes the algorithm was chosen for (MIN_ALIGNMENT_%c_BYTES)",
-                     names[i], ptrs[i], (unsigned long long)algo->data[2 + i], names[i]);
+            emu_fail(
+                "cublasLtMatmul: %c at %p is not aligned to the %llu bytes the algorithm was chosen for "
+                "(MIN_ALIGNMENT_%c_BYTES)",
+                names[i], ptrs[i], (unsigned long long)algo->data[2 + i], names[i]);
     }
-    if (C == D && ls[2]->ld != ls[3]->ld) emu_fail("cublasLtMatmul: in-place (C == D) with different leading dimensions");
+    if (C == D && ls[2]->ld != ls[3]->ld)
+        emu_fail("cublasLtMatmul: in-place (C == D) with different leading dimensions");
     size_t spans[4];
     for (int i = 0; i < 4; i++) spans[i] = span_bytes(*ls[i]);
     for (int i = 0; i < 2; i++)
         if (overlap(D, spans[3], ptrs[i], spans[i])) emu_fail("cublasLtMatmul: D overlaps %c", names[i]);
-    if (C && C != D && overlap(C, spans[2], D, spans[3])) emu_fail("cublasLtMatmul: C and D overlap without being the same matrix");
+    if (C && C != D && overlap(C, spans[2], D, spans[3]))
+        emu_fail("cublasLtMatmul: C and D overlap without being the same matrix");
     size_t ws_needed = algo->data[6];
     if (workspace_bytes < ws_needed)
         emu_fail("cublasLtMatmul: workspace of %zu bytes, the algorithm needs %zu", workspace_bytes, ws_needed);
     if (ws_needed && !workspace) emu_fail("cublasLtMatmul: null workspace, the algorithm needs %zu bytes", ws_needed);
     Layout la = *ls[0], lb = *ls[1], lc = *ls[2], ld = *ls[3];
     emu_stream_submit(stream, [=] {
-        if (ws_needed) memset(workspace, 0xa5, ws_needed);  // the algorithm's scratch: any other user of it sees garbage
+        if (ws_needed)
+            memset(workspace, 0xa5, ws_needed);  // the algorithm's scratch: any other user of it sees garbage
         run_product(dsc, la, lb, lc, ld, s, al, be, A, B, be != 0.0f ? C : nullptr, D);
     });
     return CUBLAS_STATUS_SUCCESS;
