@@ -355,11 +355,8 @@ static RowChunks row_chunks(long rows) {
 }
 
 #ifndef PGOLF_EMU
-// The block's dynamic shared memory (launch argument smem), as X[].
-template <class X> __device__ __forceinline__ X* dynamic_smem() {
-    extern __shared__ __align__(16) unsigned char dynamic_smem_bytes[];
-    return (X*)dynamic_smem_bytes;
-}
+// The block's dynamic shared memory (launch argument smem) as name[] of type (the emulator's is a pointer).
+#define PGOLF_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
 #endif
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
@@ -1929,7 +1926,7 @@ static const int MAX_HEAD_DIM = 256;  // per-lane register arrays of the warp-pe
 // out = g·rope(x·r): x1 = x[i]·r, x2 = x[i+half]·r → (x1 cos + x2 sin, −x1 sin + x2 cos).
 __global__ void qk_norm_rope_forward_kernel(bf16* out, float* rstd, const bf16* x, const float* gain, const float2* rope,
                                             int rows, int T, int nh, int hd, int rd, float eps) {
-    float* qk_sh = dynamic_smem<float>();
+    PGOLF_DYNAMIC_SMEM(float, qk_sh);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;  // row = n·nh + h
     if (row >= rows) return;
@@ -1957,7 +1954,7 @@ __global__ void qk_norm_rope_forward_kernel(bf16* out, float* rstd, const bf16* 
 // term to dgain_rows, summed over tokens afterwards in a fixed order.
 __global__ void qk_norm_rope_backward_kernel(bf16* dx, float* dgain_rows, const bf16* dout, const bf16* x, const float* rstd,
                                              const float* gain, const float2* rope, int rows, int T, int nh, int hd, int rd) {
-    float* qk_sh = dynamic_smem<float>();
+    PGOLF_DYNAMIC_SMEM(float, qk_sh);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;
     if (row >= rows) return;
@@ -2317,7 +2314,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_forward_kernel(__nv_bf
                                                                          const __nv_bfloat16* k, const __nv_bfloat16* v,
                                                                          int T, int H, int Hk, float scale_log2) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = ATTN_TILE / 8, TILE = ATTN_TILE * LD;
-    uint4* attn_smem = dynamic_smem<uint4>();  // uint4: 16-byte aligned for cp.async and ldmatrix
+    PGOLF_DYNAMIC_SMEM(uint4, attn_smem);  // uint4: 16-byte aligned for cp.async and ldmatrix
     __nv_bfloat16* sQ = (__nv_bfloat16*)attn_smem;
     __nv_bfloat16* sK = sQ + TILE;      // stage s at sK + s·TILE
     __nv_bfloat16* sV = sK + 2 * TILE;
@@ -2440,7 +2437,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dq_kernel(__n
                                                                              const __nv_bfloat16* v, const float* lse, const float* D,
                                                                              int T, int H, int Hk, float scale_log2, float scale) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = ATTN_TILE / 8, TILE = ATTN_TILE * LD;
-    uint4* attn_smem = dynamic_smem<uint4>();
+    PGOLF_DYNAMIC_SMEM(uint4, attn_smem);
     __nv_bfloat16* sQ = (__nv_bfloat16*)attn_smem;
     __nv_bfloat16* sdO = sQ + TILE;
     __nv_bfloat16* sK = sdO + TILE;     // stage s at sK + s·TILE
@@ -2533,7 +2530,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dkdv_kernel(_
                                                                                const float* lse, const float* D,
                                                                                int T, int H, int Hk, float scale_log2, float scale) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = BQ / 8, KTILE = ATTN_TILE * LD, QTILE = BQ * LD;
-    uint4* attn_smem = dynamic_smem<uint4>();
+    PGOLF_DYNAMIC_SMEM(uint4, attn_smem);
     __nv_bfloat16* sK = (__nv_bfloat16*)attn_smem;
     __nv_bfloat16* sV = sK + KTILE;
     __nv_bfloat16* sQ = sV + KTILE;     // stage s at sQ + s·QTILE
@@ -2816,7 +2813,7 @@ template <class T> static void xsa_backward(Cpu<T>, T* da, T* dv, const T* dout,
 // On the GPU.
 // One warp per (token, kv group): v̂ is computed once and serves the group's query heads.
 __global__ void xsa_forward_kernel(bf16* out, const bf16* a, const bf16* v, int rows, int H, int Hk, int hd, float eps) {
-    float* xsa_sh = dynamic_smem<float>();
+    PGOLF_DYNAMIC_SMEM(float, xsa_sh);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;  // row = n·Hk + g
     if (row >= rows) return;
@@ -2838,7 +2835,7 @@ __global__ void xsa_forward_kernel(bf16* out, const bf16* a, const bf16* v, int 
 // u = v̂: da += dy − (dy·u)u; du = −Σ_heads [(a·u)dy + (dy·u)a]; dv += (du − (du·u)u)/|v| (or du/eps below eps)
 __global__ void xsa_backward_kernel(bf16* da, bf16* dv, const bf16* dout, const bf16* a, const bf16* v, int rows, int H, int Hk,
                                     int hd, float eps, double eps_d) {
-    float* xsa_sh = dynamic_smem<float>();
+    PGOLF_DYNAMIC_SMEM(float, xsa_sh);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;
     if (row >= rows) return;

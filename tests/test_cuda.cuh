@@ -939,13 +939,13 @@ static void compare_one_step(Config c, int B) {
 TEST(cuda_train_step_tiny_matches_cpu) {
     REQUIRE_GPU();
     Config c; preset_tiny(c); c.preset = "tiny";
-    compare_one_step(c, 4);
+    compare_one_step(c, EMU_OR(4, 2));
 }
 TEST(cuda_train_step_pr467_matches_cpu) {
     REQUIRE_GPU();
     Config c; preset_pr467(c); c.preset = "pr467";
 #ifdef PGOLF_EMU
-    c.num_layers = 4; c.train_seq_len = 128;  // the full width and every feature, fewer layers and positions
+    c.num_layers = 2; c.train_seq_len = 64;  // the full width and every feature, fewer layers and positions
 #endif
     compare_one_step(c, 2);  // TRAIN_BATCH_TOKENS = 2 × TRAIN_SEQ_LEN: the full shape, a CPU-sized batch
 }
@@ -954,7 +954,7 @@ TEST(cuda_train_step_pr467_matches_cpu) {
 TEST(cuda_tiny_50_steps_loss_curve) {
     REQUIRE_GPU();
     Config c; preset_tiny(c);
-    int T = c.train_seq_len, B = EMU_OR(16, 4), steps = EMU_OR(50, 8);
+    int T = c.train_seq_len, B = EMU_OR(16, 2), steps = EMU_OR(50, 3);
     c.train_batch_tokens = (long)B * T; c.grad_accum_steps = 1;
     config_validate(c, 1);
     std::vector<int32_t> stream = synthetic_tokens((size_t)steps * B * T + 1, c.vocab_size, 9);
@@ -988,7 +988,7 @@ TEST(cuda_tiny_50_steps_loss_curve) {
 TEST(cuda_training_is_deterministic) {
     REQUIRE_GPU();
     Config c; preset_tiny(c);
-    int T = c.train_seq_len, B = EMU_OR(8, 2), steps = EMU_OR(5, 3);
+    int T = c.train_seq_len, B = EMU_OR(8, 2), steps = EMU_OR(5, 2);
     c.train_batch_tokens = (long)B * T; c.grad_accum_steps = 1;
     config_validate(c, 1);
     std::vector<int32_t> stream = synthetic_tokens((size_t)steps * B * T + 1, c.vocab_size, 10);

@@ -112,7 +112,8 @@ template <class F> inline cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribu
     return ::cudaFuncSetAttribute((const void*)f, attr, value);
 }
 
-// The dynamic shared memory of the running block (train_gpt.cu's accessor under nvcc: extern __shared__).
+// The dynamic shared memory of the running block (train_gpt.cu's accessor under nvcc: extern __shared__ type name[]).
+#define PGOLF_DYNAMIC_SMEM(type, name) type* name = (type*)::emu::dynamic_shared()
 template <class X> inline X* dynamic_smem() { return (X*)emu::dynamic_shared(); }
 
 // The inline-PTX helpers of the attention kernels (train_gpt.cu defines them with asm under nvcc).

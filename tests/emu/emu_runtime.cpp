@@ -153,7 +153,8 @@ struct Thread {
     void* out = nullptr;
     // cp.async: copies issued since the last commit, and committed groups, oldest first
     std::vector<AsyncCopy> open;
-    std::deque<std::vector<AsyncCopy>> groups;
+    std::vector<std::vector<AsyncCopy>> groups;  // groups[done..] are in flight, oldest first
+    size_t done = 0;
 #ifdef EMU_ASAN
     void* fake_stack = nullptr;
 #endif
@@ -368,16 +369,6 @@ static bool arrive(Kind kind, unsigned mask) {
     if (!(mask >> lane & 1))
         emu_fail("%s: %s calls %s with mask 0x%08x, which does not name its own lane %d", where().c_str(),
                  thread_name(t.tid).c_str(), KIND_NAME[kind], mask, lane);
-    for (int l = 0; l < 32; l++) {
-        if (!(mask >> l & 1)) continue;
-        int o = warp * 32 + l;
-        if (o >= g_nthreads)
-            emu_fail("%s: %s calls %s with mask 0x%08x naming lane %d, which the block does not have", where().c_str(),
-                     thread_name(t.tid).c_str(), KIND_NAME[kind], mask, l);
-        if (g_threads[o].state == DONE)
-            emu_fail("%s: %s calls %s with mask 0x%08x naming lane %d, which has exited (mask does not match the lanes that arrive)",
-                     where().c_str(), thread_name(t.tid).c_str(), KIND_NAME[kind], mask, l);
-    }
     std::vector<Collective>& open = g_warp_open[warp];
     Collective* c = nullptr;
     for (Collective& o : open) {
@@ -387,7 +378,20 @@ static bool arrive(Kind kind, unsigned mask) {
                      where().c_str(), thread_name(t.tid).c_str(), KIND_NAME[kind], mask, o.arrived, KIND_NAME[o.kind], o.mask);
         c = &o;
     }
-    if (!c) { open.push_back({kind, mask, 0u}); c = &open.back(); }
+    if (!c) {  // the first lane to arrive checks the mask; a lane that exits later fails in emu_fiber_entry
+        for (int l = 0; l < 32; l++) {
+            if (!(mask >> l & 1)) continue;
+            int o = warp * 32 + l;
+            if (o >= g_nthreads)
+                emu_fail("%s: %s calls %s with mask 0x%08x naming lane %d, which the block does not have", where().c_str(),
+                         thread_name(t.tid).c_str(), KIND_NAME[kind], mask, l);
+            if (g_threads[o].state == DONE)
+                emu_fail("%s: %s calls %s with mask 0x%08x naming lane %d, which has exited (mask does not match the lanes that arrive)",
+                         where().c_str(), thread_name(t.tid).c_str(), KIND_NAME[kind], mask, l);
+        }
+        open.push_back({kind, mask, 0u});
+        c = &open.back();
+    }
     c->arrived |= 1u << lane;
     if (c->arrived == mask) {
         for (size_t i = 0; i < open.size(); i++)
@@ -554,10 +558,8 @@ void cp_async_commit() {
 }
 void cp_async_wait(int n) {
     Thread& t = *g_cur;
-    while ((int)t.groups.size() > n) {
-        complete(t, t.groups.front());
-        t.groups.pop_front();
-    }
+    while ((int)(t.groups.size() - t.done) > n) complete(t, t.groups[t.done++]);
+    if (t.done == t.groups.size()) { t.groups.clear(); t.done = 0; }
 }
 
 // --- running a grid ------------------------------------------------------------------------------------
@@ -568,9 +570,10 @@ extern "C" void emu_fiber_entry() {
     g_threadIdx = g_cur->idx;
     (*g_body)();
     Thread& t = *g_cur;
-    for (auto& grp : t.groups) complete(t, grp);  // copies still in flight land at exit
-    t.groups.clear();
-    complete(t, t.open);
+    for (size_t g = t.done; g < t.groups.size(); g++) complete(t, t.groups[g]);  // copies still in flight land at exit
+    if (!t.groups.empty()) t.groups.clear();
+    t.done = 0;
+    if (!t.open.empty()) complete(t, t.open);
     t.state = DONE;
     g_exited++;
     g_live--;
@@ -621,8 +624,6 @@ static void run_block() {
         t.tid = i;
         t.idx = make_uint3(i % bx, i / bx % by, i / (bx * by));
         t.state = NEW;
-        t.open.clear();
-        t.groups.clear();
         // initial frame: mxcsr, fpu cw, r15..r12, rbx, rbp, return address = the trampoline
         uint64_t* sp = (uint64_t*)(t.stack + STACK_BYTES - 128);
         memcpy(sp, csr, 8);
@@ -752,13 +753,24 @@ size_t allocated_bytes() { return g_alloc_bytes; }
 }
 
 extern "C" {
-cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
-cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : err(cudaErrorInvalidDevice); }
-cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+// The node: PGOLF_EMU_DEVICES GPUs (default 8, as an 8×H100 node), so that mpirun -np N runs one
+// emulated device per rank; each process emulates only the device it sets.
+static int device_count() {
+    const char* e = getenv("PGOLF_EMU_DEVICES");
+    return e && atoi(e) > 0 ? atoi(e) : 8;
+}
+static int g_device = 0;
+cudaError_t cudaGetDeviceCount(int* n) { *n = device_count(); return cudaSuccess; }
+cudaError_t cudaSetDevice(int d) {
+    if (d < 0 || d >= device_count()) return err(cudaErrorInvalidDevice);
+    g_device = d;
+    return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int* d) { *d = g_device; return cudaSuccess; }
 cudaError_t cudaDriverGetVersion(int* v) { *v = CUDART_VERSION; return cudaSuccess; }
 cudaError_t cudaRuntimeGetVersion(int* v) { *v = CUDART_VERSION; return cudaSuccess; }
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
-    if (d != 0) return err(cudaErrorInvalidDevice);
+    if (d < 0 || d >= device_count()) return err(cudaErrorInvalidDevice);
     const emu::Target& t = emu::target();
     memset(p, 0, sizeof *p);
     snprintf(p->name, sizeof p->name, "pgolf CUDA emulator (%s)", t.name);
