@@ -115,8 +115,12 @@ tests/test_main: tests/test_main.cu tests/harness.h $(wildcard tests/*.cuh) $(TU
 
 # The CUDA path on the CPU: train_gpt.cu's kernels through the emulator in tests/emu (fibers per CUDA
 # thread, shared-memory race and uninitialized-read checks, launch limits; AddressSanitizer over the
-# whole program). clang++ gives the shared-memory checks their load/store callbacks; with g++ they are off.
-EMU_CXX     ?= $(if $(shell command -v clang++ 2>/dev/null),clang++,$(CXX))
+# whole program). The shared-memory checks need clang++'s load/store callbacks: no silent g++ fallback.
+EMU_CXX     ?= clang++
+ifeq ($(shell command -v $(EMU_CXX) 2>/dev/null),)
+  $(if $(filter test emu train_gpt_emu tests/test_main_emu,$(or $(MAKECMDGOALS),all)),\
+    $(error the CUDA emulator needs $(EMU_CXX) (Debian package clang): run scripts/setup))
+endif
 EMU_COV     := $(if $(findstring clang,$(EMU_CXX)),-fsanitize-coverage=func$(comma)trace-loads$(comma)trace-stores \
                -fsanitize-coverage-allowlist=tests/emu/checked_functions.txt -fsanitize-ignorelist=tests/emu/asan_ignore.txt)
 EMU_FLAGS   := -O1 -std=c++17 -fopenmp -fsanitize=address -fno-omit-frame-pointer -Wall -Wextra -Wno-unused-function -Wno-format-security \
