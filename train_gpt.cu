@@ -38,6 +38,8 @@
 #include <dirent.h>
 #include <fnmatch.h>
 #include <zstd.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #ifdef _OPENMP
@@ -74,17 +76,20 @@
 // ============================================================================================
 
 static int g_rank = 0, g_world = 1, g_local_rank = 0;  // set once by distributed_init()
+static FILE* g_logfile = nullptr;  // the run's log.txt once it is open (rank 0)
 
-// Every fatal condition ends here: one line naming what was expected and what was found.
-// Test builds throw instead, so the tests can check the message.
+// Every fatal condition ends here: one line naming what was expected and what was found, on
+// stderr and in log.txt. Test builds throw instead, so the tests can check the message.
 [[noreturn]] __attribute__((format(printf, 1, 2))) static void fail(const char* fmt, ...) {
     char msg[4096];
     va_list ap; va_start(ap, fmt); vsnprintf(msg, sizeof msg, fmt, ap); va_end(ap);
 #ifdef PGOLF_TESTING
     throw std::runtime_error(msg);
 #else
-    fprintf(stderr, "error%s: %s\n", g_world > 1 ? (" (rank " + std::to_string(g_rank) + ")").c_str() : "", msg);
+    std::string rank = g_world > 1 ? " (rank " + std::to_string(g_rank) + ")" : "";
+    fprintf(stderr, "error%s: %s\n", rank.c_str(), msg);
     fflush(stderr);
+    if (g_logfile) { fprintf(g_logfile, "error%s: %s\n", rank.c_str(), msg); fflush(g_logfile); }
 #ifdef PGOLF_MPI
     int mpi_up = 0; MPI_Initialized(&mpi_up);
     if (mpi_up && g_world > 1) MPI_Abort(MPI_COMM_WORLD, 1);  // never leave the other ranks hanging
@@ -94,7 +99,6 @@ static int g_rank = 0, g_world = 1, g_local_rank = 0;  // set once by distribute
 }
 
 // printf on rank 0 only, also appended to the run's log file when one is open.
-static FILE* g_logfile = nullptr;
 static bool g_quiet = false;  // tests silence the training log
 __attribute__((format(printf, 1, 2))) static void log0(const char* fmt, ...) {
     if (g_rank != 0 || g_quiet) return;
@@ -102,6 +106,15 @@ __attribute__((format(printf, 1, 2))) static void log0(const char* fmt, ...) {
     va_start(ap, fmt); vprintf(fmt, ap); va_end(ap);
     if (g_logfile) { va_start(ap, fmt); vfprintf(g_logfile, fmt, ap); va_end(ap); fflush(g_logfile); }
     fflush(stdout);
+}
+// A problem the run survives: "warning: …" on stderr and in the log (rank 0).
+__attribute__((format(printf, 1, 2))) static void warn0(const char* fmt, ...) {
+    if (g_rank != 0) return;
+    char msg[4096];
+    va_list ap; va_start(ap, fmt); vsnprintf(msg, sizeof msg, fmt, ap); va_end(ap);
+    fprintf(stderr, "warning: %s\n", msg);
+    fflush(stderr);
+    if (g_logfile) { fprintf(g_logfile, "warning: %s\n", msg); fflush(g_logfile); }
 }
 
 static std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
@@ -124,9 +137,6 @@ static void fread_check(void* dst, size_t n, FILE* f, const char* path) {
     size_t got = fread(dst, 1, n, f);
     if (got != n) fail("%s: truncated (wanted %zu more bytes, got %zu)", path, n, got);
 }
-static void fwrite_check(const void* src, size_t n, FILE* f, const char* path) {
-    if (fwrite(src, 1, n, f) != n) fail("cannot write %s: %s", path, strerror(errno));
-}
 static std::vector<uint8_t> read_file(const std::string& path) {
     FILE* f = fopen_check(path.c_str(), "rb");
     std::vector<uint8_t> buf;
@@ -137,13 +147,31 @@ static std::vector<uint8_t> read_file(const std::string& path) {
     fclose(f);
     return buf;
 }
-// Outputs are written to path.tmp and renamed, so a crash never leaves a half-written file.
-static void write_file_atomic(const std::string& path, const void* data, size_t n) {
+// Outputs are written to path.tmp and renamed, so a crash never leaves a half-written file; a
+// failed write (disk full) removes its .tmp and returns the reason in *err.
+static bool write_file_atomic_try(const std::string& path, const void* data, size_t n, std::string* err) {
     std::string tmp = path + ".tmp";
-    FILE* f = fopen_check(tmp.c_str(), "wb");
-    fwrite_check(data, n, f, tmp.c_str());
-    if (fclose(f) != 0) fail("cannot write %s: %s", tmp.c_str(), strerror(errno));
-    if (rename(tmp.c_str(), path.c_str()) != 0) fail("cannot rename %s to %s: %s", tmp.c_str(), path.c_str(), strerror(errno));
+    FILE* f = fopen(tmp.c_str(), "wb");
+    if (!f) { *err = fmt("cannot open %s (wb): %s", tmp.c_str(), strerror(errno)); return false; }
+    bool ok = fwrite(data, 1, n, f) == n;
+    int e = errno;
+    if (fclose(f) != 0 && ok) { ok = false; e = errno; }
+    if (!ok) {
+        remove(tmp.c_str());
+        *err = fmt("cannot write %s: %s", tmp.c_str(), strerror(e));
+        return false;
+    }
+    if (rename(tmp.c_str(), path.c_str()) != 0) {
+        e = errno;
+        remove(tmp.c_str());
+        *err = fmt("cannot rename %s to %s: %s", tmp.c_str(), path.c_str(), strerror(e));
+        return false;
+    }
+    return true;
+}
+static void write_file_atomic(const std::string& path, const void* data, size_t n) {
+    std::string err;
+    if (!write_file_atomic_try(path, data, n, &err)) fail("%s", err.c_str());
 }
 static void make_dirs(const std::string& path) {
     std::string cur;
@@ -154,6 +182,25 @@ static void make_dirs(const std::string& path) {
         }
         if (i < path.size()) cur += path[i];
     }
+}
+// One run per folder: a second run with the same OUT_DIR would overwrite the first one's files and
+// interleave its log. flock on DIR/.lock, held until the process exits (the kernel drops it even
+// after a crash, so a stale file never blocks a run).
+static void lock_run_folder(const std::string& dir) {
+    std::string path = dir + "/.lock";
+    int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) fail("cannot open %s: %s", path.c_str(), strerror(errno));
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno != EWOULDBLOCK) fail("cannot lock %s: %s", path.c_str(), strerror(errno));
+        char pid[32] = {0};
+        if (pread(fd, pid, sizeof pid - 1, 0) <= 0) strcpy(pid, "?");
+        fail("OUT_DIR=%s is in use by another run (process %s holds %s): wait for it to end, or set another RUN_ID or OUT_DIR",
+             dir.c_str(), pid, path.c_str());
+    }
+    std::string me = std::to_string((long)getpid());
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, me.data(), me.size(), 0) != (ssize_t)me.size())
+        fail("cannot write %s: %s", path.c_str(), strerror(errno));
+    // fd stays open: the lock lasts as long as the run
 }
 // Sorted list of the files matching a glob pattern (only the last path component may hold wildcards).
 static std::vector<std::string> glob_sorted(const std::string& pattern) {
@@ -867,6 +914,25 @@ static std::string config_to_text(Config& c) {
     }
     return out;
 }
+// What an artifact stores: the preset and the settings that define the model and how its tensors
+// are stored, so the file is a function of the weights and these alone. Training, evaluation and
+// this run's names and paths are the run's (log.txt, result.json); a loaded artifact takes them
+// from its preset and the environment.
+static const char* ARTIFACT_SETTINGS[] = {"VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS",
+    "MLP_MULT", "MLP_ACTIVATION", "UNIQUE_LAYERS", "NAMED_CORES", "TIE_EMBEDDINGS", "ROPE_BASE", "ROPE_DIMS",
+    "LOGIT_SOFTCAP", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "BIGRAM_HASH_SIZE", "SMEAR", "SMEAR_GATE", "XSA_LAST_N",
+    "QUANT_SCHEME", "ALL_INT5", "GPTQ_LITE", "FP16_KEEP_NAME_PATTERNS", "CONTROL_TENSOR_NAME_PATTERNS"};
+static bool is_artifact_setting(const char* name) {
+    for (const char* k : ARTIFACT_SETTINGS)
+        if (!strcmp(k, name)) return true;
+    return false;
+}
+static std::string artifact_config_text(Config& c) {
+    std::string out = "CONFIG=" + c.preset + "\n";
+    for (const Setting& s : config_settings(c))
+        if (is_artifact_setting(s.name)) out += std::string(s.name) + "=" + setting_value(s) + "\n";
+    return out;
+}
 static Config config_from_text(const std::string& text, const std::string& where) {
     Config c;
     std::vector<Setting> settings = config_settings(c);
@@ -879,7 +945,12 @@ static Config config_from_text(const std::string& text, const std::string& where
         size_t eq = line.find('=');
         if (eq == std::string::npos) fail("%s: config line \"%s\" is not KEY=VALUE", where.c_str(), line.c_str());
         std::string key = line.substr(0, eq), value = line.substr(eq + 1);
-        if (key == "CONFIG") { c.preset = value; continue; }
+        if (key == "CONFIG") {  // the preset's defaults for every setting the text leaves out (an artifact's)
+            c.preset = value;
+            for (const Preset& p : PRESETS)
+                if (c.preset == p.name) p.apply(c);
+            continue;
+        }
         bool known = false;
         for (const Setting& s : settings)
             if (key == s.name) { setting_parse(s, value.c_str(), where); known = true; }
@@ -1003,6 +1074,105 @@ static std::vector<std::string> shard_files(const std::string& data_path, const 
     std::vector<std::string> files = glob_sorted(pattern);
     if (files.empty()) fail("no %s shards match %s (set DATA_PATH, or run scripts/make_corpus or scripts/download_fineweb)", split, pattern.c_str());
     return files;
+}
+
+// Every train shard, checked before the first step (a bad one would otherwise stop the run hours in,
+// or an empty one hang the loader): its header against its size, at least one token, every id
+// below VOCAB_SIZE. Token ids are scanned in full up to SHARD_FULL_SCAN_BYTES in all, else on a
+// sample of every shard (training still checks each shard in full when it loads it). Returns N.
+static const long SHARD_FULL_SCAN_BYTES = 1L << 30, SHARD_SAMPLE_BLOCKS = 64, SHARD_SAMPLE_TOKENS = 4096;
+static long validate_train_shards(const std::vector<std::string>& files, int vocab_size) {
+    double t0 = now_ms();
+    std::vector<long> n(files.size());
+    long total = 0;
+    for (size_t i = 0; i < files.size(); i++) {
+        FILE* f = fopen_check(files[i].c_str(), "rb");
+        n[i] = shard_header_check(files[i], f);
+        fclose(f);
+        if (n[i] == 0) fail("%s: a shard with 0 tokens (expected at least one document): remove it", files[i].c_str());
+        total += n[i];
+    }
+    bool full = 2 * total <= SHARD_FULL_SCAN_BYTES;
+    std::vector<std::string> errors(files.size());
+    std::vector<long> scanned(files.size(), 0);
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (long i = 0; i < (long)files.size(); i++) {
+        FILE* f = fopen(files[i].c_str(), "rb");
+        if (!f) { errors[i] = fmt("cannot open %s: %s", files[i].c_str(), strerror(errno)); continue; }
+        std::vector<uint16_t> buf;
+        // blocks of tokens [begin, begin + len): the whole shard in pieces, or evenly spaced samples
+        long len = full ? std::min(n[i], 1L << 20) : std::min(n[i], SHARD_SAMPLE_TOKENS);
+        long blocks = full ? (n[i] + len - 1) / len : std::min(SHARD_SAMPLE_BLOCKS, (n[i] + len - 1) / len);
+        for (long b = 0; b < blocks && errors[i].empty(); b++) {
+            long begin = full ? b * len : (blocks == 1 ? 0 : b * (n[i] - len) / (blocks - 1));
+            long k = std::min(len, n[i] - begin);
+            buf.resize(k);
+            if (fseek(f, SHARD_HEADER_BYTES + 2 * begin, SEEK_SET) != 0 || fread(buf.data(), 2, k, f) != (size_t)k) {
+                errors[i] = fmt("%s: cannot read tokens %ld..%ld: %s", files[i].c_str(), begin, begin + k, strerror(errno));
+                break;
+            }
+            scanned[i] += k;
+            for (long j = 0; j < k; j++)
+                if (buf[j] >= vocab_size) {
+                    errors[i] = fmt("%s: token %d at position %ld is outside the vocabulary (VOCAB_SIZE=%d)", files[i].c_str(),
+                                    buf[j], begin + j, vocab_size);
+                    break;
+                }
+        }
+        fclose(f);
+    }
+    for (const std::string& e : errors)
+        if (!e.empty()) fail("%s", e.c_str());
+    long checked = std::accumulate(scanned.begin(), scanned.end(), 0L);
+    log0("train_shards: %zu files, %ld tokens: headers checked; token ids checked %s (%.2f s)\n", files.size(), total,
+         full ? "in full" : fmt("on a sample of %ld tokens (%.2f%%; a full scan reads %.1f GB, so each shard is checked in full "
+                               "when training loads it)", checked, 100.0 * checked / total, 2e-9 * total).c_str(),
+         (now_ms() - t0) / 1000);
+    return total;
+}
+
+// The shards must come from TOKENIZER_PATH's model, or val_bpb is silently wrong. `./tokenize shard`
+// and scripts/download_fineweb write DATA_PATH/manifest.txt (KEY=VALUE lines) with the tokenizer's
+// checksum (fnv1a64 of the .model file); data without one must at least look like this
+// vocabulary's: shards made with a smaller model never use its upper ids.
+static void check_data_tokenizer(const Config& c, const SpmModel& sp, const std::vector<uint16_t>& val) {
+    std::string path = c.data_path + "/manifest.txt";
+    if (access(path.c_str(), F_OK) == 0) {
+        std::vector<uint8_t> bytes = read_file(path);
+        std::string text(bytes.begin(), bytes.end()), sum, name = "?", vocab = "?";
+        size_t pos = 0;
+        while (pos < text.size()) {
+            size_t nl = text.find('\n', pos);
+            std::string line = text.substr(pos, nl == std::string::npos ? std::string::npos : nl - pos);
+            pos = nl == std::string::npos ? text.size() : nl + 1;
+            size_t eq = line.find('=');
+            if (eq == std::string::npos) continue;
+            std::string key = line.substr(0, eq), value = line.substr(eq + 1);
+            if (key == "tokenizer_checksum") sum = value;
+            else if (key == "tokenizer") name = value;
+            else if (key == "vocab_size") vocab = value;
+        }
+        if (sum.empty()) fail("%s: no tokenizer_checksum line (expected one, as ./tokenize shard writes)", path.c_str());
+        std::string have = fmt("%016llx", (unsigned long long)sp.checksum);
+        if (sum != have)
+            fail("%s: the shards were made with the tokenizer %s (%s pieces, checksum %s), but TOKENIZER_PATH=%s "
+                 "(%zu pieces) has checksum %s: set TOKENIZER_PATH (and VOCAB_SIZE) to the shards' tokenizer",
+                 path.c_str(), name.c_str(), vocab.c_str(), sum.c_str(), c.tokenizer_path.c_str(), sp.pieces.size(), have.c_str());
+        log0("data: %s: shards made with this tokenizer (checksum %s)\n", path.c_str(), have.c_str());
+        return;
+    }
+    std::vector<char> seen(c.vocab_size, 0);
+    int max_id = 0;
+    for (uint16_t t : val) { seen[t] = 1; max_id = std::max(max_id, (int)t); }
+    long distinct = std::accumulate(seen.begin(), seen.end(), 0L);
+    bool enough = (long)val.size() >= 10L * c.vocab_size;  // a sample large enough to reach the upper ids
+    if (enough && max_id < c.vocab_size / 2)
+        warn0("DATA_PATH=%s has no manifest.txt, and its %zu validation tokens use only ids 0..%d (%ld distinct) of the "
+              "%d of TOKENIZER_PATH=%s: were the shards made with a smaller tokenizer? val_bpb is wrong unless TOKENIZER_PATH "
+              "is the shards' own", c.data_path.c_str(), val.size(), max_id, distinct, c.vocab_size, c.tokenizer_path.c_str());
+    else
+        log0("data: no manifest.txt in %s, tokenizer not verified by checksum; validation tokens use %ld of %d ids, "
+             "largest %d%s\n", c.data_path.c_str(), distinct, c.vocab_size, max_id, enough ? "" : " (too few tokens to judge)");
 }
 
 // The training stream: shards in sorted order, read front to back, wrapping around at the end.
@@ -4180,7 +4350,7 @@ static std::vector<QTensor> quantize_model(const Config& c, const std::vector<Pa
 // --- The artifact file ----------------------------------------------------------------------------
 // Format v1, little-endian. The file is a valid zstd stream (`zstd -d` prints header + groups):
 //   16 B        skippable frame 0x184D2A50, size 8: "PGZA", u32 format version
-//   zstd frame  header: u32 n + config text (config_to_text); u32 tensor count, then per tensor
+//   zstd frame  header: u32 n + config text (artifact_config_text); u32 tensor count, then per tensor
 //               u16 n + name, u8 ndim, u32 dims[ndim], u8 kind (SK_*), u64 value offset in its
 //               group, u64 scale offset in the scale group; then per group u8 packing (PK_*),
 //               u64 raw bytes, u64 frame bytes
@@ -4314,7 +4484,7 @@ static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpe
     group_layout(t, kinds, packing, &voff, &soff, group_bytes);
 
     std::vector<uint8_t> h;
-    std::string text = config_to_text(c);
+    std::string text = artifact_config_text(c);
     put_le(h, text.size(), 4);
     h.insert(h.end(), text.begin(), text.end());
     put_le(h, t.size(), 4);
@@ -4370,7 +4540,10 @@ static void print_export_report(const ExportReport& r) {
     }
     log0("export: header, magic and checksum %zu bytes; raw %zu bytes; all bit-packed %zu bytes, all byte containers %zu bytes\n",
          r.overhead_bytes, r.raw_bytes, r.bits_packed_bytes, r.byte_container_bytes);
-    log0("Serialized model %s+zstd: %zu bytes\n", r.scheme == "int8" ? "int8" : "int6", r.artifact_bytes);
+    std::string kinds;  // the integer widths the file holds, e.g. int5/int6/int8 for QUANT_SCHEME=mixed
+    for (int k : {SK_INT5, SK_INT6, SK_INT8})
+        if (r.params_per_kind[k] > 0) kinds += (kinds.empty() ? "" : "/") + std::string(SK_NAMES[k]);
+    log0("Serialized model %s+zstd: %zu bytes\n", kinds.empty() ? "fp16" : kinds.c_str(), r.artifact_bytes);
 }
 
 // --- Reading: every check before anything is allocated from a size the file declares ------------
@@ -4618,6 +4791,7 @@ struct EvalResult {
     std::string mode;
     double val_loss = 0, val_bpb = 0, tokens = 0, ms = 0;
     std::string note;  // e.g. "not competition-legal (…)"
+    bool same_pass = false;  // a by-product of the previous mode's pass: its time is already counted there
 };
 
 // Per-position NLLs of the validation stream, in stream order (position j scores t[j+1]), for
@@ -5185,8 +5359,9 @@ static std::string json_escape(const std::string& s) {
     return out;
 }
 
-static void safetensors_write(const std::string& path, const std::vector<TensorBlob>& tensors,
-                              const std::vector<std::pair<std::string, std::string>>& meta) {
+// Fails on a write error, or (with err) removes the .tmp and returns false with the reason.
+static bool safetensors_write(const std::string& path, const std::vector<TensorBlob>& tensors,
+                              const std::vector<std::pair<std::string, std::string>>& meta, std::string* err = nullptr) {
     std::string h = "{\"__metadata__\":{";
     for (size_t i = 0; i < meta.size(); i++)
         h += (i ? "," : "") + ("\"" + json_escape(meta[i].first) + "\":\"" + json_escape(meta[i].second) + "\"");
@@ -5206,7 +5381,9 @@ static void safetensors_write(const std::string& path, const std::vector<TensorB
     memcpy(buf.data() + 8, h.data(), h.size());
     size_t at = 8 + h.size();
     for (const TensorBlob& t : tensors) { memcpy(buf.data() + at, t.data, 4 * t.numel); at += 4 * t.numel; }
+    if (err) return write_file_atomic_try(path, buf.data(), buf.size(), err);
     write_file_atomic(path, buf.data(), buf.size());
+    return true;
 }
 
 // A JSON reader just large enough for safetensors headers: objects, strings, arrays of integers.
@@ -5432,10 +5609,16 @@ template <class D> static void save_checkpoint(D dev, Model<D>& m, TrainState<D>
     for (const ParamSpec& p : m.table) blobs.push_back({"optimizer.v." + p.name, p.shape, av.data() + p.offset, p.numel});
     if (s.avg) for (const ParamSpec& p : m.table) blobs.push_back({"average." + p.name, p.shape, avg.data() + p.offset, p.numel});
     char ms[64]; snprintf(ms, sizeof ms, "%.17g", s.train_ms);
-    safetensors_write(path, blobs, {
+    std::string err;
+    if (!safetensors_write(path, blobs, {
         {"format", "pgolf-checkpoint-1"}, {"config", config_to_text(c)}, {"step", std::to_string(s.step)},
         {"train_ms", ms}, {"swa_count", std::to_string(s.swa_count)}, {"qat_active", std::to_string((int)s.qat_active)},
-        {"loader_file", std::to_string(s.loader.stream.file_idx)}, {"loader_pos", std::to_string(s.loader.stream.pos)}});
+        {"loader_file", std::to_string(s.loader.stream.file_idx)}, {"loader_pos", std::to_string(s.loader.stream.pos)}}, &err)) {
+        s.checkpoints.pop_back();  // (a disk full must not cost the run: training goes on, older checkpoints stay)
+        warn0("checkpoint at step %d not written: %s; training goes on (last checkpoint: %s)", s.step, err.c_str(),
+              s.checkpoints.empty() ? "none" : s.checkpoints.back().c_str());
+        return;
+    }
     log0("checkpoint: %s\n", path.c_str());
     while (c.checkpoint_keep > 0 && (int)s.checkpoints.size() > c.checkpoint_keep) {
         remove(s.checkpoints.front().c_str());
@@ -5474,6 +5657,26 @@ template <class D> static void load_checkpoint(D dev, Model<D>& m, TrainState<D>
     s.qat_active = atoi(f.meta["qat_active"].c_str()) != 0;
     s.loader.stream.open(s.loader.stream.files, m.cfg.vocab_size, atoi(f.meta["loader_file"].c_str()), atol(f.meta["loader_pos"].c_str()));
     log0("resumed from %s at step %d (train_time %.0fms)\n", path.c_str(), s.step, s.train_ms);
+}
+
+// The trained weights in full precision: OUT_DIR/final_model.safetensors, or, when that cannot be
+// written (disk full), $TMPDIR or /tmp, then /dev/shm. Returns where they went ("" = nowhere).
+static std::string save_final_weights(Config& c, const std::vector<ParamSpec>& table, const std::vector<float>& w) {
+    std::vector<TensorBlob> blobs;
+    for (const ParamSpec& p : table) blobs.push_back({p.name, p.shape, w.data() + p.offset, p.numel});
+    const char* tmpdir = getenv("TMPDIR");
+    std::string name = "pgolf_" + c.run_id + "_final_model.safetensors";
+    std::vector<std::string> paths = {c.out_dir + "/final_model.safetensors",
+                                      std::string(tmpdir && *tmpdir ? tmpdir : "/tmp") + "/" + name, "/dev/shm/" + name};
+    for (const std::string& path : paths) {
+        std::string err;
+        if (safetensors_write(path, blobs, {{"format", "pgolf-weights-1"}, {"config", config_to_text(c)}}, &err)) {
+            if (path != paths[0]) warn0("the full-precision weights are in %s instead", path.c_str());
+            return path;
+        }
+        warn0("full-precision weights not written: %s", err.c_str());
+    }
+    return "";
 }
 
 static void write_result_json(const Config& c, const std::string& json_body) {
@@ -5607,7 +5810,7 @@ template <class D> static std::vector<EvalResult> evaluate_modes(D dev, Model<D>
         else if (mode == "full_ttt") r = eval_full_ttt(dev, m, ev, &rec);
         else fail("EVAL_MODE: unknown mode \"%s\" (expected standard, sliding, lora_ttt, full_ttt)", mode.c_str());
         results.push_back(r);
-        for (EvalResult& e : extra) results.push_back(e);
+        for (EvalResult& e : extra) { e.same_pass = true; results.push_back(e); }
         for (size_t i = results.size() - 1 - extra.size(); i < results.size(); i++) {
             const EvalResult& x = results[i];
             log0("final_%s val_loss:%.4f val_bpb:%.4f eval_time:%.0fms%s%s\n", x.mode.c_str(), x.val_loss, x.val_bpb, x.ms,
@@ -5638,11 +5841,11 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     ev.luts = spm_byte_luts(sp, c.vocab_size);
     ev.val = load_validation_tokens(c);
     log0("tokenizer:%s pieces:%zu checksum:%016llx\n", c.tokenizer_path.c_str(), sp.pieces.size(), (unsigned long long)sp.checksum);
+    check_data_tokenizer(c, sp, ev.val);
     std::vector<std::string> train_files;
     if (c.load_artifact.empty()) {
         train_files = shard_files(c.data_path, "train");
-        long total = 0;
-        for (const std::string& f : train_files) { FILE* fp = fopen_check(f.c_str(), "rb"); total += shard_header_check(f, fp); fclose(fp); }
+        long total = validate_train_shards(train_files, c.vocab_size);
         log0("train_loader:dataset:%s train_shards:%zu tokens:%ld\n", c.data_path.c_str(), train_files.size(), total);
     }
     log0("val_loader:tokens:%zu scored_positions:%zu%s\n", ev.val.size(), ev.val.size() - 1,
@@ -5683,16 +5886,17 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
         std::vector<typename D::grad> wd(m.nparams);
         to_host(dev, wd.data(), m.params, m.nparams);
         std::vector<float> w(wd.begin(), wd.end());
-        if (g_rank == 0) {
-            std::vector<TensorBlob> blobs;
-            for (const ParamSpec& p : m.table) blobs.push_back({p.name, p.shape, w.data() + p.offset, p.numel});
-            safetensors_write(c.out_dir + "/final_model.safetensors", blobs, {{"format", "pgolf-weights-1"}, {"config", config_to_text(c)}});
-        }
+        std::string weights_path;
+        if (g_rank == 0) weights_path = save_final_weights(c, m.table, w);
         if (c.prune_frac > 0) { magnitude_prune(c, m.table, w.data()); log0("magnitude_pruning: frac=%g\n", c.prune_frac); }
         if (g_rank == 0) {  // one rank compresses (zstd-22 takes a while); the others wait and read the file
             ExportReport rep;
             artifact = artifact_build(c, m.table, w.data(), &rep);
-            write_file_atomic(artifact_path, artifact.data(), artifact.size());
+            std::string err;
+            if (!write_file_atomic_try(artifact_path, artifact.data(), artifact.size(), &err))
+                fail("export: the artifact was not written (%s); %s", err.c_str(), weights_path.empty()
+                     ? "the full-precision weights could not be written either (see the warnings above)"
+                     : ("the trained weights are kept in full precision in " + weights_path + " (safetensors, PyTorch names)").c_str());
             print_export_report(rep);
         }
         host_barrier();
@@ -5733,7 +5937,7 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     log0("\n%-22s %12s %12s %12s\n", "summary", "val_loss", "val_bpb", "eval_ms");
     for (const EvalResult& r : results) log0("%-22s %12.6f %12.6f %12.0f%s\n", ("final_" + r.mode).c_str(), r.val_loss, r.val_bpb, r.ms, r.note.empty() ? "" : "  (not competition-legal)");
     double eval_ms = 0;
-    for (const EvalResult& r : results) eval_ms += r.ms;
+    for (const EvalResult& r : results) eval_ms += r.same_pass ? 0 : r.ms;
     if (steps > 0) log0("%-22s %12d steps in %.1f s\n", "train", steps, train_ms / 1000);
     log0("%-22s %12.1f s (all modes)\n", "eval", eval_ms / 1000);
     log0("%-22s %12zu bytes\n%-22s %12ld bytes\n%-22s %12ld bytes of 16000000 %s\n", "artifact", artifact_bytes, "code", counted,
@@ -5853,15 +6057,29 @@ static void run_cuda(Config& c) {
 static bool cuda_available();
 
 #ifndef PGOLF_TESTING
+// OpenMP threads that spin while they wait take the cores from every other process: training on a
+// shared CPU ran 2–9× slower with the default policy. libgomp reads OMP_WAIT_POLICY when it is
+// loaded, before main, so when the user has not set it we set it and execute ourselves again once.
+static void omp_passive_wait_by_default(char** argv) {
+#ifdef _OPENMP
+    if (getenv("OMP_WAIT_POLICY")) return;  // the user's choice (and the re-executed process) keeps it
+    setenv("OMP_WAIT_POLICY", "passive", 1);
+    execv("/proc/self/exe", argv);  // returns only on failure: then run with the runtime's default
+#else
+    (void)argv;
+#endif
+}
+
 int main(int argc, char** argv) {
+    omp_passive_wait_by_default(argv);
     distributed_init(&argc, &argv);
     if (argc > 1 && !strcmp(argv[1], "inspect")) { int rc = inspect_main(argc, argv); distributed_finish(); return rc; }
     if (argc > 1 && !strcmp(argv[1], "settings")) { print_settings_table(); return 0; }
     if (argc > 1) fail("unknown argument \"%s\": settings are environment variables (e.g. CONFIG=pr467 ./train_gpt), `./train_gpt inspect ARTIFACT [CHECKPOINT]` or `./train_gpt settings`", argv[1]);
     Config c = config_from_env();
     if (!c.load_artifact.empty()) {
-        // The model and its evaluation settings come from the artifact; env vars may change the
-        // evaluation, and where this run writes, reads data and runs are always this run's own.
+        // The model comes from the artifact, the other settings from its preset; env vars may change
+        // all but the model, and where this run writes, reads data and runs are always this run's own.
         std::vector<uint8_t> bytes;
         if (g_rank == 0) bytes = read_file(c.load_artifact);
         host_broadcast(bytes);
@@ -5871,7 +6089,7 @@ int main(int argc, char** argv) {
         std::vector<Setting> a = config_settings(art), e = config_settings(c);
         for (size_t i = 0; i < a.size(); i++) {
             bool shape = false, own = false;
-            for (const char* key : RESUME_MUST_MATCH) shape |= !strcmp(a[i].name, key);
+            shape = is_artifact_setting(a[i].name);
             for (const char* key : THIS_RUN) own |= !strcmp(a[i].name, key);
             const char* env = getenv(a[i].name);
             if (own) setting_parse(a[i], setting_value(e[i]).c_str());
@@ -5892,6 +6110,7 @@ int main(int argc, char** argv) {
     config_validate(c, g_world);
     if (g_rank == 0) {
         make_dirs(c.out_dir);
+        lock_run_folder(c.out_dir);
         g_logfile = fopen_check((c.out_dir + "/log.txt").c_str(), "a");
     }
     log0("pgolf train_gpt: code_bytes:%ld stripped:%ld\n", (long)PGOLF_CODE_BYTES, (long)PGOLF_CODE_BYTES_STRIPPED);
