@@ -5540,6 +5540,39 @@ template <class D> static void model_init_for_run(D dev, Model<D>& m, const Conf
     model_init(dev, m, c, (int)((cap_tokens + cap_t - 1) / cap_t), cap_t);
 }
 
+#if PGOLF_CPU_REFERENCE
+// DEVICE=cpu: the run's memory against the host's, before anything is allocated, so a full-size
+// preset on a small machine fails at once and says which settings drive the size.
+static void host_memory_check(const Config& c, int world) {
+    long tokens; int max_t;
+    activation_capacity(c, world, &tokens, &max_t);
+    long micro = c.train_batch_tokens / ((long)world * grad_accum_steps(c, world));
+    const char* driver = tokens == micro ? "TRAIN_BATCH_TOKENS (or raise GRAD_ACCUM_STEPS)"
+                       : tokens == (long)c.eval_batch_seqs * c.eval_len() ? "EVAL_BATCH_SEQS"
+                       : tokens == (long)c.ttt_batch_size * c.ttt_eval_seq_len ? "TTT_BATCH_SIZE"
+                       : tokens == (long)c.ttt_batch_seqs * c.eval_len() ? "TTT_BATCH_SEQS" : "TRAIN_SEQ_LEN";
+    Arena ar;
+    Acts<Cpu<float>> acts;
+    carve_acts(ar, acts, c, (int)((tokens + max_t - 1) / max_t), max_t);
+    bool avg = c.swa_enabled || c.swa_steps > 0 || c.ema_decay > 0;
+    double state = (double)param_arena_size(build_param_table(c)) * sizeof(float) * (5 + avg);  // w, grads, m, v, update
+    double need = state + ar.used;
+    long avail_kb = -1;
+    if (FILE* f = fopen("/proc/meminfo", "r")) {
+        char line[256];
+        while (fgets(line, sizeof line, f))
+            if (sscanf(line, "MemAvailable: %ld kB", &avail_kb) == 1) break;
+        fclose(f);
+    }
+    if (avail_kb >= 0 && need > avail_kb * 1024.0)
+        fail("DEVICE=cpu: this run needs %.0f MiB of host memory, %.0f MiB are available: activations %.0f MiB for %ld tokens "
+             "of up to %d (set by %s; per token they grow with MODEL_DIM, NUM_LAYERS, MLP_MULT, VOCAB_SIZE), weights, "
+             "gradients and optimizer state %.0f MiB (NUM_LAYERS=%d MODEL_DIM=%d MLP_MULT=%g VOCAB_SIZE=%d): lower %s, "
+             "or train CONFIG=tiny on a CPU", need / 1048576, avail_kb / 1024.0, ar.used / 1048576.0, tokens, max_t, driver,
+             state / 1048576, c.num_layers, c.model_dim, c.mlp_mult, c.vocab_size, driver);
+}
+#endif
+
 template <class D> static void train_state_init(D dev, TrainState<D>& s, Model<D>& m) {
     using G = typename D::grad;
     size_t bytes = m.nparams * sizeof(G);
@@ -5852,6 +5885,9 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
          c.val_truncate_to_seq ? " (truncated to a multiple of TRAIN_SEQ_LEN, as the reference)" : "");
 
     Model<D> m;
+#if PGOLF_CPU_REFERENCE
+    if (!strcmp(device_name, "cpu")) host_memory_check(c, g_world);
+#endif
     model_init_for_run(dev, m, c);
     print_param_table(m.table);
     size_t pbytes = m.nparams * sizeof(typename D::grad);
