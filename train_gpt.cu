@@ -1081,7 +1081,8 @@ static std::vector<std::string> shard_files(const std::string& data_path, const 
 // below VOCAB_SIZE. Token ids are scanned in full up to SHARD_FULL_SCAN_BYTES in all, else on a
 // sample of every shard (training still checks each shard in full when it loads it). Returns N.
 static const long SHARD_FULL_SCAN_BYTES = 1L << 30, SHARD_SAMPLE_BLOCKS = 64, SHARD_SAMPLE_TOKENS = 4096;
-static long validate_train_shards(const std::vector<std::string>& files, int vocab_size) {
+static long validate_train_shards(const std::vector<std::string>& files, int vocab_size,
+                                  long full_scan_bytes = SHARD_FULL_SCAN_BYTES) {
     double t0 = now_ms();
     std::vector<long> n(files.size());
     long total = 0;
@@ -1092,7 +1093,7 @@ static long validate_train_shards(const std::vector<std::string>& files, int voc
         if (n[i] == 0) fail("%s: a shard with 0 tokens (expected at least one document): remove it", files[i].c_str());
         total += n[i];
     }
-    bool full = 2 * total <= SHARD_FULL_SCAN_BYTES;
+    bool full = 2 * total <= full_scan_bytes;
     std::vector<std::string> errors(files.size());
     std::vector<long> scanned(files.size(), 0);
     #pragma omp parallel for schedule(dynamic, 1)
