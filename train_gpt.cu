@@ -194,8 +194,8 @@ static void lock_run_folder(const std::string& dir) {
         if (errno != EWOULDBLOCK) fail("cannot lock %s: %s", path.c_str(), strerror(errno));
         char pid[32] = {0};
         if (pread(fd, pid, sizeof pid - 1, 0) <= 0) strcpy(pid, "?");
-        fail("OUT_DIR=%s is in use by another run (process %s holds %s): wait for it to end, or set another RUN_ID or OUT_DIR",
-             dir.c_str(), pid, path.c_str());
+        fail("OUT_DIR=%s is in use by another run (process %s holds %s): wait for it to end, or set another RUN_ID "
+             "or OUT_DIR", dir.c_str(), pid, path.c_str());
     }
     std::string me = std::to_string((long)getpid());
     if (ftruncate(fd, 0) != 0 || pwrite(fd, me.data(), me.size(), 0) != (ssize_t)me.size())
@@ -1109,14 +1109,15 @@ static long validate_train_shards(const std::vector<std::string>& files, int voc
             long k = std::min(len, n[i] - begin);
             buf.resize(k);
             if (fseek(f, SHARD_HEADER_BYTES + 2 * begin, SEEK_SET) != 0 || fread(buf.data(), 2, k, f) != (size_t)k) {
-                errors[i] = fmt("%s: cannot read tokens %ld..%ld: %s", files[i].c_str(), begin, begin + k, strerror(errno));
+                errors[i] = fmt("%s: cannot read tokens %ld..%ld: %s", files[i].c_str(), begin, begin + k,
+                                strerror(errno));
                 break;
             }
             scanned[i] += k;
             for (long j = 0; j < k; j++)
                 if (buf[j] >= vocab_size) {
-                    errors[i] = fmt("%s: token %d at position %ld is outside the vocabulary (VOCAB_SIZE=%d)", files[i].c_str(),
-                                    buf[j], begin + j, vocab_size);
+                    errors[i] = fmt("%s: token %d at position %ld is outside the vocabulary (VOCAB_SIZE=%d)",
+                                    files[i].c_str(), buf[j], begin + j, vocab_size);
                     break;
                 }
         }
@@ -1125,10 +1126,12 @@ static long validate_train_shards(const std::vector<std::string>& files, int voc
     for (const std::string& e : errors)
         if (!e.empty()) fail("%s", e.c_str());
     long checked = std::accumulate(scanned.begin(), scanned.end(), 0L);
+    std::string how = full ? "in full"
+                           : fmt("on a sample of %ld tokens (%.2f%%; a full scan reads %.1f GB, so each shard is "
+                                 "checked in full when training loads it)",
+                                 checked, 100.0 * checked / total, 2e-9 * total);
     log0("train_shards: %zu files, %ld tokens: headers checked; token ids checked %s (%.2f s)\n", files.size(), total,
-         full ? "in full" : fmt("on a sample of %ld tokens (%.2f%%; a full scan reads %.1f GB, so each shard is checked in full "
-                               "when training loads it)", checked, 100.0 * checked / total, 2e-9 * total).c_str(),
-         (now_ms() - t0) / 1000);
+         how.c_str(), (now_ms() - t0) / 1000);
     return total;
 }
 
@@ -1153,12 +1156,14 @@ static void check_data_tokenizer(const Config& c, const SpmModel& sp, const std:
             else if (key == "tokenizer") name = value;
             else if (key == "vocab_size") vocab = value;
         }
-        if (sum.empty()) fail("%s: no tokenizer_checksum line (expected one, as ./tokenize shard writes)", path.c_str());
+        if (sum.empty()) fail("%s: no tokenizer_checksum line (expected one, as ./tokenize shard writes)",
+                              path.c_str());
         std::string have = fmt("%016llx", (unsigned long long)sp.checksum);
         if (sum != have)
             fail("%s: the shards were made with the tokenizer %s (%s pieces, checksum %s), but TOKENIZER_PATH=%s "
                  "(%zu pieces) has checksum %s: set TOKENIZER_PATH (and VOCAB_SIZE) to the shards' tokenizer",
-                 path.c_str(), name.c_str(), vocab.c_str(), sum.c_str(), c.tokenizer_path.c_str(), sp.pieces.size(), have.c_str());
+                 path.c_str(), name.c_str(), vocab.c_str(), sum.c_str(), c.tokenizer_path.c_str(), sp.pieces.size(),
+                 have.c_str());
         log0("data: %s: shards made with this tokenizer (checksum %s)\n", path.c_str(), have.c_str());
         return;
     }
@@ -1168,12 +1173,14 @@ static void check_data_tokenizer(const Config& c, const SpmModel& sp, const std:
     long distinct = std::accumulate(seen.begin(), seen.end(), 0L);
     bool enough = (long)val.size() >= 10L * c.vocab_size;  // a sample large enough to reach the upper ids
     if (enough && max_id < c.vocab_size / 2)
-        warn0("DATA_PATH=%s has no manifest.txt, and its %zu validation tokens use only ids 0..%d (%ld distinct) of the "
-              "%d of TOKENIZER_PATH=%s: were the shards made with a smaller tokenizer? val_bpb is wrong unless TOKENIZER_PATH "
-              "is the shards' own", c.data_path.c_str(), val.size(), max_id, distinct, c.vocab_size, c.tokenizer_path.c_str());
+        warn0("DATA_PATH=%s has no manifest.txt, and its %zu validation tokens use only ids 0..%d (%ld distinct) of "
+              "the %d of TOKENIZER_PATH=%s: were the shards made with a smaller tokenizer? val_bpb is wrong unless "
+              "TOKENIZER_PATH is the shards' own",
+              c.data_path.c_str(), val.size(), max_id, distinct, c.vocab_size, c.tokenizer_path.c_str());
     else
         log0("data: no manifest.txt in %s, tokenizer not verified by checksum; validation tokens use %ld of %d ids, "
-             "largest %d%s\n", c.data_path.c_str(), distinct, c.vocab_size, max_id, enough ? "" : " (too few tokens to judge)");
+             "largest %d%s\n", c.data_path.c_str(), distinct, c.vocab_size, max_id,
+             enough ? "" : " (too few tokens to judge)");
 }
 
 // The training stream: shards in sorted order, read front to back, wrapping around at the end.
@@ -5362,7 +5369,8 @@ static std::string json_escape(const std::string& s) {
 
 // Fails on a write error, or (with err) removes the .tmp and returns false with the reason.
 static bool safetensors_write(const std::string& path, const std::vector<TensorBlob>& tensors,
-                              const std::vector<std::pair<std::string, std::string>>& meta, std::string* err = nullptr) {
+                              const std::vector<std::pair<std::string, std::string>>& meta,
+                              std::string* err = nullptr) {
     std::string h = "{\"__metadata__\":{";
     for (size_t i = 0; i < meta.size(); i++)
         h += (i ? "," : "") + ("\"" + json_escape(meta[i].first) + "\":\"" + json_escape(meta[i].second) + "\"");
@@ -5556,7 +5564,8 @@ static void host_memory_check(const Config& c, int world) {
     Acts<Cpu<float>> acts;
     carve_acts(ar, acts, c, (int)((tokens + max_t - 1) / max_t), max_t);
     bool avg = c.swa_enabled || c.swa_steps > 0 || c.ema_decay > 0;
-    double state = (double)param_arena_size(build_param_table(c)) * sizeof(float) * (5 + avg);  // w, grads, m, v, update
+    // weights, gradients, Adam m and v, Muon updates, [the weight average]
+    double state = (double)param_arena_size(build_param_table(c)) * sizeof(float) * (5 + avg);
     double need = state + ar.used;
     long avail_kb = -1;
     if (FILE* f = fopen("/proc/meminfo", "r")) {
@@ -5566,11 +5575,12 @@ static void host_memory_check(const Config& c, int world) {
         fclose(f);
     }
     if (avail_kb >= 0 && need > avail_kb * 1024.0)
-        fail("DEVICE=cpu: this run needs %.0f MiB of host memory, %.0f MiB are available: activations %.0f MiB for %ld tokens "
-             "of up to %d (set by %s; per token they grow with MODEL_DIM, NUM_LAYERS, MLP_MULT, VOCAB_SIZE), weights, "
-             "gradients and optimizer state %.0f MiB (NUM_LAYERS=%d MODEL_DIM=%d MLP_MULT=%g VOCAB_SIZE=%d): lower %s, "
-             "or train CONFIG=tiny on a CPU", need / 1048576, avail_kb / 1024.0, ar.used / 1048576.0, tokens, max_t, driver,
-             state / 1048576, c.num_layers, c.model_dim, c.mlp_mult, c.vocab_size, driver);
+        fail("DEVICE=cpu: this run needs %.0f MiB of host memory, %.0f MiB are available: activations %.0f MiB for "
+             "%ld tokens of up to %d (set by %s; per token they grow with MODEL_DIM, NUM_LAYERS, MLP_MULT, "
+             "VOCAB_SIZE), weights, gradients and optimizer state %.0f MiB (NUM_LAYERS=%d MODEL_DIM=%d MLP_MULT=%g "
+             "VOCAB_SIZE=%d): lower %s, or train CONFIG=tiny on a CPU", need / 1048576, avail_kb / 1024.0,
+             ar.used / 1048576.0, tokens, max_t, driver, state / 1048576, c.num_layers, c.model_dim, c.mlp_mult,
+             c.vocab_size, driver);
 }
 #endif
 
@@ -5647,7 +5657,8 @@ template <class D> static void save_checkpoint(D dev, Model<D>& m, TrainState<D>
     if (!safetensors_write(path, blobs, {
         {"format", "pgolf-checkpoint-1"}, {"config", config_to_text(c)}, {"step", std::to_string(s.step)},
         {"train_ms", ms}, {"swa_count", std::to_string(s.swa_count)}, {"qat_active", std::to_string((int)s.qat_active)},
-        {"loader_file", std::to_string(s.loader.stream.file_idx)}, {"loader_pos", std::to_string(s.loader.stream.pos)}}, &err)) {
+        {"loader_file", std::to_string(s.loader.stream.file_idx)}, {"loader_pos", std::to_string(s.loader.stream.pos)}},
+        &err)) {
         s.checkpoints.pop_back();  // (a disk full must not cost the run: training goes on, older checkpoints stay)
         warn0("checkpoint at step %d not written: %s; training goes on (last checkpoint: %s)", s.step, err.c_str(),
               s.checkpoints.empty() ? "none" : s.checkpoints.back().c_str());
@@ -5700,8 +5711,8 @@ static std::string save_final_weights(Config& c, const std::vector<ParamSpec>& t
     for (const ParamSpec& p : table) blobs.push_back({p.name, p.shape, w.data() + p.offset, p.numel});
     const char* tmpdir = getenv("TMPDIR");
     std::string name = "pgolf_" + c.run_id + "_final_model.safetensors";
-    std::vector<std::string> paths = {c.out_dir + "/final_model.safetensors",
-                                      std::string(tmpdir && *tmpdir ? tmpdir : "/tmp") + "/" + name, "/dev/shm/" + name};
+    std::string fallback = std::string(tmpdir && *tmpdir ? tmpdir : "/tmp") + "/" + name;
+    std::vector<std::string> paths = {c.out_dir + "/final_model.safetensors", fallback, "/dev/shm/" + name};
     for (const std::string& path : paths) {
         std::string err;
         if (safetensors_write(path, blobs, {{"format", "pgolf-weights-1"}, {"config", config_to_text(c)}}, &err)) {
@@ -5930,10 +5941,11 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
             ExportReport rep;
             artifact = artifact_build(c, m.table, w.data(), &rep);
             std::string err;
+            std::string kept = weights_path.empty()
+                ? "the full-precision weights could not be written either (see the warnings above)"
+                : "the trained weights are kept in full precision in " + weights_path + " (safetensors, PyTorch names)";
             if (!write_file_atomic_try(artifact_path, artifact.data(), artifact.size(), &err))
-                fail("export: the artifact was not written (%s); %s", err.c_str(), weights_path.empty()
-                     ? "the full-precision weights could not be written either (see the warnings above)"
-                     : ("the trained weights are kept in full precision in " + weights_path + " (safetensors, PyTorch names)").c_str());
+                fail("export: the artifact was not written (%s); %s", err.c_str(), kept.c_str());
             print_export_report(rep);
         }
         host_barrier();

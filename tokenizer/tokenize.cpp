@@ -566,9 +566,11 @@ static void write_manifest(const SpmModel& m, const std::string& outdir, int64_t
     std::string path = outdir + "/manifest.txt", tmp = path + ".tmp";
     size_t slash = m.path.rfind('/');
     char text[1024];
-    int n = snprintf(text, sizeof text, "format=pgolf-shards-1\ntokenizer=%s\ntokenizer_checksum=%016llx\nvocab_size=%zu\n"
-                     "val_tokens=%lld\ntrain_tokens=%lld\n", slash == std::string::npos ? m.path.c_str() : m.path.c_str() + slash + 1,
-                     (unsigned long long)m.checksum, m.pieces.size(), (long long)val_tokens, (long long)train_tokens);
+    const char* name = slash == std::string::npos ? m.path.c_str() : m.path.c_str() + slash + 1;
+    int n = snprintf(text, sizeof text,
+                     "format=pgolf-shards-1\ntokenizer=%s\ntokenizer_checksum=%016llx\nvocab_size=%zu\n"
+                     "val_tokens=%lld\ntrain_tokens=%lld\n", name, (unsigned long long)m.checksum, m.pieces.size(),
+                     (long long)val_tokens, (long long)train_tokens);
     FILE* f = fopen(tmp.c_str(), "wb");
     bool ok = f && fwrite(text, 1, n, f) == (size_t)n;
     ok = (f && fclose(f) == 0) && ok;
@@ -591,8 +593,9 @@ static int cmd_shard(const SpmModel& m, const std::string& outdir, const ShardOp
             if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..") && count++ == 0) first = e->d_name;
         closedir(d);
         if (count > 0)
-            throw std::runtime_error(outdir + ": output folder is not empty (" + std::to_string(count) + " entries, e.g. " + first +
-                                     "); old shards would be read together with the new ones: remove them or choose a new folder");
+            throw std::runtime_error(outdir + ": output folder is not empty (" + std::to_string(count) +
+                                     " entries, e.g. " + first + "); old shards would be read together with the new "
+                                     "ones: remove them or choose a new folder");
     } else throw std::runtime_error(outdir + ": cannot open directory: " + strerror(errno));
     SpmEncoder enc = spm_encoder_build(m);
     int threads = opt.threads;
