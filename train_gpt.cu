@@ -52,14 +52,23 @@
 #include <mpi.h>
 #endif
 #include "tokenizer/spm_model.h"
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(PGOLF_EMU)
+#define PGOLF_CUDA 1  // this build has the GPU path: nvcc, or the tests' CUDA emulator (tests/emu, -DPGOLF_EMU)
+#endif
+#ifdef PGOLF_CUDA
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cublasLt.h>
-#include <cub/device/device_radix_sort.cuh>  // stable sort for the deterministic embedding backward
 #include <tuple>
 #ifdef PGOLF_NCCL
 #include <nccl.h>
+#endif
+#ifdef PGOLF_EMU
+#include "tests/emu/emu.h"  // the kernels on the CPU, with checks (never part of ./train_gpt)
+#else
+#include <cub/device/device_radix_sort.cuh>  // stable sort for the deterministic embedding backward
+// every launch is written PGOLF_LAUNCH(grid, block, smem, stream, kernel)(args): the emulator defines it too
+#define PGOLF_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #endif
 #endif
 
@@ -284,10 +293,9 @@ struct Arena {
 // gates, embedding rows) are cut into fixed row chunks, each summed in order by one block, then
 // the chunk partials are added in chunk order: two identical runs give identical bits.
 
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // --- The device tag, error checks, the device context -------------------------------------------
 
-#define PGOLF_CUDA 1  // this build has the GPU path (tests/test_cuda.cuh compiles only then)
 using bf16 = __nv_bfloat16;
 struct Cuda {
     using act = bf16;   // activations
@@ -367,7 +375,7 @@ static CudaContext& cuda_ctx() {
 }
 #endif
 
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // --- Launch geometry and deterministic reductions --------------------------------------------------
 
 static const int BLOCK = 256;        // threads of the elementwise kernels
@@ -393,6 +401,10 @@ static RowChunks row_chunks(long rows) {
     return {(int)((rows + per - 1) / per), per};
 }
 
+#ifndef PGOLF_EMU
+// The block's dynamic shared memory (launch argument smem) as name[] of type (the emulator's is a pointer).
+#define PGOLF_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#endif
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 template <class X> __device__ __forceinline__ X from_f32(float f);
@@ -468,18 +480,18 @@ __global__ void column_partial_sums_kernel(float* partial, const float* in, int 
 }
 static void column_sums_add(float* out, const float* partial, int P, int C) {
     if (C <= 0) return;
-    column_sums_add_kernel<<<ceil_div(C, BLOCK), BLOCK, 0, g_cuda.stream>>>(out, partial, P, C);
+    PGOLF_LAUNCH(ceil_div(C, BLOCK), BLOCK, 0, g_cuda.stream, column_sums_add_kernel)(out, partial, P, C);
     launchCheck();
 }
 static void total_sum_add(float* out, const float* partial, size_t n) {
-    total_sum_add_kernel<<<1, 1024, 0, g_cuda.stream>>>(out, partial, n);
+    PGOLF_LAUNCH(1, 1024, 0, g_cuda.stream, total_sum_add_kernel)(out, partial, n);
     launchCheck();
 }
 static dim3 reduce_grid(int C, const RowChunks& rc) { return dim3(ceil_div(C, 32), rc.chunks); }
 static const dim3 REDUCE_BLOCK(32, RED_ROWS);
 #endif
 
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // --- Device memory: allocations, copies, the shared scratch -----------------------------------------
 
 static void* cuda_malloc_checked(size_t bytes, const char* what) {
@@ -548,7 +560,7 @@ __global__ void cast_params_kernel(bf16* dst, const float* src, size_t n) {
 }
 static void cast_params(Cuda, bf16* dst, const float* src, size_t n) {
     if (!n) return;
-    cast_params_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(dst, src, n);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, cast_params_kernel)(dst, src, n);
     launchCheck();
 }
 #endif
@@ -603,13 +615,15 @@ struct Config {
     float beta1 = 0.9f, beta2 = 0.95f, adam_eps = 1e-8f, grad_clip_norm = 0.0f;
     // weight averaging
     int swa_enabled = 0, swa_every = 50;
-    float swa_start_frac = 0.4f;       // mean of snapshots taken while the lr multiplier < this (thwu1)
+    double swa_start_frac = 0.4;       // mean of snapshots taken while the lr multiplier < this (thwu1);
+                                       // a double, as the reference's Python float: ties compare as there
     int swa_steps = 0, swa_start_step = -1;
     float swa_decay = 0.4f;            // PR600's "SWA": an EMA over the last SWA_STEPS steps
     float ema_decay = 0.0f;            // EMA of every step (2026-03-22 record; 0 = off)
+    int embed_bf16 = 0;                // 1 = embedding tables in bf16 (weights, moments, averages), as the reference
     // quantization-aware training
     int late_qat = 0, qat_bits = 0, qat_start_step = -1;
-    float qat_threshold = 0.1f;        // LATE_QAT switches on once the lr multiplier is below this
+    double qat_threshold = 0.1;        // LATE_QAT switches on once the lr multiplier is below this (double)
     float qat_scale_floor = 0.0f;      // smallest per-row scale of the fake quantizer
     // export
     std::string quant_scheme = "int8"; // int8 | mixed (int5 MLP / int6 attn) | int6
@@ -623,6 +637,7 @@ struct Config {
     std::string eval_mode = "standard";  // comma list of standard, sliding, lora_ttt, full_ttt
     int eval_seq_len = 0, eval_stride = 64, eval_batch_seqs = 32;
     std::string sliding = "exact";     // exact | reference (reference double-counts the tail)
+    std::string sliding_reference = "thwu1";  // whose window set SLIDING=reference reproduces: thwu1 | pr600
     double eval_max_wallclock_seconds = 0.0;
     // per-document LoRA TTT
     int ttt_lora_rank = 8, ttt_chunk_size = 256, ttt_eval_seq_len = 1024, ttt_batch_size = 64;
@@ -662,7 +677,7 @@ static void preset_pr467(Config& c) {
     c.muon_momentum = 0.99f; c.muon_momentum_warmup_start = 0.92f; c.muon_momentum_warmup_steps = 1500;
     c.grad_clip_norm = 0.3f; c.muon_weight_decay = 0.04f; c.adam_wd = 0.04f;
     c.bigram_vocab_size = 10240; c.bigram_dim = 128; c.smear = 1; c.ortho_init = INIT_ORTHO_THWU1;
-    c.swa_enabled = 1; c.swa_start_frac = 0.35f; c.swa_every = 50;
+    c.swa_enabled = 1; c.swa_start_frac = 0.35; c.swa_every = 50;
     c.quant_scheme = "mixed"; c.prune_frac = 0.03f;
     c.fp16_keep_patterns = "tok_emb,blocks.8.attn.c_k";
     c.control_patterns += ",smear,bigram.scale";
@@ -680,7 +695,7 @@ static void preset_pr600(Config& c) {
     c.swa_steps = 500; c.swa_decay = 0.4f;
     c.qat_bits = 6; c.qat_scale_floor = 1e-7f / 31.0f;
     c.quant_scheme = "int6";
-    c.eval_mode = "sliding"; c.eval_stride = 512; c.eval_batch_seqs = 32;
+    c.eval_mode = "sliding"; c.eval_stride = 512; c.eval_batch_seqs = 32; c.sliding_reference = "pr600";
     // TTT as the PR plans it (its submitted score had TTT off): rank 128 on all attention + MLP,
     // chunks of 64, 4 Adam steps per chunk.
     c.ttt_lora_rank = 128; c.ttt_chunk_size = 64; c.ttt_steps = 4; c.ttt_lora_lr = 0.0001f;
@@ -695,8 +710,8 @@ static void preset_pr456(Config& c) {
     c.tied_embed_lr = 0.035f; c.matrix_lr = 0.025f; c.scalar_lr = 0.025f;
     c.adam_wd = 0.01f; c.muon_weight_decay = 0.04f;
     c.unique_layers = 10; c.named_cores = 1; c.xsa_last_n = 3;
-    c.swa_start_frac = 0.2f;
-    c.late_qat = 1; c.qat_threshold = 0.1f; c.qat_bits = 6; c.qat_scale_floor = 1.0f / 31.0f;
+    c.swa_start_frac = 0.2;
+    c.late_qat = 1; c.qat_threshold = 0.1; c.qat_bits = 6; c.qat_scale_floor = 1.0f / 31.0f;
     c.fp16_keep_patterns = "tok_emb,cores.2.attn.c_k";
     c.eval_mode = "full_ttt"; c.eval_stride = 128; c.eval_batch_seqs = 64;
     c.ttt_optimizer = "adamw"; c.ttt_lr = 0.0005f; c.ttt_epochs = 1; c.ttt_batch_seqs = 16;
@@ -797,14 +812,15 @@ static std::vector<Setting> config_settings(Config& c) {
         {"ADAM_EPS", 'f', &c.adam_eps, "Adam epsilon"},
         {"GRAD_CLIP_NORM", 'f', &c.grad_clip_norm, "clip gradients to this global L2 norm (0 = off)"},
         {"SWA_ENABLED", 'i', &c.swa_enabled, "average snapshots taken during the warm-down"},
-        {"SWA_START_FRAC", 'f', &c.swa_start_frac, "snapshots start when the lr multiplier drops below this"},
+        {"SWA_START_FRAC", 'd', &c.swa_start_frac, "snapshots start when the lr multiplier drops below this"},
         {"SWA_EVERY", 'i', &c.swa_every, "steps between snapshots"},
         {"SWA_STEPS", 'i', &c.swa_steps, "PR #600: EMA over the last N steps (0 = off)"},
         {"SWA_DECAY", 'f', &c.swa_decay, "PR #600: decay of that EMA"},
         {"SWA_START_STEP", 'i', &c.swa_start_step, "PR #600: first EMA step (-1 = last SWA_STEPS)"},
         {"EMA_DECAY", 'f', &c.ema_decay, "EMA of the weights at every step (0 = off)"},
+        {"EMBED_BF16", 'i', &c.embed_bf16, "1 = tok_emb and bigram tables hold bf16 weights, moments and averages (the reference)"},
         {"LATE_QAT", 'i', &c.late_qat, "fake-quantize matrices once the lr multiplier < QAT_THRESHOLD"},
-        {"QAT_THRESHOLD", 'f', &c.qat_threshold, "lr multiplier that switches LATE_QAT on"},
+        {"QAT_THRESHOLD", 'd', &c.qat_threshold, "lr multiplier that switches LATE_QAT on"},
         {"QAT_BITS", 'i', &c.qat_bits, "bits of the fake quantizer (5 or 6; 0 = no QAT)"},
         {"QAT_START_STEP", 'i', &c.qat_start_step, "PR #600: QAT from this step (-1 = ITERATIONS - WARMDOWN_ITERS)"},
         {"QAT_SCALE_FLOOR", 'f', &c.qat_scale_floor, "smallest per-row scale of the fake quantizer"},
@@ -821,6 +837,7 @@ static std::vector<Setting> config_settings(Config& c) {
         {"EVAL_STRIDE", 'i', &c.eval_stride, "sliding-window stride"},
         {"EVAL_BATCH_SEQS", 'i', &c.eval_batch_seqs, "windows per forward pass"},
         {"SLIDING", 's', &c.sliding, "exact (every position once) | reference (the reference's window set)"},
+        {"SLIDING_REFERENCE", 's', &c.sliding_reference, "window set of SLIDING=reference: thwu1 (also PR #456) or pr600"},
         {"EVAL_MAX_WALLCLOCK_SECONDS", 'd', &c.eval_max_wallclock_seconds, "LoRA TTT deadline; later documents fall back to the base model (0 = none)"},
         {"TTT_LORA_RANK", 'i', &c.ttt_lora_rank, "LoRA rank"},
         {"TTT_LORA_LR", 'f', &c.ttt_lora_lr, "LoRA lr"},
@@ -867,11 +884,11 @@ static const char* const SCOPE_SETTINGS[SCOPE_NUM] = {
     "GRAD_ACCUM_STEPS QK_GAIN_INIT TIED_EMBED_INIT_STD ORTHO_INIT EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR "
     "SCALAR_LR MUON_MOMENTUM MUON_BACKEND_STEPS MUON_MOMENTUM_WARMUP_START MUON_MOMENTUM_WARMUP_STEPS "
     "MUON_WEIGHT_DECAY ADAM_WD WEIGHT_DECAY BETA1 BETA2 ADAM_EPS GRAD_CLIP_NORM SWA_ENABLED SWA_START_FRAC "
-    "SWA_EVERY SWA_STEPS SWA_DECAY SWA_START_STEP EMA_DECAY LATE_QAT QAT_THRESHOLD QAT_BITS QAT_START_STEP "
+    "SWA_EVERY SWA_STEPS SWA_DECAY SWA_START_STEP EMA_DECAY EMBED_BF16 LATE_QAT QAT_THRESHOLD QAT_BITS QAT_START_STEP "
     "QAT_SCALE_FLOOR QUANT_SCHEME PACK ZSTD_LEVEL PRUNE_FRAC GPTQ_LITE ALL_INT5 FP16_KEEP_NAME_PATTERNS "
     "CONTROL_TENSOR_NAME_PATTERNS",
     "VAL_BATCH_SIZE VAL_LOSS_EVERY VAL_TOKENS_LIMIT VAL_TRUNCATE_TO_SEQ EVAL_MODE EVAL_SEQ_LEN EVAL_STRIDE "
-    "EVAL_BATCH_SEQS SLIDING EVAL_MAX_WALLCLOCK_SECONDS TTT_LORA_RANK TTT_LORA_LR TTT_LORA_ALPHA "
+    "EVAL_BATCH_SEQS SLIDING SLIDING_REFERENCE EVAL_MAX_WALLCLOCK_SECONDS TTT_LORA_RANK TTT_LORA_LR TTT_LORA_ALPHA "
     "TTT_LORA_TARGETS TTT_LORA_OPTIMIZER TTT_LORA_BETA1 TTT_LORA_BETA2 TTT_LORA_EPS TTT_LORA_WD TTT_CHUNK_SIZE "
     "TTT_EVAL_SEQ_LEN TTT_BATCH_SIZE TTT_STEPS TTT_N_EPOCHS TTT_LORA_SCHEDULE TTT_REPORT_FINAL_EPOCH "
     "TTT_CHUNK_TOKENS TTT_EPOCHS TTT_FREEZE_BLOCKS TTT_BATCH_SEQS TTT_LR TTT_MOMENTUM TTT_GRAD_CLIP TTT_WD "
@@ -1069,6 +1086,15 @@ static void config_validate(const Config& c, int world) {
     need(c.num_kv_heads > 0 && c.num_heads % c.num_kv_heads == 0, "NUM_KV_HEADS=%d must divide NUM_HEADS=%d", c.num_kv_heads, c.num_heads);
     need(c.head_dim() % 2 == 0, "head dim MODEL_DIM/NUM_HEADS=%d must be even for RoPE", c.head_dim());
     need(c.rope_dims >= 0 && c.rope_dims <= c.head_dim() && c.rope_dims % 2 == 0, "ROPE_DIMS=%d: expected an even number ≤ head dim %d", c.rope_dims, c.head_dim());
+    // what the CUDA attention kernels are built for (attention_check repeats it per call; here it fails before work)
+    int hd = c.head_dim(), group = c.num_heads / std::max(c.num_kv_heads, 1);
+    need(c.device != "cuda" || hd == 16 || hd == 32 || hd == 64 || hd == 128,
+         "head dim MODEL_DIM/NUM_HEADS=%d/%d=%d: the CUDA attention kernels support 16, 32, 64 or 128 "
+         "(DEVICE=cpu runs any even head dim)",
+         c.model_dim, c.num_heads, hd);
+    need(c.device != "cuda" || group <= (hd == 128 ? 32 : 64),
+         "NUM_HEADS/NUM_KV_HEADS=%d: the CUDA attention kernels pack at most %d query heads per kv head at head dim %d",
+         group, hd == 128 ? 32 : 64, hd);
     need(c.mlp_hidden() > 0, "MLP_MULT=%g gives an empty MLP", c.mlp_mult);
     need(c.mlp_activation == "relu_sq" || c.mlp_activation == "leaky_relu_sq", "MLP_ACTIVATION=%s: expected relu_sq or leaky_relu_sq", c.mlp_activation.c_str());
     need(c.unique_layers >= 0 && c.unique_layers <= c.num_layers, "UNIQUE_LAYERS=%d: expected 0..NUM_LAYERS=%d", c.unique_layers, c.num_layers);
@@ -1093,6 +1119,8 @@ static void config_validate(const Config& c, int world) {
     need(c.pack == "bits" || c.pack == "bytes" || c.pack == "auto", "PACK=%s: expected bits, bytes or auto", c.pack.c_str());
     need(c.prune_frac >= 0 && c.prune_frac < 1, "PRUNE_FRAC=%g: expected [0, 1)", c.prune_frac);
     need(c.sliding == "exact" || c.sliding == "reference", "SLIDING=%s: expected exact or reference", c.sliding.c_str());
+    need(c.sliding_reference == "thwu1" || c.sliding_reference == "pr600",
+         "SLIDING_REFERENCE=%s: expected thwu1 or pr600", c.sliding_reference.c_str());
     need(c.eval_stride > 0 && c.eval_stride <= c.eval_len(), "EVAL_STRIDE=%d: expected 1..eval length %d", c.eval_stride, c.eval_len());
     need(c.eval_batch_seqs > 0, "EVAL_BATCH_SEQS=%d: expected > 0", c.eval_batch_seqs);
     need(c.qat_bits == 0 || c.qat_bits == 5 || c.qat_bits == 6 || c.qat_bits == 8, "QAT_BITS=%d: expected 0, 5, 6 or 8", c.qat_bits);
@@ -1627,7 +1655,7 @@ template <class T> static void embedding_backward(Cpu<T>, T* dtable, const T* do
         for (int c = 0; c < C; c++) dtable[(size_t)idx[n] * C + c] += dout[(size_t)n * C + c];
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU.
 __global__ void embedding_forward_kernel(bf16* out, const int32_t* idx, const bf16* table, size_t N, int C) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < N * C; i += (size_t)gridDim.x * blockDim.x) {
@@ -1638,7 +1666,7 @@ __global__ void embedding_forward_kernel(bf16* out, const int32_t* idx, const bf
 static void embedding_forward(Cuda, bf16* out, const int32_t* idx, const bf16* table, int N, int C) {
     size_t n = (size_t)N * C;
     if (!n) return;
-    embedding_forward_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(out, idx, table, N, C);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, embedding_forward_kernel)(out, idx, table, N, C);
     launchCheck();
 }
 
@@ -1688,10 +1716,10 @@ static void embedding_backward(Cuda, float* dtable, const bf16* dout, const int3
     SortScratch s;
     scratch_carve([&](Arena& a) { carve_sort_scratch(a, s, N, temp_bytes); });
     cudaStream_t st = g_cuda.stream;
-    iota_kernel<<<grid_for(N), BLOCK, 0, st>>>(s.pos_in, N);
+    PGOLF_LAUNCH(grid_for(N), BLOCK, 0, st, iota_kernel)(s.pos_in, N);
     launchCheck();
     cudaCheck(cub::DeviceRadixSort::SortPairs(s.temp, s.temp_bytes, idx, s.keys, s.pos_in, s.pos, N, 0, 32, st));
-    embedding_backward_kernel<<<ceil_div(N, EMB_RUNS_PER_BLOCK), 128, 0, st>>>(dtable, dout, s.keys, s.pos, N, C);
+    PGOLF_LAUNCH(ceil_div(N, EMB_RUNS_PER_BLOCK), 128, 0, st, embedding_backward_kernel)(dtable, dout, s.keys, s.pos, N, C);
     launchCheck();
 }
 #endif
@@ -1711,7 +1739,7 @@ template <class T> static void bigram_lookup(Cpu<T>, int32_t* out, const int32_t
     for (int n = 0; n < B * T_; n++) out[n] = bigram_bucket(idx[n], n % T_ ? idx[n - 1] : 0, n % T_, buckets, vocab, pr600_hash);
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU.
 __global__ void bigram_lookup_kernel(int32_t* out, const int32_t* idx, int N, int T, int buckets, int vocab, bool pr600_hash) {
     for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += gridDim.x * blockDim.x)
@@ -1720,7 +1748,7 @@ __global__ void bigram_lookup_kernel(int32_t* out, const int32_t* idx, int N, in
 static void bigram_lookup(Cuda, int32_t* out, const int32_t* idx, int B, int T_, int buckets, int vocab, bool pr600_hash) {
     int N = B * T_;
     if (N <= 0) return;
-    bigram_lookup_kernel<<<grid_for(N), BLOCK, 0, cuda_ctx().stream>>>(out, idx, N, T_, buckets, vocab, pr600_hash);
+    PGOLF_LAUNCH(grid_for(N), BLOCK, 0, cuda_ctx().stream, bigram_lookup_kernel)(out, idx, N, T_, buckets, vocab, pr600_hash);
     launchCheck();
 }
 #endif
@@ -1750,7 +1778,7 @@ template <class T> static void rmsnorm_backward(Cpu<T>, T* dinp, const T* dout, 
     }
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU: one warp per row, sums in fp32.
 __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* inp, int N, int C, float eps) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -1778,12 +1806,12 @@ __global__ void rmsnorm_backward_kernel(bf16* dinp, const bf16* dout, const bf16
 static const int ROWS_PER_BLOCK = 8;  // warps per block of the warp-per-row kernels
 static void rmsnorm_forward(Cuda, bf16* out, float* rstd, const bf16* inp, int N, int C) {
     if (N <= 0) return;
-    rmsnorm_forward_kernel<<<ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream>>>(out, rstd, inp, N, C, (float)RMSNORM_EPS);
+    PGOLF_LAUNCH(ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream, rmsnorm_forward_kernel)(out, rstd, inp, N, C, (float)RMSNORM_EPS);
     launchCheck();
 }
 static void rmsnorm_backward(Cuda, bf16* dinp, const bf16* dout, const bf16* inp, const float* rstd, int N, int C) {
     if (N <= 0) return;
-    rmsnorm_backward_kernel<<<ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream>>>(dinp, dout, inp, rstd, N, C);
+    PGOLF_LAUNCH(ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream, rmsnorm_backward_kernel)(dinp, dout, inp, rstd, N, C);
     launchCheck();
 }
 #endif
@@ -1837,7 +1865,7 @@ template <class T> static void matmul_backward(Cpu<T>, T* dinp, T* dw, const T* 
     if (dw) gemm_cpu(dw, dout, 1, OC, inp, OC, IC, N, true);
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU: cuBLASLt, bf16 operands, fp32 accumulation.
 // cuBLAS is column-major; our matrices are row-major. A row-major X [r, c] is, byte for byte, the
 // column-major matrix Xᵀ (c × r, leading dimension c). So the row-major product C = op(A)·op(B)
@@ -2040,7 +2068,7 @@ template <class T> static void qk_norm_rope_backward(Cpu<T>, T* dx, T* dgain, co
             for (int h = 0; h < nh; h++) dgain[h] += dgain_rows[(size_t)n * nh + h];
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU: the three steps fused in one kernel.
 // (cos, sin) of each (position, pair), computed on the host exactly as the CPU reference's rope_table
 // (fp32 inv_freq from rope_inv_freq, the angle rounded to fp32, then std::cos/std::sin).
@@ -2073,7 +2101,7 @@ static const int MAX_HEAD_DIM = 256;  // per-lane register arrays of the warp-pe
 // out = g·rope(x·r): x1 = x[i]·r, x2 = x[i+half]·r → (x1 cos + x2 sin, −x1 sin + x2 cos).
 __global__ void qk_norm_rope_forward_kernel(bf16* out, float* rstd, const bf16* x, const float* gain, const float2* rope,
                                             int rows, int T, int nh, int hd, int rd, float eps) {
-    extern __shared__ float qk_sh[];
+    PGOLF_DYNAMIC_SMEM(float, qk_sh);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;  // row = n·nh + h
     if (row >= rows) return;
@@ -2101,7 +2129,7 @@ __global__ void qk_norm_rope_forward_kernel(bf16* out, float* rstd, const bf16* 
 // term to dgain_rows, summed over tokens afterwards in a fixed order.
 __global__ void qk_norm_rope_backward_kernel(bf16* dx, float* dgain_rows, const bf16* dout, const bf16* x, const float* rstd,
                                              const float* gain, const float2* rope, int rows, int T, int nh, int hd, int rd) {
-    extern __shared__ float qk_sh[];
+    PGOLF_DYNAMIC_SMEM(float, qk_sh);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;
     if (row >= rows) return;
@@ -2151,7 +2179,7 @@ static void qk_norm_rope_forward(Cuda, bf16* out, float* rstd, const bf16* x, co
     check_head_dim(hd, "qk_norm_rope_forward");
     const float2* rope = rope_table_device(T_, rd, base);
     size_t sh = HEADS_PER_BLOCK * hd * sizeof(float);
-    qk_norm_rope_forward_kernel<<<ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, sh, g_cuda.stream>>>(
+    PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, sh, g_cuda.stream, qk_norm_rope_forward_kernel)(
         out, rstd, x, gain, rope, rows, T_, nh, hd, rd, (float)RMSNORM_EPS);
     launchCheck();
 }
@@ -2165,11 +2193,11 @@ static void qk_norm_rope_backward(Cuda, bf16* dx, float* dgain, const bf16* dout
     float *drows = nullptr, *partial = nullptr;
     if (dgain) scratch_carve([&](Arena& a) { drows = a.take<float>(rows); partial = a.take<float>((size_t)rc.chunks * nh); });
     size_t sh = HEADS_PER_BLOCK * 2 * hd * sizeof(float);
-    qk_norm_rope_backward_kernel<<<ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, sh, g_cuda.stream>>>(
+    PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, sh, g_cuda.stream, qk_norm_rope_backward_kernel)(
         dx, drows, dout, x, rstd, gain, rope, rows, T_, nh, hd, rd);
     launchCheck();
     if (dgain) {  // [N, nh] → [nh], in a fixed order
-        column_partial_sums_kernel<<<reduce_grid(nh, rc), REDUCE_BLOCK, 0, g_cuda.stream>>>(partial, drows, N, nh, rc.rows_per_chunk);
+        PGOLF_LAUNCH(reduce_grid(nh, rc), REDUCE_BLOCK, 0, g_cuda.stream, column_partial_sums_kernel)(partial, drows, N, nh, rc.rows_per_chunk);
         launchCheck();
         column_sums_add(dgain, partial, rc.chunks, nh);
     }
@@ -2262,7 +2290,7 @@ template <class T> static void attention_backward(Cpu<T>, T* dq, T* dk, T* dv, c
         }
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU: fused FlashAttention-2 style forward and backward.
 // The same function as attention_forward/backward(Cpu<T>, ...) above, without a T×T matrix in
 // memory: a block keeps one tile of rows in shared memory and streams the other side through it
@@ -2370,6 +2398,7 @@ HD static inline void acc_to_a(uint32_t a[4], const float c0[4], const float c1[
     a[3] = pack_bf16(c1[2], c1[3]);
 }
 
+#ifndef PGOLF_EMU  // the tests' CUDA emulator defines these helpers (tests/emu/emu.h)
 __device__ static inline uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 __device__ static inline void ldmatrix_x4(uint32_t r[4], const __nv_bfloat16* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -2392,6 +2421,7 @@ __device__ static inline void cp_async_16(void* dst, const void* src, bool valid
 }
 __device__ static inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ static inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+#endif
 
 // One tile of `ROWS` packed query rows (of q or dout) of query tile i into shared memory;
 // padding rows become zeros, which every product below turns into exact zeros.
@@ -2459,7 +2489,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_forward_kernel(__nv_bf
                                                                          const __nv_bfloat16* k, const __nv_bfloat16* v,
                                                                          int T, int H, int Hk, float scale_log2) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = ATTN_TILE / 8, TILE = ATTN_TILE * LD;
-    extern __shared__ uint4 attn_smem[];  // uint4: 16-byte aligned for cp.async and ldmatrix
+    PGOLF_DYNAMIC_SMEM(uint4, attn_smem);  // uint4: 16-byte aligned for cp.async and ldmatrix
     __nv_bfloat16* sQ = (__nv_bfloat16*)attn_smem;
     __nv_bfloat16* sK = sQ + TILE;      // stage s at sK + s·TILE
     __nv_bfloat16* sV = sK + 2 * TILE;
@@ -2582,7 +2612,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dq_kernel(__n
                                                                              const __nv_bfloat16* v, const float* lse, const float* D,
                                                                              int T, int H, int Hk, float scale_log2, float scale) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = ATTN_TILE / 8, TILE = ATTN_TILE * LD;
-    extern __shared__ uint4 attn_smem[];
+    PGOLF_DYNAMIC_SMEM(uint4, attn_smem);
     __nv_bfloat16* sQ = (__nv_bfloat16*)attn_smem;
     __nv_bfloat16* sdO = sQ + TILE;
     __nv_bfloat16* sK = sdO + TILE;     // stage s at sK + s·TILE
@@ -2675,7 +2705,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dkdv_kernel(_
                                                                                const float* lse, const float* D,
                                                                                int T, int H, int Hk, float scale_log2, float scale) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = BQ / 8, KTILE = ATTN_TILE * LD, QTILE = BQ * LD;
-    extern __shared__ uint4 attn_smem[];
+    PGOLF_DYNAMIC_SMEM(uint4, attn_smem);
     __nv_bfloat16* sK = (__nv_bfloat16*)attn_smem;
     __nv_bfloat16* sV = sK + KTILE;
     __nv_bfloat16* sQ = sV + KTILE;     // stage s at sQ + s·QTILE
@@ -2798,6 +2828,33 @@ template <int HDIM> static size_t attn_dkdv_smem() {
            4 * (size_t)attn_dkdv_rows<HDIM>() * sizeof(float);
 }
 
+// Dynamic shared memory per block the attention kernels need at head dim hd: the largest of the three,
+// named in *kernel. At hd 128 the dQ kernel (Q, dO and two stages of K and V) needs 104,448 B.
+static size_t attention_smem_bytes(int hd, const char** kernel) {
+    size_t f = 0, q = 0, kv = 0;
+    switch (hd) {
+        case 16: f = attn_forward_smem<16>(); q = attn_dq_smem<16>(); kv = attn_dkdv_smem<16>(); break;
+        case 32: f = attn_forward_smem<32>(); q = attn_dq_smem<32>(); kv = attn_dkdv_smem<32>(); break;
+        case 64: f = attn_forward_smem<64>(); q = attn_dq_smem<64>(); kv = attn_dkdv_smem<64>(); break;
+        default: f = attn_forward_smem<128>(); q = attn_dq_smem<128>(); kv = attn_dkdv_smem<128>(); break;
+    }
+    *kernel = q >= f && q >= kv ? "attention_backward_dq_kernel"
+              : f >= kv         ? "attention_forward_kernel"
+                                : "attention_backward_dkdv_kernel";
+    return std::max({f, q, kv});
+}
+// At start, on the GPU the run got: a head dim whose attention kernels need more shared memory per block
+// than the GPU's opt-in maximum (sm_86/sm_89: 101,376 B, under hd 128's dQ tile) fails with the reason
+// instead of at the first backward.
+static void attention_smem_check(int hd, size_t optin_bytes, int major, int minor, const char* gpu) {
+    const char* kernel = "";
+    size_t need = attention_smem_bytes(hd, &kernel);
+    if (need > optin_bytes)
+        fail("head dim %d: %s needs %zu bytes of shared memory per block, but %s (sm_%d%d) allows at most %zu: "
+             "use head dim 64 or less (raise NUM_HEADS) or an sm_80/sm_90 GPU",
+             hd, kernel, need, gpu, major, minor, optin_bytes);
+}
+
 // Shapes the kernels handle, checked at every call (cheap next to the launch).
 static void attention_check(const char* op, const void* const* ptrs, const char* const* names, int n_ptrs, int B, int T, int H, int Hk, int hd) {
     if (hd != 16 && hd != 32 && hd != 64 && hd != 128) fail("%s: head dim %d, expected 16, 32, 64 or 128", op, hd);
@@ -2818,7 +2875,7 @@ static void attention_forward_hd(__nv_bfloat16* out, float* lse, const __nv_bflo
         smem_set = true;
     }
     dim3 grid(attn_query_tiles(T, attn_tile_positions(ATTN_TILE, H / Hk)), Hk, B);
-    attention_forward_kernel<HDIM><<<grid, ATTN_THREADS, smem>>>(out, lse, q, k, v, T, H, Hk, ATTN_LOG2E / sqrtf((float)HDIM));
+    PGOLF_LAUNCH(grid, ATTN_THREADS, smem, cuda_ctx().stream, attention_forward_kernel<HDIM>)(out, lse, q, k, v, T, H, Hk, ATTN_LOG2E / sqrtf((float)HDIM));
     cudaCheck(cudaGetLastError());
 }
 static void attention_forward(Cuda, __nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
@@ -2835,15 +2892,11 @@ static void attention_forward(Cuda, __nv_bfloat16* out, float* lse, const __nv_b
     }
 }
 
-// D = rowsum(dO ⊙ O), [B,H,T]: scratch grown on demand and kept for the process (as llm.c keeps
-// its cuDNN workspace). Growing frees and allocates, so the first call must precede graph capture.
-static float* g_attention_D = nullptr;
-static size_t g_attention_D_cap = 0;
-
+// D = rowsum(dO ⊙ O), [B,H,T]: in the ops' scratch (cuda_memory_plan counts it).
 template <int HDIM>
 static void attention_backward_hd(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                                   const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                  const __nv_bfloat16* out, const float* lse, int B, int T, int H, int Hk) {
+                                  const __nv_bfloat16* out, const float* lse, float* D, int B, int T, int H, int Hk) {
     constexpr int BQ = attn_dkdv_rows<HDIM>();
     size_t smem_dq = attn_dq_smem<HDIM>(), smem_kv = attn_dkdv_smem<HDIM>();
     static bool smem_set = false;
@@ -2854,14 +2907,14 @@ static void attention_backward_hd(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfl
     }
     float scale = 1.f / sqrtf((float)HDIM), scale_log2 = ATTN_LOG2E * scale;
     size_t rows = (size_t)B * T * H, threads = rows * (HDIM / 8);
-    attention_backward_rowdot_kernel<HDIM><<<(unsigned)((threads + 255) / 256), 256>>>(g_attention_D, dout, out, rows, T, H);
+    PGOLF_LAUNCH((unsigned)((threads + 255) / 256), 256, 0, g_cuda.stream, attention_backward_rowdot_kernel<HDIM>)(D, dout, out, rows, T, H);
     cudaCheck(cudaGetLastError());
     int group = H / Hk;
     dim3 grid_q(attn_query_tiles(T, attn_tile_positions(ATTN_TILE, group)), Hk, B);
-    attention_backward_dq_kernel<HDIM><<<grid_q, ATTN_THREADS, smem_dq>>>(dq, dout, q, k, v, lse, g_attention_D, T, H, Hk, scale_log2, scale);
+    PGOLF_LAUNCH(grid_q, ATTN_THREADS, smem_dq, g_cuda.stream, attention_backward_dq_kernel<HDIM>)(dq, dout, q, k, v, lse, D, T, H, Hk, scale_log2, scale);
     cudaCheck(cudaGetLastError());
     dim3 grid_k((T + ATTN_TILE - 1) / ATTN_TILE, Hk, B);
-    attention_backward_dkdv_kernel<HDIM, BQ><<<grid_k, ATTN_THREADS, smem_kv>>>(dk, dv, dout, q, k, v, lse, g_attention_D, T, H, Hk, scale_log2, scale);
+    PGOLF_LAUNCH(grid_k, ATTN_THREADS, smem_kv, g_cuda.stream, attention_backward_dkdv_kernel<HDIM, BQ>)(dk, dv, dout, q, k, v, lse, D, T, H, Hk, scale_log2, scale);
     cudaCheck(cudaGetLastError());
 }
 static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
@@ -2871,17 +2924,13 @@ static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_
     const char* names[] = {"dq", "dk", "dv", "dout", "q", "k", "v", "out"};
     attention_check("attention_backward", ptrs, names, 8, B, T, H, Hk, hd);
     if (B == 0 || T == 0) return;
-    size_t need = (size_t)B * H * T;
-    if (need > g_attention_D_cap) {
-        if (g_attention_D) cudaCheck(cudaFree(g_attention_D));
-        cudaCheck(cudaMalloc(&g_attention_D, need * sizeof(float)));
-        g_attention_D_cap = need;
-    }
+    float* D = nullptr;
+    scratch_carve([&](Arena& a) { D = a.take<float>((size_t)B * H * T); });
     switch (hd) {
-        case 16: attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, Hk); break;
-        case 32: attention_backward_hd<32>(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, Hk); break;
-        case 64: attention_backward_hd<64>(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, Hk); break;
-        default: attention_backward_hd<128>(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, Hk); break;
+        case 16: attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, D, B, T, H, Hk); break;
+        case 32: attention_backward_hd<32>(dq, dk, dv, dout, q, k, v, out, lse, D, B, T, H, Hk); break;
+        case 64: attention_backward_hd<64>(dq, dk, dv, dout, q, k, v, out, lse, D, B, T, H, Hk); break;
+        default: attention_backward_hd<128>(dq, dk, dv, dout, q, k, v, out, lse, D, B, T, H, Hk); break;
     }
 }
 #endif
@@ -2935,11 +2984,11 @@ template <class T> static void xsa_backward(Cpu<T>, T* da, T* dv, const T* dout,
         }
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU.
 // One warp per (token, kv group): v̂ is computed once and serves the group's query heads.
 __global__ void xsa_forward_kernel(bf16* out, const bf16* a, const bf16* v, int rows, int H, int Hk, int hd, float eps) {
-    extern __shared__ float xsa_sh[];
+    PGOLF_DYNAMIC_SMEM(float, xsa_sh);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;  // row = n·Hk + g
     if (row >= rows) return;
@@ -2961,7 +3010,7 @@ __global__ void xsa_forward_kernel(bf16* out, const bf16* a, const bf16* v, int 
 // u = v̂: da += dy − (dy·u)u; du = −Σ_heads [(a·u)dy + (dy·u)a]; dv += (du − (du·u)u)/|v| (or du/eps below eps)
 __global__ void xsa_backward_kernel(bf16* da, bf16* dv, const bf16* dout, const bf16* a, const bf16* v, int rows, int H, int Hk,
                                     int hd, float eps, double eps_d) {
-    extern __shared__ float xsa_sh[];
+    PGOLF_DYNAMIC_SMEM(float, xsa_sh);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;
     if (row >= rows) return;
@@ -3008,7 +3057,7 @@ static void xsa_forward(Cuda, bf16* out, const bf16* a, const bf16* v, int N, in
     int rows = N * Hk;
     if (rows <= 0) return;
     check_head_dim(hd, "xsa_forward");
-    xsa_forward_kernel<<<ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, HEADS_PER_BLOCK * hd * sizeof(float), cuda_ctx().stream>>>(
+    PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, HEADS_PER_BLOCK * hd * sizeof(float), cuda_ctx().stream, xsa_forward_kernel)(
         out, a, v, rows, H, Hk, hd, (float)XSA_EPS);
     launchCheck();
 }
@@ -3016,7 +3065,7 @@ static void xsa_backward(Cuda, bf16* da, bf16* dv, const bf16* dout, const bf16*
     int rows = N * Hk;
     if (rows <= 0) return;
     check_head_dim(hd, "xsa_backward");
-    xsa_backward_kernel<<<ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, HEADS_PER_BLOCK * hd * sizeof(float), cuda_ctx().stream>>>(
+    PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, HEADS_PER_BLOCK * hd * sizeof(float), cuda_ctx().stream, xsa_backward_kernel)(
         da, dv, dout, a, v, rows, H, Hk, hd, (float)XSA_EPS, XSA_EPS);
     launchCheck();
 }
@@ -3043,7 +3092,7 @@ template <class T> static void resid_mix_backward(Cpu<T>, T* dx, T* dx0, T* dmix
         }
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU.
 // (perf: fuse into the rmsnorm that follows it, and its backward into the rmsnorm backward)
 __global__ void resid_mix_forward_kernel(bf16* out, const bf16* x, const bf16* x0, const float* mix, size_t n, int C) {
@@ -3080,7 +3129,7 @@ __global__ void resid_mix_backward_kernel(bf16* dx, bf16* dx0, float* partial, c
 static void resid_mix_forward(Cuda, bf16* out, const bf16* x, const bf16* x0, const float* mix, int N, int C) {
     size_t n = (size_t)N * C;
     if (!n) return;
-    resid_mix_forward_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(out, x, x0, mix, n, C);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, resid_mix_forward_kernel)(out, x, x0, mix, n, C);
     launchCheck();
 }
 static void resid_mix_backward(Cuda, bf16* dx, bf16* dx0, float* dmix, const bf16* dout, const bf16* x, const bf16* x0,
@@ -3089,7 +3138,7 @@ static void resid_mix_backward(Cuda, bf16* dx, bf16* dx0, float* dmix, const bf1
     RowChunks rc = row_chunks(N);
     float* partial = nullptr;
     if (dmix) scratch_carve([&](Arena& a) { partial = a.take<float>((size_t)rc.chunks * 2 * C); });
-    resid_mix_backward_kernel<<<reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream>>>(dx, dx0, partial, dout, x, x0, mix, N, C, rc.rows_per_chunk);
+    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, resid_mix_backward_kernel)(dx, dx0, partial, dout, x, x0, mix, N, C, rc.rows_per_chunk);
     launchCheck();
     if (dmix) column_sums_add(dmix, partial, rc.chunks, 2 * C);
 }
@@ -3123,7 +3172,7 @@ template <class T> static void branch_add_backward(Cpu<T>, T* dres, T* dbranch, 
         }
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU.
 // scale_stride 0: one scalar scale (BigramHash); gate optional.
 // (perf: fuse into the epilogue of the matmul that produces `branch`)
@@ -3163,7 +3212,7 @@ static void branch_add_forward(Cuda, bf16* out, const bf16* res, const bf16* bra
                                int N, int C, int scale_stride = 1) {
     size_t n = (size_t)N * C;
     if (!n) return;
-    branch_add_forward_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(out, res, branch, scale, gate, n, C, scale_stride);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, branch_add_forward_kernel)(out, res, branch, scale, gate, n, C, scale_stride);
     launchCheck();
 }
 static void branch_add_backward(Cuda, bf16* dres, bf16* dbranch, float* dscale, float* dgate, const bf16* dout, const bf16* branch,
@@ -3176,7 +3225,7 @@ static void branch_add_backward(Cuda, bf16* dres, bf16* dbranch, float* dscale, 
             pscale = dscale ? a.take<float>((size_t)rc.chunks * C) : nullptr;
             pgate = dgate && gate ? a.take<float>((size_t)rc.chunks * C) : nullptr;
         });
-    branch_add_backward_kernel<<<reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream>>>(
+    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, branch_add_backward_kernel)(
         dres, dbranch, pscale, pgate, dout, branch, scale, gate, N, C, scale_stride, rc.rows_per_chunk);
     launchCheck();
     if (pscale) {
@@ -3208,7 +3257,7 @@ template <class T> static void smear_backward(Cpu<T>, T* dx, T* dgate, const T* 
         }
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU.
 __global__ void smear_forward_kernel(bf16* out, const bf16* x, const float* gate, size_t n, int T, int C) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -3243,7 +3292,7 @@ __global__ void smear_backward_kernel(bf16* dx, float* partial, const bf16* dout
 static void smear_forward(Cuda, bf16* out, const bf16* x, const float* gate, int N, int T_, int C) {
     size_t n = (size_t)N * C;
     if (!n) return;
-    smear_forward_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(out, x, gate, n, T_, C);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, smear_forward_kernel)(out, x, gate, n, T_, C);
     launchCheck();
 }
 static void smear_backward(Cuda, bf16* dx, float* dgate, const bf16* dout, const bf16* x, const float* gate, int N, int T_, int C) {
@@ -3251,7 +3300,7 @@ static void smear_backward(Cuda, bf16* dx, float* dgate, const bf16* dout, const
     RowChunks rc = row_chunks(N);
     float* partial = nullptr;
     if (dgate) scratch_carve([&](Arena& a) { partial = a.take<float>((size_t)rc.chunks * C); });
-    smear_backward_kernel<<<reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream>>>(dx, partial, dout, x, gate, N, T_, C, rc.rows_per_chunk);
+    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, smear_backward_kernel)(dx, partial, dout, x, gate, N, T_, C, rc.rows_per_chunk);
     launchCheck();
     if (dgate) column_sums_add(dgate, partial, rc.chunks, C);
 }
@@ -3274,7 +3323,7 @@ template <class T> static void mlp_act_backward(Cpu<T>, T* dh, const T* dout, co
     }
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU.
 // (perf: the forward belongs in the fc matmul's epilogue, the backward in the proj dinp epilogue)
 __global__ void mlp_act_forward_kernel(bf16* out, const bf16* h, size_t n, float slope) {
@@ -3291,12 +3340,12 @@ __global__ void mlp_act_backward_kernel(bf16* dh, const bf16* dout, const bf16* 
 }
 static void mlp_act_forward(Cuda, bf16* out, const bf16* h, size_t n, bool leaky) {
     if (!n) return;
-    mlp_act_forward_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(out, h, n, leaky ? LEAKY_SLOPE : 0.0f);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, mlp_act_forward_kernel)(out, h, n, leaky ? LEAKY_SLOPE : 0.0f);
     launchCheck();
 }
 static void mlp_act_backward(Cuda, bf16* dh, const bf16* dout, const bf16* h, size_t n, bool leaky) {
     if (!n) return;
-    mlp_act_backward_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(dh, dout, h, n, leaky ? LEAKY_SLOPE : 0.0f);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, mlp_act_backward_kernel)(dh, dout, h, n, leaky ? LEAKY_SLOPE : 0.0f);
     launchCheck();
 }
 #endif
@@ -3327,7 +3376,7 @@ template <class T> static void softcap_ce(Cpu<T>, T* losses, T* logits, const in
     }
 }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU.
 // One block per row reads the bf16 logits and keeps everything else in fp32 registers: no fp32
 // logits are ever written. With weights, the row is overwritten with bf16
@@ -3359,7 +3408,7 @@ __global__ void softcap_ce_kernel(float* losses, bf16* logits, const int32_t* ta
 }
 static void softcap_ce(Cuda, float* losses, bf16* logits, const int32_t* targets, const float* weights, int N, int V, float cap) {
     if (N <= 0) return;
-    softcap_ce_kernel<<<N, 256, 0, cuda_ctx().stream>>>(losses, logits, targets, weights, V, cap);
+    PGOLF_LAUNCH(N, 256, 0, cuda_ctx().stream, softcap_ce_kernel)(losses, logits, targets, weights, V, cap);
     launchCheck();
 }
 #endif
@@ -3373,7 +3422,7 @@ template <class T> static void copy_forward(Cpu<T>, T* out, const T* x, size_t n
 // master weights → the copy the forward reads (the same memory on the CPU; bf16 on the GPU)
 template <class T> static void cast_params(Cpu<T>, T* dst, const T* src, size_t n) { if (dst != src) memcpy(dst, src, n * sizeof(T)); }
 #endif
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU: bf16 activations or fp32 buffers.
 template <class X> __global__ void scale_inplace_kernel(X* x, size_t n, float s) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
@@ -3385,12 +3434,12 @@ template <class X> __global__ void add_forward_kernel(X* out, const X* x, const 
 }
 template <class X> static void scale_inplace(Cuda, X* x, size_t n, float s) {
     if (!n) return;
-    scale_inplace_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(x, n, s);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, scale_inplace_kernel<X>)(x, n, s);
     launchCheck();
 }
 template <class X> static void add_forward(Cuda, X* out, const X* x, const X* y, size_t n) {
     if (!n) return;
-    add_forward_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(out, x, y, n);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, add_forward_kernel<X>)(out, x, y, n);
     launchCheck();
 }
 template <class X> static void add_inplace(Cuda dev, X* x, const X* y, size_t n) { add_forward(dev, x, x, y, n); }
@@ -3544,7 +3593,7 @@ template <class T> static void model_bind_compute(Cpu<T>, Model<Cpu<T>>& m) {
 }
 #endif
 
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // On the GPU the forward reads a bf16 copy of the weights.
 // The whole parameter arena gets one bf16 twin with the same offsets (each tensor starts at a
 // multiple of 16 elements: 32-byte aligned in bf16); vectors are read from the fp32 master.
@@ -3838,6 +3887,19 @@ template <class T> static void scale_grads(Cpu<T>, T* x, size_t n, float s) { fo
 template <class T> static void average_accumulate(Cpu<T>, T* avg, const T* w, size_t n, float decay, bool first) {
     for (size_t i = 0; i < n; i++) avg[i] = first ? w[i] : (decay < 0 ? avg[i] + w[i] : T(decay) * avg[i] + (T(1) - T(decay)) * w[i]);
 }
+
+// --- bf16 storage (EMBED_BF16): round to the nearest bf16, ties to even, as a store to a bf16 tensor ----
+static inline float round_bf16(float f) {
+    if (std::isnan(f)) return f;
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    x = (x + 0x7fffu + ((x >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&f, &x, 4);
+    return f;
+}
+template <class T> static void round_to_bf16(Cpu<T>, T* x, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] = T(round_bf16((float)x[i]));
+}
 #endif
 
 // --- Fake quantization (QAT, straight-through) ---------------------------------------------------------
@@ -3905,7 +3967,7 @@ template <class T> static void refresh_compute_weights(Cpu<T> dev, Model<Cpu<T>>
 }
 #endif
 
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // --- The optimizers on the GPU: AdamW, SGD, Muon, clipping, averaging, QAT --------------------------
 // Elementwise updates mirror the CPU reference's fp32 formulas term by term.
 __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2, float eps, float wd,
@@ -3921,7 +3983,7 @@ __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, size_
 static void adamw_update(Cuda, float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2, float eps, float wd, int t) {
     if (!n) return;
     double bc1 = 1.0 - std::pow((double)b1, t), bc2 = 1.0 - std::pow((double)b2, t);
-    adamw_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(p, g, m, v, n, lr, b1, b2, eps, wd, (float)(lr / bc1), (float)std::sqrt(bc2));
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, adamw_kernel)(p, g, m, v, n, lr, b1, b2, eps, wd, (float)(lr / bc1), (float)std::sqrt(bc2));
     launchCheck();
 }
 __global__ void sgd_kernel(float* p, const float* g, float* buf, size_t n, float lr, float momentum, float wd, bool first) {
@@ -3933,7 +3995,7 @@ __global__ void sgd_kernel(float* p, const float* g, float* buf, size_t n, float
 }
 static void sgd_update(Cuda, float* p, const float* g, float* buf, size_t n, float lr, float momentum, float wd, bool first) {
     if (!n) return;
-    sgd_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(p, g, buf, n, lr, momentum, wd, first);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, sgd_kernel)(p, g, buf, n, lr, momentum, wd, first);
     launchCheck();
 }
 __global__ void apply_update_kernel(float* p, const float* u, size_t n, float lr, float wd) {
@@ -3942,7 +4004,7 @@ __global__ void apply_update_kernel(float* p, const float* u, size_t n, float lr
 }
 static void apply_update(Cuda, float* p, const float* update, size_t n, float lr, float wd) {
     if (!n) return;
-    apply_update_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(p, update, n, lr, wd);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, apply_update_kernel)(p, update, n, lr, wd);
     launchCheck();
 }
 __global__ void average_kernel(float* avg, const float* w, size_t n, float decay, bool first) {
@@ -3951,7 +4013,16 @@ __global__ void average_kernel(float* avg, const float* w, size_t n, float decay
 }
 static void average_accumulate(Cuda, float* avg, const float* w, size_t n, float decay, bool first) {
     if (!n) return;
-    average_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(avg, w, n, decay, first);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, average_kernel)(avg, w, n, decay, first);
+    launchCheck();
+}
+__global__ void round_to_bf16_kernel(float* x, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] = __bfloat162float(__float2bfloat16(x[i]));
+}
+static void round_to_bf16(Cuda, float* x, size_t n) {
+    if (!n) return;
+    round_to_bf16_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(x, n);
     launchCheck();
 }
 static void scale_grads(Cuda dev, float* x, size_t n, float s) { scale_inplace(dev, x, n, s); }
@@ -3969,7 +4040,7 @@ static double sum_squares(Cuda dev, const float* x, size_t n) {
     if (!n) return 0.0;
     double* partial = nullptr;
     scratch_carve([&](Arena& a) { partial = a.take<double>(NORM_BLOCKS); });
-    sum_squares_kernel<<<NORM_BLOCKS, BLOCK, 0, g_cuda.stream>>>(partial, x, n);
+    PGOLF_LAUNCH(NORM_BLOCKS, BLOCK, 0, g_cuda.stream, sum_squares_kernel)(partial, x, n);
     launchCheck();
     double host[NORM_BLOCKS], s = 0.0;
     to_host(dev, host, partial, NORM_BLOCKS);
@@ -3989,7 +4060,7 @@ __global__ void fake_quant_rows_kernel(bf16* out, const float* w, int cols, int 
 }
 static void fake_quant_rows(Cuda, bf16* out, const float* w, int rows, int cols, int clip, float floor) {
     if (rows <= 0 || cols <= 0) return;
-    fake_quant_rows_kernel<<<rows, BLOCK, 0, cuda_ctx().stream>>>(out, w, cols, clip, floor);
+    PGOLF_LAUNCH(rows, BLOCK, 0, cuda_ctx().stream, fake_quant_rows_kernel)(out, w, cols, clip, floor);
     launchCheck();
 }
 // The weights the forward reads: bf16 casts of the master, fake-quantized (QAT) where qat_applies.
@@ -4080,12 +4151,12 @@ static void muon_direction(Cuda, float* update, const float* g, float* buf, int 
     NsScratch s;
     scratch_carve([&](Arena& a) { carve_ns_scratch(a, s, rows, cols); });
     cudaStream_t st = g_cuda.stream;
-    muon_momentum_kernel<<<NORM_BLOCKS, BLOCK, 0, st>>>(update, buf, g, n, momentum, s.partial);
+    PGOLF_LAUNCH(NORM_BLOCKS, BLOCK, 0, st, muon_momentum_kernel)(update, buf, g, n, momentum, s.partial);
     launchCheck();
-    ns_normalize_kernel<<<grid_for(n), BLOCK, 0, st>>>(s.x, update, s.partial, n);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, st, ns_normalize_kernel)(s.x, update, s.partial, n);
     launchCheck();
     bf16* X = newton_schulz_bf16(s.x, s.x2, s.a, s.b, rows, cols, steps);
-    muon_finish_kernel<<<grid_for(n), BLOCK, 0, st>>>(update, X, n, (float)std::sqrt(std::max(1.0, (double)rows / cols)));
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, st, muon_finish_kernel)(update, X, n, (float)std::sqrt(std::max(1.0, (double)rows / cols)));
     launchCheck();
 }
 #endif
@@ -4192,7 +4263,7 @@ template <class T> static void allreduce_sum(Cpu<T>, T* x, size_t n) {
 // Contiguous split of n items over ranks: rank r takes [n·r/W, n·(r+1)/W).
 static long split_begin(long n, int rank, int world) { return n * rank / world; }
 
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // --- NCCL over the ranks MPI launched -----------------------------------------------------------------
 // The communicator is made once (run_cuda): rank 0 draws the id, MPI broadcasts it. Built without
 // NCCL or MPI, this is a single-GPU program and more ranks are refused.
@@ -5052,7 +5123,9 @@ static void (*g_ttt_step_hook)(const std::vector<long>& positions) = nullptr;
 // in every window. Window 0 scores all its positions, later ones their last S:
 //   exact (ours):   [L − S, len), windows with ws + L − S < T: every position exactly once;
 //   reference:      [max(len − S, 0), len), windows with len ≥ S (thwu1, PR #456): every window
-//                   that ends at T scores the same tail again.
+//                   that ends at T scores the same tail again;
+//   reference pr600: full windows only (ws + L ≤ T), each scoring [S, L): the tail after the last
+//                   full window is never scored; unless S = L/2, positions are scored twice or skipped.
 struct EvalWindow { long ws; int len, first; };  // inputs t[ws .. ws+len−1]; positions [first, len) scored
 
 static std::vector<EvalWindow> sliding_windows(const Config& c, long T) {
@@ -5063,6 +5136,7 @@ static std::vector<EvalWindow> sliding_windows(const Config& c, long T) {
         int len = (int)std::min<long>(L, T - ws);
         if (ws == 0) win.push_back({0, len, 0});
         else if (exact) { if (ws + L - S >= T) break; win.push_back({ws, len, L - S}); }
+        else if (c.sliding_reference == "pr600") { if (ws + L > T) break; win.push_back({ws, len, S}); }
         else { if (len < S) break; win.push_back({ws, len, std::max(len - S, 0)}); }
     }
     return win;
@@ -5153,32 +5227,62 @@ static void lora_parse_targets(const std::string& list, bool on[LORA_NUM]) {
 }
 static void lora_targets_check(const std::string& list) { bool on[LORA_NUM]; lora_parse_targets(list, on); }
 
-// Adapters for `docs` documents and forward passes of up to max_tokens positions. All A blocks come
-// first in lo.params, then all B blocks; returns the length of the A part. One allocation, headed
-// by dtmp, holds every per-layer tmp. Compute copies alias the master copy when the types agree.
-template <class D> static size_t lora_alloc(D dev, Lora<D>& lo, const Config& c, int docs, size_t max_tokens) {
-    using G = typename D::grad; using M = typename D::mat; using A = typename D::act;
-    lora_parse_targets(c.ttt_lora_targets, lo.on);
-    lo.docs = docs; lo.rank = c.ttt_lora_rank;
-    lo.scale = c.ttt_lora_alpha > 0 ? c.ttt_lora_alpha / c.ttt_lora_rank : 1.0f;
+// The adapters' arena for `docs` documents and forward passes of up to max_tokens positions: all A
+// blocks, then all B blocks, each padded to 16 elements; tmp_n elements per [max_tokens, rank] slot.
+struct LoraLayout {
+    bool on[LORA_NUM];
+    int in_dim[LORA_NUM], out_dim[LORA_NUM];
+    std::vector<size_t> offA[LORA_NUM], offB[LORA_NUM];
+    size_t n = 0, nA = 0, slots = 0, tmp_n = 0;
+};
+static LoraLayout lora_layout(const Config& c, int docs, size_t max_tokens) {
+    LoraLayout y;
+    lora_parse_targets(c.ttt_lora_targets, y.on);
     int Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden();
     const int ins[LORA_NUM] = {Dm, Dm, Dm, Dm, Dm, F, Dm}, outs[LORA_NUM] = {Dm, KV, KV, Dm, F, Dm, c.vocab_size};
     auto pad = [](size_t k) { return (k + 15) / 16 * 16; };
-    size_t r = lo.rank, n = 0, slots = 0;
-    std::vector<size_t> offA[LORA_NUM], offB[LORA_NUM];
+    size_t r = c.ttt_lora_rank;
     for (int t = 0; t < LORA_NUM; t++) {
-        lo.in_dim[t] = ins[t]; lo.out_dim[t] = outs[t];
-        int layers = !lo.on[t] ? 0 : t == LORA_HEAD ? 1 : c.num_layers;
-        for (int l = 0; l < layers; l++) { offA[t].push_back(n); n += pad(docs * r * ins[t]); slots++; }
+        y.in_dim[t] = ins[t]; y.out_dim[t] = outs[t];
+        int layers = !y.on[t] ? 0 : t == LORA_HEAD ? 1 : c.num_layers;
+        for (int l = 0; l < layers; l++) { y.offA[t].push_back(y.n); y.n += pad(docs * r * ins[t]); y.slots++; }
     }
-    size_t nA = n;
+    y.nA = y.n;
     for (int t = 0; t < LORA_NUM; t++)
-        for (size_t l = 0; l < offA[t].size(); l++) { offB[t].push_back(n); n += pad(docs * outs[t] * r); }
+        for (size_t l = 0; l < y.offA[t].size(); l++) { y.offB[t].push_back(y.n); y.n += pad(docs * outs[t] * r); }
+    y.tmp_n = pad(max_tokens * r);
+    return y;
+}
+// Bytes lora_state_init allocates: master adapters, grads, their compute copy (compute_bytes 0: it is the
+// master), the tmp slots, A's reset image and the optimizer moments. The GPU memory plan counts it.
+static size_t lora_state_bytes(const Config& c, int docs, size_t max_tokens, size_t grad_bytes, size_t compute_bytes,
+                               size_t act_bytes) {
+    LoraLayout y = lora_layout(c, docs, max_tokens);
+    size_t moments = c.ttt_lora_optimizer == "sgd" ? 1 : 2;
+    size_t adapters = y.n * grad_bytes * (2 + moments) + y.n * compute_bytes;  // master, grads, moments, compute copy
+    return adapters + (y.slots + 1) * y.tmp_n * act_bytes + y.nA * grad_bytes;
+}
+// Documents per LoRA TTT batch: TTT_BATCH_SIZE, or as many TTT_EVAL_SEQ_LEN windows as the activations hold.
+static int lora_ttt_docs(const Config& c, int act_B, int act_T) {
+    return (int)std::max<long>(1, std::min<long>(c.ttt_batch_size, (long)act_B * act_T / c.ttt_eval_seq_len));
+}
+
+// Adapters for `docs` documents and forward passes of up to max_tokens positions (lora_layout). One
+// allocation, headed by dtmp, holds every per-layer tmp. Compute copies alias the master copy when
+// the types agree. Returns the length of the A part.
+template <class D> static size_t lora_alloc(D dev, Lora<D>& lo, const Config& c, int docs, size_t max_tokens) {
+    using G = typename D::grad; using M = typename D::mat; using A = typename D::act;
+    LoraLayout y = lora_layout(c, docs, max_tokens);
+    for (int t = 0; t < LORA_NUM; t++) { lo.on[t] = y.on[t]; lo.in_dim[t] = y.in_dim[t]; lo.out_dim[t] = y.out_dim[t]; }
+    lo.docs = docs; lo.rank = c.ttt_lora_rank;
+    lo.scale = c.ttt_lora_alpha > 0 ? c.ttt_lora_alpha / c.ttt_lora_rank : 1.0f;
+    size_t n = y.n, nA = y.nA, slots = y.slots, tmp_n = y.tmp_n;
+    const std::vector<size_t>* offA = y.offA;
+    const std::vector<size_t>* offB = y.offB;
     lo.nparams = n;
     lo.params = (G*)device_alloc(dev, n * sizeof(G));
     lo.grads = (G*)device_alloc(dev, n * sizeof(G));
     lo.compute = std::is_same<M, G>::value ? (M*)lo.params : (M*)device_alloc(dev, n * sizeof(M));
-    size_t tmp_n = pad(max_tokens * r);
     lo.dtmp = (A*)device_alloc(dev, (slots + 1) * tmp_n * sizeof(A));
     A* next_tmp = lo.dtmp + tmp_n;
     for (int t = 0; t < LORA_NUM; t++) {
@@ -5342,7 +5446,7 @@ template <class D> static EvalResult eval_lora_ttt(D dev, Model<D>& m, const Eva
     std::stable_sort(mine.begin(), mine.end(), [](const EvalDoc& a, const EvalDoc& b) { return a.pred > b.pred; });
     int L = c.ttt_eval_seq_len;
     if (L > m.acts.T) fail("internal: TTT_EVAL_SEQ_LEN=%d exceeds the activation plan (%d positions)", L, m.acts.T);
-    int Bd = (int)std::max<long>(1, std::min<long>(c.ttt_batch_size, (long)m.acts.B * m.acts.T / L));
+    int Bd = lora_ttt_docs(c, m.acts.B, m.acts.T);
     int E = std::max(c.ttt_n_epochs, 1);
     bool report_final = c.ttt_report_final_epoch && E > 1;
     // Epochs after the first change only the final-epoch score: without that report they are skipped.
@@ -5677,6 +5781,16 @@ static void load_checkpoint_weights(const std::string& path, const std::vector<P
 #endif
 static const long ARTIFACT_LIMIT_BYTES = 16000000;
 
+// EMBED_BF16: the reference casts the model to bf16 and restores only linear layers and control tensors,
+// so its embedding tables keep bf16 weights, gradients, Adam moments and averages.
+static bool stored_bf16(const Config& c, const ParamSpec& p) {
+    return c.embed_bf16 && (p.role == P_TOK_EMB || p.role == P_BIGRAM_EMBED);
+}
+template <class D, class G> static void round_bf16_tables(D dev, const Model<D>& m, G* buf) {
+    for (const ParamSpec& p : m.table)
+        if (stored_bf16(m.cfg, p)) round_to_bf16(dev, buf + p.offset, p.numel);
+}
+
 struct SavedCheckpoint { std::string path; int step; };  // its weights are finite (others are not written)
 
 // Optimizer and averaging state, all in the parameter layout.
@@ -5688,6 +5802,8 @@ template <class D> struct TrainState {
     int step = 0, swa_count = 0;
     double train_ms = 0;
     bool qat_active = false;
+    EvalResult last_val;                     // the latest validation during training
+    std::vector<double> losses;              // each step's mean training loss
     DataLoader loader;
     std::vector<SavedCheckpoint> checkpoints;  // on disk, oldest first: written so far, or resumed from
 };
@@ -5752,6 +5868,7 @@ template <class D> static void train_state_init(D dev, TrainState<D>& s, Model<D
     s.update = (G*)device_alloc(dev, bytes);
     const Config& c = m.cfg;
     if (c.swa_enabled || c.swa_steps > 0 || c.ema_decay > 0) s.avg = (G*)device_alloc(dev, bytes);
+    round_bf16_tables(dev, m, m.params);  // the reference's .bfloat16() after init
     if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, true);  // EMA starts at the init
 }
 
@@ -5772,6 +5889,7 @@ template <class D> static void optimizer_step(D dev, Model<D>& m, TrainState<D>&
         double coef = c.grad_clip_norm / (norm + 1e-6);
         if (coef < 1.0) scale_grads(dev, m.grads, m.nparams, (float)coef);
     }
+    round_bf16_tables(dev, m, m.grads);
     int t = s.step + 1;
     int matrix_i = 0;
     for (const ParamSpec& p : m.table) {
@@ -5786,6 +5904,8 @@ template <class D> static void optimizer_step(D dev, Model<D>& m, TrainState<D>&
         } else {
             float wd = p.group == GROUP_HEAD ? 0.0f : c.adam_wd;
             adamw_update(dev, w, g, s.adam_m + p.offset, s.adam_v + p.offset, p.numel, lr, c.beta1, c.beta2, c.adam_eps, wd, t);
+            if (stored_bf16(c, p))  // fused Adam: fp32 math, bf16 stores
+                for (auto* x : {w, s.adam_m + p.offset, s.adam_v + p.offset}) round_to_bf16(dev, x, p.numel);
         }
     }
     if (g_world > 1) allreduce_sum(dev, s.update, m.nparams);  // (only the matrix slots are non-zero)
@@ -6012,7 +6132,12 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         bool last = s.step >= c.iterations || (stop_after >= 0 && s.step >= stop_after);
         if (last || (c.val_loss_every > 0 && s.step % c.val_loss_every == 0)) {
             s.train_ms += now_ms() - t0;
+            // PR #456's late QAT fake-quantizes only in training mode: its validation reads the plain weights
+            bool plain = c.late_qat && s.qat_active;
+            if (plain) refresh_compute_weights(dev, m, false);
             EvalResult r = eval_standard(dev, m, ev);
+            if (plain) refresh_compute_weights(dev, m, true);
+            s.last_val = r;
             log0("step:%d/%d val_loss:%.4f val_bpb:%.4f train_time:%.0fms step_avg:%.2fms\n", s.step, c.iterations,
                  r.val_loss, r.val_bpb, s.train_ms, s.train_ms / std::max(s.step, 1));
             t0 = now_ms();
@@ -6036,6 +6161,7 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         }
         double train_loss = loss_sum / ((double)local * accum);
         double tl[1] = {train_loss}; host_allreduce_sum(tl, 1); train_loss = tl[0] / g_world;
+        s.losses.push_back(train_loss);
         if (!std::isfinite(train_loss)) {
             std::string ck = last_good_checkpoint(s.checkpoints, s.step);
             ck = ck.empty() ? "none: no checkpoint from before the divergence is on disk "
@@ -6054,9 +6180,11 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         // thwu1 SWA: sum snapshots every SWA_EVERY steps once the lr multiplier is below SWA_START_FRAC
         if (c.swa_enabled && scale < c.swa_start_frac && s.step % c.swa_every == 0) {
             average_accumulate(dev, s.avg, m.params, m.nparams, -1.0f, s.swa_count == 0);
+            round_bf16_tables(dev, m, s.avg);
             if (s.swa_count++ == 0) log0("swa:start step:%d\n", s.step);
         }
         if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, false);
+        if (c.ema_decay > 0) round_bf16_tables(dev, m, s.avg);
         if (c.train_log_every > 0 && (s.step <= 10 || s.step % c.train_log_every == 0 || stop_after >= 0)) {
             double eta = c.max_wallclock_seconds > 0 ? std::max(0.0, c.max_wallclock_seconds * 1000 - approx) / 1000
                                                      : (c.iterations - s.step) * approx / s.step / 1000;
@@ -6074,6 +6202,7 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
             int end = stop_after >= 0 ? stop_after : c.iterations;
             int begin = c.swa_start_step >= 0 ? c.swa_start_step : std::max(0, end - c.swa_steps);
             if (s.step > begin) average_accumulate(dev, s.avg, m.params, m.nparams, c.swa_decay, s.swa_count++ == 0);
+            if (s.step > begin) round_bf16_tables(dev, m, s.avg);
         }
         refresh_compute_weights(dev, m, s.qat_active);
         if (c.checkpoint_every > 0 && s.step % c.checkpoint_every == 0) {
@@ -6092,6 +6221,7 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
     if (c.swa_enabled && s.swa_count > 1) {
         log0("swa:applying averaged %d checkpoints\n", s.swa_count);
         scale_grads(dev, s.avg, m.nparams, 1.0f / s.swa_count);
+        round_bf16_tables(dev, m, s.avg);
         device_copy(dev, m.params, s.avg, m.nparams);
     } else if ((c.swa_steps > 0 && s.swa_count > 0) || c.ema_decay > 0) {
         log0("%s:applying averaged weights\n", c.ema_decay > 0 ? "ema" : "swa_ema");
@@ -6111,6 +6241,30 @@ static std::vector<std::string> split_list(const std::string& s) {
         pos = comma + 1;
     }
     return out;
+}
+
+// Device memory the largest evaluation mode allocates beyond the model (modes run one at a time and
+// free their state), for activations of act_B × act_T positions: LoRA TTT's adapters and optimizer
+// (lora_state_init), full TTT's saved weights and moments (eval_full_ttt). The GPU memory plan counts it,
+// so a run that could not evaluate fails before training.
+struct EvalMemory { size_t bytes = 0; const char* mode = ""; const char* settings = ""; };
+[[maybe_unused]] static EvalMemory eval_memory(const Config& c, int act_B, int act_T, size_t nparams, size_t grad_bytes,
+                                               size_t compute_bytes, size_t act_bytes) {
+    EvalMemory e;
+    for (const std::string& mode : split_list(c.eval_mode)) {
+        EvalMemory x;
+        if (mode == "lora_ttt") {
+            int docs = lora_ttt_docs(c, act_B, act_T);
+            size_t window = (size_t)docs * c.ttt_eval_seq_len;
+            size_t bytes = lora_state_bytes(c, docs, window, grad_bytes, compute_bytes, act_bytes);
+            x = {bytes, "lora_ttt", "TTT_BATCH_SIZE, TTT_LORA_RANK or TTT_LORA_TARGETS"};
+        } else if (mode == "full_ttt") {
+            size_t copies = c.ttt_optimizer == "sgd" ? 2 : 3;  // saved weights and the moments
+            x = {copies * nparams * grad_bytes, "full_ttt", "TTT_OPTIMIZER=sgd (one moment less)"};
+        }
+        if (x.bytes > e.bytes) e = x;
+    }
+    return e;
 }
 
 // Every EVAL_MODE in order; each prints the reference-style final_<mode> lines.
@@ -6267,17 +6421,22 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     log0("outputs in %s\n", c.out_dir.c_str());
 }
 
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
 // --- The GPU run: the memory plan and the CUDA entry point ------------------------------------------
 // Everything the run allocates up front, printed before allocating and checked against free memory.
 struct CudaMemoryPlan {
     size_t params = 0, compute = 0, grads = 0, optimizer = 0, activations = 0, scratch = 0, workspace = 0;
+    size_t evaluation = 0;  // the largest EVAL_MODE's own state (the training state stays allocated meanwhile)
     long act_tokens = 0, act_rows = 0;  // tokens the activations must hold; rows allocated (B·T ≥ tokens)
     int act_t = 0;
     const char* act_setting = "";  // the setting that sets the activation capacity
-    size_t total() const { return params + compute + grads + optimizer + activations + scratch + workspace; }
+    const char* eval_mode = "";
+    const char* eval_settings = "";  // what shrinks the evaluation's state
+    size_t total() const {
+        return params + compute + grads + optimizer + activations + scratch + workspace + evaluation;
+    }
 };
-static const size_t MEMORY_HEADROOM = 512u << 20;  // CUDA/cuBLASLt/NCCL internals and the eval modes' extras
+static const size_t MEMORY_HEADROOM = 512u << 20;  // CUDA/cuBLASLt/NCCL internals and small per-call buffers
 
 // sort_temp_bytes: cub's sort storage for the capacity's tokens (a device query; 0 in host-only tests)
 static CudaMemoryPlan cuda_memory_plan(const Config& c, int world, size_t sort_temp_bytes) {
@@ -6324,23 +6483,35 @@ static CudaMemoryPlan cuda_memory_plan(const Config& c, int world, size_t sort_t
         need = std::max(need, b.used);
         Arena q; q.take<float>((size_t)N * c.num_heads); q.take<float>((size_t)rc.chunks * c.num_heads);
         need = std::max(need, q.used);
+        Arena d; d.take<float>((size_t)N * c.num_heads);  // attention backward: D = rowsum(dO ⊙ O)
+        need = std::max(need, d.used);
     }
     for (const ParamSpec& s : table)
         if (s.group == GROUP_MATRIX) { Arena a; NsScratch ns; carve_ns_scratch(a, ns, s.rows(), s.cols()); need = std::max(need, a.used); }
     p.scratch = need;
     p.workspace = CUBLASLT_WORKSPACE_BYTES;
+    EvalMemory e = eval_memory(c, B, p.act_t, n, sizeof(float), sizeof(bf16), sizeof(bf16));
+    p.evaluation = e.bytes; p.eval_mode = e.mode; p.eval_settings = e.settings;
     return p;
 }
 static void cuda_memory_plan_print(const CudaMemoryPlan& p) {
     auto mib = [](size_t b) { return b / 1048576.0; };
     log0("cuda_memory_plan: params %.1f MiB (fp32 master) + bf16 copy %.1f + grads %.1f + optimizer %.1f + activations %.1f "
-         "(%ld tokens × up to %d, set by %s) + scratch %.1f + cuBLASLt workspace %.1f = %.1f MiB\n",
+         "(%ld tokens × up to %d, set by %s) + scratch %.1f + cuBLASLt workspace %.1f "
+         "+ evaluation %.1f%s%s%s = %.1f MiB\n",
          mib(p.params), mib(p.compute), mib(p.grads), mib(p.optimizer), mib(p.activations), p.act_tokens, p.act_t, p.act_setting,
-         mib(p.scratch), mib(p.workspace), mib(p.total()));
+         mib(p.scratch), mib(p.workspace), mib(p.evaluation), *p.eval_mode ? " (" : "", p.eval_mode,
+         *p.eval_mode ? ")" : "", mib(p.total()));
 }
 // Refuses a plan that cannot fit, before any allocation, naming the setting to lower.
 static void cuda_memory_plan_check(const CudaMemoryPlan& p, size_t free_bytes, size_t total_bytes) {
     size_t need = p.total() + MEMORY_HEADROOM;
+    bool eval_breaks_it = need - p.evaluation <= free_bytes || p.evaluation > p.activations;
+    if (need > free_bytes && p.evaluation > 0 && eval_breaks_it)
+        fail("GPU memory: this run needs %.0f MiB (%.0f MiB planned + %.0f MiB headroom) but the GPU has %.0f MiB free "
+             "of %.0f MiB; EVAL_MODE=%s takes %.0f MiB after training: lower %s",
+             need / 1048576.0, p.total() / 1048576.0, MEMORY_HEADROOM / 1048576.0, free_bytes / 1048576.0,
+             total_bytes / 1048576.0, p.eval_mode, p.evaluation / 1048576.0, p.eval_settings);
     if (need > free_bytes)
         fail("GPU memory: this run needs %.0f MiB (%.0f MiB planned + %.0f MiB headroom) but the GPU has %.0f MiB free of %.0f MiB; "
              "activations take %.0f MiB for %ld tokens: lower %s",
@@ -6365,12 +6536,24 @@ static void run_cuda(Config& c) {
     log0("cuda: rank %d → GPU %d: %s, compute capability %d.%d, %d SMs, %.1f GiB (%.1f GiB free), driver %d.%d, runtime %d.%d\n",
          g_rank, cx.device, cx.prop.name, cx.prop.major, cx.prop.minor, cx.prop.multiProcessorCount, tot / 1073741824.0,
          fr / 1073741824.0, drv / 1000, drv % 1000 / 10, rt / 1000, rt % 1000 / 10);
+    cudaFuncAttributes fa;  // which of the binary's GPU codes this GPU runs: its own machine code, or compiled PTX
+    cudaCheck(cudaFuncGetAttributes(&fa, cast_params_kernel));
+#ifdef __CUDA_ARCH_LIST__
+#define PGOLF_STR2(...) #__VA_ARGS__
+#define PGOLF_STR(...) PGOLF_STR2(__VA_ARGS__)
+    const char* built = PGOLF_STR(__CUDA_ARCH_LIST__);
+#else
+    const char* built = "(unknown)";
+#endif
+    log0("cuda: GPU code built for compute capabilities %s; this GPU runs sm_%d code (PTX version %d)\n", built,
+         fa.binaryVersion, fa.ptxVersion);
     nccl_init();
     CudaMemoryPlan plan = cuda_memory_plan(c, g_world, 0);
     plan = cuda_memory_plan(c, g_world, radix_sort_temp_bytes((int)plan.act_rows));  // now with cub's sort storage
     cuda_memory_plan_print(plan);
     cudaCheck(cudaMemGetInfo(&fr, &tot));
     cuda_memory_plan_check(plan, fr, tot);
+    attention_smem_check(c.head_dim(), cx.prop.sharedMemPerBlockOptin, cx.prop.major, cx.prop.minor, cx.prop.name);
     cuda_scratch(plan.scratch);  // reserved now, so training never grows it
     run(Cuda{}, c, "cuda");
 }
@@ -6435,7 +6618,7 @@ int main(int argc, char** argv) {
         fail("DEVICE=cpu: this build has no CPU reference (it is the stripped submission)");
 #endif
     } else {
-#ifdef __CUDACC__
+#ifdef PGOLF_CUDA
         run_cuda(c);
 #else
         fail("DEVICE=cuda: this train_gpt was built without CUDA");
@@ -6447,6 +6630,6 @@ int main(int argc, char** argv) {
 }
 #endif
 
-#ifndef __CUDACC__
+#ifndef PGOLF_CUDA
 static bool cuda_available() { return false; }
 #endif

@@ -5,7 +5,7 @@
 // Each test prints exactly one line that tests/run.sh counts:
 //   PASS name (0.12s)  |  FAIL name: why  |  SKIP name: why
 // A binary exits non-zero when any test failed. `./test_x pattern` runs only
-// the tests whose name contains `pattern`.
+// the tests whose name contains `pattern`; `./test_x -pattern` all but those (see test_selected).
 #pragma once
 #include <chrono>
 #include <cmath>
@@ -74,10 +74,21 @@ inline void check_close_vec(const char* file, int line, const A* got, const B* w
 
 #define SKIP(why) throw TestSkip(why)
 
+// Which tests run: `pattern` includes the names containing it, `-pattern` excludes them; the last
+// pattern a name matches decides. A name no pattern matches runs when the first pattern excludes.
+inline bool test_selected(const char* name, int argc, char** argv) {
+    bool run = argc < 2 || argv[1][0] == '-';
+    for (int i = 1; i < argc; i++) {
+        bool exclude = argv[i][0] == '-';
+        if (strstr(name, argv[i] + exclude)) run = !exclude;
+    }
+    return run;
+}
+
 inline int test_main(int argc, char** argv) {
     int passed = 0, failed = 0, skipped = 0;
     for (const TestCase& t : test_registry()) {
-        if (argc > 1 && !strstr(t.name, argv[1])) continue;
+        if (!test_selected(t.name, argc, argv)) continue;
         auto t0 = std::chrono::steady_clock::now();
         try {
             t.fn();

@@ -23,9 +23,18 @@ run() {  # run NAME CMD...
     rm -f "$out"
 }
 
-for bin in tests/test_tokenizer tests/test_main; do
+for bin in tests/test_tokenizer tests/test_emu_libs; do
     [ -x "$bin" ] && run "$bin" "$bin"
 done
+# The CUDA tests: natively where a GPU is, and always through the emulator (tests/emu) when it is built;
+# without a GPU the native binary leaves them to the emulator (all but the no-GPU failure test).
+has_gpu=0
+command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU' && has_gpu=1
+if [ -x tests/test_main ]; then
+    if [ "$has_gpu" = 1 ] || [ ! -x tests/test_main_emu ]; then run tests/test_main tests/test_main
+    else run tests/test_main tests/test_main -cuda_ cuda_host_without_gpu; fi
+fi
+[ -x tests/test_main_emu ] && run "tests/test_main_emu (CUDA emulator)" tests/test_main_emu cuda_ -cuda_host_without_gpu emu_
 for script in tests/test_*.sh; do
     [ -f "$script" ] && run "$script" bash "$script"
 done

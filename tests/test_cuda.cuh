@@ -12,6 +12,13 @@
 #include <memory>
 
 #define REQUIRE_GPU() do { if (!cuda_available()) SKIP("no CUDA device"); } while (0)
+// Under the CUDA emulator (tests/emu: the kernels on the CPU) the large shapes shrink; every code
+// path stays (grid-stride loops, chunked reductions, every head dim, GQA, ragged lengths).
+#ifdef PGOLF_EMU
+#define EMU_OR(gpu, emu) (emu)
+#else
+#define EMU_OR(gpu, emu) (gpu)
+#endif
 
 // --- host-side helpers ------------------------------------------------------------------------
 static std::vector<double> cu_randn(size_t n, Rng& rng, double scale = 1.0, bool bf16 = true) {
@@ -250,7 +257,9 @@ TEST(cuda_host_memory_plan) {
         activation_capacity(c, world, &tokens, &max_t);
         CHECK_MSG(p.act_tokens == tokens && p.act_t == max_t, "plan capacity %ld×%d, driver %ld×%d", p.act_tokens, p.act_t, tokens, max_t);
         CHECK(p.act_rows >= p.act_tokens && p.activations > 0 && p.scratch > 0);
-        CHECK(p.total() == p.params + p.compute + p.grads + p.optimizer + p.activations + p.scratch + p.workspace);
+        CHECK(p.total() == p.params + p.compute + p.grads + p.optimizer + p.activations + p.scratch + p.workspace + p.evaluation);
+        int B = (int)((tokens + max_t - 1) / max_t);
+        CHECK(p.evaluation > 0 && p.evaluation == eval_memory(c, B, max_t, n, 4, 2, 2).bytes);  // pr467 evaluates with LoRA TTT
         CHECK(strstr(p.act_setting, "TRAIN_BATCH_TOKENS"));  // 98,304 tokens per micro-batch sets it
         cuda_memory_plan_check(p, p.total() + MEMORY_HEADROOM, 80ul << 30);  // fits exactly
         CHECK_THROWS(cuda_memory_plan_check(p, p.total() / 2, 80ul << 30), "lower TRAIN_BATCH_TOKENS");
@@ -260,6 +269,36 @@ TEST(cuda_host_memory_plan) {
     c.eval_batch_seqs = 256;  // 524,288 eval tokens now set the capacity
     CudaMemoryPlan p = cuda_memory_plan(c, 8, 0);
     CHECK_THROWS(cuda_memory_plan_check(p, p.total() / 2, 80ul << 30), "EVAL_BATCH_SEQS");
+    // PR #600 with its LoRA TTT (rank 128 on every linear): ~14 GiB after training, refused before it
+    c = Config();
+    preset_pr600(c);
+    c.eval_mode = "sliding,lora_ttt";
+    p = cuda_memory_plan(c, 8, 0);
+    CHECK_MSG(p.evaluation > (14ul << 30) && !strcmp(p.eval_mode, "lora_ttt"), "evaluation %.1f GiB", p.evaluation / 1073741824.0);
+    CHECK_THROWS(cuda_memory_plan_check(p, p.total() - p.evaluation + MEMORY_HEADROOM, 80ul << 30), "EVAL_MODE=lora_ttt");
+    CHECK_THROWS(cuda_memory_plan_check(p, p.total() - p.evaluation + MEMORY_HEADROOM, 80ul << 30), "TTT_BATCH_SIZE");
+    cuda_memory_plan_check(p, p.total() + MEMORY_HEADROOM, 80ul << 30);
+}
+
+// The attention kernels' shared memory per block against each architecture's opt-in maximum
+// (CUDA C++ Programming Guide, compute capabilities table): sm_80 163 KB, sm_86/sm_89 99 KB, sm_90 227 KB.
+// Head dim 128's dQ kernel needs 6 tiles of 64 × (128 + 8) bf16 = 104,448 B: it fits sm_80 and sm_90,
+// and is refused at start on sm_86/sm_89 with the reason; head dim 64 and below fit everywhere.
+TEST(cuda_host_attention_smem_per_arch) {
+    const char* kernel = "";
+    CHECK(attention_smem_bytes(128, &kernel) == 104448 && !strcmp(kernel, "attention_backward_dq_kernel"));
+    // hd 64: dK/dV's K, V tiles and four 64-row tiles plus 4·64 floats outgrow dQ's six tiles
+    CHECK(attention_smem_bytes(64, &kernel) == (2 * 64 + 4 * 64) * 72 * 2 + 4 * 64 * 4 && !strcmp(kernel, "attention_backward_dkdv_kernel"));
+    struct { int major, minor; size_t optin; } archs[] = {{8, 0, 166912}, {8, 6, 101376}, {8, 9, 101376}, {9, 0, 232448}};
+    for (auto a : archs)
+        for (int hd : {16, 32, 64, 128}) {
+            if (hd == 128 && a.optin < 104448)
+                CHECK_THROWS(attention_smem_check(hd, a.optin, a.major, a.minor, "test GPU"),
+                             test_format("attention_backward_dq_kernel needs 104448 bytes of shared memory per block, but test GPU (sm_%d%d) "
+                                         "allows at most 101376", a.major, a.minor));
+            else
+                attention_smem_check(hd, a.optin, a.major, a.minor, "test GPU");
+        }
 }
 
 TEST(cuda_host_compute_arena_layout) {
@@ -329,7 +368,7 @@ TEST(cuda_memory_ops) {
 TEST(cuda_embedding) {
     REQUIRE_GPU();
     Rng rng(22);
-    int shapes[][3] = {{1, 8, 5}, {37, 64, 11}, {1000, 130, 50}, {4096, 512, 1024}};  // N, C, rows
+    int shapes[][3] = {{1, 8, 5}, {37, 64, 11}, {1000, 130, 50}, {4096, EMU_OR(512, 64), 1024}};  // N, C, rows
     for (auto& s : shapes) {
         int N = s[0], C = s[1], V = s[2];
         std::vector<int32_t> idx = cu_randint(N, rng, V);
@@ -379,7 +418,7 @@ TEST(cuda_bigram_lookup) {
 TEST(cuda_rmsnorm) {
     REQUIRE_GPU();
     Rng rng(24);
-    int shapes[][2] = {{1, 8}, {7, 33}, {300, 512}, {1029, 1536}};
+    int shapes[][2] = {{1, 8}, {7, 33}, {300, 512}, {1029, EMU_OR(1536, 384)}};
     for (auto& s : shapes) {
         int N = s[0], C = s[1];
         std::vector<double> x = cu_randn((size_t)N * C, rng, 2.0), dy = cu_randn((size_t)N * C, rng), dx0 = cu_randn((size_t)N * C, rng, 0.5);
@@ -401,7 +440,7 @@ TEST(cuda_rmsnorm) {
 TEST(cuda_matmul) {
     REQUIRE_GPU();
     Rng rng(25);
-    int shapes[][3] = {{1, 8, 8}, {7, 33, 17}, {64, 128, 384}, {300, 512, 1024}, {257, 96, 1000}};  // N, IC, OC
+    int shapes[][3] = {{1, 8, 8}, {7, 33, 17}, {64, 128, 384}, {300, EMU_OR(512, 128), EMU_OR(1024, 256)}, {257, 96, 1000}};  // N, IC, OC
     for (auto& s : shapes) {
         int N = s[0], IC = s[1], OC = s[2];
         std::vector<double> x = cu_randn((size_t)N * IC, rng), w = cu_randn((size_t)OC * IC, rng, 0.1), dy = cu_randn((size_t)N * OC, rng);
@@ -733,7 +772,7 @@ TEST(cuda_fake_quant_rows) {
 TEST(cuda_muon_direction) {
     REQUIRE_GPU();
     Rng rng(37);
-    int shapes[][2] = {{64, 128}, {192, 64}, {96, 96}, {33, 70}, {512, 1536}, {1536, 512}};
+    int shapes[][2] = {{64, 128}, {192, 64}, {96, 96}, {33, 70}, {EMU_OR(512, 128), EMU_OR(1536, 384)}, {EMU_OR(1536, 384), EMU_OR(512, 128)}};
     for (auto& s : shapes) {
         int rows = s[0], cols = s[1];
         size_t n = (size_t)rows * cols;
@@ -832,9 +871,17 @@ template <class D> static double train_step(D dev, Model<D>& m, TrainState<D>& s
     return loss;
 }
 
-// One step of a full model against Cpu<float>: the loss within 1% and every parameter gradient within
-// relative L2 5e-2 (matrices) / 1e-1 (vectors and scalars, whose sums over all tokens cancel more);
-// bf16 activations through every layer are the only expected difference.
+// One step of a full model against Cpu<float>: the loss within 1%, and each parameter gradient within a
+// tolerance of its own that bf16 justifies. bf16 keeps 8 significant bits: one rounding moves a value by at
+// most 2⁻⁹ relative. How far such noise moves a gradient depends on the tensor: a matrix gradient sums
+// well-conditioned products, while a per-head gain or a scalar gate sums terms over every token that
+// cancel, which amplifies it. So the CPU reference measures it per tensor: s = the relative L2 change of
+// its fp32 gradient when every weight moves by a random ±2⁻⁸ (one bf16 ulp: twice the largest rounding,
+// about 3.5 times the RMS of the GPU's rounding of its bf16 weight copy). The GPU's gradients, which also
+// round activations, measured 0.4-1.25·s from the CPU's in the emulator (tiny and pr467: 0.2% to 5%, the
+// per-head q_gain the farthest); the tolerance is 2·s, room for a GPU's own summation orders, and at least
+// 2⁻⁷ (four bf16 roundings: a gradient whose s is tiny still multiplies bf16 activations). The former flat
+// 5% / 10% passed a 9% error in an attn_scale gradient that bf16 moves by 1.5%: now its tolerance is ~3%.
 static void compare_one_step(Config c, int B) {
     c.train_batch_tokens = (long)B * c.train_seq_len; c.grad_accum_steps = 1;
     config_validate(c, 1);
@@ -845,6 +892,11 @@ static void compare_one_step(Config c, int B) {
     model_init(Cpu<float>{}, mc, c, B, T);
     memcpy(mc.params, w.data(), w.size() * sizeof(float));
     double lc = loss_and_grads(Cpu<float>{}, mc, tok, B, T);
+    std::vector<float> gc(mc.grads, mc.grads + mc.nparams);
+    Rng rng(99);
+    for (size_t i = 0; i < w.size(); i++) mc.params[i] = w[i] * (rng.uniform() < 0.5 ? 1.0f - 1.0f / 256 : 1.0f + 1.0f / 256);
+    loss_and_grads(Cpu<float>{}, mc, tok, B, T);
+    std::vector<float> gp(mc.grads, mc.grads + mc.nparams);
     Model<Cuda> mg;
     model_init(Cuda{}, mg, c, B, T);
     to_device(Cuda{}, mg.params, w.data(), w.size());
@@ -855,25 +907,46 @@ static void compare_one_step(Config c, int B) {
     model_free(Cuda{}, mg);
     if (getenv("PGOLF_CUDA_TEST_VERBOSE")) printf("  %s loss gpu %.6f cpu %.6f\n", c.preset.c_str(), lg, lc);
     CHECK_MSG(std::fabs(lg - lc) <= 1e-2 * std::fabs(lc), "%s: GPU loss %.6f vs CPU %.6f", c.preset.c_str(), lg, lc);
+    // the largest error/tolerance over the tensors, and which
+    auto worst_of = [&](const std::vector<float>& gpu, bool verbose, std::string* worst) {
+        double worst_e = 0;
+        for (const ParamSpec& p : mc.table) {
+            std::vector<double> want(gc.begin() + p.offset, gc.begin() + p.offset + p.numel);
+            std::vector<double> got(gpu.begin() + p.offset, gpu.begin() + p.offset + p.numel);
+            std::vector<double> moved(gp.begin() + p.offset, gp.begin() + p.offset + p.numel);
+            double e = rel_l2(got, want), s = rel_l2(moved, want), tol = std::max(2 * s, 1.0 / 128);
+            if (verbose)
+                printf("  %s %-32s relative L2 %.3g (bf16 sensitivity %.3g, tolerance %.3g)\n", c.preset.c_str(),
+                       p.name.c_str(), e, s, tol);
+            if (e / tol > worst_e) {
+                worst_e = e / tol;
+                *worst = test_format("%s (relative L2 %.3g, tolerance %.3g)", p.name.c_str(), e, tol);
+            }
+        }
+        return worst_e;
+    };
     std::string worst;
-    double worst_e = 0;
-    for (const ParamSpec& p : mc.table) {
-        std::vector<double> got(gg.begin() + p.offset, gg.begin() + p.offset + p.numel);
-        std::vector<double> want(mc.grads + p.offset, mc.grads + p.offset + p.numel);
-        double e = rel_l2(got, want), tol = p.group == GROUP_MATRIX || p.group == GROUP_TOKEN || p.group == GROUP_HEAD ? 5e-2 : 1e-1;
-        if (getenv("PGOLF_CUDA_TEST_VERBOSE")) printf("  %s %-32s relative L2 %.3g (tolerance %g)\n", c.preset.c_str(), p.name.c_str(), e, tol);
-        if (e / tol > worst_e) { worst_e = e / tol; worst = test_format("%s (relative L2 %.3g, tolerance %g)", p.name.c_str(), e, tol); }
-    }
+    double worst_e = worst_of(gg, getenv("PGOLF_CUDA_TEST_VERBOSE") != nullptr, &worst);
     CHECK_MSG(worst_e <= 1.0, "%s: gradient %s", c.preset.c_str(), worst.c_str());
+    // a 9% error planted in one layer's attn_scale gradient (which the former flat 10% passed) fails
+    const ParamSpec* as = find_param(mc.table, P_ATTN_SCALE, c.num_layers - 1);
+    std::vector<float> planted = gg;
+    for (size_t i = 0; i < as->numel; i++) planted[as->offset + i] = gc[as->offset + i] * 1.09f;
+    CHECK_MSG(worst_of(planted, false, &worst) > 1.0, "%s: a 9%% error in %s's gradient passes", c.preset.c_str(),
+              as->name.c_str());
+    model_free(Cpu<float>{}, mc);
 }
 TEST(cuda_train_step_tiny_matches_cpu) {
     REQUIRE_GPU();
     Config c; preset_tiny(c); c.preset = "tiny";
-    compare_one_step(c, 4);
+    compare_one_step(c, EMU_OR(4, 2));
 }
 TEST(cuda_train_step_pr467_matches_cpu) {
     REQUIRE_GPU();
     Config c; preset_pr467(c); c.preset = "pr467";
+#ifdef PGOLF_EMU
+    c.num_layers = 2; c.train_seq_len = 64;  // the full width and every feature, fewer layers and positions
+#endif
     compare_one_step(c, 2);  // TRAIN_BATCH_TOKENS = 2 × TRAIN_SEQ_LEN: the full shape, a CPU-sized batch
 }
 
@@ -881,7 +954,7 @@ TEST(cuda_train_step_pr467_matches_cpu) {
 TEST(cuda_tiny_50_steps_loss_curve) {
     REQUIRE_GPU();
     Config c; preset_tiny(c);
-    int T = c.train_seq_len, B = 16, steps = 50;
+    int T = c.train_seq_len, B = EMU_OR(16, 2), steps = EMU_OR(50, 3);
     c.train_batch_tokens = (long)B * T; c.grad_accum_steps = 1;
     config_validate(c, 1);
     std::vector<int32_t> stream = synthetic_tokens((size_t)steps * B * T + 1, c.vocab_size, 9);
@@ -915,7 +988,7 @@ TEST(cuda_tiny_50_steps_loss_curve) {
 TEST(cuda_training_is_deterministic) {
     REQUIRE_GPU();
     Config c; preset_tiny(c);
-    int T = c.train_seq_len, B = 8, steps = 5;
+    int T = c.train_seq_len, B = EMU_OR(8, 2), steps = EMU_OR(5, 2);
     c.train_batch_tokens = (long)B * T; c.grad_accum_steps = 1;
     config_validate(c, 1);
     std::vector<int32_t> stream = synthetic_tokens((size_t)steps * B * T + 1, c.vocab_size, 10);

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The bytes submitted are the bytes built and tested:
 #   cuda_build_submission_compiles_<arch>  the stripped single-file submission (make submission)
-#                                          compiles for GPU_ARCH (sm_90a) on its own;
+#                                          compiles on its own with the Makefile's GPU code (GPU_ARCH,
+#                                          default fat: sm_80 + sm_90 machine code, compute_90 PTX);
+#   cuda_build_fat_binary                  that binary holds the sm_80 and sm_90 code and the PTX;
+#   cuda_build_portable_host_code          ./train_gpt's host code is not built for this CPU (-march=native);
 #   cuda_build_submission_no_warnings      with nvcc's front end, the host compiler's -Wall -Wextra and
-#                                          ptxas spill/local-memory warnings, nothing warns;
+#                                          ptxas spill/local-memory warnings, nothing warns (with sm_80
+#                                          code: but for the dQ kernel's known 4-byte spill at hd 32);
 #   cuda_build_train_gpt_is_cuda           ./train_gpt is the nvcc build (it links cuBLASLt);
 #   cuda_build_tests_present               tests/test_main carries the host-side CUDA tests;
 #   cuda_submission_trains_like_full       (GPU) the stripped build's first steps have the same losses,
@@ -16,7 +20,8 @@ fail() { echo "FAIL $1: $2"; failed=1; }
 skip() { echo "SKIP $1: $2"; }
 
 NVCC=${NVCC:-nvcc}
-arch=${GPU_ARCH:-sm_90a}
+arch=${GPU_ARCH:-fat}
+gpu_code=$(make -s --no-print-directory print-gpu-code GPU_ARCH="$arch")
 sub=build/submission/train_gpt.cu
 if ! command -v "$NVCC" >/dev/null 2>&1; then skip cuda_build "nvcc not found (the CUDA toolkit is not installed)"; exit 0; fi
 [ -f "$sub" ] || make -s submission >/dev/null || { fail cuda_build "make submission failed"; exit 1; }
@@ -30,14 +35,53 @@ fi
 bin=build/submission/train_gpt
 log=$(mktemp); trap 'rm -f "$log"' EXIT
 t0=$SECONDS
-if "$NVCC" -O3 -std=c++17 -arch="$arch" -x cu -Xcompiler -fopenmp,-Wall,-Wextra -Xptxas -warn-spills,-warn-lmem-usage \
+if "$NVCC" -O3 -std=c++17 $gpu_code -x cu -Xcompiler -fopenmp,-Wall,-Wextra -Xptxas -warn-spills,-warn-lmem-usage \
         "${defs[@]}" -o "$bin" "$sub" -lcublasLt -lcublas -lzstd -lgomp $( [ ${#defs[@]} -gt 0 ] && [[ " ${defs[*]} " == *PGOLF_NCCL* ]] && echo -lnccl ) \
         $(command -v mpicxx >/dev/null && mpicxx --showme:link 2>/dev/null) >"$log" 2>&1; then
     pass "cuda_build_submission_compiles_$arch ($(wc -c < "$sub") bytes, $((SECONDS - t0))s)"
-    if grep -qiE 'warning' "$log"; then fail cuda_build_submission_no_warnings "$(grep -iE 'warning' "$log" | head -n 3 | tr '\n' ' ')"
+    # Known and tolerated only in builds with sm_80 code: ptxas holds the hd-32 dQ kernel to 128 registers
+    # for sm_80 and spills 4 bytes (its sm_90 code does not spill). Any other warning fails.
+    known='attention_backward_dq_kernelILi32E'
+    [[ "$gpu_code" == *sm_80* ]] || known='^$'
+    others=$(grep -iE 'warning' "$log" | grep -vE "$known")
+    if [ -n "$others" ]; then fail cuda_build_submission_no_warnings "$(head -n 3 <<<"$others" | tr '\n' ' ')"
+    elif grep -iE 'warning' "$log" | grep -qE "$known"; then
+        pass "cuda_build_submission_no_warnings (but for the known 4-byte sm_80 spill of attention_backward_dq_kernel<32>)"
     else pass cuda_build_submission_no_warnings; fi
 else
     fail "cuda_build_submission_compiles_$arch" "$(grep -m 3 -E 'error' "$log" | tr '\n' ' ')"
+fi
+if [ "$arch" = fat ] && [ -x "$bin" ]; then
+    # the GPU code in the binary's .nv_fatbin section: fatbin headers (magic 0xBA55ED50), then entries
+    # of kind 1 (PTX) or 2 (machine code) with the architecture at byte 28 of each entry's header
+    code=$(python3 - "$bin" <<'PY'
+import struct, subprocess, sys
+path = sys.argv[1]
+data = open(path, "rb").read()
+sec = b""
+for line in subprocess.run(["readelf", "-S", "-W", path], capture_output=True, text=True).stdout.splitlines():
+    if ".nv_fatbin " in line + " ":
+        f = line.split("]")[1].split()
+        sec = data[int(f[3], 16):int(f[3], 16) + int(f[4], 16)]
+found, pos = set(), 0
+while (pos := sec.find(struct.pack("<I", 0xBA55ED50), pos)) >= 0:
+    _, _, hsize, fsize = struct.unpack_from("<IHHQ", sec, pos)
+    e = pos + hsize
+    while e < pos + hsize + fsize:
+        kind, _, ehsize, esize = struct.unpack_from("<HHIQ", sec, e)
+        found.add(("sm_" if kind == 2 else "compute_") + str(struct.unpack_from("<I", sec, e + 28)[0]))
+        e += ehsize + esize
+    pos += hsize + fsize
+print(" ".join(sorted(found)))
+PY
+)
+    if [ "$code" = "compute_90 sm_80 sm_90" ]; then pass "cuda_build_fat_binary ($code)"
+    else fail cuda_build_fat_binary "the binary holds GPU code [$code], expected compute_90 sm_80 sm_90"; fi
+fi
+if make -n -s --no-print-directory -W train_gpt.cu train_gpt 2>/dev/null | grep -q -- '-march=native'; then
+    fail cuda_build_portable_host_code "make train_gpt passes -march=native to the host compiler: the binary may not run on another node"
+else
+    pass cuda_build_portable_host_code
 fi
 
 if [ -x train_gpt ]; then

@@ -1,5 +1,6 @@
 // Evaluation modes: byte accounting, exactly-once scoring, causality, document isolation, the
 // lr = 0 identities, TTT legality, LoRA gradients, and (under mpirun) 2 ranks against 1.
+#include <malloc.h>  // mallinfo2: what the LoRA state really allocates
 #include "../tokenizer/spm_encode.h"
 
 // A small model with every feature that reads the previous token (SmearGate, BigramHash) and XSA:
@@ -585,4 +586,59 @@ TEST(eval_mpi_two_ranks_match_one_rank) {
         }
     }
 #endif
+}
+
+// The evaluation's own device memory, which the GPU memory plan adds to training's (issue: PR #600's LoRA
+// TTT state, ~14 GiB, was outside the plan, so a run that could not evaluate failed only after training).
+// Counted here independently from the adapters' shapes: per layer, A blocks [rank, in] and B blocks
+// [out, rank] for each target, the head's once; docs adapters each; fp32 master, grads, Adam m and v,
+// a bf16 compute copy, A's fp32 reset image, and a bf16 [docs·window, rank] tmp per block plus one.
+TEST(eval_memory_counts_ttt_state) {
+    Config c; preset_pr600(c);
+    c.eval_mode = "sliding,lora_ttt";
+    config_validate(c, 8);
+    long tokens; int T;
+    activation_capacity(c, 8, &tokens, &T);
+    int B = (int)((tokens + T - 1) / T);
+    size_t nparams = param_arena_size(build_param_table(c));
+    EvalMemory e = eval_memory(c, B, T, nparams, 4, 2, 2);
+    CHECK(!strcmp(e.mode, "lora_ttt") && strstr(e.settings, "TTT_BATCH_SIZE"));
+    size_t docs = std::min<long>(c.ttt_batch_size, (long)B * T / c.ttt_eval_seq_len), r = c.ttt_lora_rank, L = c.num_layers;
+    size_t Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden(), V = c.vocab_size;
+    size_t nA = docs * r * (L * (5 * Dm + F) + Dm);                       // in: q k v o up = Dm, down = F; head Dm
+    size_t nB = docs * r * (L * (Dm + KV + KV + Dm + F + Dm) + V);        // out: q o down = Dm, k v = KV, up = F; head V
+    size_t blocks = 6 * L + 1, tmp = docs * c.ttt_eval_seq_len * r;
+    size_t want = (nA + nB) * (4 + 4 + 4 + 4 + 2) + nA * 4 + (blocks + 1) * tmp * 2;
+    CHECK_MSG(e.bytes == want, "lora_ttt state %zu bytes, counted %zu", e.bytes, want);
+    CHECK_MSG(e.bytes > (14ul << 30) && e.bytes < (15ul << 30), "pr600's LoRA TTT state is %.2f GiB", e.bytes / 1073741824.0);
+    c.ttt_lora_optimizer = "sgd";  // one moment
+    CHECK(eval_memory(c, B, T, nparams, 4, 2, 2).bytes == want - (nA + nB) * 4);
+    c.eval_mode = "full_ttt";  // saved weights and the moments: 2 with SGD, 3 with AdamW
+    c.ttt_optimizer = "sgd";
+    CHECK(eval_memory(c, B, T, nparams, 4, 2, 2).bytes == 2 * nparams * 4);
+    c.ttt_optimizer = "adamw";
+    e = eval_memory(c, B, T, nparams, 4, 2, 2);
+    CHECK(e.bytes == 3 * nparams * 4 && !strcmp(e.mode, "full_ttt"));
+    c.eval_mode = "standard,sliding";
+    CHECK(eval_memory(c, B, T, nparams, 4, 2, 2).bytes == 0);
+}
+
+// The count is what lora_state_init really allocates: the heap grows by it on the CPU path (fp32
+// everywhere, the compute copy is the master: 0 bytes), to within the allocator's rounding (a page per
+// mmap-served block, six blocks).
+TEST(eval_memory_matches_lora_allocations) {
+    Config c = eval_test_config();
+    c.ttt_lora_rank = 16; c.ttt_batch_size = 8; c.ttt_eval_seq_len = 32;
+    for (const char* opt : {"adam", "sgd"}) {
+        c.ttt_lora_optimizer = opt;
+        int docs = 8;
+        size_t want = lora_state_bytes(c, docs, (size_t)docs * c.ttt_eval_seq_len, 4, 0, 4);
+        struct mallinfo2 before = mallinfo2();
+        LoraState<Cpu<float>> st;
+        lora_state_init(Cpu<float>{}, st, c, docs, (size_t)docs * c.ttt_eval_seq_len);
+        struct mallinfo2 after = mallinfo2();
+        size_t got = (after.uordblks + after.hblkhd) - (before.uordblks + before.hblkhd);
+        lora_state_free(Cpu<float>{}, st);
+        CHECK_MSG(got >= want && got <= want + 8 * 4096, "%s: lora_state_init allocated %zu bytes, lora_state_bytes says %zu", opt, got, want);
+    }
 }

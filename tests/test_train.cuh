@@ -82,6 +82,31 @@ TEST(config_rejects_bad_shapes) {
     c = Config(); c.bigram_vocab_size = 10; c.bigram_hash_size = 10;
     CHECK_THROWS(config_validate(c, 1), "two different bigram embeddings");
 }
+// On the CUDA path a head dim or GQA ratio the attention kernels lack fails at start, not at the first
+// attention call after data loading; the CPU reference takes any even head dim.
+TEST(config_rejects_head_dims_the_cuda_kernels_lack) {
+    for (int heads : {4, 8, 16, 32}) {  // d512: head dims 128, 64, 32, 16
+        Config c; c.num_heads = heads; c.num_kv_heads = 4; c.device = "cuda";
+        config_validate(c, 1);
+    }
+    Config c; c.model_dim = 384; c.num_heads = 8; c.num_kv_heads = 4;  // head dim 48
+    c.device = "cpu";
+    config_validate(c, 1);
+    c.device = "cuda";
+    CHECK_THROWS(config_validate(c, 1), "head dim MODEL_DIM/NUM_HEADS=384/8=48: the CUDA attention kernels support 16, 32, 64 or 128");
+    c = Config(); c.num_heads = 32; c.num_kv_heads = 1; c.device = "cuda";  // 32 query heads per kv head at hd 16: fits
+    config_validate(c, 1);
+    c.model_dim = 4096;  // hd 128: 32 query heads per kv head fit, 64 do not
+    config_validate(c, 1);
+    c.num_heads = 64; c.model_dim = 8192;
+    CHECK_THROWS(config_validate(c, 1), "at most 32 query heads per kv head at head dim 128");
+    c.model_dim = 1024;  // hd 16: 64 heads fit, 128 do not
+    config_validate(c, 1);
+    c.num_heads = 128; c.model_dim = 2048;
+    CHECK_THROWS(config_validate(c, 1), "NUM_HEADS/NUM_KV_HEADS=128");
+    c.device = "cpu";
+    config_validate(c, 1);
+}
 TEST(config_env_errors_and_presets) {
     setenv("CONFIG", "nonexistent", 1);
     CHECK_THROWS(config_from_env(), "CONFIG=nonexistent: unknown preset (expected one of baseline, pr467, pr600, pr456, tiny)");
@@ -90,7 +115,7 @@ TEST(config_env_errors_and_presets) {
     CHECK_THROWS(config_from_env(), "ITERATIONS=\"12x\": expected an integer");
     setenv("ITERATIONS", "77", 1);
     Config c = config_from_env();
-    CHECK(c.iterations == 77 && c.num_layers == 10 && c.warmdown_iters == 3500 && c.swa_start_frac == 0.35f);
+    CHECK(c.iterations == 77 && c.num_layers == 10 && c.warmdown_iters == 3500 && c.swa_start_frac == 0.35);
     unsetenv("ITERATIONS"); unsetenv("CONFIG");
     for (const Preset& p : PRESETS) {  // every preset is a valid configuration at its reference world size
         Config q; p.apply(q);
@@ -446,6 +471,90 @@ TEST(swa_is_the_mean_of_the_snapshots) {
         double mean = ((double)snaps[0][i] + snaps[1][i] + snaps[2][i]) / 3;
         CHECK_MSG(std::fabs(avg[i] - mean) <= 1e-6 * (1 + std::fabs(mean)), "element %zu: %g vs mean %g", i, avg[i], mean);
     }
+}
+// Schedule ties compare as the reference's Python floats: with PR #456's thresholds (0.2, 0.1) and
+// ITERATIONS=WARMDOWN_ITERS=10 the multiplier is exactly 0.2 at step 8 and 0.1 at step 9, where
+// `mult < 0.2` and `mult < 0.1` are false: SWA first sums after step 10 and late QAT never starts.
+TEST(schedule_thresholds_compare_as_the_reference) {
+    std::string d = small_dataset("ties");
+    Config c = small_train_config(d);
+    preset_pr456(c);
+    Config s0 = small_train_config(d);
+    c.data_path = s0.data_path; c.vocab_size = s0.vocab_size; c.num_layers = 2; c.unique_layers = 2; c.xsa_last_n = 1;
+    c.model_dim = 32; c.num_heads = 2; c.num_kv_heads = 1; c.train_seq_len = 16; c.train_batch_tokens = 128;
+    c.grad_accum_steps = 2; c.bigram_vocab_size = 53; c.bigram_dim = 16; c.fp16_keep_patterns = "";
+    c.max_wallclock_seconds = 0; c.val_loss_every = 0; c.train_log_every = 0; c.val_tokens_limit = 0;
+    c.iterations = 10; c.warmdown_iters = 10; c.swa_every = 1;
+    CHECK(c.late_qat == 1);
+    Cpu<float> dev;
+    Model<Cpu<float>> m;
+    TrainState<Cpu<float>> s;
+    start_training(c, m, s);
+    EvalData ev;
+    ev.val = load_validation_tokens(c);
+    ev.luts.base_bytes.assign(c.vocab_size, 1); ev.luts.has_leading_space.assign(c.vocab_size, 0); ev.luts.is_boundary.assign(c.vocab_size, 0);
+    train(dev, m, s, ev);
+    CHECK_MSG(s.swa_count == 1, "SWA took %d snapshots (the reference takes 1, after step 10)", s.swa_count);
+    CHECK_MSG(!s.qat_active, "late QAT started (the reference never starts it here)");
+}
+// PR #456 fake-quantizes only in training mode: the validation during training reads plain weights.
+TEST(validation_under_late_qat_reads_plain_weights) {
+    std::string d = small_dataset("qatval");
+    Config c = small_train_config(d);
+    c.late_qat = 1; c.qat_bits = 6; c.qat_threshold = 2.0; c.qat_scale_floor = 1.0f / 31.0f; c.swa_enabled = 0;
+    c.iterations = 3;
+    Cpu<float> dev;
+    Model<Cpu<float>> m;
+    TrainState<Cpu<float>> s;
+    start_training(c, m, s);
+    EvalData ev;
+    ev.val = load_validation_tokens(c);
+    ev.luts.base_bytes.assign(c.vocab_size, 1); ev.luts.has_leading_space.assign(c.vocab_size, 0); ev.luts.is_boundary.assign(c.vocab_size, 0);
+    train(dev, m, s, ev);  // validates at the last step, QAT active
+    CHECK(s.qat_active);
+    refresh_compute_weights(dev, m, false);
+    double plain = eval_standard(dev, m, ev).val_loss;
+    refresh_compute_weights(dev, m, true);
+    double quant = eval_standard(dev, m, ev).val_loss;
+    refresh_compute_weights(dev, m, false);
+    CHECK_MSG(plain != quant, "fake quantization changed nothing (%.9f): the test cannot tell them apart", plain);
+    CHECK_MSG(s.last_val.val_loss == plain, "in-training val_loss %.9f, plain weights %.9f, fake-quantized %.9f",
+              s.last_val.val_loss, plain, quant);
+}
+// EMBED_BF16=1: the embedding tables' weights, Adam moments and SWA sum hold bf16 values (as the
+// reference's bf16 tensors), every other tensor stays fp32, and the run differs from the fp32 default.
+TEST(embed_bf16_keeps_the_tables_in_bf16) {
+    std::string d = small_dataset("bf16");
+    Config c = small_train_config(d);
+    c.swa_enabled = 1; c.swa_every = 1; c.swa_start_frac = 2.0; c.iterations = 4;
+    auto is_bf16 = [](float f) { uint32_t x; memcpy(&x, &f, 4); return (x & 0xffffu) == 0; };
+    std::vector<float> plain = train_weights(c);
+    c.embed_bf16 = 1;
+    Cpu<float> dev;
+    Model<Cpu<float>> m;
+    TrainState<Cpu<float>> s;
+    start_training(c, m, s);
+    EvalData ev;
+    ev.val = load_validation_tokens(c);
+    ev.luts.base_bytes.assign(c.vocab_size, 1); ev.luts.has_leading_space.assign(c.vocab_size, 0); ev.luts.is_boundary.assign(c.vocab_size, 0);
+    train(dev, m, s, ev);
+    int tables = 0;
+    for (const ParamSpec& p : m.table) {
+        bool want = p.role == P_TOK_EMB || p.role == P_BIGRAM_EMBED;
+        tables += want;
+        size_t off = 0, n_bf16 = 0;
+        for (const float* buf : {(const float*)m.params, (const float*)s.adam_m, (const float*)s.adam_v, (const float*)s.avg})
+            for (size_t i = 0; i < p.numel; i++) n_bf16 += is_bf16(buf[p.offset + i]) ? 1 : 0;
+        off = 4 * p.numel;
+        if (want) CHECK_MSG(n_bf16 == off, "%s: %zu of %zu values are not bf16", p.name.c_str(), off - n_bf16, off);
+        size_t fp32 = 0, nonzero = 0;  // other tensors: their non-zero weights are not all bf16 values
+        for (size_t i = 0; i < p.numel; i++) nonzero += m.params[p.offset + i] != 0;
+        for (size_t i = 0; i < p.numel; i++) fp32 += m.params[p.offset + i] != 0 && !is_bf16(m.params[p.offset + i]);
+        if (!want && nonzero > 64) CHECK_MSG(fp32 > 0, "%s: every weight is a bf16 value (should stay fp32)", p.name.c_str());
+    }
+    CHECK(tables == 2);
+    CHECK(memcmp(plain.data(), m.params, plain.size() * 4) != 0);
+    CHECK(round_bf16(1.0f + 1.0f / 256) == 1.0f && round_bf16(1.0f + 3.0f / 256) == 1.0f + 4.0f / 256);  // ties to even
 }
 // Train N steps ≡ train k, checkpoint, resume, train N − k: bit for bit.
 TEST(resume_is_bit_identical) {
