@@ -39,6 +39,8 @@
 #include <dirent.h>
 #include <fnmatch.h>
 #include <zstd.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #ifdef _OPENMP
@@ -84,17 +86,20 @@
 // ============================================================================================
 
 static int g_rank = 0, g_world = 1, g_local_rank = 0;  // set once by distributed_init()
+static FILE* g_logfile = nullptr;  // the run's log.txt once it is open (rank 0)
 
-// Every fatal condition ends here: one line naming what was expected and what was found.
-// Test builds throw instead, so the tests can check the message.
+// Every fatal condition ends here: one line naming what was expected and what was found, on
+// stderr and in log.txt. Test builds throw instead, so the tests can check the message.
 [[noreturn]] __attribute__((format(printf, 1, 2))) static void fail(const char* fmt, ...) {
     char msg[4096];
     va_list ap; va_start(ap, fmt); vsnprintf(msg, sizeof msg, fmt, ap); va_end(ap);
 #ifdef PGOLF_TESTING
     throw std::runtime_error(msg);
 #else
-    fprintf(stderr, "error%s: %s\n", g_world > 1 ? (" (rank " + std::to_string(g_rank) + ")").c_str() : "", msg);
+    std::string rank = g_world > 1 ? " (rank " + std::to_string(g_rank) + ")" : "";
+    fprintf(stderr, "error%s: %s\n", rank.c_str(), msg);
     fflush(stderr);
+    if (g_logfile) { fprintf(g_logfile, "error%s: %s\n", rank.c_str(), msg); fflush(g_logfile); }
 #ifdef PGOLF_MPI
     int mpi_up = 0; MPI_Initialized(&mpi_up);
     if (mpi_up && g_world > 1) MPI_Abort(MPI_COMM_WORLD, 1);  // never leave the other ranks hanging
@@ -104,7 +109,6 @@ static int g_rank = 0, g_world = 1, g_local_rank = 0;  // set once by distribute
 }
 
 // printf on rank 0 only, also appended to the run's log file when one is open.
-static FILE* g_logfile = nullptr;
 static bool g_quiet = false;  // tests silence the training log
 __attribute__((format(printf, 1, 2))) static void log0(const char* fmt, ...) {
     if (g_rank != 0 || g_quiet) return;
@@ -112,6 +116,15 @@ __attribute__((format(printf, 1, 2))) static void log0(const char* fmt, ...) {
     va_start(ap, fmt); vprintf(fmt, ap); va_end(ap);
     if (g_logfile) { va_start(ap, fmt); vfprintf(g_logfile, fmt, ap); va_end(ap); fflush(g_logfile); }
     fflush(stdout);
+}
+// A problem the run survives: "warning: …" on stderr and in the log (rank 0).
+__attribute__((format(printf, 1, 2))) static void warn0(const char* fmt, ...) {
+    if (g_rank != 0) return;
+    char msg[4096];
+    va_list ap; va_start(ap, fmt); vsnprintf(msg, sizeof msg, fmt, ap); va_end(ap);
+    fprintf(stderr, "warning: %s\n", msg);
+    fflush(stderr);
+    if (g_logfile) { fprintf(g_logfile, "warning: %s\n", msg); fflush(g_logfile); }
 }
 
 static std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
@@ -134,9 +147,6 @@ static void fread_check(void* dst, size_t n, FILE* f, const char* path) {
     size_t got = fread(dst, 1, n, f);
     if (got != n) fail("%s: truncated (wanted %zu more bytes, got %zu)", path, n, got);
 }
-static void fwrite_check(const void* src, size_t n, FILE* f, const char* path) {
-    if (fwrite(src, 1, n, f) != n) fail("cannot write %s: %s", path, strerror(errno));
-}
 static std::vector<uint8_t> read_file(const std::string& path) {
     FILE* f = fopen_check(path.c_str(), "rb");
     std::vector<uint8_t> buf;
@@ -147,13 +157,31 @@ static std::vector<uint8_t> read_file(const std::string& path) {
     fclose(f);
     return buf;
 }
-// Outputs are written to path.tmp and renamed, so a crash never leaves a half-written file.
-static void write_file_atomic(const std::string& path, const void* data, size_t n) {
+// Outputs are written to path.tmp and renamed, so a crash never leaves a half-written file; a
+// failed write (disk full) removes its .tmp and returns the reason in *err.
+static bool write_file_atomic_try(const std::string& path, const void* data, size_t n, std::string* err) {
     std::string tmp = path + ".tmp";
-    FILE* f = fopen_check(tmp.c_str(), "wb");
-    fwrite_check(data, n, f, tmp.c_str());
-    if (fclose(f) != 0) fail("cannot write %s: %s", tmp.c_str(), strerror(errno));
-    if (rename(tmp.c_str(), path.c_str()) != 0) fail("cannot rename %s to %s: %s", tmp.c_str(), path.c_str(), strerror(errno));
+    FILE* f = fopen(tmp.c_str(), "wb");
+    if (!f) { *err = fmt("cannot open %s (wb): %s", tmp.c_str(), strerror(errno)); return false; }
+    bool ok = fwrite(data, 1, n, f) == n;
+    int e = errno;
+    if (fclose(f) != 0 && ok) { ok = false; e = errno; }
+    if (!ok) {
+        remove(tmp.c_str());
+        *err = fmt("cannot write %s: %s", tmp.c_str(), strerror(e));
+        return false;
+    }
+    if (rename(tmp.c_str(), path.c_str()) != 0) {
+        e = errno;
+        remove(tmp.c_str());
+        *err = fmt("cannot rename %s to %s: %s", tmp.c_str(), path.c_str(), strerror(e));
+        return false;
+    }
+    return true;
+}
+static void write_file_atomic(const std::string& path, const void* data, size_t n) {
+    std::string err;
+    if (!write_file_atomic_try(path, data, n, &err)) fail("%s", err.c_str());
 }
 static void make_dirs(const std::string& path) {
     std::string cur;
@@ -164,6 +192,25 @@ static void make_dirs(const std::string& path) {
         }
         if (i < path.size()) cur += path[i];
     }
+}
+// One run per folder: a second run with the same OUT_DIR would overwrite the first one's files and
+// interleave its log. flock on DIR/.lock, held until the process exits (the kernel drops it even
+// after a crash, so a stale file never blocks a run).
+static void lock_run_folder(const std::string& dir) {
+    std::string path = dir + "/.lock";
+    int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) fail("cannot open %s: %s", path.c_str(), strerror(errno));
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno != EWOULDBLOCK) fail("cannot lock %s: %s", path.c_str(), strerror(errno));
+        char pid[32] = {0};
+        if (pread(fd, pid, sizeof pid - 1, 0) <= 0) strcpy(pid, "?");
+        fail("OUT_DIR=%s is in use by another run (process %s holds %s): wait for it to end, or set another RUN_ID "
+             "or OUT_DIR", dir.c_str(), pid, path.c_str());
+    }
+    std::string me = std::to_string((long)getpid());
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, me.data(), me.size(), 0) != (ssize_t)me.size())
+        fail("cannot write %s: %s", path.c_str(), strerror(errno));
+    // fd stays open: the lock lasts as long as the run
 }
 // Sorted list of the files matching a glob pattern (only the last path component may hold wildcards).
 static std::vector<std::string> glob_sorted(const std::string& pattern) {
@@ -966,6 +1013,22 @@ static std::string config_to_text(Config& c) {
     }
     return out;
 }
+// What an artifact stores: the preset, the model settings, and the export settings that say how each
+// tensor is stored (the reader checks every tensor's kind and value range against them), so the file
+// is a function of the weights and these alone. The rest is the run's (log.txt, result.json); a
+// loaded artifact takes it from its preset and the environment.
+static const char* const ARTIFACT_STORAGE_SETTINGS = " QUANT_SCHEME ALL_INT5 GPTQ_LITE FP16_KEEP_NAME_PATTERNS "
+                                                     "CONTROL_TENSOR_NAME_PATTERNS ";
+static bool is_artifact_setting(const char* name) {
+    return setting_scope(name) == SCOPE_MODEL ||
+           strstr(ARTIFACT_STORAGE_SETTINGS, (std::string(" ") + name + " ").c_str()) != nullptr;
+}
+static std::string artifact_config_text(Config& c) {
+    std::string out = "CONFIG=" + c.preset + "\n";
+    for (const Setting& s : config_settings(c))
+        if (is_artifact_setting(s.name)) out += std::string(s.name) + "=" + setting_value(s) + "\n";
+    return out;
+}
 static Config config_from_text(const std::string& text, const std::string& where) {
     Config c;
     std::vector<Setting> settings = config_settings(c);
@@ -978,7 +1041,12 @@ static Config config_from_text(const std::string& text, const std::string& where
         size_t eq = line.find('=');
         if (eq == std::string::npos) fail("%s: config line \"%s\" is not KEY=VALUE", where.c_str(), line.c_str());
         std::string key = line.substr(0, eq), value = line.substr(eq + 1);
-        if (key == "CONFIG") { c.preset = value; continue; }
+        if (key == "CONFIG") {  // the preset's defaults for every setting the text leaves out (an artifact's)
+            c.preset = value;
+            for (const Preset& p : PRESETS)
+                if (c.preset == p.name) p.apply(c);
+            continue;
+        }
         bool known = false;
         for (const Setting& s : settings)
             if (key == s.name) { setting_parse(s, value.c_str(), where); known = true; }
@@ -1175,6 +1243,113 @@ static std::vector<std::string> shard_files(const std::string& data_path, const 
     std::vector<std::string> files = glob_sorted(pattern);
     if (files.empty()) fail("no %s shards match %s (set DATA_PATH, or run scripts/make_corpus or scripts/download_fineweb)", split, pattern.c_str());
     return files;
+}
+
+// Every train shard, checked before the first step (a bad one would otherwise stop the run hours in,
+// or an empty one hang the loader): its header against its size, at least one token, every id
+// below VOCAB_SIZE. Token ids are scanned in full up to SHARD_FULL_SCAN_BYTES in all, else on a
+// sample of every shard (training still checks each shard in full when it loads it). Returns N.
+static const long SHARD_FULL_SCAN_BYTES = 1L << 30, SHARD_SAMPLE_BLOCKS = 64, SHARD_SAMPLE_TOKENS = 4096;
+static long validate_train_shards(const std::vector<std::string>& files, int vocab_size,
+                                  long full_scan_bytes = SHARD_FULL_SCAN_BYTES) {
+    double t0 = now_ms();
+    std::vector<long> n(files.size());
+    long total = 0;
+    for (size_t i = 0; i < files.size(); i++) {
+        FILE* f = fopen_check(files[i].c_str(), "rb");
+        n[i] = shard_header_check(files[i], f);
+        fclose(f);
+        if (n[i] == 0) fail("%s: a shard with 0 tokens (expected at least one document): remove it", files[i].c_str());
+        total += n[i];
+    }
+    bool full = 2 * total <= full_scan_bytes;
+    std::vector<std::string> errors(files.size());
+    std::vector<long> scanned(files.size(), 0);
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (long i = 0; i < (long)files.size(); i++) {
+        FILE* f = fopen(files[i].c_str(), "rb");
+        if (!f) { errors[i] = fmt("cannot open %s: %s", files[i].c_str(), strerror(errno)); continue; }
+        std::vector<uint16_t> buf;
+        // blocks of tokens [begin, begin + len): the whole shard in pieces, or evenly spaced samples
+        long len = full ? std::min(n[i], 1L << 20) : std::min(n[i], SHARD_SAMPLE_TOKENS);
+        long blocks = full ? (n[i] + len - 1) / len : std::min(SHARD_SAMPLE_BLOCKS, (n[i] + len - 1) / len);
+        for (long b = 0; b < blocks && errors[i].empty(); b++) {
+            long begin = full ? b * len : (blocks == 1 ? 0 : b * (n[i] - len) / (blocks - 1));
+            long k = std::min(len, n[i] - begin);
+            buf.resize(k);
+            if (fseek(f, SHARD_HEADER_BYTES + 2 * begin, SEEK_SET) != 0 || fread(buf.data(), 2, k, f) != (size_t)k) {
+                errors[i] = fmt("%s: cannot read tokens %ld..%ld: %s", files[i].c_str(), begin, begin + k,
+                                strerror(errno));
+                break;
+            }
+            scanned[i] += k;
+            for (long j = 0; j < k; j++)
+                if (buf[j] >= vocab_size) {
+                    errors[i] = fmt("%s: token %d at position %ld is outside the vocabulary (VOCAB_SIZE=%d)",
+                                    files[i].c_str(), buf[j], begin + j, vocab_size);
+                    break;
+                }
+        }
+        fclose(f);
+    }
+    for (const std::string& e : errors)
+        if (!e.empty()) fail("%s", e.c_str());
+    long checked = std::accumulate(scanned.begin(), scanned.end(), 0L);
+    std::string how = full ? "in full"
+                           : fmt("on a sample of %ld tokens (%.2f%%; a full scan reads %.1f GB, so each shard is "
+                                 "checked in full when training loads it)",
+                                 checked, 100.0 * checked / total, 2e-9 * total);
+    log0("train_shards: %zu files, %ld tokens: headers checked; token ids checked %s (%.2f s)\n", files.size(), total,
+         how.c_str(), (now_ms() - t0) / 1000);
+    return total;
+}
+
+// The shards must come from TOKENIZER_PATH's model, or val_bpb is silently wrong. `./tokenize shard`
+// and scripts/download_fineweb write DATA_PATH/manifest.txt (KEY=VALUE lines) with the tokenizer's
+// checksum (fnv1a64 of the .model file); data without one must at least look like this
+// vocabulary's: shards made with a smaller model never use its upper ids.
+static void check_data_tokenizer(const Config& c, const SpmModel& sp, const std::vector<uint16_t>& val) {
+    std::string path = c.data_path + "/manifest.txt";
+    if (access(path.c_str(), F_OK) == 0) {
+        std::vector<uint8_t> bytes = read_file(path);
+        std::string text(bytes.begin(), bytes.end()), sum, name = "?", vocab = "?";
+        size_t pos = 0;
+        while (pos < text.size()) {
+            size_t nl = text.find('\n', pos);
+            std::string line = text.substr(pos, nl == std::string::npos ? std::string::npos : nl - pos);
+            pos = nl == std::string::npos ? text.size() : nl + 1;
+            size_t eq = line.find('=');
+            if (eq == std::string::npos) continue;
+            std::string key = line.substr(0, eq), value = line.substr(eq + 1);
+            if (key == "tokenizer_checksum") sum = value;
+            else if (key == "tokenizer") name = value;
+            else if (key == "vocab_size") vocab = value;
+        }
+        if (sum.empty()) fail("%s: no tokenizer_checksum line (expected one, as ./tokenize shard writes)",
+                              path.c_str());
+        std::string have = fmt("%016llx", (unsigned long long)sp.checksum);
+        if (sum != have)
+            fail("%s: the shards were made with the tokenizer %s (%s pieces, checksum %s), but TOKENIZER_PATH=%s "
+                 "(%zu pieces) has checksum %s: set TOKENIZER_PATH (and VOCAB_SIZE) to the shards' tokenizer",
+                 path.c_str(), name.c_str(), vocab.c_str(), sum.c_str(), c.tokenizer_path.c_str(), sp.pieces.size(),
+                 have.c_str());
+        log0("data: %s: shards made with this tokenizer (checksum %s)\n", path.c_str(), have.c_str());
+        return;
+    }
+    std::vector<char> seen(c.vocab_size, 0);
+    int max_id = 0;
+    for (uint16_t t : val) { seen[t] = 1; max_id = std::max(max_id, (int)t); }
+    long distinct = std::accumulate(seen.begin(), seen.end(), 0L);
+    bool enough = (long)val.size() >= 10L * c.vocab_size;  // a sample large enough to reach the upper ids
+    if (enough && max_id < c.vocab_size / 2)
+        warn0("DATA_PATH=%s has no manifest.txt, and its %zu validation tokens use only ids 0..%d (%ld distinct) of "
+              "the %d of TOKENIZER_PATH=%s: were the shards made with a smaller tokenizer? val_bpb is wrong unless "
+              "TOKENIZER_PATH is the shards' own",
+              c.data_path.c_str(), val.size(), max_id, distinct, c.vocab_size, c.tokenizer_path.c_str());
+    else
+        log0("data: no manifest.txt in %s, tokenizer not verified by checksum; validation tokens use %ld of %d ids, "
+             "largest %d%s\n", c.data_path.c_str(), distinct, c.vocab_size, max_id,
+             enough ? "" : " (too few tokens to judge)");
 }
 
 // The training stream: shards in sorted order, read front to back, wrapping around at the end.
@@ -4411,7 +4586,7 @@ static std::vector<QTensor> quantize_model(const Config& c, const std::vector<Pa
 // --- The artifact file ----------------------------------------------------------------------------
 // Format v1, little-endian. The file is a valid zstd stream (`zstd -d` prints header + groups):
 //   16 B        skippable frame 0x184D2A50, size 8: "PGZA", u32 format version
-//   zstd frame  header: u32 n + config text (config_to_text); u32 tensor count, then per tensor
+//   zstd frame  header: u32 n + config text (artifact_config_text); u32 tensor count, then per tensor
 //               u16 n + name, u8 ndim, u32 dims[ndim], u8 kind (SK_*), u64 value offset in its
 //               group, u64 scale offset in the scale group; then per group u8 packing (PK_*),
 //               u64 raw bytes, u64 frame bytes
@@ -4545,7 +4720,7 @@ static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpe
     group_layout(t, kinds, packing, &voff, &soff, group_bytes);
 
     std::vector<uint8_t> h;
-    std::string text = config_to_text(c);
+    std::string text = artifact_config_text(c);
     put_le(h, text.size(), 4);
     h.insert(h.end(), text.begin(), text.end());
     put_le(h, t.size(), 4);
@@ -4601,7 +4776,10 @@ static void print_export_report(const ExportReport& r) {
     }
     log0("export: header, magic and checksum %zu bytes; raw %zu bytes; all bit-packed %zu bytes, all byte containers %zu bytes\n",
          r.overhead_bytes, r.raw_bytes, r.bits_packed_bytes, r.byte_container_bytes);
-    log0("Serialized model %s+zstd: %zu bytes\n", r.scheme == "int8" ? "int8" : "int6", r.artifact_bytes);
+    std::string kinds;  // the integer widths the file holds, e.g. int5/int6/int8 for QUANT_SCHEME=mixed
+    for (int k : {SK_INT5, SK_INT6, SK_INT8})
+        if (r.params_per_kind[k] > 0) kinds += (kinds.empty() ? "" : "/") + std::string(SK_NAMES[k]);
+    log0("Serialized model %s+zstd: %zu bytes\n", kinds.empty() ? "fp16" : kinds.c_str(), r.artifact_bytes);
 }
 
 // --- Reading: every check before anything is allocated from a size the file declares ------------
@@ -4849,6 +5027,7 @@ struct EvalResult {
     std::string mode;
     double val_loss = 0, val_bpb = 0, tokens = 0, ms = 0;
     std::string note;  // e.g. "not competition-legal (…)"
+    bool same_pass = false;  // a by-product of the previous mode's pass: its time is already counted there
 };
 
 // Per-position NLLs of the validation stream, in stream order (position j scores t[j+1]), for
@@ -5450,8 +5629,10 @@ static std::string json_escape(const std::string& s) {
     return out;
 }
 
-static void safetensors_write(const std::string& path, const std::vector<TensorBlob>& tensors,
-                              const std::vector<std::pair<std::string, std::string>>& meta) {
+// Fails on a write error, or (with err) removes the .tmp and returns false with the reason.
+static bool safetensors_write(const std::string& path, const std::vector<TensorBlob>& tensors,
+                              const std::vector<std::pair<std::string, std::string>>& meta,
+                              std::string* err = nullptr) {
     std::string h = "{\"__metadata__\":{";
     for (size_t i = 0; i < meta.size(); i++)
         h += (i ? "," : "") + ("\"" + json_escape(meta[i].first) + "\":\"" + json_escape(meta[i].second) + "\"");
@@ -5471,7 +5652,9 @@ static void safetensors_write(const std::string& path, const std::vector<TensorB
     memcpy(buf.data() + 8, h.data(), h.size());
     size_t at = 8 + h.size();
     for (const TensorBlob& t : tensors) { memcpy(buf.data() + at, t.data, 4 * t.numel); at += 4 * t.numel; }
+    if (err) return write_file_atomic_try(path, buf.data(), buf.size(), err);
     write_file_atomic(path, buf.data(), buf.size());
+    return true;
 }
 
 // A JSON reader just large enough for safetensors headers: objects, strings, arrays of integers.
@@ -5642,6 +5825,41 @@ template <class D> static void model_init_for_run(D dev, Model<D>& m, const Conf
     model_init(dev, m, c, (int)((cap_tokens + cap_t - 1) / cap_t), cap_t);
 }
 
+#if PGOLF_CPU_REFERENCE
+// DEVICE=cpu: the run's memory against the host's, before anything is allocated, so a full-size
+// preset on a small machine fails at once and says which settings drive the size.
+static void host_memory_check(const Config& c, int world) {
+    long tokens; int max_t;
+    activation_capacity(c, world, &tokens, &max_t);
+    long micro = c.train_batch_tokens / ((long)world * grad_accum_steps(c, world));
+    const char* driver = tokens == micro ? "TRAIN_BATCH_TOKENS (or raise GRAD_ACCUM_STEPS)"
+                       : tokens == (long)c.eval_batch_seqs * c.eval_len() ? "EVAL_BATCH_SEQS"
+                       : tokens == (long)c.ttt_batch_size * c.ttt_eval_seq_len ? "TTT_BATCH_SIZE"
+                       : tokens == (long)c.ttt_batch_seqs * c.eval_len() ? "TTT_BATCH_SEQS" : "TRAIN_SEQ_LEN";
+    Arena ar;
+    Acts<Cpu<float>> acts;
+    carve_acts(ar, acts, c, (int)((tokens + max_t - 1) / max_t), max_t);
+    bool avg = c.swa_enabled || c.swa_steps > 0 || c.ema_decay > 0;
+    // weights, gradients, Adam m and v, Muon updates, [the weight average]
+    double state = (double)param_arena_size(build_param_table(c)) * sizeof(float) * (5 + avg);
+    double need = state + ar.used;
+    long avail_kb = -1;
+    if (FILE* f = fopen("/proc/meminfo", "r")) {
+        char line[256];
+        while (fgets(line, sizeof line, f))
+            if (sscanf(line, "MemAvailable: %ld kB", &avail_kb) == 1) break;
+        fclose(f);
+    }
+    if (avail_kb >= 0 && need > avail_kb * 1024.0)
+        fail("DEVICE=cpu: this run needs %.0f MiB of host memory, %.0f MiB are available: activations %.0f MiB for "
+             "%ld tokens of up to %d (set by %s; per token they grow with MODEL_DIM, NUM_LAYERS, MLP_MULT, "
+             "VOCAB_SIZE), weights, gradients and optimizer state %.0f MiB (NUM_LAYERS=%d MODEL_DIM=%d MLP_MULT=%g "
+             "VOCAB_SIZE=%d): lower %s, or train CONFIG=tiny on a CPU", need / 1048576, avail_kb / 1024.0,
+             ar.used / 1048576.0, tokens, max_t, driver, state / 1048576, c.num_layers, c.model_dim, c.mlp_mult,
+             c.vocab_size, driver);
+}
+#endif
+
 template <class D> static void train_state_init(D dev, TrainState<D>& s, Model<D>& m) {
     using G = typename D::grad;
     size_t bytes = m.nparams * sizeof(G);
@@ -5734,10 +5952,17 @@ template <class D> static void save_checkpoint(D dev, Model<D>& m, TrainState<D>
     for (const ParamSpec& p : m.table) blobs.push_back({"optimizer.v." + p.name, p.shape, av.data() + p.offset, p.numel});
     if (s.avg) for (const ParamSpec& p : m.table) blobs.push_back({"average." + p.name, p.shape, avg.data() + p.offset, p.numel});
     char ms[64]; snprintf(ms, sizeof ms, "%.17g", s.train_ms);
-    safetensors_write(path, blobs, {
+    std::string err;
+    if (!safetensors_write(path, blobs, {
         {"format", "pgolf-checkpoint-1"}, {"config", config_to_text(c)}, {"step", std::to_string(s.step)},
         {"train_ms", ms}, {"swa_count", std::to_string(s.swa_count)}, {"qat_active", std::to_string((int)s.qat_active)},
-        {"loader_file", std::to_string(s.loader.stream.file_idx)}, {"loader_pos", std::to_string(s.loader.stream.pos)}});
+        {"loader_file", std::to_string(s.loader.stream.file_idx)}, {"loader_pos", std::to_string(s.loader.stream.pos)}},
+        &err)) {
+        s.checkpoints.pop_back();  // (a disk full must not cost the run: training goes on, older checkpoints stay)
+        warn0("checkpoint at step %d not written: %s; training goes on (last checkpoint: %s)", s.step, err.c_str(),
+              s.checkpoints.empty() ? "none" : s.checkpoints.back().path.c_str());
+        return;
+    }
     log0("checkpoint: %s\n", path.c_str());
     while (c.checkpoint_keep > 0 && (int)s.checkpoints.size() > c.checkpoint_keep) {
         remove(s.checkpoints.front().path.c_str());
@@ -5800,6 +6025,26 @@ template <class D> static void load_checkpoint(D dev, Model<D>& m, TrainState<D>
              s.loader.stream.tokens.size(), m.cfg.data_path.c_str());
     if (finite) s.checkpoints.push_back({path, s.step});  // a good checkpoint to name if training diverges
     log0("resumed from %s at step %d (train_time %.0fms)\n", path.c_str(), s.step, s.train_ms);
+}
+
+// The trained weights in full precision: OUT_DIR/final_model.safetensors, or, when that cannot be
+// written (disk full), $TMPDIR or /tmp, then /dev/shm. Returns where they went ("" = nowhere).
+static std::string save_final_weights(Config& c, const std::vector<ParamSpec>& table, const std::vector<float>& w) {
+    std::vector<TensorBlob> blobs;
+    for (const ParamSpec& p : table) blobs.push_back({p.name, p.shape, w.data() + p.offset, p.numel});
+    const char* tmpdir = getenv("TMPDIR");
+    std::string name = "pgolf_" + c.run_id + "_final_model.safetensors";
+    std::string fallback = std::string(tmpdir && *tmpdir ? tmpdir : "/tmp") + "/" + name;
+    std::vector<std::string> paths = {c.out_dir + "/final_model.safetensors", fallback, "/dev/shm/" + name};
+    for (const std::string& path : paths) {
+        std::string err;
+        if (safetensors_write(path, blobs, {{"format", "pgolf-weights-1"}, {"config", config_to_text(c)}}, &err)) {
+            if (path != paths[0]) warn0("the full-precision weights are in %s instead", path.c_str());
+            return path;
+        }
+        warn0("full-precision weights not written: %s", err.c_str());
+    }
+    return "";
 }
 
 // The newest checkpoint written before the step whose loss diverged: the weights after step k are the
@@ -6037,7 +6282,7 @@ template <class D> static std::vector<EvalResult> evaluate_modes(D dev, Model<D>
         else if (mode == "full_ttt") r = eval_full_ttt(dev, m, ev, &rec);
         else fail("EVAL_MODE: unknown mode \"%s\" (expected standard, sliding, lora_ttt, full_ttt)", mode.c_str());
         results.push_back(r);
-        for (EvalResult& e : extra) results.push_back(e);
+        for (EvalResult& e : extra) { e.same_pass = true; results.push_back(e); }
         for (size_t i = results.size() - 1 - extra.size(); i < results.size(); i++) {
             const EvalResult& x = results[i];
             log0("final_%s val_loss:%.4f val_bpb:%.4f eval_time:%.0fms%s%s\n", x.mode.c_str(), x.val_loss, x.val_bpb, x.ms,
@@ -6068,17 +6313,20 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     ev.luts = spm_byte_luts(sp, c.vocab_size);
     ev.val = load_validation_tokens(c);
     log0("tokenizer:%s pieces:%zu checksum:%016llx\n", c.tokenizer_path.c_str(), sp.pieces.size(), (unsigned long long)sp.checksum);
+    check_data_tokenizer(c, sp, ev.val);
     std::vector<std::string> train_files;
     if (c.load_artifact.empty()) {
         train_files = shard_files(c.data_path, "train");
-        long total = 0;
-        for (const std::string& f : train_files) { FILE* fp = fopen_check(f.c_str(), "rb"); total += shard_header_check(f, fp); fclose(fp); }
+        long total = validate_train_shards(train_files, c.vocab_size);
         log0("train_loader:dataset:%s train_shards:%zu tokens:%ld\n", c.data_path.c_str(), train_files.size(), total);
     }
     log0("val_loader:tokens:%zu scored_positions:%zu%s\n", ev.val.size(), ev.val.size() - 1,
          c.val_truncate_to_seq ? " (truncated to a multiple of TRAIN_SEQ_LEN, as the reference)" : "");
 
     Model<D> m;
+#if PGOLF_CPU_REFERENCE
+    if (!strcmp(device_name, "cpu")) host_memory_check(c, g_world);
+#endif
     model_init_for_run(dev, m, c);
     print_param_table(m.table);
     size_t pbytes = m.nparams * sizeof(typename D::grad);
@@ -6113,16 +6361,18 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
         std::vector<typename D::grad> wd(m.nparams);
         to_host(dev, wd.data(), m.params, m.nparams);
         std::vector<float> w(wd.begin(), wd.end());
-        if (g_rank == 0) {
-            std::vector<TensorBlob> blobs;
-            for (const ParamSpec& p : m.table) blobs.push_back({p.name, p.shape, w.data() + p.offset, p.numel});
-            safetensors_write(c.out_dir + "/final_model.safetensors", blobs, {{"format", "pgolf-weights-1"}, {"config", config_to_text(c)}});
-        }
+        std::string weights_path;
+        if (g_rank == 0) weights_path = save_final_weights(c, m.table, w);
         if (c.prune_frac > 0) { magnitude_prune(c, m.table, w.data()); log0("magnitude_pruning: frac=%g\n", c.prune_frac); }
         if (g_rank == 0) {  // one rank compresses (zstd-22 takes a while); the others wait and read the file
             ExportReport rep;
             artifact = artifact_build(c, m.table, w.data(), &rep);
-            write_file_atomic(artifact_path, artifact.data(), artifact.size());
+            std::string err;
+            std::string kept = weights_path.empty()
+                ? "the full-precision weights could not be written either (see the warnings above)"
+                : "the trained weights are kept in full precision in " + weights_path + " (safetensors, PyTorch names)";
+            if (!write_file_atomic_try(artifact_path, artifact.data(), artifact.size(), &err))
+                fail("export: the artifact was not written (%s); %s", err.c_str(), kept.c_str());
             print_export_report(rep);
         }
         host_barrier();
@@ -6163,7 +6413,7 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     log0("\n%-22s %12s %12s %12s\n", "summary", "val_loss", "val_bpb", "eval_ms");
     for (const EvalResult& r : results) log0("%-22s %12.6f %12.6f %12.0f%s\n", ("final_" + r.mode).c_str(), r.val_loss, r.val_bpb, r.ms, r.note.empty() ? "" : "  (not competition-legal)");
     double eval_ms = 0;
-    for (const EvalResult& r : results) eval_ms += r.ms;
+    for (const EvalResult& r : results) eval_ms += r.same_pass ? 0 : r.ms;
     if (steps > 0) log0("%-22s %12d steps in %.1f s\n", "train", steps, train_ms / 1000);
     log0("%-22s %12.1f s (all modes)\n", "eval", eval_ms / 1000);
     log0("%-22s %12zu bytes\n%-22s %12ld bytes\n%-22s %12ld bytes of 16000000 %s\n", "artifact", artifact_bytes, "code", counted,
@@ -6312,15 +6562,29 @@ static void run_cuda(Config& c) {
 static bool cuda_available();
 
 #ifndef PGOLF_TESTING
+// OpenMP threads that spin while they wait take the cores from every other process: training on a
+// shared CPU ran 2–9× slower with the default policy. libgomp reads OMP_WAIT_POLICY when it is
+// loaded, before main, so when the user has not set it we set it and execute ourselves again once.
+static void omp_passive_wait_by_default(char** argv) {
+#ifdef _OPENMP
+    if (getenv("OMP_WAIT_POLICY")) return;  // the user's choice (and the re-executed process) keeps it
+    setenv("OMP_WAIT_POLICY", "passive", 1);
+    execv("/proc/self/exe", argv);  // returns only on failure: then run with the runtime's default
+#else
+    (void)argv;
+#endif
+}
+
 int main(int argc, char** argv) {
+    omp_passive_wait_by_default(argv);
     distributed_init(&argc, &argv);
     if (argc > 1 && !strcmp(argv[1], "inspect")) { int rc = inspect_main(argc, argv); distributed_finish(); return rc; }
     if (argc > 1 && !strcmp(argv[1], "settings")) { print_settings_table(); return 0; }
     if (argc > 1) fail("unknown argument \"%s\": settings are environment variables (e.g. CONFIG=pr467 ./train_gpt), `./train_gpt inspect ARTIFACT [CHECKPOINT]` or `./train_gpt settings`", argv[1]);
     Config c = config_from_env();
     if (!c.load_artifact.empty()) {
-        // The model and its evaluation settings come from the artifact; env vars may change the
-        // evaluation, and where this run writes, reads data and runs are always this run's own.
+        // The model comes from the artifact, the other settings from its preset; env vars may change
+        // all but the model, and where this run writes, reads data and runs are always this run's own.
         std::vector<uint8_t> bytes;
         if (g_rank == 0) bytes = read_file(c.load_artifact);
         host_broadcast(bytes);
@@ -6339,6 +6603,7 @@ int main(int argc, char** argv) {
     config_validate(c, g_world);
     if (g_rank == 0) {
         make_dirs(c.out_dir);
+        lock_run_folder(c.out_dir);
         g_logfile = fopen_check((c.out_dir + "/log.txt").c_str(), "a");
         outputs_check(c);
     }
