@@ -17,6 +17,7 @@ static inline float round_to_bf16(float f) { return bf16_to_float(float_to_bf16(
 #include "test_train.cuh"
 #include "test_compress.cuh"
 #include "test_eval.cuh"
+#include "test_cost.cuh"
 #include "test_cuda.cuh"  // defines REQUIRE_GPU: before the other CUDA tests
 #include "test_cuda_attention.cuh"
 
