@@ -6238,7 +6238,7 @@ static CostTotals cost_totals(const std::vector<CostEntry>& list) {
     }
     return t;
 }
-static void cost_projected_ms(const Config& c, int world, double ms[OP_NUM]) {
+[[maybe_unused]] static void cost_projected_ms(const Config& c, int world, double ms[OP_NUM]) {  // PROFILE=1 and the tests
     CostTotals t = cost_totals(cost_step_launches(c, world));
     for (int k = 0; k < OP_NUM; k++) ms[k] = t.seconds[k] * 1e3;
 }
@@ -6278,10 +6278,13 @@ static int cost_main(int argc, char** argv) {
     }
     printf("%-30s %9ld %10.3f %10.2f %10.3f %12.2f\n", "total", launches, flops / 1e12, hbm / 1e9, link / 1e9, sec * 1e3);
     double memsets = t.hbm[OP_MEMSET], non_gemm = hbm - t.hbm[OP_GEMM];
-    printf("projected: %.1f ms/step, %.0f tokens/s per GPU, %.2fM tokens/s on %d GPUs; tensor-core FLOPs at %.0f TFLOP/s "
-           "(%.0f%% of %.0f); non-GEMM HBM traffic %.1f GB (memsets %.1f GB)\n",
-           sec * 1e3, local * accum / sec, c.train_batch_tokens / sec / 1e6, world, flops / sec / 1e12,
-           100 * flops / sec / H100_BF16_FLOPS, H100_BF16_FLOPS / 1e12, non_gemm / 1e9, memsets / 1e9);
+    double model_flops = t.flops[OP_GEMM] + 6.0 * c.num_layers * (double)local * accum * c.train_seq_len * c.model_dim;
+    printf("projected: %.1f ms/step, %.0f tokens/s per GPU, %.2fM tokens/s on %d GPUs; MFU %.1f%% (model FLOPs below over "
+           "%.0f TFLOP/s); tensor-core work issued %.0f TFLOP/s; non-GEMM HBM traffic %.1f GB (memsets %.1f GB)\n",
+           sec * 1e3, local * accum / sec, c.train_batch_tokens / sec / 1e6, world, 100 * model_flops / sec / H100_BF16_FLOPS,
+           H100_BF16_FLOPS / 1e12, flops / sec / 1e12, non_gemm / 1e9, memsets / 1e9);
+    printf("model_flops_per_step_per_gpu: %.6e (6·N_matmul·T + 6·L·T·seq·d, T = %ld tokens of this GPU; %.4e for all %d GPUs)\n",
+           model_flops, local * accum, model_flops * world, world);
     printf("assumed: H100 SXM %.0f TFLOP/s bf16 dense, HBM %.2f TB/s, NVLink %.0f GB/s, PCIe %.0f GB/s, launch %.0f us, "
            "sync %.0f us; efficiencies (FLOPs, bytes) per class in the source and docs/perf.md\n",
            H100_BF16_FLOPS / 1e12, H100_HBM_BYTES / 1e12, H100_NVLINK_BYTES / 1e9, H100_PCIE_BYTES / 1e9, LAUNCH_S * 1e6, SYNC_S * 1e6);

@@ -111,7 +111,7 @@ TEST(cost_scales_with_batch_layers_and_ranks) {
     CostSums one = cost_sums(e, 1), eight = cost_sums(e, 8);
     CHECK(one.launches[OP_COMM] == 0 && eight.launches[OP_COMM] == 2);
     CHECK_CLOSE(eight.link[OP_COMM], 2 * 2 * 7.0 / 8 * arena, 1e-12, 0);
-    // Muon's matrices are split over the ranks: rank 0 orthogonalizes ⌈60/8⌉ = 8 of pr467's 60
+    // Muon's matrices are split over the ranks: rank 0 orthogonalizes ⌈M/8⌉ of pr467's M (61)
     int matrices = 0;
     for (const ParamSpec& p : build_param_table(e)) matrices += p.group == GROUP_MATRIX;
     long ns_one = 0, ns_eight = 0;
