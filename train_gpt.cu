@@ -365,7 +365,7 @@ static bool profile_enabled() {
 static void profile_mark(OpClass cls) {
     size_t i = g_prof.marks.size();
     if (i == g_prof.pool.size()) { cudaEvent_t e; cudaCheck(cudaEventCreate(&e)); g_prof.pool.push_back(e); }
-    cudaCheck(cudaEventRecord(g_prof.pool[i], g_cuda.stream));  // a blocking stream: it also waits for legacy-stream kernels
+    cudaCheck(cudaEventRecord(g_prof.pool[i], g_cuda.stream));  // a blocking stream: also after legacy-stream kernels
     g_prof.marks.push_back(cls);
 }
 struct OpProfileScope {
@@ -409,15 +409,18 @@ static void cost_projected_ms(const Config& c, int world, double ms[OP_NUM]);  /
 // At the end of training: measured ms per step and class, next to the cost model's projection.
 static void profile_report(Cuda, const Config& c) {
     if (!profile_enabled()) return;
-    if (g_prof.measured == 0) { log0("profile: no step measured (the first %d are warm-up)\n", PROFILE_WARMUP_STEPS); return; }
+    if (g_prof.measured == 0) {
+        log0("profile: no step measured (the first %d are warm-up)\n", PROFILE_WARMUP_STEPS);
+        return;
+    }
     double proj[OP_NUM] = {}, total_m = 0, total_p = 0;
 #if PGOLF_CPU_REFERENCE
     cost_projected_ms(c, g_world, proj);
 #else
     (void)c;
 #endif
-    log0("profile: ms per step on rank 0, mean of %d steps after %d warm-up steps (CUDA events; projected: ./train_gpt cost)\n",
-         g_prof.measured, PROFILE_WARMUP_STEPS);
+    log0("profile: ms per step on rank 0, mean of %d steps after %d warm-up steps (CUDA events; projected: "
+         "./train_gpt cost)\n", g_prof.measured, PROFILE_WARMUP_STEPS);
     log0("profile: %-30s %12s %12s\n", "class", "measured_ms", "projected_ms");
     for (int k = 0; k < OP_NUM; k++) {
         double m = g_prof.ms[k] / g_prof.measured;
@@ -5918,16 +5921,24 @@ static const double BF = 2, F32 = 4, I32 = 4;
 
 // --- Memory and copies (section 1) ---------------------------------------------------------------
 // device_zero: one cudaMemsetAsync
-static void device_zero(Cost, void*, size_t bytes) { if (bytes) cost_add(OP_MEMSET, "cudaMemsetAsync", 0, (double)bytes); }
+static void device_zero(Cost, void*, size_t bytes) {
+    if (bytes) cost_add(OP_MEMSET, "cudaMemsetAsync", 0, (double)bytes);
+}
 // to_device / to_host: a copy on the stream, then cudaStreamSynchronize
-template <class X> static void to_device(Cost, X*, const X*, size_t n) { if (n) cost_add(OP_SYNC, "to_device", 0, cb<X>(n), cb<X>(n)); }
-template <class X> static void to_host(Cost, X*, const X*, size_t n) { if (n) cost_add(OP_SYNC, "to_host", 0, cb<X>(n), cb<X>(n)); }
+template <class X> static void to_device(Cost, X*, const X*, size_t n) {
+    if (n) cost_add(OP_SYNC, "to_device", 0, cb<X>(n), cb<X>(n));
+}
+template <class X> static void to_host(Cost, X*, const X*, size_t n) {
+    if (n) cost_add(OP_SYNC, "to_host", 0, cb<X>(n), cb<X>(n));
+}
 // device_copy: one device-to-device cudaMemcpyAsync (none when dst == src)
 template <class X> static void device_copy(Cost, X* dst, const X* src, size_t n) {
     if (n && dst != src) cost_add(OP_ELEMENTWISE, "cudaMemcpyAsync", 0, 2 * cb<X>(n));
 }
 // cast_params: cast_params_kernel, fp32 → bf16
-static void cast_params(Cost, CostBf16*, const float*, size_t n) { if (n) cost_add(OP_ELEMENTWISE, "cast_params", 0, n * (F32 + BF)); }
+static void cast_params(Cost, CostBf16*, const float*, size_t n) {
+    if (n) cost_add(OP_ELEMENTWISE, "cast_params", 0, n * (F32 + BF));
+}
 
 // --- Operations (section 5) ------------------------------------------------------------------------
 // Row chunks of the deterministic column reductions, as row_chunks: ≥ 64 rows each, at most 512 chunks.
@@ -5939,14 +5950,17 @@ static int row_chunks_count(long rows) {
 // One cuBLASLt call as gemm_bf16 issues it: D[M,N] = op(A)[M,K]·op(B)[K,N] + beta·C, bf16 operands.
 static void cost_gemm(long M, long N, long K, double d_size, bool beta, long batch = 1) {
     if (M <= 0 || N <= 0 || K <= 0 || batch <= 0) return;
-    cost_add(OP_GEMM, "gemm_bf16", 2.0 * M * N * K * batch, batch * ((double)(M * K + K * N) * BF + (double)M * N * d_size * (beta ? 2 : 1)));
+    double bytes = (double)(M * K + K * N) * BF + (double)M * N * d_size * (beta ? 2 : 1);
+    cost_add(OP_GEMM, "gemm_bf16", 2.0 * M * N * K * batch, batch * bytes);
 }
 // matmul_forward: linear_forward_gemm, out[N,OC] = inp[N,IC]·Wᵀ (beta = 1 when accumulating)
-static void matmul_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, int N, int IC, int OC, bool accumulate = false) {
+static void matmul_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, int N, int IC, int OC,
+                           bool accumulate = false) {
     cost_gemm(N, OC, IC, BF, accumulate);
 }
 // matmul_backward: linear_dinp_gemm dinp[N,IC] += dout·W (bf16), linear_dweight_gemm dW[OC,IC] += doutᵀ·inp (fp32)
-static void matmul_backward(Cost, CostBf16* dinp, float* dw, const CostBf16*, const CostBf16*, const CostBf16*, int N, int IC, int OC) {
+static void matmul_backward(Cost, CostBf16* dinp, float* dw, const CostBf16*, const CostBf16*, const CostBf16*,
+                            int N, int IC, int OC) {
     if (dinp) cost_gemm(N, IC, OC, BF, true);
     if (dw) cost_gemm(OC, IC, N, F32, true);
 }
@@ -5969,7 +5983,8 @@ static void embedding_backward(Cost, float* dtable, const CostBf16*, const int32
     cost_add(OP_ELEMENTWISE, "radix_sort_histogram", 0, N * I32);
     cost_add(OP_ELEMENTWISE, "radix_sort_scan", 0, 0);
     for (int pass = 0; pass < 4; pass++) cost_add(OP_ELEMENTWISE, "radix_sort_onesweep", 0, 4.0 * N * I32);
-    cost_add(OP_ELEMENTWISE, "embedding_backward", 0, 2.0 * N * I32 + (double)N * C * BF + 2 * cost_table_rows(dtable, N) * C * F32);
+    double rows = cost_table_rows(dtable, N);
+    cost_add(OP_ELEMENTWISE, "embedding_backward", 0, 2.0 * N * I32 + (double)N * C * BF + 2 * rows * C * F32);
 }
 // bigram_lookup: bigram_lookup_kernel
 static void bigram_lookup(Cost, int32_t*, const int32_t*, int B, int T_, int, int, bool) {
@@ -5983,13 +5998,14 @@ static void rmsnorm_backward(Cost, CostBf16*, const CostBf16*, const CostBf16*, 
     if (N > 0) cost_add(OP_ELEMENTWISE, "rmsnorm_backward", 0, 4.0 * N * C * BF + N * F32);
 }
 // qk_norm_rope_forward: qk_norm_rope_forward_kernel (x → out, rstd per head; the rope table is L2-resident)
-static void qk_norm_rope_forward(Cost, CostBf16*, float*, const CostBf16*, const float*, int N, int, int nh, int hd, int, float) {
+static void qk_norm_rope_forward(Cost, CostBf16*, float*, const CostBf16*, const float*, int N, int, int nh, int hd,
+                                 int, float) {
     if (N * nh > 0) cost_add(OP_ELEMENTWISE, "qk_norm_rope_forward", 0, 2.0 * N * nh * hd * BF + (double)N * nh * F32);
 }
 // qk_norm_rope_backward: the kernel (dout, x, rstd, dx += …, per-row gain partials), and for the gain
 // column_partial_sums_kernel + column_sums_add_kernel over row chunks
-static void qk_norm_rope_backward(Cost, CostBf16*, float* dgain, const CostBf16*, const CostBf16*, const float*, const float*,
-                                  int N, int, int nh, int hd, int, float) {
+static void qk_norm_rope_backward(Cost, CostBf16*, float* dgain, const CostBf16*, const CostBf16*, const float*,
+                                  const float*, int N, int, int nh, int hd, int, float) {
     double rows = (double)N * nh;
     if (rows <= 0) return;
     cost_add(OP_ELEMENTWISE, "qk_norm_rope_backward", 0, 4 * rows * hd * BF + rows * F32 * (dgain ? 2 : 1));
@@ -6017,7 +6033,8 @@ static double cost_attn_flops(int B, int T, int H, int Hk, int hd, int products)
     return cost_attn_tile_pairs(T, H, Hk) * B * Hk * products * 2.0 * COST_ATTN_TILE * COST_ATTN_TILE * hd;
 }
 // attention_forward: attention_forward_kernel, S = QKᵀ and O = PV (2 products); reads Q, K, V, writes O, lse
-static void attention_forward(Cost, CostBf16*, float*, const CostBf16*, const CostBf16*, const CostBf16*, int B, int T, int H, int Hk, int hd) {
+static void attention_forward(Cost, CostBf16*, float*, const CostBf16*, const CostBf16*, const CostBf16*,
+                              int B, int T, int H, int Hk, int hd) {
     if (B == 0 || T == 0) return;
     double q = (double)B * T * H * hd * BF, kv = (double)B * T * Hk * hd * BF, lse = (double)B * T * H * F32;
     cost_add(OP_ATTN_FWD, "attention_forward", cost_attn_flops(B, T, H, Hk, hd, 2), 2 * q + 2 * kv + lse);
@@ -6037,15 +6054,16 @@ static void attention_backward(Cost, CostBf16*, CostBf16*, CostBf16*, const Cost
 static void xsa_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, int N, int H, int Hk, int hd) {
     if (N * Hk > 0) cost_add(OP_ELEMENTWISE, "xsa_forward", 0, (double)N * hd * BF * (2.0 * H + Hk));
 }
-static void xsa_backward(Cost, CostBf16*, CostBf16*, const CostBf16*, const CostBf16*, const CostBf16*, int N, int H, int Hk, int hd) {
+static void xsa_backward(Cost, CostBf16*, CostBf16*, const CostBf16*, const CostBf16*, const CostBf16*,
+                         int N, int H, int Hk, int hd) {
     if (N * Hk > 0) cost_add(OP_ELEMENTWISE, "xsa_backward", 0, (double)N * hd * BF * (4.0 * H + 3.0 * Hk));
 }
 // resid_mix_forward: one kernel; resid_mix_backward: the chunked kernel (dx, dx0 += …) + column_sums_add for dmix
 static void resid_mix_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, int N, int C) {
     if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "resid_mix_forward", 0, 3.0 * N * C * BF);
 }
-static void resid_mix_backward(Cost, CostBf16*, CostBf16*, float* dmix, const CostBf16*, const CostBf16*, const CostBf16*,
-                               const float*, int N, int C) {
+static void resid_mix_backward(Cost, CostBf16*, CostBf16*, float* dmix, const CostBf16*, const CostBf16*,
+                               const CostBf16*, const float*, int N, int C) {
     if (N <= 0 || C <= 0) return;
     double part = (double)row_chunks_count(N) * 2 * C * F32;
     cost_add(OP_ELEMENTWISE, "resid_mix_backward", 0, 7.0 * N * C * BF + (dmix ? part : 0));
@@ -6053,41 +6071,53 @@ static void resid_mix_backward(Cost, CostBf16*, CostBf16*, float* dmix, const Co
 }
 // branch_add_forward: one kernel; branch_add_backward: the chunked kernel (dres, dbranch += …) and one
 // column_sums_add (total_sum_add for a scalar scale) per parameter gradient
-static void branch_add_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, const float*, int N, int C, int = 1) {
+static void branch_add_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, const float*,
+                               int N, int C, int = 1) {
     if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "branch_add_forward", 0, 3.0 * N * C * BF);
 }
-static void branch_add_backward(Cost, CostBf16* dres, CostBf16* dbranch, float* dscale, float* dgate, const CostBf16*, const CostBf16*,
-                                const float*, const float* gate, int N, int C, int scale_stride = 1) {
+static void branch_add_backward(Cost, CostBf16* dres, CostBf16* dbranch, float* dscale, float* dgate, const CostBf16*,
+                                const CostBf16*, const float*, const float* gate, int N, int C, int scale_stride = 1) {
     if (N <= 0 || C <= 0) return;
     double part = (double)row_chunks_count(N) * C * F32;
     bool pgate = dgate && gate;
     double nc = (double)N * C * BF;
-    cost_add(OP_ELEMENTWISE, "branch_add_backward", 0, 2 * nc + (dres ? 2 * nc : 0) + (dbranch ? 2 * nc : 0) + part * ((dscale ? 1 : 0) + (pgate ? 1 : 0)));
-    if (dscale) cost_add(OP_ELEMENTWISE, scale_stride == 0 ? "total_sum_add" : "column_sums_add", 0, part + 2.0 * C * F32);
+    double partials = part * ((dscale ? 1 : 0) + (pgate ? 1 : 0));
+    double grads = (dres ? 2 * nc : 0) + (dbranch ? 2 * nc : 0);  // read-modify-write
+    cost_add(OP_ELEMENTWISE, "branch_add_backward", 0, 2 * nc + grads + partials);
+    const char* sums = scale_stride == 0 ? "total_sum_add" : "column_sums_add";
+    if (dscale) cost_add(OP_ELEMENTWISE, sums, 0, part + 2.0 * C * F32);
     if (pgate) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
 }
 // smear_forward: one kernel; smear_backward: the chunked kernel (dx += …) + column_sums_add for the gate
 static void smear_forward(Cost, CostBf16*, const CostBf16*, const float*, int N, int, int C) {
     if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "smear_forward", 0, 2.0 * N * C * BF);
 }
-static void smear_backward(Cost, CostBf16*, float* dgate, const CostBf16*, const CostBf16*, const float*, int N, int, int C) {
+static void smear_backward(Cost, CostBf16*, float* dgate, const CostBf16*, const CostBf16*, const float*,
+                           int N, int, int C) {
     if (N <= 0 || C <= 0) return;
     double part = (double)row_chunks_count(N) * C * F32;
     cost_add(OP_ELEMENTWISE, "smear_backward", 0, 4.0 * N * C * BF + (dgate ? part : 0));
     if (dgate) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
 }
 // mlp_act_forward / mlp_act_backward: one elementwise kernel each (the backward adds into dh)
-static void mlp_act_forward(Cost, CostBf16*, const CostBf16*, size_t n, bool) { if (n) cost_add(OP_ELEMENTWISE, "mlp_act_forward", 0, 2.0 * n * BF); }
+static void mlp_act_forward(Cost, CostBf16*, const CostBf16*, size_t n, bool) {
+    if (n) cost_add(OP_ELEMENTWISE, "mlp_act_forward", 0, 2.0 * n * BF);
+}
 static void mlp_act_backward(Cost, CostBf16*, const CostBf16*, const CostBf16*, size_t n, bool) {
     if (n) cost_add(OP_ELEMENTWISE, "mlp_act_backward", 0, 4.0 * n * BF);
 }
 // softcap_ce: softcap_ce_kernel, one block per row (reads the logits; with weights, writes dlogits over them)
 static void softcap_ce(Cost, float*, CostBf16*, const int32_t*, const float* weights, int N, int V, float) {
-    if (N > 0) cost_add(OP_ELEMENTWISE, "softcap_ce", 0, (double)N * V * BF * (weights ? 2 : 1) + (double)N * (I32 + F32 + (weights ? F32 : 0)));
+    double rows = (double)N * (I32 + F32 + (weights ? F32 : 0));
+    if (N > 0) cost_add(OP_ELEMENTWISE, "softcap_ce", 0, (double)N * V * BF * (weights ? 2 : 1) + rows);
 }
 // scale_inplace / add_forward: scale_inplace_kernel, add_forward_kernel; add_inplace and copy_forward as on the GPU
-template <class X> static void scale_inplace(Cost, X*, size_t n, float) { if (n) cost_add(OP_ELEMENTWISE, "scale_inplace", 0, 2 * cb<X>(n)); }
-template <class X> static void add_forward(Cost, X*, const X*, const X*, size_t n) { if (n) cost_add(OP_ELEMENTWISE, "add_forward", 0, 3 * cb<X>(n)); }
+template <class X> static void scale_inplace(Cost, X*, size_t n, float) {
+    if (n) cost_add(OP_ELEMENTWISE, "scale_inplace", 0, 2 * cb<X>(n));
+}
+template <class X> static void add_forward(Cost, X*, const X*, const X*, size_t n) {
+    if (n) cost_add(OP_ELEMENTWISE, "add_forward", 0, 3 * cb<X>(n));
+}
 template <class X> static void add_inplace(Cost dev, X* x, const X* y, size_t n) { add_forward(dev, x, x, y, n); }
 template <class X> static void copy_forward(Cost dev, X* out, const X* x, size_t n) { device_copy(dev, out, x, n); }
 
@@ -6097,7 +6127,9 @@ static void adamw_update(Cost, float*, const float*, float*, float*, size_t n, f
     if (n) cost_add(OP_ELEMENTWISE, "adamw", 0, 7 * cb<float>(n));
 }
 // apply_update: apply_update_kernel; average_accumulate: average_kernel; scale_grads: scale_inplace
-static void apply_update(Cost, float*, const float*, size_t n, float, float) { if (n) cost_add(OP_ELEMENTWISE, "apply_update", 0, 3 * cb<float>(n)); }
+static void apply_update(Cost, float*, const float*, size_t n, float, float) {
+    if (n) cost_add(OP_ELEMENTWISE, "apply_update", 0, 3 * cb<float>(n));
+}
 static void average_accumulate(Cost, float*, const float*, size_t n, float, bool first) {
     if (n) cost_add(OP_ELEMENTWISE, "average", 0, (first ? 2 : 3) * cb<float>(n));
 }
@@ -6188,7 +6220,8 @@ static std::vector<CostEntry> cost_step_launches(const Config& c, int world) {
         forward_nll(dev, m, x, y, B, T, nll, (Lora<Cost>*)nullptr, true);
         gpt_backward(dev, m, B, T);
     }
-    if (world > 1) cost_add(OP_SYNC, "host_allreduce_sum (MPI, train loss)", 0, 0);  // the GPU idles until the optimizer is issued
+    // the train loss's host_allreduce_sum (MPI): the GPU idles until the optimizer is issued
+    if (world > 1) cost_add(OP_SYNC, "host_allreduce_sum", 0, 0);
     optimizer_step(dev, m, s, 1.0, (float)muon_momentum_at(c, 0));
     if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, false);
     refresh_compute_weights(dev, m, false);
@@ -6203,19 +6236,19 @@ static std::vector<CostEntry> cost_step_launches(const Config& c, int world) {
 // Hardware rates from NVIDIA's H100 datasheet; the rest are assumptions, stated with their reasons in
 // docs/perf.md ("The cost model"). Every entry runs alone on one stream, so a step is the sum of its
 // entries; an entry takes the longest of its launch, its tensor-core work and its memory traffic.
-static const double H100_BF16_FLOPS = 989.4e12;  // dense bf16 tensor cores (the 1,979 TFLOP/s figure assumes 2:4 sparsity)
+static const double H100_BF16_FLOPS = 989.4e12;  // dense bf16 tensor cores (1,979 TFLOP/s is with 2:4 sparsity)
 static const double H100_HBM_BYTES = 3.35e12;    // HBM3 bandwidth
-static const double H100_NVLINK_BYTES = 450e9;   // NVLink 4, per direction (900 GB/s both ways); the NCCL ring's bus bandwidth
-static const double H100_PCIE_BYTES = 25e9;      // host copies from pageable memory through a staging buffer (Gen5 x16: 64 GB/s raw)
-static const double LAUNCH_S = 4e-6;             // a kernel or cuBLASLt call when launch-bound: ~2–3 µs of host API time plus the
-                                                 // device's gap between dependent kernels
+static const double H100_NVLINK_BYTES = 450e9;   // NVLink 4 per direction (900 GB/s both ways): the ring's bus rate
+static const double H100_PCIE_BYTES = 25e9;      // host copies from pageable memory, staged (Gen5 x16: 64 GB/s raw)
+static const double LAUNCH_S = 4e-6;             // a kernel or cuBLASLt call when launch-bound: ~2–3 µs of host API
+                                                 // time plus the device's gap between dependent kernels
 static const double SYNC_S = 20e-6;              // cudaStreamSynchronize round trip and refilling an empty queue
 static const double NCCL_LATENCY_S = 30e-6;      // ring all-reduce over 8 GPUs: 14 steps of a few µs
 // The fraction of the peak rate (tensor cores / HBM) each class reaches; see docs/perf.md for each.
 struct CostEfficiency { double flops, bytes; };
 static const CostEfficiency COST_EFFICIENCY[OP_NUM] = {
     {0.60, 0.80},  // GEMMs: d512 shapes (K = 512…1536) on cuBLASLt reach ~600 TFLOP/s, not the ~800 of large squares
-    {0.30, 0.80},  // attention forward: mma.sync (no wgmma/TMA) flash kernel, 16 query rows per warp: FA2-class ~300 TFLOP/s
+    {0.30, 0.80},  // attention forward: mma.sync flash kernel (no wgmma/TMA), 16 rows per warp: FA2-class ~300 TFLOP/s
     {0.20, 0.80},  // attention backward: FA2-class backward with 7 products and 2 passes: ~200 TFLOP/s
     {1.00, 0.80},  // memsets: cudaMemset writes near the HBM rate
     {1.00, 0.55},  // elementwise/norms/reductions: 2-byte scalar loads, column-strided partial sums
@@ -6229,7 +6262,10 @@ static double cost_seconds(const CostEntry& e) {
     if (e.cls == OP_COMM) return LAUNCH_S + NCCL_LATENCY_S + e.link_bytes / (H100_NVLINK_BYTES * k.bytes);
     return std::max({LAUNCH_S, e.flops / (H100_BF16_FLOPS * k.flops), e.hbm_bytes / (H100_HBM_BYTES * k.bytes)});
 }
-struct CostTotals { long launches[OP_NUM] = {}; double flops[OP_NUM] = {}, hbm[OP_NUM] = {}, link[OP_NUM] = {}, seconds[OP_NUM] = {}; };
+struct CostTotals {
+    long launches[OP_NUM] = {};
+    double flops[OP_NUM] = {}, hbm[OP_NUM] = {}, link[OP_NUM] = {}, seconds[OP_NUM] = {};
+};
 static CostTotals cost_totals(const std::vector<CostEntry>& list) {
     CostTotals t;
     for (const CostEntry& e : list) {
@@ -6238,7 +6274,8 @@ static CostTotals cost_totals(const std::vector<CostEntry>& list) {
     }
     return t;
 }
-[[maybe_unused]] static void cost_projected_ms(const Config& c, int world, double ms[OP_NUM]) {  // PROFILE=1 and the tests
+// Projected ms per class (PROFILE=1's report and the tests).
+[[maybe_unused]] static void cost_projected_ms(const Config& c, int world, double ms[OP_NUM]) {
     CostTotals t = cost_totals(cost_step_launches(c, world));
     for (int k = 0; k < OP_NUM; k++) ms[k] = t.seconds[k] * 1e3;
 }
@@ -6249,12 +6286,14 @@ static int cost_main(int argc, char** argv) {
     int world = 8;
     for (int i = 2; i < argc; i++) {
         const char* eq = strchr(argv[i], '=');
-        if (!eq || eq == argv[i]) fail("%s cost: argument \"%s\": expected KEY=VALUE (e.g. CONFIG=pr467 GPUS=8)", argv[0], argv[i]);
+        if (!eq || eq == argv[i])
+            fail("%s cost: argument \"%s\": expected KEY=VALUE (e.g. CONFIG=pr467 GPUS=8)", argv[0], argv[i]);
         std::string key(argv[i], eq - argv[i]);
         if (key == "GPUS") {
             char* end = nullptr;
             long v = strtol(eq + 1, &end, 10);
-            if (*end || v < 1 || v > 4096) fail("%s cost: GPUS=%s: expected a rank count from 1 to 4096", argv[0], eq + 1);
+            if (*end || v < 1 || v > 4096)
+                fail("%s cost: GPUS=%s: expected a rank count from 1 to 4096", argv[0], eq + 1);
             world = (int)v;
             continue;
         }
@@ -6266,32 +6305,37 @@ static int cost_main(int argc, char** argv) {
     long local = c.train_batch_tokens / ((long)world * accum);
     std::vector<CostEntry> list = cost_step_launches(c, world);
     CostTotals t = cost_totals(list);
-    printf("cost model: CONFIG=%s, one training step on one GPU of %d: %ld tokens per micro-batch (%d×%d), %d micro-batch%s, "
-           "%ld tokens per step in all\n", c.preset.c_str(), world, local, (int)(local / c.train_seq_len), c.train_seq_len, accum,
-           accum == 1 ? "" : "es", c.train_batch_tokens);
+    printf("cost model: CONFIG=%s, one training step on one GPU of %d: %ld tokens per micro-batch (%d×%d), "
+           "%d micro-batch%s, %ld tokens per step in all\n", c.preset.c_str(), world, local,
+           (int)(local / c.train_seq_len), c.train_seq_len, accum, accum == 1 ? "" : "es", c.train_batch_tokens);
     printf("%-30s %9s %10s %10s %10s %12s\n", "class", "launches", "TFLOP", "HBM_GB", "link_GB", "projected_ms");
     long launches = 0; double flops = 0, hbm = 0, link = 0, sec = 0;
     for (int k = 0; k < OP_NUM; k++) {
-        printf("%-30s %9ld %10.3f %10.2f %10.3f %12.2f\n", OP_CLASS_NAMES[k], t.launches[k], t.flops[k] / 1e12, t.hbm[k] / 1e9,
-               t.link[k] / 1e9, t.seconds[k] * 1e3);
+        printf("%-30s %9ld %10.3f %10.2f %10.3f %12.2f\n", OP_CLASS_NAMES[k], t.launches[k], t.flops[k] / 1e12,
+               t.hbm[k] / 1e9, t.link[k] / 1e9, t.seconds[k] * 1e3);
         launches += t.launches[k]; flops += t.flops[k]; hbm += t.hbm[k]; link += t.link[k]; sec += t.seconds[k];
     }
-    printf("%-30s %9ld %10.3f %10.2f %10.3f %12.2f\n", "total", launches, flops / 1e12, hbm / 1e9, link / 1e9, sec * 1e3);
+    printf("%-30s %9ld %10.3f %10.2f %10.3f %12.2f\n", "total", launches, flops / 1e12, hbm / 1e9, link / 1e9,
+           sec * 1e3);
     double memsets = t.hbm[OP_MEMSET], non_gemm = hbm - t.hbm[OP_GEMM];
     double model_flops = t.flops[OP_GEMM] + 6.0 * c.num_layers * (double)local * accum * c.train_seq_len * c.model_dim;
-    printf("projected: %.1f ms/step, %.0f tokens/s per GPU, %.2fM tokens/s on %d GPUs; MFU %.1f%% (model FLOPs below over "
-           "%.0f TFLOP/s); tensor-core work issued %.0f TFLOP/s; non-GEMM HBM traffic %.1f GB (memsets %.1f GB)\n",
-           sec * 1e3, local * accum / sec, c.train_batch_tokens / sec / 1e6, world, 100 * model_flops / sec / H100_BF16_FLOPS,
-           H100_BF16_FLOPS / 1e12, flops / sec / 1e12, non_gemm / 1e9, memsets / 1e9);
-    printf("model_flops_per_step_per_gpu: %.6e (6·N_matmul·T + 6·L·T·seq·d, T = %ld tokens of this GPU; %.4e for all %d GPUs)\n",
-           model_flops, local * accum, model_flops * world, world);
-    printf("assumed: H100 SXM %.0f TFLOP/s bf16 dense, HBM %.2f TB/s, NVLink %.0f GB/s, PCIe %.0f GB/s, launch %.0f us, "
-           "sync %.0f us; efficiencies (FLOPs, bytes) per class in the source and docs/perf.md\n",
-           H100_BF16_FLOPS / 1e12, H100_HBM_BYTES / 1e12, H100_NVLINK_BYTES / 1e9, H100_PCIE_BYTES / 1e9, LAUNCH_S * 1e6, SYNC_S * 1e6);
+    printf("projected: %.1f ms/step, %.0f tokens/s per GPU, %.2fM tokens/s on %d GPUs; MFU %.1f%% (model FLOPs "
+           "below over %.0f TFLOP/s); tensor-core work issued %.0f TFLOP/s; non-GEMM HBM traffic %.1f GB "
+           "(memsets %.1f GB)\n", sec * 1e3, local * accum / sec, c.train_batch_tokens / sec / 1e6, world,
+           100 * model_flops / sec / H100_BF16_FLOPS, H100_BF16_FLOPS / 1e12, flops / sec / 1e12, non_gemm / 1e9,
+           memsets / 1e9);
+    printf("model_flops_per_step_per_gpu: %.6e (6·N_matmul·T + 6·L·T·seq·d, T = %ld tokens of this GPU; "
+           "%.4e for all %d GPUs)\n", model_flops, local * accum, model_flops * world, world);
+    printf("assumed: H100 SXM %.0f TFLOP/s bf16 dense, HBM %.2f TB/s, NVLink %.0f GB/s, PCIe %.0f GB/s, "
+           "launch %.0f us, sync %.0f us; efficiencies (FLOPs, bytes) per class in the source and docs/perf.md\n",
+           H100_BF16_FLOPS / 1e12, H100_HBM_BYTES / 1e12, H100_NVLINK_BYTES / 1e9, H100_PCIE_BYTES / 1e9,
+           LAUNCH_S * 1e6, SYNC_S * 1e6);
     return 0;
 }
 #else
-static int cost_main(int, char** argv) { fail("%s cost: not part of the stripped submission; use the full build", argv[0]); }
+static int cost_main(int, char** argv) {
+    fail("%s cost: not part of the stripped submission; use the full build", argv[0]);
+}
 #endif
 
 #ifdef __CUDACC__
