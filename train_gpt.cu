@@ -6284,9 +6284,10 @@ static CostTotals cost_totals(const std::vector<CostEntry>& list) {
 }
 
 // ./train_gpt cost [KEY=VALUE …]: settings as environment variables or arguments (CONFIG=pr467, …);
-// GPUS=n (default 8) ranks share TRAIN_BATCH_TOKENS, as `mpirun -np n` would.
+// GPUS=n (default 8) ranks share TRAIN_BATCH_TOKENS, as `mpirun -np n` would; OPS=1 adds a table per op.
 static int cost_main(int argc, char** argv) {
     int world = 8;
+    bool by_op = false;
     for (int i = 2; i < argc; i++) {
         const char* eq = strchr(argv[i], '=');
         if (!eq || eq == argv[i])
@@ -6298,6 +6299,11 @@ static int cost_main(int argc, char** argv) {
             if (*end || v < 1 || v > 4096)
                 fail("%s cost: GPUS=%s: expected a rank count from 1 to 4096", argv[0], eq + 1);
             world = (int)v;
+            continue;
+        }
+        if (key == "OPS") {
+            if (strcmp(eq + 1, "0") && strcmp(eq + 1, "1")) fail("%s cost: OPS=%s: expected 0 or 1", argv[0], eq + 1);
+            by_op = eq[1] == '1';
             continue;
         }
         setenv(key.c_str(), eq + 1, 1);
@@ -6320,6 +6326,22 @@ static int cost_main(int argc, char** argv) {
     }
     printf("%-30s %9ld %10.3f %10.2f %10.3f %12.2f\n", "total", launches, flops / 1e12, hbm / 1e9, link / 1e9,
            sec * 1e3);
+    if (by_op) {  // the same entries by op and class, most projected time first
+        std::map<std::pair<std::string, int>, CostTotals> ops;
+        for (const CostEntry& e : list) {
+            CostTotals& o = ops[{e.op, e.cls}];
+            o.launches[0]++; o.flops[0] += e.flops; o.hbm[0] += e.hbm_bytes; o.seconds[0] += cost_seconds(e);
+        }
+        std::vector<std::pair<double, std::string>> rows;
+        for (auto& [key, o] : ops)
+            rows.push_back({o.seconds[0], fmt("  %-28s %-28s %9ld %10.3f %10.2f %12.2f", key.first.c_str(),
+                                              OP_CLASS_NAMES[key.second], o.launches[0], o.flops[0] / 1e12,
+                                              o.hbm[0] / 1e9, o.seconds[0] * 1e3)});
+        std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+        printf("\n  %-28s %-28s %9s %10s %10s %12s\n", "op", "class", "launches", "TFLOP", "HBM_GB", "projected_ms");
+        for (auto& r : rows) printf("%s\n", r.second.c_str());
+        printf("\n");
+    }
     double memsets = t.hbm[OP_MEMSET], non_gemm = hbm - t.hbm[OP_GEMM];
     double model_flops = t.flops[OP_GEMM] + 6.0 * c.num_layers * (double)local * accum * c.train_seq_len * c.model_dim;
     printf("projected: %.1f ms/step, %.0f tokens/s per GPU, %.2fM tokens/s on %d GPUs; MFU %.1f%% (model FLOPs "
