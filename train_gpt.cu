@@ -36,6 +36,7 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+#include <csignal>
 #include <dirent.h>
 #include <fnmatch.h>
 #include <zstd.h>
@@ -924,6 +925,42 @@ static std::vector<Setting> config_settings(Config& c) {
     };
 }
 
+// Every setting's scope. model: defines the function the weights compute (an artifact or checkpoint
+// fixes it; LOAD_ARTIFACT and RESUME refuse a different value). training: how the weights are
+// trained and exported. evaluation: how they are scored. this run: where it reads and writes, its
+// cadence (never taken from a stored config). Each setting has exactly one scope (setting_scope).
+enum Scope { SCOPE_MODEL, SCOPE_TRAINING, SCOPE_EVALUATION, SCOPE_RUN, SCOPE_NUM };
+static const char* const SCOPE_NAMES[SCOPE_NUM] = {"model", "training", "evaluation", "this run"};
+static const char* const SCOPE_SETTINGS[SCOPE_NUM] = {
+    "VOCAB_SIZE NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT MLP_ACTIVATION UNIQUE_LAYERS NAMED_CORES "
+    "TIE_EMBEDDINGS ROPE_BASE ROPE_DIMS LOGIT_SOFTCAP BIGRAM_VOCAB_SIZE BIGRAM_DIM BIGRAM_HASH_SIZE SMEAR "
+    "SMEAR_GATE XSA_LAST_N",
+    "SEED ITERATIONS WARMDOWN_ITERS WARMUP_STEPS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN MAX_WALLCLOCK_SECONDS "
+    "GRAD_ACCUM_STEPS QK_GAIN_INIT TIED_EMBED_INIT_STD ORTHO_INIT EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR "
+    "SCALAR_LR MUON_MOMENTUM MUON_BACKEND_STEPS MUON_MOMENTUM_WARMUP_START MUON_MOMENTUM_WARMUP_STEPS "
+    "MUON_WEIGHT_DECAY ADAM_WD WEIGHT_DECAY BETA1 BETA2 ADAM_EPS GRAD_CLIP_NORM SWA_ENABLED SWA_START_FRAC "
+    "SWA_EVERY SWA_STEPS SWA_DECAY SWA_START_STEP EMA_DECAY LATE_QAT QAT_THRESHOLD QAT_BITS QAT_START_STEP "
+    "QAT_SCALE_FLOOR QUANT_SCHEME PACK ZSTD_LEVEL PRUNE_FRAC GPTQ_LITE ALL_INT5 FP16_KEEP_NAME_PATTERNS "
+    "CONTROL_TENSOR_NAME_PATTERNS",
+    "VAL_BATCH_SIZE VAL_LOSS_EVERY VAL_TOKENS_LIMIT VAL_TRUNCATE_TO_SEQ EVAL_MODE EVAL_SEQ_LEN EVAL_STRIDE "
+    "EVAL_BATCH_SEQS SLIDING EVAL_MAX_WALLCLOCK_SECONDS TTT_LORA_RANK TTT_LORA_LR TTT_LORA_ALPHA "
+    "TTT_LORA_TARGETS TTT_LORA_OPTIMIZER TTT_LORA_BETA1 TTT_LORA_BETA2 TTT_LORA_EPS TTT_LORA_WD TTT_CHUNK_SIZE "
+    "TTT_EVAL_SEQ_LEN TTT_BATCH_SIZE TTT_STEPS TTT_N_EPOCHS TTT_LORA_SCHEDULE TTT_REPORT_FINAL_EPOCH "
+    "TTT_CHUNK_TOKENS TTT_EPOCHS TTT_FREEZE_BLOCKS TTT_BATCH_SEQS TTT_LR TTT_MOMENTUM TTT_GRAD_CLIP TTT_WD "
+    "TTT_BETA1 TTT_BETA2 TTT_EPS TTT_OPTIMIZER",
+    "DATA_PATH TOKENIZER_PATH RUN_ID OUT_DIR RESUME LOAD_ARTIFACT NLL_DUMP DEVICE TRAIN_LOG_EVERY "
+    "CHECKPOINT_EVERY CHECKPOINT_KEEP",
+};
+static Scope setting_scope(const char* name) {
+    int found = -1, count = 0;
+    for (int sc = 0; sc < SCOPE_NUM; sc++) {
+        std::string list = std::string(" ") + SCOPE_SETTINGS[sc] + " ";
+        if (list.find(std::string(" ") + name + " ") != std::string::npos) { found = sc; count++; }
+    }
+    if (count != 1) fail("internal: setting %s has %d scopes in SCOPE_SETTINGS (expected exactly one)", name, count);
+    return (Scope)found;
+}
+
 static std::string setting_value(const Setting& s) {
     char buf[64];
     switch (s.kind) {
@@ -959,6 +996,49 @@ static void setting_parse(const Setting& s, const char* text, const std::string&
              s.kind == 'i' || s.kind == 'l' ? "an integer" : "a number");
 }
 
+// Levenshtein distance, for "did you mean" hints.
+static int edit_distance(const std::string& a, const std::string& b) {
+    std::vector<int> row(b.size() + 1);
+    for (size_t j = 0; j <= b.size(); j++) row[j] = (int)j;
+    for (size_t i = 1; i <= a.size(); i++) {
+        int diag = row[0];
+        row[0] = (int)i;
+        for (size_t j = 1; j <= b.size(); j++) {
+            int up = row[j];
+            row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] != b[j - 1])});
+            diag = up;
+        }
+    }
+    return row[b.size()];
+}
+// Environment variables that look like a mistyped setting: within max(1, len/5) edits of one, or
+// sharing a setting's first word (TTT_, SWA_, EVAL_, …). One warning each, naming the closest setting.
+static std::vector<std::string> unknown_setting_warnings(char** env) {
+    Config c;
+    std::vector<Setting> settings = config_settings(c);
+    std::vector<std::string> out;
+    for (char** e = env; e && *e; e++) {
+        std::string name(*e);
+        name = name.substr(0, name.find('='));
+        bool known = name == "CONFIG";
+        for (const Setting& s : settings) known |= name == s.name;
+        if (known || name.empty()) continue;
+        std::string best = "CONFIG";
+        int best_d = edit_distance(name, best);
+        bool same_word = false;
+        for (const Setting& s : settings) {
+            int d = edit_distance(name, s.name);
+            if (d < best_d) { best_d = d; best = s.name; }
+            std::string word = std::string(s.name).substr(0, std::string(s.name).find('_') + 1);
+            same_word |= word.size() > 1 && word.back() == '_' && name.compare(0, word.size(), word) == 0;
+        }
+        if (best_d <= std::max(1, (int)name.size() / 5) || same_word)
+            out.push_back(fmt("%s is not a pgolf setting and is ignored (did you mean %s?)", name.c_str(),
+                              best.c_str()));
+    }
+    return out;
+}
+
 // Preset (CONFIG) first, then every env var that names a setting.
 static Config config_from_env() {
     Config c;
@@ -974,6 +1054,8 @@ static Config config_from_env() {
     }
     for (const Setting& s : config_settings(c))
         if (const char* v = getenv(s.name)) setting_parse(s, v);
+    if (g_rank == 0)
+        for (const std::string& w : unknown_setting_warnings(environ)) fprintf(stderr, "warning: %s\n", w.c_str());
     return c;
 }
 
@@ -1007,7 +1089,29 @@ static Config config_from_text(const std::string& text, const std::string& where
     return c;
 }
 
-// Shape and batch checks, before any work is done.
+// LOAD_ARTIFACT: the artifact's stored config, with this run's own settings (scope "this run") and the
+// training/evaluation settings the environment sets. A model setting the environment sets to another
+// value than the artifact's is refused: the weights compute that model and no other.
+static Config config_for_artifact(Config& env_cfg, Config art, const std::string& path) {
+    std::vector<Setting> a = config_settings(art), e = config_settings(env_cfg);
+    for (size_t i = 0; i < a.size(); i++) {
+        Scope scope = setting_scope(a[i].name);
+        const char* env = getenv(a[i].name);
+        if (scope == SCOPE_RUN) setting_parse(a[i], setting_value(e[i]).c_str());
+        else if (env && scope == SCOPE_MODEL && setting_value(a[i]) != setting_value(e[i]))
+            fail("LOAD_ARTIFACT: %s=%s contradicts the artifact's %s=%s (%s sets the model; unset it)", a[i].name, env,
+                 a[i].name, setting_value(a[i]).c_str(), path.c_str());
+        else if (env && scope != SCOPE_MODEL) setting_parse(a[i], env);
+    }
+    return art;
+}
+
+static std::vector<std::string> split_list(const std::string& s);  // section 12
+static void lora_targets_check(const std::string& list);           // section 10
+static const char* const EVAL_MODE_NAMES[] = {"standard", "sliding", "lora_ttt", "full_ttt"};
+
+// Every setting is checked here, before any work is done: a typo in a setting used only after
+// training (EVAL_MODE, TTT_*, export) must not cost the run.
 static void config_validate(const Config& c, int world) {
     auto need = [](bool ok, const char* fmt, auto... args) { if (!ok) fail(fmt, args...); };
     need(c.vocab_size > 0 && c.vocab_size <= 65536, "VOCAB_SIZE=%d: expected 1..65536 (tokens are uint16)", c.vocab_size);
@@ -1019,6 +1123,8 @@ static void config_validate(const Config& c, int world) {
     need(c.mlp_hidden() > 0, "MLP_MULT=%g gives an empty MLP", c.mlp_mult);
     need(c.mlp_activation == "relu_sq" || c.mlp_activation == "leaky_relu_sq", "MLP_ACTIVATION=%s: expected relu_sq or leaky_relu_sq", c.mlp_activation.c_str());
     need(c.unique_layers >= 0 && c.unique_layers <= c.num_layers, "UNIQUE_LAYERS=%d: expected 0..NUM_LAYERS=%d", c.unique_layers, c.num_layers);
+    need(c.named_cores || c.num_cores() == c.num_layers,
+         "UNIQUE_LAYERS=%d needs NAMED_CORES=1 (shared blocks are named cores.i)", c.unique_layers);
     need(c.xsa_last_n >= 0 && c.xsa_last_n <= c.num_cores(), "XSA_LAST_N=%d: expected 0..%d", c.xsa_last_n, c.num_cores());
     need(c.logit_softcap > 0, "LOGIT_SOFTCAP=%g: expected > 0", c.logit_softcap);
     need(c.bigram_vocab_size == 0 || c.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE=%d: expected 0 or ≥ 2", c.bigram_vocab_size);
@@ -1056,19 +1162,57 @@ static void config_validate(const Config& c, int world) {
     need(c.ttt_optimizer == "sgd" || c.ttt_optimizer == "adamw", "TTT_OPTIMIZER=%s: expected sgd or adamw", c.ttt_optimizer.c_str());
     need(c.ttt_lora_optimizer == "adam" || c.ttt_lora_optimizer == "adamw" || c.ttt_lora_optimizer == "sgd",
          "TTT_LORA_OPTIMIZER=%s: expected adam, adamw or sgd", c.ttt_lora_optimizer.c_str());
+    lora_targets_check(c.ttt_lora_targets);
+    for (const std::string& mode : split_list(c.eval_mode)) {
+        bool known = false;
+        for (const char* name : EVAL_MODE_NAMES) known |= mode == name;
+        need(known, "EVAL_MODE: unknown mode \"%s\" (expected a comma list of standard, sliding, lora_ttt, full_ttt)",
+             mode.c_str());
+    }
+    // SWA, PR #600's SWA_STEPS EMA and EMA_DECAY each replace the final weights by their own average of one
+    // buffer; none of the reference records combines two, so a combination is refused, not guessed.
+    int averages = (c.swa_enabled != 0) + (c.swa_steps > 0) + (c.ema_decay > 0);
+    need(averages <= 1, "SWA_ENABLED=%d, SWA_STEPS=%d and EMA_DECAY=%g: these are three different weight averages; "
+         "set only one (e.g. SWA_ENABLED=0 with EMA_DECAY)", c.swa_enabled, c.swa_steps, c.ema_decay);
+    need(c.ema_decay >= 0 && c.ema_decay < 1, "EMA_DECAY=%g: expected [0, 1)", c.ema_decay);
+    need(c.swa_steps >= 0 && c.swa_decay >= 0 && c.swa_decay < 1,
+         "SWA_STEPS=%d, SWA_DECAY=%g: expected ≥ 0 and [0, 1)", c.swa_steps, c.swa_decay);
+    need(c.zstd_level >= 1 && c.zstd_level <= 22, "ZSTD_LEVEL=%d: expected 1..22", c.zstd_level);
+    need(c.checkpoint_every >= 0 && c.checkpoint_keep >= 0, "CHECKPOINT_EVERY=%d, CHECKPOINT_KEEP=%d: expected ≥ 0",
+         c.checkpoint_every, c.checkpoint_keep);
+    need(c.val_batch_size > 0, "VAL_BATCH_SIZE=%ld: expected > 0", c.val_batch_size);
+    need(c.val_tokens_limit >= 0 && c.eval_seq_len >= 0, "VAL_TOKENS_LIMIT=%ld, EVAL_SEQ_LEN=%d: expected ≥ 0",
+         c.val_tokens_limit, c.eval_seq_len);
+    need(c.max_wallclock_seconds >= 0 && c.eval_max_wallclock_seconds >= 0,
+         "MAX_WALLCLOCK_SECONDS=%g, EVAL_MAX_WALLCLOCK_SECONDS=%g: expected ≥ 0", c.max_wallclock_seconds,
+         c.eval_max_wallclock_seconds);
+    need(c.muon_backend_steps >= 0, "MUON_BACKEND_STEPS=%d: expected ≥ 0", c.muon_backend_steps);
+}
+
+// The folders this run writes outside OUT_DIR must be writable before training starts.
+static void outputs_check(const Config& c) {
+    if (c.nll_dump.empty()) return;
+    std::string probe = c.nll_dump + ".probe.tmp";
+    FILE* f = fopen(probe.c_str(), "wb");
+    if (!f)
+        fail("NLL_DUMP=%s: cannot write %s: %s (its folder must exist and be writable)", c.nll_dump.c_str(),
+             probe.c_str(), strerror(errno));
+    fclose(f);
+    remove(probe.c_str());
 }
 static int grad_accum_steps(const Config& c, int world) { return c.grad_accum_steps > 0 ? c.grad_accum_steps : 8 / world; }
 
-// `./train_gpt settings`: every setting with its default under each preset, as a markdown table.
+// `./train_gpt settings`: every setting, its scope and its default under each preset, as a markdown table.
 static void print_settings_table() {
     std::vector<Config> cs(sizeof PRESETS / sizeof PRESETS[0]);
-    std::string head = "| setting |", rule = "|---|";
+    std::string head = "| setting | scope |", rule = "|---|---|";
     for (size_t i = 0; i < cs.size(); i++) { PRESETS[i].apply(cs[i]); head += std::string(" ") + PRESETS[i].name + " |"; rule += "---|"; }
     printf("%s meaning |\n%s---|\n", head.c_str(), rule.c_str());
     std::vector<std::vector<Setting>> all;
     for (Config& c : cs) all.push_back(config_settings(c));
     for (size_t k = 0; k < all[0].size(); k++) {
-        std::string row = std::string("| `") + all[0][k].name + "` |";
+        std::string row = std::string("| `") + all[0][k].name + "` | ";
+        row += std::string(SCOPE_NAMES[setting_scope(all[0][k].name)]) + " |";
         for (auto& st : all) { std::string v = setting_value(st[k]); row += " " + (v.empty() ? std::string("—") : "`" + v + "`") + " |"; }
         printf("%s %s |\n", row.c_str(), all[0][k].help);
     }
@@ -3962,6 +4106,22 @@ static void host_broadcast(std::vector<uint8_t>& buf) {
 #endif
 }
 
+// Bitwise OR of the ranks' floats onto rank 0: where exactly one rank holds a value and the others
+// zero bits, rank 0 receives that value bit for bit (a sum would turn −0 into +0).
+static void host_reduce_bits_to_root(float* x, size_t n) {
+#ifdef PGOLF_MPI
+    if (g_world == 1) return;
+    static_assert(sizeof(float) == sizeof(uint32_t), "float is 32 bits");
+    for (size_t off = 0; off < n; off += (1u << 28)) {
+        int k = (int)std::min<size_t>(1u << 28, n - off);
+        if (g_rank == 0) mpiCheck(MPI_Reduce(MPI_IN_PLACE, x + off, k, MPI_UINT32_T, MPI_BOR, 0, MPI_COMM_WORLD));
+        else mpiCheck(MPI_Reduce(x + off, nullptr, k, MPI_UINT32_T, MPI_BOR, 0, MPI_COMM_WORLD));
+    }
+#else
+    (void)x; (void)n;
+#endif
+}
+
 #if PGOLF_CPU_REFERENCE
 // Sum of a host array over ranks (the CPU reference keeps everything in host memory).
 template <class T> static void allreduce_sum(Cpu<T>, T* x, size_t n) {
@@ -4935,6 +5095,7 @@ static void lora_parse_targets(const std::string& list, bool on[LORA_NUM]) {
         on[t] = true;
     }
 }
+static void lora_targets_check(const std::string& list) { bool on[LORA_NUM]; lora_parse_targets(list, on); }
 
 // Adapters for `docs` documents and forward passes of up to max_tokens positions. All A blocks come
 // first in lo.params, then all B blocks; returns the length of the A part. One allocation, headed
@@ -5456,6 +5617,8 @@ static void load_checkpoint_weights(const std::string& path, const std::vector<P
 #endif
 static const long ARTIFACT_LIMIT_BYTES = 16000000;
 
+struct SavedCheckpoint { std::string path; int step; };  // its weights are finite (others are not written)
+
 // Optimizer and averaging state, all in the parameter layout.
 template <class D> struct TrainState {
     using G = typename D::grad;
@@ -5466,7 +5629,7 @@ template <class D> struct TrainState {
     double train_ms = 0;
     bool qat_active = false;
     DataLoader loader;
-    std::vector<std::string> checkpoints;    // written so far, oldest first
+    std::vector<SavedCheckpoint> checkpoints;  // on disk, oldest first: written so far, or resumed from
 };
 
 // Activation capacity: the largest batch any phase runs (training micro-batch, eval, TTT).
@@ -5497,6 +5660,9 @@ template <class D> static void train_state_init(D dev, TrainState<D>& s, Model<D
     if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, true);  // EMA starts at the init
 }
 
+// Parallel Muon: the rank that orthogonalizes matrix i (in table order) and alone keeps its momentum.
+static int muon_owner(int matrix_index) { return matrix_index % g_world; }
+
 // One optimizer step over the summed gradients of this step's micro-batches.
 template <class D> static void optimizer_step(D dev, Model<D>& m, TrainState<D>& s, double lr_scale, float muon_momentum) {
     auto scope = op_scope(dev, OP_OPTIMIZER);  // PROFILE=1 and the cost model: the optimizer's work
@@ -5519,7 +5685,7 @@ template <class D> static void optimizer_step(D dev, Model<D>& m, TrainState<D>&
         auto* w = m.params + p.offset; auto* g = m.grads + p.offset;
         if (p.group == GROUP_MATRIX) {
             // parallel Muon: matrix i is orthogonalized by rank i mod W, the others add zeros
-            if (matrix_i++ % g_world == g_rank)
+            if (muon_owner(matrix_i++) == g_rank)
                 muon_direction(dev, s.update + p.offset, g, s.adam_m + p.offset, p.rows(), p.cols(), muon_momentum, c.muon_backend_steps);
             else
                 device_zero(dev, s.update + p.offset, p.numel * sizeof(*w));
@@ -5537,18 +5703,34 @@ template <class D> static void optimizer_step(D dev, Model<D>& m, TrainState<D>&
 
 static std::string checkpoint_path(const Config& c, int step) { return c.out_dir + fmt("/checkpoint_%06d.safetensors", step); }
 
+// Every rank takes part (the Muon momentum of a matrix lives on its owner only); rank 0 writes. A
+// checkpoint whose weights are not finite is not written: it must never displace a good one.
 template <class D> static void save_checkpoint(D dev, Model<D>& m, TrainState<D>& s) {
     Config c = m.cfg;
     std::string path = checkpoint_path(c, s.step);
-    if (!s.checkpoints.empty() && s.checkpoints.back() == path) return;  // already saved at this step
-    s.checkpoints.push_back(path);
-    if (g_rank != 0) return;
+    if (!s.checkpoints.empty() && s.checkpoints.back().path == path) return;  // already saved at this step
     size_t n = m.nparams;
     std::vector<float> w(n), am(n), av(n), avg(s.avg ? n : 0);
     auto fetch = [&](std::vector<float>& dst, const typename D::grad* src) {
         std::vector<typename D::grad> tmp(n); to_host(dev, tmp.data(), src, n); dst.assign(tmp.begin(), tmp.end());
     };
-    fetch(w, m.params); fetch(am, s.adam_m); fetch(av, s.adam_v);
+    fetch(am, s.adam_m);
+    if (g_world > 1) {  // gather each matrix's momentum from its owner: the others contribute zero bits
+        int matrix_i = 0;
+        for (const ParamSpec& p : m.table)
+            if (p.group == GROUP_MATRIX && muon_owner(matrix_i++) != g_rank)
+                std::fill_n(am.data() + p.offset, p.numel, 0.0f);
+        host_reduce_bits_to_root(am.data(), n);
+    }
+    bool finite = true;
+    if (g_rank == 0) {
+        fetch(w, m.params);
+        for (size_t i = 0; i < n && finite; i++) finite = std::isfinite(w[i]);
+    }
+    if (any_rank(!finite)) { log0("checkpoint: step %d not written: its weights are not finite\n", s.step); return; }
+    s.checkpoints.push_back({path, s.step});
+    if (g_rank != 0) return;
+    fetch(av, s.adam_v);
     if (s.avg) fetch(avg, s.avg);
     std::vector<TensorBlob> blobs;
     for (const ParamSpec& p : m.table) blobs.push_back({p.name, p.shape, w.data() + p.offset, p.numel});
@@ -5562,26 +5744,31 @@ template <class D> static void save_checkpoint(D dev, Model<D>& m, TrainState<D>
         {"loader_file", std::to_string(s.loader.stream.file_idx)}, {"loader_pos", std::to_string(s.loader.stream.pos)}});
     log0("checkpoint: %s\n", path.c_str());
     while (c.checkpoint_keep > 0 && (int)s.checkpoints.size() > c.checkpoint_keep) {
-        remove(s.checkpoints.front().c_str());
+        remove(s.checkpoints.front().path.c_str());
         s.checkpoints.erase(s.checkpoints.begin());
     }
 }
 
-// Training shape settings must match to resume; cadence, logging and eval settings may differ.
-static const char* RESUME_MUST_MATCH[] = {"VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
-    "UNIQUE_LAYERS", "NAMED_CORES", "TIE_EMBEDDINGS", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "BIGRAM_HASH_SIZE", "SMEAR",
-    "SMEAR_GATE", "XSA_LAST_N", "TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN"};
+// RESUME: the model settings must match; a changed training setting makes a different continuation: say so.
+static void config_check_resume(Config saved, Config cur, const std::string& path) {
+    std::vector<Setting> a = config_settings(saved), b = config_settings(cur);
+    for (size_t i = 0; i < a.size(); i++) {
+        if (setting_value(a[i]) == setting_value(b[i])) continue;
+        Scope scope = setting_scope(a[i].name);
+        if (scope == SCOPE_MODEL)
+            fail("%s: checkpoint has %s=%s but this run has %s=%s", path.c_str(), a[i].name,
+                 setting_value(a[i]).c_str(), a[i].name, setting_value(b[i]).c_str());
+        if (scope == SCOPE_TRAINING)
+            log0("resume: %s=%s (the checkpoint's run had %s): training continues with the new value\n", b[i].name,
+                 setting_value(b[i]).c_str(), setting_value(a[i]).c_str());
+    }
+}
 
 template <class D> static void load_checkpoint(D dev, Model<D>& m, TrainState<D>& s, const std::string& path) {
     SafetensorsFile f = safetensors_read(path);
     if (f.meta["format"] != "pgolf-checkpoint-1") fail("%s: not a pgolf checkpoint (format \"%s\")", path.c_str(), f.meta["format"].c_str());
     Config saved = config_from_text(f.meta["config"], path);
-    Config cur = m.cfg;
-    std::vector<Setting> a = config_settings(saved), b = config_settings(cur);
-    for (size_t i = 0; i < a.size(); i++)
-        for (const char* key : RESUME_MUST_MATCH)
-            if (!strcmp(a[i].name, key) && setting_value(a[i]) != setting_value(b[i]))
-                fail("%s: checkpoint has %s=%s but this run has %s=%s", path.c_str(), key, setting_value(a[i]).c_str(), key, setting_value(b[i]).c_str());
+    config_check_resume(saved, m.cfg, path);
     size_t n = m.nparams;
     std::vector<float> tmp(n, 0.0f);
     auto put = [&](const char* prefix, typename D::grad* dst) {
@@ -5590,14 +5777,80 @@ template <class D> static void load_checkpoint(D dev, Model<D>& m, TrainState<D>
         std::vector<typename D::grad> conv(tmp.begin(), tmp.end());
         to_device(dev, dst, conv.data(), n);
     };
-    put("", m.params); put("optimizer.m.", s.adam_m); put("optimizer.v.", s.adam_v);
+    put("", m.params);
+    bool finite = true;
+    for (float x : tmp) finite &= std::isfinite(x);
+    put("optimizer.m.", s.adam_m); put("optimizer.v.", s.adam_v);
     if (s.avg) put("average.", s.avg);
     s.step = atoi(f.meta["step"].c_str());
     s.train_ms = atof(f.meta["train_ms"].c_str());
     s.swa_count = atoi(f.meta["swa_count"].c_str());
     s.qat_active = atoi(f.meta["qat_active"].c_str()) != 0;
-    s.loader.stream.open(s.loader.stream.files, m.cfg.vocab_size, atoi(f.meta["loader_file"].c_str()), atol(f.meta["loader_pos"].c_str()));
+    if (s.step > m.cfg.iterations)
+        fail("RESUME=%s: the checkpoint is at step %d, past ITERATIONS=%d: set ITERATIONS to %d or more to train on",
+             path.c_str(), s.step, m.cfg.iterations, s.step);
+    // the loader position must exist in this run's train shards
+    int file = atoi(f.meta["loader_file"].c_str());
+    long pos = atol(f.meta["loader_pos"].c_str());
+    const std::vector<std::string>& files = s.loader.stream.files;
+    if (file < 0 || file >= (int)files.size())
+        fail("RESUME=%s: the checkpoint's loader position is train shard #%d (0-based), token %ld, but DATA_PATH=%s "
+             "holds %zu train shards: resume with the data it was trained on", path.c_str(), file, pos,
+             m.cfg.data_path.c_str(), files.size());
+    s.loader.stream.open(files, m.cfg.vocab_size, file, pos);
+    if (pos < 0 || pos > (long)s.loader.stream.tokens.size())
+        fail("RESUME=%s: the checkpoint's loader position is token %ld of %s, which holds %zu tokens (DATA_PATH=%s): "
+             "resume with the data it was trained on", path.c_str(), pos, files[file].c_str(),
+             s.loader.stream.tokens.size(), m.cfg.data_path.c_str());
+    if (finite) s.checkpoints.push_back({path, s.step});  // a good checkpoint to name if training diverges
     log0("resumed from %s at step %d (train_time %.0fms)\n", path.c_str(), s.step, s.train_ms);
+}
+
+// The newest checkpoint written before the step whose loss diverged: the weights after step k are the
+// ones the (k+1)-th forward reads, so a checkpoint at step k itself is not "before the divergence".
+static std::string last_good_checkpoint(const std::vector<SavedCheckpoint>& saved, int diverged_step) {
+    for (auto it = saved.rbegin(); it != saved.rend(); ++it)
+        if (it->step < diverged_step) return it->path;
+    return "";
+}
+
+// SIGTERM/SIGINT during training: the first lets the step finish, writes a checkpoint and exits with
+// 128 + signo; a second exits at once. Outside training the default action applies.
+static volatile sig_atomic_t g_stop_signal = 0;
+static void on_stop_signal(int signo) {
+    if (g_stop_signal) {
+        const char msg[] = "\nsecond signal: exiting at once\n";
+        if (write(2, msg, sizeof msg - 1) < 0) {}
+        _exit(128 + signo);
+    }
+    g_stop_signal = signo;
+    const char msg[] = "\nsignal: finishing this step, then writing a checkpoint and exiting "
+                       "(a second signal exits at once)\n";
+    if (write(2, msg, sizeof msg - 1) < 0) {}
+}
+// A signal the parent ignores stays ignored (a background job in a script ignores SIGINT); off
+// restores what was there before.
+static void stop_signals_catch(bool on) {
+    static struct sigaction before[2];
+    static bool caught = false;
+    const int sigs[2] = {SIGTERM, SIGINT};
+    if (on == caught) return;
+    caught = on;
+    for (int i = 0; i < 2; i++) {
+        if (!on) { sigaction(sigs[i], &before[i], nullptr); continue; }
+        struct sigaction sa = {};
+        sa.sa_handler = on_stop_signal;
+        sa.sa_flags = SA_RESTART;  // file I/O in progress carries on
+        sigemptyset(&sa.sa_mask);
+        sigaction(sigs[i], nullptr, &before[i]);
+        if (before[i].sa_handler != SIG_IGN) sigaction(sigs[i], &sa, nullptr);
+    }
+}
+// The signal any rank received (SIGINT before SIGTERM), or 0: every rank stops after the same step.
+static int stop_signal_any_rank() {
+    double got[2] = {g_stop_signal == SIGINT ? 1.0 : 0.0, g_stop_signal == SIGTERM ? 1.0 : 0.0};
+    host_allreduce_sum(got, 2);
+    return got[0] > 0 ? SIGINT : got[1] > 0 ? SIGTERM : 0;
 }
 
 static void write_result_json(const Config& c, const std::string& json_body) {
@@ -5612,6 +5865,19 @@ template <class D> static void profile_step_begin(D) {}
 template <class D> static void profile_step_end(D) {}
 template <class D> static void profile_report(D, const Config&) {}
 
+// After a stop signal: a checkpoint of the finished step (when OUT_DIR is writable), then exit 128 + signo.
+template <class D> static void stop_on_signal(D dev, Model<D>& m, TrainState<D>& s, int signo) {
+    bool writable = g_rank != 0 || access(m.cfg.out_dir.c_str(), W_OK) == 0;
+    if (!any_rank(!writable)) save_checkpoint(dev, m, s);
+    std::string ck = !s.checkpoints.empty() && s.checkpoints.back().step == s.step ? s.checkpoints.back().path : "";
+    log0("stopped by %s after step %d: %s\n", signo == SIGINT ? "SIGINT" : "SIGTERM", s.step,
+         ck.empty() ? "no checkpoint written (OUT_DIR is not writable, or the weights are not finite)"
+                    : ("checkpoint " + ck + "; continue with RESUME=" + ck).c_str());
+    if (g_logfile) fclose(g_logfile);
+    distributed_finish();
+    exit(128 + signo);
+}
+
 // The training loop, as the reference's main(): validate every VAL_LOSS_EVERY steps, stop at
 // ITERATIONS or the wall-clock cap, average weights at the end.
 template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const EvalData& ev) {
@@ -5625,8 +5891,9 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
     double t0 = now_ms(), tokens_per_step = (double)c.train_batch_tokens;
     refresh_compute_weights(dev, m, s.qat_active);
     if (c.warmup_steps > 0) log0("warmup_steps:%d not needed (no JIT compiler to warm up); training starts at step 0\n", c.warmup_steps);
+    stop_signals_catch(true);
     while (true) {
-        bool last = s.step == c.iterations || (stop_after >= 0 && s.step >= stop_after);
+        bool last = s.step >= c.iterations || (stop_after >= 0 && s.step >= stop_after);
         if (last || (c.val_loss_every > 0 && s.step % c.val_loss_every == 0)) {
             s.train_ms += now_ms() - t0;
             EvalResult r = eval_standard(dev, m, ev);
@@ -5655,7 +5922,10 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         double train_loss = loss_sum / ((double)local * accum);
         double tl[1] = {train_loss}; host_allreduce_sum(tl, 1); train_loss = tl[0] / g_world;
         if (!std::isfinite(train_loss)) {
-            std::string ck = s.checkpoints.empty() ? std::string("none (set CHECKPOINT_EVERY)") : s.checkpoints.back();
+            std::string ck = last_good_checkpoint(s.checkpoints, s.step);
+            ck = ck.empty() ? "none: no checkpoint from before the divergence is on disk "
+                              "(set CHECKPOINT_EVERY, and CHECKPOINT_KEEP=0 or ≥ 2)"
+                            : ck + "; resuming replays the same steps, so lower the lr or change the data order";
             fail("train_loss is %f at step %d: stopping (last good checkpoint: %s)", train_loss, s.step + 1, ck.c_str());
         }
         optimizer_step(dev, m, s, scale, (float)muon_momentum_at(c, s.step));
@@ -5697,7 +5967,13 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
             save_checkpoint(dev, m, s);
             t0 = now_ms();
         }
+        if (int signo = stop_signal_any_rank()) {
+            s.train_ms += now_ms() - t0;
+            stop_on_signal(dev, m, s, signo);
+        }
     }
+    stop_signals_catch(false);
+    if (int signo = stop_signal_any_rank()) stop_on_signal(dev, m, s, signo);  // one during the last evaluation
     profile_report(dev, c);
     // final weights: the SWA mean (more than one snapshot), PR #600's EMA, or the EMA
     if (c.swa_enabled && s.swa_count > 1) {
@@ -6223,7 +6499,8 @@ static std::vector<CostEntry> cost_step_launches(const Config& c, int world) {
         forward_nll(dev, m, x, y, B, T, nll, (Lora<Cost>*)nullptr, true);
         gpt_backward(dev, m, B, T);
     }
-    // the train loss's host_allreduce_sum (MPI): the GPU idles until the optimizer is issued
+    // the train loss's host_allreduce_sum (MPI): the GPU idles until the optimizer is issued (the
+    // wall-clock and stop-signal checks after the optimizer overlap its queued work: not counted)
     if (world > 1) cost_add(OP_SYNC, "host_allreduce_sum", 0, 0);
     optimizer_step(dev, m, s, 1.0, (float)muon_momentum_at(c, 0));
     if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, false);
@@ -6490,19 +6767,7 @@ int main(int argc, char** argv) {
         host_broadcast(bytes);
         Config art; std::vector<float> w;
         artifact_parse(bytes, c.load_artifact, &art, &w);
-        static const char* THIS_RUN[] = {"DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "OUT_DIR", "RESUME", "LOAD_ARTIFACT", "NLL_DUMP", "DEVICE"};
-        std::vector<Setting> a = config_settings(art), e = config_settings(c);
-        for (size_t i = 0; i < a.size(); i++) {
-            bool shape = false, own = false;
-            for (const char* key : RESUME_MUST_MATCH) shape |= !strcmp(a[i].name, key);
-            for (const char* key : THIS_RUN) own |= !strcmp(a[i].name, key);
-            const char* env = getenv(a[i].name);
-            if (own) setting_parse(a[i], setting_value(e[i]).c_str());
-            else if (env && shape && setting_value(a[i]) != setting_value(e[i]))
-                fail("LOAD_ARTIFACT: %s=%s contradicts the artifact's %s=%s", a[i].name, env, a[i].name, setting_value(a[i]).c_str());
-            else if (env && !shape) setting_parse(a[i], env);
-        }
-        c = art;
+        c = config_for_artifact(c, art, c.load_artifact);
     }
     if (c.run_id.empty()) {
         char buf[64]; time_t t = time(nullptr); strftime(buf, sizeof buf, "%Y%m%d_%H%M%S", localtime(&t)); c.run_id = buf;
@@ -6516,6 +6781,7 @@ int main(int argc, char** argv) {
     if (g_rank == 0) {
         make_dirs(c.out_dir);
         g_logfile = fopen_check((c.out_dir + "/log.txt").c_str(), "a");
+        outputs_check(c);
     }
     log0("pgolf train_gpt: code_bytes:%ld stripped:%ld\n", (long)PGOLF_CODE_BYTES, (long)PGOLF_CODE_BYTES_STRIPPED);
     if (c.device == "cpu" && (long)c.model_dim * c.num_layers > 1024 && c.load_artifact.empty())

@@ -105,6 +105,144 @@ TEST(config_text_roundtrip) {
     CHECK(config_to_text(d) == text);
     CHECK_THROWS(config_from_text("NOT_A_KEY=1\n", "x.pgz"), "x.pgz: unknown config key NOT_A_KEY");
 }
+// SWA, SWA_STEPS and EMA_DECAY share one averaging buffer: two at once are refused at start.
+TEST(weight_averages_are_exclusive) {
+    Config c; preset_tiny(c);
+    config_validate(c, 1);
+    c.ema_decay = 0.9f;
+    CHECK_THROWS(config_validate(c, 1), "three different weight averages");
+    c.swa_enabled = 0;
+    config_validate(c, 1);
+    c.swa_steps = 5;
+    CHECK_THROWS(config_validate(c, 1), "three different weight averages");
+    c.ema_decay = 0; c.swa_enabled = 1;
+    CHECK_THROWS(config_validate(c, 1), "three different weight averages");
+}
+// Settings used only after training are checked before the first step.
+TEST(config_validates_evaluation_settings_before_training) {
+    Config c; preset_tiny(c);
+    c.eval_mode = "standard,slidng";
+    CHECK_THROWS(config_validate(c, 1), "EVAL_MODE: unknown mode \"slidng\"");
+    c = Config(); c.ttt_lora_targets = "q,vv";
+    CHECK_THROWS(config_validate(c, 1), "TTT_LORA_TARGETS: unknown target \"vv\"");
+    c = Config(); c.zstd_level = 40;
+    CHECK_THROWS(config_validate(c, 1), "ZSTD_LEVEL=40");
+    c = Config(); c.nll_dump = "/nonexistent_pgolf_dir/nll";
+    CHECK_THROWS(outputs_check(c), "NLL_DUMP=/nonexistent_pgolf_dir/nll: cannot write");
+    c.nll_dump = test_dir("nll_ok") + "/nll";
+    outputs_check(c);
+}
+// A mistyped setting name is reported with the closest real one; other variables are left alone.
+TEST(unknown_settings_are_named_with_the_closest_setting) {
+    const char* env[] = {"ITERATION=2", "PATH=/usr/bin", "HOME=/root", "OMP_NUM_THREADS=1", "TTT_LORA_RANKS=4", "SEED=1",
+                         "USER=x", "MATRIX_LR=0.1", nullptr};
+    std::vector<std::string> w = unknown_setting_warnings((char**)env);
+    CHECK_MSG(w.size() == 2, "%zu warnings", w.size());
+    CHECK(w[0].find("ITERATION is not a pgolf setting") != std::string::npos && w[0].find("did you mean ITERATIONS?") != std::string::npos);
+    CHECK(w[1].find("did you mean TTT_LORA_RANK?") != std::string::npos);
+    CHECK(edit_distance("ITERATION", "ITERATIONS") == 1 && edit_distance("kitten", "sitting") == 3 && edit_distance("", "ab") == 2);
+}
+// Every setting has one scope, and the scopes say what each setting does: a model setting changes
+// the parameter table or the function the same weights compute; no other setting changes either.
+// Each setting is moved to a nearby valid value, under two bases (tiny-like, and PR #600-like).
+TEST(setting_scopes_match_what_each_setting_does) {
+    Config a = small_train_config("unused");
+    a.vocab_size = 64; a.smear = 1; a.xsa_last_n = 0; a.rope_dims = 0;
+    Config b = a;
+    b.bigram_vocab_size = 0; b.bigram_hash_size = 64; b.smear = 0; b.smear_gate = 1; b.swa_enabled = 0; b.swa_steps = 3;
+    b.tie_embeddings = 0; b.rope_dims = 4; b.xsa_last_n = 1; b.named_cores = 1;
+    const int B = 2, T = 16;
+    Rng rng(5);
+    std::vector<int32_t> x(B * T), y(B * T);
+    for (int i = 0; i < B * T; i++) { x[i] = (int)(rng.uniform() * 64); y[i] = (int)(rng.uniform() * 64); }
+    auto nll_of = [&](const Config& c, std::vector<ParamSpec>& table) {
+        Cpu<float> dev;
+        Model<Cpu<float>> m;
+        model_init(dev, m, c, B, T);
+        Rng w(9);
+        for (size_t i = 0; i < m.nparams; i++) m.params[i] = (float)(0.3 * w.normal());
+        refresh_compute_weights(dev, m, false);
+        std::vector<float> nll;
+        forward_nll(dev, m, x, y, B, T, nll);
+        table = m.table;
+        model_free(dev, m);
+        return nll;
+    };
+    std::map<std::string, int> changed;
+    for (Config base : {a, b}) {
+        config_validate(base, 1);
+        std::vector<ParamSpec> t0;
+        std::vector<float> n0 = nll_of(base, t0);
+        size_t count = config_settings(base).size();
+        for (size_t k = 0; k < count; k++) {
+            Config c = base;
+            Setting s = config_settings(c)[k];
+            Scope scope = setting_scope(s.name);
+            std::string v = setting_value(s);
+            std::vector<std::string> cand;
+            if (s.kind == 'i' || s.kind == 'l') {
+                long iv = atol(v.c_str());
+                for (long d : {iv == 0 ? 1L : 0L, iv + 1, iv + 2, iv * 2, iv - 1}) cand.push_back(std::to_string(d));
+            } else if (s.kind == 'f' || s.kind == 'd') {
+                double dv = atof(v.c_str());
+                cand = {fmt("%.9g", dv * 1.5 + 0.25), fmt("%.9g", dv * 0.5)};
+            } else {
+                cand = {"leaky_relu_sq", "relu_sq", "standard", "sliding", "mixed", "q,k", "bits", "adamw", "reference", "x"};
+            }
+            bool moved = false;
+            for (const std::string& nv : cand) {
+                c = base;
+                Setting t = config_settings(c)[k];
+                setting_parse(t, nv.c_str());
+                if (setting_value(t) == v) continue;
+                try { config_validate(c, 1); } catch (const std::exception&) { continue; }
+                moved = true;
+                break;
+            }
+            if (!moved) continue;
+            std::vector<ParamSpec> t1;
+            std::vector<float> n1 = nll_of(c, t1);
+            bool same_table = t0.size() == t1.size();
+            for (size_t i = 0; same_table && i < t0.size(); i++) same_table = t0[i].name == t1[i].name && t0[i].shape == t1[i].shape;
+            bool same = same_table && memcmp(n0.data(), n1.data(), n0.size() * sizeof(float)) == 0;
+            if (!same) changed[s.name]++;
+            CHECK_MSG(same || scope == SCOPE_MODEL, "%s (scope %s) changes the model: tag it model", s.name, SCOPE_NAMES[scope]);
+        }
+    }
+    for (const Setting& s : config_settings(a))
+        if (setting_scope(s.name) == SCOPE_MODEL)
+            CHECK_MSG(changed[s.name] > 0, "%s is tagged model but changed neither the table nor the forward", s.name);
+}
+// Every model setting set in the environment to another value than a loaded artifact's is refused;
+// a checkpoint refuses it too; settings of other scopes pass.
+TEST(every_model_setting_is_refused_at_load_time) {
+    Config art; preset_tiny(art);
+    int model = 0;
+    for (const char* name : {"MLP_ACTIVATION", "ROPE_DIMS", "ROPE_BASE", "LOGIT_SOFTCAP"}) CHECK(setting_scope(name) == SCOPE_MODEL);
+    std::vector<Setting> settings = config_settings(art);
+    for (size_t k = 0; k < settings.size(); k++) {
+        const Setting& s = settings[k];
+        Scope scope = setting_scope(s.name);
+        std::string v = setting_value(s);
+        std::string other = s.kind == 's' ? v + "_other" : s.kind == 'f' || s.kind == 'd' ? fmt("%.9g", 2 * atof(v.c_str()) + 1)
+                                                                                          : std::to_string(atol(v.c_str()) + 7);
+        setenv("CONFIG", "tiny", 1);
+        setenv(s.name, other.c_str(), 1);
+        Config e = config_from_env();
+        if (scope == SCOPE_MODEL) {
+            model++;
+            CHECK_THROWS(config_for_artifact(e, art, "a.pgz"), fmt("LOAD_ARTIFACT: %s=%s contradicts", s.name, other.c_str()).c_str());
+            CHECK_THROWS(config_check_resume(art, e, "c.safetensors"), fmt("checkpoint has %s=", s.name).c_str());
+        } else {  // the environment's value is the one in force
+            Config got = config_for_artifact(e, art, "a.pgz");
+            CHECK_MSG(setting_value(config_settings(got)[k]) == setting_value(config_settings(e)[k]), "%s", s.name);
+            config_check_resume(art, e, "c.safetensors");
+        }
+        unsetenv(s.name);
+    }
+    unsetenv("CONFIG");
+    CHECK(model >= 19);
+}
 
 // --- data -------------------------------------------------------------------------------------------
 TEST(shard_bad_inputs_name_the_file) {
@@ -317,6 +455,42 @@ TEST(checkpoint_rejects_other_shapes_and_corruption) {
     CHECK_THROWS(train_weights(c, cut), "cut.safetensors");
     write_file_atomic(cut, bytes.data(), 5);
     CHECK_THROWS(train_weights(c, cut), "too short for a safetensors file");
+}
+// A checkpoint past ITERATIONS, or a loader position the train shards do not have: a clear error.
+TEST(resume_rejects_a_step_past_iterations_and_missing_shards) {
+    std::string d = test_dir("resume_bad");
+    write_shard_file(d + "/fineweb_train_000000.bin", synthetic_stream(300, 64, 1));
+    write_shard_file(d + "/fineweb_train_000001.bin", synthetic_stream(3000, 64, 2));
+    write_shard_file(d + "/fineweb_val_000000.bin", synthetic_stream(700, 64, 3));
+    Config c = small_train_config(d);
+    c.iterations = 4; c.checkpoint_every = 4; c.out_dir = test_dir("resume_bad_run");
+    train_weights(c);
+    std::string ck = checkpoint_path(c, 4);
+    Config b = c; b.checkpoint_every = 0; b.iterations = 2;
+    CHECK_THROWS(train_weights(b, ck), "the checkpoint is at step 4, past ITERATIONS=2");
+    b.iterations = 4;
+    int steps = -1;
+    train_weights(b, ck, &steps);  // at ITERATIONS exactly: nothing left to train
+    CHECK(steps == 4);
+    SafetensorsFile f = safetensors_read(ck);
+    CHECK(f.meta["loader_file"] == "1");  // 4 steps of 2 × 65 tokens went past the first shard's 300
+    std::string fewer = test_dir("resume_fewer");
+    write_shard_file(fewer + "/fineweb_train_000000.bin", synthetic_stream(300, 64, 1));
+    write_shard_file(fewer + "/fineweb_val_000000.bin", synthetic_stream(700, 64, 3));
+    b.data_path = fewer; b.iterations = 6;
+    CHECK_THROWS(train_weights(b, ck), fmt("is train shard #1 (0-based), token %s, but DATA_PATH=%s holds 1 train shards",
+                                           f.meta["loader_pos"].c_str(), fewer.c_str()).c_str());
+    write_shard_file(fewer + "/fineweb_train_000001.bin", synthetic_stream(10, 64, 2));
+    CHECK_THROWS(train_weights(b, ck), "fineweb_train_000001.bin, which holds 10 tokens");
+}
+// After a divergence, the checkpoint named is from before it: the weights after step k are those the
+// step-(k+1) forward reads, so a checkpoint at the diverging step itself is not named.
+TEST(divergence_names_a_checkpoint_from_before_it) {
+    std::vector<SavedCheckpoint> saved = {{"a", 2}, {"b", 4}, {"c", 6}};
+    CHECK(last_good_checkpoint(saved, 6) == "b");
+    CHECK(last_good_checkpoint(saved, 7) == "c");
+    CHECK(last_good_checkpoint(saved, 2) == "");
+    CHECK(last_good_checkpoint({}, 5) == "");
 }
 
 // --- end to end ---------------------------------------------------------------------------------------
