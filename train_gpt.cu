@@ -6653,15 +6653,28 @@ static double cost_table_rows(const float* dtable, int N) {
     if (m) for (const ParamSpec& p : m->table) if (m->grads + p.offset == dtable) return std::min<double>(p.rows(), N);
     return N;
 }
-// embedding_backward: iota_kernel; cub::DeviceRadixSort::SortPairs of 32-bit keys (onesweep: histogram,
-// exclusive sum, 4 digit passes of 8 bits — 6 launches, each pass reading and writing keys and values);
+// embedding_backward: iota_kernel; cub::DeviceRadixSort::SortPairs of 32-bit keys and values as CUB
+// dispatches it on sm_90: up to one tile of 256 × 19 pairs one single-tile kernel, beyond that onesweep
+// (memsets of the pass counters and histograms, histogram, exclusive sum, then 4 passes of 8 bits, each a
+// memset of its lookback and a kernel reading and writing keys and values: 6 launches and 6 memsets);
 // embedding_backward_kernel (sorted pairs, dout rows, read-modify-write of the touched table rows)
+static const int COST_SORT_SINGLE_TILE = 256 * 19;
 static void embedding_backward(Cost, float* dtable, const CostBf16*, const int32_t*, int N, int C) {
     if (N <= 0 || C <= 0 || !dtable) return;
     cost_add(OP_ELEMENTWISE, "iota", 0, N * I32);
-    cost_add(OP_ELEMENTWISE, "radix_sort_histogram", 0, N * I32);
-    cost_add(OP_ELEMENTWISE, "radix_sort_scan", 0, 0);
-    for (int pass = 0; pass < 4; pass++) cost_add(OP_ELEMENTWISE, "radix_sort_onesweep", 0, 4.0 * N * I32);
+    if (N <= COST_SORT_SINGLE_TILE) {
+        cost_add(OP_ELEMENTWISE, "radix_sort_single_tile", 0, 4.0 * N * I32);
+    } else {
+        cost_add(OP_MEMSET, "cudaMemsetAsync", 0, 4 * I32);         // pass counters
+        cost_add(OP_MEMSET, "cudaMemsetAsync", 0, 4 * 256 * I32);   // the 4 passes' histograms
+        cost_add(OP_ELEMENTWISE, "radix_sort_histogram", 0, N * I32);
+        cost_add(OP_ELEMENTWISE, "radix_sort_scan", 0, 0);
+        double blocks = std::ceil(N / (384.0 * 23));  // onesweep tiles: 384 threads × 23 items (sm_90, 4-byte pairs)
+        for (int pass = 0; pass < 4; pass++) {
+            cost_add(OP_MEMSET, "cudaMemsetAsync", 0, blocks * 256 * I32);  // the pass's lookback
+            cost_add(OP_ELEMENTWISE, "radix_sort_onesweep", 0, 4.0 * N * I32);
+        }
+    }
     double rows = cost_table_rows(dtable, N);
     cost_add(OP_ELEMENTWISE, "embedding_backward", 0, 2.0 * N * I32 + (double)N * C * BF + 2 * rows * C * F32);
 }
@@ -6885,7 +6898,7 @@ static void cost_model_init(Model<Cost>& m, TrainState<Cost>& s, const Config& c
 // For a check against the launches an emulated step counts: every entry is one kernel launch,
 // cuBLASLt call or memset except those of class OP_SYNC (host copies and waits: to_device, to_host,
 // nccl_wait, the MPI loss sum), OP_COMM (the NCCL call) and the cudaMemcpyAsync of device_copy;
-// cub's radix sort is counted as 6 launches (onesweep), which the emulator can confirm or correct.
+// tests/test_cost_emu.cuh checks these counts against an emulated step's.
 static std::vector<CostEntry> cost_step_launches(const Config& c, int world) {
     int saved_world = g_world, saved_rank = g_rank;
     g_world = world; g_rank = 0;
@@ -6912,6 +6925,7 @@ static std::vector<CostEntry> cost_step_launches(const Config& c, int world) {
     if (world > 1) cost_add(OP_SYNC, "host_allreduce_sum", 0, 0);
     optimizer_step(dev, m, s, 1.0, (float)muon_momentum_at(c, 0));
     if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, false);
+    if (c.ema_decay > 0) round_bf16_tables(dev, m, s.avg);
     refresh_compute_weights(dev, m, false);
     g_world = saved_world; g_rank = saved_rank;
     std::vector<CostEntry> out;

@@ -56,6 +56,10 @@ void set_target(const char* arch);  // the launch limits of sm_90a (default, or 
 const char* target_name();
 size_t allocated_bytes();            // what cudaMalloc holds now
 
+// The launches, memsets, copies, cuBLASLt matmuls and NCCL collectives issued since the last reset.
+inline const EmuCounts& counts() { return emu_counts(); }
+inline void reset_counts() { emu_counts() = EmuCounts(); }
+
 struct LaunchConfig {
     const char* name;   // the kernel as written at the launch site
     const void* fn;     // the kernel function (the key of cudaFuncSetAttribute)

@@ -29,6 +29,33 @@ struct DeviceRadixSort {
         return round_up(num_items * sizeof(KeyT)) + round_up(num_items * sizeof(ValueT)) + 256;
     }
 
+    // What CUB issues for a sort of n pairs on sm_90 (cub/device/dispatch/dispatch_radix_sort.cuh with
+    // tuning_radix_sort.cuh's Policy900), counted in emu_counts(): up to one tile (256 threads × 19 items
+    // of a 4-byte type, fewer for wider ones) one single-tile kernel; beyond, onesweep: memsets of the
+    // pass counters and the histograms, the histogram and exclusive-sum kernels, then per pass of 8 bits
+    // a memset of the lookback and one onesweep kernel (inputs under 2^28 items: one portion). An empty
+    // bit range copies keys and values instead.
+    template <typename KeyT, typename ValueT>
+    static void emu_count_launches(size_t n, int begin_bit, int end_bit) {
+        if (begin_bit == end_bit) {  // no bits to sort: two copies (keys, values)
+            emu_counts().copies += 2;
+            return;
+        }
+        const int dominant = (int)std::max(sizeof(KeyT), sizeof(ValueT));
+        const size_t tile = 256 * (size_t)std::max(1, std::min(19 * 4 / dominant, 19 * 2));
+        if (n <= tile) {
+            emu_count_kernel("cub::DeviceRadixSortSingleTileKernel");
+            return;
+        }
+        emu_counts().memsets += 2;
+        emu_count_kernel("cub::DeviceRadixSortHistogramKernel");
+        emu_count_kernel("cub::DeviceRadixSortExclusiveSumKernel");
+        for (int bit = begin_bit; bit < end_bit; bit += 8) {
+            emu_counts().memsets++;
+            emu_count_kernel("cub::DeviceRadixSortOnesweepKernel");
+        }
+    }
+
     template <typename KeyT, typename ValueT, typename NumItemsT>
     static cudaError_t SortPairs(void* d_temp_storage, size_t& temp_storage_bytes, const KeyT* d_keys_in,
                                  KeyT* d_keys_out, const ValueT* d_values_in, ValueT* d_values_out, NumItemsT num_items,
@@ -53,6 +80,7 @@ struct DeviceRadixSort {
                 "%zu",
                 temp_storage_bytes, n, need);
         if (n == 0) return cudaSuccess;
+        emu_count_launches<KeyT, ValueT>(n, begin_bit, end_bit);
         if (!d_keys_in || !d_keys_out || !d_values_in || !d_values_out)
             emu_fail("cub::DeviceRadixSort::SortPairs: a null key or value array for %zu pairs", n);
         auto overlap = [n](const void* p, const void* q, size_t elem) {

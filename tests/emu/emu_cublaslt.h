@@ -502,6 +502,7 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op
         emu_fail("cublasLtMatmul: workspace of %zu bytes, the algorithm needs %zu", workspace_bytes, ws_needed);
     if (ws_needed && !workspace) emu_fail("cublasLtMatmul: null workspace, the algorithm needs %zu bytes", ws_needed);
     Layout la = *ls[0], lb = *ls[1], lc = *ls[2], ld = *ls[3];
+    emu_counts().gemms++;
     emu_stream_submit(stream, [=] {
         if (ws_needed)
             memset(workspace, 0xa5, ws_needed);  // the algorithm's scratch: any other user of it sees garbage

@@ -267,6 +267,7 @@ inline void submit(ncclComm* c, Kind kind, const void* send, void* recv, size_t 
 #ifdef PGOLF_MPI
     MPI_Comm mpi = c->mpi;
 #endif
+    emu_counts().collectives++;
     emu_stream_submit(stream, [=] {
         // Stage this rank's contribution first: NCCL allows in-place (send inside recv).
         std::vector<uint8_t> mine(send && !(kind == BROADCAST && rank != root) ? send_bytes : 0);

@@ -699,6 +699,7 @@ void launch(const LaunchConfig& c, std::function<void()> thread) {
                      c.name, c.smem, SMEM_DEFAULT, optin);
     }
     LaunchConfig copy = c;
+    emu_count_kernel(c.name);
     emu_stream_submit(c.stream, [copy, thread]() { run_grid(copy, thread); });
 }
 
@@ -872,19 +873,23 @@ static cudaError_t sync_check(const char* what) {
 }
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind) {
     if (cudaError_t e = sync_check("cudaMemcpy")) return e;
+    if (n) emu_counts().copies++;
     if (n) memmove(dst, src, n);
     return cudaSuccess;
 }
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind, cudaStream_t s) {
+    if (n) emu_counts().copies++;
     if (n) emu_stream_submit(s, [dst, src, n]() { memmove(dst, src, n); });
     return cudaSuccess;
 }
 cudaError_t cudaMemset(void* p, int v, size_t n) {
     if (cudaError_t e = sync_check("cudaMemset")) return e;
+    if (n) emu_counts().memsets++;
     if (n) memset(p, v, n);
     return cudaSuccess;
 }
 cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t s) {
+    if (n) emu_counts().memsets++;
     if (n) emu_stream_submit(s, [p, v, n]() { memset(p, v, n); });
     return cudaSuccess;
 }
