@@ -27,7 +27,7 @@ static CallCounts emu_call_counts_of(const EmuCounts& e) {
 // The emulator's launches by kernel, for the message when the counts differ.
 static std::string emu_kernel_list(const EmuCounts& e) {
     std::string s;
-    for (auto& k : e.kernels) s += test_format("\n    %4ld %s", k.second, k.first.c_str());
+    for (auto& k : e.kernels) s += test_format("\n    %4ld %s", k.second, k.first);
     return s;
 }
 static void check_call_counts(const std::string& what, const CallCounts& cost, const CallCounts& emu, const EmuCounts& e) {

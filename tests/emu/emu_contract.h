@@ -2,9 +2,9 @@
 // emulated runtime (streams, graph capture, error reporting). Test infrastructure only: never part of
 // ./train_gpt or of the byte-counted submission.
 #pragma once
+#include <cstring>
 #include <functional>
 #include <map>
-#include <string>
 #include <cuda_runtime_api.h>
 
 // Runs `work` in `stream`'s order: at once, or recorded into the CUDA graph being captured on `stream`
@@ -18,8 +18,12 @@ void emu_stream_submit(cudaStream_t stream, std::function<void()> work);
 // What the emulated runtime and the library shims were asked to issue, counted when issued (a call
 // recorded into a CUDA graph counts once, at capture). Tests read and reset it (emu::counts() in
 // emu.h) to check the cost model's launch list against a real emulated step.
+struct EmuNameLess {
+    bool operator()(const char* a, const char* b) const { return strcmp(a, b) < 0; }
+};
 struct EmuCounts {
-    std::map<std::string, long> kernels;  // kernel launches by name: as written at the launch site, or CUB's kernel
+    std::map<const char*, long, EmuNameLess> kernels;  // launches by kernel name (a string literal: the launch
+                                                       // site's text, or CUB's kernel)
     long launches = 0;                    // kernel launches, CUB's included
     long memsets = 0;                     // cudaMemset / cudaMemsetAsync of at least one byte, CUB's included
     long copies = 0;                      // cudaMemcpy / cudaMemcpyAsync of at least one byte
