@@ -23,15 +23,18 @@ static double parity_ratio(double got, double want, double spread, double floor,
 
 // Per tensor: relative L2 distance of got from the dump's prefix.<name>, over max(times·s, floor), s that of
 // the jittered CPU run. Returns the worst ratio and names it.
-static double parity_worst_tensor(const SafetensorsFile& f, const std::string& prefix, const std::vector<ParamSpec>& table,
-                                  const std::vector<float>& got, const std::vector<float>& jittered, double floor,
-                                  std::string* worst, bool verbose, double times = 2) {
+static double parity_worst_tensor(const SafetensorsFile& f, const std::string& prefix,
+                                  const std::vector<ParamSpec>& table, const std::vector<float>& got,
+                                  const std::vector<float>& jittered, double floor, std::string* worst, bool verbose,
+                                  double times = 2) {
     double worst_r = 0;
     for (const ParamSpec& p : table) {
         std::vector<float> want = parity_tensor(f, prefix + p.name);
         double e = rel_l2(got.data() + p.offset, want.data(), p.numel);
         double s = rel_l2(jittered.data() + p.offset, want.data(), p.numel), tol = std::max(times * s, floor);
-        if (verbose) printf("  %s%-28s relative L2 %.3g (bf16 spread %.3g, tolerance %.3g)\n", prefix.c_str(), p.name.c_str(), e, s, tol);
+        if (verbose)
+            printf("  %s%-28s relative L2 %.3g (bf16 spread %.3g, tolerance %.3g)\n", prefix.c_str(), p.name.c_str(), e,
+                   s, tol);
         if (e / tol > worst_r) {
             worst_r = e / tol;
             *worst = test_format("%s%s (relative L2 %.3g, tolerance %.3g)", prefix.c_str(), p.name.c_str(), e, tol);
@@ -41,8 +44,9 @@ static double parity_worst_tensor(const SafetensorsFile& f, const std::string& p
 }
 
 // Every tensor in turn carries a planted error of 1.5 times its tolerance: the check must fail on each.
-static void parity_planted_tensors_fail(const SafetensorsFile& f, const std::string& prefix, const std::vector<ParamSpec>& table,
-                                        const std::vector<float>& jittered, double floor, double times = 2) {
+static void parity_planted_tensors_fail(const SafetensorsFile& f, const std::string& prefix,
+                                        const std::vector<ParamSpec>& table, const std::vector<float>& jittered,
+                                        double floor, double times = 2) {
     std::vector<float> planted(jittered.size(), 0.0f);
     for (const ParamSpec& p : table) {
         std::vector<float> want = parity_tensor(f, prefix + p.name);
@@ -52,8 +56,10 @@ static void parity_planted_tensors_fail(const SafetensorsFile& f, const std::str
     for (const ParamSpec& p : table) {
         std::vector<float> want = parity_tensor(f, prefix + p.name);
         double s = rel_l2(jittered.data() + p.offset, want.data(), p.numel), tol = std::max(times * s, floor);
-        double norm = rel_l2(std::vector<float>(p.numel, 0.0f).data(), want.data(), p.numel);  // ‖want‖ (1 unless all zero)
-        for (size_t i = 0; i < p.numel; i++) planted[p.offset + i] = want[i] + (float)(1.5 * tol) * (norm > 0 ? want[i] : 1.0f);
+        double norm =
+            rel_l2(std::vector<float>(p.numel, 0.0f).data(), want.data(), p.numel);  // ‖want‖ (1 unless all zero)
+        for (size_t i = 0; i < p.numel; i++)
+            planted[p.offset + i] = want[i] + (float)(1.5 * tol) * (norm > 0 ? want[i] : 1.0f);
         CHECK_MSG(parity_worst_tensor(f, prefix, table, planted, jittered, floor, &worst, false, times) > 1.0,
                   "%s: an error of 1.5 tolerances in %s%s passes", f.path.c_str(), prefix.c_str(), p.name.c_str());
         for (size_t i = 0; i < p.numel; i++) planted[p.offset + i] = want[i];
@@ -88,9 +94,12 @@ static void parity_cuda_first_step(const char* preset) {
     // the loss: a mean of 1,024 NLLs (8 micro-batches of 128 positions) whose bf16 errors (~2⁻⁹ of a logit
     // each) mostly cancel, ~2⁻¹⁴ nat, ~2⁻¹⁷ relative of a loss of 7: floor 2⁻¹⁷ (measured: 5e-7)
     double r = parity_ratio(lg, want, std::fabs(lj - want) / want, 1.0 / 131072, &tol);
-    if (verbose) printf("  %s loss gpu %.7f reference %.7f jittered cpu %.7f (tolerance %.3g relative)\n", preset, lg, want, lj, tol);
+    if (verbose)
+        printf("  %s loss gpu %.7f reference %.7f jittered cpu %.7f (tolerance %.3g relative)\n", preset, lg, want, lj,
+               tol);
     CHECK_MSG(r <= 1.0, "%s: loss %.7f, reference %.7f (tolerance %.3g relative)", preset, lg, want, tol);
-    CHECK_MSG(parity_ratio(want * (1 + 1.5 * tol), want, std::fabs(lj - want) / want, 1.0 / 131072, &tol) > 1.0, "%s: a planted loss error passes", preset);
+    CHECK_MSG(parity_ratio(want * (1 + 1.5 * tol), want, std::fabs(lj - want) / want, 1.0 / 131072, &tol) > 1.0,
+              "%s: a planted loss error passes", preset);
     // gradients: floor 2⁻⁷ (four bf16 roundings), as tests/test_cuda.cuh's one-step comparison
     std::string worst;
     double wr = parity_worst_tensor(f, "grad.", mj.table, gg, gj, 1.0 / 128, &worst, verbose);
@@ -119,16 +128,20 @@ static void parity_cuda_ten_steps(const char* preset) {
     model_free(Cuda{}, mg);
     bool verbose = getenv("PGOLF_CUDA_TEST_VERBOSE") != nullptr;
     std::vector<float> want = parity_tensor(f, "step_losses");
-    CHECK_MSG(lg.size() == want.size() && lj.size() == want.size(), "%s: %zu steps, the reference ran %zu", preset, lg.size(), want.size());
+    CHECK_MSG(lg.size() == want.size() && lj.size() == want.size(), "%s: %zu steps, the reference ran %zu", preset,
+              lg.size(), want.size());
     // losses: each step's spread is one draw, so every step gets the largest over the steps (measured:
     // 2e-4 to 4.4e-4 relative); floor 2⁻¹⁰ (GPU measured: at most 6.2e-4, baseline's step 8)
     double spread = 0;
-    for (size_t k = 0; k < want.size() && k < lj.size(); k++) spread = std::max(spread, std::fabs(lj[k] - want[k]) / want[k]);
+    for (size_t k = 0; k < want.size() && k < lj.size(); k++)
+        spread = std::max(spread, std::fabs(lj[k] - want[k]) / want[k]);
     for (size_t k = 0; k < want.size() && k < lg.size(); k++) {
         double tol, r = parity_ratio(lg[k], want[k], spread, 1.0 / 1024, &tol);
-        if (verbose) printf("  %s step %zu loss gpu %.6f reference %.6f jittered cpu %.6f (tolerance %.3g)\n", preset, k + 1, lg[k],
-                            want[k], lj[k], tol);
-        CHECK_MSG(r <= 1.0, "%s step %zu: loss %.6f, reference %.6f (tolerance %.3g relative)", preset, k + 1, lg[k], want[k], tol);
+        if (verbose)
+            printf("  %s step %zu loss gpu %.6f reference %.6f jittered cpu %.6f (tolerance %.3g)\n", preset, k + 1,
+                   lg[k], want[k], lj[k], tol);
+        CHECK_MSG(r <= 1.0, "%s step %zu: loss %.6f, reference %.6f (tolerance %.3g relative)", preset, k + 1, lg[k],
+                  want[k], tol);
         CHECK(parity_ratio(want[k] * (1 + 1.5 * tol), want[k], spread, 1.0 / 1024, &tol) > 1.0);
     }
     // final weights: Muon's orthogonalization amplifies small differences of the gradients, so ten steps
@@ -144,8 +157,8 @@ static void parity_cuda_ten_steps(const char* preset) {
 
 // The mean and the largest |NLL − reference| over the positions the reference scored; the same
 // positions must be scored.
-static void parity_nll_distance(const char* what, const std::vector<float>& got, const std::vector<float>& want, double* mean,
-                                double* worst, size_t* at) {
+static void parity_nll_distance(const char* what, const std::vector<float>& got, const std::vector<float>& want,
+                                double* mean, double* worst, size_t* at) {
     size_t n = 0;
     double sum = 0;
     *worst = 0; *at = 0;
@@ -199,14 +212,16 @@ static void parity_cuda_eval(const char* preset) {
         double ref = atof(f.meta.at(std::string("val_loss.") + mode).c_str()), tol;
         double r = parity_ratio(b.val_loss, ref, std::fabs(a.val_loss - ref) / ref, 1.0 / 8192, &tol);
         if (verbose)
-            printf("  %s: val_loss gpu %.6f reference %.6f jittered cpu %.6f (tolerance %.3g relative); |ΔNLL| mean %.3g (tolerance "
-                   "%.3g), worst %.3g at %zu (tolerance %.3g)\n", what.c_str(), b.val_loss, ref, a.val_loss, tol, mean_g, tol_mean, worst_g,
-                   at_g, tol_worst);
-        CHECK_MSG(mean_g <= tol_mean, "%s: mean |NLL − reference| %.3g per position (tolerance %.3g)", what.c_str(), mean_g, tol_mean);
-        CHECK_MSG(worst_g <= tol_worst, "%s: position %zu NLL %.6f, reference %.6f (tolerance %.3g)", what.c_str(), at_g, rg.nll[at_g],
-                  want[at_g], tol_worst);
-        CHECK_MSG(r <= 1.0, "%s: val_loss %.7f, reference %.7f (tolerance %.3g relative)", what.c_str(), b.val_loss, ref, tol);
-        // planted: every NLL off by 1.5 mean tolerances, one position by 1.5 worst tolerances, the loss by 1.5 tolerances
+            printf("  %s: val_loss gpu %.6f reference %.6f jittered cpu %.6f (tolerance %.3g relative); |ΔNLL| "
+                   "mean %.3g (tolerance %.3g), worst %.3g at %zu (tolerance %.3g)\n", what.c_str(), b.val_loss, ref,
+                   a.val_loss, tol, mean_g, tol_mean, worst_g, at_g, tol_worst);
+        CHECK_MSG(mean_g <= tol_mean, "%s: mean |NLL − reference| %.3g per position (tolerance %.3g)", what.c_str(),
+                  mean_g, tol_mean);
+        CHECK_MSG(worst_g <= tol_worst, "%s: position %zu NLL %.6f, reference %.6f (tolerance %.3g)", what.c_str(),
+                  at_g, rg.nll[at_g], want[at_g], tol_worst);
+        CHECK_MSG(r <= 1.0, "%s: val_loss %.7f, reference %.7f (tolerance %.3g relative)", what.c_str(), b.val_loss,
+                  ref, tol);
+        // planted: every NLL off by 1.5 mean tolerances, one position by 1.5 worst ones, val_loss by 1.5 tolerances
         std::vector<float> shifted = want, spiked = want;
         for (float& v : shifted) v += (float)(1.5 * tol_mean);
         spiked[at_j] += (float)(1.5 * tol_worst);
@@ -216,8 +231,8 @@ static void parity_cuda_eval(const char* preset) {
         CHECK_MSG(m2 > tol_mean, "%s: a planted shift of every NLL passes", what.c_str());
         parity_nll_distance(what.c_str(), spiked, want, &m2, &w2, &a2);
         CHECK_MSG(w2 > tol_worst, "%s: a planted error at one position passes", what.c_str());
-        CHECK_MSG(parity_ratio(ref * (1 + 1.5 * tol), ref, std::fabs(a.val_loss - ref) / ref, 1.0 / 8192, &tol) > 1.0, "%s: a planted val_loss error passes",
-                  what.c_str());
+        CHECK_MSG(parity_ratio(ref * (1 + 1.5 * tol), ref, std::fabs(a.val_loss - ref) / ref, 1.0 / 8192, &tol) > 1.0,
+                  "%s: a planted val_loss error passes", what.c_str());
     }
     CHECK(modes > 0);
     model_free(Cuda{}, mg);
