@@ -71,16 +71,22 @@ static std::string parity_data(const SafetensorsFile& f, const char* preset) {
 }
 
 // Copies prefix.<name> of the dump into every parameter; each parameter must be there, and every
-// tensor of the dump under that prefix must be a parameter here.
-template <class T> static void parity_put(const SafetensorsFile& f, const std::string& prefix, Model<Cpu<T>>& m) {
+// tensor of the dump under that prefix must be a parameter here. jitter > 0 multiplies each weight by a
+// random 1 ± jitter (the tolerance studies of tests/test_parity_cuda.cuh).
+template <class D> static void parity_put(const SafetensorsFile& f, const std::string& prefix, Model<D>& m, double jitter = 0,
+                                          uint64_t seed = 1) {
     size_t found = 0;
     for (auto& kv : f.tensors) found += kv.first.compare(0, prefix.size(), prefix) == 0;
     CHECK_MSG(found == m.table.size(), "%s: %zu tensors under %s, %zu parameters here", f.path.c_str(), found, prefix.c_str(), m.table.size());
+    std::vector<typename D::grad> host(m.nparams, 0);
+    Rng rng(seed);
     for (const ParamSpec& p : m.table) {
         std::vector<float> v = parity_tensor(f, prefix + p.name);
         CHECK_MSG(v.size() == p.numel, "%s%s: %zu elements, %zu here", prefix.c_str(), p.name.c_str(), v.size(), p.numel);
-        for (size_t i = 0; i < p.numel; i++) m.params[p.offset + i] = T(v[i]);
+        for (size_t i = 0; i < p.numel && i < v.size(); i++)
+            host[p.offset + i] = (typename D::grad)(jitter > 0 ? v[i] * (rng.uniform() < 0.5 ? 1 - jitter : 1 + jitter) : v[i]);
     }
+    to_device(D{}, m.params, host.data(), m.nparams);
 }
 
 // ‖a − b‖ / ‖b‖ (absolute when b is zero).
@@ -91,14 +97,10 @@ template <class T> static double rel_l2(const T* a, const float* b, size_t n) {
 }
 
 // The first step: GRAD_ACCUM micro-batches of the stream, as the reference's loader cuts them (each takes
-// the next local+1 tokens); loss = their mean, gradients summed with weight 1/(local·accum).
-template <class T> static void parity_first_step(const char* preset, double loss_rtol, double grad_rtol) {
-    SafetensorsFile f = parity_load(preset);
-    Config c = parity_config(f, parity_data(f, preset));
-    Cpu<T> dev;
-    Model<Cpu<T>> m;
-    model_init_for_run(dev, m, c);
-    parity_put(f, "init.", m);
+// the next local+1 tokens); loss = their mean, gradients summed with weight 1/(local·accum) into m.grads.
+// on_logits(m) sees the first micro-batch's soft-capped logits (the forward leaves them in place).
+template <class D, class F> static double parity_first_step_run(D dev, Model<D>& m, const SafetensorsFile& f, F on_logits) {
+    const Config& c = m.cfg;
     refresh_compute_weights(dev, m, false);
     int accum = atoi(f.meta.at("grad_accum").c_str());
     long local = c.train_batch_tokens / accum;
@@ -107,28 +109,42 @@ template <class T> static void parity_first_step(const char* preset, double loss
     std::vector<float> weights(local, 1.0f / (float)(local * accum));
     std::vector<int32_t> x(local), y(local);
     std::vector<float> nll;
-    device_zero(dev, m.grads, m.nparams * sizeof(T));
+    device_zero(dev, m.grads, m.nparams * sizeof(typename D::grad));
     double sum = 0;
     for (int k = 0; k < accum; k++) {
         for (long i = 0; i < local; i++) { x[i] = (int32_t)stream[k * (local + 1) + i]; y[i] = (int32_t)stream[k * (local + 1) + i + 1]; }
-        if (k == 0) {  // logits of the first micro-batch (the forward leaves the soft-capped logits in place)
+        if (k == 0) {
             forward_nll(dev, m, x, y, B, L, nll);
-            std::vector<float> slice = parity_tensor(f, "logits.slice"), stats = parity_tensor(f, "logits.stats");
-            const T* z = m.acts.logits;
-            double s1 = 0, s2 = 0;
-            for (size_t i = 0; i < (size_t)local * c.vocab_size; i++) { s1 += z[i]; s2 += (double)z[i] * z[i]; }
-            for (int r = 0; r < 8; r++)
-                for (int v = 0; v < 16; v++)
-                    CHECK_CLOSE(z[(size_t)r * c.vocab_size + v], slice[r * 16 + v], 0, 1e-5);
-            CHECK_CLOSE(s2, stats[1], 1e-5, 0);
-            CHECK_CLOSE(s1, stats[0], 0, 1e-5 * std::sqrt(s2));
+            on_logits(m);
         }
         to_device(dev, m.acts.loss_weights, weights.data(), local);
-        forward_nll(dev, m, x, y, B, L, nll, (Lora<Cpu<T>>*)nullptr, true);
+        forward_nll(dev, m, x, y, B, L, nll, (Lora<D>*)nullptr, true);
         gpt_backward(dev, m, B, L);
         for (float v : nll) sum += v;
     }
-    double loss = sum / ((double)local * accum), want = atof(f.meta.at("loss").c_str());
+    return sum / ((double)local * accum);
+}
+
+template <class T> static void parity_first_step(const char* preset, double loss_rtol, double grad_rtol) {
+    SafetensorsFile f = parity_load(preset);
+    Config c = parity_config(f, parity_data(f, preset));
+    Cpu<T> dev;
+    Model<Cpu<T>> m;
+    model_init_for_run(dev, m, c);
+    parity_put(f, "init.", m);
+    long local = c.train_batch_tokens / atoi(f.meta.at("grad_accum").c_str());
+    double loss = parity_first_step_run(dev, m, f, [&](const Model<Cpu<T>>& mm) {
+        std::vector<float> slice = parity_tensor(f, "logits.slice"), stats = parity_tensor(f, "logits.stats");
+        const T* z = mm.acts.logits;
+        double s1 = 0, s2 = 0;
+        for (size_t i = 0; i < (size_t)local * c.vocab_size; i++) { s1 += z[i]; s2 += (double)z[i] * z[i]; }
+        for (int r = 0; r < 8; r++)
+            for (int v = 0; v < 16; v++)
+                CHECK_CLOSE(z[(size_t)r * c.vocab_size + v], slice[r * 16 + v], 0, 1e-5);
+        CHECK_CLOSE(s2, stats[1], 1e-5, 0);
+        CHECK_CLOSE(s1, stats[0], 0, 1e-5 * std::sqrt(s2));
+    });
+    double want = atof(f.meta.at("loss").c_str());
     CHECK_MSG(std::fabs(loss - want) <= loss_rtol * std::fabs(want), "%s loss %.9g, reference %.9g", preset, loss, want);
     for (const ParamSpec& p : m.table) {
         std::vector<float> g = parity_tensor(f, "grad." + p.name);
@@ -137,7 +153,22 @@ template <class T> static void parity_first_step(const char* preset, double loss
     }
 }
 
-// Ten optimizer steps through the training loop (its loader, schedule, clipping, averaging).
+// Ten optimizer steps through the training loop (its loader, schedule, clipping, averaging), from the
+// weights already in m; returns each step's loss and leaves the final weights in m.params.
+static EvalData parity_eval_data(const Config& c) {
+    EvalData ev;
+    ev.val = load_validation_tokens(c);
+    ev.luts.base_bytes.assign(c.vocab_size, 1); ev.luts.has_leading_space.assign(c.vocab_size, 0); ev.luts.is_boundary.assign(c.vocab_size, 0);
+    return ev;
+}
+template <class D> static std::vector<double> parity_train_run(D dev, Model<D>& m, TrainState<D>& s) {
+    train_state_init(dev, s, m);
+    s.loader.stream.open(shard_files(m.cfg.data_path, "train"), m.cfg.vocab_size);
+    EvalData ev = parity_eval_data(m.cfg);
+    train(dev, m, s, ev);
+    return s.losses;
+}
+
 static void parity_ten_steps(const char* preset) {
     SafetensorsFile f = parity_load(preset);
     Config c = parity_config(f, parity_data(f, preset));
@@ -146,12 +177,7 @@ static void parity_ten_steps(const char* preset) {
     TrainState<Cpu<float>> s;
     model_init_for_run(dev, m, c);
     parity_put(f, "init.", m);
-    train_state_init(dev, s, m);
-    s.loader.stream.open(shard_files(c.data_path, "train"), c.vocab_size);
-    EvalData ev;
-    ev.val = load_validation_tokens(c);
-    ev.luts.base_bytes.assign(c.vocab_size, 1); ev.luts.has_leading_space.assign(c.vocab_size, 0); ev.luts.is_boundary.assign(c.vocab_size, 0);
-    train(dev, m, s, ev);
+    parity_train_run(dev, m, s);
     std::vector<float> want = parity_tensor(f, "step_losses");
     CHECK(s.losses.size() == want.size());
     for (size_t i = 0; i < want.size() && i < s.losses.size(); i++)
@@ -178,9 +204,7 @@ static void parity_eval(const char* preset) {
     model_init_for_run(dev, m, c);
     parity_put(f, "final.", m);
     refresh_compute_weights(dev, m, false);
-    EvalData ev;
-    ev.val = load_validation_tokens(c);
-    ev.luts.base_bytes.assign(c.vocab_size, 1); ev.luts.has_leading_space.assign(c.vocab_size, 0); ev.luts.is_boundary.assign(c.vocab_size, 0);
+    EvalData ev = parity_eval_data(c);
     int modes = 0;
     // lora_ttt reads the whole stream (the reference's LoRA TTT loads the shards again, uncut), and only
     // each document's first chunk is compared: it is scored before any update, while later chunks depend
