@@ -3847,7 +3847,7 @@ __global__ void round_to_bf16_kernel(float* x, size_t n) {
 }
 static void round_to_bf16(Cuda, float* x, size_t n) {
     if (!n) return;
-    round_to_bf16_kernel<<<grid_for(n), BLOCK, 0, cuda_ctx().stream>>>(x, n);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, round_to_bf16_kernel)(x, n);
     launchCheck();
 }
 static void scale_grads(Cuda dev, float* x, size_t n, float s) { scale_inplace(dev, x, n, s); }
