@@ -21,6 +21,7 @@ static inline float round_to_bf16(float f) { return bf16_to_float(float_to_bf16(
 #include "test_cuda.cuh"  // defines REQUIRE_GPU: before the other CUDA tests
 #include "test_cuda_attention.cuh"
 #include "test_cuda_eval.cuh"
+#include "test_cuda_cover.cuh"
 #include "test_emu.cuh"  // the CUDA emulator's own checks (emulated build only)
 
 int main(int argc, char** argv) {
