@@ -110,4 +110,76 @@ TEST(cuda_embedding_backward_hot_token) {
     }
 }
 
+// Device memory in use (total − free: the emulator counts its cudaMalloc bytes the same way).
+static size_t device_bytes_held() {
+    size_t fr = 0, tot = 0;
+    cudaCheck(cudaMemGetInfo(&fr, &tot));
+    return tot - fr;
+}
+
+// One training step (zero the gradients, forward, backward, optimizer, bf16 weight refresh) captured
+// into a CUDA graph and replayed: the same bits as the step run directly. The tokens are uploaded
+// before (to_device waits for the host). Gradient clipping is off: it reads the gradient norm on the
+// host (sum_squares → to_host), which a graph cannot hold.
+TEST(cuda_train_step_graph_replay_bitwise) {
+    REQUIRE_GPU();
+    Config c; preset_tiny(c);
+    int T = EMU_OR(c.train_seq_len, 64), B = 2, N = B * T;
+    c.train_seq_len = T; c.train_batch_tokens = (long)N; c.grad_accum_steps = 1; c.grad_clip_norm = 0.0f;
+    config_validate(c, 1);
+    std::vector<int32_t> tok = synthetic_tokens((size_t)N + 1, c.vocab_size, 11);
+    std::vector<float> w = perturbed_init(c, 80);
+    struct Run { Model<Cuda> m; TrainState<Cuda> s; } runs[2];
+    for (Run& r : runs) {
+        model_init(Cuda{}, r.m, c, B, T);
+        to_device(Cuda{}, r.m.params, w.data(), w.size());
+        refresh_compute_weights(Cuda{}, r.m, false);
+        train_state_init(Cuda{}, r.s, r.m);
+        std::vector<int32_t> x(tok.begin(), tok.begin() + N), y(tok.begin() + 1, tok.begin() + N + 1);
+        std::vector<float> lw(N, 1.0f / N);
+        to_device(Cuda{}, r.m.acts.inputs, x.data(), N);
+        to_device(Cuda{}, r.m.acts.targets, y.data(), N);
+        to_device(Cuda{}, r.m.acts.loss_weights, lw.data(), N);
+    }
+    auto step = [&](Run& r) {
+        device_zero(Cuda{}, r.m.grads, r.m.nparams * sizeof(float));
+        gpt_forward(Cuda{}, r.m, B, T, true);
+        gpt_backward(Cuda{}, r.m, B, T);
+        optimizer_step(Cuda{}, r.m, r.s, lr_multiplier(c, r.s.step, 0), (float)muon_momentum_at(c, r.s.step));
+        refresh_compute_weights(Cuda{}, r.m, r.s.qat_active);
+    };
+    step(runs[0]);  // directly (this also grows the shared scratch to the step's size)
+    cudaStream_t st = cuda_ctx().stream;
+    size_t held = device_bytes_held();
+    std::vector<uint32_t> initial = down_bits(runs[1].m.params, runs[1].m.nparams);
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    cudaCheck(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    try {
+        step(runs[1]);
+    } catch (...) {
+        cudaStreamEndCapture(st, &graph);
+        throw;
+    }
+    cudaCheck(cudaStreamEndCapture(st, &graph));
+    CHECK_MSG(device_bytes_held() == held, "the captured step allocated %zu bytes", device_bytes_held() - held);
+    cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+    CHECK_MSG(down_bits(runs[1].m.params, runs[1].m.nparams) == initial, "capturing the step ran it");
+    CHECK_MSG(down_bits(runs[0].m.params, runs[0].m.nparams) != initial, "the step changed no weight");
+    cudaCheck(cudaGraphLaunch(exec, st));
+    cudaCheck(cudaStreamSynchronize(st));
+    size_t np = runs[0].m.nparams;
+    CHECK_MSG(down_bits(runs[1].m.acts.losses, N) == down_bits(runs[0].m.acts.losses, N), "replayed step: losses differ");
+    CHECK_MSG(down_bits(runs[1].m.grads, np) == down_bits(runs[0].m.grads, np), "replayed step: gradients differ");
+    CHECK_MSG(down_bits(runs[1].m.params, np) == down_bits(runs[0].m.params, np), "replayed step: weights differ");
+    CHECK_MSG(down_bits(runs[1].s.adam_m, np) == down_bits(runs[0].s.adam_m, np), "replayed step: Adam/Muon moments differ");
+    CHECK_MSG(down_bits(runs[1].s.adam_v, np) == down_bits(runs[0].s.adam_v, np), "replayed step: Adam second moments differ");
+    cudaCheck(cudaGraphExecDestroy(exec));
+    cudaCheck(cudaGraphDestroy(graph));
+    for (Run& r : runs) {
+        cuda_train_state_free(r.s);
+        model_free(Cuda{}, r.m);
+    }
+}
+
 #endif  // PGOLF_CUDA
