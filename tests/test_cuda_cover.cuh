@@ -182,4 +182,101 @@ TEST(cuda_train_step_graph_replay_bitwise) {
     }
 }
 
+// Bytes of the device's RoPE table (grown on demand, outside the memory plan's arrays: its headroom).
+static size_t rope_table_bytes() {
+    CudaContext& cx = cuda_ctx();
+    return cx.rope ? std::max<size_t>((size_t)cx.rope_rows * (cx.rope_rd / 2), 1) * sizeof(float2) : 0;
+}
+static void drop_scratch() {
+    CudaContext& cx = cuda_ctx();
+    cudaCheck(cudaFree(cx.scratch));
+    cx.scratch = nullptr; cx.scratch_bytes = 0;
+}
+
+// The memory plan against what run_cuda's allocations take (cudaMalloc bytes), array by array, and a
+// training step at the plan's capacity (with gradient clipping and Muon, the largest scratch users)
+// that allocates nothing more: the reserved scratch never grows.
+TEST(cuda_memory_plan_matches_allocations) {
+    REQUIRE_GPU();
+    Config c; preset_tiny(c);
+    c.train_seq_len = 64; c.train_batch_tokens = 256; c.grad_accum_steps = 1;
+    c.eval_batch_seqs = 2; c.ttt_batch_size = 2; c.ttt_eval_seq_len = 64; c.ttt_batch_seqs = 2;
+    config_validate(c, 1);
+    CHECK(c.grad_clip_norm > 0 && c.swa_enabled);  // the clip's sum_squares and the SWA sum take part
+    drop_scratch();
+    CudaMemoryPlan plan = cuda_memory_plan(c, 1, 0);
+    plan = cuda_memory_plan(c, 1, radix_sort_temp_bytes((int)plan.act_rows));
+    size_t held0 = device_bytes_held();
+    Model<Cuda> m; TrainState<Cuda> s;
+    model_init_for_run(Cuda{}, m, c);
+    size_t held_model = device_bytes_held() - held0;
+    CHECK_MSG(m.act_bytes == plan.activations, "activations: %zu bytes allocated, %zu planned", m.act_bytes, plan.activations);
+    CHECK_MSG(held_model == plan.params + plan.compute + plan.grads + plan.activations,
+              "model_init_for_run allocated %zu bytes, the plan says %zu", held_model,
+              plan.params + plan.compute + plan.grads + plan.activations);
+    train_state_init(Cuda{}, s, m);
+    CHECK_MSG(device_bytes_held() - held0 - held_model == plan.optimizer, "optimizer state %zu bytes, %zu planned",
+              device_bytes_held() - held0 - held_model, plan.optimizer);
+    cuda_scratch(plan.scratch);
+    size_t held = device_bytes_held(), rope0 = rope_table_bytes();
+    CHECK_MSG(held - held0 == plan.params + plan.compute + plan.grads + plan.optimizer + plan.activations + plan.scratch,
+              "run_cuda's arrays take %zu bytes, the plan %zu", held - held0,
+              plan.params + plan.compute + plan.grads + plan.optimizer + plan.activations + plan.scratch);
+    int T = plan.act_t, B = (int)(plan.act_rows / T);
+    std::vector<int32_t> tok = synthetic_tokens((size_t)B * T + 1, c.vocab_size, 12);
+    train_step(Cuda{}, m, s, tok, B, T);
+    CHECK_MSG(cuda_ctx().scratch_bytes == plan.scratch, "a step at the plan's capacity (%d×%d) grew the scratch to %zu bytes "
+              "(planned %zu)", B, T, cuda_ctx().scratch_bytes, plan.scratch);
+    CHECK_MSG(device_bytes_held() - held == rope_table_bytes() - rope0, "the step allocated %zu bytes",
+              device_bytes_held() - held);
+    cuda_train_state_free(s);
+    model_free(Cuda{}, m);
+    CHECK_MSG(device_bytes_held() - held0 == plan.scratch + rope_table_bytes() - rope0, "freeing left %zu bytes",
+              device_bytes_held() - held0);
+}
+
+// The grow-only buffers: the ops' scratch grows (freeing the old buffer first), never shrinks, and the
+// op that grew it computes the CPU's result; the RoPE table grows for longer sequences, equal to the host's.
+TEST(cuda_grow_only_buffers) {
+    REQUIRE_GPU();
+    Rng rng(64);
+    drop_scratch();
+    size_t held0 = device_bytes_held();
+    size_t last = 0;
+    for (int N : {100, 3000, 40}) {  // resid_mix's partials: 2C floats per chunk, chunks from N
+        const int C = 16;
+        size_t n = (size_t)N * C;
+        std::vector<double> x = cu_randn(n, rng), x0 = cu_randn(n, rng), dy = cu_randn(n, rng);
+        std::vector<double> mix = cu_randn(2 * C, rng, 1.0, false), dmix0 = cu_randn(2 * C, rng, 1.0, false);
+        std::vector<double> dx(n, 0.0), dx0(n, 0.0), dmix = dmix0;
+        resid_mix_backward(Cpu<double>{}, dx.data(), dx0.data(), dmix.data(), dy.data(), x.data(), x0.data(), mix.data(), N, C);
+        CU_UP(gx, bf16, x); CU_UP(gx0, bf16, x0); CU_UP(gdy, bf16, dy); CU_UP(gmix, f32, mix); CU_UP(gdmix, f32, dmix0);
+        GpuBuf gdx(n * 2), gdx0(n * 2);
+        device_zero(Cuda{}, gdx.p, n * 2);
+        device_zero(Cuda{}, gdx0.p, n * 2);
+        size_t before = device_bytes_held();
+        resid_mix_backward(Cuda{}, gdx.b(), gdx0.b(), gdmix->f(), gdy->b(), gx->b(), gx0->b(), gmix->f(), N, C);
+        size_t need = (size_t)row_chunks(N).chunks * 2 * C * sizeof(float), now = cuda_ctx().scratch_bytes;
+        CHECK_MSG(now == std::max(last, need), "N=%d: scratch %zu bytes, expected max(%zu, %zu)", N, now, last, need);
+        CHECK_MSG(device_bytes_held() - before == now - last, "N=%d: growing the scratch %zu → %zu took %zu bytes", N, last,
+                  now, device_bytes_held() - before);
+        check_band(test_format("resid_mix dmix N=%d (scratch %zu → %zu)", N, last, now).c_str(), down_f32(gdmix->p, 2 * C),
+                   dmix, F32_TOL);
+        last = now;
+    }
+    CHECK(device_bytes_held() - held0 == last);
+    for (int T : {48, 200, 300}) {
+        const float2* d = rope_table_device(T, 16, 777.0f);  // a base no model uses: a fresh table, then growth
+        CudaContext& cx = cuda_ctx();
+        CHECK(cx.rope_rows >= T);
+        std::vector<float2> want, got((size_t)cx.rope_rows * 8);
+        rope_table_host(want, cx.rope_rows, 16, 777.0f);
+        to_host(Cuda{}, got.data(), d, got.size());
+        CHECK_MSG(memcmp(got.data(), want.data(), got.size() * sizeof(float2)) == 0, "rope table for T=%d (%d rows)", T,
+                  cx.rope_rows);
+    }
+    CHECK_MSG(cuda_ctx().rope_rows == 400, "rope rows %d: expected 48, then max(200, 2·48), then max(300, 2·200)",
+              cuda_ctx().rope_rows);
+}
+
 #endif  // PGOLF_CUDA
