@@ -16,6 +16,7 @@
 //   4. parameters: table and arenas  10. evaluation: val_bpb, sliding window, both TTTs
 //   5. operations (CPU, then CUDA)   11. checkpoints
 //   6. the model: forward/backward   12. training driver and main
+//                                    13. the cost model of a training step (`./train_gpt cost`)
 // Sections between `#ifdef PGOLF_CPU_REFERENCE` fences are the CPU reference; `make submission`
 // strips them (and comments) to produce the byte-counted single file.
 
@@ -39,6 +40,8 @@
 #include <dirent.h>
 #include <fnmatch.h>
 #include <zstd.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #ifdef _OPENMP
@@ -84,17 +87,20 @@
 // ============================================================================================
 
 static int g_rank = 0, g_world = 1, g_local_rank = 0;  // set once by distributed_init()
+static FILE* g_logfile = nullptr;  // the run's log.txt once it is open (rank 0)
 
-// Every fatal condition ends here: one line naming what was expected and what was found.
-// Test builds throw instead, so the tests can check the message.
+// Every fatal condition ends here: one line naming what was expected and what was found, on
+// stderr and in log.txt. Test builds throw instead, so the tests can check the message.
 [[noreturn]] __attribute__((format(printf, 1, 2))) static void fail(const char* fmt, ...) {
     char msg[4096];
     va_list ap; va_start(ap, fmt); vsnprintf(msg, sizeof msg, fmt, ap); va_end(ap);
 #ifdef PGOLF_TESTING
     throw std::runtime_error(msg);
 #else
-    fprintf(stderr, "error%s: %s\n", g_world > 1 ? (" (rank " + std::to_string(g_rank) + ")").c_str() : "", msg);
+    std::string rank = g_world > 1 ? " (rank " + std::to_string(g_rank) + ")" : "";
+    fprintf(stderr, "error%s: %s\n", rank.c_str(), msg);
     fflush(stderr);
+    if (g_logfile) { fprintf(g_logfile, "error%s: %s\n", rank.c_str(), msg); fflush(g_logfile); }
 #ifdef PGOLF_MPI
     int mpi_up = 0; MPI_Initialized(&mpi_up);
     if (mpi_up && g_world > 1) MPI_Abort(MPI_COMM_WORLD, 1);  // never leave the other ranks hanging
@@ -104,7 +110,6 @@ static int g_rank = 0, g_world = 1, g_local_rank = 0;  // set once by distribute
 }
 
 // printf on rank 0 only, also appended to the run's log file when one is open.
-static FILE* g_logfile = nullptr;
 static bool g_quiet = false;  // tests silence the training log
 __attribute__((format(printf, 1, 2))) static void log0(const char* fmt, ...) {
     if (g_rank != 0 || g_quiet) return;
@@ -112,6 +117,15 @@ __attribute__((format(printf, 1, 2))) static void log0(const char* fmt, ...) {
     va_start(ap, fmt); vprintf(fmt, ap); va_end(ap);
     if (g_logfile) { va_start(ap, fmt); vfprintf(g_logfile, fmt, ap); va_end(ap); fflush(g_logfile); }
     fflush(stdout);
+}
+// A problem the run survives: "warning: …" on stderr and in the log (rank 0).
+__attribute__((format(printf, 1, 2))) static void warn0(const char* fmt, ...) {
+    if (g_rank != 0) return;
+    char msg[4096];
+    va_list ap; va_start(ap, fmt); vsnprintf(msg, sizeof msg, fmt, ap); va_end(ap);
+    fprintf(stderr, "warning: %s\n", msg);
+    fflush(stderr);
+    if (g_logfile) { fprintf(g_logfile, "warning: %s\n", msg); fflush(g_logfile); }
 }
 
 static std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
@@ -134,9 +148,6 @@ static void fread_check(void* dst, size_t n, FILE* f, const char* path) {
     size_t got = fread(dst, 1, n, f);
     if (got != n) fail("%s: truncated (wanted %zu more bytes, got %zu)", path, n, got);
 }
-static void fwrite_check(const void* src, size_t n, FILE* f, const char* path) {
-    if (fwrite(src, 1, n, f) != n) fail("cannot write %s: %s", path, strerror(errno));
-}
 static std::vector<uint8_t> read_file(const std::string& path) {
     FILE* f = fopen_check(path.c_str(), "rb");
     std::vector<uint8_t> buf;
@@ -147,13 +158,31 @@ static std::vector<uint8_t> read_file(const std::string& path) {
     fclose(f);
     return buf;
 }
-// Outputs are written to path.tmp and renamed, so a crash never leaves a half-written file.
-static void write_file_atomic(const std::string& path, const void* data, size_t n) {
+// Outputs are written to path.tmp and renamed, so a crash never leaves a half-written file; a
+// failed write (disk full) removes its .tmp and returns the reason in *err.
+static bool write_file_atomic_try(const std::string& path, const void* data, size_t n, std::string* err) {
     std::string tmp = path + ".tmp";
-    FILE* f = fopen_check(tmp.c_str(), "wb");
-    fwrite_check(data, n, f, tmp.c_str());
-    if (fclose(f) != 0) fail("cannot write %s: %s", tmp.c_str(), strerror(errno));
-    if (rename(tmp.c_str(), path.c_str()) != 0) fail("cannot rename %s to %s: %s", tmp.c_str(), path.c_str(), strerror(errno));
+    FILE* f = fopen(tmp.c_str(), "wb");
+    if (!f) { *err = fmt("cannot open %s (wb): %s", tmp.c_str(), strerror(errno)); return false; }
+    bool ok = fwrite(data, 1, n, f) == n;
+    int e = errno;
+    if (fclose(f) != 0 && ok) { ok = false; e = errno; }
+    if (!ok) {
+        remove(tmp.c_str());
+        *err = fmt("cannot write %s: %s", tmp.c_str(), strerror(e));
+        return false;
+    }
+    if (rename(tmp.c_str(), path.c_str()) != 0) {
+        e = errno;
+        remove(tmp.c_str());
+        *err = fmt("cannot rename %s to %s: %s", tmp.c_str(), path.c_str(), strerror(e));
+        return false;
+    }
+    return true;
+}
+static void write_file_atomic(const std::string& path, const void* data, size_t n) {
+    std::string err;
+    if (!write_file_atomic_try(path, data, n, &err)) fail("%s", err.c_str());
 }
 static void make_dirs(const std::string& path) {
     std::string cur;
@@ -164,6 +193,25 @@ static void make_dirs(const std::string& path) {
         }
         if (i < path.size()) cur += path[i];
     }
+}
+// One run per folder: a second run with the same OUT_DIR would overwrite the first one's files and
+// interleave its log. flock on DIR/.lock, held until the process exits (the kernel drops it even
+// after a crash, so a stale file never blocks a run).
+static void lock_run_folder(const std::string& dir) {
+    std::string path = dir + "/.lock";
+    int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) fail("cannot open %s: %s", path.c_str(), strerror(errno));
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno != EWOULDBLOCK) fail("cannot lock %s: %s", path.c_str(), strerror(errno));
+        char pid[32] = {0};
+        if (pread(fd, pid, sizeof pid - 1, 0) <= 0) strcpy(pid, "?");
+        fail("OUT_DIR=%s is in use by another run (process %s holds %s): wait for it to end, or set another RUN_ID "
+             "or OUT_DIR", dir.c_str(), pid, path.c_str());
+    }
+    std::string me = std::to_string((long)getpid());
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, me.data(), me.size(), 0) != (ssize_t)me.size())
+        fail("cannot write %s: %s", path.c_str(), strerror(errno));
+    // fd stays open: the lock lasts as long as the run
 }
 // Sorted list of the files matching a glob pattern (only the last path component may hold wildcards).
 static std::vector<std::string> glob_sorted(const std::string& pattern) {
@@ -234,6 +282,24 @@ struct Arena {
         return (X*)(base + at);
     }
 };
+
+// --- Op classes: what the cost model (section 13) counts and PROFILE=1 times ------------------------
+// Every kernel launch, cuBLASLt call, memset, copy, collective and host synchronization of a step
+// falls in one class. GEMMs and elementwise kernels issued inside optimizer_step count as the
+// optimizer's (its Newton–Schulz products, Adam, Muon's momentum and update kernels).
+enum OpClass { OP_GEMM, OP_ATTN_FWD, OP_ATTN_BWD, OP_MEMSET, OP_ELEMENTWISE, OP_OPTIMIZER, OP_COMM, OP_SYNC, OP_NUM };
+#if PGOLF_CPU_REFERENCE
+static const char* const OP_CLASS_NAMES[OP_NUM] = {"GEMMs (cuBLASLt)", "attention forward", "attention backward",
+    "memsets", "elementwise/norms/reductions", "optimizer (NS, Adam, Muon)", "communication", "host syncs"};
+static OpClass op_class_within(OpClass cls, OpClass enclosing) {
+    bool compute = cls == OP_GEMM || cls == OP_ELEMENTWISE;
+    return enclosing == OP_OPTIMIZER && compute ? OP_OPTIMIZER : cls;
+}
+#endif
+// RAII scope of a generic code region (optimizer_step): nothing on the CPU; PROFILE on the GPU; the
+// cost model's optimizer phase under the Cost tag. The overloads for Cuda and Cost come later.
+struct OpScopeNone { ~OpScopeNone() {} };  // (a destructor: no unused-variable warning at its uses)
+template <class D> static OpScopeNone op_scope(D, OpClass) { return {}; }
 
 // --- The GPU ------------------------------------------------------------------------------------
 // The generic model, optimizer and driver templates reach these overloads through the `Cuda`
@@ -326,6 +392,101 @@ static CudaContext& cuda_ctx() {
     g_cuda.ready = true;
     return g_cuda;
 }
+#endif
+
+#ifdef PGOLF_CUDA
+#if PGOLF_CPU_REFERENCE
+struct Config;
+// --- PROFILE=1: CUDA events around the op wrappers of each training step, summed per op class -----
+// (a development tool, like the cost model it reports next to: not part of the stripped submission)
+// A scope records an event when it opens and when it closes; the time between two consecutive
+// events goes to the class innermost at that moment (elementwise where no scope is open: every op
+// without one of its own). Off (the default), a scope costs one branch. Each step's events are read
+// at its end, so profiling adds one synchronize per step. Read-only: no kernel is touched.
+struct OpProfiler {
+    bool in_step = false;
+    std::vector<cudaEvent_t> pool;                 // events, reused every step
+    std::vector<OpClass> marks;                    // marks[i]: the class running from event i on
+    std::vector<OpClass> open;                     // scopes open now, outermost first
+    double ms[OP_NUM] = {};                        // summed over the measured steps
+    int steps = 0, measured = 0;
+};
+static OpProfiler g_prof;
+static const int PROFILE_WARMUP_STEPS = 3;         // cuBLASLt plans, rope tables, scratch: first steps only
+static bool profile_enabled() {
+    static int on = -1;
+    if (on < 0) {
+        const char* v = getenv("PROFILE");
+        if (v && *v && strcmp(v, "0") && strcmp(v, "1")) fail("PROFILE=%s: expected 0 or 1", v);
+        on = v && !strcmp(v, "1");
+    }
+    return on;
+}
+static void profile_mark(OpClass cls) {
+    size_t i = g_prof.marks.size();
+    if (i == g_prof.pool.size()) { cudaEvent_t e; cudaCheck(cudaEventCreate(&e)); g_prof.pool.push_back(e); }
+    cudaCheck(cudaEventRecord(g_prof.pool[i], g_cuda.stream));  // a blocking stream: also after legacy-stream kernels
+    g_prof.marks.push_back(cls);
+}
+struct OpProfileScope {
+    bool active;
+    explicit OpProfileScope(OpClass cls) : active(g_prof.in_step) {
+        if (!active) return;
+        g_prof.open.push_back(g_prof.open.empty() ? cls : op_class_within(cls, g_prof.open.back()));
+        profile_mark(g_prof.open.back());
+    }
+    ~OpProfileScope() {
+        if (!active) return;
+        g_prof.open.pop_back();
+        profile_mark(g_prof.open.empty() ? OP_ELEMENTWISE : g_prof.open.back());
+    }
+    OpProfileScope(const OpProfileScope&) = delete;
+};
+#define PROFILE_OP(cls) OpProfileScope profile_scope_(cls)
+static OpProfileScope op_scope(Cuda, OpClass cls) { return OpProfileScope(cls); }
+static void profile_step_begin(Cuda) {
+    if (!profile_enabled()) return;
+    g_prof.marks.clear(); g_prof.open.clear();
+    g_prof.in_step = true;
+    profile_mark(OP_ELEMENTWISE);
+}
+static void profile_step_end(Cuda) {
+    if (!g_prof.in_step) return;
+    profile_mark(OP_ELEMENTWISE);
+    g_prof.in_step = false;
+    cudaCheck(cudaEventSynchronize(g_prof.pool[g_prof.marks.size() - 1]));
+    if (g_prof.steps++ < PROFILE_WARMUP_STEPS) return;
+    for (size_t i = 0; i + 1 < g_prof.marks.size(); i++) {
+        float ms = 0;
+        cudaCheck(cudaEventElapsedTime(&ms, g_prof.pool[i], g_prof.pool[i + 1]));
+        g_prof.ms[g_prof.marks[i]] += ms;
+    }
+    g_prof.measured++;
+}
+static void cost_projected_ms(const Config& c, int world, double ms[OP_NUM]);  // section 13
+// At the end of training: measured ms per step and class, next to the cost model's projection.
+static void profile_report(Cuda, const Config& c) {
+    if (!profile_enabled()) return;
+    if (g_prof.measured == 0) {
+        log0("profile: no step measured (the first %d are warm-up)\n", PROFILE_WARMUP_STEPS);
+        return;
+    }
+    double proj[OP_NUM] = {}, total_m = 0, total_p = 0;
+    cost_projected_ms(c, g_world, proj);
+    log0("profile: ms per step on rank 0, mean of %d steps after %d warm-up steps (CUDA events; projected: "
+         "./train_gpt cost)\n", g_prof.measured, PROFILE_WARMUP_STEPS);
+    log0("profile: %-30s %12s %12s\n", "class", "measured_ms", "projected_ms");
+    for (int k = 0; k < OP_NUM; k++) {
+        double m = g_prof.ms[k] / g_prof.measured;
+        total_m += m; total_p += proj[k];
+        log0("profile: %-30s %12.3f %12.3f\n", OP_CLASS_NAMES[k], m, proj[k]);
+    }
+    log0("profile: %-30s %12.3f %12.3f\n", "total", total_m, total_p);
+}
+#endif
+#endif
+#ifndef PROFILE_OP
+#define PROFILE_OP(cls)  // builds without the CUDA profiler (CPU, the stripped submission)
 #endif
 
 #ifdef PGOLF_CUDA
@@ -469,15 +630,20 @@ static void* device_alloc(Cuda, size_t bytes) {
     return p;
 }
 static void device_free(Cuda, void* p) { if (p) cudaCheck(cudaFree(p)); }
-static void device_zero(Cuda, void* p, size_t bytes) { if (bytes) cudaCheck(cudaMemsetAsync(p, 0, bytes, cuda_ctx().stream)); }
+static void device_zero(Cuda, void* p, size_t bytes) {
+    PROFILE_OP(OP_MEMSET);
+    if (bytes) cudaCheck(cudaMemsetAsync(p, 0, bytes, cuda_ctx().stream));
+}
 // Host copies wait for the stream: the host side is pageable memory the caller may reuse at once.
 template <class X> static void to_device(Cuda, X* dst, const X* src, size_t n) {
     if (!n) return;
+    PROFILE_OP(OP_SYNC);
     cudaCheck(cudaMemcpyAsync(dst, src, n * sizeof(X), cudaMemcpyHostToDevice, cuda_ctx().stream));
     cudaCheck(cudaStreamSynchronize(g_cuda.stream));
 }
 template <class X> static void to_host(Cuda, X* dst, const X* src, size_t n) {
     if (!n) return;
+    PROFILE_OP(OP_SYNC);
     cudaCheck(cudaMemcpyAsync(dst, src, n * sizeof(X), cudaMemcpyDeviceToHost, cuda_ctx().stream));
     cudaCheck(cudaStreamSynchronize(g_cuda.stream));
 }
@@ -831,24 +997,24 @@ static std::vector<Setting> config_settings(Config& c) {
 enum Scope { SCOPE_MODEL, SCOPE_TRAINING, SCOPE_EVALUATION, SCOPE_RUN, SCOPE_NUM };
 static const char* const SCOPE_NAMES[SCOPE_NUM] = {"model", "training", "evaluation", "this run"};
 static const char* const SCOPE_SETTINGS[SCOPE_NUM] = {
-    "VOCAB_SIZE NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT MLP_ACTIVATION UNIQUE_LAYERS NAMED_CORES "
+    ("VOCAB_SIZE NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT MLP_ACTIVATION UNIQUE_LAYERS NAMED_CORES "
     "TIE_EMBEDDINGS ROPE_BASE ROPE_DIMS LOGIT_SOFTCAP BIGRAM_VOCAB_SIZE BIGRAM_DIM BIGRAM_HASH_SIZE SMEAR "
-    "SMEAR_GATE XSA_LAST_N",
-    "SEED ITERATIONS WARMDOWN_ITERS WARMUP_STEPS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN MAX_WALLCLOCK_SECONDS "
+    "SMEAR_GATE XSA_LAST_N"),
+    ("SEED ITERATIONS WARMDOWN_ITERS WARMUP_STEPS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN MAX_WALLCLOCK_SECONDS "
     "GRAD_ACCUM_STEPS QK_GAIN_INIT TIED_EMBED_INIT_STD ORTHO_INIT EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR "
     "SCALAR_LR MUON_MOMENTUM MUON_BACKEND_STEPS MUON_MOMENTUM_WARMUP_START MUON_MOMENTUM_WARMUP_STEPS "
     "MUON_WEIGHT_DECAY ADAM_WD WEIGHT_DECAY BETA1 BETA2 ADAM_EPS GRAD_CLIP_NORM SWA_ENABLED SWA_START_FRAC "
     "SWA_EVERY SWA_STEPS SWA_DECAY SWA_START_STEP EMA_DECAY EMBED_BF16 LATE_QAT QAT_THRESHOLD QAT_BITS QAT_START_STEP "
     "QAT_SCALE_FLOOR QUANT_SCHEME PACK ZSTD_LEVEL PRUNE_FRAC GPTQ_LITE ALL_INT5 FP16_KEEP_NAME_PATTERNS "
-    "CONTROL_TENSOR_NAME_PATTERNS",
-    "VAL_BATCH_SIZE VAL_LOSS_EVERY VAL_TOKENS_LIMIT VAL_TRUNCATE_TO_SEQ EVAL_MODE EVAL_SEQ_LEN EVAL_STRIDE "
+    "CONTROL_TENSOR_NAME_PATTERNS"),
+    ("VAL_BATCH_SIZE VAL_LOSS_EVERY VAL_TOKENS_LIMIT VAL_TRUNCATE_TO_SEQ EVAL_MODE EVAL_SEQ_LEN EVAL_STRIDE "
     "EVAL_BATCH_SEQS SLIDING SLIDING_REFERENCE EVAL_MAX_WALLCLOCK_SECONDS TTT_LORA_RANK TTT_LORA_LR TTT_LORA_ALPHA "
     "TTT_LORA_TARGETS TTT_LORA_OPTIMIZER TTT_LORA_BETA1 TTT_LORA_BETA2 TTT_LORA_EPS TTT_LORA_WD TTT_CHUNK_SIZE "
     "TTT_EVAL_SEQ_LEN TTT_BATCH_SIZE TTT_STEPS TTT_N_EPOCHS TTT_LORA_SCHEDULE TTT_REPORT_FINAL_EPOCH "
     "TTT_CHUNK_TOKENS TTT_EPOCHS TTT_FREEZE_BLOCKS TTT_BATCH_SEQS TTT_LR TTT_MOMENTUM TTT_GRAD_CLIP TTT_WD "
-    "TTT_BETA1 TTT_BETA2 TTT_EPS TTT_OPTIMIZER",
-    "DATA_PATH TOKENIZER_PATH RUN_ID OUT_DIR RESUME LOAD_ARTIFACT NLL_DUMP DEVICE TRAIN_LOG_EVERY "
-    "CHECKPOINT_EVERY CHECKPOINT_KEEP",
+    "TTT_BETA1 TTT_BETA2 TTT_EPS TTT_OPTIMIZER"),
+    ("DATA_PATH TOKENIZER_PATH RUN_ID OUT_DIR RESUME LOAD_ARTIFACT NLL_DUMP DEVICE TRAIN_LOG_EVERY "
+    "CHECKPOINT_EVERY CHECKPOINT_KEEP"),
 };
 static Scope setting_scope(const char* name) {
     int found = -1, count = 0;
@@ -967,6 +1133,22 @@ static std::string config_to_text(Config& c) {
     }
     return out;
 }
+// What an artifact stores: the preset, the model settings, and the export settings that say how each
+// tensor is stored (the reader checks every tensor's kind and value range against them), so the file
+// is a function of the weights and these alone. The rest is the run's (log.txt, result.json); a
+// loaded artifact takes it from its preset and the environment.
+static const char* const ARTIFACT_STORAGE_SETTINGS = " QUANT_SCHEME ALL_INT5 GPTQ_LITE FP16_KEEP_NAME_PATTERNS "
+                                                     "CONTROL_TENSOR_NAME_PATTERNS ";
+static bool is_artifact_setting(const char* name) {
+    return setting_scope(name) == SCOPE_MODEL ||
+           strstr(ARTIFACT_STORAGE_SETTINGS, (std::string(" ") + name + " ").c_str()) != nullptr;
+}
+static std::string artifact_config_text(Config& c) {
+    std::string out = "CONFIG=" + c.preset + "\n";
+    for (const Setting& s : config_settings(c))
+        if (is_artifact_setting(s.name)) out += std::string(s.name) + "=" + setting_value(s) + "\n";
+    return out;
+}
 static Config config_from_text(const std::string& text, const std::string& where) {
     Config c;
     std::vector<Setting> settings = config_settings(c);
@@ -979,7 +1161,12 @@ static Config config_from_text(const std::string& text, const std::string& where
         size_t eq = line.find('=');
         if (eq == std::string::npos) fail("%s: config line \"%s\" is not KEY=VALUE", where.c_str(), line.c_str());
         std::string key = line.substr(0, eq), value = line.substr(eq + 1);
-        if (key == "CONFIG") { c.preset = value; continue; }
+        if (key == "CONFIG") {  // the preset's defaults for every setting the text leaves out (an artifact's)
+            c.preset = value;
+            for (const Preset& p : PRESETS)
+                if (c.preset == p.name) p.apply(c);
+            continue;
+        }
         bool known = false;
         for (const Setting& s : settings)
             if (key == s.name) { setting_parse(s, value.c_str(), where); known = true; }
@@ -1176,6 +1363,113 @@ static std::vector<std::string> shard_files(const std::string& data_path, const 
     std::vector<std::string> files = glob_sorted(pattern);
     if (files.empty()) fail("no %s shards match %s (set DATA_PATH, or run scripts/make_corpus or scripts/download_fineweb)", split, pattern.c_str());
     return files;
+}
+
+// Every train shard, checked before the first step (a bad one would otherwise stop the run hours in,
+// or an empty one hang the loader): its header against its size, at least one token, every id
+// below VOCAB_SIZE. Token ids are scanned in full up to SHARD_FULL_SCAN_BYTES in all, else on a
+// sample of every shard (training still checks each shard in full when it loads it). Returns N.
+static const long SHARD_FULL_SCAN_BYTES = 1L << 30, SHARD_SAMPLE_BLOCKS = 64, SHARD_SAMPLE_TOKENS = 4096;
+static long validate_train_shards(const std::vector<std::string>& files, int vocab_size,
+                                  long full_scan_bytes = SHARD_FULL_SCAN_BYTES) {
+    double t0 = now_ms();
+    std::vector<long> n(files.size());
+    long total = 0;
+    for (size_t i = 0; i < files.size(); i++) {
+        FILE* f = fopen_check(files[i].c_str(), "rb");
+        n[i] = shard_header_check(files[i], f);
+        fclose(f);
+        if (n[i] == 0) fail("%s: a shard with 0 tokens (expected at least one document): remove it", files[i].c_str());
+        total += n[i];
+    }
+    bool full = 2 * total <= full_scan_bytes;
+    std::vector<std::string> errors(files.size());
+    std::vector<long> scanned(files.size(), 0);
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (long i = 0; i < (long)files.size(); i++) {
+        FILE* f = fopen(files[i].c_str(), "rb");
+        if (!f) { errors[i] = fmt("cannot open %s: %s", files[i].c_str(), strerror(errno)); continue; }
+        std::vector<uint16_t> buf;
+        // blocks of tokens [begin, begin + len): the whole shard in pieces, or evenly spaced samples
+        long len = full ? std::min(n[i], 1L << 20) : std::min(n[i], SHARD_SAMPLE_TOKENS);
+        long blocks = full ? (n[i] + len - 1) / len : std::min(SHARD_SAMPLE_BLOCKS, (n[i] + len - 1) / len);
+        for (long b = 0; b < blocks && errors[i].empty(); b++) {
+            long begin = full ? b * len : (blocks == 1 ? 0 : b * (n[i] - len) / (blocks - 1));
+            long k = std::min(len, n[i] - begin);
+            buf.resize(k);
+            if (fseek(f, SHARD_HEADER_BYTES + 2 * begin, SEEK_SET) != 0 || fread(buf.data(), 2, k, f) != (size_t)k) {
+                errors[i] = fmt("%s: cannot read tokens %ld..%ld: %s", files[i].c_str(), begin, begin + k,
+                                strerror(errno));
+                break;
+            }
+            scanned[i] += k;
+            for (long j = 0; j < k; j++)
+                if (buf[j] >= vocab_size) {
+                    errors[i] = fmt("%s: token %d at position %ld is outside the vocabulary (VOCAB_SIZE=%d)",
+                                    files[i].c_str(), buf[j], begin + j, vocab_size);
+                    break;
+                }
+        }
+        fclose(f);
+    }
+    for (const std::string& e : errors)
+        if (!e.empty()) fail("%s", e.c_str());
+    long checked = std::accumulate(scanned.begin(), scanned.end(), 0L);
+    std::string how = full ? "in full"
+                           : fmt("on a sample of %ld tokens (%.2f%%; a full scan reads %.1f GB, so each shard is "
+                                 "checked in full when training loads it)",
+                                 checked, 100.0 * checked / total, 2e-9 * total);
+    log0("train_shards: %zu files, %ld tokens: headers checked; token ids checked %s (%.2f s)\n", files.size(), total,
+         how.c_str(), (now_ms() - t0) / 1000);
+    return total;
+}
+
+// The shards must come from TOKENIZER_PATH's model, or val_bpb is silently wrong. `./tokenize shard`
+// and scripts/download_fineweb write DATA_PATH/manifest.txt (KEY=VALUE lines) with the tokenizer's
+// checksum (fnv1a64 of the .model file); data without one must at least look like this
+// vocabulary's: shards made with a smaller model never use its upper ids.
+static void check_data_tokenizer(const Config& c, const SpmModel& sp, const std::vector<uint16_t>& val) {
+    std::string path = c.data_path + "/manifest.txt";
+    if (access(path.c_str(), F_OK) == 0) {
+        std::vector<uint8_t> bytes = read_file(path);
+        std::string text(bytes.begin(), bytes.end()), sum, name = "?", vocab = "?";
+        size_t pos = 0;
+        while (pos < text.size()) {
+            size_t nl = text.find('\n', pos);
+            std::string line = text.substr(pos, nl == std::string::npos ? std::string::npos : nl - pos);
+            pos = nl == std::string::npos ? text.size() : nl + 1;
+            size_t eq = line.find('=');
+            if (eq == std::string::npos) continue;
+            std::string key = line.substr(0, eq), value = line.substr(eq + 1);
+            if (key == "tokenizer_checksum") sum = value;
+            else if (key == "tokenizer") name = value;
+            else if (key == "vocab_size") vocab = value;
+        }
+        if (sum.empty()) fail("%s: no tokenizer_checksum line (expected one, as ./tokenize shard writes)",
+                              path.c_str());
+        std::string have = fmt("%016llx", (unsigned long long)sp.checksum);
+        if (sum != have)
+            fail("%s: the shards were made with the tokenizer %s (%s pieces, checksum %s), but TOKENIZER_PATH=%s "
+                 "(%zu pieces) has checksum %s: set TOKENIZER_PATH (and VOCAB_SIZE) to the shards' tokenizer",
+                 path.c_str(), name.c_str(), vocab.c_str(), sum.c_str(), c.tokenizer_path.c_str(), sp.pieces.size(),
+                 have.c_str());
+        log0("data: %s: shards made with this tokenizer (checksum %s)\n", path.c_str(), have.c_str());
+        return;
+    }
+    std::vector<char> seen(c.vocab_size, 0);
+    int max_id = 0;
+    for (uint16_t t : val) { seen[t] = 1; max_id = std::max(max_id, (int)t); }
+    long distinct = std::accumulate(seen.begin(), seen.end(), 0L);
+    bool enough = (long)val.size() >= 10L * c.vocab_size;  // a sample large enough to reach the upper ids
+    if (enough && max_id < c.vocab_size / 2)
+        warn0("DATA_PATH=%s has no manifest.txt, and its %zu validation tokens use only ids 0..%d (%ld distinct) of "
+              "the %d of TOKENIZER_PATH=%s: were the shards made with a smaller tokenizer? val_bpb is wrong unless "
+              "TOKENIZER_PATH is the shards' own",
+              c.data_path.c_str(), val.size(), max_id, distinct, c.vocab_size, c.tokenizer_path.c_str());
+    else
+        log0("data: no manifest.txt in %s, tokenizer not verified by checksum; validation tokens use %ld of %d ids, "
+             "largest %d%s\n", c.data_path.c_str(), distinct, c.vocab_size, max_id,
+             enough ? "" : " (too few tokens to judge)");
 }
 
 // The training stream: shards in sorted order, read front to back, wrapping around at the end.
@@ -1782,6 +2076,7 @@ static void gemm_bf16(void* d, cudaDataType_t d_type, const void* c, const bf16*
                       bool a_trans, bool b_trans, float alpha, float beta, int batch = 1,
                       long long stride_a = 0, long long stride_b = 0, long long stride_cd = 0) {
     if (M <= 0 || N <= 0 || K <= 0 || batch <= 0) return;
+    PROFILE_OP(OP_GEMM);
     CudaContext& cx = cuda_ctx();
     if (!c) c = d;
     GemmKey key{M, N, K, batch, a_trans, b_trans, d_type, batch > 1 ? stride_a : 0, batch > 1 ? stride_b : 0, batch > 1 ? stride_cd : 0,
@@ -2710,6 +3005,7 @@ static void attention_forward(Cuda, __nv_bfloat16* out, float* lse, const __nv_b
     const char* names[] = {"out", "q", "k", "v"};
     attention_check("attention_forward", ptrs, names, 4, B, T, H, Hk, hd);
     if (B == 0 || T == 0) return;
+    PROFILE_OP(OP_ATTN_FWD);
     switch (hd) {
         case 16: attention_forward_hd<16>(out, lse, q, k, v, B, T, H, Hk); break;
         case 32: attention_forward_hd<32>(out, lse, q, k, v, B, T, H, Hk); break;
@@ -2750,6 +3046,7 @@ static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_
     const char* names[] = {"dq", "dk", "dv", "dout", "q", "k", "v", "out"};
     attention_check("attention_backward", ptrs, names, 8, B, T, H, Hk, hd);
     if (B == 0 || T == 0) return;
+    PROFILE_OP(OP_ATTN_BWD);
     float* D = nullptr;
     scratch_carve([&](Arena& a) { D = a.take<float>((size_t)B * H * T); });
     switch (hd) {
@@ -4135,6 +4432,7 @@ static void nccl_wait(const char* what) {
 // (perf: bucket the gradient arena by layer and all-reduce each bucket as the backward finishes it)
 static void allreduce_sum(Cuda, float* x, size_t n) {
     if (g_world == 1 || n == 0) return;
+    PROFILE_OP(OP_COMM);
 #if defined(PGOLF_NCCL) && defined(PGOLF_MPI)
     if (!g_cuda.nccl) fail("internal: allreduce_sum before the NCCL communicator exists (run_cuda creates it)");
     ncclCheck(ncclAllReduce(x, x, n, ncclFloat, ncclSum, g_cuda.nccl, g_cuda.stream));
@@ -4412,7 +4710,7 @@ static std::vector<QTensor> quantize_model(const Config& c, const std::vector<Pa
 // --- The artifact file ----------------------------------------------------------------------------
 // Format v1, little-endian. The file is a valid zstd stream (`zstd -d` prints header + groups):
 //   16 B        skippable frame 0x184D2A50, size 8: "PGZA", u32 format version
-//   zstd frame  header: u32 n + config text (config_to_text); u32 tensor count, then per tensor
+//   zstd frame  header: u32 n + config text (artifact_config_text); u32 tensor count, then per tensor
 //               u16 n + name, u8 ndim, u32 dims[ndim], u8 kind (SK_*), u64 value offset in its
 //               group, u64 scale offset in the scale group; then per group u8 packing (PK_*),
 //               u64 raw bytes, u64 frame bytes
@@ -4546,7 +4844,7 @@ static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpe
     group_layout(t, kinds, packing, &voff, &soff, group_bytes);
 
     std::vector<uint8_t> h;
-    std::string text = config_to_text(c);
+    std::string text = artifact_config_text(c);
     put_le(h, text.size(), 4);
     h.insert(h.end(), text.begin(), text.end());
     put_le(h, t.size(), 4);
@@ -4602,7 +4900,10 @@ static void print_export_report(const ExportReport& r) {
     }
     log0("export: header, magic and checksum %zu bytes; raw %zu bytes; all bit-packed %zu bytes, all byte containers %zu bytes\n",
          r.overhead_bytes, r.raw_bytes, r.bits_packed_bytes, r.byte_container_bytes);
-    log0("Serialized model %s+zstd: %zu bytes\n", r.scheme == "int8" ? "int8" : "int6", r.artifact_bytes);
+    std::string kinds;  // the integer widths the file holds, e.g. int5/int6/int8 for QUANT_SCHEME=mixed
+    for (int k : {SK_INT5, SK_INT6, SK_INT8})
+        if (r.params_per_kind[k] > 0) kinds += (kinds.empty() ? "" : "/") + std::string(SK_NAMES[k]);
+    log0("Serialized model %s+zstd: %zu bytes\n", kinds.empty() ? "fp16" : kinds.c_str(), r.artifact_bytes);
 }
 
 // --- Reading: every check before anything is allocated from a size the file declares ------------
@@ -4850,6 +5151,7 @@ struct EvalResult {
     std::string mode;
     double val_loss = 0, val_bpb = 0, tokens = 0, ms = 0;
     std::string note;  // e.g. "not competition-legal (…)"
+    bool same_pass = false;  // a by-product of the previous mode's pass: its time is already counted there
 };
 
 // Per-position NLLs of the validation stream, in stream order (position j scores t[j+1]), for
@@ -5451,8 +5753,10 @@ static std::string json_escape(const std::string& s) {
     return out;
 }
 
-static void safetensors_write(const std::string& path, const std::vector<TensorBlob>& tensors,
-                              const std::vector<std::pair<std::string, std::string>>& meta) {
+// Fails on a write error, or (with err) removes the .tmp and returns false with the reason.
+static bool safetensors_write(const std::string& path, const std::vector<TensorBlob>& tensors,
+                              const std::vector<std::pair<std::string, std::string>>& meta,
+                              std::string* err = nullptr) {
     std::string h = "{\"__metadata__\":{";
     for (size_t i = 0; i < meta.size(); i++)
         h += (i ? "," : "") + ("\"" + json_escape(meta[i].first) + "\":\"" + json_escape(meta[i].second) + "\"");
@@ -5472,7 +5776,9 @@ static void safetensors_write(const std::string& path, const std::vector<TensorB
     memcpy(buf.data() + 8, h.data(), h.size());
     size_t at = 8 + h.size();
     for (const TensorBlob& t : tensors) { memcpy(buf.data() + at, t.data, 4 * t.numel); at += 4 * t.numel; }
+    if (err) return write_file_atomic_try(path, buf.data(), buf.size(), err);
     write_file_atomic(path, buf.data(), buf.size());
+    return true;
 }
 
 // A JSON reader just large enough for safetensors headers: objects, strings, arrays of integers.
@@ -5643,6 +5949,41 @@ template <class D> static void model_init_for_run(D dev, Model<D>& m, const Conf
     model_init(dev, m, c, (int)((cap_tokens + cap_t - 1) / cap_t), cap_t);
 }
 
+#if PGOLF_CPU_REFERENCE
+// DEVICE=cpu: the run's memory against the host's, before anything is allocated, so a full-size
+// preset on a small machine fails at once and says which settings drive the size.
+static void host_memory_check(const Config& c, int world) {
+    long tokens; int max_t;
+    activation_capacity(c, world, &tokens, &max_t);
+    long micro = c.train_batch_tokens / ((long)world * grad_accum_steps(c, world));
+    const char* driver = tokens == micro ? "TRAIN_BATCH_TOKENS (or raise GRAD_ACCUM_STEPS)"
+                       : tokens == (long)c.eval_batch_seqs * c.eval_len() ? "EVAL_BATCH_SEQS"
+                       : tokens == (long)c.ttt_batch_size * c.ttt_eval_seq_len ? "TTT_BATCH_SIZE"
+                       : tokens == (long)c.ttt_batch_seqs * c.eval_len() ? "TTT_BATCH_SEQS" : "TRAIN_SEQ_LEN";
+    Arena ar;
+    Acts<Cpu<float>> acts;
+    carve_acts(ar, acts, c, (int)((tokens + max_t - 1) / max_t), max_t);
+    bool avg = c.swa_enabled || c.swa_steps > 0 || c.ema_decay > 0;
+    // weights, gradients, Adam m and v, Muon updates, [the weight average]
+    double state = (double)param_arena_size(build_param_table(c)) * sizeof(float) * (5 + avg);
+    double need = state + ar.used;
+    long avail_kb = -1;
+    if (FILE* f = fopen("/proc/meminfo", "r")) {
+        char line[256];
+        while (fgets(line, sizeof line, f))
+            if (sscanf(line, "MemAvailable: %ld kB", &avail_kb) == 1) break;
+        fclose(f);
+    }
+    if (avail_kb >= 0 && need > avail_kb * 1024.0)
+        fail("DEVICE=cpu: this run needs %.0f MiB of host memory, %.0f MiB are available: activations %.0f MiB for "
+             "%ld tokens of up to %d (set by %s; per token they grow with MODEL_DIM, NUM_LAYERS, MLP_MULT, "
+             "VOCAB_SIZE), weights, gradients and optimizer state %.0f MiB (NUM_LAYERS=%d MODEL_DIM=%d MLP_MULT=%g "
+             "VOCAB_SIZE=%d): lower %s, or train CONFIG=tiny on a CPU", need / 1048576, avail_kb / 1024.0,
+             ar.used / 1048576.0, tokens, max_t, driver, state / 1048576, c.num_layers, c.model_dim, c.mlp_mult,
+             c.vocab_size, driver);
+}
+#endif
+
 template <class D> static void train_state_init(D dev, TrainState<D>& s, Model<D>& m) {
     using G = typename D::grad;
     size_t bytes = m.nparams * sizeof(G);
@@ -5660,6 +6001,7 @@ static int muon_owner(int matrix_index) { return matrix_index % g_world; }
 
 // One optimizer step over the summed gradients of this step's micro-batches.
 template <class D> static void optimizer_step(D dev, Model<D>& m, TrainState<D>& s, double lr_scale, float muon_momentum) {
+    auto scope = op_scope(dev, OP_OPTIMIZER);  // PROFILE=1 and the cost model: the optimizer's work
     const Config& c = m.cfg;
     // data parallel: average the gradients of all ranks (the reference's DDP)
     allreduce_sum(dev, m.grads, m.nparams);
@@ -5735,10 +6077,17 @@ template <class D> static void save_checkpoint(D dev, Model<D>& m, TrainState<D>
     for (const ParamSpec& p : m.table) blobs.push_back({"optimizer.v." + p.name, p.shape, av.data() + p.offset, p.numel});
     if (s.avg) for (const ParamSpec& p : m.table) blobs.push_back({"average." + p.name, p.shape, avg.data() + p.offset, p.numel});
     char ms[64]; snprintf(ms, sizeof ms, "%.17g", s.train_ms);
-    safetensors_write(path, blobs, {
+    std::string err;
+    if (!safetensors_write(path, blobs, {
         {"format", "pgolf-checkpoint-1"}, {"config", config_to_text(c)}, {"step", std::to_string(s.step)},
         {"train_ms", ms}, {"swa_count", std::to_string(s.swa_count)}, {"qat_active", std::to_string((int)s.qat_active)},
-        {"loader_file", std::to_string(s.loader.stream.file_idx)}, {"loader_pos", std::to_string(s.loader.stream.pos)}});
+        {"loader_file", std::to_string(s.loader.stream.file_idx)}, {"loader_pos", std::to_string(s.loader.stream.pos)}},
+        &err)) {
+        s.checkpoints.pop_back();  // (a disk full must not cost the run: training goes on, older checkpoints stay)
+        warn0("checkpoint at step %d not written: %s; training goes on (last checkpoint: %s)", s.step, err.c_str(),
+              s.checkpoints.empty() ? "none" : s.checkpoints.back().path.c_str());
+        return;
+    }
     log0("checkpoint: %s\n", path.c_str());
     while (c.checkpoint_keep > 0 && (int)s.checkpoints.size() > c.checkpoint_keep) {
         remove(s.checkpoints.front().path.c_str());
@@ -5803,6 +6152,26 @@ template <class D> static void load_checkpoint(D dev, Model<D>& m, TrainState<D>
     log0("resumed from %s at step %d (train_time %.0fms)\n", path.c_str(), s.step, s.train_ms);
 }
 
+// The trained weights in full precision: OUT_DIR/final_model.safetensors, or, when that cannot be
+// written (disk full), $TMPDIR or /tmp, then /dev/shm. Returns where they went ("" = nowhere).
+static std::string save_final_weights(Config& c, const std::vector<ParamSpec>& table, const std::vector<float>& w) {
+    std::vector<TensorBlob> blobs;
+    for (const ParamSpec& p : table) blobs.push_back({p.name, p.shape, w.data() + p.offset, p.numel});
+    const char* tmpdir = getenv("TMPDIR");
+    std::string name = "pgolf_" + c.run_id + "_final_model.safetensors";
+    std::string fallback = std::string(tmpdir && *tmpdir ? tmpdir : "/tmp") + "/" + name;
+    std::vector<std::string> paths = {c.out_dir + "/final_model.safetensors", fallback, "/dev/shm/" + name};
+    for (const std::string& path : paths) {
+        std::string err;
+        if (safetensors_write(path, blobs, {{"format", "pgolf-weights-1"}, {"config", config_to_text(c)}}, &err)) {
+            if (path != paths[0]) warn0("the full-precision weights are in %s instead", path.c_str());
+            return path;
+        }
+        warn0("full-precision weights not written: %s", err.c_str());
+    }
+    return "";
+}
+
 // The newest checkpoint written before the step whose loss diverged: the weights after step k are the
 // ones the (k+1)-th forward reads, so a checkpoint at step k itself is not "before the divergence".
 static std::string last_good_checkpoint(const std::vector<SavedCheckpoint>& saved, int diverged_step) {
@@ -5857,6 +6226,11 @@ static void write_result_json(const Config& c, const std::string& json_body) {
     write_file_atomic(path, text.data(), text.size());
 }
 
+// PROFILE=1 times the training step's op classes on the GPU (section 1); nothing elsewhere.
+template <class D> static void profile_step_begin(D) {}
+template <class D> static void profile_step_end(D) {}
+template <class D> static void profile_report(D, const Config&) {}
+
 // After a stop signal: a checkpoint of the finished step (when OUT_DIR is writable), then exit 128 + signo.
 template <class D> static void stop_on_signal(D dev, Model<D>& m, TrainState<D>& s, int signo) {
     bool writable = g_rank != 0 || access(m.cfg.out_dir.c_str(), W_OK) == 0;
@@ -5905,6 +6279,7 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         }
         double elapsed = s.train_ms + now_ms() - t0;
         double scale = lr_multiplier(c, s.step, elapsed);
+        profile_step_begin(dev);
         device_zero(dev, m.grads, m.nparams * sizeof(typename D::grad));
         double loss_sum = 0;
         for (int micro = 0; micro < accum; micro++) {
@@ -5961,6 +6336,7 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
             if (s.step > begin) round_bf16_tables(dev, m, s.avg);
         }
         refresh_compute_weights(dev, m, s.qat_active);
+        profile_step_end(dev);
         if (c.checkpoint_every > 0 && s.step % c.checkpoint_every == 0) {
             s.train_ms += now_ms() - t0;
             save_checkpoint(dev, m, s);
@@ -5973,6 +6349,7 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
     }
     stop_signals_catch(false);
     if (int signo = stop_signal_any_rank()) stop_on_signal(dev, m, s, signo);  // one during the last evaluation
+    profile_report(dev, c);
     // final weights: the SWA mean (more than one snapshot), PR #600's EMA, or the EMA
     if (c.swa_enabled && s.swa_count > 1) {
         log0("swa:applying averaged %d checkpoints\n", s.swa_count);
@@ -6038,7 +6415,7 @@ template <class D> static std::vector<EvalResult> evaluate_modes(D dev, Model<D>
         else if (mode == "full_ttt") r = eval_full_ttt(dev, m, ev, &rec);
         else fail("EVAL_MODE: unknown mode \"%s\" (expected standard, sliding, lora_ttt, full_ttt)", mode.c_str());
         results.push_back(r);
-        for (EvalResult& e : extra) results.push_back(e);
+        for (EvalResult& e : extra) { e.same_pass = true; results.push_back(e); }
         for (size_t i = results.size() - 1 - extra.size(); i < results.size(); i++) {
             const EvalResult& x = results[i];
             log0("final_%s val_loss:%.4f val_bpb:%.4f eval_time:%.0fms%s%s\n", x.mode.c_str(), x.val_loss, x.val_bpb, x.ms,
@@ -6069,17 +6446,20 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     ev.luts = spm_byte_luts(sp, c.vocab_size);
     ev.val = load_validation_tokens(c);
     log0("tokenizer:%s pieces:%zu checksum:%016llx\n", c.tokenizer_path.c_str(), sp.pieces.size(), (unsigned long long)sp.checksum);
+    check_data_tokenizer(c, sp, ev.val);
     std::vector<std::string> train_files;
     if (c.load_artifact.empty()) {
         train_files = shard_files(c.data_path, "train");
-        long total = 0;
-        for (const std::string& f : train_files) { FILE* fp = fopen_check(f.c_str(), "rb"); total += shard_header_check(f, fp); fclose(fp); }
+        long total = validate_train_shards(train_files, c.vocab_size);
         log0("train_loader:dataset:%s train_shards:%zu tokens:%ld\n", c.data_path.c_str(), train_files.size(), total);
     }
     log0("val_loader:tokens:%zu scored_positions:%zu%s\n", ev.val.size(), ev.val.size() - 1,
          c.val_truncate_to_seq ? " (truncated to a multiple of TRAIN_SEQ_LEN, as the reference)" : "");
 
     Model<D> m;
+#if PGOLF_CPU_REFERENCE
+    if (!strcmp(device_name, "cpu")) host_memory_check(c, g_world);
+#endif
     model_init_for_run(dev, m, c);
     print_param_table(m.table);
     size_t pbytes = m.nparams * sizeof(typename D::grad);
@@ -6114,16 +6494,18 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
         std::vector<typename D::grad> wd(m.nparams);
         to_host(dev, wd.data(), m.params, m.nparams);
         std::vector<float> w(wd.begin(), wd.end());
-        if (g_rank == 0) {
-            std::vector<TensorBlob> blobs;
-            for (const ParamSpec& p : m.table) blobs.push_back({p.name, p.shape, w.data() + p.offset, p.numel});
-            safetensors_write(c.out_dir + "/final_model.safetensors", blobs, {{"format", "pgolf-weights-1"}, {"config", config_to_text(c)}});
-        }
+        std::string weights_path;
+        if (g_rank == 0) weights_path = save_final_weights(c, m.table, w);
         if (c.prune_frac > 0) { magnitude_prune(c, m.table, w.data()); log0("magnitude_pruning: frac=%g\n", c.prune_frac); }
         if (g_rank == 0) {  // one rank compresses (zstd-22 takes a while); the others wait and read the file
             ExportReport rep;
             artifact = artifact_build(c, m.table, w.data(), &rep);
-            write_file_atomic(artifact_path, artifact.data(), artifact.size());
+            std::string err;
+            std::string kept = weights_path.empty()
+                ? "the full-precision weights could not be written either (see the warnings above)"
+                : "the trained weights are kept in full precision in " + weights_path + " (safetensors, PyTorch names)";
+            if (!write_file_atomic_try(artifact_path, artifact.data(), artifact.size(), &err))
+                fail("export: the artifact was not written (%s); %s", err.c_str(), kept.c_str());
             print_export_report(rep);
         }
         host_barrier();
@@ -6164,13 +6546,508 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     log0("\n%-22s %12s %12s %12s\n", "summary", "val_loss", "val_bpb", "eval_ms");
     for (const EvalResult& r : results) log0("%-22s %12.6f %12.6f %12.0f%s\n", ("final_" + r.mode).c_str(), r.val_loss, r.val_bpb, r.ms, r.note.empty() ? "" : "  (not competition-legal)");
     double eval_ms = 0;
-    for (const EvalResult& r : results) eval_ms += r.ms;
+    for (const EvalResult& r : results) eval_ms += r.same_pass ? 0 : r.ms;
     if (steps > 0) log0("%-22s %12d steps in %.1f s\n", "train", steps, train_ms / 1000);
     log0("%-22s %12.1f s (all modes)\n", "eval", eval_ms / 1000);
     log0("%-22s %12zu bytes\n%-22s %12ld bytes\n%-22s %12ld bytes of 16000000 %s\n", "artifact", artifact_bytes, "code", counted,
          "total", total, total <= ARTIFACT_LIMIT_BYTES ? "(ok)" : "(OVER)");
     log0("outputs in %s\n", c.out_dir.c_str());
 }
+
+#if PGOLF_CPU_REFERENCE
+// ============================================================================================
+// 13. The cost model: one training step's launches, FLOPs and HBM bytes, and its projected time
+// ============================================================================================
+// `./train_gpt cost` runs the real step — train()'s loop body: gpt_forward, gpt_backward,
+// optimizer_step, refresh_compute_weights — under a fourth device tag, `Cost`, whose ops record
+// what the Cuda op of the same name issues (one entry per kernel launch, cuBLASLt call, memset,
+// copy, collective or host synchronize) instead of doing it. Nothing is allocated: tensors are
+// addresses that are never dereferenced. Each entry is then priced on one H100 SXM of an 8-GPU
+// node. A Cuda op that changes its launches must change its twin here (each names what it
+// mirrors); tests/test_cost.cuh checks the totals against closed forms and a hand count.
+
+struct CostBf16 { uint16_t bits; };  // the size of a bf16: the cost model only takes sizeof
+struct Cost {
+    using act = CostBf16; using mat = CostBf16; using vec = float; using grad = float; using stat = float;
+    static constexpr bool is_cuda = false;
+};
+struct CostEntry {
+    OpClass cls;
+    const char* op;          // the Cuda op (or kernel) it stands for
+    double flops;            // tensor-core FLOPs issued (GEMMs, attention); elementwise math is not counted
+    double hbm_bytes;        // device-memory bytes read + written, each tensor once (L2 reuse not modelled)
+    double link_bytes;       // bytes over NVLink (collectives) or PCIe (host copies)
+};
+struct CostLog {
+    std::vector<CostEntry> entries;
+    bool optimizer = false;              // inside optimizer_step (op_scope)
+    const Model<Cost>* model = nullptr;  // for the embedding backward's table sizes
+};
+static CostLog g_cost;
+static void cost_add(OpClass cls, const char* op, double flops, double hbm, double link = 0) {
+    g_cost.entries.push_back({op_class_within(cls, g_cost.optimizer ? OP_OPTIMIZER : OP_NUM), op, flops, hbm, link});
+}
+struct CostScope {
+    bool was;
+    CostScope() : was(g_cost.optimizer) { g_cost.optimizer = true; }
+    ~CostScope() { g_cost.optimizer = was; }
+    CostScope(const CostScope&) = delete;
+};
+static CostScope op_scope(Cost, OpClass) { return CostScope(); }  // (the only scoped generic region is the optimizer)
+
+// Bytes of n elements of X.
+template <class X> static double cb(size_t n) { return (double)n * sizeof(X); }
+static const double BF = 2, F32 = 4, I32 = 4;
+
+// --- Memory and copies (section 1) ---------------------------------------------------------------
+// device_zero: one cudaMemsetAsync
+static void device_zero(Cost, void*, size_t bytes) {
+    if (bytes) cost_add(OP_MEMSET, "cudaMemsetAsync", 0, (double)bytes);
+}
+// to_device / to_host: a copy on the stream, then cudaStreamSynchronize
+template <class X> static void to_device(Cost, X*, const X*, size_t n) {
+    if (n) cost_add(OP_SYNC, "to_device", 0, cb<X>(n), cb<X>(n));
+}
+template <class X> static void to_host(Cost, X*, const X*, size_t n) {
+    if (n) cost_add(OP_SYNC, "to_host", 0, cb<X>(n), cb<X>(n));
+}
+// device_copy: one device-to-device cudaMemcpyAsync (none when dst == src)
+template <class X> static void device_copy(Cost, X* dst, const X* src, size_t n) {
+    if (n && dst != src) cost_add(OP_ELEMENTWISE, "cudaMemcpyAsync", 0, 2 * cb<X>(n));
+}
+// cast_params: cast_params_kernel, fp32 → bf16
+static void cast_params(Cost, CostBf16*, const float*, size_t n) {
+    if (n) cost_add(OP_ELEMENTWISE, "cast_params", 0, n * (F32 + BF));
+}
+
+// --- Operations (section 5) ------------------------------------------------------------------------
+// Row chunks of the deterministic column reductions, as row_chunks: ≥ 64 rows each, at most 512 chunks.
+static int row_chunks_count(long rows) {
+    if (rows <= 0) return 0;
+    long per = std::max(64L, (rows + 511) / 512);
+    return (int)((rows + per - 1) / per);
+}
+// One cuBLASLt call as gemm_bf16 issues it: D[M,N] = op(A)[M,K]·op(B)[K,N] + beta·C, bf16 operands.
+static void cost_gemm(long M, long N, long K, double d_size, bool beta, long batch = 1) {
+    if (M <= 0 || N <= 0 || K <= 0 || batch <= 0) return;
+    double bytes = (double)(M * K + K * N) * BF + (double)M * N * d_size * (beta ? 2 : 1);
+    cost_add(OP_GEMM, "gemm_bf16", 2.0 * M * N * K * batch, batch * bytes);
+}
+// matmul_forward: linear_forward_gemm, out[N,OC] = inp[N,IC]·Wᵀ (beta = 1 when accumulating)
+static void matmul_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, int N, int IC, int OC,
+                           bool accumulate = false) {
+    cost_gemm(N, OC, IC, BF, accumulate);
+}
+// matmul_backward: linear_dinp_gemm dinp[N,IC] += dout·W (bf16), linear_dweight_gemm dW[OC,IC] += doutᵀ·inp (fp32)
+static void matmul_backward(Cost, CostBf16* dinp, float* dw, const CostBf16*, const CostBf16*, const CostBf16*,
+                            int N, int IC, int OC) {
+    if (dinp) cost_gemm(N, IC, OC, BF, true);
+    if (dw) cost_gemm(OC, IC, N, F32, true);
+}
+// embedding_forward: embedding_forward_kernel (indices, gathered rows, output)
+static void embedding_forward(Cost, CostBf16*, const int32_t*, const CostBf16*, int N, int C) {
+    if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "embedding_forward", 0, N * I32 + 2.0 * N * C * BF);
+}
+// Rows of the gradient table dtable points at (the model's parameter table), for the row updates.
+static double cost_table_rows(const float* dtable, int N) {
+    const Model<Cost>* m = g_cost.model;
+    if (m) for (const ParamSpec& p : m->table) if (m->grads + p.offset == dtable) return std::min<double>(p.rows(), N);
+    return N;
+}
+// embedding_backward: iota_kernel; cub::DeviceRadixSort::SortPairs of 32-bit keys (onesweep: histogram,
+// exclusive sum, 4 digit passes of 8 bits — 6 launches, each pass reading and writing keys and values);
+// embedding_backward_kernel (sorted pairs, dout rows, read-modify-write of the touched table rows)
+static void embedding_backward(Cost, float* dtable, const CostBf16*, const int32_t*, int N, int C) {
+    if (N <= 0 || C <= 0 || !dtable) return;
+    cost_add(OP_ELEMENTWISE, "iota", 0, N * I32);
+    cost_add(OP_ELEMENTWISE, "radix_sort_histogram", 0, N * I32);
+    cost_add(OP_ELEMENTWISE, "radix_sort_scan", 0, 0);
+    for (int pass = 0; pass < 4; pass++) cost_add(OP_ELEMENTWISE, "radix_sort_onesweep", 0, 4.0 * N * I32);
+    double rows = cost_table_rows(dtable, N);
+    cost_add(OP_ELEMENTWISE, "embedding_backward", 0, 2.0 * N * I32 + (double)N * C * BF + 2 * rows * C * F32);
+}
+// bigram_lookup: bigram_lookup_kernel
+static void bigram_lookup(Cost, int32_t*, const int32_t*, int B, int T_, int, int, bool) {
+    if (B * T_ > 0) cost_add(OP_ELEMENTWISE, "bigram_lookup", 0, 2.0 * B * T_ * I32);
+}
+// rmsnorm_forward / rmsnorm_backward: one warp-per-row kernel each (the backward adds into dinp)
+static void rmsnorm_forward(Cost, CostBf16*, float*, const CostBf16*, int N, int C) {
+    if (N > 0) cost_add(OP_ELEMENTWISE, "rmsnorm_forward", 0, 2.0 * N * C * BF + N * F32);
+}
+static void rmsnorm_backward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, int N, int C) {
+    if (N > 0) cost_add(OP_ELEMENTWISE, "rmsnorm_backward", 0, 4.0 * N * C * BF + N * F32);
+}
+// qk_norm_rope_forward: qk_norm_rope_forward_kernel (x → out, rstd per head; the rope table is L2-resident)
+static void qk_norm_rope_forward(Cost, CostBf16*, float*, const CostBf16*, const float*, int N, int, int nh, int hd,
+                                 int, float) {
+    if (N * nh > 0) cost_add(OP_ELEMENTWISE, "qk_norm_rope_forward", 0, 2.0 * N * nh * hd * BF + (double)N * nh * F32);
+}
+// qk_norm_rope_backward: the kernel (dout, x, rstd, dx += …, per-row gain partials), and for the gain
+// column_partial_sums_kernel + column_sums_add_kernel over row chunks
+static void qk_norm_rope_backward(Cost, CostBf16*, float* dgain, const CostBf16*, const CostBf16*, const float*,
+                                  const float*, int N, int, int nh, int hd, int, float) {
+    double rows = (double)N * nh;
+    if (rows <= 0) return;
+    cost_add(OP_ELEMENTWISE, "qk_norm_rope_backward", 0, 4 * rows * hd * BF + rows * F32 * (dgain ? 2 : 1));
+    if (dgain) {
+        int chunks = row_chunks_count(N);
+        cost_add(OP_ELEMENTWISE, "column_partial_sums", 0, rows * F32 + (double)chunks * nh * F32);
+        cost_add(OP_ELEMENTWISE, "column_sums_add", 0, (double)chunks * nh * F32 + 2.0 * nh * F32);
+    }
+}
+// Tile pairs one (sequence, kv head) of attention_forward_kernel visits: query tiles of 64 packed rows
+// (64/group positions × the group's heads, attn_tile_positions) × key tiles of 64 keys up to the tile's
+// last position (attn_key_tiles). Masked parts of diagonal tiles are computed too: this counts them.
+static const int COST_ATTN_TILE = 64;  // ATTN_TILE
+static double cost_attn_tile_pairs(int T, int H, int Hk) {
+    int group = H / Hk, positions = COST_ATTN_TILE / group;
+    double pairs = 0;
+    for (int i = 0; i * positions < T; i++) {
+        int last = (i + 1) * positions < T ? (i + 1) * positions - 1 : T - 1;
+        pairs += last / COST_ATTN_TILE + 1;
+    }
+    return pairs;
+}
+// FLOPs of `products` 64×64×hd tensor-core products per visited tile pair, over B sequences and Hk kv heads.
+static double cost_attn_flops(int B, int T, int H, int Hk, int hd, int products) {
+    return cost_attn_tile_pairs(T, H, Hk) * B * Hk * products * 2.0 * COST_ATTN_TILE * COST_ATTN_TILE * hd;
+}
+// attention_forward: attention_forward_kernel, S = QKᵀ and O = PV (2 products); reads Q, K, V, writes O, lse
+static void attention_forward(Cost, CostBf16*, float*, const CostBf16*, const CostBf16*, const CostBf16*,
+                              int B, int T, int H, int Hk, int hd) {
+    if (B == 0 || T == 0) return;
+    double q = (double)B * T * H * hd * BF, kv = (double)B * T * Hk * hd * BF, lse = (double)B * T * H * F32;
+    cost_add(OP_ATTN_FWD, "attention_forward", cost_attn_flops(B, T, H, Hk, hd, 2), 2 * q + 2 * kv + lse);
+}
+// attention_backward: attention_backward_rowdot_kernel (D = rowsum(dO⊙O)); attention_backward_dq_kernel
+// (S, dP = dO·Vᵀ, dQ += dS·K: 3 products); attention_backward_dkdv_kernel (S, dP, dV += Pᵀ·dO, dK += dSᵀ·Q:
+// 4 products, over the same tile pairs)
+static void attention_backward(Cost, CostBf16*, CostBf16*, CostBf16*, const CostBf16*, const CostBf16*, const CostBf16*,
+                               const CostBf16*, const CostBf16*, const float*, int B, int T, int H, int Hk, int hd) {
+    if (B == 0 || T == 0) return;
+    double q = (double)B * T * H * hd * BF, kv = (double)B * T * Hk * hd * BF, row = (double)B * T * H * F32;
+    cost_add(OP_ATTN_BWD, "attention_backward_rowdot", 0, 2 * q + row);
+    cost_add(OP_ATTN_BWD, "attention_backward_dq", cost_attn_flops(B, T, H, Hk, hd, 3), 4 * q + 2 * kv + 2 * row);
+    cost_add(OP_ATTN_BWD, "attention_backward_dkdv", cost_attn_flops(B, T, H, Hk, hd, 4), 2 * q + 6 * kv + 2 * row);
+}
+// xsa_forward / xsa_backward: one warp-per-kv-head kernel each (the backward adds into da and dv)
+static void xsa_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, int N, int H, int Hk, int hd) {
+    if (N * Hk > 0) cost_add(OP_ELEMENTWISE, "xsa_forward", 0, (double)N * hd * BF * (2.0 * H + Hk));
+}
+static void xsa_backward(Cost, CostBf16*, CostBf16*, const CostBf16*, const CostBf16*, const CostBf16*,
+                         int N, int H, int Hk, int hd) {
+    if (N * Hk > 0) cost_add(OP_ELEMENTWISE, "xsa_backward", 0, (double)N * hd * BF * (4.0 * H + 3.0 * Hk));
+}
+// resid_mix_forward: one kernel; resid_mix_backward: the chunked kernel (dx, dx0 += …) + column_sums_add for dmix
+static void resid_mix_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, int N, int C) {
+    if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "resid_mix_forward", 0, 3.0 * N * C * BF);
+}
+static void resid_mix_backward(Cost, CostBf16*, CostBf16*, float* dmix, const CostBf16*, const CostBf16*,
+                               const CostBf16*, const float*, int N, int C) {
+    if (N <= 0 || C <= 0) return;
+    double part = (double)row_chunks_count(N) * 2 * C * F32;
+    cost_add(OP_ELEMENTWISE, "resid_mix_backward", 0, 7.0 * N * C * BF + (dmix ? part : 0));
+    if (dmix) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 4.0 * C * F32);
+}
+// branch_add_forward: one kernel; branch_add_backward: the chunked kernel (dres, dbranch += …) and one
+// column_sums_add (total_sum_add for a scalar scale) per parameter gradient
+static void branch_add_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, const float*,
+                               int N, int C, int = 1) {
+    if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "branch_add_forward", 0, 3.0 * N * C * BF);
+}
+static void branch_add_backward(Cost, CostBf16* dres, CostBf16* dbranch, float* dscale, float* dgate, const CostBf16*,
+                                const CostBf16*, const float*, const float* gate, int N, int C, int scale_stride = 1) {
+    if (N <= 0 || C <= 0) return;
+    double part = (double)row_chunks_count(N) * C * F32;
+    bool pgate = dgate && gate;
+    double nc = (double)N * C * BF;
+    double partials = part * ((dscale ? 1 : 0) + (pgate ? 1 : 0));
+    double grads = (dres ? 2 * nc : 0) + (dbranch ? 2 * nc : 0);  // read-modify-write
+    cost_add(OP_ELEMENTWISE, "branch_add_backward", 0, 2 * nc + grads + partials);
+    const char* sums = scale_stride == 0 ? "total_sum_add" : "column_sums_add";
+    if (dscale) cost_add(OP_ELEMENTWISE, sums, 0, part + 2.0 * C * F32);
+    if (pgate) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
+}
+// smear_forward: one kernel; smear_backward: the chunked kernel (dx += …) + column_sums_add for the gate
+static void smear_forward(Cost, CostBf16*, const CostBf16*, const float*, int N, int, int C) {
+    if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "smear_forward", 0, 2.0 * N * C * BF);
+}
+static void smear_backward(Cost, CostBf16*, float* dgate, const CostBf16*, const CostBf16*, const float*,
+                           int N, int, int C) {
+    if (N <= 0 || C <= 0) return;
+    double part = (double)row_chunks_count(N) * C * F32;
+    cost_add(OP_ELEMENTWISE, "smear_backward", 0, 4.0 * N * C * BF + (dgate ? part : 0));
+    if (dgate) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
+}
+// mlp_act_forward / mlp_act_backward: one elementwise kernel each (the backward adds into dh)
+static void mlp_act_forward(Cost, CostBf16*, const CostBf16*, size_t n, bool) {
+    if (n) cost_add(OP_ELEMENTWISE, "mlp_act_forward", 0, 2.0 * n * BF);
+}
+static void mlp_act_backward(Cost, CostBf16*, const CostBf16*, const CostBf16*, size_t n, bool) {
+    if (n) cost_add(OP_ELEMENTWISE, "mlp_act_backward", 0, 4.0 * n * BF);
+}
+// softcap_ce: softcap_ce_kernel, one block per row (reads the logits; with weights, writes dlogits over them)
+static void softcap_ce(Cost, float*, CostBf16*, const int32_t*, const float* weights, int N, int V, float) {
+    double rows = (double)N * (I32 + F32 + (weights ? F32 : 0));
+    if (N > 0) cost_add(OP_ELEMENTWISE, "softcap_ce", 0, (double)N * V * BF * (weights ? 2 : 1) + rows);
+}
+// scale_inplace / add_forward: scale_inplace_kernel, add_forward_kernel; add_inplace and copy_forward as on the GPU
+template <class X> static void scale_inplace(Cost, X*, size_t n, float) {
+    if (n) cost_add(OP_ELEMENTWISE, "scale_inplace", 0, 2 * cb<X>(n));
+}
+template <class X> static void add_forward(Cost, X*, const X*, const X*, size_t n) {
+    if (n) cost_add(OP_ELEMENTWISE, "add_forward", 0, 3 * cb<X>(n));
+}
+template <class X> static void add_inplace(Cost dev, X* x, const X* y, size_t n) { add_forward(dev, x, x, y, n); }
+template <class X> static void copy_forward(Cost dev, X* out, const X* x, size_t n) { device_copy(dev, out, x, n); }
+
+// --- Optimizers (section 7) and communication (section 8) ---------------------------------------
+// adamw_update: adamw_kernel (p, g, m, v read; p, m, v written)
+static void adamw_update(Cost, float*, const float*, float*, float*, size_t n, float, float, float, float, float, int) {
+    if (n) cost_add(OP_ELEMENTWISE, "adamw", 0, 7 * cb<float>(n));
+}
+// apply_update: apply_update_kernel; average_accumulate: average_kernel; scale_grads: scale_inplace
+static void apply_update(Cost, float*, const float*, size_t n, float, float) {
+    if (n) cost_add(OP_ELEMENTWISE, "apply_update", 0, 3 * cb<float>(n));
+}
+static void average_accumulate(Cost, float*, const float*, size_t n, float, bool first) {
+    if (n) cost_add(OP_ELEMENTWISE, "average", 0, (first ? 2 : 3) * cb<float>(n));
+}
+static void scale_grads(Cost dev, float* x, size_t n, float s) { scale_inplace(dev, x, n, s); }
+// round_to_bf16 (EMBED_BF16=1): round_to_bf16_kernel (x read and written)
+static void round_to_bf16(Cost, float*, size_t n) {
+    if (n) cost_add(OP_ELEMENTWISE, "round_to_bf16", 0, 2 * cb<float>(n));
+}
+// sum_squares: sum_squares_kernel over NORM_BLOCKS blocks, then to_host of the partials (a synchronize).
+// The value decides whether clipping scales the gradients: the model assumes the clip binds (one more launch).
+static double sum_squares(Cost dev, const float*, size_t n) {
+    if (!n) return 0.0;
+    cost_add(OP_ELEMENTWISE, "sum_squares", 0, cb<float>(n));
+    double partial[256];
+    to_host(dev, partial, (const double*)nullptr, 256);
+    return HUGE_VAL;
+}
+// muon_direction: muon_momentum_kernel, ns_normalize_kernel, `steps` × 3 GEMMs of newton_schulz_bf16
+// (ns_plan: X is r×k with r ≤ k; A = X·Xᵀ [r,r,k], B = b·A + c·A·A [r,r,r], X ← a·X + B·X [r,k,r]), muon_finish_kernel
+static void muon_direction(Cost, float*, const float*, float*, int rows, int cols, float, int steps) {
+    size_t n = (size_t)rows * cols;
+    if (!n) return;
+    long r = std::min(rows, cols), k = std::max(rows, cols);
+    cost_add(OP_ELEMENTWISE, "muon_momentum", 0, 4 * cb<float>(n));
+    cost_add(OP_ELEMENTWISE, "ns_normalize", 0, n * (F32 + BF));
+    for (int s = 0; s < steps; s++) {
+        cost_gemm(r, r, k, BF, false);
+        cost_gemm(r, r, r, BF, true);
+        cost_gemm(r, k, r, BF, true);
+    }
+    cost_add(OP_ELEMENTWISE, "muon_finish", 0, n * (F32 + BF));
+}
+// allreduce_sum: one ncclAllReduce (ring: each GPU sends and receives 2·(W−1)/W of the buffer), then
+// nccl_wait, which polls the stream until it drains: a host synchronize. Nothing on one rank.
+static void allreduce_sum(Cost, float*, size_t n) {
+    if (g_world == 1 || n == 0) return;
+    double bytes = cb<float>(n), wire = 2.0 * (g_world - 1) / g_world * bytes;
+    cost_add(OP_COMM, "ncclAllReduce", 0, 2 * wire + bytes, wire);  // HBM: reads to send, reads + writes to reduce
+    cost_add(OP_SYNC, "nccl_wait", 0, 0);
+}
+// refresh_compute_weights: cast_params of the whole arena, and under QAT fake_quant_rows_kernel per quantized matrix
+static void refresh_compute_weights(Cost dev, Model<Cost>& m, bool qat) {
+    cast_params(dev, m.compute_mat, m.params, m.nparams);
+    if (qat)
+        for (const ParamSpec& p : m.table)
+            if (qat_applies(p)) cost_add(OP_ELEMENTWISE, "fake_quant_rows", 0, p.numel * (F32 + BF));
+    m.qat_active = qat;
+}
+
+// --- The step ------------------------------------------------------------------------------------
+// Tensors live at addresses in distinct 1 TiB regions of an address space that is never touched.
+static const uintptr_t COST_REGION = (uintptr_t)1 << 40;
+template <class X> static X* cost_region(int i) { return reinterpret_cast<X*>(COST_REGION * i); }
+
+// The model and optimizer state as model_init / train_state_init lay them out, without memory.
+static void cost_model_init(Model<Cost>& m, TrainState<Cost>& s, const Config& c, int B, int T) {
+    m.cfg = c;
+    m.table = build_param_table(c);
+    m.nparams = param_arena_size(m.table);
+    m.params = cost_region<float>(1); m.grads = cost_region<float>(2);
+    m.compute_mat = cost_region<CostBf16>(3); m.compute_vec = m.params;  // as model_bind_compute on the GPU
+    m.w = point_weights(c, m.table, m.compute_mat, m.compute_vec);
+    m.g = point_weights(c, m.table, m.grads, m.grads);
+    Arena ar;
+    ar.base = cost_region<uint8_t>(4); ar.cap = COST_REGION;
+    carve_acts(ar, m.acts, c, B, T);
+    s.adam_m = cost_region<float>(5); s.adam_v = cost_region<float>(6); s.update = cost_region<float>(7);
+    if (c.swa_enabled || c.swa_steps > 0 || c.ema_decay > 0) s.avg = cost_region<float>(8);
+}
+
+// The launch list of one training step of rank 0 of `world` ranks (its micro-batches, the all-reduces,
+// the optimizer, the weight refresh), in issue order: what the GPU path issues for this config.
+// Rank 0 orthogonalizes matrices 0, W, 2W, …: the most of any rank when W does not divide their count.
+// For a check against the launches an emulated step counts: every entry is one kernel launch,
+// cuBLASLt call or memset except those of class OP_SYNC (host copies and waits: to_device, to_host,
+// nccl_wait, the MPI loss sum), OP_COMM (the NCCL call) and the cudaMemcpyAsync of device_copy;
+// cub's radix sort is counted as 6 launches (onesweep), which the emulator can confirm or correct.
+static std::vector<CostEntry> cost_step_launches(const Config& c, int world) {
+    int saved_world = g_world, saved_rank = g_rank;
+    g_world = world; g_rank = 0;
+    int accum = grad_accum_steps(c, world);
+    long local = c.train_batch_tokens / ((long)world * accum);
+    int T = c.train_seq_len, B = (int)(local / T);
+    Model<Cost> m;
+    TrainState<Cost> s;
+    cost_model_init(m, s, c, B, T);
+    g_cost = CostLog();
+    g_cost.model = &m;
+    Cost dev;
+    std::vector<int32_t> x(local), y(local);
+    std::vector<float> weights(local), nll;
+    // the device work of one iteration of train()'s loop, in its order
+    device_zero(dev, m.grads, m.nparams * sizeof(float));
+    for (int micro = 0; micro < accum; micro++) {
+        to_device(dev, m.acts.loss_weights, weights.data(), local);
+        forward_nll(dev, m, x, y, B, T, nll, (Lora<Cost>*)nullptr, true);
+        gpt_backward(dev, m, B, T);
+    }
+    // the train loss's host_allreduce_sum (MPI): the GPU idles until the optimizer is issued (the
+    // wall-clock and stop-signal checks after the optimizer overlap its queued work: not counted)
+    if (world > 1) cost_add(OP_SYNC, "host_allreduce_sum", 0, 0);
+    optimizer_step(dev, m, s, 1.0, (float)muon_momentum_at(c, 0));
+    if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, false);
+    refresh_compute_weights(dev, m, false);
+    g_world = saved_world; g_rank = saved_rank;
+    std::vector<CostEntry> out;
+    out.swap(g_cost.entries);
+    g_cost = CostLog();
+    return out;
+}
+
+// --- The projection: one H100 SXM (80 GB HBM3) of an 8-GPU HGX node --------------------------------
+// Hardware rates from NVIDIA's H100 datasheet; the rest are assumptions, stated with their reasons in
+// docs/perf.md ("The cost model"). Every entry runs alone on one stream, so a step is the sum of its
+// entries; an entry takes the longest of its launch, its tensor-core work and its memory traffic.
+static const double H100_BF16_FLOPS = 989.4e12;  // dense bf16 tensor cores (1,979 TFLOP/s is with 2:4 sparsity)
+static const double H100_HBM_BYTES = 3.35e12;    // HBM3 bandwidth
+static const double H100_NVLINK_BYTES = 450e9;   // NVLink 4 per direction (900 GB/s both ways): the ring's bus rate
+static const double H100_PCIE_BYTES = 25e9;      // host copies from pageable memory, staged (Gen5 x16: 64 GB/s raw)
+static const double LAUNCH_S = 4e-6;             // a kernel or cuBLASLt call when launch-bound: ~2–3 µs of host API
+                                                 // time plus the device's gap between dependent kernels
+static const double SYNC_S = 20e-6;              // cudaStreamSynchronize round trip and refilling an empty queue
+static const double NCCL_LATENCY_S = 30e-6;      // ring all-reduce over 8 GPUs: 14 steps of a few µs
+// The fraction of the peak rate (tensor cores / HBM) each class reaches; see docs/perf.md for each.
+struct CostEfficiency { double flops, bytes; };
+static const CostEfficiency COST_EFFICIENCY[OP_NUM] = {
+    {0.60, 0.80},  // GEMMs: d512 shapes (K = 512…1536) on cuBLASLt reach ~600 TFLOP/s, not the ~800 of large squares
+    {0.30, 0.80},  // attention forward: mma.sync flash kernel (no wgmma/TMA), 16 rows per warp: FA2-class ~300 TFLOP/s
+    {0.20, 0.80},  // attention backward: FA2-class backward with 7 products and 2 passes: ~200 TFLOP/s
+    {1.00, 0.80},  // memsets: cudaMemset writes near the HBM rate
+    {1.00, 0.55},  // elementwise/norms/reductions: 2-byte scalar loads, column-strided partial sums
+    {0.25, 0.70},  // optimizer: Newton–Schulz GEMMs of ≤ 1536×512 fill few SMs; fp32 streams of Adam and Muon
+    {1.00, 0.80},  // communication: NCCL all-reduce reaches ~80% of the NVLink rate on large buffers
+    {1.00, 1.00},  // host syncs: latency + PCIe (SYNC_S, H100_PCIE_BYTES)
+};
+static double cost_seconds(const CostEntry& e) {
+    const CostEfficiency& k = COST_EFFICIENCY[e.cls];
+    if (e.cls == OP_SYNC) return SYNC_S + e.link_bytes / H100_PCIE_BYTES;
+    if (e.cls == OP_COMM) return LAUNCH_S + NCCL_LATENCY_S + e.link_bytes / (H100_NVLINK_BYTES * k.bytes);
+    return std::max({LAUNCH_S, e.flops / (H100_BF16_FLOPS * k.flops), e.hbm_bytes / (H100_HBM_BYTES * k.bytes)});
+}
+struct CostTotals {
+    long launches[OP_NUM] = {};
+    double flops[OP_NUM] = {}, hbm[OP_NUM] = {}, link[OP_NUM] = {}, seconds[OP_NUM] = {};
+};
+static CostTotals cost_totals(const std::vector<CostEntry>& list) {
+    CostTotals t;
+    for (const CostEntry& e : list) {
+        t.launches[e.cls]++; t.flops[e.cls] += e.flops; t.hbm[e.cls] += e.hbm_bytes; t.link[e.cls] += e.link_bytes;
+        t.seconds[e.cls] += cost_seconds(e);
+    }
+    return t;
+}
+// Projected ms per class (PROFILE=1's report and the tests).
+[[maybe_unused]] static void cost_projected_ms(const Config& c, int world, double ms[OP_NUM]) {
+    CostTotals t = cost_totals(cost_step_launches(c, world));
+    for (int k = 0; k < OP_NUM; k++) ms[k] = t.seconds[k] * 1e3;
+}
+
+// ./train_gpt cost [KEY=VALUE …]: settings as environment variables or arguments (CONFIG=pr467, …);
+// GPUS=n (default 8) ranks share TRAIN_BATCH_TOKENS, as `mpirun -np n` would; OPS=1 adds a table per op.
+static int cost_main(int argc, char** argv) {
+    int world = 8;
+    bool by_op = false;
+    for (int i = 2; i < argc; i++) {
+        const char* eq = strchr(argv[i], '=');
+        if (!eq || eq == argv[i])
+            fail("%s cost: argument \"%s\": expected KEY=VALUE (e.g. CONFIG=pr467 GPUS=8)", argv[0], argv[i]);
+        std::string key(argv[i], eq - argv[i]);
+        if (key == "GPUS") {
+            char* end = nullptr;
+            long v = strtol(eq + 1, &end, 10);
+            if (*end || v < 1 || v > 4096)
+                fail("%s cost: GPUS=%s: expected a rank count from 1 to 4096", argv[0], eq + 1);
+            world = (int)v;
+            continue;
+        }
+        if (key == "OPS") {
+            if (strcmp(eq + 1, "0") && strcmp(eq + 1, "1")) fail("%s cost: OPS=%s: expected 0 or 1", argv[0], eq + 1);
+            by_op = eq[1] == '1';
+            continue;
+        }
+        setenv(key.c_str(), eq + 1, 1);
+    }
+    Config c = config_from_env();
+    config_validate(c, world);
+    int accum = grad_accum_steps(c, world);
+    long local = c.train_batch_tokens / ((long)world * accum);
+    std::vector<CostEntry> list = cost_step_launches(c, world);
+    CostTotals t = cost_totals(list);
+    printf("cost model: CONFIG=%s, one training step on one GPU of %d: %ld tokens per micro-batch (%d×%d), "
+           "%d micro-batch%s, %ld tokens per step in all\n", c.preset.c_str(), world, local,
+           (int)(local / c.train_seq_len), c.train_seq_len, accum, accum == 1 ? "" : "es", c.train_batch_tokens);
+    printf("%-30s %9s %10s %10s %10s %12s\n", "class", "launches", "TFLOP", "HBM_GB", "link_GB", "projected_ms");
+    long launches = 0; double flops = 0, hbm = 0, link = 0, sec = 0;
+    for (int k = 0; k < OP_NUM; k++) {
+        printf("%-30s %9ld %10.3f %10.2f %10.3f %12.2f\n", OP_CLASS_NAMES[k], t.launches[k], t.flops[k] / 1e12,
+               t.hbm[k] / 1e9, t.link[k] / 1e9, t.seconds[k] * 1e3);
+        launches += t.launches[k]; flops += t.flops[k]; hbm += t.hbm[k]; link += t.link[k]; sec += t.seconds[k];
+    }
+    printf("%-30s %9ld %10.3f %10.2f %10.3f %12.2f\n", "total", launches, flops / 1e12, hbm / 1e9, link / 1e9,
+           sec * 1e3);
+    if (by_op) {  // the same entries by op and class, most projected time first
+        std::map<std::pair<std::string, int>, CostTotals> ops;
+        for (const CostEntry& e : list) {
+            CostTotals& o = ops[{e.op, e.cls}];
+            o.launches[0]++; o.flops[0] += e.flops; o.hbm[0] += e.hbm_bytes; o.seconds[0] += cost_seconds(e);
+        }
+        std::vector<std::pair<double, std::string>> rows;
+        for (auto& [key, o] : ops)
+            rows.push_back({o.seconds[0], fmt("  %-28s %-28s %9ld %10.3f %10.2f %12.2f", key.first.c_str(),
+                                              OP_CLASS_NAMES[key.second], o.launches[0], o.flops[0] / 1e12,
+                                              o.hbm[0] / 1e9, o.seconds[0] * 1e3)});
+        std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+        printf("\n  %-28s %-28s %9s %10s %10s %12s\n", "op", "class", "launches", "TFLOP", "HBM_GB", "projected_ms");
+        for (auto& r : rows) printf("%s\n", r.second.c_str());
+        printf("\n");
+    }
+    double memsets = t.hbm[OP_MEMSET], non_gemm = hbm - t.hbm[OP_GEMM];
+    double model_flops = t.flops[OP_GEMM] + 6.0 * c.num_layers * (double)local * accum * c.train_seq_len * c.model_dim;
+    printf("projected: %.1f ms/step, %.0f tokens/s per GPU, %.2fM tokens/s on %d GPUs; MFU %.1f%% (model FLOPs "
+           "below over %.0f TFLOP/s); tensor-core work issued %.0f TFLOP/s; non-GEMM HBM traffic %.1f GB "
+           "(memsets %.1f GB)\n", sec * 1e3, local * accum / sec, c.train_batch_tokens / sec / 1e6, world,
+           100 * model_flops / sec / H100_BF16_FLOPS, H100_BF16_FLOPS / 1e12, flops / sec / 1e12, non_gemm / 1e9,
+           memsets / 1e9);
+    printf("model_flops_per_step_per_gpu: %.6e (6·N_matmul·T + 6·L·T·seq·d, T = %ld tokens of this GPU; "
+           "%.4e for all %d GPUs)\n", model_flops, local * accum, model_flops * world, world);
+    printf("assumed: H100 SXM %.0f TFLOP/s bf16 dense, HBM %.2f TB/s, NVLink %.0f GB/s, PCIe %.0f GB/s, "
+           "launch %.0f us, sync %.0f us; efficiencies (FLOPs, bytes) per class in the source and docs/perf.md\n",
+           H100_BF16_FLOPS / 1e12, H100_HBM_BYTES / 1e12, H100_NVLINK_BYTES / 1e9, H100_PCIE_BYTES / 1e9,
+           LAUNCH_S * 1e6, SYNC_S * 1e6);
+    return 0;
+}
+#else
+static int cost_main(int, char** argv) {
+    fail("%s cost: not part of the stripped submission; use the full build", argv[0]);
+}
+#endif
 
 #ifdef PGOLF_CUDA
 // --- The GPU run: the memory plan and the CUDA entry point ------------------------------------------
@@ -6313,15 +7190,30 @@ static void run_cuda(Config& c) {
 static bool cuda_available();
 
 #ifndef PGOLF_TESTING
+// OpenMP threads that spin while they wait take the cores from every other process: training on a
+// shared CPU ran 2–9× slower with the default policy. libgomp reads OMP_WAIT_POLICY when it is
+// loaded, before main, so when the user has not set it we set it and execute ourselves again once.
+static void omp_passive_wait_by_default(char** argv) {
+#ifdef _OPENMP
+    if (getenv("OMP_WAIT_POLICY")) return;  // the user's choice (and the re-executed process) keeps it
+    setenv("OMP_WAIT_POLICY", "passive", 1);
+    execv("/proc/self/exe", argv);  // returns only on failure: then run with the runtime's default
+#else
+    (void)argv;
+#endif
+}
+
 int main(int argc, char** argv) {
+    omp_passive_wait_by_default(argv);
     distributed_init(&argc, &argv);
     if (argc > 1 && !strcmp(argv[1], "inspect")) { int rc = inspect_main(argc, argv); distributed_finish(); return rc; }
     if (argc > 1 && !strcmp(argv[1], "settings")) { print_settings_table(); return 0; }
-    if (argc > 1) fail("unknown argument \"%s\": settings are environment variables (e.g. CONFIG=pr467 ./train_gpt), `./train_gpt inspect ARTIFACT [CHECKPOINT]` or `./train_gpt settings`", argv[1]);
+    if (argc > 1 && !strcmp(argv[1], "cost")) { int rc = cost_main(argc, argv); distributed_finish(); return rc; }
+    if (argc > 1) fail("unknown argument \"%s\": settings are environment variables (e.g. CONFIG=pr467 ./train_gpt), `./train_gpt inspect ARTIFACT [CHECKPOINT]`, `./train_gpt cost [KEY=VALUE …]` or `./train_gpt settings`", argv[1]);
     Config c = config_from_env();
     if (!c.load_artifact.empty()) {
-        // The model and its evaluation settings come from the artifact; env vars may change the
-        // evaluation, and where this run writes, reads data and runs are always this run's own.
+        // The model comes from the artifact, the other settings from its preset; env vars may change
+        // all but the model, and where this run writes, reads data and runs are always this run's own.
         std::vector<uint8_t> bytes;
         if (g_rank == 0) bytes = read_file(c.load_artifact);
         host_broadcast(bytes);
@@ -6340,6 +7232,7 @@ int main(int argc, char** argv) {
     config_validate(c, g_world);
     if (g_rank == 0) {
         make_dirs(c.out_dir);
+        lock_run_folder(c.out_dir);
         g_logfile = fopen_check((c.out_dir + "/log.txt").c_str(), "a");
         outputs_check(c);
     }

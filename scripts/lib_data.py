@@ -46,6 +46,27 @@ def shard_token_count(path, expected_tokens=None):
     return ntok
 
 
+def fnv1a64(data):
+    """64-bit FNV-1a of bytes: the tokenizer checksum train_gpt and ./tokenize print."""
+    h = 0xcbf29ce484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def write_manifest(dataset_dir, model_path, vocab_size):
+    """dataset_dir/manifest.txt as ./tokenize shard writes it: train_gpt checks the tokenizer against it."""
+    with open(model_path, "rb") as f:
+        checksum = fnv1a64(f.read())
+    text = (f"format=pgolf-shards-1\ntokenizer={os.path.basename(model_path)}\n"
+            f"tokenizer_checksum={checksum:016x}\nvocab_size={vocab_size}\n")
+    path = os.path.join(dataset_dir, "manifest.txt")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def read_shard_tokens(path):
     """Header-checked tokens of a shard as array('H')."""
     ntok = shard_token_count(path)

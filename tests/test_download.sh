@@ -168,6 +168,14 @@ else
     fail token "Authorization not sent to the resolve URL, or forwarded after the redirect"
 fi
 
+# the dataset folder records its tokenizer's checksum (the same fnv1a64 ./tokenize info prints), for train_gpt to check
+want=$(./tokenize info "$src/tokenizers/fineweb_1024_bpe.model" 2>/dev/null | sed -n 's/^checksum: \([0-9a-f]*\) .*/\1/p')
+if [ -n "$want" ] && grep -qx "tokenizer_checksum=$want" "$dd/manifest.txt" 2>/dev/null; then
+    pass manifest
+else
+    fail manifest "$dd/manifest.txt: $(cat "$dd/manifest.txt" 2>&1 | tr '\n' ' ') (want checksum '$want')"
+fi
+
 # 2. everything present and valid: no request at all
 if dl --train-shards 2 && [ ! -s "$log" ] && grep -q '3 already present' "$out"; then
     pass skip_present

@@ -18,6 +18,7 @@ static inline float round_to_bf16(float f) { return bf16_to_float(float_to_bf16(
 #include "test_compress.cuh"
 #include "test_eval.cuh"
 #include "test_parity.cuh"
+#include "test_cost.cuh"
 #include "test_cuda.cuh"  // defines REQUIRE_GPU: before the other CUDA tests
 #include "test_cuda_attention.cuh"
 #include "test_cuda_eval.cuh"

@@ -290,6 +290,25 @@ TEST(shard_bad_inputs_name_the_file) {
     CHECK_THROWS(shard_files(d + "/nowhere", "train"), "no train shards match");
     CHECK(load_shard(d + "/vocab.bin", 128).size() == 3);
 }
+// Train shards are checked before the first step: every token within the scan budget, else samples
+// that include each shard's first and last tokens (the rest is checked when training loads it).
+TEST(shard_check_at_start_full_or_sampled) {
+    std::string d = test_dir("shard_scan");
+    std::vector<std::string> files = {d + "/fineweb_train_000000.bin", d + "/fineweb_train_000001.bin"};
+    std::vector<uint16_t> a(1000000, 7), b(1000000, 7);
+    b[500001] = 999;  // between two of the 64 evenly spaced 4096-token samples
+    write_shard_file(files[0], a);
+    write_shard_file(files[1], b);
+    CHECK_THROWS(validate_train_shards(files, 64), "fineweb_train_000001.bin: token 999 at position 500001 is outside the vocabulary");
+    CHECK(validate_train_shards(files, 64, 1000) == 2000000);  // sampled: not seen here
+    CHECK_THROWS(load_shard(files[1], 64), "token 999 at position 500001");  // but when training loads the shard
+    b[500001] = 7;
+    b.back() = 64;
+    write_shard_file(files[1], b);
+    CHECK_THROWS(validate_train_shards(files, 64, 1000), "fineweb_train_000001.bin: token 64 at position 999999");
+    write_shard_file(files[1], {});
+    CHECK_THROWS(validate_train_shards(files, 64), "fineweb_train_000001.bin: a shard with 0 tokens");
+}
 // The reference's order: any world size with the same global batch sees the same sequences.
 TEST(loader_order_is_world_size_invariant) {
     std::string d = small_dataset("loader");

@@ -8,6 +8,7 @@
 //   ./tokenize shard MODEL OUTDIR [options] [FILE...]   documents -> challenge-format shards
 //
 // Build: g++ -O2 -std=c++17 -Wall -Wextra -o tokenize tokenizer/tokenize.cpp
+#include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -560,11 +561,42 @@ static int64_t parse_count(const std::string& flag, const char* v, int64_t max) 
     return x;
 }
 
+// OUTDIR/manifest.txt: which tokenizer made the shards (train_gpt refuses another one).
+static void write_manifest(const SpmModel& m, const std::string& outdir, int64_t val_tokens, int64_t train_tokens) {
+    std::string path = outdir + "/manifest.txt", tmp = path + ".tmp";
+    size_t slash = m.path.rfind('/');
+    char text[1024];
+    const char* name = slash == std::string::npos ? m.path.c_str() : m.path.c_str() + slash + 1;
+    int n = snprintf(text, sizeof text,
+                     "format=pgolf-shards-1\ntokenizer=%s\ntokenizer_checksum=%016llx\nvocab_size=%zu\n"
+                     "val_tokens=%lld\ntrain_tokens=%lld\n", name, (unsigned long long)m.checksum, m.pieces.size(),
+                     (long long)val_tokens, (long long)train_tokens);
+    FILE* f = fopen(tmp.c_str(), "wb");
+    bool ok = f && fwrite(text, 1, n, f) == (size_t)n;
+    ok = (f && fclose(f) == 0) && ok;
+    if (!ok || rename(tmp.c_str(), path.c_str()) != 0) {
+        remove(tmp.c_str());
+        throw std::runtime_error(path + ": cannot write: " + strerror(errno));
+    }
+}
+
 // Documents are encoded in batches by `threads` workers, each on a contiguous slice, and written in
 // input order, so the output does not depend on the thread count.
 static int cmd_shard(const SpmModel& m, const std::string& outdir, const ShardOptions& opt, const std::vector<std::string>& files) {
     if (m.bos_id < 0) throw std::runtime_error(m.path + ": model has no BOS piece, which shards need");
     if (mkdir(outdir.c_str(), 0755) != 0 && errno != EEXIST) throw std::runtime_error(outdir + ": cannot create directory: " + strerror(errno));
+    // Training reads every fineweb_*.bin of a folder: old shards left beside new ones would be read too.
+    if (DIR* d = opendir(outdir.c_str())) {
+        std::string first;
+        int count = 0;
+        while (dirent* e = readdir(d))
+            if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..") && count++ == 0) first = e->d_name;
+        closedir(d);
+        if (count > 0)
+            throw std::runtime_error(outdir + ": output folder is not empty (" + std::to_string(count) +
+                                     " entries, e.g. " + first + "); old shards would be read together with the new "
+                                     "ones: remove them or choose a new folder");
+    } else throw std::runtime_error(outdir + ": cannot open directory: " + strerror(errno));
     SpmEncoder enc = spm_encoder_build(m);
     int threads = opt.threads;
     std::vector<SpmScratch> scratch(threads);
@@ -631,6 +663,7 @@ static int cmd_shard(const SpmModel& m, const std::string& outdir, const ShardOp
     }
     shard_close(val);
     shard_close(train);
+    write_manifest(m, outdir, val.total, train.total);
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     printf("documents: %lld (val %lld, train %lld)\n", (long long)(docs_val + docs_train), (long long)docs_val, (long long)docs_train);
     printf("tokens: %lld (val %lld, train %lld), BOS included\n", (long long)(val.total + train.total), (long long)val.total, (long long)train.total);

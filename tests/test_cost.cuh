@@ -1,0 +1,137 @@
+// The cost model of a training step (section 13) against independent truth: the FLOPs of every
+// linear layer in closed form, causal attention in closed form, a launch count made by hand for a
+// small config, and how the totals scale with batch, layers and ranks.
+
+struct CostSums { long launches[OP_NUM] = {}; double flops[OP_NUM] = {}, hbm[OP_NUM] = {}, link[OP_NUM] = {}; long total = 0; };
+static CostSums cost_sums(const Config& c, int world) {
+    CostSums s;
+    config_validate(c, world);
+    for (const CostEntry& e : cost_step_launches(c, world)) {
+        s.launches[e.cls]++; s.flops[e.cls] += e.flops; s.hbm[e.cls] += e.hbm_bytes; s.link[e.cls] += e.link_bytes; s.total++;
+    }
+    return s;
+}
+static Config cost_preset(const char* name) {
+    Config c;
+    for (const Preset& p : PRESETS) if (!strcmp(p.name, name)) { c.preset = name; p.apply(c); }
+    return c;
+}
+// Weights every token passes through a matmul with (per layer use, the tied or untied head, the bigram
+// projection), from the config's dimensions alone.
+static double matmul_params(const Config& c) {
+    double D = c.model_dim, KV = (double)c.num_kv_heads * (c.model_dim / c.num_heads), F = c.mlp_mult * c.model_dim;
+    double per_layer = D * D + 2 * KV * D + D * D + 2 * F * D;  // c_q, c_k, c_v, proj, fc, mlp.proj
+    double bigram = c.bigram_vocab_size && c.bigram_dim != c.model_dim ? (double)c.bigram_dim * D : 0;
+    return c.num_layers * per_layer + (double)c.vocab_size * D + bigram;
+}
+
+TEST(cost_gemm_flops_are_6_N_T) {
+    struct { const char* preset; int world; } cases[] = {{"tiny", 1}, {"baseline", 8}, {"pr467", 8}, {"pr600", 8}, {"pr456", 8}, {"pr467", 2}};
+    for (auto& k : cases) {
+        Config c = cost_preset(k.preset);
+        double tokens = (double)c.train_batch_tokens / k.world;  // every micro-batch of this rank
+        double want = 6 * matmul_params(c) * tokens;
+        CostSums s = cost_sums(c, k.world);
+        CHECK_MSG(std::fabs(s.flops[OP_GEMM] - want) <= 1e-9 * want, "%s on %d: GEMM FLOPs %.6g, 6·N·T = %.6g",
+                  k.preset, k.world, s.flops[OP_GEMM], want);
+    }
+}
+
+TEST(cost_attention_flops_match_the_causal_closed_form) {
+    for (const char* name : {"tiny", "pr467", "pr600"}) {
+        Config c = cost_preset(name);
+        int world = 8, T = c.train_seq_len, hd = c.model_dim / c.num_heads;
+        double B = (double)c.train_batch_tokens / world / T;
+        // QKᵀ and PV over the T(T+1)/2 causal (query, key) pairs of every head and layer
+        double useful = c.num_layers * B * c.num_heads * (T * (T + 1.0) / 2) * 2 * (2.0 * hd);
+        CostSums s = cost_sums(c, world);
+        double ratio = s.flops[OP_ATTN_FWD] / useful;  // > 1: the masked half of each diagonal tile is computed too
+        CHECK_MSG(ratio >= 1.0 && ratio <= 1.0 + 128.0 / T, "%s: attention forward %.6g FLOPs, causal closed form %.6g (ratio %.4f)",
+                  name, s.flops[OP_ATTN_FWD], useful, ratio);
+        CHECK_CLOSE(s.flops[OP_ATTN_BWD], 3.5 * s.flops[OP_ATTN_FWD], 1e-12, 0);  // 7 products against 2
+        CHECK(s.launches[OP_ATTN_FWD] == c.num_layers && s.launches[OP_ATTN_BWD] == 3 * c.num_layers);
+    }
+}
+
+// The naive baseline cut to 2 layers (one encoder, one decoder, one skip), no clipping, one rank, one
+// micro-batch, counted by reading each Cuda op of train()'s step.
+TEST(cost_launches_match_a_hand_count) {
+    Config c = cost_preset("baseline");
+    c.num_layers = 2; c.model_dim = 64; c.num_heads = 2; c.num_kv_heads = 1; c.train_seq_len = 64; c.train_batch_tokens = 128;
+    c.grad_accum_steps = 1;
+    CHECK(c.grad_clip_norm == 0 && c.tie_embeddings && !c.bigram_vocab_size && !c.bigram_hash_size && !c.smear && !c.smear_gate &&
+          c.xsa_last_n == 0 && c.muon_backend_steps == 5 && c.ema_decay == 0);
+    CostSums s = cost_sums(c, 1);
+    // memsets: the gradient arena; backward head: dx, dx0, the skip's gradient, dn; per layer dxa, dm, du,
+    // dh, dn, dxm, da, dy, dv, dqr, dkr, dq, dk, dn, dx (15); de before the embedding norm
+    CHECK(s.launches[OP_MEMSET] == 1 + 4 + 2 * 15 + 1);
+    // host syncs: loss weights, inputs, targets up; losses down (one rank: no NCCL, no MPI; no clipping)
+    CHECK(s.launches[OP_SYNC] == 4);
+    CHECK(s.launches[OP_COMM] == 0);
+    // GEMMs: per layer q, k, v, proj, fc, mlp.proj and the head, each once forward and twice backward
+    CHECK(s.launches[OP_GEMM] == 3 * (2 * 6 + 1));
+    CHECK(s.launches[OP_ATTN_FWD] == 2 && s.launches[OP_ATTN_BWD] == 2 * 3);
+    // forward: embedding, norm; per layer the layer-0 copy or the skip add, resid_mix, 2 norms, q and k
+    // norm+rope, 2 branch adds, relu²; final norm, softcap CE
+    int fwd = 2 + 2 * 9 + 2;
+    // backward: final norm; per layer 2 branch backwards (kernel + scale sums), relu², 2 norms, q (kernel +
+    // 2 gain sums) and k norm+rope, resid_mix (kernel + mix sums) = 13; the decoder's skip backward (2);
+    // the encoder's skip-gradient add and dx0 add (2); the embedding norm; embedding backward (iota,
+    // radix sort's 6 launches, the row sums)
+    int bwd = 1 + 2 * 13 + 2 + 2 + 1 + 8;
+    CHECK_MSG(s.launches[OP_ELEMENTWISE] == fwd + bwd + 1, "elementwise launches %ld, hand count %d",  // + the bf16 weight cast
+              s.launches[OP_ELEMENTWISE], fwd + bwd + 1);
+    // optimizer: 12 matrices × (momentum, normalize, 5 × 3 Newton–Schulz GEMMs, finish) and their updates;
+    // Adam for tok_emb, skip_weights and per layer attn_scale, mlp_scale, resid_mix, q_gain
+    CHECK_MSG(s.launches[OP_OPTIMIZER] == 12 * (3 + 15) + 12 + (2 + 2 * 4), "optimizer launches %ld", s.launches[OP_OPTIMIZER]);
+}
+
+TEST(cost_scales_with_batch_layers_and_ranks) {
+    Config c = cost_preset("pr467");
+    CostSums a = cost_sums(c, 8);
+    c.train_batch_tokens *= 2;  // twice the sequences per rank: the same launches, twice the token work
+    CostSums b = cost_sums(c, 8);
+    CHECK(a.total == b.total);
+    CHECK_CLOSE(b.flops[OP_GEMM], 2 * a.flops[OP_GEMM], 1e-12, 0);
+    CHECK_CLOSE(b.flops[OP_ATTN_FWD], 2 * a.flops[OP_ATTN_FWD], 1e-12, 0);
+    CHECK_CLOSE(b.hbm[OP_ATTN_BWD], 2 * a.hbm[OP_ATTN_BWD], 1e-12, 0);
+    CHECK(b.hbm[OP_ELEMENTWISE] > 1.9 * a.hbm[OP_ELEMENTWISE] && b.hbm[OP_ELEMENTWISE] < 2.0 * a.hbm[OP_ELEMENTWISE]);
+    CHECK(b.hbm[OP_OPTIMIZER] == a.hbm[OP_OPTIMIZER]);  // per parameter, not per token
+    // two more layers (one more encoder, decoder and skip) add the same launches each time
+    long n[3];
+    for (int i = 0; i < 3; i++) {
+        Config d = cost_preset("baseline");
+        d.num_layers = 2 + 2 * i;
+        n[i] = cost_sums(d, 1).total;
+    }
+    CHECK_MSG(n[1] - n[0] == n[2] - n[1] && n[1] > n[0], "launches for 2, 4, 6 layers: %ld %ld %ld", n[0], n[1], n[2]);
+    // ranks: two all-reduces of the fp32 arena, ring traffic 2·(W−1)/W of it each
+    Config e = cost_preset("pr467");
+    double arena = param_arena_size(build_param_table(e)) * 4.0;
+    CostSums one = cost_sums(e, 1), eight = cost_sums(e, 8);
+    CHECK(one.launches[OP_COMM] == 0 && eight.launches[OP_COMM] == 2);
+    CHECK_CLOSE(eight.link[OP_COMM], 2 * 2 * 7.0 / 8 * arena, 1e-12, 0);
+    // Muon's matrices are split over the ranks: rank 0 orthogonalizes ⌈M/8⌉ of pr467's M (61)
+    int matrices = 0;
+    for (const ParamSpec& p : build_param_table(e)) matrices += p.group == GROUP_MATRIX;
+    long ns_one = 0, ns_eight = 0;
+    for (const CostEntry& x : cost_step_launches(e, 1)) ns_one += x.cls == OP_OPTIMIZER && !strcmp(x.op, "gemm_bf16");
+    for (const CostEntry& x : cost_step_launches(e, 8)) ns_eight += x.cls == OP_OPTIMIZER && !strcmp(x.op, "gemm_bf16");
+    CHECK(ns_one == 15L * matrices && ns_eight == 15L * ((matrices + 7) / 8));
+}
+
+// The projection adds each entry's own time; every entry takes at least a launch.
+TEST(cost_projection_is_the_sum_of_its_entries) {
+    Config c = cost_preset("pr467");
+    std::vector<CostEntry> list = cost_step_launches(c, 8);
+    double ms[OP_NUM];
+    cost_projected_ms(c, 8, ms);
+    double sum = 0, total = 0;
+    for (const CostEntry& e : list) { double s = cost_seconds(e); CHECK(s >= LAUNCH_S || e.cls == OP_SYNC); sum += s; }
+    for (int k = 0; k < OP_NUM; k++) total += ms[k];
+    CHECK_CLOSE(total, sum * 1e3, 1e-12, 0);
+    // the GEMMs can't beat the tensor-core peak, the memsets can't beat HBM
+    CostSums s = cost_sums(c, 8);
+    CHECK(ms[OP_GEMM] * 1e-3 >= s.flops[OP_GEMM] / H100_BF16_FLOPS);
+    CHECK(ms[OP_MEMSET] * 1e-3 >= s.hbm[OP_MEMSET] / H100_HBM_BYTES);
+}
