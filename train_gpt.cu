@@ -498,9 +498,10 @@ static const int NORM_BLOCKS = 256;  // fixed grid of the whole-tensor sums (fix
 
 // Blocks of a grid-stride loop over n items: enough to fill any GPU many times, at most what the
 // loop needs (0 for n = 0: launchers return before launching).
+static size_t g_grid_max_blocks = (size_t)1 << 16;  // tests lower it: small tensors then loop the grid
 static unsigned grid_for(size_t n, int block = BLOCK) {
     size_t g = (n + block - 1) / block;
-    return (unsigned)std::min<size_t>(g, (size_t)1 << 16);
+    return (unsigned)std::min<size_t>(g, g_grid_max_blocks);
 }
 static unsigned ceil_div(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
 

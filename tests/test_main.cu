@@ -24,6 +24,7 @@ static inline float round_to_bf16(float f) { return bf16_to_float(float_to_bf16(
 #include "test_cuda_eval.cuh"
 #include "test_parity_cuda.cuh"  // the parity dumps through the CUDA path
 #include "test_cost_emu.cuh"  // the cost model's launch counts against an emulated step (emulated build only)
+#include "test_cuda_cover.cuh"
 #include "test_emu.cuh"  // the CUDA emulator's own checks (emulated build only)
 
 int main(int argc, char** argv) {
