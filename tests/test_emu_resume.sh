@@ -13,7 +13,7 @@ if [ -z "$(ls data/datasets/debian_prose_sp1024/fineweb_train_*.bin 2>/dev/null)
 fi
 root=(); [ "$(id -u)" -eq 0 ] && root=(--allow-run-as-root)
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-common=(CONFIG=tiny DEVICE=cuda DATA_PATH=data/datasets/debian_prose_sp1024 ITERATIONS=4 WARMDOWN_ITERS=2
+common=(CONFIG=tiny NUM_LAYERS=2 MODEL_DIM=64 DEVICE=cuda DATA_PATH=data/datasets/debian_prose_sp1024 ITERATIONS=4 WARMDOWN_ITERS=2
         TRAIN_BATCH_TOKENS=512 GRAD_ACCUM_STEPS=1 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=1 VAL_TOKENS_LIMIT=512
         EVAL_MODE=standard SWA_START_FRAC=0 ZSTD_LEVEL=3 OMP_NUM_THREADS=1)
 failed=0
