@@ -142,6 +142,15 @@ train_gpt_emu: $(TU_DEPS) $(SUBMISSION) $(EMU_DEPS)
 	$(EMU_CXX) $(EMU_FLAGS) $(EMU_COV) -x c++ $(CODE_DEFS) -c -o train_gpt_emu.o train_gpt.cu
 	$(EMU_CXX) -o $@ train_gpt_emu.o tests/emu/emu_runtime.o $(EMU_LIBS)
 
+# The stripped submission with the emulator's hooks kept (scripts/strip_source --emu), through the emulator:
+# on a machine without a GPU, tests/test_cuda_build.sh checks that it trains like the full source.
+SUBMISSION_EMU := build/submission/train_gpt_emu
+$(SUBMISSION_EMU): $(TU_DEPS) scripts/strip_source $(EMU_DEPS)
+	@mkdir -p build/submission
+	python3 scripts/strip_source --emu train_gpt.cu $@.cu
+	$(EMU_CXX) $(EMU_FLAGS) $(EMU_COV) -x c++ $(CODE_DEFS) -c -o $@.o $@.cu
+	$(EMU_CXX) -o $@ $@.o tests/emu/emu_runtime.o $(EMU_LIBS)
+
 emu: $(EMU_TESTS) $(if $(EMU_TESTS),train_gpt_emu)
 
 corpus: tokenize

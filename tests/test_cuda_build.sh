@@ -10,8 +10,8 @@
 #                                          code: but for the dQ kernel's known 4-byte spill at hd 32);
 #   cuda_build_train_gpt_is_cuda           ./train_gpt is the nvcc build (it links cuBLASLt);
 #   cuda_build_tests_present               tests/test_main carries the host-side CUDA tests;
-#   cuda_submission_trains_like_full       (GPU) the stripped build's first steps have the same losses,
-#                                          bit for bit, as the full build's.
+#   cuda_submission_trains_like_full       the stripped build's first steps have the same losses, bit for
+#                                          bit, as the full build's (without a GPU: both through the emulator).
 set -u
 cd "$(dirname "$0")/.."
 failed=0
@@ -99,7 +99,27 @@ else
 fi
 
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
-    skip cuda_submission_trains_like_full "no CUDA device"
+    # no GPU: the same comparison through the CUDA emulator, the stripped source built with its hooks kept
+    if [ ! -x train_gpt_emu ]; then
+        skip cuda_submission_trains_like_full "no CUDA device, and no ./train_gpt_emu (make emu) to emulate one"
+    elif ! make -s build/submission/train_gpt_emu > "$log" 2>&1; then
+        fail cuda_submission_trains_like_full "make build/submission/train_gpt_emu failed: $(tail -3 "$log")"
+    else
+        tmp=$(mktemp -d)
+        run=(CONFIG=tiny NUM_LAYERS=2 MODEL_DIM=64 DEVICE=cuda DATA_PATH=data/datasets/debian_prose_sp1024
+             ITERATIONS=3 TRAIN_BATCH_TOKENS=512 GRAD_ACCUM_STEPS=1 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=1
+             VAL_TOKENS_LIMIT=1024 EVAL_MODE=standard ZSTD_LEVEL=3 OMP_NUM_THREADS=1)
+        env "${run[@]}" OUT_DIR="$tmp/full" ./train_gpt_emu > "$tmp/full.log" 2>&1
+        env "${run[@]}" OUT_DIR="$tmp/sub" build/submission/train_gpt_emu > "$tmp/sub.log" 2>&1
+        a=$(grep -o 'train_loss:[0-9.]*\|val_bpb:[0-9.]*' "$tmp/full.log")
+        b=$(grep -o 'train_loss:[0-9.]*\|val_bpb:[0-9.]*' "$tmp/sub.log")
+        if [ "$(echo "$a" | grep -c train_loss)" -eq 3 ] && [ "$a" = "$b" ] && grep -q "CUDA emulator" "$tmp/sub.log"; then
+            pass "cuda_submission_trains_like_full (emulated: $(echo $a | tr '\n' ' '))"
+        else
+            fail cuda_submission_trains_like_full "emulated, full: $(echo $a | head -c 200) / stripped: $(echo $b | head -c 200)"
+        fi
+        rm -rf "$tmp"
+    fi
 elif [ ! -x "$bin" ] || [ ! -x train_gpt ]; then
     fail cuda_submission_trains_like_full "binaries missing"
 else
