@@ -155,16 +155,10 @@ template <class T> static void parity_first_step(const char* preset, double loss
 
 // Ten optimizer steps through the training loop (its loader, schedule, clipping, averaging), from the
 // weights already in m; returns each step's loss and leaves the final weights in m.params.
-static EvalData parity_eval_data(const Config& c) {
-    EvalData ev;
-    ev.val = load_validation_tokens(c);
-    ev.luts.base_bytes.assign(c.vocab_size, 1); ev.luts.has_leading_space.assign(c.vocab_size, 0); ev.luts.is_boundary.assign(c.vocab_size, 0);
-    return ev;
-}
 template <class D> static std::vector<double> parity_train_run(D dev, Model<D>& m, TrainState<D>& s) {
     train_state_init(dev, s, m);
     s.loader.stream.open(shard_files(m.cfg.data_path, "train"), m.cfg.vocab_size);
-    EvalData ev = parity_eval_data(m.cfg);
+    EvalData ev = unit_byte_eval_data(m.cfg);
     train(dev, m, s, ev);
     return s.losses;
 }
@@ -204,7 +198,7 @@ static void parity_eval(const char* preset) {
     model_init_for_run(dev, m, c);
     parity_put(f, "final.", m);
     refresh_compute_weights(dev, m, false);
-    EvalData ev = parity_eval_data(c);
+    EvalData ev = unit_byte_eval_data(c);
     int modes = 0;
     // lora_ttt reads the whole stream (the reference's LoRA TTT loads the shards again, uncut), and only
     // each document's first chunk is compared: it is scored before any update, while later chunks depend

@@ -178,7 +178,7 @@ static void parity_nll_distance(const char* what, const std::vector<float>& got,
 static void parity_cuda_eval(const char* preset) {
     SafetensorsFile f = parity_load(preset);
     Config c = parity_config(f, parity_data(f, preset));
-    EvalData ev = parity_eval_data(c);
+    EvalData ev = unit_byte_eval_data(c);
     Model<Cpu<float>> mj;
     model_init_for_run(Cpu<float>{}, mj, c);
     parity_put(f, "final.", mj, PARITY_BF16_JITTER, 99);

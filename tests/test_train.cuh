@@ -1,6 +1,17 @@
 // Configuration, data, optimizers, schedule, averaging, checkpoints: the CPU reference's driver.
 
 // --- helpers --------------------------------------------------------------------------------------
+// The validation tokens with a byte table of one byte per token, no boundaries: the training loop's
+// in-run validation then needs no tokenizer.
+static EvalData unit_byte_eval_data(const Config& c) {
+    EvalData ev;
+    ev.val = load_validation_tokens(c);
+    ev.luts.base_bytes.assign(c.vocab_size, 1);
+    ev.luts.has_leading_space.assign(c.vocab_size, 0);
+    ev.luts.is_boundary.assign(c.vocab_size, 0);
+    return ev;
+}
+
 static std::string test_dir(const char* name) {
     std::string d = "/tmp/pgolf_test_" + std::to_string(getpid()) + "_" + name;
     make_dirs(d);
@@ -57,9 +68,7 @@ static std::vector<float> train_weights(Config c, const std::string& resume = ""
     TrainState<Cpu<float>> s;
     start_training(c, m, s);
     if (!resume.empty()) load_checkpoint(dev, m, s, resume);
-    EvalData ev;
-    ev.val = load_validation_tokens(c);
-    ev.luts.base_bytes.assign(c.vocab_size, 1); ev.luts.has_leading_space.assign(c.vocab_size, 0); ev.luts.is_boundary.assign(c.vocab_size, 0);
+    EvalData ev = unit_byte_eval_data(c);
     train(dev, m, s, ev);
     if (c.checkpoint_every > 0) save_checkpoint(dev, m, s);
     if (steps_done) *steps_done = s.step;
@@ -490,9 +499,7 @@ TEST(schedule_thresholds_compare_as_the_reference) {
     Model<Cpu<float>> m;
     TrainState<Cpu<float>> s;
     start_training(c, m, s);
-    EvalData ev;
-    ev.val = load_validation_tokens(c);
-    ev.luts.base_bytes.assign(c.vocab_size, 1); ev.luts.has_leading_space.assign(c.vocab_size, 0); ev.luts.is_boundary.assign(c.vocab_size, 0);
+    EvalData ev = unit_byte_eval_data(c);
     train(dev, m, s, ev);
     CHECK_MSG(s.swa_count == 1, "SWA took %d snapshots (the reference takes 1, after step 10)", s.swa_count);
     CHECK_MSG(!s.qat_active, "late QAT started (the reference never starts it here)");
@@ -507,9 +514,7 @@ TEST(validation_under_late_qat_reads_plain_weights) {
     Model<Cpu<float>> m;
     TrainState<Cpu<float>> s;
     start_training(c, m, s);
-    EvalData ev;
-    ev.val = load_validation_tokens(c);
-    ev.luts.base_bytes.assign(c.vocab_size, 1); ev.luts.has_leading_space.assign(c.vocab_size, 0); ev.luts.is_boundary.assign(c.vocab_size, 0);
+    EvalData ev = unit_byte_eval_data(c);
     train(dev, m, s, ev);  // validates at the last step, QAT active
     CHECK(s.qat_active);
     refresh_compute_weights(dev, m, false);
@@ -534,9 +539,7 @@ TEST(embed_bf16_keeps_the_tables_in_bf16) {
     Model<Cpu<float>> m;
     TrainState<Cpu<float>> s;
     start_training(c, m, s);
-    EvalData ev;
-    ev.val = load_validation_tokens(c);
-    ev.luts.base_bytes.assign(c.vocab_size, 1); ev.luts.has_leading_space.assign(c.vocab_size, 0); ev.luts.is_boundary.assign(c.vocab_size, 0);
+    EvalData ev = unit_byte_eval_data(c);
     train(dev, m, s, ev);
     int tables = 0;
     for (const ParamSpec& p : m.table) {
