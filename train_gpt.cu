@@ -726,6 +726,7 @@ struct Config {
     int smear = 0;                     // SmearGate on the embedding (thwu1)
     int smear_gate = 0;                // PR600's sigmoid gates on each block's attention and MLP outputs
     int xsa_last_n = 0;
+    int varlen_attn = 0;               // attention stays inside each document: keys from the query's last BOS on
     int ortho_init = INIT_DEFAULT;
     // optimizer
     float embed_lr = 0.6f, head_lr = 0.008f, tied_embed_lr = 0.05f, matrix_lr = 0.04f, scalar_lr = 0.04f;
@@ -914,6 +915,7 @@ static std::vector<Setting> config_settings(Config& c) {
         {"SMEAR", 'i', &c.smear, "1 = SmearGate blends each embedding with the previous token's"},
         {"SMEAR_GATE", 'i', &c.smear_gate, "1 = PR #600's sigmoid gates on attention and MLP outputs"},
         {"XSA_LAST_N", 'i', &c.xsa_last_n, "exclusive self-attention on the last N blocks"},
+        {"VARLEN_ATTN", 'i', &c.varlen_attn, "1 = document-masked attention: no position attends across a BOS (#1530)"},
         {"ORTHO_INIT", 'i', &c.ortho_init, "0 = PyTorch default init, 1 = orthogonal (PR #600), 2 = orthogonal ≥64×64 and .proj ×1/√(2L) (thwu1)"},
         {"EMBED_LR", 'f', &c.embed_lr, "lr of an untied token embedding"},
         {"HEAD_LR", 'f', &c.head_lr, "lr of an untied output head"},
@@ -999,7 +1001,7 @@ static const char* const SCOPE_NAMES[SCOPE_NUM] = {"model", "training", "evaluat
 static const char* const SCOPE_SETTINGS[SCOPE_NUM] = {
     ("VOCAB_SIZE NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT MLP_ACTIVATION UNIQUE_LAYERS NAMED_CORES "
     "TIE_EMBEDDINGS ROPE_BASE ROPE_DIMS LOGIT_SOFTCAP BIGRAM_VOCAB_SIZE BIGRAM_DIM BIGRAM_HASH_SIZE SMEAR "
-    "SMEAR_GATE XSA_LAST_N"),
+    "SMEAR_GATE XSA_LAST_N VARLEN_ATTN"),
     ("SEED ITERATIONS WARMDOWN_ITERS WARMUP_STEPS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN MAX_WALLCLOCK_SECONDS "
     "GRAD_ACCUM_STEPS QK_GAIN_INIT TIED_EMBED_INIT_STD ORTHO_INIT EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR "
     "SCALAR_LR MUON_MOMENTUM MUON_BACKEND_STEPS MUON_MOMENTUM_WARMUP_START MUON_MOMENTUM_WARMUP_STEPS "
@@ -1221,6 +1223,7 @@ static void config_validate(const Config& c, int world) {
     need(c.named_cores || c.num_cores() == c.num_layers,
          "UNIQUE_LAYERS=%d needs NAMED_CORES=1 (shared blocks are named cores.i)", c.unique_layers);
     need(c.xsa_last_n >= 0 && c.xsa_last_n <= c.num_cores(), "XSA_LAST_N=%d: expected 0..%d", c.xsa_last_n, c.num_cores());
+    need(c.varlen_attn == 0 || c.varlen_attn == 1, "VARLEN_ATTN=%d: expected 0 or 1", c.varlen_attn);
     need(c.logit_softcap > 0, "LOGIT_SOFTCAP=%g: expected > 0", c.logit_softcap);
     need(c.bigram_vocab_size == 0 || c.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE=%d: expected 0 or ≥ 2", c.bigram_vocab_size);
     need(c.bigram_vocab_size == 0 || c.bigram_dim > 0, "BIGRAM_DIM=%d: expected > 0", c.bigram_dim);
@@ -2329,7 +2332,20 @@ static void qk_norm_rope_backward(Cuda, bf16* dx, float* dgain, const bf16* dout
 // q, out: [B, T, H, hd]; k, v: [B, T, Hk, hd]; query head h reads kv head h / (H/Hk).
 // The CPU reference works head by head in matrix form: S = QKᵀ/√hd, P = softmax over j ≤ t,
 // O = PV. lse[b, h, t] = log Σ_j exp(S_tj) lets the backward rebuild P instead of storing it.
+// Document masking (VARLEN_ATTN, #1530's flash_attn_varlen_func with cu_seqlens at every BOS): with
+// doc = the [B, T] document starts below, position t sees keys doc[b, t] ≤ j ≤ t; doc = null: j ≤ t.
 #if PGOLF_CPU_REFERENCE
+// doc[b·T + t]: the last position p ≤ t of row b whose token is BOS, 0 when there is none (a row's
+// first position starts a document whether or not it is a BOS).
+template <class T> static void document_starts(Cpu<T>, int32_t* doc, const int32_t* tokens, int B, int T_) {
+    for (int b = 0; b < B; b++) {
+        int start = 0;
+        for (int t = 0; t < T_; t++) {
+            if (tokens[(size_t)b * T_ + t] == BOS_ID) start = t;
+            doc[(size_t)b * T_ + t] = start;
+        }
+    }
+}
 // Copies the [T, hd] slice of head `h` out of an interleaved [B, T, nh, hd] tensor (and back).
 template <class T> static void head_gather(T* dst, const T* src, int b, int h, int T_, int nh, int hd) {
     for (int t = 0; t < T_; t++) memcpy(dst + (size_t)t * hd, src + (((size_t)b * T_ + t) * nh + h) * hd, hd * sizeof(T));
@@ -2344,7 +2360,7 @@ template <class T> static void transpose(T* dst, const T* src, int rows, int col
 }
 
 template <class T> static void attention_forward(Cpu<T>, T* out, T* lse, const T* q, const T* k, const T* v,
-                                                  int B, int T_, int H, int Hk, int hd) {
+                                                  int B, int T_, int H, int Hk, int hd, const int32_t* doc = nullptr) {
     T scale = T(1) / std::sqrt(T(hd));
     int group = H / Hk;
     #pragma omp parallel for collapse(2)
@@ -2356,13 +2372,15 @@ template <class T> static void attention_forward(Cpu<T>, T* out, T* lse, const T
             head_gather(V.data(), v, b, h / group, T_, Hk, hd);
             transpose(Kt.data(), K.data(), T_, hd);
             gemm_cpu(S.data(), Q.data(), hd, 1, Kt.data(), T_, T_, hd, false);  // S = Q Kᵀ
-            for (int t = 0; t < T_; t++) {  // causal softmax of row t over j ≤ t
+            for (int t = 0; t < T_; t++) {  // causal softmax of row t over lo ≤ j ≤ t
                 T* row = S.data() + (size_t)t * T_;
+                int lo = doc ? doc[(size_t)b * T_ + t] : 0;
                 T mx = -INFINITY;
-                for (int j = 0; j <= t; j++) { row[j] *= scale; mx = std::max(mx, row[j]); }
+                for (int j = lo; j <= t; j++) { row[j] *= scale; mx = std::max(mx, row[j]); }
                 T sum = 0;
-                for (int j = 0; j <= t; j++) { row[j] = std::exp(row[j] - mx); sum += row[j]; }
-                for (int j = 0; j <= t; j++) row[j] /= sum;
+                for (int j = lo; j <= t; j++) { row[j] = std::exp(row[j] - mx); sum += row[j]; }
+                for (int j = lo; j <= t; j++) row[j] /= sum;
+                for (int j = 0; j < lo; j++) row[j] = 0;
                 for (int j = t + 1; j < T_; j++) row[j] = 0;
                 lse[((size_t)b * H + h) * T_ + t] = mx + std::log(sum);
             }
@@ -2372,7 +2390,8 @@ template <class T> static void attention_forward(Cpu<T>, T* out, T* lse, const T
 }
 // P from S and lse; dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ O)); dQ = dS K/√hd; dK = dSᵀ Q/√hd; dV = Pᵀ dO.
 template <class T> static void attention_backward(Cpu<T>, T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k,
-                                                   const T* v, const T* out, const T* lse, int B, int T_, int H, int Hk, int hd) {
+                                                   const T* v, const T* out, const T* lse, int B, int T_, int H, int Hk, int hd,
+                                                   const int32_t* doc = nullptr) {
     T scale = T(1) / std::sqrt(T(hd));
     int group = H / Hk;
     #pragma omp parallel for collapse(2)
@@ -2393,10 +2412,11 @@ template <class T> static void attention_backward(Cpu<T>, T* dq, T* dk, T* dv, c
                 gemm_cpu(dP.data(), dO.data(), hd, 1, Vt.data(), T_, T_, hd, false); // dP = dO Vᵀ
                 for (int t = 0; t < T_; t++) {
                     T L = lse[((size_t)b * H + h) * T_ + t], Dt = 0;
+                    int lo = doc ? doc[(size_t)b * T_ + t] : 0;
                     for (int i = 0; i < hd; i++) Dt += dO[(size_t)t * hd + i] * O[(size_t)t * hd + i];
                     T *srow = S.data() + (size_t)t * T_, *dprow = dP.data() + (size_t)t * T_;
                     for (int j = 0; j < T_; j++) {
-                        T p = j <= t ? std::exp(srow[j] * scale - L) : T(0);
+                        T p = j <= t && j >= lo ? std::exp(srow[j] * scale - L) : T(0);
                         srow[j] = p;                             // S now holds P
                         dprow[j] = p * (dprow[j] - Dt) * scale;  // dP now holds dS/√hd
                     }
@@ -2476,10 +2496,29 @@ HD static inline int attn_key_tiles(int i, int positions, int T, int keys) {
 }
 // The first query tile whose positions reach key tile j: earlier tiles see none of its keys.
 HD static inline int attn_first_query_tile(int j, int keys, int positions) { return j * keys / positions; }
-// Causal mask between keys [key_lo, key_hi] and positions [t_lo, t_hi]: a key is hidden from
-// position t when key > t. All hidden: the pair of tiles is skipped. None hidden: no mask needed.
-HD static inline bool attn_all_masked(int key_lo, int t_hi) { return key_lo > t_hi; }
-HD static inline bool attn_any_masked(int key_hi, int t_lo) { return key_hi > t_lo; }
+// Mask between keys [key_lo, key_hi] and positions [t_lo, t_hi] whose documents start at d_lo ≤ … ≤ d_hi
+// (document starts never decrease along a row; 0 without VARLEN_ATTN): a key is hidden from position t
+// when key > t or key < t's document start. All hidden: the pair of tiles is skipped (for a ragged
+// document boundary, the key tiles wholly before it). None hidden: no mask needed.
+HD static inline bool attn_all_masked(int key_lo, int key_hi, int t_hi, int d_lo) { return key_lo > t_hi || key_hi < d_lo; }
+HD static inline bool attn_any_masked(int key_lo, int key_hi, int t_lo, int d_hi) { return key_hi > t_lo || key_lo < d_hi; }
+HD static inline bool attn_hidden(int key, int t, int d) { return key > t || key < d; }
+// Document start of position t of row b (t clamped into the row: padding rows); 0 without documents.
+HD static inline int attn_doc_start(const int32_t* doc, int b, int t, int T) {
+    return doc ? doc[(size_t)b * T + (t < T ? t : T - 1)] : 0;
+}
+// Positions 0 .. *returned* − 1 of row b are the ones whose documents start at or before `key` (a prefix:
+// document starts never decrease): the dK/dV kernel stops at the query tile of the last one.
+HD static inline int attn_doc_positions(const int32_t* doc, int b, int key, int T) {
+    if (!doc) return T;
+    int lo = key < T ? key : T - 1, hi = T - 1;  // doc[key] ≤ key: the answer is in [key + 1, T]
+    while (lo < hi) {                            // the last t with doc[t] ≤ key
+        int mid = (lo + hi + 1) / 2;
+        if (doc[(size_t)b * T + mid] <= key) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo + 1;
+}
 // Element offsets: q, out, dout [B,T,H,hd] and k, v [B,T,Hk,hd] (nh heads); lse, D [B,H,T].
 HD static inline size_t attn_index(int b, int t, int h, int T, int nh, int hd) { return (((size_t)b * T + t) * nh + h) * hd; }
 HD static inline size_t attn_lse_index(int b, int h, int t, int T, int H) { return ((size_t)b * H + h) * T + t; }
@@ -2608,7 +2647,8 @@ __device__ static inline void attn_stage_next_kv(__nv_bfloat16* sK, __nv_bfloat1
 template <int HDIM>
 __global__ void __launch_bounds__(ATTN_THREADS) attention_forward_kernel(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q,
                                                                          const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                                                         int T, int H, int Hk, float scale_log2) {
+                                                                         const int32_t* doc, int T, int H, int Hk,
+                                                                         float scale_log2) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = ATTN_TILE / 8, TILE = ATTN_TILE * LD;
     PGOLF_DYNAMIC_SMEM(uint4, attn_smem);  // uint4: 16-byte aligned for cp.async and ldmatrix
     __nv_bfloat16* sQ = (__nv_bfloat16*)attn_smem;
@@ -2618,31 +2658,36 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_forward_kernel(__nv_bf
     const int i = gridDim.x - 1 - blockIdx.x;  // the longest (last) query tiles start first
     const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int n_kt = attn_key_tiles(i, positions, T, ATTN_TILE);
+    const int j0 = attn_doc_start(doc, b, i * positions, T) / ATTN_TILE;  // key tiles before the tile's documents
     int w_lo, w_hi;  // positions of this warp's 16 rows
     attn_row_positions(i, warp * 16, 16, positions, group, &w_lo, &w_hi);
-    int t_row[2], hoff[2];  // this thread's two rows: accumulator elements 0,1 and 2,3
+    const int d_lo = attn_doc_start(doc, b, w_lo, T), d_hi = attn_doc_start(doc, b, w_hi, T);
+    int t_row[2], hoff[2], d_row[2];  // this thread's two rows: accumulator elements 0,1 and 2,3
     bool valid[2];
 #pragma unroll
-    for (int r = 0; r < 2; r++) valid[r] = attn_packed_row(i, warp * 16 + mma_acc_row(lane, 2 * r), positions, group, T, &t_row[r], &hoff[r]);
+    for (int r = 0; r < 2; r++) {
+        valid[r] = attn_packed_row(i, warp * 16 + mma_acc_row(lane, 2 * r), positions, group, T, &t_row[r], &hoff[r]);
+        d_row[r] = attn_doc_start(doc, b, t_row[r], T);
+    }
 
     attn_load_query_tile<ATTN_TILE, HDIM>(sQ, q, b, i, g, positions, group, T, H);
-    attn_load_key_tile<HDIM>(sK, k, b, 0, g, T, Hk);
-    attn_load_key_tile<HDIM>(sV, v, b, 0, g, T, Hk);
+    attn_load_key_tile<HDIM>(sK + (j0 & 1) * TILE, k, b, j0 * ATTN_TILE, g, T, Hk);
+    attn_load_key_tile<HDIM>(sV + (j0 & 1) * TILE, v, b, j0 * ATTN_TILE, g, T, Hk);
     cp_async_commit();
 
     uint32_t qf[KS][4];                       // this warp's 16 query rows as A operands
     float o[HDIM / 8][4] = {};                  // unnormalized output rows
     float m_run[2] = {-INFINITY, -INFINITY};  // running max of the scaled scores (log2 units)
     float l_run[2] = {0.f, 0.f};              // running Σ exp2(s − m), this thread's columns only
-    for (int j = 0; j < n_kt; j++) {
+    for (int j = j0; j < n_kt; j++) {
         attn_stage_next_kv<HDIM>(sK, sV, k, v, b, j, n_kt, g, T, Hk);
-        if (j == 0)
+        if (j == j0)
 #pragma unroll
             for (int kk = 0; kk < KS; kk++) ldmatrix_x4(qf[kk], sQ + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
         const __nv_bfloat16* cK = sK + (j & 1) * TILE;
         const __nv_bfloat16* cV = sV + (j & 1) * TILE;
         const int key0 = j * ATTN_TILE;
-        if (!attn_all_masked(key0, w_hi)) {  // warp-uniform: a wholly hidden tile changes nothing
+        if (!attn_all_masked(key0, key0 + ATTN_TILE - 1, w_hi, d_lo)) {  // warp-uniform: a hidden tile changes nothing
             float s[NT][4] = {};
 #pragma unroll
             for (int kk = 0; kk < KS; kk++)
@@ -2653,14 +2698,14 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_forward_kernel(__nv_bf
                     mma_bf16_16816(s[2 * np], qf[kk], kb[0], kb[1]);
                     mma_bf16_16816(s[2 * np + 1], qf[kk], kb[2], kb[3]);
                 }
-            const bool mask = attn_any_masked(key0 + ATTN_TILE - 1, w_lo);
+            const bool mask = attn_any_masked(key0, key0 + ATTN_TILE - 1, w_lo, d_hi);
             float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
             for (int n = 0; n < NT; n++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     float x = s[n][e] * scale_log2;
-                    if (mask && key0 + n * 8 + mma_acc_col(lane, e) > t_row[e >> 1]) x = -INFINITY;
+                    if (mask && attn_hidden(key0 + n * 8 + mma_acc_col(lane, e), t_row[e >> 1], d_row[e >> 1])) x = -INFINITY;
                     s[n][e] = x;
                     mx[e >> 1] = fmaxf(mx[e >> 1], x);
                 }
@@ -2731,7 +2776,8 @@ template <int HDIM>
 __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dq_kernel(__nv_bfloat16* dq, const __nv_bfloat16* dout,
                                                                              const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                                              const __nv_bfloat16* v, const float* lse, const float* D,
-                                                                             int T, int H, int Hk, float scale_log2, float scale) {
+                                                                             const int32_t* doc, int T, int H, int Hk,
+                                                                             float scale_log2, float scale) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = ATTN_TILE / 8, TILE = ATTN_TILE * LD;
     PGOLF_DYNAMIC_SMEM(uint4, attn_smem);
     __nv_bfloat16* sQ = (__nv_bfloat16*)attn_smem;
@@ -2742,14 +2788,17 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dq_kernel(__n
     const int i = gridDim.x - 1 - blockIdx.x;
     const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int n_kt = attn_key_tiles(i, positions, T, ATTN_TILE);
+    const int j0 = attn_doc_start(doc, b, i * positions, T) / ATTN_TILE;
     int w_lo, w_hi;
     attn_row_positions(i, warp * 16, 16, positions, group, &w_lo, &w_hi);
-    int t_row[2];
+    const int d_lo = attn_doc_start(doc, b, w_lo, T), d_hi = attn_doc_start(doc, b, w_hi, T);
+    int t_row[2], d_row[2];
     float lse2[2], dsum[2];  // padding rows: lse = +∞ makes P = 0
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         int hoff;
         bool valid = attn_packed_row(i, warp * 16 + mma_acc_row(lane, 2 * r), positions, group, T, &t_row[r], &hoff);
+        d_row[r] = attn_doc_start(doc, b, t_row[r], T);
         size_t at = valid ? attn_lse_index(b, g * group + hoff, t_row[r], T, H) : 0;
         lse2[r] = valid ? lse[at] * ATTN_LOG2E : INFINITY;
         dsum[r] = valid ? D[at] : 0.f;
@@ -2757,21 +2806,21 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dq_kernel(__n
 
     attn_load_query_tile<ATTN_TILE, HDIM>(sQ, q, b, i, g, positions, group, T, H);
     attn_load_query_tile<ATTN_TILE, HDIM>(sdO, dout, b, i, g, positions, group, T, H);
-    attn_load_key_tile<HDIM>(sK, k, b, 0, g, T, Hk);
-    attn_load_key_tile<HDIM>(sV, v, b, 0, g, T, Hk);
+    attn_load_key_tile<HDIM>(sK + (j0 & 1) * TILE, k, b, j0 * ATTN_TILE, g, T, Hk);
+    attn_load_key_tile<HDIM>(sV + (j0 & 1) * TILE, v, b, j0 * ATTN_TILE, g, T, Hk);
     cp_async_commit();
 
     uint32_t qf[KS][4];  // this warp's Q rows as A operands (its dO rows are read per use: fewer registers)
     float acc[HDIM / 8][4] = {};
-    for (int j = 0; j < n_kt; j++) {
+    for (int j = j0; j < n_kt; j++) {
         attn_stage_next_kv<HDIM>(sK, sV, k, v, b, j, n_kt, g, T, Hk);
-        if (j == 0)
+        if (j == j0)
 #pragma unroll
             for (int kk = 0; kk < KS; kk++) ldmatrix_x4(qf[kk], sQ + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
         const __nv_bfloat16* cK = sK + (j & 1) * TILE;
         const __nv_bfloat16* cV = sV + (j & 1) * TILE;
         const int key0 = j * ATTN_TILE;
-        if (!attn_all_masked(key0, w_hi)) {
+        if (!attn_all_masked(key0, key0 + ATTN_TILE - 1, w_hi, d_lo)) {
             float s[NT][4] = {}, dp[NT][4] = {};
 #pragma unroll
             for (int kk = 0; kk < KS; kk++) {
@@ -2788,12 +2837,12 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dq_kernel(__n
                     mma_bf16_16816(dp[2 * np + 1], df, vb[2], vb[3]);
                 }
             }
-            const bool mask = attn_any_masked(key0 + ATTN_TILE - 1, w_lo);
+            const bool mask = attn_any_masked(key0, key0 + ATTN_TILE - 1, w_lo, d_hi);
 #pragma unroll
             for (int n = 0; n < NT; n++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {  // s becomes dS·√hd = P ⊙ (dP − D)
-                    bool hidden = mask && key0 + n * 8 + mma_acc_col(lane, e) > t_row[e >> 1];
+                    bool hidden = mask && attn_hidden(key0 + n * 8 + mma_acc_col(lane, e), t_row[e >> 1], d_row[e >> 1]);
                     float p = hidden ? 0.f : exp2f(s[n][e] * scale_log2 - lse2[e >> 1]);
                     s[n][e] = p * (dp[n][e] - dsum[e >> 1]);
                 }
@@ -2824,7 +2873,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dkdv_kernel(_
                                                                                const __nv_bfloat16* dout, const __nv_bfloat16* q,
                                                                                const __nv_bfloat16* k, const __nv_bfloat16* v,
                                                                                const float* lse, const float* D,
-                                                                               int T, int H, int Hk, float scale_log2, float scale) {
+                                                                               const int32_t* doc, int T, int H, int Hk,
+                                                                               float scale_log2, float scale) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = BQ / 8, KTILE = ATTN_TILE * LD, QTILE = BQ * LD;
     PGOLF_DYNAMIC_SMEM(uint4, attn_smem);
     __nv_bfloat16* sK = (__nv_bfloat16*)attn_smem;
@@ -2833,27 +2883,32 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dkdv_kernel(_
     __nv_bfloat16* sdO = sQ + 2 * QTILE;
     float* sL = (float*)(sdO + 2 * QTILE);  // stage s at sL + s·BQ: lse·log2(e) of the packed rows
     float* sD = sL + 2 * BQ;                // stage s at sD + s·BQ
+    int* sS = (int*)(sD + 2 * BQ);          // stage s at sS + s·BQ: document starts of the packed rows
     const int group = H / Hk, positions = attn_tile_positions(BQ, group);
     const int j = blockIdx.x;  // key tile: the first ones see the most query tiles, so start first
     const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int n_qt = attn_query_tiles(T, positions), i0 = attn_first_query_tile(j, ATTN_TILE, positions);
+    const int i0 = attn_first_query_tile(j, ATTN_TILE, positions);
+    // query tiles up to the one holding the last position whose document starts at or before the
+    // tile's last key (all of them without documents)
+    const int n_qt = attn_query_tiles(attn_doc_positions(doc, b, j * ATTN_TILE + ATTN_TILE - 1, T), positions);
     const int kw0 = j * ATTN_TILE + warp * 16;  // this warp's first key
 
-    // lse and D of query tile i's packed rows; padding rows get lse = +∞ (so P = 0) and D = 0
-    auto load_stats = [&](float* dl, float* dd, int i) {
+    // lse, D and document start of query tile i's packed rows; padding rows get lse = +∞ (so P = 0) and D = 0
+    auto load_stats = [&](float* dl, float* dd, int* ds, int i) {
         for (int m = threadIdx.x; m < BQ; m += ATTN_THREADS) {
             int t, hoff;
             bool ok = attn_packed_row(i, m, positions, group, T, &t, &hoff);
             size_t at = ok ? attn_lse_index(b, g * group + hoff, t, T, H) : 0;
             dl[m] = ok ? lse[at] * ATTN_LOG2E : INFINITY;
             dd[m] = ok ? D[at] : 0.f;
+            ds[m] = attn_doc_start(doc, b, t, T);
         }
     };
     attn_load_key_tile<HDIM>(sK, k, b, j * ATTN_TILE, g, T, Hk);
     attn_load_key_tile<HDIM>(sV, v, b, j * ATTN_TILE, g, T, Hk);
     attn_load_query_tile<BQ, HDIM>(sQ, q, b, i0, g, positions, group, T, H);
     attn_load_query_tile<BQ, HDIM>(sdO, dout, b, i0, g, positions, group, T, H);
-    load_stats(sL, sD, i0);
+    load_stats(sL, sD, sS, i0);
     cp_async_commit();
 
     float dka[HDIM / 8][4] = {}, dva[HDIM / 8][4] = {};
@@ -2862,7 +2917,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dkdv_kernel(_
         if (i + 1 < n_qt) {
             attn_load_query_tile<BQ, HDIM>(sQ + (st ^ 1) * QTILE, q, b, i + 1, g, positions, group, T, H);
             attn_load_query_tile<BQ, HDIM>(sdO + (st ^ 1) * QTILE, dout, b, i + 1, g, positions, group, T, H);
-            load_stats(sL + (st ^ 1) * BQ, sD + (st ^ 1) * BQ, i + 1);
+            load_stats(sL + (st ^ 1) * BQ, sD + (st ^ 1) * BQ, sS + (st ^ 1) * BQ, i + 1);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -2873,9 +2928,11 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dkdv_kernel(_
         const __nv_bfloat16* cdO = sdO + st * QTILE;
         const float* cL = sL + st * BQ;
         const float* cD = sD + st * BQ;
+        const int* cS = sS + st * BQ;
         int t_lo, t_hi;
         attn_row_positions(i, 0, BQ, positions, group, &t_lo, &t_hi);
-        if (!attn_all_masked(kw0, t_hi)) {
+        const int d_lo = attn_doc_start(doc, b, t_lo, T), d_hi = attn_doc_start(doc, b, t_hi, T);
+        if (!attn_all_masked(kw0, kw0 + 15, t_hi, d_lo)) {
             float s[NT][4] = {}, dp[NT][4] = {};
 #pragma unroll
             for (int kk = 0; kk < KS; kk++) {  // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, A operands straight from shared memory
@@ -2893,13 +2950,13 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dkdv_kernel(_
                     mma_bf16_16816(dp[2 * np + 1], va, ob[2], ob[3]);
                 }
             }
-            const bool mask = attn_any_masked(kw0 + 15, t_lo);
+            const bool mask = attn_any_masked(kw0, kw0 + 15, t_lo, d_hi);
 #pragma unroll
             for (int n = 0; n < NT; n++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {  // rows are keys, columns packed query rows
                     int c = n * 8 + mma_acc_col(lane, e);
-                    bool hidden = mask && kw0 + mma_acc_row(lane, e) > i * positions + c / group;
+                    bool hidden = mask && attn_hidden(kw0 + mma_acc_row(lane, e), i * positions + c / group, cS[c]);
                     float p = hidden ? 0.f : exp2f(s[n][e] * scale_log2 - cL[c]);
                     s[n][e] = p;                      // Pᵀ
                     dp[n][e] = p * (dp[n][e] - cD[c]);  // dSᵀ·√hd
@@ -2946,7 +3003,7 @@ template <int HDIM> static size_t attn_forward_smem() { return 5 * (size_t)ATTN_
 template <int HDIM> static size_t attn_dq_smem() { return 6 * (size_t)ATTN_TILE * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16); }
 template <int HDIM> static size_t attn_dkdv_smem() {
     return (2 * (size_t)ATTN_TILE + 4 * (size_t)attn_dkdv_rows<HDIM>()) * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16) +
-           4 * (size_t)attn_dkdv_rows<HDIM>() * sizeof(float);
+           6 * (size_t)attn_dkdv_rows<HDIM>() * sizeof(float);  // lse, D and document starts, two stages
 }
 
 // Dynamic shared memory per block the attention kernels need at head dim hd: the largest of the three,
@@ -2988,7 +3045,7 @@ static void attention_check(const char* op, const void* const* ptrs, const char*
 
 template <int HDIM>
 static void attention_forward_hd(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
-                                 const __nv_bfloat16* v, int B, int T, int H, int Hk) {
+                                 const __nv_bfloat16* v, const int32_t* doc, int B, int T, int H, int Hk) {
     size_t smem = attn_forward_smem<HDIM>();
     static bool smem_set = false;  // beyond 48 KB a kernel must opt in, once per process
     if (!smem_set) {
@@ -2996,21 +3053,22 @@ static void attention_forward_hd(__nv_bfloat16* out, float* lse, const __nv_bflo
         smem_set = true;
     }
     dim3 grid(attn_query_tiles(T, attn_tile_positions(ATTN_TILE, H / Hk)), Hk, B);
-    PGOLF_LAUNCH(grid, ATTN_THREADS, smem, cuda_ctx().stream, attention_forward_kernel<HDIM>)(out, lse, q, k, v, T, H, Hk, ATTN_LOG2E / sqrtf((float)HDIM));
+    PGOLF_LAUNCH(grid, ATTN_THREADS, smem, cuda_ctx().stream, attention_forward_kernel<HDIM>)(out, lse, q, k, v, doc, T, H, Hk,
+                                                                                ATTN_LOG2E / sqrtf((float)HDIM));
     cudaCheck(cudaGetLastError());
 }
 static void attention_forward(Cuda, __nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
-                              const __nv_bfloat16* v, int B, int T, int H, int Hk, int hd) {
+                              const __nv_bfloat16* v, int B, int T, int H, int Hk, int hd, const int32_t* doc = nullptr) {
     const void* ptrs[] = {out, q, k, v};
     const char* names[] = {"out", "q", "k", "v"};
     attention_check("attention_forward", ptrs, names, 4, B, T, H, Hk, hd);
     if (B == 0 || T == 0) return;
     PROFILE_OP(OP_ATTN_FWD);
     switch (hd) {
-        case 16: attention_forward_hd<16>(out, lse, q, k, v, B, T, H, Hk); break;
-        case 32: attention_forward_hd<32>(out, lse, q, k, v, B, T, H, Hk); break;
-        case 64: attention_forward_hd<64>(out, lse, q, k, v, B, T, H, Hk); break;
-        default: attention_forward_hd<128>(out, lse, q, k, v, B, T, H, Hk); break;
+        case 16: attention_forward_hd<16>(out, lse, q, k, v, doc, B, T, H, Hk); break;
+        case 32: attention_forward_hd<32>(out, lse, q, k, v, doc, B, T, H, Hk); break;
+        case 64: attention_forward_hd<64>(out, lse, q, k, v, doc, B, T, H, Hk); break;
+        default: attention_forward_hd<128>(out, lse, q, k, v, doc, B, T, H, Hk); break;
     }
 }
 
@@ -3018,7 +3076,8 @@ static void attention_forward(Cuda, __nv_bfloat16* out, float* lse, const __nv_b
 template <int HDIM>
 static void attention_backward_hd(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                                   const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                  const __nv_bfloat16* out, const float* lse, float* D, int B, int T, int H, int Hk) {
+                                  const __nv_bfloat16* out, const float* lse, float* D, const int32_t* doc,
+                                  int B, int T, int H, int Hk) {
     constexpr int BQ = attn_dkdv_rows<HDIM>();
     size_t smem_dq = attn_dq_smem<HDIM>(), smem_kv = attn_dkdv_smem<HDIM>();
     static bool smem_set = false;
@@ -3033,15 +3092,18 @@ static void attention_backward_hd(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfl
     cudaCheck(cudaGetLastError());
     int group = H / Hk;
     dim3 grid_q(attn_query_tiles(T, attn_tile_positions(ATTN_TILE, group)), Hk, B);
-    PGOLF_LAUNCH(grid_q, ATTN_THREADS, smem_dq, g_cuda.stream, attention_backward_dq_kernel<HDIM>)(dq, dout, q, k, v, lse, D, T, H, Hk, scale_log2, scale);
+    PGOLF_LAUNCH(grid_q, ATTN_THREADS, smem_dq, g_cuda.stream, attention_backward_dq_kernel<HDIM>)(dq, dout, q, k, v, lse, D, doc, T, H, Hk,
+                                                                                     scale_log2, scale);
     cudaCheck(cudaGetLastError());
     dim3 grid_k((T + ATTN_TILE - 1) / ATTN_TILE, Hk, B);
-    PGOLF_LAUNCH(grid_k, ATTN_THREADS, smem_kv, g_cuda.stream, attention_backward_dkdv_kernel<HDIM, BQ>)(dk, dv, dout, q, k, v, lse, D, T, H, Hk, scale_log2, scale);
+    PGOLF_LAUNCH(grid_k, ATTN_THREADS, smem_kv, g_cuda.stream, attention_backward_dkdv_kernel<HDIM, BQ>)(dk, dv, dout, q, k, v, lse, D, doc, T, H,
+                                                                                           Hk, scale_log2, scale);
     cudaCheck(cudaGetLastError());
 }
 static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                                const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                               const __nv_bfloat16* out, const float* lse, int B, int T, int H, int Hk, int hd) {
+                               const __nv_bfloat16* out, const float* lse, int B, int T, int H, int Hk, int hd,
+                               const int32_t* doc = nullptr) {
     const void* ptrs[] = {dq, dk, dv, dout, q, k, v, out};
     const char* names[] = {"dq", "dk", "dv", "dout", "q", "k", "v", "out"};
     attention_check("attention_backward", ptrs, names, 8, B, T, H, Hk, hd);
@@ -3050,11 +3112,44 @@ static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_
     float* D = nullptr;
     scratch_carve([&](Arena& a) { D = a.take<float>((size_t)B * H * T); });
     switch (hd) {
-        case 16: attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, D, B, T, H, Hk); break;
-        case 32: attention_backward_hd<32>(dq, dk, dv, dout, q, k, v, out, lse, D, B, T, H, Hk); break;
-        case 64: attention_backward_hd<64>(dq, dk, dv, dout, q, k, v, out, lse, D, B, T, H, Hk); break;
-        default: attention_backward_hd<128>(dq, dk, dv, dout, q, k, v, out, lse, D, B, T, H, Hk); break;
+        case 16: attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk); break;
+        case 32: attention_backward_hd<32>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk); break;
+        case 64: attention_backward_hd<64>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk); break;
+        default: attention_backward_hd<128>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk); break;
     }
+}
+
+// doc[b·T + t] (document_starts(Cpu<T>) above): one block per row; each thread finds the last BOS of its
+// chunk of positions, a max-scan over the chunks carries the last BOS before each chunk into it.
+static constexpr int DOC_THREADS = 256;
+__global__ void document_starts_kernel(int32_t* doc, const int32_t* tokens, int T, int bos) {
+    __shared__ int last[DOC_THREADS];
+    const int32_t* row = tokens + (size_t)blockIdx.x * T;
+    int32_t* out = doc + (size_t)blockIdx.x * T;
+    const int chunk = (T + DOC_THREADS - 1) / DOC_THREADS;
+    const int t0 = threadIdx.x * chunk;
+    const int t1 = t0 + chunk < T ? t0 + chunk : T;
+    int mine = 0;  // positions grow with the chunk: the max over chunks is the last BOS
+    for (int t = t0; t < t1; t++)
+        if (row[t] == bos) mine = t;
+    last[threadIdx.x] = mine;
+    __syncthreads();
+    for (int off = 1; off < DOC_THREADS; off *= 2) {  // inclusive max-scan (Hillis–Steele)
+        int other = threadIdx.x >= (unsigned)off ? last[threadIdx.x - off] : 0;
+        __syncthreads();
+        if (other > last[threadIdx.x]) last[threadIdx.x] = other;
+        __syncthreads();
+    }
+    int start = threadIdx.x > 0 ? last[threadIdx.x - 1] : 0;
+    for (int t = t0; t < t1; t++) {
+        if (row[t] == bos) start = t;
+        out[t] = start;
+    }
+}
+static void document_starts(Cuda, int32_t* doc, const int32_t* tokens, int B, int T) {
+    if (B <= 0 || T <= 0) return;
+    PGOLF_LAUNCH(B, DOC_THREADS, 0, cuda_ctx().stream, document_starts_kernel)(doc, tokens, T, BOS_ID);
+    cudaCheck(cudaGetLastError());
 }
 #endif
 
@@ -3596,6 +3691,7 @@ template <class D> struct Acts {
     using A = typename D::act; using S = typename D::stat;
     int B = 0, T = 0;                       // capacity
     int32_t *inputs, *targets, *bigram_idx;
+    int32_t* doc_start;                     // [B·T] first key each position sees (VARLEN_ATTN; else null)
     float* loss_weights;                    // dloss/dnll per position (null: no backward)
     A *e_tok, *bigram_h, *bigram_p, *e, *xn0, *x0, *hf, *logits;
     S *r0, *rf, *losses;
@@ -3610,6 +3706,7 @@ template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c
     size_t N = (size_t)B * T, Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden(), H = c.num_heads, Hk = c.num_kv_heads;
     a.B = B; a.T = T;
     a.inputs = ar.take<int32_t>(N); a.targets = ar.take<int32_t>(N); a.bigram_idx = ar.take<int32_t>(N);
+    a.doc_start = c.varlen_attn ? ar.take<int32_t>(N) : nullptr;
     a.loss_weights = ar.take<float>(N);
     a.e_tok = ar.take<A>(N * Dm);
     a.bigram_h = c.bigram_vocab_size ? ar.take<A>(N * c.bigram_dim) : nullptr;
@@ -3787,6 +3884,7 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
     }
     rmsnorm_forward(dev, a.xn0, a.r0, e, N, Dm);
     if (c.smear) smear_forward(dev, a.x0, a.xn0, W.smear_gate, N, T, Dm);
+    if (a.doc_start) document_starts(dev, a.doc_start, a.inputs, B, T);  // VARLEN_ATTN: every layer's mask
     // blocks, with U-Net skips from the first half into the second
     int enc = c.num_encoder_layers();
     for (int l = 0; l < c.num_layers; l++) {
@@ -3807,7 +3905,7 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
         lora_forward(dev, lo, LORA_V, l, L.v, L.n1, T);
         qk_norm_rope_forward(dev, L.qr, L.qrs, L.q, LW.q_gain, N, T, H, hd, c.rotary_dims(), c.rope_base);
         qk_norm_rope_forward(dev, L.kr, L.krs, L.k, (const typename D::vec*)nullptr, N, T, Hk, hd, c.rotary_dims(), c.rope_base);
-        attention_forward(dev, L.ya, L.lse, L.qr, L.kr, L.v, B, T, H, Hk, hd);
+        attention_forward(dev, L.ya, L.lse, L.qr, L.kr, L.v, B, T, H, Hk, hd, a.doc_start);
         if (layer_has_xsa(c, l)) xsa_forward(dev, L.y, L.ya, L.v, N, H, Hk, hd);
         matmul_forward(dev, L.a, L.y, LW.attn_proj, N, Dm, Dm);
         lora_forward(dev, lo, LORA_O, l, L.a, L.y, T);
@@ -3876,7 +3974,7 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
         A* dya = a.dy;
         if (layer_has_xsa(c, l)) { zero(a.dya, ND); xsa_backward(dev, a.dya, a.dv, a.dy, L.ya, L.v, N, H, Hk, hd); dya = a.dya; }
         zero(a.dqr, ND); zero(a.dkr, NKV);
-        attention_backward(dev, a.dqr, a.dkr, a.dv, dya, L.qr, L.kr, L.v, L.ya, L.lse, B, T, H, Hk, hd);
+        attention_backward(dev, a.dqr, a.dkr, a.dv, dya, L.qr, L.kr, L.v, L.ya, L.lse, B, T, H, Hk, hd, a.doc_start);
         zero(a.dq, ND); zero(a.dk, NKV);
         qk_norm_rope_backward(dev, a.dq, LG.q_gain, a.dqr, L.q, L.qrs, LW.q_gain, N, T, H, hd, c.rotary_dims(), c.rope_base);
         qk_norm_rope_backward(dev, a.dk, (typename D::grad*)nullptr, a.dkr, L.k, L.krs, (const typename D::vec*)nullptr,
@@ -6708,9 +6806,15 @@ static void qk_norm_rope_backward(Cost, CostBf16*, float* dgain, const CostBf16*
         cost_add(OP_ELEMENTWISE, "column_sums_add", 0, (double)chunks * nh * F32 + 2.0 * nh * F32);
     }
 }
+// document_starts (VARLEN_ATTN): one kernel, reads the tokens and writes one int per position
+static void document_starts(Cost, int32_t*, const int32_t*, int B, int T) {
+    if ((size_t)B * T > 0) cost_add(OP_ELEMENTWISE, "document_starts", 0, 2.0 * B * T * sizeof(int32_t));
+}
 // Tile pairs one (sequence, kv head) of attention_forward_kernel visits: query tiles of 64 packed rows
 // (64/group positions × the group's heads, attn_tile_positions) × key tiles of 64 keys up to the tile's
 // last position (attn_key_tiles). Masked parts of diagonal tiles are computed too: this counts them.
+// Under VARLEN_ATTN the kernels also skip the key tiles before each query tile's documents, which depends
+// on the data: this counts the dense causal pairs, the most a step can take (documents as long as rows).
 static const int COST_ATTN_TILE = 64;  // ATTN_TILE
 static double cost_attn_tile_pairs(int T, int H, int Hk) {
     int group = H / Hk, positions = COST_ATTN_TILE / group;
@@ -6727,7 +6831,7 @@ static double cost_attn_flops(int B, int T, int H, int Hk, int hd, int products)
 }
 // attention_forward: attention_forward_kernel, S = QKᵀ and O = PV (2 products); reads Q, K, V, writes O, lse
 static void attention_forward(Cost, CostBf16*, float*, const CostBf16*, const CostBf16*, const CostBf16*,
-                              int B, int T, int H, int Hk, int hd) {
+                              int B, int T, int H, int Hk, int hd, const int32_t* = nullptr) {
     if (B == 0 || T == 0) return;
     double q = (double)B * T * H * hd * BF, kv = (double)B * T * Hk * hd * BF, lse = (double)B * T * H * F32;
     cost_add(OP_ATTN_FWD, "attention_forward", cost_attn_flops(B, T, H, Hk, hd, 2), 2 * q + 2 * kv + lse);
@@ -6736,7 +6840,8 @@ static void attention_forward(Cost, CostBf16*, float*, const CostBf16*, const Co
 // (S, dP = dO·Vᵀ, dQ += dS·K: 3 products); attention_backward_dkdv_kernel (S, dP, dV += Pᵀ·dO, dK += dSᵀ·Q:
 // 4 products, over the same tile pairs)
 static void attention_backward(Cost, CostBf16*, CostBf16*, CostBf16*, const CostBf16*, const CostBf16*, const CostBf16*,
-                               const CostBf16*, const CostBf16*, const float*, int B, int T, int H, int Hk, int hd) {
+                               const CostBf16*, const CostBf16*, const float*, int B, int T, int H, int Hk, int hd,
+                               const int32_t* = nullptr) {
     if (B == 0 || T == 0) return;
     double q = (double)B * T * H * hd * BF, kv = (double)B * T * Hk * hd * BF, row = (double)B * T * H * F32;
     cost_add(OP_ATTN_BWD, "attention_backward_rowdot", 0, 2 * q + row);
