@@ -2390,8 +2390,8 @@ template <class T> static void attention_forward(Cpu<T>, T* out, T* lse, const T
 }
 // P from S and lse; dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ O)); dQ = dS K/√hd; dK = dSᵀ Q/√hd; dV = Pᵀ dO.
 template <class T> static void attention_backward(Cpu<T>, T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k,
-                                                   const T* v, const T* out, const T* lse, int B, int T_, int H, int Hk, int hd,
-                                                   const int32_t* doc = nullptr) {
+                                                   const T* v, const T* out, const T* lse, int B, int T_, int H, int Hk,
+                                                   int hd, const int32_t* doc = nullptr) {
     T scale = T(1) / std::sqrt(T(hd));
     int group = H / Hk;
     #pragma omp parallel for collapse(2)
@@ -2437,37 +2437,50 @@ template <class T> static void attention_backward(Cpu<T>, T* dq, T* dk, T* dv, c
 // memory: a block keeps one tile of rows in shared memory and streams the other side through it
 // in tiles, with the softmax statistics in fp32 registers (online softmax, FlashAttention-2).
 //
-// Every kernel: 4 warps, 16 tile rows per warp, bf16 mma.sync.m16n8k16 with fp32 accumulators
-// (the tensor-core instruction common to sm_80..sm_90, through inline PTX so that the fragment
-// layouts are explicit and checked on the CPU below), operands loaded from shared memory with
-// ldmatrix, tiles copied in with cp.async, double-buffered.
-//   forward  block = one tile of 64 packed query rows; visits 64-key tiles up to the diagonal;
-//            out = P·V / l and lse = max + log l, kept online.
+// Every kernel: 4 warps, bf16 mma.sync.m16n8k16 with fp32 accumulators (the tensor-core
+// instruction common to sm_80..sm_90, through inline PTX so that the fragment layouts are explicit
+// and checked on the CPU below), operands loaded from shared memory with ldmatrix, tiles copied in
+// with cp.async, double-buffered. All launches go to the context stream, scratch comes from the
+// ops' arena (a step can be captured as a CUDA graph).
+//   forward  block = one tile of 128 packed query rows, 32 per warp (64 and 16 at hd 128); visits
+//            64-key tiles up to the diagonal; out = P·V / l and lse = max + log l, kept online.
 //   backward (1) D = rowsum(dO ⊙ O) per (b, h, t) into a scratch buffer;
-//            (2) dQ: block = 64 packed query rows; visits key tiles, recomputes S and dP;
-//            (3) dK, dV: block = 64 keys of one kv head; visits the packed query tiles that see
-//                them. Each output element belongs to one thread and sums its terms in a fixed
-//                order: no atomics, so two runs give bit-identical gradients.
-// GQA packing: a query tile holds all `group = H/Hk` query heads of one kv head for 64/group
+//            (2) dQ: block = 64 packed query rows, 16 per warp; visits key tiles, recomputes S, dP;
+//            (3) dK, dV: block = 64 keys of one kv head, 3 blocks per SM; visits the packed query
+//                tiles that see them. Each output element belongs to one thread and sums its terms
+//                in a fixed order: no atomics, so two runs give bit-identical gradients.
+// GQA packing: a query tile holds all `group = H/Hk` query heads of one kv head for rows/group
 // consecutive positions, packed row m = (position t0 + m/group, head g·group + m%group). The
 // heads of a group are adjacent in q's [B,T,H,hd] layout; the group's K/V tiles are loaded once
 // for all its heads, and dK/dV sum over the heads inside one accumulator.
+// Documents (VARLEN_ATTN): doc[b·T + t] holds the start of t's document; a query tile starts at the
+// key tile of its first position's document, a key tile stops at the query tile of the last position
+// whose document starts at or before its last key, and tiles a warp's rows cannot see are skipped,
+// so a ragged boundary costs the masked part of at most one tile pair per warp and boundary.
 //
 // Performance, hd 64, per GPU at the thwu1 shape (B·T = 98,304 tokens, H 8, Hk 4, T 2048, 10
 // layers): the causal forward is 2 products of B·H·T²·hd FLOPs each ≈ 0.21 TFLOP a layer; the
 // backward does 7 such products where FlashAttention-2 does 5 (the dQ pass recomputes S and dP:
-// the price of determinism without atomics) ≈ 0.72 TFLOP. Unmeasured estimate: mma.sync kernels
-// of this shape run at roughly 250–350 TFLOP/s on an H100 (FlashAttention-2's range; wgmma-based
-// FlashAttention-3 passes 500), so at 250 a layer costs ≈ 0.8 ms forward + 2.9 ms backward, ≈ 37
-// ms a step, most of a 45 ms step at 45% MFU. Next, in order: (a) measure; try 128-row query
-// tiles with 8 warps (half the shared-memory reads of K and V per FLOP) and the dK/dV kernel at
-// 3 blocks per SM; (b) a deterministic dQ without the second pass: the dK/dV kernel adds each key
-// tile's share of dQ into an fp32 buffer in key-tile order, serialized by a per-query-tile counter
-// (FlashAttention-3's deterministic mode): 5 products instead of 7; (c) Hopper wgmma fed by TMA
-// with a producer warp (FlashAttention-3's design), the way past 500 TFLOP/s.
+// the price of determinism without atomics) ≈ 0.72 TFLOP. Rates the design should reach (no GPU
+// has timed it; the cost model, section 13, uses them): an H100 SM issues one m16n8k16 (4,096
+// FLOPs) per clock at the 989 TFLOP/s peak and reads 128 B of shared memory per clock. One
+// ldmatrix.x4 of K or V (512 B, 4 clocks) feeds one mma per 16-row slab it is used for, twice per
+// fragment: at 16 rows per warp the forward was shared-memory bound at 50% of peak; at 32 rows
+// (the 128 × 64 tiles with 4 warps of FlashAttention-2's hd-64 forward) the bound is the tensor
+// core, and the kernel should reach FlashAttention-2's rate: ~335–350 TFLOP/s non-causal at hd 64
+// (FlashAttention-3 paper, H100 benchmarks), of which we assume 85% for a simpler pipeline and the
+// causal diagonal: 0.30 of peak, ≈ 0.7 ms a layer. ptxas (sm_90): 255 registers, no spills: 2 blocks
+// per SM. The backward should reach FlashAttention-2's backward class, ~200 TFLOP/s issued (0.20;
+// its 7 products ≈ 3.6 ms a layer). The dK/dV kernel holds 168 registers at 3 blocks per SM.
+// Not done: 5 products. FlashAttention-2 adds dQ with fp32 atomics (not deterministic); FA3's
+// deterministic mode orders the key tiles' dQ adds with a per-query-tile counter that blocks spin on,
+// which the tests' emulator (blocks one after another, in a random order) cannot run; per-key-tile
+// partial dQ buffers cost 2 × 16 KB of HBM per tile pair (≈ 6.6 GB a layer here), more than the two
+// products they save. Next: (a) measure; (b) an ordered dQ (the counter above) once the emulator can
+// interleave blocks; (c) Hopper wgmma fed by TMA with a producer warp (FlashAttention-3), past 500.
 
-static constexpr int ATTN_TILE = 64;      // packed query rows per query tile, keys per key tile
-static constexpr int ATTN_THREADS = 128;  // 4 warps × 16 rows
+static constexpr int ATTN_TILE = 64;      // keys per key tile; packed query rows per dQ tile
+static constexpr int ATTN_THREADS = 128;  // 4 warps
 static constexpr int ATTN_PAD = 8;        // bf16 of padding per shared-memory row (see below)
 static constexpr float ATTN_LOG2E = 1.4426950408889634f, ATTN_LN2 = 0.6931471805599453f;
 // Shared tiles are row-major with rows of hd + 8 bf16: an ldmatrix phase reads 8 rows of 16 bytes,
@@ -2500,8 +2513,12 @@ HD static inline int attn_first_query_tile(int j, int keys, int positions) { ret
 // (document starts never decrease along a row; 0 without VARLEN_ATTN): a key is hidden from position t
 // when key > t or key < t's document start. All hidden: the pair of tiles is skipped (for a ragged
 // document boundary, the key tiles wholly before it). None hidden: no mask needed.
-HD static inline bool attn_all_masked(int key_lo, int key_hi, int t_hi, int d_lo) { return key_lo > t_hi || key_hi < d_lo; }
-HD static inline bool attn_any_masked(int key_lo, int key_hi, int t_lo, int d_hi) { return key_hi > t_lo || key_lo < d_hi; }
+HD static inline bool attn_all_masked(int key_lo, int key_hi, int t_hi, int d_lo) {
+    return key_lo > t_hi || key_hi < d_lo;
+}
+HD static inline bool attn_any_masked(int key_lo, int key_hi, int t_lo, int d_hi) {
+    return key_hi > t_lo || key_lo < d_hi;
+}
 HD static inline bool attn_hidden(int key, int t, int d) { return key > t || key < d; }
 // Document start of position t of row b (t clamped into the row: padding rows); 0 without documents.
 HD static inline int attn_doc_start(const int32_t* doc, int b, int t, int T) {
@@ -2530,6 +2547,8 @@ HD static inline size_t attn_row_lse_index(size_t r, int T, int H) {
 
 // mma.sync.m16n8k16 fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane l holds the
 // accumulator elements e = 0..3 at row l/4 + 8·(e/2), column 2·(l%4) + e%2 of the 16×8 tile.
+// Blocks per SM the dK/dV kernel is built for (its launch bounds): 3 at hd ≤ 64, 2 at hd 128.
+HD constexpr int attn_dkdv_blocks_per_sm(int hd) { return hd <= 64 ? 3 : 2; }
 HD static inline int mma_acc_row(int lane, int e) { return (lane >> 2) + (e >> 1) * 8; }
 HD static inline int mma_acc_col(int lane, int e) { return (lane & 3) * 2 + (e & 1); }
 // ldmatrix.x4: lane l gives the address of row l%8 of 8×8 matrix l/8, and receives register j from
@@ -2607,24 +2626,37 @@ __device__ static inline void attn_load_key_tile(__nv_bfloat16* dst, const __nv_
     }
 }
 
-// acc += S·X for one warp's 16 rows: S holds the warp's 16 × ATTN_TILE scores (P or dS) in the
-// accumulator layout, X is a key tile [ATTN_TILE keys, HDIM] in shared memory (V or K); 16 keys at a time.
-template <int HDIM>
-__device__ static inline void attn_mma_rows_by_tile(float (&acc)[HDIM / 8][4], const float (&s)[ATTN_TILE / 8][4],
-                                                    const __nv_bfloat16* X, int lane) {
+// acc += S·X for one warp's MW slabs of 16 rows: S holds each slab's 16 × ATTN_TILE scores (P or dS) in
+// the accumulator layout, X is a key tile [ATTN_TILE keys, HDIM] in shared memory (V or K); 16 keys at a
+// time. Each fragment of X is loaded once for all MW slabs.
+template <int HDIM, int MW>
+__device__ static inline void attn_mma_slabs_by_tile(float (&acc)[MW][HDIM / 8][4],
+                                                     const float (&s)[MW][ATTN_TILE / 8][4], const __nv_bfloat16* X,
+                                                     int lane) {
     constexpr int LD = HDIM + ATTN_PAD;
 #pragma unroll
     for (int kk = 0; kk < ATTN_TILE / 16; kk++) {
-        uint32_t a[4];
-        acc_to_a(a, s[2 * kk], s[2 * kk + 1]);
+        uint32_t a[MW][4];
+#pragma unroll
+        for (int mw = 0; mw < MW; mw++) acc_to_a(a[mw], s[mw][2 * kk], s[mw][2 * kk + 1]);
 #pragma unroll
         for (int d = 0; d < HDIM / 16; d++) {
             uint32_t b[4];
             ldmatrix_x4_trans(b, X + (kk * 16 + ldsm_a_row(lane)) * LD + d * 16 + ldsm_a_col(lane));
-            mma_bf16_16816(acc[2 * d], a, b[0], b[1]);
-            mma_bf16_16816(acc[2 * d + 1], a, b[2], b[3]);
+#pragma unroll
+            for (int mw = 0; mw < MW; mw++) {
+                mma_bf16_16816(acc[mw][2 * d], a[mw], b[0], b[1]);
+                mma_bf16_16816(acc[mw][2 * d + 1], a[mw], b[2], b[3]);
+            }
         }
     }
+}
+// The same for one slab (the dQ kernel's 16 rows per warp).
+template <int HDIM>
+__device__ static inline void attn_mma_rows_by_tile(float (&acc)[HDIM / 8][4], const float (&s)[ATTN_TILE / 8][4],
+                                                    const __nv_bfloat16* X, int lane) {
+    attn_mma_slabs_by_tile<HDIM, 1>(reinterpret_cast<float(&)[1][HDIM / 8][4]>(acc),
+                                    reinterpret_cast<const float(&)[1][ATTN_TILE / 8][4]>(s), X, lane);
 }
 // Double buffering over key tiles: start copying key/value tile j+1 into the other stage, then wait
 // until tile j (in stage j & 1) has landed for every thread.
@@ -2643,111 +2675,140 @@ __device__ static inline void attn_stage_next_kv(__nv_bfloat16* sK, __nv_bfloat1
     __syncthreads();
 }
 
-// Forward. Grid (query tiles, Hk, B). Shared: Q tile, two stages of K and V tiles.
-template <int HDIM>
+// Forward. Grid (query tiles, Hk, B). Shared: Q tile of 64·MW packed rows, two stages of K and V tiles.
+// Each warp owns MW slabs of 16 query rows (attn_forward_slabs): every K and V fragment it loads from
+// shared memory feeds MW mma.sync, so at MW = 2 (32 rows per warp) a tile pair reads half the shared
+// memory per FLOP of MW = 1, and each block streams K and V once for twice the query rows.
+template <int HDIM, int MW>
 __global__ void __launch_bounds__(ATTN_THREADS) attention_forward_kernel(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q,
                                                                          const __nv_bfloat16* k, const __nv_bfloat16* v,
                                                                          const int32_t* doc, int T, int H, int Hk,
                                                                          float scale_log2) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = ATTN_TILE / 8, TILE = ATTN_TILE * LD;
+    constexpr int WR = 16 * MW, QROWS = 4 * WR;  // rows per warp, per block
     PGOLF_DYNAMIC_SMEM(uint4, attn_smem);  // uint4: 16-byte aligned for cp.async and ldmatrix
     __nv_bfloat16* sQ = (__nv_bfloat16*)attn_smem;
-    __nv_bfloat16* sK = sQ + TILE;      // stage s at sK + s·TILE
+    __nv_bfloat16* sK = sQ + QROWS * LD;  // stage s at sK + s·TILE
     __nv_bfloat16* sV = sK + 2 * TILE;
-    const int group = H / Hk, positions = attn_tile_positions(ATTN_TILE, group);
+    const int group = H / Hk, positions = attn_tile_positions(QROWS, group);
     const int i = gridDim.x - 1 - blockIdx.x;  // the longest (last) query tiles start first
     const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int n_kt = attn_key_tiles(i, positions, T, ATTN_TILE);
     const int j0 = attn_doc_start(doc, b, i * positions, T) / ATTN_TILE;  // key tiles before the tile's documents
-    int w_lo, w_hi;  // positions of this warp's 16 rows
-    attn_row_positions(i, warp * 16, 16, positions, group, &w_lo, &w_hi);
+    int w_lo, w_hi;  // positions of this warp's rows
+    attn_row_positions(i, warp * WR, WR, positions, group, &w_lo, &w_hi);
     const int d_lo = attn_doc_start(doc, b, w_lo, T), d_hi = attn_doc_start(doc, b, w_hi, T);
-    int t_row[2], hoff[2], d_row[2];  // this thread's two rows: accumulator elements 0,1 and 2,3
-    bool valid[2];
+    int t_row[MW][2], hoff[MW][2], d_row[MW][2];  // this thread's rows: accumulator elements 0,1 and 2,3 of each slab
+    bool valid[MW][2];
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        valid[r] = attn_packed_row(i, warp * 16 + mma_acc_row(lane, 2 * r), positions, group, T, &t_row[r], &hoff[r]);
-        d_row[r] = attn_doc_start(doc, b, t_row[r], T);
-    }
+    for (int mw = 0; mw < MW; mw++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            int m = warp * WR + mw * 16 + mma_acc_row(lane, 2 * r);
+            valid[mw][r] = attn_packed_row(i, m, positions, group, T, &t_row[mw][r], &hoff[mw][r]);
+            d_row[mw][r] = attn_doc_start(doc, b, t_row[mw][r], T);
+        }
 
-    attn_load_query_tile<ATTN_TILE, HDIM>(sQ, q, b, i, g, positions, group, T, H);
+    attn_load_query_tile<QROWS, HDIM>(sQ, q, b, i, g, positions, group, T, H);
     attn_load_key_tile<HDIM>(sK + (j0 & 1) * TILE, k, b, j0 * ATTN_TILE, g, T, Hk);
     attn_load_key_tile<HDIM>(sV + (j0 & 1) * TILE, v, b, j0 * ATTN_TILE, g, T, Hk);
     cp_async_commit();
 
-    uint32_t qf[KS][4];                       // this warp's 16 query rows as A operands
-    float o[HDIM / 8][4] = {};                  // unnormalized output rows
-    float m_run[2] = {-INFINITY, -INFINITY};  // running max of the scaled scores (log2 units)
-    float l_run[2] = {0.f, 0.f};              // running Σ exp2(s − m), this thread's columns only
+    uint32_t qf[MW][KS][4];                  // this warp's query rows as A operands
+    float o[MW][HDIM / 8][4] = {};           // unnormalized output rows
+    float m_run[MW][2], l_run[MW][2];        // running max of the scaled scores (log2 units); Σ exp2(s − m),
+#pragma unroll                               // this thread's columns only
+    for (int mw = 0; mw < MW; mw++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            m_run[mw][r] = -INFINITY;
+            l_run[mw][r] = 0.f;
+        }
     for (int j = j0; j < n_kt; j++) {
         attn_stage_next_kv<HDIM>(sK, sV, k, v, b, j, n_kt, g, T, Hk);
         if (j == j0)
 #pragma unroll
-            for (int kk = 0; kk < KS; kk++) ldmatrix_x4(qf[kk], sQ + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
+            for (int mw = 0; mw < MW; mw++)
+#pragma unroll
+                for (int kk = 0; kk < KS; kk++)
+                    ldmatrix_x4(qf[mw][kk],
+                                sQ + (warp * WR + mw * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
         const __nv_bfloat16* cK = sK + (j & 1) * TILE;
         const __nv_bfloat16* cV = sV + (j & 1) * TILE;
         const int key0 = j * ATTN_TILE;
         if (!attn_all_masked(key0, key0 + ATTN_TILE - 1, w_hi, d_lo)) {  // warp-uniform: a hidden tile changes nothing
-            float s[NT][4] = {};
+            float s[MW][NT][4] = {};
 #pragma unroll
             for (int kk = 0; kk < KS; kk++)
 #pragma unroll
                 for (int np = 0; np < NT / 2; np++) {  // S = Q·Kᵀ, 16 keys at a time
                     uint32_t kb[4];
                     ldmatrix_x4(kb, cK + (np * 16 + ldsm_b_row(lane)) * LD + kk * 16 + ldsm_b_col(lane));
-                    mma_bf16_16816(s[2 * np], qf[kk], kb[0], kb[1]);
-                    mma_bf16_16816(s[2 * np + 1], qf[kk], kb[2], kb[3]);
+#pragma unroll
+                    for (int mw = 0; mw < MW; mw++) {
+                        mma_bf16_16816(s[mw][2 * np], qf[mw][kk], kb[0], kb[1]);
+                        mma_bf16_16816(s[mw][2 * np + 1], qf[mw][kk], kb[2], kb[3]);
+                    }
                 }
             const bool mask = attn_any_masked(key0, key0 + ATTN_TILE - 1, w_lo, d_hi);
-            float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-            for (int n = 0; n < NT; n++)
+            for (int mw = 0; mw < MW; mw++) {
+                float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    float x = s[n][e] * scale_log2;
-                    if (mask && attn_hidden(key0 + n * 8 + mma_acc_col(lane, e), t_row[e >> 1], d_row[e >> 1])) x = -INFINITY;
-                    s[n][e] = x;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                for (int n = 0; n < NT; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        float x = s[mw][n][e] * scale_log2;
+                        int key = key0 + n * 8 + mma_acc_col(lane, e);
+                        if (mask && attn_hidden(key, t_row[mw][e >> 1], d_row[mw][e >> 1])) x = -INFINITY;
+                        s[mw][n][e] = x;
+                        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                    }
+                float corr[2], m_use[2];
+#pragma unroll
+                for (int r = 0; r < 2; r++) {  // the 4 lanes of a quad share a row
+                    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                    float m_new = fmaxf(m_run[mw][r], mx[r]);
+                    m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet stays at 0
+                    corr[r] = exp2f(m_run[mw][r] - m_use[r]);
+                    m_run[mw][r] = m_new;
+                    l_run[mw][r] *= corr[r];
                 }
-            float corr[2], m_use[2];
 #pragma unroll
-            for (int r = 0; r < 2; r++) {  // the 4 lanes of a quad share a row
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-                float m_new = fmaxf(m_run[r], mx[r]);
-                m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet stays at 0
-                corr[r] = exp2f(m_run[r] - m_use[r]);
-                m_run[r] = m_new;
-                l_run[r] *= corr[r];
+                for (int n = 0; n < NT; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        s[mw][n][e] = exp2f(s[mw][n][e] - m_use[e >> 1]);
+                        l_run[mw][e >> 1] += s[mw][n][e];
+                    }
+#pragma unroll
+                for (int n = 0; n < HDIM / 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) o[mw][n][e] *= corr[e >> 1];
             }
-#pragma unroll
-            for (int n = 0; n < NT; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    s[n][e] = exp2f(s[n][e] - m_use[e >> 1]);
-                    l_run[e >> 1] += s[n][e];
-                }
-#pragma unroll
-            for (int n = 0; n < HDIM / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) o[n][e] *= corr[e >> 1];
-            attn_mma_rows_by_tile<HDIM>(o, s, cV, lane);  // O += P·V
+            attn_mma_slabs_by_tile<HDIM, MW>(o, s, cV, lane);  // O += P·V
         }
         __syncthreads();  // every warp is done with this stage before it is refilled
     }
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
-        l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
-        if (!valid[r]) continue;
-        int h = g * group + hoff[r];
-        float inv = 1.f / l_run[r];  // ≥ 1: the row's maximum contributes exp2(0)
-        __nv_bfloat16* orow = out + attn_index(b, t_row[r], h, T, H, HDIM);
+    for (int mw = 0; mw < MW; mw++)
 #pragma unroll
-        for (int n = 0; n < HDIM / 8; n++)
-            *(uint32_t*)(orow + n * 8 + mma_acc_col(lane, 0)) = pack_bf16(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
-        if ((lane & 3) == 0) lse[attn_lse_index(b, h, t_row[r], T, H)] = (m_run[r] + log2f(l_run[r])) * ATTN_LN2;
-    }
+        for (int r = 0; r < 2; r++) {
+            float l = l_run[mw][r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            if (!valid[mw][r]) continue;
+            int h = g * group + hoff[mw][r];
+            float inv = 1.f / l;  // ≥ 1: the row's maximum contributes exp2(0)
+            __nv_bfloat16* orow = out + attn_index(b, t_row[mw][r], h, T, H, HDIM);
+#pragma unroll
+            for (int n = 0; n < HDIM / 8; n++) {
+                uint32_t pair = pack_bf16(o[mw][n][2 * r] * inv, o[mw][n][2 * r + 1] * inv);
+                *(uint32_t*)(orow + n * 8 + mma_acc_col(lane, 0)) = pair;
+            }
+            if ((lane & 3) == 0) lse[attn_lse_index(b, h, t_row[mw][r], T, H)] = (m_run[mw][r] + log2f(l)) * ATTN_LN2;
+        }
 }
 
 // Backward (1): D[b,h,t] = Σ_i dO·O, one row per HDIM/8 lanes, 16 bytes each, reduced by shuffles.
@@ -2842,7 +2903,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dq_kernel(__n
             for (int n = 0; n < NT; n++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {  // s becomes dS·√hd = P ⊙ (dP − D)
-                    bool hidden = mask && attn_hidden(key0 + n * 8 + mma_acc_col(lane, e), t_row[e >> 1], d_row[e >> 1]);
+                    int key = key0 + n * 8 + mma_acc_col(lane, e);
+                    bool hidden = mask && attn_hidden(key, t_row[e >> 1], d_row[e >> 1]);
                     float p = hidden ? 0.f : exp2f(s[n][e] * scale_log2 - lse2[e >> 1]);
                     s[n][e] = p * (dp[n][e] - dsum[e >> 1]);
                 }
@@ -2867,14 +2929,17 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dq_kernel(__n
 // Backward (3): dV += Pᵀ·dO and dK += dSᵀ·Q/√hd for one tile of 64 keys of kv head g, summed over
 // every packed query row (all heads of the group) at or after the keys. Each warp owns 16 keys and
 // works on transposed tiles (Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ), so its sums stay in its own registers.
-// Grid (key tiles, Hk, B). Shared: K, V tiles, two stages of Q, dO tiles and their lse, D.
+// Grid (key tiles, Hk, B). Shared: K, V tiles, two stages of Q, dO tiles and their lse, D, document starts.
+// Occupancy: 3 blocks per SM at hd ≤ 64 (launch bounds cap registers at 65,536 / (3·128) = 170 per
+// thread; shared memory 56,832 B per block at hd 64, 170 KB for three of sm_90's 227 KB), 2 at hd 128.
 template <int HDIM, int BQ>
-__global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
-                                                                               const __nv_bfloat16* dout, const __nv_bfloat16* q,
-                                                                               const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                                                               const float* lse, const float* D,
-                                                                               const int32_t* doc, int T, int H, int Hk,
-                                                                               float scale_log2, float scale) {
+__global__ void __launch_bounds__(ATTN_THREADS, attn_dkdv_blocks_per_sm(HDIM))
+attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
+                               const __nv_bfloat16* dout, const __nv_bfloat16* q,
+                               const __nv_bfloat16* k, const __nv_bfloat16* v,
+                               const float* lse, const float* D,
+                               const int32_t* doc, int T, int H, int Hk,
+                               float scale_log2, float scale) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = BQ / 8, KTILE = ATTN_TILE * LD, QTILE = BQ * LD;
     PGOLF_DYNAMIC_SMEM(uint4, attn_smem);
     __nv_bfloat16* sK = (__nv_bfloat16*)attn_smem;
@@ -2999,7 +3064,13 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dkdv_kernel(_
 
 // Query rows per dK/dV query tile: 64, or 32 at hd 128 to keep dK, dV, Sᵀ, dPᵀ in registers.
 template <int HDIM> static constexpr int attn_dkdv_rows() { return HDIM <= 64 ? 64 : 32; }
-template <int HDIM> static size_t attn_forward_smem() { return 5 * (size_t)ATTN_TILE * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16); }
+// 16-row slabs per warp in the forward: 2 (32 query rows per warp, 128 per block), 1 at hd 128, where two
+// slabs' O and Q fragments (2·(64 + 32) registers) would spill.
+template <int HDIM> static constexpr int attn_forward_slabs() { return HDIM <= 64 ? 2 : 1; }
+HD static inline int attn_forward_rows(int hd) { return hd <= 64 ? 128 : 64; }  // packed query rows per block
+template <int HDIM> static size_t attn_forward_smem() {
+    return ((size_t)attn_forward_rows(HDIM) + 4 * (size_t)ATTN_TILE) * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16);
+}
 template <int HDIM> static size_t attn_dq_smem() { return 6 * (size_t)ATTN_TILE * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16); }
 template <int HDIM> static size_t attn_dkdv_smem() {
     return (2 * (size_t)ATTN_TILE + 4 * (size_t)attn_dkdv_rows<HDIM>()) * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16) +
@@ -3046,19 +3117,23 @@ static void attention_check(const char* op, const void* const* ptrs, const char*
 template <int HDIM>
 static void attention_forward_hd(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                                  const __nv_bfloat16* v, const int32_t* doc, int B, int T, int H, int Hk) {
+    constexpr int MW = attn_forward_slabs<HDIM>();
     size_t smem = attn_forward_smem<HDIM>();
     static bool smem_set = false;  // beyond 48 KB a kernel must opt in, once per process
     if (!smem_set) {
-        cudaCheck(cudaFuncSetAttribute(attention_forward_kernel<HDIM>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        auto kernel = attention_forward_kernel<HDIM, MW>;
+        cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         smem_set = true;
     }
-    dim3 grid(attn_query_tiles(T, attn_tile_positions(ATTN_TILE, H / Hk)), Hk, B);
-    PGOLF_LAUNCH(grid, ATTN_THREADS, smem, cuda_ctx().stream, attention_forward_kernel<HDIM>)(out, lse, q, k, v, doc, T, H, Hk,
-                                                                                ATTN_LOG2E / sqrtf((float)HDIM));
+    dim3 grid(attn_query_tiles(T, attn_tile_positions(attn_forward_rows(HDIM), H / Hk)), Hk, B);
+    float scale_log2 = ATTN_LOG2E / sqrtf((float)HDIM);
+    PGOLF_LAUNCH(grid, ATTN_THREADS, smem, cuda_ctx().stream, attention_forward_kernel<HDIM, MW>)(
+        out, lse, q, k, v, doc, T, H, Hk, scale_log2);
     cudaCheck(cudaGetLastError());
 }
 static void attention_forward(Cuda, __nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
-                              const __nv_bfloat16* v, int B, int T, int H, int Hk, int hd, const int32_t* doc = nullptr) {
+                              const __nv_bfloat16* v, int B, int T, int H, int Hk, int hd,
+                              const int32_t* doc = nullptr) {
     const void* ptrs[] = {out, q, k, v};
     const char* names[] = {"out", "q", "k", "v"};
     attention_check("attention_forward", ptrs, names, 4, B, T, H, Hk, hd);
@@ -3092,12 +3167,12 @@ static void attention_backward_hd(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfl
     cudaCheck(cudaGetLastError());
     int group = H / Hk;
     dim3 grid_q(attn_query_tiles(T, attn_tile_positions(ATTN_TILE, group)), Hk, B);
-    PGOLF_LAUNCH(grid_q, ATTN_THREADS, smem_dq, g_cuda.stream, attention_backward_dq_kernel<HDIM>)(dq, dout, q, k, v, lse, D, doc, T, H, Hk,
-                                                                                     scale_log2, scale);
+    PGOLF_LAUNCH(grid_q, ATTN_THREADS, smem_dq, g_cuda.stream, attention_backward_dq_kernel<HDIM>)(
+        dq, dout, q, k, v, lse, D, doc, T, H, Hk, scale_log2, scale);
     cudaCheck(cudaGetLastError());
     dim3 grid_k((T + ATTN_TILE - 1) / ATTN_TILE, Hk, B);
-    PGOLF_LAUNCH(grid_k, ATTN_THREADS, smem_kv, g_cuda.stream, attention_backward_dkdv_kernel<HDIM, BQ>)(dk, dv, dout, q, k, v, lse, D, doc, T, H,
-                                                                                           Hk, scale_log2, scale);
+    PGOLF_LAUNCH(grid_k, ATTN_THREADS, smem_kv, g_cuda.stream, attention_backward_dkdv_kernel<HDIM, BQ>)(
+        dk, dv, dout, q, k, v, lse, D, doc, T, H, Hk, scale_log2, scale);
     cudaCheck(cudaGetLastError());
 }
 static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
@@ -6810,14 +6885,14 @@ static void qk_norm_rope_backward(Cost, CostBf16*, float* dgain, const CostBf16*
 static void document_starts(Cost, int32_t*, const int32_t*, int B, int T) {
     if ((size_t)B * T > 0) cost_add(OP_ELEMENTWISE, "document_starts", 0, 2.0 * B * T * sizeof(int32_t));
 }
-// Tile pairs one (sequence, kv head) of attention_forward_kernel visits: query tiles of 64 packed rows
-// (64/group positions × the group's heads, attn_tile_positions) × key tiles of 64 keys up to the tile's
+// Tile pairs one (sequence, kv head) of an attention kernel visits: query tiles of `rows` packed rows
+// (rows/group positions × the group's heads, attn_tile_positions) × key tiles of 64 keys up to the tile's
 // last position (attn_key_tiles). Masked parts of diagonal tiles are computed too: this counts them.
 // Under VARLEN_ATTN the kernels also skip the key tiles before each query tile's documents, which depends
 // on the data: this counts the dense causal pairs, the most a step can take (documents as long as rows).
 static const int COST_ATTN_TILE = 64;  // ATTN_TILE
-static double cost_attn_tile_pairs(int T, int H, int Hk) {
-    int group = H / Hk, positions = COST_ATTN_TILE / group;
+static double cost_attn_tile_pairs(int T, int H, int Hk, int rows) {
+    int group = H / Hk, positions = rows / group;
     double pairs = 0;
     for (int i = 0; i * positions < T; i++) {
         int last = (i + 1) * positions < T ? (i + 1) * positions - 1 : T - 1;
@@ -6825,16 +6900,18 @@ static double cost_attn_tile_pairs(int T, int H, int Hk) {
     }
     return pairs;
 }
-// FLOPs of `products` 64×64×hd tensor-core products per visited tile pair, over B sequences and Hk kv heads.
-static double cost_attn_flops(int B, int T, int H, int Hk, int hd, int products) {
-    return cost_attn_tile_pairs(T, H, Hk) * B * Hk * products * 2.0 * COST_ATTN_TILE * COST_ATTN_TILE * hd;
+// FLOPs of `products` rows×64×hd tensor-core products per visited tile pair, over B sequences and Hk kv heads.
+static double cost_attn_flops(int B, int T, int H, int Hk, int hd, int rows, int products) {
+    return cost_attn_tile_pairs(T, H, Hk, rows) * B * Hk * products * 2.0 * rows * COST_ATTN_TILE * hd;
 }
-// attention_forward: attention_forward_kernel, S = QKᵀ and O = PV (2 products); reads Q, K, V, writes O, lse
+// attention_forward: attention_forward_kernel, S = QKᵀ and O = PV (2 products) over query tiles of 128 packed
+// rows (64 at hd 128: attn_forward_rows); reads Q, K, V, writes O, lse
 static void attention_forward(Cost, CostBf16*, float*, const CostBf16*, const CostBf16*, const CostBf16*,
                               int B, int T, int H, int Hk, int hd, const int32_t* = nullptr) {
     if (B == 0 || T == 0) return;
     double q = (double)B * T * H * hd * BF, kv = (double)B * T * Hk * hd * BF, lse = (double)B * T * H * F32;
-    cost_add(OP_ATTN_FWD, "attention_forward", cost_attn_flops(B, T, H, Hk, hd, 2), 2 * q + 2 * kv + lse);
+    int rows = hd <= 64 ? 128 : 64;  // attn_forward_rows
+    cost_add(OP_ATTN_FWD, "attention_forward", cost_attn_flops(B, T, H, Hk, hd, rows, 2), 2 * q + 2 * kv + lse);
 }
 // attention_backward: attention_backward_rowdot_kernel (D = rowsum(dO⊙O)); attention_backward_dq_kernel
 // (S, dP = dO·Vᵀ, dQ += dS·K: 3 products); attention_backward_dkdv_kernel (S, dP, dV += Pᵀ·dO, dK += dSᵀ·Q:
@@ -6845,8 +6922,10 @@ static void attention_backward(Cost, CostBf16*, CostBf16*, CostBf16*, const Cost
     if (B == 0 || T == 0) return;
     double q = (double)B * T * H * hd * BF, kv = (double)B * T * Hk * hd * BF, row = (double)B * T * H * F32;
     cost_add(OP_ATTN_BWD, "attention_backward_rowdot", 0, 2 * q + row);
-    cost_add(OP_ATTN_BWD, "attention_backward_dq", cost_attn_flops(B, T, H, Hk, hd, 3), 4 * q + 2 * kv + 2 * row);
-    cost_add(OP_ATTN_BWD, "attention_backward_dkdv", cost_attn_flops(B, T, H, Hk, hd, 4), 2 * q + 6 * kv + 2 * row);
+    cost_add(OP_ATTN_BWD, "attention_backward_dq", cost_attn_flops(B, T, H, Hk, hd, COST_ATTN_TILE, 3),
+             4 * q + 2 * kv + 2 * row);
+    cost_add(OP_ATTN_BWD, "attention_backward_dkdv", cost_attn_flops(B, T, H, Hk, hd, COST_ATTN_TILE, 4),
+             2 * q + 6 * kv + 2 * row);
 }
 // xsa_forward / xsa_backward: one warp-per-kv-head kernel each (the backward adds into da and dv)
 static void xsa_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, int N, int H, int Hk, int hd) {

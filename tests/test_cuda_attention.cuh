@@ -12,7 +12,7 @@ static const int ATTN_TEST_T[] = {1, 2, 7, 31, 32, 33, 63, 64, 65, 77, 129, 200,
 static const int ATTN_TEST_GROUP[] = {1, 2, 3, 4, 5, 8, 16, 32, 64};
 
 TEST(attention_packing_covers_every_query_row_once) {
-    for (int rows : {64, 32})
+    for (int rows : {128, 64, 32})
         for (int group : ATTN_TEST_GROUP) {
             if (group > rows) continue;
             int positions = attn_tile_positions(rows, group);
@@ -51,7 +51,7 @@ static void attn_tile_span(int i, int rows, int positions, int group, int T, int
 }
 
 TEST(attention_tile_ranges_follow_the_causal_mask) {
-    for (int rows : {64, 32})
+    for (int rows : {128, 64, 32})
         for (int group : ATTN_TEST_GROUP) {
             if (group > rows) continue;
             int positions = attn_tile_positions(rows, group);
@@ -107,25 +107,31 @@ TEST(attention_skip_and_mask_decisions_are_exact) {
         for (int T : ATTN_TEST_T) {
             std::vector<int32_t> docs = attn_test_docs(T, every ? every : T + 1);
             const int32_t* doc = every ? docs.data() : nullptr;
-            // forward and dQ: warp w holds packed rows 16w..16w+15 of a 64-row tile, key tiles of 64 from
-            // the tile's first document on
-            int positions = attn_tile_positions(ATTN_TILE, group), n_kt = (T + ATTN_TILE - 1) / ATTN_TILE;
-            for (int i = 0; i < attn_query_tiles(T, positions); i++) {
-                int j0 = attn_doc_start(doc, 0, i * positions, T) / ATTN_TILE;
-                for (int w = 0; w < 4; w++)
-                    for (int j = 0; j < n_kt; j++) {
-                        int lo, hi;
-                        bool vis, hid;
-                        attn_row_positions(i, w * 16, 16, positions, group, &lo, &hi);
-                        int dlo = attn_doc_start(doc, 0, lo, T), dhi = attn_doc_start(doc, 0, hi, T);
-                        attn_pairs(i, w * 16, w * 16 + 16, j * ATTN_TILE, (j + 1) * ATTN_TILE, ATTN_TILE, positions, group, T, doc, &vis, &hid);
-                        CHECK_MSG(!(j < j0 && vis), "docs %d group %d T %d: query tile %d starts at key tile %d after %d, which it sees",
-                                  every, group, T, i, j0, j);
-                        CHECK_MSG(!(attn_all_masked(j * ATTN_TILE, j * ATTN_TILE + ATTN_TILE - 1, hi, dlo) && vis),
-                                  "docs %d group %d T %d: query tile %d warp %d skips key tile %d, which it sees", every, group, T, i, w, j);
-                        CHECK_MSG(!(!attn_any_masked(j * ATTN_TILE, j * ATTN_TILE + ATTN_TILE - 1, lo, dhi) && hid),
-                                  "docs %d group %d T %d: query tile %d warp %d leaves key tile %d unmasked", every, group, T, i, w, j);
-                    }
+            // forward (128 rows, 32 per warp; 64 and 16 at hd 128) and dQ (64, 16): warp w holds packed rows
+            // wr·w .. wr·w + wr − 1 of a tile, key tiles of 64 from the tile's first document on
+            int n_kt = (T + ATTN_TILE - 1) / ATTN_TILE;
+            for (int rows : {attn_forward_rows(64), ATTN_TILE}) {
+                int positions = attn_tile_positions(rows, group), wr = rows / 4;
+                if (group > rows) continue;
+                for (int i = 0; i < attn_query_tiles(T, positions); i++) {
+                    int j0 = attn_doc_start(doc, 0, i * positions, T) / ATTN_TILE;
+                    for (int w = 0; w < 4; w++)
+                        for (int j = 0; j < n_kt; j++) {
+                            int lo, hi;
+                            bool vis, hid;
+                            attn_row_positions(i, w * wr, wr, positions, group, &lo, &hi);
+                            int dlo = attn_doc_start(doc, 0, lo, T), dhi = attn_doc_start(doc, 0, hi, T);
+                            attn_pairs(i, w * wr, w * wr + wr, j * ATTN_TILE, (j + 1) * ATTN_TILE, rows, positions, group, T, doc, &vis, &hid);
+                            CHECK_MSG(!(j < j0 && vis), "docs %d group %d T %d rows %d: query tile %d starts at key tile %d after %d, "
+                                      "which it sees", every, group, T, rows, i, j0, j);
+                            CHECK_MSG(!(attn_all_masked(j * ATTN_TILE, j * ATTN_TILE + ATTN_TILE - 1, hi, dlo) && vis),
+                                      "docs %d group %d T %d rows %d: query tile %d warp %d skips key tile %d, which it sees", every, group,
+                                      T, rows, i, w, j);
+                            CHECK_MSG(!(!attn_any_masked(j * ATTN_TILE, j * ATTN_TILE + ATTN_TILE - 1, lo, dhi) && hid),
+                                      "docs %d group %d T %d rows %d: query tile %d warp %d leaves key tile %d unmasked", every, group, T,
+                                      rows, i, w, j);
+                        }
+                }
             }
             // dK/dV: warp w holds keys 16w..16w+15 of a key tile, against whole query tiles of BQ rows up to the
             // last one whose documents reach the key tile
