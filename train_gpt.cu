@@ -707,6 +707,7 @@ struct Config {
     int checkpoint_keep = 2;           // newest checkpoints kept on disk (0 = all)
     // training length and batch
     int iterations = 20000, warmdown_iters = 1200, warmup_steps = 20;
+    double warmdown_frac = 0.0;        // warm-down over this fraction of training (0 = WARMDOWN_ITERS)
     long train_batch_tokens = 524288;
     int train_seq_len = 1024;
     double max_wallclock_seconds = 600.0;
@@ -727,6 +728,17 @@ struct Config {
     int smear_gate = 0;                // PR600's sigmoid gates on each block's attention and MLP outputs
     int xsa_last_n = 0;
     int ortho_init = INIT_DEFAULT;
+    // the final leaderboard's model (PR #1855 and the records it builds on); each off by default
+    int ln_scale = 0;                  // block b's norm outputs × 1/√(b+1) (b: the physical block)
+    int skip_gates_enabled = 0;        // U-Net skip: x ← lerp(w⊙skip, x, σ(skip_gates)) instead of x + w⊙skip
+    int sparse_attn_gate = 0;          // heads' outputs × σ(scale · W_h · x[:GATE_WINDOW]) (#1787)
+    int gate_window = 12;              // leading input dims that feed SparseAttnGate and SmearGate
+    float sparse_attn_gate_scale = 1.0f, sparse_attn_gate_init_std = 0.0f;
+    int smear_gate_enabled = 0;        // x[t] += λ·σ(W·x[t][:GATE_WINDOW])·x[t−1], never across a BOS (#1851)
+    int parallel_start_layer = 0;      // two residual lanes from this physical block on (0 = off)
+    std::string parallel_final_lane = "mean";  // mean | attn | mlp: what the final norm reads
+    int num_loops = 0, loop_start = 3, loop_end = 5;  // blocks loop_start..loop_end run 1 + num_loops times
+    double enable_looping_at = 0.35;   // the loop switches on at this fraction of training (a Python float)
     // optimizer
     float embed_lr = 0.6f, head_lr = 0.008f, tied_embed_lr = 0.05f, matrix_lr = 0.04f, scalar_lr = 0.04f;
     float muon_momentum = 0.95f, muon_momentum_warmup_start = 0.85f;
@@ -778,8 +790,26 @@ struct Config {
     int kv_dim() const { return num_kv_heads * head_dim(); }
     int mlp_hidden() const { return (int)(mlp_mult * model_dim); }
     int num_cores() const { return unique_layers > 0 && unique_layers < num_layers ? unique_layers : num_layers; }
+    // The block sequence: physical block of each virtual layer. With NUM_LOOPS, blocks
+    // LOOP_START..LOOP_END repeat 1 + NUM_LOOPS times once looping is on (PR #1855: 17 virtual of 11).
+    int loop_len() const { return num_loops > 0 ? loop_end - loop_start + 1 : 0; }
+    int num_virtual(bool looping) const { return num_layers + (looping ? num_loops * loop_len() : 0); }
+    int max_virtual() const { return num_virtual(num_loops > 0); }
+    int block_of(int v, bool looping) const {
+        if (!looping || num_loops == 0 || v < loop_start) return v;
+        int looped = (1 + num_loops) * loop_len();
+        if (v < loop_start + looped) return loop_start + (v - loop_start) % loop_len();
+        return v - num_loops * loop_len();
+    }
+    int num_encoder(bool looping) const { return num_virtual(looping) / 2; }
     int num_encoder_layers() const { return num_layers / 2; }
-    int num_skip_weights() const { return std::min(num_layers / 2, num_layers - num_layers / 2); }
+    // skip weights are sized for the longest sequence (the reference sizes them for the looped one)
+    int num_skip_weights() const { return std::min(max_virtual() / 2, max_virtual() - max_virtual() / 2); }
+    // decoder layer i (0-based) takes a skip when one is left on the encoder's stack and it has a weight
+    int num_skips(bool looping) const {
+        int e = num_encoder(looping);
+        return std::min(std::min(e, num_virtual(looping) - e), num_skip_weights());
+    }
     int rotary_dims() const { return rope_dims > 0 ? rope_dims : head_dim(); }
     int eval_len() const { return eval_seq_len > 0 ? eval_seq_len : train_seq_len; }
 };
@@ -857,6 +887,43 @@ static void preset_tiny(Config& c) {
     c.ttt_chunk_tokens = 4096; c.ttt_batch_seqs = 8;
 }
 
+// The final leaderboard's model and training: PR #1855
+// (records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611), its code defaults
+// plus its run command's overrides (WARMDOWN_FRAC 0.85, BETA2 0.99, SPARSE_ATTN_GATE_SCALE 0.5). Not here yet:
+// its optimizer (MuonEq-R, Polar Express, MIN_LR 0.1, EMBED_WD 0.085), varlen attention, GPTQ/LQER export and
+// phased TTT; pgolf's own export and evaluation stand in for the last two.
+static void preset_frontier(Config& c) {
+    c.seed = 42; c.val_loss_every = 0; c.train_log_every = 500;
+    c.data_path = "./data/datasets/fineweb10B_sp8192";
+    c.tokenizer_path = "./data/tokenizers/fineweb_8192_bpe.model";
+    c.iterations = 20000; c.warmdown_frac = 0.85; c.train_batch_tokens = 786432; c.train_seq_len = 2048;
+    c.vocab_size = 8192; c.num_layers = 11; c.model_dim = 512; c.num_heads = 8; c.num_kv_heads = 4;
+    c.mlp_mult = 4.0f; c.mlp_activation = "leaky_relu_sq"; c.rope_dims = 16; c.qk_gain_init = 5.0f;
+    c.xsa_last_n = 11; c.ln_scale = 1; c.skip_gates_enabled = 1; c.ortho_init = INIT_ORTHO_ALL;
+    c.sparse_attn_gate = 1; c.gate_window = 12; c.sparse_attn_gate_scale = 0.5f; c.smear_gate_enabled = 1;
+    c.parallel_start_layer = 8; c.parallel_final_lane = "mean";
+    c.num_loops = 2; c.loop_start = 3; c.loop_end = 5; c.enable_looping_at = 0.35;
+    c.tied_embed_lr = 0.03f; c.matrix_lr = 0.026f; c.scalar_lr = 0.02f;
+    c.muon_momentum = 0.97f; c.muon_momentum_warmup_start = 0.92f; c.muon_momentum_warmup_steps = 1500;
+    c.muon_weight_decay = 0.095f; c.adam_wd = 0.02f; c.beta2 = 0.99f; c.grad_clip_norm = 0.3f;
+    c.ema_decay = 0.9965f;
+    c.control_patterns += ",skip_gates,parallel_post_lambdas,parallel_resid_lambdas,attn_gate_w,smear_gate";
+    c.control_patterns += ",smear_lambda";
+    c.quant_scheme = "int6";
+    c.eval_mode = "standard,sliding"; c.eval_stride = 64; c.eval_batch_seqs = 32;
+}
+
+// frontier shrunk to CPU size (4 layers d128, loop of blocks 1–2), for the tests and the CPU recipe.
+static void preset_frontier_tiny(Config& c) {
+    preset_frontier(c);
+    c.num_layers = 4; c.model_dim = 128; c.num_heads = 4; c.num_kv_heads = 2; c.rope_dims = 16;
+    c.xsa_last_n = 4; c.parallel_start_layer = 3; c.loop_start = 1; c.loop_end = 2;
+    c.train_seq_len = 256; c.train_batch_tokens = 8192; c.iterations = 200; c.warmdown_frac = 0.85;
+    c.max_wallclock_seconds = 0; c.val_loss_every = 50; c.train_log_every = 25;
+    c.muon_momentum_warmup_steps = 100; c.val_tokens_limit = 131072;
+    c.eval_batch_seqs = 16;
+}
+
 struct Preset { const char* name; void (*apply)(Config&); const char* what; };
 static const Preset PRESETS[] = {
     {"baseline", preset_baseline, "the naive 9L 512d baseline"},
@@ -864,6 +931,8 @@ static const Preset PRESETS[] = {
     {"pr600", preset_pr600, "PR #600: 11L, branch gates, EMA, int6 bit-packed"},
     {"pr456", preset_pr456, "PR #456: 10L XSA, late QAT, full-model score-first TTT"},
     {"tiny", preset_tiny, "pr467 shrunk to CPU size (4L d128), for tests and the CPU quick start"},
+    {"frontier", preset_frontier, "PR #1855's model: 11L, loop 3-5 to 17 virtual, parallel lanes, gates, SP8192"},
+    {"frontier_tiny", preset_frontier_tiny, "frontier shrunk to CPU size (4L d128), for tests"},
 };
 
 // Every setting, by the reference's env-var name (ours where the reference has none).
@@ -888,6 +957,8 @@ static std::vector<Setting> config_settings(Config& c) {
         {"CHECKPOINT_KEEP", 'i', &c.checkpoint_keep, "newest checkpoints kept (0 = all)"},
         {"ITERATIONS", 'i', &c.iterations, "training steps"},
         {"WARMDOWN_ITERS", 'i', &c.warmdown_iters, "length of the linear lr warm-down (steps, or its wall-clock equivalent)"},
+        {"WARMDOWN_FRAC", 'd', &c.warmdown_frac,
+         "warm-down over the last fraction of training, wall clock or ITERATIONS (0 = WARMDOWN_ITERS)"},
         {"WARMUP_STEPS", 'i', &c.warmup_steps, "compiler warm-up steps of the reference; nothing to warm up here, so unused"},
         {"TRAIN_BATCH_TOKENS", 'l', &c.train_batch_tokens, "tokens per optimizer step, all ranks together"},
         {"TRAIN_SEQ_LEN", 'i', &c.train_seq_len, "training sequence length"},
@@ -914,6 +985,24 @@ static std::vector<Setting> config_settings(Config& c) {
         {"SMEAR", 'i', &c.smear, "1 = SmearGate blends each embedding with the previous token's"},
         {"SMEAR_GATE", 'i', &c.smear_gate, "1 = PR #600's sigmoid gates on attention and MLP outputs"},
         {"XSA_LAST_N", 'i', &c.xsa_last_n, "exclusive self-attention on the last N blocks"},
+        {"LN_SCALE", 'i', &c.ln_scale, "1 = block b's norm outputs are scaled by 1/√(b+1) (#315)"},
+        {"SKIP_GATES_ENABLED", 'i', &c.skip_gates_enabled, "1 = each U-Net skip is lerp(w⊙skip, x, σ(gate)) (#289)"},
+        {"SPARSE_ATTN_GATE_ENABLED", 'i', &c.sparse_attn_gate,
+         "1 = each head's output × σ(scale·W_h·x[:GATE_WINDOW]) (#1787)"},
+        {"GATE_WINDOW", 'i', &c.gate_window, "leading input dims read by SparseAttnGate and SmearGate"},
+        {"SPARSE_ATTN_GATE_SCALE", 'f', &c.sparse_attn_gate_scale, "scale inside SparseAttnGate's sigmoid"},
+        {"SPARSE_ATTN_GATE_INIT_STD", 'f', &c.sparse_attn_gate_init_std,
+         "std of SparseAttnGate's initial W (0 = zeros)"},
+        {"SMEAR_GATE_ENABLED", 'i', &c.smear_gate_enabled,
+         "1 = x[t] += λ·σ(W·x[t][:GATE_WINDOW])·x[t−1] on the embedding, never across a BOS (#1851)"},
+        {"PARALLEL_START_LAYER", 'i', &c.parallel_start_layer,
+         "two residual lanes (attention, MLP) from this block on (0 = off; #1530)"},
+        {"PARALLEL_FINAL_LANE", 's', &c.parallel_final_lane, "mean | attn | mlp: the lane the final norm reads"},
+        {"NUM_LOOPS", 'i', &c.num_loops, "extra passes over blocks LOOP_START..LOOP_END once looping is on (0 = off)"},
+        {"LOOP_START", 'i', &c.loop_start, "first block of the loop"},
+        {"LOOP_END", 'i', &c.loop_end, "last block of the loop"},
+        {"ENABLE_LOOPING_AT", 'd', &c.enable_looping_at,
+         "fraction of the wall clock (or of ITERATIONS without one) that switches looping on"},
         {"ORTHO_INIT", 'i', &c.ortho_init, "0 = PyTorch default init, 1 = orthogonal (PR #600), 2 = orthogonal ≥64×64 and .proj ×1/√(2L) (thwu1)"},
         {"EMBED_LR", 'f', &c.embed_lr, "lr of an untied token embedding"},
         {"HEAD_LR", 'f', &c.head_lr, "lr of an untied output head"},
@@ -999,8 +1088,10 @@ static const char* const SCOPE_NAMES[SCOPE_NUM] = {"model", "training", "evaluat
 static const char* const SCOPE_SETTINGS[SCOPE_NUM] = {
     ("VOCAB_SIZE NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT MLP_ACTIVATION UNIQUE_LAYERS NAMED_CORES "
     "TIE_EMBEDDINGS ROPE_BASE ROPE_DIMS LOGIT_SOFTCAP BIGRAM_VOCAB_SIZE BIGRAM_DIM BIGRAM_HASH_SIZE SMEAR "
-    "SMEAR_GATE XSA_LAST_N"),
-    ("SEED ITERATIONS WARMDOWN_ITERS WARMUP_STEPS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN MAX_WALLCLOCK_SECONDS "
+    "SMEAR_GATE XSA_LAST_N LN_SCALE SKIP_GATES_ENABLED SPARSE_ATTN_GATE_ENABLED GATE_WINDOW SPARSE_ATTN_GATE_SCALE "
+    "SMEAR_GATE_ENABLED PARALLEL_START_LAYER PARALLEL_FINAL_LANE NUM_LOOPS LOOP_START LOOP_END"),
+    ("SEED ITERATIONS WARMDOWN_ITERS WARMDOWN_FRAC ENABLE_LOOPING_AT SPARSE_ATTN_GATE_INIT_STD "
+    "WARMUP_STEPS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN MAX_WALLCLOCK_SECONDS "
     "GRAD_ACCUM_STEPS QK_GAIN_INIT TIED_EMBED_INIT_STD ORTHO_INIT EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR "
     "SCALAR_LR MUON_MOMENTUM MUON_BACKEND_STEPS MUON_MOMENTUM_WARMUP_START MUON_MOMENTUM_WARMUP_STEPS "
     "MUON_WEIGHT_DECAY ADAM_WD WEIGHT_DECAY BETA1 BETA2 ADAM_EPS GRAD_CLIP_NORM SWA_ENABLED SWA_START_FRAC "
@@ -1284,6 +1375,24 @@ static void config_validate(const Config& c, int world) {
          "MAX_WALLCLOCK_SECONDS=%g, EVAL_MAX_WALLCLOCK_SECONDS=%g: expected ≥ 0", c.max_wallclock_seconds,
          c.eval_max_wallclock_seconds);
     need(c.muon_backend_steps >= 0, "MUON_BACKEND_STEPS=%d: expected ≥ 0", c.muon_backend_steps);
+    need(c.gate_window > 0 && c.gate_window <= c.model_dim, "GATE_WINDOW=%d: expected 1..MODEL_DIM=%d", c.gate_window,
+         c.model_dim);
+    need(!(c.smear && c.smear_gate_enabled), "SMEAR=1 and SMEAR_GATE_ENABLED=1 are two different SmearGates: set one");
+    need(!(c.smear_gate && c.sparse_attn_gate),
+         "SMEAR_GATE=1 (PR #600's branch gates) and SPARSE_ATTN_GATE_ENABLED=1: set one");
+    need(c.parallel_start_layer >= 0 && c.parallel_start_layer < c.num_layers,
+         "PARALLEL_START_LAYER=%d: expected 0 (off) or 1..NUM_LAYERS-1=%d", c.parallel_start_layer, c.num_layers - 1);
+    need(c.parallel_final_lane == "mean" || c.parallel_final_lane == "attn" || c.parallel_final_lane == "mlp",
+         "PARALLEL_FINAL_LANE=%s: expected mean, attn or mlp", c.parallel_final_lane.c_str());
+    need(c.num_loops >= 0, "NUM_LOOPS=%d: expected ≥ 0", c.num_loops);
+    need(c.num_loops == 0 || (c.loop_start >= 0 && c.loop_start <= c.loop_end && c.loop_end < c.num_layers),
+         "LOOP_START=%d, LOOP_END=%d: expected 0 ≤ LOOP_START ≤ LOOP_END < NUM_LAYERS=%d", c.loop_start, c.loop_end,
+         c.num_layers);
+    need(c.num_loops == 0 || c.num_cores() == c.num_layers,
+         "NUM_LOOPS=%d and UNIQUE_LAYERS=%d are two kinds of depth recurrence: set one", c.num_loops, c.unique_layers);
+    need(c.enable_looping_at >= 0 && c.enable_looping_at <= 1, "ENABLE_LOOPING_AT=%g: expected [0, 1]",
+         c.enable_looping_at);
+    need(c.warmdown_frac >= 0 && c.warmdown_frac <= 1, "WARMDOWN_FRAC=%g: expected [0, 1]", c.warmdown_frac);
 }
 
 // The folders this run writes outside OUT_DIR must be writable before training starts.
@@ -1541,8 +1650,9 @@ static std::vector<uint16_t> load_validation_tokens(const Config& c) {
 
 enum ParamRole {
     P_TOK_EMB, P_LM_HEAD, P_BIGRAM_EMBED, P_BIGRAM_PROJ, P_BIGRAM_SCALE, P_SMEAR_GATE, P_SKIP_WEIGHTS,
+    P_SKIP_GATES, P_PARALLEL_POST, P_PARALLEL_RESID, P_SMEAR_LAMBDA, P_SMEAR_W,  // PR #1855's model-level tensors
     P_C_Q, P_C_K, P_C_V, P_ATTN_PROJ, P_FC, P_MLP_PROJ, P_Q_GAIN,  // per core (shared under recurrence)
-    P_ATTN_SCALE, P_MLP_SCALE, P_RESID_MIX, P_ATTN_GATE, P_MLP_GATE, // per layer
+    P_ATTN_SCALE, P_MLP_SCALE, P_RESID_MIX, P_ATTN_GATE, P_ATTN_GATE_W, P_MLP_GATE, // per layer
     P_NUM_ROLES
 };
 enum ParamGroup { GROUP_TOKEN, GROUP_HEAD, GROUP_MATRIX, GROUP_SCALAR };
@@ -1581,6 +1691,12 @@ static std::vector<ParamSpec> build_param_table(const Config& c) {
     };
     // GPT's own parameter first, then its children in registration order (PyTorch's state_dict).
     if (c.num_skip_weights() > 0) add("skip_weights", {c.num_skip_weights(), D}, P_SKIP_WEIGHTS, 0);
+    if (c.num_skip_weights() > 0 && c.skip_gates_enabled) add("skip_gates", {c.num_skip_weights(), D}, P_SKIP_GATES, 0);
+    if (c.parallel_start_layer > 0) {  // one pair per block, as the reference (only blocks ≥ the start read theirs)
+        add("parallel_post_lambdas", {L, 2, 2}, P_PARALLEL_POST, 0);
+        add("parallel_resid_lambdas", {L, 2}, P_PARALLEL_RESID, 0);
+    }
+    if (c.smear_gate_enabled) add("smear_lambda", {1}, P_SMEAR_LAMBDA, 0);
     add("tok_emb.weight", {c.vocab_size, D}, P_TOK_EMB, 0);
     if (c.bigram_vocab_size > 0) {
         add("bigram.scale", {}, P_BIGRAM_SCALE, 0);
@@ -1591,6 +1707,7 @@ static std::vector<ParamSpec> build_param_table(const Config& c) {
     if (c.smear) add("smear.gate", {D}, P_SMEAR_GATE, 0);
     auto add_core = [&](const std::string& pre, int i) {
         add(pre + "attn.q_gain", {c.num_heads}, P_Q_GAIN, i);
+        if (c.sparse_attn_gate) add(pre + "attn.attn_gate_w", {c.num_heads, c.gate_window}, P_ATTN_GATE_W, i);
         add(pre + "attn.c_q.weight", {D, D}, P_C_Q, i);
         add(pre + "attn.c_k.weight", {c.kv_dim(), D}, P_C_K, i);
         add(pre + "attn.c_v.weight", {c.kv_dim(), D}, P_C_V, i);
@@ -1618,15 +1735,17 @@ static std::vector<ParamSpec> build_param_table(const Config& c) {
         // state_dict order within a block: attn_scale, mlp_scale, resid_mix, [gates], attn.*, mlp.*
     }
     if (!c.tie_embeddings) add("lm_head.weight", {c.vocab_size, D}, P_LM_HEAD, 0);
+    if (c.smear_gate_enabled) add("smear_gate.weight", {1, c.gate_window}, P_SMEAR_W, 0);
 
     size_t offset = 0;
     for (ParamSpec& p : t) {
         p.offset = offset;
         offset += (p.numel + 15) / 16 * 16;  // 64-byte alignment of every tensor for vector loads
-        bool core = p.role >= P_C_Q && p.role <= P_Q_GAIN;
+        bool core = (p.role >= P_C_Q && p.role <= P_Q_GAIN) || p.role == P_ATTN_GATE_W;
         p.uses = core ? (L / NC + (p.index < L % NC ? 1 : 0)) : 1;
         if (p.role == P_TOK_EMB || p.role == P_BIGRAM_EMBED) p.group = GROUP_TOKEN;
         else if (p.role == P_LM_HEAD) p.group = GROUP_HEAD;
+        else if ((p.role >= P_SKIP_GATES && p.role <= P_SMEAR_W) || p.role == P_ATTN_GATE_W) p.group = GROUP_SCALAR;
         else if (p.shape.size() == 2 && !name_matches_any(p.name, c.control_patterns)) p.group = GROUP_MATRIX;
         else p.group = GROUP_SCALAR;
     }
@@ -1644,10 +1763,16 @@ static const ParamSpec* find_param(const std::vector<ParamSpec>& t, ParamRole ro
 template <class W, class V> struct LayerWeights {
     W *c_q, *c_k, *c_v, *attn_proj, *fc, *mlp_proj;  // of this layer's core
     V *q_gain, *attn_scale, *mlp_scale, *resid_mix, *attn_gate, *mlp_gate;
+    V* attn_gate_w;  // (H, GATE_WINDOW) SparseAttnGate
 };
 template <class W, class V> struct Weights {
     W *tok_emb, *lm_head, *bigram_embed, *bigram_proj;
     V *bigram_scale, *smear_gate, *skip_weights;
+    V* skip_gates;       // (skips, C)
+    V* parallel_post;    // (L, 2, 2): [block][attn, mlp][into lane 0, lane 1]
+    V* parallel_resid;   // (L, 2): [block][lane 0, lane 1]
+    V* smear_w;          // (1, GATE_WINDOW) the BOS-masked SmearGate's gate
+    V* smear_lambda;     // (1)
     std::vector<LayerWeights<W, V>> layers;
 };
 template <class W, class V>
@@ -1657,11 +1782,16 @@ static Weights<W, V> point_weights(const Config& c, const std::vector<ParamSpec>
     Weights<W, V> m;
     m.tok_emb = w(P_TOK_EMB); m.lm_head = w(P_LM_HEAD); m.bigram_embed = w(P_BIGRAM_EMBED); m.bigram_proj = w(P_BIGRAM_PROJ);
     m.bigram_scale = v(P_BIGRAM_SCALE); m.smear_gate = v(P_SMEAR_GATE); m.skip_weights = v(P_SKIP_WEIGHTS);
+    m.skip_gates = v(P_SKIP_GATES);
+    m.parallel_post = v(P_PARALLEL_POST);
+    m.parallel_resid = v(P_PARALLEL_RESID);
+    m.smear_w = v(P_SMEAR_W);
+    m.smear_lambda = v(P_SMEAR_LAMBDA);
     for (int l = 0; l < c.num_layers; l++) {
         int k = l % c.num_cores();
         m.layers.push_back({w(P_C_Q, k), w(P_C_K, k), w(P_C_V, k), w(P_ATTN_PROJ, k), w(P_FC, k), w(P_MLP_PROJ, k),
                             v(P_Q_GAIN, k), v(P_ATTN_SCALE, l), v(P_MLP_SCALE, l), v(P_RESID_MIX, l),
-                            v(P_ATTN_GATE, l), v(P_MLP_GATE, l)});
+                            v(P_ATTN_GATE, l), v(P_MLP_GATE, l), v(P_ATTN_GATE_W, k)});
     }
     return m;
 }
@@ -1710,6 +1840,13 @@ static void init_params(const Config& c, const std::vector<ParamSpec>& t, float*
             case P_RESID_MIX: std::fill(w, w + cols, 1.0f); break;  // row 0 (x) = 1, row 1 (x0) = 0
             case P_Q_GAIN: std::fill(w, w + p.numel, c.qk_gain_init); break;
             case P_SMEAR_GATE: case P_ATTN_GATE: case P_MLP_GATE: break;  // sigmoid(0) = 0.5
+            case P_SKIP_GATES: case P_SMEAR_W: case P_SMEAR_LAMBDA: break;  // σ(0) = ½ lerp; λ = 0: no smear
+            case P_PARALLEL_POST: std::fill(w, w + p.numel, 1.0f); break;
+            case P_PARALLEL_RESID: std::fill(w, w + p.numel, 1.1f); break;  // the reference's init
+            case P_ATTN_GATE_W:  // zeros (σ = ½) unless SPARSE_ATTN_GATE_INIT_STD
+                if (c.sparse_attn_gate_init_std > 0)
+                    for (size_t i = 0; i < p.numel; i++) w[i] = (float)(c.sparse_attn_gate_init_std * rng.normal());
+                break;
             case P_ATTN_PROJ: case P_MLP_PROJ: case P_LM_HEAD: break;    // zero-init outputs
             case P_C_Q: case P_C_K: case P_C_V: case P_FC: case P_BIGRAM_PROJ: {
                 // thwu1 zero-inits bigram.proj in its constructor, but _init_weights then
@@ -3429,6 +3566,448 @@ static void smear_backward(Cuda, bf16* dx, float* dgate, const bf16* dout, const
 }
 #endif
 
+// --- BOS-masked SmearGate on the token embedding (PR #1667; the BOS fix of #1851/#1855) -----------
+// out[t] = x[t] + λ·σ(w·x[t][:W])·x[t−1] where t is not a sequence's first position and token t is not
+// BOS; out[t] = x[t] elsewhere, so nothing crosses a document start. x: (N, C) rows of B sequences of T.
+static bool smear_bos_active(const int32_t* ids, long n, int T_) { return n % T_ != 0 && ids[n] != BOS_ID; }
+#if PGOLF_CPU_REFERENCE
+template <class T> static T smear_bos_logit(const T* xrow, const T* w, int W) {
+    T z = 0;
+    for (int j = 0; j < W; j++) z += w[j] * xrow[j];
+    return z;
+}
+template <class T> static void smear_bos_forward(Cpu<T>, T* out, const T* x, const int32_t* ids, const T* w,
+                                                 const T* lambda, int N, int T_, int C, int W) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const T* xr = x + (size_t)n * C;
+        T* o = out + (size_t)n * C;
+        bool on = smear_bos_active(ids, n, T_);
+        T g = on ? lambda[0] * sigmoid(smear_bos_logit(xr, w, W)) : T(0);
+        for (int c = 0; c < C; c++) o[c] = on ? xr[c] + g * xr[c - C] : xr[c];
+    }
+}
+// Overwrites dx; adds into dw and dlambda (either may be null).
+template <class T> static void smear_bos_backward(Cpu<T>, T* dx, T* dw, T* dlambda, const T* dout, const T* x,
+                                                  const int32_t* ids, const T* w, const T* lambda, int N, int T_,
+                                                  int C, int W) {
+    for (int n = 0; n < N; n++) {
+        const T* xr = x + (size_t)n * C;
+        const T* d = dout + (size_t)n * C;
+        T* dxr = dx + (size_t)n * C;
+        for (int c = 0; c < C; c++) dxr[c] = d[c];
+        if (n + 1 < N && smear_bos_active(ids, n + 1, T_)) {  // x[n] is the previous token of row n+1
+            T g1 = lambda[0] * sigmoid(smear_bos_logit(xr + C, w, W));
+            for (int c = 0; c < C; c++) dxr[c] += g1 * d[c + C];
+        }
+        if (!smear_bos_active(ids, n, T_)) continue;
+        T s = 0;
+        for (int c = 0; c < C; c++) s += d[c] * xr[c - C];
+        T sg = sigmoid(smear_bos_logit(xr, w, W));
+        T dz = lambda[0] * sg * (T(1) - sg) * s;
+        if (dlambda) dlambda[0] += sg * s;
+        for (int j = 0; j < W; j++) {
+            if (dw) dw[j] += dz * xr[j];
+            dxr[j] += dz * w[j];
+        }
+    }
+}
+#endif
+#ifdef PGOLF_CUDA
+// On the GPU: one block per row.
+__device__ float smear_bos_logit_block(const bf16* xrow, const float* w, int W, float* red) {
+    float z = 0.0f;
+    for (int j = threadIdx.x; j < W; j += blockDim.x) z += w[j] * to_f32(xrow[j]);
+    return block_sum(z, red);
+}
+__global__ void smear_bos_forward_kernel(bf16* out, const bf16* x, const int32_t* ids, const float* w,
+                                         const float* lambda, int T, int C, int W) {
+    __shared__ float red[32];
+    long n = blockIdx.x;
+    const bf16* xr = x + (size_t)n * C;
+    bf16* o = out + (size_t)n * C;
+    bool on = n % T != 0 && ids[n] != BOS_ID;
+    float g = 0.0f;
+    if (on) g = lambda[0] * sigmoidf_(smear_bos_logit_block(xr, w, W, red));
+    for (int c = threadIdx.x; c < C; c += blockDim.x)
+        o[c] = on ? from_f32<bf16>(to_f32(xr[c]) + g * to_f32(xr[c - C])) : xr[c];
+}
+// Row n's dx gathers its own identity and gate terms and row n+1's term (no two blocks write a row);
+// the parameter gradients leave per-row partials, summed in row order afterwards.
+__global__ void smear_bos_backward_kernel(bf16* dx, float* plambda, float* pw, const bf16* dout, const bf16* x,
+                                          const int32_t* ids, const float* w, const float* lambda, int N, int T,
+                                          int C, int W) {
+    __shared__ float red[32];
+    long n = blockIdx.x;
+    const bf16* xr = x + (size_t)n * C;
+    const bf16* d = dout + (size_t)n * C;
+    bool next = n + 1 < N && (n + 1) % T != 0 && ids[n + 1] != BOS_ID;
+    bool on = n % T != 0 && ids[n] != BOS_ID;
+    float g1 = 0.0f;
+    if (next) g1 = lambda[0] * sigmoidf_(smear_bos_logit_block(xr + C, w, W, red));
+    float dz = 0.0f, sg = 0.0f, s = 0.0f;
+    if (on) {
+        sg = sigmoidf_(smear_bos_logit_block(xr, w, W, red));
+        for (int c = threadIdx.x; c < C; c += blockDim.x) s += to_f32(d[c]) * to_f32(xr[c - C]);
+        s = block_sum(s, red);
+        dz = lambda[0] * sg * (1.0f - sg) * s;
+    }
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float v = to_f32(d[c]);
+        if (next) v += g1 * to_f32(d[c + C]);
+        if (c < W) v += dz * w[c];
+        dx[(size_t)n * C + c] = from_f32<bf16>(v);
+    }
+    if (plambda && threadIdx.x == 0) plambda[n] = sg * s;
+    if (pw)
+        for (int j = threadIdx.x; j < W; j += blockDim.x) pw[(size_t)n * W + j] = dz * to_f32(xr[j]);
+}
+static void smear_bos_forward(Cuda, bf16* out, const bf16* x, const int32_t* ids, const float* w, const float* lambda,
+                              int N, int T_, int C, int W) {
+    if (N <= 0 || C <= 0) return;
+    PGOLF_LAUNCH(N, BLOCK, 0, cuda_ctx().stream, smear_bos_forward_kernel)(out, x, ids, w, lambda, T_, C, W);
+    launchCheck();
+}
+static void smear_bos_backward(Cuda, bf16* dx, float* dw, float* dlambda, const bf16* dout, const bf16* x,
+                               const int32_t* ids, const float* w, const float* lambda, int N, int T_, int C, int W) {
+    if (N <= 0 || C <= 0) return;
+    float *plambda = nullptr, *pw = nullptr;
+    if (dw || dlambda)
+        scratch_carve([&](Arena& a) {
+            plambda = a.take<float>(N);
+            pw = a.take<float>((size_t)N * W);
+        });
+    PGOLF_LAUNCH(N, BLOCK, 0, cuda_ctx().stream, smear_bos_backward_kernel)(dx, plambda, pw, dout, x, ids, w, lambda,
+                                                                          N, T_, C, W);
+    launchCheck();
+    if (dlambda) total_sum_add(dlambda, plambda, N);
+    if (dw) column_sums_add(dw, pw, N, W);
+}
+#endif
+
+// --- SparseAttnGate (#1787): each head's output × σ(scale · W_h · x[:GW]) -------------------------
+// y (N, H·hd) the attention output (after XSA), x (N, C) the attention's input (the scaled norm), Wg (H, GW).
+#if PGOLF_CPU_REFERENCE
+template <class T> static T attn_gate_logit(const T* xrow, const T* wg, int h, int GW, float scale) {
+    T z = 0;
+    for (int j = 0; j < GW; j++) z += wg[(size_t)h * GW + j] * xrow[j];
+    return T(scale) * z;
+}
+template <class T> static void attn_gate_forward(Cpu<T>, T* out, const T* y, const T* x, const T* wg, int N, int H,
+                                                 int hd, int C, int GW, float scale) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++)
+        for (int h = 0; h < H; h++) {
+            T g = sigmoid(attn_gate_logit(x + (size_t)n * C, wg, h, GW, scale));
+            size_t o = ((size_t)n * H + h) * hd;
+            for (int d = 0; d < hd; d++) out[o + d] = g * y[o + d];
+        }
+}
+// Overwrites dy; adds into dx[:, :GW] and dwg (null: no parameter gradient).
+template <class T> static void attn_gate_backward(Cpu<T>, T* dy, T* dx, T* dwg, const T* dout, const T* y, const T* x,
+                                                  const T* wg, int N, int H, int hd, int C, int GW, float scale) {
+    for (int n = 0; n < N; n++)
+        for (int h = 0; h < H; h++) {
+            const T* xr = x + (size_t)n * C;
+            T g = sigmoid(attn_gate_logit(xr, wg, h, GW, scale));
+            size_t o = ((size_t)n * H + h) * hd;
+            T dg = 0;
+            for (int d = 0; d < hd; d++) {
+                dg += dout[o + d] * y[o + d];
+                dy[o + d] = g * dout[o + d];
+            }
+            T dz = T(scale) * dg * g * (T(1) - g);
+            for (int j = 0; j < GW; j++) {
+                if (dwg) dwg[(size_t)h * GW + j] += dz * xr[j];
+                dx[(size_t)n * C + j] += dz * wg[(size_t)h * GW + j];
+            }
+        }
+}
+#endif
+#ifdef PGOLF_CUDA
+// On the GPU: one warp per (row, head); the forward recomputes its gate, the backward leaves
+// dz = scale·dg·g(1−g) per (row, head) for a row kernel (dx) and a chunked column reduction (dWg).
+__device__ float attn_gate_logit_warp(const bf16* xrow, const float* wg, int h, int GW, float scale) {
+    float z = 0.0f;
+    for (int j = threadIdx.x % 32; j < GW; j += 32) z += wg[(size_t)h * GW + j] * to_f32(xrow[j]);
+    return scale * warp_sum(z);
+}
+__global__ void attn_gate_forward_kernel(bf16* out, const bf16* y, const bf16* x, const float* wg, int N, int H, int hd,
+                                         int C, int GW, float scale) {
+    long warp = (blockIdx.x * (long)blockDim.x + threadIdx.x) / 32;
+    if (warp >= (long)N * H) return;
+    long n = warp / H;
+    int h = warp % H;
+    float g = sigmoidf_(attn_gate_logit_warp(x + (size_t)n * C, wg, h, GW, scale));
+    size_t o = (size_t)warp * hd;
+    for (int d = threadIdx.x % 32; d < hd; d += 32) out[o + d] = from_f32<bf16>(g * to_f32(y[o + d]));
+}
+__global__ void attn_gate_backward_kernel(bf16* dy, float* dz, const bf16* dout, const bf16* y, const bf16* x,
+                                          const float* wg, int N, int H, int hd, int C, int GW, float scale) {
+    long warp = (blockIdx.x * (long)blockDim.x + threadIdx.x) / 32;
+    if (warp >= (long)N * H) return;
+    long n = warp / H;
+    int h = warp % H;
+    float g = sigmoidf_(attn_gate_logit_warp(x + (size_t)n * C, wg, h, GW, scale));
+    size_t o = (size_t)warp * hd;
+    float dg = 0.0f;
+    for (int d = threadIdx.x % 32; d < hd; d += 32) {
+        float dv = to_f32(dout[o + d]);
+        dg += dv * to_f32(y[o + d]);
+        dy[o + d] = from_f32<bf16>(g * dv);
+    }
+    dg = warp_sum(dg);
+    if (threadIdx.x % 32 == 0) dz[warp] = scale * dg * g * (1.0f - g);
+}
+__global__ void attn_gate_dx_kernel(bf16* dx, const float* dz, const float* wg, int N, int H, int C, int GW) {
+    size_t total = (size_t)N * GW;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        size_t n = i / GW;
+        int j = i % GW;
+        float s = 0.0f;
+        for (int h = 0; h < H; h++) s += dz[n * H + h] * wg[(size_t)h * GW + j];
+        dx[n * C + j] = from_f32<bf16>(to_f32(dx[n * C + j]) + s);
+    }
+}
+// partial[chunk, h·GW + j] = Σ over the chunk's rows of dz[n, h]·x[n, j]
+__global__ void attn_gate_dw_kernel(float* partial, const float* dz, const bf16* x, int N, int H, int C, int GW,
+                                    long rows_per_chunk) {
+    __shared__ float sh[RED_ROWS * 32];
+    int col = blockIdx.x * 32 + threadIdx.x, h = col / GW, j = col % GW;
+    long n0 = blockIdx.y * rows_per_chunk, n1 = min(n0 + rows_per_chunk, (long)N);
+    float acc = 0.0f;
+    if (col < H * GW)
+        for (long n = n0 + threadIdx.y; n < n1; n += RED_ROWS) acc += dz[n * H + h] * to_f32(x[n * C + j]);
+    acc = column_reduce(acc, sh);
+    if (threadIdx.y == 0 && col < H * GW) partial[(size_t)blockIdx.y * H * GW + col] = acc;
+}
+static void attn_gate_forward(Cuda, bf16* out, const bf16* y, const bf16* x, const float* wg, int N, int H, int hd,
+                              int C, int GW, float scale) {
+    size_t threads = (size_t)N * H * 32;
+    if (!threads) return;
+    PGOLF_LAUNCH(ceil_div(threads, BLOCK), BLOCK, 0, cuda_ctx().stream, attn_gate_forward_kernel)(out, y, x, wg, N, H,
+                                                                                                 hd, C, GW, scale);
+    launchCheck();
+}
+static void attn_gate_backward(Cuda, bf16* dy, bf16* dx, float* dwg, const bf16* dout, const bf16* y, const bf16* x,
+                               const float* wg, int N, int H, int hd, int C, int GW, float scale) {
+    size_t threads = (size_t)N * H * 32;
+    if (!threads) return;
+    RowChunks rc = row_chunks(N);
+    float *dz = nullptr, *partial = nullptr;
+    scratch_carve([&](Arena& a) {
+        dz = a.take<float>((size_t)N * H);
+        partial = dwg ? a.take<float>((size_t)rc.chunks * H * GW) : nullptr;
+    });
+    PGOLF_LAUNCH(ceil_div(threads, BLOCK), BLOCK, 0, cuda_ctx().stream, attn_gate_backward_kernel)(
+        dy, dz, dout, y, x, wg, N, H, hd, C, GW, scale);
+    launchCheck();
+    PGOLF_LAUNCH(grid_for((size_t)N * GW), BLOCK, 0, cuda_ctx().stream, attn_gate_dx_kernel)(dx, dz, wg, N, H, C, GW);
+    launchCheck();
+    if (!dwg) return;
+    PGOLF_LAUNCH(reduce_grid(H * GW, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, attn_gate_dw_kernel)(
+        partial, dz, x, N, H, C, GW, rc.rows_per_chunk);
+    launchCheck();
+    column_sums_add(dwg, partial, rc.chunks, H * GW);
+}
+#endif
+
+// --- Gated U-Net skip (#289): out = lerp(w⊙skip, x, σ(gate)) = σ⊙x + (1 − σ)⊙w⊙skip -----------------
+#if PGOLF_CPU_REFERENCE
+template <class T> static void skip_gate_forward(Cpu<T>, T* out, const T* x, const T* skip, const T* w, const T* gate,
+                                                 int N, int C) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++) {
+            size_t i = (size_t)n * C + c;
+            T g = sigmoid(gate[c]);
+            out[i] = g * x[i] + (T(1) - g) * w[c] * skip[i];
+        }
+}
+// Adds into dx, dskip, dw, dgate (dw, dgate may be null).
+template <class T> static void skip_gate_backward(Cpu<T>, T* dx, T* dskip, T* dw, T* dgate, const T* dout, const T* x,
+                                                  const T* skip, const T* w, const T* gate, int N, int C) {
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++) {
+            size_t i = (size_t)n * C + c;
+            T g = sigmoid(gate[c]), d = dout[i];
+            dx[i] += g * d;
+            dskip[i] += (T(1) - g) * w[c] * d;
+            if (dw) dw[c] += d * (T(1) - g) * skip[i];
+            if (dgate) dgate[c] += d * (x[i] - w[c] * skip[i]) * g * (T(1) - g);
+        }
+}
+#endif
+#ifdef PGOLF_CUDA
+// On the GPU: the forward elementwise; the backward as branch_add_backward (column chunks, then sums).
+__global__ void skip_gate_forward_kernel(bf16* out, const bf16* x, const bf16* skip, const float* w, const float* gate,
+                                         size_t n, int C) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        int c = i % C;
+        float g = sigmoidf_(gate[c]);
+        out[i] = from_f32<bf16>(g * to_f32(x[i]) + (1.0f - g) * w[c] * to_f32(skip[i]));
+    }
+}
+__global__ void skip_gate_backward_kernel(bf16* dx, bf16* dskip, float* pw, float* pgate, const bf16* dout,
+                                          const bf16* x, const bf16* skip, const float* w, const float* gate, int N,
+                                          int C, long rows_per_chunk) {
+    __shared__ float sh[RED_ROWS * 32];
+    int c = blockIdx.x * 32 + threadIdx.x;
+    long n0 = blockIdx.y * rows_per_chunk, n1 = min(n0 + rows_per_chunk, (long)N);
+    float aw = 0.0f, ag = 0.0f;
+    if (c < C) {
+        float g = sigmoidf_(gate[c]), wc = w[c];
+        for (long n = n0 + threadIdx.y; n < n1; n += RED_ROWS) {
+            size_t i = (size_t)n * C + c;
+            float d = to_f32(dout[i]), xv = to_f32(x[i]), sv = to_f32(skip[i]);
+            dx[i] = from_f32<bf16>(to_f32(dx[i]) + g * d);
+            dskip[i] = from_f32<bf16>(to_f32(dskip[i]) + (1.0f - g) * wc * d);
+            aw += d * (1.0f - g) * sv;
+            ag += d * (xv - wc * sv) * g * (1.0f - g);
+        }
+    }
+    aw = column_reduce(aw, sh);
+    ag = column_reduce(ag, sh);
+    if (threadIdx.y == 0 && c < C) {
+        if (pw) pw[(size_t)blockIdx.y * C + c] = aw;
+        if (pgate) pgate[(size_t)blockIdx.y * C + c] = ag;
+    }
+}
+static void skip_gate_forward(Cuda, bf16* out, const bf16* x, const bf16* skip, const float* w, const float* gate,
+                              int N, int C) {
+    size_t n = (size_t)N * C;
+    if (!n) return;
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, skip_gate_forward_kernel)(out, x, skip, w, gate, n, C);
+    launchCheck();
+}
+static void skip_gate_backward(Cuda, bf16* dx, bf16* dskip, float* dw, float* dgate, const bf16* dout, const bf16* x,
+                               const bf16* skip, const float* w, const float* gate, int N, int C) {
+    if (N <= 0 || C <= 0) return;
+    RowChunks rc = row_chunks(N);
+    float *pw = nullptr, *pgate = nullptr;
+    if (dw || dgate)
+        scratch_carve([&](Arena& a) {
+            pw = dw ? a.take<float>((size_t)rc.chunks * C) : nullptr;
+            pgate = dgate ? a.take<float>((size_t)rc.chunks * C) : nullptr;
+        });
+    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, skip_gate_backward_kernel)(
+        dx, dskip, pw, pgate, dout, x, skip, w, gate, N, C, rc.rows_per_chunk);
+    launchCheck();
+    if (pw) column_sums_add(dw, pw, rc.chunks, C);
+    if (pgate) column_sums_add(dgate, pgate, rc.chunks, C);
+}
+#endif
+
+// --- Parallel residual lanes (#1530 as #1855 has it) -----------------------------------------------
+// With A = sa⊙a (attention branch) and M = sm⊙m (MLP branch), r = resid[2], p = post[2][2]:
+//   lane0' = r0·lane0 + p00·A + p10·M,   lane1' = r1·lane1 + p01·A + p11·M
+// (p[i][k]: branch i — 0 attention, 1 MLP — into lane k). Outputs may not alias the inputs.
+#if PGOLF_CPU_REFERENCE
+template <class T> static void lanes_forward(Cpu<T>, T* out0, T* out1, const T* lane0, const T* lane1, const T* a,
+                                             const T* m, const T* sa, const T* sm, const T* resid, const T* post,
+                                             int N, int C) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++) {
+            size_t i = (size_t)n * C + c;
+            T A = sa[c] * a[i], M = sm[c] * m[i];
+            out0[i] = resid[0] * lane0[i] + post[0] * A + post[2] * M;
+            out1[i] = resid[1] * lane1[i] + post[1] * A + post[3] * M;
+        }
+}
+// d0, d1 (the outputs' gradients) become the input lanes' in place; da, dm are overwritten; the
+// parameter gradients (any may be null) are added into.
+template <class T> static void lanes_backward(Cpu<T>, T* d0, T* d1, T* da, T* dm, T* dsa, T* dsm, T* dresid, T* dpost,
+                                              const T* lane0, const T* lane1, const T* a, const T* m, const T* sa,
+                                              const T* sm, const T* resid, const T* post, int N, int C) {
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++) {
+            size_t i = (size_t)n * C + c;
+            T g0 = d0[i], g1 = d1[i], A = sa[c] * a[i], M = sm[c] * m[i];
+            T dA = post[0] * g0 + post[1] * g1, dM = post[2] * g0 + post[3] * g1;
+            da[i] = sa[c] * dA;
+            dm[i] = sm[c] * dM;
+            if (dsa) dsa[c] += a[i] * dA;
+            if (dsm) dsm[c] += m[i] * dM;
+            if (dresid) { dresid[0] += g0 * lane0[i]; dresid[1] += g1 * lane1[i]; }
+            if (dpost) { dpost[0] += g0 * A; dpost[1] += g1 * A; dpost[2] += g0 * M; dpost[3] += g1 * M; }
+            d0[i] = resid[0] * g0;
+            d1[i] = resid[1] * g1;
+        }
+}
+#endif
+#ifdef PGOLF_CUDA
+// On the GPU: the forward elementwise; the backward one chunked column pass with eight partials per
+// column (sa, sm, then the six scalars), summed per column (sa, sm) or over everything (scalars).
+__global__ void lanes_forward_kernel(bf16* out0, bf16* out1, const bf16* lane0, const bf16* lane1, const bf16* a,
+                                     const bf16* m, const float* sa, const float* sm, const float* resid,
+                                     const float* post, size_t n, int C) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        int c = i % C;
+        float A = sa[c] * to_f32(a[i]), M = sm[c] * to_f32(m[i]);
+        out0[i] = from_f32<bf16>(resid[0] * to_f32(lane0[i]) + post[0] * A + post[2] * M);
+        out1[i] = from_f32<bf16>(resid[1] * to_f32(lane1[i]) + post[1] * A + post[3] * M);
+    }
+}
+static const int LANES_PARTIALS = 8;
+__global__ void lanes_backward_kernel(bf16* d0, bf16* d1, bf16* da, bf16* dm, float* partial, const bf16* lane0,
+                                      const bf16* lane1, const bf16* a, const bf16* m, const float* sa, const float* sm,
+                                      const float* resid, const float* post, int N, int C, long rows_per_chunk) {
+    __shared__ float sh[RED_ROWS * 32];
+    int c = blockIdx.x * 32 + threadIdx.x;
+    long n0 = blockIdx.y * rows_per_chunk, n1 = min(n0 + rows_per_chunk, (long)N);
+    float acc[LANES_PARTIALS] = {};
+    if (c < C)
+        for (long n = n0 + threadIdx.y; n < n1; n += RED_ROWS) {
+            size_t i = (size_t)n * C + c;
+            float g0 = to_f32(d0[i]), g1 = to_f32(d1[i]), av = to_f32(a[i]), mv = to_f32(m[i]);
+            float A = sa[c] * av, M = sm[c] * mv;
+            float dA = post[0] * g0 + post[1] * g1, dM = post[2] * g0 + post[3] * g1;
+            da[i] = from_f32<bf16>(sa[c] * dA);
+            dm[i] = from_f32<bf16>(sm[c] * dM);
+            acc[0] += av * dA;
+            acc[1] += mv * dM;
+            acc[2] += g0 * to_f32(lane0[i]);
+            acc[3] += g1 * to_f32(lane1[i]);
+            acc[4] += g0 * A;
+            acc[5] += g1 * A;
+            acc[6] += g0 * M;
+            acc[7] += g1 * M;
+            d0[i] = from_f32<bf16>(resid[0] * g0);
+            d1[i] = from_f32<bf16>(resid[1] * g1);
+        }
+    for (int k = 0; k < LANES_PARTIALS; k++) {
+        float s = column_reduce(acc[k], sh);
+        if (threadIdx.y == 0 && c < C) partial[((size_t)k * gridDim.y + blockIdx.y) * C + c] = s;
+    }
+}
+static void lanes_forward(Cuda, bf16* out0, bf16* out1, const bf16* lane0, const bf16* lane1, const bf16* a,
+                          const bf16* m, const float* sa, const float* sm, const float* resid, const float* post,
+                          int N, int C) {
+    size_t n = (size_t)N * C;
+    if (!n) return;
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, lanes_forward_kernel)(out0, out1, lane0, lane1, a, m, sa, sm,
+                                                                                resid, post, n, C);
+    launchCheck();
+}
+static void lanes_backward(Cuda, bf16* d0, bf16* d1, bf16* da, bf16* dm, float* dsa, float* dsm, float* dresid,
+                           float* dpost, const bf16* lane0, const bf16* lane1, const bf16* a, const bf16* m,
+                           const float* sa, const float* sm, const float* resid, const float* post, int N, int C) {
+    if (N <= 0 || C <= 0) return;
+    RowChunks rc = row_chunks(N);
+    size_t block = (size_t)rc.chunks * C;  // one partial's [chunks, C]
+    float* partial = nullptr;
+    scratch_carve([&](Arena& a_) { partial = a_.take<float>(LANES_PARTIALS * block); });
+    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, lanes_backward_kernel)(
+        d0, d1, da, dm, partial, lane0, lane1, a, m, sa, sm, resid, post, N, C, rc.rows_per_chunk);
+    launchCheck();
+    if (dsa) column_sums_add(dsa, partial, rc.chunks, C);
+    if (dsm) column_sums_add(dsm, partial + block, rc.chunks, C);
+    for (int k = 0; k < 2 && dresid; k++) total_sum_add(dresid + k, partial + (2 + k) * block, block);
+    for (int k = 0; k < 4 && dpost; k++) total_sum_add(dpost + k, partial + (4 + k) * block, block);
+}
+#endif
+
 // --- MLP activation: relu(h)² or leaky_relu(h, 0.5)² ----------------------------------------------
 #if PGOLF_CPU_REFERENCE
 template <class T> static void mlp_act_forward(Cpu<T>, T* out, const T* h, size_t n, bool leaky) {
@@ -3502,25 +4081,32 @@ template <class T> static void softcap_ce(Cpu<T>, T* losses, T* logits, const in
 #ifdef PGOLF_CUDA
 // On the GPU.
 // One block per row reads the bf16 logits and keeps everything else in fp32 registers: no fp32
-// logits are ever written. With weights, the row is overwritten with bf16
-// dlogits = w·(softmax(z) − onehot(y))·(1 − (z/cap)²). Each element is read and rewritten by the
-// same thread, so the overwrite needs no barrier.
+// logits are ever written. One streaming pass finds the row's max and Σ exp together (each thread
+// rescales its running sum when its max grows; the block then rescales each thread's sum to the row
+// max), so the logits are read once for the loss (#1787's fused CE does the same). With weights, a
+// second pass overwrites the row with bf16 dlogits = w·(softmax(z) − onehot(y))·(1 − (z/cap)²): the
+// forward and backward of the loss in one kernel. Each element is read and rewritten by the same
+// thread, so the overwrite needs no barrier.
 __global__ void softcap_ce_kernel(float* losses, bf16* logits, const int32_t* targets, const float* weights, int V, float cap) {
     __shared__ float red[32];
     __shared__ float zy;
     int n = blockIdx.x, y = targets[n];
     bf16* l = logits + (size_t)n * V;
-    float mx = -INFINITY;
+    float mx = -INFINITY, sum = 0.0f;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
         float z = cap * tanhf(to_f32(l[i]) / cap);
-        mx = fmaxf(mx, z);
+        if (z > mx) {
+            sum = sum * expf(mx - z) + 1.0f;  // (expf(−inf) = 0 on the first element)
+            mx = z;
+        } else {
+            sum += expf(z - mx);
+        }
         if (i == y) zy = z;
     }
-    mx = block_max(mx, red);
-    float sum = 0.0f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(cap * tanhf(to_f32(l[i]) / cap) - mx);
+    float row_mx = block_max(mx, red);
+    sum = sum > 0.0f ? sum * expf(mx - row_mx) : 0.0f;
     sum = block_sum(sum, red);  // (its barriers also publish zy)
-    float lse = mx + logf(sum);
+    float lse = row_mx + logf(sum);
     if (threadIdx.x == 0) losses[n] = (y >= 0 && y < V) ? lse - zy : NAN;
     if (!weights) return;
     float w = weights[n];
@@ -4043,9 +4629,21 @@ template <class T> static void fake_quant_rows(Cpu<T>, T* out, const T* w, int r
 }
 #endif
 
+// Fraction of training done before step `step`: of the wall-clock cap when there is one, else of
+// ITERATIONS (PR #1855's training_frac; it drives WARMDOWN_FRAC and ENABLE_LOOPING_AT).
+static double training_frac(const Config& c, int step, double elapsed_ms) {
+    if (c.max_wallclock_seconds <= 0) return (double)step / std::max(c.iterations, 1);
+    return elapsed_ms / std::max(1000.0 * c.max_wallclock_seconds, 1e-9);
+}
+
 // The lr multiplier: 1, then a linear warm-down over the last WARMDOWN_ITERS steps — measured in
 // wall-clock time when there is a cap (warm-down time = WARMDOWN_ITERS × mean step time so far).
+// With WARMDOWN_FRAC: 1, then (1 − frac)/WARMDOWN_FRAC over the last WARMDOWN_FRAC of training.
 static double lr_multiplier(const Config& c, int step, double elapsed_ms) {
+    if (c.warmdown_frac > 0) {
+        double f = training_frac(c, step, elapsed_ms);
+        return f >= 1.0 - c.warmdown_frac ? std::max((1.0 - f) / c.warmdown_frac, 0.0) : 1.0;
+    }
     if (c.warmdown_iters <= 0) return 1.0;
     if (c.max_wallclock_seconds <= 0) {
         int start = std::max(c.iterations - c.warmdown_iters, 0);
@@ -6791,6 +7389,69 @@ static void smear_backward(Cost, CostBf16*, float* dgate, const CostBf16*, const
     double part = (double)row_chunks_count(N) * C * F32;
     cost_add(OP_ELEMENTWISE, "smear_backward", 0, 4.0 * N * C * BF + (dgate ? part : 0));
     if (dgate) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
+}
+// smear_bos_forward: one block per row; smear_bos_backward: one block per row (dx overwritten, per-row
+// partials) + total_sum_add (λ) + column_sums_add (w)
+static void smear_bos_forward(Cost, CostBf16*, const CostBf16*, const int32_t*, const float*, const float*, int N, int,
+                              int C, int) {
+    if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "smear_bos_forward", 0, 3.0 * N * C * BF + N * I32);
+}
+static void smear_bos_backward(Cost, CostBf16*, float* dw, float* dlambda, const CostBf16*, const CostBf16*,
+                               const int32_t*, const float*, const float*, int N, int, int C, int W) {
+    if (N <= 0 || C <= 0) return;
+    double part = (dw || dlambda) ? (double)N * (W + 1) * F32 : 0;
+    cost_add(OP_ELEMENTWISE, "smear_bos_backward", 0, 5.0 * N * C * BF + 2.0 * N * I32 + part);
+    if (dlambda) cost_add(OP_ELEMENTWISE, "total_sum_add", 0, N * F32 + 2 * F32);
+    if (dw) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, (double)N * W * F32 + 2.0 * W * F32);
+}
+// attn_gate_forward: one warp per (row, head); attn_gate_backward: that warp pass (dy overwritten, dz out),
+// the dx row kernel, the chunked dWg kernel + column_sums_add
+static void attn_gate_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, int N, int H, int hd,
+                              int, int GW, float) {
+    double bytes = 2.0 * N * H * hd * BF + (double)N * GW * BF;
+    if ((size_t)N * H > 0) cost_add(OP_ELEMENTWISE, "attn_gate_forward", 0, bytes);
+}
+static void attn_gate_backward(Cost, CostBf16*, CostBf16*, float* dwg, const CostBf16*, const CostBf16*,
+                               const CostBf16*, const float*, int N, int H, int hd, int, int GW, float) {
+    if ((size_t)N * H == 0) return;
+    double dz = (double)N * H * F32, xw = (double)N * GW * BF;
+    cost_add(OP_ELEMENTWISE, "attn_gate_backward", 0, 3.0 * N * H * hd * BF + xw + dz);
+    cost_add(OP_ELEMENTWISE, "attn_gate_dx", 0, dz + 2 * xw);
+    if (!dwg) return;
+    double part = (double)row_chunks_count(N) * H * GW * F32;
+    cost_add(OP_ELEMENTWISE, "attn_gate_dw", 0, dz + xw + part);
+    cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * H * GW * F32);
+}
+// skip_gate_forward: one elementwise kernel; skip_gate_backward: the chunked kernel (dx, dskip +=) + sums
+static void skip_gate_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, const float*, int N,
+                              int C) {
+    if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "skip_gate_forward", 0, 3.0 * N * C * BF);
+}
+static void skip_gate_backward(Cost, CostBf16*, CostBf16*, float* dw, float* dgate, const CostBf16*, const CostBf16*,
+                               const CostBf16*, const float*, const float*, int N, int C) {
+    if (N <= 0 || C <= 0) return;
+    double part = (double)row_chunks_count(N) * C * F32;
+    double partials = part * ((dw ? 1 : 0) + (dgate ? 1 : 0));
+    cost_add(OP_ELEMENTWISE, "skip_gate_backward", 0, 7.0 * N * C * BF + partials);
+    if (dw) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
+    if (dgate) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
+}
+// lanes_forward: one elementwise kernel; lanes_backward: one chunked pass (eight partials) + 2 column and
+// up to 6 total sums
+static void lanes_forward(Cost, CostBf16*, CostBf16*, const CostBf16*, const CostBf16*, const CostBf16*,
+                          const CostBf16*, const float*, const float*, const float*, const float*, int N, int C) {
+    if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "lanes_forward", 0, 6.0 * N * C * BF);
+}
+static void lanes_backward(Cost, CostBf16*, CostBf16*, CostBf16*, CostBf16*, float* dsa, float* dsm, float* dresid,
+                           float* dpost, const CostBf16*, const CostBf16*, const CostBf16*, const CostBf16*,
+                           const float*, const float*, const float*, const float*, int N, int C) {
+    if (N <= 0 || C <= 0) return;
+    double block = (double)row_chunks_count(N) * C * F32;
+    cost_add(OP_ELEMENTWISE, "lanes_backward", 0, 10.0 * N * C * BF + 8 * block);
+    if (dsa) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, block + 2.0 * C * F32);
+    if (dsm) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, block + 2.0 * C * F32);
+    for (int k = 0; k < 2 && dresid; k++) cost_add(OP_ELEMENTWISE, "total_sum_add", 0, block + 2 * F32);
+    for (int k = 0; k < 4 && dpost; k++) cost_add(OP_ELEMENTWISE, "total_sum_add", 0, block + 2 * F32);
 }
 // mlp_act_forward / mlp_act_backward: one elementwise kernel each (the backward adds into dh)
 static void mlp_act_forward(Cost, CostBf16*, const CostBf16*, size_t n, bool) {
