@@ -1393,6 +1393,15 @@ static void config_validate(const Config& c, int world) {
     need(c.enable_looping_at >= 0 && c.enable_looping_at <= 1, "ENABLE_LOOPING_AT=%g: expected [0, 1]",
          c.enable_looping_at);
     need(c.warmdown_frac >= 0 && c.warmdown_frac <= 1, "WARMDOWN_FRAC=%g: expected [0, 1]", c.warmdown_frac);
+    need(c.num_loops == 0 || c.parallel_start_layer == 0 || c.loop_end < c.parallel_start_layer,
+         "LOOP_END=%d must be below PARALLEL_START_LAYER=%d (the lanes, once split, stay split)", c.loop_end,
+         c.parallel_start_layer);
+    need(!(c.smear_gate && c.parallel_start_layer > 0),
+         "SMEAR_GATE=1 (PR #600's branch gates) has no parallel-block form: set PARALLEL_START_LAYER=0");
+    bool lora_ttt = false;
+    for (const std::string& mode : split_list(c.eval_mode)) lora_ttt |= mode == "lora_ttt";
+    need(!(lora_ttt && c.num_loops > 0),
+         "EVAL_MODE lora_ttt with NUM_LOOPS=%d: LoRA adapters on looped blocks are not implemented", c.num_loops);
 }
 
 // The folders this run writes outside OUT_DIR must be writable before training starts.
@@ -3703,9 +3712,12 @@ template <class T> static void attn_gate_forward(Cpu<T>, T* out, const T* y, con
             for (int d = 0; d < hd; d++) out[o + d] = g * y[o + d];
         }
 }
-// Overwrites dy; adds into dx[:, :GW] and dwg (null: no parameter gradient).
-template <class T> static void attn_gate_backward(Cpu<T>, T* dy, T* dx, T* dwg, const T* dout, const T* y, const T* x,
-                                                  const T* wg, int N, int H, int hd, int C, int GW, float scale) {
+// Two calls: attn_gate_backward overwrites dy and dz (N, H), the gradient of each gate's logit
+// (before its scale), and adds into dwg (null: none); attn_gate_backward_input then adds the input's
+// share, dx[:, :GW] += Σ_h dz·W_h — a separate call, so that it can follow whatever writes dx first.
+template <class T, class S> static void attn_gate_backward(Cpu<T>, T* dy, S* dz, T* dwg, const T* dout, const T* y,
+                                                           const T* x, const T* wg, int N, int H, int hd, int C,
+                                                           int GW, float scale) {
     for (int n = 0; n < N; n++)
         for (int h = 0; h < H; h++) {
             const T* xr = x + (size_t)n * C;
@@ -3716,12 +3728,16 @@ template <class T> static void attn_gate_backward(Cpu<T>, T* dy, T* dx, T* dwg, 
                 dg += dout[o + d] * y[o + d];
                 dy[o + d] = g * dout[o + d];
             }
-            T dz = T(scale) * dg * g * (T(1) - g);
-            for (int j = 0; j < GW; j++) {
-                if (dwg) dwg[(size_t)h * GW + j] += dz * xr[j];
-                dx[(size_t)n * C + j] += dz * wg[(size_t)h * GW + j];
-            }
+            T dzv = T(scale) * dg * g * (T(1) - g);
+            dz[(size_t)n * H + h] = dzv;
+            for (int j = 0; dwg && j < GW; j++) dwg[(size_t)h * GW + j] += dzv * xr[j];
         }
+}
+template <class T, class S> static void attn_gate_backward_input(Cpu<T>, T* dx, const S* dz, const T* wg, int N, int H,
+                                                                 int C, int GW) {
+    for (int n = 0; n < N; n++)
+        for (int h = 0; h < H; h++)
+            for (int j = 0; j < GW; j++) dx[(size_t)n * C + j] += T(dz[(size_t)n * H + h]) * wg[(size_t)h * GW + j];
 }
 #endif
 #ifdef PGOLF_CUDA
@@ -3789,26 +3805,26 @@ static void attn_gate_forward(Cuda, bf16* out, const bf16* y, const bf16* x, con
                                                                                                  hd, C, GW, scale);
     launchCheck();
 }
-static void attn_gate_backward(Cuda, bf16* dy, bf16* dx, float* dwg, const bf16* dout, const bf16* y, const bf16* x,
+static void attn_gate_backward(Cuda, bf16* dy, float* dz, float* dwg, const bf16* dout, const bf16* y, const bf16* x,
                                const float* wg, int N, int H, int hd, int C, int GW, float scale) {
     size_t threads = (size_t)N * H * 32;
     if (!threads) return;
-    RowChunks rc = row_chunks(N);
-    float *dz = nullptr, *partial = nullptr;
-    scratch_carve([&](Arena& a) {
-        dz = a.take<float>((size_t)N * H);
-        partial = dwg ? a.take<float>((size_t)rc.chunks * H * GW) : nullptr;
-    });
     PGOLF_LAUNCH(ceil_div(threads, BLOCK), BLOCK, 0, cuda_ctx().stream, attn_gate_backward_kernel)(
         dy, dz, dout, y, x, wg, N, H, hd, C, GW, scale);
     launchCheck();
-    PGOLF_LAUNCH(grid_for((size_t)N * GW), BLOCK, 0, cuda_ctx().stream, attn_gate_dx_kernel)(dx, dz, wg, N, H, C, GW);
-    launchCheck();
     if (!dwg) return;
+    RowChunks rc = row_chunks(N);
+    float* partial = nullptr;
+    scratch_carve([&](Arena& a) { partial = a.take<float>((size_t)rc.chunks * H * GW); });
     PGOLF_LAUNCH(reduce_grid(H * GW, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, attn_gate_dw_kernel)(
         partial, dz, x, N, H, C, GW, rc.rows_per_chunk);
     launchCheck();
     column_sums_add(dwg, partial, rc.chunks, H * GW);
+}
+static void attn_gate_backward_input(Cuda, bf16* dx, const float* dz, const float* wg, int N, int H, int C, int GW) {
+    if ((size_t)N * GW == 0) return;
+    PGOLF_LAUNCH(grid_for((size_t)N * GW), BLOCK, 0, cuda_ctx().stream, attn_gate_dx_kernel)(dx, dz, wg, N, H, C, GW);
+    launchCheck();
 }
 #endif
 
@@ -3824,14 +3840,14 @@ template <class T> static void skip_gate_forward(Cpu<T>, T* out, const T* x, con
             out[i] = g * x[i] + (T(1) - g) * w[c] * skip[i];
         }
 }
-// Adds into dx, dskip, dw, dgate (dw, dgate may be null).
+// Overwrites dx (which may be dout itself) with σ⊙dout; adds into dskip, dw, dgate (dw, dgate may be null).
 template <class T> static void skip_gate_backward(Cpu<T>, T* dx, T* dskip, T* dw, T* dgate, const T* dout, const T* x,
                                                   const T* skip, const T* w, const T* gate, int N, int C) {
     for (int n = 0; n < N; n++)
         for (int c = 0; c < C; c++) {
             size_t i = (size_t)n * C + c;
             T g = sigmoid(gate[c]), d = dout[i];
-            dx[i] += g * d;
+            dx[i] = g * d;
             dskip[i] += (T(1) - g) * w[c] * d;
             if (dw) dw[c] += d * (T(1) - g) * skip[i];
             if (dgate) dgate[c] += d * (x[i] - w[c] * skip[i]) * g * (T(1) - g);
@@ -3860,7 +3876,7 @@ __global__ void skip_gate_backward_kernel(bf16* dx, bf16* dskip, float* pw, floa
         for (long n = n0 + threadIdx.y; n < n1; n += RED_ROWS) {
             size_t i = (size_t)n * C + c;
             float d = to_f32(dout[i]), xv = to_f32(x[i]), sv = to_f32(skip[i]);
-            dx[i] = from_f32<bf16>(to_f32(dx[i]) + g * d);
+            dx[i] = from_f32<bf16>(g * d);  // (read before: dx may be dout)
             dskip[i] = from_f32<bf16>(to_f32(dskip[i]) + (1.0f - g) * wc * d);
             aw += d * (1.0f - g) * sv;
             ag += d * (xv - wc * sv) * g * (1.0f - g);
@@ -4192,6 +4208,7 @@ template <class D> struct LayerActs {
     A* attn_out;             // (B*T, C) causal softmax(q kᵀ/√hd) v, per head
     S* attn_lse;             // (B*T, H) log-sum-exp of each softmax row
     A* attn_proj_in;         // (B*T, C) XSA(attn_out, v_proj) (aliases attn_out in layers without XSA)
+    A* attn_gated;           // (B*T, C) SparseAttnGate(attn_proj_in, attn_norm), input of attn_proj when on
     A* attn_proj_out;        // (B*T, C) attn_proj_in · attn_projᵀ
     A* residual_after_attn;  // (B*T, C) residual_mixed + attn_scale ⊙ σ(attn_gate) ⊙ attn_proj_out
     A* mlp_norm;             // (B*T, C) rmsnorm(residual_after_attn), input of fc
@@ -4200,6 +4217,8 @@ template <class D> struct LayerActs {
     A* mlp_act;              // (B*T, F) relu²(mlp_hidden) (or leaky_relu²)
     A* mlp_proj_out;         // (B*T, C) mlp_act · mlp_projᵀ
     A* residual_out;         // (B*T, C) residual_after_attn + mlp_scale ⊙ σ(mlp_gate) ⊙ mlp_proj_out
+                             // (a parallel block: lane 0 after it, see lanes_forward)
+    A* lane1_out;            // (B*T, C) a parallel block's lane 1 (the MLP's input lane) after it
 };
 template <class D> struct Acts {
     using A = typename D::act;
@@ -4216,6 +4235,8 @@ template <class D> struct Acts {
     A* embed_norm;                 // (B*T, C) rmsnorm of the embedding
     S* embed_norm_rstd;            // (B*T)
     A* residual_x0;                // (B*T, C) x0, the second residual lane: SmearGate(embed_norm) or embed_norm itself
+    A* embed_smeared;              // (B*T, C) BOS-masked SmearGate of the embedding (SMEAR_GATE_ENABLED), then normed
+    A* final_in;                   // (B*T, C) ½(lane 0 + lane 1) after parallel blocks (PARALLEL_FINAL_LANE=mean)
     std::vector<LayerActs<D>> layers;
     A* final_norm;                 // (B*T, C) rmsnorm of the last residual_out, input of the head
     S* final_norm_rstd;            // (B*T)
@@ -4241,8 +4262,18 @@ template <class D> struct Acts {
     A* d_embed_sum;                // (B*T, C)
     A* d_bigram_embed;             // (B*T, BD)
     A* d_bigram_proj_out;          // (B*T, C)
+    A* d_lane1;                    // (B*T, C) of lane 1 (parallel blocks)
+    S* d_attn_gate_logit;          // (B*T, H) of SparseAttnGate's logits (before their scale)
     std::vector<A*> d_skips;       // (B*T, C) each: gradient flowing back into each encoder output that feeds a skip
 };
+
+static bool layer_has_xsa(const Config& c, int l) { return (l % c.num_cores()) >= c.num_cores() - c.xsa_last_n; }
+// Virtual layer l runs as a parallel block: a decoder layer whose block is at or past PARALLEL_START_LAYER.
+static bool layer_parallel(const Config& c, int l, bool loop) {
+    return c.parallel_start_layer > 0 && l >= c.num_encoder(loop) && c.block_of(l, loop) >= c.parallel_start_layer;
+}
+// LN_SCALE: block b's norm outputs × 1/√(b+1).
+static float ln_scale_of(const Config& c, int b) { return c.ln_scale ? (float)(1.0 / std::sqrt(b + 1.0)) : 1.0f; }
 
 template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c, int B, int T) {
     using A = typename D::act;
@@ -4268,11 +4299,19 @@ template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c
     a.embed_norm = ar.take<A>(N * C);
     a.embed_norm_rstd = ar.take<S>(N);
     a.residual_x0 = c.smear ? ar.take<A>(N * C) : a.embed_norm;
-    a.layers.assign(c.num_layers, {});
-    int enc = c.num_encoder_layers();
-    for (int l = 0; l < c.num_layers; l++) {
+    a.embed_smeared = c.smear_gate_enabled ? ar.take<A>(N * C) : nullptr;
+    a.final_in = c.parallel_start_layer > 0 ? ar.take<A>(N * C) : nullptr;
+    // one set per virtual layer of the longer sequence; buffers a layer needs in either sequence
+    a.layers.assign(c.max_virtual(), {});
+    for (int l = 0; l < c.max_virtual(); l++) {
         LayerActs<D>& L = a.layers[l];
-        bool skip_in = l >= enc && (l - enc) < c.num_skip_weights();
+        bool skip_in = false, xsa = false, par = false;
+        for (bool loop : {false, true}) {
+            if (l >= c.num_virtual(loop)) continue;
+            skip_in |= l >= c.num_encoder(loop) && l - c.num_encoder(loop) < c.num_skips(loop);
+            xsa |= layer_has_xsa(c, c.block_of(l, loop));
+            par |= layer_parallel(c, l, loop);
+        }
         L.residual_in = (l == 0 || skip_in) ? ar.take<A>(N * C) : a.layers[l - 1].residual_out;
         L.residual_mixed = ar.take<A>(N * C);
         L.attn_norm = ar.take<A>(N * C);
@@ -4286,8 +4325,8 @@ template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c
         L.k_rstd = ar.take<S>(N * Hk);
         L.attn_out = ar.take<A>(N * C);
         L.attn_lse = ar.take<S>(N * H);
-        bool xsa = (l % c.num_cores()) >= c.num_cores() - c.xsa_last_n;
         L.attn_proj_in = xsa ? ar.take<A>(N * C) : L.attn_out;
+        L.attn_gated = c.sparse_attn_gate ? ar.take<A>(N * C) : nullptr;
         L.attn_proj_out = ar.take<A>(N * C);
         L.residual_after_attn = ar.take<A>(N * C);
         L.mlp_norm = ar.take<A>(N * C);
@@ -4296,6 +4335,7 @@ template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c
         L.mlp_act = ar.take<A>(N * F);
         L.mlp_proj_out = ar.take<A>(N * C);
         L.residual_out = ar.take<A>(N * C);
+        L.lane1_out = par ? ar.take<A>(N * C) : nullptr;
     }
     a.final_norm = ar.take<A>(N * C);
     a.final_norm_rstd = ar.take<S>(N);
@@ -4320,6 +4360,8 @@ template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c
     a.d_embed_sum = ar.take<A>(N * C);
     a.d_bigram_embed = c.bigram_vocab_size ? ar.take<A>(N * BD) : nullptr;
     a.d_bigram_proj_out = bigram_branch ? ar.take<A>(N * C) : nullptr;
+    a.d_lane1 = c.parallel_start_layer > 0 ? ar.take<A>(N * C) : nullptr;
+    a.d_attn_gate_logit = c.sparse_attn_gate ? ar.take<S>(N * H) : nullptr;
     a.d_skips.assign(c.num_skip_weights(), nullptr);
     for (int i = 0; i < c.num_skip_weights(); i++) a.d_skips[i] = ar.take<A>(N * C);
 }
@@ -4359,6 +4401,7 @@ template <class D> struct Model {
     void* act_memory = nullptr;
     size_t act_bytes = 0;
     bool qat_active = false;
+    bool looping = false;               // depth recurrence on (NUM_LOOPS): the longer block sequence runs
 };
 
 template <class D> static void model_init(D dev, Model<D>& m, const Config& c, int B, int T) {
@@ -4378,6 +4421,7 @@ template <class D> static void model_init(D dev, Model<D>& m, const Config& c, i
     m.act_bytes = ar.used;
     ar.base = (uint8_t*)(m.act_memory = device_alloc(dev, ar.used)); ar.cap = ar.used; ar.used = 0;
     carve_acts(ar, m.acts, c, B, T);
+    m.looping = c.num_loops > 0;  // evaluation runs the loop; train() starts without it
 }
 
 template <class D> static void refresh_compute_weights(D dev, Model<D>& m, bool qat);
@@ -4439,7 +4483,48 @@ template <class D> static void lora_backward(D dev, Lora<D>* lo, int t, int laye
 }
 
 
-static bool layer_has_xsa(const Config& c, int l) { return (l % c.num_cores()) >= c.num_cores() - c.xsa_last_n; }
+
+// What block l reads: its own residual_in where something is written there (layer 0, a skip), else
+// the previous layer's output (residual_in may be a buffer of its own that only the other sequence of
+// the recurrence writes).
+template <class D> static const typename D::act* block_input(Model<D>& m, int l, bool loop) {
+    const Config& c = m.cfg;
+    int i = l - c.num_encoder(loop);
+    bool own = l == 0 || (i >= 0 && i < c.num_skips(loop));
+    return own ? m.acts.layers[l].residual_in : m.acts.layers[l - 1].residual_out;
+}
+// What the final norm reads: the last layer's output, or after parallel blocks (PARALLEL_FINAL_LANE)
+// the mean of the two lanes (computed into final_in when `compute`), lane 0 (attn) or lane 1 (mlp).
+template <class D> static const typename D::act* final_hidden(D dev, Model<D>& m, int N, bool loop,
+                                                              bool compute = true) {
+    const Config& c = m.cfg;
+    Acts<D>& a = m.acts;
+    int last = c.num_virtual(loop) - 1;
+    const LayerActs<D>& L = a.layers[last];
+    if (!layer_parallel(c, last, loop) || c.parallel_final_lane == "attn") return L.residual_out;
+    if (c.parallel_final_lane == "mlp") return L.lane1_out;
+    if (compute) {
+        add_forward(dev, a.final_in, L.residual_out, L.lane1_out, (size_t)N * c.model_dim);
+        scale_inplace(dev, a.final_in, (size_t)N * c.model_dim, 0.5f);
+    }
+    return a.final_in;
+}
+// Its backward: d_residual holds the gradient of what the final norm read; it becomes lane 0's, and
+// d_lane1 lane 1's.
+template <class D> static void final_hidden_backward(D dev, Model<D>& m, int N) {
+    const Config& c = m.cfg;
+    Acts<D>& a = m.acts;
+    size_t n = (size_t)N * c.model_dim;
+    device_zero(dev, a.d_lane1, n * sizeof(*a.d_lane1));
+    if (c.parallel_final_lane == "attn") return;
+    add_inplace(dev, a.d_lane1, a.d_residual, n);
+    if (c.parallel_final_lane == "mlp") {
+        device_zero(dev, a.d_residual, n * sizeof(*a.d_residual));
+        return;
+    }
+    scale_inplace(dev, a.d_residual, n, 0.5f);
+    scale_inplace(dev, a.d_lane1, n, 0.5f);
+}
 
 // Forward over a.inputs/a.targets (already on the device). Per-position NLLs land in a.losses.
 // With a.loss_weights set (weights != nullptr), the logits buffer ends up holding dloss/dlogits.
@@ -4466,47 +4551,78 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
         add_forward(dev, a.embed_sum, a.tok_embed, a.bigram_proj_out, (size_t)N * Dm);
         e = a.embed_sum;
     }
+    if (c.smear_gate_enabled) {
+        smear_bos_forward(dev, a.embed_smeared, e, a.inputs, W.smear_w, W.smear_lambda, N, T, Dm, c.gate_window);
+        e = a.embed_smeared;
+    }
     rmsnorm_forward(dev, a.embed_norm, a.embed_norm_rstd, e, N, Dm);
     if (c.smear) smear_forward(dev, a.residual_x0, a.embed_norm, W.smear_gate, N, T, Dm);
-    // blocks, with U-Net skips from the first half into the second
-    int enc = c.num_encoder_layers();
-    for (int l = 0; l < c.num_layers; l++) {
+    // blocks (virtual layer l runs block b), with U-Net skips from the first half into the second
+    bool loop = m.looping && c.num_loops > 0;
+    int layers = c.num_virtual(loop), enc = c.num_encoder(loop), skips = c.num_skips(loop);
+    const typename D::act* lane1 = nullptr;  // the MLP's lane, once parallel blocks begin
+    for (int l = 0; l < layers; l++) {
+        int b = c.block_of(l, loop);
         LayerActs<D>& L = a.layers[l];
-        const auto& LW = W.layers[l];
+        const auto& LW = W.layers[b];
+        bool par = layer_parallel(c, l, loop);
+        if (par && !lane1) lane1 = a.layers[l - 1].residual_out;  // both lanes start as the stream (before its skip)
+        const typename D::act* x_in = block_input(m, l, loop);
         if (l == 0) copy_forward(dev, L.residual_in, a.residual_x0, (size_t)N * Dm);
-        else if (l >= enc && l - enc < c.num_skip_weights()) {
+        else if (l >= enc && l - enc < skips) {
             int i = l - enc;  // decoder layer i takes encoder output enc−1−i (a stack)
             const typename D::act* skip = a.layers[enc - 1 - i].residual_out;
+            const typename D::act* prev = a.layers[l - 1].residual_out;
             const typename D::vec* skip_weight = W.skip_weights + (size_t)i * Dm;
-            branch_add_forward(dev, L.residual_in, a.layers[l - 1].residual_out, skip, skip_weight, no_gate, N, Dm);
+            if (W.skip_gates)
+                skip_gate_forward(dev, L.residual_in, prev, skip, skip_weight, W.skip_gates + (size_t)i * Dm, N, Dm);
+            else
+                branch_add_forward(dev, L.residual_in, prev, skip, skip_weight, no_gate, N, Dm);
         }
-        resid_mix_forward(dev, L.residual_mixed, L.residual_in, a.residual_x0, LW.resid_mix, N, Dm);
+        resid_mix_forward(dev, L.residual_mixed, x_in, a.residual_x0, LW.resid_mix, N, Dm);
         rmsnorm_forward(dev, L.attn_norm, L.attn_norm_rstd, L.residual_mixed, N, Dm);
+        if (c.ln_scale) scale_inplace(dev, L.attn_norm, (size_t)N * Dm, ln_scale_of(c, b));
         matmul_forward(dev, L.q_proj, L.attn_norm, LW.c_q, N, Dm, Dm);
         matmul_forward(dev, L.k_proj, L.attn_norm, LW.c_k, N, Dm, KV);
         matmul_forward(dev, L.v_proj, L.attn_norm, LW.c_v, N, Dm, KV);
-        lora_forward(dev, lo, LORA_Q, l, L.q_proj, L.attn_norm, T);
-        lora_forward(dev, lo, LORA_K, l, L.k_proj, L.attn_norm, T);
-        lora_forward(dev, lo, LORA_V, l, L.v_proj, L.attn_norm, T);
+        lora_forward(dev, lo, LORA_Q, b, L.q_proj, L.attn_norm, T);
+        lora_forward(dev, lo, LORA_K, b, L.k_proj, L.attn_norm, T);
+        lora_forward(dev, lo, LORA_V, b, L.v_proj, L.attn_norm, T);
         qk_norm_rope_forward(dev, L.q_rope, L.q_rstd, L.q_proj, LW.q_gain, N, T, H, hd, c.rotary_dims(), c.rope_base);
         qk_norm_rope_forward(dev, L.k_rope, L.k_rstd, L.k_proj, no_gate, N, T, Hk, hd, c.rotary_dims(), c.rope_base);
         attention_forward(dev, L.attn_out, L.attn_lse, L.q_rope, L.k_rope, L.v_proj, B, T, H, Hk, hd);
-        if (layer_has_xsa(c, l)) xsa_forward(dev, L.attn_proj_in, L.attn_out, L.v_proj, N, H, Hk, hd);
-        matmul_forward(dev, L.attn_proj_out, L.attn_proj_in, LW.attn_proj, N, Dm, Dm);
-        lora_forward(dev, lo, LORA_O, l, L.attn_proj_out, L.attn_proj_in, T);
-        branch_add_forward(dev, L.residual_after_attn, L.residual_mixed, L.attn_proj_out, LW.attn_scale, LW.attn_gate,
-                           N, Dm);
-        rmsnorm_forward(dev, L.mlp_norm, L.mlp_norm_rstd, L.residual_after_attn, N, Dm);
+        if (layer_has_xsa(c, b)) xsa_forward(dev, L.attn_proj_in, L.attn_out, L.v_proj, N, H, Hk, hd);
+        const typename D::act* proj_in = L.attn_proj_in;
+        if (c.sparse_attn_gate) {
+            attn_gate_forward(dev, L.attn_gated, L.attn_proj_in, L.attn_norm, LW.attn_gate_w, N, H, hd, Dm,
+                              c.gate_window, c.sparse_attn_gate_scale);
+            proj_in = L.attn_gated;
+        }
+        matmul_forward(dev, L.attn_proj_out, proj_in, LW.attn_proj, N, Dm, Dm);
+        lora_forward(dev, lo, LORA_O, b, L.attn_proj_out, proj_in, T);
+        const typename D::act* mlp_in = par ? lane1 : L.residual_after_attn;  // a parallel MLP reads lane 1
+        if (!par)
+            branch_add_forward(dev, L.residual_after_attn, L.residual_mixed, L.attn_proj_out, LW.attn_scale,
+                               LW.attn_gate, N, Dm);
+        rmsnorm_forward(dev, L.mlp_norm, L.mlp_norm_rstd, mlp_in, N, Dm);
+        if (c.ln_scale) scale_inplace(dev, L.mlp_norm, (size_t)N * Dm, ln_scale_of(c, b));
         matmul_forward(dev, L.mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F);
-        lora_forward(dev, lo, LORA_UP, l, L.mlp_hidden, L.mlp_norm, T);
+        lora_forward(dev, lo, LORA_UP, b, L.mlp_hidden, L.mlp_norm, T);
         mlp_act_forward(dev, L.mlp_act, L.mlp_hidden, (size_t)N * F, c.mlp_activation == "leaky_relu_sq");
         matmul_forward(dev, L.mlp_proj_out, L.mlp_act, LW.mlp_proj, N, F, Dm);
-        lora_forward(dev, lo, LORA_DOWN, l, L.mlp_proj_out, L.mlp_act, T);
-        branch_add_forward(dev, L.residual_out, L.residual_after_attn, L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate,
-                           N, Dm);
+        lora_forward(dev, lo, LORA_DOWN, b, L.mlp_proj_out, L.mlp_act, T);
+        if (!par)
+            branch_add_forward(dev, L.residual_out, L.residual_after_attn, L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate,
+                               N, Dm);
+        if (par) {
+            lanes_forward(dev, L.residual_out, L.lane1_out, x_in, lane1, L.attn_proj_out, L.mlp_proj_out,
+                          LW.attn_scale, LW.mlp_scale, W.parallel_resid + 2 * b, W.parallel_post + 4 * b, N, Dm);
+            lane1 = L.lane1_out;
+        }
     }
-    // head: final norm, tied or untied projection, softcap, cross-entropy
-    rmsnorm_forward(dev, a.final_norm, a.final_norm_rstd, a.layers[c.num_layers - 1].residual_out, N, Dm);
+    // head: final norm (of the lanes' mean, or one lane, after parallel blocks), projection, softcap, CE
+    const typename D::act* hidden = final_hidden(dev, m, N, loop);
+    rmsnorm_forward(dev, a.final_norm, a.final_norm_rstd, hidden, N, Dm);
     matmul_forward(dev, a.logits, a.final_norm, c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm, c.vocab_size);
     lora_forward(dev, lo, LORA_HEAD, 0, a.logits, a.final_norm, T);
     softcap_ce(dev, a.losses, a.logits, a.targets, with_grad ? a.loss_weights : nullptr, N, c.vocab_size, c.logit_softcap);
@@ -4534,40 +4650,65 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
     matmul_backward(dev, a.d_norm, c.tie_embeddings ? G.tok_emb : G.lm_head, a.logits, a.final_norm,
                     c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm, c.vocab_size);
     lora_backward(dev, lo, LORA_HEAD, 0, a.d_norm, a.logits, a.final_norm, T);
-    rmsnorm_backward(dev, a.d_residual, a.d_norm, a.layers[c.num_layers - 1].residual_out, a.final_norm_rstd, N, Dm);
-    int enc = c.num_encoder_layers();
-    for (int l = c.num_layers - 1; l >= 0; l--) {
+    bool loop = m.looping && c.num_loops > 0;
+    int layers = c.num_virtual(loop), enc = c.num_encoder(loop), skips = c.num_skips(loop);
+    rmsnorm_backward(dev, a.d_residual, a.d_norm, final_hidden(dev, m, N, loop, false), a.final_norm_rstd, N, Dm);
+    if (layer_parallel(c, layers - 1, loop)) final_hidden_backward(dev, m, N);  // d_residual → lane 0's, d_lane1
+    for (int l = layers - 1; l >= 0; l--) {
+        int b = c.block_of(l, loop);
         LayerActs<D>& L = a.layers[l];
-        const auto& LW = W.layers[l];
-        const auto& LG = G.layers[l];
-        if (l < enc && l >= enc - c.num_skip_weights())  // this encoder output also fed a skip
+        const auto& LW = W.layers[b];
+        const auto& LG = G.layers[b];
+        bool par = layer_parallel(c, l, loop);
+        bool first_par = par && !layer_parallel(c, l - 1, loop);
+        const A* lane1_in = !par ? nullptr : first_par ? a.layers[l - 1].residual_out : a.layers[l - 1].lane1_out;
+        const A* x_in = block_input(m, l, loop);
+        if (l < enc && l >= enc - skips)  // this encoder output also fed a skip
             add_inplace(dev, a.d_residual, a.d_skips[enc - 1 - l], ND);
-        // MLP branch: x_out = xa + mlp_scale ⊙ σ(gate) ⊙ m
-        zero(a.d_residual_after_attn, ND);
-        zero(a.d_mlp_proj_out, ND);
-        branch_add_backward(dev, a.d_residual_after_attn, a.d_mlp_proj_out, LG.mlp_scale, LG.mlp_gate, a.d_residual,
-                            L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate, N, Dm);
+        if (par) {  // the lanes: d_residual, d_lane1 become the input lanes'; the branches' gradients are written
+            typename D::grad* d_resid = G.parallel_resid ? G.parallel_resid + 2 * b : nullptr;
+            typename D::grad* d_post = G.parallel_post ? G.parallel_post + 4 * b : nullptr;
+            lanes_backward(dev, a.d_residual, a.d_lane1, a.d_attn_proj_out, a.d_mlp_proj_out, LG.attn_scale,
+                           LG.mlp_scale, d_resid, d_post, x_in, lane1_in, L.attn_proj_out, L.mlp_proj_out,
+                           LW.attn_scale, LW.mlp_scale, W.parallel_resid + 2 * b, W.parallel_post + 4 * b, N, Dm);
+        } else {
+            // MLP branch: x_out = xa + mlp_scale ⊙ σ(gate) ⊙ m
+            zero(a.d_residual_after_attn, ND);
+            zero(a.d_mlp_proj_out, ND);
+            branch_add_backward(dev, a.d_residual_after_attn, a.d_mlp_proj_out, LG.mlp_scale, LG.mlp_gate,
+                                a.d_residual, L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate, N, Dm);
+        }
         zero(a.d_mlp_act, NF);
         matmul_backward(dev, a.d_mlp_act, LG.mlp_proj, a.d_mlp_proj_out, L.mlp_act, LW.mlp_proj, N, F, Dm);
-        lora_backward(dev, lo, LORA_DOWN, l, a.d_mlp_act, a.d_mlp_proj_out, L.mlp_act, T);
+        lora_backward(dev, lo, LORA_DOWN, b, a.d_mlp_act, a.d_mlp_proj_out, L.mlp_act, T);
         zero(a.d_mlp_hidden, NF);
         mlp_act_backward(dev, a.d_mlp_hidden, a.d_mlp_act, L.mlp_hidden, NF, c.mlp_activation == "leaky_relu_sq");
         zero(a.d_norm, ND);
         matmul_backward(dev, a.d_norm, LG.fc, a.d_mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F);
-        lora_backward(dev, lo, LORA_UP, l, a.d_norm, a.d_mlp_hidden, L.mlp_norm, T);
-        rmsnorm_backward(dev, a.d_residual_after_attn, a.d_norm, L.residual_after_attn, L.mlp_norm_rstd, N, Dm);
+        lora_backward(dev, lo, LORA_UP, b, a.d_norm, a.d_mlp_hidden, L.mlp_norm, T);
+        if (c.ln_scale) scale_inplace(dev, a.d_norm, ND, ln_scale_of(c, b));
+        if (par)
+            rmsnorm_backward(dev, a.d_lane1, a.d_norm, lane1_in, L.mlp_norm_rstd, N, Dm);
+        else
+            rmsnorm_backward(dev, a.d_residual_after_attn, a.d_norm, L.residual_after_attn, L.mlp_norm_rstd, N, Dm);
         // attention branch: xa = xm + attn_scale ⊙ σ(gate) ⊙ a
         zero(a.d_residual_mixed, ND);
-        zero(a.d_attn_proj_out, ND);
-        branch_add_backward(dev, a.d_residual_mixed, a.d_attn_proj_out, LG.attn_scale, LG.attn_gate,
-                            a.d_residual_after_attn, L.attn_proj_out, LW.attn_scale, LW.attn_gate, N, Dm);
+        if (!par) {
+            zero(a.d_attn_proj_out, ND);
+            branch_add_backward(dev, a.d_residual_mixed, a.d_attn_proj_out, LG.attn_scale, LG.attn_gate,
+                                a.d_residual_after_attn, L.attn_proj_out, LW.attn_scale, LW.attn_gate, N, Dm);
+        }
+        const A* proj_in = c.sparse_attn_gate ? L.attn_gated : L.attn_proj_in;
         zero(a.d_attn_proj_in, ND);
-        matmul_backward(dev, a.d_attn_proj_in, LG.attn_proj, a.d_attn_proj_out, L.attn_proj_in, LW.attn_proj,
-                        N, Dm, Dm);
-        lora_backward(dev, lo, LORA_O, l, a.d_attn_proj_in, a.d_attn_proj_out, L.attn_proj_in, T);
+        matmul_backward(dev, a.d_attn_proj_in, LG.attn_proj, a.d_attn_proj_out, proj_in, LW.attn_proj, N, Dm, Dm);
+        lora_backward(dev, lo, LORA_O, b, a.d_attn_proj_in, a.d_attn_proj_out, proj_in, T);
+        if (c.sparse_attn_gate)  // in place: d_attn_proj_in becomes the gradient of the ungated heads
+            attn_gate_backward(dev, a.d_attn_proj_in, a.d_attn_gate_logit, LG.attn_gate_w, a.d_attn_proj_in,
+                               L.attn_proj_in, L.attn_norm, LW.attn_gate_w, N, H, hd, Dm, c.gate_window,
+                               c.sparse_attn_gate_scale);
         zero(a.d_v_proj, NKV);
         A* d_attn_out = a.d_attn_proj_in;
-        if (layer_has_xsa(c, l)) {
+        if (layer_has_xsa(c, b)) {
             zero(a.d_attn_out, ND);
             xsa_backward(dev, a.d_attn_out, a.d_v_proj, a.d_attn_proj_in, L.attn_out, L.v_proj, N, H, Hk, hd);
             d_attn_out = a.d_attn_out;
@@ -4586,22 +4727,34 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
         matmul_backward(dev, a.d_norm, LG.c_q, a.d_q_proj, L.attn_norm, LW.c_q, N, Dm, Dm);
         matmul_backward(dev, a.d_norm, LG.c_k, a.d_k_proj, L.attn_norm, LW.c_k, N, Dm, KV);
         matmul_backward(dev, a.d_norm, LG.c_v, a.d_v_proj, L.attn_norm, LW.c_v, N, Dm, KV);
-        lora_backward(dev, lo, LORA_Q, l, a.d_norm, a.d_q_proj, L.attn_norm, T);
-        lora_backward(dev, lo, LORA_K, l, a.d_norm, a.d_k_proj, L.attn_norm, T);
-        lora_backward(dev, lo, LORA_V, l, a.d_norm, a.d_v_proj, L.attn_norm, T);
+        lora_backward(dev, lo, LORA_Q, b, a.d_norm, a.d_q_proj, L.attn_norm, T);
+        lora_backward(dev, lo, LORA_K, b, a.d_norm, a.d_k_proj, L.attn_norm, T);
+        lora_backward(dev, lo, LORA_V, b, a.d_norm, a.d_v_proj, L.attn_norm, T);
+        if (c.sparse_attn_gate)
+            attn_gate_backward_input(dev, a.d_norm, a.d_attn_gate_logit, LW.attn_gate_w, N, H, Dm, c.gate_window);
+        if (c.ln_scale) scale_inplace(dev, a.d_norm, ND, ln_scale_of(c, b));
         rmsnorm_backward(dev, a.d_residual_mixed, a.d_norm, L.residual_mixed, L.attn_norm_rstd, N, Dm);
-        // residual lanes: xm = mix0 ⊙ x_in + mix1 ⊙ x0
-        zero(a.d_residual, ND);  // d_residual now becomes the gradient of residual_in
-        resid_mix_backward(dev, a.d_residual, a.d_residual_x0, LG.resid_mix, a.d_residual_mixed, L.residual_in,
+        // residual lanes: xm = mix0 ⊙ x_in + mix1 ⊙ x0 (a parallel block's lane 0 already holds its own part)
+        if (!par) zero(a.d_residual, ND);  // d_residual now becomes the gradient of residual_in
+        resid_mix_backward(dev, a.d_residual, a.d_residual_x0, LG.resid_mix, a.d_residual_mixed, x_in,
                            a.residual_x0, LW.resid_mix, N, Dm);
-        if (l >= enc && l - enc < c.num_skip_weights()) {  // x_in = x_out[l−1] + w ⊙ skip
+        if (l >= enc && l - enc < skips) {  // x_in = x_out[l−1] + w ⊙ skip, or lerp(w ⊙ skip, x_out[l−1], σ(gate))
             int i = l - enc;
             typename D::grad* d_skip_weight = G.skip_weights ? G.skip_weights + (size_t)i * Dm : nullptr;
             const typename D::vec* skip_weight = W.skip_weights + (size_t)i * Dm;
-            branch_add_backward(dev, (A*)nullptr, a.d_skips[i], d_skip_weight, no_grad, a.d_residual,
-                                a.layers[enc - 1 - i].residual_out, skip_weight, no_vec, N, Dm);
-            // the residual part (x_out[l−1]) passes dx through unchanged
+            const A* skip = a.layers[enc - 1 - i].residual_out;
+            if (W.skip_gates) {  // in place: d_residual becomes σ ⊙ itself, x_out[l−1]'s share
+                typename D::grad* d_gate = G.skip_gates ? G.skip_gates + (size_t)i * Dm : nullptr;
+                skip_gate_backward(dev, a.d_residual, a.d_skips[i], d_skip_weight, d_gate, a.d_residual,
+                                   a.layers[l - 1].residual_out, skip, skip_weight, W.skip_gates + (size_t)i * Dm,
+                                   N, Dm);
+            } else {
+                branch_add_backward(dev, (A*)nullptr, a.d_skips[i], d_skip_weight, no_grad, a.d_residual, skip,
+                                    skip_weight, no_vec, N, Dm);
+                // the residual part (x_out[l−1]) passes dx through unchanged
+            }
         }
+        if (first_par) add_inplace(dev, a.d_residual, a.d_lane1, ND);  // lane 1 started as x_out[l−1]
         if (l == 0) add_inplace(dev, a.d_residual_x0, a.d_residual, ND);  // x_in of layer 0 is x0
     }
     // embeddings
@@ -4613,13 +4766,20 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
     }
     zero(a.d_embed_sum, ND);
     const A* e = (c.bigram_vocab_size || c.bigram_hash_size) ? a.embed_sum : a.tok_embed;
-    rmsnorm_backward(dev, a.d_embed_sum, d_embed_norm, e, a.embed_norm_rstd, N, Dm);
-    if (G.tok_emb) embedding_backward(dev, G.tok_emb, a.d_embed_sum, a.inputs, N, Dm);
+    const A* normed = c.smear_gate_enabled ? a.embed_smeared : e;
+    rmsnorm_backward(dev, a.d_embed_sum, d_embed_norm, normed, a.embed_norm_rstd, N, Dm);
+    A* d_e = a.d_embed_sum;  // the gradient of e (the token embedding plus any bigram branch)
+    if (c.smear_gate_enabled) {  // d_norm is free again (the SMEAR=1 SmearGate is refused with this one)
+        smear_bos_backward(dev, a.d_norm, G.smear_w, G.smear_lambda, a.d_embed_sum, e, a.inputs, W.smear_w,
+                           W.smear_lambda, N, T, Dm, c.gate_window);
+        d_e = a.d_norm;
+    }
+    if (G.tok_emb) embedding_backward(dev, G.tok_emb, d_e, a.inputs, N, Dm);
     if (c.bigram_vocab_size) {
         A* d_bigram_branch = W.bigram_proj ? a.d_bigram_proj_out : a.d_bigram_embed;
         const A* bigram_branch = W.bigram_proj ? a.bigram_proj_out : a.bigram_embed;
         zero(d_bigram_branch, (size_t)N * (W.bigram_proj ? Dm : c.bigram_dim));
-        branch_add_backward(dev, (A*)nullptr, d_bigram_branch, G.bigram_scale, no_grad, a.d_embed_sum,
+        branch_add_backward(dev, (A*)nullptr, d_bigram_branch, G.bigram_scale, no_grad, d_e,
                             bigram_branch, W.bigram_scale, no_vec, N, Dm, 0);
         if (W.bigram_proj) {
             zero(a.d_bigram_embed, (size_t)N * c.bigram_dim);
@@ -4628,7 +4788,7 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
         }
         if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, a.d_bigram_embed, a.bigram_idx, N, c.bigram_dim);
     } else if (c.bigram_hash_size) {
-        if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, a.d_embed_sum, a.bigram_idx, N, Dm);
+        if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, d_e, a.bigram_idx, N, Dm);
     }
 }
 
@@ -6965,6 +7125,22 @@ template <class D> static void stop_on_signal(D dev, Model<D>& m, TrainState<D>&
     exit(128 + signo);
 }
 
+// Depth recurrence (NUM_LOOPS) switches on, for good, before the first step at which the fraction of
+// training done reaches ENABLE_LOOPING_AT (PR #1855: step 2178 of 4945, frac 0.350). Nothing is
+// re-initialized: the looped blocks are the same tensors, their gradients summed over their uses.
+// The ranks decide together (their clocks differ).
+template <class D> static void loop_switch(Model<D>& m, int step, double frac) {
+    const Config& c = m.cfg;
+    if (!any_rank(frac >= c.enable_looping_at)) return;
+    m.looping = true;
+    std::string enc, dec;
+    for (int l = 0; l < c.num_virtual(true); l++) {
+        std::string& list = l < c.num_encoder(true) ? enc : dec;
+        list += (list.empty() ? "" : ", ") + std::to_string(c.block_of(l, true));
+    }
+    log0("layer_loop:enabled step:%d frac:%.3f encoder:[%s] decoder:[%s]\n", step, frac, enc.c_str(), dec.c_str());
+}
+
 // The training loop, as the reference's main(): validate every VAL_LOSS_EVERY steps, stop at
 // ITERATIONS or the wall-clock cap, average weights at the end.
 template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const EvalData& ev) {
@@ -6977,6 +7153,7 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
     int stop_after = -1;
     double t0 = now_ms(), tokens_per_step = (double)c.train_batch_tokens;
     refresh_compute_weights(dev, m, s.qat_active);
+    m.looping = false;  // (a resumed run switches it on again before its first step, if it was on)
     if (c.warmup_steps > 0) log0("warmup_steps:%d not needed (no JIT compiler to warm up); training starts at step 0\n", c.warmup_steps);
     stop_signals_catch(true);
     while (true) {
@@ -6996,10 +7173,12 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         if (last) {
             if (stop_after >= 0 && s.step < c.iterations)
                 log0("stopping_early: wallclock_cap train_time:%.0fms step:%d/%d\n", s.train_ms, s.step, c.iterations);
+            m.looping = c.num_loops > 0;  // the trained model is evaluated with its loop on, as the reference
             break;
         }
         double elapsed = s.train_ms + now_ms() - t0;
         double scale = lr_multiplier(c, s.step, elapsed);
+        if (c.num_loops > 0 && !m.looping) loop_switch(m, s.step, training_frac(c, s.step, elapsed));
         profile_step_begin(dev);
         device_zero(dev, m.grads, m.nparams * sizeof(typename D::grad));
         double loss_sum = 0;
@@ -7534,16 +7713,19 @@ static void attn_gate_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*,
     double bytes = 2.0 * N * H * hd * BF + (double)N * GW * BF;
     if ((size_t)N * H > 0) cost_add(OP_ELEMENTWISE, "attn_gate_forward", 0, bytes);
 }
-static void attn_gate_backward(Cost, CostBf16*, CostBf16*, float* dwg, const CostBf16*, const CostBf16*,
+static void attn_gate_backward(Cost, CostBf16*, float*, float* dwg, const CostBf16*, const CostBf16*,
                                const CostBf16*, const float*, int N, int H, int hd, int, int GW, float) {
     if ((size_t)N * H == 0) return;
     double dz = (double)N * H * F32, xw = (double)N * GW * BF;
     cost_add(OP_ELEMENTWISE, "attn_gate_backward", 0, 3.0 * N * H * hd * BF + xw + dz);
-    cost_add(OP_ELEMENTWISE, "attn_gate_dx", 0, dz + 2 * xw);
     if (!dwg) return;
     double part = (double)row_chunks_count(N) * H * GW * F32;
     cost_add(OP_ELEMENTWISE, "attn_gate_dw", 0, dz + xw + part);
     cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * H * GW * F32);
+}
+static void attn_gate_backward_input(Cost, CostBf16*, const float*, const float*, int N, int H, int, int GW) {
+    double dz = (double)N * H * F32, xw = (double)N * GW * BF;
+    if ((size_t)N * GW > 0) cost_add(OP_ELEMENTWISE, "attn_gate_dx", 0, dz + 2 * xw);
 }
 // skip_gate_forward: one elementwise kernel; skip_gate_backward: the chunked kernel (dx, dskip +=) + sums
 static void skip_gate_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, const float*, int N,
@@ -7555,7 +7737,7 @@ static void skip_gate_backward(Cost, CostBf16*, CostBf16*, float* dw, float* dga
     if (N <= 0 || C <= 0) return;
     double part = (double)row_chunks_count(N) * C * F32;
     double partials = part * ((dw ? 1 : 0) + (dgate ? 1 : 0));
-    cost_add(OP_ELEMENTWISE, "skip_gate_backward", 0, 7.0 * N * C * BF + partials);
+    cost_add(OP_ELEMENTWISE, "skip_gate_backward", 0, 6.0 * N * C * BF + partials);
     if (dw) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
     if (dgate) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
 }
@@ -7684,7 +7866,7 @@ static void cost_model_init(Model<Cost>& m, TrainState<Cost>& s, const Config& c
 // cuBLASLt call or memset except those of class OP_SYNC (host copies and waits: to_device, to_host,
 // nccl_wait, the MPI loss sum), OP_COMM (the NCCL call) and the cudaMemcpyAsync of device_copy;
 // tests/test_cost_emu.cuh checks these counts against an emulated step's.
-static std::vector<CostEntry> cost_step_launches(const Config& c, int world) {
+static std::vector<CostEntry> cost_step_launches(const Config& c, int world, bool looping = false) {
     int saved_world = g_world, saved_rank = g_rank;
     g_world = world; g_rank = 0;
     int accum = grad_accum_steps(c, world);
@@ -7693,6 +7875,7 @@ static std::vector<CostEntry> cost_step_launches(const Config& c, int world) {
     Model<Cost> m;
     TrainState<Cost> s;
     cost_model_init(m, s, c, B, T);
+    m.looping = looping && c.num_loops > 0;  // NUM_LOOPS: the step after ENABLE_LOOPING_AT (longer sequence)
     g_cost = CostLog();
     g_cost.model = &m;
     Cost dev;
@@ -7769,6 +7952,21 @@ static CostTotals cost_totals(const std::vector<CostEntry>& list) {
 
 // ./train_gpt cost [KEY=VALUE …]: settings as environment variables or arguments (CONFIG=pr467, …);
 // GPUS=n (default 8) ranks share TRAIN_BATCH_TOKENS, as `mpirun -np n` would; OPS=1 adds a table per op.
+// NUM_LOOPS: the step before the loop switches on (the table above) and after it, and their mix over a
+// wall-clock run (ENABLE_LOOPING_AT of the time at the first, the rest at the second).
+static void cost_print_loop_phases(const Config& c, int world, double sec_before) {
+    double sec_after = 0;
+    for (const CostEntry& e : cost_step_launches(c, world, true)) sec_after += cost_seconds(e);
+    double f = c.enable_looping_at;
+    double steps = f / sec_before + (1 - f) / sec_after;  // per second of training
+    printf("depth recurrence: %d layers before ENABLE_LOOPING_AT=%.2f, %d virtual after: projected %.1f ms/step "
+           "before, %.1f ms/step after, %.1f ms/step over a wall-clock run\n", c.num_virtual(false),
+           c.enable_looping_at, c.num_virtual(true), sec_before * 1e3, sec_after * 1e3, 1e3 / steps);
+    if (c.preset == "frontier")
+        printf("PR #1855 measured (8xH100, train_seed*.log): 94.7-96.9 ms/step before, about 140 ms/step after, "
+               "121.6 ms/step over the run (4,931 steps in 599.5 s)\n");
+}
+
 static int cost_main(int argc, char** argv) {
     int world = 8;
     bool by_op = false;
@@ -7827,7 +8025,8 @@ static int cost_main(int argc, char** argv) {
         printf("\n");
     }
     double memsets = t.hbm[OP_MEMSET], non_gemm = hbm - t.hbm[OP_GEMM];
-    double model_flops = t.flops[OP_GEMM] + 6.0 * c.num_layers * (double)local * accum * c.train_seq_len * c.model_dim;
+    double attn_flops = 6.0 * c.num_virtual(false) * (double)local * accum * c.train_seq_len * c.model_dim;
+    double model_flops = t.flops[OP_GEMM] + attn_flops;
     printf("projected: %.1f ms/step, %.0f tokens/s per GPU, %.2fM tokens/s on %d GPUs; MFU %.1f%% (model FLOPs "
            "below over %.0f TFLOP/s); tensor-core work issued %.0f TFLOP/s; non-GEMM HBM traffic %.1f GB "
            "(memsets %.1f GB)\n", sec * 1e3, local * accum / sec, c.train_batch_tokens / sec / 1e6, world,
@@ -7839,6 +8038,7 @@ static int cost_main(int argc, char** argv) {
            "launch %.0f us, sync %.0f us; efficiencies (FLOPs, bytes) per class in the source and docs/perf.md\n",
            H100_BF16_FLOPS / 1e12, H100_HBM_BYTES / 1e12, H100_NVLINK_BYTES / 1e9, H100_PCIE_BYTES / 1e9,
            LAUNCH_S * 1e6, SYNC_S * 1e6);
+    if (c.num_loops > 0) cost_print_loop_phases(c, world, sec);
     return 0;
 }
 #else

@@ -48,19 +48,25 @@ TEST(cuda_frontier_attn_gate) {
         std::vector<double> dx0 = cu_randn(n, rng, 0.5), out(n), dyin(n), dx = dx0, dwg = dwg0;
         float scale = 0.5f;
         attn_gate_forward(Cpu<double>{}, out.data(), y.data(), x.data(), wg.data(), N, H, hd, C, GW, scale);
-        attn_gate_backward(Cpu<double>{}, dyin.data(), dx.data(), dwg.data(), dy.data(), y.data(), x.data(), wg.data(),
+        std::vector<double> dz((size_t)N * H);
+        attn_gate_backward(Cpu<double>{}, dyin.data(), dz.data(), dwg.data(), dy.data(), y.data(), x.data(), wg.data(),
                            N, H, hd, C, GW, scale);
+        attn_gate_backward_input(Cpu<double>{}, dx.data(), dz.data(), wg.data(), N, H, C, GW);
         CU_UP(gy, bf16, y); CU_UP(gx, bf16, x); CU_UP(gdy, bf16, dy); CU_UP(gwg, f32, wg);
         CU_UP(gdx, bf16, dx0); CU_UP(gdwg, f32, dwg0);
         GpuBuf gout(n * 2), gdyin(n * 2);
         gout.poison();
         gdyin.poison();
         attn_gate_forward(Cuda{}, gout.b(), gy->b(), gx->b(), gwg->f(), N, H, hd, C, GW, scale);
-        attn_gate_backward(Cuda{}, gdyin.b(), gdx->b(), gdwg->f(), gdy->b(), gy->b(), gx->b(), gwg->f(), N, H, hd, C,
+        GpuBuf gdz((size_t)N * H * 4);
+        gdz.poison();  // overwritten
+        attn_gate_backward(Cuda{}, gdyin.b(), gdz.f(), gdwg->f(), gdy->b(), gy->b(), gx->b(), gwg->f(), N, H, hd, C,
                            GW, scale);
+        attn_gate_backward_input(Cuda{}, gdx->b(), gdz.f(), gwg->f(), N, H, C, GW);
         std::string tag = test_format("attn_gate N=%d H=%d hd=%d GW=%d", N, H, hd, GW);
         check_band((tag + " out").c_str(), down_bf16(gout.p, n), out, BF16_TOL);
         check_band((tag + " dy").c_str(), down_bf16(gdyin.p, n), dyin, BF16_TOL);
+        check_band((tag + " dz").c_str(), down_f32(gdz.p, (size_t)N * H), dz, F32_TOL);
         check_band((tag + " dx").c_str(), down_bf16(gdx->p, n), dx, BF16_TOL);
         check_band((tag + " dwg").c_str(), down_f32(gdwg->p, (size_t)H * GW), dwg, F32_TOL);
     }
