@@ -720,6 +720,7 @@ struct Config {
     int checkpoint_keep = 2;           // newest checkpoints kept on disk (0 = all)
     // training length and batch
     int iterations = 20000, warmdown_iters = 1200, warmup_steps = 20;
+    double warmdown_frac = 0.0;        // warm-down over this fraction of training (0 = WARMDOWN_ITERS)
     long train_batch_tokens = 524288;
     int train_seq_len = 1024;
     double max_wallclock_seconds = 600.0;
@@ -741,6 +742,17 @@ struct Config {
     int xsa_last_n = 0;
     int varlen_attn = 0;               // attention stays inside each document: keys from the query's last BOS on
     int ortho_init = INIT_DEFAULT;
+    // the final leaderboard's model (PR #1855 and the records it builds on); each off by default
+    int ln_scale = 0;                  // block b's norm outputs × 1/√(b+1) (b: the physical block)
+    int skip_gates_enabled = 0;        // U-Net skip: x ← lerp(w⊙skip, x, σ(skip_gates)) instead of x + w⊙skip
+    int sparse_attn_gate = 0;          // heads' outputs × σ(scale · W_h · x[:GATE_WINDOW]) (#1787)
+    int gate_window = 12;              // leading input dims that feed SparseAttnGate and SmearGate
+    float sparse_attn_gate_scale = 1.0f, sparse_attn_gate_init_std = 0.0f;
+    int smear_gate_enabled = 0;        // x[t] += λ·σ(W·x[t][:GATE_WINDOW])·x[t−1], never across a BOS (#1851)
+    int parallel_start_layer = 0;      // two residual lanes from this physical block on (0 = off)
+    std::string parallel_final_lane = "mean";  // mean | attn | mlp: what the final norm reads
+    int num_loops = 0, loop_start = 3, loop_end = 5;  // blocks loop_start..loop_end run 1 + num_loops times
+    double enable_looping_at = 0.35;   // the loop switches on at this fraction of training (a Python float)
     // optimizer
     float embed_lr = 0.6f, head_lr = 0.008f, tied_embed_lr = 0.05f, matrix_lr = 0.04f, scalar_lr = 0.04f;
     float muon_momentum = 0.95f, muon_momentum_warmup_start = 0.85f;
@@ -792,8 +804,26 @@ struct Config {
     int kv_dim() const { return num_kv_heads * head_dim(); }
     int mlp_hidden() const { return (int)(mlp_mult * model_dim); }
     int num_cores() const { return unique_layers > 0 && unique_layers < num_layers ? unique_layers : num_layers; }
+    // The block sequence: physical block of each virtual layer. With NUM_LOOPS, blocks
+    // LOOP_START..LOOP_END repeat 1 + NUM_LOOPS times once looping is on (PR #1855: 17 virtual of 11).
+    int loop_len() const { return num_loops > 0 ? loop_end - loop_start + 1 : 0; }
+    int num_virtual(bool looping) const { return num_layers + (looping ? num_loops * loop_len() : 0); }
+    int max_virtual() const { return num_virtual(num_loops > 0); }
+    int block_of(int v, bool looping) const {
+        if (!looping || num_loops == 0 || v < loop_start) return v;
+        int looped = (1 + num_loops) * loop_len();
+        if (v < loop_start + looped) return loop_start + (v - loop_start) % loop_len();
+        return v - num_loops * loop_len();
+    }
+    int num_encoder(bool looping) const { return num_virtual(looping) / 2; }
     int num_encoder_layers() const { return num_layers / 2; }
-    int num_skip_weights() const { return std::min(num_layers / 2, num_layers - num_layers / 2); }
+    // skip weights are sized for the longest sequence (the reference sizes them for the looped one)
+    int num_skip_weights() const { return std::min(max_virtual() / 2, max_virtual() - max_virtual() / 2); }
+    // decoder layer i (0-based) takes a skip when one is left on the encoder's stack and it has a weight
+    int num_skips(bool looping) const {
+        int e = num_encoder(looping);
+        return std::min(std::min(e, num_virtual(looping) - e), num_skip_weights());
+    }
     int rotary_dims() const { return rope_dims > 0 ? rope_dims : head_dim(); }
     int eval_len() const { return eval_seq_len > 0 ? eval_seq_len : train_seq_len; }
 };
@@ -871,6 +901,43 @@ static void preset_tiny(Config& c) {
     c.ttt_chunk_tokens = 4096; c.ttt_batch_seqs = 8;
 }
 
+// The final leaderboard's model and training: PR #1855
+// (records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611), its code defaults
+// plus its run command's overrides (WARMDOWN_FRAC 0.85, BETA2 0.99, SPARSE_ATTN_GATE_SCALE 0.5). Not here yet:
+// its optimizer (MuonEq-R, Polar Express, MIN_LR 0.1, EMBED_WD 0.085), varlen attention, GPTQ/LQER export and
+// phased TTT; pgolf's own export and evaluation stand in for the last two.
+static void preset_frontier(Config& c) {
+    c.seed = 42; c.val_loss_every = 0; c.train_log_every = 500;
+    c.data_path = "./data/datasets/fineweb10B_sp8192";
+    c.tokenizer_path = "./data/tokenizers/fineweb_8192_bpe.model";
+    c.iterations = 20000; c.warmdown_frac = 0.85; c.train_batch_tokens = 786432; c.train_seq_len = 2048;
+    c.vocab_size = 8192; c.num_layers = 11; c.model_dim = 512; c.num_heads = 8; c.num_kv_heads = 4;
+    c.mlp_mult = 4.0f; c.mlp_activation = "leaky_relu_sq"; c.rope_dims = 16; c.qk_gain_init = 5.0f;
+    c.xsa_last_n = 11; c.ln_scale = 1; c.skip_gates_enabled = 1; c.ortho_init = INIT_ORTHO_ALL;
+    c.sparse_attn_gate = 1; c.gate_window = 12; c.sparse_attn_gate_scale = 0.5f; c.smear_gate_enabled = 1;
+    c.parallel_start_layer = 8; c.parallel_final_lane = "mean";
+    c.num_loops = 2; c.loop_start = 3; c.loop_end = 5; c.enable_looping_at = 0.35;
+    c.tied_embed_lr = 0.03f; c.matrix_lr = 0.026f; c.scalar_lr = 0.02f;
+    c.muon_momentum = 0.97f; c.muon_momentum_warmup_start = 0.92f; c.muon_momentum_warmup_steps = 1500;
+    c.muon_weight_decay = 0.095f; c.adam_wd = 0.02f; c.beta2 = 0.99f; c.grad_clip_norm = 0.3f;
+    c.ema_decay = 0.9965f;
+    c.control_patterns += ",skip_gates,parallel_post_lambdas,parallel_resid_lambdas,attn_gate_w,smear_gate";
+    c.control_patterns += ",smear_lambda";
+    c.quant_scheme = "int6";
+    c.eval_mode = "standard,sliding"; c.eval_stride = 64; c.eval_batch_seqs = 32;
+}
+
+// frontier shrunk to CPU size (4 layers d128, loop of blocks 1–2), for the tests and the CPU recipe.
+static void preset_frontier_tiny(Config& c) {
+    preset_frontier(c);
+    c.num_layers = 4; c.model_dim = 128; c.num_heads = 4; c.num_kv_heads = 2; c.rope_dims = 16;
+    c.xsa_last_n = 4; c.parallel_start_layer = 3; c.loop_start = 1; c.loop_end = 2;
+    c.train_seq_len = 256; c.train_batch_tokens = 8192; c.iterations = 200; c.warmdown_frac = 0.85;
+    c.max_wallclock_seconds = 0; c.val_loss_every = 50; c.train_log_every = 25;
+    c.muon_momentum_warmup_steps = 100; c.val_tokens_limit = 131072;
+    c.eval_batch_seqs = 16;
+}
+
 struct Preset { const char* name; void (*apply)(Config&); const char* what; };
 static const Preset PRESETS[] = {
     {"baseline", preset_baseline, "the naive 9L 512d baseline"},
@@ -878,6 +945,8 @@ static const Preset PRESETS[] = {
     {"pr600", preset_pr600, "PR #600: 11L, branch gates, EMA, int6 bit-packed"},
     {"pr456", preset_pr456, "PR #456: 10L XSA, late QAT, full-model score-first TTT"},
     {"tiny", preset_tiny, "pr467 shrunk to CPU size (4L d128), for tests and the CPU quick start"},
+    {"frontier", preset_frontier, "PR #1855's model: 11L, loop 3-5 to 17 virtual, parallel lanes, gates, SP8192"},
+    {"frontier_tiny", preset_frontier_tiny, "frontier shrunk to CPU size (4L d128), for tests"},
 };
 
 // Every setting, by the reference's env-var name (ours where the reference has none).
@@ -902,6 +971,8 @@ static std::vector<Setting> config_settings(Config& c) {
         {"CHECKPOINT_KEEP", 'i', &c.checkpoint_keep, "newest checkpoints kept (0 = all)"},
         {"ITERATIONS", 'i', &c.iterations, "training steps"},
         {"WARMDOWN_ITERS", 'i', &c.warmdown_iters, "length of the linear lr warm-down (steps, or its wall-clock equivalent)"},
+        {"WARMDOWN_FRAC", 'd', &c.warmdown_frac,
+         "warm-down over the last fraction of training, wall clock or ITERATIONS (0 = WARMDOWN_ITERS)"},
         {"WARMUP_STEPS", 'i', &c.warmup_steps, "compiler warm-up steps of the reference; nothing to warm up here, so unused"},
         {"TRAIN_BATCH_TOKENS", 'l', &c.train_batch_tokens, "tokens per optimizer step, all ranks together"},
         {"TRAIN_SEQ_LEN", 'i', &c.train_seq_len, "training sequence length"},
@@ -929,6 +1000,24 @@ static std::vector<Setting> config_settings(Config& c) {
         {"SMEAR_GATE", 'i', &c.smear_gate, "1 = PR #600's sigmoid gates on attention and MLP outputs"},
         {"XSA_LAST_N", 'i', &c.xsa_last_n, "exclusive self-attention on the last N blocks"},
         {"VARLEN_ATTN", 'i', &c.varlen_attn, "1 = document-masked attention: no position attends across a BOS (#1530)"},
+        {"LN_SCALE", 'i', &c.ln_scale, "1 = block b's norm outputs are scaled by 1/√(b+1) (#315)"},
+        {"SKIP_GATES_ENABLED", 'i', &c.skip_gates_enabled, "1 = each U-Net skip is lerp(w⊙skip, x, σ(gate)) (#289)"},
+        {"SPARSE_ATTN_GATE_ENABLED", 'i', &c.sparse_attn_gate,
+         "1 = each head's output × σ(scale·W_h·x[:GATE_WINDOW]) (#1787)"},
+        {"GATE_WINDOW", 'i', &c.gate_window, "leading input dims read by SparseAttnGate and SmearGate"},
+        {"SPARSE_ATTN_GATE_SCALE", 'f', &c.sparse_attn_gate_scale, "scale inside SparseAttnGate's sigmoid"},
+        {"SPARSE_ATTN_GATE_INIT_STD", 'f', &c.sparse_attn_gate_init_std,
+         "std of SparseAttnGate's initial W (0 = zeros)"},
+        {"SMEAR_GATE_ENABLED", 'i', &c.smear_gate_enabled,
+         "1 = x[t] += λ·σ(W·x[t][:GATE_WINDOW])·x[t−1] on the embedding, never across a BOS (#1851)"},
+        {"PARALLEL_START_LAYER", 'i', &c.parallel_start_layer,
+         "two residual lanes (attention, MLP) from this block on (0 = off; #1530)"},
+        {"PARALLEL_FINAL_LANE", 's', &c.parallel_final_lane, "mean | attn | mlp: the lane the final norm reads"},
+        {"NUM_LOOPS", 'i', &c.num_loops, "extra passes over blocks LOOP_START..LOOP_END once looping is on (0 = off)"},
+        {"LOOP_START", 'i', &c.loop_start, "first block of the loop"},
+        {"LOOP_END", 'i', &c.loop_end, "last block of the loop"},
+        {"ENABLE_LOOPING_AT", 'd', &c.enable_looping_at,
+         "fraction of the wall clock (or of ITERATIONS without one) that switches looping on"},
         {"ORTHO_INIT", 'i', &c.ortho_init, "0 = PyTorch default init, 1 = orthogonal (PR #600), 2 = orthogonal ≥64×64 and .proj ×1/√(2L) (thwu1)"},
         {"EMBED_LR", 'f', &c.embed_lr, "lr of an untied token embedding"},
         {"HEAD_LR", 'f', &c.head_lr, "lr of an untied output head"},
@@ -1014,8 +1103,10 @@ static const char* const SCOPE_NAMES[SCOPE_NUM] = {"model", "training", "evaluat
 static const char* const SCOPE_SETTINGS[SCOPE_NUM] = {
     ("VOCAB_SIZE NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT MLP_ACTIVATION UNIQUE_LAYERS NAMED_CORES "
     "TIE_EMBEDDINGS ROPE_BASE ROPE_DIMS LOGIT_SOFTCAP BIGRAM_VOCAB_SIZE BIGRAM_DIM BIGRAM_HASH_SIZE SMEAR "
-    "SMEAR_GATE XSA_LAST_N VARLEN_ATTN"),
-    ("SEED ITERATIONS WARMDOWN_ITERS WARMUP_STEPS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN MAX_WALLCLOCK_SECONDS "
+    "SMEAR_GATE XSA_LAST_N LN_SCALE SKIP_GATES_ENABLED SPARSE_ATTN_GATE_ENABLED GATE_WINDOW SPARSE_ATTN_GATE_SCALE "
+    "SMEAR_GATE_ENABLED PARALLEL_START_LAYER PARALLEL_FINAL_LANE NUM_LOOPS LOOP_START LOOP_END VARLEN_ATTN"),
+    ("SEED ITERATIONS WARMDOWN_ITERS WARMDOWN_FRAC ENABLE_LOOPING_AT SPARSE_ATTN_GATE_INIT_STD "
+    "WARMUP_STEPS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN MAX_WALLCLOCK_SECONDS "
     "GRAD_ACCUM_STEPS QK_GAIN_INIT TIED_EMBED_INIT_STD ORTHO_INIT EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR "
     "SCALAR_LR MUON_MOMENTUM MUON_BACKEND_STEPS MUON_MOMENTUM_WARMUP_START MUON_MOMENTUM_WARMUP_STEPS "
     "MUON_WEIGHT_DECAY ADAM_WD WEIGHT_DECAY BETA1 BETA2 ADAM_EPS GRAD_CLIP_NORM SWA_ENABLED SWA_START_FRAC "
@@ -1300,6 +1391,33 @@ static void config_validate(const Config& c, int world) {
          "MAX_WALLCLOCK_SECONDS=%g, EVAL_MAX_WALLCLOCK_SECONDS=%g: expected ≥ 0", c.max_wallclock_seconds,
          c.eval_max_wallclock_seconds);
     need(c.muon_backend_steps >= 0, "MUON_BACKEND_STEPS=%d: expected ≥ 0", c.muon_backend_steps);
+    need(c.gate_window > 0 && c.gate_window <= c.model_dim, "GATE_WINDOW=%d: expected 1..MODEL_DIM=%d", c.gate_window,
+         c.model_dim);
+    need(!(c.smear && c.smear_gate_enabled), "SMEAR=1 and SMEAR_GATE_ENABLED=1 are two different SmearGates: set one");
+    need(!(c.smear_gate && c.sparse_attn_gate),
+         "SMEAR_GATE=1 (PR #600's branch gates) and SPARSE_ATTN_GATE_ENABLED=1: set one");
+    need(c.parallel_start_layer >= 0 && c.parallel_start_layer < c.num_layers,
+         "PARALLEL_START_LAYER=%d: expected 0 (off) or 1..NUM_LAYERS-1=%d", c.parallel_start_layer, c.num_layers - 1);
+    need(c.parallel_final_lane == "mean" || c.parallel_final_lane == "attn" || c.parallel_final_lane == "mlp",
+         "PARALLEL_FINAL_LANE=%s: expected mean, attn or mlp", c.parallel_final_lane.c_str());
+    need(c.num_loops >= 0, "NUM_LOOPS=%d: expected ≥ 0", c.num_loops);
+    need(c.num_loops == 0 || (c.loop_start >= 0 && c.loop_start <= c.loop_end && c.loop_end < c.num_layers),
+         "LOOP_START=%d, LOOP_END=%d: expected 0 ≤ LOOP_START ≤ LOOP_END < NUM_LAYERS=%d", c.loop_start, c.loop_end,
+         c.num_layers);
+    need(c.num_loops == 0 || c.num_cores() == c.num_layers,
+         "NUM_LOOPS=%d and UNIQUE_LAYERS=%d are two kinds of depth recurrence: set one", c.num_loops, c.unique_layers);
+    need(c.enable_looping_at >= 0 && c.enable_looping_at <= 1, "ENABLE_LOOPING_AT=%g: expected [0, 1]",
+         c.enable_looping_at);
+    need(c.warmdown_frac >= 0 && c.warmdown_frac <= 1, "WARMDOWN_FRAC=%g: expected [0, 1]", c.warmdown_frac);
+    need(c.num_loops == 0 || c.parallel_start_layer == 0 || c.loop_end < c.parallel_start_layer,
+         "LOOP_END=%d must be below PARALLEL_START_LAYER=%d (the lanes, once split, stay split)", c.loop_end,
+         c.parallel_start_layer);
+    need(!(c.smear_gate && c.parallel_start_layer > 0),
+         "SMEAR_GATE=1 (PR #600's branch gates) has no parallel-block form: set PARALLEL_START_LAYER=0");
+    bool lora_ttt = false;
+    for (const std::string& mode : split_list(c.eval_mode)) lora_ttt |= mode == "lora_ttt";
+    need(!(lora_ttt && c.num_loops > 0),
+         "EVAL_MODE lora_ttt with NUM_LOOPS=%d: LoRA adapters on looped blocks are not implemented", c.num_loops);
 }
 
 // The folders this run writes outside OUT_DIR must be writable before training starts.
@@ -1557,8 +1675,9 @@ static std::vector<uint16_t> load_validation_tokens(const Config& c) {
 
 enum ParamRole {
     P_TOK_EMB, P_LM_HEAD, P_BIGRAM_EMBED, P_BIGRAM_PROJ, P_BIGRAM_SCALE, P_SMEAR_GATE, P_SKIP_WEIGHTS,
+    P_SKIP_GATES, P_PARALLEL_POST, P_PARALLEL_RESID, P_SMEAR_LAMBDA, P_SMEAR_W,  // PR #1855's model-level tensors
     P_C_Q, P_C_K, P_C_V, P_ATTN_PROJ, P_FC, P_MLP_PROJ, P_Q_GAIN,  // per core (shared under recurrence)
-    P_ATTN_SCALE, P_MLP_SCALE, P_RESID_MIX, P_ATTN_GATE, P_MLP_GATE, // per layer
+    P_ATTN_SCALE, P_MLP_SCALE, P_RESID_MIX, P_ATTN_GATE, P_ATTN_GATE_W, P_MLP_GATE, // per layer
     P_NUM_ROLES
 };
 enum ParamGroup { GROUP_TOKEN, GROUP_HEAD, GROUP_MATRIX, GROUP_SCALAR };
@@ -1597,6 +1716,12 @@ static std::vector<ParamSpec> build_param_table(const Config& c) {
     };
     // GPT's own parameter first, then its children in registration order (PyTorch's state_dict).
     if (c.num_skip_weights() > 0) add("skip_weights", {c.num_skip_weights(), D}, P_SKIP_WEIGHTS, 0);
+    if (c.num_skip_weights() > 0 && c.skip_gates_enabled) add("skip_gates", {c.num_skip_weights(), D}, P_SKIP_GATES, 0);
+    if (c.parallel_start_layer > 0) {  // one pair per block, as the reference (only blocks ≥ the start read theirs)
+        add("parallel_post_lambdas", {L, 2, 2}, P_PARALLEL_POST, 0);
+        add("parallel_resid_lambdas", {L, 2}, P_PARALLEL_RESID, 0);
+    }
+    if (c.smear_gate_enabled) add("smear_lambda", {1}, P_SMEAR_LAMBDA, 0);
     add("tok_emb.weight", {c.vocab_size, D}, P_TOK_EMB, 0);
     if (c.bigram_vocab_size > 0) {
         add("bigram.scale", {}, P_BIGRAM_SCALE, 0);
@@ -1607,6 +1732,7 @@ static std::vector<ParamSpec> build_param_table(const Config& c) {
     if (c.smear) add("smear.gate", {D}, P_SMEAR_GATE, 0);
     auto add_core = [&](const std::string& pre, int i) {
         add(pre + "attn.q_gain", {c.num_heads}, P_Q_GAIN, i);
+        if (c.sparse_attn_gate) add(pre + "attn.attn_gate_w", {c.num_heads, c.gate_window}, P_ATTN_GATE_W, i);
         add(pre + "attn.c_q.weight", {D, D}, P_C_Q, i);
         add(pre + "attn.c_k.weight", {c.kv_dim(), D}, P_C_K, i);
         add(pre + "attn.c_v.weight", {c.kv_dim(), D}, P_C_V, i);
@@ -1634,15 +1760,17 @@ static std::vector<ParamSpec> build_param_table(const Config& c) {
         // state_dict order within a block: attn_scale, mlp_scale, resid_mix, [gates], attn.*, mlp.*
     }
     if (!c.tie_embeddings) add("lm_head.weight", {c.vocab_size, D}, P_LM_HEAD, 0);
+    if (c.smear_gate_enabled) add("smear_gate.weight", {1, c.gate_window}, P_SMEAR_W, 0);
 
     size_t offset = 0;
     for (ParamSpec& p : t) {
         p.offset = offset;
         offset += (p.numel + 15) / 16 * 16;  // 64-byte alignment of every tensor for vector loads
-        bool core = p.role >= P_C_Q && p.role <= P_Q_GAIN;
+        bool core = (p.role >= P_C_Q && p.role <= P_Q_GAIN) || p.role == P_ATTN_GATE_W;
         p.uses = core ? (L / NC + (p.index < L % NC ? 1 : 0)) : 1;
         if (p.role == P_TOK_EMB || p.role == P_BIGRAM_EMBED) p.group = GROUP_TOKEN;
         else if (p.role == P_LM_HEAD) p.group = GROUP_HEAD;
+        else if ((p.role >= P_SKIP_GATES && p.role <= P_SMEAR_W) || p.role == P_ATTN_GATE_W) p.group = GROUP_SCALAR;
         else if (p.shape.size() == 2 && !name_matches_any(p.name, c.control_patterns)) p.group = GROUP_MATRIX;
         else p.group = GROUP_SCALAR;
     }
@@ -1660,10 +1788,16 @@ static const ParamSpec* find_param(const std::vector<ParamSpec>& t, ParamRole ro
 template <class W, class V> struct LayerWeights {
     W *c_q, *c_k, *c_v, *attn_proj, *fc, *mlp_proj;  // of this layer's core
     V *q_gain, *attn_scale, *mlp_scale, *resid_mix, *attn_gate, *mlp_gate;
+    V* attn_gate_w;  // (H, GATE_WINDOW) SparseAttnGate
 };
 template <class W, class V> struct Weights {
     W *tok_emb, *lm_head, *bigram_embed, *bigram_proj;
     V *bigram_scale, *smear_gate, *skip_weights;
+    V* skip_gates;       // (skips, C)
+    V* parallel_post;    // (L, 2, 2): [block][attn, mlp][into lane 0, lane 1]
+    V* parallel_resid;   // (L, 2): [block][lane 0, lane 1]
+    V* smear_w;          // (1, GATE_WINDOW) the BOS-masked SmearGate's gate
+    V* smear_lambda;     // (1)
     std::vector<LayerWeights<W, V>> layers;
 };
 template <class W, class V>
@@ -1673,11 +1807,16 @@ static Weights<W, V> point_weights(const Config& c, const std::vector<ParamSpec>
     Weights<W, V> m;
     m.tok_emb = w(P_TOK_EMB); m.lm_head = w(P_LM_HEAD); m.bigram_embed = w(P_BIGRAM_EMBED); m.bigram_proj = w(P_BIGRAM_PROJ);
     m.bigram_scale = v(P_BIGRAM_SCALE); m.smear_gate = v(P_SMEAR_GATE); m.skip_weights = v(P_SKIP_WEIGHTS);
+    m.skip_gates = v(P_SKIP_GATES);
+    m.parallel_post = v(P_PARALLEL_POST);
+    m.parallel_resid = v(P_PARALLEL_RESID);
+    m.smear_w = v(P_SMEAR_W);
+    m.smear_lambda = v(P_SMEAR_LAMBDA);
     for (int l = 0; l < c.num_layers; l++) {
         int k = l % c.num_cores();
         m.layers.push_back({w(P_C_Q, k), w(P_C_K, k), w(P_C_V, k), w(P_ATTN_PROJ, k), w(P_FC, k), w(P_MLP_PROJ, k),
                             v(P_Q_GAIN, k), v(P_ATTN_SCALE, l), v(P_MLP_SCALE, l), v(P_RESID_MIX, l),
-                            v(P_ATTN_GATE, l), v(P_MLP_GATE, l)});
+                            v(P_ATTN_GATE, l), v(P_MLP_GATE, l), v(P_ATTN_GATE_W, k)});
     }
     return m;
 }
@@ -1726,6 +1865,13 @@ static void init_params(const Config& c, const std::vector<ParamSpec>& t, float*
             case P_RESID_MIX: std::fill(w, w + cols, 1.0f); break;  // row 0 (x) = 1, row 1 (x0) = 0
             case P_Q_GAIN: std::fill(w, w + p.numel, c.qk_gain_init); break;
             case P_SMEAR_GATE: case P_ATTN_GATE: case P_MLP_GATE: break;  // sigmoid(0) = 0.5
+            case P_SKIP_GATES: case P_SMEAR_W: case P_SMEAR_LAMBDA: break;  // σ(0) = ½ lerp; λ = 0: no smear
+            case P_PARALLEL_POST: std::fill(w, w + p.numel, 1.0f); break;
+            case P_PARALLEL_RESID: std::fill(w, w + p.numel, 1.1f); break;  // the reference's init
+            case P_ATTN_GATE_W:  // zeros (σ = ½) unless SPARSE_ATTN_GATE_INIT_STD
+                if (c.sparse_attn_gate_init_std > 0)
+                    for (size_t i = 0; i < p.numel; i++) w[i] = (float)(c.sparse_attn_gate_init_std * rng.normal());
+                break;
             case P_ATTN_PROJ: case P_MLP_PROJ: case P_LM_HEAD: break;    // zero-init outputs
             case P_C_Q: case P_C_K: case P_C_V: case P_FC: case P_BIGRAM_PROJ: {
                 // thwu1 zero-inits bigram.proj in its constructor, but _init_weights then
@@ -3612,6 +3758,455 @@ static void smear_backward(Cuda, bf16* dx, float* dgate, const bf16* dout, const
 }
 #endif
 
+// --- BOS-masked SmearGate on the token embedding (PR #1667; the BOS fix of #1851/#1855) -----------
+// out[t] = x[t] + λ·σ(w·x[t][:W])·x[t−1] where t is not a sequence's first position and token t is not
+// BOS; out[t] = x[t] elsewhere, so nothing crosses a document start. x: (N, C) rows of B sequences of T.
+static bool smear_bos_active(const int32_t* ids, long n, int T_) { return n % T_ != 0 && ids[n] != BOS_ID; }
+#if PGOLF_CPU_REFERENCE
+template <class T> static T smear_bos_logit(const T* xrow, const T* w, int W) {
+    T z = 0;
+    for (int j = 0; j < W; j++) z += w[j] * xrow[j];
+    return z;
+}
+template <class T> static void smear_bos_forward(Cpu<T>, T* out, const T* x, const int32_t* ids, const T* w,
+                                                 const T* lambda, int N, int T_, int C, int W) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const T* xr = x + (size_t)n * C;
+        T* o = out + (size_t)n * C;
+        bool on = smear_bos_active(ids, n, T_);
+        T g = on ? lambda[0] * sigmoid(smear_bos_logit(xr, w, W)) : T(0);
+        for (int c = 0; c < C; c++) o[c] = on ? xr[c] + g * xr[c - C] : xr[c];
+    }
+}
+// Overwrites dx; adds into dw and dlambda (either may be null).
+template <class T> static void smear_bos_backward(Cpu<T>, T* dx, T* dw, T* dlambda, const T* dout, const T* x,
+                                                  const int32_t* ids, const T* w, const T* lambda, int N, int T_,
+                                                  int C, int W) {
+    for (int n = 0; n < N; n++) {
+        const T* xr = x + (size_t)n * C;
+        const T* d = dout + (size_t)n * C;
+        T* dxr = dx + (size_t)n * C;
+        for (int c = 0; c < C; c++) dxr[c] = d[c];
+        if (n + 1 < N && smear_bos_active(ids, n + 1, T_)) {  // x[n] is the previous token of row n+1
+            T g1 = lambda[0] * sigmoid(smear_bos_logit(xr + C, w, W));
+            for (int c = 0; c < C; c++) dxr[c] += g1 * d[c + C];
+        }
+        if (!smear_bos_active(ids, n, T_)) continue;
+        T s = 0;
+        for (int c = 0; c < C; c++) s += d[c] * xr[c - C];
+        T sg = sigmoid(smear_bos_logit(xr, w, W));
+        T dz = lambda[0] * sg * (T(1) - sg) * s;
+        if (dlambda) dlambda[0] += sg * s;
+        for (int j = 0; j < W; j++) {
+            if (dw) dw[j] += dz * xr[j];
+            dxr[j] += dz * w[j];
+        }
+    }
+}
+#endif
+#ifdef PGOLF_CUDA
+// On the GPU: one block per row.
+__device__ float smear_bos_logit_block(const bf16* xrow, const float* w, int W, float* red) {
+    float z = 0.0f;
+    for (int j = threadIdx.x; j < W; j += blockDim.x) z += w[j] * to_f32(xrow[j]);
+    return block_sum(z, red);
+}
+__global__ void smear_bos_forward_kernel(bf16* out, const bf16* x, const int32_t* ids, const float* w,
+                                         const float* lambda, int T, int C, int W) {
+    __shared__ float red[32];
+    long n = blockIdx.x;
+    const bf16* xr = x + (size_t)n * C;
+    bf16* o = out + (size_t)n * C;
+    bool on = n % T != 0 && ids[n] != BOS_ID;
+    float g = 0.0f;
+    if (on) g = lambda[0] * sigmoidf_(smear_bos_logit_block(xr, w, W, red));
+    for (int c = threadIdx.x; c < C; c += blockDim.x)
+        o[c] = on ? from_f32<bf16>(to_f32(xr[c]) + g * to_f32(xr[c - C])) : xr[c];
+}
+// Row n's dx gathers its own identity and gate terms and row n+1's term (no two blocks write a row);
+// the parameter gradients leave per-row partials, summed in row order afterwards.
+__global__ void smear_bos_backward_kernel(bf16* dx, float* plambda, float* pw, const bf16* dout, const bf16* x,
+                                          const int32_t* ids, const float* w, const float* lambda, int N, int T,
+                                          int C, int W) {
+    __shared__ float red[32];
+    long n = blockIdx.x;
+    const bf16* xr = x + (size_t)n * C;
+    const bf16* d = dout + (size_t)n * C;
+    bool next = n + 1 < N && (n + 1) % T != 0 && ids[n + 1] != BOS_ID;
+    bool on = n % T != 0 && ids[n] != BOS_ID;
+    float g1 = 0.0f;
+    if (next) g1 = lambda[0] * sigmoidf_(smear_bos_logit_block(xr + C, w, W, red));
+    float dz = 0.0f, sg = 0.0f, s = 0.0f;
+    if (on) {
+        sg = sigmoidf_(smear_bos_logit_block(xr, w, W, red));
+        for (int c = threadIdx.x; c < C; c += blockDim.x) s += to_f32(d[c]) * to_f32(xr[c - C]);
+        s = block_sum(s, red);
+        dz = lambda[0] * sg * (1.0f - sg) * s;
+    }
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float v = to_f32(d[c]);
+        if (next) v += g1 * to_f32(d[c + C]);
+        if (c < W) v += dz * w[c];
+        dx[(size_t)n * C + c] = from_f32<bf16>(v);
+    }
+    if (plambda && threadIdx.x == 0) plambda[n] = sg * s;
+    if (pw)
+        for (int j = threadIdx.x; j < W; j += blockDim.x) pw[(size_t)n * W + j] = dz * to_f32(xr[j]);
+}
+static void smear_bos_forward(Cuda, bf16* out, const bf16* x, const int32_t* ids, const float* w, const float* lambda,
+                              int N, int T_, int C, int W) {
+    if (N <= 0 || C <= 0) return;
+    PGOLF_LAUNCH(N, BLOCK, 0, cuda_ctx().stream, smear_bos_forward_kernel)(out, x, ids, w, lambda, T_, C, W);
+    launchCheck();
+}
+static void smear_bos_backward(Cuda, bf16* dx, float* dw, float* dlambda, const bf16* dout, const bf16* x,
+                               const int32_t* ids, const float* w, const float* lambda, int N, int T_, int C, int W) {
+    if (N <= 0 || C <= 0) return;
+    float *plambda = nullptr, *pw = nullptr;
+    if (dw || dlambda)
+        scratch_carve([&](Arena& a) {
+            plambda = a.take<float>(N);
+            pw = a.take<float>((size_t)N * W);
+        });
+    PGOLF_LAUNCH(N, BLOCK, 0, cuda_ctx().stream, smear_bos_backward_kernel)(dx, plambda, pw, dout, x, ids, w, lambda,
+                                                                          N, T_, C, W);
+    launchCheck();
+    if (dlambda) total_sum_add(dlambda, plambda, N);
+    if (dw) column_sums_add(dw, pw, N, W);
+}
+#endif
+
+// --- SparseAttnGate (#1787): each head's output × σ(scale · W_h · x[:GW]) -------------------------
+// y (N, H·hd) the attention output (after XSA), x (N, C) the attention's input (the scaled norm), Wg (H, GW).
+#if PGOLF_CPU_REFERENCE
+template <class T> static T attn_gate_logit(const T* xrow, const T* wg, int h, int GW, float scale) {
+    T z = 0;
+    for (int j = 0; j < GW; j++) z += wg[(size_t)h * GW + j] * xrow[j];
+    return T(scale) * z;
+}
+template <class T> static void attn_gate_forward(Cpu<T>, T* out, const T* y, const T* x, const T* wg, int N, int H,
+                                                 int hd, int C, int GW, float scale) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++)
+        for (int h = 0; h < H; h++) {
+            T g = sigmoid(attn_gate_logit(x + (size_t)n * C, wg, h, GW, scale));
+            size_t o = ((size_t)n * H + h) * hd;
+            for (int d = 0; d < hd; d++) out[o + d] = g * y[o + d];
+        }
+}
+// Two calls: attn_gate_backward overwrites dy and dz (N, H), the gradient of each gate's logit
+// (before its scale), and adds into dwg (null: none); attn_gate_backward_input then adds the input's
+// share, dx[:, :GW] += Σ_h dz·W_h — a separate call, so that it can follow whatever writes dx first.
+template <class T, class S> static void attn_gate_backward(Cpu<T>, T* dy, S* dz, T* dwg, const T* dout, const T* y,
+                                                           const T* x, const T* wg, int N, int H, int hd, int C,
+                                                           int GW, float scale) {
+    for (int n = 0; n < N; n++)
+        for (int h = 0; h < H; h++) {
+            const T* xr = x + (size_t)n * C;
+            T g = sigmoid(attn_gate_logit(xr, wg, h, GW, scale));
+            size_t o = ((size_t)n * H + h) * hd;
+            T dg = 0;
+            for (int d = 0; d < hd; d++) {
+                dg += dout[o + d] * y[o + d];
+                dy[o + d] = g * dout[o + d];
+            }
+            T dzv = T(scale) * dg * g * (T(1) - g);
+            dz[(size_t)n * H + h] = dzv;
+            for (int j = 0; dwg && j < GW; j++) dwg[(size_t)h * GW + j] += dzv * xr[j];
+        }
+}
+template <class T, class S> static void attn_gate_backward_input(Cpu<T>, T* dx, const S* dz, const T* wg, int N, int H,
+                                                                 int C, int GW) {
+    for (int n = 0; n < N; n++)
+        for (int h = 0; h < H; h++)
+            for (int j = 0; j < GW; j++) dx[(size_t)n * C + j] += T(dz[(size_t)n * H + h]) * wg[(size_t)h * GW + j];
+}
+#endif
+#ifdef PGOLF_CUDA
+// On the GPU: one warp per (row, head); the forward recomputes its gate, the backward leaves
+// dz = scale·dg·g(1−g) per (row, head) for a row kernel (dx) and a chunked column reduction (dWg).
+__device__ float attn_gate_logit_warp(const bf16* xrow, const float* wg, int h, int GW, float scale) {
+    float z = 0.0f;
+    for (int j = threadIdx.x % 32; j < GW; j += 32) z += wg[(size_t)h * GW + j] * to_f32(xrow[j]);
+    return scale * warp_sum(z);
+}
+__global__ void attn_gate_forward_kernel(bf16* out, const bf16* y, const bf16* x, const float* wg, int N, int H, int hd,
+                                         int C, int GW, float scale) {
+    long warp = (blockIdx.x * (long)blockDim.x + threadIdx.x) / 32;
+    if (warp >= (long)N * H) return;
+    long n = warp / H;
+    int h = warp % H;
+    float g = sigmoidf_(attn_gate_logit_warp(x + (size_t)n * C, wg, h, GW, scale));
+    size_t o = (size_t)warp * hd;
+    for (int d = threadIdx.x % 32; d < hd; d += 32) out[o + d] = from_f32<bf16>(g * to_f32(y[o + d]));
+}
+__global__ void attn_gate_backward_kernel(bf16* dy, float* dz, const bf16* dout, const bf16* y, const bf16* x,
+                                          const float* wg, int N, int H, int hd, int C, int GW, float scale) {
+    long warp = (blockIdx.x * (long)blockDim.x + threadIdx.x) / 32;
+    if (warp >= (long)N * H) return;
+    long n = warp / H;
+    int h = warp % H;
+    float g = sigmoidf_(attn_gate_logit_warp(x + (size_t)n * C, wg, h, GW, scale));
+    size_t o = (size_t)warp * hd;
+    float dg = 0.0f;
+    for (int d = threadIdx.x % 32; d < hd; d += 32) {
+        float dv = to_f32(dout[o + d]);
+        dg += dv * to_f32(y[o + d]);
+        dy[o + d] = from_f32<bf16>(g * dv);
+    }
+    dg = warp_sum(dg);
+    if (threadIdx.x % 32 == 0) dz[warp] = scale * dg * g * (1.0f - g);
+}
+__global__ void attn_gate_dx_kernel(bf16* dx, const float* dz, const float* wg, int N, int H, int C, int GW) {
+    size_t total = (size_t)N * GW;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        size_t n = i / GW;
+        int j = i % GW;
+        float s = 0.0f;
+        for (int h = 0; h < H; h++) s += dz[n * H + h] * wg[(size_t)h * GW + j];
+        dx[n * C + j] = from_f32<bf16>(to_f32(dx[n * C + j]) + s);
+    }
+}
+// partial[chunk, h·GW + j] = Σ over the chunk's rows of dz[n, h]·x[n, j]
+__global__ void attn_gate_dw_kernel(float* partial, const float* dz, const bf16* x, int N, int H, int C, int GW,
+                                    long rows_per_chunk) {
+    __shared__ float sh[RED_ROWS * 32];
+    int col = blockIdx.x * 32 + threadIdx.x, h = col / GW, j = col % GW;
+    long n0 = blockIdx.y * rows_per_chunk, n1 = min(n0 + rows_per_chunk, (long)N);
+    float acc = 0.0f;
+    if (col < H * GW)
+        for (long n = n0 + threadIdx.y; n < n1; n += RED_ROWS) acc += dz[n * H + h] * to_f32(x[n * C + j]);
+    acc = column_reduce(acc, sh);
+    if (threadIdx.y == 0 && col < H * GW) partial[(size_t)blockIdx.y * H * GW + col] = acc;
+}
+static void attn_gate_forward(Cuda, bf16* out, const bf16* y, const bf16* x, const float* wg, int N, int H, int hd,
+                              int C, int GW, float scale) {
+    size_t threads = (size_t)N * H * 32;
+    if (!threads) return;
+    PGOLF_LAUNCH(ceil_div(threads, BLOCK), BLOCK, 0, cuda_ctx().stream, attn_gate_forward_kernel)(out, y, x, wg, N, H,
+                                                                                                 hd, C, GW, scale);
+    launchCheck();
+}
+static void attn_gate_backward(Cuda, bf16* dy, float* dz, float* dwg, const bf16* dout, const bf16* y, const bf16* x,
+                               const float* wg, int N, int H, int hd, int C, int GW, float scale) {
+    size_t threads = (size_t)N * H * 32;
+    if (!threads) return;
+    PGOLF_LAUNCH(ceil_div(threads, BLOCK), BLOCK, 0, cuda_ctx().stream, attn_gate_backward_kernel)(
+        dy, dz, dout, y, x, wg, N, H, hd, C, GW, scale);
+    launchCheck();
+    if (!dwg) return;
+    RowChunks rc = row_chunks(N);
+    float* partial = nullptr;
+    scratch_carve([&](Arena& a) { partial = a.take<float>((size_t)rc.chunks * H * GW); });
+    PGOLF_LAUNCH(reduce_grid(H * GW, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, attn_gate_dw_kernel)(
+        partial, dz, x, N, H, C, GW, rc.rows_per_chunk);
+    launchCheck();
+    column_sums_add(dwg, partial, rc.chunks, H * GW);
+}
+static void attn_gate_backward_input(Cuda, bf16* dx, const float* dz, const float* wg, int N, int H, int C, int GW) {
+    if ((size_t)N * GW == 0) return;
+    PGOLF_LAUNCH(grid_for((size_t)N * GW), BLOCK, 0, cuda_ctx().stream, attn_gate_dx_kernel)(dx, dz, wg, N, H, C, GW);
+    launchCheck();
+}
+#endif
+
+// --- Gated U-Net skip (#289): out = lerp(w⊙skip, x, σ(gate)) = σ⊙x + (1 − σ)⊙w⊙skip -----------------
+#if PGOLF_CPU_REFERENCE
+template <class T> static void skip_gate_forward(Cpu<T>, T* out, const T* x, const T* skip, const T* w, const T* gate,
+                                                 int N, int C) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++) {
+            size_t i = (size_t)n * C + c;
+            T g = sigmoid(gate[c]);
+            out[i] = g * x[i] + (T(1) - g) * w[c] * skip[i];
+        }
+}
+// Overwrites dx (which may be dout itself) with σ⊙dout; adds into dskip, dw, dgate (dw, dgate may be null).
+template <class T> static void skip_gate_backward(Cpu<T>, T* dx, T* dskip, T* dw, T* dgate, const T* dout, const T* x,
+                                                  const T* skip, const T* w, const T* gate, int N, int C) {
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++) {
+            size_t i = (size_t)n * C + c;
+            T g = sigmoid(gate[c]), d = dout[i];
+            dx[i] = g * d;
+            dskip[i] += (T(1) - g) * w[c] * d;
+            if (dw) dw[c] += d * (T(1) - g) * skip[i];
+            if (dgate) dgate[c] += d * (x[i] - w[c] * skip[i]) * g * (T(1) - g);
+        }
+}
+#endif
+#ifdef PGOLF_CUDA
+// On the GPU: the forward elementwise; the backward as branch_add_backward (column chunks, then sums).
+__global__ void skip_gate_forward_kernel(bf16* out, const bf16* x, const bf16* skip, const float* w, const float* gate,
+                                         size_t n, int C) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        int c = i % C;
+        float g = sigmoidf_(gate[c]);
+        out[i] = from_f32<bf16>(g * to_f32(x[i]) + (1.0f - g) * w[c] * to_f32(skip[i]));
+    }
+}
+__global__ void skip_gate_backward_kernel(bf16* dx, bf16* dskip, float* pw, float* pgate, const bf16* dout,
+                                          const bf16* x, const bf16* skip, const float* w, const float* gate, int N,
+                                          int C, long rows_per_chunk) {
+    __shared__ float sh[RED_ROWS * 32];
+    int c = blockIdx.x * 32 + threadIdx.x;
+    long n0 = blockIdx.y * rows_per_chunk, n1 = min(n0 + rows_per_chunk, (long)N);
+    float aw = 0.0f, ag = 0.0f;
+    if (c < C) {
+        float g = sigmoidf_(gate[c]), wc = w[c];
+        for (long n = n0 + threadIdx.y; n < n1; n += RED_ROWS) {
+            size_t i = (size_t)n * C + c;
+            float d = to_f32(dout[i]), xv = to_f32(x[i]), sv = to_f32(skip[i]);
+            dx[i] = from_f32<bf16>(g * d);  // (read before: dx may be dout)
+            dskip[i] = from_f32<bf16>(to_f32(dskip[i]) + (1.0f - g) * wc * d);
+            aw += d * (1.0f - g) * sv;
+            ag += d * (xv - wc * sv) * g * (1.0f - g);
+        }
+    }
+    aw = column_reduce(aw, sh);
+    ag = column_reduce(ag, sh);
+    if (threadIdx.y == 0 && c < C) {
+        if (pw) pw[(size_t)blockIdx.y * C + c] = aw;
+        if (pgate) pgate[(size_t)blockIdx.y * C + c] = ag;
+    }
+}
+static void skip_gate_forward(Cuda, bf16* out, const bf16* x, const bf16* skip, const float* w, const float* gate,
+                              int N, int C) {
+    size_t n = (size_t)N * C;
+    if (!n) return;
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, skip_gate_forward_kernel)(out, x, skip, w, gate, n, C);
+    launchCheck();
+}
+static void skip_gate_backward(Cuda, bf16* dx, bf16* dskip, float* dw, float* dgate, const bf16* dout, const bf16* x,
+                               const bf16* skip, const float* w, const float* gate, int N, int C) {
+    if (N <= 0 || C <= 0) return;
+    RowChunks rc = row_chunks(N);
+    float *pw = nullptr, *pgate = nullptr;
+    if (dw || dgate)
+        scratch_carve([&](Arena& a) {
+            pw = dw ? a.take<float>((size_t)rc.chunks * C) : nullptr;
+            pgate = dgate ? a.take<float>((size_t)rc.chunks * C) : nullptr;
+        });
+    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, skip_gate_backward_kernel)(
+        dx, dskip, pw, pgate, dout, x, skip, w, gate, N, C, rc.rows_per_chunk);
+    launchCheck();
+    if (pw) column_sums_add(dw, pw, rc.chunks, C);
+    if (pgate) column_sums_add(dgate, pgate, rc.chunks, C);
+}
+#endif
+
+// --- Parallel residual lanes (#1530 as #1855 has it) -----------------------------------------------
+// With A = sa⊙a (attention branch) and M = sm⊙m (MLP branch), r = resid[2], p = post[2][2]:
+//   lane0' = r0·lane0 + p00·A + p10·M,   lane1' = r1·lane1 + p01·A + p11·M
+// (p[i][k]: branch i — 0 attention, 1 MLP — into lane k). Outputs may not alias the inputs.
+#if PGOLF_CPU_REFERENCE
+template <class T> static void lanes_forward(Cpu<T>, T* out0, T* out1, const T* lane0, const T* lane1, const T* a,
+                                             const T* m, const T* sa, const T* sm, const T* resid, const T* post,
+                                             int N, int C) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++) {
+            size_t i = (size_t)n * C + c;
+            T A = sa[c] * a[i], M = sm[c] * m[i];
+            out0[i] = resid[0] * lane0[i] + post[0] * A + post[2] * M;
+            out1[i] = resid[1] * lane1[i] + post[1] * A + post[3] * M;
+        }
+}
+// d0, d1 (the outputs' gradients) become the input lanes' in place; da, dm are overwritten; the
+// parameter gradients (any may be null) are added into.
+template <class T> static void lanes_backward(Cpu<T>, T* d0, T* d1, T* da, T* dm, T* dsa, T* dsm, T* dresid, T* dpost,
+                                              const T* lane0, const T* lane1, const T* a, const T* m, const T* sa,
+                                              const T* sm, const T* resid, const T* post, int N, int C) {
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++) {
+            size_t i = (size_t)n * C + c;
+            T g0 = d0[i], g1 = d1[i], A = sa[c] * a[i], M = sm[c] * m[i];
+            T dA = post[0] * g0 + post[1] * g1, dM = post[2] * g0 + post[3] * g1;
+            da[i] = sa[c] * dA;
+            dm[i] = sm[c] * dM;
+            if (dsa) dsa[c] += a[i] * dA;
+            if (dsm) dsm[c] += m[i] * dM;
+            if (dresid) { dresid[0] += g0 * lane0[i]; dresid[1] += g1 * lane1[i]; }
+            if (dpost) { dpost[0] += g0 * A; dpost[1] += g1 * A; dpost[2] += g0 * M; dpost[3] += g1 * M; }
+            d0[i] = resid[0] * g0;
+            d1[i] = resid[1] * g1;
+        }
+}
+#endif
+#ifdef PGOLF_CUDA
+// On the GPU: the forward elementwise; the backward one chunked column pass with eight partials per
+// column (sa, sm, then the six scalars), summed per column (sa, sm) or over everything (scalars).
+__global__ void lanes_forward_kernel(bf16* out0, bf16* out1, const bf16* lane0, const bf16* lane1, const bf16* a,
+                                     const bf16* m, const float* sa, const float* sm, const float* resid,
+                                     const float* post, size_t n, int C) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        int c = i % C;
+        float A = sa[c] * to_f32(a[i]), M = sm[c] * to_f32(m[i]);
+        out0[i] = from_f32<bf16>(resid[0] * to_f32(lane0[i]) + post[0] * A + post[2] * M);
+        out1[i] = from_f32<bf16>(resid[1] * to_f32(lane1[i]) + post[1] * A + post[3] * M);
+    }
+}
+static const int LANES_PARTIALS = 8;
+__global__ void lanes_backward_kernel(bf16* d0, bf16* d1, bf16* da, bf16* dm, float* partial, const bf16* lane0,
+                                      const bf16* lane1, const bf16* a, const bf16* m, const float* sa, const float* sm,
+                                      const float* resid, const float* post, int N, int C, long rows_per_chunk) {
+    __shared__ float sh[RED_ROWS * 32];
+    int c = blockIdx.x * 32 + threadIdx.x;
+    long n0 = blockIdx.y * rows_per_chunk, n1 = min(n0 + rows_per_chunk, (long)N);
+    float acc[LANES_PARTIALS] = {};
+    if (c < C)
+        for (long n = n0 + threadIdx.y; n < n1; n += RED_ROWS) {
+            size_t i = (size_t)n * C + c;
+            float g0 = to_f32(d0[i]), g1 = to_f32(d1[i]), av = to_f32(a[i]), mv = to_f32(m[i]);
+            float A = sa[c] * av, M = sm[c] * mv;
+            float dA = post[0] * g0 + post[1] * g1, dM = post[2] * g0 + post[3] * g1;
+            da[i] = from_f32<bf16>(sa[c] * dA);
+            dm[i] = from_f32<bf16>(sm[c] * dM);
+            acc[0] += av * dA;
+            acc[1] += mv * dM;
+            acc[2] += g0 * to_f32(lane0[i]);
+            acc[3] += g1 * to_f32(lane1[i]);
+            acc[4] += g0 * A;
+            acc[5] += g1 * A;
+            acc[6] += g0 * M;
+            acc[7] += g1 * M;
+            d0[i] = from_f32<bf16>(resid[0] * g0);
+            d1[i] = from_f32<bf16>(resid[1] * g1);
+        }
+    for (int k = 0; k < LANES_PARTIALS; k++) {
+        float s = column_reduce(acc[k], sh);
+        if (threadIdx.y == 0 && c < C) partial[((size_t)k * gridDim.y + blockIdx.y) * C + c] = s;
+    }
+}
+static void lanes_forward(Cuda, bf16* out0, bf16* out1, const bf16* lane0, const bf16* lane1, const bf16* a,
+                          const bf16* m, const float* sa, const float* sm, const float* resid, const float* post,
+                          int N, int C) {
+    size_t n = (size_t)N * C;
+    if (!n) return;
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, lanes_forward_kernel)(out0, out1, lane0, lane1, a, m, sa, sm,
+                                                                                resid, post, n, C);
+    launchCheck();
+}
+static void lanes_backward(Cuda, bf16* d0, bf16* d1, bf16* da, bf16* dm, float* dsa, float* dsm, float* dresid,
+                           float* dpost, const bf16* lane0, const bf16* lane1, const bf16* a, const bf16* m,
+                           const float* sa, const float* sm, const float* resid, const float* post, int N, int C) {
+    if (N <= 0 || C <= 0) return;
+    RowChunks rc = row_chunks(N);
+    size_t block = (size_t)rc.chunks * C;  // one partial's [chunks, C]
+    float* partial = nullptr;
+    scratch_carve([&](Arena& a_) { partial = a_.take<float>(LANES_PARTIALS * block); });
+    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, lanes_backward_kernel)(
+        d0, d1, da, dm, partial, lane0, lane1, a, m, sa, sm, resid, post, N, C, rc.rows_per_chunk);
+    launchCheck();
+    if (dsa) column_sums_add(dsa, partial, rc.chunks, C);
+    if (dsm) column_sums_add(dsm, partial + block, rc.chunks, C);
+    for (int k = 0; k < 2 && dresid; k++) total_sum_add(dresid + k, partial + (2 + k) * block, block);
+    for (int k = 0; k < 4 && dpost; k++) total_sum_add(dpost + k, partial + (4 + k) * block, block);
+}
+#endif
+
 // --- MLP activation: relu(h)² or leaky_relu(h, 0.5)² ----------------------------------------------
 #if PGOLF_CPU_REFERENCE
 template <class T> static void mlp_act_forward(Cpu<T>, T* out, const T* h, size_t n, bool leaky) {
@@ -3685,25 +4280,32 @@ template <class T> static void softcap_ce(Cpu<T>, T* losses, T* logits, const in
 #ifdef PGOLF_CUDA
 // On the GPU.
 // One block per row reads the bf16 logits and keeps everything else in fp32 registers: no fp32
-// logits are ever written. With weights, the row is overwritten with bf16
-// dlogits = w·(softmax(z) − onehot(y))·(1 − (z/cap)²). Each element is read and rewritten by the
-// same thread, so the overwrite needs no barrier.
+// logits are ever written. One streaming pass finds the row's max and Σ exp together (each thread
+// rescales its running sum when its max grows; the block then rescales each thread's sum to the row
+// max), so the logits are read once for the loss (#1787's fused CE does the same). With weights, a
+// second pass overwrites the row with bf16 dlogits = w·(softmax(z) − onehot(y))·(1 − (z/cap)²): the
+// forward and backward of the loss in one kernel. Each element is read and rewritten by the same
+// thread, so the overwrite needs no barrier.
 __global__ void softcap_ce_kernel(float* losses, bf16* logits, const int32_t* targets, const float* weights, int V, float cap) {
     __shared__ float red[32];
     __shared__ float zy;
     int n = blockIdx.x, y = targets[n];
     bf16* l = logits + (size_t)n * V;
-    float mx = -INFINITY;
+    float mx = -INFINITY, sum = 0.0f;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
         float z = cap * tanhf(to_f32(l[i]) / cap);
-        mx = fmaxf(mx, z);
+        if (z > mx) {
+            sum = sum * expf(mx - z) + 1.0f;  // (expf(−inf) = 0 on the first element)
+            mx = z;
+        } else {
+            sum += expf(z - mx);
+        }
         if (i == y) zy = z;
     }
-    mx = block_max(mx, red);
-    float sum = 0.0f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(cap * tanhf(to_f32(l[i]) / cap) - mx);
+    float row_mx = block_max(mx, red);
+    sum = sum > 0.0f ? sum * expf(mx - row_mx) : 0.0f;
     sum = block_sum(sum, red);  // (its barriers also publish zy)
-    float lse = mx + logf(sum);
+    float lse = row_mx + logf(sum);
     if (threadIdx.x == 0) losses[n] = (y >= 0 && y < V) ? lse - zy : NAN;
     if (!weights) return;
     float w = weights[n];
@@ -3793,6 +4395,7 @@ template <class D> struct LayerActs {
     A* attn_out;             // (B*T, C) causal softmax(q kᵀ/√hd) v, per head
     S* attn_lse;             // (B*T, H) log-sum-exp of each softmax row
     A* attn_proj_in;         // (B*T, C) XSA(attn_out, v_proj) (aliases attn_out in layers without XSA)
+    A* attn_gated;           // (B*T, C) SparseAttnGate(attn_proj_in, attn_norm), input of attn_proj when on
     A* attn_proj_out;        // (B*T, C) attn_proj_in · attn_projᵀ
     A* residual_after_attn;  // (B*T, C) residual_mixed + attn_scale ⊙ σ(attn_gate) ⊙ attn_proj_out
     A* mlp_norm;             // (B*T, C) rmsnorm(residual_after_attn), input of fc
@@ -3801,6 +4404,8 @@ template <class D> struct LayerActs {
     A* mlp_act;              // (B*T, F) relu²(mlp_hidden) (or leaky_relu²)
     A* mlp_proj_out;         // (B*T, C) mlp_act · mlp_projᵀ
     A* residual_out;         // (B*T, C) residual_after_attn + mlp_scale ⊙ σ(mlp_gate) ⊙ mlp_proj_out
+                             // (a parallel block: lane 0 after it, see lanes_forward)
+    A* lane1_out;            // (B*T, C) a parallel block's lane 1 (the MLP's input lane) after it
 };
 template <class D> struct Acts {
     using A = typename D::act;
@@ -3818,6 +4423,8 @@ template <class D> struct Acts {
     A* embed_norm;                 // (B*T, C) rmsnorm of the embedding
     S* embed_norm_rstd;            // (B*T)
     A* residual_x0;                // (B*T, C) x0, the second residual lane: SmearGate(embed_norm) or embed_norm itself
+    A* embed_smeared;              // (B*T, C) BOS-masked SmearGate of the embedding (SMEAR_GATE_ENABLED), then normed
+    A* final_in;                   // (B*T, C) ½(lane 0 + lane 1) after parallel blocks (PARALLEL_FINAL_LANE=mean)
     std::vector<LayerActs<D>> layers;
     A* final_norm;                 // (B*T, C) rmsnorm of the last residual_out, input of the head
     S* final_norm_rstd;            // (B*T)
@@ -3843,8 +4450,18 @@ template <class D> struct Acts {
     A* d_embed_sum;                // (B*T, C)
     A* d_bigram_embed;             // (B*T, BD)
     A* d_bigram_proj_out;          // (B*T, C)
+    A* d_lane1;                    // (B*T, C) of lane 1 (parallel blocks)
+    S* d_attn_gate_logit;          // (B*T, H) of SparseAttnGate's logits (before their scale)
     std::vector<A*> d_skips;       // (B*T, C) each: gradient flowing back into each encoder output that feeds a skip
 };
+
+static bool layer_has_xsa(const Config& c, int l) { return (l % c.num_cores()) >= c.num_cores() - c.xsa_last_n; }
+// Virtual layer l runs as a parallel block: a decoder layer whose block is at or past PARALLEL_START_LAYER.
+static bool layer_parallel(const Config& c, int l, bool loop) {
+    return c.parallel_start_layer > 0 && l >= c.num_encoder(loop) && c.block_of(l, loop) >= c.parallel_start_layer;
+}
+// LN_SCALE: block b's norm outputs × 1/√(b+1).
+static float ln_scale_of(const Config& c, int b) { return c.ln_scale ? (float)(1.0 / std::sqrt(b + 1.0)) : 1.0f; }
 
 template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c, int B, int T) {
     using A = typename D::act;
@@ -3871,11 +4488,19 @@ template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c
     a.embed_norm = ar.take<A>(N * C);
     a.embed_norm_rstd = ar.take<S>(N);
     a.residual_x0 = c.smear ? ar.take<A>(N * C) : a.embed_norm;
-    a.layers.assign(c.num_layers, {});
-    int enc = c.num_encoder_layers();
-    for (int l = 0; l < c.num_layers; l++) {
+    a.embed_smeared = c.smear_gate_enabled ? ar.take<A>(N * C) : nullptr;
+    a.final_in = c.parallel_start_layer > 0 ? ar.take<A>(N * C) : nullptr;
+    // one set per virtual layer of the longer sequence; buffers a layer needs in either sequence
+    a.layers.assign(c.max_virtual(), {});
+    for (int l = 0; l < c.max_virtual(); l++) {
         LayerActs<D>& L = a.layers[l];
-        bool skip_in = l >= enc && (l - enc) < c.num_skip_weights();
+        bool skip_in = false, xsa = false, par = false;
+        for (bool loop : {false, true}) {
+            if (l >= c.num_virtual(loop)) continue;
+            skip_in |= l >= c.num_encoder(loop) && l - c.num_encoder(loop) < c.num_skips(loop);
+            xsa |= layer_has_xsa(c, c.block_of(l, loop));
+            par |= layer_parallel(c, l, loop);
+        }
         L.residual_in = (l == 0 || skip_in) ? ar.take<A>(N * C) : a.layers[l - 1].residual_out;
         L.residual_mixed = ar.take<A>(N * C);
         L.attn_norm = ar.take<A>(N * C);
@@ -3889,8 +4514,8 @@ template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c
         L.k_rstd = ar.take<S>(N * Hk);
         L.attn_out = ar.take<A>(N * C);
         L.attn_lse = ar.take<S>(N * H);
-        bool xsa = (l % c.num_cores()) >= c.num_cores() - c.xsa_last_n;
         L.attn_proj_in = xsa ? ar.take<A>(N * C) : L.attn_out;
+        L.attn_gated = c.sparse_attn_gate ? ar.take<A>(N * C) : nullptr;
         L.attn_proj_out = ar.take<A>(N * C);
         L.residual_after_attn = ar.take<A>(N * C);
         L.mlp_norm = ar.take<A>(N * C);
@@ -3899,6 +4524,7 @@ template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c
         L.mlp_act = ar.take<A>(N * F);
         L.mlp_proj_out = ar.take<A>(N * C);
         L.residual_out = ar.take<A>(N * C);
+        L.lane1_out = par ? ar.take<A>(N * C) : nullptr;
     }
     a.final_norm = ar.take<A>(N * C);
     a.final_norm_rstd = ar.take<S>(N);
@@ -3923,6 +4549,8 @@ template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c
     a.d_embed_sum = ar.take<A>(N * C);
     a.d_bigram_embed = c.bigram_vocab_size ? ar.take<A>(N * BD) : nullptr;
     a.d_bigram_proj_out = bigram_branch ? ar.take<A>(N * C) : nullptr;
+    a.d_lane1 = c.parallel_start_layer > 0 ? ar.take<A>(N * C) : nullptr;
+    a.d_attn_gate_logit = c.sparse_attn_gate ? ar.take<S>(N * H) : nullptr;
     a.d_skips.assign(c.num_skip_weights(), nullptr);
     for (int i = 0; i < c.num_skip_weights(); i++) a.d_skips[i] = ar.take<A>(N * C);
 }
@@ -3962,6 +4590,7 @@ template <class D> struct Model {
     void* act_memory = nullptr;
     size_t act_bytes = 0;
     bool qat_active = false;
+    bool looping = false;               // depth recurrence on (NUM_LOOPS): the longer block sequence runs
 };
 
 template <class D> static void model_init(D dev, Model<D>& m, const Config& c, int B, int T) {
@@ -3981,6 +4610,7 @@ template <class D> static void model_init(D dev, Model<D>& m, const Config& c, i
     m.act_bytes = ar.used;
     ar.base = (uint8_t*)(m.act_memory = device_alloc(dev, ar.used)); ar.cap = ar.used; ar.used = 0;
     carve_acts(ar, m.acts, c, B, T);
+    m.looping = c.num_loops > 0;  // evaluation runs the loop; train() starts without it
 }
 
 template <class D> static void refresh_compute_weights(D dev, Model<D>& m, bool qat);
@@ -4042,7 +4672,48 @@ template <class D> static void lora_backward(D dev, Lora<D>* lo, int t, int laye
 }
 
 
-static bool layer_has_xsa(const Config& c, int l) { return (l % c.num_cores()) >= c.num_cores() - c.xsa_last_n; }
+
+// What block l reads: its own residual_in where something is written there (layer 0, a skip), else
+// the previous layer's output (residual_in may be a buffer of its own that only the other sequence of
+// the recurrence writes).
+template <class D> static const typename D::act* block_input(Model<D>& m, int l, bool loop) {
+    const Config& c = m.cfg;
+    int i = l - c.num_encoder(loop);
+    bool own = l == 0 || (i >= 0 && i < c.num_skips(loop));
+    return own ? m.acts.layers[l].residual_in : m.acts.layers[l - 1].residual_out;
+}
+// What the final norm reads: the last layer's output, or after parallel blocks (PARALLEL_FINAL_LANE)
+// the mean of the two lanes (computed into final_in when `compute`), lane 0 (attn) or lane 1 (mlp).
+template <class D> static const typename D::act* final_hidden(D dev, Model<D>& m, int N, bool loop,
+                                                              bool compute = true) {
+    const Config& c = m.cfg;
+    Acts<D>& a = m.acts;
+    int last = c.num_virtual(loop) - 1;
+    const LayerActs<D>& L = a.layers[last];
+    if (!layer_parallel(c, last, loop) || c.parallel_final_lane == "attn") return L.residual_out;
+    if (c.parallel_final_lane == "mlp") return L.lane1_out;
+    if (compute) {
+        add_forward(dev, a.final_in, L.residual_out, L.lane1_out, (size_t)N * c.model_dim);
+        scale_inplace(dev, a.final_in, (size_t)N * c.model_dim, 0.5f);
+    }
+    return a.final_in;
+}
+// Its backward: d_residual holds the gradient of what the final norm read; it becomes lane 0's, and
+// d_lane1 lane 1's.
+template <class D> static void final_hidden_backward(D dev, Model<D>& m, int N) {
+    const Config& c = m.cfg;
+    Acts<D>& a = m.acts;
+    size_t n = (size_t)N * c.model_dim;
+    device_zero(dev, a.d_lane1, n * sizeof(*a.d_lane1));
+    if (c.parallel_final_lane == "attn") return;
+    add_inplace(dev, a.d_lane1, a.d_residual, n);
+    if (c.parallel_final_lane == "mlp") {
+        device_zero(dev, a.d_residual, n * sizeof(*a.d_residual));
+        return;
+    }
+    scale_inplace(dev, a.d_residual, n, 0.5f);
+    scale_inplace(dev, a.d_lane1, n, 0.5f);
+}
 
 // Forward over a.inputs/a.targets (already on the device). Per-position NLLs land in a.losses.
 // With a.loss_weights set (weights != nullptr), the logits buffer ends up holding dloss/dlogits.
@@ -4069,48 +4740,80 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
         add_forward(dev, a.embed_sum, a.tok_embed, a.bigram_proj_out, (size_t)N * Dm);
         e = a.embed_sum;
     }
+    if (c.smear_gate_enabled) {
+        smear_bos_forward(dev, a.embed_smeared, e, a.inputs, W.smear_w, W.smear_lambda, N, T, Dm, c.gate_window);
+        e = a.embed_smeared;
+    }
     rmsnorm_forward(dev, a.embed_norm, a.embed_norm_rstd, e, N, Dm);
     if (c.smear) smear_forward(dev, a.residual_x0, a.embed_norm, W.smear_gate, N, T, Dm);
     if (a.doc_start) document_starts(dev, a.doc_start, a.inputs, B, T);  // VARLEN_ATTN: every layer's mask
-    // blocks, with U-Net skips from the first half into the second
-    int enc = c.num_encoder_layers();
-    for (int l = 0; l < c.num_layers; l++) {
+    // blocks (virtual layer l runs block b), with U-Net skips from the first half into the second
+    bool loop = m.looping && c.num_loops > 0;
+    int layers = c.num_virtual(loop), enc = c.num_encoder(loop), skips = c.num_skips(loop);
+    const typename D::act* lane1 = nullptr;  // the MLP's lane, once parallel blocks begin
+    for (int l = 0; l < layers; l++) {
+        int b = c.block_of(l, loop);
         LayerActs<D>& L = a.layers[l];
-        const auto& LW = W.layers[l];
+        const auto& LW = W.layers[b];
+        bool par = layer_parallel(c, l, loop);
+        if (par && !lane1) lane1 = a.layers[l - 1].residual_out;  // both lanes start as the stream (before its skip)
+        const typename D::act* x_in = block_input(m, l, loop);
         if (l == 0) copy_forward(dev, L.residual_in, a.residual_x0, (size_t)N * Dm);
-        else if (l >= enc && l - enc < c.num_skip_weights()) {
+        else if (l >= enc && l - enc < skips) {
             int i = l - enc;  // decoder layer i takes encoder output enc−1−i (a stack)
             const typename D::act* skip = a.layers[enc - 1 - i].residual_out;
+            const typename D::act* prev = a.layers[l - 1].residual_out;
             const typename D::vec* skip_weight = W.skip_weights + (size_t)i * Dm;
-            branch_add_forward(dev, L.residual_in, a.layers[l - 1].residual_out, skip, skip_weight, no_gate, N, Dm);
+            if (W.skip_gates)
+                skip_gate_forward(dev, L.residual_in, prev, skip, skip_weight, W.skip_gates + (size_t)i * Dm, N, Dm);
+            else
+                branch_add_forward(dev, L.residual_in, prev, skip, skip_weight, no_gate, N, Dm);
         }
-        resid_mix_forward(dev, L.residual_mixed, L.residual_in, a.residual_x0, LW.resid_mix, N, Dm);
+        resid_mix_forward(dev, L.residual_mixed, x_in, a.residual_x0, LW.resid_mix, N, Dm);
         rmsnorm_forward(dev, L.attn_norm, L.attn_norm_rstd, L.residual_mixed, N, Dm);
+        if (c.ln_scale) scale_inplace(dev, L.attn_norm, (size_t)N * Dm, ln_scale_of(c, b));
         matmul_forward(dev, L.q_proj, L.attn_norm, LW.c_q, N, Dm, Dm);
         matmul_forward(dev, L.k_proj, L.attn_norm, LW.c_k, N, Dm, KV);
         matmul_forward(dev, L.v_proj, L.attn_norm, LW.c_v, N, Dm, KV);
-        lora_forward(dev, lo, LORA_Q, l, L.q_proj, L.attn_norm, T);
-        lora_forward(dev, lo, LORA_K, l, L.k_proj, L.attn_norm, T);
-        lora_forward(dev, lo, LORA_V, l, L.v_proj, L.attn_norm, T);
+        lora_forward(dev, lo, LORA_Q, b, L.q_proj, L.attn_norm, T);
+        lora_forward(dev, lo, LORA_K, b, L.k_proj, L.attn_norm, T);
+        lora_forward(dev, lo, LORA_V, b, L.v_proj, L.attn_norm, T);
         qk_norm_rope_forward(dev, L.q_rope, L.q_rstd, L.q_proj, LW.q_gain, N, T, H, hd, c.rotary_dims(), c.rope_base);
         qk_norm_rope_forward(dev, L.k_rope, L.k_rstd, L.k_proj, no_gate, N, T, Hk, hd, c.rotary_dims(), c.rope_base);
-        attention_forward(dev, L.attn_out, L.attn_lse, L.q_rope, L.k_rope, L.v_proj, B, T, H, Hk, hd, a.doc_start);
-        if (layer_has_xsa(c, l)) xsa_forward(dev, L.attn_proj_in, L.attn_out, L.v_proj, N, H, Hk, hd);
-        matmul_forward(dev, L.attn_proj_out, L.attn_proj_in, LW.attn_proj, N, Dm, Dm);
-        lora_forward(dev, lo, LORA_O, l, L.attn_proj_out, L.attn_proj_in, T);
-        branch_add_forward(dev, L.residual_after_attn, L.residual_mixed, L.attn_proj_out, LW.attn_scale, LW.attn_gate,
-                           N, Dm);
-        rmsnorm_forward(dev, L.mlp_norm, L.mlp_norm_rstd, L.residual_after_attn, N, Dm);
+        attention_forward(dev, L.attn_out, L.attn_lse, L.q_rope, L.k_rope, L.v_proj, B, T, H, Hk, hd,
+                          a.doc_start);
+        if (layer_has_xsa(c, b)) xsa_forward(dev, L.attn_proj_in, L.attn_out, L.v_proj, N, H, Hk, hd);
+        const typename D::act* proj_in = L.attn_proj_in;
+        if (c.sparse_attn_gate) {
+            attn_gate_forward(dev, L.attn_gated, L.attn_proj_in, L.attn_norm, LW.attn_gate_w, N, H, hd, Dm,
+                              c.gate_window, c.sparse_attn_gate_scale);
+            proj_in = L.attn_gated;
+        }
+        matmul_forward(dev, L.attn_proj_out, proj_in, LW.attn_proj, N, Dm, Dm);
+        lora_forward(dev, lo, LORA_O, b, L.attn_proj_out, proj_in, T);
+        const typename D::act* mlp_in = par ? lane1 : L.residual_after_attn;  // a parallel MLP reads lane 1
+        if (!par)
+            branch_add_forward(dev, L.residual_after_attn, L.residual_mixed, L.attn_proj_out, LW.attn_scale,
+                               LW.attn_gate, N, Dm);
+        rmsnorm_forward(dev, L.mlp_norm, L.mlp_norm_rstd, mlp_in, N, Dm);
+        if (c.ln_scale) scale_inplace(dev, L.mlp_norm, (size_t)N * Dm, ln_scale_of(c, b));
         matmul_forward(dev, L.mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F);
-        lora_forward(dev, lo, LORA_UP, l, L.mlp_hidden, L.mlp_norm, T);
+        lora_forward(dev, lo, LORA_UP, b, L.mlp_hidden, L.mlp_norm, T);
         mlp_act_forward(dev, L.mlp_act, L.mlp_hidden, (size_t)N * F, c.mlp_activation == "leaky_relu_sq");
         matmul_forward(dev, L.mlp_proj_out, L.mlp_act, LW.mlp_proj, N, F, Dm);
-        lora_forward(dev, lo, LORA_DOWN, l, L.mlp_proj_out, L.mlp_act, T);
-        branch_add_forward(dev, L.residual_out, L.residual_after_attn, L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate,
-                           N, Dm);
+        lora_forward(dev, lo, LORA_DOWN, b, L.mlp_proj_out, L.mlp_act, T);
+        if (!par)
+            branch_add_forward(dev, L.residual_out, L.residual_after_attn, L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate,
+                               N, Dm);
+        if (par) {
+            lanes_forward(dev, L.residual_out, L.lane1_out, x_in, lane1, L.attn_proj_out, L.mlp_proj_out,
+                          LW.attn_scale, LW.mlp_scale, W.parallel_resid + 2 * b, W.parallel_post + 4 * b, N, Dm);
+            lane1 = L.lane1_out;
+        }
     }
-    // head: final norm, tied or untied projection, softcap, cross-entropy
-    rmsnorm_forward(dev, a.final_norm, a.final_norm_rstd, a.layers[c.num_layers - 1].residual_out, N, Dm);
+    // head: final norm (of the lanes' mean, or one lane, after parallel blocks), projection, softcap, CE
+    const typename D::act* hidden = final_hidden(dev, m, N, loop);
+    rmsnorm_forward(dev, a.final_norm, a.final_norm_rstd, hidden, N, Dm);
     matmul_forward(dev, a.logits, a.final_norm, c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm, c.vocab_size);
     lora_forward(dev, lo, LORA_HEAD, 0, a.logits, a.final_norm, T);
     softcap_ce(dev, a.losses, a.logits, a.targets, with_grad ? a.loss_weights : nullptr, N, c.vocab_size, c.logit_softcap);
@@ -4138,40 +4841,65 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
     matmul_backward(dev, a.d_norm, c.tie_embeddings ? G.tok_emb : G.lm_head, a.logits, a.final_norm,
                     c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm, c.vocab_size);
     lora_backward(dev, lo, LORA_HEAD, 0, a.d_norm, a.logits, a.final_norm, T);
-    rmsnorm_backward(dev, a.d_residual, a.d_norm, a.layers[c.num_layers - 1].residual_out, a.final_norm_rstd, N, Dm);
-    int enc = c.num_encoder_layers();
-    for (int l = c.num_layers - 1; l >= 0; l--) {
+    bool loop = m.looping && c.num_loops > 0;
+    int layers = c.num_virtual(loop), enc = c.num_encoder(loop), skips = c.num_skips(loop);
+    rmsnorm_backward(dev, a.d_residual, a.d_norm, final_hidden(dev, m, N, loop, false), a.final_norm_rstd, N, Dm);
+    if (layer_parallel(c, layers - 1, loop)) final_hidden_backward(dev, m, N);  // d_residual → lane 0's, d_lane1
+    for (int l = layers - 1; l >= 0; l--) {
+        int b = c.block_of(l, loop);
         LayerActs<D>& L = a.layers[l];
-        const auto& LW = W.layers[l];
-        const auto& LG = G.layers[l];
-        if (l < enc && l >= enc - c.num_skip_weights())  // this encoder output also fed a skip
+        const auto& LW = W.layers[b];
+        const auto& LG = G.layers[b];
+        bool par = layer_parallel(c, l, loop);
+        bool first_par = par && !layer_parallel(c, l - 1, loop);
+        const A* lane1_in = !par ? nullptr : first_par ? a.layers[l - 1].residual_out : a.layers[l - 1].lane1_out;
+        const A* x_in = block_input(m, l, loop);
+        if (l < enc && l >= enc - skips)  // this encoder output also fed a skip
             add_inplace(dev, a.d_residual, a.d_skips[enc - 1 - l], ND);
-        // MLP branch: x_out = xa + mlp_scale ⊙ σ(gate) ⊙ m
-        zero(a.d_residual_after_attn, ND);
-        zero(a.d_mlp_proj_out, ND);
-        branch_add_backward(dev, a.d_residual_after_attn, a.d_mlp_proj_out, LG.mlp_scale, LG.mlp_gate, a.d_residual,
-                            L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate, N, Dm);
+        if (par) {  // the lanes: d_residual, d_lane1 become the input lanes'; the branches' gradients are written
+            typename D::grad* d_resid = G.parallel_resid ? G.parallel_resid + 2 * b : nullptr;
+            typename D::grad* d_post = G.parallel_post ? G.parallel_post + 4 * b : nullptr;
+            lanes_backward(dev, a.d_residual, a.d_lane1, a.d_attn_proj_out, a.d_mlp_proj_out, LG.attn_scale,
+                           LG.mlp_scale, d_resid, d_post, x_in, lane1_in, L.attn_proj_out, L.mlp_proj_out,
+                           LW.attn_scale, LW.mlp_scale, W.parallel_resid + 2 * b, W.parallel_post + 4 * b, N, Dm);
+        } else {
+            // MLP branch: x_out = xa + mlp_scale ⊙ σ(gate) ⊙ m
+            zero(a.d_residual_after_attn, ND);
+            zero(a.d_mlp_proj_out, ND);
+            branch_add_backward(dev, a.d_residual_after_attn, a.d_mlp_proj_out, LG.mlp_scale, LG.mlp_gate,
+                                a.d_residual, L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate, N, Dm);
+        }
         zero(a.d_mlp_act, NF);
         matmul_backward(dev, a.d_mlp_act, LG.mlp_proj, a.d_mlp_proj_out, L.mlp_act, LW.mlp_proj, N, F, Dm);
-        lora_backward(dev, lo, LORA_DOWN, l, a.d_mlp_act, a.d_mlp_proj_out, L.mlp_act, T);
+        lora_backward(dev, lo, LORA_DOWN, b, a.d_mlp_act, a.d_mlp_proj_out, L.mlp_act, T);
         zero(a.d_mlp_hidden, NF);
         mlp_act_backward(dev, a.d_mlp_hidden, a.d_mlp_act, L.mlp_hidden, NF, c.mlp_activation == "leaky_relu_sq");
         zero(a.d_norm, ND);
         matmul_backward(dev, a.d_norm, LG.fc, a.d_mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F);
-        lora_backward(dev, lo, LORA_UP, l, a.d_norm, a.d_mlp_hidden, L.mlp_norm, T);
-        rmsnorm_backward(dev, a.d_residual_after_attn, a.d_norm, L.residual_after_attn, L.mlp_norm_rstd, N, Dm);
+        lora_backward(dev, lo, LORA_UP, b, a.d_norm, a.d_mlp_hidden, L.mlp_norm, T);
+        if (c.ln_scale) scale_inplace(dev, a.d_norm, ND, ln_scale_of(c, b));
+        if (par)
+            rmsnorm_backward(dev, a.d_lane1, a.d_norm, lane1_in, L.mlp_norm_rstd, N, Dm);
+        else
+            rmsnorm_backward(dev, a.d_residual_after_attn, a.d_norm, L.residual_after_attn, L.mlp_norm_rstd, N, Dm);
         // attention branch: xa = xm + attn_scale ⊙ σ(gate) ⊙ a
         zero(a.d_residual_mixed, ND);
-        zero(a.d_attn_proj_out, ND);
-        branch_add_backward(dev, a.d_residual_mixed, a.d_attn_proj_out, LG.attn_scale, LG.attn_gate,
-                            a.d_residual_after_attn, L.attn_proj_out, LW.attn_scale, LW.attn_gate, N, Dm);
+        if (!par) {
+            zero(a.d_attn_proj_out, ND);
+            branch_add_backward(dev, a.d_residual_mixed, a.d_attn_proj_out, LG.attn_scale, LG.attn_gate,
+                                a.d_residual_after_attn, L.attn_proj_out, LW.attn_scale, LW.attn_gate, N, Dm);
+        }
+        const A* proj_in = c.sparse_attn_gate ? L.attn_gated : L.attn_proj_in;
         zero(a.d_attn_proj_in, ND);
-        matmul_backward(dev, a.d_attn_proj_in, LG.attn_proj, a.d_attn_proj_out, L.attn_proj_in, LW.attn_proj,
-                        N, Dm, Dm);
-        lora_backward(dev, lo, LORA_O, l, a.d_attn_proj_in, a.d_attn_proj_out, L.attn_proj_in, T);
+        matmul_backward(dev, a.d_attn_proj_in, LG.attn_proj, a.d_attn_proj_out, proj_in, LW.attn_proj, N, Dm, Dm);
+        lora_backward(dev, lo, LORA_O, b, a.d_attn_proj_in, a.d_attn_proj_out, proj_in, T);
+        if (c.sparse_attn_gate)  // in place: d_attn_proj_in becomes the gradient of the ungated heads
+            attn_gate_backward(dev, a.d_attn_proj_in, a.d_attn_gate_logit, LG.attn_gate_w, a.d_attn_proj_in,
+                               L.attn_proj_in, L.attn_norm, LW.attn_gate_w, N, H, hd, Dm, c.gate_window,
+                               c.sparse_attn_gate_scale);
         zero(a.d_v_proj, NKV);
         A* d_attn_out = a.d_attn_proj_in;
-        if (layer_has_xsa(c, l)) {
+        if (layer_has_xsa(c, b)) {
             zero(a.d_attn_out, ND);
             xsa_backward(dev, a.d_attn_out, a.d_v_proj, a.d_attn_proj_in, L.attn_out, L.v_proj, N, H, Hk, hd);
             d_attn_out = a.d_attn_out;
@@ -4190,22 +4918,34 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
         matmul_backward(dev, a.d_norm, LG.c_q, a.d_q_proj, L.attn_norm, LW.c_q, N, Dm, Dm);
         matmul_backward(dev, a.d_norm, LG.c_k, a.d_k_proj, L.attn_norm, LW.c_k, N, Dm, KV);
         matmul_backward(dev, a.d_norm, LG.c_v, a.d_v_proj, L.attn_norm, LW.c_v, N, Dm, KV);
-        lora_backward(dev, lo, LORA_Q, l, a.d_norm, a.d_q_proj, L.attn_norm, T);
-        lora_backward(dev, lo, LORA_K, l, a.d_norm, a.d_k_proj, L.attn_norm, T);
-        lora_backward(dev, lo, LORA_V, l, a.d_norm, a.d_v_proj, L.attn_norm, T);
+        lora_backward(dev, lo, LORA_Q, b, a.d_norm, a.d_q_proj, L.attn_norm, T);
+        lora_backward(dev, lo, LORA_K, b, a.d_norm, a.d_k_proj, L.attn_norm, T);
+        lora_backward(dev, lo, LORA_V, b, a.d_norm, a.d_v_proj, L.attn_norm, T);
+        if (c.sparse_attn_gate)
+            attn_gate_backward_input(dev, a.d_norm, a.d_attn_gate_logit, LW.attn_gate_w, N, H, Dm, c.gate_window);
+        if (c.ln_scale) scale_inplace(dev, a.d_norm, ND, ln_scale_of(c, b));
         rmsnorm_backward(dev, a.d_residual_mixed, a.d_norm, L.residual_mixed, L.attn_norm_rstd, N, Dm);
-        // residual lanes: xm = mix0 ⊙ x_in + mix1 ⊙ x0
-        zero(a.d_residual, ND);  // d_residual now becomes the gradient of residual_in
-        resid_mix_backward(dev, a.d_residual, a.d_residual_x0, LG.resid_mix, a.d_residual_mixed, L.residual_in,
+        // residual lanes: xm = mix0 ⊙ x_in + mix1 ⊙ x0 (a parallel block's lane 0 already holds its own part)
+        if (!par) zero(a.d_residual, ND);  // d_residual now becomes the gradient of residual_in
+        resid_mix_backward(dev, a.d_residual, a.d_residual_x0, LG.resid_mix, a.d_residual_mixed, x_in,
                            a.residual_x0, LW.resid_mix, N, Dm);
-        if (l >= enc && l - enc < c.num_skip_weights()) {  // x_in = x_out[l−1] + w ⊙ skip
+        if (l >= enc && l - enc < skips) {  // x_in = x_out[l−1] + w ⊙ skip, or lerp(w ⊙ skip, x_out[l−1], σ(gate))
             int i = l - enc;
             typename D::grad* d_skip_weight = G.skip_weights ? G.skip_weights + (size_t)i * Dm : nullptr;
             const typename D::vec* skip_weight = W.skip_weights + (size_t)i * Dm;
-            branch_add_backward(dev, (A*)nullptr, a.d_skips[i], d_skip_weight, no_grad, a.d_residual,
-                                a.layers[enc - 1 - i].residual_out, skip_weight, no_vec, N, Dm);
-            // the residual part (x_out[l−1]) passes dx through unchanged
+            const A* skip = a.layers[enc - 1 - i].residual_out;
+            if (W.skip_gates) {  // in place: d_residual becomes σ ⊙ itself, x_out[l−1]'s share
+                typename D::grad* d_gate = G.skip_gates ? G.skip_gates + (size_t)i * Dm : nullptr;
+                skip_gate_backward(dev, a.d_residual, a.d_skips[i], d_skip_weight, d_gate, a.d_residual,
+                                   a.layers[l - 1].residual_out, skip, skip_weight, W.skip_gates + (size_t)i * Dm,
+                                   N, Dm);
+            } else {
+                branch_add_backward(dev, (A*)nullptr, a.d_skips[i], d_skip_weight, no_grad, a.d_residual, skip,
+                                    skip_weight, no_vec, N, Dm);
+                // the residual part (x_out[l−1]) passes dx through unchanged
+            }
         }
+        if (first_par) add_inplace(dev, a.d_residual, a.d_lane1, ND);  // lane 1 started as x_out[l−1]
         if (l == 0) add_inplace(dev, a.d_residual_x0, a.d_residual, ND);  // x_in of layer 0 is x0
     }
     // embeddings
@@ -4217,13 +4957,20 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
     }
     zero(a.d_embed_sum, ND);
     const A* e = (c.bigram_vocab_size || c.bigram_hash_size) ? a.embed_sum : a.tok_embed;
-    rmsnorm_backward(dev, a.d_embed_sum, d_embed_norm, e, a.embed_norm_rstd, N, Dm);
-    if (G.tok_emb) embedding_backward(dev, G.tok_emb, a.d_embed_sum, a.inputs, N, Dm);
+    const A* normed = c.smear_gate_enabled ? a.embed_smeared : e;
+    rmsnorm_backward(dev, a.d_embed_sum, d_embed_norm, normed, a.embed_norm_rstd, N, Dm);
+    A* d_e = a.d_embed_sum;  // the gradient of e (the token embedding plus any bigram branch)
+    if (c.smear_gate_enabled) {  // d_norm is free again (the SMEAR=1 SmearGate is refused with this one)
+        smear_bos_backward(dev, a.d_norm, G.smear_w, G.smear_lambda, a.d_embed_sum, e, a.inputs, W.smear_w,
+                           W.smear_lambda, N, T, Dm, c.gate_window);
+        d_e = a.d_norm;
+    }
+    if (G.tok_emb) embedding_backward(dev, G.tok_emb, d_e, a.inputs, N, Dm);
     if (c.bigram_vocab_size) {
         A* d_bigram_branch = W.bigram_proj ? a.d_bigram_proj_out : a.d_bigram_embed;
         const A* bigram_branch = W.bigram_proj ? a.bigram_proj_out : a.bigram_embed;
         zero(d_bigram_branch, (size_t)N * (W.bigram_proj ? Dm : c.bigram_dim));
-        branch_add_backward(dev, (A*)nullptr, d_bigram_branch, G.bigram_scale, no_grad, a.d_embed_sum,
+        branch_add_backward(dev, (A*)nullptr, d_bigram_branch, G.bigram_scale, no_grad, d_e,
                             bigram_branch, W.bigram_scale, no_vec, N, Dm, 0);
         if (W.bigram_proj) {
             zero(a.d_bigram_embed, (size_t)N * c.bigram_dim);
@@ -4232,7 +4979,7 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
         }
         if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, a.d_bigram_embed, a.bigram_idx, N, c.bigram_dim);
     } else if (c.bigram_hash_size) {
-        if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, a.d_embed_sum, a.bigram_idx, N, Dm);
+        if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, d_e, a.bigram_idx, N, Dm);
     }
 }
 
@@ -4362,9 +5109,21 @@ template <class T> static void fake_quant_rows(Cpu<T>, T* out, const T* w, int r
 }
 #endif
 
+// Fraction of training done before step `step`: of the wall-clock cap when there is one, else of
+// ITERATIONS (PR #1855's training_frac; it drives WARMDOWN_FRAC and ENABLE_LOOPING_AT).
+static double training_frac(const Config& c, int step, double elapsed_ms) {
+    if (c.max_wallclock_seconds <= 0) return (double)step / std::max(c.iterations, 1);
+    return elapsed_ms / std::max(1000.0 * c.max_wallclock_seconds, 1e-9);
+}
+
 // The lr multiplier: 1, then a linear warm-down over the last WARMDOWN_ITERS steps — measured in
 // wall-clock time when there is a cap (warm-down time = WARMDOWN_ITERS × mean step time so far).
+// With WARMDOWN_FRAC: 1, then (1 − frac)/WARMDOWN_FRAC over the last WARMDOWN_FRAC of training.
 static double lr_multiplier(const Config& c, int step, double elapsed_ms) {
+    if (c.warmdown_frac > 0) {
+        double f = training_frac(c, step, elapsed_ms);
+        return f >= 1.0 - c.warmdown_frac ? std::max((1.0 - f) / c.warmdown_frac, 0.0) : 1.0;
+    }
     if (c.warmdown_iters <= 0) return 1.0;
     if (c.max_wallclock_seconds <= 0) {
         int start = std::max(c.iterations - c.warmdown_iters, 0);
@@ -6704,7 +7463,7 @@ static std::vector<const void*> step_graph_key(const Model<Cuda>& m, const Train
     auto num = [](size_t v) { return (const void*)(uintptr_t)v; };
     return {m.params, m.grads, m.compute_mat, m.act_memory, cx.scratch, num(cx.scratch_bytes), cx.rope,
             num((size_t)cx.rope_rows), num((size_t)cx.rope_rd), s.batch_losses, num((size_t)s.B), num((size_t)s.T),
-            num((size_t)s.accum)};
+            num((size_t)s.accum), num((size_t)m.looping)};  // (NUM_LOOPS: the loop switching on)
 }
 static void step_graph_capture(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s, CudaStepGraph& g) {
     cudaStream_t st = cuda_ctx().stream;
@@ -6765,6 +7524,22 @@ static void step_graph_free(TrainState<Cuda>& s) {
 }
 #endif
 
+// Depth recurrence (NUM_LOOPS) switches on, for good, before the first step at which the fraction of
+// training done reaches ENABLE_LOOPING_AT (PR #1855: step 2178 of 4945, frac 0.350). Nothing is
+// re-initialized: the looped blocks are the same tensors, their gradients summed over their uses.
+// The ranks decide together (their clocks differ).
+template <class D> static void loop_switch(Model<D>& m, int step, double frac) {
+    const Config& c = m.cfg;
+    if (!any_rank(frac >= c.enable_looping_at)) return;
+    m.looping = true;
+    std::string enc, dec;
+    for (int l = 0; l < c.num_virtual(true); l++) {
+        std::string& list = l < c.num_encoder(true) ? enc : dec;
+        list += (list.empty() ? "" : ", ") + std::to_string(c.block_of(l, true));
+    }
+    log0("layer_loop:enabled step:%d frac:%.3f encoder:[%s] decoder:[%s]\n", step, frac, enc.c_str(), dec.c_str());
+}
+
 // The training loop, as the reference's main(): validate every VAL_LOSS_EVERY steps, stop at
 // ITERATIONS or the wall-clock cap, average weights at the end.
 template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const EvalData& ev) {
@@ -6773,6 +7548,7 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
     double t0 = now_ms(), tokens_per_step = (double)c.train_batch_tokens;
     refresh_compute_weights(dev, m, s.qat_active);
     train_loss_weights_upload(dev, m, s);
+    m.looping = false;  // (a resumed run switches it on again before its first step, if it was on)
     if (c.warmup_steps > 0) log0("warmup_steps:%d not needed (no JIT compiler to warm up); training starts at step 0\n", c.warmup_steps);
     stop_signals_catch(true);
     while (true) {
@@ -6792,10 +7568,12 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         if (last) {
             if (stop_after >= 0 && s.step < c.iterations)
                 log0("stopping_early: wallclock_cap train_time:%.0fms step:%d/%d\n", s.train_ms, s.step, c.iterations);
+            m.looping = c.num_loops > 0;  // the trained model is evaluated with its loop on, as the reference
             break;
         }
         double elapsed = s.train_ms + now_ms() - t0;
         double scale = lr_multiplier(c, s.step, elapsed);
+        if (c.num_loops > 0 && !m.looping) loop_switch(m, s.step, training_frac(c, s.step, elapsed));
         profile_step_begin(dev);
         train_batch_load(s, c.train_batch_tokens);
         train_step(dev, m, s, scale, (float)muon_momentum_at(c, s.step));
@@ -7317,6 +8095,72 @@ static void smear_backward(Cost, CostBf16*, float* dgate, const CostBf16*, const
     cost_add(OP_ELEMENTWISE, "smear_backward", 0, 4.0 * N * C * BF + (dgate ? part : 0));
     if (dgate) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
 }
+// smear_bos_forward: one block per row; smear_bos_backward: one block per row (dx overwritten, per-row
+// partials) + total_sum_add (λ) + column_sums_add (w)
+static void smear_bos_forward(Cost, CostBf16*, const CostBf16*, const int32_t*, const float*, const float*, int N, int,
+                              int C, int) {
+    if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "smear_bos_forward", 0, 3.0 * N * C * BF + N * I32);
+}
+static void smear_bos_backward(Cost, CostBf16*, float* dw, float* dlambda, const CostBf16*, const CostBf16*,
+                               const int32_t*, const float*, const float*, int N, int, int C, int W) {
+    if (N <= 0 || C <= 0) return;
+    double part = (dw || dlambda) ? (double)N * (W + 1) * F32 : 0;
+    cost_add(OP_ELEMENTWISE, "smear_bos_backward", 0, 5.0 * N * C * BF + 2.0 * N * I32 + part);
+    if (dlambda) cost_add(OP_ELEMENTWISE, "total_sum_add", 0, N * F32 + 2 * F32);
+    if (dw) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, (double)N * W * F32 + 2.0 * W * F32);
+}
+// attn_gate_forward: one warp per (row, head); attn_gate_backward: that warp pass (dy overwritten, dz out),
+// the dx row kernel, the chunked dWg kernel + column_sums_add
+static void attn_gate_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, int N, int H, int hd,
+                              int, int GW, float) {
+    double bytes = 2.0 * N * H * hd * BF + (double)N * GW * BF;
+    if ((size_t)N * H > 0) cost_add(OP_ELEMENTWISE, "attn_gate_forward", 0, bytes);
+}
+static void attn_gate_backward(Cost, CostBf16*, float*, float* dwg, const CostBf16*, const CostBf16*,
+                               const CostBf16*, const float*, int N, int H, int hd, int, int GW, float) {
+    if ((size_t)N * H == 0) return;
+    double dz = (double)N * H * F32, xw = (double)N * GW * BF;
+    cost_add(OP_ELEMENTWISE, "attn_gate_backward", 0, 3.0 * N * H * hd * BF + xw + dz);
+    if (!dwg) return;
+    double part = (double)row_chunks_count(N) * H * GW * F32;
+    cost_add(OP_ELEMENTWISE, "attn_gate_dw", 0, dz + xw + part);
+    cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * H * GW * F32);
+}
+static void attn_gate_backward_input(Cost, CostBf16*, const float*, const float*, int N, int H, int, int GW) {
+    double dz = (double)N * H * F32, xw = (double)N * GW * BF;
+    if ((size_t)N * GW > 0) cost_add(OP_ELEMENTWISE, "attn_gate_dx", 0, dz + 2 * xw);
+}
+// skip_gate_forward: one elementwise kernel; skip_gate_backward: the chunked kernel (dx, dskip +=) + sums
+static void skip_gate_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, const float*, int N,
+                              int C) {
+    if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "skip_gate_forward", 0, 3.0 * N * C * BF);
+}
+static void skip_gate_backward(Cost, CostBf16*, CostBf16*, float* dw, float* dgate, const CostBf16*, const CostBf16*,
+                               const CostBf16*, const float*, const float*, int N, int C) {
+    if (N <= 0 || C <= 0) return;
+    double part = (double)row_chunks_count(N) * C * F32;
+    double partials = part * ((dw ? 1 : 0) + (dgate ? 1 : 0));
+    cost_add(OP_ELEMENTWISE, "skip_gate_backward", 0, 6.0 * N * C * BF + partials);
+    if (dw) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
+    if (dgate) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
+}
+// lanes_forward: one elementwise kernel; lanes_backward: one chunked pass (eight partials) + 2 column and
+// up to 6 total sums
+static void lanes_forward(Cost, CostBf16*, CostBf16*, const CostBf16*, const CostBf16*, const CostBf16*,
+                          const CostBf16*, const float*, const float*, const float*, const float*, int N, int C) {
+    if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "lanes_forward", 0, 6.0 * N * C * BF);
+}
+static void lanes_backward(Cost, CostBf16*, CostBf16*, CostBf16*, CostBf16*, float* dsa, float* dsm, float* dresid,
+                           float* dpost, const CostBf16*, const CostBf16*, const CostBf16*, const CostBf16*,
+                           const float*, const float*, const float*, const float*, int N, int C) {
+    if (N <= 0 || C <= 0) return;
+    double block = (double)row_chunks_count(N) * C * F32;
+    cost_add(OP_ELEMENTWISE, "lanes_backward", 0, 10.0 * N * C * BF + 8 * block);
+    if (dsa) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, block + 2.0 * C * F32);
+    if (dsm) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, block + 2.0 * C * F32);
+    for (int k = 0; k < 2 && dresid; k++) cost_add(OP_ELEMENTWISE, "total_sum_add", 0, block + 2 * F32);
+    for (int k = 0; k < 4 && dpost; k++) cost_add(OP_ELEMENTWISE, "total_sum_add", 0, block + 2 * F32);
+}
 // mlp_act_forward / mlp_act_backward: one elementwise kernel each (the backward adds into dh)
 static void mlp_act_forward(Cost, CostBf16*, const CostBf16*, size_t n, bool) {
     if (n) cost_add(OP_ELEMENTWISE, "mlp_act_forward", 0, 2.0 * n * BF);
@@ -7443,7 +8287,7 @@ static void cost_model_init(Model<Cost>& m, TrainState<Cost>& s, const Config& c
 // cuBLASLt call or memset except those of class OP_SYNC (host copies and waits: to_device, to_host,
 // nccl_wait), OP_COMM (the NCCL call) and the cudaMemcpyAsync of device_copy;
 // tests/test_cost_emu.cuh checks these counts against an emulated step's.
-static std::vector<CostEntry> cost_step_launches(const Config& c, int world) {
+static std::vector<CostEntry> cost_step_launches(const Config& c, int world, bool looping = false) {
     int saved_world = g_world, saved_rank = g_rank;
     g_world = world; g_rank = 0;
     int accum = grad_accum_steps(c, world);
@@ -7452,6 +8296,7 @@ static std::vector<CostEntry> cost_step_launches(const Config& c, int world) {
     Model<Cost> m;
     TrainState<Cost> s;
     cost_model_init(m, s, c, B, T);
+    m.looping = looping && c.num_loops > 0;  // NUM_LOOPS: the step after ENABLE_LOOPING_AT (longer sequence)
     g_cost = CostLog();
     g_cost.model = &m;
     Cost dev;
@@ -7523,6 +8368,21 @@ static CostTotals cost_totals(const std::vector<CostEntry>& list) {
 
 // ./train_gpt cost [KEY=VALUE …]: settings as environment variables or arguments (CONFIG=pr467, …);
 // GPUS=n (default 8) ranks share TRAIN_BATCH_TOKENS, as `mpirun -np n` would; OPS=1 adds a table per op.
+// NUM_LOOPS: the step before the loop switches on (the table above) and after it, and their mix over a
+// wall-clock run (ENABLE_LOOPING_AT of the time at the first, the rest at the second).
+static void cost_print_loop_phases(const Config& c, int world, double sec_before) {
+    double sec_after = 0;
+    for (const CostEntry& e : cost_step_launches(c, world, true)) sec_after += cost_seconds(e);
+    double f = c.enable_looping_at;
+    double steps = f / sec_before + (1 - f) / sec_after;  // per second of training
+    printf("depth recurrence: %d layers before ENABLE_LOOPING_AT=%.2f, %d virtual after: projected %.1f ms/step "
+           "before, %.1f ms/step after, %.1f ms/step over a wall-clock run\n", c.num_virtual(false),
+           c.enable_looping_at, c.num_virtual(true), sec_before * 1e3, sec_after * 1e3, 1e3 / steps);
+    if (c.preset == "frontier")
+        printf("PR #1855 measured (8xH100, train_seed*.log): 94.7-96.9 ms/step before, about 140 ms/step after, "
+               "121.6 ms/step over the run (4,931 steps in 599.5 s)\n");
+}
+
 static int cost_main(int argc, char** argv) {
     int world = 8;
     bool by_op = false;
@@ -7588,7 +8448,8 @@ static int cost_main(int argc, char** argv) {
         printf("\n");
     }
     double memsets = t.hbm[OP_MEMSET], non_gemm = hbm - t.hbm[OP_GEMM];
-    double model_flops = t.flops[OP_GEMM] + 6.0 * c.num_layers * (double)local * accum * c.train_seq_len * c.model_dim;
+    double attn_flops = 6.0 * c.num_virtual(false) * (double)local * accum * c.train_seq_len * c.model_dim;
+    double model_flops = t.flops[OP_GEMM] + attn_flops;
     printf("projected: %.1f ms/step, %.0f tokens/s per GPU, %.2fM tokens/s on %d GPUs; MFU %.1f%% (model FLOPs "
            "below over %.0f TFLOP/s); tensor-core work issued %.0f TFLOP/s; non-GEMM HBM traffic %.1f GB "
            "(memsets %.1f GB)\n", sec * 1e3, local * accum / sec, c.train_batch_tokens / sec / 1e6, world,
@@ -7600,6 +8461,7 @@ static int cost_main(int argc, char** argv) {
            "launch %.0f us, sync %.0f us; efficiencies (FLOPs, bytes) per class in the source and docs/perf.md\n",
            H100_BF16_FLOPS / 1e12, H100_HBM_BYTES / 1e12, H100_NVLINK_BYTES / 1e9, H100_PCIE_BYTES / 1e9,
            LAUNCH_S * 1e6, SYNC_S * 1e6);
+    if (c.num_loops > 0) cost_print_loop_phases(c, world, sec);
     return 0;
 }
 #else
