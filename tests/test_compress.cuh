@@ -455,8 +455,8 @@ TEST(compress_reader_rejects_corrupt_files) {
     CHECK_THROWS(parse(f), "bad.pgz: not a pgolf artifact (wrong magic)");
     f = art; f[0] ^= 0x40;
     CHECK_THROWS(parse(f), "wrong magic");
-    f = art; f[12] = 2;
-    CHECK_THROWS(parse(f), "artifact format version 2, this build reads version 1");
+    f = art; f[12] = 3;
+    CHECK_THROWS(parse(f), "artifact format version 3, this build reads version 2");
     // the stored config contradicts the stored tensor table
     ArtParts p = art_split(art);
     parse(art_join(p));  // the tools themselves keep a valid file valid
