@@ -16,6 +16,7 @@ static inline float round_to_bf16(float f) { return bf16_to_float(float_to_bf16(
 #include "test_model.cuh"
 #include "test_train.cuh"
 #include "test_compress.cuh"
+#include "test_gptq.cuh"
 #include "test_eval.cuh"
 #include "test_parity.cuh"
 #include "test_cost.cuh"
