@@ -40,6 +40,10 @@
 #include <dirent.h>
 #include <fnmatch.h>
 #include <zstd.h>
+#ifdef PGOLF_BROTLI
+#include <brotli/decode.h>
+#include <brotli/encode.h>
+#endif
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -4525,6 +4529,49 @@ static std::vector<uint8_t> zstd_compress(const uint8_t* src, size_t n, int leve
     return out;
 }
 
+// --- brotli (COMPRESSOR=brotli; built in where libbrotli-dev is: the Makefile's USE_BROTLI) ----------
+// Quality 11 as the records, window 2^24 (the largest standard one).
+static std::vector<uint8_t> brotli_compress(const uint8_t* src, size_t n) {
+#ifdef PGOLF_BROTLI
+    std::vector<uint8_t> out(BrotliEncoderMaxCompressedSize(n) + 16);
+    size_t got = out.size();
+    if (!BrotliEncoderCompress(11, 24, BROTLI_MODE_GENERIC, n, src, &got, out.data()))
+        fail("brotli: compression of %zu bytes failed", n);
+    out.resize(got);
+    return out;
+#else
+    (void)src; (void)n;
+    fail("COMPRESSOR=brotli: this build has no brotli (install libbrotli-dev, e.g. scripts/setup, and rebuild)");
+#endif
+}
+// Exactly `want` bytes out of exactly the n bytes given, or a one-line error (a stream that would
+// write more stops at `want`: no bomb gets memory).
+static std::vector<uint8_t> brotli_frame(const uint8_t* src, size_t n, size_t want, const char* path, const char* what) {
+    std::vector<uint8_t> out(want + 1);
+#ifdef PGOLF_BROTLI
+    BrotliDecoderState* st = BrotliDecoderCreateInstance(nullptr, nullptr, nullptr);
+    if (!st) fail("brotli: out of memory creating a decoder");
+    size_t avail_in = n, avail_out = want;
+    const uint8_t* in = src;
+    uint8_t* o = out.data();
+    BrotliDecoderResult r = BrotliDecoderDecompressStream(st, &avail_in, &in, &avail_out, &o, nullptr);
+    BrotliDecoderDestroyInstance(st);
+    if (r != BROTLI_DECODER_RESULT_SUCCESS || avail_in != 0 || avail_out != 0)
+        fail("%s: %s: the brotli stream of %zu bytes does not decode to the %zu bytes the tensor table needs: "
+             "corrupt artifact", path, what, n, want);
+#else
+    (void)src; (void)n;
+    fail("%s: %s is brotli-compressed, and this build has no brotli (install libbrotli-dev and rebuild)", path, what);
+#endif
+    out.resize(want);
+    return out;
+}
+// One artifact group in the config's codec.
+static std::vector<uint8_t> group_compress(const Config& c, const std::vector<uint8_t>& raw) {
+    if (c.compressor == "brotli") return brotli_compress(raw.data(), raw.size());
+    return zstd_compress(raw.data(), raw.size(), c.zstd_level);
+}
+
 // --- torch.quantile ('linear') ------------------------------------------------------------------
 // pos = q·(n−1) in fp32; lerp between the neighbours with torch's fused formula (its CPU vector and
 // CUDA kernels both compute fma(w, hi−lo, lo) for w < ½ and fma(w−1, hi−lo, hi) otherwise).
@@ -5241,7 +5288,9 @@ struct ExportReport {
     size_t byte_container_bytes = 0;  // ... and had every one been in byte containers
     size_t overhead_bytes = 0;        // magic, header frame, checksum trailer
     size_t params = 0, params_per_kind[SK_NUM] = {};
-    std::string scheme, pack;
+    std::string scheme, pack, compressor;
+    int gptq = 0;
+    std::string lqer;                 // the tensors LQER corrected, comma-separated
     int zstd_level = 0, gptq_lite = 0;
     float prune_frac = 0;
     std::vector<ExportGroupRow> groups;
@@ -5268,7 +5317,7 @@ static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpe
     #pragma omp parallel for schedule(dynamic, 1)
     for (int j = 0; j < (int)jobs.size(); j++) {
         const std::vector<uint8_t>& r = raw[jobs[j] / 2][jobs[j] % 2];
-        zst[jobs[j] / 2][jobs[j] % 2] = zstd_compress(r.data(), r.size(), c.zstd_level);
+        zst[jobs[j] / 2][jobs[j] % 2] = group_compress(c, r);
     }
     int packing[G_NUM], slot[G_NUM];
     for (int g = 0; g < G_NUM; g++) {
@@ -5330,6 +5379,9 @@ static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpe
             r.groups.push_back({G_NAMES[g], raw[g][slot[g]].size(), bytes, bits, packing[g]});
         }
         for (size_t i = 0; i < t.size(); i++) { r.params += t[i].numel; r.params_per_kind[kinds[i]] += t[i].numel; }
+        r.compressor = c.compressor;
+        r.gptq = c.gptq;
+        for (uint32_t i : lqer_list) r.lqer += (r.lqer.empty() ? "" : ",") + t[i].name;
         r.scheme = c.quant_scheme; r.pack = c.pack; r.zstd_level = c.zstd_level; r.gptq_lite = c.gptq_lite; r.prune_frac = c.prune_frac;
     }
     return f;
@@ -5339,9 +5391,13 @@ static void print_export_report(const ExportReport& r) {
     log0("export: quant_scheme=%s gptq_lite=%d prune_frac=%g pack=%s zstd_level=%d params=%zu (int5 %zu, int6 %zu, int8 %zu, fp16 %zu, fp32 %zu)\n",
          r.scheme.c_str(), r.gptq_lite, r.prune_frac, r.pack.c_str(), r.zstd_level, r.params, r.params_per_kind[SK_INT5],
          r.params_per_kind[SK_INT6], r.params_per_kind[SK_INT8], r.params_per_kind[SK_F16], r.params_per_kind[SK_F32]);
+    if (r.gptq)
+        log0("export: gptq int7 params %zu, lqer corrections: %s\n", r.params_per_kind[SK_INT7],
+             r.lqer.empty() ? "none" : r.lqer.c_str());
     for (const ExportGroupRow& g : r.groups) {
         std::string alt = g.bits_zstd != g.bytes_zstd || g.packing == PK_BITS ? fmt(" (bytes %zu, bits %zu)", g.bytes_zstd, g.bits_zstd) : "";
-        log0("export: %-12s raw %10zu -> zstd %10zu as %s%s\n", g.name, g.raw_bytes, g.packing == PK_BITS ? g.bits_zstd : g.bytes_zstd,
+        log0("export: %-12s raw %10zu -> %s %10zu as %s%s\n", g.name, g.raw_bytes, r.compressor.c_str(),
+             g.packing == PK_BITS ? g.bits_zstd : g.bytes_zstd,
              PK_NAMES[g.packing], alt.c_str());
     }
     log0("export: header, magic and checksum %zu bytes; raw %zu bytes; all bit-packed %zu bytes, all byte containers %zu bytes\n",
@@ -5349,7 +5405,8 @@ static void print_export_report(const ExportReport& r) {
     std::string kinds;  // the integer widths the file holds, e.g. int5/int6/int8 for QUANT_SCHEME=mixed
     for (int k : {SK_INT5, SK_INT6, SK_INT7, SK_INT8})
         if (r.params_per_kind[k] > 0) kinds += (kinds.empty() ? "" : "/") + std::string(SK_NAMES[k]);
-    log0("Serialized model %s+zstd: %zu bytes\n", kinds.empty() ? "fp16" : kinds.c_str(), r.artifact_bytes);
+    log0("Serialized model %s+%s: %zu bytes\n", kinds.empty() ? "fp16" : kinds.c_str(), r.compressor.c_str(),
+         r.artifact_bytes);
 }
 
 // --- Reading: every check before anything is allocated from a size the file declares ------------
@@ -5519,7 +5576,13 @@ static Artifact artifact_read(const std::vector<uint8_t>& f, const std::string& 
         if (a.raw_bytes[g] != group_bytes[g])
             fail("%s: %s: the group table says %zu bytes, the tensor table needs %zu: corrupt artifact", path, G_NAMES[g], a.raw_bytes[g], group_bytes[g]);
         size_t start = at;
-        content[g] = artifact_frame(f, &at, end, group_bytes[g], path, G_NAMES[g]);
+        if (a.cfg.compressor == "brotli") {
+            if (a.frame_bytes[g] > end - at)
+                fail("%s: %s: frame of %zu bytes runs past the end of the file: corrupt artifact", path, G_NAMES[g],
+                     a.frame_bytes[g]);
+            content[g] = brotli_frame(f.data() + at, a.frame_bytes[g], group_bytes[g], path, G_NAMES[g]);
+            at += a.frame_bytes[g];
+        } else content[g] = artifact_frame(f, &at, end, group_bytes[g], path, G_NAMES[g]);
         if (at - start != a.frame_bytes[g])
             fail("%s: %s: frame of %zu bytes, the group table says %zu: corrupt artifact", path, G_NAMES[g], at - start, a.frame_bytes[g]);
         if (group_width(g) > 1) content[g] = planes_join(content[g], group_width(g));

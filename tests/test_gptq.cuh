@@ -421,3 +421,75 @@ TEST(gptq_fuzz_reader) {
     }
     CHECK(rejected > n / 4 && accepted + rejected == n);
 }
+
+// COMPRESSOR=brotli: the groups are brotli streams whose sizes the group table gives. The same
+// weights as zstd; damaged, trailing-byte and bomb streams are refused with the file's name.
+TEST(gptq_brotli_artifact) {
+    Config c = gptq_micro_config();
+    std::vector<ParamSpec> t = build_param_table(c);
+    std::vector<float> w = compress_fake_weights(t, 8);
+    Hessians hs = gptq_fake_hessians(c, t);
+    c.compressor = "brotli";
+#ifndef PGOLF_BROTLI
+    CHECK_THROWS(artifact_build(c, t, w.data(), nullptr, &hs), "this build has no brotli");
+    SKIP("built without brotli (USE_BROTLI=0 or no libbrotli-dev)");
+#else
+    std::vector<uint8_t> art = artifact_build(c, t, w.data(), nullptr, &hs);
+    Config zc = c;
+    zc.compressor = "zstd";
+    std::vector<float> wb, wz;
+    Config out;
+    artifact_parse(art, "b.pgz", &out, &wb);
+    artifact_parse(artifact_build(zc, t, w.data(), nullptr, &hs), "z.pgz", &out, &wz);
+    CHECK(same_bits(wb, wz));
+    // take the file apart: zstd header frame, then the brotli frames the group table sizes
+    size_t hs_bytes = ZSTD_findFrameCompressedSize(art.data() + 16, art.size() - 32);
+    std::vector<uint8_t> header(ZSTD_getFrameContentSize(art.data() + 16, hs_bytes));
+    ZSTD_decompress(header.data(), header.size(), art.data() + 16, hs_bytes);
+    std::vector<std::vector<uint8_t>> frames;
+    size_t at = 16 + hs_bytes;
+    for (int g = 0; g < G_NUM; g++) {
+        size_t n = get_le(header.data() + header.size() - (G_NUM - g) * 17 + 9, 8);
+        frames.emplace_back(art.begin() + at, art.begin() + at + n);
+        at += n;
+    }
+    CHECK(at == art.size() - 16);
+    auto join = [&](const std::vector<std::vector<uint8_t>>& fr) {
+        std::vector<uint8_t> h = header;
+        for (int g = 0; g < G_NUM; g++) {
+            uint8_t* e = h.data() + h.size() - (G_NUM - g) * 17;
+            for (int b = 0; b < 8; b++) e[9 + b] = (uint8_t)((uint64_t)fr[g].size() >> (8 * b));
+        }
+        std::vector<uint8_t> f(art.begin(), art.begin() + 16), hz = zstd_compress(h.data(), h.size(), 1);
+        f.insert(f.end(), hz.begin(), hz.end());
+        for (auto& x : fr) f.insert(f.end(), x.begin(), x.end());
+        uint64_t sum = fnv1a64(f.data(), f.size());
+        put_le(f, ZSTD_SKIP_MAGIC + 1, 4); put_le(f, 8, 4); put_le(f, sum, 8);
+        return f;
+    };
+    auto parse = [&](const std::vector<uint8_t>& f) { std::vector<float> x; artifact_parse(f, "b.pgz", &out, &x); };
+    parse(join(frames));
+    std::vector<std::vector<uint8_t>> q = frames;
+    q[G_LQER].push_back(0);  // a byte after the stream's end
+    CHECK_THROWS(parse(join(q)), "b.pgz: lqer factors: the brotli stream of");
+    q = frames;
+    q[G_INT6].pop_back();
+    CHECK_THROWS(parse(join(q)), "does not decode to the");
+    std::vector<uint8_t> zeros((size_t)4 << 20, 0);  // 4 MiB where the table needs ~70 KB
+    q = frames;
+    q[G_INT6] = brotli_compress(zeros.data(), zeros.size());
+    CHECK(q[G_INT6].size() < 1024);
+    CHECK_THROWS(parse(join(q)), "int6 values: the brotli stream");
+    Rng rng(31);
+    int rejected = 0, n = 300;
+    for (int it = 0; it < n; it++) {
+        q = frames;
+        int g = it % 3 == 0 ? G_LQER : it % 3 == 1 ? G_INT8 : G_SCALES;
+        for (int e = 0; e < 1 + it % 3; e++) q[g][(size_t)(rng.uniform() * q[g].size())] ^= (uint8_t)(1 << (it % 8));
+        try { parse(join(q)); }
+        catch (const TestFailure&) { throw; }
+        catch (const std::runtime_error& e) { rejected++; CHECK_MSG(strstr(e.what(), "b.pgz"), "message: %s", e.what()); }
+    }
+    CHECK_MSG(rejected > n / 10, "only %d of %d damaged streams refused", rejected, n);  // brotli has no checksum
+#endif
+}
