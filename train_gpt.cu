@@ -762,6 +762,7 @@ struct Config {
     int gptq_calibration_batches = 16;   // training micro-batches the Hessians XᵀX are summed over
     double gptq_reserve_seconds = 0.5;   // training stops this much before MAX_WALLCLOCK_SECONDS (calibration)
     int matrix_bits = 6, embed_bits = 7; // GPTQ widths: symmetric ±(2^(b−1)−1)
+    long gptq_passthrough_numel = 65536; // GPTQ=1: tensors of at most this many values stay fp16 (the record's)
     float matrix_clip_sigmas = 12.85f, mlp_clip_sigmas = 11.5f, attn_clip_sigmas = 13.0f, embed_clip_sigmas = 14.0f;
     int lqer_enabled = 0;                // rank-r correction of the LQER_TOP_K largest GPTQ errors
     int lqer_rank = 4, lqer_top_k = 3, lqer_factor_bits = 4, lqer_asym_enabled = 1, lqer_asym_group = 64;
@@ -970,6 +971,7 @@ static std::vector<Setting> config_settings(Config& c) {
         {"GPTQ_RESERVE_SECONDS", 'd', &c.gptq_reserve_seconds, "GPTQ=1: training stops this early for calibration"},
         {"MATRIX_BITS", 'i', &c.matrix_bits, "GPTQ width of the matrices (5..8)"},
         {"EMBED_BITS", 'i', &c.embed_bits, "GPTQ width of tok_emb (5..8)"},
+        {"GPTQ_PASSTHROUGH_NUMEL", 'l', &c.gptq_passthrough_numel, "GPTQ=1: tensors of at most this many values stay fp16"},
         {"MATRIX_CLIP_SIGMAS", 'f', &c.matrix_clip_sigmas, "SDClip k of other matrices: scale = k·std(row)/clip"},
         {"MLP_CLIP_SIGMAS", 'f', &c.mlp_clip_sigmas, "SDClip k of the MLP matrices"},
         {"ATTN_CLIP_SIGMAS", 'f', &c.attn_clip_sigmas, "SDClip k of the attention matrices"},
@@ -1036,7 +1038,8 @@ static const char* const SCOPE_SETTINGS[SCOPE_NUM] = {
     "SWA_EVERY SWA_STEPS SWA_DECAY SWA_START_STEP EMA_DECAY EMBED_BF16 LATE_QAT QAT_THRESHOLD QAT_BITS QAT_START_STEP "
     "QAT_SCALE_FLOOR QUANT_SCHEME PACK ZSTD_LEVEL PRUNE_FRAC GPTQ_LITE ALL_INT5 FP16_KEEP_NAME_PATTERNS "
     "CONTROL_TENSOR_NAME_PATTERNS"
-    " GPTQ GPTQ_CALIBRATION_BATCHES GPTQ_RESERVE_SECONDS MATRIX_BITS EMBED_BITS MATRIX_CLIP_SIGMAS MLP_CLIP_SIGMAS"
+    " GPTQ GPTQ_CALIBRATION_BATCHES GPTQ_RESERVE_SECONDS MATRIX_BITS EMBED_BITS GPTQ_PASSTHROUGH_NUMEL"
+    " MATRIX_CLIP_SIGMAS MLP_CLIP_SIGMAS"
     " ATTN_CLIP_SIGMAS EMBED_CLIP_SIGMAS LQER_ENABLED LQER_RANK LQER_TOP_K LQER_FACTOR_BITS LQER_ASYM_ENABLED"
     " LQER_ASYM_GROUP COMPRESSOR"),
     ("VAL_BATCH_SIZE VAL_LOSS_EVERY VAL_TOKENS_LIMIT VAL_TRUNCATE_TO_SEQ EVAL_MODE EVAL_SEQ_LEN EVAL_STRIDE "
@@ -1171,7 +1174,8 @@ static std::string config_to_text(Config& c) {
 // loaded artifact takes it from its preset and the environment.
 static const char* const ARTIFACT_STORAGE_SETTINGS = " QUANT_SCHEME ALL_INT5 GPTQ_LITE FP16_KEEP_NAME_PATTERNS "
                                                      "CONTROL_TENSOR_NAME_PATTERNS "
-                                                     "GPTQ MATRIX_BITS EMBED_BITS LQER_ENABLED LQER_RANK LQER_TOP_K "
+                                                     "GPTQ MATRIX_BITS EMBED_BITS GPTQ_PASSTHROUGH_NUMEL LQER_ENABLED "
+                                                     "LQER_RANK LQER_TOP_K "
                                                      "LQER_FACTOR_BITS LQER_ASYM_ENABLED LQER_ASYM_GROUP COMPRESSOR ";
 static bool is_artifact_setting(const char* name) {
     return setting_scope(name) == SCOPE_MODEL ||
@@ -1274,6 +1278,7 @@ static void config_validate(const Config& c, int world) {
     need(c.gptq == 0 || c.gptq == 1, "GPTQ=%d: expected 0 or 1", c.gptq);
     need(c.gptq_calibration_batches >= 1, "GPTQ_CALIBRATION_BATCHES=%d: expected ≥ 1", c.gptq_calibration_batches);
     need(c.gptq_reserve_seconds >= 0, "GPTQ_RESERVE_SECONDS=%g: expected ≥ 0", c.gptq_reserve_seconds);
+    need(c.gptq_passthrough_numel >= 0, "GPTQ_PASSTHROUGH_NUMEL=%ld: expected ≥ 0", c.gptq_passthrough_numel);
     need(c.matrix_bits >= 5 && c.matrix_bits <= 8 && c.embed_bits >= 5 && c.embed_bits <= 8,
          "MATRIX_BITS=%d, EMBED_BITS=%d: expected 5..8", c.matrix_bits, c.embed_bits);
     need(c.matrix_clip_sigmas > 0 && c.mlp_clip_sigmas > 0 && c.attn_clip_sigmas > 0 && c.embed_clip_sigmas > 0,
@@ -4637,7 +4642,8 @@ static bool low_bit_category(const std::string& n, bool* mlp) {
 static QuantPlan quant_plan(const Config& c, const ParamSpec& p) {
     QuantPlan pl = {SK_F16, QR_NONE, 0, 0, 0};
     bool mixed = c.quant_scheme == "mixed" && !c.gptq, mlp = false;
-    if (p.numel <= (mixed ? 8192u : 65536u)) {  // mixed: the size test comes first, so small control tensors are fp16
+    size_t passthrough = mixed ? 8192 : c.gptq ? (size_t)c.gptq_passthrough_numel : 65536;
+    if (p.numel <= passthrough || (c.gptq && p.shape.size() != 2)) {  // mixed: the size test comes first, so small control tensors are fp16
         if (!mixed && !c.gptq && name_matches_any(p.name, c.control_patterns)) pl.kind = SK_F32;  // GPTQ: fp16
         return pl;
     }
@@ -5438,6 +5444,7 @@ static void artifact_check_config(const Config& c, const char* path) {
     in("GPTQ", c.gptq, 0, 1);
     in("MATRIX_BITS", c.matrix_bits, 5, 8);
     in("EMBED_BITS", c.embed_bits, 5, 8);
+    in("GPTQ_PASSTHROUGH_NUMEL", c.gptq_passthrough_numel, 0, 1e15);
     in("LQER_RANK", c.lqer_rank, 1, 64);
     in("LQER_TOP_K", c.lqer_top_k, 0, 1024);
     in("LQER_FACTOR_BITS", c.lqer_factor_bits, 2, 8);

@@ -194,12 +194,12 @@ TEST(gptq_lqer_top_singular_subspace) {
 }
 
 // --- the whole export on a trained tiny model -----------------------------------------------------
-// d288 (every matrix above the 65,536-value passthrough), 1 layer, kv heads = heads, vocab 512.
+// 2 layers of d64, vocab 128; every matrix through GPTQ (passthrough lowered from 65,536 to 1,024).
 static Config gptq_tiny_config(const std::string& data) {
     Config c = small_train_config(data);
-    c.vocab_size = 512; c.num_layers = 1; c.model_dim = 288; c.num_heads = 2; c.num_kv_heads = 2; c.mlp_mult = 2.0f;
-    c.bigram_vocab_size = 0; c.iterations = 3; c.warmdown_iters = 1;
-    c.gptq = 1; c.gptq_calibration_batches = 6;
+    c.vocab_size = 128; c.model_dim = 64; c.mlp_mult = 2.0f;
+    c.bigram_vocab_size = 0; c.iterations = 10; c.warmdown_iters = 3;
+    c.gptq = 1; c.gptq_calibration_batches = 6; c.gptq_passthrough_numel = 1024;
     return c;
 }
 // Σ_rows (w − ŵ)ᵀ·H·(w − ŵ): the layer-output error GPTQ minimizes.
@@ -224,7 +224,7 @@ static double hessian_error(const float* w, const float* deq, int rows, int cols
 // Then every GPTQ tensor's Hessian-weighted error is below rounding with the same scales, and the
 // artifact (GPTQ + LQER) reads back to quantize_dequantize bit for bit.
 TEST(gptq_trained_tiny_calibration_error_and_artifact) {
-    std::string d = small_dataset("gptq_tiny", 512);
+    std::string d = small_dataset("gptq_tiny", 128);
     Config c = gptq_tiny_config(d);
     Cpu<float> dev;
     Model<Cpu<float>> m;
@@ -270,7 +270,7 @@ TEST(gptq_trained_tiny_calibration_error_and_artifact) {
         with_h++;
         CHECK_ALL_CLOSE(hs[i].data(), want[i].data(), hs[i].size(), 1e-4, 1e-3);
     }
-    CHECK(with_h == 6 + 1);  // q, k, v, proj, fc, mlp proj per layer; the tied head
+    CHECK(with_h == 2 * 6 + 1);  // q, k, v, proj, fc, mlp proj per layer; the tied head
     // Hessian-weighted error: GPTQ below plain rounding on every GPTQ tensor
     std::vector<float> w(m.params, m.params + m.nparams);
     int gptq_tensors = 0;
@@ -290,7 +290,7 @@ TEST(gptq_trained_tiny_calibration_error_and_artifact) {
         CHECK_MSG(eg < er, "%s: GPTQ's Hessian-weighted error %g is not below rounding's %g", p.name.c_str(), eg, er);
         if (getenv("PGOLF_TEST_LOG")) printf("  %-28s gptq %.4g  rounding %.4g  (%.2f)\n", p.name.c_str(), eg, er, eg / er);
     }
-    CHECK(gptq_tensors == 6 + 1);
+    CHECK(gptq_tensors == 2 * 6 + 1);
     // LQER: the corrected tensors are those with the largest errors, each corrected one closer to W
     c.lqer_enabled = 1; c.lqer_top_k = 3;
     std::vector<QTensor> qt = quantize_model(c, m.table, w.data(), &hs);
