@@ -5830,15 +5830,15 @@ template <class D> static std::vector<LinearInput<D>> linear_inputs(Model<D>& m)
     for (int l = 0; l < c.num_layers; l++) {
         const LayerActs<D>& L = a.layers[l];
         const auto& LW = W.layers[l];
-        in.push_back({LW.c_q, L.n1, Dm});
-        in.push_back({LW.c_k, L.n1, Dm});
-        in.push_back({LW.c_v, L.n1, Dm});
-        in.push_back({LW.attn_proj, L.y, Dm});
-        in.push_back({LW.fc, L.n2, Dm});
-        in.push_back({LW.mlp_proj, L.u, F});
+        in.push_back({LW.c_q, L.attn_norm, Dm});
+        in.push_back({LW.c_k, L.attn_norm, Dm});
+        in.push_back({LW.c_v, L.attn_norm, Dm});
+        in.push_back({LW.attn_proj, L.attn_proj_in, Dm});
+        in.push_back({LW.fc, L.mlp_norm, Dm});
+        in.push_back({LW.mlp_proj, L.mlp_act, F});
     }
-    in.push_back({c.tie_embeddings ? W.tok_emb : W.lm_head, a.hf, Dm});
-    if (W.bigram_proj) in.push_back({W.bigram_proj, a.bigram_h, c.bigram_dim});
+    in.push_back({c.tie_embeddings ? W.tok_emb : W.lm_head, a.final_norm, Dm});
+    if (W.bigram_proj) in.push_back({W.bigram_proj, a.bigram_embed, c.bigram_dim});
     return in;
 }
 
