@@ -1,7 +1,8 @@
 # pgolf build.   make            ./train_gpt (nvcc: sm_80 + sm_90 code, compute_90 PTX) and ./tokenize
 #                make test       build everything and run every test
 #                make cpu        ./train_gpt_cpu: the CPU-only build (g++), quick to compile
-#                make submission build/submission/train_gpt.cu: the stripped, byte-counted single file
+#                make submission build/submission/train_gpt.cu: the stripped single file, and its counted
+#                                form build/submission/train_gpt.sh (xz, self-extracting: scripts/make_sfx)
 #                make emu        tests/test_main_emu and ./train_gpt_emu: the CUDA path on the CPU (tests/emu)
 # Knobs: GPU_ARCH=fat (or one arch: sm_90a, sm_80, ...), USE_MPI=auto|0|1, USE_NCCL=auto|0|1, USE_BROTLI=auto|0|1,
 #        CPU_ARCH=native (train_gpt_cpu only), DEBUG=1
@@ -64,9 +65,12 @@ endif
 CODE_FILES  := train_gpt.cu tokenizer/spm_model.h
 CODE_BYTES  := $(shell cat $(CODE_FILES) 2>/dev/null | wc -c)
 SUBMISSION  := build/submission/train_gpt.cu
+SFX         := build/submission/train_gpt.sh
 STRIP_BYTES  = $(shell [ -f $(SUBMISSION) ] && wc -c < $(SUBMISSION) || echo 0)
+SFX_BYTES    = $(shell [ -f $(SFX) ] && wc -c < $(SFX) || echo 0)
 STRIP_SUM    = $(shell [ -f $(SUBMISSION) ] && sha256sum $(SUBMISSION) | cut -c1-16 || echo unknown)
-CODE_DEFS    = -DPGOLF_CODE_BYTES=$(CODE_BYTES) -DPGOLF_CODE_BYTES_STRIPPED=$(STRIP_BYTES) -DPGOLF_CODE_CHECKSUM=\"$(STRIP_SUM)\"
+CODE_DEFS    = -DPGOLF_CODE_BYTES=$(CODE_BYTES) -DPGOLF_CODE_BYTES_STRIPPED=$(STRIP_BYTES) -DPGOLF_CODE_CHECKSUM=\"$(STRIP_SUM)\" \
+               -DPGOLF_CODE_BYTES_SFX=$(SFX_BYTES)
 
 comma       := ,
 # ./train_gpt's host code is built for any x86-64 (it runs on whatever node it is copied to);
@@ -86,12 +90,12 @@ info:
 	      "MPI=$(USE_MPI) NCCL=$(USE_NCCL) BROTLI=$(USE_BROTLI) code_bytes=$(CODE_BYTES) stripped=$(STRIP_BYTES)"
 	@[ "$(USE_MPI)" = 1 ] || echo "pgolf: building without MPI (single process); install libopenmpi-dev for mpirun -np N"
 
-train_gpt: $(TU_DEPS) $(SUBMISSION)
+train_gpt: $(TU_DEPS) $(SUBMISSION) $(SFX)
 	$(NVCC) $(NVFLAGS) $(CODE_DEFS) -o $@ train_gpt.cu $(LIBS)
 
 # The CPU reference alone (no CUDA): the same file through g++.
 cpu: train_gpt_cpu
-train_gpt_cpu: $(TU_DEPS) $(SUBMISSION)
+train_gpt_cpu: $(TU_DEPS) $(SUBMISSION) $(SFX)
 	$(CXX) $(OPT) -std=c++17 -x c++ $(CPU_FLAGS) $(MPI_DEFS) $(MPI_CFLAGS) $(BROTLI_DEFS) $(CODE_DEFS) -o $@ train_gpt.cu -lzstd $(BROTLI_LIBS) \
 	    $(MPI_LIBS)
 
@@ -103,10 +107,14 @@ tokenize: tokenizer/tokenize.cpp tokenizer/spm_model.h tokenizer/spm_encode.h
 	$(CXX) -O2 -std=c++17 -Wall -Wextra -o $@ tokenizer/tokenize.cpp
 
 # --- the submission: one file, CPU reference sections and comments removed -------------------
-submission: $(SUBMISSION)
+# The counted code is $(SFX): that file xz-compressed behind a short sh header that unpacks, builds
+# and runs it (scripts/make_sfx); `sh build/submission/train_gpt.sh` on the GPU machine.
+submission: $(SUBMISSION) $(SFX)
 $(SUBMISSION): $(TU_DEPS) scripts/strip_source
 	@mkdir -p build/submission
 	python3 scripts/strip_source train_gpt.cu $@
+$(SFX): $(SUBMISSION) scripts/make_sfx
+	python3 scripts/make_sfx $(SUBMISSION) $@ $(CODE_BYTES)
 
 # --- tests ------------------------------------------------------------------------------------
 tests/test_tokenizer: tests/test_tokenizer.cpp tests/harness.h tokenizer/spm_model.h tokenizer/spm_encode.h

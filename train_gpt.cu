@@ -6658,6 +6658,9 @@ static void load_checkpoint_weights(const std::string& path, const std::vector<P
 #ifndef PGOLF_CODE_BYTES_STRIPPED   // and of the stripped single-file submission (`make submission`)
 #define PGOLF_CODE_BYTES_STRIPPED 0
 #endif
+#ifndef PGOLF_CODE_BYTES_SFX         // and of its counted form, xz-compressed and self-extracting (scripts/make_sfx)
+#define PGOLF_CODE_BYTES_SFX 0
+#endif
 #ifndef PGOLF_CODE_CHECKSUM         // sha256 prefix of the stripped submission, to tie a result to its code
 #define PGOLF_CODE_CHECKSUM "unknown"
 #endif
@@ -7289,16 +7292,18 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     std::vector<typename D::grad> wconv(w.begin(), w.end());
     to_device(dev, m.params, wconv.data(), m.nparams);
     refresh_compute_weights(dev, m, false);
-    long code = PGOLF_CODE_BYTES, code_stripped = PGOLF_CODE_BYTES_STRIPPED;
-    long counted = code_stripped > 0 ? code_stripped : code;
+    long code = PGOLF_CODE_BYTES, code_stripped = PGOLF_CODE_BYTES_STRIPPED, code_sfx = PGOLF_CODE_BYTES_SFX;
+    long counted = code_sfx > 0 ? code_sfx : code_stripped > 0 ? code_stripped : code;
     long total = (long)artifact_bytes + counted;
     log0("artifact:%s bytes:%zu (read back and dequantized for every score below)\n", artifact_path.c_str(), artifact_bytes);
-    log0("Code size: %ld bytes (full source %ld, stripped submission %ld)\n", counted, code, code_stripped);
+    log0("Code size: %ld bytes (full source %ld, stripped submission %ld, its xz self-extracting form %ld)\n", counted,
+         code, code_stripped, code_sfx);
     log0("Total submission size: %ld bytes%s\n", total, total > ARTIFACT_LIMIT_BYTES ? "  <-- OVER THE 16,000,000-BYTE LIMIT: not a valid submission" : "");
     if (total > ARTIFACT_LIMIT_BYTES && g_rank == 0)
         fprintf(stderr, "WARNING: total submission size %ld bytes exceeds 16,000,000 bytes; outputs are kept, but this is not a valid submission\n", total);
-    add_json(fmt("\"artifact_bytes\": %zu, \"code_bytes\": %ld, \"code_bytes_full\": %ld, \"code_bytes_stripped\": %ld, \"total_bytes\": %ld, \"under_limit\": %s",
-                 artifact_bytes, counted, code, code_stripped, total, total <= ARTIFACT_LIMIT_BYTES ? "true" : "false"));
+    add_json(fmt("\"artifact_bytes\": %zu, \"code_bytes\": %ld, \"code_bytes_full\": %ld, \"code_bytes_stripped\": %ld, "
+                 "\"code_bytes_sfx\": %ld, \"total_bytes\": %ld, \"under_limit\": %s", artifact_bytes, counted, code,
+                 code_stripped, code_sfx, total, total <= ARTIFACT_LIMIT_BYTES ? "true" : "false"));
 
     std::vector<EvalResult> results = evaluate_modes(dev, m, ev);
     std::string evj = "\"eval\": {";
@@ -8017,7 +8022,8 @@ int main(int argc, char** argv) {
         g_logfile = fopen_check((c.out_dir + "/log.txt").c_str(), "a");
         outputs_check(c);
     }
-    log0("pgolf train_gpt: code_bytes:%ld stripped:%ld\n", (long)PGOLF_CODE_BYTES, (long)PGOLF_CODE_BYTES_STRIPPED);
+    log0("pgolf train_gpt: code_bytes:%ld stripped:%ld sfx:%ld\n", (long)PGOLF_CODE_BYTES, (long)PGOLF_CODE_BYTES_STRIPPED,
+         (long)PGOLF_CODE_BYTES_SFX);
     if (c.device == "cpu" && (long)c.model_dim * c.num_layers > 1024 && c.load_artifact.empty())
         log0("note: DEVICE=cpu runs the plain C++ reference; a %d-layer d%d model trains very slowly on a CPU\n", c.num_layers, c.model_dim);
     config_print(c);
