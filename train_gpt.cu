@@ -5776,7 +5776,18 @@ static int inspect_main(int argc, char** argv) {
            file.size(), ARTIFACT_VERSION, c.preset.c_str(), c.quant_scheme.c_str(), c.gptq_lite, c.prune_frac, c.pack.c_str(), c.zstd_level);
     printf("header frame %zu bytes\n", a.header_frame_bytes);
     for (int g = 0; g < G_NUM; g++)
-        printf("group %-13s %-6s raw %10zu  zstd %10zu\n", G_NAMES[g], PK_NAMES[a.packing[g]], a.raw_bytes[g], a.frame_bytes[g]);
+        printf("group %-13s %-6s raw %10zu  %s %10zu\n", G_NAMES[g], PK_NAMES[a.packing[g]], a.raw_bytes[g],
+               c.compressor.c_str(), a.frame_bytes[g]);
+    // INSPECT_DUMP=DIR: each group's bytes as stored before compression (scripts/measure_compressors)
+    if (const char* dump = getenv("INSPECT_DUMP")) {
+        make_dirs(dump);
+        for (int g = 0; g < G_NUM; g++) {
+            std::vector<uint8_t> raw = group_content(g, a.packing[g], a.table, a.tensors);
+            std::string name = std::string(dump) + "/" + std::to_string(g) + "_" + G_NAMES[g] + ".raw";
+            for (char& ch : name) if (ch == ' ') ch = '_';
+            write_file_atomic(name, raw.data(), raw.size());
+        }
+    }
     std::vector<size_t> est(a.table.size());
     #pragma omp parallel for schedule(dynamic, 1)
     for (int i = 0; i < (int)a.table.size(); i++) {
