@@ -611,6 +611,10 @@ TEST(compress_size_pr467_shape) {
     CHECK(rep.params == 25517137);  // thwu1's logged model_params for the 10L preset
     CHECK(rep.params_per_kind[SK_INT5] == 10u * 2 * 1536 * 512);
     CHECK(rep.artifact_bytes < 16000000);
+    // with the counted code (make submission's self-extracting form; the full source when it is not built)
+    struct stat st;
+    long code = stat("build/submission/train_gpt.sh", &st) == 0 ? (long)st.st_size : (long)PGOLF_CODE_BYTES;
+    CHECK_MSG((long)rep.artifact_bytes + code < ARTIFACT_LIMIT_BYTES, "artifact %zu + code %ld bytes", rep.artifact_bytes, code);
     bool quiet = g_quiet;
     g_quiet = false;  // the report goes through log0
     std::string log = capture_stdout([&] { print_export_report(rep); });
