@@ -397,7 +397,7 @@ TEST(gptq_fuzz_reader) {
     Hessians hs = gptq_fake_hessians(c, t);
     const ArtParts parts = art_split(artifact_build(c, t, w.data(), nullptr, &hs));
     Rng rng(77);
-    int accepted = 0, rejected = 0, n = 400;
+    int accepted = 0, rejected = 0, n = 300;
     for (int it = 0; it < n; it++) {
         ArtParts q = parts;
         int edits = 1 + (int)(rng.uniform() * 3);
@@ -475,13 +475,13 @@ TEST(gptq_brotli_artifact) {
     q = frames;
     q[G_INT6].pop_back();
     CHECK_THROWS(parse(join(q)), "does not decode to the");
-    std::vector<uint8_t> zeros((size_t)4 << 20, 0);  // 4 MiB where the table needs ~70 KB
+    std::vector<uint8_t> zeros((size_t)1 << 20, 0);  // 1 MiB where the table needs ~70 KB
     q = frames;
     q[G_INT6] = brotli_compress(zeros.data(), zeros.size());
     CHECK(q[G_INT6].size() < 1024);
     CHECK_THROWS(parse(join(q)), "int6 values: the brotli stream");
     Rng rng(31);
-    int rejected = 0, n = 300;
+    int rejected = 0, n = 150;
     for (int it = 0; it < n; it++) {
         q = frames;
         int g = it % 3 == 0 ? G_LQER : it % 3 == 1 ? G_INT8 : G_SCALES;
