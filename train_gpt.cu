@@ -984,7 +984,7 @@ static std::vector<Setting> config_settings(Config& c) {
         {"GPTQ_RESERVE_SECONDS", 'd', &c.gptq_reserve_seconds, "GPTQ=1: training stops this early for calibration"},
         {"MATRIX_BITS", 'i', &c.matrix_bits, "GPTQ width of the matrices (5..8)"},
         {"EMBED_BITS", 'i', &c.embed_bits, "GPTQ width of tok_emb (5..8)"},
-        {"GPTQ_PASSTHROUGH_NUMEL", 'l', &c.gptq_passthrough_numel, "GPTQ=1: tensors of at most this many values stay fp16"},
+        {"GPTQ_PASSTHROUGH_NUMEL", 'l', &c.gptq_passthrough_numel, "GPTQ=1: tensors this small stay fp16"},
         {"MATRIX_CLIP_SIGMAS", 'f', &c.matrix_clip_sigmas, "SDClip k of other matrices: scale = k·std(row)/clip"},
         {"MLP_CLIP_SIGMAS", 'f', &c.mlp_clip_sigmas, "SDClip k of the MLP matrices"},
         {"ATTN_CLIP_SIGMAS", 'f', &c.attn_clip_sigmas, "SDClip k of the attention matrices"},
@@ -4727,7 +4727,8 @@ static std::vector<uint8_t> brotli_compress(const uint8_t* src, size_t n) {
 }
 // Exactly `want` bytes out of exactly the n bytes given, or a one-line error (a stream that would
 // write more stops at `want`: no bomb gets memory).
-static std::vector<uint8_t> brotli_frame(const uint8_t* src, size_t n, size_t want, const char* path, const char* what) {
+static std::vector<uint8_t> brotli_frame(const uint8_t* src, size_t n, size_t want, const char* path,
+                                         const char* what) {
     std::vector<uint8_t> out(want + 1);
 #ifdef PGOLF_BROTLI
     BrotliDecoderState* st = BrotliDecoderCreateInstance(nullptr, nullptr, nullptr);
@@ -4819,7 +4820,8 @@ static QuantPlan quant_plan(const Config& c, const ParamSpec& p) {
     QuantPlan pl = {SK_F16, QR_NONE, 0, 0, 0};
     bool mixed = c.quant_scheme == "mixed" && !c.gptq, mlp = false;
     size_t passthrough = mixed ? 8192 : c.gptq ? (size_t)c.gptq_passthrough_numel : 65536;
-    if (p.numel <= passthrough || (c.gptq && p.shape.size() != 2)) {  // mixed: the size test comes first, so small control tensors are fp16
+    // mixed: the size test comes first, so small control tensors are fp16
+    if (p.numel <= passthrough || (c.gptq && p.shape.size() != 2)) {
         if (!mixed && !c.gptq && name_matches_any(p.name, c.control_patterns)) pl.kind = SK_F32;  // GPTQ: fp16
         return pl;
     }
@@ -5156,7 +5158,8 @@ static LqerFactors lqer_pack(const Config& c, const ParamSpec& p, const std::vec
     for (int k = 0; k < r; k++) {
         l.sb.push_back(positive_half(amax(B, (size_t)k * cols, (size_t)(k + 1) * cols) / (float)rng));
         float sb = half_to_float(l.sb.back());
-        for (int j = 0; j < cols; j++) l.qb[(size_t)k * cols + j] = quant((float)B[(size_t)k * cols + j], sb, -rng, rng);
+        for (int j = 0; j < cols; j++)
+            l.qb[(size_t)k * cols + j] = quant((float)B[(size_t)k * cols + j], sb, -rng, rng);
     }
     return l;
 }
@@ -5208,8 +5211,10 @@ static QTensor quantize_tensor(const Config& c, const ParamSpec& p, const float*
             gptq_rows(w, rows, cols, gptq_factor(*H, cols, p.name), t.scales, pl.clip, t.q.data());
             return t;
         }
-        for (int r = 0; r < rows; r++)  // no Hessian: GPTQ with H = I, which is rounding
-            quantize_row(w + (size_t)r * cols, cols, INFINITY, half_to_float(t.scales[r]), pl, t.q.data() + (size_t)r * cols);
+        for (int r = 0; r < rows; r++) {  // no Hessian: GPTQ with H = I, which is rounding
+            int8_t* q = t.q.data() + (size_t)r * cols;
+            quantize_row(w + (size_t)r * cols, cols, INFINITY, half_to_float(t.scales[r]), pl, q);
+        }
         return t;
     }
     if (pl.rule == QR_MATRIX_SEARCH) {
@@ -5479,8 +5484,8 @@ struct ExportReport {
 };
 
 // --- Writing --------------------------------------------------------------------------------------
-static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpec>& t, const float* w, ExportReport* rep,
-                                           const Hessians* hs = nullptr) {
+static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpec>& t, const float* w,
+                                           ExportReport* rep, const Hessians* hs = nullptr) {
     std::vector<ParamSpec> want = build_param_table(c);
     bool same = want.size() == t.size();
     for (size_t i = 0; same && i < t.size(); i++) same = want[i].name == t[i].name && want[i].shape == t[i].shape;
@@ -5626,7 +5631,8 @@ static void artifact_check_config(const Config& c, const char* path) {
     in("LQER_FACTOR_BITS", c.lqer_factor_bits, 2, 8);
     in("LQER_ASYM_GROUP", c.lqer_asym_group, 1, 65536);
     if (c.compressor != "zstd" && c.compressor != "brotli")
-        fail("%s: stored config has COMPRESSOR=%s, expected zstd or brotli (corrupt artifact)", path, c.compressor.c_str());
+        fail("%s: stored config has COMPRESSOR=%s, expected zstd or brotli (corrupt artifact)", path,
+             c.compressor.c_str());
     if (c.quant_scheme != "int8" && c.quant_scheme != "mixed" && c.quant_scheme != "int6")
         fail("%s: stored config has QUANT_SCHEME=%s, expected int8, mixed or int6 (corrupt artifact)", path, c.quant_scheme.c_str());
 }
@@ -7523,9 +7529,10 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     log0("Total submission size: %ld bytes%s\n", total, total > ARTIFACT_LIMIT_BYTES ? "  <-- OVER THE 16,000,000-BYTE LIMIT: not a valid submission" : "");
     if (total > ARTIFACT_LIMIT_BYTES && g_rank == 0)
         fprintf(stderr, "WARNING: total submission size %ld bytes exceeds 16,000,000 bytes; outputs are kept, but this is not a valid submission\n", total);
-    add_json(fmt("\"artifact_bytes\": %zu, \"code_bytes\": %ld, \"code_bytes_full\": %ld, \"code_bytes_stripped\": %ld, "
-                 "\"code_bytes_sfx\": %ld, \"total_bytes\": %ld, \"under_limit\": %s", artifact_bytes, counted, code,
-                 code_stripped, code_sfx, total, total <= ARTIFACT_LIMIT_BYTES ? "true" : "false"));
+    add_json(fmt("\"artifact_bytes\": %zu, \"code_bytes\": %ld, \"code_bytes_full\": %ld, "
+                 "\"code_bytes_stripped\": %ld, \"code_bytes_sfx\": %ld, \"total_bytes\": %ld, \"under_limit\": %s",
+                 artifact_bytes, counted, code, code_stripped, code_sfx, total,
+                 total <= ARTIFACT_LIMIT_BYTES ? "true" : "false"));
 
     std::vector<EvalResult> results = evaluate_modes(dev, m, ev);
     std::string evj = "\"eval\": {";
@@ -8271,8 +8278,8 @@ int main(int argc, char** argv) {
         g_logfile = fopen_check((c.out_dir + "/log.txt").c_str(), "a");
         outputs_check(c);
     }
-    log0("pgolf train_gpt: code_bytes:%ld stripped:%ld sfx:%ld\n", (long)PGOLF_CODE_BYTES, (long)PGOLF_CODE_BYTES_STRIPPED,
-         (long)PGOLF_CODE_BYTES_SFX);
+    log0("pgolf train_gpt: code_bytes:%ld stripped:%ld sfx:%ld\n", (long)PGOLF_CODE_BYTES,
+         (long)PGOLF_CODE_BYTES_STRIPPED, (long)PGOLF_CODE_BYTES_SFX);
     if (c.device == "cpu" && (long)c.model_dim * c.num_layers > 1024 && c.load_artifact.empty())
         log0("note: DEVICE=cpu runs the plain C++ reference; a %d-layer d%d model trains very slowly on a CPU\n", c.num_layers, c.model_dim);
     config_print(c);

@@ -15,7 +15,8 @@ static std::vector<int8_t> gptq_paper(const std::vector<float>& w, int rows, int
     for (int i = 0; i < n; i++) H[(size_t)i * n + i] += 0.01 * tr / n;
     std::vector<int> perm(n);
     for (int i = 0; i < n; i++) perm[i] = i;
-    std::stable_sort(perm.begin(), perm.end(), [&](int a, int b) { return H[(size_t)a * n + a] > H[(size_t)b * n + b]; });
+    auto diag_desc = [&](int a, int b) { return H[(size_t)a * n + a] > H[(size_t)b * n + b]; };
+    std::stable_sort(perm.begin(), perm.end(), diag_desc);
     // Gauss–Jordan inverse of the permuted H
     std::vector<double> M((size_t)n * 2 * n, 0.0);
     for (int i = 0; i < n; i++) {
@@ -146,7 +147,8 @@ TEST(gptq_sdclip_scales_and_families) {
     CHECK(s[0] == float_to_half(13.0f * (float)sqrt(20.0 / 3.0) / 31.0f));
     std::vector<float> zero(8, 0.0f);
     CHECK(sdclip_scales(zero.data(), 1, 8, 13.0f, 31)[0] == 1);  // never 0: the smallest subnormal
-    ParamSpec emb = gptq_test_param("tok_emb.weight", 1024, 128), mlp = gptq_test_param("blocks.0.mlp.fc.weight", 384, 256);
+    ParamSpec emb = gptq_test_param("tok_emb.weight", 1024, 128);
+    ParamSpec mlp = gptq_test_param("blocks.0.mlp.fc.weight", 384, 256);
     CHECK(quant_plan(c, emb).kind == SK_INT7 && quant_plan(c, mlp).kind == SK_INT6);
     CHECK(quant_plan(c, gptq_test_param("blocks.0.attn.c_q.weight", 256, 256)).kind == SK_F16);  // 65,536: passthrough
 }
@@ -176,7 +178,8 @@ TEST(gptq_lqer_top_singular_subspace) {
     double sigma[8] = {10, 7, 5, 4, 1, 0.8, 0.5, 0.3};
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++)
-            for (int t = 0; t < k; t++) E[(size_t)i * cols + j] += U[(size_t)i * k + t] * sigma[t] * V[(size_t)j * k + t];
+            for (int t = 0; t < k; t++)
+                E[(size_t)i * cols + j] += U[(size_t)i * k + t] * sigma[t] * V[(size_t)j * k + t];
     std::vector<double> A, B;
     top_singular(E, rows, cols, r, &A, &B);
     double res = 0, best = 0;
@@ -259,7 +262,8 @@ TEST(gptq_trained_tiny_calibration_error_and_artifact) {
             want[idx].resize((size_t)n * n, 0.0);
             for (long t = 0; t < local; t++)
                 for (int a = 0; a < n; a++)
-                    for (int bb = 0; bb < n; bb++) want[idx][(size_t)a * n + bb] += (double)li.x[t * n + a] * li.x[t * n + bb];
+                    for (int bb = 0; bb < n; bb++)
+                        want[idx][(size_t)a * n + bb] += (double)li.x[t * n + a] * li.x[t * n + bb];
         }
     }
     int with_h = 0;
@@ -288,7 +292,8 @@ TEST(gptq_trained_tiny_calibration_error_and_artifact) {
         double eg = hessian_error(w.data() + p.offset, dg.data(), rows, cols, hs[i]);
         double er = hessian_error(w.data() + p.offset, dr.data(), rows, cols, hs[i]);
         CHECK_MSG(eg < er, "%s: GPTQ's Hessian-weighted error %g is not below rounding's %g", p.name.c_str(), eg, er);
-        if (getenv("PGOLF_TEST_LOG")) printf("  %-28s gptq %.4g  rounding %.4g  (%.2f)\n", p.name.c_str(), eg, er, eg / er);
+        if (getenv("PGOLF_TEST_LOG"))
+            printf("  %-28s gptq %.4g  rounding %.4g  (%.2f)\n", p.name.c_str(), eg, er, eg / er);
     }
     CHECK(gptq_tensors == 2 * 6 + 1);
     // LQER: the corrected tensors are those with the largest errors, each corrected one closer to W
@@ -410,14 +415,18 @@ TEST(gptq_fuzz_reader) {
             int g = it % 4 == 1 ? G_LQER : G_INT8;
             std::vector<uint8_t> raw(ZSTD_getFrameContentSize(q.frames[g].data(), q.frames[g].size()));
             ZSTD_decompress(raw.data(), raw.size(), q.frames[g].data(), q.frames[g].size());
-            for (int e = 0; e < edits; e++) raw[(size_t)(rng.uniform() * raw.size())] ^= (uint8_t)(1 << (int)(rng.uniform() * 8));
+            for (int e = 0; e < edits; e++)
+                raw[(size_t)(rng.uniform() * raw.size())] ^= (uint8_t)(1 << (int)(rng.uniform() * 8));
             q.frames[g] = zstd_compress(raw.data(), raw.size(), 1);
         }
         Config oc;
         std::vector<float> ow;
         try { artifact_parse(art_join(q, rng.uniform() < 0.7), "fuzz.pgz", &oc, &ow); accepted++; }
         catch (const TestFailure&) { throw; }
-        catch (const std::runtime_error& e) { rejected++; CHECK_MSG(strstr(e.what(), "fuzz.pgz"), "message without the file: %s", e.what()); }
+        catch (const std::runtime_error& e) {
+            rejected++;
+            CHECK_MSG(strstr(e.what(), "fuzz.pgz"), "message without the file: %s", e.what());
+        }
     }
     CHECK(rejected > n / 4 && accepted + rejected == n);
 }
@@ -488,7 +497,10 @@ TEST(gptq_brotli_artifact) {
         for (int e = 0; e < 1 + it % 3; e++) q[g][(size_t)(rng.uniform() * q[g].size())] ^= (uint8_t)(1 << (it % 8));
         try { parse(join(q)); }
         catch (const TestFailure&) { throw; }
-        catch (const std::runtime_error& e) { rejected++; CHECK_MSG(strstr(e.what(), "b.pgz"), "message: %s", e.what()); }
+        catch (const std::runtime_error& e) {
+            rejected++;
+            CHECK_MSG(strstr(e.what(), "b.pgz"), "message: %s", e.what());
+        }
     }
     CHECK_MSG(rejected > n / 10, "only %d of %d damaged streams refused", rejected, n);  // brotli has no checksum
 #endif

@@ -27,7 +27,9 @@ out=$(PGOLF_SFX_DIR="$tmp/b" X=7 sh "$sfx" a "b c")
 check sfx_unpacks_the_stripped_source 'cmp -s "$tmp/b/train_gpt.cu" "$src"' "the unpacked source differs from $src"
 check sfx_runs_the_binary_with_its_arguments '[ "$out" = "ran a b c X=7" ]' "output '$out'"
 n=$(wc -c <"$sfx")
-check sfx_counts_its_own_bytes 'grep -q -- "-DPGOLF_CODE_BYTES_SFX=$n " "$NVCC_LOG" && grep -q -- "-DPGOLF_CODE_BYTES_STRIPPED=$(wc -c <"$src") " "$NVCC_LOG"' \
+m=$(wc -c <"$src")
+check sfx_counts_its_own_bytes \
+    'grep -q -- "-DPGOLF_CODE_BYTES_SFX=$n " "$NVCC_LOG" && grep -q -- "-DPGOLF_CODE_BYTES_STRIPPED=$m " "$NVCC_LOG"' \
     "nvcc args: $(head -c 300 "$NVCC_LOG")"
 PGOLF_SFX_DIR="$tmp/b" sh "$sfx" >/dev/null
 check sfx_builds_once '[ "$(wc -l <"$NVCC_LOG")" = 1 ]' "$(wc -l <"$NVCC_LOG") builds for two runs"
@@ -44,7 +46,8 @@ PGOLF_SFX_DIR="$tmp/b" sh "$tmp/changed.sh" >/dev/null 2>&1
 check sfx_rebuilds_after_a_change '[ "$(wc -l <"$NVCC_LOG")" = 1 ]' "not rebuilt"
 head -c $((n - 5000)) "$sfx" >"$tmp/cut.sh"
 if PGOLF_SFX_DIR="$tmp/b" sh "$tmp/cut.sh" >"$tmp/cut.out" 2>&1; then r=0; else r=1; fi
-check sfx_damaged_stream_fails '[ "$r" = 1 ] && ! grep -q "^ran" "$tmp/cut.out"' "exit $r, output $(head -c 200 "$tmp/cut.out")"
+check sfx_damaged_stream_fails '[ "$r" = 1 ] && ! grep -q "^ran" "$tmp/cut.out"' \
+    "exit $r, output $(head -c 200 "$tmp/cut.out")"
 # the counted form is a fraction of the stripped source
 check sfx_is_compressed '[ "$n" -lt $(( $(wc -c <"$src") / 3 )) ]' "$n bytes for a $(wc -c <"$src")-byte source"
 echo "  sfx: $n bytes (stripped source $(wc -c <"$src"), full source $(cat train_gpt.cu tokenizer/spm_model.h | wc -c))"
