@@ -40,6 +40,10 @@
 #include <dirent.h>
 #include <fnmatch.h>
 #include <zstd.h>
+#ifdef PGOLF_BROTLI
+#include <brotli/decode.h>
+#include <brotli/encode.h>
+#endif
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -779,6 +783,16 @@ struct Config {
     int gptq_lite = 0, all_int5 = 0;
     std::string fp16_keep_patterns = "";
     std::string control_patterns = "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights";
+    // full-Hessian GPTQ with SDClip and LQER (the 1.0611 record's export; off: the rules above)
+    int gptq = 0;                        // 1 = every matrix of > 65,536 values through GPTQ, scale k·σ per row
+    int gptq_calibration_batches = 16;   // training micro-batches the Hessians XᵀX are summed over
+    double gptq_reserve_seconds = 0.5;   // training stops this much before MAX_WALLCLOCK_SECONDS (calibration)
+    int matrix_bits = 6, embed_bits = 7; // GPTQ widths: symmetric ±(2^(b−1)−1)
+    long gptq_passthrough_numel = 65536; // GPTQ=1: tensors of at most this many values stay fp16 (the record's)
+    float matrix_clip_sigmas = 12.85f, mlp_clip_sigmas = 11.5f, attn_clip_sigmas = 13.0f, embed_clip_sigmas = 14.0f;
+    int lqer_enabled = 0;                // rank-r correction of the LQER_TOP_K largest GPTQ errors
+    int lqer_rank = 4, lqer_top_k = 3, lqer_factor_bits = 4, lqer_asym_enabled = 1, lqer_asym_group = 64;
+    std::string compressor = "zstd";     // codec of the artifact's groups: zstd | brotli
     // evaluation
     std::string eval_mode = "standard";  // comma list of standard, sliding, lora_ttt, full_ttt
     int eval_seq_len = 0, eval_stride = 64, eval_batch_seqs = 32;
@@ -1056,6 +1070,23 @@ static std::vector<Setting> config_settings(Config& c) {
         {"ALL_INT5", 'i', &c.all_int5, "int5 for every low-bit tensor"},
         {"FP16_KEEP_NAME_PATTERNS", 's', &c.fp16_keep_patterns, "tensors kept in fp16 (comma list of substrings)"},
         {"CONTROL_TENSOR_NAME_PATTERNS", 's', &c.control_patterns, "control tensors (scalar lr group; fp32 in the artifact)"},
+        {"GPTQ", 'i', &c.gptq, "1 = full-Hessian GPTQ (Hessians from training batches) with SDClip scales"},
+        {"GPTQ_CALIBRATION_BATCHES", 'i', &c.gptq_calibration_batches, "training micro-batches of GPTQ calibration"},
+        {"GPTQ_RESERVE_SECONDS", 'd', &c.gptq_reserve_seconds, "GPTQ=1: training stops this early for calibration"},
+        {"MATRIX_BITS", 'i', &c.matrix_bits, "GPTQ width of the matrices (5..8)"},
+        {"EMBED_BITS", 'i', &c.embed_bits, "GPTQ width of tok_emb (5..8)"},
+        {"GPTQ_PASSTHROUGH_NUMEL", 'l', &c.gptq_passthrough_numel, "GPTQ=1: tensors this small stay fp16"},
+        {"MATRIX_CLIP_SIGMAS", 'f', &c.matrix_clip_sigmas, "SDClip k of other matrices: scale = k·std(row)/clip"},
+        {"MLP_CLIP_SIGMAS", 'f', &c.mlp_clip_sigmas, "SDClip k of the MLP matrices"},
+        {"ATTN_CLIP_SIGMAS", 'f', &c.attn_clip_sigmas, "SDClip k of the attention matrices"},
+        {"EMBED_CLIP_SIGMAS", 'f', &c.embed_clip_sigmas, "SDClip k of tok_emb"},
+        {"LQER_ENABLED", 'i', &c.lqer_enabled, "GPTQ=1: low-rank correction of the largest quantization errors"},
+        {"LQER_RANK", 'i', &c.lqer_rank, "rank of each LQER correction"},
+        {"LQER_TOP_K", 'i', &c.lqer_top_k, "how many tensors (largest ‖W − Q‖) get a correction"},
+        {"LQER_FACTOR_BITS", 'i', &c.lqer_factor_bits, "symmetric LQER: bits of both factors"},
+        {"LQER_ASYM_ENABLED", 'i', &c.lqer_asym_enabled, "1 = A int2 (one scale), B int4 in groups"},
+        {"LQER_ASYM_GROUP", 'i', &c.lqer_asym_group, "values per fp16 scale of the asymmetric B factor"},
+        {"COMPRESSOR", 's', &c.compressor, "codec of the artifact's groups: zstd | brotli"},
         {"EVAL_MODE", 's', &c.eval_mode, "comma list of standard, sliding, lora_ttt, full_ttt"},
         {"EVAL_SEQ_LEN", 'i', &c.eval_seq_len, "window of standard/sliding eval (0 = TRAIN_SEQ_LEN)"},
         {"EVAL_STRIDE", 'i', &c.eval_stride, "sliding-window stride"},
@@ -1112,7 +1143,11 @@ static const char* const SCOPE_SETTINGS[SCOPE_NUM] = {
     "MUON_WEIGHT_DECAY ADAM_WD WEIGHT_DECAY BETA1 BETA2 ADAM_EPS GRAD_CLIP_NORM SWA_ENABLED SWA_START_FRAC "
     "SWA_EVERY SWA_STEPS SWA_DECAY SWA_START_STEP EMA_DECAY EMBED_BF16 LATE_QAT QAT_THRESHOLD QAT_BITS QAT_START_STEP "
     "QAT_SCALE_FLOOR QUANT_SCHEME PACK ZSTD_LEVEL PRUNE_FRAC GPTQ_LITE ALL_INT5 FP16_KEEP_NAME_PATTERNS "
-    "CONTROL_TENSOR_NAME_PATTERNS"),
+    "CONTROL_TENSOR_NAME_PATTERNS"
+    " GPTQ GPTQ_CALIBRATION_BATCHES GPTQ_RESERVE_SECONDS MATRIX_BITS EMBED_BITS GPTQ_PASSTHROUGH_NUMEL"
+    " MATRIX_CLIP_SIGMAS MLP_CLIP_SIGMAS"
+    " ATTN_CLIP_SIGMAS EMBED_CLIP_SIGMAS LQER_ENABLED LQER_RANK LQER_TOP_K LQER_FACTOR_BITS LQER_ASYM_ENABLED"
+    " LQER_ASYM_GROUP COMPRESSOR"),
     ("VAL_BATCH_SIZE VAL_LOSS_EVERY VAL_TOKENS_LIMIT VAL_TRUNCATE_TO_SEQ EVAL_MODE EVAL_SEQ_LEN EVAL_STRIDE "
     "EVAL_BATCH_SEQS SLIDING SLIDING_REFERENCE EVAL_MAX_WALLCLOCK_SECONDS TTT_LORA_RANK TTT_LORA_LR TTT_LORA_ALPHA "
     "TTT_LORA_TARGETS TTT_LORA_OPTIMIZER TTT_LORA_BETA1 TTT_LORA_BETA2 TTT_LORA_EPS TTT_LORA_WD TTT_CHUNK_SIZE "
@@ -1244,7 +1279,10 @@ static std::string config_to_text(Config& c) {
 // is a function of the weights and these alone. The rest is the run's (log.txt, result.json); a
 // loaded artifact takes it from its preset and the environment.
 static const char* const ARTIFACT_STORAGE_SETTINGS = " QUANT_SCHEME ALL_INT5 GPTQ_LITE FP16_KEEP_NAME_PATTERNS "
-                                                     "CONTROL_TENSOR_NAME_PATTERNS ";
+                                                     "CONTROL_TENSOR_NAME_PATTERNS "
+                                                     "GPTQ MATRIX_BITS EMBED_BITS GPTQ_PASSTHROUGH_NUMEL LQER_ENABLED "
+                                                     "LQER_RANK LQER_TOP_K "
+                                                     "LQER_FACTOR_BITS LQER_ASYM_ENABLED LQER_ASYM_GROUP COMPRESSOR ";
 static bool is_artifact_setting(const char* name) {
     return setting_scope(name) == SCOPE_MODEL ||
            strstr(ARTIFACT_STORAGE_SETTINGS, (std::string(" ") + name + " ").c_str()) != nullptr;
@@ -1344,6 +1382,23 @@ static void config_validate(const Config& c, int world) {
     need(c.quant_scheme == "int8" || c.quant_scheme == "mixed" || c.quant_scheme == "int6",
          "QUANT_SCHEME=%s: expected int8, mixed or int6", c.quant_scheme.c_str());
     need(c.pack == "bits" || c.pack == "bytes" || c.pack == "auto", "PACK=%s: expected bits, bytes or auto", c.pack.c_str());
+    need(c.gptq == 0 || c.gptq == 1, "GPTQ=%d: expected 0 or 1", c.gptq);
+    need(c.gptq_calibration_batches >= 1, "GPTQ_CALIBRATION_BATCHES=%d: expected ≥ 1", c.gptq_calibration_batches);
+    need(c.gptq_reserve_seconds >= 0, "GPTQ_RESERVE_SECONDS=%g: expected ≥ 0", c.gptq_reserve_seconds);
+    need(c.gptq_passthrough_numel >= 0, "GPTQ_PASSTHROUGH_NUMEL=%ld: expected ≥ 0", c.gptq_passthrough_numel);
+    need(c.matrix_bits >= 5 && c.matrix_bits <= 8 && c.embed_bits >= 5 && c.embed_bits <= 8,
+         "MATRIX_BITS=%d, EMBED_BITS=%d: expected 5..8", c.matrix_bits, c.embed_bits);
+    need(c.matrix_clip_sigmas > 0 && c.mlp_clip_sigmas > 0 && c.attn_clip_sigmas > 0 && c.embed_clip_sigmas > 0,
+         "MATRIX/MLP/ATTN/EMBED_CLIP_SIGMAS=%g/%g/%g/%g: expected > 0", c.matrix_clip_sigmas, c.mlp_clip_sigmas,
+         c.attn_clip_sigmas, c.embed_clip_sigmas);
+    need(!c.lqer_enabled || c.gptq, "LQER_ENABLED=1 corrects GPTQ's errors: set GPTQ=1 too");
+    need(c.lqer_rank >= 1 && c.lqer_rank <= 64 && c.lqer_top_k >= 0 && c.lqer_top_k <= 1024,
+         "LQER_RANK=%d, LQER_TOP_K=%d: expected 1..64 and 0..1024", c.lqer_rank, c.lqer_top_k);
+    need(c.lqer_factor_bits >= 2 && c.lqer_factor_bits <= 8, "LQER_FACTOR_BITS=%d: expected 2..8", c.lqer_factor_bits);
+    need(c.lqer_asym_group >= 1 && c.lqer_asym_group <= 65536, "LQER_ASYM_GROUP=%d: expected 1..65536",
+         c.lqer_asym_group);
+    need(c.compressor == "zstd" || c.compressor == "brotli", "COMPRESSOR=%s: expected zstd or brotli",
+         c.compressor.c_str());
     need(c.prune_frac >= 0 && c.prune_frac < 1, "PRUNE_FRAC=%g: expected [0, 1)", c.prune_frac);
     need(c.sliding == "exact" || c.sliding == "reference", "SLIDING=%s: expected exact or reference", c.sliding.c_str());
     need(c.sliding_reference == "thwu1" || c.sliding_reference == "pr600",
@@ -1432,6 +1487,12 @@ static void outputs_check(const Config& c) {
     remove(probe.c_str());
 }
 static int grad_accum_steps(const Config& c, int world) { return c.grad_accum_steps > 0 ? c.grad_accum_steps : 8 / world; }
+// Training's time cap in seconds (0 = none): MAX_WALLCLOCK_SECONDS less GPTQ's calibration reserve, so
+// that the Hessians, which read training data, are collected inside the challenge's 600 s.
+static double train_cap_seconds(const Config& c) {
+    if (c.max_wallclock_seconds <= 0) return 0;
+    return std::max(c.max_wallclock_seconds - (c.gptq ? c.gptq_reserve_seconds : 0.0), 1e-3);
+}
 
 // `./train_gpt settings`: every setting, its scope and its default under each preset, as a markdown table.
 static void print_settings_table() {
@@ -5125,13 +5186,13 @@ static double lr_multiplier(const Config& c, int step, double elapsed_ms) {
         return f >= 1.0 - c.warmdown_frac ? std::max((1.0 - f) / c.warmdown_frac, 0.0) : 1.0;
     }
     if (c.warmdown_iters <= 0) return 1.0;
-    if (c.max_wallclock_seconds <= 0) {
+    if (train_cap_seconds(c) <= 0) {
         int start = std::max(c.iterations - c.warmdown_iters, 0);
         return (step >= start && step < c.iterations) ? std::max((double)(c.iterations - step) / std::max(c.warmdown_iters, 1), 0.0) : 1.0;
     }
     double step_ms = elapsed_ms / std::max(step, 1);
     double warmdown_ms = c.warmdown_iters * step_ms;
-    double remaining = std::max(1000.0 * c.max_wallclock_seconds - elapsed_ms, 0.0);
+    double remaining = std::max(1000.0 * train_cap_seconds(c) - elapsed_ms, 0.0);
     return remaining <= warmdown_ms ? remaining / std::max(warmdown_ms, 1e-9) : 1.0;
 }
 static double muon_momentum_at(const Config& c, int step) {
@@ -5581,6 +5642,50 @@ static std::vector<uint8_t> zstd_compress(const uint8_t* src, size_t n, int leve
     return out;
 }
 
+// --- brotli (COMPRESSOR=brotli; built in where libbrotli-dev is: the Makefile's USE_BROTLI) ----------
+// Quality 11 as the records, window 2^24 (the largest standard one).
+static std::vector<uint8_t> brotli_compress(const uint8_t* src, size_t n) {
+#ifdef PGOLF_BROTLI
+    std::vector<uint8_t> out(BrotliEncoderMaxCompressedSize(n) + 16);
+    size_t got = out.size();
+    if (!BrotliEncoderCompress(11, 24, BROTLI_MODE_GENERIC, n, src, &got, out.data()))
+        fail("brotli: compression of %zu bytes failed", n);
+    out.resize(got);
+    return out;
+#else
+    (void)src; (void)n;
+    fail("COMPRESSOR=brotli: this build has no brotli (install libbrotli-dev, e.g. scripts/setup, and rebuild)");
+#endif
+}
+// Exactly `want` bytes out of exactly the n bytes given, or a one-line error (a stream that would
+// write more stops at `want`: no bomb gets memory).
+static std::vector<uint8_t> brotli_frame(const uint8_t* src, size_t n, size_t want, const char* path,
+                                         const char* what) {
+    std::vector<uint8_t> out(want + 1);
+#ifdef PGOLF_BROTLI
+    BrotliDecoderState* st = BrotliDecoderCreateInstance(nullptr, nullptr, nullptr);
+    if (!st) fail("brotli: out of memory creating a decoder");
+    size_t avail_in = n, avail_out = want;
+    const uint8_t* in = src;
+    uint8_t* o = out.data();
+    BrotliDecoderResult r = BrotliDecoderDecompressStream(st, &avail_in, &in, &avail_out, &o, nullptr);
+    BrotliDecoderDestroyInstance(st);
+    if (r != BROTLI_DECODER_RESULT_SUCCESS || avail_in != 0 || avail_out != 0)
+        fail("%s: %s: the brotli stream of %zu bytes does not decode to the %zu bytes the tensor table needs: "
+             "corrupt artifact", path, what, n, want);
+#else
+    (void)src; (void)n;
+    fail("%s: %s is brotli-compressed, and this build has no brotli (install libbrotli-dev and rebuild)", path, what);
+#endif
+    out.resize(want);
+    return out;
+}
+// One artifact group in the config's codec.
+static std::vector<uint8_t> group_compress(const Config& c, const std::vector<uint8_t>& raw) {
+    if (c.compressor == "brotli") return brotli_compress(raw.data(), raw.size());
+    return zstd_compress(raw.data(), raw.size(), c.zstd_level);
+}
+
 // --- torch.quantile ('linear') ------------------------------------------------------------------
 // pos = q·(n−1) in fp32; lerp between the neighbours with torch's fused formula (its CPU vector and
 // CUDA kernels both compute fma(w, hi−lo, lo) for w < ½ and fma(w−1, hi−lo, hi) otherwise).
@@ -5618,15 +5723,16 @@ static void magnitude_prune(const Config& c, const std::vector<ParamSpec>& t, fl
 }
 
 // --- Which tensor is stored how: the reference exporters' rules ------------------------------------
-enum StoreKind { SK_F32, SK_F16, SK_INT8, SK_INT6, SK_INT5, SK_NUM };
-static const char* SK_NAMES[] = {"fp32", "fp16", "int8", "int6", "int5"};
-static const int SK_BITS[] = {32, 16, 8, 6, 5};
+enum StoreKind { SK_F32, SK_F16, SK_INT8, SK_INT6, SK_INT5, SK_INT7, SK_NUM };
+static const char* SK_NAMES[] = {"fp32", "fp16", "int8", "int6", "int5", "int7"};
+static const int SK_BITS[] = {32, 16, 8, 6, 5, 7};
 enum QuantRule {
     QR_NONE,
     QR_PERCENTILE,    // baseline int8 / PR #600 int6: clip rows at quantile 0.9999984, fp32 scale max(c/clip, 1/clip)
     QR_ROW_MAX,       // thwu1 mixed: scale fp16(max|row|/clip), q in [−(clip+1), clip]
     QR_ROW_SEARCH,    // PR #456 GPTQ_LITE=1: per row, best of five order statistics as the clip
-    QR_MATRIX_SEARCH  // 2026-03-22 record: per matrix, best of five row percentiles; floor 1/clip
+    QR_MATRIX_SEARCH, // 2026-03-22 record: per matrix, best of five row percentiles; floor 1/clip
+    QR_GPTQ           // GPTQ=1: full-Hessian GPTQ, scale k·std(row)/clip (SDClip), q in [−clip, clip]
 };
 struct QuantPlan { StoreKind kind; QuantRule rule; int clip, qmin, qmax; };
 
@@ -5644,13 +5750,21 @@ static bool low_bit_category(const std::string& n, bool* mlp) {
 // row with an fp16 scale (the reference keeps one fp32 scale; no preset has such a tensor).
 static QuantPlan quant_plan(const Config& c, const ParamSpec& p) {
     QuantPlan pl = {SK_F16, QR_NONE, 0, 0, 0};
-    bool mixed = c.quant_scheme == "mixed", mlp = false;
-    if (p.numel <= (mixed ? 8192u : 65536u)) {  // mixed: the size test comes first, so small control tensors are fp16
-        if (!mixed && name_matches_any(p.name, c.control_patterns)) pl.kind = SK_F32;
+    bool mixed = c.quant_scheme == "mixed" && !c.gptq, mlp = false;
+    size_t passthrough = mixed ? 8192 : c.gptq ? (size_t)c.gptq_passthrough_numel : 65536;
+    // mixed: the size test comes first, so small control tensors are fp16
+    if (p.numel <= passthrough || (c.gptq && p.shape.size() != 2)) {
+        if (!mixed && !c.gptq && name_matches_any(p.name, c.control_patterns)) pl.kind = SK_F32;  // GPTQ: fp16
         return pl;
     }
     if (name_matches_any(p.name, c.control_patterns)) { pl.kind = SK_F32; return pl; }
     if (name_matches_any(p.name, c.fp16_keep_patterns)) return pl;
+    if (c.gptq) {  // the record: tok_emb at EMBED_BITS, every other matrix at MATRIX_BITS
+        int bits = p.name.find("tok_emb") != std::string::npos ? c.embed_bits : c.matrix_bits;
+        static const StoreKind by_bits[] = {SK_INT5, SK_INT6, SK_INT7, SK_INT8};
+        int clip = (1 << (bits - 1)) - 1;
+        return {by_bits[bits - 5], QR_GPTQ, clip, -clip, clip};
+    }
     bool low = c.quant_scheme == "int6" || (mixed && low_bit_category(p.name, &mlp));
     if (!low) return {SK_INT8, QR_PERCENTILE, 127, -127, 127};
     pl.clip = (mlp || c.all_int5) ? 15 : 31;
@@ -5684,15 +5798,337 @@ static std::vector<float> sorted_abs_row(const float* x, int n) {
     return a;
 }
 
+// --- Full-Hessian GPTQ with SDClip (PR #1394 → #1530 → #1855) -----------------------------------------
+// H = Σ XᵀX over the calibration batches, X [N, cols] the rows a matrix multiplies (see gptq_calibrate).
+// Per parameter-table index; empty where no linear layer reads the tensor (tables such as bigram.embed):
+// GPTQ with H = I is plain rounding, so those are rounded.
+using Hessians = std::vector<std::vector<float>>;
+
+// SDClip's k by tensor family, the record's name tests in its order.
+static float sdclip_sigmas(const Config& c, const std::string& name) {
+    if (name.find("tok_emb") != std::string::npos) return c.embed_clip_sigmas;
+    if (name.find(".mlp.") != std::string::npos) return c.mlp_clip_sigmas;
+    if (name.find(".attn.") != std::string::npos) return c.attn_clip_sigmas;
+    return c.matrix_clip_sigmas;
+}
+// An fp16 scale that is never 0: the record clamps at 1e-10 before the fp16 cast, which rounds to 0
+// (then w/s is inf or NaN); the smallest fp16 subnormal, 2^−24, takes its place.
+static uint16_t positive_half(float v) {
+    uint16_t h = float_to_half(v);
+    return h == 0 ? 1 : h;
+}
+// Per row: fp16(k·std(row)/clip), std with Bessel's correction (torch.std) over the original row.
+static std::vector<uint16_t> sdclip_scales(const float* w, int rows, int cols, float k, int clip) {
+    std::vector<uint16_t> s(rows);
+    for (int r = 0; r < rows; r++) {
+        const float* x = w + (size_t)r * cols;
+        double mean = 0, ss = 0;
+        for (int i = 0; i < cols; i++) mean += x[i];
+        mean /= cols;
+        for (int i = 0; i < cols; i++) ss += (x[i] - mean) * (x[i] - mean);
+        float sd = (float)std::sqrt(ss / std::max(cols - 1, 1));
+        s[r] = positive_half(k * sd / (float)clip);
+    }
+    return s;
+}
+
+// In place, lower triangle: a = L·Lᵀ (the upper triangle is left as it was). False if a is not
+// positive definite. Row-oriented (dot products of contiguous rows), rows in parallel.
+static bool cholesky_lower(double* a, int n) {
+    for (int j = 0; j < n; j++) {
+        double d = a[(size_t)j * n + j];
+        for (int k = 0; k < j; k++) d -= a[(size_t)j * n + k] * a[(size_t)j * n + k];
+        if (!(d > 0) || !std::isfinite(d)) return false;
+        d = std::sqrt(d);
+        a[(size_t)j * n + j] = d;
+        #pragma omp parallel for schedule(static) if (n - j > 128)
+        for (int i = j + 1; i < n; i++) {
+            double s = a[(size_t)i * n + j];
+            for (int k = 0; k < j; k++) s -= a[(size_t)i * n + k] * a[(size_t)j * n + k];
+            a[(size_t)i * n + j] = s / d;
+        }
+    }
+    return true;
+}
+
+// GPTQ's column order and error propagator for one Hessian [n, n]: dead columns (H_ii = 0) get
+// H_ii = 1, the diagonal is damped by 1% of its mean, columns go in descending order of H_ii (ties by
+// index: torch.argsort is not stable, the record leaves ties open), and U is the upper Cholesky
+// factor of the permuted H⁻¹ (Uᵀ·U = H⁻¹), from L = chol(H): H⁻¹ = L⁻ᵀ·L⁻¹. All in fp64.
+struct GptqFactor { std::vector<int> perm; std::vector<char> dead; std::vector<double> U; };
+static GptqFactor gptq_factor(const std::vector<float>& H, int n, const std::string& name) {
+    GptqFactor f;
+    std::vector<double> h(H.begin(), H.end());
+    f.dead.assign(n, 0);
+    double mean = 0;
+    for (int i = 0; i < n; i++) {
+        if (h[(size_t)i * n + i] == 0) { f.dead[i] = 1; h[(size_t)i * n + i] = 1; }
+        mean += h[(size_t)i * n + i];
+    }
+    double damp = 0.01 * mean / n;
+    for (int i = 0; i < n; i++) h[(size_t)i * n + i] += damp;
+    f.perm.resize(n);
+    for (int i = 0; i < n; i++) f.perm[i] = i;
+    std::stable_sort(f.perm.begin(), f.perm.end(),
+                     [&](int a, int b) { return h[(size_t)a * n + a] > h[(size_t)b * n + b]; });
+    std::vector<double> a((size_t)n * n);
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) a[(size_t)i * n + j] = h[(size_t)f.perm[i] * n + f.perm[j]];
+    if (!cholesky_lower(a.data(), n)) fail("GPTQ: the Hessian of %s is not positive definite", name.c_str());
+    // Y = L⁻¹ stored transposed by rows: y[c][i] = (L⁻¹)[i][c], nonzero for i ≥ c
+    std::vector<double> y((size_t)n * n, 0.0);
+    #pragma omp parallel for schedule(dynamic, 16)
+    for (int c = 0; c < n; c++) {
+        double* yc = y.data() + (size_t)c * n;
+        yc[c] = 1.0 / a[(size_t)c * n + c];
+        for (int i = c + 1; i < n; i++) {
+            const double* li = a.data() + (size_t)i * n;
+            double s = 0;
+            for (int k = c; k < i; k++) s += li[k] * yc[k];
+            yc[i] = -s / li[i];
+        }
+    }
+    // H⁻¹[p][q] = Σ_k (L⁻¹)[k][p]·(L⁻¹)[k][q], k ≥ max(p, q); lower triangle, then its Cholesky
+    std::vector<double> hinv((size_t)n * n, 0.0);
+    #pragma omp parallel for schedule(dynamic, 16)
+    for (int p = 0; p < n; p++)
+        for (int q = 0; q <= p; q++) {
+            double s = 0;
+            for (int k = p; k < n; k++) s += y[(size_t)p * n + k] * y[(size_t)q * n + k];
+            hinv[(size_t)p * n + q] = s;
+        }
+    if (!cholesky_lower(hinv.data(), n)) fail("GPTQ: H⁻¹ of %s is not positive definite", name.c_str());
+    f.U.assign((size_t)n * n, 0.0);
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j <= i; j++) f.U[(size_t)j * n + i] = hinv[(size_t)i * n + j];
+    return f;
+}
+
+// GPTQ of W [rows, cols] with per-row scales s: in the factor's column order, blocks of 128 columns;
+// each column is rounded, its error divided by U_jj spreads onto the block's later columns at once
+// and onto the columns after the block lazily, as the record does. Rows are independent given U.
+static const int GPTQ_BLOCK = 128;
+static void gptq_rows(const float* w, int rows, int cols, const GptqFactor& f, const std::vector<uint16_t>& s,
+                      int clip, int8_t* q) {
+    #pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; r++) {
+        std::vector<double> x(cols), err(GPTQ_BLOCK);
+        for (int j = 0; j < cols; j++) x[j] = f.dead[f.perm[j]] ? 0.0 : (double)w[(size_t)r * cols + f.perm[j]];
+        double sr = half_to_float(s[r]);
+        for (int i1 = 0; i1 < cols; i1 += GPTQ_BLOCK) {
+            int i2 = std::min(i1 + GPTQ_BLOCK, cols);
+            for (int j = i1; j < i2; j++) {
+                const double* u = f.U.data() + (size_t)j * cols;
+                double v = std::min(std::max(std::nearbyint(x[j] / sr), (double)-clip), (double)clip);
+                q[(size_t)r * cols + f.perm[j]] = (int8_t)v;
+                double e = (x[j] - v * sr) / u[j];
+                err[j - i1] = e;
+                for (int k = j + 1; k < i2; k++) x[k] -= e * u[k];
+            }
+            for (int j = i1; j < i2; j++) {
+                const double* u = f.U.data() + (size_t)j * cols;
+                double e = err[j - i1];
+                for (int k = i2; k < cols; k++) x[k] -= e * u[k];
+            }
+        }
+    }
+}
+
+// --- LQER: a low-rank correction of the largest quantization errors (PR #1797 → #1855) -------------
+// E = W − deq(Q) ≈ A·B with A [rows, r] = U_r·S_r and B [r, cols] = V_rᵀ (top r singular triplets);
+// asymmetric: A int2 in [−2, 1] with one fp16 scale max|A|/1.5, B int4 in [−8, 7] with an fp16 scale
+// max|group|/7.5 per LQER_ASYM_GROUP values of B flattened; else both int(LQER_FACTOR_BITS), one
+// scale per row. The dequantized tensor is q·s + (qA·sA)·(qB·sB).
+struct LqerFactors {
+    int rank = 0;                   // 0: no correction
+    bool asym = false;
+    std::vector<int8_t> qa, qb;     // [rows, rank], [rank, cols]
+    std::vector<uint16_t> sa, sb;   // asym: 1 and rank·cols/group scales; sym: rows and rank
+};
+static int lqer_rank_of(const Config& c, const ParamSpec& p) {
+    return std::min(c.lqer_rank, std::min(p.rows(), (int)(p.numel / p.rows())));
+}
+static bool lqer_asym_of(const Config& c, const ParamSpec& p) {
+    size_t cols = p.numel / p.rows();
+    return c.lqer_asym_enabled && (size_t)lqer_rank_of(c, p) * cols % c.lqer_asym_group == 0;
+}
+// Bytes of a tensor's factors in the artifact's LQER group: qa, qb, then sa and sb as fp16.
+static size_t lqer_bytes(const Config& c, const ParamSpec& p) {
+    size_t r = lqer_rank_of(c, p), rows = p.rows(), cols = p.numel / rows;
+    size_t scales = lqer_asym_of(c, p) ? 1 + r * cols / c.lqer_asym_group : rows + r;
+    return r * (rows + cols) + 2 * scales;
+}
+
+// Top-r right singular subspace of E [rows, cols] by subspace iteration (r + 4 vectors, 40 rounds,
+// then Rayleigh–Ritz with Jacobi on the small Gram matrix): A = E·v_i, B = v_iᵀ, in descending σ_i.
+// Not converged it still gives E·V·Vᵀ, the best correction within the subspace found.
+static void top_singular(const std::vector<double>& E, int rows, int cols, int r, std::vector<double>* A,
+                         std::vector<double>* B) {
+    int p = std::min(r + 4, std::min(rows, cols));
+    std::vector<double> V((size_t)cols * p), Y((size_t)rows * p);
+    Rng rng(12345);
+    for (double& v : V) v = rng.normal();
+    auto times_v = [&]() {  // Y = E·V
+        #pragma omp parallel for schedule(static)
+        for (int i = 0; i < rows; i++)
+            for (int k = 0; k < p; k++) {
+                double s = 0;
+                for (int j = 0; j < cols; j++) s += E[(size_t)i * cols + j] * V[(size_t)j * p + k];
+                Y[(size_t)i * p + k] = s;
+            }
+    };
+    auto orthonormalize = [&]() {  // modified Gram–Schmidt on V's columns
+        for (int k = 0; k < p; k++) {
+            for (int m = 0; m < k; m++) {
+                double d = 0;
+                for (int j = 0; j < cols; j++) d += V[(size_t)j * p + k] * V[(size_t)j * p + m];
+                for (int j = 0; j < cols; j++) V[(size_t)j * p + k] -= d * V[(size_t)j * p + m];
+            }
+            double nn = 0;
+            for (int j = 0; j < cols; j++) nn += V[(size_t)j * p + k] * V[(size_t)j * p + k];
+            nn = nn > 0 ? 1.0 / std::sqrt(nn) : 0.0;
+            for (int j = 0; j < cols; j++) V[(size_t)j * p + k] *= nn;
+        }
+    };
+    orthonormalize();
+    for (int it = 0; it < 40; it++) {
+        times_v();
+        #pragma omp parallel for schedule(static)
+        for (int j = 0; j < cols; j++)  // V = Eᵀ·Y
+            for (int k = 0; k < p; k++) {
+                double s = 0;
+                for (int i = 0; i < rows; i++) s += E[(size_t)i * cols + j] * Y[(size_t)i * p + k];
+                V[(size_t)j * p + k] = s;
+            }
+        orthonormalize();
+    }
+    times_v();
+    // G = Yᵀ·Y = Vᵀ·EᵀE·V [p, p]; Jacobi: G = Z·Λ·Zᵀ
+    std::vector<double> G((size_t)p * p, 0.0), Z((size_t)p * p, 0.0);
+    for (int a = 0; a < p; a++)
+        for (int b = 0; b < p; b++)
+            for (int i = 0; i < rows; i++) G[(size_t)a * p + b] += Y[(size_t)i * p + a] * Y[(size_t)i * p + b];
+    for (int a = 0; a < p; a++) Z[(size_t)a * p + a] = 1;
+    for (int sweep = 0; sweep < 60; sweep++) {
+        double off = 0;
+        for (int a = 0; a < p; a++)
+            for (int b = a + 1; b < p; b++) off += G[(size_t)a * p + b] * G[(size_t)a * p + b];
+        if (off < 1e-30) break;
+        for (int a = 0; a < p; a++)
+            for (int b = a + 1; b < p; b++) {
+                double gab = G[(size_t)a * p + b];
+                if (gab == 0) continue;
+                double th = 0.5 * std::atan2(2 * gab, G[(size_t)b * p + b] - G[(size_t)a * p + a]);
+                double cs = std::cos(th), sn = std::sin(th);
+                for (int k = 0; k < p; k++) {  // G ← Jᵀ·G·J, Z ← Z·J (rotation in the a, b plane)
+                    double ga = G[(size_t)k * p + a], gb = G[(size_t)k * p + b];
+                    G[(size_t)k * p + a] = cs * ga - sn * gb;
+                    G[(size_t)k * p + b] = sn * ga + cs * gb;
+                }
+                for (int k = 0; k < p; k++) {
+                    double ga = G[(size_t)a * p + k], gb = G[(size_t)b * p + k];
+                    G[(size_t)a * p + k] = cs * ga - sn * gb;
+                    G[(size_t)b * p + k] = sn * ga + cs * gb;
+                }
+                for (int k = 0; k < p; k++) {
+                    double za = Z[(size_t)k * p + a], zb = Z[(size_t)k * p + b];
+                    Z[(size_t)k * p + a] = cs * za - sn * zb;
+                    Z[(size_t)k * p + b] = sn * za + cs * zb;
+                }
+            }
+    }
+    std::vector<int> order(p);
+    for (int k = 0; k < p; k++) order[k] = k;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int a, int b) { return G[(size_t)a * p + a] > G[(size_t)b * p + b]; });
+    A->assign((size_t)rows * r, 0.0);
+    B->assign((size_t)r * cols, 0.0);
+    for (int t = 0; t < r; t++) {
+        int k = order[t];
+        for (int j = 0; j < cols; j++)
+            for (int m = 0; m < p; m++) (*B)[(size_t)t * cols + j] += V[(size_t)j * p + m] * Z[(size_t)m * p + k];
+        for (int i = 0; i < rows; i++)
+            for (int m = 0; m < p; m++) (*A)[(size_t)i * r + t] += Y[(size_t)i * p + m] * Z[(size_t)m * p + k];
+    }
+}
+
+// Quantizes the factors as the record packs them (fp32 division, round half to even).
+static LqerFactors lqer_pack(const Config& c, const ParamSpec& p, const std::vector<double>& A,
+                             const std::vector<double>& B) {
+    LqerFactors l;
+    int rows = p.rows(), cols = (int)(p.numel / rows), r = lqer_rank_of(c, p);
+    l.rank = r;
+    l.asym = lqer_asym_of(c, p);
+    l.qa.resize((size_t)rows * r);
+    l.qb.resize((size_t)r * cols);
+    auto quant = [](float x, float s, int lo, int hi) {
+        return (int8_t)std::min(std::max(rintf(x / s), (float)lo), (float)hi);
+    };
+    auto amax = [](const std::vector<double>& v, size_t a, size_t b) {
+        float m = 0;
+        for (size_t i = a; i < b; i++) m = std::max(m, fabsf((float)v[i]));
+        return std::max(m, 1e-10f);
+    };
+    if (l.asym) {
+        int g = c.lqer_asym_group;
+        l.sa = {positive_half(amax(A, 0, A.size()) / 1.5f)};
+        float sa = half_to_float(l.sa[0]);
+        for (size_t i = 0; i < A.size(); i++) l.qa[i] = quant((float)A[i], sa, -2, 1);
+        for (size_t k = 0; k < B.size() / g; k++) {
+            l.sb.push_back(positive_half(amax(B, k * g, (k + 1) * g) / 7.5f));
+            float sb = half_to_float(l.sb.back());
+            for (size_t i = k * g; i < (k + 1) * g; i++) l.qb[i] = quant((float)B[i], sb, -8, 7);
+        }
+        return l;
+    }
+    int rng = (1 << (c.lqer_factor_bits - 1)) - 1;
+    for (int i = 0; i < rows; i++) {
+        l.sa.push_back(positive_half(amax(A, (size_t)i * r, (size_t)(i + 1) * r) / (float)rng));
+        float sa = half_to_float(l.sa.back());
+        for (int k = 0; k < r; k++) l.qa[(size_t)i * r + k] = quant((float)A[(size_t)i * r + k], sa, -rng, rng);
+    }
+    for (int k = 0; k < r; k++) {
+        l.sb.push_back(positive_half(amax(B, (size_t)k * cols, (size_t)(k + 1) * cols) / (float)rng));
+        float sb = half_to_float(l.sb.back());
+        for (int j = 0; j < cols; j++)
+            l.qb[(size_t)k * cols + j] = quant((float)B[(size_t)k * cols + j], sb, -rng, rng);
+    }
+    return l;
+}
+// The factors' value range (the reader's check) and their product added to a dequantized tensor.
+static int lqer_qmin(const Config& c, bool asym, bool a) {
+    return asym ? (a ? -2 : -8) : -((1 << (c.lqer_factor_bits - 1)) - 1);
+}
+static int lqer_qmax(const Config& c, bool asym, bool a) {
+    return asym ? (a ? 1 : 7) : (1 << (c.lqer_factor_bits - 1)) - 1;
+}
+static void lqer_add(const LqerFactors& l, int rows, int cols, float* out) {
+    int r = l.rank;
+    size_t group = l.asym ? (size_t)r * cols / l.sb.size() : (size_t)cols;
+    std::vector<float> b((size_t)r * cols);
+    for (size_t i = 0; i < b.size(); i++) b[i] = (float)l.qb[i] * half_to_float(l.sb[i / group]);
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) {
+            float acc = 0;
+            for (int k = 0; k < r; k++) {
+                float sa = half_to_float(l.sa[l.asym ? 0 : i]);
+                acc += (float)l.qa[(size_t)i * r + k] * sa * b[(size_t)k * cols + j];
+            }
+            out[(size_t)i * cols + j] += acc;
+        }
+}
+
 struct QTensor {
     QuantPlan plan;
     std::vector<int8_t> q;         // quantized kinds: one value per element
     std::vector<uint16_t> scales;  // quantized kinds: fp16 scale per row
     std::vector<uint16_t> f16;     // SK_F16 values
     std::vector<float> f32;        // SK_F32 values
+    LqerFactors lqer;              // QR_GPTQ with LQER_ENABLED: the correction (rank 0: none)
 };
 
-static QTensor quantize_tensor(const Config& c, const ParamSpec& p, const float* w) {
+static QTensor quantize_tensor(const Config& c, const ParamSpec& p, const float* w,
+                               const std::vector<float>* H = nullptr) {
     QTensor t;
     t.plan = quant_plan(c, p);
     const QuantPlan& pl = t.plan;
@@ -5701,6 +6137,18 @@ static QTensor quantize_tensor(const Config& c, const ParamSpec& p, const float*
     int rows = p.rows(), cols = (int)(p.numel / rows);
     t.q.resize(p.numel);
     t.scales.resize(rows);
+    if (pl.rule == QR_GPTQ) {
+        t.scales = sdclip_scales(w, rows, cols, sdclip_sigmas(c, p.name), pl.clip);
+        if (H && !H->empty()) {
+            gptq_rows(w, rows, cols, gptq_factor(*H, cols, p.name), t.scales, pl.clip, t.q.data());
+            return t;
+        }
+        for (int r = 0; r < rows; r++) {  // no Hessian: GPTQ with H = I, which is rounding
+            int8_t* q = t.q.data() + (size_t)r * cols;
+            quantize_row(w + (size_t)r * cols, cols, INFINITY, half_to_float(t.scales[r]), pl, q);
+        }
+        return t;
+    }
     if (pl.rule == QR_MATRIX_SEARCH) {
         // One percentile for the whole matrix: the one whose dequantized matrix is closest in MSE
         // (strict <, so the earlier candidate wins ties). Scale floor 1/clip, q in [−clip, clip].
@@ -5770,6 +6218,7 @@ static void dequantize_tensor(const ParamSpec& p, const QTensor& t, float* out) 
         float s = half_to_float(t.scales[r]);
         for (size_t i = r * cols; i < (r + 1) * cols; i++) out[i] = (float)t.q[i] * s;
     }
+    if (t.lqer.rank > 0) lqer_add(t.lqer, (int)t.scales.size(), (int)cols, out);
 }
 
 // --- Bit packing (PR #600's int6 layout, any width): u = q + 2^(b−1), an LSB-first bit stream -----
@@ -5798,31 +6247,63 @@ static void unpack_bits(const uint8_t* in, size_t n, int bits, int8_t* q) {
 }
 
 // --- Whole model: quantize, dequantize ------------------------------------------------------------
-static std::vector<QTensor> quantize_model(const Config& c, const std::vector<ParamSpec>& t, const float* w) {
+// GPTQ=1 needs the calibration Hessians (one per table entry, empty where none); LQER then corrects
+// the LQER_TOP_K tensors whose error ‖W − deq(Q)‖ is largest (ties: table order).
+static std::vector<QTensor> quantize_model(const Config& c, const std::vector<ParamSpec>& t, const float* w,
+                                           const Hessians* hs = nullptr) {
+    if (c.gptq && (!hs || hs->size() != t.size())) fail("internal: GPTQ=1 needs one calibration Hessian per tensor");
     std::vector<QTensor> qt;
-    for (const ParamSpec& p : t) {
+    for (size_t k = 0; k < t.size(); k++) {
+        const ParamSpec& p = t[k];
         for (size_t i = 0; i < p.numel; i++)
             if (!std::isfinite(w[p.offset + i])) fail("export: %s[%zu] = %g is not finite: cannot quantize (did training diverge?)", p.name.c_str(), i, w[p.offset + i]);
-        qt.push_back(quantize_tensor(c, p, w + p.offset));
+        qt.push_back(quantize_tensor(c, p, w + p.offset, hs ? &(*hs)[k] : nullptr));
+    }
+    if (!c.gptq || !c.lqer_enabled || c.lqer_top_k == 0) return qt;
+    std::vector<std::pair<double, size_t>> err;
+    std::vector<std::vector<double>> E(t.size());
+    for (size_t k = 0; k < t.size(); k++) {
+        if (qt[k].plan.rule != QR_GPTQ) continue;
+        std::vector<float> deq(t[k].numel);
+        dequantize_tensor(t[k], qt[k], deq.data());
+        E[k].resize(t[k].numel);
+        double ss = 0;
+        for (size_t i = 0; i < t[k].numel; i++) {
+            E[k][i] = (double)(w[t[k].offset + i] - deq[i]);
+            ss += E[k][i] * E[k][i];
+        }
+        err.push_back({-std::sqrt(ss), k});
+    }
+    std::stable_sort(err.begin(), err.end(), [](auto& a, auto& b) { return a.first < b.first; });
+    for (size_t n = 0; n < err.size() && n < (size_t)c.lqer_top_k; n++) {
+        size_t k = err[n].second;
+        int rows = t[k].rows(), cols = (int)(t[k].numel / rows);
+        std::vector<double> A, B;
+        top_singular(E[k], rows, cols, lqer_rank_of(c, t[k]), &A, &B);
+        qt[k].lqer = lqer_pack(c, t[k], A, B);
     }
     return qt;
 }
 // The weights the artifact will hold, without writing it: artifact_parse(artifact_build(...))
 // gives the same floats bit for bit (the same QTensors through the same dequantize_tensor).
-[[maybe_unused]] static void quantize_dequantize(Config& c, const std::vector<ParamSpec>& t, const float* w, std::vector<float>* out) {
-    std::vector<QTensor> qt = quantize_model(c, t, w);
+[[maybe_unused]] static void quantize_dequantize(Config& c, const std::vector<ParamSpec>& t, const float* w,
+                                                std::vector<float>* out, const Hessians* hs = nullptr) {
+    std::vector<QTensor> qt = quantize_model(c, t, w, hs);
     out->assign(param_arena_size(t), 0.0f);
     for (size_t i = 0; i < t.size(); i++) dequantize_tensor(t[i], qt[i], out->data() + t[i].offset);
 }
 
 // --- The artifact file ----------------------------------------------------------------------------
-// Format v1, little-endian. The file is a valid zstd stream (`zstd -d` prints header + groups):
+// Format v2, little-endian. With COMPRESSOR=zstd the file is a valid zstd stream (`zstd -d` prints
+// header + groups):
 //   16 B        skippable frame 0x184D2A50, size 8: "PGZA", u32 format version
 //   zstd frame  header: u32 n + config text (artifact_config_text); u32 tensor count, then per tensor
 //               u16 n + name, u8 ndim, u32 dims[ndim], u8 kind (SK_*), u64 value offset in its
-//               group, u64 scale offset in the scale group; then per group u8 packing (PK_*),
-//               u64 raw bytes, u64 frame bytes
-//   zstd frames one per group, in G_* order (an empty group is an empty frame)
+//               group, u64 scale offset in the scale group; u32 count + u32 ascending indices of the
+//               tensors with an LQER correction; then per group u8 packing (PK_*), u64 raw bytes,
+//               u64 frame bytes
+//   frames      one per group, in G_* order (an empty group is an empty frame), zstd or brotli
+//               (COMPRESSOR); the LQER group holds per corrected tensor qa, qb, sa, sb (lqer_bytes)
 //   16 B        skippable frame 0x184D2A51, size 8: fnv1a64 of every byte before it
 // A group holds one kind of data of every tensor, in table order. Offsets count bytes of the
 // group's content as the table describes it: one byte per value, or each tensor's bit stream
@@ -5839,17 +6320,22 @@ static std::vector<QTensor> quantize_model(const Config& c, const std::vector<Pa
 //   literal coder is order-0 over bytes: b-bit values straddling bytes cost more than a byte each.
 //   The final format on the tests' weights (Gaussian × e^{0.3·N} rows): 14,466,656 with PACK=auto
 //   (= bytes) vs 17,158,634 all bit-packed; on tiny trained 30 steps: 763,155 vs 800,200.
-enum ArtifactGroup { G_INT5, G_INT6, G_INT8, G_SCALES, G_FP16, G_FP32, G_NUM };
-static const char* G_NAMES[] = {"int5 values", "int6 values", "int8 values", "fp16 scales", "fp16 tensors", "fp32 tensors"};
+enum ArtifactGroup { G_INT5, G_INT6, G_INT8, G_SCALES, G_FP16, G_FP32, G_LQER, G_NUM };
+static const char* G_NAMES[] = {"int5 values", "int6 values", "int8 values", "fp16 scales", "fp16 tensors",
+                                "fp32 tensors", "lqer factors"};
 enum Packing { PK_BYTES, PK_BITS, PK_PLANES };
 static const char* PK_NAMES[] = {"bytes", "bits", "planes"};
-static const uint32_t ARTIFACT_VERSION = 1;
+static const uint32_t ARTIFACT_VERSION = 2;  // 2: int7, the LQER table and group
 static const uint32_t ZSTD_SKIP_MAGIC = 0x184D2A50;
 static const size_t ARTIFACT_HEADER_CAP = 1 << 22;         // decompressed header (a few KB in practice)
 static const size_t ARTIFACT_MAX_PARAMS = (size_t)1 << 28; // 1 GiB of fp32: 10× any model that fits 16 MB
 
-static int value_group(StoreKind k) { return k == SK_INT5 ? G_INT5 : k == SK_INT6 ? G_INT6 : k == SK_INT8 ? G_INT8 : k == SK_F16 ? G_FP16 : G_FP32; }
-static int group_width(int g) { return g == G_FP32 ? 4 : g >= G_SCALES ? 2 : 1; }
+// int7 values (GPTQ's embeddings) share the int8 group's byte containers.
+static int value_group(StoreKind k) {
+    if (k == SK_INT7) return G_INT8;
+    return k == SK_INT5 ? G_INT5 : k == SK_INT6 ? G_INT6 : k == SK_INT8 ? G_INT8 : k == SK_F16 ? G_FP16 : G_FP32;
+}
+static int group_width(int g) { return g == G_FP32 ? 4 : (g == G_SCALES || g == G_FP16) ? 2 : 1; }
 static bool group_has_bits(int g) { return g == G_INT5 || g == G_INT6; }
 
 // Byte planes: the first byte of every element, then every second byte, …: zstd's order-0
@@ -5868,8 +6354,10 @@ static std::vector<uint8_t> planes_join(const std::vector<uint8_t>& x, int w) {
 }
 
 // Each tensor's value and scale offsets, and every group's content size, for given packings.
+// lqer: each tensor's bytes in the LQER group (0: no correction).
 static void group_layout(const std::vector<ParamSpec>& t, const std::vector<StoreKind>& kinds, const int* packing,
-                         std::vector<size_t>* voff, std::vector<size_t>* soff, size_t* group_bytes) {
+                         const std::vector<size_t>& lqer, std::vector<size_t>* voff, std::vector<size_t>* soff,
+                         size_t* group_bytes) {
     std::fill(group_bytes, group_bytes + G_NUM, 0);
     voff->assign(t.size(), 0); soff->assign(t.size(), 0);
     for (size_t i = 0; i < t.size(); i++) {
@@ -5877,6 +6365,7 @@ static void group_layout(const std::vector<ParamSpec>& t, const std::vector<Stor
         (*voff)[i] = group_bytes[g];
         group_bytes[g] += packing[g] == PK_BITS ? packed_bytes(t[i].numel, SK_BITS[kinds[i]]) : t[i].numel * group_width(g);
         if (kinds[i] >= SK_INT8) { (*soff)[i] = group_bytes[G_SCALES]; group_bytes[G_SCALES] += 2 * (size_t)t[i].rows(); }
+        group_bytes[G_LQER] += lqer[i];
     }
 }
 
@@ -5886,7 +6375,13 @@ static std::vector<uint8_t> group_content(int g, int packing, const std::vector<
     for (size_t i = 0; i < t.size(); i++) {
         const QTensor& q = qt[i];
         if (g == G_SCALES) add(q.scales.data(), 2 * q.scales.size());
-        else if (value_group(q.plan.kind) != g) continue;
+        else if (g == G_LQER) {
+            if (q.lqer.rank == 0) continue;
+            add(q.lqer.qa.data(), q.lqer.qa.size());
+            add(q.lqer.qb.data(), q.lqer.qb.size());
+            add(q.lqer.sa.data(), 2 * q.lqer.sa.size());
+            add(q.lqer.sb.data(), 2 * q.lqer.sb.size());
+        } else if (value_group(q.plan.kind) != g) continue;
         else if (g == G_FP16) add(q.f16.data(), 2 * q.f16.size());
         else if (g == G_FP32) add(q.f32.data(), 4 * q.f32.size());
         else if (packing == PK_BITS) {
@@ -5912,19 +6407,22 @@ struct ExportReport {
     size_t byte_container_bytes = 0;  // ... and had every one been in byte containers
     size_t overhead_bytes = 0;        // magic, header frame, checksum trailer
     size_t params = 0, params_per_kind[SK_NUM] = {};
-    std::string scheme, pack;
+    std::string scheme, pack, compressor;
+    int gptq = 0;
+    std::string lqer;                 // the tensors LQER corrected, comma-separated
     int zstd_level = 0, gptq_lite = 0;
     float prune_frac = 0;
     std::vector<ExportGroupRow> groups;
 };
 
 // --- Writing --------------------------------------------------------------------------------------
-static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpec>& t, const float* w, ExportReport* rep) {
+static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpec>& t, const float* w,
+                                           ExportReport* rep, const Hessians* hs = nullptr) {
     std::vector<ParamSpec> want = build_param_table(c);
     bool same = want.size() == t.size();
     for (size_t i = 0; same && i < t.size(); i++) same = want[i].name == t[i].name && want[i].shape == t[i].shape;
     if (!same) fail("export: the parameter table does not match the config's (CONFIG=%s)", c.preset.c_str());
-    std::vector<QTensor> qt = quantize_model(c, t, w);
+    std::vector<QTensor> qt = quantize_model(c, t, w, hs);
     // Every group in its primary packing (bytes, or float byte planes); int5/int6 bit-packed too,
     // all compressed at once (independent single-threaded frames: the bytes do not depend on it).
     std::vector<uint8_t> raw[G_NUM][2], zst[G_NUM][2];
@@ -5938,7 +6436,7 @@ static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpe
     #pragma omp parallel for schedule(dynamic, 1)
     for (int j = 0; j < (int)jobs.size(); j++) {
         const std::vector<uint8_t>& r = raw[jobs[j] / 2][jobs[j] % 2];
-        zst[jobs[j] / 2][jobs[j] % 2] = zstd_compress(r.data(), r.size(), c.zstd_level);
+        zst[jobs[j] / 2][jobs[j] % 2] = group_compress(c, r);
     }
     int packing[G_NUM], slot[G_NUM];
     for (int g = 0; g < G_NUM; g++) {
@@ -5946,10 +6444,16 @@ static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpe
         packing[g] = slot[g] ? PK_BITS : group_width(g) > 1 ? PK_PLANES : PK_BYTES;
     }
     std::vector<StoreKind> kinds;
-    for (const QTensor& q : qt) kinds.push_back(q.plan.kind);
+    std::vector<size_t> lqer;
+    std::vector<uint32_t> lqer_list;
+    for (size_t i = 0; i < qt.size(); i++) {
+        kinds.push_back(qt[i].plan.kind);
+        lqer.push_back(qt[i].lqer.rank > 0 ? lqer_bytes(c, t[i]) : 0);
+        if (qt[i].lqer.rank > 0) lqer_list.push_back((uint32_t)i);
+    }
     std::vector<size_t> voff, soff;
     size_t group_bytes[G_NUM];
-    group_layout(t, kinds, packing, &voff, &soff, group_bytes);
+    group_layout(t, kinds, packing, lqer, &voff, &soff, group_bytes);
 
     std::vector<uint8_t> h;
     std::string text = artifact_config_text(c);
@@ -5965,6 +6469,8 @@ static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpe
         put_le(h, voff[i], 8);
         put_le(h, soff[i], 8);
     }
+    put_le(h, lqer_list.size(), 4);
+    for (uint32_t i : lqer_list) put_le(h, i, 4);
     for (int g = 0; g < G_NUM; g++) { put_le(h, packing[g], 1); put_le(h, group_bytes[g], 8); put_le(h, zst[g][slot[g]].size(), 8); }
     std::vector<uint8_t> hz = zstd_compress(h.data(), h.size(), c.zstd_level);
 
@@ -5992,6 +6498,9 @@ static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpe
             r.groups.push_back({G_NAMES[g], raw[g][slot[g]].size(), bytes, bits, packing[g]});
         }
         for (size_t i = 0; i < t.size(); i++) { r.params += t[i].numel; r.params_per_kind[kinds[i]] += t[i].numel; }
+        r.compressor = c.compressor;
+        r.gptq = c.gptq;
+        for (uint32_t i : lqer_list) r.lqer += (r.lqer.empty() ? "" : ",") + t[i].name;
         r.scheme = c.quant_scheme; r.pack = c.pack; r.zstd_level = c.zstd_level; r.gptq_lite = c.gptq_lite; r.prune_frac = c.prune_frac;
     }
     return f;
@@ -6001,17 +6510,22 @@ static void print_export_report(const ExportReport& r) {
     log0("export: quant_scheme=%s gptq_lite=%d prune_frac=%g pack=%s zstd_level=%d params=%zu (int5 %zu, int6 %zu, int8 %zu, fp16 %zu, fp32 %zu)\n",
          r.scheme.c_str(), r.gptq_lite, r.prune_frac, r.pack.c_str(), r.zstd_level, r.params, r.params_per_kind[SK_INT5],
          r.params_per_kind[SK_INT6], r.params_per_kind[SK_INT8], r.params_per_kind[SK_F16], r.params_per_kind[SK_F32]);
+    if (r.gptq)
+        log0("export: gptq int7 params %zu, lqer corrections: %s\n", r.params_per_kind[SK_INT7],
+             r.lqer.empty() ? "none" : r.lqer.c_str());
     for (const ExportGroupRow& g : r.groups) {
         std::string alt = g.bits_zstd != g.bytes_zstd || g.packing == PK_BITS ? fmt(" (bytes %zu, bits %zu)", g.bytes_zstd, g.bits_zstd) : "";
-        log0("export: %-12s raw %10zu -> zstd %10zu as %s%s\n", g.name, g.raw_bytes, g.packing == PK_BITS ? g.bits_zstd : g.bytes_zstd,
+        log0("export: %-12s raw %10zu -> %s %10zu as %s%s\n", g.name, g.raw_bytes, r.compressor.c_str(),
+             g.packing == PK_BITS ? g.bits_zstd : g.bytes_zstd,
              PK_NAMES[g.packing], alt.c_str());
     }
     log0("export: header, magic and checksum %zu bytes; raw %zu bytes; all bit-packed %zu bytes, all byte containers %zu bytes\n",
          r.overhead_bytes, r.raw_bytes, r.bits_packed_bytes, r.byte_container_bytes);
     std::string kinds;  // the integer widths the file holds, e.g. int5/int6/int8 for QUANT_SCHEME=mixed
-    for (int k : {SK_INT5, SK_INT6, SK_INT8})
+    for (int k : {SK_INT5, SK_INT6, SK_INT7, SK_INT8})
         if (r.params_per_kind[k] > 0) kinds += (kinds.empty() ? "" : "/") + std::string(SK_NAMES[k]);
-    log0("Serialized model %s+zstd: %zu bytes\n", kinds.empty() ? "fp16" : kinds.c_str(), r.artifact_bytes);
+    log0("Serialized model %s+%s: %zu bytes\n", kinds.empty() ? "fp16" : kinds.c_str(), r.compressor.c_str(),
+         r.artifact_bytes);
 }
 
 // --- Reading: every check before anything is allocated from a size the file declares ------------
@@ -6040,6 +6554,17 @@ static void artifact_check_config(const Config& c, const char* path) {
     in("BIGRAM_DIM", c.bigram_dim, 0, 65536);
     in("BIGRAM_HASH_SIZE", c.bigram_hash_size, 0, 1 << 24);
     in("GPTQ_LITE", c.gptq_lite, 0, 2);
+    in("GPTQ", c.gptq, 0, 1);
+    in("MATRIX_BITS", c.matrix_bits, 5, 8);
+    in("EMBED_BITS", c.embed_bits, 5, 8);
+    in("GPTQ_PASSTHROUGH_NUMEL", c.gptq_passthrough_numel, 0, 1e15);
+    in("LQER_RANK", c.lqer_rank, 1, 64);
+    in("LQER_TOP_K", c.lqer_top_k, 0, 1024);
+    in("LQER_FACTOR_BITS", c.lqer_factor_bits, 2, 8);
+    in("LQER_ASYM_GROUP", c.lqer_asym_group, 1, 65536);
+    if (c.compressor != "zstd" && c.compressor != "brotli")
+        fail("%s: stored config has COMPRESSOR=%s, expected zstd or brotli (corrupt artifact)", path,
+             c.compressor.c_str());
     if (c.quant_scheme != "int8" && c.quant_scheme != "mixed" && c.quant_scheme != "int6")
         fail("%s: stored config has QUANT_SCHEME=%s, expected int8, mixed or int6 (corrupt artifact)", path, c.quant_scheme.c_str());
 }
@@ -6059,6 +6584,33 @@ static std::vector<uint8_t> artifact_frame(const std::vector<uint8_t>& f, size_t
     if (ZSTD_isError(got) || got != n) fail("%s: %s: zstd cannot decompress it (%s): corrupt artifact", path, what, ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short");
     *at += fs;
     return out;
+}
+
+// One tensor's LQER factors from the group's bytes (lqer_bytes of them), every value range-checked.
+static void lqer_read(const Config& c, const ParamSpec& p, const uint8_t* v, const char* path, LqerFactors* l) {
+    int rows = p.rows(), cols = (int)(p.numel / rows);
+    l->rank = lqer_rank_of(c, p);
+    l->asym = lqer_asym_of(c, p);
+    size_t r = l->rank, na = (size_t)rows * r, nb = r * cols;
+    l->qa.assign((const int8_t*)v, (const int8_t*)v + na);
+    l->qb.assign((const int8_t*)v + na, (const int8_t*)v + na + nb);
+    size_t nsa = l->asym ? 1 : rows, nsb = l->asym ? nb / c.lqer_asym_group : r;
+    l->sa.resize(nsa);
+    l->sb.resize(nsb);
+    memcpy(l->sa.data(), v + na + nb, 2 * nsa);
+    memcpy(l->sb.data(), v + na + nb + 2 * nsa, 2 * nsb);
+    for (int which = 0; which < 2; which++) {
+        const std::vector<int8_t>& q = which == 0 ? l->qa : l->qb;
+        int lo = lqer_qmin(c, l->asym, which == 0), hi = lqer_qmax(c, l->asym, which == 0);
+        for (size_t k = 0; k < q.size(); k++)
+            if (q[k] < lo || q[k] > hi)
+                fail("%s: %s: LQER factor %c[%zu] = %d lies outside [%d, %d]: corrupt artifact", path, p.name.c_str(),
+                     which == 0 ? 'A' : 'B', k, q[k], lo, hi);
+    }
+    for (const std::vector<uint16_t>* sv : {&l->sa, &l->sb})
+        for (uint16_t h : *sv)
+            if (!(half_to_float(h) > 0 && std::isfinite(half_to_float(h))))
+                fail("%s: %s: LQER scale %g: corrupt artifact", path, p.name.c_str(), half_to_float(h));
 }
 
 static Artifact artifact_read(const std::vector<uint8_t>& f, const std::string& path_s) {
@@ -6115,6 +6667,17 @@ static Artifact artifact_read(const std::vector<uint8_t>& f, const std::string& 
         voff.push_back(le(8));
         soff.push_back(le(8));
     }
+    std::vector<size_t> lqer(a.table.size(), 0);
+    size_t n_lqer = le(4), max_lqer = a.cfg.gptq && a.cfg.lqer_enabled ? (size_t)a.cfg.lqer_top_k : 0;
+    if (n_lqer > max_lqer)
+        fail("%s: %zu LQER corrections where the stored config allows %zu: corrupt artifact", path, n_lqer, max_lqer);
+    for (size_t k = 0, last = 0; k < n_lqer; k++) {
+        size_t i = le(4);
+        if (i >= a.table.size() || (k > 0 && i <= last) || quant_plan(a.cfg, a.table[i]).rule != QR_GPTQ)
+            fail("%s: LQER entry %zu names tensor %zu, not a later GPTQ tensor: corrupt artifact", path, k, i);
+        lqer[i] = lqer_bytes(a.cfg, a.table[i]);
+        last = i;
+    }
     for (int g = 0; g < G_NUM; g++) {
         a.packing[g] = (int)le(1);
         a.raw_bytes[g] = le(8);
@@ -6125,7 +6688,7 @@ static Artifact artifact_read(const std::vector<uint8_t>& f, const std::string& 
     if (hp != h.size()) fail("%s: %zu unexpected bytes after the artifact header's group table: corrupt artifact", path, h.size() - hp);
     std::vector<size_t> want_voff, want_soff;
     size_t group_bytes[G_NUM];
-    group_layout(a.table, kinds, a.packing, &want_voff, &want_soff, group_bytes);
+    group_layout(a.table, kinds, a.packing, lqer, &want_voff, &want_soff, group_bytes);
     for (size_t i = 0; i < a.table.size(); i++)
         if (voff[i] != want_voff[i] || soff[i] != want_soff[i])
             fail("%s: %s: stored offsets %zu/%zu, the table implies %zu/%zu: corrupt artifact", path, a.table[i].name.c_str(), voff[i], soff[i], want_voff[i], want_soff[i]);
@@ -6134,13 +6697,20 @@ static Artifact artifact_read(const std::vector<uint8_t>& f, const std::string& 
         if (a.raw_bytes[g] != group_bytes[g])
             fail("%s: %s: the group table says %zu bytes, the tensor table needs %zu: corrupt artifact", path, G_NAMES[g], a.raw_bytes[g], group_bytes[g]);
         size_t start = at;
-        content[g] = artifact_frame(f, &at, end, group_bytes[g], path, G_NAMES[g]);
+        if (a.cfg.compressor == "brotli") {
+            if (a.frame_bytes[g] > end - at)
+                fail("%s: %s: frame of %zu bytes runs past the end of the file: corrupt artifact", path, G_NAMES[g],
+                     a.frame_bytes[g]);
+            content[g] = brotli_frame(f.data() + at, a.frame_bytes[g], group_bytes[g], path, G_NAMES[g]);
+            at += a.frame_bytes[g];
+        } else content[g] = artifact_frame(f, &at, end, group_bytes[g], path, G_NAMES[g]);
         if (at - start != a.frame_bytes[g])
             fail("%s: %s: frame of %zu bytes, the group table says %zu: corrupt artifact", path, G_NAMES[g], at - start, a.frame_bytes[g]);
         if (group_width(g) > 1) content[g] = planes_join(content[g], group_width(g));
     }
     if (at != end) fail("%s: %zu unexpected bytes after the last group: corrupt artifact", path, end - at);
     // Unpack each tensor; values outside its quantizer's range, or bad scales, mean corruption.
+    size_t lqer_at = 0;
     for (size_t i = 0; i < a.table.size(); i++) {
         const ParamSpec& p = a.table[i];
         QTensor q;
@@ -6162,6 +6732,8 @@ static Artifact artifact_read(const std::vector<uint8_t>& f, const std::string& 
                 if (!(s > 0 && std::isfinite(s))) fail("%s: %s: scale of row %zu is %g: corrupt artifact", path, p.name.c_str(), r, s);
             }
         }
+        if (lqer[i] > 0) lqer_read(a.cfg, p, content[G_LQER].data() + lqer_at, path, &q.lqer);
+        lqer_at += lqer[i];
         a.tensors.push_back(std::move(q));
     }
     return a;
@@ -6195,7 +6767,18 @@ static int inspect_main(int argc, char** argv) {
            file.size(), ARTIFACT_VERSION, c.preset.c_str(), c.quant_scheme.c_str(), c.gptq_lite, c.prune_frac, c.pack.c_str(), c.zstd_level);
     printf("header frame %zu bytes\n", a.header_frame_bytes);
     for (int g = 0; g < G_NUM; g++)
-        printf("group %-13s %-6s raw %10zu  zstd %10zu\n", G_NAMES[g], PK_NAMES[a.packing[g]], a.raw_bytes[g], a.frame_bytes[g]);
+        printf("group %-13s %-6s raw %10zu  %s %10zu\n", G_NAMES[g], PK_NAMES[a.packing[g]], a.raw_bytes[g],
+               c.compressor.c_str(), a.frame_bytes[g]);
+    // INSPECT_DUMP=DIR: each group's bytes as stored before compression (scripts/measure_compressors)
+    if (const char* dump = getenv("INSPECT_DUMP")) {
+        make_dirs(dump);
+        for (int g = 0; g < G_NUM; g++) {
+            std::vector<uint8_t> raw = group_content(g, a.packing[g], a.table, a.tensors);
+            std::string name = std::string(dump) + "/" + std::to_string(g) + "_" + G_NAMES[g] + ".raw";
+            for (char& ch : name) if (ch == ' ') ch = '_';
+            write_file_atomic(name, raw.data(), raw.size());
+        }
+    }
     std::vector<size_t> est(a.table.size());
     #pragma omp parallel for schedule(dynamic, 1)
     for (int i = 0; i < (int)a.table.size(); i++) {
@@ -6233,6 +6816,75 @@ static int inspect_main(int argc, char** argv) {
 #else
 static int inspect_main(int, char** argv) { fail("%s inspect: not part of the stripped submission; use the full build", argv[0]); }
 #endif
+
+// --- GPTQ calibration: Hessians from training batches ----------------------------------------------
+// Each linear layer's input as the forward keeps it: q, k, v read the attention norm, the attention
+// projection reads the attention output (after XSA), fc the MLP norm, the MLP projection the
+// activation, the head (tied tok_emb or lm_head) the final norm, bigram.proj the bigram rows. A core
+// shared by several layers (UNIQUE_LAYERS) sums over all of them, as the record's hooks do.
+template <class D> struct LinearInput { const typename D::mat* weight; const typename D::act* x; int cols; };
+template <class D> static std::vector<LinearInput<D>> linear_inputs(Model<D>& m) {
+    const Config& c = m.cfg;
+    Acts<D>& a = m.acts;
+    auto& W = m.w;
+    std::vector<LinearInput<D>> in;
+    int Dm = c.model_dim, F = c.mlp_hidden();
+    for (int l = 0; l < c.num_layers; l++) {
+        const LayerActs<D>& L = a.layers[l];
+        const auto& LW = W.layers[l];
+        in.push_back({LW.c_q, L.attn_norm, Dm});
+        in.push_back({LW.c_k, L.attn_norm, Dm});
+        in.push_back({LW.c_v, L.attn_norm, Dm});
+        in.push_back({LW.attn_proj, L.attn_proj_in, Dm});
+        in.push_back({LW.fc, L.mlp_norm, Dm});
+        in.push_back({LW.mlp_proj, L.mlp_act, F});
+    }
+    in.push_back({c.tie_embeddings ? W.tok_emb : W.lm_head, a.final_norm, Dm});
+    if (W.bigram_proj) in.push_back({W.bigram_proj, a.bigram_embed, c.bigram_dim});
+    return in;
+}
+
+// H = Σ XᵀX over GPTQ_CALIBRATION_BATCHES training micro-batches, read from `loader` (the training
+// stream, continued where training stopped: never validation data). One forward per micro-batch with
+// the final weights; XᵀX is the weight-gradient product of a linear layer with dout = inp = X.
+template <class D> static Hessians gptq_calibrate(D dev, Model<D>& m, DataLoader& loader) {
+    using G = typename D::grad;
+    const Config& c = m.cfg;
+    int accum = grad_accum_steps(c, g_world);
+    long local = c.train_batch_tokens / ((long)loader.world * accum);
+    int T = c.train_seq_len, B = (int)(local / T), N = B * T;
+    std::vector<LinearInput<D>> in = linear_inputs(m);
+    std::vector<int> owner(in.size(), -1);
+    for (size_t k = 0; k < in.size(); k++)
+        for (size_t i = 0; i < m.table.size(); i++)
+            if ((size_t)(in[k].weight - m.compute_mat) == m.table[i].offset) owner[k] = (int)i;
+    std::vector<G*> H(m.table.size(), nullptr);
+    for (size_t k = 0; k < in.size(); k++) {
+        if (owner[k] < 0) fail("internal: a linear layer's weight is not in the parameter table");
+        size_t bytes = (size_t)in[k].cols * in[k].cols * sizeof(G);
+        if (!H[owner[k]]) { H[owner[k]] = (G*)device_alloc(dev, bytes); device_zero(dev, H[owner[k]], bytes); }
+    }
+    std::vector<int32_t> x, y;
+    for (int b = 0; b < c.gptq_calibration_batches; b++) {
+        loader.next_batch(c.train_batch_tokens, accum, x, y);
+        to_device(dev, m.acts.inputs, x.data(), (size_t)N);
+        to_device(dev, m.acts.targets, y.data(), (size_t)N);
+        gpt_forward(dev, m, B, T, false);
+        for (size_t k = 0; k < in.size(); k++)
+            matmul_backward(dev, (typename D::act*)nullptr, H[owner[k]], in[k].x, in[k].x,
+                            (const typename D::mat*)nullptr, N, in[k].cols, in[k].cols);
+    }
+    Hessians out(m.table.size());
+    for (size_t i = 0; i < m.table.size(); i++) {
+        if (!H[i]) continue;
+        size_t n = m.table[i].numel / m.table[i].rows();
+        std::vector<G> host(n * n);
+        to_host(dev, host.data(), H[i], n * n);
+        out[i].assign(host.begin(), host.end());
+        device_free(dev, H[i]);
+    }
+    return out;
+}
 
 // ============================================================================================
 // 10. Evaluation: val_bpb exactly as the reference counts bytes
@@ -7008,6 +7660,9 @@ static void load_checkpoint_weights(const std::string& path, const std::vector<P
 #ifndef PGOLF_CODE_BYTES_STRIPPED   // and of the stripped single-file submission (`make submission`)
 #define PGOLF_CODE_BYTES_STRIPPED 0
 #endif
+#ifndef PGOLF_CODE_BYTES_SFX         // and of its counted form, xz-compressed and self-extracting (scripts/make_sfx)
+#define PGOLF_CODE_BYTES_SFX 0
+#endif
 #ifndef PGOLF_CODE_CHECKSUM         // sha256 prefix of the stripped submission, to tie a result to its code
 #define PGOLF_CODE_CHECKSUM "unknown"
 #endif
@@ -7602,12 +8257,12 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, false);
         if (c.ema_decay > 0) round_bf16_tables(dev, m, s.avg);
         if (c.train_log_every > 0 && (s.step <= 10 || s.step % c.train_log_every == 0 || stop_after >= 0)) {
-            double eta = c.max_wallclock_seconds > 0 ? std::max(0.0, c.max_wallclock_seconds * 1000 - approx) / 1000
+            double eta = c.max_wallclock_seconds > 0 ? std::max(0.0, train_cap_seconds(c) * 1000 - approx) / 1000
                                                      : (c.iterations - s.step) * approx / s.step / 1000;
             log0("step:%d/%d train_loss:%.4f train_time:%.0fms step_avg:%.2fms tok/s:%.0f eta:%.0fs\n", s.step, c.iterations,
                  train_loss, approx, approx / s.step, tokens_per_step * s.step / (approx / 1000), eta);
         }
-        bool capped = c.max_wallclock_seconds > 0 && approx >= 1000 * c.max_wallclock_seconds;
+        bool capped = c.max_wallclock_seconds > 0 && approx >= 1000 * train_cap_seconds(c);
         if (stop_after < 0 && any_rank(capped)) stop_after = s.step;
         // PR #600: QAT from a step, and its "SWA" (an EMA over the last SWA_STEPS steps)
         if (c.qat_bits > 0 && !c.late_qat && !s.qat_active) {
@@ -7782,9 +8437,18 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
         std::string weights_path;
         if (g_rank == 0) weights_path = save_final_weights(c, m.table, w);
         if (c.prune_frac > 0) { magnitude_prune(c, m.table, w.data()); log0("magnitude_pruning: frac=%g\n", c.prune_frac); }
+        Hessians hs;
+        if (c.gptq && g_rank == 0) {  // the training stream goes on: calibration never reads validation data
+            double t_cal = now_ms();
+            hs = gptq_calibrate(dev, m, s.loader);
+            log0("gptq:calibrated %d micro-batches of training data in %.1fs (reserve %.1fs)\n",
+                 c.gptq_calibration_batches, (now_ms() - t_cal) / 1000, c.gptq_reserve_seconds);
+        }
         if (g_rank == 0) {  // one rank compresses (zstd-22 takes a while); the others wait and read the file
             ExportReport rep;
-            artifact = artifact_build(c, m.table, w.data(), &rep);
+            double t_q = now_ms();
+            artifact = artifact_build(c, m.table, w.data(), &rep, c.gptq ? &hs : nullptr);
+            if (c.gptq) log0("gptq:quantized and compressed in %.1fs\n", (now_ms() - t_q) / 1000);
             std::string err;
             std::string kept = weights_path.empty()
                 ? "the full-precision weights could not be written either (see the warnings above)"
@@ -7807,16 +8471,19 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     std::vector<typename D::grad> wconv(w.begin(), w.end());
     to_device(dev, m.params, wconv.data(), m.nparams);
     refresh_compute_weights(dev, m, false);
-    long code = PGOLF_CODE_BYTES, code_stripped = PGOLF_CODE_BYTES_STRIPPED;
-    long counted = code_stripped > 0 ? code_stripped : code;
+    long code = PGOLF_CODE_BYTES, code_stripped = PGOLF_CODE_BYTES_STRIPPED, code_sfx = PGOLF_CODE_BYTES_SFX;
+    long counted = code_sfx > 0 ? code_sfx : code_stripped > 0 ? code_stripped : code;
     long total = (long)artifact_bytes + counted;
     log0("artifact:%s bytes:%zu (read back and dequantized for every score below)\n", artifact_path.c_str(), artifact_bytes);
-    log0("Code size: %ld bytes (full source %ld, stripped submission %ld)\n", counted, code, code_stripped);
+    log0("Code size: %ld bytes (full source %ld, stripped submission %ld, its xz self-extracting form %ld)\n", counted,
+         code, code_stripped, code_sfx);
     log0("Total submission size: %ld bytes%s\n", total, total > ARTIFACT_LIMIT_BYTES ? "  <-- OVER THE 16,000,000-BYTE LIMIT: not a valid submission" : "");
     if (total > ARTIFACT_LIMIT_BYTES && g_rank == 0)
         fprintf(stderr, "WARNING: total submission size %ld bytes exceeds 16,000,000 bytes; outputs are kept, but this is not a valid submission\n", total);
-    add_json(fmt("\"artifact_bytes\": %zu, \"code_bytes\": %ld, \"code_bytes_full\": %ld, \"code_bytes_stripped\": %ld, \"total_bytes\": %ld, \"under_limit\": %s",
-                 artifact_bytes, counted, code, code_stripped, total, total <= ARTIFACT_LIMIT_BYTES ? "true" : "false"));
+    add_json(fmt("\"artifact_bytes\": %zu, \"code_bytes\": %ld, \"code_bytes_full\": %ld, "
+                 "\"code_bytes_stripped\": %ld, \"code_bytes_sfx\": %ld, \"total_bytes\": %ld, \"under_limit\": %s",
+                 artifact_bytes, counted, code, code_stripped, code_sfx, total,
+                 total <= ARTIFACT_LIMIT_BYTES ? "true" : "false"));
 
     std::vector<EvalResult> results = evaluate_modes(dev, m, ev);
     std::string evj = "\"eval\": {";
@@ -8657,7 +9324,8 @@ int main(int argc, char** argv) {
         g_logfile = fopen_check((c.out_dir + "/log.txt").c_str(), "a");
         outputs_check(c);
     }
-    log0("pgolf train_gpt: code_bytes:%ld stripped:%ld\n", (long)PGOLF_CODE_BYTES, (long)PGOLF_CODE_BYTES_STRIPPED);
+    log0("pgolf train_gpt: code_bytes:%ld stripped:%ld sfx:%ld\n", (long)PGOLF_CODE_BYTES,
+         (long)PGOLF_CODE_BYTES_STRIPPED, (long)PGOLF_CODE_BYTES_SFX);
     if (c.device == "cpu" && (long)c.model_dim * c.num_layers > 1024 && c.load_artifact.empty())
         log0("note: DEVICE=cpu runs the plain C++ reference; a %d-layer d%d model trains very slowly on a CPU\n", c.num_layers, c.model_dim);
     config_print(c);
