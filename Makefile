@@ -89,7 +89,7 @@ train_gpt_cpu: $(TU_DEPS) $(SUBMISSION)
 print-gpu-code:
 	@echo $(GPU_CODE)
 
-tokenize: tokenizer/tokenize.cpp tokenizer/spm_model.h tokenizer/spm_encode.h
+tokenize: tokenizer/tokenize.cpp tokenizer/spm_model.h tokenizer/spm_encode.h tokenizer/caseops.h
 	$(CXX) -O2 -std=c++17 -Wall -Wextra -o $@ tokenizer/tokenize.cpp
 
 # --- the submission: one file, CPU reference sections and comments removed -------------------
@@ -99,7 +99,7 @@ $(SUBMISSION): $(TU_DEPS) scripts/strip_source
 	python3 scripts/strip_source train_gpt.cu $@
 
 # --- tests ------------------------------------------------------------------------------------
-tests/test_tokenizer: tests/test_tokenizer.cpp tests/harness.h tokenizer/spm_model.h tokenizer/spm_encode.h
+tests/test_tokenizer: tests/test_tokenizer.cpp tests/harness.h tokenizer/spm_model.h tokenizer/spm_encode.h tokenizer/caseops.h
 	$(CXX) -O2 -std=c++17 -Wall -Wextra -Itests -o $@ tests/test_tokenizer.cpp
 
 # The CUDA emulator's library shims (cuBLASLt, CUB, NCCL over MPI), under AddressSanitizer; g++ only,

@@ -703,6 +703,7 @@ struct Config {
     int val_loss_every = 1000, train_log_every = 200;
     long val_tokens_limit = 0;         // evaluate only a prefix of the validation stream (0 = all)
     int val_truncate_to_seq = 0;       // 1 = drop the tail that is not a multiple of TRAIN_SEQ_LEN, as the reference
+    int caseops_enabled = 0;           // 1 = CaseOps shards: val_bpb counts bytes from fineweb_val_bytes_*.bin
     int checkpoint_every = 0;          // steps between checkpoints (0 = none during training)
     int checkpoint_keep = 2;           // newest checkpoints kept on disk (0 = all)
     // training length and batch
@@ -884,6 +885,8 @@ static std::vector<Setting> config_settings(Config& c) {
         {"TRAIN_LOG_EVERY", 'i', &c.train_log_every, "steps between train-loss lines"},
         {"VAL_TOKENS_LIMIT", 'l', &c.val_tokens_limit, "evaluate only the first N validation tokens (0 = all)"},
         {"VAL_TRUNCATE_TO_SEQ", 'i', &c.val_truncate_to_seq, "1 = score only a multiple of TRAIN_SEQ_LEN positions, as the reference"},
+        {"CASEOPS_ENABLED", 'i', &c.caseops_enabled,
+         "1 = CaseOps data: val_bpb charges each token the original bytes of the fineweb_val_bytes_*.bin sidecar"},
         {"CHECKPOINT_EVERY", 'i', &c.checkpoint_every, "steps between checkpoints, plus one at the end (0 = none)"},
         {"CHECKPOINT_KEEP", 'i', &c.checkpoint_keep, "newest checkpoints kept (0 = all)"},
         {"ITERATIONS", 'i', &c.iterations, "training steps"},
@@ -1007,7 +1010,8 @@ static const char* const SCOPE_SETTINGS[SCOPE_NUM] = {
     "SWA_EVERY SWA_STEPS SWA_DECAY SWA_START_STEP EMA_DECAY EMBED_BF16 LATE_QAT QAT_THRESHOLD QAT_BITS QAT_START_STEP "
     "QAT_SCALE_FLOOR QUANT_SCHEME PACK ZSTD_LEVEL PRUNE_FRAC GPTQ_LITE ALL_INT5 FP16_KEEP_NAME_PATTERNS "
     "CONTROL_TENSOR_NAME_PATTERNS"),
-    ("VAL_BATCH_SIZE VAL_LOSS_EVERY VAL_TOKENS_LIMIT VAL_TRUNCATE_TO_SEQ EVAL_MODE EVAL_SEQ_LEN EVAL_STRIDE "
+    ("VAL_BATCH_SIZE VAL_LOSS_EVERY VAL_TOKENS_LIMIT VAL_TRUNCATE_TO_SEQ CASEOPS_ENABLED EVAL_MODE EVAL_SEQ_LEN "
+    "EVAL_STRIDE "
     "EVAL_BATCH_SEQS SLIDING SLIDING_REFERENCE EVAL_MAX_WALLCLOCK_SECONDS TTT_LORA_RANK TTT_LORA_LR TTT_LORA_ALPHA "
     "TTT_LORA_TARGETS TTT_LORA_OPTIMIZER TTT_LORA_BETA1 TTT_LORA_BETA2 TTT_LORA_EPS TTT_LORA_WD TTT_CHUNK_SIZE "
     "TTT_EVAL_SEQ_LEN TTT_BATCH_SIZE TTT_STEPS TTT_N_EPOCHS TTT_LORA_SCHEDULE TTT_REPORT_FINAL_EPOCH "
@@ -1361,6 +1365,9 @@ static std::vector<uint16_t> load_shard(const std::string& path, int vocab_size)
 static std::vector<std::string> shard_files(const std::string& data_path, const char* split) {
     std::string pattern = data_path + "/fineweb_" + split + "_*.bin";
     std::vector<std::string> files = glob_sorted(pattern);
+    // CaseOps byte sidecars (fineweb_val_bytes_*.bin) match the same pattern: they are not tokens
+    auto sidecar = [](const std::string& f) { return f.find("_bytes_", f.rfind('/') + 1) != std::string::npos; };
+    files.erase(std::remove_if(files.begin(), files.end(), sidecar), files.end());
     if (files.empty()) fail("no %s shards match %s (set DATA_PATH, or run scripts/make_corpus or scripts/download_fineweb)", split, pattern.c_str());
     return files;
 }
@@ -1432,7 +1439,7 @@ static void check_data_tokenizer(const Config& c, const SpmModel& sp, const std:
     std::string path = c.data_path + "/manifest.txt";
     if (access(path.c_str(), F_OK) == 0) {
         std::vector<uint8_t> bytes = read_file(path);
-        std::string text(bytes.begin(), bytes.end()), sum, name = "?", vocab = "?";
+        std::string text(bytes.begin(), bytes.end()), sum, name = "?", vocab = "?", transform = "none";
         size_t pos = 0;
         while (pos < text.size()) {
             size_t nl = text.find('\n', pos);
@@ -1444,7 +1451,15 @@ static void check_data_tokenizer(const Config& c, const SpmModel& sp, const std:
             if (key == "tokenizer_checksum") sum = value;
             else if (key == "tokenizer") name = value;
             else if (key == "vocab_size") vocab = value;
+            else if (key == "transform") transform = value;
         }
+        // CaseOps shards count bytes from their sidecar: the piece table would count the transformed text
+        if (transform == "caseops" && !c.caseops_enabled)
+            fail("%s: the shards hold CaseOps-transformed text (transform=caseops): set CASEOPS_ENABLED=1, or val_bpb "
+                 "would count the transformed text's bytes", path.c_str());
+        if (transform != "caseops" && c.caseops_enabled)
+            fail("%s: CASEOPS_ENABLED=1, but the shards are not CaseOps shards (transform=%s)", path.c_str(),
+                 transform.c_str());
         if (sum.empty()) fail("%s: no tokenizer_checksum line (expected one, as ./tokenize shard writes)",
                               path.c_str());
         std::string have = fmt("%016llx", (unsigned long long)sp.checksum);
@@ -1529,6 +1544,57 @@ static std::vector<uint16_t> load_validation_tokens(const Config& c) {
         all.resize(usable + 1);
     }
     if (all.size() < 2) fail("validation split under %s has %zu tokens: need at least 2", c.data_path.c_str(), all.size());
+    return all;
+}
+
+// CaseOps byte sidecar (PR #1729): fineweb_val_bytes_K.bin beside each fineweb_val_K.bin, the same
+// layout, entry i = original UTF-8 bytes of token i (BOS: 0). ./tokenize shard --transform caseops
+// adds header[3] = SIDECAR_KIND and header[4..5] = fnv1a64 of its token file's values; the
+// reference's files have zeros there and are checked for counts and BOS entries only. Returns the
+// entries for `val` (cut as load_validation_tokens cut it).
+static const uint32_t SIDECAR_KIND = 0x53594221;
+static std::vector<uint16_t> load_validation_bytes(const Config& c, const std::vector<uint16_t>& val) {
+    std::vector<std::string> toks = shard_files(c.data_path, "val");
+    std::vector<uint16_t> all;
+    for (const std::string& tpath : toks) {
+        size_t slash = tpath.rfind('/') + 1;
+        std::string path = tpath.substr(0, slash) + "fineweb_val_bytes_" + tpath.substr(slash + strlen("fineweb_val_"));
+        if (access(path.c_str(), R_OK) != 0)
+            fail("CASEOPS_ENABLED=1: %s is missing (the byte sidecar of %s; ./tokenize shard --transform caseops "
+                 "writes one per validation shard)", path.c_str(), tpath.c_str());
+        FILE* f = fopen_check(path.c_str(), "rb");
+        long n = shard_header_check(path, f);
+        int32_t header[256];
+        if (fseek(f, 0, SEEK_SET) != 0) fail("%s: cannot seek: %s", path.c_str(), strerror(errno));
+        fread_check(header, sizeof header, f, path.c_str());
+        std::vector<uint16_t> b(n);
+        fread_check(b.data(), 2 * (size_t)n, f, path.c_str());
+        fclose(f);
+        std::vector<uint16_t> t = load_shard(tpath, c.vocab_size);
+        if ((long)t.size() != n)
+            fail("%s: %ld byte entries, but %s holds %zu tokens: not this shard's sidecar", path.c_str(), n, tpath.c_str(),
+                 t.size());
+        if ((uint32_t)header[3] == SIDECAR_KIND) {
+            uint64_t h = 14695981039346656037ull;
+            for (uint16_t v : t) {
+                h = (h ^ (v & 0xFF)) * 1099511628211ull;
+                h = (h ^ (v >> 8)) * 1099511628211ull;
+            }
+            uint64_t want = (uint32_t)header[4] | (uint64_t)(uint32_t)header[5] << 32;
+            if (h != want)
+                fail("%s: written for other tokens than %s (token checksum %016llx, the sidecar expects %016llx): "
+                     "regenerate the shards and their sidecars together", path.c_str(), tpath.c_str(),
+                     (unsigned long long)h, (unsigned long long)want);
+        }
+        for (long i = 0; i < n; i++)
+            if (t[i] == BOS_ID && b[i] != 0)
+                fail("%s: entry %ld is %d bytes, but token %ld is BOS (0 bytes): not this shard's sidecar",
+                     path.c_str(), i, b[i], i);
+        all.insert(all.end(), b.begin(), b.end());
+    }
+    if (all.size() < val.size()) fail("CASEOPS_ENABLED=1: the byte sidecars hold %zu entries, fewer than the %zu "
+                                      "validation tokens", all.size(), val.size());
+    all.resize(val.size());
     return all;
 }
 
@@ -5130,18 +5196,25 @@ static int inspect_main(int, char** argv) { fail("%s inspect: not part of the st
 // 10. Evaluation: val_bpb exactly as the reference counts bytes
 // ============================================================================================
 // A scored position j predicts t[j+1] from t[..j]; its bytes are base[y] + 1 when y carries a
-// leading space and the previous token t[j] is not a boundary (control/unknown). Sums are fp64,
-// reduced over ranks; val_bpb = (Σ nll / ln 2) / Σ bytes.
+// leading space and the previous token t[j] is not a boundary (control/unknown). With CaseOps data
+// the bytes are the sidecar's entry for t[j+1]: the original text's bytes, not the transformed
+// text's. Sums are fp64, reduced over ranks; val_bpb = (Σ nll / ln 2) / Σ bytes.
 
 struct EvalData {
     std::vector<uint16_t> val;  // the validation stream
     ByteLuts luts;
+    std::vector<uint16_t> val_bytes;  // CaseOps: original UTF-8 bytes of each token of val (else empty)
 };
 struct ScoreSums {
     double loss = 0, tokens = 0, bytes = 0;
     void add(double nll, int prev, int target, const ByteLuts& lut) {
         loss += nll; tokens += 1;
         bytes += lut.base_bytes[target] + ((lut.has_leading_space[target] && !lut.is_boundary[prev]) ? 1 : 0);
+    }
+    // Position j of the stream (target t[j+1]).
+    void add_at(double nll, const EvalData& d, long j) {
+        if (d.val_bytes.empty()) { add(nll, d.val[j], d.val[j + 1], d.luts); return; }
+        loss += nll; tokens += 1; bytes += d.val_bytes[j + 1];
     }
     void reduce() { double v[3] = {loss, tokens, bytes}; host_allreduce_sum(v, 3); loss = v[0]; tokens = v[1]; bytes = v[2]; }
     double val_loss() const { return loss / std::max(tokens, 1.0); }
@@ -5203,7 +5276,7 @@ template <class D> static EvalResult eval_standard(D dev, Model<D>& m, const Eva
         for (int b = 0; b < B; b++)
             for (int t = 0; t < len; t++) {
                 size_t i = (size_t)b * len + t;
-                sums.add(nll[i], x[i], y[i], d.luts);
+                sums.add_at(nll[i], d, (s + b) * L + t);
                 if (rec) rec->set((s + b) * L + t, nll[i]);
             }
         s += B;
@@ -5289,7 +5362,7 @@ template <class D> static void score_windows(D dev, Model<D>& m, const EvalData&
         for (int b = 0; b < B; b++)
             for (int i = win[w + b].first; i < win[w + b].len; i++) {
                 size_t k = (size_t)b * W + i;
-                sums.add(nll[k], x[k], y[k], d.luts);
+                sums.add_at(nll[k], d, win[w + b].ws + i);
                 if (rec) rec->set(win[w + b].ws + i, nll[k]);
             }
         if (prog) prog->tick((double)(w + B - w0), (double)(w1 - w0), sums);
@@ -5537,8 +5610,9 @@ template <class D> static void lora_batch(D dev, Model<D>& m, const EvalData& d,
             for (int b = 0; b < k; b++)
                 for (int i = cw[b].co; i < cw[b].co + cw[b].cl; i++) {
                     size_t q = (size_t)b * W + i;
-                    if (ep == 0) { first.add(nll[q], x[q], y[q], d.luts); if (rec) rec->set(docs[b].start + cw[b].ws + i, nll[q]); }
-                    if (final && ep == epochs - 1) final->add(nll[q], x[q], y[q], d.luts);
+                    long j = docs[b].start + cw[b].ws + i;
+                    if (ep == 0) { first.add_at(nll[q], d, j); if (rec) rec->set(j, nll[q]); }
+                    if (final && ep == epochs - 1) final->add_at(nll[q], d, j);
                 }
             if (tr == 0) continue;
 #ifdef PGOLF_TESTING
@@ -6447,6 +6521,12 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     ev.val = load_validation_tokens(c);
     log0("tokenizer:%s pieces:%zu checksum:%016llx\n", c.tokenizer_path.c_str(), sp.pieces.size(), (unsigned long long)sp.checksum);
     check_data_tokenizer(c, sp, ev.val);
+    if (c.caseops_enabled) {
+        ev.val_bytes = load_validation_bytes(c, ev.val);
+        double total = std::accumulate(ev.val_bytes.begin(), ev.val_bytes.end(), 0.0);
+        log0("val_bytes: CaseOps sidecar, %.0f original bytes for %zu tokens (val_bpb counts these)\n", total,
+             ev.val_bytes.size());
+    }
     std::vector<std::string> train_files;
     if (c.load_artifact.empty()) {
         train_files = shard_files(c.data_path, "train");

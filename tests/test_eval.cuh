@@ -642,3 +642,75 @@ TEST(eval_memory_matches_lora_allocations) {
         CHECK_MSG(got >= want && got <= want + 8 * 4096, "%s: lora_state_init allocated %zu bytes, lora_state_bytes says %zu", opt, got, want);
     }
 }
+
+// --- CaseOps byte sidecar -------------------------------------------------------------------------
+
+// A sidecar as ./tokenize shard --transform caseops writes it: header [3] kind, [4..5] fnv1a64 of `tokens`.
+static void write_sidecar_file(const std::string& path, const std::vector<uint16_t>& tokens,
+                               const std::vector<uint16_t>& b, bool with_checksum = true) {
+    int32_t header[256] = {SHARD_MAGIC, SHARD_VERSION, (int32_t)b.size()};
+    if (with_checksum) {
+        uint64_t h = fnv1a64(tokens.data(), 2 * tokens.size());
+        header[3] = (int32_t)SIDECAR_KIND; header[4] = (int32_t)(uint32_t)h; header[5] = (int32_t)(uint32_t)(h >> 32);
+    }
+    std::vector<uint8_t> buf(sizeof header + 2 * b.size());
+    memcpy(buf.data(), header, sizeof header);
+    memcpy(buf.data() + sizeof header, b.data(), 2 * b.size());
+    write_file_atomic(path, buf.data(), buf.size());
+}
+
+// val_bpb charges the sidecar's bytes (of each scored target), in every mode; a sidecar that belongs to other
+// tokens (checksum, count, a BOS with bytes) is refused with the file's name, and the sidecars are not read
+// as token shards.
+TEST(eval_caseops_sidecar_bytes) {
+    Config c = eval_test_config();
+    std::string d = test_dir("caseops");
+    std::vector<uint16_t> t0 = eval_test_stream({37, 20, 90}, c.vocab_size, 91);
+    std::vector<uint16_t> t1 = eval_test_stream({41, 30}, c.vocab_size, 92);
+    auto bytes_of = [](const std::vector<uint16_t>& t, uint64_t seed) {
+        Rng rng(seed);
+        std::vector<uint16_t> b(t.size());
+        for (size_t i = 0; i < t.size(); i++) b[i] = t[i] == BOS_ID ? 0 : (uint16_t)(rng.uniform() * 7);
+        return b;
+    };
+    std::vector<uint16_t> b0 = bytes_of(t0, 1), b1 = bytes_of(t1, 2);
+    write_shard_file(d + "/fineweb_val_000000.bin", t0);
+    write_shard_file(d + "/fineweb_val_000001.bin", t1);
+    write_sidecar_file(d + "/fineweb_val_bytes_000000.bin", t0, b0);
+    write_sidecar_file(d + "/fineweb_val_bytes_000001.bin", t1, b1, false);  // the reference's: no checksum
+    c.data_path = d; c.caseops_enabled = 1;
+    EvalData ev = eval_test_data({}, c.vocab_size);
+    ev.val = load_validation_tokens(c);
+    CHECK(ev.val.size() == t0.size() + t1.size());  // the sidecars were not taken for tokens
+    ev.val_bytes = load_validation_bytes(c, ev.val);
+    std::vector<uint16_t> want = b0;
+    want.insert(want.end(), b1.begin(), b1.end());
+    CHECK(ev.val_bytes == want);
+    Model<Cpu<float>> m;
+    eval_test_model(m, c);
+    for (const char* mode : {"standard", "sliding", "lora_ttt", "full_ttt"}) {
+        NllRecord rec;
+        EvalResult r = eval_run_mode(mode, m, ev, rec);
+        double loss = 0, bytes = 0;
+        for (size_t j = 0; j < rec.nll.size(); j++) { loss += rec.nll[j]; bytes += want[j + 1]; }
+        double want_bpb = loss / M_LN2 / bytes;
+        CHECK_MSG(std::fabs(r.val_bpb - want_bpb) <= 1e-9 * r.val_bpb, "%s: val_bpb %.12g, from the sidecar %.12g",
+                  mode, r.val_bpb, want_bpb);
+    }
+    eval_test_model_free(m);
+    // a wrong table: another shard's sidecar, a BOS charged bytes, a short one
+    std::string f0 = d + "/fineweb_val_bytes_000000.bin", f1 = d + "/fineweb_val_bytes_000001.bin";
+    std::vector<uint16_t> shifted(t0.begin() + 1, t0.end());
+    shifted.push_back(5);
+    write_sidecar_file(f0, shifted, b0);
+    CHECK_THROWS(load_validation_bytes(c, ev.val), f0 + ": written for other tokens than");
+    write_sidecar_file(f0, t0, b0);
+    std::vector<uint16_t> bad = b1;
+    bad[0] = 3;  // t1[0] is BOS
+    write_sidecar_file(f1, t1, bad, false);
+    CHECK_THROWS(load_validation_bytes(c, ev.val), f1 + ": entry 0 is 3 bytes, but token 0 is BOS");
+    write_sidecar_file(f1, t1, std::vector<uint16_t>(b1.begin(), b1.end() - 1), false);
+    CHECK_THROWS(load_validation_bytes(c, ev.val), f1 + ": " + std::to_string(b1.size() - 1) + " byte entries");
+    remove(f1.c_str());
+    CHECK_THROWS(load_validation_bytes(c, ev.val), f1 + " is missing");
+}
