@@ -773,6 +773,10 @@ struct Config {
     float ttt_lr = 0.002f, ttt_momentum = 0.9f, ttt_grad_clip = 1.0f, ttt_wd = 0.0f;
     float ttt_beta1 = 0.9f, ttt_beta2 = 0.999f, ttt_eps = 1e-8f;
     std::string ttt_optimizer = "sgd";  // sgd (momentum) | adamw
+    // phased score-first TTT (PR #1855): LoRA TTT in phases, global SGD on scored documents between them
+    int phased_ttt_prefix_docs = 2000, phased_ttt_num_phases = 1, ttt_warm_start_a = 0;
+    int global_ttt_epochs = 1, global_ttt_chunk_tokens = 32768, global_ttt_batch_seqs = 32;
+    float global_ttt_lr = 0.001f, global_ttt_momentum = 0.9f, global_ttt_grad_clip = 1.0f;
 
     // derived
     int head_dim() const { return model_dim / num_heads; }
@@ -955,7 +959,7 @@ static std::vector<Setting> config_settings(Config& c) {
         {"ALL_INT5", 'i', &c.all_int5, "int5 for every low-bit tensor"},
         {"FP16_KEEP_NAME_PATTERNS", 's', &c.fp16_keep_patterns, "tensors kept in fp16 (comma list of substrings)"},
         {"CONTROL_TENSOR_NAME_PATTERNS", 's', &c.control_patterns, "control tensors (scalar lr group; fp32 in the artifact)"},
-        {"EVAL_MODE", 's', &c.eval_mode, "comma list of standard, sliding, lora_ttt, full_ttt"},
+        {"EVAL_MODE", 's', &c.eval_mode, "comma list of standard, sliding, lora_ttt, full_ttt, phased_ttt"},
         {"EVAL_SEQ_LEN", 'i', &c.eval_seq_len, "window of standard/sliding eval (0 = TRAIN_SEQ_LEN)"},
         {"EVAL_STRIDE", 'i', &c.eval_stride, "sliding-window stride"},
         {"EVAL_BATCH_SEQS", 'i', &c.eval_batch_seqs, "windows per forward pass"},
@@ -965,7 +969,9 @@ static std::vector<Setting> config_settings(Config& c) {
         {"TTT_LORA_RANK", 'i', &c.ttt_lora_rank, "LoRA rank"},
         {"TTT_LORA_LR", 'f', &c.ttt_lora_lr, "LoRA lr"},
         {"TTT_LORA_ALPHA", 'f', &c.ttt_lora_alpha, "LoRA delta scale alpha/rank (0 = scale 1)"},
-        {"TTT_LORA_TARGETS", 's', &c.ttt_lora_targets, "comma list of q, k, v, o, mlp_up, mlp_down, lm_head"},
+        {"TTT_LORA_TARGETS", 's', &c.ttt_lora_targets,
+         "comma list of q, k, v, o, mlp_up, mlp_down, lm_head, attn_out (from the attention's input), "
+         "mlp (beside the MLP)"},
         {"TTT_LORA_OPTIMIZER", 's', &c.ttt_lora_optimizer, "adam | adamw | sgd"},
         {"TTT_LORA_BETA1", 'f', &c.ttt_lora_beta1, "LoRA Adam beta1"},
         {"TTT_LORA_BETA2", 'f', &c.ttt_lora_beta2, "LoRA Adam beta2"},
@@ -990,6 +996,16 @@ static std::vector<Setting> config_settings(Config& c) {
         {"TTT_BETA2", 'f', &c.ttt_beta2, "full TTT: AdamW beta2"},
         {"TTT_EPS", 'f', &c.ttt_eps, "full TTT: AdamW epsilon"},
         {"TTT_OPTIMIZER", 's', &c.ttt_optimizer, "full TTT: sgd | adamw"},
+        {"PHASED_TTT_PREFIX_DOCS", 'i', &c.phased_ttt_prefix_docs, "phased TTT: scored documents the global SGD uses"},
+        {"PHASED_TTT_NUM_PHASES", 'i', &c.phased_ttt_num_phases, "phased TTT: global SGD phases over that prefix"},
+        {"TTT_WARM_START_A", 'i', &c.ttt_warm_start_a,
+         "phased TTT: 1 = LoRA A carries over from batch to batch within a phase (only B and the moments reset)"},
+        {"GLOBAL_TTT_LR", 'f', &c.global_ttt_lr, "phased TTT: global SGD lr (cosine over its chunks)"},
+        {"GLOBAL_TTT_MOMENTUM", 'f', &c.global_ttt_momentum, "phased TTT: global SGD momentum"},
+        {"GLOBAL_TTT_EPOCHS", 'i', &c.global_ttt_epochs, "phased TTT: global SGD passes per chunk"},
+        {"GLOBAL_TTT_CHUNK_TOKENS", 'i', &c.global_ttt_chunk_tokens, "phased TTT: global SGD tokens per chunk"},
+        {"GLOBAL_TTT_BATCH_SEQS", 'i', &c.global_ttt_batch_seqs, "phased TTT: global SGD sequences per step"},
+        {"GLOBAL_TTT_GRAD_CLIP", 'f', &c.global_ttt_grad_clip, "phased TTT: global SGD gradient clip norm"},
     };
 }
 
@@ -1016,7 +1032,9 @@ static const char* const SCOPE_SETTINGS[SCOPE_NUM] = {
     "TTT_LORA_TARGETS TTT_LORA_OPTIMIZER TTT_LORA_BETA1 TTT_LORA_BETA2 TTT_LORA_EPS TTT_LORA_WD TTT_CHUNK_SIZE "
     "TTT_EVAL_SEQ_LEN TTT_BATCH_SIZE TTT_STEPS TTT_N_EPOCHS TTT_LORA_SCHEDULE TTT_REPORT_FINAL_EPOCH "
     "TTT_CHUNK_TOKENS TTT_EPOCHS TTT_FREEZE_BLOCKS TTT_BATCH_SEQS TTT_LR TTT_MOMENTUM TTT_GRAD_CLIP TTT_WD "
-    "TTT_BETA1 TTT_BETA2 TTT_EPS TTT_OPTIMIZER"),
+    "TTT_BETA1 TTT_BETA2 TTT_EPS TTT_OPTIMIZER PHASED_TTT_PREFIX_DOCS PHASED_TTT_NUM_PHASES TTT_WARM_START_A "
+    "GLOBAL_TTT_LR GLOBAL_TTT_MOMENTUM GLOBAL_TTT_EPOCHS GLOBAL_TTT_CHUNK_TOKENS GLOBAL_TTT_BATCH_SEQS "
+    "GLOBAL_TTT_GRAD_CLIP"),
     ("DATA_PATH TOKENIZER_PATH RUN_ID OUT_DIR RESUME LOAD_ARTIFACT NLL_DUMP DEVICE TRAIN_LOG_EVERY "
     "CHECKPOINT_EVERY CHECKPOINT_KEEP"),
 };
@@ -1198,7 +1216,7 @@ static Config config_for_artifact(Config& env_cfg, Config art, const std::string
 
 static std::vector<std::string> split_list(const std::string& s);  // section 12
 static void lora_targets_check(const std::string& list);           // section 10
-static const char* const EVAL_MODE_NAMES[] = {"standard", "sliding", "lora_ttt", "full_ttt"};
+static const char* const EVAL_MODE_NAMES[] = {"standard", "sliding", "lora_ttt", "full_ttt", "phased_ttt"};
 
 // Every setting is checked here, before any work is done: a typo in a setting used only after
 // training (EVAL_MODE, TTT_*, export) must not cost the run.
@@ -1255,6 +1273,12 @@ static void config_validate(const Config& c, int world) {
     need(c.ttt_chunk_tokens > 0, "TTT_CHUNK_TOKENS=%d: expected > 0", c.ttt_chunk_tokens);
     need(c.ttt_batch_seqs > 0, "TTT_BATCH_SEQS=%d: expected > 0", c.ttt_batch_seqs);
     need(c.ttt_batch_size > 0, "TTT_BATCH_SIZE=%d: expected > 0", c.ttt_batch_size);
+    need(c.phased_ttt_prefix_docs >= 0 && c.phased_ttt_num_phases >= 1,
+         "PHASED_TTT_PREFIX_DOCS=%d, PHASED_TTT_NUM_PHASES=%d: expected ≥ 0 and ≥ 1", c.phased_ttt_prefix_docs,
+         c.phased_ttt_num_phases);
+    need(c.global_ttt_epochs >= 0 && c.global_ttt_chunk_tokens > 0 && c.global_ttt_batch_seqs > 0,
+         "GLOBAL_TTT_EPOCHS=%d, GLOBAL_TTT_CHUNK_TOKENS=%d, GLOBAL_TTT_BATCH_SEQS=%d: expected ≥ 0, > 0, > 0",
+         c.global_ttt_epochs, c.global_ttt_chunk_tokens, c.global_ttt_batch_seqs);
     need(c.ttt_steps >= 1 && c.ttt_n_epochs >= 1 && c.ttt_epochs >= 0, "TTT_STEPS=%d, TTT_N_EPOCHS=%d, TTT_EPOCHS=%d: expected ≥ 1, ≥ 1, ≥ 0",
          c.ttt_steps, c.ttt_n_epochs, c.ttt_epochs);
     need(c.ttt_freeze_blocks >= 0 && c.ttt_freeze_blocks <= c.num_layers, "TTT_FREEZE_BLOCKS=%d: expected 0..NUM_LAYERS=%d", c.ttt_freeze_blocks, c.num_layers);
@@ -1267,8 +1291,8 @@ static void config_validate(const Config& c, int world) {
     for (const std::string& mode : split_list(c.eval_mode)) {
         bool known = false;
         for (const char* name : EVAL_MODE_NAMES) known |= mode == name;
-        need(known, "EVAL_MODE: unknown mode \"%s\" (expected a comma list of standard, sliding, lora_ttt, full_ttt)",
-             mode.c_str());
+        need(known, "EVAL_MODE: unknown mode \"%s\" (expected a comma list of standard, sliding, lora_ttt, full_ttt, "
+             "phased_ttt)", mode.c_str());
     }
     // SWA, PR #600's SWA_STEPS EMA and EMA_DECAY each replace the final weights by their own average of one
     // buffer; none of the reference records combines two, so a combination is refused, not guessed.
@@ -2050,6 +2074,32 @@ template <class T> static void matmul_backward(Cpu<T>, T* dinp, T* dw, const T* 
     if (dinp) gemm_cpu(dinp, dout, OC, 1, w, N, IC, OC, true);
     if (dw) gemm_cpu(dw, dout, 1, OC, inp, OC, IC, N, true);
 }
+// Batched over b < batch, one weight per b (LoRA: one adapter per document), operands back to back:
+// inp [batch, N, IC], W [batch, OC, IC], out [batch, N, OC]. out[b] (+)= alpha·inp[b]·W[b]ᵀ.
+template <class T> static void matmul_forward_batched(Cpu<T> dev, T* out, const T* inp, const T* w, int batch, int N,
+                                                      int IC, int OC, float alpha, bool accumulate) {
+    std::vector<T> prod((size_t)N * OC);
+    for (int b = 0; b < batch; b++) {
+        T* o = out + (size_t)b * N * OC;
+        matmul_forward(dev, prod.data(), inp + (size_t)b * N * IC, w + (size_t)b * OC * IC, N, IC, OC);
+        for (size_t i = 0; i < prod.size(); i++) o[i] = (accumulate ? o[i] : T(0)) + T(alpha) * prod[i];
+    }
+}
+// dinp[b] (+)= alpha·dout[b]·W[b] (overwritten unless dinp_accumulate); dW[b] += dout[b]ᵀ·inp[b].
+template <class T> static void matmul_backward_batched(Cpu<T> dev, T* dinp, T* dw, const T* dout, const T* inp,
+                                                       const T* w, int batch, int N, int IC, int OC, float alpha,
+                                                       bool dinp_accumulate) {
+    std::vector<T> prod((size_t)N * IC);
+    for (int b = 0; b < batch; b++) {
+        const T* db = dout + (size_t)b * N * OC;
+        if (dw) matmul_backward(dev, (T*)nullptr, dw + (size_t)b * OC * IC, db, inp + (size_t)b * N * IC, w, N, IC, OC);
+        if (!dinp) continue;
+        std::fill(prod.begin(), prod.end(), T(0));
+        matmul_backward(dev, prod.data(), (T*)nullptr, db, inp, w + (size_t)b * OC * IC, N, IC, OC);
+        T* di = dinp + (size_t)b * N * IC;
+        for (size_t i = 0; i < prod.size(); i++) di[i] = (dinp_accumulate ? di[i] : T(0)) + T(alpha) * prod[i];
+    }
+}
 #endif
 #ifdef PGOLF_CUDA
 // On the GPU: cuBLASLt, bf16 operands, fp32 accumulation.
@@ -2147,6 +2197,11 @@ static void gemm_bf16(void* d, cudaDataType_t d_type, const void* c, const bf16*
     if (!c) c = d;
     GemmKey key{M, N, K, batch, a_trans, b_trans, d_type, batch > 1 ? stride_a : 0, batch > 1 ? stride_b : 0, batch > 1 ? stride_cd : 0,
                 {pointer_alignment(b), pointer_alignment(a), pointer_alignment(c), pointer_alignment(d)}};
+    if (batch > 1) {  // every matrix of the batch starts stride bytes after the last: aligned as the stride is
+        long long dsize = d_type == CUDA_R_32F ? 4 : 2;
+        const long long step[4] = {2 * stride_b, 2 * stride_a, dsize * stride_cd, dsize * stride_cd};
+        for (int i = 0; i < 4; i++) key.align[i] = std::min(key.align[i], pointer_alignment((const void*)step[i]));
+    }
     auto it = g_gemm_plans.find(key);
     if (it == g_gemm_plans.end()) it = g_gemm_plans.emplace(key, gemm_plan_create(key)).first;
     const GemmPlan& p = it->second;
@@ -2169,6 +2224,23 @@ static void matmul_forward(Cuda, bf16* out, const bf16* inp, const bf16* w, int 
 static void matmul_backward(Cuda, bf16* dinp, float* dw, const bf16* dout, const bf16* inp, const bf16* w, int N, int IC, int OC) {
     if (dinp) gemm_bf16(dinp, CUDA_R_16BF, dout, w, linear_dinp_gemm(N, IC, OC), 1.0f, 1.0f);
     if (dw) gemm_bf16(dw, CUDA_R_32F, dout, inp, linear_dweight_gemm(N, IC, OC), 1.0f, 1.0f);
+}
+// The batched products (see the CPU reference): one strided-batched cuBLASLt call each, whatever the batch.
+static void matmul_forward_batched(Cuda, bf16* out, const bf16* inp, const bf16* w, int batch, int N, int IC, int OC,
+                                   float alpha, bool accumulate) {
+    RowMajorGemm g = linear_forward_gemm(N, IC, OC);
+    gemm_bf16(out, CUDA_R_16BF, nullptr, inp, w, g.M, g.N, g.K, g.a_trans, g.b_trans, alpha, accumulate ? 1.0f : 0.0f,
+              batch, (long long)N * IC, (long long)OC * IC, (long long)N * OC);
+}
+static void matmul_backward_batched(Cuda, bf16* dinp, float* dw, const bf16* dout, const bf16* inp, const bf16* w,
+                                    int batch, int N, int IC, int OC, float alpha, bool dinp_accumulate) {
+    RowMajorGemm gi = linear_dinp_gemm(N, IC, OC), gw = linear_dweight_gemm(N, IC, OC);
+    if (dinp)
+        gemm_bf16(dinp, CUDA_R_16BF, nullptr, dout, w, gi.M, gi.N, gi.K, gi.a_trans, gi.b_trans, alpha,
+                  dinp_accumulate ? 1.0f : 0.0f, batch, (long long)N * OC, (long long)OC * IC, (long long)N * IC);
+    if (dw)
+        gemm_bf16(dw, CUDA_R_32F, nullptr, dout, inp, gw.M, gw.N, gw.K, gw.a_trans, gw.b_trans, 1.0f, 1.0f, batch,
+                  (long long)N * OC, (long long)N * IC, (long long)OC * IC);
 }
 #endif
 
@@ -3712,8 +3784,11 @@ template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c
 
 // Per-document LoRA adapters for test-time training: on target linear y = W x of document b,
 // y += s · B_b (A_b x), with A_b [rank, in] and B_b [out, rank]; B = 0 at every reset.
-enum LoraTarget { LORA_Q, LORA_K, LORA_V, LORA_O, LORA_UP, LORA_DOWN, LORA_HEAD, LORA_NUM };
-static const char* LORA_TARGET_NAMES[LORA_NUM] = {"q", "k", "v", "o", "mlp_up", "mlp_down", "lm_head"};
+// attn_out and mlp are the phased-TTT records' (PR #1855) "o" and "mlp" adapters: a delta on the
+// attention's (MLP's) output computed from the attention's (MLP's) normed input, beside the branch.
+enum LoraTarget { LORA_Q, LORA_K, LORA_V, LORA_O, LORA_UP, LORA_DOWN, LORA_HEAD, LORA_ATTN_OUT, LORA_MLP, LORA_NUM };
+static const char* LORA_TARGET_NAMES[LORA_NUM] = {"q", "k", "v", "o", "mlp_up", "mlp_down", "lm_head", "attn_out",
+                                                  "mlp"};
 template <class D> struct Lora {
     using G = typename D::grad; using M = typename D::mat; using A_ = typename D::act;
     int docs = 0, rank = 0;
@@ -3794,34 +3869,25 @@ static void model_bind_compute(Cuda dev, Model<Cuda>& m) {
 }
 #endif
 
-// LoRA targets run their delta through the same matmul as the model.
+// LoRA targets run their delta as two products batched over the documents (document b's rows of x are
+// its T positions): one launch per product, however many documents. The scale s rides on the first.
 template <class D> static void lora_forward(D dev, Lora<D>* lo, int t, int layer, typename D::act* out,
                                             const typename D::act* x, int T) {
     if (!lo || !lo->on[t]) return;
-    int in = lo->in_dim[t], out_d = lo->out_dim[t], r = lo->rank;
-    for (int b = 0; b < lo->docs; b++) {
-        typename D::act* tmp = lo->tmp[t][layer] + (size_t)b * T * r;
-        matmul_forward(dev, tmp, x + (size_t)b * T * in, lo->Ac[t][layer] + (size_t)b * r * in, T, in, r);
-        if (lo->scale != 1.0f) scale_inplace(dev, tmp, (size_t)T * r, lo->scale);
-        matmul_forward(dev, out + (size_t)b * T * out_d, tmp, lo->Bc[t][layer] + (size_t)b * out_d * r, T, r, out_d, true);
-    }
+    int in = lo->in_dim[t], out_d = lo->out_dim[t], r = lo->rank, k = lo->docs;
+    typename D::act* tmp = lo->tmp[t][layer];                                          // [k, T, r]
+    matmul_forward_batched(dev, tmp, x, lo->Ac[t][layer], k, T, in, r, lo->scale, false);   // tmp = s·x·Aᵀ
+    matmul_forward_batched(dev, out, tmp, lo->Bc[t][layer], k, T, r, out_d, 1.0f, true);    // out += tmp·Bᵀ
 }
 template <class D> static void lora_backward(D dev, Lora<D>* lo, int t, int layer, typename D::act* dx,
                                              const typename D::act* dout, const typename D::act* x, int T) {
     if (!lo || !lo->on[t]) return;
-    int in = lo->in_dim[t], out_d = lo->out_dim[t], r = lo->rank;
-    for (int b = 0; b < lo->docs; b++) {
-        size_t dtmp_n = (size_t)T * r;
-        device_zero(dev, lo->dtmp, dtmp_n * sizeof(typename D::act));
-        const typename D::act* tmp = lo->tmp[t][layer] + (size_t)b * T * r;
-        // y += tmp·Bᵀ  →  dB += doutᵀ·tmp, dtmp = dout·B
-        matmul_backward(dev, lo->dtmp, lo->dB[t][layer] + (size_t)b * out_d * r, dout + (size_t)b * T * out_d, tmp,
-                        lo->Bc[t][layer] + (size_t)b * out_d * r, T, r, out_d);
-        if (lo->scale != 1.0f) scale_inplace(dev, lo->dtmp, dtmp_n, lo->scale);
-        // tmp = x·Aᵀ  →  dA += dtmpᵀ·x, dx += dtmp·A
-        matmul_backward(dev, dx ? dx + (size_t)b * T * in : nullptr, lo->dA[t][layer] + (size_t)b * r * in, lo->dtmp,
-                        x + (size_t)b * T * in, lo->Ac[t][layer] + (size_t)b * r * in, T, in, r);
-    }
+    int in = lo->in_dim[t], out_d = lo->out_dim[t], r = lo->rank, k = lo->docs;
+    // out += tmp·Bᵀ  →  dB += doutᵀ·tmp, dtmp = s·dout·B (the s of tmp = s·x·Aᵀ)
+    matmul_backward_batched(dev, lo->dtmp, lo->dB[t][layer], dout, lo->tmp[t][layer], lo->Bc[t][layer], k, T, r, out_d,
+                            lo->scale, false);
+    // tmp = s·x·Aᵀ  →  dA += dtmpᵀ·x, dx += dtmp·A
+    matmul_backward_batched(dev, dx, lo->dA[t][layer], lo->dtmp, x, lo->Ac[t][layer], k, T, in, r, 1.0f, true);
 }
 
 
@@ -3877,6 +3943,7 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
         if (layer_has_xsa(c, l)) xsa_forward(dev, L.y, L.ya, L.v, N, H, Hk, hd);
         matmul_forward(dev, L.a, L.y, LW.attn_proj, N, Dm, Dm);
         lora_forward(dev, lo, LORA_O, l, L.a, L.y, T);
+        lora_forward(dev, lo, LORA_ATTN_OUT, l, L.a, L.n1, T);
         branch_add_forward(dev, L.xa, L.xm, L.a, LW.attn_scale, LW.attn_gate, N, Dm);
         rmsnorm_forward(dev, L.n2, L.r2, L.xa, N, Dm);
         matmul_forward(dev, L.h, L.n2, LW.fc, N, Dm, F);
@@ -3884,6 +3951,7 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
         mlp_act_forward(dev, L.u, L.h, (size_t)N * F, c.mlp_activation == "leaky_relu_sq");
         matmul_forward(dev, L.m, L.u, LW.mlp_proj, N, F, Dm);
         lora_forward(dev, lo, LORA_DOWN, l, L.m, L.u, T);
+        lora_forward(dev, lo, LORA_MLP, l, L.m, L.n2, T);
         branch_add_forward(dev, L.x_out, L.xa, L.m, LW.mlp_scale, LW.mlp_gate, N, Dm);
     }
     // head: final norm, tied or untied projection, softcap, cross-entropy
@@ -3931,6 +3999,7 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
         zero(a.dn, ND);
         matmul_backward(dev, a.dn, LG.fc, a.dh, L.n2, LW.fc, N, Dm, F);
         lora_backward(dev, lo, LORA_UP, l, a.dn, a.dh, L.n2, T);
+        lora_backward(dev, lo, LORA_MLP, l, a.dn, a.dm, L.n2, T);
         rmsnorm_backward(dev, a.dxa, a.dn, L.xa, L.r2, N, Dm);
         // attention branch: xa = xm + attn_scale ⊙ σ(gate) ⊙ a
         zero(a.dxm, ND); zero(a.da, ND);
@@ -3954,6 +4023,7 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
         lora_backward(dev, lo, LORA_Q, l, a.dn, a.dq, L.n1, T);
         lora_backward(dev, lo, LORA_K, l, a.dn, a.dk, L.n1, T);
         lora_backward(dev, lo, LORA_V, l, a.dn, a.dv, L.n1, T);
+        lora_backward(dev, lo, LORA_ATTN_OUT, l, a.dn, a.da, L.n1, T);
         rmsnorm_backward(dev, a.dxm, a.dn, L.xm, L.r1, N, Dm);
         // residual lanes: xm = mix0 ⊙ x_in + mix1 ⊙ x0
         zero(a.dx, ND);  // dx now becomes the gradient of x_in
@@ -5418,7 +5488,9 @@ static void lora_parse_targets(const std::string& list, bool on[LORA_NUM]) {
         if (name.empty()) continue;
         int t = 0;
         while (t < LORA_NUM && name != LORA_TARGET_NAMES[t]) t++;
-        if (t == LORA_NUM) fail("TTT_LORA_TARGETS: unknown target \"%s\" (expected q, k, v, o, mlp_up, mlp_down, lm_head)", name.c_str());
+        if (t == LORA_NUM)
+            fail("TTT_LORA_TARGETS: unknown target \"%s\" (expected q, k, v, o, mlp_up, mlp_down, lm_head, "
+                 "attn_out, mlp)", name.c_str());
         on[t] = true;
     }
 }
@@ -5436,7 +5508,8 @@ static LoraLayout lora_layout(const Config& c, int docs, size_t max_tokens) {
     LoraLayout y;
     lora_parse_targets(c.ttt_lora_targets, y.on);
     int Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden();
-    const int ins[LORA_NUM] = {Dm, Dm, Dm, Dm, Dm, F, Dm}, outs[LORA_NUM] = {Dm, KV, KV, Dm, F, Dm, c.vocab_size};
+    const int ins[LORA_NUM] = {Dm, Dm, Dm, Dm, Dm, F, Dm, Dm, Dm};
+    const int outs[LORA_NUM] = {Dm, KV, KV, Dm, F, Dm, c.vocab_size, Dm, Dm};
     auto pad = [](size_t k) { return (k + 15) / 16 * 16; };
     size_t r = c.ttt_lora_rank;
     for (int t = 0; t < LORA_NUM; t++) {
@@ -5512,6 +5585,7 @@ template <class D> struct LoraState {
     size_t nA = 0;
     G *A_init = nullptr, *m1 = nullptr, *m2 = nullptr;
     int step = 0;
+    bool keep_a = false;  // TTT_WARM_START_A: the next reset keeps A as the last batch trained it
 };
 
 // Every document starts from the same A (one U(±1/√in) draw per target and layer) and B = 0: a
@@ -5544,7 +5618,7 @@ template <class D> static void lora_state_free(D dev, LoraState<D>& s) {
 template <class D> static void lora_reset(D dev, LoraState<D>& s) {
     using G = typename D::grad;
     size_t n = s.lo.nparams;
-    device_copy(dev, s.lo.params, s.A_init, s.nA);
+    if (!s.keep_a) device_copy(dev, s.lo.params, s.A_init, s.nA);
     device_zero(dev, s.lo.params + s.nA, (n - s.nA) * sizeof(G));
     device_zero(dev, s.m1, n * sizeof(G));
     if (s.m2) device_zero(dev, s.m2, n * sizeof(G));
@@ -5805,6 +5879,193 @@ template <class D> static EvalResult eval_full_ttt(D dev, Model<D>& m, const Eva
     sums.reduce();
     log0("full_ttt:done steps:%d\n", step);
     return eval_result("full_ttt", sums, t0);
+}
+
+// --- Phased score-first TTT (PR #1855) ----------------------------------------------------------------
+// LoRA TTT over one queue of batches: documents sorted by length (shortest first) are cut into batches of
+// TTT_BATCH_SIZE, and the batches run longest first. The queue is cut into PHASED_TTT_NUM_PHASES + 1
+// segments: segment p ends with the first batch after which b_p = PHASED_TTT_PREFIX_DOCS·(p+1)/P documents
+// are scored. After it, every rank trains the whole model (global SGD, fresh momentum) on the first b_p
+// scored documents in the record's order (by batch, shortest batch first; in a batch shortest first), and
+// the next segment is scored by the updated model. Every scored document was scored before any update
+// that used it; the documents of the first segment see the artifact's weights. Ranks split each segment's
+// batches; what each rank does between phases depends only on the segment, not on the world size.
+
+// Global SGD of the phases, as the reference's train_val_ttt_global_sgd_distributed: `tokens` (their stream
+// positions in src) in chunks of GLOBAL_TTT_CHUNK_TOKENS; each chunk but the last, its whole rows of L
+// tokens in groups of GLOBAL_TTT_BATCH_SEQS split across ranks, loss = mean over the group, averaged
+// gradients, clip, SGD with momentum at lr·½(1 + cos(π·ci/(chunks − 1))).
+template <class D> static int global_sgd_phase(D dev, Model<D>& m, const std::vector<uint16_t>& tokens,
+                                               const std::vector<long>& src, typename D::grad* mom) {
+    using G = typename D::grad;
+    const Config& c = m.cfg;
+    int L = c.eval_len();
+    long T = (long)tokens.size() - 1, Ct = c.global_ttt_chunk_tokens;
+    long nchunks = (T + Ct - 1) / Ct;
+    int cap_rows = (int)std::max<long>(1, (long)m.acts.B * m.acts.T / L);  // sequences per forward
+    size_t bytes = m.nparams * sizeof(G);
+    std::vector<int32_t> x, y;
+    std::vector<float> nll, weights;
+    int step = 0;
+    for (long ci = 0; ci + 1 < nchunks; ci++) {  // the last chunk is never trained on (as the reference)
+        long cs = ci * Ct, seqs = (std::min(cs + Ct, T) - cs) / L;
+        float lr = (float)(c.global_ttt_lr * 0.5 * (1.0 + std::cos(M_PI * ci / std::max(nchunks - 1, 1L))));
+        for (int ep = 0; ep < c.global_ttt_epochs; ep++)
+            for (long g0 = 0; g0 < seqs; g0 += c.global_ttt_batch_seqs) {
+                long gn = std::min<long>(c.global_ttt_batch_seqs, seqs - g0);
+                long s0 = g0 + split_begin(gn, g_rank, g_world), s1 = g0 + split_begin(gn, g_rank + 1, g_world);
+                device_zero(dev, m.grads, bytes);
+                for (long s = s0; s < s1; s += cap_rows) {
+                    int B = (int)std::min<long>(cap_rows, s1 - s);
+                    x.resize((size_t)B * L);
+                    y.resize((size_t)B * L);
+                    for (size_t i = 0; i < x.size(); i++) {
+                        x[i] = tokens[cs + s * L + i];
+                        y[i] = tokens[cs + s * L + i + 1];
+                    }
+                    // a document's last token (the next BOS) followed by the next document's BOS is no pair
+                    // of the stream: it carries no loss (the reference trains BOS -> BOS there)
+                    weights.assign(x.size(), (float)(1.0 / ((double)gn * L)));
+                    for (size_t i = 0; i < x.size(); i++)
+                        if (src[cs + s * L + i + 1] != src[cs + s * L + i] + 1) weights[i] = 0;
+                    to_device(dev, m.acts.loss_weights, weights.data(), weights.size());
+                    forward_nll(dev, m, x, y, B, L, nll, (Lora<D>*)nullptr, true);
+                    gpt_backward(dev, m, B, L);
+                }
+#ifdef PGOLF_TESTING
+                if (g_ttt_step_hook) {  // the stream positions (target t[j+1]) that carry loss
+                    std::vector<long> pos;
+                    for (long i = cs + s0 * L; i < cs + s1 * L; i++)
+                        if (src[i + 1] == src[i] + 1) pos.push_back(src[i]);
+                    g_ttt_step_hook(pos);
+                }
+#endif
+                allreduce_sum(dev, m.grads, m.nparams);  // every rank joins, with zero gradient if it has no row
+                if (c.global_ttt_grad_clip > 0) {
+                    double coef = c.global_ttt_grad_clip / (std::sqrt(sum_squares(dev, m.grads, m.nparams)) + 1e-6);
+                    if (coef < 1.0) scale_grads(dev, m.grads, m.nparams, (float)coef);
+                }
+                step++;
+                sgd_update(dev, m.params, m.grads, mom, m.nparams, lr, c.global_ttt_momentum, 0.0f, step == 1);
+                refresh_compute_weights(dev, m, false);
+            }
+    }
+    return step;
+}
+
+// The queue: batches of document indices (each shortest first, id = place in shortest-first order) in
+// the order they run.
+struct PhasedBatch { long id; std::vector<long> docs; };
+static std::vector<PhasedBatch> phased_queue(const std::vector<EvalDoc>& docs, int batch) {
+    std::vector<long> idx(docs.size());
+    std::iota(idx.begin(), idx.end(), 0L);
+    std::stable_sort(idx.begin(), idx.end(), [&](long a, long b) { return docs[a].pred < docs[b].pred; });
+    std::vector<PhasedBatch> q;
+    for (size_t i = 0; i < idx.size(); i += batch) {
+        size_t e = std::min(idx.size(), i + batch);
+        q.push_back({(long)q.size(), std::vector<long>(idx.begin() + i, idx.begin() + e)});
+    }
+    // longest batch first; batches of equal longest documents keep their order
+    std::stable_sort(q.begin(), q.end(), [&](const PhasedBatch& a, const PhasedBatch& b) {
+        return docs[a.docs.back()].pred > docs[b.docs.back()].pred;
+    });
+    return q;
+}
+
+template <class D> static EvalResult eval_phased_ttt(D dev, Model<D>& m, const EvalData& d, NllRecord* rec = nullptr) {
+    using G = typename D::grad;
+    const Config& c = m.cfg;
+    double t0 = now_ms();
+    std::vector<EvalDoc> docs = find_documents(d.val);
+    long n = (long)docs.size();
+    int L = c.ttt_eval_seq_len;
+    if (L > m.acts.T) fail("internal: TTT_EVAL_SEQ_LEN=%d exceeds the activation plan (%d positions)", L, m.acts.T);
+    if (c.eval_len() > m.acts.T) fail("internal: eval length %d exceeds the activation plan", c.eval_len());
+    std::vector<PhasedBatch> queue = phased_queue(docs, c.ttt_batch_size);
+    long nq = (long)queue.size(), prefix = std::min<long>(c.phased_ttt_prefix_docs, n);
+    int P = c.phased_ttt_num_phases;
+    // segment ends: after queue position seg[p] − 1 the global SGD of phase p runs
+    std::vector<long> seg;
+    long done = 0, q = 0;
+    for (int p = 0; p < P && prefix > 0; p++) {
+        long bound = prefix * (p + 1) / P;
+        while (q < nq && (done < bound || (!seg.empty() && q == seg.back()))) done += (long)queue[q++].docs.size();
+        seg.push_back(q);
+    }
+    seg.push_back(nq);
+    log0("phased_ttt:start docs:%ld batches:%ld prefix_docs:%ld phases:%d chunk:%d window:%d rank:%d targets:%s "
+         "optimizer:%s lr:%g warm_start_a:%d global_lr:%g global_epochs:%d\n", n, nq, prefix, P, c.ttt_chunk_size, L,
+         c.ttt_lora_rank, c.ttt_lora_targets.c_str(), c.ttt_lora_optimizer.c_str(), c.ttt_lora_lr, c.ttt_warm_start_a,
+         c.global_ttt_lr, c.global_ttt_epochs);
+    int Bd = lora_ttt_docs(c, m.acts.B, m.acts.T);
+    LoraState<D> st;
+    lora_state_init(dev, st, c, Bd, (size_t)Bd * L);
+    size_t bytes = m.nparams * sizeof(G);
+    G* saved = (G*)device_alloc(dev, bytes);
+    G* mom = (G*)device_alloc(dev, bytes);
+    device_copy(dev, saved, m.params, m.nparams);
+    ScoreSums sums;
+    EvalProgress prog("phased_ttt");
+    double fallback = 0;
+    int steps = 0;
+    std::vector<EvalDoc> batch;
+    long q0 = 0;
+    for (size_t p = 0; p < seg.size(); p++) {
+        long q1 = seg[p], nseg = q1 - q0;
+        st.keep_a = false;  // a new phase draws A afresh (the reference builds new adapters)
+        for (long k = q0 + split_begin(nseg, g_rank, g_world); k < q0 + split_begin(nseg, g_rank + 1, g_world); k++) {
+            batch.clear();
+            for (long i : queue[k].docs) batch.push_back(docs[i]);
+            std::reverse(batch.begin(), batch.end());  // lora_batch runs longest first
+            bool late = c.eval_max_wallclock_seconds > 0 && now_ms() - t0 >= 1000 * c.eval_max_wallclock_seconds;
+            for (size_t b0 = 0; b0 < batch.size(); b0 += Bd) {
+                int bsz = (int)std::min<size_t>(Bd, batch.size() - b0);
+                if (late) fallback += bsz;
+                lora_batch(dev, m, d, batch.data() + b0, bsz, late ? nullptr : &st, 1, sums, nullptr, rec);
+                st.keep_a = c.ttt_warm_start_a != 0;
+            }
+            prog.tick((double)(k + 1), (double)nq, sums);
+        }
+        q0 = q1;
+        if (p + 1 == seg.size() || q1 == nq) break;  // nothing left to score with an updated model
+        // global SGD on the first b_p scored documents, in the reference's order: by batch id, where a batch's
+        // id counts from the shortest (queue order is the reverse), then shortest first within the batch
+        double late = c.eval_max_wallclock_seconds > 0 && now_ms() - t0 >= 1000 * c.eval_max_wallclock_seconds;
+        host_allreduce_sum(&late, 1);  // every rank takes the same decision
+        if (late > 0) continue;
+        long bound = prefix * (long)(p + 1) / P;
+        std::vector<PhasedBatch> scored(queue.begin(), queue.begin() + q1);
+        std::sort(scored.begin(), scored.end(), [](const PhasedBatch& a, const PhasedBatch& b) { return a.id < b.id; });
+        std::vector<uint16_t> tokens;
+        std::vector<long> src;  // stream position of each token
+        long taken = 0;
+        for (const PhasedBatch& bt : scored)
+            for (long i : bt.docs) {
+                if (taken++ >= bound) break;
+                for (long j = docs[i].start; j <= docs[i].start + docs[i].pred; j++) {
+                    tokens.push_back(d.val[j]);
+                    src.push_back(j);
+                }
+            }
+        double tg = now_ms();
+        int k = global_sgd_phase(dev, m, tokens, src, mom);
+        steps += k;
+        log0("phased_ttt:phase %zu/%d global_sgd docs:%ld tokens:%zu steps:%d time:%.1fs\n", p + 1, P,
+             std::min(bound, taken), tokens.size(), k, (now_ms() - tg) / 1000);
+    }
+    // later modes (and the artifact) see the weights as loaded
+    device_copy(dev, m.params, saved, m.nparams);
+    refresh_compute_weights(dev, m, false);
+    device_free(dev, saved);
+    device_free(dev, mom);
+    lora_state_free(dev, st);
+    host_allreduce_sum(&fallback, 1);
+    if (fallback > 0)
+        log0("phased_ttt:deadline EVAL_MAX_WALLCLOCK_SECONDS=%g passed: %.0f of %ld documents scored without "
+             "adaptation\n", c.eval_max_wallclock_seconds, fallback, n);
+    sums.reduce();
+    log0("phased_ttt:done global_steps:%d\n", steps);
+    return eval_result("phased_ttt", sums, t0);
 }
 
 // ============================================================================================
@@ -6460,11 +6721,13 @@ struct EvalMemory { size_t bytes = 0; const char* mode = ""; const char* setting
     EvalMemory e;
     for (const std::string& mode : split_list(c.eval_mode)) {
         EvalMemory x;
-        if (mode == "lora_ttt") {
+        if (mode == "lora_ttt" || mode == "phased_ttt") {
             int docs = lora_ttt_docs(c, act_B, act_T);
             size_t window = (size_t)docs * c.ttt_eval_seq_len;
             size_t bytes = lora_state_bytes(c, docs, window, grad_bytes, compute_bytes, act_bytes);
-            x = {bytes, "lora_ttt", "TTT_BATCH_SIZE, TTT_LORA_RANK or TTT_LORA_TARGETS"};
+            if (mode == "phased_ttt") bytes += 2 * nparams * grad_bytes;  // saved weights, global SGD momentum
+            const char* name = mode == "lora_ttt" ? "lora_ttt" : "phased_ttt";
+            x = {bytes, name, "TTT_BATCH_SIZE, TTT_LORA_RANK or TTT_LORA_TARGETS"};
         } else if (mode == "full_ttt") {
             size_t copies = c.ttt_optimizer == "sgd" ? 2 : 3;  // saved weights and the moments
             x = {copies * nparams * grad_bytes, "full_ttt", "TTT_OPTIMIZER=sgd (one moment less)"};
@@ -6487,7 +6750,9 @@ template <class D> static std::vector<EvalResult> evaluate_modes(D dev, Model<D>
         else if (mode == "sliding") r = eval_sliding(dev, m, ev, &rec);
         else if (mode == "lora_ttt") r = eval_lora_ttt(dev, m, ev, &rec, &extra);
         else if (mode == "full_ttt") r = eval_full_ttt(dev, m, ev, &rec);
-        else fail("EVAL_MODE: unknown mode \"%s\" (expected standard, sliding, lora_ttt, full_ttt)", mode.c_str());
+        else if (mode == "phased_ttt") r = eval_phased_ttt(dev, m, ev, &rec);
+        else fail("EVAL_MODE: unknown mode \"%s\" (expected standard, sliding, lora_ttt, full_ttt, phased_ttt)",
+                  mode.c_str());
         results.push_back(r);
         for (EvalResult& e : extra) { e.same_pass = true; results.push_back(e); }
         for (size_t i = results.size() - 1 - extra.size(); i < results.size(); i++) {
@@ -6717,6 +6982,16 @@ static void cost_gemm(long M, long N, long K, double d_size, bool beta, long bat
 static void matmul_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, int N, int IC, int OC,
                            bool accumulate = false) {
     cost_gemm(N, OC, IC, BF, accumulate);
+}
+// matmul_forward_batched / matmul_backward_batched: the same products, one strided-batched call each
+static void matmul_forward_batched(Cost, CostBf16*, const CostBf16*, const CostBf16*, int batch, int N, int IC, int OC,
+                                   float, bool accumulate) {
+    cost_gemm(N, OC, IC, BF, accumulate, batch);
+}
+static void matmul_backward_batched(Cost, CostBf16* dinp, float* dw, const CostBf16*, const CostBf16*, const CostBf16*,
+                                    int batch, int N, int IC, int OC, float, bool dinp_accumulate) {
+    if (dinp) cost_gemm(N, IC, OC, BF, dinp_accumulate, batch);
+    if (dw) cost_gemm(OC, IC, N, F32, true, batch);
 }
 // matmul_backward: linear_dinp_gemm dinp[N,IC] += dout·W (bf16), linear_dweight_gemm dW[OC,IC] += doutᵀ·inp (fp32)
 static void matmul_backward(Cost, CostBf16* dinp, float* dw, const CostBf16*, const CostBf16*, const CostBf16*,
