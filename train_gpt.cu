@@ -2098,13 +2098,15 @@ template <class T> static void matmul_forward_batched(Cpu<T> dev, T* out, const 
         for (size_t i = 0; i < prod.size(); i++) o[i] = (accumulate ? o[i] : T(0)) + T(alpha) * prod[i];
     }
 }
-// dinp[b] (+)= alpha·dout[b]·W[b] (overwritten unless dinp_accumulate); dW[b] += dout[b]ᵀ·inp[b].
+// dinp[b] (+)= alpha·dout[b]·W[b] (overwritten unless dinp_accumulate); dW[b] (+)= dout[b]ᵀ·inp[b]
+// (overwritten unless dw_accumulate).
 template <class T> static void matmul_backward_batched(Cpu<T> dev, T* dinp, T* dw, const T* dout, const T* inp,
                                                        const T* w, int batch, int N, int IC, int OC, float alpha,
-                                                       bool dinp_accumulate) {
+                                                       bool dinp_accumulate, bool dw_accumulate) {
     std::vector<T> prod((size_t)N * IC);
     for (int b = 0; b < batch; b++) {
         const T* db = dout + (size_t)b * N * OC;
+        if (dw && !dw_accumulate) std::fill(dw + (size_t)b * OC * IC, dw + (size_t)(b + 1) * OC * IC, T(0));
         if (dw) matmul_backward(dev, (T*)nullptr, dw + (size_t)b * OC * IC, db, inp + (size_t)b * N * IC, w, N, IC, OC);
         if (!dinp) continue;
         std::fill(prod.begin(), prod.end(), T(0));
@@ -2246,14 +2248,15 @@ static void matmul_forward_batched(Cuda, bf16* out, const bf16* inp, const bf16*
               batch, (long long)N * IC, (long long)OC * IC, (long long)N * OC);
 }
 static void matmul_backward_batched(Cuda, bf16* dinp, float* dw, const bf16* dout, const bf16* inp, const bf16* w,
-                                    int batch, int N, int IC, int OC, float alpha, bool dinp_accumulate) {
+                                    int batch, int N, int IC, int OC, float alpha, bool dinp_accumulate,
+                                    bool dw_accumulate) {
     RowMajorGemm gi = linear_dinp_gemm(N, IC, OC), gw = linear_dweight_gemm(N, IC, OC);
     if (dinp)
         gemm_bf16(dinp, CUDA_R_16BF, nullptr, dout, w, gi.M, gi.N, gi.K, gi.a_trans, gi.b_trans, alpha,
                   dinp_accumulate ? 1.0f : 0.0f, batch, (long long)N * OC, (long long)OC * IC, (long long)N * IC);
     if (dw)
-        gemm_bf16(dw, CUDA_R_32F, nullptr, dout, inp, gw.M, gw.N, gw.K, gw.a_trans, gw.b_trans, 1.0f, 1.0f, batch,
-                  (long long)N * OC, (long long)N * IC, (long long)OC * IC);
+        gemm_bf16(dw, CUDA_R_32F, nullptr, dout, inp, gw.M, gw.N, gw.K, gw.a_trans, gw.b_trans, 1.0f,
+                  dw_accumulate ? 1.0f : 0.0f, batch, (long long)N * OC, (long long)N * IC, (long long)OC * IC);
 }
 #endif
 
@@ -3994,11 +3997,12 @@ template <class D> static void lora_backward(D dev, Lora<D>* lo, int t, int laye
                                              const typename D::act* dout, const typename D::act* x, int T) {
     if (!lo || !lo->on[t]) return;
     int in = lo->in_dim[t], out_d = lo->out_dim[t], r = lo->rank, k = lo->docs;
-    // out += tmp·Bᵀ  →  dB += doutᵀ·tmp, dtmp = s·dout·B (the s of tmp = s·x·Aᵀ)
+    // Each adapter has one use per pass: its gradient is written, not added (no memset first).
+    // out += tmp·Bᵀ  →  dB = doutᵀ·tmp, dtmp = s·dout·B (the s of tmp = s·x·Aᵀ)
     matmul_backward_batched(dev, lo->dtmp, lo->dB[t][layer], dout, lo->tmp[t][layer], lo->Bc[t][layer], k, T, r, out_d,
-                            lo->scale, false);
-    // tmp = s·x·Aᵀ  →  dA += dtmpᵀ·x, dx += dtmp·A
-    matmul_backward_batched(dev, dx, lo->dA[t][layer], lo->dtmp, x, lo->Ac[t][layer], k, T, in, r, 1.0f, true);
+                            lo->scale, false, false);
+    // tmp = s·x·Aᵀ  →  dA = dtmpᵀ·x, dx += dtmp·A
+    matmul_backward_batched(dev, dx, lo->dA[t][layer], lo->dtmp, x, lo->Ac[t][layer], k, T, in, r, 1.0f, true, false);
 }
 
 
@@ -5762,6 +5766,7 @@ template <class D> struct LoraState {
     G *A_init = nullptr, *m1 = nullptr, *m2 = nullptr;
     int step = 0;
     bool keep_a = false;  // TTT_WARM_START_A: the next reset keeps A as the last batch trained it
+    int grad_docs = 0;    // documents whose gradient rows the last backward wrote (the rest are zero)
 };
 
 // Every document starts from the same A (one U(±1/√in) draw per target and layer) and B = 0: a
@@ -5795,14 +5800,31 @@ template <class D> static void lora_reset(D dev, LoraState<D>& s) {
     using G = typename D::grad;
     size_t n = s.lo.nparams;
     if (!s.keep_a) device_copy(dev, s.lo.params, s.A_init, s.nA);
+    device_zero(dev, s.lo.grads, n * sizeof(G));  // once per batch: backwards overwrite the rows they use
+    s.grad_docs = 0;
     device_zero(dev, s.lo.params + s.nA, (n - s.nA) * sizeof(G));
     device_zero(dev, s.m1, n * sizeof(G));
     if (s.m2) device_zero(dev, s.m2, n * sizeof(G));
     s.step = 0;
     lora_refresh_compute(dev, s.lo);
 }
-// adam = AdamW without decay (LORA77, PR #600, PR #467); plain SGD has no momentum setting.
+// Before a backward over the first k documents: rows of documents that left the batch since the last
+// one would keep their old gradient (the backward writes only k rows), so they are zeroed, once.
+template <class D> static void lora_drop_grads(D dev, LoraState<D>& s, int k) {
+    using G = typename D::grad;
+    Lora<D>& lo = s.lo;
+    for (int t = 0; t < LORA_NUM && s.grad_docs > k; t++)
+        for (size_t l = 0; l < lo.A[t].size(); l++) {
+            size_t a = (size_t)lo.rank * lo.in_dim[t], b = (size_t)lo.out_dim[t] * lo.rank;
+            device_zero(dev, lo.dA[t][l] + k * a, (s.grad_docs - k) * a * sizeof(G));
+            device_zero(dev, lo.dB[t][l] + k * b, (s.grad_docs - k) * b * sizeof(G));
+        }
+    s.grad_docs = k;
+}
+// adam = AdamW without decay (LORA77, PR #600, PR #467); plain SGD has no momentum setting. Its fp32
+// streams are the optimizer's class of work (PROFILE=1, the cost model).
 template <class D> static void lora_step(D dev, LoraState<D>& s, const Config& c, float lr) {
+    auto scope = op_scope(dev, OP_OPTIMIZER);
     Lora<D>& lo = s.lo;
     s.step++;
     if (c.ttt_lora_optimizer == "sgd") sgd_update(dev, lo.params, lo.grads, s.m1, lo.nparams, lr, 0.0f, c.ttt_lora_wd, true);
@@ -5875,7 +5897,7 @@ template <class D> static void lora_batch(D dev, Model<D>& m, const EvalData& d,
 #endif
             for (int s = 0; s < c.ttt_steps; s++) {  // PR #600's TTT_STEPS: more passes over the scored chunk
                 if (s > 0) forward_nll(dev, m, x, y, k, W, nll, &st->lo, true);
-                device_zero(dev, st->lo.grads, st->lo.nparams * sizeof(typename D::grad));
+                lora_drop_grads(dev, *st, k);
                 gpt_backward(dev, m, k, W, &st->lo, /*param_grads=*/false);
                 lora_step(dev, *st, c, lr);
             }
@@ -7330,9 +7352,9 @@ static void matmul_forward_batched(Cost, CostBf16*, const CostBf16*, const CostB
     cost_gemm(N, OC, IC, BF, accumulate, batch);
 }
 static void matmul_backward_batched(Cost, CostBf16* dinp, float* dw, const CostBf16*, const CostBf16*, const CostBf16*,
-                                    int batch, int N, int IC, int OC, float, bool dinp_accumulate) {
+                                    int batch, int N, int IC, int OC, float, bool dinp_accumulate, bool dw_accumulate) {
     if (dinp) cost_gemm(N, IC, OC, BF, dinp_accumulate, batch);
-    if (dw) cost_gemm(OC, IC, N, F32, true, batch);
+    if (dw) cost_gemm(OC, IC, N, F32, dw_accumulate, batch);
 }
 // matmul_backward: linear_dinp_gemm dinp[N,IC] += dout·W (bf16), linear_dweight_gemm dW[OC,IC] += doutᵀ·inp (fp32)
 static void matmul_backward(Cost, CostBf16* dinp, float* dw, const CostBf16*, const CostBf16*, const CostBf16*,
@@ -7515,6 +7537,10 @@ template <class X> static void copy_forward(Cost dev, X* out, const X* x, size_t
 static void adamw_update(Cost, float*, const float*, float*, float*, size_t n, float, float, float, float, float, int) {
     if (n) cost_add(OP_ELEMENTWISE, "adamw", 0, 7 * cb<float>(n));
 }
+// sgd_update: sgd_kernel (p, g, buf read; p, buf written)
+static void sgd_update(Cost, float*, const float*, float*, size_t n, float, float, float, bool) {
+    if (n) cost_add(OP_ELEMENTWISE, "sgd", 0, 5 * cb<float>(n));
+}
 // apply_update: apply_update_kernel; average_accumulate: average_kernel; scale_grads: scale_inplace
 static void apply_update(Cost, float*, const float*, size_t n, float, float) {
     if (n) cost_add(OP_ELEMENTWISE, "apply_update", 0, 3 * cb<float>(n));
@@ -7692,11 +7718,220 @@ static CostTotals cost_totals(const std::vector<CostEntry>& list) {
     for (int k = 0; k < OP_NUM; k++) ms[k] = t.seconds[k] * 1e3;
 }
 
+// --- Evaluation: LoRA TTT and phased TTT (./train_gpt cost EVAL=1) -----------------------------------
+// The eval modes' device work, traced under Cost as they issue it (lora_batch's forward, adapter backward
+// and optimizer step per chunk; global_sgd_phase's steps), priced per (active documents, window width)
+// and summed over the validation set's documents: DATA_PATH's own when its val shards are there, else
+// the document lengths of the CaseOps SP8192 validation set (50,000 documents, 47.85M tokens) as the
+// phased-TTT records log them (`ttp: … dl:min-max` of 756 of their 782 batches of 64, shortest batch
+// first), at 34 knots, scaled by VAL_SCALE (e.g. 1.296 for SP1024: 62.02M tokens for the same documents).
+static const int COST_DOC_KNOTS = 34;
+static const int COST_DOC_BATCH[COST_DOC_KNOTS] = {1, 2, 4, 8, 16, 32, 64, 100, 150, 200, 250, 300, 350, 400, 450, 500,
+    550, 600, 640, 680, 700, 720, 735, 745, 755, 762, 768, 772, 775, 777, 779, 780, 781, 782};
+static const int COST_DOC_SHORTEST[COST_DOC_KNOTS] = {27, 83, 93, 103, 117, 135, 166, 199, 245, 296, 354, 421, 497,
+    582, 680, 796, 943, 1133, 1337, 1618, 1824, 2125, 2495, 2842, 3397, 4032, 4859, 5762, 6892, 8452, 10442, 13091,
+    17258, 30339};
+static const int COST_DOC_LONGEST = 97114;
+// Predicted positions (length − 1) of the 50,000 documents: batch j's 64 spread evenly from its shortest
+// to the next batch's, knots interpolated geometrically.
+static std::vector<long> cost_doc_preds(double scale) {
+    std::vector<double> shortest(783);
+    for (int k = 0; k + 1 < COST_DOC_KNOTS; k++)
+        for (int j = COST_DOC_BATCH[k]; j <= COST_DOC_BATCH[k + 1]; j++) {
+            double f = (double)(j - COST_DOC_BATCH[k]) / (COST_DOC_BATCH[k + 1] - COST_DOC_BATCH[k]);
+            shortest[j] = COST_DOC_SHORTEST[k] * std::pow((double)COST_DOC_SHORTEST[k + 1] / COST_DOC_SHORTEST[k], f);
+        }
+    std::vector<long> pred;
+    for (int j = 1; j <= 782; j++) {
+        int n = j < 782 ? 64 : 50000 - 64 * 781;
+        double a = shortest[j], b = j < 782 ? shortest[j + 1] : COST_DOC_LONGEST;
+        for (int i = 0; i < n; i++) pred.push_back(std::max(1L, std::lround(scale * (a + (b - a) * i / n)) - 1));
+    }
+    return pred;
+}
+
+// Adapters laid out as lora_alloc lays them, at addresses only.
+static void cost_lora_init(Lora<Cost>& lo, const Config& c, int docs, size_t max_tokens) {
+    LoraLayout y = lora_layout(c, docs, max_tokens);
+    lo.docs = docs; lo.rank = c.ttt_lora_rank; lo.nparams = y.n;
+    lo.scale = c.ttt_lora_alpha > 0 ? c.ttt_lora_alpha / c.ttt_lora_rank : 1.0f;
+    lo.params = cost_region<float>(9); lo.grads = cost_region<float>(10); lo.compute = cost_region<CostBf16>(11);
+    lo.dtmp = cost_region<CostBf16>(12);
+    for (int t = 0; t < LORA_NUM; t++) {
+        lo.on[t] = y.on[t]; lo.in_dim[t] = y.in_dim[t]; lo.out_dim[t] = y.out_dim[t];
+        size_t k = y.offA[t].size();
+        lo.A[t].assign(k, lo.params); lo.B[t].assign(k, lo.params); lo.dA[t].assign(k, lo.grads);
+        lo.dB[t].assign(k, lo.grads); lo.Ac[t].assign(k, lo.compute); lo.Bc[t].assign(k, lo.compute);
+        lo.tmp[t].assign(k, lo.dtmp);
+    }
+}
+static double cost_entries_seconds(const std::vector<CostEntry>& e) {
+    double s = 0;
+    for (const CostEntry& x : e) s += cost_seconds(x);
+    return s;
+}
+struct CostEval {
+    double seconds = 0, forwards = 0, launches = 0;
+    double per_doc_launches = 0;  // the LoRA products of a per-document loop (before batching)
+    double cls[OP_NUM] = {};  // seconds per class
+};
+// One chunk of lora_batch: k active documents in a window of W, the first tr of them training.
+static CostEval cost_lora_chunk(Model<Cost>& m, Lora<Cost>& lo, const Config& c, int k, int W, int tr) {
+    g_cost = CostLog();
+    g_cost.model = &m;
+    Cost dev;
+    std::vector<int32_t> x((size_t)k * W), y((size_t)k * W);
+    std::vector<float> nll, weights((size_t)k * W);
+    LoraState<Cost> st;
+    st.lo = lo; st.lo.docs = k; st.m1 = cost_region<float>(13); st.m2 = cost_region<float>(14);
+    if (tr > 0) to_device(dev, m.acts.loss_weights, weights.data(), weights.size());
+    forward_nll(dev, m, x, y, k, W, nll, &st.lo, tr > 0);
+    for (int s = 0; tr > 0 && s < c.ttt_steps; s++) {
+        if (s > 0) forward_nll(dev, m, x, y, k, W, nll, &st.lo, true);
+        st.grad_docs = k;  // (the rows of documents that left: zeroed once per batch, not modelled)
+        lora_drop_grads(dev, st, k);
+        gpt_backward(dev, m, k, W, &st.lo, false);
+        lora_step(dev, st, c, c.ttt_lora_lr);
+    }
+    CostEval e;
+    e.seconds = cost_entries_seconds(g_cost.entries);
+    for (const CostEntry& x2 : g_cost.entries) e.cls[x2.cls] += cost_seconds(x2);
+    e.forwards = 1 + (tr > 0 ? c.ttt_steps - 1 : 0);
+    for (const CostEntry& x2 : g_cost.entries) e.launches += x2.cls != OP_SYNC && x2.cls != OP_COMM;
+    int slots = 0;  // adapters: each forward issued 2 products, each backward 4; a loop issues them per document
+    for (int t = 0; t < LORA_NUM; t++) slots += (int)lo.A[t].size();
+    double fwd = e.forwards, bwd = tr > 0 ? c.ttt_steps : 0;
+    e.per_doc_launches = slots * (fwd * 2 * (k - 1) + bwd * (4 * (k - 1) + k));  // + a memset of dtmp per document
+    if (lo.scale != 1) e.per_doc_launches += slots * k * (fwd + bwd);             // + its scale kernels
+    g_cost = CostLog();
+    return e;
+}
+// Every batch of `preds` (longest first within a batch) as lora_batch runs it; chunks priced once per shape.
+static CostEval cost_lora_batches(Model<Cost>& m, Lora<Cost>& lo, const Config& c,
+                                  const std::vector<std::vector<long>>& batches) {
+    std::map<std::tuple<int, int, int>, CostEval> memo;
+    CostEval sum;
+    int C = c.ttt_chunk_size, L = c.ttt_eval_seq_len;
+    for (const std::vector<long>& b : batches) {
+        long max_nc = (b[0] + C - 1) / C;
+        for (long ci = 0; ci < max_nc; ci++) {
+            int k = 0, tr = 0;
+            while (k < (int)b.size() && ci * C < b[k]) k++;
+            while (tr < k && (ci + 1) * C < b[tr]) tr++;
+            int W = (int)std::min<long>((ci + 1) * C, L);
+            W = (int)std::min<long>(W, b[0]);
+            auto key = std::make_tuple(k, W, tr);
+            auto it = memo.find(key);
+            if (it == memo.end()) it = memo.emplace(key, cost_lora_chunk(m, lo, c, k, W, tr)).first;
+            sum.seconds += it->second.seconds; sum.forwards += it->second.forwards;
+            sum.launches += it->second.launches; sum.per_doc_launches += it->second.per_doc_launches;
+            for (int q = 0; q < OP_NUM; q++) sum.cls[q] += it->second.cls[q];
+        }
+    }
+    return sum;
+}
+// One global SGD step of global_sgd_phase on one of `world` ranks: its rows of L, the all-reduce, clip, SGD.
+static CostEval cost_global_step(Model<Cost>& m, const Config& c, int rows) {
+    g_cost = CostLog();
+    g_cost.model = &m;
+    Cost dev;
+    int L = c.eval_len();
+    std::vector<int32_t> x((size_t)rows * L), y((size_t)rows * L);
+    std::vector<float> nll, weights((size_t)rows * L);
+    device_zero(dev, m.grads, m.nparams * sizeof(float));
+    if (rows > 0) {
+        to_device(dev, m.acts.loss_weights, weights.data(), weights.size());
+        forward_nll(dev, m, x, y, rows, L, nll, (Lora<Cost>*)nullptr, true);
+        gpt_backward(dev, m, rows, L);
+    }
+    allreduce_sum(dev, m.grads, m.nparams);
+    sum_squares(dev, m.grads, m.nparams);
+    scale_grads(dev, m.grads, m.nparams, 1.0f);
+    sgd_update(dev, m.params, m.grads, m.grads, m.nparams, 0.0f, 0.0f, 0.0f, false);
+    refresh_compute_weights(dev, m, false);
+    CostEval e;
+    e.seconds = cost_entries_seconds(g_cost.entries);
+    for (const CostEntry& x2 : g_cost.entries) e.launches += x2.cls != OP_SYNC && x2.cls != OP_COMM;
+    g_cost = CostLog();
+    return e;
+}
+
+// The projection of EVAL_MODE's lora_ttt / phased_ttt on `world` GPUs, the documents shared evenly.
+static void cost_eval_report(const Config& c, int world, double val_scale) {
+    int saved_world = g_world;
+    g_world = world;
+    std::vector<long> preds;
+    bool from_data = !glob_sorted(c.data_path + "/fineweb_val_*.bin").empty();
+    if (from_data) {
+        Config v = c;
+        for (const EvalDoc& d : find_documents(load_validation_tokens(v))) preds.push_back(d.pred);
+    } else {
+        preds = cost_doc_preds(val_scale);
+    }
+    double tokens = 0;
+    for (long p : preds) tokens += (double)p + 1;
+    printf("eval cost model: %zu documents, %.2fM tokens (%s)\n", preds.size(), tokens / 1e6,
+           from_data ? ("the val shards of DATA_PATH=" + c.data_path).c_str()
+                     : fmt("the CaseOps SP8192 validation set's document lengths × VAL_SCALE=%g", val_scale).c_str());
+    int Bd = c.ttt_batch_size, L = c.ttt_eval_seq_len;
+    Model<Cost> m;
+    TrainState<Cost> s;
+    cost_model_init(m, s, c, Bd, std::max(L, c.eval_len()));
+    Lora<Cost> lo;
+    cost_lora_init(lo, c, Bd, (size_t)Bd * L);
+    for (const std::string& mode : split_list(c.eval_mode)) {
+        if (mode != "lora_ttt" && mode != "phased_ttt") continue;
+        // batches as the mode forms them: lora_ttt longest first per rank; phased_ttt the length-sorted queue
+        std::vector<long> sorted = preds;
+        std::sort(sorted.begin(), sorted.end(), std::greater<long>());
+        std::vector<std::vector<long>> batches;
+        for (size_t i = 0; i < sorted.size(); i += Bd)
+            batches.emplace_back(sorted.begin() + i, sorted.begin() + std::min(sorted.size(), i + (size_t)Bd));
+        CostEval e = cost_lora_batches(m, lo, c, batches);
+        double global = 0, steps = 0;
+        if (mode == "phased_ttt") {  // the global SGD phases: the scored prefix documents (the longest batches first)
+            long prefix = std::min<long>(c.phased_ttt_prefix_docs, (long)preds.size()), done = 0;
+            size_t q = 0;
+            CostEval step = cost_global_step(m, c, (int)std::max(1L, (long)c.global_ttt_batch_seqs / world));
+            for (int p = 0; p < c.phased_ttt_num_phases && prefix > 0; p++) {
+                long bound = prefix * (p + 1) / c.phased_ttt_num_phases;
+                while (q < batches.size() && done < bound) done += (long)batches[q++].size();
+                double ptok = 0;  // the first `bound` scored documents by batch id: the shortest of those scored
+                for (long i = 0; i < bound; i++) ptok += (double)sorted[done - 1 - i] + 1;
+                double chunks = std::ceil(ptok / c.global_ttt_chunk_tokens);
+                double seqs = std::floor(c.global_ttt_chunk_tokens / (double)c.eval_len());
+                double per_chunk = std::ceil(seqs / c.global_ttt_batch_seqs) * c.global_ttt_epochs;
+                steps += std::max(0.0, chunks - 1) * per_chunk;
+            }
+            global = steps * step.seconds;
+        }
+        double lora_s = e.seconds / world, total = lora_s + global;
+        printf("%s on %d GPUs: %zu batches of %d documents, %.0f forward passes (%.0f per GPU), %.3g launches per GPU; "
+               "LoRA TTT %.1f s", mode.c_str(), world, batches.size(), Bd, e.forwards, e.forwards / world,
+               e.launches / world, lora_s);
+        if (mode == "phased_ttt") printf(" + global SGD %.0f steps %.1f s", steps, global);
+        std::string deadline;
+        if (c.eval_max_wallclock_seconds > 0)
+            deadline = fmt(" (deadline EVAL_MAX_WALLCLOCK_SECONDS=%g: %s)", c.eval_max_wallclock_seconds,
+                           total <= c.eval_max_wallclock_seconds ? "inside" : "PAST");
+        printf(" = %.1f s projected%s\n", total, deadline.c_str());
+        printf("  LoRA TTT per GPU by class:");
+        for (int q = 0; q < OP_NUM; q++)
+            if (e.cls[q] > 0) printf(" %s %.1f s;", OP_CLASS_NAMES[q], e.cls[q] / world);
+        printf("\n");
+        printf("  a per-document loop of the LoRA products would add %.3g launches per GPU, ≥ %.0f s at %.0f us "
+               "each\n", e.per_doc_launches / world, e.per_doc_launches / world * LAUNCH_S, LAUNCH_S * 1e6);
+    }
+    g_world = saved_world;
+}
+
 // ./train_gpt cost [KEY=VALUE …]: settings as environment variables or arguments (CONFIG=pr467, …);
-// GPUS=n (default 8) ranks share TRAIN_BATCH_TOKENS, as `mpirun -np n` would; OPS=1 adds a table per op.
+// GPUS=n (default 8) ranks share TRAIN_BATCH_TOKENS, as `mpirun -np n` would; OPS=1 adds a table per op;
+// EVAL=1 projects EVAL_MODE's lora_ttt / phased_ttt instead (VAL_SCALE=x scales the built-in document lengths).
 static int cost_main(int argc, char** argv) {
     int world = 8;
-    bool by_op = false;
+    bool by_op = false, eval = false;
+    double val_scale = 1.0;
     for (int i = 2; i < argc; i++) {
         const char* eq = strchr(argv[i], '=');
         if (!eq || eq == argv[i])
@@ -7710,15 +7945,26 @@ static int cost_main(int argc, char** argv) {
             world = (int)v;
             continue;
         }
-        if (key == "OPS") {
-            if (strcmp(eq + 1, "0") && strcmp(eq + 1, "1")) fail("%s cost: OPS=%s: expected 0 or 1", argv[0], eq + 1);
-            by_op = eq[1] == '1';
+        if (key == "OPS" || key == "EVAL") {
+            if (strcmp(eq + 1, "0") && strcmp(eq + 1, "1")) fail("%s cost: %s: expected 0 or 1", argv[0], argv[i]);
+            (key == "OPS" ? by_op : eval) = eq[1] == '1';
+            continue;
+        }
+        if (key == "VAL_SCALE") {
+            char* end = nullptr;
+            val_scale = strtod(eq + 1, &end);
+            if (*end || !(val_scale > 0 && val_scale < 100))
+                fail("%s cost: VAL_SCALE=%s: expected a factor in (0, 100)", argv[0], eq + 1);
             continue;
         }
         setenv(key.c_str(), eq + 1, 1);
     }
     Config c = config_from_env();
     config_validate(c, world);
+    if (eval) {
+        cost_eval_report(c, world, val_scale);
+        return 0;
+    }
     int accum = grad_accum_steps(c, world);
     long local = c.train_batch_tokens / ((long)world * accum);
     std::vector<CostEntry> list = cost_step_launches(c, world);
