@@ -720,6 +720,7 @@ struct Config {
     int val_loss_every = 1000, train_log_every = 200;
     long val_tokens_limit = 0;         // evaluate only a prefix of the validation stream (0 = all)
     int val_truncate_to_seq = 0;       // 1 = drop the tail that is not a multiple of TRAIN_SEQ_LEN, as the reference
+    int caseops_enabled = 0;           // 1 = CaseOps shards: val_bpb counts bytes from fineweb_val_bytes_*.bin
     int checkpoint_every = 0;          // steps between checkpoints (0 = none during training)
     int checkpoint_keep = 2;           // newest checkpoints kept on disk (0 = all)
     // training length and batch
@@ -812,6 +813,10 @@ struct Config {
     float ttt_lr = 0.002f, ttt_momentum = 0.9f, ttt_grad_clip = 1.0f, ttt_wd = 0.0f;
     float ttt_beta1 = 0.9f, ttt_beta2 = 0.999f, ttt_eps = 1e-8f;
     std::string ttt_optimizer = "sgd";  // sgd (momentum) | adamw
+    // phased score-first TTT (PR #1855): LoRA TTT in phases, global SGD on scored documents between them
+    int phased_ttt_prefix_docs = 2000, phased_ttt_num_phases = 1, ttt_warm_start_a = 0;
+    int global_ttt_epochs = 1, global_ttt_chunk_tokens = 32768, global_ttt_batch_seqs = 32;
+    float global_ttt_lr = 0.001f, global_ttt_momentum = 0.9f, global_ttt_grad_clip = 1.0f;
 
     // derived
     int head_dim() const { return model_dim / num_heads; }
@@ -981,6 +986,8 @@ static std::vector<Setting> config_settings(Config& c) {
         {"TRAIN_LOG_EVERY", 'i', &c.train_log_every, "steps between train-loss lines"},
         {"VAL_TOKENS_LIMIT", 'l', &c.val_tokens_limit, "evaluate only the first N validation tokens (0 = all)"},
         {"VAL_TRUNCATE_TO_SEQ", 'i', &c.val_truncate_to_seq, "1 = score only a multiple of TRAIN_SEQ_LEN positions, as the reference"},
+        {"CASEOPS_ENABLED", 'i', &c.caseops_enabled,
+         "1 = CaseOps data: val_bpb charges each token the original bytes of the fineweb_val_bytes_*.bin sidecar"},
         {"CHECKPOINT_EVERY", 'i', &c.checkpoint_every, "steps between checkpoints, plus one at the end (0 = none)"},
         {"CHECKPOINT_KEEP", 'i', &c.checkpoint_keep, "newest checkpoints kept (0 = all)"},
         {"ITERATIONS", 'i', &c.iterations, "training steps"},
@@ -1087,7 +1094,7 @@ static std::vector<Setting> config_settings(Config& c) {
         {"LQER_ASYM_ENABLED", 'i', &c.lqer_asym_enabled, "1 = A int2 (one scale), B int4 in groups"},
         {"LQER_ASYM_GROUP", 'i', &c.lqer_asym_group, "values per fp16 scale of the asymmetric B factor"},
         {"COMPRESSOR", 's', &c.compressor, "codec of the artifact's groups: zstd | brotli"},
-        {"EVAL_MODE", 's', &c.eval_mode, "comma list of standard, sliding, lora_ttt, full_ttt"},
+        {"EVAL_MODE", 's', &c.eval_mode, "comma list of standard, sliding, lora_ttt, full_ttt, phased_ttt"},
         {"EVAL_SEQ_LEN", 'i', &c.eval_seq_len, "window of standard/sliding eval (0 = TRAIN_SEQ_LEN)"},
         {"EVAL_STRIDE", 'i', &c.eval_stride, "sliding-window stride"},
         {"EVAL_BATCH_SEQS", 'i', &c.eval_batch_seqs, "windows per forward pass"},
@@ -1097,7 +1104,9 @@ static std::vector<Setting> config_settings(Config& c) {
         {"TTT_LORA_RANK", 'i', &c.ttt_lora_rank, "LoRA rank"},
         {"TTT_LORA_LR", 'f', &c.ttt_lora_lr, "LoRA lr"},
         {"TTT_LORA_ALPHA", 'f', &c.ttt_lora_alpha, "LoRA delta scale alpha/rank (0 = scale 1)"},
-        {"TTT_LORA_TARGETS", 's', &c.ttt_lora_targets, "comma list of q, k, v, o, mlp_up, mlp_down, lm_head"},
+        {"TTT_LORA_TARGETS", 's', &c.ttt_lora_targets,
+         "comma list of q, k, v, o, mlp_up, mlp_down, lm_head, attn_out (from the attention's input), "
+         "mlp (beside the MLP)"},
         {"TTT_LORA_OPTIMIZER", 's', &c.ttt_lora_optimizer, "adam | adamw | sgd"},
         {"TTT_LORA_BETA1", 'f', &c.ttt_lora_beta1, "LoRA Adam beta1"},
         {"TTT_LORA_BETA2", 'f', &c.ttt_lora_beta2, "LoRA Adam beta2"},
@@ -1122,6 +1131,16 @@ static std::vector<Setting> config_settings(Config& c) {
         {"TTT_BETA2", 'f', &c.ttt_beta2, "full TTT: AdamW beta2"},
         {"TTT_EPS", 'f', &c.ttt_eps, "full TTT: AdamW epsilon"},
         {"TTT_OPTIMIZER", 's', &c.ttt_optimizer, "full TTT: sgd | adamw"},
+        {"PHASED_TTT_PREFIX_DOCS", 'i', &c.phased_ttt_prefix_docs, "phased TTT: scored documents the global SGD uses"},
+        {"PHASED_TTT_NUM_PHASES", 'i', &c.phased_ttt_num_phases, "phased TTT: global SGD phases over that prefix"},
+        {"TTT_WARM_START_A", 'i', &c.ttt_warm_start_a,
+         "phased TTT: 1 = LoRA A carries over from batch to batch within a phase (only B and the moments reset)"},
+        {"GLOBAL_TTT_LR", 'f', &c.global_ttt_lr, "phased TTT: global SGD lr (cosine over its chunks)"},
+        {"GLOBAL_TTT_MOMENTUM", 'f', &c.global_ttt_momentum, "phased TTT: global SGD momentum"},
+        {"GLOBAL_TTT_EPOCHS", 'i', &c.global_ttt_epochs, "phased TTT: global SGD passes per chunk"},
+        {"GLOBAL_TTT_CHUNK_TOKENS", 'i', &c.global_ttt_chunk_tokens, "phased TTT: global SGD tokens per chunk"},
+        {"GLOBAL_TTT_BATCH_SEQS", 'i', &c.global_ttt_batch_seqs, "phased TTT: global SGD sequences per step"},
+        {"GLOBAL_TTT_GRAD_CLIP", 'f', &c.global_ttt_grad_clip, "phased TTT: global SGD gradient clip norm"},
     };
 }
 
@@ -1148,12 +1167,15 @@ static const char* const SCOPE_SETTINGS[SCOPE_NUM] = {
     " MATRIX_CLIP_SIGMAS MLP_CLIP_SIGMAS"
     " ATTN_CLIP_SIGMAS EMBED_CLIP_SIGMAS LQER_ENABLED LQER_RANK LQER_TOP_K LQER_FACTOR_BITS LQER_ASYM_ENABLED"
     " LQER_ASYM_GROUP COMPRESSOR"),
-    ("VAL_BATCH_SIZE VAL_LOSS_EVERY VAL_TOKENS_LIMIT VAL_TRUNCATE_TO_SEQ EVAL_MODE EVAL_SEQ_LEN EVAL_STRIDE "
+    ("VAL_BATCH_SIZE VAL_LOSS_EVERY VAL_TOKENS_LIMIT VAL_TRUNCATE_TO_SEQ CASEOPS_ENABLED EVAL_MODE EVAL_SEQ_LEN "
+    "EVAL_STRIDE "
     "EVAL_BATCH_SEQS SLIDING SLIDING_REFERENCE EVAL_MAX_WALLCLOCK_SECONDS TTT_LORA_RANK TTT_LORA_LR TTT_LORA_ALPHA "
     "TTT_LORA_TARGETS TTT_LORA_OPTIMIZER TTT_LORA_BETA1 TTT_LORA_BETA2 TTT_LORA_EPS TTT_LORA_WD TTT_CHUNK_SIZE "
     "TTT_EVAL_SEQ_LEN TTT_BATCH_SIZE TTT_STEPS TTT_N_EPOCHS TTT_LORA_SCHEDULE TTT_REPORT_FINAL_EPOCH "
     "TTT_CHUNK_TOKENS TTT_EPOCHS TTT_FREEZE_BLOCKS TTT_BATCH_SEQS TTT_LR TTT_MOMENTUM TTT_GRAD_CLIP TTT_WD "
-    "TTT_BETA1 TTT_BETA2 TTT_EPS TTT_OPTIMIZER"),
+    "TTT_BETA1 TTT_BETA2 TTT_EPS TTT_OPTIMIZER PHASED_TTT_PREFIX_DOCS PHASED_TTT_NUM_PHASES TTT_WARM_START_A "
+    "GLOBAL_TTT_LR GLOBAL_TTT_MOMENTUM GLOBAL_TTT_EPOCHS GLOBAL_TTT_CHUNK_TOKENS GLOBAL_TTT_BATCH_SEQS "
+    "GLOBAL_TTT_GRAD_CLIP"),
     ("DATA_PATH TOKENIZER_PATH RUN_ID OUT_DIR RESUME LOAD_ARTIFACT NLL_DUMP DEVICE TRAIN_LOG_EVERY "
     "CHECKPOINT_EVERY CHECKPOINT_KEEP"),
 };
@@ -1338,7 +1360,7 @@ static Config config_for_artifact(Config& env_cfg, Config art, const std::string
 
 static std::vector<std::string> split_list(const std::string& s);  // section 12
 static void lora_targets_check(const std::string& list);           // section 10
-static const char* const EVAL_MODE_NAMES[] = {"standard", "sliding", "lora_ttt", "full_ttt"};
+static const char* const EVAL_MODE_NAMES[] = {"standard", "sliding", "lora_ttt", "full_ttt", "phased_ttt"};
 
 // Every setting is checked here, before any work is done: a typo in a setting used only after
 // training (EVAL_MODE, TTT_*, export) must not cost the run.
@@ -1413,6 +1435,12 @@ static void config_validate(const Config& c, int world) {
     need(c.ttt_chunk_tokens > 0, "TTT_CHUNK_TOKENS=%d: expected > 0", c.ttt_chunk_tokens);
     need(c.ttt_batch_seqs > 0, "TTT_BATCH_SEQS=%d: expected > 0", c.ttt_batch_seqs);
     need(c.ttt_batch_size > 0, "TTT_BATCH_SIZE=%d: expected > 0", c.ttt_batch_size);
+    need(c.phased_ttt_prefix_docs >= 0 && c.phased_ttt_num_phases >= 1,
+         "PHASED_TTT_PREFIX_DOCS=%d, PHASED_TTT_NUM_PHASES=%d: expected ≥ 0 and ≥ 1", c.phased_ttt_prefix_docs,
+         c.phased_ttt_num_phases);
+    need(c.global_ttt_epochs >= 0 && c.global_ttt_chunk_tokens > 0 && c.global_ttt_batch_seqs > 0,
+         "GLOBAL_TTT_EPOCHS=%d, GLOBAL_TTT_CHUNK_TOKENS=%d, GLOBAL_TTT_BATCH_SEQS=%d: expected ≥ 0, > 0, > 0",
+         c.global_ttt_epochs, c.global_ttt_chunk_tokens, c.global_ttt_batch_seqs);
     need(c.ttt_steps >= 1 && c.ttt_n_epochs >= 1 && c.ttt_epochs >= 0, "TTT_STEPS=%d, TTT_N_EPOCHS=%d, TTT_EPOCHS=%d: expected ≥ 1, ≥ 1, ≥ 0",
          c.ttt_steps, c.ttt_n_epochs, c.ttt_epochs);
     need(c.ttt_freeze_blocks >= 0 && c.ttt_freeze_blocks <= c.num_layers, "TTT_FREEZE_BLOCKS=%d: expected 0..NUM_LAYERS=%d", c.ttt_freeze_blocks, c.num_layers);
@@ -1425,8 +1453,8 @@ static void config_validate(const Config& c, int world) {
     for (const std::string& mode : split_list(c.eval_mode)) {
         bool known = false;
         for (const char* name : EVAL_MODE_NAMES) known |= mode == name;
-        need(known, "EVAL_MODE: unknown mode \"%s\" (expected a comma list of standard, sliding, lora_ttt, full_ttt)",
-             mode.c_str());
+        need(known, "EVAL_MODE: unknown mode \"%s\" (expected a comma list of standard, sliding, lora_ttt, full_ttt, "
+             "phased_ttt)", mode.c_str());
     }
     // SWA, PR #600's SWA_STEPS EMA and EMA_DECAY each replace the final weights by their own average of one
     // buffer; none of the reference records combines two, so a combination is refused, not guessed.
@@ -1556,6 +1584,9 @@ static std::vector<uint16_t> load_shard(const std::string& path, int vocab_size)
 static std::vector<std::string> shard_files(const std::string& data_path, const char* split) {
     std::string pattern = data_path + "/fineweb_" + split + "_*.bin";
     std::vector<std::string> files = glob_sorted(pattern);
+    // CaseOps byte sidecars (fineweb_val_bytes_*.bin) match the same pattern: they are not tokens
+    auto sidecar = [](const std::string& f) { return f.find("_bytes_", f.rfind('/') + 1) != std::string::npos; };
+    files.erase(std::remove_if(files.begin(), files.end(), sidecar), files.end());
     if (files.empty()) fail("no %s shards match %s (set DATA_PATH, or run scripts/make_corpus or scripts/download_fineweb)", split, pattern.c_str());
     return files;
 }
@@ -1627,7 +1658,7 @@ static void check_data_tokenizer(const Config& c, const SpmModel& sp, const std:
     std::string path = c.data_path + "/manifest.txt";
     if (access(path.c_str(), F_OK) == 0) {
         std::vector<uint8_t> bytes = read_file(path);
-        std::string text(bytes.begin(), bytes.end()), sum, name = "?", vocab = "?";
+        std::string text(bytes.begin(), bytes.end()), sum, name = "?", vocab = "?", transform = "none";
         size_t pos = 0;
         while (pos < text.size()) {
             size_t nl = text.find('\n', pos);
@@ -1639,7 +1670,15 @@ static void check_data_tokenizer(const Config& c, const SpmModel& sp, const std:
             if (key == "tokenizer_checksum") sum = value;
             else if (key == "tokenizer") name = value;
             else if (key == "vocab_size") vocab = value;
+            else if (key == "transform") transform = value;
         }
+        // CaseOps shards count bytes from their sidecar: the piece table would count the transformed text
+        if (transform == "caseops" && !c.caseops_enabled)
+            fail("%s: the shards hold CaseOps-transformed text (transform=caseops): set CASEOPS_ENABLED=1, or val_bpb "
+                 "would count the transformed text's bytes", path.c_str());
+        if (transform != "caseops" && c.caseops_enabled)
+            fail("%s: CASEOPS_ENABLED=1, but the shards are not CaseOps shards (transform=%s)", path.c_str(),
+                 transform.c_str());
         if (sum.empty()) fail("%s: no tokenizer_checksum line (expected one, as ./tokenize shard writes)",
                               path.c_str());
         std::string have = fmt("%016llx", (unsigned long long)sp.checksum);
@@ -1724,6 +1763,57 @@ static std::vector<uint16_t> load_validation_tokens(const Config& c) {
         all.resize(usable + 1);
     }
     if (all.size() < 2) fail("validation split under %s has %zu tokens: need at least 2", c.data_path.c_str(), all.size());
+    return all;
+}
+
+// CaseOps byte sidecar (PR #1729): fineweb_val_bytes_K.bin beside each fineweb_val_K.bin, the same
+// layout, entry i = original UTF-8 bytes of token i (BOS: 0). ./tokenize shard --transform caseops
+// adds header[3] = SIDECAR_KIND and header[4..5] = fnv1a64 of its token file's values; the
+// reference's files have zeros there and are checked for counts and BOS entries only. Returns the
+// entries for `val` (cut as load_validation_tokens cut it).
+static const uint32_t SIDECAR_KIND = 0x53594221;
+static std::vector<uint16_t> load_validation_bytes(const Config& c, const std::vector<uint16_t>& val) {
+    std::vector<std::string> toks = shard_files(c.data_path, "val");
+    std::vector<uint16_t> all;
+    for (const std::string& tpath : toks) {
+        size_t slash = tpath.rfind('/') + 1;
+        std::string path = tpath.substr(0, slash) + "fineweb_val_bytes_" + tpath.substr(slash + strlen("fineweb_val_"));
+        if (access(path.c_str(), R_OK) != 0)
+            fail("CASEOPS_ENABLED=1: %s is missing (the byte sidecar of %s; ./tokenize shard --transform caseops "
+                 "writes one per validation shard)", path.c_str(), tpath.c_str());
+        FILE* f = fopen_check(path.c_str(), "rb");
+        long n = shard_header_check(path, f);
+        int32_t header[256];
+        if (fseek(f, 0, SEEK_SET) != 0) fail("%s: cannot seek: %s", path.c_str(), strerror(errno));
+        fread_check(header, sizeof header, f, path.c_str());
+        std::vector<uint16_t> b(n);
+        fread_check(b.data(), 2 * (size_t)n, f, path.c_str());
+        fclose(f);
+        std::vector<uint16_t> t = load_shard(tpath, c.vocab_size);
+        if ((long)t.size() != n)
+            fail("%s: %ld byte entries, but %s holds %zu tokens: not this shard's sidecar", path.c_str(), n, tpath.c_str(),
+                 t.size());
+        if ((uint32_t)header[3] == SIDECAR_KIND) {
+            uint64_t h = 14695981039346656037ull;
+            for (uint16_t v : t) {
+                h = (h ^ (v & 0xFF)) * 1099511628211ull;
+                h = (h ^ (v >> 8)) * 1099511628211ull;
+            }
+            uint64_t want = (uint32_t)header[4] | (uint64_t)(uint32_t)header[5] << 32;
+            if (h != want)
+                fail("%s: written for other tokens than %s (token checksum %016llx, the sidecar expects %016llx): "
+                     "regenerate the shards and their sidecars together", path.c_str(), tpath.c_str(),
+                     (unsigned long long)h, (unsigned long long)want);
+        }
+        for (long i = 0; i < n; i++)
+            if (t[i] == BOS_ID && b[i] != 0)
+                fail("%s: entry %ld is %d bytes, but token %ld is BOS (0 bytes): not this shard's sidecar",
+                     path.c_str(), i, b[i], i);
+        all.insert(all.end(), b.begin(), b.end());
+    }
+    if (all.size() < val.size()) fail("CASEOPS_ENABLED=1: the byte sidecars hold %zu entries, fewer than the %zu "
+                                      "validation tokens", all.size(), val.size());
+    all.resize(val.size());
     return all;
 }
 
@@ -2207,6 +2297,34 @@ template <class T> static void matmul_backward(Cpu<T>, T* dinp, T* dw, const T* 
     if (dinp) gemm_cpu(dinp, dout, OC, 1, w, N, IC, OC, true);
     if (dw) gemm_cpu(dw, dout, 1, OC, inp, OC, IC, N, true);
 }
+// Batched over b < batch, one weight per b (LoRA: one adapter per document), operands back to back:
+// inp [batch, N, IC], W [batch, OC, IC], out [batch, N, OC]. out[b] (+)= alpha·inp[b]·W[b]ᵀ.
+template <class T> static void matmul_forward_batched(Cpu<T> dev, T* out, const T* inp, const T* w, int batch, int N,
+                                                      int IC, int OC, float alpha, bool accumulate) {
+    std::vector<T> prod((size_t)N * OC);
+    for (int b = 0; b < batch; b++) {
+        T* o = out + (size_t)b * N * OC;
+        matmul_forward(dev, prod.data(), inp + (size_t)b * N * IC, w + (size_t)b * OC * IC, N, IC, OC);
+        for (size_t i = 0; i < prod.size(); i++) o[i] = (accumulate ? o[i] : T(0)) + T(alpha) * prod[i];
+    }
+}
+// dinp[b] (+)= alpha·dout[b]·W[b] (overwritten unless dinp_accumulate); dW[b] (+)= dout[b]ᵀ·inp[b]
+// (overwritten unless dw_accumulate).
+template <class T> static void matmul_backward_batched(Cpu<T> dev, T* dinp, T* dw, const T* dout, const T* inp,
+                                                       const T* w, int batch, int N, int IC, int OC, float alpha,
+                                                       bool dinp_accumulate, bool dw_accumulate) {
+    std::vector<T> prod((size_t)N * IC);
+    for (int b = 0; b < batch; b++) {
+        const T* db = dout + (size_t)b * N * OC;
+        if (dw && !dw_accumulate) std::fill(dw + (size_t)b * OC * IC, dw + (size_t)(b + 1) * OC * IC, T(0));
+        if (dw) matmul_backward(dev, (T*)nullptr, dw + (size_t)b * OC * IC, db, inp + (size_t)b * N * IC, w, N, IC, OC);
+        if (!dinp) continue;
+        std::fill(prod.begin(), prod.end(), T(0));
+        matmul_backward(dev, prod.data(), (T*)nullptr, db, inp, w + (size_t)b * OC * IC, N, IC, OC);
+        T* di = dinp + (size_t)b * N * IC;
+        for (size_t i = 0; i < prod.size(); i++) di[i] = (dinp_accumulate ? di[i] : T(0)) + T(alpha) * prod[i];
+    }
+}
 #endif
 #ifdef PGOLF_CUDA
 // On the GPU: cuBLASLt, bf16 operands, fp32 accumulation.
@@ -2304,6 +2422,11 @@ static void gemm_bf16(void* d, cudaDataType_t d_type, const void* c, const bf16*
     if (!c) c = d;
     GemmKey key{M, N, K, batch, a_trans, b_trans, d_type, batch > 1 ? stride_a : 0, batch > 1 ? stride_b : 0, batch > 1 ? stride_cd : 0,
                 {pointer_alignment(b), pointer_alignment(a), pointer_alignment(c), pointer_alignment(d)}};
+    if (batch > 1) {  // every matrix of the batch starts stride bytes after the last: aligned as the stride is
+        long long dsize = d_type == CUDA_R_32F ? 4 : 2;
+        const long long step[4] = {2 * stride_b, 2 * stride_a, dsize * stride_cd, dsize * stride_cd};
+        for (int i = 0; i < 4; i++) key.align[i] = std::min(key.align[i], pointer_alignment((const void*)step[i]));
+    }
     auto it = g_gemm_plans.find(key);
     if (it == g_gemm_plans.end()) it = g_gemm_plans.emplace(key, gemm_plan_create(key)).first;
     const GemmPlan& p = it->second;
@@ -2326,6 +2449,24 @@ static void matmul_forward(Cuda, bf16* out, const bf16* inp, const bf16* w, int 
 static void matmul_backward(Cuda, bf16* dinp, float* dw, const bf16* dout, const bf16* inp, const bf16* w, int N, int IC, int OC) {
     if (dinp) gemm_bf16(dinp, CUDA_R_16BF, dout, w, linear_dinp_gemm(N, IC, OC), 1.0f, 1.0f);
     if (dw) gemm_bf16(dw, CUDA_R_32F, dout, inp, linear_dweight_gemm(N, IC, OC), 1.0f, 1.0f);
+}
+// The batched products (see the CPU reference): one strided-batched cuBLASLt call each, whatever the batch.
+static void matmul_forward_batched(Cuda, bf16* out, const bf16* inp, const bf16* w, int batch, int N, int IC, int OC,
+                                   float alpha, bool accumulate) {
+    RowMajorGemm g = linear_forward_gemm(N, IC, OC);
+    gemm_bf16(out, CUDA_R_16BF, nullptr, inp, w, g.M, g.N, g.K, g.a_trans, g.b_trans, alpha, accumulate ? 1.0f : 0.0f,
+              batch, (long long)N * IC, (long long)OC * IC, (long long)N * OC);
+}
+static void matmul_backward_batched(Cuda, bf16* dinp, float* dw, const bf16* dout, const bf16* inp, const bf16* w,
+                                    int batch, int N, int IC, int OC, float alpha, bool dinp_accumulate,
+                                    bool dw_accumulate) {
+    RowMajorGemm gi = linear_dinp_gemm(N, IC, OC), gw = linear_dweight_gemm(N, IC, OC);
+    if (dinp)
+        gemm_bf16(dinp, CUDA_R_16BF, nullptr, dout, w, gi.M, gi.N, gi.K, gi.a_trans, gi.b_trans, alpha,
+                  dinp_accumulate ? 1.0f : 0.0f, batch, (long long)N * OC, (long long)OC * IC, (long long)N * IC);
+    if (dw)
+        gemm_bf16(dw, CUDA_R_32F, nullptr, dout, inp, gw.M, gw.N, gw.K, gw.a_trans, gw.b_trans, 1.0f,
+                  dw_accumulate ? 1.0f : 0.0f, batch, (long long)N * OC, (long long)N * IC, (long long)OC * IC);
 }
 #endif
 
@@ -4618,8 +4759,11 @@ template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c
 
 // Per-document LoRA adapters for test-time training: on target linear y = W x of document b,
 // y += s · B_b (A_b x), with A_b [rank, in] and B_b [out, rank]; B = 0 at every reset.
-enum LoraTarget { LORA_Q, LORA_K, LORA_V, LORA_O, LORA_UP, LORA_DOWN, LORA_HEAD, LORA_NUM };
-static const char* LORA_TARGET_NAMES[LORA_NUM] = {"q", "k", "v", "o", "mlp_up", "mlp_down", "lm_head"};
+// attn_out and mlp are the phased-TTT records' (PR #1855) "o" and "mlp" adapters: a delta on the
+// attention's (MLP's) output computed from the attention's (MLP's) normed input, beside the branch.
+enum LoraTarget { LORA_Q, LORA_K, LORA_V, LORA_O, LORA_UP, LORA_DOWN, LORA_HEAD, LORA_ATTN_OUT, LORA_MLP, LORA_NUM };
+static const char* LORA_TARGET_NAMES[LORA_NUM] = {"q", "k", "v", "o", "mlp_up", "mlp_down", "lm_head", "attn_out",
+                                                  "mlp"};
 template <class D> struct Lora {
     using G = typename D::grad; using M = typename D::mat; using A_ = typename D::act;
     int docs = 0, rank = 0;
@@ -4702,34 +4846,26 @@ static void model_bind_compute(Cuda dev, Model<Cuda>& m) {
 }
 #endif
 
-// LoRA targets run their delta through the same matmul as the model.
+// LoRA targets run their delta as two products batched over the documents (document b's rows of x are
+// its T positions): one launch per product, however many documents. The scale s rides on the first.
 template <class D> static void lora_forward(D dev, Lora<D>* lo, int t, int layer, typename D::act* out,
                                             const typename D::act* x, int T) {
     if (!lo || !lo->on[t]) return;
-    int in = lo->in_dim[t], out_d = lo->out_dim[t], r = lo->rank;
-    for (int b = 0; b < lo->docs; b++) {
-        typename D::act* tmp = lo->tmp[t][layer] + (size_t)b * T * r;
-        matmul_forward(dev, tmp, x + (size_t)b * T * in, lo->Ac[t][layer] + (size_t)b * r * in, T, in, r);
-        if (lo->scale != 1.0f) scale_inplace(dev, tmp, (size_t)T * r, lo->scale);
-        matmul_forward(dev, out + (size_t)b * T * out_d, tmp, lo->Bc[t][layer] + (size_t)b * out_d * r, T, r, out_d, true);
-    }
+    int in = lo->in_dim[t], out_d = lo->out_dim[t], r = lo->rank, k = lo->docs;
+    typename D::act* tmp = lo->tmp[t][layer];                                          // [k, T, r]
+    matmul_forward_batched(dev, tmp, x, lo->Ac[t][layer], k, T, in, r, lo->scale, false);   // tmp = s·x·Aᵀ
+    matmul_forward_batched(dev, out, tmp, lo->Bc[t][layer], k, T, r, out_d, 1.0f, true);    // out += tmp·Bᵀ
 }
 template <class D> static void lora_backward(D dev, Lora<D>* lo, int t, int layer, typename D::act* dx,
                                              const typename D::act* dout, const typename D::act* x, int T) {
     if (!lo || !lo->on[t]) return;
-    int in = lo->in_dim[t], out_d = lo->out_dim[t], r = lo->rank;
-    for (int b = 0; b < lo->docs; b++) {
-        size_t dtmp_n = (size_t)T * r;
-        device_zero(dev, lo->dtmp, dtmp_n * sizeof(typename D::act));
-        const typename D::act* tmp = lo->tmp[t][layer] + (size_t)b * T * r;
-        // y += tmp·Bᵀ  →  dB += doutᵀ·tmp, dtmp = dout·B
-        matmul_backward(dev, lo->dtmp, lo->dB[t][layer] + (size_t)b * out_d * r, dout + (size_t)b * T * out_d, tmp,
-                        lo->Bc[t][layer] + (size_t)b * out_d * r, T, r, out_d);
-        if (lo->scale != 1.0f) scale_inplace(dev, lo->dtmp, dtmp_n, lo->scale);
-        // tmp = x·Aᵀ  →  dA += dtmpᵀ·x, dx += dtmp·A
-        matmul_backward(dev, dx ? dx + (size_t)b * T * in : nullptr, lo->dA[t][layer] + (size_t)b * r * in, lo->dtmp,
-                        x + (size_t)b * T * in, lo->Ac[t][layer] + (size_t)b * r * in, T, in, r);
-    }
+    int in = lo->in_dim[t], out_d = lo->out_dim[t], r = lo->rank, k = lo->docs;
+    // Each adapter has one use per pass: its gradient is written, not added (no memset first).
+    // out += tmp·Bᵀ  →  dB = doutᵀ·tmp, dtmp = s·dout·B (the s of tmp = s·x·Aᵀ)
+    matmul_backward_batched(dev, lo->dtmp, lo->dB[t][layer], dout, lo->tmp[t][layer], lo->Bc[t][layer], k, T, r, out_d,
+                            lo->scale, false, false);
+    // tmp = s·x·Aᵀ  →  dA = dtmpᵀ·x, dx += dtmp·A
+    matmul_backward_batched(dev, dx, lo->dA[t][layer], lo->dtmp, x, lo->Ac[t][layer], k, T, in, r, 1.0f, true, false);
 }
 
 
@@ -4852,6 +4988,7 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
         }
         matmul_forward(dev, L.attn_proj_out, proj_in, LW.attn_proj, N, Dm, Dm);
         lora_forward(dev, lo, LORA_O, b, L.attn_proj_out, proj_in, T);
+        lora_forward(dev, lo, LORA_ATTN_OUT, b, L.attn_proj_out, L.attn_norm, T);
         const typename D::act* mlp_in = par ? lane1 : L.residual_after_attn;  // a parallel MLP reads lane 1
         if (!par)
             branch_add_forward(dev, L.residual_after_attn, L.residual_mixed, L.attn_proj_out, LW.attn_scale,
@@ -4863,6 +5000,7 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
         mlp_act_forward(dev, L.mlp_act, L.mlp_hidden, (size_t)N * F, c.mlp_activation == "leaky_relu_sq");
         matmul_forward(dev, L.mlp_proj_out, L.mlp_act, LW.mlp_proj, N, F, Dm);
         lora_forward(dev, lo, LORA_DOWN, b, L.mlp_proj_out, L.mlp_act, T);
+        lora_forward(dev, lo, LORA_MLP, b, L.mlp_proj_out, L.mlp_norm, T);
         if (!par)
             branch_add_forward(dev, L.residual_out, L.residual_after_attn, L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate,
                                N, Dm);
@@ -4938,6 +5076,7 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
         zero(a.d_norm, ND);
         matmul_backward(dev, a.d_norm, LG.fc, a.d_mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F);
         lora_backward(dev, lo, LORA_UP, b, a.d_norm, a.d_mlp_hidden, L.mlp_norm, T);
+        lora_backward(dev, lo, LORA_MLP, b, a.d_norm, a.d_mlp_proj_out, L.mlp_norm, T);
         if (c.ln_scale) scale_inplace(dev, a.d_norm, ND, ln_scale_of(c, b));
         if (par)
             rmsnorm_backward(dev, a.d_lane1, a.d_norm, lane1_in, L.mlp_norm_rstd, N, Dm);
@@ -4982,6 +5121,7 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
         lora_backward(dev, lo, LORA_Q, b, a.d_norm, a.d_q_proj, L.attn_norm, T);
         lora_backward(dev, lo, LORA_K, b, a.d_norm, a.d_k_proj, L.attn_norm, T);
         lora_backward(dev, lo, LORA_V, b, a.d_norm, a.d_v_proj, L.attn_norm, T);
+        lora_backward(dev, lo, LORA_ATTN_OUT, b, a.d_norm, a.d_attn_proj_out, L.attn_norm, T);
         if (c.sparse_attn_gate)
             attn_gate_backward_input(dev, a.d_norm, a.d_attn_gate_logit, LW.attn_gate_w, N, H, Dm, c.gate_window);
         if (c.ln_scale) scale_inplace(dev, a.d_norm, ND, ln_scale_of(c, b));
@@ -6890,18 +7030,25 @@ template <class D> static Hessians gptq_calibrate(D dev, Model<D>& m, DataLoader
 // 10. Evaluation: val_bpb exactly as the reference counts bytes
 // ============================================================================================
 // A scored position j predicts t[j+1] from t[..j]; its bytes are base[y] + 1 when y carries a
-// leading space and the previous token t[j] is not a boundary (control/unknown). Sums are fp64,
-// reduced over ranks; val_bpb = (Σ nll / ln 2) / Σ bytes.
+// leading space and the previous token t[j] is not a boundary (control/unknown). With CaseOps data
+// the bytes are the sidecar's entry for t[j+1]: the original text's bytes, not the transformed
+// text's. Sums are fp64, reduced over ranks; val_bpb = (Σ nll / ln 2) / Σ bytes.
 
 struct EvalData {
     std::vector<uint16_t> val;  // the validation stream
     ByteLuts luts;
+    std::vector<uint16_t> val_bytes;  // CaseOps: original UTF-8 bytes of each token of val (else empty)
 };
 struct ScoreSums {
     double loss = 0, tokens = 0, bytes = 0;
     void add(double nll, int prev, int target, const ByteLuts& lut) {
         loss += nll; tokens += 1;
         bytes += lut.base_bytes[target] + ((lut.has_leading_space[target] && !lut.is_boundary[prev]) ? 1 : 0);
+    }
+    // Position j of the stream (target t[j+1]).
+    void add_at(double nll, const EvalData& d, long j) {
+        if (d.val_bytes.empty()) { add(nll, d.val[j], d.val[j + 1], d.luts); return; }
+        loss += nll; tokens += 1; bytes += d.val_bytes[j + 1];
     }
     void reduce() { double v[3] = {loss, tokens, bytes}; host_allreduce_sum(v, 3); loss = v[0]; tokens = v[1]; bytes = v[2]; }
     double val_loss() const { return loss / std::max(tokens, 1.0); }
@@ -6963,7 +7110,7 @@ template <class D> static EvalResult eval_standard(D dev, Model<D>& m, const Eva
         for (int b = 0; b < B; b++)
             for (int t = 0; t < len; t++) {
                 size_t i = (size_t)b * len + t;
-                sums.add(nll[i], x[i], y[i], d.luts);
+                sums.add_at(nll[i], d, (s + b) * L + t);
                 if (rec) rec->set((s + b) * L + t, nll[i]);
             }
         s += B;
@@ -7049,7 +7196,7 @@ template <class D> static void score_windows(D dev, Model<D>& m, const EvalData&
         for (int b = 0; b < B; b++)
             for (int i = win[w + b].first; i < win[w + b].len; i++) {
                 size_t k = (size_t)b * W + i;
-                sums.add(nll[k], x[k], y[k], d.luts);
+                sums.add_at(nll[k], d, win[w + b].ws + i);
                 if (rec) rec->set(win[w + b].ws + i, nll[k]);
             }
         if (prog) prog->tick((double)(w + B - w0), (double)(w1 - w0), sums);
@@ -7105,7 +7252,9 @@ static void lora_parse_targets(const std::string& list, bool on[LORA_NUM]) {
         if (name.empty()) continue;
         int t = 0;
         while (t < LORA_NUM && name != LORA_TARGET_NAMES[t]) t++;
-        if (t == LORA_NUM) fail("TTT_LORA_TARGETS: unknown target \"%s\" (expected q, k, v, o, mlp_up, mlp_down, lm_head)", name.c_str());
+        if (t == LORA_NUM)
+            fail("TTT_LORA_TARGETS: unknown target \"%s\" (expected q, k, v, o, mlp_up, mlp_down, lm_head, "
+                 "attn_out, mlp)", name.c_str());
         on[t] = true;
     }
 }
@@ -7123,7 +7272,8 @@ static LoraLayout lora_layout(const Config& c, int docs, size_t max_tokens) {
     LoraLayout y;
     lora_parse_targets(c.ttt_lora_targets, y.on);
     int Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden();
-    const int ins[LORA_NUM] = {Dm, Dm, Dm, Dm, Dm, F, Dm}, outs[LORA_NUM] = {Dm, KV, KV, Dm, F, Dm, c.vocab_size};
+    const int ins[LORA_NUM] = {Dm, Dm, Dm, Dm, Dm, F, Dm, Dm, Dm};
+    const int outs[LORA_NUM] = {Dm, KV, KV, Dm, F, Dm, c.vocab_size, Dm, Dm};
     auto pad = [](size_t k) { return (k + 15) / 16 * 16; };
     size_t r = c.ttt_lora_rank;
     for (int t = 0; t < LORA_NUM; t++) {
@@ -7199,6 +7349,8 @@ template <class D> struct LoraState {
     size_t nA = 0;
     G *A_init = nullptr, *m1 = nullptr, *m2 = nullptr;
     int step = 0;
+    bool keep_a = false;  // TTT_WARM_START_A: the next reset keeps A as the last batch trained it
+    int grad_docs = 0;    // documents whose gradient rows the last backward wrote (the rest are zero)
 };
 
 // Every document starts from the same A (one U(±1/√in) draw per target and layer) and B = 0: a
@@ -7231,15 +7383,32 @@ template <class D> static void lora_state_free(D dev, LoraState<D>& s) {
 template <class D> static void lora_reset(D dev, LoraState<D>& s) {
     using G = typename D::grad;
     size_t n = s.lo.nparams;
-    device_copy(dev, s.lo.params, s.A_init, s.nA);
+    if (!s.keep_a) device_copy(dev, s.lo.params, s.A_init, s.nA);
+    device_zero(dev, s.lo.grads, n * sizeof(G));  // once per batch: backwards overwrite the rows they use
+    s.grad_docs = 0;
     device_zero(dev, s.lo.params + s.nA, (n - s.nA) * sizeof(G));
     device_zero(dev, s.m1, n * sizeof(G));
     if (s.m2) device_zero(dev, s.m2, n * sizeof(G));
     s.step = 0;
     lora_refresh_compute(dev, s.lo);
 }
-// adam = AdamW without decay (LORA77, PR #600, PR #467); plain SGD has no momentum setting.
+// Before a backward over the first k documents: rows of documents that left the batch since the last
+// one would keep their old gradient (the backward writes only k rows), so they are zeroed, once.
+template <class D> static void lora_drop_grads(D dev, LoraState<D>& s, int k) {
+    using G = typename D::grad;
+    Lora<D>& lo = s.lo;
+    for (int t = 0; t < LORA_NUM && s.grad_docs > k; t++)
+        for (size_t l = 0; l < lo.A[t].size(); l++) {
+            size_t a = (size_t)lo.rank * lo.in_dim[t], b = (size_t)lo.out_dim[t] * lo.rank;
+            device_zero(dev, lo.dA[t][l] + k * a, (s.grad_docs - k) * a * sizeof(G));
+            device_zero(dev, lo.dB[t][l] + k * b, (s.grad_docs - k) * b * sizeof(G));
+        }
+    s.grad_docs = k;
+}
+// adam = AdamW without decay (LORA77, PR #600, PR #467); plain SGD has no momentum setting. Its fp32
+// streams are the optimizer's class of work (PROFILE=1, the cost model).
 template <class D> static void lora_step(D dev, LoraState<D>& s, const Config& c, float lr) {
+    auto scope = op_scope(dev, OP_OPTIMIZER);
     Lora<D>& lo = s.lo;
     s.step++;
     if (c.ttt_lora_optimizer == "sgd") sgd_update(dev, lo.params, lo.grads, s.m1, lo.nparams, lr, 0.0f, c.ttt_lora_wd, true);
@@ -7297,8 +7466,9 @@ template <class D> static void lora_batch(D dev, Model<D>& m, const EvalData& d,
             for (int b = 0; b < k; b++)
                 for (int i = cw[b].co; i < cw[b].co + cw[b].cl; i++) {
                     size_t q = (size_t)b * W + i;
-                    if (ep == 0) { first.add(nll[q], x[q], y[q], d.luts); if (rec) rec->set(docs[b].start + cw[b].ws + i, nll[q]); }
-                    if (final && ep == epochs - 1) final->add(nll[q], x[q], y[q], d.luts);
+                    long j = docs[b].start + cw[b].ws + i;
+                    if (ep == 0) { first.add_at(nll[q], d, j); if (rec) rec->set(j, nll[q]); }
+                    if (final && ep == epochs - 1) final->add_at(nll[q], d, j);
                 }
             if (tr == 0) continue;
 #ifdef PGOLF_TESTING
@@ -7311,7 +7481,7 @@ template <class D> static void lora_batch(D dev, Model<D>& m, const EvalData& d,
 #endif
             for (int s = 0; s < c.ttt_steps; s++) {  // PR #600's TTT_STEPS: more passes over the scored chunk
                 if (s > 0) forward_nll(dev, m, x, y, k, W, nll, &st->lo, true);
-                device_zero(dev, st->lo.grads, st->lo.nparams * sizeof(typename D::grad));
+                lora_drop_grads(dev, *st, k);
                 gpt_backward(dev, m, k, W, &st->lo, /*param_grads=*/false);
                 lora_step(dev, *st, c, lr);
             }
@@ -7491,6 +7661,193 @@ template <class D> static EvalResult eval_full_ttt(D dev, Model<D>& m, const Eva
     sums.reduce();
     log0("full_ttt:done steps:%d\n", step);
     return eval_result("full_ttt", sums, t0);
+}
+
+// --- Phased score-first TTT (PR #1855) ----------------------------------------------------------------
+// LoRA TTT over one queue of batches: documents sorted by length (shortest first) are cut into batches of
+// TTT_BATCH_SIZE, and the batches run longest first. The queue is cut into PHASED_TTT_NUM_PHASES + 1
+// segments: segment p ends with the first batch after which b_p = PHASED_TTT_PREFIX_DOCS·(p+1)/P documents
+// are scored. After it, every rank trains the whole model (global SGD, fresh momentum) on the first b_p
+// scored documents in the record's order (by batch, shortest batch first; in a batch shortest first), and
+// the next segment is scored by the updated model. Every scored document was scored before any update
+// that used it; the documents of the first segment see the artifact's weights. Ranks split each segment's
+// batches; what each rank does between phases depends only on the segment, not on the world size.
+
+// Global SGD of the phases, as the reference's train_val_ttt_global_sgd_distributed: `tokens` (their stream
+// positions in src) in chunks of GLOBAL_TTT_CHUNK_TOKENS; each chunk but the last, its whole rows of L
+// tokens in groups of GLOBAL_TTT_BATCH_SEQS split across ranks, loss = mean over the group, averaged
+// gradients, clip, SGD with momentum at lr·½(1 + cos(π·ci/(chunks − 1))).
+template <class D> static int global_sgd_phase(D dev, Model<D>& m, const std::vector<uint16_t>& tokens,
+                                               const std::vector<long>& src, typename D::grad* mom) {
+    using G = typename D::grad;
+    const Config& c = m.cfg;
+    int L = c.eval_len();
+    long T = (long)tokens.size() - 1, Ct = c.global_ttt_chunk_tokens;
+    long nchunks = (T + Ct - 1) / Ct;
+    int cap_rows = (int)std::max<long>(1, (long)m.acts.B * m.acts.T / L);  // sequences per forward
+    size_t bytes = m.nparams * sizeof(G);
+    std::vector<int32_t> x, y;
+    std::vector<float> nll, weights;
+    int step = 0;
+    for (long ci = 0; ci + 1 < nchunks; ci++) {  // the last chunk is never trained on (as the reference)
+        long cs = ci * Ct, seqs = (std::min(cs + Ct, T) - cs) / L;
+        float lr = (float)(c.global_ttt_lr * 0.5 * (1.0 + std::cos(M_PI * ci / std::max(nchunks - 1, 1L))));
+        for (int ep = 0; ep < c.global_ttt_epochs; ep++)
+            for (long g0 = 0; g0 < seqs; g0 += c.global_ttt_batch_seqs) {
+                long gn = std::min<long>(c.global_ttt_batch_seqs, seqs - g0);
+                long s0 = g0 + split_begin(gn, g_rank, g_world), s1 = g0 + split_begin(gn, g_rank + 1, g_world);
+                device_zero(dev, m.grads, bytes);
+                for (long s = s0; s < s1; s += cap_rows) {
+                    int B = (int)std::min<long>(cap_rows, s1 - s);
+                    x.resize((size_t)B * L);
+                    y.resize((size_t)B * L);
+                    for (size_t i = 0; i < x.size(); i++) {
+                        x[i] = tokens[cs + s * L + i];
+                        y[i] = tokens[cs + s * L + i + 1];
+                    }
+                    // a document's last token (the next BOS) followed by the next document's BOS is no pair
+                    // of the stream: it carries no loss (the reference trains BOS -> BOS there)
+                    weights.assign(x.size(), (float)(1.0 / ((double)gn * L)));
+                    for (size_t i = 0; i < x.size(); i++)
+                        if (src[cs + s * L + i + 1] != src[cs + s * L + i] + 1) weights[i] = 0;
+                    to_device(dev, m.acts.loss_weights, weights.data(), weights.size());
+                    forward_nll(dev, m, x, y, B, L, nll, (Lora<D>*)nullptr, true);
+                    gpt_backward(dev, m, B, L);
+                }
+#ifdef PGOLF_TESTING
+                if (g_ttt_step_hook) {  // the stream positions (target t[j+1]) that carry loss
+                    std::vector<long> pos;
+                    for (long i = cs + s0 * L; i < cs + s1 * L; i++)
+                        if (src[i + 1] == src[i] + 1) pos.push_back(src[i]);
+                    g_ttt_step_hook(pos);
+                }
+#endif
+                allreduce_sum(dev, m.grads, m.nparams);  // every rank joins, with zero gradient if it has no row
+                if (c.global_ttt_grad_clip > 0) {
+                    double coef = c.global_ttt_grad_clip / (std::sqrt(sum_squares(dev, m.grads, m.nparams)) + 1e-6);
+                    if (coef < 1.0) scale_grads(dev, m.grads, m.nparams, (float)coef);
+                }
+                step++;
+                sgd_update(dev, m.params, m.grads, mom, m.nparams, lr, c.global_ttt_momentum, 0.0f, step == 1);
+                refresh_compute_weights(dev, m, false);
+            }
+    }
+    return step;
+}
+
+// The queue: batches of document indices (each shortest first, id = place in shortest-first order) in
+// the order they run.
+struct PhasedBatch { long id; std::vector<long> docs; };
+static std::vector<PhasedBatch> phased_queue(const std::vector<EvalDoc>& docs, int batch) {
+    std::vector<long> idx(docs.size());
+    std::iota(idx.begin(), idx.end(), 0L);
+    std::stable_sort(idx.begin(), idx.end(), [&](long a, long b) { return docs[a].pred < docs[b].pred; });
+    std::vector<PhasedBatch> q;
+    for (size_t i = 0; i < idx.size(); i += batch) {
+        size_t e = std::min(idx.size(), i + batch);
+        q.push_back({(long)q.size(), std::vector<long>(idx.begin() + i, idx.begin() + e)});
+    }
+    // longest batch first; batches of equal longest documents keep their order
+    std::stable_sort(q.begin(), q.end(), [&](const PhasedBatch& a, const PhasedBatch& b) {
+        return docs[a.docs.back()].pred > docs[b.docs.back()].pred;
+    });
+    return q;
+}
+
+template <class D> static EvalResult eval_phased_ttt(D dev, Model<D>& m, const EvalData& d, NllRecord* rec = nullptr) {
+    using G = typename D::grad;
+    const Config& c = m.cfg;
+    double t0 = now_ms();
+    std::vector<EvalDoc> docs = find_documents(d.val);
+    long n = (long)docs.size();
+    int L = c.ttt_eval_seq_len;
+    if (L > m.acts.T) fail("internal: TTT_EVAL_SEQ_LEN=%d exceeds the activation plan (%d positions)", L, m.acts.T);
+    if (c.eval_len() > m.acts.T) fail("internal: eval length %d exceeds the activation plan", c.eval_len());
+    std::vector<PhasedBatch> queue = phased_queue(docs, c.ttt_batch_size);
+    long nq = (long)queue.size(), prefix = std::min<long>(c.phased_ttt_prefix_docs, n);
+    int P = c.phased_ttt_num_phases;
+    // segment ends: after queue position seg[p] − 1 the global SGD of phase p runs
+    std::vector<long> seg;
+    long done = 0, q = 0;
+    for (int p = 0; p < P && prefix > 0; p++) {
+        long bound = prefix * (p + 1) / P;
+        while (q < nq && (done < bound || (!seg.empty() && q == seg.back()))) done += (long)queue[q++].docs.size();
+        seg.push_back(q);
+    }
+    seg.push_back(nq);
+    log0("phased_ttt:start docs:%ld batches:%ld prefix_docs:%ld phases:%d chunk:%d window:%d rank:%d targets:%s "
+         "optimizer:%s lr:%g warm_start_a:%d global_lr:%g global_epochs:%d\n", n, nq, prefix, P, c.ttt_chunk_size, L,
+         c.ttt_lora_rank, c.ttt_lora_targets.c_str(), c.ttt_lora_optimizer.c_str(), c.ttt_lora_lr, c.ttt_warm_start_a,
+         c.global_ttt_lr, c.global_ttt_epochs);
+    int Bd = lora_ttt_docs(c, m.acts.B, m.acts.T);
+    LoraState<D> st;
+    lora_state_init(dev, st, c, Bd, (size_t)Bd * L);
+    size_t bytes = m.nparams * sizeof(G);
+    G* saved = (G*)device_alloc(dev, bytes);
+    G* mom = (G*)device_alloc(dev, bytes);
+    device_copy(dev, saved, m.params, m.nparams);
+    ScoreSums sums;
+    EvalProgress prog("phased_ttt");
+    double fallback = 0;
+    int steps = 0;
+    std::vector<EvalDoc> batch;
+    long q0 = 0;
+    for (size_t p = 0; p < seg.size(); p++) {
+        long q1 = seg[p], nseg = q1 - q0;
+        st.keep_a = false;  // a new phase draws A afresh (the reference builds new adapters)
+        for (long k = q0 + split_begin(nseg, g_rank, g_world); k < q0 + split_begin(nseg, g_rank + 1, g_world); k++) {
+            batch.clear();
+            for (long i : queue[k].docs) batch.push_back(docs[i]);
+            std::reverse(batch.begin(), batch.end());  // lora_batch runs longest first
+            bool late = c.eval_max_wallclock_seconds > 0 && now_ms() - t0 >= 1000 * c.eval_max_wallclock_seconds;
+            for (size_t b0 = 0; b0 < batch.size(); b0 += Bd) {
+                int bsz = (int)std::min<size_t>(Bd, batch.size() - b0);
+                if (late) fallback += bsz;
+                lora_batch(dev, m, d, batch.data() + b0, bsz, late ? nullptr : &st, 1, sums, nullptr, rec);
+                st.keep_a = c.ttt_warm_start_a != 0;
+            }
+            prog.tick((double)(k + 1), (double)nq, sums);
+        }
+        q0 = q1;
+        if (p + 1 == seg.size() || q1 == nq) break;  // nothing left to score with an updated model
+        // global SGD on the first b_p scored documents, in the reference's order: by batch id, where a batch's
+        // id counts from the shortest (queue order is the reverse), then shortest first within the batch
+        double late = c.eval_max_wallclock_seconds > 0 && now_ms() - t0 >= 1000 * c.eval_max_wallclock_seconds;
+        host_allreduce_sum(&late, 1);  // every rank takes the same decision
+        if (late > 0) continue;
+        long bound = prefix * (long)(p + 1) / P;
+        std::vector<PhasedBatch> scored(queue.begin(), queue.begin() + q1);
+        std::sort(scored.begin(), scored.end(), [](const PhasedBatch& a, const PhasedBatch& b) { return a.id < b.id; });
+        std::vector<uint16_t> tokens;
+        std::vector<long> src;  // stream position of each token
+        long taken = 0;
+        for (const PhasedBatch& bt : scored)
+            for (long i : bt.docs) {
+                if (taken++ >= bound) break;
+                for (long j = docs[i].start; j <= docs[i].start + docs[i].pred; j++) {
+                    tokens.push_back(d.val[j]);
+                    src.push_back(j);
+                }
+            }
+        double tg = now_ms();
+        int k = global_sgd_phase(dev, m, tokens, src, mom);
+        steps += k;
+        log0("phased_ttt:phase %zu/%d global_sgd docs:%ld tokens:%zu steps:%d time:%.1fs\n", p + 1, P,
+             std::min(bound, taken), tokens.size(), k, (now_ms() - tg) / 1000);
+    }
+    // later modes (and the artifact) see the weights as loaded
+    device_copy(dev, m.params, saved, m.nparams);
+    refresh_compute_weights(dev, m, false);
+    device_free(dev, saved);
+    device_free(dev, mom);
+    lora_state_free(dev, st);
+    host_allreduce_sum(&fallback, 1);
+    if (fallback > 0)
+        log0("phased_ttt:deadline EVAL_MAX_WALLCLOCK_SECONDS=%g passed: %.0f of %ld documents scored without "
+             "adaptation\n", c.eval_max_wallclock_seconds, fallback, n);
+    sums.reduce();
+    log0("phased_ttt:done global_steps:%d\n", steps);
+    return eval_result("phased_ttt", sums, t0);
 }
 
 // ============================================================================================
@@ -8326,11 +8683,13 @@ struct EvalMemory { size_t bytes = 0; const char* mode = ""; const char* setting
     EvalMemory e;
     for (const std::string& mode : split_list(c.eval_mode)) {
         EvalMemory x;
-        if (mode == "lora_ttt") {
+        if (mode == "lora_ttt" || mode == "phased_ttt") {
             int docs = lora_ttt_docs(c, act_B, act_T);
             size_t window = (size_t)docs * c.ttt_eval_seq_len;
             size_t bytes = lora_state_bytes(c, docs, window, grad_bytes, compute_bytes, act_bytes);
-            x = {bytes, "lora_ttt", "TTT_BATCH_SIZE, TTT_LORA_RANK or TTT_LORA_TARGETS"};
+            if (mode == "phased_ttt") bytes += 2 * nparams * grad_bytes;  // saved weights, global SGD momentum
+            const char* name = mode == "lora_ttt" ? "lora_ttt" : "phased_ttt";
+            x = {bytes, name, "TTT_BATCH_SIZE, TTT_LORA_RANK or TTT_LORA_TARGETS"};
         } else if (mode == "full_ttt") {
             size_t copies = c.ttt_optimizer == "sgd" ? 2 : 3;  // saved weights and the moments
             x = {copies * nparams * grad_bytes, "full_ttt", "TTT_OPTIMIZER=sgd (one moment less)"};
@@ -8353,7 +8712,9 @@ template <class D> static std::vector<EvalResult> evaluate_modes(D dev, Model<D>
         else if (mode == "sliding") r = eval_sliding(dev, m, ev, &rec);
         else if (mode == "lora_ttt") r = eval_lora_ttt(dev, m, ev, &rec, &extra);
         else if (mode == "full_ttt") r = eval_full_ttt(dev, m, ev, &rec);
-        else fail("EVAL_MODE: unknown mode \"%s\" (expected standard, sliding, lora_ttt, full_ttt)", mode.c_str());
+        else if (mode == "phased_ttt") r = eval_phased_ttt(dev, m, ev, &rec);
+        else fail("EVAL_MODE: unknown mode \"%s\" (expected standard, sliding, lora_ttt, full_ttt, phased_ttt)",
+                  mode.c_str());
         results.push_back(r);
         for (EvalResult& e : extra) { e.same_pass = true; results.push_back(e); }
         for (size_t i = results.size() - 1 - extra.size(); i < results.size(); i++) {
@@ -8387,6 +8748,12 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     ev.val = load_validation_tokens(c);
     log0("tokenizer:%s pieces:%zu checksum:%016llx\n", c.tokenizer_path.c_str(), sp.pieces.size(), (unsigned long long)sp.checksum);
     check_data_tokenizer(c, sp, ev.val);
+    if (c.caseops_enabled) {
+        ev.val_bytes = load_validation_bytes(c, ev.val);
+        double total = std::accumulate(ev.val_bytes.begin(), ev.val_bytes.end(), 0.0);
+        log0("val_bytes: CaseOps sidecar, %.0f original bytes for %zu tokens (val_bpb counts these)\n", total,
+             ev.val_bytes.size());
+    }
     std::vector<std::string> train_files;
     if (c.load_artifact.empty()) {
         train_files = shard_files(c.data_path, "train");
@@ -8596,6 +8963,16 @@ static void cost_gemm(long M, long N, long K, double d_size, bool beta, long bat
 static void matmul_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, int N, int IC, int OC,
                            bool accumulate = false) {
     cost_gemm(N, OC, IC, BF, accumulate);
+}
+// matmul_forward_batched / matmul_backward_batched: the same products, one strided-batched call each
+static void matmul_forward_batched(Cost, CostBf16*, const CostBf16*, const CostBf16*, int batch, int N, int IC, int OC,
+                                   float, bool accumulate) {
+    cost_gemm(N, OC, IC, BF, accumulate, batch);
+}
+static void matmul_backward_batched(Cost, CostBf16* dinp, float* dw, const CostBf16*, const CostBf16*, const CostBf16*,
+                                    int batch, int N, int IC, int OC, float, bool dinp_accumulate, bool dw_accumulate) {
+    if (dinp) cost_gemm(N, IC, OC, BF, dinp_accumulate, batch);
+    if (dw) cost_gemm(OC, IC, N, F32, dw_accumulate, batch);
 }
 // matmul_backward: linear_dinp_gemm dinp[N,IC] += dout·W (bf16), linear_dweight_gemm dW[OC,IC] += doutᵀ·inp (fp32)
 static void matmul_backward(Cost, CostBf16* dinp, float* dw, const CostBf16*, const CostBf16*, const CostBf16*,
@@ -8855,6 +9232,10 @@ template <class X> static void copy_forward(Cost dev, X* out, const X* x, size_t
 static void adamw_update(Cost, float*, const float*, float*, float*, size_t n, float, float, float, float, float, int) {
     if (n) cost_add(OP_ELEMENTWISE, "adamw", 0, 7 * cb<float>(n));
 }
+// sgd_update: sgd_kernel (p, g, buf read; p, buf written)
+static void sgd_update(Cost, float*, const float*, float*, size_t n, float, float, float, bool) {
+    if (n) cost_add(OP_ELEMENTWISE, "sgd", 0, 5 * cb<float>(n));
+}
 // apply_update: apply_update_kernel; average_accumulate: average_kernel; scale_grads: scale_inplace
 static void apply_update(Cost, float*, const float*, size_t n, float, float) {
     if (n) cost_add(OP_ELEMENTWISE, "apply_update", 0, 3 * cb<float>(n));
@@ -9033,8 +9414,213 @@ static CostTotals cost_totals(const std::vector<CostEntry>& list) {
     for (int k = 0; k < OP_NUM; k++) ms[k] = t.seconds[k] * 1e3;
 }
 
-// ./train_gpt cost [KEY=VALUE …]: settings as environment variables or arguments (CONFIG=pr467, …);
-// GPUS=n (default 8) ranks share TRAIN_BATCH_TOKENS, as `mpirun -np n` would; OPS=1 adds a table per op.
+// --- Evaluation: LoRA TTT and phased TTT (./train_gpt cost EVAL=1) -----------------------------------
+// The eval modes' device work, traced under Cost as they issue it (lora_batch's forward, adapter backward
+// and optimizer step per chunk; global_sgd_phase's steps), priced per (active documents, window width)
+// and summed over the validation set's documents: DATA_PATH's own when its val shards are there, else
+// the document lengths of the CaseOps SP8192 validation set (50,000 documents, 47.85M tokens) as the
+// phased-TTT records log them (`ttp: … dl:min-max` of 756 of their 782 batches of 64, shortest batch
+// first), at 34 knots, scaled by VAL_SCALE (e.g. 1.296 for SP1024: 62.02M tokens for the same documents).
+static const int COST_DOC_KNOTS = 34;
+static const int COST_DOC_BATCH[COST_DOC_KNOTS] = {1, 2, 4, 8, 16, 32, 64, 100, 150, 200, 250, 300, 350, 400, 450, 500,
+    550, 600, 640, 680, 700, 720, 735, 745, 755, 762, 768, 772, 775, 777, 779, 780, 781, 782};
+static const int COST_DOC_SHORTEST[COST_DOC_KNOTS] = {27, 83, 93, 103, 117, 135, 166, 199, 245, 296, 354, 421, 497,
+    582, 680, 796, 943, 1133, 1337, 1618, 1824, 2125, 2495, 2842, 3397, 4032, 4859, 5762, 6892, 8452, 10442, 13091,
+    17258, 30339};
+static const int COST_DOC_LONGEST = 97114;
+// Predicted positions (length − 1) of the 50,000 documents: batch j's 64 spread evenly from its shortest
+// to the next batch's, knots interpolated geometrically.
+static std::vector<long> cost_doc_preds(double scale) {
+    std::vector<double> shortest(783);
+    for (int k = 0; k + 1 < COST_DOC_KNOTS; k++)
+        for (int j = COST_DOC_BATCH[k]; j <= COST_DOC_BATCH[k + 1]; j++) {
+            double f = (double)(j - COST_DOC_BATCH[k]) / (COST_DOC_BATCH[k + 1] - COST_DOC_BATCH[k]);
+            shortest[j] = COST_DOC_SHORTEST[k] * std::pow((double)COST_DOC_SHORTEST[k + 1] / COST_DOC_SHORTEST[k], f);
+        }
+    std::vector<long> pred;
+    for (int j = 1; j <= 782; j++) {
+        int n = j < 782 ? 64 : 50000 - 64 * 781;
+        double a = shortest[j], b = j < 782 ? shortest[j + 1] : COST_DOC_LONGEST;
+        for (int i = 0; i < n; i++) pred.push_back(std::max(1L, std::lround(scale * (a + (b - a) * i / n)) - 1));
+    }
+    return pred;
+}
+
+// Adapters laid out as lora_alloc lays them, at addresses only.
+static void cost_lora_init(Lora<Cost>& lo, const Config& c, int docs, size_t max_tokens) {
+    LoraLayout y = lora_layout(c, docs, max_tokens);
+    lo.docs = docs; lo.rank = c.ttt_lora_rank; lo.nparams = y.n;
+    lo.scale = c.ttt_lora_alpha > 0 ? c.ttt_lora_alpha / c.ttt_lora_rank : 1.0f;
+    lo.params = cost_region<float>(9); lo.grads = cost_region<float>(10); lo.compute = cost_region<CostBf16>(11);
+    lo.dtmp = cost_region<CostBf16>(12);
+    for (int t = 0; t < LORA_NUM; t++) {
+        lo.on[t] = y.on[t]; lo.in_dim[t] = y.in_dim[t]; lo.out_dim[t] = y.out_dim[t];
+        size_t k = y.offA[t].size();
+        lo.A[t].assign(k, lo.params); lo.B[t].assign(k, lo.params); lo.dA[t].assign(k, lo.grads);
+        lo.dB[t].assign(k, lo.grads); lo.Ac[t].assign(k, lo.compute); lo.Bc[t].assign(k, lo.compute);
+        lo.tmp[t].assign(k, lo.dtmp);
+    }
+}
+static double cost_entries_seconds(const std::vector<CostEntry>& e) {
+    double s = 0;
+    for (const CostEntry& x : e) s += cost_seconds(x);
+    return s;
+}
+struct CostEval {
+    double seconds = 0, forwards = 0, launches = 0;
+    double per_doc_launches = 0;  // the LoRA products of a per-document loop (before batching)
+    double cls[OP_NUM] = {};  // seconds per class
+};
+// One chunk of lora_batch: k active documents in a window of W, the first tr of them training.
+static CostEval cost_lora_chunk(Model<Cost>& m, Lora<Cost>& lo, const Config& c, int k, int W, int tr) {
+    g_cost = CostLog();
+    g_cost.model = &m;
+    Cost dev;
+    std::vector<int32_t> x((size_t)k * W), y((size_t)k * W);
+    std::vector<float> nll, weights((size_t)k * W);
+    LoraState<Cost> st;
+    st.lo = lo; st.lo.docs = k; st.m1 = cost_region<float>(13); st.m2 = cost_region<float>(14);
+    if (tr > 0) to_device(dev, m.acts.loss_weights, weights.data(), weights.size());
+    forward_nll(dev, m, x, y, k, W, nll, &st.lo, tr > 0);
+    for (int s = 0; tr > 0 && s < c.ttt_steps; s++) {
+        if (s > 0) forward_nll(dev, m, x, y, k, W, nll, &st.lo, true);
+        st.grad_docs = k;  // (the rows of documents that left: zeroed once per batch, not modelled)
+        lora_drop_grads(dev, st, k);
+        gpt_backward(dev, m, k, W, &st.lo, false);
+        lora_step(dev, st, c, c.ttt_lora_lr);
+    }
+    CostEval e;
+    e.seconds = cost_entries_seconds(g_cost.entries);
+    for (const CostEntry& x2 : g_cost.entries) e.cls[x2.cls] += cost_seconds(x2);
+    e.forwards = 1 + (tr > 0 ? c.ttt_steps - 1 : 0);
+    for (const CostEntry& x2 : g_cost.entries) e.launches += x2.cls != OP_SYNC && x2.cls != OP_COMM;
+    int slots = 0;  // adapters: each forward issued 2 products, each backward 4; a loop issues them per document
+    for (int t = 0; t < LORA_NUM; t++) slots += (int)lo.A[t].size();
+    double fwd = e.forwards, bwd = tr > 0 ? c.ttt_steps : 0;
+    e.per_doc_launches = slots * (fwd * 2 * (k - 1) + bwd * (4 * (k - 1) + k));  // + a memset of dtmp per document
+    if (lo.scale != 1) e.per_doc_launches += slots * k * (fwd + bwd);             // + its scale kernels
+    g_cost = CostLog();
+    return e;
+}
+// Every batch of `preds` (longest first within a batch) as lora_batch runs it; chunks priced once per shape.
+static CostEval cost_lora_batches(Model<Cost>& m, Lora<Cost>& lo, const Config& c,
+                                  const std::vector<std::vector<long>>& batches) {
+    std::map<std::tuple<int, int, int>, CostEval> memo;
+    CostEval sum;
+    int C = c.ttt_chunk_size, L = c.ttt_eval_seq_len;
+    for (const std::vector<long>& b : batches) {
+        long max_nc = (b[0] + C - 1) / C;
+        for (long ci = 0; ci < max_nc; ci++) {
+            int k = 0, tr = 0;
+            while (k < (int)b.size() && ci * C < b[k]) k++;
+            while (tr < k && (ci + 1) * C < b[tr]) tr++;
+            int W = (int)std::min<long>((ci + 1) * C, L);
+            W = (int)std::min<long>(W, b[0]);
+            auto key = std::make_tuple(k, W, tr);
+            auto it = memo.find(key);
+            if (it == memo.end()) it = memo.emplace(key, cost_lora_chunk(m, lo, c, k, W, tr)).first;
+            sum.seconds += it->second.seconds; sum.forwards += it->second.forwards;
+            sum.launches += it->second.launches; sum.per_doc_launches += it->second.per_doc_launches;
+            for (int q = 0; q < OP_NUM; q++) sum.cls[q] += it->second.cls[q];
+        }
+    }
+    return sum;
+}
+// One global SGD step of global_sgd_phase on one of `world` ranks: its rows of L, the all-reduce, clip, SGD.
+static CostEval cost_global_step(Model<Cost>& m, const Config& c, int rows) {
+    g_cost = CostLog();
+    g_cost.model = &m;
+    Cost dev;
+    int L = c.eval_len();
+    std::vector<int32_t> x((size_t)rows * L), y((size_t)rows * L);
+    std::vector<float> nll, weights((size_t)rows * L);
+    device_zero(dev, m.grads, m.nparams * sizeof(float));
+    if (rows > 0) {
+        to_device(dev, m.acts.loss_weights, weights.data(), weights.size());
+        forward_nll(dev, m, x, y, rows, L, nll, (Lora<Cost>*)nullptr, true);
+        gpt_backward(dev, m, rows, L);
+    }
+    allreduce_sum(dev, m.grads, m.nparams);
+    sum_squares(dev, m.grads, m.nparams);
+    scale_grads(dev, m.grads, m.nparams, 1.0f);
+    sgd_update(dev, m.params, m.grads, m.grads, m.nparams, 0.0f, 0.0f, 0.0f, false);
+    refresh_compute_weights(dev, m, false);
+    CostEval e;
+    e.seconds = cost_entries_seconds(g_cost.entries);
+    for (const CostEntry& x2 : g_cost.entries) e.launches += x2.cls != OP_SYNC && x2.cls != OP_COMM;
+    g_cost = CostLog();
+    return e;
+}
+
+// The projection of EVAL_MODE's lora_ttt / phased_ttt on `world` GPUs, the documents shared evenly.
+static void cost_eval_report(const Config& c, int world, double val_scale) {
+    int saved_world = g_world;
+    g_world = world;
+    std::vector<long> preds;
+    bool from_data = !glob_sorted(c.data_path + "/fineweb_val_*.bin").empty();
+    if (from_data) {
+        Config v = c;
+        for (const EvalDoc& d : find_documents(load_validation_tokens(v))) preds.push_back(d.pred);
+    } else {
+        preds = cost_doc_preds(val_scale);
+    }
+    double tokens = 0;
+    for (long p : preds) tokens += (double)p + 1;
+    printf("eval cost model: %zu documents, %.2fM tokens (%s)\n", preds.size(), tokens / 1e6,
+           from_data ? ("the val shards of DATA_PATH=" + c.data_path).c_str()
+                     : fmt("the CaseOps SP8192 validation set's document lengths × VAL_SCALE=%g", val_scale).c_str());
+    int Bd = c.ttt_batch_size, L = c.ttt_eval_seq_len;
+    Model<Cost> m;
+    TrainState<Cost> s;
+    cost_model_init(m, s, c, Bd, std::max(L, c.eval_len()));
+    Lora<Cost> lo;
+    cost_lora_init(lo, c, Bd, (size_t)Bd * L);
+    for (const std::string& mode : split_list(c.eval_mode)) {
+        if (mode != "lora_ttt" && mode != "phased_ttt") continue;
+        // batches as the mode forms them: lora_ttt longest first per rank; phased_ttt the length-sorted queue
+        std::vector<long> sorted = preds;
+        std::sort(sorted.begin(), sorted.end(), std::greater<long>());
+        std::vector<std::vector<long>> batches;
+        for (size_t i = 0; i < sorted.size(); i += Bd)
+            batches.emplace_back(sorted.begin() + i, sorted.begin() + std::min(sorted.size(), i + (size_t)Bd));
+        CostEval e = cost_lora_batches(m, lo, c, batches);
+        double global = 0, steps = 0;
+        if (mode == "phased_ttt") {  // the global SGD phases: the scored prefix documents (the longest batches first)
+            long prefix = std::min<long>(c.phased_ttt_prefix_docs, (long)preds.size()), done = 0;
+            size_t q = 0;
+            CostEval step = cost_global_step(m, c, (int)std::max(1L, (long)c.global_ttt_batch_seqs / world));
+            for (int p = 0; p < c.phased_ttt_num_phases && prefix > 0; p++) {
+                long bound = prefix * (p + 1) / c.phased_ttt_num_phases;
+                while (q < batches.size() && done < bound) done += (long)batches[q++].size();
+                double ptok = 0;  // the first `bound` scored documents by batch id: the shortest of those scored
+                for (long i = 0; i < bound; i++) ptok += (double)sorted[done - 1 - i] + 1;
+                double chunks = std::ceil(ptok / c.global_ttt_chunk_tokens);
+                double seqs = std::floor(c.global_ttt_chunk_tokens / (double)c.eval_len());
+                double per_chunk = std::ceil(seqs / c.global_ttt_batch_seqs) * c.global_ttt_epochs;
+                steps += std::max(0.0, chunks - 1) * per_chunk;
+            }
+            global = steps * step.seconds;
+        }
+        double lora_s = e.seconds / world, total = lora_s + global;
+        printf("%s on %d GPUs: %zu batches of %d documents, %.0f forward passes (%.0f per GPU), %.3g launches per GPU; "
+               "LoRA TTT %.1f s", mode.c_str(), world, batches.size(), Bd, e.forwards, e.forwards / world,
+               e.launches / world, lora_s);
+        if (mode == "phased_ttt") printf(" + global SGD %.0f steps %.1f s", steps, global);
+        std::string deadline;
+        if (c.eval_max_wallclock_seconds > 0)
+            deadline = fmt(" (deadline EVAL_MAX_WALLCLOCK_SECONDS=%g: %s)", c.eval_max_wallclock_seconds,
+                           total <= c.eval_max_wallclock_seconds ? "inside" : "PAST");
+        printf(" = %.1f s projected%s\n", total, deadline.c_str());
+        printf("  LoRA TTT per GPU by class:");
+        for (int q = 0; q < OP_NUM; q++)
+            if (e.cls[q] > 0) printf(" %s %.1f s;", OP_CLASS_NAMES[q], e.cls[q] / world);
+        printf("\n");
+        printf("  a per-document loop of the LoRA products would add %.3g launches per GPU, ≥ %.0f s at %.0f us "
+               "each\n", e.per_doc_launches / world, e.per_doc_launches / world * LAUNCH_S, LAUNCH_S * 1e6);
+    }
+    g_world = saved_world;
+}
+
 // NUM_LOOPS: the step before the loop switches on (the table above) and after it, and their mix over a
 // wall-clock run (ENABLE_LOOPING_AT of the time at the first, the rest at the second).
 static void cost_print_loop_phases(const Config& c, int world, double sec_before) {
@@ -9050,9 +9636,13 @@ static void cost_print_loop_phases(const Config& c, int world, double sec_before
                "121.6 ms/step over the run (4,931 steps in 599.5 s)\n");
 }
 
+// ./train_gpt cost [KEY=VALUE …]: settings as environment variables or arguments (CONFIG=pr467, …);
+// GPUS=n (default 8) ranks share TRAIN_BATCH_TOKENS, as `mpirun -np n` would; OPS=1 adds a table per op;
+// EVAL=1 projects EVAL_MODE's lora_ttt / phased_ttt instead (VAL_SCALE=x scales the built-in document lengths).
 static int cost_main(int argc, char** argv) {
     int world = 8;
-    bool by_op = false;
+    bool by_op = false, eval = false;
+    double val_scale = 1.0;
     for (int i = 2; i < argc; i++) {
         const char* eq = strchr(argv[i], '=');
         if (!eq || eq == argv[i])
@@ -9066,15 +9656,26 @@ static int cost_main(int argc, char** argv) {
             world = (int)v;
             continue;
         }
-        if (key == "OPS") {
-            if (strcmp(eq + 1, "0") && strcmp(eq + 1, "1")) fail("%s cost: OPS=%s: expected 0 or 1", argv[0], eq + 1);
-            by_op = eq[1] == '1';
+        if (key == "OPS" || key == "EVAL") {
+            if (strcmp(eq + 1, "0") && strcmp(eq + 1, "1")) fail("%s cost: %s: expected 0 or 1", argv[0], argv[i]);
+            (key == "OPS" ? by_op : eval) = eq[1] == '1';
+            continue;
+        }
+        if (key == "VAL_SCALE") {
+            char* end = nullptr;
+            val_scale = strtod(eq + 1, &end);
+            if (*end || !(val_scale > 0 && val_scale < 100))
+                fail("%s cost: VAL_SCALE=%s: expected a factor in (0, 100)", argv[0], eq + 1);
             continue;
         }
         setenv(key.c_str(), eq + 1, 1);
     }
     Config c = config_from_env();
     config_validate(c, world);
+    if (eval) {
+        cost_eval_report(c, world, val_scale);
+        return 0;
+    }
     int accum = grad_accum_steps(c, world);
     long local = c.train_batch_tokens / ((long)world * accum);
     std::vector<CostEntry> list = cost_step_launches(c, world);

@@ -147,3 +147,27 @@ TEST(cost_projection_is_the_sum_of_its_entries) {
     CHECK(ms[OP_GEMM] * 1e-3 >= s.flops[OP_GEMM] / H100_BF16_FLOPS);
     CHECK(ms[OP_MEMSET] * 1e-3 >= s.hbm[OP_MEMSET] / H100_HBM_BYTES);
 }
+
+// LoRA TTT's adapters are batched across documents: a chunk issues the same launches for 1 document as
+// for 7 (one strided-batched GEMM per product), and its adapter GEMMs' FLOPs grow with the documents.
+// With one adapter per target and layer, a chunk's forward adds 2 GEMMs and its backward 4.
+TEST(cost_lora_launches_independent_of_documents) {
+    Config c = cost_preset("tiny");
+    c.ttt_lora_targets = "q,v,attn_out,mlp,lm_head"; c.ttt_lora_rank = 4; c.ttt_eval_seq_len = 32; c.ttt_chunk_size = 8;
+    config_validate(c, 1);
+    Model<Cost> m;
+    TrainState<Cost> s;
+    cost_model_init(m, s, c, 8, 32);
+    Lora<Cost> lo;
+    cost_lora_init(lo, c, 8, 8 * 32);
+    CostEval one = cost_lora_chunk(m, lo, c, 1, 24, 1), seven = cost_lora_chunk(m, lo, c, 7, 24, 7);
+    CHECK_MSG(one.launches == seven.launches, "1 document: %.0f launches, 7 documents: %.0f", one.launches,
+              seven.launches);
+    Lora<Cost> none = lo;
+    for (int t = 0; t < LORA_NUM; t++) none.on[t] = false;
+    CostEval base = cost_lora_chunk(m, none, c, 7, 24, 0), scored = cost_lora_chunk(m, lo, c, 7, 24, 0);
+    int slots = 4 * c.num_layers + 1;
+    CHECK_MSG(scored.launches - base.launches == 2 * slots, "a scoring forward adds %.0f launches, want %d",
+              scored.launches - base.launches, 2 * slots);
+    CHECK(seven.per_doc_launches > 6 * one.per_doc_launches);
+}
