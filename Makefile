@@ -103,7 +103,7 @@ train_gpt_cpu: $(TU_DEPS) $(SUBMISSION) $(SFX)
 print-gpu-code:
 	@echo $(GPU_CODE)
 
-tokenize: tokenizer/tokenize.cpp tokenizer/spm_model.h tokenizer/spm_encode.h
+tokenize: tokenizer/tokenize.cpp tokenizer/spm_model.h tokenizer/spm_encode.h tokenizer/caseops.h
 	$(CXX) -O2 -std=c++17 -Wall -Wextra -o $@ tokenizer/tokenize.cpp
 
 # --- the submission: one file, CPU reference sections and comments removed -------------------
@@ -117,7 +117,7 @@ $(SFX): $(SUBMISSION) scripts/make_sfx
 	python3 scripts/make_sfx $(SUBMISSION) $@ $(CODE_BYTES)
 
 # --- tests ------------------------------------------------------------------------------------
-tests/test_tokenizer: tests/test_tokenizer.cpp tests/harness.h tokenizer/spm_model.h tokenizer/spm_encode.h
+tests/test_tokenizer: tests/test_tokenizer.cpp tests/harness.h tokenizer/spm_model.h tokenizer/spm_encode.h tokenizer/caseops.h
 	$(CXX) -O2 -std=c++17 -Wall -Wextra -Itests -o $@ tests/test_tokenizer.cpp
 
 # The CUDA emulator's library shims (cuBLASLt, CUB, NCCL over MPI), under AddressSanitizer; g++ only,
@@ -173,6 +173,7 @@ emu: $(EMU_TESTS) $(if $(EMU_TESTS),train_gpt_emu)
 
 corpus: tokenize
 	@scripts/make_corpus
+	@scripts/make_corpus --vocab 8192
 
 test: all train_gpt_cpu tests/test_main $(EMU_TESTS) $(if $(EMU_TESTS),train_gpt_emu) tests/test_tokenizer $(EMU_LIBS_TEST) \
       corpus
