@@ -6960,8 +6960,9 @@ static int inspect_main(int, char** argv) { fail("%s inspect: not part of the st
 // --- GPTQ calibration: Hessians from training batches ----------------------------------------------
 // Each linear layer's input as the forward keeps it: q, k, v read the attention norm, the attention
 // projection reads the attention output (after XSA), fc the MLP norm, the MLP projection the
-// activation, the head (tied tok_emb or lm_head) the final norm, bigram.proj the bigram rows. A core
-// shared by several layers (UNIQUE_LAYERS) sums over all of them, as the record's hooks do.
+// activation, the head (tied tok_emb or lm_head) the final norm, bigram.proj the bigram rows; with
+// SparseAttnGate the projection reads the gated output. A block that several layers run (UNIQUE_LAYERS,
+// the loop of NUM_LOOPS) sums over all of them, as the record's hooks do.
 template <class D> struct LinearInput { const typename D::mat* weight; const typename D::act* x; int cols; };
 template <class D> static std::vector<LinearInput<D>> linear_inputs(Model<D>& m) {
     const Config& c = m.cfg;
@@ -6969,13 +6970,14 @@ template <class D> static std::vector<LinearInput<D>> linear_inputs(Model<D>& m)
     auto& W = m.w;
     std::vector<LinearInput<D>> in;
     int Dm = c.model_dim, F = c.mlp_hidden();
-    for (int l = 0; l < c.num_layers; l++) {
+    bool loop = m.looping && c.num_loops > 0;  // virtual layer l runs block block_of(l): a looped block sums them all
+    for (int l = 0; l < c.num_virtual(loop); l++) {
         const LayerActs<D>& L = a.layers[l];
-        const auto& LW = W.layers[l];
+        const auto& LW = W.layers[c.block_of(l, loop)];
         in.push_back({LW.c_q, L.attn_norm, Dm});
         in.push_back({LW.c_k, L.attn_norm, Dm});
         in.push_back({LW.c_v, L.attn_norm, Dm});
-        in.push_back({LW.attn_proj, L.attn_proj_in, Dm});
+        in.push_back({LW.attn_proj, c.sparse_attn_gate ? L.attn_gated : L.attn_proj_in, Dm});
         in.push_back({LW.fc, L.mlp_norm, Dm});
         in.push_back({LW.mlp_proj, L.mlp_act, F});
     }

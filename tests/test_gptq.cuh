@@ -505,3 +505,55 @@ TEST(gptq_brotli_artifact) {
     CHECK_MSG(rejected > n / 10, "only %d of %d damaged streams refused", rejected, n);  // brotli has no checksum
 #endif
 }
+
+// The frontier's model: a looped block's Hessians sum over every virtual layer that runs it, and with
+// SparseAttnGate the attention projection's input is the gated output. Checked against XᵀX of the
+// kept activations of one calibration batch, the virtual layers enumerated here from block_of.
+TEST(gptq_calibration_frontier_loop_and_gate) {
+    std::string d = small_dataset("gptq_frontier", 64);
+    Config c = frontier_gradcheck_config();  // blocks 0 1 2 1 2 3 4 once looping is on
+    c.data_path = d; c.gptq = 1; c.gptq_calibration_batches = 1; c.gptq_passthrough_numel = 0;
+    config_validate(c, 1);
+    Cpu<float> dev;
+    Model<Cpu<float>> m;
+    model_init(dev, m, c, 2, 7);
+    m.looping = true;
+    DataLoader ld;
+    ld.stream.open(shard_files(d, "train"), c.vocab_size);
+    Hessians hs = gptq_calibrate(dev, m, ld);
+    auto xtx = [](const float* x, int rows, int n, std::vector<double>& acc) {
+        acc.resize((size_t)n * n, 0.0);
+        for (int t = 0; t < rows; t++)
+            for (int a = 0; a < n; a++)
+                for (int b = 0; b < n; b++)
+                    acc[(size_t)a * n + b] += (double)x[(size_t)t * n + a] * x[(size_t)t * n + b];
+    };
+    auto index_of = [&](const float* w) {
+        for (size_t i = 0; i < m.table.size(); i++) if (m.table[i].offset == (size_t)(w - m.params)) return i;
+        throw TestFailure("weight not in the table");
+    };
+    int N = 14, Dm = c.model_dim, runs_of_1 = 0;
+    for (int b = 0; b < c.num_layers; b++) {
+        std::vector<double> q, proj;
+        for (int l = 0; l < c.num_virtual(true); l++) {
+            if (c.block_of(l, true) != b) continue;
+            runs_of_1 += b == 1;
+            xtx(m.acts.layers[l].attn_norm, N, Dm, q);
+            xtx(m.acts.layers[l].attn_gated, N, Dm, proj);
+        }
+        const std::vector<float>& hq = hs[index_of(m.w.layers[b].c_q)];
+        const std::vector<float>& hp = hs[index_of(m.w.layers[b].attn_proj)];
+        CHECK(hq.size() == q.size() && hp.size() == proj.size());
+        CHECK_ALL_CLOSE(hq.data(), q.data(), q.size(), 1e-5, 1e-6);
+        CHECK_ALL_CLOSE(hp.data(), proj.data(), proj.size(), 1e-5, 1e-6);
+    }
+    CHECK(runs_of_1 == 2);
+    std::vector<double> head;
+    xtx(m.acts.final_norm, N, Dm, head);
+    const std::vector<float>& hh = hs[index_of(m.w.tok_emb)];
+    CHECK_ALL_CLOSE(hh.data(), head.data(), head.size(), 1e-5, 1e-6);
+    int with_h = 0;
+    for (const std::vector<float>& h : hs) with_h += !h.empty();
+    CHECK(with_h == 6 * c.num_layers + 1);
+    model_free(dev, m);
+}
