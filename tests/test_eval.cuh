@@ -732,8 +732,9 @@ TEST(eval_caseops_sidecar_bytes) {
 // by length into batches of TTT_BATCH_SIZE, longest batch first; segment p ends with the first batch after
 // which prefix·(p+1)/P documents are scored. Returns each document's segment.
 static std::vector<int> phased_segments(const std::vector<std::pair<long, long>>& docs, int bs, long prefix, int P) {
-    std::vector<long> idx(docs.size());
-    for (size_t i = 0; i < idx.size(); i++) idx[i] = (long)i;
+    std::vector<long> idx;  // a final lone BOS predicts nothing: no document
+    for (size_t i = 0; i < docs.size(); i++)
+        if (docs[i].second > 0) idx.push_back((long)i);
     std::stable_sort(idx.begin(), idx.end(), [&](long a, long b) { return docs[a].second < docs[b].second; });
     std::vector<std::vector<long>> batches;
     for (size_t i = 0; i < idx.size(); i += bs)
