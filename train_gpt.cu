@@ -9573,6 +9573,7 @@ static void cost_eval_report(const Config& c, int world, double val_scale) {
     Model<Cost> m;
     TrainState<Cost> s;
     cost_model_init(m, s, c, Bd, std::max(L, c.eval_len()));
+    m.looping = c.num_loops > 0;  // evaluation runs the trained model: the loop is on
     Lora<Cost> lo;
     cost_lora_init(lo, c, Bd, (size_t)Bd * L);
     for (const std::string& mode : split_list(c.eval_mode)) {
