@@ -9622,9 +9622,6 @@ static void cost_eval_report(const Config& c, int world, double val_scale) {
     g_world = saved_world;
 }
 
-// ./train_gpt cost [KEY=VALUE …]: settings as environment variables or arguments (CONFIG=pr467, …);
-// GPUS=n (default 8) ranks share TRAIN_BATCH_TOKENS, as `mpirun -np n` would; OPS=1 adds a table per op;
-// EVAL=1 projects EVAL_MODE's lora_ttt / phased_ttt instead (VAL_SCALE=x scales the built-in document lengths).
 // NUM_LOOPS: the step before the loop switches on (the table above) and after it, and their mix over a
 // wall-clock run (ENABLE_LOOPING_AT of the time at the first, the rest at the second).
 static void cost_print_loop_phases(const Config& c, int world, double sec_before) {
@@ -9640,6 +9637,9 @@ static void cost_print_loop_phases(const Config& c, int world, double sec_before
                "121.6 ms/step over the run (4,931 steps in 599.5 s)\n");
 }
 
+// ./train_gpt cost [KEY=VALUE …]: settings as environment variables or arguments (CONFIG=pr467, …);
+// GPUS=n (default 8) ranks share TRAIN_BATCH_TOKENS, as `mpirun -np n` would; OPS=1 adds a table per op;
+// EVAL=1 projects EVAL_MODE's lora_ttt / phased_ttt instead (VAL_SCALE=x scales the built-in document lengths).
 static int cost_main(int argc, char** argv) {
     int world = 8;
     bool by_op = false, eval = false;
