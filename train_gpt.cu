@@ -4972,9 +4972,9 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
         matmul_forward(dev, L.q_proj, L.attn_norm, LW.c_q, N, Dm, Dm);
         matmul_forward(dev, L.k_proj, L.attn_norm, LW.c_k, N, Dm, KV);
         matmul_forward(dev, L.v_proj, L.attn_norm, LW.c_v, N, Dm, KV);
-        lora_forward(dev, lo, LORA_Q, b, L.q_proj, L.attn_norm, T);
-        lora_forward(dev, lo, LORA_K, b, L.k_proj, L.attn_norm, T);
-        lora_forward(dev, lo, LORA_V, b, L.v_proj, L.attn_norm, T);
+        lora_forward(dev, lo, LORA_Q, l, L.q_proj, L.attn_norm, T);
+        lora_forward(dev, lo, LORA_K, l, L.k_proj, L.attn_norm, T);
+        lora_forward(dev, lo, LORA_V, l, L.v_proj, L.attn_norm, T);
         qk_norm_rope_forward(dev, L.q_rope, L.q_rstd, L.q_proj, LW.q_gain, N, T, H, hd, c.rotary_dims(), c.rope_base);
         qk_norm_rope_forward(dev, L.k_rope, L.k_rstd, L.k_proj, no_gate, N, T, Hk, hd, c.rotary_dims(), c.rope_base);
         attention_forward(dev, L.attn_out, L.attn_lse, L.q_rope, L.k_rope, L.v_proj, B, T, H, Hk, hd,
@@ -4987,8 +4987,8 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
             proj_in = L.attn_gated;
         }
         matmul_forward(dev, L.attn_proj_out, proj_in, LW.attn_proj, N, Dm, Dm);
-        lora_forward(dev, lo, LORA_O, b, L.attn_proj_out, proj_in, T);
-        lora_forward(dev, lo, LORA_ATTN_OUT, b, L.attn_proj_out, L.attn_norm, T);
+        lora_forward(dev, lo, LORA_O, l, L.attn_proj_out, proj_in, T);
+        lora_forward(dev, lo, LORA_ATTN_OUT, l, L.attn_proj_out, L.attn_norm, T);
         const typename D::act* mlp_in = par ? lane1 : L.residual_after_attn;  // a parallel MLP reads lane 1
         if (!par)
             branch_add_forward(dev, L.residual_after_attn, L.residual_mixed, L.attn_proj_out, LW.attn_scale,
@@ -4996,11 +4996,11 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
         rmsnorm_forward(dev, L.mlp_norm, L.mlp_norm_rstd, mlp_in, N, Dm);
         if (c.ln_scale) scale_inplace(dev, L.mlp_norm, (size_t)N * Dm, ln_scale_of(c, b));
         matmul_forward(dev, L.mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F);
-        lora_forward(dev, lo, LORA_UP, b, L.mlp_hidden, L.mlp_norm, T);
+        lora_forward(dev, lo, LORA_UP, l, L.mlp_hidden, L.mlp_norm, T);
         mlp_act_forward(dev, L.mlp_act, L.mlp_hidden, (size_t)N * F, c.mlp_activation == "leaky_relu_sq");
         matmul_forward(dev, L.mlp_proj_out, L.mlp_act, LW.mlp_proj, N, F, Dm);
-        lora_forward(dev, lo, LORA_DOWN, b, L.mlp_proj_out, L.mlp_act, T);
-        lora_forward(dev, lo, LORA_MLP, b, L.mlp_proj_out, L.mlp_norm, T);
+        lora_forward(dev, lo, LORA_DOWN, l, L.mlp_proj_out, L.mlp_act, T);
+        lora_forward(dev, lo, LORA_MLP, l, L.mlp_proj_out, L.mlp_norm, T);
         if (!par)
             branch_add_forward(dev, L.residual_out, L.residual_after_attn, L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate,
                                N, Dm);
@@ -5070,13 +5070,13 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
         }
         zero(a.d_mlp_act, NF);
         matmul_backward(dev, a.d_mlp_act, LG.mlp_proj, a.d_mlp_proj_out, L.mlp_act, LW.mlp_proj, N, F, Dm);
-        lora_backward(dev, lo, LORA_DOWN, b, a.d_mlp_act, a.d_mlp_proj_out, L.mlp_act, T);
+        lora_backward(dev, lo, LORA_DOWN, l, a.d_mlp_act, a.d_mlp_proj_out, L.mlp_act, T);
         zero(a.d_mlp_hidden, NF);
         mlp_act_backward(dev, a.d_mlp_hidden, a.d_mlp_act, L.mlp_hidden, NF, c.mlp_activation == "leaky_relu_sq");
         zero(a.d_norm, ND);
         matmul_backward(dev, a.d_norm, LG.fc, a.d_mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F);
-        lora_backward(dev, lo, LORA_UP, b, a.d_norm, a.d_mlp_hidden, L.mlp_norm, T);
-        lora_backward(dev, lo, LORA_MLP, b, a.d_norm, a.d_mlp_proj_out, L.mlp_norm, T);
+        lora_backward(dev, lo, LORA_UP, l, a.d_norm, a.d_mlp_hidden, L.mlp_norm, T);
+        lora_backward(dev, lo, LORA_MLP, l, a.d_norm, a.d_mlp_proj_out, L.mlp_norm, T);
         if (c.ln_scale) scale_inplace(dev, a.d_norm, ND, ln_scale_of(c, b));
         if (par)
             rmsnorm_backward(dev, a.d_lane1, a.d_norm, lane1_in, L.mlp_norm_rstd, N, Dm);
@@ -5092,7 +5092,7 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
         const A* proj_in = c.sparse_attn_gate ? L.attn_gated : L.attn_proj_in;
         zero(a.d_attn_proj_in, ND);
         matmul_backward(dev, a.d_attn_proj_in, LG.attn_proj, a.d_attn_proj_out, proj_in, LW.attn_proj, N, Dm, Dm);
-        lora_backward(dev, lo, LORA_O, b, a.d_attn_proj_in, a.d_attn_proj_out, proj_in, T);
+        lora_backward(dev, lo, LORA_O, l, a.d_attn_proj_in, a.d_attn_proj_out, proj_in, T);
         if (c.sparse_attn_gate)  // in place: d_attn_proj_in becomes the gradient of the ungated heads
             attn_gate_backward(dev, a.d_attn_proj_in, a.d_attn_gate_logit, LG.attn_gate_w, a.d_attn_proj_in,
                                L.attn_proj_in, L.attn_norm, LW.attn_gate_w, N, H, hd, Dm, c.gate_window,
@@ -5118,10 +5118,10 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
         matmul_backward(dev, a.d_norm, LG.c_q, a.d_q_proj, L.attn_norm, LW.c_q, N, Dm, Dm);
         matmul_backward(dev, a.d_norm, LG.c_k, a.d_k_proj, L.attn_norm, LW.c_k, N, Dm, KV);
         matmul_backward(dev, a.d_norm, LG.c_v, a.d_v_proj, L.attn_norm, LW.c_v, N, Dm, KV);
-        lora_backward(dev, lo, LORA_Q, b, a.d_norm, a.d_q_proj, L.attn_norm, T);
-        lora_backward(dev, lo, LORA_K, b, a.d_norm, a.d_k_proj, L.attn_norm, T);
-        lora_backward(dev, lo, LORA_V, b, a.d_norm, a.d_v_proj, L.attn_norm, T);
-        lora_backward(dev, lo, LORA_ATTN_OUT, b, a.d_norm, a.d_attn_proj_out, L.attn_norm, T);
+        lora_backward(dev, lo, LORA_Q, l, a.d_norm, a.d_q_proj, L.attn_norm, T);
+        lora_backward(dev, lo, LORA_K, l, a.d_norm, a.d_k_proj, L.attn_norm, T);
+        lora_backward(dev, lo, LORA_V, l, a.d_norm, a.d_v_proj, L.attn_norm, T);
+        lora_backward(dev, lo, LORA_ATTN_OUT, l, a.d_norm, a.d_attn_proj_out, L.attn_norm, T);
         if (c.sparse_attn_gate)
             attn_gate_backward_input(dev, a.d_norm, a.d_attn_gate_logit, LW.attn_gate_w, N, H, Dm, c.gate_window);
         if (c.ln_scale) scale_inplace(dev, a.d_norm, ND, ln_scale_of(c, b));
@@ -7280,7 +7280,7 @@ static LoraLayout lora_layout(const Config& c, int docs, size_t max_tokens) {
     size_t r = c.ttt_lora_rank;
     for (int t = 0; t < LORA_NUM; t++) {
         y.in_dim[t] = ins[t]; y.out_dim[t] = outs[t];
-        int layers = !y.on[t] ? 0 : t == LORA_HEAD ? 1 : c.num_layers;
+        int layers = !y.on[t] ? 0 : t == LORA_HEAD ? 1 : c.max_virtual();  // one per virtual layer (PR #1855's slots)
         for (int l = 0; l < layers; l++) { y.offA[t].push_back(y.n); y.n += pad(docs * r * ins[t]); y.slots++; }
     }
     y.nA = y.n;
@@ -9575,6 +9575,7 @@ static void cost_eval_report(const Config& c, int world, double val_scale) {
     Model<Cost> m;
     TrainState<Cost> s;
     cost_model_init(m, s, c, Bd, std::max(L, c.eval_len()));
+    m.looping = c.num_loops > 0;  // evaluation runs the trained model: the loop is on
     Lora<Cost> lo;
     cost_lora_init(lo, c, Bd, (size_t)Bd * L);
     for (const std::string& mode : split_list(c.eval_mode)) {
