@@ -103,11 +103,12 @@ TEST(cost_emu_tiny_step_calls_match) {
     c.train_seq_len = 64;  // the full width and depth, fewer positions
     cost_matches_emulated_step(c, 2);
 }
-// pr600 (BigramHash, SmearGate) at 2 layers of width 128, with EMA and bf16 embedding tables
+// pr600 (BigramHash, SmearGate) at 2 layers of width 128, with EMA, bf16 embedding tables and VARLEN_ATTN
 TEST(cost_emu_pr600_step_calls_match) {
     Config c; preset_pr600(c); c.preset = "pr600";
     c.num_layers = 2; c.model_dim = 128; c.num_heads = 4; c.num_kv_heads = 2; c.train_seq_len = 64; c.eval_stride = 32;
     c.swa_steps = 0; c.ema_decay = 0.997f; c.embed_bf16 = 1;  // EMA in place of its SWA
+    c.varlen_attn = 1;  // document_starts once per forward, the masked attention kernels
     cost_matches_emulated_step(c, 2);
 }
 

@@ -84,7 +84,10 @@ for seed, r in logs.items():
     want(got.get("bytes_total") == rj["total_bytes"], f"seed {seed} bytes_total {got.get('bytes_total')}")
     log = os.path.join(dest, f"train_seed{seed}.log")
     want(os.path.isfile(log) and filecmp.cmp(log, os.path.join(r, "log.txt"), shallow=False), f"train_seed{seed}.log differs from {r}/log.txt")
-want(filecmp.cmp(os.path.join(dest, "train_gpt.cu"), "build/submission/train_gpt.cu", shallow=False), "train_gpt.cu differs from build/submission/train_gpt.cu")
+code = "train_gpt.sh" if res[0].get("code_bytes_sfx", 0) > 0 else "train_gpt.cu"  # the counted form the runs counted
+want(filecmp.cmp(os.path.join(dest, code), "build/submission/" + code, shallow=False), f"{code} differs from build/submission/{code}")
+want(os.path.isfile(os.path.join(dest, code)) and os.path.getsize(os.path.join(dest, code)) == res[0]["code_bytes"] or res[0].get("code_bytes_stripped", 0) == 0,
+     f"{code} is not the {res[0]['code_bytes']} bytes the run counted")
 readme = open(os.path.join(dest, "README.md")).read()
 want(f"{sub.get('val_bpb', 0):.8f}" in readme, "README lacks the val_bpb")
 want(f"{sub.get('bytes_total', 0):,}" in readme, "README lacks the total bytes")
