@@ -112,12 +112,11 @@ TEST(cost_emu_pr600_step_calls_match) {
     cost_matches_emulated_step(c, 2);
 }
 
-// frontier (loop, lanes, gates, BOS-masked SmearGate, layerwise scale) at 4 layers of width 128, vocab
-// 1024, before and after the loop switches on
+// frontier (loop, lanes, gates, BOS-masked SmearGate, layerwise scale) at 4 layers of width 64, vocab
+// 512, with the loop on (its longer sequence runs every op of the shorter one)
 TEST(cost_emu_frontier_step_calls_match) {
     Config c; preset_frontier_tiny(c); c.preset = "frontier_tiny";
-    c.vocab_size = 1024; c.train_seq_len = 64; c.eval_stride = 32;
-    cost_matches_emulated_step(c, 2, false);
+    c.vocab_size = 512; c.model_dim = 64; c.train_seq_len = 32; c.eval_stride = 16;
     cost_matches_emulated_step(c, 2, true);
 }
 // The embedding backward's sort on both sides of cub's single-tile limit (the training steps above sort
