@@ -14,7 +14,7 @@ static CallCounts cost_call_counts(const std::vector<CostEntry>& list) {
         if (op == "gemm_bf16") n.gemms++;
         else if (op == "cudaMemsetAsync") n.memsets++;
         else if (op == "to_device" || op == "to_host" || op == "cudaMemcpyAsync") n.copies++;
-        else if (op == "ncclAllReduce") n.collectives++;
+        else if (op.rfind("nccl", 0) == 0 && op != "nccl_wait") n.collectives++;  // ncclAllReduce, ncclReduceScatter, …
         else if (op != "nccl_wait" && op != "host_allreduce_sum") n.launches++;
     }
     return n;
