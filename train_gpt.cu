@@ -630,6 +630,15 @@ static void* device_alloc(Cuda, size_t bytes) {
     return p;
 }
 static void device_free(Cuda, void* p) { if (p) cudaCheck(cudaFree(p)); }
+// Page-locked host memory, zero-filled: copies to and from it run asynchronously (and inside CUDA graphs).
+static void* host_alloc(Cuda, size_t bytes) {
+    cuda_ctx();
+    void* p = nullptr;
+    cudaCheck(cudaMallocHost(&p, bytes ? bytes : 1));
+    memset(p, 0, bytes);
+    return p;
+}
+static void host_free(Cuda, void* p) { if (p) cudaCheck(cudaFreeHost(p)); }
 static void device_zero(Cuda, void* p, size_t bytes) {
     PROFILE_OP(OP_MEMSET);
     if (bytes) cudaCheck(cudaMemsetAsync(p, 0, bytes, cuda_ctx().stream));
@@ -646,6 +655,10 @@ template <class X> static void to_host(Cuda, X* dst, const X* src, size_t n) {
     PROFILE_OP(OP_SYNC);
     cudaCheck(cudaMemcpyAsync(dst, src, n * sizeof(X), cudaMemcpyDeviceToHost, cuda_ctx().stream));
     cudaCheck(cudaStreamSynchronize(g_cuda.stream));
+}
+// Into page-locked memory, without waiting (also inside a CUDA graph): the caller waits for an event.
+template <class X> static void to_host_async(Cuda, X* dst, const X* src, size_t n) {
+    if (n) cudaCheck(cudaMemcpyAsync(dst, src, n * sizeof(X), cudaMemcpyDeviceToHost, cuda_ctx().stream));
 }
 template <class X> static void device_copy(Cuda, X* dst, const X* src, size_t n) {
     if (n && dst != src) cudaCheck(cudaMemcpyAsync(dst, src, n * sizeof(X), cudaMemcpyDeviceToDevice, cuda_ctx().stream));
@@ -3591,68 +3604,166 @@ template <class T> static void* device_alloc(Cpu<T>, size_t bytes) {
     return p;
 }
 template <class T> static void device_free(Cpu<T>, void* p) { free(p); }
+template <class T> static void* host_alloc(Cpu<T> dev, size_t bytes) { return device_alloc(dev, bytes); }
 template <class T> static void device_zero(Cpu<T>, void* p, size_t bytes) { memset(p, 0, bytes); }
 template <class T, class X> static void to_device(Cpu<T>, X* dst, const X* src, size_t n) { memcpy(dst, src, n * sizeof(X)); }
 template <class T, class X> static void to_host(Cpu<T>, X* dst, const X* src, size_t n) { memcpy(dst, src, n * sizeof(X)); }
+template <class T, class X> static void to_host_async(Cpu<T> dev, X* dst, const X* src, size_t n) {
+    to_host(dev, dst, src, n);
+}
 template <class T, class X> static void device_copy(Cpu<T>, X* dst, const X* src, size_t n) { memcpy(dst, src, n * sizeof(X)); }
 #endif
 
 // Activations of one forward pass over B sequences of T tokens, kept for the backward.
+// Shapes: rows are the B*T tokens; C = model_dim, KV = kv_dim (num_kv_heads · head_dim), F = mlp_hidden,
+// H / Hk = query / key-value heads, V = vocab_size, BD = bigram_dim. Statistics are one per row (and head).
 template <class D> struct LayerActs {
-    using A = typename D::act; using S = typename D::stat;
-    A *x_in, *xm, *n1, *q, *k, *v, *qr, *kr, *ya, *y, *a, *xa, *n2, *h, *u, *m, *x_out;
-    S *r1, *qrs, *krs, *lse, *r2;
+    using A = typename D::act;
+    using S = typename D::stat;
+    A* residual_in;          // (B*T, C) the stream entering the block (aliases the previous residual_out)
+    A* residual_mixed;       // (B*T, C) resid_mix[0] ⊙ residual_in + resid_mix[1] ⊙ x0
+    A* attn_norm;            // (B*T, C) rmsnorm(residual_mixed), input of q, k, v
+    S* attn_norm_rstd;       // (B*T)
+    A* q_proj;               // (B*T, C) attn_norm · c_qᵀ
+    A* k_proj;               // (B*T, KV) attn_norm · c_kᵀ
+    A* v_proj;               // (B*T, KV) attn_norm · c_vᵀ, the values attention reads
+    A* q_rope;               // (B*T, C) q_gain ⊙ rope(rmsnorm per head(q_proj)), the queries attention reads
+    A* k_rope;               // (B*T, KV) rope(rmsnorm per head(k_proj)), the keys attention reads
+    S* q_rstd;               // (B*T, H)
+    S* k_rstd;               // (B*T, Hk)
+    A* attn_out;             // (B*T, C) causal softmax(q kᵀ/√hd) v, per head
+    S* attn_lse;             // (B*T, H) log-sum-exp of each softmax row
+    A* attn_proj_in;         // (B*T, C) XSA(attn_out, v_proj) (aliases attn_out in layers without XSA)
+    A* attn_proj_out;        // (B*T, C) attn_proj_in · attn_projᵀ
+    A* residual_after_attn;  // (B*T, C) residual_mixed + attn_scale ⊙ σ(attn_gate) ⊙ attn_proj_out
+    A* mlp_norm;             // (B*T, C) rmsnorm(residual_after_attn), input of fc
+    S* mlp_norm_rstd;        // (B*T)
+    A* mlp_hidden;           // (B*T, F) mlp_norm · fcᵀ
+    A* mlp_act;              // (B*T, F) relu²(mlp_hidden) (or leaky_relu²)
+    A* mlp_proj_out;         // (B*T, C) mlp_act · mlp_projᵀ
+    A* residual_out;         // (B*T, C) residual_after_attn + mlp_scale ⊙ σ(mlp_gate) ⊙ mlp_proj_out
 };
 template <class D> struct Acts {
-    using A = typename D::act; using S = typename D::stat;
-    int B = 0, T = 0;                       // capacity
-    int32_t *inputs, *targets, *bigram_idx;
-    float* loss_weights;                    // dloss/dnll per position (null: no backward)
-    A *e_tok, *bigram_h, *bigram_p, *e, *xn0, *x0, *hf, *logits;
-    S *r0, *rf, *losses;
+    using A = typename D::act;
+    using S = typename D::stat;
+    int B = 0, T = 0;              // capacity
+    int32_t* inputs;               // (B*T) token ids
+    int32_t* targets;              // (B*T) next-token ids
+    int32_t* bigram_idx;           // (B*T) BigramHash buckets
+    float* loss_weights;           // (B*T) dloss/dnll per position (null: no backward)
+    A* tok_embed;                  // (B*T, C) tok_emb rows of the inputs
+    A* bigram_embed;               // (B*T, BD) bigram_embed rows of the buckets (BIGRAM_VOCAB_SIZE only)
+    A* bigram_proj_out;            // (B*T, C) bigram_embed · bigram_projᵀ, or the hash embedding's rows
+    A* embed_sum;                  // (B*T, C) tok_embed + the bigram branch
+    A* embed_norm;                 // (B*T, C) rmsnorm of the embedding
+    S* embed_norm_rstd;            // (B*T)
+    A* residual_x0;                // (B*T, C) x0, the second residual lane: SmearGate(embed_norm) or embed_norm itself
     std::vector<LayerActs<D>> layers;
-    // backward scratch
-    A *dx, *dx0, *dxa, *dxm, *dn, *dq, *dk, *dv, *dqr, *dkr, *dy, *dya, *da, *dh, *du, *dm, *de, *dbh, *dbp;
-    std::vector<A*> dskips;                 // gradient flowing back into each encoder output
+    A* final_norm;                 // (B*T, C) rmsnorm of the last residual_out, input of the head
+    S* final_norm_rstd;            // (B*T)
+    A* logits;                     // (B*T, V) the head's logits; after a forward with grad, dloss/dlogits
+    S* losses;                     // (B*T) NLL per position
+    // backward scratch: d_X is the gradient of the forward's X (reused by every layer, see gpt_backward)
+    A* d_residual;                 // (B*T, C) of the stream at the current point (residual_out, then residual_in)
+    A* d_residual_x0;              // (B*T, C) of residual_x0, summed over the layers
+    A* d_residual_after_attn;      // (B*T, C)
+    A* d_residual_mixed;           // (B*T, C)
+    A* d_norm;                     // (B*T, C) of the norm being differentiated (final, mlp, attn, embedding)
+    A* d_q_proj;                   // (B*T, C)
+    A* d_k_proj;                   // (B*T, KV)
+    A* d_v_proj;                   // (B*T, KV)
+    A* d_q_rope;                   // (B*T, C)
+    A* d_k_rope;                   // (B*T, KV)
+    A* d_attn_proj_in;             // (B*T, C)
+    A* d_attn_out;                 // (B*T, C) (XSA layers only; otherwise d_attn_proj_in is it)
+    A* d_attn_proj_out;            // (B*T, C)
+    A* d_mlp_hidden;               // (B*T, F)
+    A* d_mlp_act;                  // (B*T, F)
+    A* d_mlp_proj_out;             // (B*T, C)
+    A* d_embed_sum;                // (B*T, C)
+    A* d_bigram_embed;             // (B*T, BD)
+    A* d_bigram_proj_out;          // (B*T, C)
+    std::vector<A*> d_skips;       // (B*T, C) each: gradient flowing back into each encoder output that feeds a skip
 };
 
 template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c, int B, int T) {
-    using A = typename D::act; using S = typename D::stat;
-    size_t N = (size_t)B * T, Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden(), H = c.num_heads, Hk = c.num_kv_heads;
-    a.B = B; a.T = T;
-    a.inputs = ar.take<int32_t>(N); a.targets = ar.take<int32_t>(N); a.bigram_idx = ar.take<int32_t>(N);
+    using A = typename D::act;
+    using S = typename D::stat;
+    size_t N = (size_t)B * T;
+    size_t C = c.model_dim;
+    size_t KV = c.kv_dim();
+    size_t F = c.mlp_hidden();
+    size_t H = c.num_heads;
+    size_t Hk = c.num_kv_heads;
+    size_t BD = c.bigram_dim;
+    bool bigram_branch = c.bigram_vocab_size || c.bigram_hash_size;
+    a.B = B;
+    a.T = T;
+    a.inputs = ar.take<int32_t>(N);
+    a.targets = ar.take<int32_t>(N);
+    a.bigram_idx = ar.take<int32_t>(N);
     a.loss_weights = ar.take<float>(N);
-    a.e_tok = ar.take<A>(N * Dm);
-    a.bigram_h = c.bigram_vocab_size ? ar.take<A>(N * c.bigram_dim) : nullptr;
-    a.bigram_p = (c.bigram_vocab_size || c.bigram_hash_size) ? ar.take<A>(N * Dm) : nullptr;
-    a.e = ar.take<A>(N * Dm); a.xn0 = ar.take<A>(N * Dm); a.r0 = ar.take<S>(N);
-    a.x0 = c.smear ? ar.take<A>(N * Dm) : a.xn0;
+    a.tok_embed = ar.take<A>(N * C);
+    a.bigram_embed = c.bigram_vocab_size ? ar.take<A>(N * BD) : nullptr;
+    a.bigram_proj_out = bigram_branch ? ar.take<A>(N * C) : nullptr;
+    a.embed_sum = ar.take<A>(N * C);
+    a.embed_norm = ar.take<A>(N * C);
+    a.embed_norm_rstd = ar.take<S>(N);
+    a.residual_x0 = c.smear ? ar.take<A>(N * C) : a.embed_norm;
     a.layers.assign(c.num_layers, {});
     int enc = c.num_encoder_layers();
     for (int l = 0; l < c.num_layers; l++) {
         LayerActs<D>& L = a.layers[l];
         bool skip_in = l >= enc && (l - enc) < c.num_skip_weights();
-        L.x_in = (l == 0 || skip_in) ? ar.take<A>(N * Dm) : a.layers[l - 1].x_out;
-        L.xm = ar.take<A>(N * Dm); L.n1 = ar.take<A>(N * Dm); L.r1 = ar.take<S>(N);
-        L.q = ar.take<A>(N * Dm); L.k = ar.take<A>(N * KV); L.v = ar.take<A>(N * KV);
-        L.qr = ar.take<A>(N * Dm); L.kr = ar.take<A>(N * KV); L.qrs = ar.take<S>(N * H); L.krs = ar.take<S>(N * Hk);
-        L.ya = ar.take<A>(N * Dm); L.lse = ar.take<S>(N * H);
+        L.residual_in = (l == 0 || skip_in) ? ar.take<A>(N * C) : a.layers[l - 1].residual_out;
+        L.residual_mixed = ar.take<A>(N * C);
+        L.attn_norm = ar.take<A>(N * C);
+        L.attn_norm_rstd = ar.take<S>(N);
+        L.q_proj = ar.take<A>(N * C);
+        L.k_proj = ar.take<A>(N * KV);
+        L.v_proj = ar.take<A>(N * KV);
+        L.q_rope = ar.take<A>(N * C);
+        L.k_rope = ar.take<A>(N * KV);
+        L.q_rstd = ar.take<S>(N * H);
+        L.k_rstd = ar.take<S>(N * Hk);
+        L.attn_out = ar.take<A>(N * C);
+        L.attn_lse = ar.take<S>(N * H);
         bool xsa = (l % c.num_cores()) >= c.num_cores() - c.xsa_last_n;
-        L.y = xsa ? ar.take<A>(N * Dm) : L.ya;
-        L.a = ar.take<A>(N * Dm); L.xa = ar.take<A>(N * Dm); L.n2 = ar.take<A>(N * Dm); L.r2 = ar.take<S>(N);
-        L.h = ar.take<A>(N * F); L.u = ar.take<A>(N * F); L.m = ar.take<A>(N * Dm); L.x_out = ar.take<A>(N * Dm);
+        L.attn_proj_in = xsa ? ar.take<A>(N * C) : L.attn_out;
+        L.attn_proj_out = ar.take<A>(N * C);
+        L.residual_after_attn = ar.take<A>(N * C);
+        L.mlp_norm = ar.take<A>(N * C);
+        L.mlp_norm_rstd = ar.take<S>(N);
+        L.mlp_hidden = ar.take<A>(N * F);
+        L.mlp_act = ar.take<A>(N * F);
+        L.mlp_proj_out = ar.take<A>(N * C);
+        L.residual_out = ar.take<A>(N * C);
     }
-    a.hf = ar.take<A>(N * Dm); a.rf = ar.take<S>(N);
-    a.logits = ar.take<A>(N * c.vocab_size); a.losses = ar.take<S>(N);
-    a.dx = ar.take<A>(N * Dm); a.dx0 = ar.take<A>(N * Dm); a.dxa = ar.take<A>(N * Dm); a.dxm = ar.take<A>(N * Dm);
-    a.dn = ar.take<A>(N * Dm); a.dq = ar.take<A>(N * Dm); a.dk = ar.take<A>(N * KV); a.dv = ar.take<A>(N * KV);
-    a.dqr = ar.take<A>(N * Dm); a.dkr = ar.take<A>(N * KV); a.dy = ar.take<A>(N * Dm); a.dya = ar.take<A>(N * Dm);
-    a.da = ar.take<A>(N * Dm); a.dh = ar.take<A>(N * F); a.du = ar.take<A>(N * F); a.dm = ar.take<A>(N * Dm);
-    a.de = ar.take<A>(N * Dm);
-    a.dbh = c.bigram_vocab_size ? ar.take<A>(N * c.bigram_dim) : nullptr;
-    a.dbp = (c.bigram_vocab_size || c.bigram_hash_size) ? ar.take<A>(N * Dm) : nullptr;
-    a.dskips.assign(c.num_skip_weights(), nullptr);
-    for (int i = 0; i < c.num_skip_weights(); i++) a.dskips[i] = ar.take<A>(N * Dm);
+    a.final_norm = ar.take<A>(N * C);
+    a.final_norm_rstd = ar.take<S>(N);
+    a.logits = ar.take<A>(N * c.vocab_size);
+    a.losses = ar.take<S>(N);
+    a.d_residual = ar.take<A>(N * C);
+    a.d_residual_x0 = ar.take<A>(N * C);
+    a.d_residual_after_attn = ar.take<A>(N * C);
+    a.d_residual_mixed = ar.take<A>(N * C);
+    a.d_norm = ar.take<A>(N * C);
+    a.d_q_proj = ar.take<A>(N * C);
+    a.d_k_proj = ar.take<A>(N * KV);
+    a.d_v_proj = ar.take<A>(N * KV);
+    a.d_q_rope = ar.take<A>(N * C);
+    a.d_k_rope = ar.take<A>(N * KV);
+    a.d_attn_proj_in = ar.take<A>(N * C);
+    a.d_attn_out = ar.take<A>(N * C);
+    a.d_attn_proj_out = ar.take<A>(N * C);
+    a.d_mlp_hidden = ar.take<A>(N * F);
+    a.d_mlp_act = ar.take<A>(N * F);
+    a.d_mlp_proj_out = ar.take<A>(N * C);
+    a.d_embed_sum = ar.take<A>(N * C);
+    a.d_bigram_embed = c.bigram_vocab_size ? ar.take<A>(N * BD) : nullptr;
+    a.d_bigram_proj_out = bigram_branch ? ar.take<A>(N * C) : nullptr;
+    a.d_skips.assign(c.num_skip_weights(), nullptr);
+    for (int i = 0; i < c.num_skip_weights(); i++) a.d_skips[i] = ar.take<A>(N * C);
 }
 
 // Per-document LoRA adapters for test-time training: on target linear y = W x of document b,
@@ -3782,59 +3893,64 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
     const typename D::vec* no_gate = nullptr;
     if (T > a.T || N > a.B * a.T) fail("internal: batch %d×%d exceeds the activation plan of %d×%d tokens", B, T, a.B, a.T);
     // embeddings: token, BigramHash, RMSNorm, SmearGate
-    embedding_forward(dev, a.e_tok, a.inputs, W.tok_emb, N, Dm);
-    typename D::act* e = a.e_tok;
+    embedding_forward(dev, a.tok_embed, a.inputs, W.tok_emb, N, Dm);
+    typename D::act* e = a.tok_embed;
     if (c.bigram_vocab_size) {
         bigram_lookup(dev, a.bigram_idx, a.inputs, B, T, c.bigram_vocab_size, c.vocab_size, false);
-        embedding_forward(dev, a.bigram_h, a.bigram_idx, W.bigram_embed, N, c.bigram_dim);
-        if (W.bigram_proj) matmul_forward(dev, a.bigram_p, a.bigram_h, W.bigram_proj, N, c.bigram_dim, Dm);
-        branch_add_forward(dev, a.e, a.e_tok, W.bigram_proj ? a.bigram_p : a.bigram_h, W.bigram_scale, no_gate, N, Dm, 0);
-        e = a.e;
+        embedding_forward(dev, a.bigram_embed, a.bigram_idx, W.bigram_embed, N, c.bigram_dim);
+        if (W.bigram_proj) matmul_forward(dev, a.bigram_proj_out, a.bigram_embed, W.bigram_proj, N, c.bigram_dim, Dm);
+        const typename D::act* bigram_branch = W.bigram_proj ? a.bigram_proj_out : a.bigram_embed;
+        branch_add_forward(dev, a.embed_sum, a.tok_embed, bigram_branch, W.bigram_scale, no_gate, N, Dm, 0);
+        e = a.embed_sum;
     } else if (c.bigram_hash_size) {
         bigram_lookup(dev, a.bigram_idx, a.inputs, B, T, c.bigram_hash_size, c.vocab_size, true);
-        embedding_forward(dev, a.bigram_p, a.bigram_idx, W.bigram_embed, N, Dm);
-        add_forward(dev, a.e, a.e_tok, a.bigram_p, (size_t)N * Dm);
-        e = a.e;
+        embedding_forward(dev, a.bigram_proj_out, a.bigram_idx, W.bigram_embed, N, Dm);
+        add_forward(dev, a.embed_sum, a.tok_embed, a.bigram_proj_out, (size_t)N * Dm);
+        e = a.embed_sum;
     }
-    rmsnorm_forward(dev, a.xn0, a.r0, e, N, Dm);
-    if (c.smear) smear_forward(dev, a.x0, a.xn0, W.smear_gate, N, T, Dm);
+    rmsnorm_forward(dev, a.embed_norm, a.embed_norm_rstd, e, N, Dm);
+    if (c.smear) smear_forward(dev, a.residual_x0, a.embed_norm, W.smear_gate, N, T, Dm);
     // blocks, with U-Net skips from the first half into the second
     int enc = c.num_encoder_layers();
     for (int l = 0; l < c.num_layers; l++) {
         LayerActs<D>& L = a.layers[l];
         const auto& LW = W.layers[l];
-        if (l == 0) copy_forward(dev, L.x_in, a.x0, (size_t)N * Dm);
+        if (l == 0) copy_forward(dev, L.residual_in, a.residual_x0, (size_t)N * Dm);
         else if (l >= enc && l - enc < c.num_skip_weights()) {
             int i = l - enc;  // decoder layer i takes encoder output enc−1−i (a stack)
-            branch_add_forward(dev, L.x_in, a.layers[l - 1].x_out, a.layers[enc - 1 - i].x_out, W.skip_weights + (size_t)i * Dm, no_gate, N, Dm);
+            const typename D::act* skip = a.layers[enc - 1 - i].residual_out;
+            const typename D::vec* skip_weight = W.skip_weights + (size_t)i * Dm;
+            branch_add_forward(dev, L.residual_in, a.layers[l - 1].residual_out, skip, skip_weight, no_gate, N, Dm);
         }
-        resid_mix_forward(dev, L.xm, L.x_in, a.x0, LW.resid_mix, N, Dm);
-        rmsnorm_forward(dev, L.n1, L.r1, L.xm, N, Dm);
-        matmul_forward(dev, L.q, L.n1, LW.c_q, N, Dm, Dm);
-        matmul_forward(dev, L.k, L.n1, LW.c_k, N, Dm, KV);
-        matmul_forward(dev, L.v, L.n1, LW.c_v, N, Dm, KV);
-        lora_forward(dev, lo, LORA_Q, l, L.q, L.n1, T);
-        lora_forward(dev, lo, LORA_K, l, L.k, L.n1, T);
-        lora_forward(dev, lo, LORA_V, l, L.v, L.n1, T);
-        qk_norm_rope_forward(dev, L.qr, L.qrs, L.q, LW.q_gain, N, T, H, hd, c.rotary_dims(), c.rope_base);
-        qk_norm_rope_forward(dev, L.kr, L.krs, L.k, (const typename D::vec*)nullptr, N, T, Hk, hd, c.rotary_dims(), c.rope_base);
-        attention_forward(dev, L.ya, L.lse, L.qr, L.kr, L.v, B, T, H, Hk, hd);
-        if (layer_has_xsa(c, l)) xsa_forward(dev, L.y, L.ya, L.v, N, H, Hk, hd);
-        matmul_forward(dev, L.a, L.y, LW.attn_proj, N, Dm, Dm);
-        lora_forward(dev, lo, LORA_O, l, L.a, L.y, T);
-        branch_add_forward(dev, L.xa, L.xm, L.a, LW.attn_scale, LW.attn_gate, N, Dm);
-        rmsnorm_forward(dev, L.n2, L.r2, L.xa, N, Dm);
-        matmul_forward(dev, L.h, L.n2, LW.fc, N, Dm, F);
-        lora_forward(dev, lo, LORA_UP, l, L.h, L.n2, T);
-        mlp_act_forward(dev, L.u, L.h, (size_t)N * F, c.mlp_activation == "leaky_relu_sq");
-        matmul_forward(dev, L.m, L.u, LW.mlp_proj, N, F, Dm);
-        lora_forward(dev, lo, LORA_DOWN, l, L.m, L.u, T);
-        branch_add_forward(dev, L.x_out, L.xa, L.m, LW.mlp_scale, LW.mlp_gate, N, Dm);
+        resid_mix_forward(dev, L.residual_mixed, L.residual_in, a.residual_x0, LW.resid_mix, N, Dm);
+        rmsnorm_forward(dev, L.attn_norm, L.attn_norm_rstd, L.residual_mixed, N, Dm);
+        matmul_forward(dev, L.q_proj, L.attn_norm, LW.c_q, N, Dm, Dm);
+        matmul_forward(dev, L.k_proj, L.attn_norm, LW.c_k, N, Dm, KV);
+        matmul_forward(dev, L.v_proj, L.attn_norm, LW.c_v, N, Dm, KV);
+        lora_forward(dev, lo, LORA_Q, l, L.q_proj, L.attn_norm, T);
+        lora_forward(dev, lo, LORA_K, l, L.k_proj, L.attn_norm, T);
+        lora_forward(dev, lo, LORA_V, l, L.v_proj, L.attn_norm, T);
+        qk_norm_rope_forward(dev, L.q_rope, L.q_rstd, L.q_proj, LW.q_gain, N, T, H, hd, c.rotary_dims(), c.rope_base);
+        qk_norm_rope_forward(dev, L.k_rope, L.k_rstd, L.k_proj, no_gate, N, T, Hk, hd, c.rotary_dims(), c.rope_base);
+        attention_forward(dev, L.attn_out, L.attn_lse, L.q_rope, L.k_rope, L.v_proj, B, T, H, Hk, hd);
+        if (layer_has_xsa(c, l)) xsa_forward(dev, L.attn_proj_in, L.attn_out, L.v_proj, N, H, Hk, hd);
+        matmul_forward(dev, L.attn_proj_out, L.attn_proj_in, LW.attn_proj, N, Dm, Dm);
+        lora_forward(dev, lo, LORA_O, l, L.attn_proj_out, L.attn_proj_in, T);
+        branch_add_forward(dev, L.residual_after_attn, L.residual_mixed, L.attn_proj_out, LW.attn_scale, LW.attn_gate,
+                           N, Dm);
+        rmsnorm_forward(dev, L.mlp_norm, L.mlp_norm_rstd, L.residual_after_attn, N, Dm);
+        matmul_forward(dev, L.mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F);
+        lora_forward(dev, lo, LORA_UP, l, L.mlp_hidden, L.mlp_norm, T);
+        mlp_act_forward(dev, L.mlp_act, L.mlp_hidden, (size_t)N * F, c.mlp_activation == "leaky_relu_sq");
+        matmul_forward(dev, L.mlp_proj_out, L.mlp_act, LW.mlp_proj, N, F, Dm);
+        lora_forward(dev, lo, LORA_DOWN, l, L.mlp_proj_out, L.mlp_act, T);
+        branch_add_forward(dev, L.residual_out, L.residual_after_attn, L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate,
+                           N, Dm);
     }
     // head: final norm, tied or untied projection, softcap, cross-entropy
-    rmsnorm_forward(dev, a.hf, a.rf, a.layers[c.num_layers - 1].x_out, N, Dm);
-    matmul_forward(dev, a.logits, a.hf, c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm, c.vocab_size);
-    lora_forward(dev, lo, LORA_HEAD, 0, a.logits, a.hf, T);
+    rmsnorm_forward(dev, a.final_norm, a.final_norm_rstd, a.layers[c.num_layers - 1].residual_out, N, Dm);
+    matmul_forward(dev, a.logits, a.final_norm, c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm, c.vocab_size);
+    lora_forward(dev, lo, LORA_HEAD, 0, a.logits, a.final_norm, T);
     softcap_ce(dev, a.losses, a.logits, a.targets, with_grad ? a.loss_weights : nullptr, N, c.vocab_size, c.logit_softcap);
 }
 
@@ -3850,87 +3966,111 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
     int N = B * T, Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden(), H = c.num_heads, Hk = c.num_kv_heads, hd = c.head_dim();
     size_t ND = (size_t)N * Dm, NKV = (size_t)N * KV, NF = (size_t)N * F;
     auto zero = [&](A* p, size_t n) { device_zero(dev, p, n * sizeof(A)); };
-    zero(a.dx, ND); zero(a.dx0, ND);
-    for (A* d : a.dskips) zero(d, ND);
+    typename D::grad* no_grad = nullptr;
+    const typename D::vec* no_vec = nullptr;
+    zero(a.d_residual, ND);
+    zero(a.d_residual_x0, ND);
+    for (A* d : a.d_skips) zero(d, ND);
     // head (a.logits now holds dlogits)
-    zero(a.dn, ND);
-    matmul_backward(dev, a.dn, c.tie_embeddings ? G.tok_emb : G.lm_head, a.logits, a.hf,
+    zero(a.d_norm, ND);
+    matmul_backward(dev, a.d_norm, c.tie_embeddings ? G.tok_emb : G.lm_head, a.logits, a.final_norm,
                     c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm, c.vocab_size);
-    lora_backward(dev, lo, LORA_HEAD, 0, a.dn, a.logits, a.hf, T);
-    rmsnorm_backward(dev, a.dx, a.dn, a.layers[c.num_layers - 1].x_out, a.rf, N, Dm);
+    lora_backward(dev, lo, LORA_HEAD, 0, a.d_norm, a.logits, a.final_norm, T);
+    rmsnorm_backward(dev, a.d_residual, a.d_norm, a.layers[c.num_layers - 1].residual_out, a.final_norm_rstd, N, Dm);
     int enc = c.num_encoder_layers();
     for (int l = c.num_layers - 1; l >= 0; l--) {
         LayerActs<D>& L = a.layers[l];
         const auto& LW = W.layers[l];
         const auto& LG = G.layers[l];
         if (l < enc && l >= enc - c.num_skip_weights())  // this encoder output also fed a skip
-            add_inplace(dev, a.dx, a.dskips[enc - 1 - l], ND);
+            add_inplace(dev, a.d_residual, a.d_skips[enc - 1 - l], ND);
         // MLP branch: x_out = xa + mlp_scale ⊙ σ(gate) ⊙ m
-        zero(a.dxa, ND); zero(a.dm, ND);
-        branch_add_backward(dev, a.dxa, a.dm, LG.mlp_scale, LG.mlp_gate, a.dx, L.m, LW.mlp_scale, LW.mlp_gate, N, Dm);
-        zero(a.du, NF);
-        matmul_backward(dev, a.du, LG.mlp_proj, a.dm, L.u, LW.mlp_proj, N, F, Dm);
-        lora_backward(dev, lo, LORA_DOWN, l, a.du, a.dm, L.u, T);
-        zero(a.dh, NF);
-        mlp_act_backward(dev, a.dh, a.du, L.h, NF, c.mlp_activation == "leaky_relu_sq");
-        zero(a.dn, ND);
-        matmul_backward(dev, a.dn, LG.fc, a.dh, L.n2, LW.fc, N, Dm, F);
-        lora_backward(dev, lo, LORA_UP, l, a.dn, a.dh, L.n2, T);
-        rmsnorm_backward(dev, a.dxa, a.dn, L.xa, L.r2, N, Dm);
+        zero(a.d_residual_after_attn, ND);
+        zero(a.d_mlp_proj_out, ND);
+        branch_add_backward(dev, a.d_residual_after_attn, a.d_mlp_proj_out, LG.mlp_scale, LG.mlp_gate, a.d_residual,
+                            L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate, N, Dm);
+        zero(a.d_mlp_act, NF);
+        matmul_backward(dev, a.d_mlp_act, LG.mlp_proj, a.d_mlp_proj_out, L.mlp_act, LW.mlp_proj, N, F, Dm);
+        lora_backward(dev, lo, LORA_DOWN, l, a.d_mlp_act, a.d_mlp_proj_out, L.mlp_act, T);
+        zero(a.d_mlp_hidden, NF);
+        mlp_act_backward(dev, a.d_mlp_hidden, a.d_mlp_act, L.mlp_hidden, NF, c.mlp_activation == "leaky_relu_sq");
+        zero(a.d_norm, ND);
+        matmul_backward(dev, a.d_norm, LG.fc, a.d_mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F);
+        lora_backward(dev, lo, LORA_UP, l, a.d_norm, a.d_mlp_hidden, L.mlp_norm, T);
+        rmsnorm_backward(dev, a.d_residual_after_attn, a.d_norm, L.residual_after_attn, L.mlp_norm_rstd, N, Dm);
         // attention branch: xa = xm + attn_scale ⊙ σ(gate) ⊙ a
-        zero(a.dxm, ND); zero(a.da, ND);
-        branch_add_backward(dev, a.dxm, a.da, LG.attn_scale, LG.attn_gate, a.dxa, L.a, LW.attn_scale, LW.attn_gate, N, Dm);
-        zero(a.dy, ND);
-        matmul_backward(dev, a.dy, LG.attn_proj, a.da, L.y, LW.attn_proj, N, Dm, Dm);
-        lora_backward(dev, lo, LORA_O, l, a.dy, a.da, L.y, T);
-        zero(a.dv, NKV);
-        A* dya = a.dy;
-        if (layer_has_xsa(c, l)) { zero(a.dya, ND); xsa_backward(dev, a.dya, a.dv, a.dy, L.ya, L.v, N, H, Hk, hd); dya = a.dya; }
-        zero(a.dqr, ND); zero(a.dkr, NKV);
-        attention_backward(dev, a.dqr, a.dkr, a.dv, dya, L.qr, L.kr, L.v, L.ya, L.lse, B, T, H, Hk, hd);
-        zero(a.dq, ND); zero(a.dk, NKV);
-        qk_norm_rope_backward(dev, a.dq, LG.q_gain, a.dqr, L.q, L.qrs, LW.q_gain, N, T, H, hd, c.rotary_dims(), c.rope_base);
-        qk_norm_rope_backward(dev, a.dk, (typename D::grad*)nullptr, a.dkr, L.k, L.krs, (const typename D::vec*)nullptr,
-                              N, T, Hk, hd, c.rotary_dims(), c.rope_base);
-        zero(a.dn, ND);
-        matmul_backward(dev, a.dn, LG.c_q, a.dq, L.n1, LW.c_q, N, Dm, Dm);
-        matmul_backward(dev, a.dn, LG.c_k, a.dk, L.n1, LW.c_k, N, Dm, KV);
-        matmul_backward(dev, a.dn, LG.c_v, a.dv, L.n1, LW.c_v, N, Dm, KV);
-        lora_backward(dev, lo, LORA_Q, l, a.dn, a.dq, L.n1, T);
-        lora_backward(dev, lo, LORA_K, l, a.dn, a.dk, L.n1, T);
-        lora_backward(dev, lo, LORA_V, l, a.dn, a.dv, L.n1, T);
-        rmsnorm_backward(dev, a.dxm, a.dn, L.xm, L.r1, N, Dm);
+        zero(a.d_residual_mixed, ND);
+        zero(a.d_attn_proj_out, ND);
+        branch_add_backward(dev, a.d_residual_mixed, a.d_attn_proj_out, LG.attn_scale, LG.attn_gate,
+                            a.d_residual_after_attn, L.attn_proj_out, LW.attn_scale, LW.attn_gate, N, Dm);
+        zero(a.d_attn_proj_in, ND);
+        matmul_backward(dev, a.d_attn_proj_in, LG.attn_proj, a.d_attn_proj_out, L.attn_proj_in, LW.attn_proj,
+                        N, Dm, Dm);
+        lora_backward(dev, lo, LORA_O, l, a.d_attn_proj_in, a.d_attn_proj_out, L.attn_proj_in, T);
+        zero(a.d_v_proj, NKV);
+        A* d_attn_out = a.d_attn_proj_in;
+        if (layer_has_xsa(c, l)) {
+            zero(a.d_attn_out, ND);
+            xsa_backward(dev, a.d_attn_out, a.d_v_proj, a.d_attn_proj_in, L.attn_out, L.v_proj, N, H, Hk, hd);
+            d_attn_out = a.d_attn_out;
+        }
+        zero(a.d_q_rope, ND);
+        zero(a.d_k_rope, NKV);
+        attention_backward(dev, a.d_q_rope, a.d_k_rope, a.d_v_proj, d_attn_out, L.q_rope, L.k_rope, L.v_proj,
+                           L.attn_out, L.attn_lse, B, T, H, Hk, hd);
+        zero(a.d_q_proj, ND);
+        zero(a.d_k_proj, NKV);
+        qk_norm_rope_backward(dev, a.d_q_proj, LG.q_gain, a.d_q_rope, L.q_proj, L.q_rstd, LW.q_gain, N, T, H, hd,
+                              c.rotary_dims(), c.rope_base);
+        qk_norm_rope_backward(dev, a.d_k_proj, no_grad, a.d_k_rope, L.k_proj, L.k_rstd, no_vec, N, T, Hk, hd,
+                              c.rotary_dims(), c.rope_base);
+        zero(a.d_norm, ND);
+        matmul_backward(dev, a.d_norm, LG.c_q, a.d_q_proj, L.attn_norm, LW.c_q, N, Dm, Dm);
+        matmul_backward(dev, a.d_norm, LG.c_k, a.d_k_proj, L.attn_norm, LW.c_k, N, Dm, KV);
+        matmul_backward(dev, a.d_norm, LG.c_v, a.d_v_proj, L.attn_norm, LW.c_v, N, Dm, KV);
+        lora_backward(dev, lo, LORA_Q, l, a.d_norm, a.d_q_proj, L.attn_norm, T);
+        lora_backward(dev, lo, LORA_K, l, a.d_norm, a.d_k_proj, L.attn_norm, T);
+        lora_backward(dev, lo, LORA_V, l, a.d_norm, a.d_v_proj, L.attn_norm, T);
+        rmsnorm_backward(dev, a.d_residual_mixed, a.d_norm, L.residual_mixed, L.attn_norm_rstd, N, Dm);
         // residual lanes: xm = mix0 ⊙ x_in + mix1 ⊙ x0
-        zero(a.dx, ND);  // dx now becomes the gradient of x_in
-        resid_mix_backward(dev, a.dx, a.dx0, LG.resid_mix, a.dxm, L.x_in, a.x0, LW.resid_mix, N, Dm);
+        zero(a.d_residual, ND);  // d_residual now becomes the gradient of residual_in
+        resid_mix_backward(dev, a.d_residual, a.d_residual_x0, LG.resid_mix, a.d_residual_mixed, L.residual_in,
+                           a.residual_x0, LW.resid_mix, N, Dm);
         if (l >= enc && l - enc < c.num_skip_weights()) {  // x_in = x_out[l−1] + w ⊙ skip
             int i = l - enc;
-            branch_add_backward(dev, (A*)nullptr, a.dskips[i], G.skip_weights ? G.skip_weights + (size_t)i * Dm : nullptr,
-                                (typename D::grad*)nullptr, a.dx, a.layers[enc - 1 - i].x_out, W.skip_weights + (size_t)i * Dm,
-                                (const typename D::vec*)nullptr, N, Dm);
+            typename D::grad* d_skip_weight = G.skip_weights ? G.skip_weights + (size_t)i * Dm : nullptr;
+            const typename D::vec* skip_weight = W.skip_weights + (size_t)i * Dm;
+            branch_add_backward(dev, (A*)nullptr, a.d_skips[i], d_skip_weight, no_grad, a.d_residual,
+                                a.layers[enc - 1 - i].residual_out, skip_weight, no_vec, N, Dm);
             // the residual part (x_out[l−1]) passes dx through unchanged
         }
-        if (l == 0) add_inplace(dev, a.dx0, a.dx, ND);  // x_in of layer 0 is x0
+        if (l == 0) add_inplace(dev, a.d_residual_x0, a.d_residual, ND);  // x_in of layer 0 is x0
     }
     // embeddings
-    A* dxn0 = a.dx0;
-    if (c.smear) { zero(a.dn, ND); smear_backward(dev, a.dn, G.smear_gate, a.dx0, a.xn0, W.smear_gate, N, T, Dm); dxn0 = a.dn; }
-    zero(a.de, ND);
-    const A* e = (c.bigram_vocab_size || c.bigram_hash_size) ? a.e : a.e_tok;
-    rmsnorm_backward(dev, a.de, dxn0, e, a.r0, N, Dm);
-    if (G.tok_emb) embedding_backward(dev, G.tok_emb, a.de, a.inputs, N, Dm);
+    A* d_embed_norm = a.d_residual_x0;
+    if (c.smear) {
+        zero(a.d_norm, ND);
+        smear_backward(dev, a.d_norm, G.smear_gate, a.d_residual_x0, a.embed_norm, W.smear_gate, N, T, Dm);
+        d_embed_norm = a.d_norm;
+    }
+    zero(a.d_embed_sum, ND);
+    const A* e = (c.bigram_vocab_size || c.bigram_hash_size) ? a.embed_sum : a.tok_embed;
+    rmsnorm_backward(dev, a.d_embed_sum, d_embed_norm, e, a.embed_norm_rstd, N, Dm);
+    if (G.tok_emb) embedding_backward(dev, G.tok_emb, a.d_embed_sum, a.inputs, N, Dm);
     if (c.bigram_vocab_size) {
-        A* dsrc = W.bigram_proj ? a.dbp : a.dbh;
-        zero(dsrc, (size_t)N * (W.bigram_proj ? Dm : c.bigram_dim));
-        branch_add_backward(dev, (A*)nullptr, dsrc, G.bigram_scale, (typename D::grad*)nullptr, a.de,
-                            W.bigram_proj ? a.bigram_p : a.bigram_h, W.bigram_scale, (const typename D::vec*)nullptr, N, Dm, 0);
+        A* d_bigram_branch = W.bigram_proj ? a.d_bigram_proj_out : a.d_bigram_embed;
+        const A* bigram_branch = W.bigram_proj ? a.bigram_proj_out : a.bigram_embed;
+        zero(d_bigram_branch, (size_t)N * (W.bigram_proj ? Dm : c.bigram_dim));
+        branch_add_backward(dev, (A*)nullptr, d_bigram_branch, G.bigram_scale, no_grad, a.d_embed_sum,
+                            bigram_branch, W.bigram_scale, no_vec, N, Dm, 0);
         if (W.bigram_proj) {
-            zero(a.dbh, (size_t)N * c.bigram_dim);
-            matmul_backward(dev, a.dbh, G.bigram_proj, a.dbp, a.bigram_h, W.bigram_proj, N, c.bigram_dim, Dm);
+            zero(a.d_bigram_embed, (size_t)N * c.bigram_dim);
+            matmul_backward(dev, a.d_bigram_embed, G.bigram_proj, a.d_bigram_proj_out, a.bigram_embed, W.bigram_proj,
+                            N, c.bigram_dim, Dm);
         }
-        if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, a.dbh, a.bigram_idx, N, c.bigram_dim);
+        if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, a.d_bigram_embed, a.bigram_idx, N, c.bigram_dim);
     } else if (c.bigram_hash_size) {
-        if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, a.de, a.bigram_idx, N, Dm);
+        if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, a.d_embed_sum, a.bigram_idx, N, Dm);
     }
 }
 
@@ -4399,7 +4539,6 @@ static double sum_squares(Cuda dev, const float* x, size_t n) {
     for (int b = 0; b < NORM_BLOCKS; b++) s += host[b];
     return s;
 }
-
 // Per row: s = max(rowmax/clip, floor); out = bf16(clamp(round(w/s), −(clip+1), clip)·s). One block per row.
 __global__ void fake_quant_rows_kernel(bf16* out, const float* w, int cols, int clip, float floor) {
     __shared__ float red[32];
@@ -6422,6 +6561,8 @@ template <class D, class G> static void round_bf16_tables(D dev, const Model<D>&
 
 struct SavedCheckpoint { std::string path; int step; };  // its weights are finite (others are not written)
 
+struct CudaStepGraph;  // the GPU's step: its CUDA graph and token upload (after train_step)
+
 // Optimizer and averaging state, all in the parameter layout.
 template <class D> struct TrainState {
     using G = typename D::grad;
@@ -6444,6 +6585,12 @@ template <class D> struct TrainState {
     std::vector<double> losses;              // each step's mean training loss
     DataLoader loader;
     std::vector<SavedCheckpoint> checkpoints;  // on disk, oldest first: written so far, or resumed from
+    // one step's micro-batches (train_batch_init): accum of B × T tokens each, in host memory that the
+    // GPU copies from and to without waiting (page-locked)
+    int accum = 0, B = 0, T = 0;
+    int32_t* batch = nullptr;                // (accum, 2, B·T): the inputs, then the targets, of each micro-batch
+    float* batch_losses = nullptr;           // (accum, B·T): each position's loss, copied back by the step
+    CudaStepGraph* gpu = nullptr;            // on the GPU: the step's graph, device tokens, upload stream
 };
 
 // Activation capacity: the largest batch any phase runs (training micro-batch, eval, TTT).
@@ -6514,6 +6661,16 @@ template <class D, class X> static X* upload_list(D dev, const std::vector<X>& v
     to_device(dev, p, v.data(), v.size());
     return p;
 }
+// The step's micro-batch shape and its host buffers: TRAIN_BATCH_TOKENS over the ranks and micro-batches.
+template <class D> static void train_batch_init(D dev, TrainState<D>& s, const Config& c) {
+    s.accum = grad_accum_steps(c, g_world);
+    long local = c.train_batch_tokens / ((long)g_world * s.accum);
+    s.T = c.train_seq_len;
+    s.B = (int)(local / s.T);
+    s.batch = (int32_t*)host_alloc(dev, (size_t)s.accum * 2 * local * sizeof(int32_t));
+    s.batch_losses = (float*)host_alloc(dev, (size_t)s.accum * local * sizeof(float));
+}
+
 template <class D> static void train_state_init(D dev, TrainState<D>& s, Model<D>& m) {
     using G = typename D::grad;
     using M = typename D::mat;
@@ -6537,6 +6694,7 @@ template <class D> static void train_state_init(D dev, TrainState<D>& s, Model<D
     if (c.swa_enabled || c.swa_steps > 0 || c.ema_decay > 0) s.avg = (G*)device_alloc(dev, bytes);
     round_bf16_tables(dev, m, m.params);  // the reference's .bfloat16() after init
     if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, true);  // EMA starts at the init
+    train_batch_init(dev, s, c);
 }
 
 // One optimizer step over the summed gradients of this step's micro-batches, reading its lr scale,
@@ -6765,18 +6923,171 @@ template <class D> static void stop_on_signal(D dev, Model<D>& m, TrainState<D>&
     exit(128 + signo);
 }
 
+// --- One training step ----------------------------------------------------------------------------
+
+// The next step's micro-batches from the loader into s.batch (inputs, then targets, of each).
+template <class D> static void train_batch_load(TrainState<D>& s, long global_tokens) {
+    size_t N = (size_t)s.B * s.T;
+    std::vector<int32_t> x, y;
+    for (int micro = 0; micro < s.accum; micro++) {
+        s.loader.next_batch(global_tokens, s.accum, x, y);
+        std::copy(x.begin(), x.end(), s.batch + micro * 2 * N);
+        std::copy(y.begin(), y.end(), s.batch + micro * 2 * N + N);
+    }
+}
+
+// Each position of a step weighs 1/(its tokens on this rank): uploaded once, read by every backward.
+template <class D> static void train_loss_weights_upload(D dev, Model<D>& m, const TrainState<D>& s) {
+    size_t N = (size_t)s.B * s.T;
+    std::vector<float> weights(N, 1.0f / (float)(N * s.accum));
+    to_device(dev, m.acts.loss_weights, weights.data(), N);
+}
+
+// The gradients of one step: zeroed, then the forward and backward of each micro-batch of `tokens`
+// (in device memory, laid out as s.batch) add theirs into m.grads; each position's loss goes back to
+// s.batch_losses without waiting (train_step_loss waits). No host synchronization: a CUDA graph holds it.
+template <class D> static void step_micro_batches(D dev, Model<D>& m, TrainState<D>& s, const int32_t* tokens) {
+    size_t N = (size_t)s.B * s.T;
+    device_zero(dev, m.grads, m.nparams * sizeof(typename D::grad));
+    for (int micro = 0; micro < s.accum; micro++) {
+        device_copy(dev, m.acts.inputs, tokens + micro * 2 * N, N);
+        device_copy(dev, m.acts.targets, tokens + micro * 2 * N + N, N);
+        gpt_forward(dev, m, s.B, s.T, true);
+        gpt_backward(dev, m, s.B, s.T);
+        to_host_async(dev, s.batch_losses + micro * N, m.acts.losses, N);
+    }
+}
+// On the CPU the host's memory is the device's (the GPU's version uploads the tokens and replays a graph).
+template <class D> static void step_gradients(D dev, Model<D>& m, TrainState<D>& s) {
+    step_micro_batches(dev, m, s, s.batch);
+}
+
+// One training step on the micro-batches in s.batch: forward and backward, then the optimizer
+// (which all-reduces the gradients, clips them and updates the weights).
+template <class D> static void train_step(D dev, Model<D>& m, TrainState<D>& s, double lr_scale, float muon_momentum) {
+    step_gradients(dev, m, s);
+    optimizer_step(dev, m, s, lr_scale, muon_momentum);
+}
+
+// The step's losses are in s.batch_losses once the step's copies have landed (section 1: the GPU's wait).
+template <class D> static void step_losses_wait(D, TrainState<D>&) {}
+
+// The step's mean training loss over every position of every rank.
+template <class D> static double train_step_loss(D dev, TrainState<D>& s) {
+    step_losses_wait(dev, s);
+    size_t n = (size_t)s.accum * s.B * s.T;
+    double sum = 0;
+    for (size_t i = 0; i < n; i++) sum += s.batch_losses[i];
+    double loss[1] = {sum / (double)n};
+    host_allreduce_sum(loss, 1);
+    return loss[0] / g_world;
+}
+
+#ifdef PGOLF_CUDA
+// --- The step on the GPU: the micro-batches as one CUDA graph --------------------------------------
+// The gradients' ~1,000 kernels and cuBLASLt calls go out in one cudaGraphLaunch. The graph is captured
+// after one step has run directly (which grows the scratch and the rope table to the step's size), and
+// replayed while nothing it baked in changes (step_graph_key); when something does (an evaluation grew
+// the scratch), it is captured again. The tokens go up from page-locked s.batch on a stream of their
+// own, behind the previous step's graph, while its optimizer still runs; the losses come back inside the
+// graph. CUDA_GRAPHS=0 launches every kernel directly (as does PROFILE=1: its events time each class).
+struct CudaStepGraph {
+    int32_t* tokens = nullptr;              // (accum, 2, B·T): the step's tokens on the device
+    cudaStream_t upload = nullptr;          // their copy from s.batch
+    cudaEvent_t uploaded = nullptr;         // the copy has landed
+    cudaEvent_t done = nullptr;             // the step's gradients and losses are complete
+    cudaGraphExec_t exec = nullptr;
+    std::vector<const void*> key;           // what exec was captured with
+    bool warm = false;                      // a step ran directly: scratch and rope table have their size
+};
+static int g_cuda_graphs = -1;  // CUDA_GRAPHS (1 by default); tests set it
+static bool cuda_graphs_on() {
+    if (g_cuda_graphs < 0) {
+        const char* v = getenv("CUDA_GRAPHS");
+        if (v && *v && strcmp(v, "0") && strcmp(v, "1")) fail("CUDA_GRAPHS=%s: expected 0 or 1", v);
+        g_cuda_graphs = !(v && !strcmp(v, "0"));
+    }
+#if PGOLF_CPU_REFERENCE
+    if (profile_enabled()) return false;
+#endif
+    return g_cuda_graphs != 0;
+}
+// Every address and size the captured kernels read: weights, gradients, activations, scratch, rope
+// table, the loss buffer, the micro-batch shape.
+static std::vector<const void*> step_graph_key(const Model<Cuda>& m, const TrainState<Cuda>& s) {
+    const CudaContext& cx = g_cuda;
+    auto num = [](size_t v) { return (const void*)(uintptr_t)v; };
+    return {m.params, m.grads, m.compute_mat, m.act_memory, cx.scratch, num(cx.scratch_bytes), cx.rope,
+            num((size_t)cx.rope_rows), num((size_t)cx.rope_rd), s.batch_losses, num((size_t)s.B), num((size_t)s.T),
+            num((size_t)s.accum)};
+}
+static void step_graph_capture(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s, CudaStepGraph& g) {
+    cudaStream_t st = cuda_ctx().stream;
+    if (g.exec) cudaCheck(cudaGraphExecDestroy(g.exec));
+    g.exec = nullptr;
+    cudaGraph_t graph = nullptr;
+    cudaCheck(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    try {
+        step_micro_batches(dev, m, s, g.tokens);
+    } catch (...) {  // (tests: a failure leaves the stream usable)
+        cudaStreamEndCapture(st, &graph);
+        throw;
+    }
+    cudaCheck(cudaStreamEndCapture(st, &graph));
+    cudaCheck(cudaGraphInstantiate(&g.exec, graph, 0));
+    cudaCheck(cudaGraphDestroy(graph));
+    g.key = step_graph_key(m, s);
+}
+static void step_gradients(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s) {
+    cudaStream_t st = cuda_ctx().stream;
+    size_t n = (size_t)s.accum * 2 * s.B * s.T;
+    if (!s.gpu) {
+        s.gpu = new CudaStepGraph;
+        s.gpu->tokens = (int32_t*)cuda_malloc_checked(n * sizeof(int32_t), "the step's tokens");
+        cudaCheck(cudaStreamCreate(&s.gpu->upload));
+        cudaCheck(cudaEventCreateWithFlags(&s.gpu->uploaded, cudaEventDisableTiming));
+        cudaCheck(cudaEventCreateWithFlags(&s.gpu->done, cudaEventDisableTiming));
+    }
+    CudaStepGraph& g = *s.gpu;
+    // up behind the previous step's graph (the last reader of g.tokens), ahead of this one
+    cudaCheck(cudaStreamWaitEvent(g.upload, g.done, 0));
+    cudaCheck(cudaMemcpyAsync(g.tokens, s.batch, n * sizeof(int32_t), cudaMemcpyHostToDevice, g.upload));
+    cudaCheck(cudaEventRecord(g.uploaded, g.upload));
+    cudaCheck(cudaStreamWaitEvent(st, g.uploaded, 0));
+    if (!cuda_graphs_on() || !g.warm) {
+        step_micro_batches(dev, m, s, g.tokens);
+        g.warm = true;
+    } else {
+        if (!g.exec || step_graph_key(m, s) != g.key) step_graph_capture(dev, m, s, g);
+        cudaCheck(cudaGraphLaunch(g.exec, st));
+    }
+    cudaCheck(cudaEventRecord(g.done, st));
+}
+// The host reads s.batch_losses (and may refill s.batch) once the step's event has passed.
+static void step_losses_wait(Cuda, TrainState<Cuda>& s) {
+    if (s.gpu) cudaCheck(cudaEventSynchronize(s.gpu->done));
+}
+static void step_graph_free(TrainState<Cuda>& s) {
+    if (!s.gpu) return;
+    CudaStepGraph& g = *s.gpu;
+    if (g.exec) cudaCheck(cudaGraphExecDestroy(g.exec));
+    cudaCheck(cudaEventDestroy(g.uploaded));
+    cudaCheck(cudaEventDestroy(g.done));
+    cudaCheck(cudaStreamDestroy(g.upload));
+    cudaCheck(cudaFree(g.tokens));
+    delete s.gpu;
+    s.gpu = nullptr;
+}
+#endif
+
 // The training loop, as the reference's main(): validate every VAL_LOSS_EVERY steps, stop at
 // ITERATIONS or the wall-clock cap, average weights at the end.
 template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const EvalData& ev) {
     const Config& c = m.cfg;
-    int accum = grad_accum_steps(c, g_world);
-    long local = c.train_batch_tokens / ((long)g_world * accum);
-    int T = c.train_seq_len, B = (int)(local / T);
-    std::vector<int32_t> x, y;
-    std::vector<float> weights(local, 1.0f / (float)(local * accum));
     int stop_after = -1;
     double t0 = now_ms(), tokens_per_step = (double)c.train_batch_tokens;
     refresh_compute_weights(dev, m, s.qat_active);
+    train_loss_weights_upload(dev, m, s);
     if (c.warmup_steps > 0) log0("warmup_steps:%d not needed (no JIT compiler to warm up); training starts at step 0\n", c.warmup_steps);
     stop_signals_catch(true);
     while (true) {
@@ -6801,18 +7112,9 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         double elapsed = s.train_ms + now_ms() - t0;
         double scale = lr_multiplier(c, s.step, elapsed);
         profile_step_begin(dev);
-        device_zero(dev, m.grads, m.nparams * sizeof(typename D::grad));
-        double loss_sum = 0;
-        for (int micro = 0; micro < accum; micro++) {
-            s.loader.next_batch(c.train_batch_tokens, accum, x, y);
-            to_device(dev, m.acts.loss_weights, weights.data(), local);
-            std::vector<float> nll;
-            forward_nll(dev, m, x, y, B, T, nll, (Lora<D>*)nullptr, true);
-            gpt_backward(dev, m, B, T);
-            for (float v : nll) loss_sum += v;
-        }
-        double train_loss = loss_sum / ((double)local * accum);
-        double tl[1] = {train_loss}; host_allreduce_sum(tl, 1); train_loss = tl[0] / g_world;
+        train_batch_load(s, c.train_batch_tokens);
+        train_step(dev, m, s, scale, (float)muon_momentum_at(c, s.step));
+        double train_loss = train_step_loss(dev, s);  // (the GPU runs the optimizer meanwhile)
         s.losses.push_back(train_loss);
         if (!std::isfinite(train_loss)) {
             std::string ck = last_good_checkpoint(s.checkpoints, s.step);
@@ -6821,7 +7123,6 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
                             : ck + "; resuming replays the same steps, so lower the lr or change the data order";
             fail("train_loss is %f at step %d: stopping (last good checkpoint: %s)", train_loss, s.step + 1, ck.c_str());
         }
-        optimizer_step(dev, m, s, scale, (float)muon_momentum_at(c, s.step));
         // PR #456: late QAT switches on after the first step whose lr multiplier is below the threshold
         if (c.late_qat && !s.qat_active && scale < c.qat_threshold) {
             s.qat_active = true;
@@ -7094,6 +7395,7 @@ struct Cost {
 };
 struct CostEntry {
     OpClass cls;
+    bool in_graph;           // a node of the step's CUDA graph (launched by its cudaGraphLaunch)
     const char* op;          // the Cuda op (or kernel) it stands for
     double flops;            // tensor-core FLOPs issued (GEMMs, attention); elementwise math is not counted
     double hbm_bytes;        // device-memory bytes read + written, each tensor once (L2 reuse not modelled)
@@ -7102,11 +7404,13 @@ struct CostEntry {
 struct CostLog {
     std::vector<CostEntry> entries;
     bool optimizer = false;              // inside optimizer_step (op_scope)
+    bool in_graph = false;               // inside the step's CUDA graph (step_gradients)
     const Model<Cost>* model = nullptr;  // for the embedding backward's table sizes
 };
 static CostLog g_cost;
 static void cost_add(OpClass cls, const char* op, double flops, double hbm, double link = 0) {
-    g_cost.entries.push_back({op_class_within(cls, g_cost.optimizer ? OP_OPTIMIZER : OP_NUM), op, flops, hbm, link});
+    OpClass within = op_class_within(cls, g_cost.optimizer ? OP_OPTIMIZER : OP_NUM);
+    g_cost.entries.push_back({within, g_cost.in_graph, op, flops, hbm, link});
 }
 struct CostScope {
     bool was;
@@ -7131,6 +7435,10 @@ template <class X> static void to_device(Cost, X*, const X*, size_t n) {
 }
 template <class X> static void to_host(Cost, X*, const X*, size_t n) {
     if (n) cost_add(OP_SYNC, "to_host", 0, cb<X>(n), cb<X>(n));
+}
+// to_host_async: one cudaMemcpyAsync into page-locked memory that nobody waits for
+template <class X> static void to_host_async(Cost, X*, const X*, size_t n) {
+    if (n) cost_add(OP_ELEMENTWISE, "cudaMemcpyAsync", 0, cb<X>(n), cb<X>(n));
 }
 // device_copy: one device-to-device cudaMemcpyAsync (none when dst == src)
 template <class X> static void device_copy(Cost, X* dst, const X* src, size_t n) {
@@ -7352,8 +7660,7 @@ static void scale_grads(Cost dev, float* x, size_t n, float s) { scale_inplace(d
 static void round_to_bf16(Cost, float*, size_t n) {
     if (n) cost_add(OP_ELEMENTWISE, "round_to_bf16", 0, 2 * cb<float>(n));
 }
-// sum_squares: sum_squares_kernel over NORM_BLOCKS blocks, then to_host of the partials (a synchronize).
-// The value decides whether clipping scales the gradients: the model assumes the clip binds (one more launch).
+// sum_squares: sum_squares_kernel over NORM_BLOCKS blocks, then to_host of the partials (a synchronize)
 static double sum_squares(Cost dev, const float*, size_t n) {
     if (!n) return 0.0;
     cost_add(OP_ELEMENTWISE, "sum_squares", 0, cb<float>(n));
@@ -7445,6 +7752,17 @@ static void refresh_compute_weights(Cost dev, Model<Cost>& m, bool qat) {
     m.qat_active = qat;
 }
 
+// step_gradients (the GPU's): the tokens' upload (cudaMemcpyAsync on their own stream), then one
+// cudaGraphLaunch of the micro-batches' work, captured once (CUDA_GRAPHS=1, the default)
+static void step_gradients(Cost dev, Model<Cost>& m, TrainState<Cost>& s) {
+    double tokens = (double)s.accum * 2 * s.B * s.T;
+    cost_add(OP_ELEMENTWISE, "cudaMemcpyAsync", 0, tokens * I32, tokens * I32);
+    g_cost.in_graph = true;
+    step_micro_batches(dev, m, s, s.batch);
+    g_cost.in_graph = false;
+    cost_add(OP_ELEMENTWISE, "cudaGraphLaunch", 0, 0);
+}
+
 // --- The step ------------------------------------------------------------------------------------
 // Tensors live at addresses in distinct 1 TiB regions of an address space that is never touched.
 static const uintptr_t COST_REGION = (uintptr_t)1 << 40;
@@ -7474,7 +7792,7 @@ static void cost_model_init(Model<Cost>& m, TrainState<Cost>& s, const Config& c
 // Rank 0 orthogonalizes the first ⌈count/W⌉ matrices of each bank: the most of any rank.
 // For a check against the launches an emulated step counts: every entry is one kernel launch,
 // cuBLASLt call or memset except those of class OP_SYNC (host copies and waits: to_device, to_host,
-// nccl_wait, the MPI loss sum), OP_COMM (the NCCL call) and the cudaMemcpyAsync of device_copy;
+// nccl_wait), OP_COMM (the NCCL call) and the cudaMemcpyAsync of device_copy;
 // tests/test_cost_emu.cuh checks these counts against an emulated step's.
 static std::vector<CostEntry> cost_step_launches(const Config& c, int world) {
     int saved_world = g_world, saved_rank = g_rank;
@@ -7488,19 +7806,11 @@ static std::vector<CostEntry> cost_step_launches(const Config& c, int world) {
     g_cost = CostLog();
     g_cost.model = &m;
     Cost dev;
-    std::vector<int32_t> x(local), y(local);
-    std::vector<float> weights(local), nll;
-    // the device work of one iteration of train()'s loop, in its order
-    device_zero(dev, m.grads, m.nparams * sizeof(float));
-    for (int micro = 0; micro < accum; micro++) {
-        to_device(dev, m.acts.loss_weights, weights.data(), local);
-        forward_nll(dev, m, x, y, B, T, nll, (Lora<Cost>*)nullptr, true);
-        gpt_backward(dev, m, B, T);
-    }
-    // the train loss's host_allreduce_sum (MPI): the GPU idles until the optimizer is issued (the
-    // wall-clock and stop-signal checks after the optimizer overlap its queued work: not counted)
-    if (world > 1) cost_add(OP_SYNC, "host_allreduce_sum", 0, 0);
-    optimizer_step(dev, m, s, 1.0, (float)muon_momentum_at(c, 0));
+    s.accum = accum; s.B = B; s.T = T;
+    s.batch = cost_region<int32_t>(9); s.batch_losses = cost_region<float>(10);
+    // the device work of one iteration of train()'s loop, in its order; the train loss's MPI sum, the
+    // wall-clock and stop-signal checks run on the host while the GPU works through the queued optimizer
+    train_step(dev, m, s, 1.0, (float)muon_momentum_at(c, 0));
     if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, false);
     if (c.ema_decay > 0) round_bf16_tables(dev, m, s.avg);
     refresh_compute_weights(dev, m, false);
@@ -7521,6 +7831,8 @@ static const double H100_NVLINK_BYTES = 450e9;   // NVLink 4 per direction (900 
 static const double H100_PCIE_BYTES = 25e9;      // host copies from pageable memory, staged (Gen5 x16: 64 GB/s raw)
 static const double LAUNCH_S = 4e-6;             // a kernel or cuBLASLt call when launch-bound: ~2–3 µs of host API
                                                  // time plus the device's gap between dependent kernels
+static const double GRAPH_NODE_S = 2e-6;         // the same, replayed from a CUDA graph: no host API call, only
+                                                 // the device's gap between dependent nodes
 static const double SYNC_S = 20e-6;              // cudaStreamSynchronize round trip and refilling an empty queue
 static const double NCCL_LATENCY_S = 30e-6;      // ring all-reduce over 8 GPUs: 14 steps of a few µs
 // The fraction of the peak rate (tensor cores / HBM) each class reaches; see docs/perf.md for each.
@@ -7539,7 +7851,8 @@ static double cost_seconds(const CostEntry& e) {
     const CostEfficiency& k = COST_EFFICIENCY[e.cls];
     if (e.cls == OP_SYNC) return SYNC_S + e.link_bytes / H100_PCIE_BYTES;
     if (e.cls == OP_COMM) return LAUNCH_S + NCCL_LATENCY_S + e.link_bytes / (H100_NVLINK_BYTES * k.bytes);
-    return std::max({LAUNCH_S, e.flops / (H100_BF16_FLOPS * k.flops), e.hbm_bytes / (H100_HBM_BYTES * k.bytes)});
+    double launch = e.in_graph ? GRAPH_NODE_S : LAUNCH_S;
+    return std::max({launch, e.flops / (H100_BF16_FLOPS * k.flops), e.hbm_bytes / (H100_HBM_BYTES * k.bytes)});
 }
 struct CostTotals {
     long launches[OP_NUM] = {};
@@ -7602,6 +7915,13 @@ static int cost_main(int argc, char** argv) {
     }
     printf("%-30s %9ld %10.3f %10.2f %10.3f %12.2f\n", "total", launches, flops / 1e12, hbm / 1e9, link / 1e9,
            sec * 1e3);
+    long outside = 0, graphs = 0;
+    for (const CostEntry& e : list) {
+        outside += !e.in_graph && e.cls != OP_SYNC && strcmp(e.op, "nccl_wait");
+        graphs += !strcmp(e.op, "cudaGraphLaunch");
+    }
+    printf("launches: %ld issued by the host (%ld of them cudaGraphLaunch), %ld replayed inside graphs; "
+           "%ld host synchronizations\n", outside, graphs, launches - outside - t.launches[OP_SYNC], t.launches[OP_SYNC]);
     if (by_op) {  // the same entries by op and class, most projected time first
         std::map<std::pair<std::string, int>, CostTotals> ops;
         for (const CostEntry& e : list) {

@@ -846,6 +846,9 @@ static void cuda_train_state_free(TrainState<Cuda>& s) {
         device_free(Cuda{}, p);
     s.scalars = nullptr; s.clip_ss = nullptr; s.comm = s.own_grad = nullptr; s.updates = nullptr;
     s.d_own = s.d_all = nullptr; s.d_adam = s.d_pack = nullptr;
+    host_free(Cuda{}, s.batch); host_free(Cuda{}, s.batch_losses);
+    step_graph_free(s);
+    s.batch = nullptr; s.batch_losses = nullptr;
 }
 
 TEST(cuda_refresh_compute_weights_qat) {
