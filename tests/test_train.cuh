@@ -560,6 +560,10 @@ TEST(lr_multiplier_matches_reference_formula) {
     CHECK_CLOSE(lr_multiplier(c, 900, 0), 0.5, 1e-12, 0);
     CHECK_CLOSE(lr_multiplier(c, 999, 0), (double)c.min_lr, 1e-12, 0);
     CHECK(lr_multiplier(c, 700, 0) == 1.0);
+    c.warmdown_frac = 0.5;  // #1855's form: max((1 − frac)/WARMDOWN_FRAC, MIN_LR)
+    CHECK_CLOSE(lr_multiplier(c, 900, 0), 0.2, 1e-12, 0);
+    CHECK_CLOSE(lr_multiplier(c, 990, 0), (double)c.min_lr, 1e-12, 0);
+    c.warmdown_frac = 0;
     c.min_lr = 0; c.max_wallclock_seconds = 600;
     c.warmdown_iters = 0;
     CHECK(lr_multiplier(c, 5990, 599000) == 1.0);
