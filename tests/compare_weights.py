@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Two runs' trained weights (OUT_DIR/final_model.safetensors, fp32) tensor by tensor: the worst element
 difference over the tensor's largest magnitude must stay within the tolerance.
-Usage: compare_weights.py NAME A.safetensors B.safetensors TOLERANCE"""
-import json, struct, sys, array
+Usage: compare_weights.py NAME A.safetensors B.safetensors TOLERANCE [REGEX of the tensors compared]"""
+import json, re, struct, sys, array
 
 
 def tensors(path):
@@ -25,6 +25,10 @@ def tensors(path):
 
 name, pa, pb, tol = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 a, b = tensors(pa), tensors(pb)
+if len(sys.argv) > 5:
+    keep = re.compile(sys.argv[5])
+    a = {k: v for k, v in a.items() if keep.search(k)}
+    b = {k: v for k, v in b.items() if keep.search(k)}
 if sorted(a) != sorted(b) or not a:
     sys.exit(f"FAIL {name}: the two files hold different tensors")
 worst, where = 0.0, ""
