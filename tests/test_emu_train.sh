@@ -3,9 +3,9 @@
 # without a GPU:
 #   emu_train_tiny_matches_cpu      CONFIG=tiny for a few steps: DEVICE=cuda's losses match DEVICE=cpu's
 #                                   within bf16 tolerance, then it compresses and scores the artifact;
-#   emu_train_two_ranks_equal_one   mpirun -np 2 (NCCL over MPI) gives one rank's losses;
-#   emu_train_two_ranks_same_weights  and its trained weights (Parallel Muon: bank reduce-scatter, bf16
-#                                   all-gather of the updates, one all-reduce of the replicated gradients).
+#   emu_train_two_ranks_equal_one   mpirun -np 2 (NCCL over MPI: Parallel Muon's bank reduce-scatter and
+#                                   bf16 all-gather, one all-reduce of the replicated gradients) gives one
+#                                   rank's losses.
 set -u
 cd "$(dirname "$0")/.."
 emu=./train_gpt_emu cpu=./train_gpt_cpu
@@ -52,10 +52,6 @@ if command -v mpirun >/dev/null 2>&1; then
     mpirun -np 2 --oversubscribe "${root[@]}" env "${common[@]}" DEVICE=cuda OUT_DIR="$tmp/two" "$emu" > "$tmp/two.log" 2>&1 \
         || { echo "FAIL emu_train_two_ranks_equal_one: mpirun -np 2 failed"; tail "$tmp/two.log"; exit 1; }
     compare emu_train_two_ranks_equal_one "$tmp/emu.log" "$tmp/two.log" 5e-3 || failed=1
-    # the Muon matrices (Parallel Muon's banks); Adam's zero-initialized bigram table is left out: after 3
-    # steps its entries are ±lr·sign(g) of gradients that nearly cancel, which bf16 sums of two orders flip
-    python3 tests/compare_weights.py emu_train_two_ranks_same_weights "$tmp/emu/final_model.safetensors" \
-        "$tmp/two/final_model.safetensors" 5e-3 '\.(c_q|c_k|c_v|proj|fc)\.weight$' || failed=1
 else
     echo "SKIP emu_train_two_ranks_equal_one: no mpirun (install openmpi-bin)"
 fi
