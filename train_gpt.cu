@@ -764,6 +764,9 @@ struct Config {
     int muon_backend_steps = 5, muon_momentum_warmup_steps = 500;
     float muon_weight_decay = 0.0f, adam_wd = 0.0f;
     float beta1 = 0.9f, beta2 = 0.95f, adam_eps = 1e-8f, grad_clip_norm = 0.0f;
+    int muon_row_normalize = 0;        // MuonEq-R (#1855): rows of the Nesterov update scaled to unit norm before NS
+    int muon_polar_express = 0;        // Newton–Schulz with Polar Express's per-iteration coefficients (PR #1344)
+    float min_lr = 0.0f;               // floor of the warm-down's lr multiplier (#1787, #1855: 0.1)
     // weight averaging
     int swa_enabled = 0, swa_every = 50;
     double swa_start_frac = 0.4;       // mean of snapshots taken while the lr multiplier < this (thwu1);
@@ -1056,6 +1059,9 @@ static std::vector<Setting> config_settings(Config& c) {
         {"BETA2", 'f', &c.beta2, "Adam beta2"},
         {"ADAM_EPS", 'f', &c.adam_eps, "Adam epsilon"},
         {"GRAD_CLIP_NORM", 'f', &c.grad_clip_norm, "clip gradients to this global L2 norm (0 = off)"},
+        {"MUON_ROW_NORMALIZE", 'i', &c.muon_row_normalize, "1 = MuonEq-R: unit rows of the update before NS"},
+        {"MUON_POLAR_EXPRESS", 'i', &c.muon_polar_express, "1 = Polar Express Newton–Schulz coefficients (≤ 5 steps)"},
+        {"MIN_LR", 'f', &c.min_lr, "floor of the lr multiplier during the warm-down (0 = none)"},
         {"SWA_ENABLED", 'i', &c.swa_enabled, "average snapshots taken during the warm-down"},
         {"SWA_START_FRAC", 'd', &c.swa_start_frac, "snapshots start when the lr multiplier drops below this"},
         {"SWA_EVERY", 'i', &c.swa_every, "steps between snapshots"},
@@ -1159,7 +1165,8 @@ static const char* const SCOPE_SETTINGS[SCOPE_NUM] = {
     "WARMUP_STEPS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN MAX_WALLCLOCK_SECONDS "
     "GRAD_ACCUM_STEPS QK_GAIN_INIT TIED_EMBED_INIT_STD ORTHO_INIT EMBED_LR HEAD_LR TIED_EMBED_LR MATRIX_LR "
     "SCALAR_LR MUON_MOMENTUM MUON_BACKEND_STEPS MUON_MOMENTUM_WARMUP_START MUON_MOMENTUM_WARMUP_STEPS "
-    "MUON_WEIGHT_DECAY ADAM_WD WEIGHT_DECAY BETA1 BETA2 ADAM_EPS GRAD_CLIP_NORM SWA_ENABLED SWA_START_FRAC "
+    "MUON_WEIGHT_DECAY ADAM_WD WEIGHT_DECAY BETA1 BETA2 ADAM_EPS GRAD_CLIP_NORM MUON_ROW_NORMALIZE MUON_POLAR_EXPRESS "
+    "MIN_LR SWA_ENABLED SWA_START_FRAC "
     "SWA_EVERY SWA_STEPS SWA_DECAY SWA_START_STEP EMA_DECAY EMBED_BF16 LATE_QAT QAT_THRESHOLD QAT_BITS QAT_START_STEP "
     "QAT_SCALE_FLOOR QUANT_SCHEME PACK ZSTD_LEVEL PRUNE_FRAC GPTQ_LITE ALL_INT5 FP16_KEEP_NAME_PATTERNS "
     "CONTROL_TENSOR_NAME_PATTERNS"
@@ -1474,6 +1481,10 @@ static void config_validate(const Config& c, int world) {
          "MAX_WALLCLOCK_SECONDS=%g, EVAL_MAX_WALLCLOCK_SECONDS=%g: expected ≥ 0", c.max_wallclock_seconds,
          c.eval_max_wallclock_seconds);
     need(c.muon_backend_steps >= 0, "MUON_BACKEND_STEPS=%d: expected ≥ 0", c.muon_backend_steps);
+    need(!c.muon_polar_express || c.muon_backend_steps <= 5,
+         "MUON_BACKEND_STEPS=%d with MUON_POLAR_EXPRESS=1: expected ≤ 5 (the table has 5 iterations)",
+         c.muon_backend_steps);
+    need(c.min_lr >= 0 && c.min_lr <= 1, "MIN_LR=%g: expected a multiplier in [0, 1]", c.min_lr);
     need(c.gate_window > 0 && c.gate_window <= c.model_dim, "GATE_WINDOW=%d: expected 1..MODEL_DIM=%d", c.gate_window,
          c.model_dim);
     need(!(c.smear && c.smear_gate_enabled), "SMEAR=1 and SMEAR_GATE_ENABLED=1 are two different SmearGates: set one");
@@ -5192,13 +5203,35 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
 // parameter layout, so the same offsets address weights, grads and moments.
 
 static const float NS_A = 3.4445f, NS_B = -4.7750f, NS_C = 2.0315f;  // Newton–Schulz quintic
+// Polar Express (PR #1344, #1855): iteration s uses its own minimax quintic (a, b, c); 5 iterations.
+static const float POLAR_EXPRESS[5][3] = {
+    {8.156554524902461f, -22.48329292557795f, 15.878769915207462f},
+    {4.042929935166739f, -2.808917465908714f, 0.5000178451051316f},
+    {3.8916678022926607f, -2.772484153217685f, 0.5060648178503393f},
+    {3.285753657755655f, -2.3681294933425376f, 0.46449024233003106f},
+    {2.3465413258596377f, -1.7097828382687081f, 0.42323551169305323f},
+};
+struct NsCoef { float a, b, c; };
+static NsCoef ns_coef(bool polar, int s) {
+    if (!polar) return {NS_A, NS_B, NS_C};
+    return {POLAR_EXPRESS[s][0], POLAR_EXPRESS[s][1], POLAR_EXPRESS[s][2]};
+}
+constexpr double MUON_ROW_EPS = 1e-7;  // MuonEq-R: a row's norm is clamped to at least this
+
+// What one optimizer step reads besides the gradients: the host fills it before the step (on the GPU
+// it lives in device memory, so a captured step replays with the values of the step it runs).
+struct StepScalars {
+    double lr_scale;             // the schedule's multiplier of every group's lr
+    double adam_bc1, adam_bc2;   // Adam's bias corrections 1 − β1ᵗ, 1 − β2ᵗ
+    float muon_momentum;
+};
 
 #if PGOLF_CPU_REFERENCE
 // --- AdamW (torch.optim.AdamW; Adam when wd = 0) ---------------------------------------------------
 // p ← p·(1 − lr·wd); m ← β1 m + (1−β1) g; v ← β2 v + (1−β2) g²; p ← p − lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + eps)
-template <class T> static void adamw_update(Cpu<T>, T* p, const T* g, T* m, T* v, size_t n, float lr, float b1, float b2,
-                                            float eps, float wd, int t) {
-    double bc1 = 1.0 - std::pow((double)b1, t), bc2 = 1.0 - std::pow((double)b2, t);
+// bc1, bc2: the bias corrections 1 − β1ᵗ, 1 − β2ᵗ of step t.
+template <class T> static void adamw_apply(Cpu<T>, T* p, const T* g, T* m, T* v, size_t n, float lr, float b1, float b2,
+                                           float eps, float wd, double bc1, double bc2) {
     T step_size = T(lr / bc1), bc2_sqrt = T(std::sqrt(bc2));
     for (size_t i = 0; i < n; i++) {
         if (wd != 0.0f) p[i] *= T(1) - T(lr) * T(wd);
@@ -5206,6 +5239,11 @@ template <class T> static void adamw_update(Cpu<T>, T* p, const T* g, T* m, T* v
         v[i] = T(b2) * v[i] + (T(1) - T(b2)) * g[i] * g[i];
         p[i] -= step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + T(eps));
     }
+}
+template <class T> static void adamw_update(Cpu<T> dev, T* p, const T* g, T* m, T* v, size_t n, float lr, float b1,
+                                            float b2, float eps, float wd, int t) {
+    double bc1 = 1.0 - std::pow((double)b1, t), bc2 = 1.0 - std::pow((double)b2, t);
+    adamw_apply(dev, p, g, m, v, n, lr, b1, b2, eps, wd, bc1, bc2);
 }
 
 // --- SGD with momentum (torch.optim.SGD, dampening 0, not Nesterov): full-model TTT -------------------
@@ -5219,7 +5257,8 @@ template <class T> static void sgd_update(Cpu<T>, T* p, const T* g, T* buf, size
 
 // --- Muon: momentum, Nesterov, orthogonalize with Newton–Schulz, shape scale, decoupled decay ----
 // X = G/(‖G‖_F + 1e−7), transposed so X is wide; repeat: A = XXᵀ, X = aX + (bA + cA²)X.
-template <class T> static void newton_schulz(Cpu<T>, T* out, const T* g, int rows, int cols, int steps) {
+template <class T> static void newton_schulz(Cpu<T>, T* out, const T* g, int rows, int cols, int steps,
+                                             bool polar = false) {
     bool tr = rows > cols;
     int r = tr ? cols : rows, k = tr ? rows : cols;  // X is r×k with r ≤ k
     std::vector<T> X((size_t)r * k), A((size_t)r * r), Bm((size_t)r * r), Y((size_t)r * k);
@@ -5229,9 +5268,10 @@ template <class T> static void newton_schulz(Cpu<T>, T* out, const T* g, int row
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) X[tr ? (size_t)j * k + i : (size_t)i * k + j] = g[(size_t)i * cols + j] * inv;
     for (int s = 0; s < steps; s++) {
+        NsCoef q = ns_coef(polar, s);
         matmul_forward(Cpu<T>{}, A.data(), X.data(), X.data(), r, k, r);  // A = X Xᵀ
         matmul_forward(Cpu<T>{}, Bm.data(), A.data(), A.data(), r, r, r); // A² (A is symmetric: A·Aᵀ = A²)
-        for (size_t i = 0; i < Bm.size(); i++) Bm[i] = T(NS_B) * A[i] + T(NS_C) * Bm[i];
+        for (size_t i = 0; i < Bm.size(); i++) Bm[i] = T(q.b) * A[i] + T(q.c) * Bm[i];
         std::fill(Y.begin(), Y.end(), T(0));  // Y = B·X, row by row (the inner loop runs along X's rows)
         for (int i = 0; i < r; i++)
             for (int t = 0; t < r; t++) {
@@ -5241,17 +5281,26 @@ template <class T> static void newton_schulz(Cpu<T>, T* out, const T* g, int row
                 #pragma omp simd
                 for (int j = 0; j < k; j++) yi[j] += b * xt[j];
             }
-        for (size_t i = 0; i < X.size(); i++) X[i] = T(NS_A) * X[i] + Y[i];
+        for (size_t i = 0; i < X.size(); i++) X[i] = T(q.a) * X[i] + Y[i];
     }
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) out[(size_t)i * cols + j] = X[tr ? (size_t)j * k + i : (size_t)i * k + j];
 }
 // One matrix: buf ← μ·buf + g; u = NS(g + μ·buf)·√max(1, rows/cols). The update is applied separately.
-template <class T> static void muon_direction(Cpu<T>, T* update, const T* g, T* buf, int rows, int cols, float momentum, int steps) {
+// MuonEq-R (row_norm) divides each row of g + μ·buf by max(‖row‖₂, 1e−7) before Newton–Schulz.
+template <class T> static void muon_direction(Cpu<T>, T* update, const T* g, T* buf, int rows, int cols, float momentum,
+                                              int steps, bool row_norm = false, bool polar = false) {
     size_t n = (size_t)rows * cols;
     std::vector<T> nest(n);
     for (size_t i = 0; i < n; i++) { buf[i] = T(momentum) * buf[i] + g[i]; nest[i] = g[i] + T(momentum) * buf[i]; }
-    newton_schulz(Cpu<T>{}, update, nest.data(), rows, cols, steps);
+    for (int i = 0; row_norm && i < rows; i++) {
+        T* row = nest.data() + (size_t)i * cols;
+        double ss = 0;
+        for (int j = 0; j < cols; j++) ss += (double)row[j] * row[j];
+        T rn = T(std::max(std::sqrt(ss), MUON_ROW_EPS));
+        for (int j = 0; j < cols; j++) row[j] = row[j] / rn;
+    }
+    newton_schulz(Cpu<T>{}, update, nest.data(), rows, cols, steps, polar);
     T s = T(std::sqrt(std::max(1.0, (double)rows / cols)));
     for (size_t i = 0; i < n; i++) update[i] *= s;
 }
@@ -5266,12 +5315,6 @@ template <class T> static double sum_squares(Cpu<T>, const T* x, size_t n) {
     return s;
 }
 template <class T> static void scale_grads(Cpu<T>, T* x, size_t n, float s) { for (size_t i = 0; i < n; i++) x[i] *= T(s); }
-// torch.nn.utils.clip_grad_norm_: scale by max_norm / (‖g‖ + 1e-6) when that is below 1
-template <class T> static void clip_grad_norm(Cpu<T> dev, T* g, size_t n, float max_norm) {
-    double norm = std::sqrt(sum_squares(dev, g, n));
-    double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0) scale_grads(dev, g, n, (float)coef);
-}
 
 // --- Weight averaging: sum += w (SWA), or ema ← d·ema + (1−d)·w ------------------------------------
 template <class T> static void average_accumulate(Cpu<T>, T* avg, const T* w, size_t n, float decay, bool first) {
@@ -5320,20 +5363,23 @@ static double training_frac(const Config& c, int step, double elapsed_ms) {
 // The lr multiplier: 1, then a linear warm-down over the last WARMDOWN_ITERS steps — measured in
 // wall-clock time when there is a cap (warm-down time = WARMDOWN_ITERS × mean step time so far).
 // With WARMDOWN_FRAC: 1, then (1 − frac)/WARMDOWN_FRAC over the last WARMDOWN_FRAC of training.
+// Inside the warm-down it never falls below MIN_LR (#1787, #1855: max(ramp, MIN_LR)).
 static double lr_multiplier(const Config& c, int step, double elapsed_ms) {
     if (c.warmdown_frac > 0) {
         double f = training_frac(c, step, elapsed_ms);
-        return f >= 1.0 - c.warmdown_frac ? std::max((1.0 - f) / c.warmdown_frac, 0.0) : 1.0;
+        return f >= 1.0 - c.warmdown_frac ? std::max((1.0 - f) / c.warmdown_frac, (double)c.min_lr) : 1.0;
     }
     if (c.warmdown_iters <= 0) return 1.0;
     if (train_cap_seconds(c) <= 0) {
         int start = std::max(c.iterations - c.warmdown_iters, 0);
-        return (step >= start && step < c.iterations) ? std::max((double)(c.iterations - step) / std::max(c.warmdown_iters, 1), 0.0) : 1.0;
+        if (step < start || step >= c.iterations) return 1.0;
+        double ramp = (double)(c.iterations - step) / std::max(c.warmdown_iters, 1);
+        return std::max(ramp, (double)c.min_lr);
     }
     double step_ms = elapsed_ms / std::max(step, 1);
     double warmdown_ms = c.warmdown_iters * step_ms;
     double remaining = std::max(1000.0 * train_cap_seconds(c) - elapsed_ms, 0.0);
-    return remaining <= warmdown_ms ? remaining / std::max(warmdown_ms, 1e-9) : 1.0;
+    return remaining <= warmdown_ms ? std::max(remaining / std::max(warmdown_ms, 1e-9), (double)c.min_lr) : 1.0;
 }
 static double muon_momentum_at(const Config& c, int step) {
     double frac = c.muon_momentum_warmup_steps > 0 ? std::min((double)step / c.muon_momentum_warmup_steps, 1.0) : 1.0;
@@ -5354,6 +5400,183 @@ static bool qat_applies(const ParamSpec& p) {
     return p.role == P_C_Q || p.role == P_C_K || p.role == P_C_V || p.role == P_ATTN_PROJ || p.role == P_FC ||
            p.role == P_MLP_PROJ || p.role == P_BIGRAM_PROJ || p.role == P_LM_HEAD;
 }
+
+// --- Parameter banks and the Parallel Muon schedule (#1855) ----------------------------------------
+// The Muon matrices grouped by shape (#1855's qo, kv, up and down banks): one strided-batched
+// Newton–Schulz per bank. Rank r orthogonalizes matrices [r·shard, (r+1)·shard) of every bank
+// (shard = ⌈count/W⌉) and alone keeps their momentum. Bank gradients travel rank-major: one
+// reduce-scatter hands each rank its chunk (its shard of every bank, banks in order), one all-gather
+// returns every rank's updates. The replicated (Adam) gradients are packed for one all-reduce.
+struct MuonBank {
+    int rows = 0, cols = 0;
+    std::vector<int> mats;     // table indices, in table order
+    int shard = 0;             // matrices per rank (the last ranks may hold fewer, or none)
+    size_t chunk_offset = 0;   // of the bank's shard in a rank's chunk (elements)
+};
+// One Muon matrix as the fused kernels see it (offsets in elements).
+struct MuonItem {
+    long long g_off;   // its gradient: in m.grads (one rank) or in this rank's reduced chunk
+    long long p_off;   // its weights and momentum (the parameter layout)
+    long long x_off;   // own items: in this rank's chunk; all items: in the gathered updates
+    int rows, cols;
+    int row_begin;     // rows of the list's earlier items: a kernel block per row finds its item
+    float scale;       // √max(1, rows/cols)
+};
+// One Adam tensor (g_off: its gradient; tile_begin: ADAM_TILE tiles of earlier items), or one run the
+// gradient pack copies (g_off: source in m.grads, p_off: destination in the packed buffer).
+struct AdamItem {
+    long long g_off, p_off, n;
+    int tile_begin;
+    float lr, wd;      // the group's base lr and decoupled decay
+    int bf16_store;    // EMBED_BF16 table: bf16 gradient, weights and moments
+};
+constexpr int ADAM_TILE = 4096;  // elements per block of the fused Adam and pack kernels
+struct OptPlan {
+    std::vector<MuonBank> banks;
+    size_t chunk = 0;                 // elements of one rank's chunk
+    size_t rep = 0;                   // elements of the packed replicated gradients
+    std::vector<int> owner;           // per table entry: the rank owning a Muon matrix, −1 for the others
+    std::vector<MuonItem> own, all;   // this rank's matrices (chunk order); every matrix
+    std::vector<AdamItem> adam, pack;
+    int own_rows = 0, all_rows = 0, adam_tiles = 0, pack_tiles = 0;
+};
+static bool stored_bf16(const Config& c, const ParamSpec& p);  // section 12
+static OptPlan opt_plan(const Config& c, const std::vector<ParamSpec>& table, int world, int rank) {
+    OptPlan P;
+    P.owner.assign(table.size(), -1);
+    for (size_t i = 0; i < table.size(); i++) {
+        const ParamSpec& p = table[i];
+        if (p.group != GROUP_MATRIX) continue;
+        MuonBank* b = nullptr;
+        for (MuonBank& k : P.banks)
+            if (k.rows == p.rows() && k.cols == p.cols()) b = &k;
+        if (!b) {
+            P.banks.emplace_back();
+            b = &P.banks.back();
+            b->rows = p.rows();
+            b->cols = p.cols();
+        }
+        b->mats.push_back((int)i);
+    }
+    for (MuonBank& b : P.banks) {
+        b.shard = ((int)b.mats.size() + world - 1) / world;
+        b.chunk_offset = P.chunk;
+        P.chunk += (size_t)b.shard * b.rows * b.cols;
+    }
+    for (const MuonBank& b : P.banks) {
+        size_t mn = (size_t)b.rows * b.cols;
+        for (int j = 0; j < (int)b.mats.size(); j++) {
+            const ParamSpec& p = table[b.mats[j]];
+            int r = j / b.shard;
+            size_t local = b.chunk_offset + (size_t)(j % b.shard) * mn;
+            P.owner[b.mats[j]] = r;
+            MuonItem it;
+            it.g_off = (long long)p.offset;
+            it.p_off = (long long)p.offset;
+            it.x_off = (long long)(r * P.chunk + local);
+            it.rows = b.rows;
+            it.cols = b.cols;
+            it.row_begin = P.all_rows;
+            it.scale = (float)std::sqrt(std::max(1.0, (double)b.rows / b.cols));
+            P.all.push_back(it);
+            P.all_rows += b.rows;
+            if (world > 1) P.pack.push_back({(long long)p.offset, it.x_off, (long long)mn, 0, 0.0f, 0.0f, 0});
+            if (r != rank) continue;
+            it.x_off = (long long)local;
+            if (world > 1) it.g_off = (long long)local;
+            it.row_begin = P.own_rows;
+            P.own.push_back(it);
+            P.own_rows += b.rows;
+        }
+    }
+    size_t rep_base = (size_t)world * P.chunk;
+    for (const ParamSpec& p : table) {
+        if (p.group == GROUP_MATRIX) continue;
+        long long at = (long long)(rep_base + P.rep);
+        float wd = p.group == GROUP_HEAD ? 0.0f : c.adam_wd;
+        AdamItem a = {world > 1 ? at : (long long)p.offset, (long long)p.offset, (long long)p.numel, P.adam_tiles,
+                      group_lr(c, p.group), wd, (int)stored_bf16(c, p)};
+        P.adam.push_back(a);
+        P.adam_tiles += (int)((p.numel + ADAM_TILE - 1) / ADAM_TILE);
+        if (world > 1) P.pack.push_back({(long long)p.offset, at, (long long)p.numel, 0, 0.0f, 0.0f, 0});
+        P.rep += p.numel;
+    }
+    for (AdamItem& k : P.pack) {
+        k.tile_begin = P.pack_tiles;
+        P.pack_tiles += (int)((k.n + ADAM_TILE - 1) / ADAM_TILE);
+    }
+    return P;
+}
+// The step's scalars: the schedule's lr multiplier, Muon's momentum, Adam's bias corrections at step t.
+static StepScalars step_scalars(const Config& c, int step, double lr_scale, float muon_momentum) {
+    int t = step + 1;
+    StepScalars s;
+    s.lr_scale = lr_scale;
+    s.adam_bc1 = 1.0 - std::pow((double)c.beta1, t);
+    s.adam_bc2 = 1.0 - std::pow((double)c.beta2, t);
+    s.muon_momentum = muon_momentum;
+    return s;
+}
+template <class D> struct TrainState;  // section 12
+static void host_allreduce_sum(double* x, int n);  // section 8
+#ifdef PGOLF_CUDA
+static void allgather_bf16(const bf16* mine, bf16* all, size_t chunk);  // section 8
+static void allreduce_sum_f64(double* x, size_t n);
+#endif
+
+#if PGOLF_CPU_REFERENCE
+// The CPU reference of the step's three parts, one tensor at a time (the GPU fuses each part).
+// Clipping (torch.nn.utils.clip_grad_norm_): the norm of every averaged gradient, each counted once
+// (its owner's chunk, rank 0's replicated copy), summed over ranks; the held gradients scaled.
+template <class T> static void optimizer_clip(Cpu<T> dev, Model<Cpu<T>>& m, TrainState<Cpu<T>>& s) {
+    const Config& c = m.cfg;
+    if (c.grad_clip_norm <= 0) return;
+    const OptPlan& P = s.plan;
+    T* rep = s.comm + (size_t)g_world * P.chunk;
+    double ss = 0;
+    if (g_world == 1) ss = sum_squares(dev, m.grads, m.nparams);
+    else ss = sum_squares(dev, s.own_grad, P.chunk) + (g_rank == 0 ? sum_squares(dev, rep, P.rep) : 0.0);
+    host_allreduce_sum(&ss, 1);
+    double coef = c.grad_clip_norm / (std::sqrt(ss) + 1e-6);
+    if (coef >= 1.0) return;
+    if (g_world == 1) {
+        scale_grads(dev, m.grads, m.nparams, (float)coef);
+        return;
+    }
+    scale_grads(dev, s.own_grad, P.chunk, (float)coef);
+    scale_grads(dev, rep, P.rep, (float)coef);
+}
+// Muon: this rank's matrices orthogonalized, every rank's updates gathered, every matrix updated.
+template <class T> static void muon_step(Cpu<T> dev, Model<Cpu<T>>& m, TrainState<Cpu<T>>& s, const StepScalars* sc) {
+    const Config& c = m.cfg;
+    const OptPlan& P = s.plan;
+    const T* gsrc = g_world == 1 ? m.grads : s.own_grad;
+    T* mine = s.updates + (size_t)g_rank * P.chunk;
+    for (const MuonItem& it : P.own)
+        muon_direction(dev, mine + it.x_off, gsrc + it.g_off, s.adam_m + it.p_off, it.rows, it.cols, sc->muon_momentum,
+                       c.muon_backend_steps, c.muon_row_normalize, c.muon_polar_express);
+    allgather(dev, s.updates, P.chunk);
+    float lr = (float)(c.matrix_lr * sc->lr_scale);
+    for (const MuonItem& it : P.all)
+        apply_update(dev, m.params + it.p_off, s.updates + it.x_off, (size_t)it.rows * it.cols, lr,
+                     c.muon_weight_decay);
+}
+// Adam(W) on every other tensor; EMBED_BF16 tables: bf16 gradient in, bf16 weights and moments out.
+template <class T> static void adam_step(Cpu<T> dev, Model<Cpu<T>>& m, TrainState<Cpu<T>>& s, const StepScalars* sc) {
+    const Config& c = m.cfg;
+    T* gsrc = g_world == 1 ? m.grads : s.comm;
+    for (const AdamItem& k : s.plan.adam) {
+        float lr = (float)(k.lr * sc->lr_scale);
+        T *w = m.params + k.p_off, *g = gsrc + k.g_off, *m1 = s.adam_m + k.p_off, *m2 = s.adam_v + k.p_off;
+        if (k.bf16_store) round_to_bf16(dev, g, k.n);
+        adamw_apply(dev, w, g, m1, m2, k.n, lr, c.beta1, c.beta2, c.adam_eps, k.wd, sc->adam_bc1, sc->adam_bc2);
+        if (k.bf16_store)
+            for (T* x : {w, m1, m2}) round_to_bf16(dev, x, k.n);
+    }
+}
+template <class T> static void step_scalars_store(Cpu<T>, StepScalars* dst, const StepScalars& v) { *dst = v; }
+template <class T> static void nccl_check(Cpu<T>, const char*) {}
+#endif
 
 // The weights the forward reads: the master weights, fake-quantized under QAT.
 #if PGOLF_CPU_REFERENCE
@@ -5449,37 +5672,6 @@ static double sum_squares(Cuda dev, const float* x, size_t n) {
     for (int b = 0; b < NORM_BLOCKS; b++) s += host[b];
     return s;
 }
-// Clipping without a host round trip: one thread adds the partials in block order (as sum_squares on
-// the host) and leaves the coefficient, or 1, in device memory; the scaling kernel reads it there.
-__global__ void clip_coef_kernel(float* coef, const double* partial, float max_norm) {
-    double s = 0.0;
-    for (int b = 0; b < NORM_BLOCKS; b++) s += partial[b];
-    double c = max_norm / (sqrt(s) + 1e-6);
-    *coef = c < 1.0 ? (float)c : 1.0f;
-}
-__global__ void scale_by_coef_kernel(float* x, size_t n, const float* coef) {
-    float s = *coef;
-    if (s == 1.0f) return;  // (x · 1 = x: the unclipped gradients stay as they are)
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        x[i] = x[i] * s;
-}
-static void clip_grad_norm(Cuda, float* g, size_t n, float max_norm) {
-    if (!n) return;
-    double* partial = nullptr;
-    float* coef = nullptr;
-    scratch_carve([&](Arena& a) {
-        partial = a.take<double>(NORM_BLOCKS);
-        coef = a.take<float>(1);
-    });
-    cudaStream_t st = g_cuda.stream;
-    PGOLF_LAUNCH(NORM_BLOCKS, BLOCK, 0, st, sum_squares_kernel)(partial, g, n);
-    launchCheck();
-    PGOLF_LAUNCH(1, 1, 0, st, clip_coef_kernel)(coef, partial, max_norm);
-    launchCheck();
-    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, st, scale_by_coef_kernel)(g, n, coef);
-    launchCheck();
-}
-
 // Per row: s = max(rowmax/clip, floor); out = bf16(clamp(round(w/s), −(clip+1), clip)·s). One block per row.
 __global__ void fake_quant_rows_kernel(bf16* out, const float* w, int cols, int clip, float floor) {
     __shared__ float red[32];
@@ -5527,68 +5719,252 @@ static NsPlan ns_plan(int rows, int cols) {
     p.update = p.tall ? RowMajorGemm{p.k, p.r, p.r, false, false} : RowMajorGemm{p.r, p.k, p.r, false, false};
     return p;
 }
-struct NsScratch { bf16 *x, *x2, *a, *b; double* partial; };
-static void carve_ns_scratch(Arena& ar, NsScratch& s, int rows, int cols) {
-    size_t n = (size_t)rows * cols, r = std::min(rows, cols);
-    s.x = ar.take<bf16>(n); s.x2 = ar.take<bf16>(n); s.a = ar.take<bf16>(r * r); s.b = ar.take<bf16>(r * r);
-    s.partial = ar.take<double>(NORM_BLOCKS);
-}
-// buf ← μ·buf + g; nest = g + μ·buf, with its Σ nest² per block (fp64)
-__global__ void muon_momentum_kernel(float* nest, float* buf, const float* g, size_t n, float mu, double* partial) {
-    __shared__ double red[32];
-    double ss = 0.0;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float b = mu * buf[i] + g[i], v = g[i] + mu * b;
-        buf[i] = b; nest[i] = v;
-        ss += (double)v * v;
-    }
-    ss = block_sum(ss, red);
-    if (threadIdx.x == 0) partial[blockIdx.x] = ss;
-}
-// X = bf16(nest / (‖nest‖_F + 1e−7)); every block adds the NORM_BLOCKS partials in the same order.
-__global__ void ns_normalize_kernel(bf16* X, const float* nest, const double* partial, size_t n) {
-    __shared__ double red[32];
-    double t = 0.0;
-    for (int b = threadIdx.x; b < NORM_BLOCKS; b += blockDim.x) t += partial[b];
-    t = block_sum(t, red);
-    float inv = (float)(1.0 / (sqrt(t) + 1e-7));
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        X[i] = __float2bfloat16(nest[i] * inv);
-}
-__global__ void muon_finish_kernel(float* update, const bf16* X, size_t n, float scale) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        update[i] = __bfloat162float(X[i]) * scale;
-}
 // `steps` Newton–Schulz iterations on `batch` same-shaped rows×cols matrices stored back to back in x
-// (x2, a, b: same-sized scratch); returns the buffer holding the result (x or x2).
-static bf16* newton_schulz_bf16(bf16* x, bf16* x2, bf16* a, bf16* b, int rows, int cols, int steps, int batch = 1) {
+// (x2: same size; a, b: batch r×r each); returns the buffer holding the result (x or x2).
+static bf16* newton_schulz_bf16(bf16* x, bf16* x2, bf16* a, bf16* b, int rows, int cols, int steps, int batch = 1,
+                                bool polar = false) {
     NsPlan p = ns_plan(rows, cols);
     long long sx = (long long)rows * cols, sa = (long long)p.r * p.r;
     for (int s = 0; s < steps; s++) {
+        NsCoef q = ns_coef(polar, s);
         const RowMajorGemm &G = p.gram, &S = p.square, &U = p.update;
         gemm_bf16(a, CUDA_R_16BF, nullptr, x, x, G.M, G.N, G.K, G.a_trans, G.b_trans, 1.0f, 0.0f, batch, sx, sx, sa);
-        gemm_bf16(b, CUDA_R_16BF, a, a, a, S.M, S.N, S.K, false, false, NS_C, NS_B, batch, sa, sa, sa);  // c·A·A + b·A
-        if (p.tall) gemm_bf16(x2, CUDA_R_16BF, x, x, b, U.M, U.N, U.K, false, false, 1.0f, NS_A, batch, sx, sa, sx);  // Y·B + a·Y
-        else gemm_bf16(x2, CUDA_R_16BF, x, b, x, U.M, U.N, U.K, false, false, 1.0f, NS_A, batch, sa, sx, sx);       // B·X + a·X
+        gemm_bf16(b, CUDA_R_16BF, a, a, a, S.M, S.N, S.K, false, false, q.c, q.b, batch, sa, sa, sa);  // c·A·A + b·A
+        if (p.tall)  // Y·B + a·Y
+            gemm_bf16(x2, CUDA_R_16BF, x, x, b, U.M, U.N, U.K, false, false, 1.0f, q.a, batch, sx, sa, sx);
+        else  // B·X + a·X
+            gemm_bf16(x2, CUDA_R_16BF, x, b, x, U.M, U.N, U.K, false, false, 1.0f, q.a, batch, sa, sx, sx);
         std::swap(x, x2);
     }
     return x;
 }
-// One matrix: buf ← μ·buf + g; update = NS(g + μ·buf)·√max(1, rows/cols). `update` holds the
-// Nesterov gradient until the result overwrites it.
-// (perf: batch the same-shaped matrices of all layers into one strided-batched NS per shape)
-static void muon_direction(Cuda, float* update, const float* g, float* buf, int rows, int cols, float momentum, int steps) {
-    size_t n = (size_t)rows * cols;
-    if (!n) return;
-    NsScratch s;
-    scratch_carve([&](Arena& a) { carve_ns_scratch(a, s, rows, cols); });
+
+// The fused optimizer: one launch per part for every matrix (Muon) or tensor (Adam), each block finding
+// its item in a small table by binary search over the items' first row (or tile).
+template <class Item> __device__ int item_of_row(const Item* items, int n, int row) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (items[mid].row_begin <= row) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+__device__ int item_of_tile(const AdamItem* items, int n, int tile) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (items[mid].tile_begin <= tile) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+// The clip coefficient from the averaged gradients' Σ g² (clip_grad_norm_'s max_norm / (norm + 1e−6), ≤ 1).
+__device__ float clip_coef(const double* ss, float max_norm) {
+    if (max_norm <= 0.0f) return 1.0f;
+    double coef = max_norm / (sqrt(*ss) + 1e-6);
+    return coef < 1.0 ? (float)coef : 1.0f;
+}
+
+// Scratch of the Muon part: the Nesterov gradients (fp32) and the iterates (bf16) of this rank's chunk,
+// each row's Σ x², and the Gram products of the largest bank shard.
+struct MuonScratch { float* nest; double* rowss; bf16 *x, *x2, *a, *b; };
+static void carve_muon_scratch(Arena& ar, MuonScratch& s, const OptPlan& P) {
+    size_t ab = 0;
+    for (const MuonBank& b : P.banks) {
+        size_t r = std::min(b.rows, b.cols);
+        ab = std::max(ab, (size_t)b.shard * r * r);
+    }
+    s.nest = ar.take<float>(P.chunk);
+    s.rowss = ar.take<double>(std::max(P.own_rows, 1));
+    s.x = ar.take<bf16>(P.chunk);
+    s.x2 = ar.take<bf16>(P.chunk);
+    s.a = ar.take<bf16>(ab);
+    s.b = ar.take<bf16>(ab);
+}
+// One block per row of this rank's matrices: buf ← μ·buf + c·g; x = c·g + μ·buf (c: the clip coefficient);
+// MuonEq-R divides the row by max(‖x‖₂, 1e−7). rowss = Σ x² of the row as stored.
+__global__ void muon_momentum_rows_kernel(float* nest, double* rowss, float* buf, const float* g, const MuonItem* items,
+                                          int n_items, const StepScalars* sc, const double* clip_ss, float max_norm,
+                                          int row_norm) {
+    __shared__ double red[32];
+    int row = blockIdx.x;
+    const MuonItem& it = items[item_of_row(items, n_items, row)];
+    long long r = row - it.row_begin;
+    const float* gr = g + it.g_off + r * it.cols;
+    float* br = buf + it.p_off + r * it.cols;
+    float* xr = nest + it.x_off + r * it.cols;
+    float mu = sc->muon_momentum, coef = clip_coef(clip_ss, max_norm);
+    double ss = 0.0;
+    for (int j = threadIdx.x; j < it.cols; j += blockDim.x) {
+        float gj = gr[j] * coef;
+        float b = mu * br[j] + gj;
+        float v = gj + mu * b;
+        br[j] = b;
+        xr[j] = v;
+        ss += (double)v * v;
+    }
+    ss = block_sum(ss, red);
+    if (row_norm) {
+        float rn = (float)fmax(sqrt(ss), MUON_ROW_EPS);
+        double ss2 = 0.0;
+        for (int j = threadIdx.x; j < it.cols; j += blockDim.x) {
+            float v = xr[j] / rn;  // each thread rescales the entries it wrote
+            xr[j] = v;
+            ss2 += (double)v * v;
+        }
+        ss = block_sum(ss2, red);
+    }
+    if (threadIdx.x == 0) rowss[row] = ss;
+}
+// One block per row: X = bf16(x / (‖x‖_F + 1e−7)), the matrix's norm summed from its rows in a fixed order.
+__global__ void ns_normalize_rows_kernel(bf16* X, const float* nest, const double* rowss, const MuonItem* items,
+                                         int n_items) {
+    __shared__ double red[32];
+    int row = blockIdx.x;
+    const MuonItem& it = items[item_of_row(items, n_items, row)];
+    double t = 0.0;
+    for (int i = threadIdx.x; i < it.rows; i += blockDim.x) t += rowss[it.row_begin + i];
+    t = block_sum(t, red);
+    float inv = (float)(1.0 / (sqrt(t) + 1e-7));
+    long long at = it.x_off + (long long)(row - it.row_begin) * it.cols;
+    for (int j = threadIdx.x; j < it.cols; j += blockDim.x) X[at + j] = __float2bfloat16(nest[at + j] * inv);
+}
+// One block per row of every matrix: p ← p·(1 − lr·wd) − lr·(u·scale), u the gathered bf16 update.
+__global__ void muon_apply_rows_kernel(float* params, const bf16* upd, const MuonItem* items, int n_items,
+                                       const StepScalars* sc, float base_lr, float wd) {
+    int row = blockIdx.x;
+    const MuonItem& it = items[item_of_row(items, n_items, row)];
+    long long r = row - it.row_begin;
+    float lr = (float)(base_lr * sc->lr_scale);
+    float* pr = params + it.p_off + r * it.cols;
+    const bf16* ur = upd + it.x_off + r * it.cols;
+    for (int j = threadIdx.x; j < it.cols; j += blockDim.x) {
+        float u = __bfloat162float(ur[j]) * it.scale;
+        pr[j] = pr[j] * (1.0f - lr * wd) - lr * u;
+    }
+}
+// Muon on the GPU: momentum and Nesterov in fp32, Newton–Schulz in bf16 (bf16 operands, fp32
+// accumulation, bf16 results, as the reference runs it) batched per bank, the updates all-gathered in
+// bf16, the apply fused over every matrix.
+template <class S> static void muon_step(Cuda, Model<Cuda>& m, S& s, const StepScalars* sc) {
+    const Config& c = m.cfg;
+    const OptPlan& P = s.plan;
+    if (P.all.empty()) return;
+    MuonScratch w;
+    scratch_carve([&](Arena& a) { carve_muon_scratch(a, w, P); });
     cudaStream_t st = g_cuda.stream;
-    PGOLF_LAUNCH(NORM_BLOCKS, BLOCK, 0, st, muon_momentum_kernel)(update, buf, g, n, momentum, s.partial);
+    const float* gsrc = g_world == 1 ? m.grads : s.own_grad;
+    int n_own = (int)P.own.size();
+    if (n_own) {
+        PGOLF_LAUNCH(P.own_rows, BLOCK, 0, st, muon_momentum_rows_kernel)(w.nest, w.rowss, s.adam_m, gsrc, s.d_own,
+            n_own, sc, s.clip_ss, c.grad_clip_norm, c.muon_row_normalize);
+        launchCheck();
+        PGOLF_LAUNCH(P.own_rows, BLOCK, 0, st, ns_normalize_rows_kernel)(w.x, w.nest, w.rowss, s.d_own, n_own);
+        launchCheck();
+    }
+    for (const MuonBank& b : P.banks) {
+        int count = std::min(std::max((int)b.mats.size() - g_rank * b.shard, 0), b.shard);
+        bf16 *x = w.x + b.chunk_offset, *x2 = w.x2 + b.chunk_offset;
+        newton_schulz_bf16(x, x2, w.a, w.b, b.rows, b.cols, c.muon_backend_steps, count, c.muon_polar_express);
+    }
+    bf16* mine = c.muon_backend_steps % 2 ? w.x2 : w.x;  // where the iterations left every bank
+    const bf16* upd = g_world == 1 ? mine : s.updates;
+    allgather_bf16(mine, s.updates, P.chunk);
+    PGOLF_LAUNCH(P.all_rows, BLOCK, 0, st, muon_apply_rows_kernel)(m.params, upd, s.d_all, (int)P.all.size(), sc,
+        c.matrix_lr, c.muon_weight_decay);
     launchCheck();
-    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, st, ns_normalize_kernel)(s.x, update, s.partial, n);
+}
+// One block per ADAM_TILE of every Adam tensor: the adamw_kernel formulas with the clip coefficient and
+// the step's lr and bias corrections from the device; EMBED_BF16 tables round g, p, m, v to bf16.
+__global__ void adam_tiles_kernel(float* params, float* m1, float* m2, const float* g, const AdamItem* items,
+                                  int n_items, const StepScalars* sc, const double* clip_ss, float max_norm, float b1,
+                                  float b2, float eps) {
+    int tile = blockIdx.x;
+    const AdamItem& k = items[item_of_tile(items, n_items, tile)];
+    long long i0 = (long long)(tile - k.tile_begin) * ADAM_TILE;
+    long long i1 = min(i0 + ADAM_TILE, k.n);
+    float lr = (float)(k.lr * sc->lr_scale), coef = clip_coef(clip_ss, max_norm), wd = k.wd;
+    float step_size = (float)(lr / sc->adam_bc1), bc2_sqrt = (float)sqrt(sc->adam_bc2);
+    for (long long i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+        float gi = g[k.g_off + i] * coef;
+        if (k.bf16_store) gi = __bfloat162float(__float2bfloat16(gi));
+        float pi = params[k.p_off + i];
+        if (wd != 0.0f) pi *= 1.0f - lr * wd;
+        float mi = b1 * m1[k.p_off + i] + (1.0f - b1) * gi, vi = b2 * m2[k.p_off + i] + (1.0f - b2) * gi * gi;
+        pi = pi - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+        if (k.bf16_store) {
+            pi = __bfloat162float(__float2bfloat16(pi));
+            mi = __bfloat162float(__float2bfloat16(mi));
+            vi = __bfloat162float(__float2bfloat16(vi));
+        }
+        m1[k.p_off + i] = mi;
+        m2[k.p_off + i] = vi;
+        params[k.p_off + i] = pi;
+    }
+}
+template <class S> static void adam_step(Cuda, Model<Cuda>& m, S& s, const StepScalars* sc) {
+    const Config& c = m.cfg;
+    const OptPlan& P = s.plan;
+    if (!P.adam_tiles) return;
+    const float* gsrc = g_world == 1 ? m.grads : s.comm;
+    PGOLF_LAUNCH(P.adam_tiles, BLOCK, 0, g_cuda.stream, adam_tiles_kernel)(m.params, s.adam_m, s.adam_v, gsrc, s.d_adam,
+        (int)P.adam.size(), sc, s.clip_ss, c.grad_clip_norm, c.beta1, c.beta2, c.adam_eps);
     launchCheck();
-    bf16* X = newton_schulz_bf16(s.x, s.x2, s.a, s.b, rows, cols, steps);
-    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, st, muon_finish_kernel)(update, X, n, (float)std::sqrt(std::max(1.0, (double)rows / cols)));
+}
+// Σ g² of the averaged gradients this rank holds (its chunk; rank 0 also the replicated ones): fixed
+// blocks, partials added in order by one block, then summed over ranks (NCCL, fp64).
+__global__ void sum_partials_kernel(double* out, const double* partial, int n) {
+    __shared__ double red[32];
+    double t = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) t += partial[i];
+    t = block_sum(t, red);
+    if (threadIdx.x == 0) *out = t;
+}
+template <class S> static void optimizer_clip(Cuda, Model<Cuda>& m, S& s) {
+    const Config& c = m.cfg;
+    if (c.grad_clip_norm <= 0) return;
+    const OptPlan& P = s.plan;
+    double* partial = nullptr;
+    scratch_carve([&](Arena& a) { partial = a.take<double>(2 * NORM_BLOCKS); });
+    cudaStream_t st = g_cuda.stream;
+    int parts = 1;
+    if (g_world == 1) {
+        PGOLF_LAUNCH(NORM_BLOCKS, BLOCK, 0, st, sum_squares_kernel)(partial, m.grads, m.nparams);
+        launchCheck();
+    } else {
+        size_t rep = g_rank == 0 ? P.rep : 0;
+        PGOLF_LAUNCH(NORM_BLOCKS, BLOCK, 0, st, sum_squares_kernel)(partial, s.own_grad, P.chunk);
+        launchCheck();
+        const float* reps = s.comm + g_world * P.chunk;
+        PGOLF_LAUNCH(NORM_BLOCKS, BLOCK, 0, st, sum_squares_kernel)(partial + NORM_BLOCKS, reps, rep);
+        launchCheck();
+        parts = 2;
+    }
+    PGOLF_LAUNCH(1, BLOCK, 0, st, sum_partials_kernel)(s.clip_ss, partial, parts * NORM_BLOCKS);
+    launchCheck();
+    allreduce_sum_f64(s.clip_ss, 1);
+}
+__global__ void step_scalars_kernel(StepScalars* dst, StepScalars v) { *dst = v; }
+// The values of one step written by a launch (so a captured step keeps them; a caller replaying a graph
+// with new values writes the buffer with a copy before each launch instead).
+static void step_scalars_store(Cuda, StepScalars* dst, const StepScalars& v) {
+    PGOLF_LAUNCH(1, 1, 0, g_cuda.stream, step_scalars_kernel)(dst, v);
+    launchCheck();
+}
+// The gradient pack (W > 1): every Muon matrix to its owner's chunk, every Adam tensor to the replicated run.
+__global__ void pack_tiles_kernel(float* dst, const float* src, const AdamItem* items, int n_items) {
+    int tile = blockIdx.x;
+    const AdamItem& k = items[item_of_tile(items, n_items, tile)];
+    long long i0 = (long long)(tile - k.tile_begin) * ADAM_TILE;
+    long long i1 = min(i0 + ADAM_TILE, k.n);
+    for (long long i = i0 + threadIdx.x; i < i1; i += blockDim.x) dst[k.p_off + i] = src[k.g_off + i];
+}
+template <class S> static void grad_pack(Cuda, Model<Cuda>& m, S& s) {
+    const OptPlan& P = s.plan;
+    if (!P.pack_tiles) return;
+    int n = (int)P.pack.size();
+    PGOLF_LAUNCH(P.pack_tiles, BLOCK, 0, g_cuda.stream, pack_tiles_kernel)(s.comm, m.grads, s.d_pack, n);
     launchCheck();
 }
 #endif
@@ -5692,6 +6068,49 @@ template <class T> static void allreduce_sum(Cpu<T>, T* x, size_t n) {
 }
 #endif
 
+#if PGOLF_CPU_REFERENCE
+// Parallel Muon's collectives on the host. reduce_scatter_avg: rank r receives the ranks' average of
+// send[r·chunk, (r+1)·chunk); allreduce_avg: the average in place; allgather: in place, rank r's chunk
+// sits at r·chunk. An average is the sum times 1/W, as ncclAvg.
+static void mpi_count_check(size_t n, const char* what) {
+    if (n > (size_t)INT_MAX) fail("%s of %zu elements: more than MPI's int count (use more ranks)", what, n);
+}
+template <class T> static void reduce_scatter_avg(Cpu<T> dev, const T* send, T* recv, size_t chunk) {
+#ifdef PGOLF_MPI
+    mpi_count_check(chunk, "reduce-scatter");
+    MPI_Datatype type = sizeof(T) == 8 ? MPI_DOUBLE : MPI_FLOAT;
+    mpiCheck(MPI_Reduce_scatter_block(send, recv, (int)chunk, type, MPI_SUM, MPI_COMM_WORLD));
+    scale_grads(dev, recv, chunk, 1.0f / (float)g_world);
+#else
+    (void)dev; (void)send; (void)recv; (void)chunk;
+    fail("reduce-scatter over %d ranks: this train_gpt was built without MPI", g_world);
+#endif
+}
+template <class T> static void allreduce_avg(Cpu<T> dev, T* x, size_t n) {
+    allreduce_sum(dev, x, n);
+    if (g_world > 1) scale_grads(dev, x, n, 1.0f / (float)g_world);
+}
+template <class T> static void allgather(Cpu<T>, T* all, size_t chunk) {
+#ifdef PGOLF_MPI
+    if (g_world == 1 || chunk == 0) return;
+    mpi_count_check(chunk, "all-gather");
+    MPI_Datatype type = sizeof(T) == 8 ? MPI_DOUBLE : MPI_FLOAT;
+    mpiCheck(MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, all, (int)chunk, type, MPI_COMM_WORLD));
+#else
+    (void)all; (void)chunk;
+#endif
+}
+// The step's gradient communication (W > 1): the pack, one reduce-scatter of the banks, one all-reduce
+// of the replicated gradients.
+template <class T> static void grad_reduce(Cpu<T> dev, Model<Cpu<T>>& m, TrainState<Cpu<T>>& s) {
+    if (g_world == 1) return;
+    const OptPlan& P = s.plan;
+    for (const AdamItem& k : P.pack) memcpy(s.comm + k.p_off, m.grads + k.g_off, k.n * sizeof(T));
+    reduce_scatter_avg(dev, s.comm, s.own_grad, P.chunk);
+    allreduce_avg(dev, s.comm + (size_t)g_world * P.chunk, P.rep);
+}
+#endif
+
 // Contiguous split of n items over ranks: rank r takes [n·r/W, n·(r+1)/W).
 static long split_begin(long n, int rank, int world) { return n * rank / world; }
 
@@ -5737,8 +6156,57 @@ static void nccl_wait(const char* what) {
     }
 }
 #endif
+// The optimizer's collectives on the step's stream, without waiting (a captured step holds them);
+// nccl_check after the step notices a failed peer.
+#if defined(PGOLF_NCCL) && defined(PGOLF_MPI)
+#define PGOLF_NCCL_OR_FAIL(call) do { \
+    if (!g_cuda.nccl) fail("internal: a collective before the NCCL communicator exists (run_cuda creates it)"); \
+    ncclCheck(call); } while (0)
+#else
+#define PGOLF_NCCL_OR_FAIL(call) \
+    fail("a collective over %d ranks: this train_gpt was built without NCCL/MPI (rebuild with USE_NCCL=1 USE_MPI=1)", \
+         g_world)
+#endif
+static void reduce_scatter_avg(const float* send, float* recv, size_t chunk) {
+    if (g_world == 1 || chunk == 0) return;
+    PROFILE_OP(OP_COMM);
+    PGOLF_NCCL_OR_FAIL(ncclReduceScatter(send, recv, chunk, ncclFloat, ncclAvg, g_cuda.nccl, g_cuda.stream));
+}
+static void allreduce_avg(float* x, size_t n) {
+    if (g_world == 1 || n == 0) return;
+    PROFILE_OP(OP_COMM);
+    PGOLF_NCCL_OR_FAIL(ncclAllReduce(x, x, n, ncclFloat, ncclAvg, g_cuda.nccl, g_cuda.stream));
+}
+static void allreduce_sum_f64(double* x, size_t n) {
+    if (g_world == 1 || n == 0) return;
+    PROFILE_OP(OP_COMM);
+    PGOLF_NCCL_OR_FAIL(ncclAllReduce(x, x, n, ncclDouble, ncclSum, g_cuda.nccl, g_cuda.stream));
+}
+static void allgather_bf16(const bf16* mine, bf16* all, size_t chunk) {
+    if (g_world == 1 || chunk == 0) return;
+    PROFILE_OP(OP_COMM);
+    PGOLF_NCCL_OR_FAIL(ncclAllGather(mine, all, chunk, ncclBfloat16, g_cuda.nccl, g_cuda.stream));
+}
+// After the step: wait for its collectives unless the stream is being captured (a graph's launch waits).
+static void nccl_check(Cuda, const char* what) {
+#if defined(PGOLF_NCCL) && defined(PGOLF_MPI)
+    if (g_world == 1) return;
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    cudaCheck(cudaStreamIsCapturing(g_cuda.stream, &cs));
+    if (cs == cudaStreamCaptureStatusNone) nccl_wait(what);
+#else
+    (void)what;
+#endif
+}
+// The step's gradient communication (W > 1): the pack, one reduce-scatter of the banks (each rank gets
+// its chunk's average), one all-reduce of the replicated gradients.
+template <class S> static void grad_reduce(Cuda dev, Model<Cuda>& m, S& s) {
+    if (g_world == 1) return;
+    grad_pack(dev, m, s);
+    reduce_scatter_avg(s.comm, s.own_grad, s.plan.chunk);
+    allreduce_avg(s.comm + (size_t)g_world * s.plan.chunk, s.plan.rep);
+}
 // Sum of a device array over ranks, in place.
-// (perf: bucket the gradient arena by layer and all-reduce each bucket as the backward finishes it)
 static void allreduce_sum(Cuda, float* x, size_t n) {
     if (g_world == 1 || n == 0) return;
     PROFILE_OP(OP_COMM);
@@ -8045,8 +8513,17 @@ struct CudaStepGraph;  // the GPU's step: its CUDA graph and token upload (after
 template <class D> struct TrainState {
     using G = typename D::grad;
     G *adam_m = nullptr, *adam_v = nullptr;  // Adam moments; adam_m doubles as Muon's momentum for matrices
-    G *update = nullptr;                     // Muon's orthogonalized updates, summed over ranks
+    G *update = nullptr;                     // (unused since the banked Muon; kept for the tests' frees)
     G *avg = nullptr;                        // SWA sum, or an EMA of the weights
+    // the optimizer's plan and buffers (opt_plan; section 7)
+    OptPlan plan;
+    StepScalars* scalars = nullptr;          // this step's lr scale, momentum, bias corrections (on the device)
+    G* comm = nullptr;                       // W > 1: packed gradients, [W chunks | replicated], averaged there
+    G* own_grad = nullptr;                   // W > 1: this rank's chunk of the averaged bank gradients
+    double* clip_ss = nullptr;               // the GPU's Σ g² of the averaged gradients (clipping)
+    typename D::mat* updates = nullptr;      // every rank's Muon updates, rank-major (bf16 on the GPU)
+    MuonItem *d_own = nullptr, *d_all = nullptr;  // the plan's lists as the kernels read them
+    AdamItem *d_adam = nullptr, *d_pack = nullptr;
     int step = 0, swa_count = 0;
     double train_ms = 0;
     bool qat_active = false;
@@ -8114,6 +8591,22 @@ static void host_memory_check(const Config& c, int world) {
 }
 #endif
 
+// Bytes of the optimizer's buffers besides the moments and the average (the GPU memory plan counts them):
+// the step's scalars, the clip's Σ g², the plan's lists, the gathered updates and, with W > 1, the
+// packed gradients and this rank's chunk.
+[[maybe_unused]] static size_t opt_buffers_bytes(const OptPlan& P, int world, size_t grad_size, size_t mat_size) {
+    size_t b = sizeof(StepScalars) + sizeof(double);
+    b += (P.own.size() + P.all.size()) * sizeof(MuonItem) + (P.adam.size() + P.pack.size()) * sizeof(AdamItem);
+    b += (size_t)world * P.chunk * mat_size;
+    if (world > 1) b += ((size_t)world * P.chunk + P.rep + P.chunk) * grad_size;
+    return b;
+}
+template <class D, class X> static X* upload_list(D dev, const std::vector<X>& v) {
+    if (v.empty()) return nullptr;
+    X* p = (X*)device_alloc(dev, v.size() * sizeof(X));
+    to_device(dev, p, v.data(), v.size());
+    return p;
+}
 // The step's micro-batch shape and its host buffers: TRAIN_BATCH_TOKENS over the ranks and micro-batches.
 template <class D> static void train_batch_init(D dev, TrainState<D>& s, const Config& c) {
     s.accum = grad_accum_steps(c, g_world);
@@ -8126,54 +8619,50 @@ template <class D> static void train_batch_init(D dev, TrainState<D>& s, const C
 
 template <class D> static void train_state_init(D dev, TrainState<D>& s, Model<D>& m) {
     using G = typename D::grad;
+    using M = typename D::mat;
     size_t bytes = m.nparams * sizeof(G);
     s.adam_m = (G*)device_alloc(dev, bytes);
     s.adam_v = (G*)device_alloc(dev, bytes);
-    s.update = (G*)device_alloc(dev, bytes);
     const Config& c = m.cfg;
+    s.plan = opt_plan(c, m.table, g_world, g_rank);
+    const OptPlan& P = s.plan;
+    s.scalars = (StepScalars*)device_alloc(dev, sizeof(StepScalars));
+    s.clip_ss = (double*)device_alloc(dev, sizeof(double));
+    s.d_own = upload_list(dev, P.own);
+    s.d_all = upload_list(dev, P.all);
+    s.d_adam = upload_list(dev, P.adam);
+    s.d_pack = upload_list(dev, P.pack);
+    if (P.chunk) s.updates = (M*)device_alloc(dev, (size_t)g_world * P.chunk * sizeof(M));
+    if (g_world > 1) {
+        s.comm = (G*)device_alloc(dev, ((size_t)g_world * P.chunk + P.rep) * sizeof(G));  // padding stays zero
+        if (P.chunk) s.own_grad = (G*)device_alloc(dev, P.chunk * sizeof(G));
+    }
     if (c.swa_enabled || c.swa_steps > 0 || c.ema_decay > 0) s.avg = (G*)device_alloc(dev, bytes);
     round_bf16_tables(dev, m, m.params);  // the reference's .bfloat16() after init
     if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, true);  // EMA starts at the init
     train_batch_init(dev, s, c);
 }
 
-// Parallel Muon: the rank that orthogonalizes matrix i (in table order) and alone keeps its momentum.
-static int muon_owner(int matrix_index) { return matrix_index % g_world; }
-
-// One optimizer step over the summed gradients of this step's micro-batches.
-template <class D> static void optimizer_step(D dev, Model<D>& m, TrainState<D>& s, double lr_scale, float muon_momentum) {
+// One optimizer step over the summed gradients of this step's micro-batches, reading its lr scale,
+// momentum and bias corrections from `scalars` (device memory on the GPU): no host sync, no allocation
+// once the scratch has grown, so the step can be captured in a CUDA graph.
+template <class D> static void optimizer_step(D dev, Model<D>& m, TrainState<D>& s, const StepScalars* scalars) {
     auto scope = op_scope(dev, OP_OPTIMIZER);  // PROFILE=1 and the cost model: the optimizer's work
-    const Config& c = m.cfg;
-    // data parallel: average the gradients of all ranks (the reference's DDP)
-    allreduce_sum(dev, m.grads, m.nparams);
-    if (g_world > 1) scale_grads(dev, m.grads, m.nparams, 1.0f / g_world);
     // depth recurrence: a block used k times has its gradients scaled by 1/k (PR #456's hooks)
     for (const ParamSpec& p : m.table)
         if (p.uses > 1) scale_grads(dev, m.grads + p.offset, p.numel, 1.0f / p.uses);
-    if (c.grad_clip_norm > 0) clip_grad_norm(dev, m.grads, m.nparams, c.grad_clip_norm);  // over every parameter
-    round_bf16_tables(dev, m, m.grads);
-    int t = s.step + 1;
-    int matrix_i = 0;
-    for (const ParamSpec& p : m.table) {
-        float lr = (float)(group_lr(c, p.group) * lr_scale);
-        auto* w = m.params + p.offset; auto* g = m.grads + p.offset;
-        if (p.group == GROUP_MATRIX) {
-            // parallel Muon: matrix i is orthogonalized by rank i mod W, the others add zeros
-            if (muon_owner(matrix_i++) == g_rank)
-                muon_direction(dev, s.update + p.offset, g, s.adam_m + p.offset, p.rows(), p.cols(), muon_momentum, c.muon_backend_steps);
-            else
-                device_zero(dev, s.update + p.offset, p.numel * sizeof(*w));
-        } else {
-            float wd = p.group == GROUP_HEAD ? 0.0f : c.adam_wd;
-            adamw_update(dev, w, g, s.adam_m + p.offset, s.adam_v + p.offset, p.numel, lr, c.beta1, c.beta2, c.adam_eps, wd, t);
-            if (stored_bf16(c, p))  // fused Adam: fp32 math, bf16 stores
-                for (auto* x : {w, s.adam_m + p.offset, s.adam_v + p.offset}) round_to_bf16(dev, x, p.numel);
-        }
-    }
-    if (g_world > 1) allreduce_sum(dev, s.update, m.nparams);  // (only the matrix slots are non-zero)
-    for (const ParamSpec& p : m.table)
-        if (p.group == GROUP_MATRIX)
-            apply_update(dev, m.params + p.offset, s.update + p.offset, p.numel, (float)(group_lr(c, p.group) * lr_scale), c.muon_weight_decay);
+    grad_reduce(dev, m, s);     // data parallel: bank gradients reduce-scattered, the others all-reduced (averages)
+    optimizer_clip(dev, m, s);  // torch.nn.utils.clip_grad_norm_ over every parameter
+    muon_step(dev, m, s, scalars);
+    adam_step(dev, m, s, scalars);
+    nccl_check(dev, "optimizer step");
+}
+// The same with the step's values from the host: written to the device buffer by the step itself.
+template <class D> static void optimizer_step(D dev, Model<D>& m, TrainState<D>& s, double lr_scale,
+                                              float muon_momentum) {
+    auto scope = op_scope(dev, OP_OPTIMIZER);
+    step_scalars_store(dev, s.scalars, step_scalars(m.cfg, s.step, lr_scale, muon_momentum));
+    optimizer_step(dev, m, s, (const StepScalars*)s.scalars);
 }
 
 
@@ -8192,10 +8681,9 @@ template <class D> static void save_checkpoint(D dev, Model<D>& m, TrainState<D>
     };
     fetch(am, s.adam_m);
     if (g_world > 1) {  // gather each matrix's momentum from its owner: the others contribute zero bits
-        int matrix_i = 0;
-        for (const ParamSpec& p : m.table)
-            if (p.group == GROUP_MATRIX && muon_owner(matrix_i++) != g_rank)
-                std::fill_n(am.data() + p.offset, p.numel, 0.0f);
+        for (size_t i = 0; i < m.table.size(); i++)
+            if (s.plan.owner[i] >= 0 && s.plan.owner[i] != g_rank)
+                std::fill_n(am.data() + m.table[i].offset, m.table[i].numel, 0.0f);
         host_reduce_bits_to_root(am.data(), n);
     }
     bool finite = true;
@@ -9258,28 +9746,72 @@ static double sum_squares(Cost dev, const float*, size_t n) {
     to_host(dev, partial, (const double*)nullptr, 256);
     return HUGE_VAL;
 }
-// clip_grad_norm: sum_squares_kernel, clip_coef_kernel (one thread), scale_by_coef_kernel (which returns at
-// once when the clip does not bind: the model assumes it binds)
-static void clip_grad_norm(Cost, float*, size_t n, float) {
-    if (!n) return;
-    cost_add(OP_ELEMENTWISE, "sum_squares", 0, cb<float>(n));
-    cost_add(OP_ELEMENTWISE, "clip_coef", 0, 256 * 8.0);
-    cost_add(OP_ELEMENTWISE, "scale_by_coef", 0, 2 * cb<float>(n));
+// The optimizer step as the GPU runs it (section 7): step_scalars_kernel; with W > 1 pack_tiles_kernel,
+// one ncclReduceScatter of the banks and one ncclAllReduce of the replicated gradients; the clip's
+// sum_squares partials (one or two) and their sum (+ an fp64 ncclAllReduce); per rank one momentum and
+// one normalize launch for its matrices, `steps` × 3 strided-batched GEMMs per bank it holds, one bf16
+// ncclAllGather, one apply launch for every matrix; one Adam launch; nccl_check's wait (W > 1).
+static void step_scalars_store(Cost, StepScalars*, const StepScalars&) {
+    cost_add(OP_ELEMENTWISE, "step_scalars", 0, sizeof(StepScalars));
 }
-// muon_direction: muon_momentum_kernel, ns_normalize_kernel, `steps` × 3 GEMMs of newton_schulz_bf16
-// (ns_plan: X is r×k with r ≤ k; A = X·Xᵀ [r,r,k], B = b·A + c·A·A [r,r,r], X ← a·X + B·X [r,k,r]), muon_finish_kernel
-static void muon_direction(Cost, float*, const float*, float*, int rows, int cols, float, int steps) {
-    size_t n = (size_t)rows * cols;
-    if (!n) return;
-    long r = std::min(rows, cols), k = std::max(rows, cols);
-    cost_add(OP_ELEMENTWISE, "muon_momentum", 0, 4 * cb<float>(n));
-    cost_add(OP_ELEMENTWISE, "ns_normalize", 0, n * (F32 + BF));
-    for (int s = 0; s < steps; s++) {
-        cost_gemm(r, r, k, BF, false);
-        cost_gemm(r, r, r, BF, true);
-        cost_gemm(r, k, r, BF, true);
+// A ring reduce-scatter or all-gather over `bytes` (the whole buffer): each GPU sends (W−1)/W of it.
+static void cost_ring(const char* op, double bytes, bool reduce) {
+    double wire = (double)(g_world - 1) / g_world * bytes;
+    cost_add(OP_COMM, op, 0, (reduce ? 2 : 1) * wire + bytes / g_world, wire);
+}
+template <class S> static void grad_reduce(Cost, Model<Cost>&, S& s) {
+    const OptPlan& P = s.plan;
+    if (g_world == 1) return;
+    double moved = 0;
+    for (const AdamItem& k : P.pack) moved += (double)k.n;
+    cost_add(OP_ELEMENTWISE, "pack_tiles", 0, 2 * F32 * moved);
+    cost_ring("ncclReduceScatter", F32 * g_world * P.chunk, true);
+    double bytes = F32 * P.rep, wire = 2.0 * (g_world - 1) / g_world * bytes;
+    cost_add(OP_COMM, "ncclAllReduce", 0, 2 * wire + bytes, wire);
+}
+template <class S> static void optimizer_clip(Cost, Model<Cost>& m, S& s) {
+    if (m.cfg.grad_clip_norm <= 0) return;
+    const OptPlan& P = s.plan;
+    if (g_world == 1) {
+        cost_add(OP_ELEMENTWISE, "sum_squares", 0, cb<float>(m.nparams));
+    } else {
+        cost_add(OP_ELEMENTWISE, "sum_squares", 0, cb<float>(P.chunk));
+        cost_add(OP_ELEMENTWISE, "sum_squares", 0, cb<float>(g_rank == 0 ? P.rep : 0));
     }
-    cost_add(OP_ELEMENTWISE, "muon_finish", 0, n * (F32 + BF));
+    cost_add(OP_ELEMENTWISE, "sum_partials", 0, (g_world == 1 ? 1 : 2) * 256 * 8.0);  // NORM_BLOCKS fp64 partials each
+    double wire = 2.0 * (g_world - 1) / g_world * 8;  // one fp64
+    if (g_world > 1) cost_add(OP_COMM, "ncclAllReduce", 0, 2 * wire + 8, wire);
+}
+template <class S> static void muon_step(Cost, Model<Cost>& m, S& s, const StepScalars*) {
+    const Config& c = m.cfg;
+    const OptPlan& P = s.plan;
+    if (P.all.empty()) return;
+    double own = 0, all = 0;
+    for (const MuonItem& it : P.own) own += (double)it.rows * it.cols;
+    for (const MuonItem& it : P.all) all += (double)it.rows * it.cols;
+    if (!P.own.empty()) {
+        cost_add(OP_ELEMENTWISE, "muon_momentum_rows", 0, 4 * F32 * own);
+        cost_add(OP_ELEMENTWISE, "ns_normalize_rows", 0, (F32 + BF) * own);
+    }
+    for (const MuonBank& b : P.banks) {
+        int count = std::min(std::max((int)b.mats.size() - g_rank * b.shard, 0), b.shard);
+        long r = std::min(b.rows, b.cols), k = std::max(b.rows, b.cols);
+        for (int i = 0; i < c.muon_backend_steps && count > 0; i++) {
+            cost_gemm(r, r, k, BF, false, count);
+            cost_gemm(r, r, r, BF, true, count);
+            cost_gemm(r, k, r, BF, true, count);
+        }
+    }
+    if (g_world > 1) cost_ring("ncclAllGather", BF * g_world * P.chunk, false);
+    cost_add(OP_ELEMENTWISE, "muon_apply_rows", 0, (2 * F32 + BF) * all);
+}
+template <class S> static void adam_step(Cost, Model<Cost>&, S& s, const StepScalars*) {
+    double n = 0;
+    for (const AdamItem& k : s.plan.adam) n += (double)k.n;
+    if (n > 0) cost_add(OP_ELEMENTWISE, "adam_tiles", 0, 7 * F32 * n);
+}
+static void nccl_check(Cost, const char*) {
+    if (g_world > 1) cost_add(OP_SYNC, "nccl_wait", 0, 0);
 }
 // allreduce_sum: one ncclAllReduce (ring: each GPU sends and receives 2·(W−1)/W of the buffer), then
 // nccl_wait, which polls the stream until it drains: a host synchronize. Nothing on one rank.
@@ -9326,13 +9858,16 @@ static void cost_model_init(Model<Cost>& m, TrainState<Cost>& s, const Config& c
     Arena ar;
     ar.base = cost_region<uint8_t>(4); ar.cap = COST_REGION;
     carve_acts(ar, m.acts, c, B, T);
-    s.adam_m = cost_region<float>(5); s.adam_v = cost_region<float>(6); s.update = cost_region<float>(7);
+    s.adam_m = cost_region<float>(5); s.adam_v = cost_region<float>(6);
+    s.plan = opt_plan(c, m.table, g_world, g_rank);
+    s.scalars = cost_region<StepScalars>(7); s.clip_ss = cost_region<double>(9);
+    s.comm = cost_region<float>(10); s.own_grad = cost_region<float>(11); s.updates = cost_region<CostBf16>(12);
     if (c.swa_enabled || c.swa_steps > 0 || c.ema_decay > 0) s.avg = cost_region<float>(8);
 }
 
 // The launch list of one training step of rank 0 of `world` ranks (its micro-batches, the all-reduces,
 // the optimizer, the weight refresh), in issue order: what the GPU path issues for this config.
-// Rank 0 orthogonalizes matrices 0, W, 2W, …: the most of any rank when W does not divide their count.
+// Rank 0 orthogonalizes the first ⌈count/W⌉ matrices of each bank: the most of any rank.
 // For a check against the launches an emulated step counts: every entry is one kernel launch,
 // cuBLASLt call or memset except those of class OP_SYNC (host copies and waits: to_device, to_host,
 // nccl_wait), OP_COMM (the NCCL call) and the cudaMemcpyAsync of device_copy;
@@ -9767,7 +10302,9 @@ static CudaMemoryPlan cuda_memory_plan(const Config& c, int world, size_t sort_t
     p.compute = n * sizeof(bf16);
     p.grads = n * sizeof(float);
     bool avg = c.swa_enabled || c.swa_steps > 0 || c.ema_decay > 0;
-    p.optimizer = (3 + (avg ? 1 : 0)) * n * sizeof(float);  // Adam m, v, Muon updates, [weight average]
+    OptPlan op = opt_plan(c, table, world, 0);  // rank 0 holds the largest shard of every bank
+    // Adam m, v, [weight average]; the step's scalars, lists, gathered updates, packed gradients
+    p.optimizer = (2 + (avg ? 1 : 0)) * n * sizeof(float) + opt_buffers_bytes(op, world, sizeof(float), sizeof(bf16));
     // the same capacity as the driver's activation_capacity, naming the setting that sets it
     long micro = c.train_batch_tokens / ((long)world * grad_accum_steps(c, world));
     struct { long tokens; const char* setting; } cand[] = {
@@ -9806,8 +10343,11 @@ static CudaMemoryPlan cuda_memory_plan(const Config& c, int world, size_t sort_t
         Arena d; d.take<float>((size_t)N * c.num_heads);  // attention backward: D = rowsum(dO ⊙ O)
         need = std::max(need, d.used);
     }
-    for (const ParamSpec& s : table)
-        if (s.group == GROUP_MATRIX) { Arena a; NsScratch ns; carve_ns_scratch(a, ns, s.rows(), s.cols()); need = std::max(need, a.used); }
+    {
+        Arena a; MuonScratch ms;  // Muon's iterates; the clip's partials
+        carve_muon_scratch(a, ms, op);
+        need = std::max({need, a.used, 2 * NORM_BLOCKS * sizeof(double)});
+    }
     p.scratch = need;
     p.workspace = CUBLASLT_WORKSPACE_BYTES;
     EvalMemory e = eval_memory(c, B, p.act_t, n, sizeof(float), sizeof(bf16), sizeof(bf16));

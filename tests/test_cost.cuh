@@ -89,9 +89,9 @@ TEST(cost_launches_match_a_hand_count) {
     int other = 1 + 4 + 1;
     CHECK_MSG(s.launches[OP_ELEMENTWISE] == fwd + bwd + other, "elementwise launches %ld, hand count %d",
               s.launches[OP_ELEMENTWISE], fwd + bwd + other);
-    // optimizer: 12 matrices × (momentum, normalize, 5 × 3 Newton–Schulz GEMMs, finish) and their updates;
-    // Adam for tok_emb, skip_weights and per layer attn_scale, mlp_scale, resid_mix, q_gain
-    CHECK_MSG(s.launches[OP_OPTIMIZER] == 12 * (3 + 15) + 12 + (2 + 2 * 4), "optimizer launches %ld", s.launches[OP_OPTIMIZER]);
+    // optimizer: the step's scalars; Muon's momentum and normalize launches, 5 × 3 strided-batched
+    // Newton–Schulz GEMMs for each of 4 banks (c_q and proj, c_k and c_v, fc, mlp.proj), one apply; one Adam
+    CHECK_MSG(s.launches[OP_OPTIMIZER] == 1 + 2 + 4 * 15 + 1 + 1, "optimizer launches %ld", s.launches[OP_OPTIMIZER]);
 }
 
 TEST(cost_scales_with_batch_layers_and_ranks) {
@@ -113,19 +113,35 @@ TEST(cost_scales_with_batch_layers_and_ranks) {
         n[i] = cost_sums(d, 1).total;
     }
     CHECK_MSG(n[1] - n[0] == n[2] - n[1] && n[1] > n[0], "launches for 2, 4, 6 layers: %ld %ld %ld", n[0], n[1], n[2]);
-    // ranks: two all-reduces of the fp32 arena, ring traffic 2·(W−1)/W of it each
+    // ranks (Parallel Muon): a reduce-scatter of the fp32 banks and an all-gather of the bf16 updates, ring
+    // traffic (W−1)/W of the banks each; an all-reduce of the replicated gradients and one of the clip's
+    // fp64 Σ g², 2·(W−1)/W each
     Config e = cost_preset("pr467");
-    double arena = param_arena_size(build_param_table(e)) * 4.0;
+    CHECK(e.grad_clip_norm > 0);
+    std::vector<ParamSpec> table = build_param_table(e);
+    OptPlan P = opt_plan(e, table, 8, 0);
     CostSums one = cost_sums(e, 1), eight = cost_sums(e, 8);
-    CHECK(one.launches[OP_COMM] == 0 && eight.launches[OP_COMM] == 2);
-    CHECK_CLOSE(eight.link[OP_COMM], 2 * 2 * 7.0 / 8 * arena, 1e-12, 0);
-    // Muon's matrices are split over the ranks: rank 0 orthogonalizes ⌈M/8⌉ of pr467's M (61)
-    int matrices = 0;
-    for (const ParamSpec& p : build_param_table(e)) matrices += p.group == GROUP_MATRIX;
+    CHECK(one.launches[OP_COMM] == 0 && eight.launches[OP_COMM] == 4);
+    double banks = 8.0 * P.chunk;
+    CHECK_CLOSE(eight.link[OP_COMM], 7.0 / 8 * banks * (4 + 2) + 2 * 7.0 / 8 * (P.rep * 4.0 + 8), 1e-12, 0);
+    // Newton–Schulz: one strided-batched GEMM per product and bank whatever the ranks; rank 0 multiplies
+    // ⌈count/8⌉ matrices of each bank (its FLOPs), one rank all of them
     long ns_one = 0, ns_eight = 0;
-    for (const CostEntry& x : cost_step_launches(e, 1)) ns_one += x.cls == OP_OPTIMIZER && !strcmp(x.op, "gemm_bf16");
-    for (const CostEntry& x : cost_step_launches(e, 8)) ns_eight += x.cls == OP_OPTIMIZER && !strcmp(x.op, "gemm_bf16");
-    CHECK(ns_one == 15L * matrices && ns_eight == 15L * ((matrices + 7) / 8));
+    double fl_one = 0, fl_eight = 0;
+    for (const CostEntry& x : cost_step_launches(e, 1))
+        if (x.cls == OP_OPTIMIZER && !strcmp(x.op, "gemm_bf16")) { ns_one++; fl_one += x.flops; }
+    for (const CostEntry& x : cost_step_launches(e, 8))
+        if (x.cls == OP_OPTIMIZER && !strcmp(x.op, "gemm_bf16")) { ns_eight++; fl_eight += x.flops; }
+    double want_one = 0, want_eight = 0;
+    for (const MuonBank& b : P.banks) {
+        double r = std::min(b.rows, b.cols), k = std::max(b.rows, b.cols);
+        double per = 5 * (2 * r * r * k + 2 * r * r * r + 2 * r * k * r);
+        want_one += per * b.mats.size();
+        want_eight += per * b.shard;
+    }
+    CHECK(P.banks.size() >= 4 && ns_one == 15L * (long)P.banks.size() && ns_eight == ns_one);
+    CHECK_CLOSE(fl_one, want_one, 1e-12, 0);
+    CHECK_CLOSE(fl_eight, want_eight, 1e-12, 0);
 }
 
 // The projection adds each entry's own time; every entry takes at least a launch.

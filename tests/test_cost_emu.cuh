@@ -16,7 +16,7 @@ static CallCounts cost_call_counts(const std::vector<CostEntry>& list, bool host
         else if (op == "gemm_bf16") n.gemms++;
         else if (op == "cudaMemsetAsync") n.memsets++;
         else if (op == "to_device" || op == "to_host" || op == "cudaMemcpyAsync") n.copies++;
-        else if (op == "ncclAllReduce") n.collectives++;
+        else if (op.rfind("nccl", 0) == 0 && op != "nccl_wait") n.collectives++;  // all-reduce, reduce-scatter, …
         else if (op != "nccl_wait") n.launches++;
     }
     return n;

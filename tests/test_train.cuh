@@ -421,6 +421,125 @@ TEST(muon_step_matches_hand_computation) {
     apply_update(Cpu<float>{}, p.data(), upd.data(), 18, lr, wd);
     for (int i = 0; i < 18; i++) CHECK_CLOSE(p[i], p0[i] * (1 - lr * wd) - lr * want[i], 1e-6, 1e-7);
 }
+// An independent fp64 Newton–Schulz as #1855 writes it: X = G/(‖G‖_F + 1e−7), transposed when tall;
+// per iteration (a, b, c): A = XXᵀ, B = bA + cA², X = aX + BX. The Polar Express table as published (PR #1344).
+static const double PE_TABLE[5][3] = {
+    {8.156554524902461, -22.48329292557795, 15.878769915207462},
+    {4.042929935166739, -2.808917465908714, 0.5000178451051316},
+    {3.8916678022926607, -2.772484153217685, 0.5060648178503393},
+    {3.285753657755655, -2.3681294933425376, 0.46449024233003106},
+    {2.3465413258596377, -1.7097828382687081, 0.42323551169305323},
+};
+static std::vector<double> ns_fp64(const std::vector<double>& G, int rows, int cols, int steps, bool polar) {
+    bool tr = rows > cols;
+    int r = tr ? cols : rows, k = tr ? rows : cols;
+    double fro = 0;
+    for (double x : G) fro += x * x;
+    fro = std::sqrt(fro) + 1e-7;
+    std::vector<double> X((size_t)r * k), A((size_t)r * r), B((size_t)r * r), Y((size_t)r * k);
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) X[tr ? (size_t)j * k + i : (size_t)i * k + j] = G[(size_t)i * cols + j] / fro;
+    for (int s = 0; s < steps; s++) {
+        double a = polar ? PE_TABLE[s][0] : 3.4445;
+        double b = polar ? PE_TABLE[s][1] : -4.7750;
+        double c = polar ? PE_TABLE[s][2] : 2.0315;
+        for (int i = 0; i < r; i++)
+            for (int j = 0; j < r; j++) {
+                double t = 0;
+                for (int q = 0; q < k; q++) t += X[(size_t)i * k + q] * X[(size_t)j * k + q];
+                A[(size_t)i * r + j] = t;
+            }
+        for (int i = 0; i < r; i++)
+            for (int j = 0; j < r; j++) {
+                double t = 0;
+                for (int q = 0; q < r; q++) t += A[(size_t)i * r + q] * A[(size_t)q * r + j];
+                B[(size_t)i * r + j] = b * A[(size_t)i * r + j] + c * t;
+            }
+        for (int i = 0; i < r; i++)
+            for (int j = 0; j < k; j++) {
+                double t = 0;
+                for (int q = 0; q < r; q++) t += B[(size_t)i * r + q] * X[(size_t)q * k + j];
+                Y[(size_t)i * k + j] = a * X[(size_t)i * k + j] + t;
+            }
+        X = Y;
+    }
+    std::vector<double> out(G.size());
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) out[(size_t)i * cols + j] = X[tr ? (size_t)j * k + i : (size_t)i * k + j];
+    return out;
+}
+// Polar Express: the CPU reference's Newton–Schulz with MUON_POLAR_EXPRESS=1 against the fp64 one with
+// the published table, wide and tall, 3 and 5 steps; after 5 steps every singular value is within
+// [0.5, 1.25] of 1 (the stock quintic leaves the small ones far lower), and the two schedules differ.
+TEST(polar_express_newton_schulz_matches_fp64) {
+    for (int shape = 0; shape < 2; shape++) {
+        int rows = shape ? 40 : 16, cols = shape ? 16 : 40;
+        Rng rng(11 + shape);
+        std::vector<double> G((size_t)rows * cols);
+        for (double& x : G) x = rng.normal();
+        std::vector<float> Gf(G.begin(), G.end()), out(G.size()), stock(G.size());
+        for (int steps : {3, 5}) {
+            newton_schulz(Cpu<float>{}, out.data(), Gf.data(), rows, cols, steps, true);
+            std::vector<double> want = ns_fp64(G, rows, cols, steps, true);
+            CHECK_ALL_CLOSE(out.data(), want.data(), out.size(), 1e-4, 2e-5);
+        }
+        newton_schulz(Cpu<float>{}, stock.data(), Gf.data(), rows, cols, 5, false);
+        std::vector<double> stock_want = ns_fp64(G, rows, cols, 5, false);
+        CHECK_ALL_CLOSE(stock.data(), stock_want.data(), stock.size(), 1e-4, 2e-5);
+        double diff = 0;
+        for (size_t i = 0; i < out.size(); i++) diff = std::max(diff, (double)std::fabs(out[i] - stock[i]));
+        CHECK_MSG(diff > 1e-2, "Polar Express and the stock quintic give the same matrix (max diff %g)", diff);
+        // the singular values both leave: Polar Express ends nearer to orthogonal (‖O·Oᵀ − I‖_F smaller)
+        auto gram_dev = [&](const std::vector<float>& O) {
+            int r = std::min(rows, cols), k = std::max(rows, cols);
+            double fro = 0;
+            for (int i = 0; i < r; i++)
+                for (int j = 0; j < r; j++) {
+                    double t = i == j ? -1.0 : 0.0;
+                    for (int q = 0; q < k; q++) {
+                        double x = rows < cols ? O[(size_t)i * cols + q] : O[(size_t)q * cols + i];
+                        double y = rows < cols ? O[(size_t)j * cols + q] : O[(size_t)q * cols + j];
+                        t += x * y;
+                    }
+                    fro += t * t;
+                }
+            return std::sqrt(fro);
+        };
+        double dev_pe = gram_dev(out), dev_stock = gram_dev(stock);
+        CHECK_MSG(dev_pe < dev_stock, "Polar Express %g not nearer orthogonal than the stock quintic %g", dev_pe,
+                  dev_stock);
+    }
+    Config c;
+    c.muon_polar_express = 1; c.muon_backend_steps = 6;
+    CHECK_THROWS(config_validate(c, 1), "MUON_POLAR_EXPRESS");
+}
+// MuonEq-R: each row of g + μ·buf divided by max(‖row‖₂, 1e−7) before Newton–Schulz (a zero row stays
+// zero), against fp64 with the same momentum; the momentum buffer itself is not normalized.
+TEST(muon_row_normalize_matches_fp64) {
+    int rows = 24, cols = 10;
+    Rng rng(5);
+    std::vector<float> g((size_t)rows * cols), buf(g.size()), upd(g.size());
+    for (auto& x : g) x = (float)rng.normal();
+    for (auto& x : buf) x = (float)rng.normal();
+    for (int j = 0; j < cols; j++) { g[3 * cols + j] = 0.0f; buf[3 * cols + j] = 0.0f; }  // a zero row
+    for (int j = 0; j < cols; j++) g[5 * cols + j] *= 100.0f;  // a row 100× the others
+    std::vector<float> buf0 = buf;
+    float mu = 0.97f;
+    muon_direction(Cpu<float>{}, upd.data(), g.data(), buf.data(), rows, cols, mu, 5, true, true);
+    std::vector<double> nest(g.size()), b(g.size());
+    for (size_t i = 0; i < g.size(); i++) { b[i] = (double)(mu * buf0[i] + g[i]); nest[i] = g[i] + mu * b[i]; }
+    for (int i = 0; i < rows; i++) {
+        double ss = 0;
+        for (int j = 0; j < cols; j++) ss += nest[(size_t)i * cols + j] * nest[(size_t)i * cols + j];
+        double rn = std::max(std::sqrt(ss), 1e-7);
+        for (int j = 0; j < cols; j++) nest[(size_t)i * cols + j] /= rn;
+    }
+    std::vector<double> want = ns_fp64(nest, rows, cols, 5, true);
+    for (double& x : want) x *= std::sqrt((double)rows / cols);
+    CHECK_ALL_CLOSE(buf.data(), b.data(), buf.size(), 1e-6, 1e-6);
+    CHECK_ALL_CLOSE(upd.data(), want.data(), upd.size(), 2e-4, 2e-5);
+    for (int j = 0; j < cols; j++) CHECK(upd[3 * cols + j] == 0.0f);
+}
 TEST(lr_multiplier_matches_reference_formula) {
     Config c;
     c.iterations = 1000; c.warmdown_iters = 200; c.max_wallclock_seconds = 0;
@@ -433,6 +552,19 @@ TEST(lr_multiplier_matches_reference_formula) {
     CHECK_CLOSE(lr_multiplier(c, 5900, 590000), 10000.0 / 20000.0 * (5900.0 / 5900.0), 1e-12, 0);
     CHECK_CLOSE(lr_multiplier(c, 5990, 599000), 1000.0 / (200 * 599000.0 / 5990), 1e-12, 0);
     CHECK(lr_multiplier(c, 6100, 610000) == 0.0);
+    c.min_lr = 0.1f;  // #1787's floor inside the warm-down: max(ramp, MIN_LR)
+    CHECK(lr_multiplier(c, 5000, 500000) == 1.0);
+    CHECK_CLOSE(lr_multiplier(c, 5900, 590000), 0.5, 1e-12, 0);
+    CHECK_CLOSE(lr_multiplier(c, 5990, 599000), (double)c.min_lr, 1e-12, 0);
+    c.max_wallclock_seconds = 0;
+    CHECK_CLOSE(lr_multiplier(c, 900, 0), 0.5, 1e-12, 0);
+    CHECK_CLOSE(lr_multiplier(c, 999, 0), (double)c.min_lr, 1e-12, 0);
+    CHECK(lr_multiplier(c, 700, 0) == 1.0);
+    c.warmdown_frac = 0.5;  // #1855's form: max((1 − frac)/WARMDOWN_FRAC, MIN_LR)
+    CHECK_CLOSE(lr_multiplier(c, 900, 0), 0.2, 1e-12, 0);
+    CHECK_CLOSE(lr_multiplier(c, 990, 0), (double)c.min_lr, 1e-12, 0);
+    c.warmdown_frac = 0;
+    c.min_lr = 0; c.max_wallclock_seconds = 600;
     c.warmdown_iters = 0;
     CHECK(lr_multiplier(c, 5990, 599000) == 1.0);
     c.muon_momentum_warmup_start = 0.85f; c.muon_momentum = 0.95f; c.muon_momentum_warmup_steps = 500;
