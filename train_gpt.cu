@@ -9780,7 +9780,8 @@ static int cost_main(int argc, char** argv) {
         graphs += !strcmp(e.op, "cudaGraphLaunch");
     }
     printf("launches: %ld issued by the host (%ld of them cudaGraphLaunch), %ld replayed inside graphs; "
-           "%ld host synchronizations\n", outside, graphs, launches - outside - t.launches[OP_SYNC], t.launches[OP_SYNC]);
+           "%ld host synchronizations\n", outside, graphs, launches - outside - t.launches[OP_SYNC],
+           t.launches[OP_SYNC]);
     if (by_op) {  // the same entries by op and class, most projected time first
         std::map<std::pair<std::string, int>, CostTotals> ops;
         for (const CostEntry& e : list) {

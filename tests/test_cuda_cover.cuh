@@ -224,7 +224,7 @@ TEST(cuda_train_step_graph_replay_bitwise) {
 
 // train_step on the GPU as train() runs it, with CUDA graphs (the default: the first step runs directly,
 // the second captures the micro-batches, the later ones replay them) against the same steps with every
-// kernel launched directly (CUDA_GRAPHS=0): four steps on new tokens each, two micro-batches, a binding
+// kernel launched directly (CUDA_GRAPHS=0): three steps on new tokens each, two micro-batches, a binding
 // gradient clip: the same losses, gradients, weights and moments, bit for bit; and the graph replays.
 TEST(cuda_train_step_graphs_match_direct_launches) {
     REQUIRE_GPU();
