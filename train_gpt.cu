@@ -2115,29 +2115,55 @@ static void embedding_forward(Cuda, bf16* out, const int32_t* idx, const bf16* t
 }
 
 // Backward without atomics: a stable radix sort of (index, position) pairs groups the positions of
-// each table row in increasing position order (the CPU's order); every run of equal indices is
-// then summed in that order by one block and added to its row once.
+// each table row in increasing position order (the CPU's order). The sorted entries are cut into
+// windows of EMB_WINDOW, one block each, so no block sums more than a window however often a token
+// occurs: a run inside one window is summed in order and added to its row once; a run that crosses
+// windows leaves one partial sum per window (its first piece in `tail`, the next ones in `head`), and a
+// second kernel adds those in window order and then to the row. Deterministic: fixed pieces, fixed order.
 __global__ void iota_kernel(int32_t* out, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) out[i] = i;
 }
-static const int EMB_RUNS_PER_BLOCK = 32;  // sorted entries whose run starts each block owns
-// Block b owns sorted entries [b·S, (b+1)·S); it sums every run that starts there, following a
-// run past its range when the run is longer.
-__global__ void embedding_backward_kernel(float* dtable, const bf16* dout, const int32_t* keys, const int32_t* pos, int N, int C) {
-    int i0 = blockIdx.x * EMB_RUNS_PER_BLOCK, i1 = min(i0 + EMB_RUNS_PER_BLOCK, N);
-    for (int i = i0; i < i1; i++) {
+static const int EMB_WINDOW = 128;  // sorted entries per block
+// Window b = sorted entries [b·W, (b+1)·W). head[b]: the piece of a run that began before the window;
+// tail[b]: the piece of a run that begins in the window and goes on past it. Both (windows, C).
+__global__ void embedding_backward_kernel(float* dtable, float* head, float* tail, const bf16* dout,
+                                          const int32_t* keys, const int32_t* pos, int N, int C) {
+    int i0 = blockIdx.x * EMB_WINDOW;
+    int i1 = min(i0 + EMB_WINDOW, N);
+    for (int i = i0; i < i1;) {
         int key = keys[i];
-        if (i > 0 && keys[i - 1] == key) continue;  // not a run start (the same for every thread)
         int end = i + 1;
-        while (end < N && keys[end] == key) end++;
+        while (end < i1 && keys[end] == key) end++;
+        bool from_before = i == i0 && i0 > 0 && keys[i0 - 1] == key;
+        bool goes_on = end == i1 && i1 < N && keys[i1] == key;
         for (int c = threadIdx.x; c < C; c += blockDim.x) {
             float acc = 0.0f;
             for (int j = i; j < end; j++) acc += to_f32(dout[(size_t)pos[j] * C + c]);
-            dtable[(size_t)key * C + c] += acc;
+            if (from_before) head[(size_t)blockIdx.x * C + c] = acc;
+            else if (goes_on) tail[(size_t)blockIdx.x * C + c] = acc;
+            else dtable[(size_t)key * C + c] += acc;
         }
+        i = end;
     }
 }
-struct SortScratch { int32_t *keys, *pos_in, *pos; void* temp; size_t temp_bytes; };
+// Block b: when a run begins in window b and goes on past it, its pieces in window order, then its row.
+__global__ void embedding_backward_long_runs_kernel(float* dtable, const float* head, const float* tail,
+                                                    const int32_t* keys, int N, int C) {
+    int b = blockIdx.x;
+    int i1 = min((b + 1) * EMB_WINDOW, N);
+    if (i1 >= N) return;
+    int key = keys[i1 - 1];
+    if (keys[i1] != key) return;                                   // no run goes on past the window
+    if (b > 0 && keys[b * EMB_WINDOW - 1] == key) return;          // it began before: not this block's
+    int last = b + 1;                                              // the run's last window
+    while ((last + 1) * EMB_WINDOW < N && keys[(last + 1) * EMB_WINDOW] == key) last++;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float acc = tail[(size_t)b * C + c];
+        for (int w = b + 1; w <= last; w++) acc += head[(size_t)w * C + c];
+        dtable[(size_t)key * C + c] += acc;
+    }
+}
+struct SortScratch { int32_t *keys, *pos_in, *pos; float *head, *tail; void* temp; size_t temp_bytes; };
 // cub's temporary storage for sorting N pairs (a host-side size query; needs the device context)
 static size_t radix_sort_temp_bytes(int N) {
     cuda_ctx();
@@ -2146,24 +2172,29 @@ static size_t radix_sort_temp_bytes(int N) {
                                               (const int32_t*)nullptr, (int32_t*)nullptr, N));
     return bytes;
 }
-static void carve_sort_scratch(Arena& a, SortScratch& s, int N, size_t temp_bytes) {
+// N pairs of rows of C columns
+static void carve_sort_scratch(Arena& a, SortScratch& s, int N, int C, size_t temp_bytes) {
+    size_t windows = ceil_div(N, EMB_WINDOW);
     s.keys = a.take<int32_t>(N); s.pos_in = a.take<int32_t>(N); s.pos = a.take<int32_t>(N);
+    s.head = a.take<float>(windows * C);
+    s.tail = a.take<float>(windows * C);
     s.temp = a.take<uint8_t>(temp_bytes); s.temp_bytes = temp_bytes;
 }
 // (perf: the table's row count is not an argument, so the sort uses all 32 key bits — passing it
-//  would cut the passes from 4 to 2; and one block sums a whole run, so a token at 4% of a 98k-token
-//  batch is ~4,000 rows for one block: cut long runs into fixed segments, then add the segment sums
-//  in order — still deterministic)
+//  would cut the passes from 4 to 2)
 static void embedding_backward(Cuda, float* dtable, const bf16* dout, const int32_t* idx, int N, int C) {
     if (N <= 0 || C <= 0 || !dtable) return;
     size_t temp_bytes = radix_sort_temp_bytes(N);
     SortScratch s;
-    scratch_carve([&](Arena& a) { carve_sort_scratch(a, s, N, temp_bytes); });
+    scratch_carve([&](Arena& a) { carve_sort_scratch(a, s, N, C, temp_bytes); });
     cudaStream_t st = g_cuda.stream;
+    unsigned windows = ceil_div(N, EMB_WINDOW);
     PGOLF_LAUNCH(grid_for(N), BLOCK, 0, st, iota_kernel)(s.pos_in, N);
     launchCheck();
     cudaCheck(cub::DeviceRadixSort::SortPairs(s.temp, s.temp_bytes, idx, s.keys, s.pos_in, s.pos, N, 0, 32, st));
-    PGOLF_LAUNCH(ceil_div(N, EMB_RUNS_PER_BLOCK), 128, 0, st, embedding_backward_kernel)(dtable, dout, s.keys, s.pos, N, C);
+    PGOLF_LAUNCH(windows, 128, 0, st, embedding_backward_kernel)(dtable, s.head, s.tail, dout, s.keys, s.pos, N, C);
+    launchCheck();
+    PGOLF_LAUNCH(windows, 128, 0, st, embedding_backward_long_runs_kernel)(dtable, s.head, s.tail, s.keys, N, C);
     launchCheck();
 }
 #endif
@@ -4540,6 +4571,10 @@ template <class T> static void scale_inplace(Cpu<T>, T* x, size_t n, float s) { 
 template <class T> static void add_inplace(Cpu<T>, T* x, const T* y, size_t n) { for (size_t i = 0; i < n; i++) x[i] += y[i]; }
 template <class T> static void add_forward(Cpu<T>, T* out, const T* x, const T* y, size_t n) { for (size_t i = 0; i < n; i++) out[i] = x[i] + y[i]; }
 template <class T> static void copy_forward(Cpu<T>, T* out, const T* x, size_t n) { memcpy(out, x, n * sizeof(T)); }
+// out[r] = x[rows[r]]: R rows of C
+template <class T> static void gather_rows(Cpu<T>, T* out, const T* x, const int32_t* rows, int R, int C) {
+    for (int r = 0; r < R; r++) memcpy(out + (size_t)r * C, x + (size_t)rows[r] * C, C * sizeof(T));
+}
 // master weights → the copy the forward reads (the same memory on the CPU; bf16 on the GPU)
 template <class T> static void cast_params(Cpu<T>, T* dst, const T* src, size_t n) { if (dst != src) memcpy(dst, src, n * sizeof(T)); }
 #endif
@@ -4565,6 +4600,16 @@ template <class X> static void add_forward(Cuda, X* out, const X* x, const X* y,
 }
 template <class X> static void add_inplace(Cuda dev, X* x, const X* y, size_t n) { add_forward(dev, x, x, y, n); }
 template <class X> static void copy_forward(Cuda dev, X* out, const X* x, size_t n) { device_copy(dev, out, x, n); }
+__global__ void gather_rows_kernel(bf16* out, const bf16* x, const int32_t* rows, int R, int C) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (size_t)R * C; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = x[(size_t)rows[i / C] * C + i % C];
+}
+static void gather_rows(Cuda, bf16* out, const bf16* x, const int32_t* rows, int R, int C) {
+    size_t n = (size_t)R * C;
+    if (!n) return;
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, gather_rows_kernel)(out, x, rows, R, C);
+    launchCheck();
+}
 #endif
 
 // ============================================================================================
@@ -4625,7 +4670,8 @@ template <class D> struct Acts {
     using S = typename D::stat;
     int B = 0, T = 0;              // capacity
     int32_t* inputs;               // (B*T) token ids
-    int32_t* targets;              // (B*T) next-token ids
+    int32_t* targets;              // (B*T) next-token ids; when the head scores R rows, theirs: (R)
+    int32_t* scored_rows;          // (R) the positions the head scores, increasing (a forward with head_rows = R)
     int32_t* bigram_idx;           // (B*T) BigramHash buckets
     int32_t* doc_start;            // (B*T) first key each position sees (VARLEN_ATTN; else null)
     float* loss_weights;           // (B*T) dloss/dnll per position (null: no backward)
@@ -4691,6 +4737,7 @@ template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c
     a.T = T;
     a.inputs = ar.take<int32_t>(N);
     a.targets = ar.take<int32_t>(N);
+    a.scored_rows = ar.take<int32_t>(N);
     a.bigram_idx = ar.take<int32_t>(N);
     a.doc_start = c.varlen_attn ? ar.take<int32_t>(N) : nullptr;
     a.loss_weights = ar.take<float>(N);
@@ -4925,7 +4972,8 @@ template <class D> static void final_hidden_backward(D dev, Model<D>& m, int N) 
 
 // Forward over a.inputs/a.targets (already on the device). Per-position NLLs land in a.losses.
 // With a.loss_weights set (weights != nullptr), the logits buffer ends up holding dloss/dlogits.
-template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, bool with_grad, Lora<D>* lo = nullptr) {
+template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, bool with_grad, Lora<D>* lo = nullptr,
+                                           int head_rows = -1) {
     const Config& c = m.cfg;
     Acts<D>& a = m.acts;
     auto& W = m.w;
@@ -5022,8 +5070,13 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
         }
     }
     // head: final norm (of the lanes' mean, or one lane, after parallel blocks), projection, softcap, CE
-    const typename D::act* hidden = final_hidden(dev, m, N, loop);
-    rmsnorm_forward(dev, a.final_norm, a.final_norm_rstd, hidden, N, Dm);
+    const typename D::act* head_in = final_hidden(dev, m, N, loop);
+    if (head_rows >= 0) {  // scoring only: the a.scored_rows rows, gathered into the (idle) backward scratch
+        gather_rows(dev, a.d_residual, head_in, a.scored_rows, head_rows, Dm);
+        head_in = a.d_residual;
+        N = head_rows;
+    }
+    rmsnorm_forward(dev, a.final_norm, a.final_norm_rstd, head_in, N, Dm);
     matmul_forward(dev, a.logits, a.final_norm, c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm, c.vocab_size);
     lora_forward(dev, lo, LORA_HEAD, 0, a.logits, a.final_norm, T);
     softcap_ce(dev, a.losses, a.logits, a.targets, with_grad ? a.loss_weights : nullptr, N, c.vocab_size, c.logit_softcap);
@@ -7552,6 +7605,21 @@ template <class D> static void forward_nll(D dev, Model<D>& m, const std::vector
     nll.assign(host.begin(), host.end());
 }
 
+// The same, scoring only positions `rows` (increasing) of the batch: the head runs on those rows
+// alone; y holds their targets, nll gets their NLLs (both in the order of rows).
+template <class D> static void forward_nll_rows(D dev, Model<D>& m, const std::vector<int32_t>& x,
+                                                const std::vector<int32_t>& rows, const std::vector<int32_t>& y,
+                                                int B, int T, std::vector<float>& nll) {
+    size_t R = rows.size();
+    to_device(dev, m.acts.inputs, x.data(), (size_t)B * T);
+    to_device(dev, m.acts.scored_rows, rows.data(), R);
+    to_device(dev, m.acts.targets, y.data(), R);
+    gpt_forward(dev, m, B, T, false, (Lora<D>*)nullptr, (int)R);
+    std::vector<typename D::stat> host(R);
+    to_host(dev, host.data(), m.acts.losses, R);
+    nll.assign(host.begin(), host.end());
+}
+
 // `standard`: non-overlapping windows of the eval length; the last, shorter window scores the
 // tail the reference drops (unless VAL_TRUNCATE_TO_SEQ=1 cut the stream already).
 template <class D> static EvalResult eval_standard(D dev, Model<D>& m, const EvalData& d, NllRecord* rec = nullptr) {
@@ -7651,23 +7719,27 @@ template <class D> static void score_windows(D dev, Model<D>& m, const EvalData&
     int L = c.eval_len();
     if (L > m.acts.T) fail("internal: eval length %d exceeds the activation plan (%d positions)", L, m.acts.T);
     int per_batch = (int)std::max<long>(1, std::min<long>(c.eval_batch_seqs, (long)m.acts.B * m.acts.T / L));
-    std::vector<int32_t> x, y;
+    std::vector<int32_t> x, rows, y;
     std::vector<float> nll;
     for (long w = w0; w < w1; w += per_batch) {
         int B = (int)std::min<long>(per_batch, w1 - w), W = 0;
         for (int b = 0; b < B; b++) W = std::max(W, win[w + b].len);
-        x.assign((size_t)B * W, 0); y.assign((size_t)B * W, 0);
+        x.assign((size_t)B * W, 0);
+        rows.clear();
+        y.clear();
         for (int b = 0; b < B; b++)
             for (int i = 0; i < win[w + b].len; i++) {
                 x[(size_t)b * W + i] = d.val[win[w + b].ws + i];
-                y[(size_t)b * W + i] = d.val[win[w + b].ws + i + 1];
+                if (i < win[w + b].first) continue;
+                rows.push_back(b * W + i);  // the head runs on the scored positions only
+                y.push_back(d.val[win[w + b].ws + i + 1]);
             }
-        forward_nll(dev, m, x, y, B, W, nll);
+        forward_nll_rows(dev, m, x, rows, y, B, W, nll);
+        size_t r = 0;
         for (int b = 0; b < B; b++)
-            for (int i = win[w + b].first; i < win[w + b].len; i++) {
-                size_t k = (size_t)b * W + i;
-                sums.add_at(nll[k], d, win[w + b].ws + i);
-                if (rec) rec->set(win[w + b].ws + i, nll[k]);
+            for (int i = win[w + b].first; i < win[w + b].len; i++, r++) {
+                sums.add_at(nll[r], d, win[w + b].ws + i);
+                if (rec) rec->set(win[w + b].ws + i, nll[r]);
             }
         if (prog) prog->tick((double)(w + B - w0), (double)(w1 - w0), sums);
     }
@@ -9367,10 +9439,11 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
 // ============================================================================================
 // 13. The cost model: one training step's launches, FLOPs and HBM bytes, and its projected time
 // ============================================================================================
-// `./train_gpt cost` runs the real step — train()'s loop body: gpt_forward, gpt_backward,
-// optimizer_step, refresh_compute_weights — under a fourth device tag, `Cost`, whose ops record
+// `./train_gpt cost` runs the real step — train()'s loop body: train_step (gpt_forward, gpt_backward,
+// optimizer_step), refresh_compute_weights — under a fourth device tag, `Cost`, whose ops record
 // what the Cuda op of the same name issues (one entry per kernel launch, cuBLASLt call, memset,
-// copy, collective or host synchronize) instead of doing it. Nothing is allocated: tensors are
+// copy, collective or host synchronize; marked when it is a node of the step's CUDA graph) instead
+// of doing it. Nothing is allocated: tensors are
 // addresses that are never dereferenced. Each entry is then priced on one H100 SXM of an 8-GPU
 // node. A Cuda op that changes its launches must change its twin here (each names what it
 // mirrors); tests/test_cost.cuh checks the totals against closed forms and a hand count.
@@ -9484,7 +9557,8 @@ static double cost_table_rows(const float* dtable, int N) {
 // dispatches it on sm_90: up to one tile of 256 × 19 pairs one single-tile kernel, beyond that onesweep
 // (memsets of the pass counters and histograms, histogram, exclusive sum, then 4 passes of 8 bits, each a
 // memset of its lookback and a kernel reading and writing keys and values: 6 launches and 6 memsets);
-// embedding_backward_kernel (sorted pairs, dout rows, read-modify-write of the touched table rows)
+// embedding_backward_kernel (sorted pairs, dout rows, read-modify-write of the touched table rows) and
+// embedding_backward_long_runs_kernel
 static const int COST_SORT_SINGLE_TILE = 256 * 19;
 static void embedding_backward(Cost, float* dtable, const CostBf16*, const int32_t*, int N, int C) {
     if (N <= 0 || C <= 0 || !dtable) return;
@@ -9504,6 +9578,10 @@ static void embedding_backward(Cost, float* dtable, const CostBf16*, const int32
     }
     double rows = cost_table_rows(dtable, N);
     cost_add(OP_ELEMENTWISE, "embedding_backward", 0, 2.0 * N * I32 + (double)N * C * BF + 2 * rows * C * F32);
+    // embedding_backward_long_runs_kernel: the windows' last keys; the pieces of runs that cross windows
+    // (at most one per window) read once and their rows updated (the model counts every window's piece)
+    double windows = std::ceil(N / 128.0);  // EMB_WINDOW
+    cost_add(OP_ELEMENTWISE, "embedding_backward_long_runs", 0, 2 * windows * I32 + windows * C * F32);
 }
 // bigram_lookup: bigram_lookup_kernel
 static void bigram_lookup(Cost, int32_t*, const int32_t*, int B, int T_, int, int, bool) {
@@ -9716,6 +9794,10 @@ template <class X> static void add_forward(Cost, X*, const X*, const X*, size_t 
 }
 template <class X> static void add_inplace(Cost dev, X* x, const X* y, size_t n) { add_forward(dev, x, x, y, n); }
 template <class X> static void copy_forward(Cost dev, X* out, const X* x, size_t n) { device_copy(dev, out, x, n); }
+// gather_rows: gather_rows_kernel (the row indices, R rows read and written)
+static void gather_rows(Cost, CostBf16*, const CostBf16*, const int32_t*, int R, int C) {
+    if ((size_t)R * C > 0) cost_add(OP_ELEMENTWISE, "gather_rows", 0, R * I32 + 2.0 * R * C * BF);
+}
 
 // --- Optimizers (section 7) and communication (section 8) ---------------------------------------
 // adamw_update: adamw_kernel (p, g, m, v read; p, m, v written)
@@ -10236,7 +10318,8 @@ static int cost_main(int argc, char** argv) {
         graphs += !strcmp(e.op, "cudaGraphLaunch");
     }
     printf("launches: %ld issued by the host (%ld of them cudaGraphLaunch), %ld replayed inside graphs; "
-           "%ld host synchronizations\n", outside, graphs, launches - outside - t.launches[OP_SYNC], t.launches[OP_SYNC]);
+           "%ld host synchronizations\n", outside, graphs, launches - outside - t.launches[OP_SYNC],
+           t.launches[OP_SYNC]);
     if (by_op) {  // the same entries by op and class, most projected time first
         std::map<std::pair<std::string, int>, CostTotals> ops;
         for (const CostEntry& e : list) {
@@ -10329,7 +10412,7 @@ static CudaMemoryPlan cuda_memory_plan(const Config& c, int world, size_t sort_t
     size_t need = 0;
     {
         Arena a; SortScratch s;
-        carve_sort_scratch(a, s, (int)N, sort_temp_bytes);
+        carve_sort_scratch(a, s, (int)N, std::max(c.model_dim, c.bigram_dim), sort_temp_bytes);
         need = std::max(need, a.used);
     }
     {
@@ -10380,10 +10463,9 @@ static void cuda_memory_plan_check(const CudaMemoryPlan& p, size_t free_bytes, s
 }
 
 
-// (perf: a training step is ~600 launches plus ~1,100 cuBLASLt calls at pr467's shape; once the
-//  kernels are settled, capture forward+backward of a micro-batch and the optimizer step as CUDA
-//  graphs on g_cuda.stream — every op already runs there, scratch and rope tables are reserved
-//  before the first step, and host copies happen only at the step's edges)
+// (perf: the step's micro-batches run as one CUDA graph (step_gradients); the optimizer is still
+//  launched kernel by kernel: its lr and momentum are kernel arguments and its all-reduces wait on the
+//  host (nccl_wait). Capturing it needs both in device memory.)
 
 // DEVICE=cuda: this rank's GPU (its local rank), what it is, the NCCL communicator, the memory plan.
 static void run_cuda(Config& c) {

@@ -83,8 +83,8 @@ TEST(cost_launches_match_a_hand_count) {
     // backward: final norm; per layer 2 branch backwards (kernel + scale sums), relu², 2 norms, q (kernel +
     // 2 gain sums) and k norm+rope, resid_mix (kernel + mix sums) = 13; the decoder's skip backward (2);
     // the encoder's skip-gradient add and dx0 add (2); the embedding norm; embedding backward (iota,
-    // cub's single-tile sort of the 128 pairs, the row sums)
-    int bwd = 1 + 2 * 13 + 2 + 2 + 1 + 3;
+    // cub's single-tile sort of the 128 pairs, the windows' sums, the long runs' sums)
+    int bwd = 1 + 2 * 13 + 2 + 2 + 1 + 4;
     // + the bf16 weight cast; the copies: tokens up, inputs and targets into place, losses down; the graph launch
     int other = 1 + 4 + 1;
     CHECK_MSG(s.launches[OP_ELEMENTWISE] == fwd + bwd + other, "elementwise launches %ld, hand count %d",

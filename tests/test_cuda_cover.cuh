@@ -83,29 +83,69 @@ TEST(cuda_column_reductions_saturated_chunks) {
     }
 }
 
-// One token thousands of times: a single sorted run spanning many blocks' ranges, summed in position order.
+// The GPU's summation order of the embedding backward, on the host: the (index, position) pairs sorted
+// stably, cut into windows of EMB_WINDOW entries; each run's pieces (its entries in one window) summed in
+// position order from 0, the pieces added in window order, the total added to the row once.
+static std::vector<float> embedding_backward_window_order(const std::vector<double>& dtab0,
+                                                          const std::vector<double>& dout,
+                                                          const std::vector<int32_t>& idx, int C) {
+    int N = (int)idx.size();
+    std::vector<int> order(N);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return idx[a] < idx[b]; });
+    std::vector<float> out(dtab0.begin(), dtab0.end());
+    for (int i = 0; i < N;) {
+        int key = idx[order[i]], end = i + 1;
+        while (end < N && idx[order[end]] == key) end++;
+        for (int c = 0; c < C; c++) {
+            float acc = 0.0f, piece = 0.0f;
+            bool first = true;
+            for (int j = i; j < end; j++) {
+                if (j > i && j % EMB_WINDOW == 0) {
+                    acc = first ? piece : acc + piece;
+                    first = false;
+                    piece = 0.0f;
+                }
+                piece += (float)dout[(size_t)order[j] * C + c];
+            }
+            acc = first ? piece : acc + piece;
+            out[(size_t)key * C + c] += acc;
+        }
+        i = end;
+    }
+    return out;
+}
+
+// One token thousands of times: a single sorted run spanning many windows, split across blocks; and
+// runs that begin mid-window and cross one boundary, or end on one. Against the CPU reference, and bit
+// for bit against the windowed order.
 TEST(cuda_embedding_backward_hot_token) {
     REQUIRE_GPU();
     Rng rng(63);
     const int N = 6000, C = 24, V = 9, hot = 4;
-    std::vector<int32_t> idx = cu_randint(N, rng, V);
+    std::vector<int32_t> hot_idx = cu_randint(N, rng, V);
     for (int n = 0; n < N; n++)
-        if (n % 50) idx[n] = hot;  // 5880 of 6000 positions
-    std::vector<double> dout = cu_randn((size_t)N * C, rng), dtab0 = cu_randn((size_t)V * C, rng, 5.0, false);
-    std::vector<double> dref = dtab0;
-    embedding_backward(Cpu<double>{}, dref.data(), dout.data(), idx.data(), N, C);
-    CU_UP(di, i32, idx); CU_UP(ddo, bf16, dout); CU_UP(dtab, f32, dtab0);
-    embedding_backward(Cuda{}, dtab->f(), ddo->b(), di->i(), N, C);
-    check_band("embedding_backward hot token", down_f32(dtab->p, dtab0.size()), dref, F32_TOL);
-    // the kernel sums a run in position order in fp32, then adds it to the row once: equal bit for bit
-    std::vector<double> got = down_f32(dtab->p, dtab0.size());
-    for (int c = 0; c < C; c++) {
-        float acc = 0.0f;
-        for (int n = 0; n < N; n++)
-            if (idx[n] == hot) acc += (float)dout[(size_t)n * C + c];
-        float want = (float)dtab0[(size_t)hot * C + c] + acc;
-        CHECK_MSG(got[(size_t)hot * C + c] == (double)want, "hot row col %d: %.9g, position-order fp32 sum %.9g",
-                  c, got[(size_t)hot * C + c], (double)want);
+        if (n % 50) hot_idx[n] = hot;  // 5880 of 6000 positions: ~46 windows
+    // entries per row (positions shuffled); sorted, with windows of 128: row 1 begins mid-window 0 and ends
+    // on window 1's end, row 3 is window 2 exactly, row 6 spans parts of three windows
+    std::vector<int32_t> mixed;
+    int counts[V] = {100, 156, 0, 128, 7, 1, 250, 2, 40};
+    for (int v = 0; v < V; v++)
+        for (int k = 0; k < counts[v]; k++) mixed.push_back(v);
+    for (size_t k = mixed.size() - 1; k > 0; k--) std::swap(mixed[k], mixed[(size_t)(rng.uniform() * (k + 1))]);
+    for (const std::vector<int32_t>& idx : {hot_idx, mixed}) {
+        int n = (int)idx.size();
+        std::vector<double> dout = cu_randn((size_t)n * C, rng), dtab0 = cu_randn((size_t)V * C, rng, 5.0, false);
+        std::vector<double> dref = dtab0;
+        embedding_backward(Cpu<double>{}, dref.data(), dout.data(), idx.data(), n, C);
+        CU_UP(di, i32, idx); CU_UP(ddo, bf16, dout); CU_UP(dtab, f32, dtab0);
+        embedding_backward(Cuda{}, dtab->f(), ddo->b(), di->i(), n, C);
+        check_band("embedding_backward long runs", down_f32(dtab->p, dtab0.size()), dref, F32_TOL);
+        std::vector<double> got = down_f32(dtab->p, dtab0.size());
+        std::vector<float> want = embedding_backward_window_order(dtab0, dout, idx, C);
+        for (size_t i = 0; i < want.size(); i++)
+            CHECK_MSG(got[i] == (double)want[i], "%d positions, row %zu col %zu: %.9g, windowed order %.9g", n, i / C,
+                      i % C, got[i], (double)want[i]);
     }
 }
 
@@ -183,13 +223,13 @@ TEST(cuda_train_step_graph_replay_bitwise) {
 
 // train_step on the GPU as train() runs it, with CUDA graphs (the default: the first step runs directly,
 // the second captures the micro-batches, the later ones replay them) against the same steps with every
-// kernel launched directly (CUDA_GRAPHS=0): four steps on new tokens each, two micro-batches, a binding
+// kernel launched directly (CUDA_GRAPHS=0): three steps on new tokens each, two micro-batches, a binding
 // gradient clip: the same losses, gradients, weights and moments, bit for bit; and the graph replays.
 TEST(cuda_train_step_graphs_match_direct_launches) {
     REQUIRE_GPU();
     Config c; preset_tiny(c);
     c.num_layers = 2; c.model_dim = 64; c.num_heads = 2; c.num_kv_heads = 1; c.bigram_dim = 32;
-    int T = 32, B = 1, N = B * T, steps = 4;
+    int T = 32, B = 1, N = B * T, steps = 3;
     c.train_seq_len = T; c.eval_stride = 16; c.train_batch_tokens = 2L * N; c.grad_accum_steps = 2; c.grad_clip_norm = 1e-3f;
     config_validate(c, 1);
     std::vector<int32_t> tok = synthetic_tokens((size_t)steps * 2 * (N + 1), c.vocab_size, 13);
