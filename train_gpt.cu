@@ -784,6 +784,7 @@ struct Config {
     int eval_len() const { return eval_seq_len > 0 ? eval_seq_len : train_seq_len; }
 };
 
+// table: the presets, one setting per assignment, several to a line (data read across: what each record sets)
 // The naive baseline (records/…/2026-03-17_NaiveBaseline) is the struct's defaults.
 static void preset_baseline(Config&) {}
 
@@ -865,11 +866,13 @@ static const Preset PRESETS[] = {
     {"pr456", preset_pr456, "PR #456: 10L XSA, late QAT, full-model score-first TTT"},
     {"tiny", preset_tiny, "pr467 shrunk to CPU size (4L d128), for tests and the CPU quick start"},
 };
+// end table
 
 // Every setting, by the reference's env-var name (ours where the reference has none).
 struct Setting { const char* name; char kind; void* ptr; const char* help; };  // kind: i l f d s
 static std::vector<Setting> config_settings(Config& c) {
     return {
+        // table: the settings, one per row: name, kind, the field it fills, help text
         {"DATA_PATH", 's', &c.data_path, "directory with fineweb_train_*.bin and fineweb_val_*.bin"},
         {"TOKENIZER_PATH", 's', &c.tokenizer_path, "SentencePiece .model used for the val_bpb byte tables"},
         {"RUN_ID", 's', &c.run_id, "name of the run (default: a timestamp)"},
@@ -987,6 +990,7 @@ static std::vector<Setting> config_settings(Config& c) {
         {"TTT_BETA2", 'f', &c.ttt_beta2, "full TTT: AdamW beta2"},
         {"TTT_EPS", 'f', &c.ttt_eps, "full TTT: AdamW epsilon"},
         {"TTT_OPTIMIZER", 's', &c.ttt_optimizer, "full TTT: sgd | adamw"},
+        // end table
     };
 }
 
