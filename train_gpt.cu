@@ -2027,9 +2027,11 @@ struct GemmKey {
     long long stride_a, stride_b, stride_cd;
     uint32_t align[4];  // cuBLAS A, B, C, D
     bool operator<(const GemmKey& o) const {
-        return std::tie(M, N, K, batch, a_trans, b_trans, d_type, stride_a, stride_b, stride_cd, align[0], align[1], align[2], align[3]) <
-               std::tie(o.M, o.N, o.K, o.batch, o.a_trans, o.b_trans, o.d_type, o.stride_a, o.stride_b, o.stride_cd, o.align[0], o.align[1],
-                        o.align[2], o.align[3]);
+        auto fields = [](const GemmKey& g) {
+            return std::tie(g.M, g.N, g.K, g.batch, g.a_trans, g.b_trans, g.d_type, g.stride_a, g.stride_b,
+                            g.stride_cd, g.align[0], g.align[1], g.align[2], g.align[3]);
+        };
+        return fields(*this) < fields(o);
     }
 };
 struct GemmPlan { cublasLtMatmulDesc_t op; cublasLtMatrixLayout_t la, lb, lc; cublasLtMatmulAlgo_t algo; };
@@ -2083,7 +2085,8 @@ static void gemm_bf16(void* d, cudaDataType_t d_type, const void* c, const bf16*
     PROFILE_OP(OP_GEMM);
     CudaContext& cx = cuda_ctx();
     if (!c) c = d;
-    GemmKey key{M, N, K, batch, a_trans, b_trans, d_type, batch > 1 ? stride_a : 0, batch > 1 ? stride_b : 0, batch > 1 ? stride_cd : 0,
+    GemmKey key{M, N, K, batch, a_trans, b_trans, d_type,
+                batch > 1 ? stride_a : 0, batch > 1 ? stride_b : 0, batch > 1 ? stride_cd : 0,
                 {pointer_alignment(b), pointer_alignment(a), pointer_alignment(c), pointer_alignment(d)}};
     auto it = g_gemm_plans.find(key);
     if (it == g_gemm_plans.end()) it = g_gemm_plans.emplace(key, gemm_plan_create(key)).first;
@@ -2244,9 +2247,16 @@ __global__ void qk_norm_rope_forward_kernel(bf16* out, float* rstd, const bf16* 
     bf16* yo = out + (size_t)row * hd;
     for (int d = lane; d < hd; d += 32) {
         float y;
-        if (d < half) { float x1 = xs[d] * r, x2 = xs[d + half] * r; y = g * (x1 * cs[d].x + x2 * cs[d].y); }
-        else if (d < rd) { int i = d - half; float x1 = xs[i] * r, x2 = xs[d] * r; y = g * (-x1 * cs[i].y + x2 * cs[i].x); }
-        else y = g * xs[d] * r;
+        if (d < half) {
+            float x1 = xs[d] * r, x2 = xs[d + half] * r;
+            y = g * (x1 * cs[d].x + x2 * cs[d].y);
+        } else if (d < rd) {
+            int i = d - half;
+            float x1 = xs[i] * r, x2 = xs[d] * r;
+            y = g * (-x1 * cs[i].y + x2 * cs[i].x);
+        } else {
+            y = g * xs[d] * r;
+        }
         yo[d] = from_f32<bf16>(y);
     }
 }
@@ -4263,8 +4273,10 @@ static bf16* newton_schulz_bf16(bf16* x, bf16* x2, bf16* a, bf16* b, int rows, i
         const RowMajorGemm &G = p.gram, &S = p.square, &U = p.update;
         gemm_bf16(a, CUDA_R_16BF, nullptr, x, x, G.M, G.N, G.K, G.a_trans, G.b_trans, 1.0f, 0.0f, batch, sx, sx, sa);
         gemm_bf16(b, CUDA_R_16BF, a, a, a, S.M, S.N, S.K, false, false, NS_C, NS_B, batch, sa, sa, sa);  // c·A·A + b·A
-        if (p.tall) gemm_bf16(x2, CUDA_R_16BF, x, x, b, U.M, U.N, U.K, false, false, 1.0f, NS_A, batch, sx, sa, sx);  // Y·B + a·Y
-        else gemm_bf16(x2, CUDA_R_16BF, x, b, x, U.M, U.N, U.K, false, false, 1.0f, NS_A, batch, sa, sx, sx);       // B·X + a·X
+        if (p.tall)  // Y·B + a·Y
+            gemm_bf16(x2, CUDA_R_16BF, x, x, b, U.M, U.N, U.K, false, false, 1.0f, NS_A, batch, sx, sa, sx);
+        else  // B·X + a·X
+            gemm_bf16(x2, CUDA_R_16BF, x, b, x, U.M, U.N, U.K, false, false, 1.0f, NS_A, batch, sa, sx, sx);
         std::swap(x, x2);
     }
     return x;
@@ -5749,10 +5761,18 @@ struct TensorBlob { std::string name; std::vector<int> shape; const float* data;
 static std::string json_escape(const std::string& s) {
     std::string out;
     for (unsigned char ch : s) {
-        if (ch == '"' || ch == '\\') { out += '\\'; out += ch; }
-        else if (ch == '\n') out += "\\n";
-        else if (ch < 0x20) { char b[8]; snprintf(b, sizeof b, "\\u%04x", ch); out += b; }
-        else out += ch;
+        if (ch == '"' || ch == '\\') {
+            out += '\\';
+            out += ch;
+        } else if (ch == '\n') {
+            out += "\\n";
+        } else if (ch < 0x20) {
+            char b[8];
+            snprintf(b, sizeof b, "\\u%04x", ch);
+            out += b;
+        } else {
+            out += ch;
+        }
     }
     return out;
 }
@@ -5856,10 +5876,25 @@ static SafetensorsFile safetensors_read(const std::string& path) {
             do {
                 std::string field = j.str();
                 j.expect(':');
-                if (field == "dtype") t.dtype = j.str();
-                else if (field == "shape") { j.expect('['); if (!j.eat(']')) { do t.shape.push_back(j.num()); while (j.eat(',')); j.expect(']'); } }
-                else if (field == "data_offsets") { j.expect('['); t.begin = j.num(); j.expect(','); t.end = j.num(); j.expect(']'); have_offsets = true; }
-                else j.bad("unknown tensor field");
+                if (field == "dtype") {
+                    t.dtype = j.str();
+                } else if (field == "shape") {
+                    j.expect('[');
+                    if (!j.eat(']')) {
+                        do t.shape.push_back(j.num());
+                        while (j.eat(','));
+                        j.expect(']');
+                    }
+                } else if (field == "data_offsets") {
+                    j.expect('[');
+                    t.begin = j.num();
+                    j.expect(',');
+                    t.end = j.num();
+                    j.expect(']');
+                    have_offsets = true;
+                } else {
+                    j.bad("unknown tensor field");
+                }
             } while (j.eat(','));
             j.expect('}');
         }
