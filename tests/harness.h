@@ -48,7 +48,10 @@ inline void check_close_impl(const char* file, int line, const double* got, cons
     for (size_t i = 0; i < n; i++) {
         double err = std::fabs(got[i] - want[i]);
         double excess = err - (atol + rtol * std::fabs(want[i]));
-        if (!(excess <= worst_excess) || std::isnan(got[i]) != std::isnan(want[i])) { worst_excess = excess; worst = i; }
+        if (!(excess <= worst_excess) || std::isnan(got[i]) != std::isnan(want[i])) {
+            worst_excess = excess;
+            worst = i;
+        }
         if (std::isnan(got[i]) || std::isnan(want[i])) { worst_excess = 1e300; worst = i; break; }
     }
     if (n > 0 && worst_excess > 0)
@@ -56,7 +59,8 @@ inline void check_close_impl(const char* file, int line, const double* got, cons
                                       file, line, worst, got[worst], want[worst], rtol, atol, n));
 }
 template <class A, class B>
-inline void check_close_vec(const char* file, int line, const A* got, const B* want, size_t n, double rtol, double atol) {
+inline void check_close_vec(const char* file, int line, const A* got, const B* want, size_t n, double rtol,
+                            double atol) {
     std::vector<double> g(got, got + n), w(want, want + n);
     check_close_impl(file, line, g.data(), w.data(), n, rtol, atol);
 }
@@ -65,11 +69,22 @@ inline void check_close_vec(const char* file, int line, const A* got, const B* w
 #define CHECK_ALL_CLOSE(got, want, n, rtol, atol) check_close_vec(__FILE__, __LINE__, got, want, n, rtol, atol)
 
 // Runs `expr`, which must throw; the message must contain `needle`.
-#define CHECK_THROWS(expr, needle) do { bool thrown_ = false; std::string msg_; \
-    try { expr; } catch (const TestFailure&) { throw; } catch (const std::exception& e_) { thrown_ = true; msg_ = e_.what(); } \
-    if (!thrown_) throw TestFailure(test_format("%s:%d: expected an error from %s", __FILE__, __LINE__, #expr)); \
-    if (msg_.find(needle) == std::string::npos) throw TestFailure(test_format( \
-        "%s:%d: error message \"%s\" lacks \"%s\"", __FILE__, __LINE__, msg_.c_str(), std::string(needle).c_str())); \
+#define CHECK_THROWS(expr, needle)                                                                                   \
+    do {                                                                                                             \
+        bool thrown_ = false;                                                                                        \
+        std::string msg_;                                                                                            \
+        try {                                                                                                        \
+            expr;                                                                                                    \
+        } catch (const TestFailure&) {                                                                               \
+            throw;                                                                                                   \
+        } catch (const std::exception& e_) {                                                                         \
+            thrown_ = true;                                                                                          \
+            msg_ = e_.what();                                                                                        \
+        }                                                                                                            \
+        if (!thrown_) throw TestFailure(test_format("%s:%d: expected an error from %s", __FILE__, __LINE__, #expr)); \
+        if (msg_.find(needle) == std::string::npos)                                                                  \
+            throw TestFailure(test_format("%s:%d: error message \"%s\" lacks \"%s\"", __FILE__, __LINE__,            \
+                                          msg_.c_str(), std::string(needle).c_str()));                               \
     } while (0)
 
 #define SKIP(why) throw TestSkip(why)

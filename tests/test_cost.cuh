@@ -2,12 +2,20 @@
 // linear layer in closed form, causal attention in closed form, a launch count made by hand for a
 // small config, and how the totals scale with batch, layers and ranks.
 
-struct CostSums { long launches[OP_NUM] = {}; double flops[OP_NUM] = {}, hbm[OP_NUM] = {}, link[OP_NUM] = {}; long total = 0; };
+struct CostSums {
+    long launches[OP_NUM] = {};
+    double flops[OP_NUM] = {}, hbm[OP_NUM] = {}, link[OP_NUM] = {};
+    long total = 0;
+};
 static CostSums cost_sums(const Config& c, int world) {
     CostSums s;
     config_validate(c, world);
     for (const CostEntry& e : cost_step_launches(c, world)) {
-        s.launches[e.cls]++; s.flops[e.cls] += e.flops; s.hbm[e.cls] += e.hbm_bytes; s.link[e.cls] += e.link_bytes; s.total++;
+        s.launches[e.cls]++;
+        s.flops[e.cls] += e.flops;
+        s.hbm[e.cls] += e.hbm_bytes;
+        s.link[e.cls] += e.link_bytes;
+        s.total++;
     }
     return s;
 }
@@ -26,7 +34,10 @@ static double matmul_params(const Config& c) {
 }
 
 TEST(cost_gemm_flops_are_6_N_T) {
-    struct { const char* preset; int world; } cases[] = {{"tiny", 1}, {"baseline", 8}, {"pr467", 8}, {"pr600", 8}, {"pr456", 8}, {"pr467", 2}};
+    struct {
+        const char* preset;
+        int world;
+    } cases[] = {{"tiny", 1}, {"baseline", 8}, {"pr467", 8}, {"pr600", 8}, {"pr456", 8}, {"pr467", 2}};
     for (auto& k : cases) {
         Config c = cost_preset(k.preset);
         double tokens = (double)c.train_batch_tokens / k.world;  // every micro-batch of this rank
@@ -46,8 +57,9 @@ TEST(cost_attention_flops_match_the_causal_closed_form) {
         double useful = c.num_layers * B * c.num_heads * (T * (T + 1.0) / 2) * 2 * (2.0 * hd);
         CostSums s = cost_sums(c, world);
         double ratio = s.flops[OP_ATTN_FWD] / useful;  // > 1: the masked half of each diagonal tile is computed too
-        CHECK_MSG(ratio >= 1.0 && ratio <= 1.0 + 128.0 / T, "%s: attention forward %.6g FLOPs, causal closed form %.6g (ratio %.4f)",
-                  name, s.flops[OP_ATTN_FWD], useful, ratio);
+        CHECK_MSG(ratio >= 1.0 && ratio <= 1.0 + 128.0 / T,
+                  "%s: attention forward %.6g FLOPs, causal closed form %.6g (ratio %.4f)", name, s.flops[OP_ATTN_FWD],
+                  useful, ratio);
         CHECK_CLOSE(s.flops[OP_ATTN_BWD], 3.5 * s.flops[OP_ATTN_FWD], 1e-12, 0);  // 7 products against 2
         CHECK(s.launches[OP_ATTN_FWD] == c.num_layers && s.launches[OP_ATTN_BWD] == 3 * c.num_layers);
     }
@@ -57,10 +69,15 @@ TEST(cost_attention_flops_match_the_causal_closed_form) {
 // micro-batch, counted by reading each Cuda op of train()'s step.
 TEST(cost_launches_match_a_hand_count) {
     Config c = cost_preset("baseline");
-    c.num_layers = 2; c.model_dim = 64; c.num_heads = 2; c.num_kv_heads = 1; c.train_seq_len = 64; c.train_batch_tokens = 128;
+    c.num_layers = 2;
+    c.model_dim = 64;
+    c.num_heads = 2;
+    c.num_kv_heads = 1;
+    c.train_seq_len = 64;
+    c.train_batch_tokens = 128;
     c.grad_accum_steps = 1;
-    CHECK(c.grad_clip_norm == 0 && c.tie_embeddings && !c.bigram_vocab_size && !c.bigram_hash_size && !c.smear && !c.smear_gate &&
-          c.xsa_last_n == 0 && c.muon_backend_steps == 5 && c.ema_decay == 0);
+    CHECK(c.grad_clip_norm == 0 && c.tie_embeddings && !c.bigram_vocab_size && !c.bigram_hash_size && !c.smear &&
+          !c.smear_gate && c.xsa_last_n == 0 && c.muon_backend_steps == 5 && c.ema_decay == 0);
     CostSums s = cost_sums(c, 1);
     // memsets: the gradient arena; backward head: dx, dx0, the skip's gradient, dn; per layer dxa, dm, du,
     // dh, dn, dxm, da, dy, dv, dqr, dkr, dq, dk, dn, dx (15); de before the embedding norm
@@ -79,11 +96,13 @@ TEST(cost_launches_match_a_hand_count) {
     // the encoder's skip-gradient add and dx0 add (2); the embedding norm; embedding backward (iota,
     // cub's single-tile sort of the 128 pairs, the row sums)
     int bwd = 1 + 2 * 13 + 2 + 2 + 1 + 3;
-    CHECK_MSG(s.launches[OP_ELEMENTWISE] == fwd + bwd + 1, "elementwise launches %ld, hand count %d",  // + the bf16 weight cast
+    // + the bf16 weight cast
+    CHECK_MSG(s.launches[OP_ELEMENTWISE] == fwd + bwd + 1, "elementwise launches %ld, hand count %d",
               s.launches[OP_ELEMENTWISE], fwd + bwd + 1);
     // optimizer: 12 matrices × (momentum, normalize, 5 × 3 Newton–Schulz GEMMs, finish) and their updates;
     // Adam for tok_emb, skip_weights and per layer attn_scale, mlp_scale, resid_mix, q_gain
-    CHECK_MSG(s.launches[OP_OPTIMIZER] == 12 * (3 + 15) + 12 + (2 + 2 * 4), "optimizer launches %ld", s.launches[OP_OPTIMIZER]);
+    CHECK_MSG(s.launches[OP_OPTIMIZER] == 12 * (3 + 15) + 12 + (2 + 2 * 4), "optimizer launches %ld",
+              s.launches[OP_OPTIMIZER]);
 }
 
 TEST(cost_scales_with_batch_layers_and_ranks) {

@@ -21,7 +21,11 @@ static CallCounts cost_call_counts(const std::vector<CostEntry>& list) {
 }
 static CallCounts emu_call_counts_of(const EmuCounts& e) {
     CallCounts n;
-    n.launches = e.launches; n.memsets = e.memsets; n.copies = e.copies; n.gemms = e.gemms; n.collectives = e.collectives;
+    n.launches = e.launches;
+    n.memsets = e.memsets;
+    n.copies = e.copies;
+    n.gemms = e.gemms;
+    n.collectives = e.collectives;
     return n;
 }
 // The emulator's launches by kernel, for the message when the counts differ.
@@ -30,7 +34,8 @@ static std::string emu_kernel_list(const EmuCounts& e) {
     for (auto& k : e.kernels) s += test_format("\n    %4ld %s", k.second, k.first);
     return s;
 }
-static void check_call_counts(const std::string& what, const CallCounts& cost, const CallCounts& emu, const EmuCounts& e) {
+static void check_call_counts(const std::string& what, const CallCounts& cost, const CallCounts& emu,
+                              const EmuCounts& e) {
     bool same = cost.launches == emu.launches && cost.memsets == emu.memsets && cost.copies == emu.copies &&
                 cost.gemms == emu.gemms && cost.collectives == emu.collectives;
     CHECK_MSG(same, "%s: cost model / emulator: kernel launches %ld / %ld, memsets %ld / %ld, copies %ld / %ld, "

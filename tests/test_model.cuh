@@ -62,7 +62,8 @@ static void gradcheck_model(int variant) {
         }
         double rel = std::sqrt(num / std::max(den, 1e-300));
         CHECK_MSG(den > 0, "%s: gradient is identically zero on the checked elements", p.name.c_str());
-        CHECK_MSG(rel < 1e-6, "%s: relative error %.3g of the analytic gradient vs finite differences", p.name.c_str(), rel);
+        CHECK_MSG(rel < 1e-6, "%s: relative error %.3g of the analytic gradient vs finite differences", p.name.c_str(),
+                  rel);
     }
 }
 
