@@ -5,12 +5,14 @@
 // Each test prints exactly one line that tests/run.sh counts:
 //   PASS name (0.12s)  |  FAIL name: why  |  SKIP name: why
 // A binary exits non-zero when any test failed. `./test_x pattern` runs only
-// the tests whose name contains `pattern`; `./test_x -pattern` all but those (see test_selected).
+// the tests whose name contains `pattern`; `./test_x -pattern` all but those (see test_selected);
+// `./test_x --list [patterns]` prints the names the patterns select, one a line, and runs nothing.
 #pragma once
 #include <chrono>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -91,7 +93,10 @@ inline void check_close_vec(const char* file, int line, const A* got, const B* w
 
 // Which tests run: `pattern` includes the names containing it, `-pattern` excludes them; the last
 // pattern a name matches decides. A name no pattern matches runs when the first pattern excludes.
+// PGOLF_TEST_FILTER=text (tests/run.sh PATTERN sets it) narrows the selection to names containing text.
 inline bool test_selected(const char* name, int argc, char** argv) {
+    const char* only = getenv("PGOLF_TEST_FILTER");
+    if (only && *only && !strstr(name, only)) return false;
     bool run = argc < 2 || argv[1][0] == '-';
     for (int i = 1; i < argc; i++) {
         bool exclude = argv[i][0] == '-';
@@ -101,6 +106,11 @@ inline bool test_selected(const char* name, int argc, char** argv) {
 }
 
 inline int test_main(int argc, char** argv) {
+    if (argc >= 2 && strcmp(argv[1], "--list") == 0) {  // the names the patterns after --list select
+        for (const TestCase& t : test_registry())
+            if (test_selected(t.name, argc - 1, argv + 1)) printf("%s\n", t.name);
+        return 0;
+    }
     int passed = 0, failed = 0, skipped = 0;
     for (const TestCase& t : test_registry()) {
         if (!test_selected(t.name, argc, argv)) continue;
