@@ -10,13 +10,22 @@
 //
 // The same driver runs on the CPU (plain C++ reference: the golden model every CUDA kernel is
 // tested against) and on the GPU; only the math of each operation differs. Sections, in order:
-//   1. utilities and checks           7. optimizers, schedule, weight averaging, QAT
-//   2. configuration and presets      8. distributed (MPI, NCCL)
-//   3. data: shards and loaders       9. compression: quantization and the artifact
-//   4. parameters: table and arenas  10. evaluation: val_bpb, sliding window, both TTTs
-//   5. operations (CPU, then CUDA)   11. checkpoints
-//   6. the model: forward/backward   12. training driver and main
-//                                    13. the cost model of a training step (`./train_gpt cost`)
+//    1. utilities and checks, then the GPU's: device tag and error checks, PROFILE=1, launch geometry,
+//       deterministic reductions, device memory
+//    2. configuration and presets
+//    3. data: shards and loaders
+//    4. parameters: table and arenas
+//    5. operations: each one's CPU reference forward and backward, then its CUDA kernels and launchers
+//    6. the model: activations, LoRA adapters, forward and backward (written once over the device tag)
+//    7. optimizers (CPU, then CUDA), schedule, weight averaging, QAT
+//    8. distributed (MPI, NCCL)
+//    9. compression: quantization and the artifact
+//   10. evaluation: val_bpb, sliding window, both TTTs
+//   11. checkpoints
+//   12. training driver: training state, optimizer_step, train, run
+//   13. the cost model of a training step (`./train_gpt cost`)
+//   then the GPU run (the memory plan, run_cuda) and main().
+// One training step in reading order, function by function: README.md, "Read the code".
 // Sections between `#ifdef PGOLF_CPU_REFERENCE` fences are the CPU reference; `make submission`
 // strips them (and comments) to produce the byte-counted single file.
 
