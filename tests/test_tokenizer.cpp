@@ -119,19 +119,13 @@ static std::string tiny_model_bytes(const std::vector<TinyPiece>& normal, bool b
     return s;
 }
 
+// table: the pieces of the tiny model, rows of data
 static std::vector<TinyPiece> tiny_vocab() {
-    return {{"ab", -1, SPM_NORMAL},
-            {"bc", -0.5f, SPM_NORMAL},
-            {"aa", -2, SPM_NORMAL},
-            {"\xE2\x96\x81"
-             "a",
-             -3, SPM_NORMAL},
-            {"a", -10, SPM_NORMAL},
-            {"b", -11, SPM_NORMAL},
-            {"c", -12, SPM_NORMAL},
-            {"\xE2\x96\x81", -13, SPM_NORMAL},
-            {"\xC3\xA9", -14, SPM_NORMAL}};
+    return {{"ab", -1, SPM_NORMAL}, {"bc", -0.5f, SPM_NORMAL}, {"aa", -2, SPM_NORMAL}, {"\xE2\x96\x81" "a", -3, SPM_NORMAL},
+            {"a", -10, SPM_NORMAL}, {"b", -11, SPM_NORMAL}, {"c", -12, SPM_NORMAL},
+            {"\xE2\x96\x81", -13, SPM_NORMAL}, {"\xC3\xA9", -14, SPM_NORMAL}};
 }
+// end table
 
 // --- checksum ----------------------------------------------------------------------------------------
 
@@ -143,90 +137,13 @@ TEST(fnv1a64_published_vectors) {
 
 // --- model facts -------------------------------------------------------------------
 
-static const char* SINGLE_CHARS[84] = {"\xE2\x96\x81",
-                                       "e",
-                                       "t",
-                                       "a",
-                                       "o",
-                                       "i",
-                                       "n",
-                                       "s",
-                                       "r",
-                                       "h",
-                                       "l",
-                                       "d",
-                                       "c",
-                                       "u",
-                                       "m",
-                                       "p",
-                                       "g",
-                                       "f",
-                                       "y",
-                                       "w",
-                                       "b",
-                                       ".",
-                                       "v",
-                                       ",",
-                                       "k",
-                                       "T",
-                                       "I",
-                                       "S",
-                                       "A",
-                                       "-",
-                                       "C",
-                                       "0",
-                                       "1",
-                                       "M",
-                                       "P",
-                                       "B",
-                                       "x",
-                                       "2",
-                                       "W",
-                                       "D",
-                                       "R",
-                                       "E",
-                                       "H",
-                                       "F",
-                                       "L",
-                                       "O",
-                                       "N",
-                                       "\xE2\x80\x99",
-                                       "'",
-                                       ":",
-                                       "G",
-                                       "j",
-                                       ")",
-                                       "3",
-                                       "(",
-                                       "z",
-                                       "5",
-                                       "q",
-                                       "\"",
-                                       "U",
-                                       "4",
-                                       "J",
-                                       "9",
-                                       "6",
-                                       "8",
-                                       "V",
-                                       "Y",
-                                       "K",
-                                       "7",
-                                       "!",
-                                       "|",
-                                       "/",
-                                       "?",
-                                       "\xE2\x80\x9C",
-                                       "\xE2\x80\x9D",
-                                       ";",
-                                       "\xE2\x80\x93",
-                                       "&",
-                                       "$",
-                                       "\xE2\x80\x94",
-                                       "Q",
-                                       "X",
-                                       "%",
-                                       "Z"};
+// table: the 84 single-character pieces of the 1024 model, in id order
+static const char* SINGLE_CHARS[84] = {
+    "\xE2\x96\x81", "e", "t", "a", "o", "i", "n", "s", "r", "h", "l", "d", "c", "u", "m", "p", "g", "f", "y", "w", "b", ".", "v", ",",
+    "k", "T", "I", "S", "A", "-", "C", "0", "1", "M", "P", "B", "x", "2", "W", "D", "R", "E", "H", "F", "L", "O", "N",
+    "\xE2\x80\x99", "'", ":", "G", "j", ")", "3", "(", "z", "5", "q", "\"", "U", "4", "J", "9", "6", "8", "V", "Y", "K", "7",
+    "!", "|", "/", "?", "\xE2\x80\x9C", "\xE2\x80\x9D", ";", "\xE2\x80\x93", "&", "$", "\xE2\x80\x94", "Q", "X", "%", "Z"};
+// end table
 
 TEST(model_1024_facts) {
     const SpmModel& m = model(1024);
