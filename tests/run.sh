@@ -24,7 +24,7 @@ report() {  # report NAME CMD...: run, echo the PASS/FAIL/SKIP lines, count them
     local name="$1"; shift
     echo "== $name"
     local out; out=$(mktemp)
-    "$@" 2>&1 | tee "$out" | grep -E '^(PASS|FAIL|SKIP) ' | grep -E "${KEEP:-.}" ; local rc=${PIPESTATUS[0]}
+    "$@" 2>&1 | tee "$out" | grep --line-buffered -E '^(PASS|FAIL|SKIP) ' | grep -E "${KEEP:-.}" ; local rc=${PIPESTATUS[0]}
     grep -E '^(PASS|FAIL|SKIP) ' "$out" | grep -E "${KEEP:-.}" >> "$log"
     if [ "$rc" -ne 0 ] && ! grep -qE '^FAIL ' "$out"; then
         echo "FAIL $name: exited with status $rc"; tail -n 20 "$out" | sed 's/^/    /'
