@@ -3,7 +3,8 @@
 #   tests/run.sh                 every test (make test)
 #   tests/run.sh --cpu           every test that needs no CUDA path (make test-cpu): tests/test_main_cpu (the
 #                                g++ build of the test binary) instead of tests/test_main and the emulator's
-#                                tests/test_main_emu, and no script whose name says cuda or emu
+#                                tests/test_main_emu, and no script whose name says cuda, emu or gpu (they
+#                                build or run ./train_gpt, the nvcc build, or the emulator)
 #   tests/run.sh [--cpu] NAME    only the tests whose name contains NAME: a program whose file name contains
 #                                NAME runs whole; a test binary runs the tests of its own that match
 #                                (PGOLF_TEST_FILTER, tests/harness.h), if it has any; a script runs when its
@@ -23,13 +24,14 @@ crashed=0
 report() {  # report NAME CMD...: run, echo the PASS/FAIL/SKIP lines, count them (KEEP: only those matching)
     local name="$1"; shift
     echo "== $name"
-    local out; out=$(mktemp)
+    local out; out=$(mktemp) t0=$SECONDS
     "$@" 2>&1 | tee "$out" | grep --line-buffered -E '^(PASS|FAIL|SKIP) ' | grep -E "${KEEP:-.}" ; local rc=${PIPESTATUS[0]}
     grep -E '^(PASS|FAIL|SKIP) ' "$out" | grep -E "${KEEP:-.}" >> "$log"
     if [ "$rc" -ne 0 ] && ! grep -qE '^FAIL ' "$out"; then
         echo "FAIL $name: exited with status $rc"; tail -n 20 "$out" | sed 's/^/    /'
         crashed=$((crashed + 1))
     fi
+    echo "   ($name: $((SECONDS - t0)) s)"
     rm -f "$out"
 }
 
@@ -69,7 +71,7 @@ else
         -cuda_host_without_gpu emu_
 fi
 for script in tests/test_*.sh; do
-    [ "$cpu_only" = 1 ] && [[ "$script" == *cuda* || "$script" == *emu* ]] && continue
+    [ "$cpu_only" = 1 ] && [[ "$script" == *cuda* || "$script" == *emu* || "$script" == *gpu* ]] && continue
     [ -f "$script" ] && run_script "$script"
 done
 
