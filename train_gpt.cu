@@ -3987,98 +3987,155 @@ template <class T, class X> static void device_copy(Cpu<T>, X* dst, const X* src
 #endif
 
 // Activations of one forward pass over B sequences of T tokens, kept for the backward.
+// Shapes: rows are the B*T tokens; C = model_dim, KV = kv_dim (num_kv_heads · head_dim), F = mlp_hidden,
+// H / Hk = query / key-value heads, V = vocab_size, BD = bigram_dim. Statistics are one per row (and head).
 template <class D> struct LayerActs {
     using A = typename D::act;
     using S = typename D::stat;
-    A *x_in, *xm, *n1, *q, *k, *v, *qr, *kr, *ya, *y, *a, *xa, *n2, *h, *u, *m, *x_out;
-    S *r1, *qrs, *krs, *lse, *r2;
+    A* residual_in;          // (B*T, C) the stream entering the block (aliases the previous residual_out)
+    A* residual_mixed;       // (B*T, C) resid_mix[0] ⊙ residual_in + resid_mix[1] ⊙ x0
+    A* attn_norm;            // (B*T, C) rmsnorm(residual_mixed), input of q, k, v
+    S* attn_norm_rstd;       // (B*T)
+    A* q_proj;               // (B*T, C) attn_norm · c_qᵀ
+    A* k_proj;               // (B*T, KV) attn_norm · c_kᵀ
+    A* v_proj;               // (B*T, KV) attn_norm · c_vᵀ, the values attention reads
+    A* q_rope;               // (B*T, C) q_gain ⊙ rope(rmsnorm per head(q_proj)), the queries attention reads
+    A* k_rope;               // (B*T, KV) rope(rmsnorm per head(k_proj)), the keys attention reads
+    S* q_rstd;               // (B*T, H)
+    S* k_rstd;               // (B*T, Hk)
+    A* attn_out;             // (B*T, C) causal softmax(q kᵀ/√hd) v, per head
+    S* attn_lse;             // (B*T, H) log-sum-exp of each softmax row
+    A* attn_proj_in;         // (B*T, C) XSA(attn_out, v_proj) (aliases attn_out in layers without XSA)
+    A* attn_proj_out;        // (B*T, C) attn_proj_in · attn_projᵀ
+    A* residual_after_attn;  // (B*T, C) residual_mixed + attn_scale ⊙ σ(attn_gate) ⊙ attn_proj_out
+    A* mlp_norm;             // (B*T, C) rmsnorm(residual_after_attn), input of fc
+    S* mlp_norm_rstd;        // (B*T)
+    A* mlp_hidden;           // (B*T, F) mlp_norm · fcᵀ
+    A* mlp_act;              // (B*T, F) relu²(mlp_hidden) (or leaky_relu²)
+    A* mlp_proj_out;         // (B*T, C) mlp_act · mlp_projᵀ
+    A* residual_out;         // (B*T, C) residual_after_attn + mlp_scale ⊙ σ(mlp_gate) ⊙ mlp_proj_out
 };
 template <class D> struct Acts {
     using A = typename D::act;
     using S = typename D::stat;
-    int B = 0, T = 0;                       // capacity
-    int32_t *inputs, *targets, *bigram_idx;
-    float* loss_weights;                    // dloss/dnll per position (null: no backward)
-    A *e_tok, *bigram_h, *bigram_p, *e, *xn0, *x0, *hf, *logits;
-    S *r0, *rf, *losses;
+    int B = 0, T = 0;              // capacity
+    int32_t* inputs;               // (B*T) token ids
+    int32_t* targets;              // (B*T) next-token ids
+    int32_t* bigram_idx;           // (B*T) BigramHash buckets
+    float* loss_weights;           // (B*T) dloss/dnll per position (null: no backward)
+    A* tok_embed;                  // (B*T, C) tok_emb rows of the inputs
+    A* bigram_embed;               // (B*T, BD) bigram_embed rows of the buckets (BIGRAM_VOCAB_SIZE only)
+    A* bigram_proj_out;            // (B*T, C) bigram_embed · bigram_projᵀ, or the hash embedding's rows
+    A* embed_sum;                  // (B*T, C) tok_embed + the bigram branch
+    A* embed_norm;                 // (B*T, C) rmsnorm of the embedding
+    S* embed_norm_rstd;            // (B*T)
+    A* residual_x0;                // (B*T, C) x0, the second residual lane: SmearGate(embed_norm) or embed_norm itself
     std::vector<LayerActs<D>> layers;
-    // backward scratch
-    A *dx, *dx0, *dxa, *dxm, *dn, *dq, *dk, *dv, *dqr, *dkr, *dy, *dya, *da, *dh, *du, *dm, *de, *dbh, *dbp;
-    std::vector<A*> dskips;                 // gradient flowing back into each encoder output
+    A* final_norm;                 // (B*T, C) rmsnorm of the last residual_out, input of the head
+    S* final_norm_rstd;            // (B*T)
+    A* logits;                     // (B*T, V) the head's logits; after a forward with grad, dloss/dlogits
+    S* losses;                     // (B*T) NLL per position
+    // backward scratch: d_X is the gradient of the forward's X (reused by every layer, see gpt_backward)
+    A* d_residual;                 // (B*T, C) of the stream at the current point (residual_out, then residual_in)
+    A* d_residual_x0;              // (B*T, C) of residual_x0, summed over the layers
+    A* d_residual_after_attn;      // (B*T, C)
+    A* d_residual_mixed;           // (B*T, C)
+    A* d_norm;                     // (B*T, C) of the norm being differentiated (final, mlp, attn, embedding)
+    A* d_q_proj;                   // (B*T, C)
+    A* d_k_proj;                   // (B*T, KV)
+    A* d_v_proj;                   // (B*T, KV)
+    A* d_q_rope;                   // (B*T, C)
+    A* d_k_rope;                   // (B*T, KV)
+    A* d_attn_proj_in;             // (B*T, C)
+    A* d_attn_out;                 // (B*T, C) (XSA layers only; otherwise d_attn_proj_in is it)
+    A* d_attn_proj_out;            // (B*T, C)
+    A* d_mlp_hidden;               // (B*T, F)
+    A* d_mlp_act;                  // (B*T, F)
+    A* d_mlp_proj_out;             // (B*T, C)
+    A* d_embed_sum;                // (B*T, C)
+    A* d_bigram_embed;             // (B*T, BD)
+    A* d_bigram_proj_out;          // (B*T, C)
+    std::vector<A*> d_skips;       // (B*T, C) each: gradient flowing back into each encoder output that feeds a skip
 };
 
 template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c, int B, int T) {
     using A = typename D::act;
     using S = typename D::stat;
-    size_t N = (size_t)B * T, Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden(), H = c.num_heads,
-           Hk = c.num_kv_heads;
+    size_t N = (size_t)B * T;
+    size_t C = c.model_dim;
+    size_t KV = c.kv_dim();
+    size_t F = c.mlp_hidden();
+    size_t H = c.num_heads;
+    size_t Hk = c.num_kv_heads;
+    size_t BD = c.bigram_dim;
+    bool bigram_branch = c.bigram_vocab_size || c.bigram_hash_size;
     a.B = B;
     a.T = T;
     a.inputs = ar.take<int32_t>(N);
     a.targets = ar.take<int32_t>(N);
     a.bigram_idx = ar.take<int32_t>(N);
     a.loss_weights = ar.take<float>(N);
-    a.e_tok = ar.take<A>(N * Dm);
-    a.bigram_h = c.bigram_vocab_size ? ar.take<A>(N * c.bigram_dim) : nullptr;
-    a.bigram_p = (c.bigram_vocab_size || c.bigram_hash_size) ? ar.take<A>(N * Dm) : nullptr;
-    a.e = ar.take<A>(N * Dm);
-    a.xn0 = ar.take<A>(N * Dm);
-    a.r0 = ar.take<S>(N);
-    a.x0 = c.smear ? ar.take<A>(N * Dm) : a.xn0;
+    a.tok_embed = ar.take<A>(N * C);
+    a.bigram_embed = c.bigram_vocab_size ? ar.take<A>(N * BD) : nullptr;
+    a.bigram_proj_out = bigram_branch ? ar.take<A>(N * C) : nullptr;
+    a.embed_sum = ar.take<A>(N * C);
+    a.embed_norm = ar.take<A>(N * C);
+    a.embed_norm_rstd = ar.take<S>(N);
+    a.residual_x0 = c.smear ? ar.take<A>(N * C) : a.embed_norm;
     a.layers.assign(c.num_layers, {});
     int enc = c.num_encoder_layers();
     for (int l = 0; l < c.num_layers; l++) {
         LayerActs<D>& L = a.layers[l];
         bool skip_in = l >= enc && (l - enc) < c.num_skip_weights();
-        L.x_in = (l == 0 || skip_in) ? ar.take<A>(N * Dm) : a.layers[l - 1].x_out;
-        L.xm = ar.take<A>(N * Dm);
-        L.n1 = ar.take<A>(N * Dm);
-        L.r1 = ar.take<S>(N);
-        L.q = ar.take<A>(N * Dm);
-        L.k = ar.take<A>(N * KV);
-        L.v = ar.take<A>(N * KV);
-        L.qr = ar.take<A>(N * Dm);
-        L.kr = ar.take<A>(N * KV);
-        L.qrs = ar.take<S>(N * H);
-        L.krs = ar.take<S>(N * Hk);
-        L.ya = ar.take<A>(N * Dm);
-        L.lse = ar.take<S>(N * H);
+        L.residual_in = (l == 0 || skip_in) ? ar.take<A>(N * C) : a.layers[l - 1].residual_out;
+        L.residual_mixed = ar.take<A>(N * C);
+        L.attn_norm = ar.take<A>(N * C);
+        L.attn_norm_rstd = ar.take<S>(N);
+        L.q_proj = ar.take<A>(N * C);
+        L.k_proj = ar.take<A>(N * KV);
+        L.v_proj = ar.take<A>(N * KV);
+        L.q_rope = ar.take<A>(N * C);
+        L.k_rope = ar.take<A>(N * KV);
+        L.q_rstd = ar.take<S>(N * H);
+        L.k_rstd = ar.take<S>(N * Hk);
+        L.attn_out = ar.take<A>(N * C);
+        L.attn_lse = ar.take<S>(N * H);
         bool xsa = (l % c.num_cores()) >= c.num_cores() - c.xsa_last_n;
-        L.y = xsa ? ar.take<A>(N * Dm) : L.ya;
-        L.a = ar.take<A>(N * Dm);
-        L.xa = ar.take<A>(N * Dm);
-        L.n2 = ar.take<A>(N * Dm);
-        L.r2 = ar.take<S>(N);
-        L.h = ar.take<A>(N * F);
-        L.u = ar.take<A>(N * F);
-        L.m = ar.take<A>(N * Dm);
-        L.x_out = ar.take<A>(N * Dm);
+        L.attn_proj_in = xsa ? ar.take<A>(N * C) : L.attn_out;
+        L.attn_proj_out = ar.take<A>(N * C);
+        L.residual_after_attn = ar.take<A>(N * C);
+        L.mlp_norm = ar.take<A>(N * C);
+        L.mlp_norm_rstd = ar.take<S>(N);
+        L.mlp_hidden = ar.take<A>(N * F);
+        L.mlp_act = ar.take<A>(N * F);
+        L.mlp_proj_out = ar.take<A>(N * C);
+        L.residual_out = ar.take<A>(N * C);
     }
-    a.hf = ar.take<A>(N * Dm);
-    a.rf = ar.take<S>(N);
+    a.final_norm = ar.take<A>(N * C);
+    a.final_norm_rstd = ar.take<S>(N);
     a.logits = ar.take<A>(N * c.vocab_size);
     a.losses = ar.take<S>(N);
-    a.dx = ar.take<A>(N * Dm);
-    a.dx0 = ar.take<A>(N * Dm);
-    a.dxa = ar.take<A>(N * Dm);
-    a.dxm = ar.take<A>(N * Dm);
-    a.dn = ar.take<A>(N * Dm);
-    a.dq = ar.take<A>(N * Dm);
-    a.dk = ar.take<A>(N * KV);
-    a.dv = ar.take<A>(N * KV);
-    a.dqr = ar.take<A>(N * Dm);
-    a.dkr = ar.take<A>(N * KV);
-    a.dy = ar.take<A>(N * Dm);
-    a.dya = ar.take<A>(N * Dm);
-    a.da = ar.take<A>(N * Dm);
-    a.dh = ar.take<A>(N * F);
-    a.du = ar.take<A>(N * F);
-    a.dm = ar.take<A>(N * Dm);
-    a.de = ar.take<A>(N * Dm);
-    a.dbh = c.bigram_vocab_size ? ar.take<A>(N * c.bigram_dim) : nullptr;
-    a.dbp = (c.bigram_vocab_size || c.bigram_hash_size) ? ar.take<A>(N * Dm) : nullptr;
-    a.dskips.assign(c.num_skip_weights(), nullptr);
-    for (int i = 0; i < c.num_skip_weights(); i++) a.dskips[i] = ar.take<A>(N * Dm);
+    a.d_residual = ar.take<A>(N * C);
+    a.d_residual_x0 = ar.take<A>(N * C);
+    a.d_residual_after_attn = ar.take<A>(N * C);
+    a.d_residual_mixed = ar.take<A>(N * C);
+    a.d_norm = ar.take<A>(N * C);
+    a.d_q_proj = ar.take<A>(N * C);
+    a.d_k_proj = ar.take<A>(N * KV);
+    a.d_v_proj = ar.take<A>(N * KV);
+    a.d_q_rope = ar.take<A>(N * C);
+    a.d_k_rope = ar.take<A>(N * KV);
+    a.d_attn_proj_in = ar.take<A>(N * C);
+    a.d_attn_out = ar.take<A>(N * C);
+    a.d_attn_proj_out = ar.take<A>(N * C);
+    a.d_mlp_hidden = ar.take<A>(N * F);
+    a.d_mlp_act = ar.take<A>(N * F);
+    a.d_mlp_proj_out = ar.take<A>(N * C);
+    a.d_embed_sum = ar.take<A>(N * C);
+    a.d_bigram_embed = c.bigram_vocab_size ? ar.take<A>(N * BD) : nullptr;
+    a.d_bigram_proj_out = bigram_branch ? ar.take<A>(N * C) : nullptr;
+    a.d_skips.assign(c.num_skip_weights(), nullptr);
+    for (int i = 0; i < c.num_skip_weights(); i++) a.d_skips[i] = ar.take<A>(N * C);
 }
 
 // Per-document LoRA adapters for test-time training: on target linear y = W x of document b,
@@ -4222,62 +4279,64 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
     if (T > a.T || N > a.B * a.T)
         fail("internal: batch %d×%d exceeds the activation plan of %d×%d tokens", B, T, a.B, a.T);
     // embeddings: token, BigramHash, RMSNorm, SmearGate
-    embedding_forward(dev, a.e_tok, a.inputs, W.tok_emb, N, Dm);
-    typename D::act* e = a.e_tok;
+    embedding_forward(dev, a.tok_embed, a.inputs, W.tok_emb, N, Dm);
+    typename D::act* e = a.tok_embed;
     if (c.bigram_vocab_size) {
         bigram_lookup(dev, a.bigram_idx, a.inputs, B, T, c.bigram_vocab_size, c.vocab_size, false);
-        embedding_forward(dev, a.bigram_h, a.bigram_idx, W.bigram_embed, N, c.bigram_dim);
-        if (W.bigram_proj) matmul_forward(dev, a.bigram_p, a.bigram_h, W.bigram_proj, N, c.bigram_dim, Dm);
-        branch_add_forward(dev, a.e, a.e_tok, W.bigram_proj ? a.bigram_p : a.bigram_h, W.bigram_scale, no_gate, N, Dm,
-                           0);
-        e = a.e;
+        embedding_forward(dev, a.bigram_embed, a.bigram_idx, W.bigram_embed, N, c.bigram_dim);
+        if (W.bigram_proj) matmul_forward(dev, a.bigram_proj_out, a.bigram_embed, W.bigram_proj, N, c.bigram_dim, Dm);
+        const typename D::act* bigram_branch = W.bigram_proj ? a.bigram_proj_out : a.bigram_embed;
+        branch_add_forward(dev, a.embed_sum, a.tok_embed, bigram_branch, W.bigram_scale, no_gate, N, Dm, 0);
+        e = a.embed_sum;
     } else if (c.bigram_hash_size) {
         bigram_lookup(dev, a.bigram_idx, a.inputs, B, T, c.bigram_hash_size, c.vocab_size, true);
-        embedding_forward(dev, a.bigram_p, a.bigram_idx, W.bigram_embed, N, Dm);
-        add_forward(dev, a.e, a.e_tok, a.bigram_p, (size_t)N * Dm);
-        e = a.e;
+        embedding_forward(dev, a.bigram_proj_out, a.bigram_idx, W.bigram_embed, N, Dm);
+        add_forward(dev, a.embed_sum, a.tok_embed, a.bigram_proj_out, (size_t)N * Dm);
+        e = a.embed_sum;
     }
-    rmsnorm_forward(dev, a.xn0, a.r0, e, N, Dm);
-    if (c.smear) smear_forward(dev, a.x0, a.xn0, W.smear_gate, N, T, Dm);
+    rmsnorm_forward(dev, a.embed_norm, a.embed_norm_rstd, e, N, Dm);
+    if (c.smear) smear_forward(dev, a.residual_x0, a.embed_norm, W.smear_gate, N, T, Dm);
     // blocks, with U-Net skips from the first half into the second
     int enc = c.num_encoder_layers();
     for (int l = 0; l < c.num_layers; l++) {
         LayerActs<D>& L = a.layers[l];
         const auto& LW = W.layers[l];
-        if (l == 0) copy_forward(dev, L.x_in, a.x0, (size_t)N * Dm);
+        if (l == 0) copy_forward(dev, L.residual_in, a.residual_x0, (size_t)N * Dm);
         else if (l >= enc && l - enc < c.num_skip_weights()) {
             int i = l - enc;  // decoder layer i takes encoder output enc−1−i (a stack)
-            branch_add_forward(dev, L.x_in, a.layers[l - 1].x_out, a.layers[enc - 1 - i].x_out,
-                               W.skip_weights + (size_t)i * Dm, no_gate, N, Dm);
+            const typename D::act* skip = a.layers[enc - 1 - i].residual_out;
+            const typename D::vec* skip_weight = W.skip_weights + (size_t)i * Dm;
+            branch_add_forward(dev, L.residual_in, a.layers[l - 1].residual_out, skip, skip_weight, no_gate, N, Dm);
         }
-        resid_mix_forward(dev, L.xm, L.x_in, a.x0, LW.resid_mix, N, Dm);
-        rmsnorm_forward(dev, L.n1, L.r1, L.xm, N, Dm);
-        matmul_forward(dev, L.q, L.n1, LW.c_q, N, Dm, Dm);
-        matmul_forward(dev, L.k, L.n1, LW.c_k, N, Dm, KV);
-        matmul_forward(dev, L.v, L.n1, LW.c_v, N, Dm, KV);
-        lora_forward(dev, lo, LORA_Q, l, L.q, L.n1, T);
-        lora_forward(dev, lo, LORA_K, l, L.k, L.n1, T);
-        lora_forward(dev, lo, LORA_V, l, L.v, L.n1, T);
-        qk_norm_rope_forward(dev, L.qr, L.qrs, L.q, LW.q_gain, N, T, H, hd, c.rotary_dims(), c.rope_base);
-        qk_norm_rope_forward(dev, L.kr, L.krs, L.k, (const typename D::vec*)nullptr, N, T, Hk, hd, c.rotary_dims(),
-                             c.rope_base);
-        attention_forward(dev, L.ya, L.lse, L.qr, L.kr, L.v, B, T, H, Hk, hd);
-        if (layer_has_xsa(c, l)) xsa_forward(dev, L.y, L.ya, L.v, N, H, Hk, hd);
-        matmul_forward(dev, L.a, L.y, LW.attn_proj, N, Dm, Dm);
-        lora_forward(dev, lo, LORA_O, l, L.a, L.y, T);
-        branch_add_forward(dev, L.xa, L.xm, L.a, LW.attn_scale, LW.attn_gate, N, Dm);
-        rmsnorm_forward(dev, L.n2, L.r2, L.xa, N, Dm);
-        matmul_forward(dev, L.h, L.n2, LW.fc, N, Dm, F);
-        lora_forward(dev, lo, LORA_UP, l, L.h, L.n2, T);
-        mlp_act_forward(dev, L.u, L.h, (size_t)N * F, c.mlp_activation == "leaky_relu_sq");
-        matmul_forward(dev, L.m, L.u, LW.mlp_proj, N, F, Dm);
-        lora_forward(dev, lo, LORA_DOWN, l, L.m, L.u, T);
-        branch_add_forward(dev, L.x_out, L.xa, L.m, LW.mlp_scale, LW.mlp_gate, N, Dm);
+        resid_mix_forward(dev, L.residual_mixed, L.residual_in, a.residual_x0, LW.resid_mix, N, Dm);
+        rmsnorm_forward(dev, L.attn_norm, L.attn_norm_rstd, L.residual_mixed, N, Dm);
+        matmul_forward(dev, L.q_proj, L.attn_norm, LW.c_q, N, Dm, Dm);
+        matmul_forward(dev, L.k_proj, L.attn_norm, LW.c_k, N, Dm, KV);
+        matmul_forward(dev, L.v_proj, L.attn_norm, LW.c_v, N, Dm, KV);
+        lora_forward(dev, lo, LORA_Q, l, L.q_proj, L.attn_norm, T);
+        lora_forward(dev, lo, LORA_K, l, L.k_proj, L.attn_norm, T);
+        lora_forward(dev, lo, LORA_V, l, L.v_proj, L.attn_norm, T);
+        qk_norm_rope_forward(dev, L.q_rope, L.q_rstd, L.q_proj, LW.q_gain, N, T, H, hd, c.rotary_dims(), c.rope_base);
+        qk_norm_rope_forward(dev, L.k_rope, L.k_rstd, L.k_proj, no_gate, N, T, Hk, hd, c.rotary_dims(), c.rope_base);
+        attention_forward(dev, L.attn_out, L.attn_lse, L.q_rope, L.k_rope, L.v_proj, B, T, H, Hk, hd);
+        if (layer_has_xsa(c, l)) xsa_forward(dev, L.attn_proj_in, L.attn_out, L.v_proj, N, H, Hk, hd);
+        matmul_forward(dev, L.attn_proj_out, L.attn_proj_in, LW.attn_proj, N, Dm, Dm);
+        lora_forward(dev, lo, LORA_O, l, L.attn_proj_out, L.attn_proj_in, T);
+        branch_add_forward(dev, L.residual_after_attn, L.residual_mixed, L.attn_proj_out, LW.attn_scale, LW.attn_gate,
+                           N, Dm);
+        rmsnorm_forward(dev, L.mlp_norm, L.mlp_norm_rstd, L.residual_after_attn, N, Dm);
+        matmul_forward(dev, L.mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F);
+        lora_forward(dev, lo, LORA_UP, l, L.mlp_hidden, L.mlp_norm, T);
+        mlp_act_forward(dev, L.mlp_act, L.mlp_hidden, (size_t)N * F, c.mlp_activation == "leaky_relu_sq");
+        matmul_forward(dev, L.mlp_proj_out, L.mlp_act, LW.mlp_proj, N, F, Dm);
+        lora_forward(dev, lo, LORA_DOWN, l, L.mlp_proj_out, L.mlp_act, T);
+        branch_add_forward(dev, L.residual_out, L.residual_after_attn, L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate,
+                           N, Dm);
     }
     // head: final norm, tied or untied projection, softcap, cross-entropy
-    rmsnorm_forward(dev, a.hf, a.rf, a.layers[c.num_layers - 1].x_out, N, Dm);
-    matmul_forward(dev, a.logits, a.hf, c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm, c.vocab_size);
-    lora_forward(dev, lo, LORA_HEAD, 0, a.logits, a.hf, T);
+    rmsnorm_forward(dev, a.final_norm, a.final_norm_rstd, a.layers[c.num_layers - 1].residual_out, N, Dm);
+    matmul_forward(dev, a.logits, a.final_norm, c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm, c.vocab_size);
+    lora_forward(dev, lo, LORA_HEAD, 0, a.logits, a.final_norm, T);
     softcap_ce(dev, a.losses, a.logits, a.targets, with_grad ? a.loss_weights : nullptr, N, c.vocab_size,
                c.logit_softcap);
 }
@@ -4296,104 +4355,111 @@ static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr
         hd = c.head_dim();
     size_t ND = (size_t)N * Dm, NKV = (size_t)N * KV, NF = (size_t)N * F;
     auto zero = [&](A* p, size_t n) { device_zero(dev, p, n * sizeof(A)); };
-    zero(a.dx, ND);
-    zero(a.dx0, ND);
-    for (A* d : a.dskips) zero(d, ND);
+    typename D::grad* no_grad = nullptr;
+    const typename D::vec* no_vec = nullptr;
+    zero(a.d_residual, ND);
+    zero(a.d_residual_x0, ND);
+    for (A* d : a.d_skips) zero(d, ND);
     // head (a.logits now holds dlogits)
-    zero(a.dn, ND);
-    matmul_backward(dev, a.dn, c.tie_embeddings ? G.tok_emb : G.lm_head, a.logits, a.hf,
+    zero(a.d_norm, ND);
+    matmul_backward(dev, a.d_norm, c.tie_embeddings ? G.tok_emb : G.lm_head, a.logits, a.final_norm,
                     c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm, c.vocab_size);
-    lora_backward(dev, lo, LORA_HEAD, 0, a.dn, a.logits, a.hf, T);
-    rmsnorm_backward(dev, a.dx, a.dn, a.layers[c.num_layers - 1].x_out, a.rf, N, Dm);
+    lora_backward(dev, lo, LORA_HEAD, 0, a.d_norm, a.logits, a.final_norm, T);
+    rmsnorm_backward(dev, a.d_residual, a.d_norm, a.layers[c.num_layers - 1].residual_out, a.final_norm_rstd, N, Dm);
     int enc = c.num_encoder_layers();
     for (int l = c.num_layers - 1; l >= 0; l--) {
         LayerActs<D>& L = a.layers[l];
         const auto& LW = W.layers[l];
         const auto& LG = G.layers[l];
         if (l < enc && l >= enc - c.num_skip_weights())  // this encoder output also fed a skip
-            add_inplace(dev, a.dx, a.dskips[enc - 1 - l], ND);
+            add_inplace(dev, a.d_residual, a.d_skips[enc - 1 - l], ND);
         // MLP branch: x_out = xa + mlp_scale ⊙ σ(gate) ⊙ m
-        zero(a.dxa, ND);
-        zero(a.dm, ND);
-        branch_add_backward(dev, a.dxa, a.dm, LG.mlp_scale, LG.mlp_gate, a.dx, L.m, LW.mlp_scale, LW.mlp_gate, N, Dm);
-        zero(a.du, NF);
-        matmul_backward(dev, a.du, LG.mlp_proj, a.dm, L.u, LW.mlp_proj, N, F, Dm);
-        lora_backward(dev, lo, LORA_DOWN, l, a.du, a.dm, L.u, T);
-        zero(a.dh, NF);
-        mlp_act_backward(dev, a.dh, a.du, L.h, NF, c.mlp_activation == "leaky_relu_sq");
-        zero(a.dn, ND);
-        matmul_backward(dev, a.dn, LG.fc, a.dh, L.n2, LW.fc, N, Dm, F);
-        lora_backward(dev, lo, LORA_UP, l, a.dn, a.dh, L.n2, T);
-        rmsnorm_backward(dev, a.dxa, a.dn, L.xa, L.r2, N, Dm);
+        zero(a.d_residual_after_attn, ND);
+        zero(a.d_mlp_proj_out, ND);
+        branch_add_backward(dev, a.d_residual_after_attn, a.d_mlp_proj_out, LG.mlp_scale, LG.mlp_gate, a.d_residual,
+                            L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate, N, Dm);
+        zero(a.d_mlp_act, NF);
+        matmul_backward(dev, a.d_mlp_act, LG.mlp_proj, a.d_mlp_proj_out, L.mlp_act, LW.mlp_proj, N, F, Dm);
+        lora_backward(dev, lo, LORA_DOWN, l, a.d_mlp_act, a.d_mlp_proj_out, L.mlp_act, T);
+        zero(a.d_mlp_hidden, NF);
+        mlp_act_backward(dev, a.d_mlp_hidden, a.d_mlp_act, L.mlp_hidden, NF, c.mlp_activation == "leaky_relu_sq");
+        zero(a.d_norm, ND);
+        matmul_backward(dev, a.d_norm, LG.fc, a.d_mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F);
+        lora_backward(dev, lo, LORA_UP, l, a.d_norm, a.d_mlp_hidden, L.mlp_norm, T);
+        rmsnorm_backward(dev, a.d_residual_after_attn, a.d_norm, L.residual_after_attn, L.mlp_norm_rstd, N, Dm);
         // attention branch: xa = xm + attn_scale ⊙ σ(gate) ⊙ a
-        zero(a.dxm, ND);
-        zero(a.da, ND);
-        branch_add_backward(dev, a.dxm, a.da, LG.attn_scale, LG.attn_gate, a.dxa, L.a, LW.attn_scale, LW.attn_gate, N,
-                            Dm);
-        zero(a.dy, ND);
-        matmul_backward(dev, a.dy, LG.attn_proj, a.da, L.y, LW.attn_proj, N, Dm, Dm);
-        lora_backward(dev, lo, LORA_O, l, a.dy, a.da, L.y, T);
-        zero(a.dv, NKV);
-        A* dya = a.dy;
+        zero(a.d_residual_mixed, ND);
+        zero(a.d_attn_proj_out, ND);
+        branch_add_backward(dev, a.d_residual_mixed, a.d_attn_proj_out, LG.attn_scale, LG.attn_gate,
+                            a.d_residual_after_attn, L.attn_proj_out, LW.attn_scale, LW.attn_gate, N, Dm);
+        zero(a.d_attn_proj_in, ND);
+        matmul_backward(dev, a.d_attn_proj_in, LG.attn_proj, a.d_attn_proj_out, L.attn_proj_in, LW.attn_proj,
+                        N, Dm, Dm);
+        lora_backward(dev, lo, LORA_O, l, a.d_attn_proj_in, a.d_attn_proj_out, L.attn_proj_in, T);
+        zero(a.d_v_proj, NKV);
+        A* d_attn_out = a.d_attn_proj_in;
         if (layer_has_xsa(c, l)) {
-            zero(a.dya, ND);
-            xsa_backward(dev, a.dya, a.dv, a.dy, L.ya, L.v, N, H, Hk, hd);
-            dya = a.dya;
+            zero(a.d_attn_out, ND);
+            xsa_backward(dev, a.d_attn_out, a.d_v_proj, a.d_attn_proj_in, L.attn_out, L.v_proj, N, H, Hk, hd);
+            d_attn_out = a.d_attn_out;
         }
-        zero(a.dqr, ND);
-        zero(a.dkr, NKV);
-        attention_backward(dev, a.dqr, a.dkr, a.dv, dya, L.qr, L.kr, L.v, L.ya, L.lse, B, T, H, Hk, hd);
-        zero(a.dq, ND);
-        zero(a.dk, NKV);
-        qk_norm_rope_backward(dev, a.dq, LG.q_gain, a.dqr, L.q, L.qrs, LW.q_gain, N, T, H, hd, c.rotary_dims(),
-                              c.rope_base);
-        qk_norm_rope_backward(dev, a.dk, (typename D::grad*)nullptr, a.dkr, L.k, L.krs, (const typename D::vec*)nullptr,
-                              N, T, Hk, hd, c.rotary_dims(), c.rope_base);
-        zero(a.dn, ND);
-        matmul_backward(dev, a.dn, LG.c_q, a.dq, L.n1, LW.c_q, N, Dm, Dm);
-        matmul_backward(dev, a.dn, LG.c_k, a.dk, L.n1, LW.c_k, N, Dm, KV);
-        matmul_backward(dev, a.dn, LG.c_v, a.dv, L.n1, LW.c_v, N, Dm, KV);
-        lora_backward(dev, lo, LORA_Q, l, a.dn, a.dq, L.n1, T);
-        lora_backward(dev, lo, LORA_K, l, a.dn, a.dk, L.n1, T);
-        lora_backward(dev, lo, LORA_V, l, a.dn, a.dv, L.n1, T);
-        rmsnorm_backward(dev, a.dxm, a.dn, L.xm, L.r1, N, Dm);
+        zero(a.d_q_rope, ND);
+        zero(a.d_k_rope, NKV);
+        attention_backward(dev, a.d_q_rope, a.d_k_rope, a.d_v_proj, d_attn_out, L.q_rope, L.k_rope, L.v_proj,
+                           L.attn_out, L.attn_lse, B, T, H, Hk, hd);
+        zero(a.d_q_proj, ND);
+        zero(a.d_k_proj, NKV);
+        qk_norm_rope_backward(dev, a.d_q_proj, LG.q_gain, a.d_q_rope, L.q_proj, L.q_rstd, LW.q_gain, N, T, H, hd,
+                              c.rotary_dims(), c.rope_base);
+        qk_norm_rope_backward(dev, a.d_k_proj, no_grad, a.d_k_rope, L.k_proj, L.k_rstd, no_vec, N, T, Hk, hd,
+                              c.rotary_dims(), c.rope_base);
+        zero(a.d_norm, ND);
+        matmul_backward(dev, a.d_norm, LG.c_q, a.d_q_proj, L.attn_norm, LW.c_q, N, Dm, Dm);
+        matmul_backward(dev, a.d_norm, LG.c_k, a.d_k_proj, L.attn_norm, LW.c_k, N, Dm, KV);
+        matmul_backward(dev, a.d_norm, LG.c_v, a.d_v_proj, L.attn_norm, LW.c_v, N, Dm, KV);
+        lora_backward(dev, lo, LORA_Q, l, a.d_norm, a.d_q_proj, L.attn_norm, T);
+        lora_backward(dev, lo, LORA_K, l, a.d_norm, a.d_k_proj, L.attn_norm, T);
+        lora_backward(dev, lo, LORA_V, l, a.d_norm, a.d_v_proj, L.attn_norm, T);
+        rmsnorm_backward(dev, a.d_residual_mixed, a.d_norm, L.residual_mixed, L.attn_norm_rstd, N, Dm);
         // residual lanes: xm = mix0 ⊙ x_in + mix1 ⊙ x0
-        zero(a.dx, ND);  // dx now becomes the gradient of x_in
-        resid_mix_backward(dev, a.dx, a.dx0, LG.resid_mix, a.dxm, L.x_in, a.x0, LW.resid_mix, N, Dm);
+        zero(a.d_residual, ND);  // d_residual now becomes the gradient of residual_in
+        resid_mix_backward(dev, a.d_residual, a.d_residual_x0, LG.resid_mix, a.d_residual_mixed, L.residual_in,
+                           a.residual_x0, LW.resid_mix, N, Dm);
         if (l >= enc && l - enc < c.num_skip_weights()) {  // x_in = x_out[l−1] + w ⊙ skip
             int i = l - enc;
-            branch_add_backward(dev, (A*)nullptr, a.dskips[i],
-                                G.skip_weights ? G.skip_weights + (size_t)i * Dm : nullptr, (typename D::grad*)nullptr,
-                                a.dx, a.layers[enc - 1 - i].x_out, W.skip_weights + (size_t)i * Dm,
-                                (const typename D::vec*)nullptr, N, Dm);
+            typename D::grad* d_skip_weight = G.skip_weights ? G.skip_weights + (size_t)i * Dm : nullptr;
+            const typename D::vec* skip_weight = W.skip_weights + (size_t)i * Dm;
+            branch_add_backward(dev, (A*)nullptr, a.d_skips[i], d_skip_weight, no_grad, a.d_residual,
+                                a.layers[enc - 1 - i].residual_out, skip_weight, no_vec, N, Dm);
             // the residual part (x_out[l−1]) passes dx through unchanged
         }
-        if (l == 0) add_inplace(dev, a.dx0, a.dx, ND);  // x_in of layer 0 is x0
+        if (l == 0) add_inplace(dev, a.d_residual_x0, a.d_residual, ND);  // x_in of layer 0 is x0
     }
     // embeddings
-    A* dxn0 = a.dx0;
+    A* d_embed_norm = a.d_residual_x0;
     if (c.smear) {
-        zero(a.dn, ND);
-        smear_backward(dev, a.dn, G.smear_gate, a.dx0, a.xn0, W.smear_gate, N, T, Dm);
-        dxn0 = a.dn;
+        zero(a.d_norm, ND);
+        smear_backward(dev, a.d_norm, G.smear_gate, a.d_residual_x0, a.embed_norm, W.smear_gate, N, T, Dm);
+        d_embed_norm = a.d_norm;
     }
-    zero(a.de, ND);
-    const A* e = (c.bigram_vocab_size || c.bigram_hash_size) ? a.e : a.e_tok;
-    rmsnorm_backward(dev, a.de, dxn0, e, a.r0, N, Dm);
-    if (G.tok_emb) embedding_backward(dev, G.tok_emb, a.de, a.inputs, N, Dm);
+    zero(a.d_embed_sum, ND);
+    const A* e = (c.bigram_vocab_size || c.bigram_hash_size) ? a.embed_sum : a.tok_embed;
+    rmsnorm_backward(dev, a.d_embed_sum, d_embed_norm, e, a.embed_norm_rstd, N, Dm);
+    if (G.tok_emb) embedding_backward(dev, G.tok_emb, a.d_embed_sum, a.inputs, N, Dm);
     if (c.bigram_vocab_size) {
-        A* dsrc = W.bigram_proj ? a.dbp : a.dbh;
-        zero(dsrc, (size_t)N * (W.bigram_proj ? Dm : c.bigram_dim));
-        branch_add_backward(dev, (A*)nullptr, dsrc, G.bigram_scale, (typename D::grad*)nullptr, a.de,
-                            W.bigram_proj ? a.bigram_p : a.bigram_h, W.bigram_scale, (const typename D::vec*)nullptr, N,
-                            Dm, 0);
+        A* d_bigram_branch = W.bigram_proj ? a.d_bigram_proj_out : a.d_bigram_embed;
+        const A* bigram_branch = W.bigram_proj ? a.bigram_proj_out : a.bigram_embed;
+        zero(d_bigram_branch, (size_t)N * (W.bigram_proj ? Dm : c.bigram_dim));
+        branch_add_backward(dev, (A*)nullptr, d_bigram_branch, G.bigram_scale, no_grad, a.d_embed_sum,
+                            bigram_branch, W.bigram_scale, no_vec, N, Dm, 0);
         if (W.bigram_proj) {
-            zero(a.dbh, (size_t)N * c.bigram_dim);
-            matmul_backward(dev, a.dbh, G.bigram_proj, a.dbp, a.bigram_h, W.bigram_proj, N, c.bigram_dim, Dm);
+            zero(a.d_bigram_embed, (size_t)N * c.bigram_dim);
+            matmul_backward(dev, a.d_bigram_embed, G.bigram_proj, a.d_bigram_proj_out, a.bigram_embed, W.bigram_proj,
+                            N, c.bigram_dim, Dm);
         }
-        if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, a.dbh, a.bigram_idx, N, c.bigram_dim);
+        if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, a.d_bigram_embed, a.bigram_idx, N, c.bigram_dim);
     } else if (c.bigram_hash_size) {
-        if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, a.de, a.bigram_idx, N, Dm);
+        if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, a.d_embed_sum, a.bigram_idx, N, Dm);
     }
 }
 

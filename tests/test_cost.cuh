@@ -79,8 +79,9 @@ TEST(cost_launches_match_a_hand_count) {
     CHECK(c.grad_clip_norm == 0 && c.tie_embeddings && !c.bigram_vocab_size && !c.bigram_hash_size && !c.smear &&
           !c.smear_gate && c.xsa_last_n == 0 && c.muon_backend_steps == 5 && c.ema_decay == 0);
     CostSums s = cost_sums(c, 1);
-    // memsets: the gradient arena; backward head: dx, dx0, the skip's gradient, dn; per layer dxa, dm, du,
-    // dh, dn, dxm, da, dy, dv, dqr, dkr, dq, dk, dn, dx (15); de before the embedding norm
+    // memsets: the gradient arena; backward head: d_residual, d_residual_x0, the skip's gradient, d_norm; per layer
+    // d_residual_after_attn, d_mlp_proj_out, d_mlp_act, d_mlp_hidden, d_norm, d_residual_mixed, d_attn_proj_out,
+    // d_attn_proj_in, d_v_proj, d_q_rope, d_k_rope, d_q_proj, d_k_proj, d_norm, d_residual (15); d_embed_sum
     CHECK(s.launches[OP_MEMSET] == 1 + 4 + 2 * 15 + 1);
     // host syncs: loss weights, inputs, targets up; losses down (one rank: no NCCL, no MPI; no clipping)
     CHECK(s.launches[OP_SYNC] == 4);

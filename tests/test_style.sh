@@ -56,6 +56,7 @@ python3 scripts/check_style "$tmp/open.cu" 2>/dev/null | grep -q 'without `// en
 # script's own text does not match them)
 mode=(); bin=tests/test_main
 [ -n "${TEST_BIN:-}" ] && { mode=(--cpu); bin=$TEST_BIN; }  # under tests/run.sh --cpu
+[ ! -x "$bin" ] && [ -x tests/test_main_cpu ] && { mode=(--cpu); bin=tests/test_main_cpu; }  # run by hand
 one="checkpoint_rejects_other_shapes""_and_corruption" two="readme_walkthrough""_names_exist"
 if [ ! -x "$bin" ]; then fail run_sh_filters_by_test_name "$bin is not built"
 else
