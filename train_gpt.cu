@@ -706,6 +706,15 @@ static void* device_alloc(Cuda, size_t bytes) {
     return p;
 }
 static void device_free(Cuda, void* p) { if (p) cudaCheck(cudaFree(p)); }
+// Page-locked host memory, zero-filled: copies to and from it run asynchronously (and inside CUDA graphs).
+static void* host_alloc(Cuda, size_t bytes) {
+    cuda_ctx();
+    void* p = nullptr;
+    cudaCheck(cudaMallocHost(&p, bytes ? bytes : 1));
+    memset(p, 0, bytes);
+    return p;
+}
+static void host_free(Cuda, void* p) { if (p) cudaCheck(cudaFreeHost(p)); }
 static void device_zero(Cuda, void* p, size_t bytes) {
     PROFILE_OP(OP_MEMSET);
     if (bytes) cudaCheck(cudaMemsetAsync(p, 0, bytes, cuda_ctx().stream));
@@ -722,6 +731,10 @@ template <class X> static void to_host(Cuda, X* dst, const X* src, size_t n) {
     PROFILE_OP(OP_SYNC);
     cudaCheck(cudaMemcpyAsync(dst, src, n * sizeof(X), cudaMemcpyDeviceToHost, cuda_ctx().stream));
     cudaCheck(cudaStreamSynchronize(g_cuda.stream));
+}
+// Into page-locked memory, without waiting (also inside a CUDA graph): the caller waits for an event.
+template <class X> static void to_host_async(Cuda, X* dst, const X* src, size_t n) {
+    if (n) cudaCheck(cudaMemcpyAsync(dst, src, n * sizeof(X), cudaMemcpyDeviceToHost, cuda_ctx().stream));
 }
 template <class X> static void device_copy(Cuda, X* dst, const X* src, size_t n) {
     if (n && dst != src)
@@ -3974,12 +3987,16 @@ template <class T> static void* device_alloc(Cpu<T>, size_t bytes) {
     return p;
 }
 template <class T> static void device_free(Cpu<T>, void* p) { free(p); }
+template <class T> static void* host_alloc(Cpu<T> dev, size_t bytes) { return device_alloc(dev, bytes); }
 template <class T> static void device_zero(Cpu<T>, void* p, size_t bytes) { memset(p, 0, bytes); }
 template <class T, class X> static void to_device(Cpu<T>, X* dst, const X* src, size_t n) {
     memcpy(dst, src, n * sizeof(X));
 }
 template <class T, class X> static void to_host(Cpu<T>, X* dst, const X* src, size_t n) {
     memcpy(dst, src, n * sizeof(X));
+}
+template <class T, class X> static void to_host_async(Cpu<T> dev, X* dst, const X* src, size_t n) {
+    to_host(dev, dst, src, n);
 }
 template <class T, class X> static void device_copy(Cpu<T>, X* dst, const X* src, size_t n) {
     memcpy(dst, src, n * sizeof(X));
@@ -4553,6 +4570,12 @@ template <class T> static double sum_squares(Cpu<T>, const T* x, size_t n) {
 template <class T> static void scale_grads(Cpu<T>, T* x, size_t n, float s) {
     for (size_t i = 0; i < n; i++) x[i] *= T(s);
 }
+// torch.nn.utils.clip_grad_norm_: scale by max_norm / (‖g‖ + 1e-6) when that is below 1
+template <class T> static void clip_grad_norm(Cpu<T> dev, T* g, size_t n, float max_norm) {
+    double norm = std::sqrt(sum_squares(dev, g, n));
+    double coef = max_norm / (norm + 1e-6);
+    if (coef < 1.0) scale_grads(dev, g, n, (float)coef);
+}
 
 // --- Weight averaging: sum += w (SWA), or ema ← d·ema + (1−d)·w ------------------------------------
 template <class T> static void average_accumulate(Cpu<T>, T* avg, const T* w, size_t n, float decay, bool first) {
@@ -4735,6 +4758,36 @@ static double sum_squares(Cuda dev, const float* x, size_t n) {
     to_host(dev, host, partial, NORM_BLOCKS);
     for (int b = 0; b < NORM_BLOCKS; b++) s += host[b];
     return s;
+}
+// Clipping without a host round trip: one thread adds the partials in block order (as sum_squares on
+// the host) and leaves the coefficient, or 1, in device memory; the scaling kernel reads it there.
+__global__ void clip_coef_kernel(float* coef, const double* partial, float max_norm) {
+    double s = 0.0;
+    for (int b = 0; b < NORM_BLOCKS; b++) s += partial[b];
+    double c = max_norm / (sqrt(s) + 1e-6);
+    *coef = c < 1.0 ? (float)c : 1.0f;
+}
+__global__ void scale_by_coef_kernel(float* x, size_t n, const float* coef) {
+    float s = *coef;
+    if (s == 1.0f) return;  // (x · 1 = x: the unclipped gradients stay as they are)
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] = x[i] * s;
+}
+static void clip_grad_norm(Cuda, float* g, size_t n, float max_norm) {
+    if (!n) return;
+    double* partial = nullptr;
+    float* coef = nullptr;
+    scratch_carve([&](Arena& a) {
+        partial = a.take<double>(NORM_BLOCKS);
+        coef = a.take<float>(1);
+    });
+    cudaStream_t st = g_cuda.stream;
+    PGOLF_LAUNCH(NORM_BLOCKS, BLOCK, 0, st, sum_squares_kernel)(partial, g, n);
+    launchCheck();
+    PGOLF_LAUNCH(1, 1, 0, st, clip_coef_kernel)(coef, partial, max_norm);
+    launchCheck();
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, st, scale_by_coef_kernel)(g, n, coef);
+    launchCheck();
 }
 
 // Per row: s = max(rowmax/clip, floor); out = bf16(clamp(round(w/s), −(clip+1), clip)·s). One block per row.
@@ -6843,6 +6896,8 @@ struct SavedCheckpoint {  // its weights are finite (others are not written)
     int step;
 };
 
+struct CudaStepGraph;  // the GPU's step: its CUDA graph and token upload (after train_step)
+
 // Optimizer and averaging state, all in the parameter layout.
 template <class D> struct TrainState {
     using G = typename D::grad;
@@ -6856,6 +6911,12 @@ template <class D> struct TrainState {
     std::vector<double> losses;              // each step's mean training loss
     DataLoader loader;
     std::vector<SavedCheckpoint> checkpoints;  // on disk, oldest first: written so far, or resumed from
+    // one step's micro-batches (train_batch_init): accum of B × T tokens each, in host memory that the
+    // GPU copies from and to without waiting (page-locked)
+    int accum = 0, B = 0, T = 0;
+    int32_t* batch = nullptr;                // (accum, 2, B·T): the inputs, then the targets, of each micro-batch
+    float* batch_losses = nullptr;           // (accum, B·T): each position's loss, copied back by the step
+    CudaStepGraph* gpu = nullptr;            // on the GPU: the step's graph, device tokens, upload stream
 };
 
 // Activation capacity: the largest batch any phase runs (training micro-batch, eval, TTT).
@@ -6912,6 +6973,16 @@ static void host_memory_check(const Config& c, int world) {
 }
 #endif
 
+// The step's micro-batch shape and its host buffers: TRAIN_BATCH_TOKENS over the ranks and micro-batches.
+template <class D> static void train_batch_init(D dev, TrainState<D>& s, const Config& c) {
+    s.accum = grad_accum_steps(c, g_world);
+    long local = c.train_batch_tokens / ((long)g_world * s.accum);
+    s.T = c.train_seq_len;
+    s.B = (int)(local / s.T);
+    s.batch = (int32_t*)host_alloc(dev, (size_t)s.accum * 2 * local * sizeof(int32_t));
+    s.batch_losses = (float*)host_alloc(dev, (size_t)s.accum * local * sizeof(float));
+}
+
 template <class D> static void train_state_init(D dev, TrainState<D>& s, Model<D>& m) {
     using G = typename D::grad;
     size_t bytes = m.nparams * sizeof(G);
@@ -6923,6 +6994,7 @@ template <class D> static void train_state_init(D dev, TrainState<D>& s, Model<D
     round_bf16_tables(dev, m, m.params);  // the reference's .bfloat16() after init
     // EMA starts at the init
     if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, true);
+    train_batch_init(dev, s, c);
 }
 
 // Parallel Muon: the rank that orthogonalizes matrix i (in table order) and alone keeps its momentum.
@@ -6939,11 +7011,7 @@ static void optimizer_step(D dev, Model<D>& m, TrainState<D>& s, double lr_scale
     // depth recurrence: a block used k times has its gradients scaled by 1/k (PR #456's hooks)
     for (const ParamSpec& p : m.table)
         if (p.uses > 1) scale_grads(dev, m.grads + p.offset, p.numel, 1.0f / p.uses);
-    if (c.grad_clip_norm > 0) {  // torch.nn.utils.clip_grad_norm_ over every parameter
-        double norm = std::sqrt(sum_squares(dev, m.grads, m.nparams));
-        double coef = c.grad_clip_norm / (norm + 1e-6);
-        if (coef < 1.0) scale_grads(dev, m.grads, m.nparams, (float)coef);
-    }
+    if (c.grad_clip_norm > 0) clip_grad_norm(dev, m.grads, m.nparams, c.grad_clip_norm);  // over every parameter
     round_bf16_tables(dev, m, m.grads);
     int t = s.step + 1;
     int matrix_i = 0;
@@ -7195,18 +7263,171 @@ template <class D> static void stop_on_signal(D dev, Model<D>& m, TrainState<D>&
     exit(128 + signo);
 }
 
+// --- One training step ----------------------------------------------------------------------------
+
+// The next step's micro-batches from the loader into s.batch (inputs, then targets, of each).
+template <class D> static void train_batch_load(TrainState<D>& s, long global_tokens) {
+    size_t N = (size_t)s.B * s.T;
+    std::vector<int32_t> x, y;
+    for (int micro = 0; micro < s.accum; micro++) {
+        s.loader.next_batch(global_tokens, s.accum, x, y);
+        std::copy(x.begin(), x.end(), s.batch + micro * 2 * N);
+        std::copy(y.begin(), y.end(), s.batch + micro * 2 * N + N);
+    }
+}
+
+// Each position of a step weighs 1/(its tokens on this rank): uploaded once, read by every backward.
+template <class D> static void train_loss_weights_upload(D dev, Model<D>& m, const TrainState<D>& s) {
+    size_t N = (size_t)s.B * s.T;
+    std::vector<float> weights(N, 1.0f / (float)(N * s.accum));
+    to_device(dev, m.acts.loss_weights, weights.data(), N);
+}
+
+// The gradients of one step: zeroed, then the forward and backward of each micro-batch of `tokens`
+// (in device memory, laid out as s.batch) add theirs into m.grads; each position's loss goes back to
+// s.batch_losses without waiting (train_step_loss waits). No host synchronization: a CUDA graph holds it.
+template <class D> static void step_micro_batches(D dev, Model<D>& m, TrainState<D>& s, const int32_t* tokens) {
+    size_t N = (size_t)s.B * s.T;
+    device_zero(dev, m.grads, m.nparams * sizeof(typename D::grad));
+    for (int micro = 0; micro < s.accum; micro++) {
+        device_copy(dev, m.acts.inputs, tokens + micro * 2 * N, N);
+        device_copy(dev, m.acts.targets, tokens + micro * 2 * N + N, N);
+        gpt_forward(dev, m, s.B, s.T, true);
+        gpt_backward(dev, m, s.B, s.T);
+        to_host_async(dev, s.batch_losses + micro * N, m.acts.losses, N);
+    }
+}
+// On the CPU the host's memory is the device's (the GPU's version uploads the tokens and replays a graph).
+template <class D> static void step_gradients(D dev, Model<D>& m, TrainState<D>& s) {
+    step_micro_batches(dev, m, s, s.batch);
+}
+
+// One training step on the micro-batches in s.batch: forward and backward, then the optimizer
+// (which all-reduces the gradients, clips them and updates the weights).
+template <class D> static void train_step(D dev, Model<D>& m, TrainState<D>& s, double lr_scale, float muon_momentum) {
+    step_gradients(dev, m, s);
+    optimizer_step(dev, m, s, lr_scale, muon_momentum);
+}
+
+// The step's losses are in s.batch_losses once the step's copies have landed (section 1: the GPU's wait).
+template <class D> static void step_losses_wait(D, TrainState<D>&) {}
+
+// The step's mean training loss over every position of every rank.
+template <class D> static double train_step_loss(D dev, TrainState<D>& s) {
+    step_losses_wait(dev, s);
+    size_t n = (size_t)s.accum * s.B * s.T;
+    double sum = 0;
+    for (size_t i = 0; i < n; i++) sum += s.batch_losses[i];
+    double loss[1] = {sum / (double)n};
+    host_allreduce_sum(loss, 1);
+    return loss[0] / g_world;
+}
+
+#ifdef PGOLF_CUDA
+// --- The step on the GPU: the micro-batches as one CUDA graph --------------------------------------
+// The gradients' ~1,000 kernels and cuBLASLt calls go out in one cudaGraphLaunch. The graph is captured
+// after one step has run directly (which grows the scratch and the rope table to the step's size), and
+// replayed while nothing it baked in changes (step_graph_key); when something does (an evaluation grew
+// the scratch), it is captured again. The tokens go up from page-locked s.batch on a stream of their
+// own, behind the previous step's graph, while its optimizer still runs; the losses come back inside the
+// graph. CUDA_GRAPHS=0 launches every kernel directly (as does PROFILE=1: its events time each class).
+struct CudaStepGraph {
+    int32_t* tokens = nullptr;              // (accum, 2, B·T): the step's tokens on the device
+    cudaStream_t upload = nullptr;          // their copy from s.batch
+    cudaEvent_t uploaded = nullptr;         // the copy has landed
+    cudaEvent_t done = nullptr;             // the step's gradients and losses are complete
+    cudaGraphExec_t exec = nullptr;
+    std::vector<const void*> key;           // what exec was captured with
+    bool warm = false;                      // a step ran directly: scratch and rope table have their size
+};
+static int g_cuda_graphs = -1;  // CUDA_GRAPHS (1 by default); tests set it
+static bool cuda_graphs_on() {
+    if (g_cuda_graphs < 0) {
+        const char* v = getenv("CUDA_GRAPHS");
+        if (v && *v && strcmp(v, "0") && strcmp(v, "1")) fail("CUDA_GRAPHS=%s: expected 0 or 1", v);
+        g_cuda_graphs = !(v && !strcmp(v, "0"));
+    }
+#if PGOLF_CPU_REFERENCE
+    if (profile_enabled()) return false;
+#endif
+    return g_cuda_graphs != 0;
+}
+// Every address and size the captured kernels read: weights, gradients, activations, scratch, rope
+// table, the loss buffer, the micro-batch shape.
+static std::vector<const void*> step_graph_key(const Model<Cuda>& m, const TrainState<Cuda>& s) {
+    const CudaContext& cx = g_cuda;
+    auto num = [](size_t v) { return (const void*)(uintptr_t)v; };
+    return {m.params, m.grads, m.compute_mat, m.act_memory, cx.scratch, num(cx.scratch_bytes), cx.rope,
+            num((size_t)cx.rope_rows), num((size_t)cx.rope_rd), s.batch_losses, num((size_t)s.B), num((size_t)s.T),
+            num((size_t)s.accum)};
+}
+static void step_graph_capture(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s, CudaStepGraph& g) {
+    cudaStream_t st = cuda_ctx().stream;
+    if (g.exec) cudaCheck(cudaGraphExecDestroy(g.exec));
+    g.exec = nullptr;
+    cudaGraph_t graph = nullptr;
+    cudaCheck(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    try {
+        step_micro_batches(dev, m, s, g.tokens);
+    } catch (...) {  // (tests: a failure leaves the stream usable)
+        cudaStreamEndCapture(st, &graph);
+        throw;
+    }
+    cudaCheck(cudaStreamEndCapture(st, &graph));
+    cudaCheck(cudaGraphInstantiate(&g.exec, graph, 0));
+    cudaCheck(cudaGraphDestroy(graph));
+    g.key = step_graph_key(m, s);
+}
+static void step_gradients(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s) {
+    cudaStream_t st = cuda_ctx().stream;
+    size_t n = (size_t)s.accum * 2 * s.B * s.T;
+    if (!s.gpu) {
+        s.gpu = new CudaStepGraph;
+        s.gpu->tokens = (int32_t*)cuda_malloc_checked(n * sizeof(int32_t), "the step's tokens");
+        cudaCheck(cudaStreamCreate(&s.gpu->upload));
+        cudaCheck(cudaEventCreateWithFlags(&s.gpu->uploaded, cudaEventDisableTiming));
+        cudaCheck(cudaEventCreateWithFlags(&s.gpu->done, cudaEventDisableTiming));
+    }
+    CudaStepGraph& g = *s.gpu;
+    // up behind the previous step's graph (the last reader of g.tokens), ahead of this one
+    cudaCheck(cudaStreamWaitEvent(g.upload, g.done, 0));
+    cudaCheck(cudaMemcpyAsync(g.tokens, s.batch, n * sizeof(int32_t), cudaMemcpyHostToDevice, g.upload));
+    cudaCheck(cudaEventRecord(g.uploaded, g.upload));
+    cudaCheck(cudaStreamWaitEvent(st, g.uploaded, 0));
+    if (!cuda_graphs_on() || !g.warm) {
+        step_micro_batches(dev, m, s, g.tokens);
+        g.warm = true;
+    } else {
+        if (!g.exec || step_graph_key(m, s) != g.key) step_graph_capture(dev, m, s, g);
+        cudaCheck(cudaGraphLaunch(g.exec, st));
+    }
+    cudaCheck(cudaEventRecord(g.done, st));
+}
+// The host reads s.batch_losses (and may refill s.batch) once the step's event has passed.
+static void step_losses_wait(Cuda, TrainState<Cuda>& s) {
+    if (s.gpu) cudaCheck(cudaEventSynchronize(s.gpu->done));
+}
+static void step_graph_free(TrainState<Cuda>& s) {
+    if (!s.gpu) return;
+    CudaStepGraph& g = *s.gpu;
+    if (g.exec) cudaCheck(cudaGraphExecDestroy(g.exec));
+    cudaCheck(cudaEventDestroy(g.uploaded));
+    cudaCheck(cudaEventDestroy(g.done));
+    cudaCheck(cudaStreamDestroy(g.upload));
+    cudaCheck(cudaFree(g.tokens));
+    delete s.gpu;
+    s.gpu = nullptr;
+}
+#endif
+
 // The training loop, as the reference's main(): validate every VAL_LOSS_EVERY steps, stop at
 // ITERATIONS or the wall-clock cap, average weights at the end.
 template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const EvalData& ev) {
     const Config& c = m.cfg;
-    int accum = grad_accum_steps(c, g_world);
-    long local = c.train_batch_tokens / ((long)g_world * accum);
-    int T = c.train_seq_len, B = (int)(local / T);
-    std::vector<int32_t> x, y;
-    std::vector<float> weights(local, 1.0f / (float)(local * accum));
     int stop_after = -1;
     double t0 = now_ms(), tokens_per_step = (double)c.train_batch_tokens;
     refresh_compute_weights(dev, m, s.qat_active);
+    train_loss_weights_upload(dev, m, s);
     if (c.warmup_steps > 0)
         log0("warmup_steps:%d not needed (no JIT compiler to warm up); training starts at step 0\n", c.warmup_steps);
     stop_signals_catch(true);
@@ -7232,20 +7453,9 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         double elapsed = s.train_ms + now_ms() - t0;
         double scale = lr_multiplier(c, s.step, elapsed);
         profile_step_begin(dev);
-        device_zero(dev, m.grads, m.nparams * sizeof(typename D::grad));
-        double loss_sum = 0;
-        for (int micro = 0; micro < accum; micro++) {
-            s.loader.next_batch(c.train_batch_tokens, accum, x, y);
-            to_device(dev, m.acts.loss_weights, weights.data(), local);
-            std::vector<float> nll;
-            forward_nll(dev, m, x, y, B, T, nll, (Lora<D>*)nullptr, true);
-            gpt_backward(dev, m, B, T);
-            for (float v : nll) loss_sum += v;
-        }
-        double train_loss = loss_sum / ((double)local * accum);
-        double tl[1] = {train_loss};
-        host_allreduce_sum(tl, 1);
-        train_loss = tl[0] / g_world;
+        train_batch_load(s, c.train_batch_tokens);
+        train_step(dev, m, s, scale, (float)muon_momentum_at(c, s.step));
+        double train_loss = train_step_loss(dev, s);  // (the GPU runs the optimizer meanwhile)
         s.losses.push_back(train_loss);
         if (!std::isfinite(train_loss)) {
             std::string ck = last_good_checkpoint(s.checkpoints, s.step);
@@ -7255,7 +7465,6 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
             fail("train_loss is %f at step %d: stopping (last good checkpoint: %s)", train_loss, s.step + 1,
                  ck.c_str());
         }
-        optimizer_step(dev, m, s, scale, (float)muon_momentum_at(c, s.step));
         // PR #456: late QAT switches on after the first step whose lr multiplier is below the threshold
         if (c.late_qat && !s.qat_active && scale < c.qat_threshold) {
             s.qat_active = true;
@@ -7572,6 +7781,7 @@ struct Cost {
 };
 struct CostEntry {
     OpClass cls;
+    bool in_graph;           // a node of the step's CUDA graph (launched by its cudaGraphLaunch)
     const char* op;          // the Cuda op (or kernel) it stands for
     double flops;            // tensor-core FLOPs issued (GEMMs, attention); elementwise math is not counted
     double hbm_bytes;        // device-memory bytes read + written, each tensor once (L2 reuse not modelled)
@@ -7580,11 +7790,13 @@ struct CostEntry {
 struct CostLog {
     std::vector<CostEntry> entries;
     bool optimizer = false;              // inside optimizer_step (op_scope)
+    bool in_graph = false;               // inside the step's CUDA graph (step_gradients)
     const Model<Cost>* model = nullptr;  // for the embedding backward's table sizes
 };
 static CostLog g_cost;
 static void cost_add(OpClass cls, const char* op, double flops, double hbm, double link = 0) {
-    g_cost.entries.push_back({op_class_within(cls, g_cost.optimizer ? OP_OPTIMIZER : OP_NUM), op, flops, hbm, link});
+    OpClass within = op_class_within(cls, g_cost.optimizer ? OP_OPTIMIZER : OP_NUM);
+    g_cost.entries.push_back({within, g_cost.in_graph, op, flops, hbm, link});
 }
 struct CostScope {
     bool was;
@@ -7609,6 +7821,10 @@ template <class X> static void to_device(Cost, X*, const X*, size_t n) {
 }
 template <class X> static void to_host(Cost, X*, const X*, size_t n) {
     if (n) cost_add(OP_SYNC, "to_host", 0, cb<X>(n), cb<X>(n));
+}
+// to_host_async: one cudaMemcpyAsync into page-locked memory that nobody waits for
+template <class X> static void to_host_async(Cost, X*, const X*, size_t n) {
+    if (n) cost_add(OP_ELEMENTWISE, "cudaMemcpyAsync", 0, cb<X>(n), cb<X>(n));
 }
 // device_copy: one device-to-device cudaMemcpyAsync (none when dst == src)
 template <class X> static void device_copy(Cost, X* dst, const X* src, size_t n) {
@@ -7830,14 +8046,21 @@ static void scale_grads(Cost dev, float* x, size_t n, float s) { scale_inplace(d
 static void round_to_bf16(Cost, float*, size_t n) {
     if (n) cost_add(OP_ELEMENTWISE, "round_to_bf16", 0, 2 * cb<float>(n));
 }
-// sum_squares: sum_squares_kernel over NORM_BLOCKS blocks, then to_host of the partials (a synchronize).
-// The value decides whether clipping scales the gradients: the model assumes the clip binds (one more launch).
+// sum_squares: sum_squares_kernel over NORM_BLOCKS blocks, then to_host of the partials (a synchronize)
 static double sum_squares(Cost dev, const float*, size_t n) {
     if (!n) return 0.0;
     cost_add(OP_ELEMENTWISE, "sum_squares", 0, cb<float>(n));
     double partial[256];
     to_host(dev, partial, (const double*)nullptr, 256);
     return HUGE_VAL;
+}
+// clip_grad_norm: sum_squares_kernel, clip_coef_kernel (one thread), scale_by_coef_kernel (which returns at
+// once when the clip does not bind: the model assumes it binds)
+static void clip_grad_norm(Cost, float*, size_t n, float) {
+    if (!n) return;
+    cost_add(OP_ELEMENTWISE, "sum_squares", 0, cb<float>(n));
+    cost_add(OP_ELEMENTWISE, "clip_coef", 0, 256 * 8.0);
+    cost_add(OP_ELEMENTWISE, "scale_by_coef", 0, 2 * cb<float>(n));
 }
 // muon_direction: muon_momentum_kernel, ns_normalize_kernel, `steps` × 3 GEMMs of newton_schulz_bf16
 // (ns_plan: X is r×k with r ≤ k; A = X·Xᵀ [r,r,k], B = b·A + c·A·A [r,r,r], X ← a·X + B·X [r,k,r]), muon_finish_kernel
@@ -7869,6 +8092,17 @@ static void refresh_compute_weights(Cost dev, Model<Cost>& m, bool qat) {
         for (const ParamSpec& p : m.table)
             if (qat_applies(p)) cost_add(OP_ELEMENTWISE, "fake_quant_rows", 0, p.numel * (F32 + BF));
     m.qat_active = qat;
+}
+
+// step_gradients (the GPU's): the tokens' upload (cudaMemcpyAsync on their own stream), then one
+// cudaGraphLaunch of the micro-batches' work, captured once (CUDA_GRAPHS=1, the default)
+static void step_gradients(Cost dev, Model<Cost>& m, TrainState<Cost>& s) {
+    double tokens = (double)s.accum * 2 * s.B * s.T;
+    cost_add(OP_ELEMENTWISE, "cudaMemcpyAsync", 0, tokens * I32, tokens * I32);
+    g_cost.in_graph = true;
+    step_micro_batches(dev, m, s, s.batch);
+    g_cost.in_graph = false;
+    cost_add(OP_ELEMENTWISE, "cudaGraphLaunch", 0, 0);
 }
 
 // --- The step ------------------------------------------------------------------------------------
@@ -7903,7 +8137,7 @@ static void cost_model_init(Model<Cost>& m, TrainState<Cost>& s, const Config& c
 // Rank 0 orthogonalizes matrices 0, W, 2W, …: the most of any rank when W does not divide their count.
 // For a check against the launches an emulated step counts: every entry is one kernel launch,
 // cuBLASLt call or memset except those of class OP_SYNC (host copies and waits: to_device, to_host,
-// nccl_wait, the MPI loss sum), OP_COMM (the NCCL call) and the cudaMemcpyAsync of device_copy;
+// nccl_wait), OP_COMM (the NCCL call) and the cudaMemcpyAsync of device_copy;
 // tests/test_cost_emu.cuh checks these counts against an emulated step's.
 static std::vector<CostEntry> cost_step_launches(const Config& c, int world) {
     int saved_world = g_world, saved_rank = g_rank;
@@ -7918,19 +8152,14 @@ static std::vector<CostEntry> cost_step_launches(const Config& c, int world) {
     g_cost = CostLog();
     g_cost.model = &m;
     Cost dev;
-    std::vector<int32_t> x(local), y(local);
-    std::vector<float> weights(local), nll;
-    // the device work of one iteration of train()'s loop, in its order
-    device_zero(dev, m.grads, m.nparams * sizeof(float));
-    for (int micro = 0; micro < accum; micro++) {
-        to_device(dev, m.acts.loss_weights, weights.data(), local);
-        forward_nll(dev, m, x, y, B, T, nll, (Lora<Cost>*)nullptr, true);
-        gpt_backward(dev, m, B, T);
-    }
-    // the train loss's host_allreduce_sum (MPI): the GPU idles until the optimizer is issued (the
-    // wall-clock and stop-signal checks after the optimizer overlap its queued work: not counted)
-    if (world > 1) cost_add(OP_SYNC, "host_allreduce_sum", 0, 0);
-    optimizer_step(dev, m, s, 1.0, (float)muon_momentum_at(c, 0));
+    s.accum = accum;
+    s.B = B;
+    s.T = T;
+    s.batch = cost_region<int32_t>(9);
+    s.batch_losses = cost_region<float>(10);
+    // the device work of one iteration of train()'s loop, in its order; the train loss's MPI sum, the
+    // wall-clock and stop-signal checks run on the host while the GPU works through the queued optimizer
+    train_step(dev, m, s, 1.0, (float)muon_momentum_at(c, 0));
     if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, false);
     if (c.ema_decay > 0) round_bf16_tables(dev, m, s.avg);
     refresh_compute_weights(dev, m, false);
@@ -7952,6 +8181,8 @@ static const double H100_NVLINK_BYTES = 450e9;   // NVLink 4 per direction (900 
 static const double H100_PCIE_BYTES = 25e9;      // host copies from pageable memory, staged (Gen5 x16: 64 GB/s raw)
 static const double LAUNCH_S = 4e-6;             // a kernel or cuBLASLt call when launch-bound: ~2–3 µs of host API
                                                  // time plus the device's gap between dependent kernels
+static const double GRAPH_NODE_S = 2e-6;         // the same, replayed from a CUDA graph: no host API call, only
+                                                 // the device's gap between dependent nodes
 static const double SYNC_S = 20e-6;              // cudaStreamSynchronize round trip and refilling an empty queue
 static const double NCCL_LATENCY_S = 30e-6;      // ring all-reduce over 8 GPUs: 14 steps of a few µs
 // The fraction of the peak rate (tensor cores / HBM) each class reaches; see docs/perf.md for each.
@@ -7972,7 +8203,8 @@ static double cost_seconds(const CostEntry& e) {
     const CostEfficiency& k = COST_EFFICIENCY[e.cls];
     if (e.cls == OP_SYNC) return SYNC_S + e.link_bytes / H100_PCIE_BYTES;
     if (e.cls == OP_COMM) return LAUNCH_S + NCCL_LATENCY_S + e.link_bytes / (H100_NVLINK_BYTES * k.bytes);
-    return std::max({LAUNCH_S, e.flops / (H100_BF16_FLOPS * k.flops), e.hbm_bytes / (H100_HBM_BYTES * k.bytes)});
+    double launch = e.in_graph ? GRAPH_NODE_S : LAUNCH_S;
+    return std::max({launch, e.flops / (H100_BF16_FLOPS * k.flops), e.hbm_bytes / (H100_HBM_BYTES * k.bytes)});
 }
 struct CostTotals {
     long launches[OP_NUM] = {};
@@ -8043,6 +8275,14 @@ static int cost_main(int argc, char** argv) {
     }
     printf("%-30s %9ld %10.3f %10.2f %10.3f %12.2f\n", "total", launches, flops / 1e12, hbm / 1e9, link / 1e9,
            sec * 1e3);
+    long outside = 0, graphs = 0;
+    for (const CostEntry& e : list) {
+        outside += !e.in_graph && e.cls != OP_SYNC && strcmp(e.op, "nccl_wait");
+        graphs += !strcmp(e.op, "cudaGraphLaunch");
+    }
+    printf("launches: %ld issued by the host (%ld of them cudaGraphLaunch), %ld replayed inside graphs; "
+           "%ld host synchronizations\n",
+           outside, graphs, launches - outside - t.launches[OP_SYNC], t.launches[OP_SYNC]);
     if (by_op) {  // the same entries by op and class, most projected time first
         std::map<std::pair<std::string, int>, CostTotals> ops;
         for (const CostEntry& e : list) {

@@ -4,18 +4,20 @@
 // each count must equal the cost model's for the same config. Emulated build only.
 #ifdef PGOLF_EMU
 
-struct CallCounts { long launches = 0, memsets = 0, copies = 0, gemms = 0, collectives = 0; };
-// The cost model's entries by the call each stands for (see cost_step_launches): host waits and the
-// MPI loss sum are no calls to the device.
-static CallCounts cost_call_counts(const std::vector<CostEntry>& list) {
+struct CallCounts { long launches = 0, memsets = 0, copies = 0, gemms = 0, collectives = 0, graphs = 0; };
+// The cost model's entries by the call each stands for (see cost_step_launches): host waits are no calls
+// to the device. host_only: only the calls the host issues in a replayed step (not the graph's nodes).
+static CallCounts cost_call_counts(const std::vector<CostEntry>& list, bool host_only = false) {
     CallCounts n;
     for (const CostEntry& e : list) {
         std::string op = e.op;
-        if (op == "gemm_bf16") n.gemms++;
+        if (host_only && e.in_graph) continue;
+        if (op == "cudaGraphLaunch") n.graphs++;
+        else if (op == "gemm_bf16") n.gemms++;
         else if (op == "cudaMemsetAsync") n.memsets++;
         else if (op == "to_device" || op == "to_host" || op == "cudaMemcpyAsync") n.copies++;
         else if (op == "ncclAllReduce") n.collectives++;
-        else if (op != "nccl_wait" && op != "host_allreduce_sum") n.launches++;
+        else if (op != "nccl_wait") n.launches++;
     }
     return n;
 }
@@ -26,6 +28,7 @@ static CallCounts emu_call_counts_of(const EmuCounts& e) {
     n.copies = e.copies;
     n.gemms = e.gemms;
     n.collectives = e.collectives;
+    n.graphs = e.graph_launches;
     return n;
 }
 // The emulator's launches by kernel, for the message when the counts differ.
@@ -37,11 +40,12 @@ static std::string emu_kernel_list(const EmuCounts& e) {
 static void check_call_counts(const std::string& what, const CallCounts& cost, const CallCounts& emu,
                               const EmuCounts& e) {
     bool same = cost.launches == emu.launches && cost.memsets == emu.memsets && cost.copies == emu.copies &&
-                cost.gemms == emu.gemms && cost.collectives == emu.collectives;
-    CHECK_MSG(same, "%s: cost model / emulator: kernel launches %ld / %ld, memsets %ld / %ld, copies %ld / %ld, "
-              "GEMMs %ld / %ld, collectives %ld / %ld; the emulator's kernels:%s", what.c_str(), cost.launches,
-              emu.launches, cost.memsets, emu.memsets, cost.copies, emu.copies, cost.gemms, emu.gemms, cost.collectives,
-              emu.collectives, emu_kernel_list(e).c_str());
+                cost.gemms == emu.gemms && cost.collectives == emu.collectives && cost.graphs == emu.graphs;
+    CHECK_MSG(same,
+              "%s: cost model / emulator: kernel launches %ld / %ld, memsets %ld / %ld, copies %ld / %ld, "
+              "GEMMs %ld / %ld, collectives %ld / %ld, graph launches %ld / %ld; the emulator's kernels:%s",
+              what.c_str(), cost.launches, emu.launches, cost.memsets, emu.memsets, cost.copies, emu.copies, cost.gemms,
+              emu.gemms, cost.collectives, emu.collectives, cost.graphs, emu.graphs, emu_kernel_list(e).c_str());
 }
 
 // One iteration of train()'s loop on one rank with one micro-batch (its device work in its order, as
@@ -53,8 +57,6 @@ static void cost_matches_emulated_step(Config c, int B) {
     int T = c.train_seq_len, N = B * T;
     std::vector<float> w = perturbed_init(c, 77);
     std::vector<int32_t> tok = synthetic_tokens((size_t)N + 1, c.vocab_size, 5);
-    std::vector<int32_t> x(tok.begin(), tok.begin() + N), y(tok.begin() + 1, tok.end());
-    std::vector<float> weights(N, 1.0f / N), nll;
     Cuda dev;
     Model<Cuda> m;
     TrainState<Cuda> s;
@@ -62,26 +64,29 @@ static void cost_matches_emulated_step(Config c, int B) {
     to_device(dev, m.params, w.data(), w.size());
     refresh_compute_weights(dev, m, false);
     train_state_init(dev, s, m);
+    std::copy(tok.begin(), tok.begin() + N, s.batch);
+    std::copy(tok.begin() + 1, tok.end(), s.batch + N);
+    train_loss_weights_upload(dev, m, s);
     auto step = [&]() {
-        device_zero(dev, m.grads, m.nparams * sizeof(float));
-        to_device(dev, m.acts.loss_weights, weights.data(), N);
-        forward_nll(dev, m, x, y, B, T, nll, (Lora<Cuda>*)nullptr, true);
-        gpt_backward(dev, m, B, T);
-        optimizer_step(dev, m, s, 1.0, (float)muon_momentum_at(c, 0));
+        train_step(dev, m, s, 1.0, (float)muon_momentum_at(c, 0));
         if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, false);
         if (c.ema_decay > 0) round_bf16_tables(dev, m, s.avg);
         refresh_compute_weights(dev, m, false);
     };
-    step();  // the first step also uploads the rope table (once per run): the second is the steady state
+    // the first step runs directly (and uploads the rope table, once per run); the second captures the
+    // graph (its nodes are counted as they are captured) and launches it; the third replays it
+    step();
     emu::reset_counts();
     step();
     EmuCounts e = emu::counts();
+    emu::reset_counts();
+    step();
+    EmuCounts replay = emu::counts();
     std::vector<float> p(m.nparams);
     to_host(dev, p.data(), m.params, m.nparams);
+    double loss = train_step_loss(dev, s);
     model_free(dev, m);
     cuda_train_state_free(s);
-    double loss = 0;
-    for (float v : nll) loss += v / N;
     CHECK_MSG(std::isfinite(loss) && loss > 0, "%s: the emulated step's loss is %f", c.preset.c_str(), loss);
     bool moved = false;
     for (size_t i = 0; i < p.size(); i++) moved |= p[i] != w[i];
@@ -92,7 +97,10 @@ static void cost_matches_emulated_step(Config c, int B) {
         printf("  %s B=%d T=%d: kernel launches %ld, memsets %ld, copies %ld, GEMMs %ld, collectives %ld\n",
                c.preset.c_str(), B, T, emu.launches, emu.memsets, emu.copies, emu.gemms, emu.collectives);
     check_call_counts(c.preset, cost, emu, e);
-    CHECK(emu.launches > 0 && emu.gemms > 0 && emu.memsets > 0 && emu.copies > 0);
+    CHECK(emu.launches > 0 && emu.gemms > 0 && emu.memsets > 0 && emu.copies > 0 && emu.graphs == 1);
+    CallCounts host = emu_call_counts_of(replay);
+    check_call_counts(c.preset + " (replayed)", cost_call_counts(cost_step_launches(c, 1), true), host, replay);
+    CHECK(host.graphs == 1 && host.launches + host.gemms < emu.launches + emu.gemms);
 }
 
 TEST(cost_emu_tiny_step_calls_match) {

@@ -875,6 +875,9 @@ static void cuda_train_state_free(TrainState<Cuda>& s) {
     device_free(Cuda{}, s.update);
     device_free(Cuda{}, s.avg);
     s.adam_m = s.adam_v = s.update = s.avg = nullptr;
+    host_free(Cuda{}, s.batch); host_free(Cuda{}, s.batch_losses);
+    step_graph_free(s);
+    s.batch = nullptr; s.batch_losses = nullptr;
 }
 
 TEST(cuda_refresh_compute_weights_qat) {

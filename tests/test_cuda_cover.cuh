@@ -120,15 +120,15 @@ static size_t device_bytes_held() {
     return tot - fr;
 }
 
-// One training step (zero the gradients, forward, backward, optimizer, bf16 weight refresh) captured
-// into a CUDA graph and replayed: the same bits as the step run directly. The tokens are uploaded
-// before (to_device waits for the host). Gradient clipping is off: it reads the gradient norm on the
-// host (sum_squares → to_host), which a graph cannot hold.
+// One training step (zero the gradients, forward, backward, optimizer with gradient clipping, bf16
+// weight refresh) captured into a CUDA graph and replayed: the same bits as the step run directly. The
+// tokens are uploaded before (to_device waits for the host). The clip binds (its norm is far above
+// GRAD_CLIP_NORM): its coefficient is computed on the device, which a graph can hold.
 TEST(cuda_train_step_graph_replay_bitwise) {
     REQUIRE_GPU();
     Config c; preset_tiny(c);
     int T = EMU_OR(c.train_seq_len, 64), B = 2, N = B * T;
-    c.train_seq_len = T; c.train_batch_tokens = (long)N; c.grad_accum_steps = 1; c.grad_clip_norm = 0.0f;
+    c.train_seq_len = T; c.train_batch_tokens = (long)N; c.grad_accum_steps = 1; c.grad_clip_norm = 1e-3f;
     config_validate(c, 1);
     std::vector<int32_t> tok = synthetic_tokens((size_t)N + 1, c.vocab_size, 11);
     std::vector<float> w = perturbed_init(c, 80);
@@ -182,6 +182,70 @@ TEST(cuda_train_step_graph_replay_bitwise) {
               "replayed step: Adam second moments differ");
     cudaCheck(cudaGraphExecDestroy(exec));
     cudaCheck(cudaGraphDestroy(graph));
+    for (Run& r : runs) {
+        cuda_train_state_free(r.s);
+        model_free(Cuda{}, r.m);
+    }
+}
+
+// train_step on the GPU as train() runs it, with CUDA graphs (the default: the first step runs directly,
+// the second captures the micro-batches, the later ones replay them) against the same steps with every
+// kernel launched directly (CUDA_GRAPHS=0): four steps on new tokens each, two micro-batches, a binding
+// gradient clip: the same losses, gradients, weights and moments, bit for bit; and the graph replays.
+TEST(cuda_train_step_graphs_match_direct_launches) {
+    REQUIRE_GPU();
+    Config c; preset_tiny(c);
+    c.num_layers = 2; c.model_dim = 64; c.num_heads = 2; c.num_kv_heads = 1; c.bigram_dim = 32;
+    int T = 32, B = 1, N = B * T, steps = 4;
+    c.train_seq_len = T; c.eval_stride = 16; c.train_batch_tokens = 2L * N; c.grad_accum_steps = 2; c.grad_clip_norm = 1e-3f;
+    config_validate(c, 1);
+    std::vector<int32_t> tok = synthetic_tokens((size_t)steps * 2 * (N + 1), c.vocab_size, 13);
+    std::vector<float> w = perturbed_init(c, 82);
+    struct Run { Model<Cuda> m; TrainState<Cuda> s; std::vector<double> losses; long graph_launches = 0; } runs[2];
+    int saved = g_cuda_graphs;
+    for (int r = 0; r < 2; r++) {
+        Run& run = runs[r];
+        g_cuda_graphs = r == 0;
+        model_init(Cuda{}, run.m, c, B, T);
+        to_device(Cuda{}, run.m.params, w.data(), w.size());
+        train_state_init(Cuda{}, run.s, run.m);
+        refresh_compute_weights(Cuda{}, run.m, false);
+        train_loss_weights_upload(Cuda{}, run.m, run.s);
+#ifdef PGOLF_EMU
+        emu::reset_counts();
+#endif
+        for (int k = 0; k < steps; k++) {
+            for (int micro = 0; micro < 2; micro++) {  // micro-batch j: tokens [j·(N+1), j·(N+1) + N]
+                const int32_t* t = tok.data() + (size_t)(2 * k + micro) * (N + 1);
+                std::copy(t, t + N, run.s.batch + micro * 2 * N);
+                std::copy(t + 1, t + N + 1, run.s.batch + micro * 2 * N + N);
+            }
+            train_step(Cuda{}, run.m, run.s, lr_multiplier(c, k, 0), (float)muon_momentum_at(c, k));
+            run.losses.push_back(train_step_loss(Cuda{}, run.s));
+            refresh_compute_weights(Cuda{}, run.m, false);
+            run.s.step++;
+        }
+#ifdef PGOLF_EMU
+        run.graph_launches = emu::counts().graph_launches;
+#else
+        run.graph_launches = run.s.gpu->exec ? steps - 1 : 0;
+#endif
+    }
+    g_cuda_graphs = saved;
+    CHECK_MSG(runs[0].graph_launches == steps - 1 && runs[1].graph_launches == 0, "graph launches %ld (graphs), %ld "
+              "(direct)", runs[0].graph_launches, runs[1].graph_launches);
+    size_t np = runs[0].m.nparams;
+    for (int k = 0; k < steps; k++)
+        CHECK_MSG(runs[0].losses[k] == runs[1].losses[k], "step %d: loss %.9g with graphs, %.9g without", k + 1,
+                  runs[0].losses[k], runs[1].losses[k]);
+    CHECK(runs[0].losses[0] > 0 && std::isfinite(runs[0].losses[steps - 1]));
+    CHECK_MSG(down_bits(runs[0].m.grads, np) == down_bits(runs[1].m.grads, np), "gradients differ");
+    CHECK_MSG(down_bits(runs[0].m.params, np) == down_bits(runs[1].m.params, np), "weights differ");
+    CHECK_MSG(down_bits(runs[0].s.adam_m, np) == down_bits(runs[1].s.adam_m, np), "Adam/Muon moments differ");
+    CHECK_MSG(down_bits(runs[0].s.adam_v, np) == down_bits(runs[1].s.adam_v, np), "Adam second moments differ");
+    std::vector<float> trained(np);
+    to_host(Cuda{}, trained.data(), runs[0].m.params, np);
+    CHECK_MSG(trained != w, "the steps changed no weight");
     for (Run& r : runs) {
         cuda_train_state_free(r.s);
         model_free(Cuda{}, r.m);

@@ -943,6 +943,7 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned lon
     return cudaSuccess;
 }
 cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s) {
+    emu_counts().graph_launches++;
     for (auto& w : e->work) emu_stream_submit(s, w);
     return cudaSuccess;
 }
