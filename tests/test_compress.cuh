@@ -477,8 +477,8 @@ TEST(compress_reader_rejects_corrupt_files) {
     CHECK_THROWS(parse(f), "bad.pgz: not a pgolf artifact (wrong magic)");
     f = art; f[0] ^= 0x40;
     CHECK_THROWS(parse(f), "wrong magic");
-    f = art; f[12] = 2;
-    CHECK_THROWS(parse(f), "artifact format version 2, this build reads version 1");
+    f = art; f[12] = 3;
+    CHECK_THROWS(parse(f), "artifact format version 3, this build reads version 2");
     // the stored config contradicts the stored tensor table
     ArtParts p = art_split(art);
     parse(art_join(p));  // the tools themselves keep a valid file valid
@@ -639,6 +639,11 @@ TEST(compress_size_pr467_shape) {
     CHECK(rep.params == 25517137);  // thwu1's logged model_params for the 10L preset
     CHECK(rep.params_per_kind[SK_INT5] == 10u * 2 * 1536 * 512);
     CHECK(rep.artifact_bytes < 16000000);
+    // with the counted code (make submission's self-extracting form; the full source when it is not built)
+    struct stat st;
+    long code = stat("build/submission/train_gpt.sh", &st) == 0 ? (long)st.st_size : (long)PGOLF_CODE_BYTES;
+    CHECK_MSG((long)rep.artifact_bytes + code < ARTIFACT_LIMIT_BYTES, "artifact %zu + code %ld bytes",
+              rep.artifact_bytes, code);
     bool quiet = g_quiet;
     g_quiet = false;  // the report goes through log0
     std::string log = capture_stdout([&] { print_export_report(rep); });

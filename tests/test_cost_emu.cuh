@@ -50,7 +50,7 @@ static void check_call_counts(const std::string& what, const CallCounts& cost, c
 
 // One iteration of train()'s loop on one rank with one micro-batch (its device work in its order, as
 // cost_step_launches prices it), run on the emulated GPU and counted, against cost_step_launches(c, 1).
-static void cost_matches_emulated_step(Config c, int B) {
+static void cost_matches_emulated_step(Config c, int B, bool looping = false) {
     c.train_batch_tokens = (long)B * c.train_seq_len; c.grad_accum_steps = 1;
     if (c.grad_clip_norm > 0) c.grad_clip_norm = 1e-6f;  // the cost model assumes the clip binds: make it bind
     config_validate(c, 1);
@@ -61,6 +61,7 @@ static void cost_matches_emulated_step(Config c, int B) {
     Model<Cuda> m;
     TrainState<Cuda> s;
     model_init(dev, m, c, B, T);
+    m.looping = looping;
     to_device(dev, m.params, w.data(), w.size());
     refresh_compute_weights(dev, m, false);
     train_state_init(dev, s, m);
@@ -92,7 +93,7 @@ static void cost_matches_emulated_step(Config c, int B) {
     for (size_t i = 0; i < p.size(); i++) moved |= p[i] != w[i];
     CHECK_MSG(moved, "%s: the emulated step left every parameter unchanged", c.preset.c_str());
     CallCounts emu = emu_call_counts_of(e);
-    CallCounts cost = cost_call_counts(cost_step_launches(c, 1));
+    CallCounts cost = cost_call_counts(cost_step_launches(c, 1, looping));
     if (getenv("PGOLF_CUDA_TEST_VERBOSE"))
         printf("  %s B=%d T=%d: kernel launches %ld, memsets %ld, copies %ld, GEMMs %ld, collectives %ld\n",
                c.preset.c_str(), B, T, emu.launches, emu.memsets, emu.copies, emu.gemms, emu.collectives);
@@ -108,14 +109,23 @@ TEST(cost_emu_tiny_step_calls_match) {
     c.train_seq_len = 64;  // the full width and depth, fewer positions
     cost_matches_emulated_step(c, 2);
 }
-// pr600 (BigramHash, SmearGate) at 2 layers of width 128, with EMA and bf16 embedding tables
+// pr600 (BigramHash, SmearGate) at 2 layers of width 128, with EMA, bf16 embedding tables and VARLEN_ATTN
 TEST(cost_emu_pr600_step_calls_match) {
     Config c; preset_pr600(c); c.preset = "pr600";
     c.num_layers = 2; c.model_dim = 128; c.num_heads = 4; c.num_kv_heads = 2; c.train_seq_len = 64; c.eval_stride = 32;
     c.swa_steps = 0; c.ema_decay = 0.997f; c.embed_bf16 = 1;  // EMA in place of its SWA
+    c.varlen_attn = 1;  // document_starts once per forward, the masked attention kernels
     cost_matches_emulated_step(c, 2);
 }
 
+// frontier (loop, lanes, gates, BOS-masked SmearGate, layerwise scale) at 4 layers of width 128, vocab
+// 1024, before and after the loop switches on
+TEST(cost_emu_frontier_step_calls_match) {
+    Config c; preset_frontier_tiny(c); c.preset = "frontier_tiny";
+    c.vocab_size = 1024; c.train_seq_len = 64; c.eval_stride = 32;
+    cost_matches_emulated_step(c, 2, false);
+    cost_matches_emulated_step(c, 2, true);
+}
 // The embedding backward's sort on both sides of cub's single-tile limit (the training steps above sort
 // ≤ 4,864 pairs; a full batch sorts more, through onesweep's 6 launches and 6 memsets).
 TEST(cost_emu_embedding_backward_sort_calls_match) {

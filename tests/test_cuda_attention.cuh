@@ -12,7 +12,7 @@ static const int ATTN_TEST_T[] = {1, 2, 7, 31, 32, 33, 63, 64, 65, 77, 129, 200,
 static const int ATTN_TEST_GROUP[] = {1, 2, 3, 4, 5, 8, 16, 32, 64};
 
 TEST(attention_packing_covers_every_query_row_once) {
-    for (int rows : {64, 32})
+    for (int rows : {128, 64, 32})
         for (int group : ATTN_TEST_GROUP) {
             if (group > rows) continue;
             int positions = attn_tile_positions(rows, group);
@@ -57,7 +57,7 @@ static void attn_tile_span(int i, int rows, int positions, int group, int T, int
 }
 
 TEST(attention_tile_ranges_follow_the_causal_mask) {
-    for (int rows : {64, 32})
+    for (int rows : {128, 64, 32})
         for (int group : ATTN_TEST_GROUP) {
             if (group > rows) continue;
             int positions = attn_tile_positions(rows, group);
@@ -87,58 +87,98 @@ TEST(attention_tile_ranges_follow_the_causal_mask) {
         }
 }
 
-// Brute force over valid (position, key) pairs of a block of rows and a range of keys.
+// Brute force over valid (position, key) pairs of a block of rows and a range of keys; doc: the row's
+// document starts (null: one document).
 static void attn_pairs(int i, int m0, int m1, int key0, int key1, int rows, int positions, int group, int T,
-                       bool* any_visible, bool* any_hidden) {
+                       const int32_t* doc, bool* any_visible, bool* any_hidden) {
     *any_visible = *any_hidden = false;
     for (int m = m0; m < m1 && m < rows; m++) {
         int t, hoff;
         if (!attn_packed_row(i, m, positions, group, T, &t, &hoff)) continue;
-        for (int key = key0; key < key1 && key < T; key++) (key <= t ? *any_visible : *any_hidden) = true;
+        int d = doc ? doc[t] : 0;
+        for (int key = key0; key < key1 && key < T; key++) (key <= t && key >= d ? *any_visible : *any_hidden) = true;
     }
+}
+// Document starts of one row of T tokens with BOS at `every`-th positions and at a few tile edges (63, 64,
+// 65, 127 when T reaches them): ragged boundaries inside tiles and on their edges.
+static std::vector<int32_t> attn_test_docs(int T, int every) {
+    std::vector<int32_t> tokens(T, 7), doc(T);
+    for (int t = 3; t < T; t += every) tokens[t] = BOS_ID;
+    for (int t : {63, 64, 65, 127})
+        if (t < T) tokens[t] = BOS_ID;
+    document_starts(Cpu<float>{}, doc.data(), tokens.data(), 1, T);
+    return doc;
 }
 
 TEST(attention_skip_and_mask_decisions_are_exact) {
+    for (int every : {0, 5, 29})  // 0: one document (no mask beyond the causal one)
     for (int group : ATTN_TEST_GROUP)
         for (int T : ATTN_TEST_T) {
-            // forward and dQ: warp w holds packed rows 16w..16w+15 of a 64-row tile, key tiles of 64
-            int positions = attn_tile_positions(ATTN_TILE, group), n_kt = (T + ATTN_TILE - 1) / ATTN_TILE;
-            for (int i = 0; i < attn_query_tiles(T, positions); i++)
-                for (int w = 0; w < 4; w++)
-                    for (int j = 0; j < n_kt; j++) {
-                        int lo, hi;
-                        bool vis, hid;
-                        attn_row_positions(i, w * 16, 16, positions, group, &lo, &hi);
-                        attn_pairs(i, w * 16, w * 16 + 16, j * ATTN_TILE, (j + 1) * ATTN_TILE, ATTN_TILE, positions,
-                                   group, T, &vis, &hid);
-                        CHECK_MSG(!(attn_all_masked(j * ATTN_TILE, hi) && vis),
-                                  "group %d T %d: query tile %d warp %d skips key tile %d, which it sees", group, T, i,
-                                  w, j);
-                        CHECK_MSG(!(!attn_any_masked(j * ATTN_TILE + ATTN_TILE - 1, lo) && hid),
-                                  "group %d T %d: query tile %d warp %d leaves key tile %d unmasked", group, T, i, w,
-                                  j);
-                    }
-            // dK/dV: warp w holds keys 16w..16w+15 of a key tile, against whole query tiles of BQ rows
+            std::vector<int32_t> docs = attn_test_docs(T, every ? every : T + 1);
+            const int32_t* doc = every ? docs.data() : nullptr;
+            // forward (128 rows, 32 per warp; 64 and 16 at hd 128) and dQ (64, 16): warp w holds packed rows
+            // wr·w .. wr·w + wr − 1 of a tile, key tiles of 64 from the tile's first document on
+            int n_kt = (T + ATTN_TILE - 1) / ATTN_TILE;
+            for (int rows : {attn_forward_rows(64), ATTN_TILE}) {
+                int positions = attn_tile_positions(rows, group), wr = rows / 4;
+                if (group > rows) continue;
+                for (int i = 0; i < attn_query_tiles(T, positions); i++) {
+                    int j0 = attn_doc_start(doc, 0, i * positions, T) / ATTN_TILE;
+                    for (int w = 0; w < 4; w++)
+                        for (int j = 0; j < n_kt; j++) {
+                            int lo, hi;
+                            bool vis, hid;
+                            attn_row_positions(i, w * wr, wr, positions, group, &lo, &hi);
+                            int dlo = attn_doc_start(doc, 0, lo, T), dhi = attn_doc_start(doc, 0, hi, T);
+                            attn_pairs(i, w * wr, w * wr + wr, j * ATTN_TILE, (j + 1) * ATTN_TILE, rows, positions,
+                                       group, T, doc, &vis, &hid);
+                            CHECK_MSG(!(j < j0 && vis),
+                                      "docs %d group %d T %d rows %d: query tile %d starts at key tile %d after %d, "
+                                      "which it sees",
+                                      every, group, T, rows, i, j0, j);
+                            CHECK_MSG(
+                                !(attn_all_masked(j * ATTN_TILE, j * ATTN_TILE + ATTN_TILE - 1, hi, dlo) && vis),
+                                "docs %d group %d T %d rows %d: query tile %d warp %d skips key tile %d, which it sees",
+                                every, group, T, rows, i, w, j);
+                            CHECK_MSG(
+                                !(!attn_any_masked(j * ATTN_TILE, j * ATTN_TILE + ATTN_TILE - 1, lo, dhi) && hid),
+                                "docs %d group %d T %d rows %d: query tile %d warp %d leaves key tile %d unmasked",
+                                every, group, T, rows, i, w, j);
+                        }
+                }
+            }
+            // dK/dV: warp w holds keys 16w..16w+15 of a key tile, against whole query tiles of BQ rows up to the
+            // last one whose documents reach the key tile
             for (int bq : {64, 32}) {
                 if (group > bq) continue;
                 int pos = attn_tile_positions(bq, group);
-                for (int j = 0; j < n_kt; j++)
+                for (int j = 0; j < n_kt; j++) {
+                    int n_qt = attn_query_tiles(attn_doc_positions(doc, 0, j * ATTN_TILE + ATTN_TILE - 1, T), pos);
                     for (int i = 0; i < attn_query_tiles(T, pos); i++)
                         for (int w = 0; w < 4; w++) {
                             int lo, hi, kw0 = j * ATTN_TILE + w * 16;
                             bool vis, hid;
                             attn_row_positions(i, 0, bq, pos, group, &lo, &hi);
-                            attn_pairs(i, 0, bq, kw0, kw0 + 16, bq, pos, group, T, &vis, &hid);
-                            CHECK_MSG(!(attn_all_masked(kw0, hi) && vis),
-                                      "group %d T %d BQ %d: key warp %d of tile %d skips query tile %d, which sees it",
-                                      group, T, bq, w, j, i);
-                            CHECK_MSG(!(!attn_any_masked(kw0 + 15, lo) && hid),
-                                      "group %d T %d BQ %d: key warp %d of tile %d leaves query tile %d unmasked",
-                                      group, T, bq, w, j, i);
+                            int dlo = attn_doc_start(doc, 0, lo, T), dhi = attn_doc_start(doc, 0, hi, T);
+                            attn_pairs(i, 0, bq, kw0, kw0 + 16, bq, pos, group, T, doc, &vis, &hid);
+                            CHECK_MSG(!(i >= n_qt && vis),
+                                      "docs %d group %d T %d BQ %d: key tile %d stops at query tile %d before %d, "
+                                      "which sees it",
+                                      every, group, T, bq, j, n_qt, i);
+                            CHECK_MSG(!(attn_all_masked(kw0, kw0 + 15, hi, dlo) && vis),
+                                      "docs %d group %d T %d BQ %d: key warp %d of tile %d skips query tile %d, which "
+                                      "sees it",
+                                      every, group, T, bq, w, j, i);
+                            CHECK_MSG(
+                                !(!attn_any_masked(kw0, kw0 + 15, lo, dhi) && hid),
+                                "docs %d group %d T %d BQ %d: key warp %d of tile %d leaves query tile %d unmasked",
+                                every, group, T, bq, w, j, i);
                         }
+                }
             }
         }
 }
+
 
 TEST(attention_statistics_index_matches_layouts) {
     int B = 3, T = 5, H = 4, hd = 8;
@@ -366,11 +406,23 @@ static double attn_max_abs(const std::vector<float>& x) {
     return m;
 }
 
-static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd) {
-    std::string shape = test_format("(B,T,H,Hk,hd)=(%d,%d,%d,%d,%d)", B, T, H, Hk, hd);
+// every > 0: document-masked (VARLEN_ATTN), each row cut into documents by attn_test_docs(T, every + b),
+// the document starts in device memory as gpt_forward keeps them.
+static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd, int every = 0) {
+    std::string shape =
+        test_format("(B,T,H,Hk,hd)=(%d,%d,%d,%d,%d)%s", B, T, H, Hk, hd, every ? " with documents" : "");
     const char* sh = shape.c_str();
     size_t nq = (size_t)B * T * H * hd, nk = (size_t)B * T * Hk * hd, nl = (size_t)B * H * T;
-    Rng rng(1000003ull * T + 1009 * H + 31 * Hk + hd + 7 * B);
+    Rng rng(1000003ull * T + 1009 * H + 31 * Hk + hd + 7 * B + every);
+    std::vector<int32_t> docs;
+    for (int b = 0; b < B && every; b++) {
+        std::vector<int32_t> row = attn_test_docs(T, every + b);
+        docs.insert(docs.end(), row.begin(), row.end());
+    }
+    const int32_t* doc = every ? docs.data() : nullptr;
+    AttnDev doc_((size_t)B * T * 4);
+    if (every) cudaCheck(cudaMemcpy(doc_.p, docs.data(), docs.size() * 4, cudaMemcpyHostToDevice));
+    const int32_t* ddoc = every ? doc_.as<int32_t>() : nullptr;
     auto random_bf16 = [&](size_t n, double sd) {
         std::vector<uint16_t> h(n);
         for (uint16_t& x : h) x = float_to_bf16((float)(sd * rng.normal()));
@@ -381,7 +433,8 @@ static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd) {
                           dout = random_bf16(nq, 1.0);
     std::vector<float> qf = attn_widen(q), kf = attn_widen(k), vf = attn_widen(v), doutf = attn_widen(dout);
     std::vector<float> out_ref(nq), lse_ref(nl);
-    attention_forward(Cpu<float>{}, out_ref.data(), lse_ref.data(), qf.data(), kf.data(), vf.data(), B, T, H, Hk, hd);
+    attention_forward(Cpu<float>{}, out_ref.data(), lse_ref.data(), qf.data(), kf.data(), vf.data(), B, T, H, Hk, hd,
+                      doc);
 
     AttnDev dq_(nq * 2), dk_(nk * 2), dv_(nk * 2), dout_(nq * 2), q_(nq * 2), k_(nk * 2), v_(nk * 2), out_(nq * 2),
         lse_(nl * 4);
@@ -394,7 +447,7 @@ static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd) {
     for (int run = 0; run < 2; run++) {
         cudaCheck(cudaMemset(out_.p, 0xff, nq * 2));
         cudaCheck(cudaMemset(lse_.p, 0xff, nl * 4));
-        attention_forward(Cuda{}, bf(out_), lse_.as<float>(), bf(q_), bf(k_), bf(v_), B, T, H, Hk, hd);
+        attention_forward(Cuda{}, bf(out_), lse_.as<float>(), bf(q_), bf(k_), bf(v_), B, T, H, Hk, hd, ddoc);
         cudaCheck(cudaDeviceSynchronize());
         std::vector<uint16_t> out = attn_download<uint16_t>(out_, nq);
         std::vector<float> lse = attn_download<float>(lse_, nl);
@@ -413,7 +466,7 @@ static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd) {
     for (size_t i = 0; i < nq; i++) out_in[i] = float_to_bf16(out_ref[i]);
     std::vector<float> out_inf = attn_widen(out_in), dq_ref(nq, 0.f), dk_ref(nk, 0.f), dv_ref(nk, 0.f);
     attention_backward(Cpu<float>{}, dq_ref.data(), dk_ref.data(), dv_ref.data(), doutf.data(), qf.data(), kf.data(),
-                       vf.data(), out_inf.data(), lse_ref.data(), B, T, H, Hk, hd);
+                       vf.data(), out_inf.data(), lse_ref.data(), B, T, H, Hk, hd, doc);
     double mq = attn_max_abs(dq_ref), mk = attn_max_abs(dk_ref), mv = attn_max_abs(dv_ref);
     // the kernels add into dq, dk, dv: start them at nonzero values (|x| ≤ max|grad|/2) and expect the sum
     auto start = [&](size_t n, double m) {
@@ -435,7 +488,7 @@ static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd) {
         // the D scratch must be rewritten before it is read: poison it before the second run
         if (run == 1) cudaCheck(cudaMemset(g_cuda.scratch, 0xff, g_cuda.scratch_bytes));
         attention_backward(Cuda{}, bf(dq_), bf(dk_), bf(dv_), bf(dout_), bf(q_), bf(k_), bf(v_), bf(out_),
-                           lse_.as<float>(), B, T, H, Hk, hd);
+                           lse_.as<float>(), B, T, H, Hk, hd, ddoc);
         cudaCheck(cudaDeviceSynchronize());
         std::vector<uint16_t> g[3] = {attn_download<uint16_t>(dq_, nq), attn_download<uint16_t>(dk_, nk),
                                       attn_download<uint16_t>(dv_, nk)};
@@ -462,5 +515,94 @@ TEST(cuda_attention_mqa_hd16) { REQUIRE_GPU(); attention_gpu_vs_cpu(2, 256, 4, 1
 TEST(cuda_attention_group3_hd32) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 70, 6, 2, 32); }
 TEST(cuda_attention_ragged_hd128) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 100, 4, 2, 128); }
 TEST(cuda_attention_t2048_hd64) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 2048, EMU_OR(8, 2), EMU_OR(4, 1), 64); }
+// Document-masked: boundaries inside tiles and on their edges, documents shorter and longer than a tile,
+// key tiles wholly before a query tile's documents skipped (T 200: rows with BOS every 29 and 30 positions).
+TEST(cuda_attention_documents_gqa_hd32) { REQUIRE_GPU(); attention_gpu_vs_cpu(2, 77, 4, 2, 32, 5); }
+TEST(cuda_attention_documents_gqa_hd64) { REQUIRE_GPU(); attention_gpu_vs_cpu(2, 200, 4, 2, 64, 29); }
+
+// document_starts on the GPU against the CPU: rows longer than the block (several positions per thread),
+// without any BOS, with BOS on chunk edges and in the first and last positions, and shorter than the block.
+TEST(cuda_document_starts_match_cpu) {
+    REQUIRE_GPU();
+    for (int T : {1000, 300, 5}) {
+        const int B = 3;
+        std::vector<int32_t> tokens((size_t)B * T), want(tokens.size()), got(tokens.size());
+        Rng rng(T);
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < T; t++) {
+                bool bos = b == 0 ? rng.uniform() < 0.02 : b == 1 ? false : (t % 4 == 3 || t == 0 || t == T - 1);
+                tokens[(size_t)b * T + t] = bos ? BOS_ID : 2 + (int)(rng.uniform() * 100);
+            }
+        document_starts(Cpu<float>{}, want.data(), tokens.data(), B, T);
+        AttnDev tok_(tokens.size() * 4), doc_(tokens.size() * 4);
+        cudaCheck(cudaMemcpy(tok_.p, tokens.data(), tokens.size() * 4, cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemset(doc_.p, 0xff, tokens.size() * 4));
+        document_starts(Cuda{}, doc_.as<int32_t>(), tok_.as<int32_t>(), B, T);
+        cudaCheck(cudaDeviceSynchronize());
+        got = attn_download<int32_t>(doc_, tokens.size());
+        for (size_t n = 0; n < got.size(); n++)
+            CHECK_MSG(got[n] == want[n], "T %d: row %zu position %zu starts at %d, want %d", T, n / T, n % T, got[n],
+                      want[n]);
+    }
+}
+
+// Changing q, k, v and dO at every position of a row's documents before a BOS at position 70 (inside key
+// tile 1) changes no output at or after it: out, lse, dq, dk and dv of the later documents stay bit-identical.
+TEST(cuda_attention_documents_do_not_see_each_other) {
+    REQUIRE_GPU();
+    const int B = 1, T = 150, H = 4, Hk = 2, hd = 32, cut = 70;
+    size_t nq = (size_t)B * T * H * hd, nk = (size_t)B * T * Hk * hd, nl = (size_t)B * H * T;
+    std::vector<int32_t> tokens(T, 9), docs(T);
+    for (int t : {0, 20, cut, 71, 130}) tokens[t] = BOS_ID;
+    document_starts(Cpu<float>{}, docs.data(), tokens.data(), B, T);
+    AttnDev doc_(T * 4), q_(nq * 2), k_(nk * 2), v_(nk * 2), dout_(nq * 2), out_(nq * 2), lse_(nl * 4), dq_(nq * 2),
+        dk_(nk * 2), dv_(nk * 2);
+    cudaCheck(cudaMemcpy(doc_.p, docs.data(), T * 4, cudaMemcpyHostToDevice));
+    auto bf = [](const AttnDev& d) { return d.as<__nv_bfloat16>(); };
+    Rng rng(17);
+    std::vector<uint16_t> x[4];  // q, k, v, dout
+    size_t sizes[4] = {nq, nk, nk, nq};
+    for (int i = 0; i < 4; i++)
+        for (size_t e = 0; e < sizes[i]; e++) x[i].push_back(float_to_bf16((float)rng.normal()));
+    std::vector<uint16_t> res[2][5];  // out, dq, dk, dv; lse as raw bits
+    for (int run = 0; run < 2; run++) {
+        if (run == 1)  // new values before the cut: rows of [T, nh, hd] up to position cut − 1
+            for (int i = 0; i < 4; i++) {
+                size_t per_pos = sizes[i] / T;
+                for (size_t e = 0; e < cut * per_pos; e++) x[i][e] = float_to_bf16((float)rng.normal());
+            }
+        attn_upload(q_, x[0]); attn_upload(k_, x[1]); attn_upload(v_, x[2]); attn_upload(dout_, x[3]);
+        cudaCheck(cudaMemset(dq_.p, 0, nq * 2));
+        cudaCheck(cudaMemset(dk_.p, 0, nk * 2));
+        cudaCheck(cudaMemset(dv_.p, 0, nk * 2));
+        attention_forward(Cuda{}, bf(out_), lse_.as<float>(), bf(q_), bf(k_), bf(v_), B, T, H, Hk, hd,
+                          doc_.as<int32_t>());
+        attention_backward(Cuda{}, bf(dq_), bf(dk_), bf(dv_), bf(dout_), bf(q_), bf(k_), bf(v_), bf(out_),
+                           lse_.as<float>(), B, T, H, Hk, hd, doc_.as<int32_t>());
+        cudaCheck(cudaDeviceSynchronize());
+        res[run][0] = attn_download<uint16_t>(out_, nq);
+        res[run][1] = attn_download<uint16_t>(dq_, nq);
+        res[run][2] = attn_download<uint16_t>(dk_, nk);
+        res[run][3] = attn_download<uint16_t>(dv_, nk);
+        res[run][4] = attn_download<uint16_t>(lse_, nl * 2);
+    }
+    const char* names[4] = {"out", "dq", "dk", "dv"};
+    for (int i = 0; i < 4; i++) {
+        size_t per_pos = res[0][i].size() / T;
+        bool before_changed = false;
+        for (size_t e = 0; e < res[0][i].size(); e++) {
+            if (e < cut * per_pos) { before_changed |= res[0][i][e] != res[1][i][e]; continue; }
+            CHECK_MSG(res[0][i][e] == res[1][i][e],
+                      "%s at position %zu (after the BOS at %d) changed with the documents before it", names[i],
+                      e / per_pos, cut);
+        }
+        CHECK_MSG(before_changed, "%s before position %d did not change with its inputs", names[i], cut);
+    }
+    for (int h = 0; h < H; h++)  // lse [B, H, T] as pairs of uint16
+        for (int t = cut; t < T; t++)
+            for (int half = 0; half < 2; half++)
+                CHECK_MSG(res[0][4][((size_t)h * T + t) * 2 + half] == res[1][4][((size_t)h * T + t) * 2 + half],
+                          "lse of head %d at position %d changed with the documents before it", h, t);
+}
 
 #endif  // PGOLF_CUDA

@@ -197,7 +197,11 @@ TEST(cuda_train_step_graphs_match_direct_launches) {
     Config c; preset_tiny(c);
     c.num_layers = 2; c.model_dim = 64; c.num_heads = 2; c.num_kv_heads = 1; c.bigram_dim = 32;
     int T = 32, B = 1, N = B * T, steps = 4;
-    c.train_seq_len = T; c.eval_stride = 16; c.train_batch_tokens = 2L * N; c.grad_accum_steps = 2; c.grad_clip_norm = 1e-3f;
+    c.train_seq_len = T;
+    c.eval_stride = 16;
+    c.train_batch_tokens = 2L * N;
+    c.grad_accum_steps = 2;
+    c.grad_clip_norm = 1e-3f;
     config_validate(c, 1);
     std::vector<int32_t> tok = synthetic_tokens((size_t)steps * 2 * (N + 1), c.vocab_size, 13);
     std::vector<float> w = perturbed_init(c, 82);

@@ -14,6 +14,8 @@ static Config eval_test_config() {
     c.ttt_eval_seq_len = 24; c.ttt_chunk_size = 8; c.ttt_batch_size = 3; c.ttt_lora_rank = 4; c.ttt_lora_lr = 0.02f;
     c.ttt_lora_targets = "q,k,v,o,mlp_up,mlp_down,lm_head"; c.ttt_steps = 2;
     c.ttt_chunk_tokens = 64; c.ttt_epochs = 2; c.ttt_batch_seqs = 2; c.ttt_lr = 0.02f; c.ttt_optimizer = "sgd";
+    c.phased_ttt_prefix_docs = 7; c.phased_ttt_num_phases = 2; c.global_ttt_chunk_tokens = 80;
+    c.global_ttt_batch_seqs = 2; c.global_ttt_lr = 0.05f;
     return c;
 }
 
@@ -68,6 +70,7 @@ static EvalResult eval_run_mode(const std::string& mode, Model<D>& m, const Eval
     if (mode == "sliding") return eval_sliding(D{}, m, d, &rec);
     if (mode == "lora_ttt") return eval_lora_ttt(D{}, m, d, &rec, extra);
     if (mode == "full_ttt") return eval_full_ttt(D{}, m, d, &rec);
+    if (mode == "phased_ttt") return eval_phased_ttt(D{}, m, d, &rec);
     throw TestFailure("unknown mode " + mode);
 }
 
@@ -155,7 +158,7 @@ TEST(eval_every_position_scored_once) {
     std::vector<uint16_t> plain = eval_test_stream(EVAL_DOC_LENS, c.vocab_size, 11);
     std::vector<uint16_t> odd = eval_test_stream({20, 1, 45, 3}, c.vocab_size, 12, true);
     odd.insert(odd.begin(), {7, 9, 30});  // a prefix before the first BOS
-    const char* modes[] = {"standard", "sliding", "lora_ttt", "full_ttt"};
+    const char* modes[] = {"standard", "sliding", "lora_ttt", "full_ttt", "phased_ttt"};
     for (const std::vector<uint16_t>* t : {&plain, &odd}) {
         EvalData d = eval_test_data(*t, c.vocab_size);
         size_t N = t->size();
@@ -238,6 +241,9 @@ TEST(eval_causality_every_mode) {
              k.ttt_freeze_blocks = 1;
              k.ttt_wd = 0.1f;
          }},
+        // phases make a score depend on the documents scored before it in the length-sorted queue, which
+        // may come later in the stream: eval_phased_ttt_queue_causality covers them
+        {"phased_ttt", [](Config& k) { k.phased_ttt_prefix_docs = 0; }},
     };
     Rng rng(5);
     for (long P : {40L, 131L, 300L}) {
@@ -485,6 +491,14 @@ TEST(eval_ttt_trains_only_on_scored_positions) {
              k.ttt_batch_seqs = 1;
          },
          nullptr},
+        {"phased_ttt", [](Config&) {}, nullptr},
+        {"phased_ttt",
+         [](Config& k) {
+             k.phased_ttt_num_phases = 3;
+             k.ttt_warm_start_a = 1;
+             k.global_ttt_epochs = 2;
+         },
+         nullptr},
     };
     for (const Variant& v : variants) {
         m.cfg = c; v.set(m.cfg);
@@ -494,6 +508,7 @@ TEST(eval_ttt_trains_only_on_scored_positions) {
         g_ttt_step_hook = legal_hook;
         try {
             if (!strcmp(v.mode, "lora_ttt")) eval_lora_ttt(Cpu<float>{}, m, d, &rec);
+            else if (!strcmp(v.mode, "phased_ttt")) eval_phased_ttt(Cpu<float>{}, m, d, &rec);
             else eval_full_ttt(Cpu<float>{}, m, d, &rec);
         } catch (...) { g_ttt_step_hook = nullptr; throw; }
         g_ttt_step_hook = nullptr;
@@ -528,7 +543,8 @@ TEST(eval_lora_multi_epoch_reports_first_exposure) {
 // dA, dB of every target against finite differences, base weights frozen (no parameter gradient).
 static void lora_gradcheck(int variant) {
     Config c = gradcheck_config(variant);
-    c.ttt_lora_targets = "q,k,v,o,mlp_up,mlp_down,lm_head"; c.ttt_lora_rank = 3; c.ttt_lora_alpha = 6.0f;  // scale 2
+    c.ttt_lora_targets = "q,k,v,o,mlp_up,mlp_down,lm_head,attn_out,mlp"; c.ttt_lora_rank = 3;
+    c.ttt_lora_alpha = 6.0f;  // scale 2
     config_validate(c, 1);
     int B = 2, T = 7;
     Cpu<double> dev;
@@ -730,4 +746,142 @@ TEST(eval_memory_matches_lora_allocations) {
         CHECK_MSG(got >= want && got <= want + 8 * 4096,
                   "%s: lora_state_init allocated %zu bytes, lora_state_bytes says %zu", opt, got, want);
     }
+}
+
+// --- CaseOps byte sidecar -------------------------------------------------------------------------
+
+// A sidecar as ./tokenize shard --transform caseops writes it: header [3] kind, [4..5] fnv1a64 of `tokens`.
+static void write_sidecar_file(const std::string& path, const std::vector<uint16_t>& tokens,
+                               const std::vector<uint16_t>& b, bool with_checksum = true) {
+    int32_t header[256] = {SHARD_MAGIC, SHARD_VERSION, (int32_t)b.size()};
+    if (with_checksum) {
+        uint64_t h = fnv1a64(tokens.data(), 2 * tokens.size());
+        header[3] = (int32_t)SIDECAR_KIND; header[4] = (int32_t)(uint32_t)h; header[5] = (int32_t)(uint32_t)(h >> 32);
+    }
+    std::vector<uint8_t> buf(sizeof header + 2 * b.size());
+    memcpy(buf.data(), header, sizeof header);
+    memcpy(buf.data() + sizeof header, b.data(), 2 * b.size());
+    write_file_atomic(path, buf.data(), buf.size());
+}
+
+// val_bpb charges the sidecar's bytes (of each scored target), in every mode; a sidecar that belongs to other
+// tokens (checksum, count, a BOS with bytes) is refused with the file's name, and the sidecars are not read
+// as token shards.
+TEST(eval_caseops_sidecar_bytes) {
+    Config c = eval_test_config();
+    std::string d = test_dir("caseops");
+    std::vector<uint16_t> t0 = eval_test_stream({37, 20, 90}, c.vocab_size, 91);
+    std::vector<uint16_t> t1 = eval_test_stream({41, 30}, c.vocab_size, 92);
+    auto bytes_of = [](const std::vector<uint16_t>& t, uint64_t seed) {
+        Rng rng(seed);
+        std::vector<uint16_t> b(t.size());
+        for (size_t i = 0; i < t.size(); i++) b[i] = t[i] == BOS_ID ? 0 : (uint16_t)(rng.uniform() * 7);
+        return b;
+    };
+    std::vector<uint16_t> b0 = bytes_of(t0, 1), b1 = bytes_of(t1, 2);
+    write_shard_file(d + "/fineweb_val_000000.bin", t0);
+    write_shard_file(d + "/fineweb_val_000001.bin", t1);
+    write_sidecar_file(d + "/fineweb_val_bytes_000000.bin", t0, b0);
+    write_sidecar_file(d + "/fineweb_val_bytes_000001.bin", t1, b1, false);  // the reference's: no checksum
+    c.data_path = d; c.caseops_enabled = 1;
+    EvalData ev = eval_test_data({}, c.vocab_size);
+    ev.val = load_validation_tokens(c);
+    CHECK(ev.val.size() == t0.size() + t1.size());  // the sidecars were not taken for tokens
+    ev.val_bytes = load_validation_bytes(c, ev.val);
+    std::vector<uint16_t> want = b0;
+    want.insert(want.end(), b1.begin(), b1.end());
+    CHECK(ev.val_bytes == want);
+    Model<Cpu<float>> m;
+    eval_test_model(m, c);
+    for (const char* mode : {"standard", "sliding", "lora_ttt", "full_ttt"}) {
+        NllRecord rec;
+        EvalResult r = eval_run_mode(mode, m, ev, rec);
+        double loss = 0, bytes = 0;
+        for (size_t j = 0; j < rec.nll.size(); j++) { loss += rec.nll[j]; bytes += want[j + 1]; }
+        double want_bpb = loss / M_LN2 / bytes;
+        CHECK_MSG(std::fabs(r.val_bpb - want_bpb) <= 1e-9 * r.val_bpb, "%s: val_bpb %.12g, from the sidecar %.12g",
+                  mode, r.val_bpb, want_bpb);
+    }
+    eval_test_model_free(m);
+    // a wrong table: another shard's sidecar, a BOS charged bytes, a short one
+    std::string f0 = d + "/fineweb_val_bytes_000000.bin", f1 = d + "/fineweb_val_bytes_000001.bin";
+    std::vector<uint16_t> shifted(t0.begin() + 1, t0.end());
+    shifted.push_back(5);
+    write_sidecar_file(f0, shifted, b0);
+    CHECK_THROWS(load_validation_bytes(c, ev.val), f0 + ": written for other tokens than");
+    write_sidecar_file(f0, t0, b0);
+    std::vector<uint16_t> bad = b1;
+    bad[0] = 3;  // t1[0] is BOS
+    write_sidecar_file(f1, t1, bad, false);
+    CHECK_THROWS(load_validation_bytes(c, ev.val), f1 + ": entry 0 is 3 bytes, but token 0 is BOS");
+    write_sidecar_file(f1, t1, std::vector<uint16_t>(b1.begin(), b1.end() - 1), false);
+    CHECK_THROWS(load_validation_bytes(c, ev.val), f1 + ": " + std::to_string(b1.size() - 1) + " byte entries");
+    remove(f1.c_str());
+    CHECK_THROWS(load_validation_bytes(c, ev.val), f1 + " is missing");
+}
+
+// --- Phased score-first TTT -------------------------------------------------------------------------
+
+// The queue and its segments, derived here from the rules (not from the code under test): documents sorted
+// by length into batches of TTT_BATCH_SIZE, longest batch first; segment p ends with the first batch after
+// which prefix·(p+1)/P documents are scored. Returns each document's segment.
+static std::vector<int> phased_segments(const std::vector<std::pair<long, long>>& docs, int bs, long prefix, int P) {
+    std::vector<long> idx(docs.size());
+    for (size_t i = 0; i < idx.size(); i++) idx[i] = (long)i;
+    std::stable_sort(idx.begin(), idx.end(), [&](long a, long b) { return docs[a].second < docs[b].second; });
+    std::vector<std::vector<long>> batches;
+    for (size_t i = 0; i < idx.size(); i += bs)
+        batches.emplace_back(idx.begin() + i, idx.begin() + std::min(idx.size(), i + (size_t)bs));
+    std::stable_sort(batches.begin(), batches.end(), [&](const std::vector<long>& a, const std::vector<long>& b) {
+        return docs[a.back()].second > docs[b.back()].second;
+    });
+    std::vector<int> seg(docs.size(), 0);
+    long scored = 0;
+    int p = 0;
+    for (const auto& b : batches) {
+        for (long i : b) seg[i] = p;
+        scored += (long)b.size();
+        if (p < P && prefix > 0 && scored >= prefix * (p + 1) / P) p++;
+    }
+    return seg;
+}
+
+// Without phases, phased TTT is per-document LoRA TTT (the same NLLs, in another order). With phases: the
+// documents of the first segment are scored by the loaded model (as lora_ttt scores them), later ones by the
+// model the global SGD updated; a document's NLLs depend only on itself and the documents scored before it
+// (its segment's others and earlier segments): changing a last-segment document changes no other score.
+TEST(eval_phased_ttt_queue_order) {
+    Config c = eval_test_config();
+    Model<Cpu<double>> m;
+    eval_test_model(m, c);
+    std::vector<uint16_t> t = eval_test_stream(EVAL_DOC_LENS, c.vocab_size, 31, true);
+    EvalData d = eval_test_data(t, c.vocab_size);
+    auto docs = test_documents(t);
+    NllRecord lora, none, ph;
+    eval_run_mode("lora_ttt", m, d, lora);
+    m.cfg.phased_ttt_prefix_docs = 0;
+    eval_run_mode("phased_ttt", m, d, none);
+    check_records_equal(lora, none, 0, t.size() - 1, "phased_ttt without phases vs lora_ttt");
+    m.cfg = c;
+    eval_run_mode("phased_ttt", m, d, ph);
+    std::vector<int> seg = phased_segments(docs, c.ttt_batch_size, c.phased_ttt_prefix_docs, c.phased_ttt_num_phases);
+    std::vector<std::vector<float>> A = per_document(t, lora), B = per_document(t, ph);
+    size_t later_changed = 0, last = 0;
+    for (size_t k = 0; k < docs.size(); k++) {
+        if (seg[k] == 0) check_docs_equal(A[k], B[k], "first segment vs lora_ttt", k);
+        else for (size_t i = 0; i < A[k].size(); i++) later_changed += !nll_same(A[k][i], B[k][i]);
+        if (seg[k] == c.phased_ttt_num_phases && A[k].size() > A[last].size()) last = k;
+    }
+    CHECK_MSG(later_changed > 0, "no score after a global SGD phase changed");
+    CHECK_MSG(seg[last] == c.phased_ttt_num_phases, "the test stream has no document in the last segment");
+    std::vector<uint16_t> u = t;
+    Rng rng(19);
+    for (long j = docs[last].first + 1; j < docs[last].first + docs[last].second; j++)
+        u[j] = (uint16_t)(2 + rng.uniform() * (c.vocab_size - 2));
+    NllRecord r;
+    eval_run_mode("phased_ttt", m, eval_test_data(u, c.vocab_size), r);
+    std::vector<std::vector<float>> C = per_document(u, r);
+    for (size_t k = 0; k < docs.size(); k++)
+        if (k != last) check_docs_equal(B[k], C[k], "a last-segment document changed", k);
+    eval_test_model_free(m);
 }

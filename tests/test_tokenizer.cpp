@@ -609,4 +609,186 @@ TEST(cli_usage_errors) {
     CHECK_THROWS(run_cli({"encode", m, "/nonexistent.txt"}), "/nonexistent.txt: cannot open");
 }
 
+// --- CaseOps (PR #1729's lossless case transform) and the per-token byte sidecar ------------------------
+
+static std::string co_enc(const std::string& s) { std::string o; caseops_encode(s.data(), s.size(), &o); return o; }
+static const std::string CT = "\xEE\x80\x81", CA = "\xEE\x80\x82", CN = "\xEE\x80\x83", CE = "\xEE\x80\x84";
+
+// Hand-worked examples of every rule, from the rules of lossless_caps_caseops_v1.
+TEST(caseops_examples) {
+    CHECK(co_enc("The NASA Launch") == CT + "the " + CA + "nasa " + CT + "launch");
+    CHECK(co_enc("a I x") == "a " + CT + "i x");                                   // one capital: Title
+    CHECK(co_enc("iPhone McDonald") == "i" + CN + "phone " + CT + "mc" + CN + "donald");
+    CHECK(co_enc("ABc") == CT + "a" + CN + "bc");                                  // not ALLCAPS: mixed
+    // non-ASCII splits words
+    CHECK(co_enc("caf\xC3\xA9 \xC3\x89T\xC3\x89") == "caf\xC3\xA9 \xC3\x89" + CT + "t\xC3\x89");
+    CHECK(co_enc("x" + CT + "Y") == "x" + CE + CT + CT + "y");                     // a literal operator is escaped
+    CHECK(co_enc("AB1cd") == CA + "ab1cd");
+    std::string out, err;
+    CHECK(!caseops_decode("A", 1, &out, &err) && err.find("upper-case") != std::string::npos);
+    std::string bad = CT + "1";
+    CHECK(!caseops_decode(bad.data(), bad.size(), &out, &err) &&
+          err.find("not followed by a letter") != std::string::npos);
+    bad = "ab" + CA;
+    CHECK(!caseops_decode(bad.data(), bad.size(), &out, &err));
+    bad = CT + "a" + CN + "b";  // decodes to "AB", whose canonical form is ALLCAPS + "ab"
+    CHECK(!caseops_decode(bad.data(), bad.size(), &out, &err) && err.find("canonical") != std::string::npos);
+    bad = CE + "x";
+    CHECK(!caseops_decode(bad.data(), bad.size(), &out, &err));
+}
+
+// Random byte strings over an alphabet rich in letters, operator bytes and broken UTF-8: decode(encode(x))
+// is x, and decode accepts encode's output only (a mutated output is either rejected or re-encodes to itself).
+TEST(caseops_fuzz_round_trip) {
+    std::mt19937_64 rng(20240520);
+    const std::vector<std::string> atoms = {"a",
+                                            "z",
+                                            "A",
+                                            "Z",
+                                            "q",
+                                            "Q",
+                                            " ",
+                                            "1",
+                                            "\n",
+                                            "\xEE",
+                                            "\x80",
+                                            "\x81",
+                                            "\x84",
+                                            "\xEE\x80",
+                                            CT,
+                                            CA,
+                                            CN,
+                                            CE,
+                                            "\xEE\x80\x85",
+                                            "\xC3\xA9",
+                                            "\xFF",
+                                            std::string(1, '\0')};
+    long rejected = 0;
+    for (int it = 0; it < 20000; it++) {
+        std::string x;
+        int len = (int)(rng() % 24);
+        for (int k = 0; k < len; k++) {
+            if (rng() % 4 == 0) x.push_back((char)(rng() & 0xFF));
+            else x += atoms[rng() % atoms.size()];
+        }
+        std::string y = co_enc(x), back, err;
+        CHECK_MSG(caseops_decode(y.data(), y.size(), &back, &err), "iteration %d: decode failed: %s", it, err.c_str());
+        CHECK_MSG(back == x, "iteration %d: round trip changed the text", it);
+        std::vector<uint8_t> w;
+        caseops_byte_weights(y.data(), y.size(), &w);
+        size_t sum = 0;
+        for (uint8_t v : w) sum += v;
+        CHECK_MSG(sum == x.size(), "iteration %d: weights sum to %zu, the original has %zu bytes", it, sum, x.size());
+        // mutate one byte of the transformed text: whatever decodes must be canonical
+        if (y.empty()) continue;
+        std::string z = y;
+        z[rng() % z.size()] = (char)atoms[rng() % atoms.size()][0];
+        if (caseops_decode(z.data(), z.size(), &back, &err)) CHECK(co_enc(back) == z);
+        else rejected++;
+    }
+    CHECK(rejected > 100);  // the strict decoder is exercised
+}
+
+// Token surfaces tile the input: every original byte lands in exactly one token, in order.
+static std::vector<int64_t> caseops_doc_bytes(const SpmEncoder& e, const std::string& doc, std::vector<int>* ids) {
+    std::vector<int64_t> nb;
+    SpmScratch sc;
+    caseops_token_bytes(e, co_enc(doc), ids, &nb, &sc);
+    return nb;
+}
+
+// The sidecar of a document sums to the document's UTF-8 length (every original byte charged once), with
+// the CaseOps model (operators are user-defined pieces) and with the plain one; spans do not change ids.
+TEST(caseops_sidecar_sums_to_original_bytes) {
+    std::string path = "data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model";
+    if (access(path.c_str(), R_OK) != 0) throw TestFailure(path + " is missing");
+    SpmModel cm = spm_load(path);
+    SpmEncoder ce = spm_encoder_build(cm);
+    int ops = 0;
+    for (const std::string& p : {CT, CA, CN, CE})
+        for (size_t i = 0; i < cm.pieces.size(); i++) ops += cm.pieces[i] == p && cm.types[i] == SPM_USER_DEFINED;
+    CHECK_MSG(ops == 4, "the CaseOps model has %d of the 4 operators as user-defined pieces", ops);
+    std::vector<std::string> docs = {"The NASA Launch, said Dr. McDonald (iPhone 15).",
+                                     "  leading and trailing  \t",
+                                     "Caf\xC3\xA9 \xEF\xAC\x81ne \xE6\x97\xA5\xE6\x9C\xAC \xF0\x9F\x98\x80 x" + CT +
+                                         "Y",
+                                     "a\n\n\nb    c",
+                                     "\xFF\xFE broken \xE2\x96 utf8",
+                                     "ALLCAPS WORDS EVERYWHERE"};
+    std::mt19937_64 rng(7);
+    const char* atoms[] = {"The", " ", "  ", "quick", "BROWN", "fOx", "\n", "\xC3\xA9", "\xEF\xAC\x81", "\xEE\x80\x82",
+                           "\xFF", "42", ".", "\xE2\x80\x99", "\t", "McX"};
+    for (int i = 0; i < 300; i++) {
+        std::string d;
+        for (int k = (int)(rng() % 30); k > 0; k--) d += atoms[rng() % 16];
+        docs.push_back(d);
+    }
+    for (const SpmEncoder* e : {(const SpmEncoder*)&ce, &encoder(8192)}) {
+        for (const std::string& d : docs) {
+            std::vector<int> ids;
+            std::vector<int64_t> nb = caseops_doc_bytes(*e, d, &ids);
+            CHECK(nb.size() == ids.size());
+            int64_t sum = 0;
+            for (int64_t b : nb) { CHECK(b >= 0); sum += b; }
+            if (ids.empty()) continue;  // whitespace only: no token to charge
+            CHECK_MSG(sum == (int64_t)d.size(), "document \"%s\": sidecar sums to %lld, UTF-8 length %zu", d.c_str(),
+                      (long long)sum, d.size());
+            std::string t = co_enc(d);
+            CHECK(enc(*e, t) == ids);
+        }
+    }
+    // a title-case word: the operator piece carries 0 bytes, the word its letters
+    std::vector<int> ids;
+    std::vector<int64_t> nb = caseops_doc_bytes(ce, "Hello", &ids);
+    CHECK(ids.size() >= 2 && cm.pieces[ids[0]] == CT && nb[0] == 0);
+}
+
+// The shard writer: a val sidecar beside each val shard, headed by its token file's checksum; train gets none.
+TEST(caseops_shard_writes_sidecar) {
+    std::string path = "data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model";
+    if (access(path.c_str(), R_OK) != 0) throw TestFailure(path + " is missing");
+    char dir[] = "/tmp/pgolf_caseops_XXXXXX";
+    if (!mkdtemp(dir)) throw TestFailure("mkdtemp failed");
+    std::string in = std::string(dir) + "/docs.jsonl", out = std::string(dir) + "/out";
+    std::vector<std::string> docs = {"The NASA Launch", "  iPhone  ", "caf\xC3\xA9 ALLCAPS", "plain text", "Train Doc"};
+    FILE* f = fopen(in.c_str(), "wb");
+    for (auto& d : docs) fprintf(f, "{\"text\": \"%s\"}\n", d.c_str());
+    fclose(f);
+    run_cli({"shard", path, out, "--val-docs", "4", "--shard-tokens", "9", "--transform", "caseops", in});
+    auto read_shard = [](const std::string& p, int32_t* header) {
+        std::string b = read_file(p);
+        memcpy(header, b.data(), 1024);
+        std::vector<uint16_t> v((b.size() - 1024) / 2);
+        memcpy(v.data(), b.data() + 1024, v.size() * 2);
+        return v;
+    };
+    size_t total = 0, orig = 0;
+    for (int k = 0; k < 4; k++) orig += docs[k].size();
+    int files = 0;
+    for (int k = 0;; k++) {
+        char name[64];
+        snprintf(name, sizeof name, "/fineweb_val_%06d.bin", k);
+        if (access((out + name).c_str(), R_OK) != 0) break;
+        files++;
+        int32_t ht[256], hb[256];
+        std::vector<uint16_t> t = read_shard(out + name, ht);
+        snprintf(name, sizeof name, "/fineweb_val_bytes_%06d.bin", k);
+        std::vector<uint16_t> b = read_shard(out + name, hb);
+        CHECK(t.size() == b.size() && hb[2] == ht[2] && (uint32_t)hb[3] == SIDECAR_KIND);
+        uint64_t h = fnv1a64(t.data(), t.size() * 2);
+        CHECK(((uint64_t)(uint32_t)hb[5] << 32 | (uint32_t)hb[4]) == h);
+        for (size_t i = 0; i < t.size(); i++) {
+            if (t[i] == 1) CHECK(b[i] == 0);
+            total += b[i];
+        }
+    }
+    CHECK(files >= 2);
+    CHECK_MSG(total == orig, "val sidecars sum to %zu bytes, the 4 val documents hold %zu", total, orig);
+    CHECK(access((out + "/fineweb_train_bytes_000000.bin").c_str(), F_OK) != 0);
+    CHECK(read_file(out + "/manifest.txt").find("transform=caseops\n") != std::string::npos);
+    CHECK_THROWS(run_cli({"shard", path, out + "2", "--transform", "upper"}), "expected none or caseops");
+    std::string cmd = std::string("rm -rf ") + dir;
+    CHECK(system(cmd.c_str()) == 0);
+}
+
 int main(int c, char** v) { return test_main(c, v); }
