@@ -131,8 +131,8 @@ tests/test_emu_libs: tests/test_emu_libs.cpp tests/harness.h $(wildcard tests/em
 
 # The same test program through g++ alone: the CPU reference's tests (the CUDA ones need nvcc or the emulator).
 tests/test_main_cpu: tests/test_main.cu tests/harness.h $(wildcard tests/*.cuh) $(TU_DEPS)
-	$(CXX) -O2 -std=c++17 -x c++ $(CPU_FLAGS) -Wno-unused-function -I. $(MPI_DEFS) $(MPI_CFLAGS) \
-	    -DPGOLF_CODE_BYTES=$(CODE_BYTES) -o $@ tests/test_main.cu -lzstd $(MPI_LIBS)
+	$(CXX) -O2 -std=c++17 -x c++ $(CPU_FLAGS) -Wno-unused-function -I. $(MPI_DEFS) $(MPI_CFLAGS) $(BROTLI_DEFS) \
+	    -DPGOLF_CODE_BYTES=$(CODE_BYTES) -o $@ tests/test_main.cu -lzstd $(BROTLI_LIBS) $(MPI_LIBS)
 
 tests/test_main: tests/test_main.cu tests/harness.h $(wildcard tests/*.cuh) $(TU_DEPS)
 	$(NVCC) $(NVFLAGS) -Xcompiler -Wno-unused-function -I. -DPGOLF_CODE_BYTES=$(CODE_BYTES) -o $@ tests/test_main.cu $(LIBS)
