@@ -1,5 +1,6 @@
 # pgolf build.   make            ./train_gpt (nvcc: sm_80 + sm_90 code, compute_90 PTX) and ./tokenize
 #                make test       build everything and run every test
+#                make test-cpu   build the tests with g++ alone and run every one that needs no CUDA path (fast)
 #                make cpu        ./train_gpt_cpu: the CPU-only build (g++), quick to compile
 #                make submission build/submission/train_gpt.cu: the stripped single file, and its counted
 #                                form build/submission/train_gpt.sh (xz, self-extracting: scripts/make_sfx)
@@ -82,7 +83,7 @@ NVFLAGS     := $(NVOPT) -std=c++17 $(GPU_CODE) -x cu -Xcompiler "$(subst $() ,$(
 LIBS        := -lcublasLt -lcublas -lzstd $(BROTLI_LIBS) -lgomp $(NCCL_LIBS) $(MPI_LIBS)
 TU_DEPS     := train_gpt.cu tokenizer/spm_model.h
 
-.PHONY: all test cpu submission clean corpus info emu print-gpu-code
+.PHONY: all test test-cpu cpu submission clean corpus info emu print-gpu-code
 all: info train_gpt tokenize
 
 info:
@@ -127,6 +128,11 @@ EMU_LIBS_TEST  := $(if $(wildcard $(CUDA_INC)/cuda_runtime.h),tests/test_emu_lib
 tests/test_emu_libs: tests/test_emu_libs.cpp tests/harness.h $(wildcard tests/emu/*.h)
 	$(CXX) -O1 -g -std=c++17 -Wall -Wextra -fsanitize=address,undefined -Itests -I$(CUDA_INC) \
 	    $(MPI_DEFS) -DOMPI_SKIP_MPICXX $(MPI_CFLAGS) -o $@ tests/test_emu_libs.cpp $(MPI_LIBS)
+
+# The same test program through g++ alone: the CPU reference's tests (the CUDA ones need nvcc or the emulator).
+tests/test_main_cpu: tests/test_main.cu tests/harness.h $(wildcard tests/*.cuh) $(TU_DEPS)
+	$(CXX) -O2 -std=c++17 -x c++ $(CPU_FLAGS) -Wno-unused-function -I. $(MPI_DEFS) $(MPI_CFLAGS) $(BROTLI_DEFS) \
+	    -DPGOLF_CODE_BYTES=$(CODE_BYTES) -o $@ tests/test_main.cu -lzstd $(BROTLI_LIBS) $(MPI_LIBS)
 
 tests/test_main: tests/test_main.cu tests/harness.h $(wildcard tests/*.cuh) $(TU_DEPS)
 	$(NVCC) $(NVFLAGS) -Xcompiler -Wno-unused-function -I. -DPGOLF_CODE_BYTES=$(CODE_BYTES) -o $@ tests/test_main.cu $(LIBS)
@@ -179,6 +185,10 @@ test: all train_gpt_cpu tests/test_main $(EMU_TESTS) $(if $(EMU_TESTS),train_gpt
       corpus
 	@tests/run.sh
 
+# The fork's loop: no nvcc, no emulator; every test of the CPU path (tests/run.sh --cpu NAME runs some).
+test-cpu: train_gpt_cpu tokenize tests/test_main_cpu tests/test_tokenizer corpus
+	@tests/run.sh --cpu
+
 clean:
-	rm -rf train_gpt train_gpt_cpu tokenize tests/test_main tests/test_tokenizer tests/test_emu_libs build \
+	rm -rf train_gpt train_gpt_cpu tokenize tests/test_main tests/test_main_cpu tests/test_tokenizer tests/test_emu_libs build \
 	       tests/test_main_emu tests/test_main_emu.o tests/emu/emu_runtime.o train_gpt_emu train_gpt_emu.o

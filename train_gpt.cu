@@ -10,13 +10,22 @@
 //
 // The same driver runs on the CPU (plain C++ reference: the golden model every CUDA kernel is
 // tested against) and on the GPU; only the math of each operation differs. Sections, in order:
-//   1. utilities and checks           7. optimizers, schedule, weight averaging, QAT
-//   2. configuration and presets      8. distributed (MPI, NCCL)
-//   3. data: shards and loaders       9. compression: quantization and the artifact
-//   4. parameters: table and arenas  10. evaluation: val_bpb, sliding window, both TTTs
-//   5. operations (CPU, then CUDA)   11. checkpoints
-//   6. the model: forward/backward   12. training driver and main
-//                                    13. the cost model of a training step (`./train_gpt cost`)
+//    1. utilities and checks, then the GPU's: device tag and error checks, PROFILE=1, launch geometry,
+//       deterministic reductions, device memory
+//    2. configuration and presets
+//    3. data: shards and loaders
+//    4. parameters: table and arenas
+//    5. operations: each one's CPU reference forward and backward, then its CUDA kernels and launchers
+//    6. the model: activations, LoRA adapters, forward and backward (written once over the device tag)
+//    7. optimizers (CPU, then CUDA), schedule, weight averaging, QAT
+//    8. distributed (MPI, NCCL)
+//    9. compression: quantization and the artifact
+//   10. evaluation: val_bpb, sliding window, both TTTs
+//   11. checkpoints
+//   12. training driver: training state, optimizer_step, train, run
+//   13. the cost model of a training step (`./train_gpt cost`)
+//   then the GPU run (the memory plan, run_cuda) and main().
+// One training step in reading order, function by function: README.md, "Read the code".
 // Sections between `#ifdef PGOLF_CPU_REFERENCE` fences are the CPU reference; `make submission`
 // strips them (and comments) to produce the byte-counted single file.
 
@@ -97,16 +106,23 @@ static FILE* g_logfile = nullptr;  // the run's log.txt once it is open (rank 0)
 // stderr and in log.txt. Test builds throw instead, so the tests can check the message.
 [[noreturn]] __attribute__((format(printf, 1, 2))) static void fail(const char* fmt, ...) {
     char msg[4096];
-    va_list ap; va_start(ap, fmt); vsnprintf(msg, sizeof msg, fmt, ap); va_end(ap);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
 #ifdef PGOLF_TESTING
     throw std::runtime_error(msg);
 #else
     std::string rank = g_world > 1 ? " (rank " + std::to_string(g_rank) + ")" : "";
     fprintf(stderr, "error%s: %s\n", rank.c_str(), msg);
     fflush(stderr);
-    if (g_logfile) { fprintf(g_logfile, "error%s: %s\n", rank.c_str(), msg); fflush(g_logfile); }
+    if (g_logfile) {
+        fprintf(g_logfile, "error%s: %s\n", rank.c_str(), msg);
+        fflush(g_logfile);
+    }
 #ifdef PGOLF_MPI
-    int mpi_up = 0; MPI_Initialized(&mpi_up);
+    int mpi_up = 0;
+    MPI_Initialized(&mpi_up);
     if (mpi_up && g_world > 1) MPI_Abort(MPI_COMM_WORLD, 1);  // never leave the other ranks hanging
 #endif
     exit(1);
@@ -118,23 +134,41 @@ static bool g_quiet = false;  // tests silence the training log
 __attribute__((format(printf, 1, 2))) static void log0(const char* fmt, ...) {
     if (g_rank != 0 || g_quiet) return;
     va_list ap;
-    va_start(ap, fmt); vprintf(fmt, ap); va_end(ap);
-    if (g_logfile) { va_start(ap, fmt); vfprintf(g_logfile, fmt, ap); va_end(ap); fflush(g_logfile); }
+    va_start(ap, fmt);
+    vprintf(fmt, ap);
+    va_end(ap);
+    if (g_logfile) {
+        va_start(ap, fmt);
+        vfprintf(g_logfile, fmt, ap);
+        va_end(ap);
+        fflush(g_logfile);
+    }
     fflush(stdout);
 }
 // A problem the run survives: "warning: …" on stderr and in the log (rank 0).
 __attribute__((format(printf, 1, 2))) static void warn0(const char* fmt, ...) {
     if (g_rank != 0) return;
     char msg[4096];
-    va_list ap; va_start(ap, fmt); vsnprintf(msg, sizeof msg, fmt, ap); va_end(ap);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
     fprintf(stderr, "warning: %s\n", msg);
     fflush(stderr);
-    if (g_logfile) { fprintf(g_logfile, "warning: %s\n", msg); fflush(g_logfile); }
+    if (g_logfile) {
+        fprintf(g_logfile, "warning: %s\n", msg);
+        fflush(g_logfile);
+    }
 }
 
 static std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
 static std::string fmt(const char* f, ...) {  // printf into a std::string
-    char buf[1024]; va_list ap; va_start(ap, f); vsnprintf(buf, sizeof buf, f, ap); va_end(ap); return buf;
+    char buf[1024];
+    va_list ap;
+    va_start(ap, f);
+    vsnprintf(buf, sizeof buf, f, ap);
+    va_end(ap);
+    return buf;
 }
 
 static double now_ms() {
@@ -167,10 +201,16 @@ static std::vector<uint8_t> read_file(const std::string& path) {
 static bool write_file_atomic_try(const std::string& path, const void* data, size_t n, std::string* err) {
     std::string tmp = path + ".tmp";
     FILE* f = fopen(tmp.c_str(), "wb");
-    if (!f) { *err = fmt("cannot open %s (wb): %s", tmp.c_str(), strerror(errno)); return false; }
+    if (!f) {
+        *err = fmt("cannot open %s (wb): %s", tmp.c_str(), strerror(errno));
+        return false;
+    }
     bool ok = fwrite(data, 1, n, f) == n;
     int e = errno;
-    if (fclose(f) != 0 && ok) { ok = false; e = errno; }
+    if (fclose(f) != 0 && ok) {
+        ok = false;
+        e = errno;
+    }
     if (!ok) {
         remove(tmp.c_str());
         *err = fmt("cannot write %s: %s", tmp.c_str(), strerror(e));
@@ -245,7 +285,8 @@ struct Rng {
 
 // IEEE half and bfloat16 conversions (round to nearest even), used for scales, storage, checkpoints.
 static inline uint16_t float_to_half(float f) {
-    uint32_t x; memcpy(&x, &f, 4);
+    uint32_t x;
+    memcpy(&x, &f, 4);
     uint32_t sign = (x >> 16) & 0x8000, exp = (x >> 23) & 0xff, man = x & 0x7fffff;
     if (exp == 0xff) return sign | 0x7c00 | (man ? 0x200 : 0);  // inf / nan
     int e = (int)exp - 127 + 15;
@@ -266,12 +307,26 @@ static inline float half_to_float(uint16_t h) {
     uint32_t sign = (h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, x;
     if (exp == 0) {
         if (man == 0) x = sign;
-        else { int e = -1; do { e++; man <<= 1; } while (!(man & 0x400)); x = sign | ((112 - e) << 23) | ((man & 0x3ff) << 13); }
+        else {
+            int e = -1;
+            do {
+                e++;
+                man <<= 1;
+            } while (!(man & 0x400));
+            x = sign | ((112 - e) << 23) | ((man & 0x3ff) << 13);
+        }
     } else if (exp == 31) x = sign | 0x7f800000 | (man << 13);
     else x = sign | ((exp + 112) << 23) | (man << 13);
-    float f; memcpy(&f, &x, 4); return f;
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
 }
-static inline float bf16_to_float(uint16_t b) { uint32_t x = (uint32_t)b << 16; float f; memcpy(&f, &x, 4); return f; }
+static inline float bf16_to_float(uint16_t b) {
+    uint32_t x = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
 
 // One allocation per arena, carved into named tensors. A first pass with base == nullptr only
 // measures, so the layout (and its byte count, printed at start) is known before allocating.
@@ -343,7 +398,10 @@ struct Cuda {
 // No driver, no device, or a broken install all mean "no GPU here", never an abort.
 static bool cuda_available() {
     int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); return false; }
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
     return n > 0;
 }
 
@@ -375,10 +433,14 @@ static CudaContext& cuda_ctx() {
     if (g_cuda.ready) return g_cuda;
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
-    if (e != cudaSuccess) { cudaGetLastError(); fail("no usable CUDA device: %s", cudaGetErrorString(e)); }
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        fail("no usable CUDA device: %s", cudaGetErrorString(e));
+    }
     if (count == 0) fail("no usable CUDA device: 0 devices visible");
     if (g_local_rank >= count)
-        fail("local rank %d needs GPU %d, but this node shows %d GPU(s): run at most %d ranks per node (check CUDA_VISIBLE_DEVICES)",
+        fail("local rank %d needs GPU %d, but this node shows %d GPU(s): run at most %d ranks per node (check "
+             "CUDA_VISIBLE_DEVICES)",
              g_local_rank, g_local_rank, count, count);
     g_cuda.device = g_local_rank;
     cudaCheck(cudaSetDevice(g_cuda.device));
@@ -386,8 +448,10 @@ static CudaContext& cuda_ctx() {
     cudaFuncAttributes fa;  // does this binary carry code this GPU can run?
     if (cudaFuncGetAttributes(&fa, cast_params_kernel) != cudaSuccess) {
         cudaGetLastError();
-        fail("GPU %d (%s) has compute capability %d.%d, but this train_gpt has no code for it: rebuild with GPU_ARCH=sm_%d%d",
-             g_cuda.device, g_cuda.prop.name, g_cuda.prop.major, g_cuda.prop.minor, g_cuda.prop.major, g_cuda.prop.minor);
+        fail("GPU %d (%s) has compute capability %d.%d, but this train_gpt has no code for it: rebuild with "
+             "GPU_ARCH=sm_%d%d",
+             g_cuda.device, g_cuda.prop.name, g_cuda.prop.major, g_cuda.prop.minor, g_cuda.prop.major,
+             g_cuda.prop.minor);
     }
     cudaCheck(cudaStreamCreate(&g_cuda.stream));  // a blocking stream: it also orders against legacy-stream copies
     cublasCheck(cublasLtCreate(&g_cuda.lt));
@@ -428,7 +492,11 @@ static bool profile_enabled() {
 }
 static void profile_mark(OpClass cls) {
     size_t i = g_prof.marks.size();
-    if (i == g_prof.pool.size()) { cudaEvent_t e; cudaCheck(cudaEventCreate(&e)); g_prof.pool.push_back(e); }
+    if (i == g_prof.pool.size()) {
+        cudaEvent_t e;
+        cudaCheck(cudaEventCreate(&e));
+        g_prof.pool.push_back(e);
+    }
     cudaCheck(cudaEventRecord(g_prof.pool[i], g_cuda.stream));  // a blocking stream: also after legacy-stream kernels
     g_prof.marks.push_back(cls);
 }
@@ -450,7 +518,8 @@ struct OpProfileScope {
 static OpProfileScope op_scope(Cuda, OpClass cls) { return OpProfileScope(cls); }
 static void profile_step_begin(Cuda) {
     if (!profile_enabled()) return;
-    g_prof.marks.clear(); g_prof.open.clear();
+    g_prof.marks.clear();
+    g_prof.open.clear();
     g_prof.in_step = true;
     profile_mark(OP_ELEMENTWISE);
 }
@@ -482,7 +551,8 @@ static void profile_report(Cuda, const Config& c) {
     log0("profile: %-30s %12s %12s\n", "class", "measured_ms", "projected_ms");
     for (int k = 0; k < OP_NUM; k++) {
         double m = g_prof.ms[k] / g_prof.measured;
-        total_m += m; total_p += proj[k];
+        total_m += m;
+        total_p += proj[k];
         log0("profile: %-30s %12.3f %12.3f\n", OP_CLASS_NAMES[k], m, proj[k]);
     }
     log0("profile: %-30s %12.3f %12.3f\n", "total", total_m, total_p);
@@ -511,7 +581,10 @@ static unsigned ceil_div(size_t a, size_t b) { return (unsigned)((a + b - 1) / b
 
 // Rows cut into `chunks` runs of `rows_per_chunk` (the last may be shorter, none empty). One block
 // sums each run in row order; the chunk partials are then added in chunk order.
-struct RowChunks { int chunks; long rows_per_chunk; };
+struct RowChunks {
+    int chunks;
+    long rows_per_chunk;
+};
 static const long CHUNK_MIN_ROWS = 64;
 static const int CHUNK_MAX = 512;
 static RowChunks row_chunks(long rows) {
@@ -528,7 +601,9 @@ __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 template <class X> __device__ __forceinline__ X from_f32(float f);
 template <> __device__ __forceinline__ float from_f32<float>(float f) { return f; }
-template <> __device__ __forceinline__ bf16 from_f32<bf16>(float f) { return __float2bfloat16(f); }  // round to nearest even
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float f) {  // round to nearest even
+    return __float2bfloat16(f);
+}
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }  // as the CPU's sigmoid
 
 // Butterfly sums: every lane ends with the same bits (a + b == b + a exactly), in a fixed order.
@@ -622,7 +697,8 @@ static void* cuda_malloc_checked(size_t bytes, const char* what) {
         size_t fr = 0, tot = 0;
         cudaMemGetInfo(&fr, &tot);
         fail("out of GPU memory allocating %.1f MiB (%s) with %.1f MiB free of %.1f MiB: lower the per-rank batch "
-             "(TRAIN_BATCH_TOKENS, or raise GRAD_ACCUM_STEPS)", bytes / 1048576.0, what, fr / 1048576.0, tot / 1048576.0);
+             "(TRAIN_BATCH_TOKENS, or raise GRAD_ACCUM_STEPS)",
+             bytes / 1048576.0, what, fr / 1048576.0, tot / 1048576.0);
     }
     cudaCheck(e);
     return p;
@@ -665,7 +741,8 @@ template <class X> static void to_host_async(Cuda, X* dst, const X* src, size_t 
     if (n) cudaCheck(cudaMemcpyAsync(dst, src, n * sizeof(X), cudaMemcpyDeviceToHost, cuda_ctx().stream));
 }
 template <class X> static void device_copy(Cuda, X* dst, const X* src, size_t n) {
-    if (n && dst != src) cudaCheck(cudaMemcpyAsync(dst, src, n * sizeof(X), cudaMemcpyDeviceToDevice, cuda_ctx().stream));
+    if (n && dst != src)
+        cudaCheck(cudaMemcpyAsync(dst, src, n * sizeof(X), cudaMemcpyDeviceToDevice, cuda_ctx().stream));
 }
 
 // One grow-only scratch buffer for the ops (chunk partials, sort buffers, Newton–Schulz iterates).
@@ -676,7 +753,8 @@ static uint8_t* cuda_scratch(size_t bytes) {
     CudaContext& cx = cuda_ctx();
     if (bytes > cx.scratch_bytes) {
         if (cx.scratch) cudaCheck(cudaFree(cx.scratch));
-        cx.scratch = nullptr; cx.scratch_bytes = 0;
+        cx.scratch = nullptr;
+        cx.scratch_bytes = 0;
         cx.scratch = (uint8_t*)cuda_malloc_checked(bytes, "scratch");
         cx.scratch_bytes = bytes;
     }
@@ -686,7 +764,9 @@ static uint8_t* cuda_scratch(size_t bytes) {
 template <class F> static void scratch_carve(F&& carve) {
     Arena a;
     carve(a);
-    a.base = cuda_scratch(a.used); a.cap = a.used; a.used = 0;
+    a.base = cuda_scratch(a.used);
+    a.cap = a.used;
+    a.used = 0;
     carve(a);
 }
 
@@ -786,7 +866,8 @@ struct Config {
     float prune_frac = 0.0f;
     int gptq_lite = 0, all_int5 = 0;
     std::string fp16_keep_patterns = "";
-    std::string control_patterns = "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights";
+    std::string control_patterns =
+        "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights";
     // full-Hessian GPTQ with SDClip and LQER (the 1.0611 record's export; off: the rules above)
     int gptq = 0;                        // 1 = every matrix of > 65,536 values through GPTQ, scale k·σ per row
     int gptq_calibration_batches = 16;   // training micro-batches the Hessians XᵀX are summed over
@@ -850,6 +931,7 @@ struct Config {
     int eval_len() const { return eval_seq_len > 0 ? eval_seq_len : train_seq_len; }
 };
 
+// table: the presets, one setting per assignment, several to a line (data read across: what each record sets)
 // The naive baseline (records/…/2026-03-17_NaiveBaseline) is the struct's defaults.
 static void preset_baseline(Config&) {}
 
@@ -970,11 +1052,18 @@ static const Preset PRESETS[] = {
     {"frontier", preset_frontier, "PR #1855's model: 11L, loop 3-5 to 17 virtual, parallel lanes, gates, SP8192"},
     {"frontier_tiny", preset_frontier_tiny, "frontier shrunk to CPU size (4L d128), for tests"},
 };
+// end table
 
 // Every setting, by the reference's env-var name (ours where the reference has none).
-struct Setting { const char* name; char kind; void* ptr; const char* help; };  // kind: i l f d s
+struct Setting {  // kind: i l f d s
+    const char* name;
+    char kind;
+    void* ptr;
+    const char* help;
+};
 static std::vector<Setting> config_settings(Config& c) {
     return {
+        // table: the settings, one per row: name, kind, the field it fills, help text
         {"DATA_PATH", 's', &c.data_path, "directory with fineweb_train_*.bin and fineweb_val_*.bin"},
         {"TOKENIZER_PATH", 's', &c.tokenizer_path, "SentencePiece .model used for the val_bpb byte tables"},
         {"RUN_ID", 's', &c.run_id, "name of the run (default: a timestamp)"},
@@ -1147,6 +1236,7 @@ static std::vector<Setting> config_settings(Config& c) {
         {"GLOBAL_TTT_CHUNK_TOKENS", 'i', &c.global_ttt_chunk_tokens, "phased TTT: global SGD tokens per chunk"},
         {"GLOBAL_TTT_BATCH_SEQS", 'i', &c.global_ttt_batch_seqs, "phased TTT: global SGD sequences per step"},
         {"GLOBAL_TTT_GRAD_CLIP", 'f', &c.global_ttt_grad_clip, "phased TTT: global SGD gradient clip norm"},
+        // end table
     };
 }
 
@@ -1190,7 +1280,10 @@ static Scope setting_scope(const char* name) {
     int found = -1, count = 0;
     for (int sc = 0; sc < SCOPE_NUM; sc++) {
         std::string list = std::string(" ") + SCOPE_SETTINGS[sc] + " ";
-        if (list.find(std::string(" ") + name + " ") != std::string::npos) { found = sc; count++; }
+        if (list.find(std::string(" ") + name + " ") != std::string::npos) {
+            found = sc;
+            count++;
+        }
     }
     if (count != 1) fail("internal: setting %s has %d scopes in SCOPE_SETTINGS (expected exactly one)", name, count);
     return (Scope)found;
@@ -1220,11 +1313,24 @@ static void setting_parse(const Setting& s, const char* text, const std::string&
     char* end = nullptr;
     errno = 0;
     switch (s.kind) {
-        case 'i': { long v = strtol(text, &end, 10); if (v < INT32_MIN || v > INT32_MAX) errno = ERANGE; *(int*)s.ptr = (int)v; break; }
-        case 'l': *(long*)s.ptr = strtol(text, &end, 10); break;
-        case 'f': *(float*)s.ptr = strtof(text, &end); break;
-        case 'd': *(double*)s.ptr = strtod(text, &end); break;
-        default: *(std::string*)s.ptr = text; return;
+        case 'i': {
+            long v = strtol(text, &end, 10);
+            if (v < INT32_MIN || v > INT32_MAX) errno = ERANGE;
+            *(int*)s.ptr = (int)v;
+            break;
+        }
+        case 'l':
+            *(long*)s.ptr = strtol(text, &end, 10);
+            break;
+        case 'f':
+            *(float*)s.ptr = strtof(text, &end);
+            break;
+        case 'd':
+            *(double*)s.ptr = strtod(text, &end);
+            break;
+        default:
+            *(std::string*)s.ptr = text;
+            return;
     }
     if (errno || end == text || *end != '\0')
         fail("%s%s=\"%s\": expected %s", where.empty() ? "" : (where + ": ").c_str(), s.name, text,
@@ -1263,7 +1369,10 @@ static std::vector<std::string> unknown_setting_warnings(char** env) {
         bool same_word = false;
         for (const Setting& s : settings) {
             int d = edit_distance(name, s.name);
-            if (d < best_d) { best_d = d; best = s.name; }
+            if (d < best_d) {
+                best_d = d;
+                best = s.name;
+            }
             std::string word = std::string(s.name).substr(0, std::string(s.name).find('_') + 1);
             same_word |= word.size() > 1 && word.back() == '_' && name.compare(0, word.size(), word) == 0;
         }
@@ -1281,7 +1390,10 @@ static Config config_from_env() {
     c.preset = preset && *preset ? preset : "baseline";
     bool found = false;
     for (const Preset& p : PRESETS)
-        if (c.preset == p.name) { p.apply(c); found = true; }
+        if (c.preset == p.name) {
+            p.apply(c);
+            found = true;
+        }
     if (!found) {
         std::string names;
         for (const Preset& p : PRESETS) names += std::string(names.empty() ? "" : ", ") + p.name;
@@ -1342,7 +1454,10 @@ static Config config_from_text(const std::string& text, const std::string& where
         }
         bool known = false;
         for (const Setting& s : settings)
-            if (key == s.name) { setting_parse(s, value.c_str(), where); known = true; }
+            if (key == s.name) {
+                setting_parse(s, value.c_str(), where);
+                known = true;
+            }
         if (!known) fail("%s: unknown config key %s", where.c_str(), key.c_str());
     }
     return c;
@@ -1373,12 +1488,16 @@ static const char* const EVAL_MODE_NAMES[] = {"standard", "sliding", "lora_ttt",
 // training (EVAL_MODE, TTT_*, export) must not cost the run.
 static void config_validate(const Config& c, int world) {
     auto need = [](bool ok, const char* fmt, auto... args) { if (!ok) fail(fmt, args...); };
-    need(c.vocab_size > 0 && c.vocab_size <= 65536, "VOCAB_SIZE=%d: expected 1..65536 (tokens are uint16)", c.vocab_size);
+    need(c.vocab_size > 0 && c.vocab_size <= 65536, "VOCAB_SIZE=%d: expected 1..65536 (tokens are uint16)",
+         c.vocab_size);
     need(c.num_layers > 0, "NUM_LAYERS=%d: expected > 0", c.num_layers);
-    need(c.num_heads > 0 && c.model_dim % c.num_heads == 0, "NUM_HEADS=%d must divide MODEL_DIM=%d", c.num_heads, c.model_dim);
-    need(c.num_kv_heads > 0 && c.num_heads % c.num_kv_heads == 0, "NUM_KV_HEADS=%d must divide NUM_HEADS=%d", c.num_kv_heads, c.num_heads);
+    need(c.num_heads > 0 && c.model_dim % c.num_heads == 0, "NUM_HEADS=%d must divide MODEL_DIM=%d", c.num_heads,
+         c.model_dim);
+    need(c.num_kv_heads > 0 && c.num_heads % c.num_kv_heads == 0, "NUM_KV_HEADS=%d must divide NUM_HEADS=%d",
+         c.num_kv_heads, c.num_heads);
     need(c.head_dim() % 2 == 0, "head dim MODEL_DIM/NUM_HEADS=%d must be even for RoPE", c.head_dim());
-    need(c.rope_dims >= 0 && c.rope_dims <= c.head_dim() && c.rope_dims % 2 == 0, "ROPE_DIMS=%d: expected an even number ≤ head dim %d", c.rope_dims, c.head_dim());
+    need(c.rope_dims >= 0 && c.rope_dims <= c.head_dim() && c.rope_dims % 2 == 0,
+         "ROPE_DIMS=%d: expected an even number ≤ head dim %d", c.rope_dims, c.head_dim());
     // what the CUDA attention kernels are built for (attention_check repeats it per call; here it fails before work)
     int hd = c.head_dim(), group = c.num_heads / std::max(c.num_kv_heads, 1);
     need(c.device != "cuda" || hd == 16 || hd == 32 || hd == 64 || hd == 128,
@@ -1389,16 +1508,21 @@ static void config_validate(const Config& c, int world) {
          "NUM_HEADS/NUM_KV_HEADS=%d: the CUDA attention kernels pack at most %d query heads per kv head at head dim %d",
          group, hd == 128 ? 32 : 64, hd);
     need(c.mlp_hidden() > 0, "MLP_MULT=%g gives an empty MLP", c.mlp_mult);
-    need(c.mlp_activation == "relu_sq" || c.mlp_activation == "leaky_relu_sq", "MLP_ACTIVATION=%s: expected relu_sq or leaky_relu_sq", c.mlp_activation.c_str());
-    need(c.unique_layers >= 0 && c.unique_layers <= c.num_layers, "UNIQUE_LAYERS=%d: expected 0..NUM_LAYERS=%d", c.unique_layers, c.num_layers);
+    need(c.mlp_activation == "relu_sq" || c.mlp_activation == "leaky_relu_sq",
+         "MLP_ACTIVATION=%s: expected relu_sq or leaky_relu_sq", c.mlp_activation.c_str());
+    need(c.unique_layers >= 0 && c.unique_layers <= c.num_layers, "UNIQUE_LAYERS=%d: expected 0..NUM_LAYERS=%d",
+         c.unique_layers, c.num_layers);
     need(c.named_cores || c.num_cores() == c.num_layers,
          "UNIQUE_LAYERS=%d needs NAMED_CORES=1 (shared blocks are named cores.i)", c.unique_layers);
-    need(c.xsa_last_n >= 0 && c.xsa_last_n <= c.num_cores(), "XSA_LAST_N=%d: expected 0..%d", c.xsa_last_n, c.num_cores());
+    need(c.xsa_last_n >= 0 && c.xsa_last_n <= c.num_cores(), "XSA_LAST_N=%d: expected 0..%d", c.xsa_last_n,
+         c.num_cores());
     need(c.varlen_attn == 0 || c.varlen_attn == 1, "VARLEN_ATTN=%d: expected 0 or 1", c.varlen_attn);
     need(c.logit_softcap > 0, "LOGIT_SOFTCAP=%g: expected > 0", c.logit_softcap);
-    need(c.bigram_vocab_size == 0 || c.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE=%d: expected 0 or ≥ 2", c.bigram_vocab_size);
+    need(c.bigram_vocab_size == 0 || c.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE=%d: expected 0 or ≥ 2",
+         c.bigram_vocab_size);
     need(c.bigram_vocab_size == 0 || c.bigram_dim > 0, "BIGRAM_DIM=%d: expected > 0", c.bigram_dim);
-    need(!(c.bigram_vocab_size > 0 && c.bigram_hash_size > 0), "BIGRAM_VOCAB_SIZE and BIGRAM_HASH_SIZE are two different bigram embeddings: set one");
+    need(!(c.bigram_vocab_size > 0 && c.bigram_hash_size > 0),
+         "BIGRAM_VOCAB_SIZE and BIGRAM_HASH_SIZE are two different bigram embeddings: set one");
     need(c.ortho_init >= 0 && c.ortho_init <= 2, "ORTHO_INIT=%d: expected 0, 1 or 2", c.ortho_init);
     need(c.train_seq_len > 0, "TRAIN_SEQ_LEN=%d: expected > 0", c.train_seq_len);
     need(c.iterations >= 0, "ITERATIONS=%d: expected ≥ 0", c.iterations);
@@ -1410,7 +1534,8 @@ static void config_validate(const Config& c, int world) {
          c.train_batch_tokens, world, accum, c.train_seq_len, per_micro);
     need(c.quant_scheme == "int8" || c.quant_scheme == "mixed" || c.quant_scheme == "int6",
          "QUANT_SCHEME=%s: expected int8, mixed or int6", c.quant_scheme.c_str());
-    need(c.pack == "bits" || c.pack == "bytes" || c.pack == "auto", "PACK=%s: expected bits, bytes or auto", c.pack.c_str());
+    need(c.pack == "bits" || c.pack == "bytes" || c.pack == "auto", "PACK=%s: expected bits, bytes or auto",
+         c.pack.c_str());
     need(c.gptq == 0 || c.gptq == 1, "GPTQ=%d: expected 0 or 1", c.gptq);
     need(c.gptq_calibration_batches >= 1, "GPTQ_CALIBRATION_BATCHES=%d: expected ≥ 1", c.gptq_calibration_batches);
     need(c.gptq_reserve_seconds >= 0, "GPTQ_RESERVE_SECONDS=%g: expected ≥ 0", c.gptq_reserve_seconds);
@@ -1429,15 +1554,19 @@ static void config_validate(const Config& c, int world) {
     need(c.compressor == "zstd" || c.compressor == "brotli", "COMPRESSOR=%s: expected zstd or brotli",
          c.compressor.c_str());
     need(c.prune_frac >= 0 && c.prune_frac < 1, "PRUNE_FRAC=%g: expected [0, 1)", c.prune_frac);
-    need(c.sliding == "exact" || c.sliding == "reference", "SLIDING=%s: expected exact or reference", c.sliding.c_str());
+    need(c.sliding == "exact" || c.sliding == "reference", "SLIDING=%s: expected exact or reference",
+         c.sliding.c_str());
     need(c.sliding_reference == "thwu1" || c.sliding_reference == "pr600",
          "SLIDING_REFERENCE=%s: expected thwu1 or pr600", c.sliding_reference.c_str());
-    need(c.eval_stride > 0 && c.eval_stride <= c.eval_len(), "EVAL_STRIDE=%d: expected 1..eval length %d", c.eval_stride, c.eval_len());
+    need(c.eval_stride > 0 && c.eval_stride <= c.eval_len(), "EVAL_STRIDE=%d: expected 1..eval length %d",
+         c.eval_stride, c.eval_len());
     need(c.eval_batch_seqs > 0, "EVAL_BATCH_SEQS=%d: expected > 0", c.eval_batch_seqs);
-    need(c.qat_bits == 0 || c.qat_bits == 5 || c.qat_bits == 6 || c.qat_bits == 8, "QAT_BITS=%d: expected 0, 5, 6 or 8", c.qat_bits);
+    need(c.qat_bits == 0 || c.qat_bits == 5 || c.qat_bits == 6 || c.qat_bits == 8, "QAT_BITS=%d: expected 0, 5, 6 or 8",
+         c.qat_bits);
     need(!c.late_qat || c.qat_bits > 0, "LATE_QAT=1 needs QAT_BITS (5 or 6)");
     need(!c.swa_enabled || c.swa_every > 0, "SWA_EVERY=%d: expected > 0 with SWA_ENABLED=1", c.swa_every);
-    need(c.ttt_chunk_size > 0 && c.ttt_eval_seq_len >= c.ttt_chunk_size, "TTT_CHUNK_SIZE=%d must be in 1..TTT_EVAL_SEQ_LEN=%d", c.ttt_chunk_size, c.ttt_eval_seq_len);
+    need(c.ttt_chunk_size > 0 && c.ttt_eval_seq_len >= c.ttt_chunk_size,
+         "TTT_CHUNK_SIZE=%d must be in 1..TTT_EVAL_SEQ_LEN=%d", c.ttt_chunk_size, c.ttt_eval_seq_len);
     need(c.ttt_lora_rank > 0, "TTT_LORA_RANK=%d: expected > 0", c.ttt_lora_rank);
     need(c.ttt_chunk_tokens > 0, "TTT_CHUNK_TOKENS=%d: expected > 0", c.ttt_chunk_tokens);
     need(c.ttt_batch_seqs > 0, "TTT_BATCH_SEQS=%d: expected > 0", c.ttt_batch_seqs);
@@ -1448,12 +1577,15 @@ static void config_validate(const Config& c, int world) {
     need(c.global_ttt_epochs >= 0 && c.global_ttt_chunk_tokens > 0 && c.global_ttt_batch_seqs > 0,
          "GLOBAL_TTT_EPOCHS=%d, GLOBAL_TTT_CHUNK_TOKENS=%d, GLOBAL_TTT_BATCH_SEQS=%d: expected ≥ 0, > 0, > 0",
          c.global_ttt_epochs, c.global_ttt_chunk_tokens, c.global_ttt_batch_seqs);
-    need(c.ttt_steps >= 1 && c.ttt_n_epochs >= 1 && c.ttt_epochs >= 0, "TTT_STEPS=%d, TTT_N_EPOCHS=%d, TTT_EPOCHS=%d: expected ≥ 1, ≥ 1, ≥ 0",
-         c.ttt_steps, c.ttt_n_epochs, c.ttt_epochs);
-    need(c.ttt_freeze_blocks >= 0 && c.ttt_freeze_blocks <= c.num_layers, "TTT_FREEZE_BLOCKS=%d: expected 0..NUM_LAYERS=%d", c.ttt_freeze_blocks, c.num_layers);
+    need(c.ttt_steps >= 1 && c.ttt_n_epochs >= 1 && c.ttt_epochs >= 0,
+         "TTT_STEPS=%d, TTT_N_EPOCHS=%d, TTT_EPOCHS=%d: expected ≥ 1, ≥ 1, ≥ 0", c.ttt_steps, c.ttt_n_epochs,
+         c.ttt_epochs);
+    need(c.ttt_freeze_blocks >= 0 && c.ttt_freeze_blocks <= c.num_layers,
+         "TTT_FREEZE_BLOCKS=%d: expected 0..NUM_LAYERS=%d", c.ttt_freeze_blocks, c.num_layers);
     need(c.ttt_lora_schedule == "constant" || c.ttt_lora_schedule == "cosine_epochs",
          "TTT_LORA_SCHEDULE=%s: expected constant or cosine_epochs", c.ttt_lora_schedule.c_str());
-    need(c.ttt_optimizer == "sgd" || c.ttt_optimizer == "adamw", "TTT_OPTIMIZER=%s: expected sgd or adamw", c.ttt_optimizer.c_str());
+    need(c.ttt_optimizer == "sgd" || c.ttt_optimizer == "adamw", "TTT_OPTIMIZER=%s: expected sgd or adamw",
+         c.ttt_optimizer.c_str());
     need(c.ttt_lora_optimizer == "adam" || c.ttt_lora_optimizer == "adamw" || c.ttt_lora_optimizer == "sgd",
          "TTT_LORA_OPTIMIZER=%s: expected adam, adamw or sgd", c.ttt_lora_optimizer.c_str());
     lora_targets_check(c.ttt_lora_targets);
@@ -1525,7 +1657,9 @@ static void outputs_check(const Config& c) {
     fclose(f);
     remove(probe.c_str());
 }
-static int grad_accum_steps(const Config& c, int world) { return c.grad_accum_steps > 0 ? c.grad_accum_steps : 8 / world; }
+static int grad_accum_steps(const Config& c, int world) {
+    return c.grad_accum_steps > 0 ? c.grad_accum_steps : 8 / world;
+}
 // Training's time cap in seconds (0 = none): MAX_WALLCLOCK_SECONDS less GPTQ's calibration reserve, so
 // that the Hessians, which read training data, are collected inside the challenge's 600 s.
 static double train_cap_seconds(const Config& c) {
@@ -1537,14 +1671,21 @@ static double train_cap_seconds(const Config& c) {
 static void print_settings_table() {
     std::vector<Config> cs(sizeof PRESETS / sizeof PRESETS[0]);
     std::string head = "| setting | scope |", rule = "|---|---|";
-    for (size_t i = 0; i < cs.size(); i++) { PRESETS[i].apply(cs[i]); head += std::string(" ") + PRESETS[i].name + " |"; rule += "---|"; }
+    for (size_t i = 0; i < cs.size(); i++) {
+        PRESETS[i].apply(cs[i]);
+        head += std::string(" ") + PRESETS[i].name + " |";
+        rule += "---|";
+    }
     printf("%s meaning |\n%s---|\n", head.c_str(), rule.c_str());
     std::vector<std::vector<Setting>> all;
     for (Config& c : cs) all.push_back(config_settings(c));
     for (size_t k = 0; k < all[0].size(); k++) {
         std::string row = std::string("| `") + all[0][k].name + "` | ";
         row += std::string(SCOPE_NAMES[setting_scope(all[0][k].name)]) + " |";
-        for (auto& st : all) { std::string v = setting_value(st[k]); row += " " + (v.empty() ? std::string("—") : "`" + v + "`") + " |"; }
+        for (auto& st : all) {
+            std::string v = setting_value(st[k]);
+            row += " " + (v.empty() ? std::string("—") : "`" + v + "`") + " |";
+        }
         printf("%s %s |\n", row.c_str(), all[0][k].help);
     }
 }
@@ -1571,8 +1712,10 @@ static long shard_header_check(const std::string& path, FILE* f) {
     if (st.st_size < SHARD_HEADER_BYTES)
         fail("%s: %lld bytes is shorter than the 1024-byte shard header", path.c_str(), (long long)st.st_size);
     fread_check(header, sizeof header, f, path.c_str());
-    if (header[0] != SHARD_MAGIC) fail("%s: bad magic %d (expected %d): not a token shard", path.c_str(), header[0], SHARD_MAGIC);
-    if (header[1] != SHARD_VERSION) fail("%s: unsupported shard version %d (expected %d)", path.c_str(), header[1], SHARD_VERSION);
+    if (header[0] != SHARD_MAGIC)
+        fail("%s: bad magic %d (expected %d): not a token shard", path.c_str(), header[0], SHARD_MAGIC);
+    if (header[1] != SHARD_VERSION)
+        fail("%s: unsupported shard version %d (expected %d)", path.c_str(), header[1], SHARD_VERSION);
     long n = header[2];
     long long expected = SHARD_HEADER_BYTES + 2LL * n;
     if (n < 0 || st.st_size != expected)
@@ -1588,7 +1731,9 @@ static std::vector<uint16_t> load_shard(const std::string& path, int vocab_size)
     fread_check(tokens.data(), 2 * (size_t)n, f, path.c_str());
     fclose(f);
     for (long i = 0; i < n; i++)
-        if (tokens[i] >= vocab_size) fail("%s: token %d at position %ld is outside the vocabulary (VOCAB_SIZE=%d)", path.c_str(), tokens[i], i, vocab_size);
+        if (tokens[i] >= vocab_size)
+            fail("%s: token %d at position %ld is outside the vocabulary (VOCAB_SIZE=%d)", path.c_str(), tokens[i], i,
+                 vocab_size);
     return tokens;
 }
 
@@ -1598,7 +1743,9 @@ static std::vector<std::string> shard_files(const std::string& data_path, const 
     // CaseOps byte sidecars (fineweb_val_bytes_*.bin) match the same pattern: they are not tokens
     auto sidecar = [](const std::string& f) { return f.find("_bytes_", f.rfind('/') + 1) != std::string::npos; };
     files.erase(std::remove_if(files.begin(), files.end(), sidecar), files.end());
-    if (files.empty()) fail("no %s shards match %s (set DATA_PATH, or run scripts/make_corpus or scripts/download_fineweb)", split, pattern.c_str());
+    if (files.empty())
+        fail("no %s shards match %s (set DATA_PATH, or run scripts/make_corpus or scripts/download_fineweb)", split,
+             pattern.c_str());
     return files;
 }
 
@@ -1625,7 +1772,10 @@ static long validate_train_shards(const std::vector<std::string>& files, int voc
     #pragma omp parallel for schedule(dynamic, 1)
     for (long i = 0; i < (long)files.size(); i++) {
         FILE* f = fopen(files[i].c_str(), "rb");
-        if (!f) { errors[i] = fmt("cannot open %s: %s", files[i].c_str(), strerror(errno)); continue; }
+        if (!f) {
+            errors[i] = fmt("cannot open %s: %s", files[i].c_str(), strerror(errno));
+            continue;
+        }
         std::vector<uint16_t> buf;
         // blocks of tokens [begin, begin + len): the whole shard in pieces, or evenly spaced samples
         long len = full ? std::min(n[i], 1L << 20) : std::min(n[i], SHARD_SAMPLE_TOKENS);
@@ -1703,7 +1853,10 @@ static void check_data_tokenizer(const Config& c, const SpmModel& sp, const std:
     }
     std::vector<char> seen(c.vocab_size, 0);
     int max_id = 0;
-    for (uint16_t t : val) { seen[t] = 1; max_id = std::max(max_id, (int)t); }
+    for (uint16_t t : val) {
+        seen[t] = 1;
+        max_id = std::max(max_id, (int)t);
+    }
     long distinct = std::accumulate(seen.begin(), seen.end(), 0L);
     bool enough = (long)val.size() >= 10L * c.vocab_size;  // a sample large enough to reach the upper ids
     if (enough && max_id < c.vocab_size / 2)
@@ -1724,7 +1877,10 @@ struct TokenStream {
     long pos = 0;
     std::vector<uint16_t> tokens;
     void open(const std::vector<std::string>& f, int vocab, int start_file = 0, long start_pos = 0) {
-        files = f; vocab_size = vocab; file_idx = start_file; pos = start_pos;
+        files = f;
+        vocab_size = vocab;
+        file_idx = start_file;
+        pos = start_pos;
         tokens = load_shard(files[file_idx], vocab_size);
     }
     void take(long n, std::vector<uint16_t>& out) {
@@ -1754,8 +1910,12 @@ struct DataLoader {
         long local = global_tokens / ((long)world * accum);
         stream.take((local + 1) * world, chunk);
         const uint16_t* span = chunk.data() + (long)rank * (local + 1);
-        x.resize(local); y.resize(local);
-        for (long i = 0; i < local; i++) { x[i] = span[i]; y[i] = span[i + 1]; }
+        x.resize(local);
+        y.resize(local);
+        for (long i = 0; i < local; i++) {
+            x[i] = span[i];
+            y[i] = span[i + 1];
+        }
     }
 };
 
@@ -1770,10 +1930,12 @@ static std::vector<uint16_t> load_validation_tokens(const Config& c) {
     if (c.val_tokens_limit > 0 && (long)all.size() > c.val_tokens_limit) all.resize(c.val_tokens_limit);
     if (c.val_truncate_to_seq) {
         long usable = ((long)all.size() - 1) / c.train_seq_len * c.train_seq_len;
-        if (usable <= 0) fail("validation split has %zu tokens: too short for TRAIN_SEQ_LEN=%d", all.size(), c.train_seq_len);
+        if (usable <= 0)
+            fail("validation split has %zu tokens: too short for TRAIN_SEQ_LEN=%d", all.size(), c.train_seq_len);
         all.resize(usable + 1);
     }
-    if (all.size() < 2) fail("validation split under %s has %zu tokens: need at least 2", c.data_path.c_str(), all.size());
+    if (all.size() < 2)
+        fail("validation split under %s has %zu tokens: need at least 2", c.data_path.c_str(), all.size());
     return all;
 }
 
@@ -1802,8 +1964,8 @@ static std::vector<uint16_t> load_validation_bytes(const Config& c, const std::v
         fclose(f);
         std::vector<uint16_t> t = load_shard(tpath, c.vocab_size);
         if ((long)t.size() != n)
-            fail("%s: %ld byte entries, but %s holds %zu tokens: not this shard's sidecar", path.c_str(), n, tpath.c_str(),
-                 t.size());
+            fail("%s: %ld byte entries, but %s holds %zu tokens: not this shard's sidecar", path.c_str(), n,
+                 tpath.c_str(), t.size());
         if ((uint32_t)header[3] == SIDECAR_KIND) {
             uint64_t h = 14695981039346656037ull;
             for (uint16_t v : t) {
@@ -1872,8 +2034,13 @@ static std::vector<ParamSpec> build_param_table(const Config& c) {
     std::vector<ParamSpec> t;
     int D = c.model_dim, L = c.num_layers, NC = c.num_cores();
     auto add = [&](std::string name, std::vector<int> shape, ParamRole role, int index) {
-        ParamSpec p; p.name = name; p.shape = shape; p.role = role; p.index = index;
-        p.numel = 1; for (int s : shape) p.numel *= s;
+        ParamSpec p;
+        p.name = name;
+        p.shape = shape;
+        p.role = role;
+        p.index = index;
+        p.numel = 1;
+        for (int s : shape) p.numel *= s;
         t.push_back(p);
     };
     // GPT's own parameter first, then its children in registration order (PyTorch's state_dict).
@@ -1906,7 +2073,10 @@ static std::vector<ParamSpec> build_param_table(const Config& c) {
         add(pre + "attn_scale", {D}, P_ATTN_SCALE, i);
         add(pre + "mlp_scale", {D}, P_MLP_SCALE, i);
         add(pre + "resid_mix", {2, D}, P_RESID_MIX, i);
-        if (c.smear_gate) { add(pre + "attn_gate", {D}, P_ATTN_GATE, i); add(pre + "mlp_gate", {D}, P_MLP_GATE, i); }
+        if (c.smear_gate) {
+            add(pre + "attn_gate", {D}, P_ATTN_GATE, i);
+            add(pre + "mlp_gate", {D}, P_MLP_GATE, i);
+        }
     };
     if (c.named_cores) {  // PR #456: cores.i hold the matrices, blocks.i the per-layer vectors
         for (int i = 0; i < NC; i++) add_core("cores." + std::to_string(i) + ".", i);
@@ -1964,11 +2134,22 @@ template <class W, class V> struct Weights {
 };
 template <class W, class V>
 static Weights<W, V> point_weights(const Config& c, const std::vector<ParamSpec>& t, W* wbase, V* vbase) {
-    auto w = [&](ParamRole r, int i = 0) -> W* { const ParamSpec* p = find_param(t, r, i); return p && wbase ? wbase + p->offset : nullptr; };
-    auto v = [&](ParamRole r, int i = 0) -> V* { const ParamSpec* p = find_param(t, r, i); return p && vbase ? vbase + p->offset : nullptr; };
+    auto w = [&](ParamRole r, int i = 0) -> W* {
+        const ParamSpec* p = find_param(t, r, i);
+        return p && wbase ? wbase + p->offset : nullptr;
+    };
+    auto v = [&](ParamRole r, int i = 0) -> V* {
+        const ParamSpec* p = find_param(t, r, i);
+        return p && vbase ? vbase + p->offset : nullptr;
+    };
     Weights<W, V> m;
-    m.tok_emb = w(P_TOK_EMB); m.lm_head = w(P_LM_HEAD); m.bigram_embed = w(P_BIGRAM_EMBED); m.bigram_proj = w(P_BIGRAM_PROJ);
-    m.bigram_scale = v(P_BIGRAM_SCALE); m.smear_gate = v(P_SMEAR_GATE); m.skip_weights = v(P_SKIP_WEIGHTS);
+    m.tok_emb = w(P_TOK_EMB);
+    m.lm_head = w(P_LM_HEAD);
+    m.bigram_embed = w(P_BIGRAM_EMBED);
+    m.bigram_proj = w(P_BIGRAM_PROJ);
+    m.bigram_scale = v(P_BIGRAM_SCALE);
+    m.smear_gate = v(P_SMEAR_GATE);
+    m.skip_weights = v(P_SKIP_WEIGHTS);
     m.skip_gates = v(P_SKIP_GATES);
     m.parallel_post = v(P_PARALLEL_POST);
     m.parallel_resid = v(P_PARALLEL_RESID);
@@ -2022,14 +2203,30 @@ static void init_params(const Config& c, const std::vector<ParamSpec>& t, float*
             case P_BIGRAM_EMBED:  // thwu1 zero-inits its table; PR #600's nn.Embedding keeps N(0, 1)
                 if (c.bigram_hash_size > 0) for (size_t i = 0; i < p.numel; i++) w[i] = (float)rng.normal();
                 break;
-            case P_BIGRAM_SCALE: w[0] = 0.05f; break;
-            case P_SKIP_WEIGHTS: case P_ATTN_SCALE: case P_MLP_SCALE: std::fill(w, w + p.numel, 1.0f); break;
-            case P_RESID_MIX: std::fill(w, w + cols, 1.0f); break;  // row 0 (x) = 1, row 1 (x0) = 0
-            case P_Q_GAIN: std::fill(w, w + p.numel, c.qk_gain_init); break;
+            case P_BIGRAM_SCALE:
+                w[0] = 0.05f;
+                break;
+            case P_SKIP_WEIGHTS:
+            case P_ATTN_SCALE:
+            case P_MLP_SCALE:
+                std::fill(w, w + p.numel, 1.0f);
+                break;
+            // row 0 (x) = 1, row 1 (x0) = 0
+            case P_RESID_MIX:
+                std::fill(w, w + cols, 1.0f);
+                break;
+            case P_Q_GAIN:
+                std::fill(w, w + p.numel, c.qk_gain_init);
+                break;
             case P_SMEAR_GATE: case P_ATTN_GATE: case P_MLP_GATE: break;  // sigmoid(0) = 0.5
             case P_SKIP_GATES: case P_SMEAR_W: case P_SMEAR_LAMBDA: break;  // σ(0) = ½ lerp; λ = 0: no smear
-            case P_PARALLEL_POST: std::fill(w, w + p.numel, 1.0f); break;
-            case P_PARALLEL_RESID: std::fill(w, w + p.numel, 1.1f); break;  // the reference's init
+            case P_PARALLEL_POST:
+                std::fill(w, w + p.numel, 1.0f);
+                break;
+            // the reference's init
+            case P_PARALLEL_RESID:
+                std::fill(w, w + p.numel, 1.1f);
+                break;
             case P_ATTN_GATE_W:  // zeros (σ = ½) unless SPARSE_ATTN_GATE_INIT_STD
                 if (c.sparse_attn_gate_init_std > 0)
                     for (size_t i = 0; i < p.numel; i++) w[i] = (float)(c.sparse_attn_gate_init_std * rng.normal());
@@ -2059,7 +2256,10 @@ static void init_params(const Config& c, const std::vector<ParamSpec>& t, float*
 
 static void print_param_table(const std::vector<ParamSpec>& t) {
     size_t total = 0, per_group[4] = {0, 0, 0, 0};
-    for (const ParamSpec& p : t) { total += p.numel; per_group[p.group] += p.numel; }
+    for (const ParamSpec& p : t) {
+        total += p.numel;
+        per_group[p.group] += p.numel;
+    }
     log0("model_params:%zu (token %zu, head %zu, matrix %zu, scalar %zu) in %zu tensors\n",
          total, per_group[0], per_group[1], per_group[2], per_group[3], t.size());
 }
@@ -2163,7 +2363,12 @@ __global__ void embedding_backward_long_runs_kernel(float* dtable, const float* 
         dtable[(size_t)key * C + c] += acc;
     }
 }
-struct SortScratch { int32_t *keys, *pos_in, *pos; float *head, *tail; void* temp; size_t temp_bytes; };
+struct SortScratch {
+    int32_t *keys, *pos_in, *pos;
+    float *head, *tail;
+    void* temp;
+    size_t temp_bytes;
+};
 // cub's temporary storage for sorting N pairs (a host-side size query; needs the device context)
 static size_t radix_sort_temp_bytes(int N) {
     cuda_ctx();
@@ -2175,10 +2380,13 @@ static size_t radix_sort_temp_bytes(int N) {
 // N pairs of rows of C columns
 static void carve_sort_scratch(Arena& a, SortScratch& s, int N, int C, size_t temp_bytes) {
     size_t windows = ceil_div(N, EMB_WINDOW);
-    s.keys = a.take<int32_t>(N); s.pos_in = a.take<int32_t>(N); s.pos = a.take<int32_t>(N);
+    s.keys = a.take<int32_t>(N);
+    s.pos_in = a.take<int32_t>(N);
+    s.pos = a.take<int32_t>(N);
     s.head = a.take<float>(windows * C);
     s.tail = a.take<float>(windows * C);
-    s.temp = a.take<uint8_t>(temp_bytes); s.temp_bytes = temp_bytes;
+    s.temp = a.take<uint8_t>(temp_bytes);
+    s.temp_bytes = temp_bytes;
 }
 // (perf: the table's row count is not an argument, so the sort uses all 32 key bits — passing it
 //  would cut the passes from 4 to 2)
@@ -2210,20 +2418,26 @@ HD static inline int32_t bigram_bucket(int32_t cur, int32_t prev, int pos, int b
     return (int32_t)(((int64_t)36313 * cur ^ (int64_t)27191 * prev) % (buckets - 1));
 }
 #if PGOLF_CPU_REFERENCE
-template <class T> static void bigram_lookup(Cpu<T>, int32_t* out, const int32_t* idx, int B, int T_, int buckets, int vocab, bool pr600_hash) {
-    for (int n = 0; n < B * T_; n++) out[n] = bigram_bucket(idx[n], n % T_ ? idx[n - 1] : 0, n % T_, buckets, vocab, pr600_hash);
+template <class T>
+static void bigram_lookup(Cpu<T>, int32_t* out, const int32_t* idx, int B, int T_, int buckets, int vocab,
+                          bool pr600_hash) {
+    for (int n = 0; n < B * T_; n++)
+        out[n] = bigram_bucket(idx[n], n % T_ ? idx[n - 1] : 0, n % T_, buckets, vocab, pr600_hash);
 }
 #endif
 #ifdef PGOLF_CUDA
 // On the GPU.
-__global__ void bigram_lookup_kernel(int32_t* out, const int32_t* idx, int N, int T, int buckets, int vocab, bool pr600_hash) {
+__global__ void bigram_lookup_kernel(int32_t* out, const int32_t* idx, int N, int T, int buckets, int vocab,
+                                     bool pr600_hash) {
     for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += gridDim.x * blockDim.x)
         out[n] = bigram_bucket(idx[n], n % T ? idx[n - 1] : 0, n % T, buckets, vocab, pr600_hash);
 }
-static void bigram_lookup(Cuda, int32_t* out, const int32_t* idx, int B, int T_, int buckets, int vocab, bool pr600_hash) {
+static void bigram_lookup(Cuda, int32_t* out, const int32_t* idx, int B, int T_, int buckets, int vocab,
+                          bool pr600_hash) {
     int N = B * T_;
     if (N <= 0) return;
-    PGOLF_LAUNCH(grid_for(N), BLOCK, 0, cuda_ctx().stream, bigram_lookup_kernel)(out, idx, N, T_, buckets, vocab, pr600_hash);
+    PGOLF_LAUNCH(grid_for(N), BLOCK, 0, cuda_ctx().stream, bigram_lookup_kernel)
+        (out, idx, N, T_, buckets, vocab, pr600_hash);
     launchCheck();
 }
 #endif
@@ -2242,8 +2456,9 @@ template <class T> static void rmsnorm_forward(Cpu<T>, T* out, T* rstd, const T*
     }
 }
 // dx = r·dy − r³·x·(dy·x)/C
-template <class T> static void rmsnorm_backward(Cpu<T>, T* dinp, const T* dout, const T* inp, const T* rstd, int N, int C) {
-    #pragma omp parallel for
+template <class T>
+static void rmsnorm_backward(Cpu<T>, T* dinp, const T* dout, const T* inp, const T* rstd, int N, int C) {
+#pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const T *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
         T r = rstd[n], dot = 0;
@@ -2260,14 +2475,18 @@ __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* inp, 
     if (row >= N) return;
     const bf16* x = inp + (size_t)row * C;
     float ss = 0.0f;
-    for (int c = lane; c < C; c += 32) { float v = to_f32(x[c]); ss += v * v; }
+    for (int c = lane; c < C; c += 32) {
+        float v = to_f32(x[c]);
+        ss += v * v;
+    }
     ss = warp_sum(ss);
     float r = 1.0f / sqrtf(ss / C + eps);
     if (lane == 0) rstd[row] = r;
     for (int c = lane; c < C; c += 32) out[(size_t)row * C + c] = from_f32<bf16>(to_f32(x[c]) * r);
 }
 // dx += r·dy − r³·x·(dy·x)/C
-__global__ void rmsnorm_backward_kernel(bf16* dinp, const bf16* dout, const bf16* inp, const float* rstd, int N, int C) {
+__global__ void rmsnorm_backward_kernel(bf16* dinp, const bf16* dout, const bf16* inp, const float* rstd, int N,
+                                        int C) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= N) return;
     const bf16 *x = inp + (size_t)row * C, *dy = dout + (size_t)row * C;
@@ -2281,12 +2500,14 @@ __global__ void rmsnorm_backward_kernel(bf16* dinp, const bf16* dout, const bf16
 static const int ROWS_PER_BLOCK = 8;  // warps per block of the warp-per-row kernels
 static void rmsnorm_forward(Cuda, bf16* out, float* rstd, const bf16* inp, int N, int C) {
     if (N <= 0) return;
-    PGOLF_LAUNCH(ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream, rmsnorm_forward_kernel)(out, rstd, inp, N, C, (float)RMSNORM_EPS);
+    PGOLF_LAUNCH(ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream, rmsnorm_forward_kernel)
+        (out, rstd, inp, N, C, (float)RMSNORM_EPS);
     launchCheck();
 }
 static void rmsnorm_backward(Cuda, bf16* dinp, const bf16* dout, const bf16* inp, const float* rstd, int N, int C) {
     if (N <= 0) return;
-    PGOLF_LAUNCH(ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream, rmsnorm_backward_kernel)(dinp, dout, inp, rstd, N, C);
+    PGOLF_LAUNCH(ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream, rmsnorm_backward_kernel)
+        (dinp, dout, inp, rstd, N, C);
     launchCheck();
 }
 #endif
@@ -2296,7 +2517,8 @@ static void rmsnorm_backward(Cuda, bf16* dinp, const bf16* dout, const bf16* inp
 // row-major: 4×16 tiles of C stay in registers while k runs, and the loop over the 16 columns
 // vectorizes. Every C element sums its k terms in order, so results do not depend on threads.
 #if PGOLF_CPU_REFERENCE
-template <class T> static void gemm_cpu(T* C, const T* A, long a_row, long a_col, const T* B, int M, int Nc, int K, bool accumulate) {
+template <class T>
+static void gemm_cpu(T* C, const T* A, long a_row, long a_col, const T* B, int M, int Nc, int K, bool accumulate) {
     const int MR = 4, NR = 16;
     #pragma omp parallel for schedule(static)
     for (int m0 = 0; m0 < M; m0 += MR) {
@@ -2328,14 +2550,16 @@ template <class T> static void gemm_cpu(T* C, const T* A, long a_row, long a_col
         }
     }
 }
-template <class T> static void matmul_forward(Cpu<T>, T* out, const T* inp, const T* w, int N, int IC, int OC, bool accumulate = false) {
+template <class T>
+static void matmul_forward(Cpu<T>, T* out, const T* inp, const T* w, int N, int IC, int OC, bool accumulate = false) {
     std::vector<T> wt((size_t)IC * OC);  // Wᵀ, so the kernel's inner loop runs along contiguous outputs
     for (int o = 0; o < OC; o++)
         for (int i = 0; i < IC; i++) wt[(size_t)i * OC + o] = w[(size_t)o * IC + i];
     gemm_cpu(out, inp, IC, 1, wt.data(), N, OC, IC, accumulate);
 }
 // dinp += dout · W ; dW += doutᵀ · inp   (either may be null: frozen weights, or input of no interest)
-template <class T> static void matmul_backward(Cpu<T>, T* dinp, T* dw, const T* dout, const T* inp, const T* w, int N, int IC, int OC) {
+template <class T>
+static void matmul_backward(Cpu<T>, T* dinp, T* dw, const T* dout, const T* inp, const T* w, int N, int IC, int OC) {
     if (dinp) gemm_cpu(dinp, dout, OC, 1, w, N, IC, OC, true);
     if (dw) gemm_cpu(dw, dout, 1, OC, inp, OC, IC, N, true);
 }
@@ -2376,13 +2600,22 @@ template <class T> static void matmul_backward_batched(Cpu<T> dev, T* dinp, T* d
 // operand is our B and its second our A, with m = N, n = M, and each operand keeps its own
 // transpose flag (B stored [K,N] reads as the column-major Bᵀ, which is what op(B)ᵀ needs: no
 // transpose; B stored [N,K] reads as B: transpose). Leading dimensions are the stored row lengths.
-struct RowMajorGemm { int M, N, K; bool a_trans, b_trans; };  // D[M,N] = op(A)[M,K]·op(B)[K,N], row-major
-struct GemmDesc { bool ta, tb; int m, n, k, lda, ldb, ldc; };  // cuBLAS: C(m×n) = op(A)·op(B), column-major
+struct RowMajorGemm {  // D[M,N] = op(A)[M,K]·op(B)[K,N], row-major
+    int M, N, K;
+    bool a_trans, b_trans;
+};
+struct GemmDesc {  // cuBLAS: C(m×n) = op(A)·op(B), column-major
+    bool ta, tb;
+    int m, n, k, lda, ldb, ldc;
+};
 // A is stored row-major [M,K] ([K,M] when a_trans), B [K,N] ([N,K] when b_trans), C [M,N].
 static GemmDesc gemm_row_major(int M, int N, int K, bool a_trans, bool b_trans) {
     GemmDesc g;
-    g.ta = b_trans; g.tb = a_trans;
-    g.m = N; g.n = M; g.k = K;
+    g.ta = b_trans;
+    g.tb = a_trans;
+    g.m = N;
+    g.n = M;
+    g.k = K;
     g.lda = b_trans ? K : N;
     g.ldb = a_trans ? M : K;
     g.ldc = N;
@@ -2406,12 +2639,18 @@ struct GemmKey {
     long long stride_a, stride_b, stride_cd;
     uint32_t align[4];  // cuBLAS A, B, C, D
     bool operator<(const GemmKey& o) const {
-        return std::tie(M, N, K, batch, a_trans, b_trans, d_type, stride_a, stride_b, stride_cd, align[0], align[1], align[2], align[3]) <
-               std::tie(o.M, o.N, o.K, o.batch, o.a_trans, o.b_trans, o.d_type, o.stride_a, o.stride_b, o.stride_cd, o.align[0], o.align[1],
-                        o.align[2], o.align[3]);
+        auto fields = [](const GemmKey& g) {
+            return std::tie(g.M, g.N, g.K, g.batch, g.a_trans, g.b_trans, g.d_type, g.stride_a, g.stride_b,
+                            g.stride_cd, g.align[0], g.align[1], g.align[2], g.align[3]);
+        };
+        return fields(*this) < fields(o);
     }
 };
-struct GemmPlan { cublasLtMatmulDesc_t op; cublasLtMatrixLayout_t la, lb, lc; cublasLtMatmulAlgo_t algo; };
+struct GemmPlan {
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t la, lb, lc;
+    cublasLtMatmulAlgo_t algo;
+};
 static std::map<GemmKey, GemmPlan> g_gemm_plans;
 
 static GemmPlan gemm_plan_create(const GemmKey& key) {
@@ -2432,24 +2671,29 @@ static GemmPlan gemm_plan_create(const GemmKey& key) {
         cublasLtMatrixLayout_t ls[3] = {p.la, p.lb, p.lc};
         for (int i = 0; i < 3; i++) {
             cublasCheck(cublasLtMatrixLayoutSetAttribute(ls[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &bc, sizeof bc));
-            cublasCheck(cublasLtMatrixLayoutSetAttribute(ls[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &strides[i], sizeof strides[i]));
+            cublasCheck(cublasLtMatrixLayoutSetAttribute(ls[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                                                         &strides[i], sizeof strides[i]));
         }
     }
     cublasLtMatmulPreference_t pref;
     cublasCheck(cublasLtMatmulPreferenceCreate(&pref));
     uint64_t ws = cx.lt_workspace_bytes;
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
-    const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                                                                CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
-    for (int i = 0; i < 4; i++) cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &key.align[i], sizeof key.align[i]));
+    const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4; i++)
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &key.align[i], sizeof key.align[i]));
     cublasLtMatmulHeuristicResult_t heur;
     int found = 0;
     cublasCheck(cublasLtMatmulAlgoGetHeuristic(cx.lt, p.op, p.la, p.lb, p.lc, p.lc, pref, 1, &heur, &found));
     cublasCheck(cublasLtMatmulPreferenceDestroy(pref));
     if (found == 0)
-        fail("cuBLASLt has no algorithm for the bf16 product [%d×%d]·[%d×%d]%s%s (batch %d, output %s, alignments %u/%u/%u/%u bytes)",
-             key.M, key.K, key.K, key.N, key.a_trans ? " (A transposed)" : "", key.b_trans ? " (B transposed)" : "", key.batch,
-             key.d_type == CUDA_R_32F ? "fp32" : "bf16", key.align[0], key.align[1], key.align[2], key.align[3]);
+        fail("cuBLASLt has no algorithm for the bf16 product [%d×%d]·[%d×%d]%s%s (batch %d, output %s, alignments "
+             "%u/%u/%u/%u bytes)",
+             key.M, key.K, key.K, key.N, key.a_trans ? " (A transposed)" : "", key.b_trans ? " (B transposed)" : "",
+             key.batch, key.d_type == CUDA_R_32F ? "fp32" : "bf16", key.align[0], key.align[1], key.align[2],
+             key.align[3]);
     p.algo = heur.algo;
     return p;
 }
@@ -2462,7 +2706,8 @@ static void gemm_bf16(void* d, cudaDataType_t d_type, const void* c, const bf16*
     PROFILE_OP(OP_GEMM);
     CudaContext& cx = cuda_ctx();
     if (!c) c = d;
-    GemmKey key{M, N, K, batch, a_trans, b_trans, d_type, batch > 1 ? stride_a : 0, batch > 1 ? stride_b : 0, batch > 1 ? stride_cd : 0,
+    GemmKey key{M, N, K, batch, a_trans, b_trans, d_type,
+                batch > 1 ? stride_a : 0, batch > 1 ? stride_b : 0, batch > 1 ? stride_cd : 0,
                 {pointer_alignment(b), pointer_alignment(a), pointer_alignment(c), pointer_alignment(d)}};
     if (batch > 1) {  // every matrix of the batch starts stride bytes after the last: aligned as the stride is
         long long dsize = d_type == CUDA_R_32F ? 4 : 2;
@@ -2479,16 +2724,19 @@ static void gemm_bf16(void* d, cudaDataType_t d_type, const void* c, const bf16*
 static RowMajorGemm linear_forward_gemm(int N, int IC, int OC) { return {N, OC, IC, false, true}; }   // out = inp·Wᵀ
 static RowMajorGemm linear_dinp_gemm(int N, int IC, int OC) { return {N, IC, OC, false, false}; }     // dinp += dout·W
 static RowMajorGemm linear_dweight_gemm(int N, int IC, int OC) { return {OC, IC, N, true, false}; }   // dW += doutᵀ·inp
-static void gemm_bf16(void* d, cudaDataType_t d_type, const bf16* a, const bf16* b, const RowMajorGemm& g, float alpha, float beta) {
+static void gemm_bf16(void* d, cudaDataType_t d_type, const bf16* a, const bf16* b, const RowMajorGemm& g, float alpha,
+                      float beta) {
     gemm_bf16(d, d_type, nullptr, a, b, g.M, g.N, g.K, g.a_trans, g.b_trans, alpha, beta);
 }
 // out[N,OC] (+)= inp[N,IC]·W[OC,IC]ᵀ, bf16 out
 // (perf: fuse the consumer into the epilogue: relu² after fc, the scaled residual add after proj)
-static void matmul_forward(Cuda, bf16* out, const bf16* inp, const bf16* w, int N, int IC, int OC, bool accumulate = false) {
+static void matmul_forward(Cuda, bf16* out, const bf16* inp, const bf16* w, int N, int IC, int OC,
+                           bool accumulate = false) {
     gemm_bf16(out, CUDA_R_16BF, inp, w, linear_forward_gemm(N, IC, OC), 1.0f, accumulate ? 1.0f : 0.0f);
 }
 // dinp[N,IC] += dout[N,OC]·W[OC,IC] (bf16); dW[OC,IC] += dout[N,OC]ᵀ·inp[N,IC] (fp32 grads, beta = 1)
-static void matmul_backward(Cuda, bf16* dinp, float* dw, const bf16* dout, const bf16* inp, const bf16* w, int N, int IC, int OC) {
+static void matmul_backward(Cuda, bf16* dinp, float* dw, const bf16* dout, const bf16* inp, const bf16* w, int N,
+                            int IC, int OC) {
     if (dinp) gemm_bf16(dinp, CUDA_R_16BF, dout, w, linear_dinp_gemm(N, IC, OC), 1.0f, 1.0f);
     if (dw) gemm_bf16(dw, CUDA_R_32F, dout, inp, linear_dweight_gemm(N, IC, OC), 1.0f, 1.0f);
 }
@@ -2522,11 +2770,13 @@ static double rope_inv_freq(int i, int rd, float base) {
 // cos and sin of every (position, pair), computed once per call
 template <class T> static void rope_table(std::vector<T>& cs, std::vector<T>& sn, int T_, int rd, float base) {
     int half = rd / 2;
-    cs.resize((size_t)T_ * half); sn.resize((size_t)T_ * half);
+    cs.resize((size_t)T_ * half);
+    sn.resize((size_t)T_ * half);
     for (int pos = 0; pos < T_; pos++)
         for (int i = 0; i < half; i++) {
             T ang = T(pos * rope_inv_freq(i, rd, base));
-            cs[(size_t)pos * half + i] = std::cos(ang); sn[(size_t)pos * half + i] = std::sin(ang);
+            cs[(size_t)pos * half + i] = std::cos(ang);
+            sn[(size_t)pos * half + i] = std::sin(ang);
         }
 }
 #endif
@@ -2561,8 +2811,9 @@ template <class T> static void qk_norm_rope_forward(Cpu<T>, T* out, T* rstd, con
         }
     }
 }
-template <class T> static void qk_norm_rope_backward(Cpu<T>, T* dx, T* dgain, const T* dout, const T* x, const T* rstd,
-                                                      const T* gain, int N, int T_, int nh, int hd, int rd, float base) {
+template <class T>
+static void qk_norm_rope_backward(Cpu<T>, T* dx, T* dgain, const T* dout, const T* x, const T* rstd, const T* gain,
+                                  int N, int T_, int nh, int hd, int rd, float base) {
     int half = rd / 2;
     std::vector<T> cst, snt;
     rope_table(cst, snt, T_, rd, base);
@@ -2582,7 +2833,10 @@ template <class T> static void qk_norm_rope_backward(Cpu<T>, T* dx, T* dgain, co
                 dn[i] = g * (dy[i] * cs - dy[i + half] * sn);
                 dn[i + half] = g * (dy[i] * sn + dy[i + half] * cs);
             }
-            for (int d = rd; d < hd; d++) { dg += dy[d] * xi[d] * r; dn[d] = g * dy[d]; }
+            for (int d = rd; d < hd; d++) {
+                dg += dy[d] * xi[d] * r;
+                dn[d] = g * dy[d];
+            }
             dgain_rows[(size_t)n * nh + h] = dg;
             T dot = 0;
             for (int d = 0; d < hd; d++) dot += dn[d] * xi[d];
@@ -2619,15 +2873,17 @@ static const float2* rope_table_device(int T, int rd, float base) {
     cx.rope = nullptr;
     cx.rope = (float2*)cuda_malloc_checked(std::max<size_t>(host.size(), 1) * sizeof(float2), "rope table");
     if (!host.empty()) to_device(Cuda{}, cx.rope, host.data(), host.size());
-    cx.rope_rows = rows; cx.rope_rd = rd; cx.rope_base = base;
+    cx.rope_rows = rows;
+    cx.rope_rd = rd;
+    cx.rope_base = base;
     return cx.rope;
 }
 static const int MAX_HEAD_DIM = 256;  // per-lane register arrays of the warp-per-head kernels hold hd/32 values
 
 // One warp per (token, head); the head sits in shared memory so a lane can read its rotation partner.
 // out = g·rope(x·r): x1 = x[i]·r, x2 = x[i+half]·r → (x1 cos + x2 sin, −x1 sin + x2 cos).
-__global__ void qk_norm_rope_forward_kernel(bf16* out, float* rstd, const bf16* x, const float* gain, const float2* rope,
-                                            int rows, int T, int nh, int hd, int rd, float eps) {
+__global__ void qk_norm_rope_forward_kernel(bf16* out, float* rstd, const bf16* x, const float* gain,
+                                            const float2* rope, int rows, int T, int nh, int hd, int rd, float eps) {
     PGOLF_DYNAMIC_SMEM(float, qk_sh);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;  // row = n·nh + h
@@ -2636,7 +2892,11 @@ __global__ void qk_norm_rope_forward_kernel(bf16* out, float* rstd, const bf16* 
     int n = row / nh, h = row % nh, pos = n % T, half = rd / 2;
     const bf16* xi = x + (size_t)row * hd;
     float ss = 0.0f;
-    for (int d = lane; d < hd; d += 32) { float v = to_f32(xi[d]); xs[d] = v; ss += v * v; }
+    for (int d = lane; d < hd; d += 32) {
+        float v = to_f32(xi[d]);
+        xs[d] = v;
+        ss += v * v;
+    }
     ss = warp_sum(ss);
     float r = 1.0f / sqrtf(ss / hd + eps);
     if (lane == 0) rstd[row] = r;
@@ -2646,23 +2906,34 @@ __global__ void qk_norm_rope_forward_kernel(bf16* out, float* rstd, const bf16* 
     bf16* yo = out + (size_t)row * hd;
     for (int d = lane; d < hd; d += 32) {
         float y;
-        if (d < half) { float x1 = xs[d] * r, x2 = xs[d + half] * r; y = g * (x1 * cs[d].x + x2 * cs[d].y); }
-        else if (d < rd) { int i = d - half; float x1 = xs[i] * r, x2 = xs[d] * r; y = g * (-x1 * cs[i].y + x2 * cs[i].x); }
-        else y = g * xs[d] * r;
+        if (d < half) {
+            float x1 = xs[d] * r, x2 = xs[d + half] * r;
+            y = g * (x1 * cs[d].x + x2 * cs[d].y);
+        } else if (d < rd) {
+            int i = d - half;
+            float x1 = xs[i] * r, x2 = xs[d] * r;
+            y = g * (-x1 * cs[i].y + x2 * cs[i].x);
+        } else {
+            y = g * xs[d] * r;
+        }
         yo[d] = from_f32<bf16>(y);
     }
 }
 // dn = g·Rᵀ·dy; dgain = dy·R(n); dx += r·dn − r³·x·(dn·x)/hd. Each (token, head) writes its dgain
 // term to dgain_rows, summed over tokens afterwards in a fixed order.
-__global__ void qk_norm_rope_backward_kernel(bf16* dx, float* dgain_rows, const bf16* dout, const bf16* x, const float* rstd,
-                                             const float* gain, const float2* rope, int rows, int T, int nh, int hd, int rd) {
+__global__ void qk_norm_rope_backward_kernel(bf16* dx, float* dgain_rows, const bf16* dout, const bf16* x,
+                                             const float* rstd, const float* gain, const float2* rope, int rows, int T,
+                                             int nh, int hd, int rd) {
     PGOLF_DYNAMIC_SMEM(float, qk_sh);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;
     if (row >= rows) return;
     float *xs = qk_sh + warp * 2 * hd, *dys = xs + hd;
     int n = row / nh, h = row % nh, pos = n % T, half = rd / 2;
-    for (int d = lane; d < hd; d += 32) { xs[d] = to_f32(x[(size_t)row * hd + d]); dys[d] = to_f32(dout[(size_t)row * hd + d]); }
+    for (int d = lane; d < hd; d += 32) {
+        xs[d] = to_f32(x[(size_t)row * hd + d]);
+        dys[d] = to_f32(dout[(size_t)row * hd + d]);
+    }
     __syncwarp();
     float r = rstd[row], g = gain ? gain[h] : 1.0f, dg = 0.0f, dot = 0.0f;
     const float2* cs = rope + (size_t)pos * half;
@@ -2697,10 +2968,12 @@ __global__ void qk_norm_rope_backward_kernel(bf16* dx, float* dgain_rows, const 
     if (dgain_rows && lane == 0) dgain_rows[row] = dg;
 }
 static void check_head_dim(int hd, const char* op) {
-    if (hd <= 0 || hd > MAX_HEAD_DIM || hd % 2) fail("%s: head dim %d unsupported by the CUDA kernels (even, at most %d)", op, hd, MAX_HEAD_DIM);
+    if (hd <= 0 || hd > MAX_HEAD_DIM || hd % 2)
+        fail("%s: head dim %d unsupported by the CUDA kernels (even, at most %d)", op, hd, MAX_HEAD_DIM);
 }
 static const int HEADS_PER_BLOCK = 4;  // warps per block of the warp-per-head kernels
-static void qk_norm_rope_forward(Cuda, bf16* out, float* rstd, const bf16* x, const float* gain, int N, int T_, int nh, int hd, int rd, float base) {
+static void qk_norm_rope_forward(Cuda, bf16* out, float* rstd, const bf16* x, const float* gain, int N, int T_, int nh,
+                                 int hd, int rd, float base) {
     int rows = N * nh;
     if (rows <= 0) return;
     check_head_dim(hd, "qk_norm_rope_forward");
@@ -2718,13 +2991,18 @@ static void qk_norm_rope_backward(Cuda, bf16* dx, float* dgain, const bf16* dout
     const float2* rope = rope_table_device(T_, rd, base);
     RowChunks rc = row_chunks(N);
     float *drows = nullptr, *partial = nullptr;
-    if (dgain) scratch_carve([&](Arena& a) { drows = a.take<float>(rows); partial = a.take<float>((size_t)rc.chunks * nh); });
+    if (dgain)
+        scratch_carve([&](Arena& a) {
+            drows = a.take<float>(rows);
+            partial = a.take<float>((size_t)rc.chunks * nh);
+        });
     size_t sh = HEADS_PER_BLOCK * 2 * hd * sizeof(float);
-    PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, sh, g_cuda.stream, qk_norm_rope_backward_kernel)(
-        dx, drows, dout, x, rstd, gain, rope, rows, T_, nh, hd, rd);
+    PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, sh, g_cuda.stream, qk_norm_rope_backward_kernel)
+        (dx, drows, dout, x, rstd, gain, rope, rows, T_, nh, hd, rd);
     launchCheck();
     if (dgain) {  // [N, nh] → [nh], in a fixed order
-        PGOLF_LAUNCH(reduce_grid(nh, rc), REDUCE_BLOCK, 0, g_cuda.stream, column_partial_sums_kernel)(partial, drows, N, nh, rc.rows_per_chunk);
+        PGOLF_LAUNCH(reduce_grid(nh, rc), REDUCE_BLOCK, 0, g_cuda.stream, column_partial_sums_kernel)
+            (partial, drows, N, nh, rc.rows_per_chunk);
         launchCheck();
         column_sums_add(dgain, partial, rc.chunks, nh);
     }
@@ -2751,7 +3029,8 @@ template <class T> static void document_starts(Cpu<T>, int32_t* doc, const int32
 }
 // Copies the [T, hd] slice of head `h` out of an interleaved [B, T, nh, hd] tensor (and back).
 template <class T> static void head_gather(T* dst, const T* src, int b, int h, int T_, int nh, int hd) {
-    for (int t = 0; t < T_; t++) memcpy(dst + (size_t)t * hd, src + (((size_t)b * T_ + t) * nh + h) * hd, hd * sizeof(T));
+    for (int t = 0; t < T_; t++)
+        memcpy(dst + (size_t)t * hd, src + (((size_t)b * T_ + t) * nh + h) * hd, hd * sizeof(T));
 }
 template <class T> static void head_scatter_add(T* dst, const T* src, int b, int h, int T_, int nh, int hd) {
     for (int t = 0; t < T_; t++)
@@ -2769,7 +3048,8 @@ template <class T> static void attention_forward(Cpu<T>, T* out, T* lse, const T
     #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
-            std::vector<T> Q((size_t)T_ * hd), K((size_t)T_ * hd), Kt((size_t)hd * T_), V((size_t)T_ * hd), S((size_t)T_ * T_), O((size_t)T_ * hd);
+            std::vector<T> Q((size_t)T_ * hd), K((size_t)T_ * hd), Kt((size_t)hd * T_), V((size_t)T_ * hd),
+                S((size_t)T_ * T_), O((size_t)T_ * hd);
             head_gather(Q.data(), q, b, h, T_, H, hd);
             head_gather(K.data(), k, b, h / group, T_, Hk, hd);
             head_gather(V.data(), v, b, h / group, T_, Hk, hd);
@@ -2779,16 +3059,23 @@ template <class T> static void attention_forward(Cpu<T>, T* out, T* lse, const T
                 T* row = S.data() + (size_t)t * T_;
                 int lo = doc ? doc[(size_t)b * T_ + t] : 0;
                 T mx = -INFINITY;
-                for (int j = lo; j <= t; j++) { row[j] *= scale; mx = std::max(mx, row[j]); }
+                for (int j = lo; j <= t; j++) {
+                    row[j] *= scale;
+                    mx = std::max(mx, row[j]);
+                }
                 T sum = 0;
-                for (int j = lo; j <= t; j++) { row[j] = std::exp(row[j] - mx); sum += row[j]; }
+                for (int j = lo; j <= t; j++) {
+                    row[j] = std::exp(row[j] - mx);
+                    sum += row[j];
+                }
                 for (int j = lo; j <= t; j++) row[j] /= sum;
                 for (int j = 0; j < lo; j++) row[j] = 0;
                 for (int j = t + 1; j < T_; j++) row[j] = 0;
                 lse[((size_t)b * H + h) * T_ + t] = mx + std::log(sum);
             }
             gemm_cpu(O.data(), S.data(), T_, 1, V.data(), T_, hd, T_, false);  // O = P V
-            for (int t = 0; t < T_; t++) memcpy(out + (((size_t)b * T_ + t) * H + h) * hd, O.data() + (size_t)t * hd, hd * sizeof(T));
+            for (int t = 0; t < T_; t++)
+                memcpy(out + (((size_t)b * T_ + t) * H + h) * hd, O.data() + (size_t)t * hd, hd * sizeof(T));
         }
 }
 // P from S and lse; dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ O)); dQ = dS K/√hd; dK = dSᵀ Q/√hd; dV = Pᵀ dO.
@@ -2940,7 +3227,9 @@ HD static inline int attn_doc_positions(const int32_t* doc, int b, int key, int 
     return lo + 1;
 }
 // Element offsets: q, out, dout [B,T,H,hd] and k, v [B,T,Hk,hd] (nh heads); lse, D [B,H,T].
-HD static inline size_t attn_index(int b, int t, int h, int T, int nh, int hd) { return (((size_t)b * T + t) * nh + h) * hd; }
+HD static inline size_t attn_index(int b, int t, int h, int T, int nh, int hd) {
+    return (((size_t)b * T + t) * nh + h) * hd;
+}
 HD static inline size_t attn_lse_index(int b, int h, int t, int T, int H) { return ((size_t)b * H + h) * T + t; }
 // Row r of a [B,T,H,hd] tensor, r = (b·T + t)·H + h, as its [B,H,T] statistics index.
 HD static inline size_t attn_row_lse_index(size_t r, int T, int H) {
@@ -2992,17 +3281,20 @@ __device__ static inline void ldmatrix_x4_trans(uint32_t r[4], const __nv_bfloat
 }
 // d += a·b for one 16×8 tile: a 16×16 bf16 (4 registers), b 16×8 bf16 (2 registers), d fp32.
 __device__ static inline void mma_bf16_16816(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 // 16 bytes global → shared without passing through registers; valid = false reads nothing and
 // writes zeros (src must still be a global address).
 __device__ static inline void cp_async_16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
 __device__ static inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ static inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+template <int N> __device__ static inline void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 #endif
 
 // One tile of `ROWS` packed query rows (of q or dout) of query tile i into shared memory;
@@ -3020,7 +3312,8 @@ __device__ static inline void attn_load_query_tile(__nv_bfloat16* dst, const __n
 }
 // Keys key0 .. key0+63 of kv head g (of k or v) into shared memory; keys ≥ T become zeros.
 template <int HDIM>
-__device__ static inline void attn_load_key_tile(__nv_bfloat16* dst, const __nv_bfloat16* src, int b, int key0, int g, int T, int Hk) {
+__device__ static inline void attn_load_key_tile(__nv_bfloat16* dst, const __nv_bfloat16* src, int b, int key0, int g,
+                                                 int T, int Hk) {
     constexpr int CHUNKS = HDIM / 8;
     for (int c = threadIdx.x; c < ATTN_TILE * CHUNKS; c += ATTN_THREADS) {
         int r = c / CHUNKS, key = key0 + r;
@@ -3065,7 +3358,7 @@ __device__ static inline void attn_mma_rows_by_tile(float (&acc)[HDIM / 8][4], c
 // until tile j (in stage j & 1) has landed for every thread.
 template <int HDIM>
 __device__ static inline void attn_stage_next_kv(__nv_bfloat16* sK, __nv_bfloat16* sV, const __nv_bfloat16* k,
-                                                  const __nv_bfloat16* v, int b, int j, int n_kt, int g, int T, int Hk) {
+                                                 const __nv_bfloat16* v, int b, int j, int n_kt, int g, int T, int Hk) {
     constexpr int TILE = ATTN_TILE * (HDIM + ATTN_PAD);
     if (j + 1 < n_kt) {
         attn_load_key_tile<HDIM>(sK + ((j + 1) & 1) * TILE, k, b, (j + 1) * ATTN_TILE, g, T, Hk);
@@ -3083,10 +3376,9 @@ __device__ static inline void attn_stage_next_kv(__nv_bfloat16* sK, __nv_bfloat1
 // shared memory feeds MW mma.sync, so at MW = 2 (32 rows per warp) a tile pair reads half the shared
 // memory per FLOP of MW = 1, and each block streams K and V once for twice the query rows.
 template <int HDIM, int MW>
-__global__ void __launch_bounds__(ATTN_THREADS) attention_forward_kernel(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q,
-                                                                         const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                                                         const int32_t* doc, int T, int H, int Hk,
-                                                                         float scale_log2) {
+__global__ void __launch_bounds__(ATTN_THREADS)
+    attention_forward_kernel(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                             const __nv_bfloat16* v, const int32_t* doc, int T, int H, int Hk, float scale_log2) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = ATTN_TILE / 8, TILE = ATTN_TILE * LD;
     constexpr int WR = 16 * MW, QROWS = 4 * WR;  // rows per warp, per block
     PGOLF_DYNAMIC_SMEM(uint4, attn_smem);  // uint4: 16-byte aligned for cp.async and ldmatrix
@@ -3216,7 +3508,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_forward_kernel(__nv_bf
 
 // Backward (1): D[b,h,t] = Σ_i dO·O, one row per HDIM/8 lanes, 16 bytes each, reduced by shuffles.
 template <int HDIM>
-__global__ void attention_backward_rowdot_kernel(float* D, const __nv_bfloat16* dout, const __nv_bfloat16* out, size_t rows, int T, int H) {
+__global__ void attention_backward_rowdot_kernel(float* D, const __nv_bfloat16* dout, const __nv_bfloat16* out,
+                                                 size_t rows, int T, int H) {
     constexpr int LANES = HDIM / 8;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x, row = idx / LANES;
     float s = 0.f;
@@ -3237,11 +3530,10 @@ __global__ void attention_backward_rowdot_kernel(float* D, const __nv_bfloat16* 
 // Backward (2): dQ += (P ⊙ (dP − D))·K/√hd with P = exp(S/√hd − lse), dP = dO·Vᵀ, over the key
 // tiles up to the diagonal. Grid (query tiles, Hk, B). Shared: Q, dO tiles, two stages of K, V.
 template <int HDIM>
-__global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dq_kernel(__nv_bfloat16* dq, const __nv_bfloat16* dout,
-                                                                             const __nv_bfloat16* q, const __nv_bfloat16* k,
-                                                                             const __nv_bfloat16* v, const float* lse, const float* D,
-                                                                             const int32_t* doc, int T, int H, int Hk,
-                                                                             float scale_log2, float scale) {
+__global__ void __launch_bounds__(ATTN_THREADS)
+    attention_backward_dq_kernel(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,
+                                 const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
+                                 const int32_t* doc, int T, int H, int Hk, float scale_log2, float scale) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = ATTN_TILE / 8, TILE = ATTN_TILE * LD;
     PGOLF_DYNAMIC_SMEM(uint4, attn_smem);
     __nv_bfloat16* sQ = (__nv_bfloat16*)attn_smem;
@@ -3280,7 +3572,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dq_kernel(__n
         attn_stage_next_kv<HDIM>(sK, sV, k, v, b, j, n_kt, g, T, Hk);
         if (j == j0)
 #pragma unroll
-            for (int kk = 0; kk < KS; kk++) ldmatrix_x4(qf[kk], sQ + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
+            for (int kk = 0; kk < KS; kk++)
+                ldmatrix_x4(qf[kk], sQ + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
         const __nv_bfloat16* cK = sK + (j & 1) * TILE;
         const __nv_bfloat16* cV = sV + (j & 1) * TILE;
         const int key0 = j * ATTN_TILE;
@@ -3458,7 +3751,8 @@ attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
         for (int n = 0; n < HDIM / 8; n++) {  // add into dk, dv: this thread owns these elements
             uint32_t* pk = (uint32_t*)(krow + n * 8 + mma_acc_col(lane, 0));
             uint32_t* pv = (uint32_t*)(vrow + n * 8 + mma_acc_col(lane, 0));
-            float2 ok = __bfloat1622float2(*(const __nv_bfloat162*)pk), ov = __bfloat1622float2(*(const __nv_bfloat162*)pv);
+            float2 ok = __bfloat1622float2(*(const __nv_bfloat162*)pk),
+                   ov = __bfloat1622float2(*(const __nv_bfloat162*)pv);
             *pk = pack_bf16(ok.x + dka[n][2 * r] * scale, ok.y + dka[n][2 * r + 1] * scale);
             *pv = pack_bf16(ov.x + dva[n][2 * r], ov.y + dva[n][2 * r + 1]);
         }
@@ -3474,7 +3768,9 @@ HD static inline int attn_forward_rows(int hd) { return hd <= 64 ? 128 : 64; }  
 template <int HDIM> static size_t attn_forward_smem() {
     return ((size_t)attn_forward_rows(HDIM) + 4 * (size_t)ATTN_TILE) * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16);
 }
-template <int HDIM> static size_t attn_dq_smem() { return 6 * (size_t)ATTN_TILE * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16); }
+template <int HDIM> static size_t attn_dq_smem() {
+    return 6 * (size_t)ATTN_TILE * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16);
+}
 template <int HDIM> static size_t attn_dkdv_smem() {
     return (2 * (size_t)ATTN_TILE + 4 * (size_t)attn_dkdv_rows<HDIM>()) * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16) +
            6 * (size_t)attn_dkdv_rows<HDIM>() * sizeof(float);  // lse, D and document starts, two stages
@@ -3485,10 +3781,26 @@ template <int HDIM> static size_t attn_dkdv_smem() {
 static size_t attention_smem_bytes(int hd, const char** kernel) {
     size_t f = 0, q = 0, kv = 0;
     switch (hd) {
-        case 16: f = attn_forward_smem<16>(); q = attn_dq_smem<16>(); kv = attn_dkdv_smem<16>(); break;
-        case 32: f = attn_forward_smem<32>(); q = attn_dq_smem<32>(); kv = attn_dkdv_smem<32>(); break;
-        case 64: f = attn_forward_smem<64>(); q = attn_dq_smem<64>(); kv = attn_dkdv_smem<64>(); break;
-        default: f = attn_forward_smem<128>(); q = attn_dq_smem<128>(); kv = attn_dkdv_smem<128>(); break;
+        case 16:
+            f = attn_forward_smem<16>();
+            q = attn_dq_smem<16>();
+            kv = attn_dkdv_smem<16>();
+            break;
+        case 32:
+            f = attn_forward_smem<32>();
+            q = attn_dq_smem<32>();
+            kv = attn_dkdv_smem<32>();
+            break;
+        case 64:
+            f = attn_forward_smem<64>();
+            q = attn_dq_smem<64>();
+            kv = attn_dkdv_smem<64>();
+            break;
+        default:
+            f = attn_forward_smem<128>();
+            q = attn_dq_smem<128>();
+            kv = attn_dkdv_smem<128>();
+            break;
     }
     *kernel = q >= f && q >= kv ? "attention_backward_dq_kernel"
               : f >= kv         ? "attention_forward_kernel"
@@ -3508,13 +3820,17 @@ static void attention_smem_check(int hd, size_t optin_bytes, int major, int mino
 }
 
 // Shapes the kernels handle, checked at every call (cheap next to the launch).
-static void attention_check(const char* op, const void* const* ptrs, const char* const* names, int n_ptrs, int B, int T, int H, int Hk, int hd) {
+static void attention_check(const char* op, const void* const* ptrs, const char* const* names, int n_ptrs, int B, int T,
+                            int H, int Hk, int hd) {
     if (hd != 16 && hd != 32 && hd != 64 && hd != 128) fail("%s: head dim %d, expected 16, 32, 64 or 128", op, hd);
-    if (B < 0 || T < 0 || H < 1 || Hk < 1 || H % Hk) fail("%s: B=%d T=%d H=%d Hk=%d, expected H a multiple of Hk", op, B, T, H, Hk);
-    if (H / Hk > (hd == 128 ? 32 : ATTN_TILE)) fail("%s: %d query heads per kv head, at most %d fit a query tile", op, H / Hk, hd == 128 ? 32 : ATTN_TILE);
+    if (B < 0 || T < 0 || H < 1 || Hk < 1 || H % Hk)
+        fail("%s: B=%d T=%d H=%d Hk=%d, expected H a multiple of Hk", op, B, T, H, Hk);
+    if (H / Hk > (hd == 128 ? 32 : ATTN_TILE))
+        fail("%s: %d query heads per kv head, at most %d fit a query tile", op, H / Hk, hd == 128 ? 32 : ATTN_TILE);
     if (B > 65535 || Hk > 65535) fail("%s: B=%d Hk=%d, at most 65535 (grid dimensions)", op, B, Hk);
     for (int p = 0; p < n_ptrs; p++)
-        if ((uintptr_t)ptrs[p] % 16) fail("%s: %s is not 16-byte aligned (cp.async and vector loads need it)", op, names[p]);
+        if ((uintptr_t)ptrs[p] % 16)
+            fail("%s: %s is not 16-byte aligned (cp.async and vector loads need it)", op, names[p]);
 }
 
 template <int HDIM>
@@ -3543,10 +3859,18 @@ static void attention_forward(Cuda, __nv_bfloat16* out, float* lse, const __nv_b
     if (B == 0 || T == 0) return;
     PROFILE_OP(OP_ATTN_FWD);
     switch (hd) {
-        case 16: attention_forward_hd<16>(out, lse, q, k, v, doc, B, T, H, Hk); break;
-        case 32: attention_forward_hd<32>(out, lse, q, k, v, doc, B, T, H, Hk); break;
-        case 64: attention_forward_hd<64>(out, lse, q, k, v, doc, B, T, H, Hk); break;
-        default: attention_forward_hd<128>(out, lse, q, k, v, doc, B, T, H, Hk); break;
+        case 16:
+            attention_forward_hd<16>(out, lse, q, k, v, doc, B, T, H, Hk);
+            break;
+        case 32:
+            attention_forward_hd<32>(out, lse, q, k, v, doc, B, T, H, Hk);
+            break;
+        case 64:
+            attention_forward_hd<64>(out, lse, q, k, v, doc, B, T, H, Hk);
+            break;
+        default:
+            attention_forward_hd<128>(out, lse, q, k, v, doc, B, T, H, Hk);
+            break;
     }
 }
 
@@ -3560,13 +3884,16 @@ static void attention_backward_hd(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfl
     size_t smem_dq = attn_dq_smem<HDIM>(), smem_kv = attn_dkdv_smem<HDIM>();
     static bool smem_set = false;
     if (!smem_set) {
-        cudaCheck(cudaFuncSetAttribute(attention_backward_dq_kernel<HDIM>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_dq));
-        cudaCheck(cudaFuncSetAttribute(attention_backward_dkdv_kernel<HDIM, BQ>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_kv));
+        cudaCheck(cudaFuncSetAttribute(attention_backward_dq_kernel<HDIM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)smem_dq));
+        cudaCheck(cudaFuncSetAttribute(attention_backward_dkdv_kernel<HDIM, BQ>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_kv));
         smem_set = true;
     }
     float scale = 1.f / sqrtf((float)HDIM), scale_log2 = ATTN_LOG2E * scale;
     size_t rows = (size_t)B * T * H, threads = rows * (HDIM / 8);
-    PGOLF_LAUNCH((unsigned)((threads + 255) / 256), 256, 0, g_cuda.stream, attention_backward_rowdot_kernel<HDIM>)(D, dout, out, rows, T, H);
+    PGOLF_LAUNCH((unsigned)((threads + 255) / 256), 256, 0, g_cuda.stream, attention_backward_rowdot_kernel<HDIM>)
+        (D, dout, out, rows, T, H);
     cudaCheck(cudaGetLastError());
     int group = H / Hk;
     dim3 grid_q(attn_query_tiles(T, attn_tile_positions(ATTN_TILE, group)), Hk, B);
@@ -3590,10 +3917,18 @@ static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_
     float* D = nullptr;
     scratch_carve([&](Arena& a) { D = a.take<float>((size_t)B * H * T); });
     switch (hd) {
-        case 16: attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk); break;
-        case 32: attention_backward_hd<32>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk); break;
-        case 64: attention_backward_hd<64>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk); break;
-        default: attention_backward_hd<128>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk); break;
+        case 16:
+            attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk);
+            break;
+        case 32:
+            attention_backward_hd<32>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk);
+            break;
+        case 64:
+            attention_backward_hd<64>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk);
+            break;
+        default:
+            attention_backward_hd<128>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk);
+            break;
     }
 }
 
@@ -3649,7 +3984,8 @@ template <class T> static void xsa_forward(Cpu<T>, T* out, const T* a, const T* 
         }
 }
 // With u = v̂: da += dy − (dy·u)u; du = −Σ_heads [(a·u)dy + (dy·u)a]; dv += (du − (du·u)u)/|v|
-template <class T> static void xsa_backward(Cpu<T>, T* da, T* dv, const T* dout, const T* a, const T* v, int N, int H, int Hk, int hd) {
+template <class T>
+static void xsa_backward(Cpu<T>, T* da, T* dv, const T* dout, const T* a, const T* v, int N, int H, int Hk, int hd) {
     int group = H / Hk;
     #pragma omp parallel for
     for (int n = 0; n < N; n++)
@@ -3664,7 +4000,10 @@ template <class T> static void xsa_backward(Cpu<T>, T* da, T* dv, const T* dout,
             for (int h = g * group; h < (g + 1) * group; h++) {
                 const T *ah = a + ((size_t)n * H + h) * hd, *dy = dout + ((size_t)n * H + h) * hd;
                 T au = 0, du_dot = 0;
-                for (int i = 0; i < hd; i++) { au += ah[i] * u[i]; du_dot += dy[i] * u[i]; }
+                for (int i = 0; i < hd; i++) {
+                    au += ah[i] * u[i];
+                    du_dot += dy[i] * u[i];
+                }
                 for (int i = 0; i < hd; i++) {
                     da[((size_t)n * H + h) * hd + i] += dy[i] - du_dot * u[i];
                     du[i] -= au * dy[i] + du_dot * ah[i];
@@ -3683,7 +4022,8 @@ template <class T> static void xsa_backward(Cpu<T>, T* da, T* dv, const T* dout,
 #ifdef PGOLF_CUDA
 // On the GPU.
 // One warp per (token, kv group): v̂ is computed once and serves the group's query heads.
-__global__ void xsa_forward_kernel(bf16* out, const bf16* a, const bf16* v, int rows, int H, int Hk, int hd, float eps) {
+__global__ void xsa_forward_kernel(bf16* out, const bf16* a, const bf16* v, int rows, int H, int Hk, int hd,
+                                   float eps) {
     PGOLF_DYNAMIC_SMEM(float, xsa_sh);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;  // row = n·Hk + g
@@ -3691,7 +4031,11 @@ __global__ void xsa_forward_kernel(bf16* out, const bf16* a, const bf16* v, int 
     float* vs = xsa_sh + warp * hd;
     int n = row / Hk, g = row % Hk, group = H / Hk;
     float nrm = 0.0f;
-    for (int d = lane; d < hd; d += 32) { float x = to_f32(v[(size_t)row * hd + d]); vs[d] = x; nrm += x * x; }
+    for (int d = lane; d < hd; d += 32) {
+        float x = to_f32(v[(size_t)row * hd + d]);
+        vs[d] = x;
+        nrm += x * x;
+    }
     nrm = warp_sum(nrm);
     float inv = 1.0f / fmaxf(sqrtf(nrm), eps);
     __syncwarp();
@@ -3700,12 +4044,13 @@ __global__ void xsa_forward_kernel(bf16* out, const bf16* a, const bf16* v, int 
         float s = 0.0f;
         for (int d = lane; d < hd; d += 32) s += to_f32(ah[d]) * vs[d] * inv;
         s = warp_sum(s);
-        for (int d = lane; d < hd; d += 32) out[((size_t)n * H + h) * hd + d] = from_f32<bf16>(to_f32(ah[d]) - s * vs[d] * inv);
+        for (int d = lane; d < hd; d += 32)
+            out[((size_t)n * H + h) * hd + d] = from_f32<bf16>(to_f32(ah[d]) - s * vs[d] * inv);
     }
 }
 // u = v̂: da += dy − (dy·u)u; du = −Σ_heads [(a·u)dy + (dy·u)a]; dv += (du − (du·u)u)/|v| (or du/eps below eps)
-__global__ void xsa_backward_kernel(bf16* da, bf16* dv, const bf16* dout, const bf16* a, const bf16* v, int rows, int H, int Hk,
-                                    int hd, float eps, double eps_d) {
+__global__ void xsa_backward_kernel(bf16* da, bf16* dv, const bf16* dout, const bf16* a, const bf16* v, int rows, int H,
+                                    int Hk, int hd, float eps, double eps_d) {
     PGOLF_DYNAMIC_SMEM(float, xsa_sh);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;
@@ -3713,7 +4058,11 @@ __global__ void xsa_backward_kernel(bf16* da, bf16* dv, const bf16* dout, const 
     float* us = xsa_sh + warp * hd;
     int n = row / Hk, g = row % Hk, group = H / Hk;
     float nrm = 0.0f;
-    for (int d = lane; d < hd; d += 32) { float x = to_f32(v[(size_t)row * hd + d]); us[d] = x; nrm += x * x; }
+    for (int d = lane; d < hd; d += 32) {
+        float x = to_f32(v[(size_t)row * hd + d]);
+        us[d] = x;
+        nrm += x * x;
+    }
     nrm = sqrtf(warp_sum(nrm));
     float inv = 1.0f / fmaxf(nrm, eps);
     for (int d = lane; d < hd; d += 32) us[d] *= inv;
@@ -3724,7 +4073,10 @@ __global__ void xsa_backward_kernel(bf16* da, bf16* dv, const bf16* dout, const 
     for (int h = g * group; h < (g + 1) * group; h++) {
         size_t base = ((size_t)n * H + h) * hd;
         float au = 0.0f, dyu = 0.0f;
-        for (int d = lane; d < hd; d += 32) { au += to_f32(a[base + d]) * us[d]; dyu += to_f32(dout[base + d]) * us[d]; }
+        for (int d = lane; d < hd; d += 32) {
+            au += to_f32(a[base + d]) * us[d];
+            dyu += to_f32(dout[base + d]) * us[d];
+        }
         au = warp_sum(au);
         dyu = warp_sum(dyu);
         #pragma unroll
@@ -3738,7 +4090,10 @@ __global__ void xsa_backward_kernel(bf16* da, bf16* dv, const bf16* dout, const 
     }
     float duu = 0.0f;
     #pragma unroll
-    for (int j = 0; j < MAX_HEAD_DIM / 32; j++) { int d = lane + 32 * j; if (d < hd) duu += du[j] * us[d]; }
+    for (int j = 0; j < MAX_HEAD_DIM / 32; j++) {
+        int d = lane + 32 * j;
+        if (d < hd) duu += du[j] * us[d];
+    }
     duu = warp_sum(duu);
     bool normalized = (double)nrm > eps_d;  // below eps the normalization is a constant scale 1/eps
     #pragma unroll
@@ -3753,16 +4108,19 @@ static void xsa_forward(Cuda, bf16* out, const bf16* a, const bf16* v, int N, in
     int rows = N * Hk;
     if (rows <= 0) return;
     check_head_dim(hd, "xsa_forward");
-    PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, HEADS_PER_BLOCK * hd * sizeof(float), cuda_ctx().stream, xsa_forward_kernel)(
-        out, a, v, rows, H, Hk, hd, (float)XSA_EPS);
+    PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, HEADS_PER_BLOCK * hd * sizeof(float),
+                 cuda_ctx().stream, xsa_forward_kernel)
+    (out, a, v, rows, H, Hk, hd, (float)XSA_EPS);
     launchCheck();
 }
-static void xsa_backward(Cuda, bf16* da, bf16* dv, const bf16* dout, const bf16* a, const bf16* v, int N, int H, int Hk, int hd) {
+static void xsa_backward(Cuda, bf16* da, bf16* dv, const bf16* dout, const bf16* a, const bf16* v, int N, int H, int Hk,
+                         int hd) {
     int rows = N * Hk;
     if (rows <= 0) return;
     check_head_dim(hd, "xsa_backward");
-    PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, HEADS_PER_BLOCK * hd * sizeof(float), cuda_ctx().stream, xsa_backward_kernel)(
-        da, dv, dout, a, v, rows, H, Hk, hd, (float)XSA_EPS, XSA_EPS);
+    PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, HEADS_PER_BLOCK * hd * sizeof(float),
+                 cuda_ctx().stream, xsa_backward_kernel)
+    (da, dv, dout, a, v, rows, H, Hk, hd, (float)XSA_EPS, XSA_EPS);
     launchCheck();
 }
 #endif
@@ -3777,14 +4135,18 @@ template <class T> static void resid_mix_forward(Cpu<T>, T* out, const T* x, con
             out[i] = mix[c] * x[i] + mix[C + c] * x0[i];
         }
 }
-template <class T> static void resid_mix_backward(Cpu<T>, T* dx, T* dx0, T* dmix, const T* dout, const T* x, const T* x0,
-                                                   const T* mix, int N, int C) {
+template <class T>
+static void resid_mix_backward(Cpu<T>, T* dx, T* dx0, T* dmix, const T* dout, const T* x, const T* x0, const T* mix,
+                               int N, int C) {
     for (int n = 0; n < N; n++)
         for (int c = 0; c < C; c++) {
             size_t i = (size_t)n * C + c;
             dx[i] += mix[c] * dout[i];
             dx0[i] += mix[C + c] * dout[i];
-            if (dmix) { dmix[c] += dout[i] * x[i]; dmix[C + c] += dout[i] * x0[i]; }  // null: frozen base (LoRA TTT)
+            if (dmix) {  // null: frozen base (LoRA TTT)
+                dmix[c] += dout[i] * x[i];
+                dmix[C + c] += dout[i] * x0[i];
+            }
         }
 }
 #endif
@@ -3798,8 +4160,8 @@ __global__ void resid_mix_forward_kernel(bf16* out, const bf16* x, const bf16* x
     }
 }
 // Block (column tile, row chunk): elementwise input gradients, and the chunk's dmix partials [chunk, 2C].
-__global__ void resid_mix_backward_kernel(bf16* dx, bf16* dx0, float* partial, const bf16* dout, const bf16* x, const bf16* x0,
-                                          const float* mix, int N, int C, long rows_per_chunk) {
+__global__ void resid_mix_backward_kernel(bf16* dx, bf16* dx0, float* partial, const bf16* dout, const bf16* x,
+                                          const bf16* x0, const float* mix, int N, int C, long rows_per_chunk) {
     __shared__ float sh[RED_ROWS * 32];
     int c = blockIdx.x * 32 + threadIdx.x;
     long n0 = blockIdx.y * rows_per_chunk, n1 = min(n0 + rows_per_chunk, (long)N);
@@ -3834,7 +4196,8 @@ static void resid_mix_backward(Cuda, bf16* dx, bf16* dx0, float* dmix, const bf1
     RowChunks rc = row_chunks(N);
     float* partial = nullptr;
     if (dmix) scratch_carve([&](Arena& a) { partial = a.take<float>((size_t)rc.chunks * 2 * C); });
-    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, resid_mix_backward_kernel)(dx, dx0, partial, dout, x, x0, mix, N, C, rc.rows_per_chunk);
+    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, resid_mix_backward_kernel)
+        (dx, dx0, partial, dout, x, x0, mix, N, C, rc.rows_per_chunk);
     launchCheck();
     if (dmix) column_sums_add(dmix, partial, rc.chunks, 2 * C);
 }
@@ -3872,16 +4235,17 @@ template <class T> static void branch_add_backward(Cpu<T>, T* dres, T* dbranch, 
 // On the GPU.
 // scale_stride 0: one scalar scale (BigramHash); gate optional.
 // (perf: fuse into the epilogue of the matmul that produces `branch`)
-__global__ void branch_add_forward_kernel(bf16* out, const bf16* res, const bf16* branch, const float* scale, const float* gate,
-                                          size_t n, int C, int scale_stride) {
+__global__ void branch_add_forward_kernel(bf16* out, const bf16* res, const bf16* branch, const float* scale,
+                                          const float* gate, size_t n, int C, int scale_stride) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         int c = i % C;
         float s = scale[c * scale_stride] * (gate ? sigmoidf_(gate[c]) : 1.0f);
         out[i] = from_f32<bf16>(to_f32(res[i]) + s * to_f32(branch[i]));
     }
 }
-__global__ void branch_add_backward_kernel(bf16* dres, bf16* dbranch, float* pscale, float* pgate, const bf16* dout, const bf16* branch,
-                                           const float* scale, const float* gate, int N, int C, int scale_stride, long rows_per_chunk) {
+__global__ void branch_add_backward_kernel(bf16* dres, bf16* dbranch, float* pscale, float* pgate, const bf16* dout,
+                                           const bf16* branch, const float* scale, const float* gate, int N, int C,
+                                           int scale_stride, long rows_per_chunk) {
     __shared__ float sh[RED_ROWS * 32];
     int c = blockIdx.x * 32 + threadIdx.x;
     long n0 = blockIdx.y * rows_per_chunk, n1 = min(n0 + rows_per_chunk, (long)N);
@@ -3904,15 +4268,17 @@ __global__ void branch_add_backward_kernel(bf16* dres, bf16* dbranch, float* psc
         if (pgate) pgate[(size_t)blockIdx.y * C + c] = ag;
     }
 }
-static void branch_add_forward(Cuda, bf16* out, const bf16* res, const bf16* branch, const float* scale, const float* gate,
-                               int N, int C, int scale_stride = 1) {
+static void branch_add_forward(Cuda, bf16* out, const bf16* res, const bf16* branch, const float* scale,
+                               const float* gate, int N, int C, int scale_stride = 1) {
     size_t n = (size_t)N * C;
     if (!n) return;
-    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, branch_add_forward_kernel)(out, res, branch, scale, gate, n, C, scale_stride);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, branch_add_forward_kernel)
+        (out, res, branch, scale, gate, n, C, scale_stride);
     launchCheck();
 }
-static void branch_add_backward(Cuda, bf16* dres, bf16* dbranch, float* dscale, float* dgate, const bf16* dout, const bf16* branch,
-                                const float* scale, const float* gate, int N, int C, int scale_stride = 1) {
+static void branch_add_backward(Cuda, bf16* dres, bf16* dbranch, float* dscale, float* dgate, const bf16* dout,
+                                const bf16* branch, const float* scale, const float* gate, int N, int C,
+                                int scale_stride = 1) {
     if (N <= 0 || C <= 0) return;
     RowChunks rc = row_chunks(N);
     float *pscale = nullptr, *pgate = nullptr;
@@ -3925,7 +4291,9 @@ static void branch_add_backward(Cuda, bf16* dres, bf16* dbranch, float* dscale, 
         dres, dbranch, pscale, pgate, dout, branch, scale, gate, N, C, scale_stride, rc.rows_per_chunk);
     launchCheck();
     if (pscale) {
-        if (scale_stride == 0) total_sum_add(dscale, pscale, (size_t)rc.chunks * C);  // one scalar: every term in one sum
+        // one scalar: every term in one sum
+        if (scale_stride == 0)
+            total_sum_add(dscale, pscale, (size_t)rc.chunks * C);
         else column_sums_add(dscale, pscale, rc.chunks, C);
     }
     if (pgate) column_sums_add(dgate, pgate, rc.chunks, C);
@@ -3942,7 +4310,8 @@ template <class T> static void smear_forward(Cpu<T>, T* out, const T* x, const T
             out[(size_t)n * C + c] = (T(1) - g) * x[(size_t)n * C + c] + g * prev;
         }
 }
-template <class T> static void smear_backward(Cpu<T>, T* dx, T* dgate, const T* dout, const T* x, const T* gate, int N, int T_, int C) {
+template <class T>
+static void smear_backward(Cpu<T>, T* dx, T* dgate, const T* dout, const T* x, const T* gate, int N, int T_, int C) {
     for (int n = 0; n < N; n++)
         for (int c = 0; c < C; c++) {
             T g = sigmoid(gate[c]), prev = n % T_ ? x[(size_t)(n - 1) * C + c] : T(0);
@@ -3964,8 +4333,8 @@ __global__ void smear_forward_kernel(bf16* out, const bf16* x, const float* gate
     }
 }
 // dx[t] += (1−g)·d[t] + g·d[t+1] (gathered, so no two threads write one element); dgate per chunk.
-__global__ void smear_backward_kernel(bf16* dx, float* partial, const bf16* dout, const bf16* x, const float* gate, int N, int T, int C,
-                                      long rows_per_chunk) {
+__global__ void smear_backward_kernel(bf16* dx, float* partial, const bf16* dout, const bf16* x, const float* gate,
+                                      int N, int T, int C, long rows_per_chunk) {
     __shared__ float sh[RED_ROWS * 32];
     int c = blockIdx.x * 32 + threadIdx.x;
     long n0 = blockIdx.y * rows_per_chunk, n1 = min(n0 + rows_per_chunk, (long)N);
@@ -3991,12 +4360,14 @@ static void smear_forward(Cuda, bf16* out, const bf16* x, const float* gate, int
     PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, smear_forward_kernel)(out, x, gate, n, T_, C);
     launchCheck();
 }
-static void smear_backward(Cuda, bf16* dx, float* dgate, const bf16* dout, const bf16* x, const float* gate, int N, int T_, int C) {
+static void smear_backward(Cuda, bf16* dx, float* dgate, const bf16* dout, const bf16* x, const float* gate, int N,
+                           int T_, int C) {
     if (N <= 0 || C <= 0) return;
     RowChunks rc = row_chunks(N);
     float* partial = nullptr;
     if (dgate) scratch_carve([&](Arena& a) { partial = a.take<float>((size_t)rc.chunks * C); });
-    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, smear_backward_kernel)(dx, partial, dout, x, gate, N, T_, C, rc.rows_per_chunk);
+    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, smear_backward_kernel)
+        (dx, partial, dout, x, gate, N, T_, C, rc.rows_per_chunk);
     launchCheck();
     if (dgate) column_sums_add(dgate, partial, rc.chunks, C);
 }
@@ -4372,8 +4743,16 @@ template <class T> static void lanes_backward(Cpu<T>, T* d0, T* d1, T* da, T* dm
             dm[i] = sm[c] * dM;
             if (dsa) dsa[c] += a[i] * dA;
             if (dsm) dsm[c] += m[i] * dM;
-            if (dresid) { dresid[0] += g0 * lane0[i]; dresid[1] += g1 * lane1[i]; }
-            if (dpost) { dpost[0] += g0 * A; dpost[1] += g1 * A; dpost[2] += g0 * M; dpost[3] += g1 * M; }
+            if (dresid) {
+                dresid[0] += g0 * lane0[i];
+                dresid[1] += g1 * lane1[i];
+            }
+            if (dpost) {
+                dpost[0] += g0 * A;
+                dpost[1] += g1 * A;
+                dpost[2] += g0 * M;
+                dpost[3] += g1 * M;
+            }
             d0[i] = resid[0] * g0;
             d1[i] = resid[1] * g1;
         }
@@ -4480,17 +4859,20 @@ __global__ void mlp_act_forward_kernel(bf16* out, const bf16* h, size_t n, float
 __global__ void mlp_act_backward_kernel(bf16* dh, const bf16* dout, const bf16* h, size_t n, float slope_neg) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float v = to_f32(h[i]), slope = v > 0.0f ? 1.0f : slope_neg;
-        dh[i] = from_f32<bf16>(to_f32(dh[i]) + to_f32(dout[i]) * 2.0f * slope * slope * v);  // d/dh (slope·h)² = 2·slope²·h
+        // d/dh (slope·h)² = 2·slope²·h
+        dh[i] = from_f32<bf16>(to_f32(dh[i]) + to_f32(dout[i]) * 2.0f * slope * slope * v);
     }
 }
 static void mlp_act_forward(Cuda, bf16* out, const bf16* h, size_t n, bool leaky) {
     if (!n) return;
-    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, mlp_act_forward_kernel)(out, h, n, leaky ? LEAKY_SLOPE : 0.0f);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, mlp_act_forward_kernel)
+        (out, h, n, leaky ? LEAKY_SLOPE : 0.0f);
     launchCheck();
 }
 static void mlp_act_backward(Cuda, bf16* dh, const bf16* dout, const bf16* h, size_t n, bool leaky) {
     if (!n) return;
-    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, mlp_act_backward_kernel)(dh, dout, h, n, leaky ? LEAKY_SLOPE : 0.0f);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, mlp_act_backward_kernel)
+        (dh, dout, h, n, leaky ? LEAKY_SLOPE : 0.0f);
     launchCheck();
 }
 #endif
@@ -4505,7 +4887,10 @@ template <class T> static void softcap_ce(Cpu<T>, T* losses, T* logits, const in
     for (int n = 0; n < N; n++) {
         T* l = logits + (size_t)n * V;
         T mx = -INFINITY;
-        for (int i = 0; i < V; i++) { l[i] = T(cap) * std::tanh(l[i] / T(cap)); mx = std::max(mx, l[i]); }
+        for (int i = 0; i < V; i++) {
+            l[i] = T(cap) * std::tanh(l[i] / T(cap));
+            mx = std::max(mx, l[i]);
+        }
         T sum = 0;
         for (int i = 0; i < V; i++) sum += std::exp(l[i] - mx);
         T lse = mx + std::log(sum);
@@ -4530,7 +4915,8 @@ template <class T> static void softcap_ce(Cpu<T>, T* losses, T* logits, const in
 // second pass overwrites the row with bf16 dlogits = w·(softmax(z) − onehot(y))·(1 − (z/cap)²): the
 // forward and backward of the loss in one kernel. Each element is read and rewritten by the same
 // thread, so the overwrite needs no barrier.
-__global__ void softcap_ce_kernel(float* losses, bf16* logits, const int32_t* targets, const float* weights, int V, float cap) {
+__global__ void softcap_ce_kernel(float* losses, bf16* logits, const int32_t* targets, const float* weights, int V,
+                                  float cap) {
     __shared__ float red[32];
     __shared__ float zy;
     int n = blockIdx.x, y = targets[n];
@@ -4558,7 +4944,8 @@ __global__ void softcap_ce_kernel(float* losses, bf16* logits, const int32_t* ta
         l[i] = from_f32<bf16>(w * (p - (i == y ? 1.0f : 0.0f)) * (1.0f - th * th));
     }
 }
-static void softcap_ce(Cuda, float* losses, bf16* logits, const int32_t* targets, const float* weights, int N, int V, float cap) {
+static void softcap_ce(Cuda, float* losses, bf16* logits, const int32_t* targets, const float* weights, int N, int V,
+                       float cap) {
     if (N <= 0) return;
     PGOLF_LAUNCH(N, 256, 0, cuda_ctx().stream, softcap_ce_kernel)(losses, logits, targets, weights, V, cap);
     launchCheck();
@@ -4567,16 +4954,24 @@ static void softcap_ce(Cuda, float* losses, bf16* logits, const int32_t* targets
 
 // --- Elementwise helpers of the model's data flow ------------------------------------------------
 #if PGOLF_CPU_REFERENCE
-template <class T> static void scale_inplace(Cpu<T>, T* x, size_t n, float s) { for (size_t i = 0; i < n; i++) x[i] *= T(s); }
-template <class T> static void add_inplace(Cpu<T>, T* x, const T* y, size_t n) { for (size_t i = 0; i < n; i++) x[i] += y[i]; }
-template <class T> static void add_forward(Cpu<T>, T* out, const T* x, const T* y, size_t n) { for (size_t i = 0; i < n; i++) out[i] = x[i] + y[i]; }
+template <class T> static void scale_inplace(Cpu<T>, T* x, size_t n, float s) {
+    for (size_t i = 0; i < n; i++) x[i] *= T(s);
+}
+template <class T> static void add_inplace(Cpu<T>, T* x, const T* y, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] += y[i];
+}
+template <class T> static void add_forward(Cpu<T>, T* out, const T* x, const T* y, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = x[i] + y[i];
+}
 template <class T> static void copy_forward(Cpu<T>, T* out, const T* x, size_t n) { memcpy(out, x, n * sizeof(T)); }
 // out[r] = x[rows[r]]: R rows of C
 template <class T> static void gather_rows(Cpu<T>, T* out, const T* x, const int32_t* rows, int R, int C) {
     for (int r = 0; r < R; r++) memcpy(out + (size_t)r * C, x + (size_t)rows[r] * C, C * sizeof(T));
 }
 // master weights → the copy the forward reads (the same memory on the CPU; bf16 on the GPU)
-template <class T> static void cast_params(Cpu<T>, T* dst, const T* src, size_t n) { if (dst != src) memcpy(dst, src, n * sizeof(T)); }
+template <class T> static void cast_params(Cpu<T>, T* dst, const T* src, size_t n) {
+    if (dst != src) memcpy(dst, src, n * sizeof(T));
+}
 #endif
 #ifdef PGOLF_CUDA
 // On the GPU: bf16 activations or fp32 buffers.
@@ -4601,7 +4996,8 @@ template <class X> static void add_forward(Cuda, X* out, const X* x, const X* y,
 template <class X> static void add_inplace(Cuda dev, X* x, const X* y, size_t n) { add_forward(dev, x, x, y, n); }
 template <class X> static void copy_forward(Cuda dev, X* out, const X* x, size_t n) { device_copy(dev, out, x, n); }
 __global__ void gather_rows_kernel(bf16* out, const bf16* x, const int32_t* rows, int R, int C) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (size_t)R * C; i += (size_t)gridDim.x * blockDim.x)
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (size_t)R * C;
+         i += (size_t)gridDim.x * blockDim.x)
         out[i] = x[(size_t)rows[i / C] * C + i % C];
 }
 static void gather_rows(Cuda, bf16* out, const bf16* x, const int32_t* rows, int R, int C) {
@@ -4625,12 +5021,18 @@ template <class T> static void* device_alloc(Cpu<T>, size_t bytes) {
 template <class T> static void device_free(Cpu<T>, void* p) { free(p); }
 template <class T> static void* host_alloc(Cpu<T> dev, size_t bytes) { return device_alloc(dev, bytes); }
 template <class T> static void device_zero(Cpu<T>, void* p, size_t bytes) { memset(p, 0, bytes); }
-template <class T, class X> static void to_device(Cpu<T>, X* dst, const X* src, size_t n) { memcpy(dst, src, n * sizeof(X)); }
-template <class T, class X> static void to_host(Cpu<T>, X* dst, const X* src, size_t n) { memcpy(dst, src, n * sizeof(X)); }
+template <class T, class X> static void to_device(Cpu<T>, X* dst, const X* src, size_t n) {
+    memcpy(dst, src, n * sizeof(X));
+}
+template <class T, class X> static void to_host(Cpu<T>, X* dst, const X* src, size_t n) {
+    memcpy(dst, src, n * sizeof(X));
+}
 template <class T, class X> static void to_host_async(Cpu<T> dev, X* dst, const X* src, size_t n) {
     to_host(dev, dst, src, n);
 }
-template <class T, class X> static void device_copy(Cpu<T>, X* dst, const X* src, size_t n) { memcpy(dst, src, n * sizeof(X)); }
+template <class T, class X> static void device_copy(Cpu<T>, X* dst, const X* src, size_t n) {
+    memcpy(dst, src, n * sizeof(X));
+}
 #endif
 
 // Activations of one forward pass over B sequences of T tokens, kept for the backward.
@@ -4823,7 +5225,9 @@ enum LoraTarget { LORA_Q, LORA_K, LORA_V, LORA_O, LORA_UP, LORA_DOWN, LORA_HEAD,
 static const char* LORA_TARGET_NAMES[LORA_NUM] = {"q", "k", "v", "o", "mlp_up", "mlp_down", "lm_head", "attn_out",
                                                   "mlp"};
 template <class D> struct Lora {
-    using G = typename D::grad; using M = typename D::mat; using A_ = typename D::act;
+    using G = typename D::grad;
+    using M = typename D::mat;
+    using A_ = typename D::act;
     int docs = 0, rank = 0;
     float scale = 1.0f;
     bool on[LORA_NUM] = {};
@@ -4839,7 +5243,9 @@ template <class D> struct Lora {
 };
 
 template <class D> struct Model {
-    using G = typename D::grad; using M = typename D::mat; using V = typename D::vec;
+    using G = typename D::grad;
+    using M = typename D::mat;
+    using V = typename D::vec;
     Config cfg;
     std::vector<ParamSpec> table;
     size_t nparams = 0;                 // arena length in elements (with alignment padding)
@@ -4871,7 +5277,9 @@ template <class D> static void model_init(D dev, Model<D>& m, const Config& c, i
     Arena ar;
     carve_acts(ar, m.acts, c, B, T);
     m.act_bytes = ar.used;
-    ar.base = (uint8_t*)(m.act_memory = device_alloc(dev, ar.used)); ar.cap = ar.used; ar.used = 0;
+    ar.base = (uint8_t*)(m.act_memory = device_alloc(dev, ar.used));
+    ar.cap = ar.used;
+    ar.used = 0;
     carve_acts(ar, m.acts, c, B, T);
     m.looping = c.num_loops > 0;  // evaluation runs the loop; train() starts without it
 }
@@ -4880,8 +5288,13 @@ template <class D> static void refresh_compute_weights(D dev, Model<D>& m, bool 
 template <class D> static void model_free(D dev, Model<D>& m) {
     refresh_compute_weights(dev, m, false);  // drops a QAT copy
     if (m.compute_mat != (void*)m.params) device_free(dev, m.compute_mat);
-    device_free(dev, m.params); device_free(dev, m.grads); device_free(dev, m.act_memory);
-    m.params = m.grads = nullptr; m.compute_mat = nullptr; m.compute_vec = nullptr; m.act_memory = nullptr;
+    device_free(dev, m.params);
+    device_free(dev, m.grads);
+    device_free(dev, m.act_memory);
+    m.params = m.grads = nullptr;
+    m.compute_mat = nullptr;
+    m.compute_vec = nullptr;
+    m.act_memory = nullptr;
 }
 
 #if PGOLF_CPU_REFERENCE
@@ -4977,9 +5390,11 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
     const Config& c = m.cfg;
     Acts<D>& a = m.acts;
     auto& W = m.w;
-    int N = B * T, Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden(), H = c.num_heads, Hk = c.num_kv_heads, hd = c.head_dim();
+    int N = B * T, Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden(), H = c.num_heads, Hk = c.num_kv_heads,
+        hd = c.head_dim();
     const typename D::vec* no_gate = nullptr;
-    if (T > a.T || N > a.B * a.T) fail("internal: batch %d×%d exceeds the activation plan of %d×%d tokens", B, T, a.B, a.T);
+    if (T > a.T || N > a.B * a.T)
+        fail("internal: batch %d×%d exceeds the activation plan of %d×%d tokens", B, T, a.B, a.T);
     // embeddings: token, BigramHash, RMSNorm, SmearGate
     embedding_forward(dev, a.tok_embed, a.inputs, W.tok_emb, N, Dm);
     typename D::act* e = a.tok_embed;
@@ -5079,19 +5494,22 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
     rmsnorm_forward(dev, a.final_norm, a.final_norm_rstd, head_in, N, Dm);
     matmul_forward(dev, a.logits, a.final_norm, c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm, c.vocab_size);
     lora_forward(dev, lo, LORA_HEAD, 0, a.logits, a.final_norm, T);
-    softcap_ce(dev, a.losses, a.logits, a.targets, with_grad ? a.loss_weights : nullptr, N, c.vocab_size, c.logit_softcap);
+    softcap_ce(dev, a.losses, a.logits, a.targets, with_grad ? a.loss_weights : nullptr, N, c.vocab_size,
+               c.logit_softcap);
 }
 
 // Backward of the last forward (which must have had with_grad). Adds into m.grads and the LoRA
 // grads; with param_grads = false only the LoRA adapters get gradients (the base is frozen).
-template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr, bool param_grads = true) {
+template <class D>
+static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr, bool param_grads = true) {
     const Config& c = m.cfg;
     Acts<D>& a = m.acts;
     auto& W = m.w;
     auto G = m.g;
     if (!param_grads) G = point_weights(c, m.table, (typename D::grad*)nullptr, (typename D::grad*)nullptr);
     using A = typename D::act;
-    int N = B * T, Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden(), H = c.num_heads, Hk = c.num_kv_heads, hd = c.head_dim();
+    int N = B * T, Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden(), H = c.num_heads, Hk = c.num_kv_heads,
+        hd = c.head_dim();
     size_t ND = (size_t)N * Dm, NKV = (size_t)N * KV, NF = (size_t)N * F;
     auto zero = [&](A* p, size_t n) { device_zero(dev, p, n * sizeof(A)); };
     typename D::grad* no_grad = nullptr;
@@ -5264,7 +5682,9 @@ static const float POLAR_EXPRESS[5][3] = {
     {3.285753657755655f, -2.3681294933425376f, 0.46449024233003106f},
     {2.3465413258596377f, -1.7097828382687081f, 0.42323551169305323f},
 };
-struct NsCoef { float a, b, c; };
+struct NsCoef {
+    float a, b, c;
+};
 static NsCoef ns_coef(bool polar, int s) {
     if (!polar) return {NS_A, NS_B, NS_C};
     return {POLAR_EXPRESS[s][0], POLAR_EXPRESS[s][1], POLAR_EXPRESS[s][2]};
@@ -5300,7 +5720,8 @@ template <class T> static void adamw_update(Cpu<T> dev, T* p, const T* g, T* m, 
 }
 
 // --- SGD with momentum (torch.optim.SGD, dampening 0, not Nesterov): full-model TTT -------------------
-template <class T> static void sgd_update(Cpu<T>, T* p, const T* g, T* buf, size_t n, float lr, float momentum, float wd, bool first) {
+template <class T>
+static void sgd_update(Cpu<T>, T* p, const T* g, T* buf, size_t n, float lr, float momentum, float wd, bool first) {
     for (size_t i = 0; i < n; i++) {
         T gi = g[i] + T(wd) * p[i];
         buf[i] = first ? gi : T(momentum) * buf[i] + gi;
@@ -5345,7 +5766,10 @@ template <class T> static void muon_direction(Cpu<T>, T* update, const T* g, T* 
                                               int steps, bool row_norm = false, bool polar = false) {
     size_t n = (size_t)rows * cols;
     std::vector<T> nest(n);
-    for (size_t i = 0; i < n; i++) { buf[i] = T(momentum) * buf[i] + g[i]; nest[i] = g[i] + T(momentum) * buf[i]; }
+    for (size_t i = 0; i < n; i++) {
+        buf[i] = T(momentum) * buf[i] + g[i];
+        nest[i] = g[i] + T(momentum) * buf[i];
+    }
     for (int i = 0; row_norm && i < rows; i++) {
         T* row = nest.data() + (size_t)i * cols;
         double ss = 0;
@@ -5367,11 +5791,14 @@ template <class T> static double sum_squares(Cpu<T>, const T* x, size_t n) {
     for (size_t i = 0; i < n; i++) s += (double)x[i] * x[i];
     return s;
 }
-template <class T> static void scale_grads(Cpu<T>, T* x, size_t n, float s) { for (size_t i = 0; i < n; i++) x[i] *= T(s); }
+template <class T> static void scale_grads(Cpu<T>, T* x, size_t n, float s) {
+    for (size_t i = 0; i < n; i++) x[i] *= T(s);
+}
 
 // --- Weight averaging: sum += w (SWA), or ema ← d·ema + (1−d)·w ------------------------------------
 template <class T> static void average_accumulate(Cpu<T>, T* avg, const T* w, size_t n, float decay, bool first) {
-    for (size_t i = 0; i < n; i++) avg[i] = first ? w[i] : (decay < 0 ? avg[i] + w[i] : T(decay) * avg[i] + (T(1) - T(decay)) * w[i]);
+    for (size_t i = 0; i < n; i++)
+        avg[i] = first ? w[i] : (decay < 0 ? avg[i] + w[i] : T(decay) * avg[i] + (T(1) - T(decay)) * w[i]);
 }
 
 // --- bf16 storage (EMBED_BF16): round to the nearest bf16, ties to even, as a store to a bf16 tensor ----
@@ -5401,7 +5828,8 @@ template <class T> static void fake_quant_rows(Cpu<T>, T* out, const T* w, int r
         float mx = 0;
         for (int c = 0; c < cols; c++) mx = std::max(mx, std::fabs((float)w[(size_t)r * cols + c]));
         float s = std::max(mx / clip, floor);
-        for (int c = 0; c < cols; c++) out[(size_t)r * cols + c] = T(fake_quant_value((float)w[(size_t)r * cols + c], s, clip));
+        for (int c = 0; c < cols; c++)
+            out[(size_t)r * cols + c] = T(fake_quant_value((float)w[(size_t)r * cols + c], s, clip));
     }
 }
 #endif
@@ -5634,13 +6062,21 @@ template <class T> static void nccl_check(Cpu<T>, const char*) {}
 // The weights the forward reads: the master weights, fake-quantized under QAT.
 #if PGOLF_CPU_REFERENCE
 template <class T> static void refresh_compute_weights(Cpu<T> dev, Model<Cpu<T>>& m, bool qat) {
-    if (!qat) { if (m.compute_mat != m.params) { free(m.compute_mat); model_bind_compute(dev, m); } return; }
+    if (!qat) {
+        if (m.compute_mat != m.params) {
+            free(m.compute_mat);
+            model_bind_compute(dev, m);
+        }
+        return;
+    }
     const Config& c = m.cfg;
     if (m.compute_mat == m.params) m.compute_mat = m.compute_vec = (T*)device_alloc(dev, m.nparams * sizeof(T));
     memcpy(m.compute_mat, m.params, m.nparams * sizeof(T));
     int clip = qat_clip(c);
     for (const ParamSpec& p : m.table)
-        if (qat_applies(p)) fake_quant_rows(dev, m.compute_mat + p.offset, m.params + p.offset, p.rows(), p.cols(), clip, c.qat_scale_floor);
+        if (qat_applies(p))
+            fake_quant_rows(dev, m.compute_mat + p.offset, m.params + p.offset, p.rows(), p.cols(), clip,
+                            c.qat_scale_floor);
     m.w = point_weights(c, m.table, m.compute_mat, m.compute_vec);
 }
 #endif
@@ -5648,30 +6084,35 @@ template <class T> static void refresh_compute_weights(Cpu<T> dev, Model<Cpu<T>>
 #ifdef PGOLF_CUDA
 // --- The optimizers on the GPU: AdamW, SGD, Muon, clipping, averaging, QAT --------------------------
 // Elementwise updates mirror the CPU reference's fp32 formulas term by term.
-__global__ void adamw_kernel(float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2, float eps, float wd,
-                             float step_size, float bc2_sqrt) {
+__global__ void adamw_kernel(float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2,
+                             float eps, float wd, float step_size, float bc2_sqrt) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float pi = p[i], gi = g[i];
         if (wd != 0.0f) pi *= 1.0f - lr * wd;
         float mi = b1 * m[i] + (1.0f - b1) * gi, vi = b2 * v[i] + (1.0f - b2) * gi * gi;
-        m[i] = mi; v[i] = vi;
+        m[i] = mi;
+        v[i] = vi;
         p[i] = pi - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
     }
 }
-static void adamw_update(Cuda, float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2, float eps, float wd, int t) {
+static void adamw_update(Cuda, float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2,
+                         float eps, float wd, int t) {
     if (!n) return;
     double bc1 = 1.0 - std::pow((double)b1, t), bc2 = 1.0 - std::pow((double)b2, t);
-    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, adamw_kernel)(p, g, m, v, n, lr, b1, b2, eps, wd, (float)(lr / bc1), (float)std::sqrt(bc2));
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, adamw_kernel)
+        (p, g, m, v, n, lr, b1, b2, eps, wd, (float)(lr / bc1), (float)std::sqrt(bc2));
     launchCheck();
 }
-__global__ void sgd_kernel(float* p, const float* g, float* buf, size_t n, float lr, float momentum, float wd, bool first) {
+__global__ void sgd_kernel(float* p, const float* g, float* buf, size_t n, float lr, float momentum, float wd,
+                           bool first) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float gi = g[i] + wd * p[i], b = first ? gi : momentum * buf[i] + gi;
         buf[i] = b;
         p[i] -= lr * b;
     }
 }
-static void sgd_update(Cuda, float* p, const float* g, float* buf, size_t n, float lr, float momentum, float wd, bool first) {
+static void sgd_update(Cuda, float* p, const float* g, float* buf, size_t n, float lr, float momentum, float wd,
+                       bool first) {
     if (!n) return;
     PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, sgd_kernel)(p, g, buf, n, lr, momentum, wd, first);
     launchCheck();
@@ -5710,7 +6151,8 @@ static void scale_grads(Cuda dev, float* x, size_t n, float s) { scale_inplace(d
 __global__ void sum_squares_kernel(double* partial, const float* x, size_t n) {
     __shared__ double red[32];
     double s = 0.0;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) s += (double)x[i] * x[i];
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        s += (double)x[i] * x[i];
     s = block_sum(s, red);
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
@@ -5733,7 +6175,8 @@ __global__ void fake_quant_rows_kernel(bf16* out, const float* w, int cols, int 
     for (int c = threadIdx.x; c < cols; c += blockDim.x) mx = fmaxf(mx, fabsf(wr[c]));
     mx = block_max(mx, red);
     float s = fmaxf(mx / clip, floor);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) out[(size_t)blockIdx.x * cols + c] = __float2bfloat16(fake_quant_value(wr[c], s, clip));
+    for (int c = threadIdx.x; c < cols; c += blockDim.x)
+        out[(size_t)blockIdx.x * cols + c] = __float2bfloat16(fake_quant_value(wr[c], s, clip));
 }
 static void fake_quant_rows(Cuda, bf16* out, const float* w, int rows, int cols, int clip, float floor) {
     if (rows <= 0 || cols <= 0) return;
@@ -5747,7 +6190,9 @@ static void refresh_compute_weights(Cuda dev, Model<Cuda>& m, bool qat) {
     if (qat) {
         int clip = qat_clip(c);  // as the CPU reference (config_validate ensures QAT_BITS is set)
         for (const ParamSpec& p : m.table)
-            if (qat_applies(p)) fake_quant_rows(dev, m.compute_mat + p.offset, m.params + p.offset, p.rows(), p.cols(), clip, c.qat_scale_floor);
+            if (qat_applies(p))
+                fake_quant_rows(dev, m.compute_mat + p.offset, m.params + p.offset, p.rows(), p.cols(), clip,
+                                c.qat_scale_floor);
     }
     m.qat_active = qat;
 }
@@ -5766,7 +6211,8 @@ struct NsPlan {
 static NsPlan ns_plan(int rows, int cols) {
     NsPlan p;
     p.tall = rows > cols;
-    p.r = p.tall ? cols : rows; p.k = p.tall ? rows : cols;
+    p.r = p.tall ? cols : rows;
+    p.k = p.tall ? rows : cols;
     p.gram = p.tall ? RowMajorGemm{p.r, p.r, p.k, true, false} : RowMajorGemm{p.r, p.r, p.k, false, true};
     p.square = {p.r, p.r, p.r, false, false};
     p.update = p.tall ? RowMajorGemm{p.k, p.r, p.r, false, false} : RowMajorGemm{p.r, p.k, p.r, false, false};
@@ -5821,7 +6267,11 @@ __device__ float clip_coef(const double* ss, float max_norm) {
 
 // Scratch of the Muon part: the Nesterov gradients (fp32) and the iterates (bf16) of this rank's chunk,
 // each row's Σ x², and the Gram products of the largest bank shard.
-struct MuonScratch { float* nest; double* rowss; bf16 *x, *x2, *a, *b; };
+struct MuonScratch {
+    float* nest;
+    double* rowss;
+    bf16 *x, *x2, *a, *b;
+};
 static void carve_muon_scratch(Arena& ar, MuonScratch& s, const OptPlan& P) {
     size_t ab = 0;
     for (const MuonBank& b : P.banks) {
@@ -6034,7 +6484,10 @@ template <class S> static void grad_pack(Cuda, Model<Cuda>& m, S& s) {
     fail("MPI error at %s:%d: %s", __FILE__, __LINE__, s_); } } while (0)
 #endif
 
-static int env_int(const char* name, int fallback) { const char* v = getenv(name); return v && *v ? atoi(v) : fallback; }
+static int env_int(const char* name, int fallback) {
+    const char* v = getenv(name);
+    return v && *v ? atoi(v) : fallback;
+}
 
 static void distributed_init(int* argc, char*** argv) {
     // Open MPI, MPICH/PMI and Slurm all announce the world size through the environment.
@@ -6050,13 +6503,18 @@ static void distributed_init(int* argc, char*** argv) {
         mpiCheck(MPI_Comm_free(&local));
     }
 #else
-    (void)argc; (void)argv;
-    if (launched > 1) fail("launched with %d ranks, but this train_gpt was built without MPI: rebuild with `make USE_MPI=1` (needs mpicxx)", launched);
+    (void)argc;
+    (void)argv;
+    if (launched > 1)
+        fail("launched with %d ranks, but this train_gpt was built without MPI: rebuild with `make USE_MPI=1` (needs "
+             "mpicxx)",
+             launched);
 #endif
 }
 static void distributed_finish() {
 #ifdef PGOLF_MPI
-    int up = 0; MPI_Initialized(&up);
+    int up = 0;
+    MPI_Initialized(&up);
     if (up) MPI_Finalize();
 #endif
 }
@@ -6064,7 +6522,8 @@ static void host_allreduce_sum(double* x, int n) {
 #ifdef PGOLF_MPI
     if (g_world > 1) mpiCheck(MPI_Allreduce(MPI_IN_PLACE, x, n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
 #else
-    (void)x; (void)n;
+    (void)x;
+    (void)n;
 #endif
 }
 static bool any_rank(bool flag) {
@@ -6103,7 +6562,8 @@ static void host_reduce_bits_to_root(float* x, size_t n) {
         else mpiCheck(MPI_Reduce(x + off, nullptr, k, MPI_UINT32_T, MPI_BOR, 0, MPI_COMM_WORLD));
     }
 #else
-    (void)x; (void)n;
+    (void)x;
+    (void)n;
 #endif
 }
 
@@ -6114,9 +6574,11 @@ template <class T> static void allreduce_sum(Cpu<T>, T* x, size_t n) {
     if (g_world == 1) return;
     MPI_Datatype type = sizeof(T) == 8 ? MPI_DOUBLE : MPI_FLOAT;
     for (size_t off = 0; off < n; off += (1u << 28))
-        mpiCheck(MPI_Allreduce(MPI_IN_PLACE, x + off, (int)std::min<size_t>(1u << 28, n - off), type, MPI_SUM, MPI_COMM_WORLD));
+        mpiCheck(MPI_Allreduce(MPI_IN_PLACE, x + off, (int)std::min<size_t>(1u << 28, n - off), type, MPI_SUM,
+                               MPI_COMM_WORLD));
 #else
-    (void)x; (void)n;
+    (void)x;
+    (void)n;
 #endif
 }
 #endif
@@ -6135,7 +6597,10 @@ template <class T> static void reduce_scatter_avg(Cpu<T> dev, const T* send, T* 
     mpiCheck(MPI_Reduce_scatter_block(send, recv, (int)chunk, type, MPI_SUM, MPI_COMM_WORLD));
     scale_grads(dev, recv, chunk, 1.0f / (float)g_world);
 #else
-    (void)dev; (void)send; (void)recv; (void)chunk;
+    (void)dev;
+    (void)send;
+    (void)recv;
+    (void)chunk;
     fail("reduce-scatter over %d ranks: this train_gpt was built without MPI", g_world);
 #endif
 }
@@ -6150,7 +6615,8 @@ template <class T> static void allgather(Cpu<T>, T* all, size_t chunk) {
     MPI_Datatype type = sizeof(T) == 8 ? MPI_DOUBLE : MPI_FLOAT;
     mpiCheck(MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, all, (int)chunk, type, MPI_COMM_WORLD));
 #else
-    (void)all; (void)chunk;
+    (void)all;
+    (void)chunk;
 #endif
 }
 // The step's gradient communication (W > 1): the pack, one reduce-scatter of the banks, one all-reduce
@@ -6181,7 +6647,8 @@ static void nccl_init() {
     mpiCheck(MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD));
     ncclCheck(ncclCommInitRank(&g_cuda.nccl, g_world, id, g_rank));
 #else
-    fail("%d ranks need NCCL and MPI, but this train_gpt was built without %s: rebuild with USE_NCCL=1 USE_MPI=1", g_world,
+    fail("%d ranks need NCCL and MPI, but this train_gpt was built without %s: rebuild with USE_NCCL=1 USE_MPI=1",
+         g_world,
 #ifdef PGOLF_NCCL
          "MPI"
 #else
@@ -6269,7 +6736,8 @@ static void allreduce_sum(Cuda, float* x, size_t n) {
     nccl_wait("all-reduce");
 #else
     (void)x;
-    fail("allreduce_sum over %d ranks: this train_gpt was built without NCCL/MPI (rebuild with USE_NCCL=1 USE_MPI=1)", g_world);
+    fail("allreduce_sum over %d ranks: this train_gpt was built without NCCL/MPI (rebuild with USE_NCCL=1 USE_MPI=1)",
+         g_world);
 #endif
 }
 #endif
@@ -6314,7 +6782,8 @@ static std::vector<uint8_t> brotli_compress(const uint8_t* src, size_t n) {
     out.resize(got);
     return out;
 #else
-    (void)src; (void)n;
+    (void)src;
+    (void)n;
     fail("COMPRESSOR=brotli: this build has no brotli (install libbrotli-dev, e.g. scripts/setup, and rebuild)");
 #endif
 }
@@ -6335,7 +6804,8 @@ static std::vector<uint8_t> brotli_frame(const uint8_t* src, size_t n, size_t wa
         fail("%s: %s: the brotli stream of %zu bytes does not decode to the %zu bytes the tensor table needs: "
              "corrupt artifact", path, what, n, want);
 #else
-    (void)src; (void)n;
+    (void)src;
+    (void)n;
     fail("%s: %s is brotli-compressed, and this build has no brotli (install libbrotli-dev and rebuild)", path, what);
 #endif
     out.resize(want);
@@ -6395,7 +6865,11 @@ enum QuantRule {
     QR_MATRIX_SEARCH, // 2026-03-22 record: per matrix, best of five row percentiles; floor 1/clip
     QR_GPTQ           // GPTQ=1: full-Hessian GPTQ, scale k·std(row)/clip (SDClip), q in [−clip, clip]
 };
-struct QuantPlan { StoreKind kind; QuantRule rule; int clip, qmin, qmax; };
+struct QuantPlan {
+    StoreKind kind;
+    QuantRule rule;
+    int clip, qmin, qmax;
+};
 
 // thwu1's categories, by substring, in the reference's order.
 static bool low_bit_category(const std::string& n, bool* mlp) {
@@ -6418,7 +6892,10 @@ static QuantPlan quant_plan(const Config& c, const ParamSpec& p) {
         if (!mixed && !c.gptq && name_matches_any(p.name, c.control_patterns)) pl.kind = SK_F32;  // GPTQ: fp16
         return pl;
     }
-    if (name_matches_any(p.name, c.control_patterns)) { pl.kind = SK_F32; return pl; }
+    if (name_matches_any(p.name, c.control_patterns)) {
+        pl.kind = SK_F32;
+        return pl;
+    }
     if (name_matches_any(p.name, c.fp16_keep_patterns)) return pl;
     if (c.gptq) {  // the record: tok_emb at EMBED_BITS, every other matrix at MATRIX_BITS
         int bits = p.name.find("tok_emb") != std::string::npos ? c.embed_bits : c.matrix_bits;
@@ -6430,9 +6907,19 @@ static QuantPlan quant_plan(const Config& c, const ParamSpec& p) {
     if (!low) return {SK_INT8, QR_PERCENTILE, 127, -127, 127};
     pl.clip = (mlp || c.all_int5) ? 15 : 31;
     pl.kind = pl.clip == 15 ? SK_INT5 : SK_INT6;
-    if (c.gptq_lite == 2) { pl.rule = QR_MATRIX_SEARCH; pl.qmin = -pl.clip; pl.qmax = pl.clip; }
-    else if (c.gptq_lite == 1 || mixed) { pl.rule = c.gptq_lite == 1 ? QR_ROW_SEARCH : QR_ROW_MAX; pl.qmin = -pl.clip - 1; pl.qmax = pl.clip; }
-    else { pl.rule = QR_PERCENTILE; pl.qmin = -pl.clip; pl.qmax = pl.clip - 1; }  // PR #600: [−31, 30]
+    if (c.gptq_lite == 2) {
+        pl.rule = QR_MATRIX_SEARCH;
+        pl.qmin = -pl.clip;
+        pl.qmax = pl.clip;
+    } else if (c.gptq_lite == 1 || mixed) {
+        pl.rule = c.gptq_lite == 1 ? QR_ROW_SEARCH : QR_ROW_MAX;
+        pl.qmin = -pl.clip - 1;
+        pl.qmax = pl.clip;
+    } else {  // PR #600: [−31, 30]
+        pl.rule = QR_PERCENTILE;
+        pl.qmin = -pl.clip;
+        pl.qmax = pl.clip - 1;
+    }
     return pl;
 }
 
@@ -6516,14 +7003,21 @@ static bool cholesky_lower(double* a, int n) {
 // H_ii = 1, the diagonal is damped by 1% of its mean, columns go in descending order of H_ii (ties by
 // index: torch.argsort is not stable, the record leaves ties open), and U is the upper Cholesky
 // factor of the permuted H⁻¹ (Uᵀ·U = H⁻¹), from L = chol(H): H⁻¹ = L⁻ᵀ·L⁻¹. All in fp64.
-struct GptqFactor { std::vector<int> perm; std::vector<char> dead; std::vector<double> U; };
+struct GptqFactor {
+    std::vector<int> perm;
+    std::vector<char> dead;
+    std::vector<double> U;
+};
 static GptqFactor gptq_factor(const std::vector<float>& H, int n, const std::string& name) {
     GptqFactor f;
     std::vector<double> h(H.begin(), H.end());
     f.dead.assign(n, 0);
     double mean = 0;
     for (int i = 0; i < n; i++) {
-        if (h[(size_t)i * n + i] == 0) { f.dead[i] = 1; h[(size_t)i * n + i] = 1; }
+        if (h[(size_t)i * n + i] == 0) {
+            f.dead[i] = 1;
+            h[(size_t)i * n + i] = 1;
+        }
         mean += h[(size_t)i * n + i];
     }
     double damp = 0.01 * mean / n;
@@ -6793,8 +7287,15 @@ static QTensor quantize_tensor(const Config& c, const ParamSpec& p, const float*
     QTensor t;
     t.plan = quant_plan(c, p);
     const QuantPlan& pl = t.plan;
-    if (pl.kind == SK_F32) { t.f32.assign(w, w + p.numel); return t; }
-    if (pl.kind == SK_F16) { t.f16.resize(p.numel); for (size_t i = 0; i < p.numel; i++) t.f16[i] = float_to_half(w[i]); return t; }
+    if (pl.kind == SK_F32) {
+        t.f32.assign(w, w + p.numel);
+        return t;
+    }
+    if (pl.kind == SK_F16) {
+        t.f16.resize(p.numel);
+        for (size_t i = 0; i < p.numel; i++) t.f16[i] = float_to_half(w[i]);
+        return t;
+    }
     int rows = p.rows(), cols = (int)(p.numel / rows);
     t.q.resize(p.numel);
     t.scales.resize(rows);
@@ -6830,11 +7331,16 @@ static QTensor quantize_tensor(const Config& c, const ParamSpec& p, const float*
                 const float* a = sorted.data() + (size_t)r * cols;
                 float clipv = pct < 1.0f ? quantile_sorted(a, cols, pct) : a[cols - 1];
                 s[r] = float_to_half(std::max(clipv / (float)pl.clip, (float)(1.0 / pl.clip)));
-                row_err[r] = quantize_row(w + (size_t)r * cols, cols, INFINITY, half_to_float(s[r]), pl, q.data() + (size_t)r * cols);
+                row_err[r] = quantize_row(w + (size_t)r * cols, cols, INFINITY, half_to_float(s[r]), pl,
+                                          q.data() + (size_t)r * cols);
             }
             double err = 0;
             for (int r = 0; r < rows; r++) err += row_err[r];  // in row order: deterministic
-            if (err < best) { best = err; t.q = q; t.scales = s; }
+            if (err < best) {
+                best = err;
+                t.q = q;
+                t.scales = s;
+            }
         }
         return t;
     }
@@ -6863,7 +7369,11 @@ static QTensor quantize_tensor(const Config& c, const ParamSpec& p, const float*
                 size_t idx = std::min((size_t)(pct * (cols - 1)), (size_t)cols - 1);
                 uint16_t s = row_max_scale(a[idx], pl.clip);
                 double err = quantize_row(x, cols, INFINITY, half_to_float(s), pl, tmp.data());
-                if (err < best) { best = err; t.scales[r] = s; std::copy(tmp.begin(), tmp.end(), q); }
+                if (err < best) {
+                    best = err;
+                    t.scales[r] = s;
+                    std::copy(tmp.begin(), tmp.end(), q);
+                }
             }
         }
     }
@@ -6872,8 +7382,14 @@ static QTensor quantize_tensor(const Config& c, const ParamSpec& p, const float*
 
 // Dequantized values are exactly float(q)·float(fp16 scale); passthrough fp16 → float(half).
 static void dequantize_tensor(const ParamSpec& p, const QTensor& t, float* out) {
-    if (t.plan.kind == SK_F32) { std::copy(t.f32.begin(), t.f32.end(), out); return; }
-    if (t.plan.kind == SK_F16) { for (size_t i = 0; i < p.numel; i++) out[i] = half_to_float(t.f16[i]); return; }
+    if (t.plan.kind == SK_F32) {
+        std::copy(t.f32.begin(), t.f32.end(), out);
+        return;
+    }
+    if (t.plan.kind == SK_F16) {
+        for (size_t i = 0; i < p.numel; i++) out[i] = half_to_float(t.f16[i]);
+        return;
+    }
     size_t cols = p.numel / t.scales.size();
     for (size_t r = 0; r < t.scales.size(); r++) {
         float s = half_to_float(t.scales[r]);
@@ -6891,7 +7407,11 @@ static void pack_bits(const int8_t* q, size_t n, int bits, uint8_t* out) {
     for (size_t i = 0; i < n; i++) {
         acc |= (uint64_t)((uint8_t)(q[i] + (1 << (bits - 1))) & ((1u << bits) - 1)) << have;
         have += bits;
-        while (have >= 8) { out[o++] = (uint8_t)acc; acc >>= 8; have -= 8; }
+        while (have >= 8) {
+            out[o++] = (uint8_t)acc;
+            acc >>= 8;
+            have -= 8;
+        }
     }
     if (have > 0) out[o++] = (uint8_t)acc;  // the last byte is zero-padded
 }
@@ -6900,7 +7420,10 @@ static void unpack_bits(const uint8_t* in, size_t n, int bits, int8_t* q) {
     int have = 0;
     size_t o = 0;
     for (size_t i = 0; i < n; i++) {
-        while (have < bits) { acc |= (uint64_t)in[o++] << have; have += 8; }
+        while (have < bits) {
+            acc |= (uint64_t)in[o++] << have;
+            have += 8;
+        }
         q[i] = (int8_t)((int)(acc & ((1u << bits) - 1)) - (1 << (bits - 1)));
         acc >>= bits;
         have -= bits;
@@ -6917,7 +7440,9 @@ static std::vector<QTensor> quantize_model(const Config& c, const std::vector<Pa
     for (size_t k = 0; k < t.size(); k++) {
         const ParamSpec& p = t[k];
         for (size_t i = 0; i < p.numel; i++)
-            if (!std::isfinite(w[p.offset + i])) fail("export: %s[%zu] = %g is not finite: cannot quantize (did training diverge?)", p.name.c_str(), i, w[p.offset + i]);
+            if (!std::isfinite(w[p.offset + i]))
+                fail("export: %s[%zu] = %g is not finite: cannot quantize (did training diverge?)", p.name.c_str(), i,
+                     w[p.offset + i]);
         qt.push_back(quantize_tensor(c, p, w + p.offset, hs ? &(*hs)[k] : nullptr));
     }
     if (!c.gptq || !c.lqer_enabled || c.lqer_top_k == 0) return qt;
@@ -7020,17 +7545,23 @@ static void group_layout(const std::vector<ParamSpec>& t, const std::vector<Stor
                          const std::vector<size_t>& lqer, std::vector<size_t>* voff, std::vector<size_t>* soff,
                          size_t* group_bytes) {
     std::fill(group_bytes, group_bytes + G_NUM, 0);
-    voff->assign(t.size(), 0); soff->assign(t.size(), 0);
+    voff->assign(t.size(), 0);
+    soff->assign(t.size(), 0);
     for (size_t i = 0; i < t.size(); i++) {
         int g = value_group(kinds[i]);
         (*voff)[i] = group_bytes[g];
-        group_bytes[g] += packing[g] == PK_BITS ? packed_bytes(t[i].numel, SK_BITS[kinds[i]]) : t[i].numel * group_width(g);
-        if (kinds[i] >= SK_INT8) { (*soff)[i] = group_bytes[G_SCALES]; group_bytes[G_SCALES] += 2 * (size_t)t[i].rows(); }
+        group_bytes[g] +=
+            packing[g] == PK_BITS ? packed_bytes(t[i].numel, SK_BITS[kinds[i]]) : t[i].numel * group_width(g);
+        if (kinds[i] >= SK_INT8) {
+            (*soff)[i] = group_bytes[G_SCALES];
+            group_bytes[G_SCALES] += 2 * (size_t)t[i].rows();
+        }
         group_bytes[G_LQER] += lqer[i];
     }
 }
 
-static std::vector<uint8_t> group_content(int g, int packing, const std::vector<ParamSpec>& t, const std::vector<QTensor>& qt) {
+static std::vector<uint8_t> group_content(int g, int packing, const std::vector<ParamSpec>& t,
+                                          const std::vector<QTensor>& qt) {
     std::vector<uint8_t> out;
     auto add = [&](const void* src, size_t n) { out.insert(out.end(), (const uint8_t*)src, (const uint8_t*)src + n); };
     for (size_t i = 0; i < t.size(); i++) {
@@ -7054,13 +7585,23 @@ static std::vector<uint8_t> group_content(int g, int packing, const std::vector<
     return group_width(g) > 1 ? planes_split(out, group_width(g)) : out;
 }
 
-static void put_le(std::vector<uint8_t>& b, uint64_t v, int n) { for (int i = 0; i < n; i++) b.push_back((uint8_t)(v >> (8 * i))); }
-static uint64_t get_le(const uint8_t* p, int n) { uint64_t v = 0; for (int i = 0; i < n; i++) v |= (uint64_t)p[i] << (8 * i); return v; }
+static void put_le(std::vector<uint8_t>& b, uint64_t v, int n) {
+    for (int i = 0; i < n; i++) b.push_back((uint8_t)(v >> (8 * i)));
+}
+static uint64_t get_le(const uint8_t* p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
 
 // --- Export report: what the challenge counts, and what each packing would have cost -------------
 // Per group: bytes_zstd in its primary packing (bytes, or planes for floats), bits_zstd bit-packed
 // (the same number for groups that have no bit packing).
-struct ExportGroupRow { const char* name; size_t raw_bytes, bytes_zstd, bits_zstd; int packing; };
+struct ExportGroupRow {
+    const char* name;
+    size_t raw_bytes, bytes_zstd, bits_zstd;
+    int packing;
+};
 struct ExportReport {
     size_t artifact_bytes = 0;        // the file (the challenge adds the code bytes)
     size_t raw_bytes = 0;             // what zstd was given: header + groups as stored
@@ -7091,10 +7632,14 @@ static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpe
     for (int g = 0; g < G_NUM; g++) {
         raw[g][0] = group_content(g, group_width(g) > 1 ? PK_PLANES : PK_BYTES, t, qt);
         jobs.push_back(2 * g);
-        if (group_has_bits(g)) { raw[g][1] = group_content(g, PK_BITS, t, qt); jobs.push_back(2 * g + 1); }
+        if (group_has_bits(g)) {
+            raw[g][1] = group_content(g, PK_BITS, t, qt);
+            jobs.push_back(2 * g + 1);
+        }
     }
-    std::sort(jobs.begin(), jobs.end(), [&](int a, int b) { return raw[a / 2][a % 2].size() > raw[b / 2][b % 2].size(); });
-    #pragma omp parallel for schedule(dynamic, 1)
+    std::sort(jobs.begin(), jobs.end(),
+              [&](int a, int b) { return raw[a / 2][a % 2].size() > raw[b / 2][b % 2].size(); });
+#pragma omp parallel for schedule(dynamic, 1)
     for (int j = 0; j < (int)jobs.size(); j++) {
         const std::vector<uint8_t>& r = raw[jobs[j] / 2][jobs[j] % 2];
         zst[jobs[j] / 2][jobs[j] % 2] = group_compress(c, r);
@@ -7132,17 +7677,24 @@ static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpe
     }
     put_le(h, lqer_list.size(), 4);
     for (uint32_t i : lqer_list) put_le(h, i, 4);
-    for (int g = 0; g < G_NUM; g++) { put_le(h, packing[g], 1); put_le(h, group_bytes[g], 8); put_le(h, zst[g][slot[g]].size(), 8); }
+    for (int g = 0; g < G_NUM; g++) {
+        put_le(h, packing[g], 1);
+        put_le(h, group_bytes[g], 8);
+        put_le(h, zst[g][slot[g]].size(), 8);
+    }
     std::vector<uint8_t> hz = zstd_compress(h.data(), h.size(), c.zstd_level);
 
     std::vector<uint8_t> f;
-    put_le(f, ZSTD_SKIP_MAGIC, 4); put_le(f, 8, 4);
+    put_le(f, ZSTD_SKIP_MAGIC, 4);
+    put_le(f, 8, 4);
     f.insert(f.end(), {'P', 'G', 'Z', 'A'});
     put_le(f, ARTIFACT_VERSION, 4);
     f.insert(f.end(), hz.begin(), hz.end());
     for (int g = 0; g < G_NUM; g++) f.insert(f.end(), zst[g][slot[g]].begin(), zst[g][slot[g]].end());
     uint64_t sum = fnv1a64(f.data(), f.size());
-    put_le(f, ZSTD_SKIP_MAGIC + 1, 4); put_le(f, 8, 4); put_le(f, sum, 8);
+    put_le(f, ZSTD_SKIP_MAGIC + 1, 4);
+    put_le(f, 8, 4);
+    put_le(f, sum, 8);
 
     if (rep) {
         ExportReport& r = *rep;
@@ -7158,29 +7710,41 @@ static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpe
             r.bits_packed_bytes += bits;
             r.groups.push_back({G_NAMES[g], raw[g][slot[g]].size(), bytes, bits, packing[g]});
         }
-        for (size_t i = 0; i < t.size(); i++) { r.params += t[i].numel; r.params_per_kind[kinds[i]] += t[i].numel; }
+        for (size_t i = 0; i < t.size(); i++) {
+            r.params += t[i].numel;
+            r.params_per_kind[kinds[i]] += t[i].numel;
+        }
         r.compressor = c.compressor;
         r.gptq = c.gptq;
         for (uint32_t i : lqer_list) r.lqer += (r.lqer.empty() ? "" : ",") + t[i].name;
-        r.scheme = c.quant_scheme; r.pack = c.pack; r.zstd_level = c.zstd_level; r.gptq_lite = c.gptq_lite; r.prune_frac = c.prune_frac;
+        r.scheme = c.quant_scheme;
+        r.pack = c.pack;
+        r.zstd_level = c.zstd_level;
+        r.gptq_lite = c.gptq_lite;
+        r.prune_frac = c.prune_frac;
     }
     return f;
 }
 
 static void print_export_report(const ExportReport& r) {
-    log0("export: quant_scheme=%s gptq_lite=%d prune_frac=%g pack=%s zstd_level=%d params=%zu (int5 %zu, int6 %zu, int8 %zu, fp16 %zu, fp32 %zu)\n",
-         r.scheme.c_str(), r.gptq_lite, r.prune_frac, r.pack.c_str(), r.zstd_level, r.params, r.params_per_kind[SK_INT5],
-         r.params_per_kind[SK_INT6], r.params_per_kind[SK_INT8], r.params_per_kind[SK_F16], r.params_per_kind[SK_F32]);
+    log0("export: quant_scheme=%s gptq_lite=%d prune_frac=%g pack=%s zstd_level=%d params=%zu (int5 %zu, int6 %zu, "
+         "int8 %zu, fp16 %zu, fp32 %zu)\n",
+         r.scheme.c_str(), r.gptq_lite, r.prune_frac, r.pack.c_str(), r.zstd_level, r.params,
+         r.params_per_kind[SK_INT5], r.params_per_kind[SK_INT6], r.params_per_kind[SK_INT8], r.params_per_kind[SK_F16],
+         r.params_per_kind[SK_F32]);
     if (r.gptq)
         log0("export: gptq int7 params %zu, lqer corrections: %s\n", r.params_per_kind[SK_INT7],
              r.lqer.empty() ? "none" : r.lqer.c_str());
     for (const ExportGroupRow& g : r.groups) {
-        std::string alt = g.bits_zstd != g.bytes_zstd || g.packing == PK_BITS ? fmt(" (bytes %zu, bits %zu)", g.bytes_zstd, g.bits_zstd) : "";
+        std::string alt = g.bits_zstd != g.bytes_zstd || g.packing == PK_BITS
+                              ? fmt(" (bytes %zu, bits %zu)", g.bytes_zstd, g.bits_zstd)
+                              : "";
         log0("export: %-12s raw %10zu -> %s %10zu as %s%s\n", g.name, g.raw_bytes, r.compressor.c_str(),
              g.packing == PK_BITS ? g.bits_zstd : g.bytes_zstd,
              PK_NAMES[g.packing], alt.c_str());
     }
-    log0("export: header, magic and checksum %zu bytes; raw %zu bytes; all bit-packed %zu bytes, all byte containers %zu bytes\n",
+    log0("export: header, magic and checksum %zu bytes; raw %zu bytes; all bit-packed %zu bytes, all byte containers "
+         "%zu bytes\n",
          r.overhead_bytes, r.raw_bytes, r.bits_packed_bytes, r.byte_container_bytes);
     std::string kinds;  // the integer widths the file holds, e.g. int5/int6/int8 for QUANT_SCHEME=mixed
     for (int k : {SK_INT5, SK_INT6, SK_INT7, SK_INT8})
@@ -7201,7 +7765,8 @@ struct Artifact {
 // A stored config is data: bound its shape before build_param_table sizes anything from it.
 static void artifact_check_config(const Config& c, const char* path) {
     auto in = [&](const char* key, double v, double lo, double hi) {
-        if (!(v >= lo && v <= hi)) fail("%s: stored config has %s=%g, expected %g..%g (corrupt artifact)", path, key, v, lo, hi);
+        if (!(v >= lo && v <= hi))
+            fail("%s: stored config has %s=%g, expected %g..%g (corrupt artifact)", path, key, v, lo, hi);
     };
     in("VOCAB_SIZE", c.vocab_size, 1, 65536);
     in("NUM_LAYERS", c.num_layers, 1, 1024);
@@ -7210,7 +7775,8 @@ static void artifact_check_config(const Config& c, const char* path) {
     in("NUM_KV_HEADS", c.num_kv_heads, 1, c.num_heads);
     in("MLP_MULT", c.mlp_mult, 1.0 / c.model_dim, 64);
     in("UNIQUE_LAYERS", c.unique_layers, 0, c.num_layers);
-    if (!c.named_cores && c.num_cores() != c.num_layers) fail("%s: stored config has UNIQUE_LAYERS=%d without NAMED_CORES=1 (corrupt artifact)", path, c.unique_layers);
+    if (!c.named_cores && c.num_cores() != c.num_layers)
+        fail("%s: stored config has UNIQUE_LAYERS=%d without NAMED_CORES=1 (corrupt artifact)", path, c.unique_layers);
     in("BIGRAM_VOCAB_SIZE", c.bigram_vocab_size, 0, 1 << 24);
     in("BIGRAM_DIM", c.bigram_dim, 0, 65536);
     in("BIGRAM_HASH_SIZE", c.bigram_hash_size, 0, 1 << 24);
@@ -7227,22 +7793,32 @@ static void artifact_check_config(const Config& c, const char* path) {
         fail("%s: stored config has COMPRESSOR=%s, expected zstd or brotli (corrupt artifact)", path,
              c.compressor.c_str());
     if (c.quant_scheme != "int8" && c.quant_scheme != "mixed" && c.quant_scheme != "int6")
-        fail("%s: stored config has QUANT_SCHEME=%s, expected int8, mixed or int6 (corrupt artifact)", path, c.quant_scheme.c_str());
+        fail("%s: stored config has QUANT_SCHEME=%s, expected int8, mixed or int6 (corrupt artifact)", path,
+             c.quant_scheme.c_str());
 }
 
 // The zstd frame at *at (before end). Its declared content size must be exactly `want` (the size
 // the tensor table implies; for the header, at most ARTIFACT_HEADER_CAP) before it is allocated.
-static std::vector<uint8_t> artifact_frame(const std::vector<uint8_t>& f, size_t* at, size_t end, size_t want, const char* path, const char* what) {
+static std::vector<uint8_t> artifact_frame(const std::vector<uint8_t>& f, size_t* at, size_t end, size_t want,
+                                           const char* path, const char* what) {
     size_t fs = ZSTD_findFrameCompressedSize(f.data() + *at, end - *at);
-    if (ZSTD_isError(fs)) fail("%s: %s: no complete zstd frame at byte %zu (%s): corrupt artifact", path, what, *at, ZSTD_getErrorName(fs));
+    if (ZSTD_isError(fs))
+        fail("%s: %s: no complete zstd frame at byte %zu (%s): corrupt artifact", path, what, *at,
+             ZSTD_getErrorName(fs));
     unsigned long long n = ZSTD_getFrameContentSize(f.data() + *at, fs);
-    if (n == ZSTD_CONTENTSIZE_UNKNOWN || n == ZSTD_CONTENTSIZE_ERROR) fail("%s: %s: zstd frame without a content size: corrupt artifact", path, what);
+    if (n == ZSTD_CONTENTSIZE_UNKNOWN || n == ZSTD_CONTENTSIZE_ERROR)
+        fail("%s: %s: zstd frame without a content size: corrupt artifact", path, what);
     size_t cap = want == SIZE_MAX ? ARTIFACT_HEADER_CAP : want;
-    if (n > cap) fail("%s: %s declares %llu decompressed bytes where at most %zu are allowed (zstd bomb or corrupt artifact)", path, what, n, cap);
-    if (want != SIZE_MAX && n != want) fail("%s: %s holds %llu bytes, the tensor table needs %zu: corrupt artifact", path, what, n, want);
+    if (n > cap)
+        fail("%s: %s declares %llu decompressed bytes where at most %zu are allowed (zstd bomb or corrupt artifact)",
+             path, what, n, cap);
+    if (want != SIZE_MAX && n != want)
+        fail("%s: %s holds %llu bytes, the tensor table needs %zu: corrupt artifact", path, what, n, want);
     std::vector<uint8_t> out(n);
     size_t got = ZSTD_decompress(out.data(), out.size(), f.data() + *at, fs);
-    if (ZSTD_isError(got) || got != n) fail("%s: %s: zstd cannot decompress it (%s): corrupt artifact", path, what, ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short");
+    if (ZSTD_isError(got) || got != n)
+        fail("%s: %s: zstd cannot decompress it (%s): corrupt artifact", path, what,
+             ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short");
     *at += fs;
     return out;
 }
@@ -7281,12 +7857,14 @@ static Artifact artifact_read(const std::vector<uint8_t>& f, const std::string& 
     if (get_le(&f[0], 4) != ZSTD_SKIP_MAGIC || get_le(&f[4], 4) != 8 || memcmp(&f[8], "PGZA", 4) != 0)
         fail("%s: not a pgolf artifact (wrong magic)", path);
     uint32_t version = (uint32_t)get_le(&f[12], 4);
-    if (version != ARTIFACT_VERSION) fail("%s: artifact format version %u, this build reads version %u", path, version, ARTIFACT_VERSION);
+    if (version != ARTIFACT_VERSION)
+        fail("%s: artifact format version %u, this build reads version %u", path, version, ARTIFACT_VERSION);
     if (get_le(&f[n - 16], 4) != ZSTD_SKIP_MAGIC + 1 || get_le(&f[n - 12], 4) != 8)
         fail("%s: no checksum trailer at the end: the file is truncated or corrupt", path);
     uint64_t stored = get_le(&f[n - 8], 8), sum = fnv1a64(f.data(), n - 16);
-    if (stored != sum) fail("%s: checksum mismatch (stored %016llx, computed %016llx): the file is corrupt or truncated", path,
-                            (unsigned long long)stored, (unsigned long long)sum);
+    if (stored != sum)
+        fail("%s: checksum mismatch (stored %016llx, computed %016llx): the file is corrupt or truncated", path,
+             (unsigned long long)stored, (unsigned long long)sum);
     Artifact a;
     size_t at = 16, end = n - 16;
     std::vector<uint8_t> h = artifact_frame(f, &at, end, SIZE_MAX, path, "header");
@@ -7304,26 +7882,36 @@ static Artifact artifact_read(const std::vector<uint8_t>& f, const std::string& 
     artifact_check_config(a.cfg, path);
     a.table = build_param_table(a.cfg);
     if (param_arena_size(a.table) > ARTIFACT_MAX_PARAMS)
-        fail("%s: stored config describes %zu parameters, more than this reader accepts (%zu)", path, param_arena_size(a.table), ARTIFACT_MAX_PARAMS);
+        fail("%s: stored config describes %zu parameters, more than this reader accepts (%zu)", path,
+             param_arena_size(a.table), ARTIFACT_MAX_PARAMS);
     size_t count = le(4);
     if (count != a.table.size())
-        fail("%s: the tensor table lists %zu tensors, the stored config (CONFIG=%s) gives %zu: config contradicts the tensor table", path, count, a.cfg.preset.c_str(), a.table.size());
+        fail("%s: the tensor table lists %zu tensors, the stored config (CONFIG=%s) gives %zu: config contradicts the "
+             "tensor table",
+             path, count, a.cfg.preset.c_str(), a.table.size());
     std::vector<StoreKind> kinds;
     std::vector<size_t> voff, soff;
-    auto shape_str = [](const std::vector<int>& s) { std::string o = "["; for (size_t i = 0; i < s.size(); i++) o += (i ? ", " : "") + std::to_string(s[i]); return o + "]"; };
+    auto shape_str = [](const std::vector<int>& s) {
+        std::string o = "[";
+        for (size_t i = 0; i < s.size(); i++) o += (i ? ", " : "") + std::to_string(s[i]);
+        return o + "]";
+    };
     for (const ParamSpec& p : a.table) {
         size_t name_len = le(2);
         std::string name((const char*)take(name_len), name_len);
         std::vector<int> shape(le(1));
         for (int& d : shape) d = (int)le(4);
         if (name != p.name || shape != p.shape)
-            fail("%s: the tensor table has %s %s where the stored config gives %s %s: config contradicts the tensor table", path,
-                 name.c_str(), shape_str(shape).c_str(), p.name.c_str(), shape_str(p.shape).c_str());
+            fail("%s: the tensor table has %s %s where the stored config gives %s %s: config contradicts the tensor "
+                 "table",
+                 path, name.c_str(), shape_str(shape).c_str(), p.name.c_str(), shape_str(p.shape).c_str());
         uint64_t kind = le(1);
         StoreKind plan = quant_plan(a.cfg, p).kind;
         if (kind != (uint64_t)plan)
-            fail("%s: %s is stored as %s, the stored config (QUANT_SCHEME=%s) gives %s: config contradicts the tensor table", path,
-                 p.name.c_str(), kind < SK_NUM ? SK_NAMES[kind] : "an unknown kind", a.cfg.quant_scheme.c_str(), SK_NAMES[plan]);
+            fail("%s: %s is stored as %s, the stored config (QUANT_SCHEME=%s) gives %s: config contradicts the tensor "
+                 "table",
+                 path, p.name.c_str(), kind < SK_NUM ? SK_NAMES[kind] : "an unknown kind", a.cfg.quant_scheme.c_str(),
+                 SK_NAMES[plan]);
         kinds.push_back(plan);
         voff.push_back(le(8));
         soff.push_back(le(8));
@@ -7343,20 +7931,24 @@ static Artifact artifact_read(const std::vector<uint8_t>& f, const std::string& 
         a.packing[g] = (int)le(1);
         a.raw_bytes[g] = le(8);
         a.frame_bytes[g] = le(8);
-        bool ok = group_width(g) > 1 ? a.packing[g] == PK_PLANES : a.packing[g] == PK_BYTES || (group_has_bits(g) && a.packing[g] == PK_BITS);
+        bool ok = group_width(g) > 1 ? a.packing[g] == PK_PLANES
+                                     : a.packing[g] == PK_BYTES || (group_has_bits(g) && a.packing[g] == PK_BITS);
         if (!ok) fail("%s: %s stored with packing %d: corrupt artifact", path, G_NAMES[g], a.packing[g]);
     }
-    if (hp != h.size()) fail("%s: %zu unexpected bytes after the artifact header's group table: corrupt artifact", path, h.size() - hp);
+    if (hp != h.size())
+        fail("%s: %zu unexpected bytes after the artifact header's group table: corrupt artifact", path, h.size() - hp);
     std::vector<size_t> want_voff, want_soff;
     size_t group_bytes[G_NUM];
     group_layout(a.table, kinds, a.packing, lqer, &want_voff, &want_soff, group_bytes);
     for (size_t i = 0; i < a.table.size(); i++)
         if (voff[i] != want_voff[i] || soff[i] != want_soff[i])
-            fail("%s: %s: stored offsets %zu/%zu, the table implies %zu/%zu: corrupt artifact", path, a.table[i].name.c_str(), voff[i], soff[i], want_voff[i], want_soff[i]);
+            fail("%s: %s: stored offsets %zu/%zu, the table implies %zu/%zu: corrupt artifact", path,
+                 a.table[i].name.c_str(), voff[i], soff[i], want_voff[i], want_soff[i]);
     std::vector<uint8_t> content[G_NUM];
     for (int g = 0; g < G_NUM; g++) {
         if (a.raw_bytes[g] != group_bytes[g])
-            fail("%s: %s: the group table says %zu bytes, the tensor table needs %zu: corrupt artifact", path, G_NAMES[g], a.raw_bytes[g], group_bytes[g]);
+            fail("%s: %s: the group table says %zu bytes, the tensor table needs %zu: corrupt artifact", path,
+                 G_NAMES[g], a.raw_bytes[g], group_bytes[g]);
         size_t start = at;
         if (a.cfg.compressor == "brotli") {
             if (a.frame_bytes[g] > end - at)
@@ -7366,7 +7958,8 @@ static Artifact artifact_read(const std::vector<uint8_t>& f, const std::string& 
             at += a.frame_bytes[g];
         } else content[g] = artifact_frame(f, &at, end, group_bytes[g], path, G_NAMES[g]);
         if (at - start != a.frame_bytes[g])
-            fail("%s: %s: frame of %zu bytes, the group table says %zu: corrupt artifact", path, G_NAMES[g], at - start, a.frame_bytes[g]);
+            fail("%s: %s: frame of %zu bytes, the group table says %zu: corrupt artifact", path, G_NAMES[g], at - start,
+                 a.frame_bytes[g]);
         if (group_width(g) > 1) content[g] = planes_join(content[g], group_width(g));
     }
     if (at != end) fail("%s: %zu unexpected bytes after the last group: corrupt artifact", path, end - at);
@@ -7377,20 +7970,27 @@ static Artifact artifact_read(const std::vector<uint8_t>& f, const std::string& 
         QTensor q;
         q.plan = quant_plan(a.cfg, p);
         const uint8_t* v = content[value_group(q.plan.kind)].data() + voff[i];
-        if (q.plan.kind == SK_F32) { q.f32.resize(p.numel); memcpy(q.f32.data(), v, 4 * p.numel); }
-        else if (q.plan.kind == SK_F16) { q.f16.resize(p.numel); memcpy(q.f16.data(), v, 2 * p.numel); }
-        else {
+        if (q.plan.kind == SK_F32) {
+            q.f32.resize(p.numel);
+            memcpy(q.f32.data(), v, 4 * p.numel);
+        } else if (q.plan.kind == SK_F16) {
+            q.f16.resize(p.numel);
+            memcpy(q.f16.data(), v, 2 * p.numel);
+        } else {
             q.q.resize(p.numel);
-            if (a.packing[value_group(q.plan.kind)] == PK_BITS) unpack_bits(v, p.numel, SK_BITS[q.plan.kind], q.q.data());
+            if (a.packing[value_group(q.plan.kind)] == PK_BITS)
+                unpack_bits(v, p.numel, SK_BITS[q.plan.kind], q.q.data());
             else memcpy(q.q.data(), v, p.numel);
             for (size_t k = 0; k < p.numel; k++)
                 if (q.q[k] < q.plan.qmin || q.q[k] > q.plan.qmax)
-                    fail("%s: %s[%zu] = %d lies outside [%d, %d]: corrupt artifact", path, p.name.c_str(), k, q.q[k], q.plan.qmin, q.plan.qmax);
+                    fail("%s: %s[%zu] = %d lies outside [%d, %d]: corrupt artifact", path, p.name.c_str(), k, q.q[k],
+                         q.plan.qmin, q.plan.qmax);
             q.scales.resize(p.rows());
             memcpy(q.scales.data(), content[G_SCALES].data() + soff[i], 2 * q.scales.size());
             for (size_t r = 0; r < q.scales.size(); r++) {
                 float s = half_to_float(q.scales[r]);
-                if (!(s > 0 && std::isfinite(s))) fail("%s: %s: scale of row %zu is %g: corrupt artifact", path, p.name.c_str(), r, s);
+                if (!(s > 0 && std::isfinite(s)))
+                    fail("%s: %s: scale of row %zu is %g: corrupt artifact", path, p.name.c_str(), r, s);
             }
         }
         if (lqer[i] > 0) lqer_read(a.cfg, p, content[G_LQER].data() + lqer_at, path, &q.lqer);
@@ -7401,10 +8001,12 @@ static Artifact artifact_read(const std::vector<uint8_t>& f, const std::string& 
 }
 
 // Verifies the file and dequantizes it into the arena layout of build_param_table(*c).
-static void artifact_parse(const std::vector<uint8_t>& file, const std::string& path, Config* c, std::vector<float>* w) {
+static void artifact_parse(const std::vector<uint8_t>& file, const std::string& path, Config* c,
+                           std::vector<float>* w) {
     Artifact a = artifact_read(file, path);
     w->assign(param_arena_size(a.table), 0.0f);
-    for (size_t i = 0; i < a.table.size(); i++) dequantize_tensor(a.table[i], a.tensors[i], w->data() + a.table[i].offset);
+    for (size_t i = 0; i < a.table.size(); i++)
+        dequantize_tensor(a.table[i], a.tensors[i], w->data() + a.table[i].offset);
     *c = a.cfg;
 }
 
@@ -7413,8 +8015,12 @@ static void artifact_parse(const std::vector<uint8_t>& file, const std::string& 
 // artifact's level: an estimate, the groups share context), scale range; with the full-precision
 // checkpoint (safetensors) also the dequantization error, which includes pruning.
 #if PGOLF_CPU_REFERENCE
-static void load_checkpoint_weights(const std::string& path, const std::vector<ParamSpec>& table, std::vector<float>& w);  // section 11
-static size_t zstd_size(const std::vector<uint8_t>& raw, int level) { return zstd_compress(raw.data(), raw.size(), level).size(); }
+// section 11
+static void load_checkpoint_weights(const std::string& path, const std::vector<ParamSpec>& table,
+                                    std::vector<float>& w);
+static size_t zstd_size(const std::vector<uint8_t>& raw, int level) {
+    return zstd_compress(raw.data(), raw.size(), level).size();
+}
 static int inspect_main(int argc, char** argv) {
     if (argc < 3 || argc > 4) fail("usage: %s inspect ARTIFACT [CHECKPOINT.safetensors]", argv[0]);
     std::string path = argv[2];
@@ -7422,10 +8028,12 @@ static int inspect_main(int argc, char** argv) {
     Artifact a = artifact_read(file, path);
     const Config& c = a.cfg;
     std::vector<float> deq(param_arena_size(a.table), 0.0f), ref;
-    for (size_t i = 0; i < a.table.size(); i++) dequantize_tensor(a.table[i], a.tensors[i], deq.data() + a.table[i].offset);
+    for (size_t i = 0; i < a.table.size(); i++)
+        dequantize_tensor(a.table[i], a.tensors[i], deq.data() + a.table[i].offset);
     if (argc == 4) load_checkpoint_weights(argv[3], a.table, ref);
-    printf("%s: %zu bytes, format v%u, CONFIG=%s QUANT_SCHEME=%s GPTQ_LITE=%d PRUNE_FRAC=%g PACK=%s ZSTD_LEVEL=%d\n", path.c_str(),
-           file.size(), ARTIFACT_VERSION, c.preset.c_str(), c.quant_scheme.c_str(), c.gptq_lite, c.prune_frac, c.pack.c_str(), c.zstd_level);
+    printf("%s: %zu bytes, format v%u, CONFIG=%s QUANT_SCHEME=%s GPTQ_LITE=%d PRUNE_FRAC=%g PACK=%s ZSTD_LEVEL=%d\n",
+           path.c_str(), file.size(), ARTIFACT_VERSION, c.preset.c_str(), c.quant_scheme.c_str(), c.gptq_lite,
+           c.prune_frac, c.pack.c_str(), c.zstd_level);
     printf("header frame %zu bytes\n", a.header_frame_bytes);
     for (int g = 0; g < G_NUM; g++)
         printf("group %-13s %-6s raw %10zu  %s %10zu\n", G_NAMES[g], PK_NAMES[a.packing[g]], a.raw_bytes[g],
@@ -7447,26 +8055,31 @@ static int inspect_main(int argc, char** argv) {
         std::vector<QTensor> qone = {a.tensors[i]};
         int g = value_group(a.tensors[i].plan.kind);
         est[i] = zstd_size(group_content(g, a.packing[g], one, qone), c.zstd_level);
-        if (!a.tensors[i].scales.empty()) est[i] += zstd_size(group_content(G_SCALES, PK_PLANES, one, qone), c.zstd_level);
+        if (!a.tensors[i].scales.empty())
+            est[i] += zstd_size(group_content(G_SCALES, PK_PLANES, one, qone), c.zstd_level);
     }
-    printf("%-32s %-12s %-5s %-6s %10s %11s %11s%s\n", "tensor", "shape", "kind", "pack", "zstd_alone", "scale_min", "scale_max",
-           ref.empty() ? "" : "     max_abs_err         rms_err");
+    printf("%-32s %-12s %-5s %-6s %10s %11s %11s%s\n", "tensor", "shape", "kind", "pack", "zstd_alone", "scale_min",
+           "scale_max", ref.empty() ? "" : "     max_abs_err         rms_err");
     for (size_t i = 0; i < a.table.size(); i++) {
         const ParamSpec& p = a.table[i];
         const QTensor& q = a.tensors[i];
         std::string shape;
         for (size_t d = 0; d < p.shape.size(); d++) shape += (d ? "x" : "") + std::to_string(p.shape[d]);
         float smin = INFINITY, smax = 0;
-        for (uint16_t s : q.scales) { smin = std::min(smin, half_to_float(s)); smax = std::max(smax, half_to_float(s)); }
+        for (uint16_t s : q.scales) {
+            smin = std::min(smin, half_to_float(s));
+            smax = std::max(smax, half_to_float(s));
+        }
         char scales[64] = "          -           -";
         if (!q.scales.empty()) snprintf(scales, sizeof scales, "%11.4e %11.4e", smin, smax);
-        printf("%-32s %-12s %-5s %-6s %10zu %s", p.name.c_str(), shape.empty() ? "scalar" : shape.c_str(), SK_NAMES[q.plan.kind],
-               PK_NAMES[a.packing[value_group(q.plan.kind)]], est[i], scales);
+        printf("%-32s %-12s %-5s %-6s %10zu %s", p.name.c_str(), shape.empty() ? "scalar" : shape.c_str(),
+               SK_NAMES[q.plan.kind], PK_NAMES[a.packing[value_group(q.plan.kind)]], est[i], scales);
         if (!ref.empty()) {
             double mx = 0, ss = 0;
             for (size_t k = 0; k < p.numel; k++) {
                 double d = (double)deq[p.offset + k] - ref[p.offset + k];
-                mx = std::max(mx, fabs(d)); ss += d * d;
+                mx = std::max(mx, fabs(d));
+                ss += d * d;
             }
             printf(" %15.6e %15.6e", mx, sqrt(ss / std::max<size_t>(p.numel, 1)));
         }
@@ -7475,7 +8088,9 @@ static int inspect_main(int argc, char** argv) {
     return 0;
 }
 #else
-static int inspect_main(int, char** argv) { fail("%s inspect: not part of the stripped submission; use the full build", argv[0]); }
+static int inspect_main(int, char** argv) {
+    fail("%s inspect: not part of the stripped submission; use the full build", argv[0]);
+}
 #endif
 
 // --- GPTQ calibration: Hessians from training batches ----------------------------------------------
@@ -7484,7 +8099,11 @@ static int inspect_main(int, char** argv) { fail("%s inspect: not part of the st
 // activation, the head (tied tok_emb or lm_head) the final norm, bigram.proj the bigram rows; with
 // SparseAttnGate the projection reads the gated output. A block that several layers run (UNIQUE_LAYERS,
 // the loop of NUM_LOOPS) sums over all of them, as the record's hooks do.
-template <class D> struct LinearInput { const typename D::mat* weight; const typename D::act* x; int cols; };
+template <class D> struct LinearInput {
+    const typename D::mat* weight;
+    const typename D::act* x;
+    int cols;
+};
 template <class D> static std::vector<LinearInput<D>> linear_inputs(Model<D>& m) {
     const Config& c = m.cfg;
     Acts<D>& a = m.acts;
@@ -7525,7 +8144,10 @@ template <class D> static Hessians gptq_calibrate(D dev, Model<D>& m, DataLoader
     for (size_t k = 0; k < in.size(); k++) {
         if (owner[k] < 0) fail("internal: a linear layer's weight is not in the parameter table");
         size_t bytes = (size_t)in[k].cols * in[k].cols * sizeof(G);
-        if (!H[owner[k]]) { H[owner[k]] = (G*)device_alloc(dev, bytes); device_zero(dev, H[owner[k]], bytes); }
+        if (!H[owner[k]]) {
+            H[owner[k]] = (G*)device_alloc(dev, bytes);
+            device_zero(dev, H[owner[k]], bytes);
+        }
     }
     std::vector<int32_t> x, y;
     for (int b = 0; b < c.gptq_calibration_batches; b++) {
@@ -7565,15 +8187,27 @@ struct EvalData {
 struct ScoreSums {
     double loss = 0, tokens = 0, bytes = 0;
     void add(double nll, int prev, int target, const ByteLuts& lut) {
-        loss += nll; tokens += 1;
+        loss += nll;
+        tokens += 1;
         bytes += lut.base_bytes[target] + ((lut.has_leading_space[target] && !lut.is_boundary[prev]) ? 1 : 0);
     }
     // Position j of the stream (target t[j+1]).
     void add_at(double nll, const EvalData& d, long j) {
-        if (d.val_bytes.empty()) { add(nll, d.val[j], d.val[j + 1], d.luts); return; }
-        loss += nll; tokens += 1; bytes += d.val_bytes[j + 1];
+        if (d.val_bytes.empty()) {
+            add(nll, d.val[j], d.val[j + 1], d.luts);
+            return;
+        }
+        loss += nll;
+        tokens += 1;
+        bytes += d.val_bytes[j + 1];
     }
-    void reduce() { double v[3] = {loss, tokens, bytes}; host_allreduce_sum(v, 3); loss = v[0]; tokens = v[1]; bytes = v[2]; }
+    void reduce() {
+        double v[3] = {loss, tokens, bytes};
+        host_allreduce_sum(v, 3);
+        loss = v[0];
+        tokens = v[1];
+        bytes = v[2];
+    }
     double val_loss() const { return loss / std::max(tokens, 1.0); }
     double val_bpb() const { return loss / M_LN2 / std::max(bytes, 1.0); }
 };
@@ -7594,8 +8228,9 @@ struct NllRecord {
 
 // Runs the model over rows of `inputs` (B rows of T tokens, targets alongside) and returns the
 // per-position NLLs on the host.
-template <class D> static void forward_nll(D dev, Model<D>& m, const std::vector<int32_t>& x, const std::vector<int32_t>& y,
-                                           int B, int T, std::vector<float>& nll, Lora<D>* lo = nullptr, bool with_grad = false) {
+template <class D>
+static void forward_nll(D dev, Model<D>& m, const std::vector<int32_t>& x, const std::vector<int32_t>& y, int B, int T,
+                        std::vector<float>& nll, Lora<D>* lo = nullptr, bool with_grad = false) {
     size_t N = (size_t)B * T;
     to_device(dev, m.acts.inputs, x.data(), N);
     to_device(dev, m.acts.targets, y.data(), N);
@@ -7630,7 +8265,9 @@ template <class D> static EvalResult eval_standard(D dev, Model<D>& m, const Eva
     long full = targets / L, tail = targets - full * L;
     long nseq = full + (tail > 0 ? 1 : 0);
     long s0 = split_begin(nseq, g_rank, g_world), s1 = split_begin(nseq, g_rank + 1, g_world);
-    int per_batch = std::max(1, (int)std::min<long>(c.val_batch_size / ((long)g_world * grad_accum_steps(c, g_world)) / L, m.acts.B * (long)m.acts.T / L));
+    int per_batch =
+        std::max(1, (int)std::min<long>(c.val_batch_size / ((long)g_world * grad_accum_steps(c, g_world)) / L,
+                                        m.acts.B * (long)m.acts.T / L));
     ScoreSums sums;
     std::vector<int32_t> x, y;
     std::vector<float> nll;
@@ -7638,11 +8275,13 @@ template <class D> static EvalResult eval_standard(D dev, Model<D>& m, const Eva
         int len = s < full ? L : (int)tail;
         int B = 1;
         if (len == L) while (B < per_batch && s + B < s1 && s + B < full) B++;
-        x.resize((size_t)B * len); y.resize((size_t)B * len);
+        x.resize((size_t)B * len);
+        y.resize((size_t)B * len);
         for (int b = 0; b < B; b++)
             for (int t = 0; t < len; t++) {
                 long j = (s + b) * L + t;
-                x[(size_t)b * len + t] = d.val[j]; y[(size_t)b * len + t] = d.val[j + 1];
+                x[(size_t)b * len + t] = d.val[j];
+                y[(size_t)b * len + t] = d.val[j + 1];
             }
         forward_nll(dev, m, x, y, B, len, nll);
         for (int b = 0; b < B; b++)
@@ -7655,7 +8294,11 @@ template <class D> static EvalResult eval_standard(D dev, Model<D>& m, const Eva
     }
     sums.reduce();
     EvalResult r;
-    r.mode = "standard"; r.val_loss = sums.val_loss(); r.val_bpb = sums.val_bpb(); r.tokens = sums.tokens; r.ms = now_ms() - t0;
+    r.mode = "standard";
+    r.val_loss = sums.val_loss();
+    r.val_bpb = sums.val_bpb();
+    r.tokens = sums.tokens;
+    r.ms = now_ms() - t0;
     return r;
 }
 
@@ -7663,7 +8306,11 @@ template <class D> static EvalResult eval_standard(D dev, Model<D>& m, const Eva
 
 static EvalResult eval_result(const char* mode, const ScoreSums& s, double t0) {
     EvalResult r;
-    r.mode = mode; r.val_loss = s.val_loss(); r.val_bpb = s.val_bpb(); r.tokens = s.tokens; r.ms = now_ms() - t0;
+    r.mode = mode;
+    r.val_loss = s.val_loss();
+    r.val_bpb = s.val_bpb();
+    r.tokens = s.tokens;
+    r.ms = now_ms() - t0;
     return r;
 }
 
@@ -7695,7 +8342,10 @@ static void (*g_ttt_step_hook)(const std::vector<long>& positions) = nullptr;
 //                   that ends at T scores the same tail again;
 //   reference pr600: full windows only (ws + L ≤ T), each scoring [S, L): the tail after the last
 //                   full window is never scored; unless S = L/2, positions are scored twice or skipped.
-struct EvalWindow { long ws; int len, first; };  // inputs t[ws .. ws+len−1]; positions [first, len) scored
+struct EvalWindow {  // inputs t[ws .. ws+len−1]; positions [first, len) scored
+    long ws;
+    int len, first;
+};
 
 static std::vector<EvalWindow> sliding_windows(const Config& c, long T) {
     int L = c.eval_len(), S = c.eval_stride;
@@ -7704,17 +8354,25 @@ static std::vector<EvalWindow> sliding_windows(const Config& c, long T) {
     for (long ws = 0; ws < T; ws += S) {
         int len = (int)std::min<long>(L, T - ws);
         if (ws == 0) win.push_back({0, len, 0});
-        else if (exact) { if (ws + L - S >= T) break; win.push_back({ws, len, L - S}); }
-        else if (c.sliding_reference == "pr600") { if (ws + L > T) break; win.push_back({ws, len, S}); }
-        else { if (len < S) break; win.push_back({ws, len, std::max(len - S, 0)}); }
+        else if (exact) {
+            if (ws + L - S >= T) break;
+            win.push_back({ws, len, L - S});
+        } else if (c.sliding_reference == "pr600") {
+            if (ws + L > T) break;
+            win.push_back({ws, len, S});
+        } else {
+            if (len < S) break;
+            win.push_back({ws, len, std::max(len - S, 0)});
+        }
     }
     return win;
 }
 
 // Scores windows [w0, w1) in batches of EVAL_BATCH_SEQS. Short tail windows share a batch padded at
 // the end with token 0: attention is causal, so pads never reach real positions, and are not scored.
-template <class D> static void score_windows(D dev, Model<D>& m, const EvalData& d, const std::vector<EvalWindow>& win,
-                                             long w0, long w1, ScoreSums& sums, NllRecord* rec, EvalProgress* prog = nullptr) {
+template <class D>
+static void score_windows(D dev, Model<D>& m, const EvalData& d, const std::vector<EvalWindow>& win, long w0, long w1,
+                          ScoreSums& sums, NllRecord* rec, EvalProgress* prog = nullptr) {
     const Config& c = m.cfg;
     int L = c.eval_len();
     if (L > m.acts.T) fail("internal: eval length %d exceeds the activation plan (%d positions)", L, m.acts.T);
@@ -7755,7 +8413,8 @@ template <class D> static EvalResult eval_sliding(D dev, Model<D>& m, const Eval
          c.sliding.c_str(), c.eval_batch_seqs);
     ScoreSums sums;
     EvalProgress prog("sliding_eval");
-    score_windows(dev, m, d, win, split_begin(n, g_rank, g_world), split_begin(n, g_rank + 1, g_world), sums, rec, &prog);
+    score_windows(dev, m, d, win, split_begin(n, g_rank, g_world), split_begin(n, g_rank + 1, g_world), sums, rec,
+                  &prog);
     sums.reduce();
     return eval_result("sliding", sums, t0);
 }
@@ -7763,7 +8422,9 @@ template <class D> static EvalResult eval_sliding(D dev, Model<D>& m, const Eval
 // --- Per-document LoRA test-time training --------------------------------------------------------
 // Document i spans [s_i, s_{i+1}], the next document's BOS included, so that BOS is predicted from
 // this document alone and every position 1..N−1 is scored exactly once (PR #467 dropped it).
-struct EvalDoc { long start, pred; };  // tokens t[start .. start+pred]: pred scored positions
+struct EvalDoc {  // tokens t[start .. start+pred]: pred scored positions
+    long start, pred;
+};
 
 static std::vector<EvalDoc> find_documents(const std::vector<uint16_t>& t) {
     std::vector<EvalDoc> docs;
@@ -7779,7 +8440,10 @@ static std::vector<EvalDoc> find_documents(const std::vector<uint16_t>& t) {
 
 // Chunk ci of a document covers its positions [ci·C, e), e = min((ci+1)·C, pred), seen through the
 // window [ws, e) of at most L positions; the chunk sits at [co, co + cl) of the window.
-struct ChunkWindow { long ws; int len, co, cl; };
+struct ChunkWindow {
+    long ws;
+    int len, co, cl;
+};
 static ChunkWindow chunk_window(long ci, long pred, int C, int L) {
     long e = std::min((ci + 1) * C, pred), ws = std::max(0L, e - L);
     return {ws, (int)(e - ws), (int)(ci * C - ws), (int)(e - ci * C)};
@@ -7800,7 +8464,10 @@ static void lora_parse_targets(const std::string& list, bool on[LORA_NUM]) {
         on[t] = true;
     }
 }
-static void lora_targets_check(const std::string& list) { bool on[LORA_NUM]; lora_parse_targets(list, on); }
+static void lora_targets_check(const std::string& list) {
+    bool on[LORA_NUM];
+    lora_parse_targets(list, on);
+}
 
 // The adapters' arena for `docs` documents and forward passes of up to max_tokens positions: all A
 // blocks, then all B blocks, each padded to 16 elements; tmp_n elements per [max_tokens, rank] slot.
@@ -7819,13 +8486,21 @@ static LoraLayout lora_layout(const Config& c, int docs, size_t max_tokens) {
     auto pad = [](size_t k) { return (k + 15) / 16 * 16; };
     size_t r = c.ttt_lora_rank;
     for (int t = 0; t < LORA_NUM; t++) {
-        y.in_dim[t] = ins[t]; y.out_dim[t] = outs[t];
+        y.in_dim[t] = ins[t];
+        y.out_dim[t] = outs[t];
         int layers = !y.on[t] ? 0 : t == LORA_HEAD ? 1 : c.max_virtual();  // one per virtual layer (PR #1855's slots)
-        for (int l = 0; l < layers; l++) { y.offA[t].push_back(y.n); y.n += pad(docs * r * ins[t]); y.slots++; }
+        for (int l = 0; l < layers; l++) {
+            y.offA[t].push_back(y.n);
+            y.n += pad(docs * r * ins[t]);
+            y.slots++;
+        }
     }
     y.nA = y.n;
     for (int t = 0; t < LORA_NUM; t++)
-        for (size_t l = 0; l < y.offA[t].size(); l++) { y.offB[t].push_back(y.n); y.n += pad(docs * outs[t] * r); }
+        for (size_t l = 0; l < y.offA[t].size(); l++) {
+            y.offB[t].push_back(y.n);
+            y.n += pad(docs * outs[t] * r);
+        }
     y.tmp_n = pad(max_tokens * r);
     return y;
 }
@@ -7847,10 +8522,17 @@ static int lora_ttt_docs(const Config& c, int act_B, int act_T) {
 // allocation, headed by dtmp, holds every per-layer tmp. Compute copies alias the master copy when
 // the types agree. Returns the length of the A part.
 template <class D> static size_t lora_alloc(D dev, Lora<D>& lo, const Config& c, int docs, size_t max_tokens) {
-    using G = typename D::grad; using M = typename D::mat; using A = typename D::act;
+    using G = typename D::grad;
+    using M = typename D::mat;
+    using A = typename D::act;
     LoraLayout y = lora_layout(c, docs, max_tokens);
-    for (int t = 0; t < LORA_NUM; t++) { lo.on[t] = y.on[t]; lo.in_dim[t] = y.in_dim[t]; lo.out_dim[t] = y.out_dim[t]; }
-    lo.docs = docs; lo.rank = c.ttt_lora_rank;
+    for (int t = 0; t < LORA_NUM; t++) {
+        lo.on[t] = y.on[t];
+        lo.in_dim[t] = y.in_dim[t];
+        lo.out_dim[t] = y.out_dim[t];
+    }
+    lo.docs = docs;
+    lo.rank = c.ttt_lora_rank;
     lo.scale = c.ttt_lora_alpha > 0 ? c.ttt_lora_alpha / c.ttt_lora_rank : 1.0f;
     size_t n = y.n, nA = y.nA, slots = y.slots, tmp_n = y.tmp_n;
     const std::vector<size_t>* offA = y.offA;
@@ -7863,19 +8545,31 @@ template <class D> static size_t lora_alloc(D dev, Lora<D>& lo, const Config& c,
     A* next_tmp = lo.dtmp + tmp_n;
     for (int t = 0; t < LORA_NUM; t++) {
         size_t k = offA[t].size();
-        lo.A[t].assign(k, nullptr); lo.B[t].assign(k, nullptr); lo.dA[t].assign(k, nullptr); lo.dB[t].assign(k, nullptr);
-        lo.Ac[t].assign(k, nullptr); lo.Bc[t].assign(k, nullptr); lo.tmp[t].assign(k, nullptr);
+        lo.A[t].assign(k, nullptr);
+        lo.B[t].assign(k, nullptr);
+        lo.dA[t].assign(k, nullptr);
+        lo.dB[t].assign(k, nullptr);
+        lo.Ac[t].assign(k, nullptr);
+        lo.Bc[t].assign(k, nullptr);
+        lo.tmp[t].assign(k, nullptr);
         for (size_t l = 0; l < k; l++) {
-            lo.A[t][l] = lo.params + offA[t][l]; lo.dA[t][l] = lo.grads + offA[t][l]; lo.Ac[t][l] = lo.compute + offA[t][l];
-            lo.B[t][l] = lo.params + offB[t][l]; lo.dB[t][l] = lo.grads + offB[t][l]; lo.Bc[t][l] = lo.compute + offB[t][l];
-            lo.tmp[t][l] = next_tmp; next_tmp += tmp_n;
+            lo.A[t][l] = lo.params + offA[t][l];
+            lo.dA[t][l] = lo.grads + offA[t][l];
+            lo.Ac[t][l] = lo.compute + offA[t][l];
+            lo.B[t][l] = lo.params + offB[t][l];
+            lo.dB[t][l] = lo.grads + offB[t][l];
+            lo.Bc[t][l] = lo.compute + offB[t][l];
+            lo.tmp[t][l] = next_tmp;
+            next_tmp += tmp_n;
         }
     }
     return nA;
 }
 template <class D> static void lora_free(D dev, Lora<D>& lo) {
     if ((void*)lo.compute != (void*)lo.params) device_free(dev, lo.compute);
-    device_free(dev, lo.params); device_free(dev, lo.grads); device_free(dev, lo.dtmp);
+    device_free(dev, lo.params);
+    device_free(dev, lo.grads);
+    device_free(dev, lo.dtmp);
     lo = Lora<D>{};
 }
 // The forward reads the adapters' compute copy (the same memory on the CPU, bf16 on the GPU).
@@ -7913,12 +8607,14 @@ template <class D> static void lora_state_init(D dev, LoraState<D>& s, const Con
             double bound = 1.0 / std::sqrt((double)s.lo.in_dim[t]);  // nn.Linear's kaiming_uniform(a=√5)
             one.resize(k);
             for (G& v : one) v = G((2.0 * rng.uniform() - 1.0) * bound);
-            for (int b = 0; b < docs; b++) to_device(dev, s.A_init + (s.lo.A[t][l] - s.lo.params) + (size_t)b * k, one.data(), k);
+            for (int b = 0; b < docs; b++)
+                to_device(dev, s.A_init + (s.lo.A[t][l] - s.lo.params) + (size_t)b * k, one.data(), k);
         }
 }
 template <class D> static void lora_state_free(D dev, LoraState<D>& s) {
     lora_free(dev, s.lo);
-    device_free(dev, s.A_init); device_free(dev, s.m1);
+    device_free(dev, s.A_init);
+    device_free(dev, s.m1);
     if (s.m2) device_free(dev, s.m2);
 }
 // Fresh adapters and optimizer for a new batch of documents.
@@ -7953,14 +8649,17 @@ template <class D> static void lora_step(D dev, LoraState<D>& s, const Config& c
     auto scope = op_scope(dev, OP_OPTIMIZER);
     Lora<D>& lo = s.lo;
     s.step++;
-    if (c.ttt_lora_optimizer == "sgd") sgd_update(dev, lo.params, lo.grads, s.m1, lo.nparams, lr, 0.0f, c.ttt_lora_wd, true);
-    else adamw_update(dev, lo.params, lo.grads, s.m1, s.m2, lo.nparams, lr, c.ttt_lora_beta1, c.ttt_lora_beta2, c.ttt_lora_eps,
-                      c.ttt_lora_optimizer == "adamw" ? c.ttt_lora_wd : 0.0f, s.step);
+    if (c.ttt_lora_optimizer == "sgd")
+        sgd_update(dev, lo.params, lo.grads, s.m1, lo.nparams, lr, 0.0f, c.ttt_lora_wd, true);
+    else
+        adamw_update(dev, lo.params, lo.grads, s.m1, s.m2, lo.nparams, lr, c.ttt_lora_beta1, c.ttt_lora_beta2,
+                     c.ttt_lora_eps, c.ttt_lora_optimizer == "adamw" ? c.ttt_lora_wd : 0.0f, s.step);
     lora_refresh_compute(dev, lo);
 }
 static float lora_lr(const Config& c, int ep, int epochs) {  // PR #467: lr·½(1 + cos(π·ep/epochs)) per epoch
     if (c.ttt_lora_schedule == "constant") return c.ttt_lora_lr;
-    if (c.ttt_lora_schedule == "cosine_epochs") return (float)(c.ttt_lora_lr * 0.5 * (1.0 + std::cos(M_PI * ep / epochs)));
+    if (c.ttt_lora_schedule == "cosine_epochs")
+        return (float)(c.ttt_lora_lr * 0.5 * (1.0 + std::cos(M_PI * ep / epochs)));
     fail("TTT_LORA_SCHEDULE=%s: expected constant or cosine_epochs", c.ttt_lora_schedule.c_str());
 }
 
@@ -7974,8 +8673,9 @@ static float lora_lr(const Config& c, int ep, int epochs) {  // PR #467: lr·½(
 // Longest first makes the active (and the training) documents of a chunk a prefix of the batch, so
 // only those rows run. st == nullptr: the base model scores the same document-isolated windows
 // (the deadline fallback).
-template <class D> static void lora_batch(D dev, Model<D>& m, const EvalData& d, const EvalDoc* docs, int bsz,
-                                          LoraState<D>* st, int epochs, ScoreSums& first, ScoreSums* final, NllRecord* rec) {
+template <class D>
+static void lora_batch(D dev, Model<D>& m, const EvalData& d, const EvalDoc* docs, int bsz, LoraState<D>* st,
+                       int epochs, ScoreSums& first, ScoreSums* final, NllRecord* rec) {
     const Config& c = m.cfg;
     int C = c.ttt_chunk_size, L = c.ttt_eval_seq_len;
     long max_nc = (docs[0].pred + C - 1) / C;
@@ -7990,12 +8690,17 @@ template <class D> static void lora_batch(D dev, Model<D>& m, const EvalData& d,
             while (k < bsz && ci * C < docs[k].pred) k++;
             while (tr < k && (epochs > 1 || (ci + 1) * C < docs[tr].pred)) tr++;
             if (!st) tr = 0;
-            for (int b = 0; b < k; b++) { cw[b] = chunk_window(ci, docs[b].pred, C, L); W = std::max(W, cw[b].len); }
-            x.assign((size_t)k * W, 0); y.assign((size_t)k * W, 0);
+            for (int b = 0; b < k; b++) {
+                cw[b] = chunk_window(ci, docs[b].pred, C, L);
+                W = std::max(W, cw[b].len);
+            }
+            x.assign((size_t)k * W, 0);
+            y.assign((size_t)k * W, 0);
             for (int b = 0; b < k; b++)
                 for (int i = 0; i < cw[b].len; i++) {
                     long j = docs[b].start + cw[b].ws + i;
-                    x[(size_t)b * W + i] = d.val[j]; y[(size_t)b * W + i] = d.val[j + 1];
+                    x[(size_t)b * W + i] = d.val[j];
+                    y[(size_t)b * W + i] = d.val[j + 1];
                 }
             if (tr > 0) {  // loss = Σ over training documents of the mean NLL of their chunk
                 weights.assign((size_t)k * W, 0.0f);
@@ -8009,7 +8714,10 @@ template <class D> static void lora_batch(D dev, Model<D>& m, const EvalData& d,
                 for (int i = cw[b].co; i < cw[b].co + cw[b].cl; i++) {
                     size_t q = (size_t)b * W + i;
                     long j = docs[b].start + cw[b].ws + i;
-                    if (ep == 0) { first.add_at(nll[q], d, j); if (rec) rec->set(j, nll[q]); }
+                    if (ep == 0) {
+                        first.add_at(nll[q], d, j);
+                        if (rec) rec->set(j, nll[q]);
+                    }
                     if (final && ep == epochs - 1) final->add_at(nll[q], d, j);
                 }
             if (tr == 0) continue;
@@ -8017,7 +8725,8 @@ template <class D> static void lora_batch(D dev, Model<D>& m, const EvalData& d,
             if (g_ttt_step_hook) {  // the positions that carry loss weight
                 std::vector<long> pos;
                 for (int b = 0; b < k; b++)
-                    for (int i = 0; i < W; i++) if (weights[(size_t)b * W + i] != 0) pos.push_back(docs[b].start + cw[b].ws + i);
+                    for (int i = 0; i < W; i++)
+                        if (weights[(size_t)b * W + i] != 0) pos.push_back(docs[b].start + cw[b].ws + i);
                 for (int s = 0; s < c.ttt_steps; s++) g_ttt_step_hook(pos);
             }
 #endif
@@ -8036,7 +8745,8 @@ template <class D> static EvalResult eval_lora_ttt(D dev, Model<D>& m, const Eva
     const Config& c = m.cfg;
     double t0 = now_ms();
     std::vector<EvalDoc> docs = find_documents(d.val);
-    if (d.val[0] != BOS_ID) log0("lora_ttt: the stream does not start with BOS: its first %ld positions form a document\n", docs[0].pred);
+    if (d.val[0] != BOS_ID)
+        log0("lora_ttt: the stream does not start with BOS: its first %ld positions form a document\n", docs[0].pred);
     long n = (long)docs.size(), d0 = split_begin(n, g_rank, g_world), d1 = split_begin(n, g_rank + 1, g_world);
     std::vector<EvalDoc> mine(docs.begin() + d0, docs.begin() + d1);
     std::stable_sort(mine.begin(), mine.end(), [](const EvalDoc& a, const EvalDoc& b) { return a.pred > b.pred; });
@@ -8047,10 +8757,15 @@ template <class D> static EvalResult eval_lora_ttt(D dev, Model<D>& m, const Eva
     bool report_final = c.ttt_report_final_epoch && E > 1;
     // Epochs after the first change only the final-epoch score: without that report they are skipped.
     int epochs = report_final ? E : 1;
-    if (E > 1 && !report_final) log0("lora_ttt: TTT_N_EPOCHS=%d but TTT_REPORT_FINAL_EPOCH=0: later epochs cannot change the reported (first-exposure) score, running epoch 0 only\n", E);
-    log0("lora_ttt:start docs:%ld batch:%d chunk:%d window:%d rank:%d scale:%g targets:%s optimizer:%s lr:%g schedule:%s steps:%d epochs:%d\n",
+    if (E > 1 && !report_final)
+        log0("lora_ttt: TTT_N_EPOCHS=%d but TTT_REPORT_FINAL_EPOCH=0: later epochs cannot change the reported "
+             "(first-exposure) score, running epoch 0 only\n",
+             E);
+    log0("lora_ttt:start docs:%ld batch:%d chunk:%d window:%d rank:%d scale:%g targets:%s optimizer:%s lr:%g "
+         "schedule:%s steps:%d epochs:%d\n",
          n, Bd, c.ttt_chunk_size, L, c.ttt_lora_rank, c.ttt_lora_alpha > 0 ? c.ttt_lora_alpha / c.ttt_lora_rank : 1.0,
-         c.ttt_lora_targets.c_str(), c.ttt_lora_optimizer.c_str(), c.ttt_lora_lr, c.ttt_lora_schedule.c_str(), c.ttt_steps, epochs);
+         c.ttt_lora_targets.c_str(), c.ttt_lora_optimizer.c_str(), c.ttt_lora_lr, c.ttt_lora_schedule.c_str(),
+         c.ttt_steps, epochs);
     LoraState<D> st;
     lora_state_init(dev, st, c, Bd, (size_t)Bd * L);
     ScoreSums sums, final_sums;
@@ -8068,7 +8783,8 @@ template <class D> static EvalResult eval_lora_ttt(D dev, Model<D>& m, const Eva
     lora_state_free(dev, st);
     host_allreduce_sum(&fallback, 1);
     if (fallback > 0)
-        log0("lora_ttt:deadline EVAL_MAX_WALLCLOCK_SECONDS=%g passed: %.0f of %ld documents scored by the base model without adaptation\n",
+        log0("lora_ttt:deadline EVAL_MAX_WALLCLOCK_SECONDS=%g passed: %.0f of %ld documents scored by the base model "
+             "without adaptation\n",
              c.eval_max_wallclock_seconds, fallback, n);
     sums.reduce();
     EvalResult r = eval_result("lora_ttt", sums, t0);
@@ -8118,14 +8834,16 @@ template <class D> static EvalResult eval_full_ttt(D dev, Model<D>& m, const Eva
     for (const EvalWindow& w : win) {
         long ci = std::min((w.ws + w.first) / Ct, nchunks - 1);
         if (ci < prev_ci) fail("internal: sliding windows out of chunk order");
-        cw[ci + 1]++; prev_ci = ci;
+        cw[ci + 1]++;
+        prev_ci = ci;
     }
     for (long ci = 0; ci < nchunks; ci++) cw[ci + 1] += cw[ci];
     std::vector<std::pair<size_t, size_t>> runs = ttt_trainable_runs(c, m.table);
     size_t trainable = 0;
     for (auto& r : runs) trainable += r.second - r.first;
     bool sgd = c.ttt_optimizer == "sgd";
-    log0("full_ttt:start chunks:%ld chunk_tokens:%ld windows:%zu stride:%d window:%d optimizer:%s lr:%g epochs:%d batch_seqs:%d freeze_blocks:%d trainable:%zu\n",
+    log0("full_ttt:start chunks:%ld chunk_tokens:%ld windows:%zu stride:%d window:%d optimizer:%s lr:%g epochs:%d "
+         "batch_seqs:%d freeze_blocks:%d trainable:%zu\n",
          nchunks, Ct, win.size(), c.eval_stride, L, c.ttt_optimizer.c_str(), c.ttt_lr, c.ttt_epochs, c.ttt_batch_seqs,
          c.ttt_freeze_blocks, trainable);
     size_t bytes = m.nparams * sizeof(G);
@@ -8145,7 +8863,8 @@ template <class D> static EvalResult eval_full_ttt(D dev, Model<D>& m, const Eva
     for (long ci = 0; ci < nchunks; ci++) {
         // phase 1: score this chunk's windows with the weights trained on chunks < ci
         long a = cw[ci], nw = cw[ci + 1] - cw[ci];
-        score_windows(dev, m, d, win, a + split_begin(nw, g_rank, g_world), a + split_begin(nw, g_rank + 1, g_world), sums, rec);
+        score_windows(dev, m, d, win, a + split_begin(nw, g_rank, g_world), a + split_begin(nw, g_rank + 1, g_world),
+                      sums, rec);
         prog.tick((double)(ci + 1), (double)nchunks, sums);
         if (ci == nchunks - 1) break;  // the last chunk is never trained on
         // phase 2: train on the chunk's whole sequences (targets t[cs+1 .. cs+seqs·L], all scored above)
@@ -8161,8 +8880,12 @@ template <class D> static EvalResult eval_full_ttt(D dev, Model<D>& m, const Eva
                 device_zero(dev, m.grads, bytes);
                 for (long s = s0; s < s1; s += cap_rows) {
                     int B = (int)std::min<long>(cap_rows, s1 - s);
-                    x.resize((size_t)B * L); y.resize((size_t)B * L);
-                    for (size_t i = 0; i < x.size(); i++) { x[i] = d.val[cs + s * L + i]; y[i] = d.val[cs + s * L + i + 1]; }
+                    x.resize((size_t)B * L);
+                    y.resize((size_t)B * L);
+                    for (size_t i = 0; i < x.size(); i++) {
+                        x[i] = d.val[cs + s * L + i];
+                        y[i] = d.val[cs + s * L + i + 1];
+                    }
                     weights.assign(x.size(), (float)(1.0 / ((double)gn * L)));
                     to_device(dev, m.acts.loss_weights, weights.data(), weights.size());
                     forward_nll(dev, m, x, y, B, L, nll, (Lora<D>*)nullptr, true);
@@ -8189,8 +8912,11 @@ template <class D> static EvalResult eval_full_ttt(D dev, Model<D>& m, const Eva
                 step++;
                 for (auto& r : runs) {
                     size_t o = r.first, k = r.second - r.first;
-                    if (sgd) sgd_update(dev, m.params + o, m.grads + o, m1 + o, k, lr, c.ttt_momentum, c.ttt_wd, step == 1);
-                    else adamw_update(dev, m.params + o, m.grads + o, m1 + o, m2 + o, k, lr, c.ttt_beta1, c.ttt_beta2, c.ttt_eps, c.ttt_wd, step);
+                    if (sgd)
+                        sgd_update(dev, m.params + o, m.grads + o, m1 + o, k, lr, c.ttt_momentum, c.ttt_wd, step == 1);
+                    else
+                        adamw_update(dev, m.params + o, m.grads + o, m1 + o, m2 + o, k, lr, c.ttt_beta1, c.ttt_beta2,
+                                     c.ttt_eps, c.ttt_wd, step);
                 }
                 refresh_compute_weights(dev, m, false);
             }
@@ -8198,7 +8924,8 @@ template <class D> static EvalResult eval_full_ttt(D dev, Model<D>& m, const Eva
     // later modes (and the artifact) see the weights as loaded, not the TTT-updated ones
     device_copy(dev, m.params, saved, m.nparams);
     refresh_compute_weights(dev, m, false);
-    device_free(dev, saved); device_free(dev, m1);
+    device_free(dev, saved);
+    device_free(dev, m1);
     if (m2) device_free(dev, m2);
     sums.reduce();
     log0("full_ttt:done steps:%d\n", step);
@@ -8279,7 +9006,10 @@ template <class D> static int global_sgd_phase(D dev, Model<D>& m, const std::ve
 
 // The queue: batches of document indices (each shortest first, id = place in shortest-first order) in
 // the order they run.
-struct PhasedBatch { long id; std::vector<long> docs; };
+struct PhasedBatch {
+    long id;
+    std::vector<long> docs;
+};
 static std::vector<PhasedBatch> phased_queue(const std::vector<EvalDoc>& docs, int batch) {
     std::vector<long> idx(docs.size());
     std::iota(idx.begin(), idx.end(), 0L);
@@ -8399,15 +9129,28 @@ template <class D> static EvalResult eval_phased_ttt(D dev, Model<D>& m, const E
 // "__metadata__": {…}}, then the raw little-endian data. PyTorch reads the weights with
 // safetensors.torch.load_file; our metadata carries the config and the training state.
 
-struct TensorBlob { std::string name; std::vector<int> shape; const float* data; size_t numel; };
+struct TensorBlob {
+    std::string name;
+    std::vector<int> shape;
+    const float* data;
+    size_t numel;
+};
 
 static std::string json_escape(const std::string& s) {
     std::string out;
     for (unsigned char ch : s) {
-        if (ch == '"' || ch == '\\') { out += '\\'; out += ch; }
-        else if (ch == '\n') out += "\\n";
-        else if (ch < 0x20) { char b[8]; snprintf(b, sizeof b, "\\u%04x", ch); out += b; }
-        else out += ch;
+        if (ch == '"' || ch == '\\') {
+            out += '\\';
+            out += ch;
+        } else if (ch == '\n') {
+            out += "\\n";
+        } else if (ch < 0x20) {
+            char b[8];
+            snprintf(b, sizeof b, "\\u%04x", ch);
+            out += b;
+        } else {
+            out += ch;
+        }
     }
     return out;
 }
@@ -8434,7 +9177,10 @@ static bool safetensors_write(const std::string& path, const std::vector<TensorB
     memcpy(buf.data(), &hl, 8);
     memcpy(buf.data() + 8, h.data(), h.size());
     size_t at = 8 + h.size();
-    for (const TensorBlob& t : tensors) { memcpy(buf.data() + at, t.data, 4 * t.numel); at += 4 * t.numel; }
+    for (const TensorBlob& t : tensors) {
+        memcpy(buf.data() + at, t.data, 4 * t.numel);
+        at += 4 * t.numel;
+    }
     if (err) return write_file_atomic_try(path, buf.data(), buf.size(), err);
     write_file_atomic(path, buf.data(), buf.size());
     return true;
@@ -8442,11 +9188,28 @@ static bool safetensors_write(const std::string& path, const std::vector<TensorB
 
 // A JSON reader just large enough for safetensors headers: objects, strings, arrays of integers.
 struct JsonCursor {
-    const std::string& s; size_t i; const std::string& where;
-    [[noreturn]] void bad(const char* what) { fail("%s: malformed safetensors header at byte %zu: %s", where.c_str(), i, what); }
+    const std::string& s;
+    size_t i;
+    const std::string& where;
+    [[noreturn]] void bad(const char* what) {
+        fail("%s: malformed safetensors header at byte %zu: %s", where.c_str(), i, what);
+    }
     void ws() { while (i < s.size() && isspace((unsigned char)s[i])) i++; }
-    bool eat(char ch) { ws(); if (i < s.size() && s[i] == ch) { i++; return true; } return false; }
-    void expect(char ch) { if (!eat(ch)) { char m[32]; snprintf(m, sizeof m, "expected '%c'", ch); bad(m); } }
+    bool eat(char ch) {
+        ws();
+        if (i < s.size() && s[i] == ch) {
+            i++;
+            return true;
+        }
+        return false;
+    }
+    void expect(char ch) {
+        if (!eat(ch)) {
+            char m[32];
+            snprintf(m, sizeof m, "expected '%c'", ch);
+            bad(m);
+        }
+    }
     std::string str() {
         expect('"');
         std::string out;
@@ -8454,13 +9217,25 @@ struct JsonCursor {
             if (s[i] == '\\') {
                 if (++i >= s.size()) bad("unterminated escape");
                 char e = s[i++];
-                if (e == 'n') out += '\n'; else if (e == 't') out += '\t'; else if (e == 'r') out += '\r';
+                if (e == 'n')
+                    out += '\n';
+                else if (e == 't')
+                    out += '\t';
+                else if (e == 'r')
+                    out += '\r';
                 else if (e == 'u') {
                     if (i + 4 > s.size()) bad("short \\u escape");
-                    unsigned cp = (unsigned)strtoul(s.substr(i, 4).c_str(), nullptr, 16); i += 4;
+                    unsigned cp = (unsigned)strtoul(s.substr(i, 4).c_str(), nullptr, 16);
+                    i += 4;
                     if (cp < 0x80) out += (char)cp;
-                    else if (cp < 0x800) { out += (char)(0xC0 | (cp >> 6)); out += (char)(0x80 | (cp & 0x3F)); }
-                    else { out += (char)(0xE0 | (cp >> 12)); out += (char)(0x80 | ((cp >> 6) & 0x3F)); out += (char)(0x80 | (cp & 0x3F)); }
+                    else if (cp < 0x800) {
+                        out += (char)(0xC0 | (cp >> 6));
+                        out += (char)(0x80 | (cp & 0x3F));
+                    } else {
+                        out += (char)(0xE0 | (cp >> 12));
+                        out += (char)(0x80 | ((cp >> 6) & 0x3F));
+                        out += (char)(0x80 | (cp & 0x3F));
+                    }
                 } else out += e;
             } else out += s[i++];
         }
@@ -8477,7 +9252,11 @@ struct JsonCursor {
         return atoll(s.substr(start, i - start).c_str());
     }
 };
-struct SafeTensor { std::string dtype; std::vector<long long> shape; size_t begin, end; };
+struct SafeTensor {
+    std::string dtype;
+    std::vector<long long> shape;
+    size_t begin, end;
+};
 struct SafetensorsFile {
     std::string path;
     std::vector<uint8_t> bytes;
@@ -8492,7 +9271,9 @@ static SafetensorsFile safetensors_read(const std::string& path) {
     if (f.bytes.size() < 8) fail("%s: %zu bytes is too short for a safetensors file", path.c_str(), f.bytes.size());
     uint64_t hl;
     memcpy(&hl, f.bytes.data(), 8);
-    if (hl > f.bytes.size() - 8) fail("%s: header length %llu exceeds the file (%zu bytes): truncated?", path.c_str(), (unsigned long long)hl, f.bytes.size());
+    if (hl > f.bytes.size() - 8)
+        fail("%s: header length %llu exceeds the file (%zu bytes): truncated?", path.c_str(), (unsigned long long)hl,
+             f.bytes.size());
     std::string h((const char*)f.bytes.data() + 8, hl);
     f.data_start = 8 + hl;
     JsonCursor j{h, 0, path};
@@ -8502,7 +9283,14 @@ static SafetensorsFile safetensors_read(const std::string& path) {
         j.expect(':');
         j.expect('{');
         if (key == "__metadata__") {
-            if (!j.eat('}')) { do { std::string k = j.str(); j.expect(':'); f.meta[k] = j.str(); } while (j.eat(',')); j.expect('}'); }
+            if (!j.eat('}')) {
+                do {
+                    std::string k = j.str();
+                    j.expect(':');
+                    f.meta[k] = j.str();
+                } while (j.eat(','));
+                j.expect('}');
+            }
             continue;
         }
         SafeTensor t;
@@ -8511,10 +9299,25 @@ static SafetensorsFile safetensors_read(const std::string& path) {
             do {
                 std::string field = j.str();
                 j.expect(':');
-                if (field == "dtype") t.dtype = j.str();
-                else if (field == "shape") { j.expect('['); if (!j.eat(']')) { do t.shape.push_back(j.num()); while (j.eat(',')); j.expect(']'); } }
-                else if (field == "data_offsets") { j.expect('['); t.begin = j.num(); j.expect(','); t.end = j.num(); j.expect(']'); have_offsets = true; }
-                else j.bad("unknown tensor field");
+                if (field == "dtype") {
+                    t.dtype = j.str();
+                } else if (field == "shape") {
+                    j.expect('[');
+                    if (!j.eat(']')) {
+                        do t.shape.push_back(j.num());
+                        while (j.eat(','));
+                        j.expect(']');
+                    }
+                } else if (field == "data_offsets") {
+                    j.expect('[');
+                    t.begin = j.num();
+                    j.expect(',');
+                    t.end = j.num();
+                    j.expect(']');
+                    have_offsets = true;
+                } else {
+                    j.bad("unknown tensor field");
+                }
             } while (j.eat(','));
             j.expect('}');
         }
@@ -8532,17 +9335,25 @@ static void safetensors_get(const SafetensorsFile& f, const std::string& name, f
     const SafeTensor& t = it->second;
     size_t n = 1;
     for (long long s : t.shape) n *= (size_t)s;
-    if (n != numel) fail("%s: tensor %s has %zu elements, expected %zu (different model config?)", f.path.c_str(), name.c_str(), n, numel);
-    if (t.dtype == "F32" && t.end - t.begin == 4 * numel) memcpy(dst, f.bytes.data() + f.data_start + t.begin, 4 * numel);
+    if (n != numel)
+        fail("%s: tensor %s has %zu elements, expected %zu (different model config?)", f.path.c_str(), name.c_str(), n,
+             numel);
+    if (t.dtype == "F32" && t.end - t.begin == 4 * numel)
+        memcpy(dst, f.bytes.data() + f.data_start + t.begin, 4 * numel);
     else if (t.dtype == "BF16" && t.end - t.begin == 2 * numel)
-        for (size_t i = 0; i < numel; i++) { uint16_t b; memcpy(&b, f.bytes.data() + f.data_start + t.begin + 2 * i, 2); dst[i] = bf16_to_float(b); }
+        for (size_t i = 0; i < numel; i++) {
+            uint16_t b;
+            memcpy(&b, f.bytes.data() + f.data_start + t.begin + 2 * i, 2);
+            dst[i] = bf16_to_float(b);
+        }
     else fail("%s: tensor %s is %s with %zu bytes; expected F32 or BF16 of %zu elements", f.path.c_str(), name.c_str(),
               t.dtype.c_str(), t.end - t.begin, numel);
 }
 
 #if PGOLF_CPU_REFERENCE  // used by `inspect`, which the submission leaves out
 // Weights only (arena layout, fp32), from a checkpoint or a final_model.safetensors.
-static void load_checkpoint_weights(const std::string& path, const std::vector<ParamSpec>& table, std::vector<float>& w) {
+static void load_checkpoint_weights(const std::string& path, const std::vector<ParamSpec>& table,
+                                    std::vector<float>& w) {
     SafetensorsFile f = safetensors_read(path);
     w.assign(param_arena_size(table), 0.0f);
     for (const ParamSpec& p : table) safetensors_get(f, p.name, w.data() + p.offset, p.numel);
@@ -8577,7 +9388,10 @@ template <class D, class G> static void round_bf16_tables(D dev, const Model<D>&
         if (stored_bf16(m.cfg, p)) round_to_bf16(dev, buf + p.offset, p.numel);
 }
 
-struct SavedCheckpoint { std::string path; int step; };  // its weights are finite (others are not written)
+struct SavedCheckpoint {  // its weights are finite (others are not written)
+    std::string path;
+    int step;
+};
 
 struct CudaStepGraph;  // the GPU's step: its CUDA graph and token upload (after train_step)
 
@@ -8623,7 +9437,8 @@ static void activation_capacity(const Config& c, int world, long* tokens, int* m
 
 // The model with activations for the largest batch any phase of a run needs.
 template <class D> static void model_init_for_run(D dev, Model<D>& m, const Config& c) {
-    long cap_tokens; int cap_t;
+    long cap_tokens;
+    int cap_t;
     activation_capacity(c, g_world, &cap_tokens, &cap_t);
     model_init(dev, m, c, (int)((cap_tokens + cap_t - 1) / cap_t), cap_t);
 }
@@ -8632,7 +9447,8 @@ template <class D> static void model_init_for_run(D dev, Model<D>& m, const Conf
 // DEVICE=cpu: the run's memory against the host's, before anything is allocated, so a full-size
 // preset on a small machine fails at once and says which settings drive the size.
 static void host_memory_check(const Config& c, int world) {
-    long tokens; int max_t;
+    long tokens;
+    int max_t;
     activation_capacity(c, world, &tokens, &max_t);
     long micro = c.train_batch_tokens / ((long)world * grad_accum_steps(c, world));
     const char* driver = tokens == micro ? "TRAIN_BATCH_TOKENS (or raise GRAD_ACCUM_STEPS)"
@@ -8711,7 +9527,8 @@ template <class D> static void train_state_init(D dev, TrainState<D>& s, Model<D
     }
     if (c.swa_enabled || c.swa_steps > 0 || c.ema_decay > 0) s.avg = (G*)device_alloc(dev, bytes);
     round_bf16_tables(dev, m, m.params);  // the reference's .bfloat16() after init
-    if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, true);  // EMA starts at the init
+    // EMA starts at the init
+    if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, true);
     train_batch_init(dev, s, c);
 }
 
@@ -8738,7 +9555,9 @@ template <class D> static void optimizer_step(D dev, Model<D>& m, TrainState<D>&
 }
 
 
-static std::string checkpoint_path(const Config& c, int step) { return c.out_dir + fmt("/checkpoint_%06d.safetensors", step); }
+static std::string checkpoint_path(const Config& c, int step) {
+    return c.out_dir + fmt("/checkpoint_%06d.safetensors", step);
+}
 
 // Every rank takes part (the Muon momentum of a matrix lives on its owner only); rank 0 writes. A
 // checkpoint whose weights are not finite is not written: it must never displace a good one.
@@ -8749,7 +9568,9 @@ template <class D> static void save_checkpoint(D dev, Model<D>& m, TrainState<D>
     size_t n = m.nparams;
     std::vector<float> w(n), am(n), av(n), avg(s.avg ? n : 0);
     auto fetch = [&](std::vector<float>& dst, const typename D::grad* src) {
-        std::vector<typename D::grad> tmp(n); to_host(dev, tmp.data(), src, n); dst.assign(tmp.begin(), tmp.end());
+        std::vector<typename D::grad> tmp(n);
+        to_host(dev, tmp.data(), src, n);
+        dst.assign(tmp.begin(), tmp.end());
     };
     fetch(am, s.adam_m);
     if (g_world > 1) {  // gather each matrix's momentum from its owner: the others contribute zero bits
@@ -8763,17 +9584,25 @@ template <class D> static void save_checkpoint(D dev, Model<D>& m, TrainState<D>
         fetch(w, m.params);
         for (size_t i = 0; i < n && finite; i++) finite = std::isfinite(w[i]);
     }
-    if (any_rank(!finite)) { log0("checkpoint: step %d not written: its weights are not finite\n", s.step); return; }
+    if (any_rank(!finite)) {
+        log0("checkpoint: step %d not written: its weights are not finite\n", s.step);
+        return;
+    }
     s.checkpoints.push_back({path, s.step});
     if (g_rank != 0) return;
     fetch(av, s.adam_v);
     if (s.avg) fetch(avg, s.avg);
     std::vector<TensorBlob> blobs;
     for (const ParamSpec& p : m.table) blobs.push_back({p.name, p.shape, w.data() + p.offset, p.numel});
-    for (const ParamSpec& p : m.table) blobs.push_back({"optimizer.m." + p.name, p.shape, am.data() + p.offset, p.numel});
-    for (const ParamSpec& p : m.table) blobs.push_back({"optimizer.v." + p.name, p.shape, av.data() + p.offset, p.numel});
-    if (s.avg) for (const ParamSpec& p : m.table) blobs.push_back({"average." + p.name, p.shape, avg.data() + p.offset, p.numel});
-    char ms[64]; snprintf(ms, sizeof ms, "%.17g", s.train_ms);
+    for (const ParamSpec& p : m.table)
+        blobs.push_back({"optimizer.m." + p.name, p.shape, am.data() + p.offset, p.numel});
+    for (const ParamSpec& p : m.table)
+        blobs.push_back({"optimizer.v." + p.name, p.shape, av.data() + p.offset, p.numel});
+    if (s.avg)
+        for (const ParamSpec& p : m.table)
+            blobs.push_back({"average." + p.name, p.shape, avg.data() + p.offset, p.numel});
+    char ms[64];
+    snprintf(ms, sizeof ms, "%.17g", s.train_ms);
     std::string err;
     if (!safetensors_write(path, blobs, {
         {"format", "pgolf-checkpoint-1"}, {"config", config_to_text(c)}, {"step", std::to_string(s.step)},
@@ -8809,7 +9638,8 @@ static void config_check_resume(Config saved, Config cur, const std::string& pat
 
 template <class D> static void load_checkpoint(D dev, Model<D>& m, TrainState<D>& s, const std::string& path) {
     SafetensorsFile f = safetensors_read(path);
-    if (f.meta["format"] != "pgolf-checkpoint-1") fail("%s: not a pgolf checkpoint (format \"%s\")", path.c_str(), f.meta["format"].c_str());
+    if (f.meta["format"] != "pgolf-checkpoint-1")
+        fail("%s: not a pgolf checkpoint (format \"%s\")", path.c_str(), f.meta["format"].c_str());
     Config saved = config_from_text(f.meta["config"], path);
     config_check_resume(saved, m.cfg, path);
     size_t n = m.nparams;
@@ -8823,7 +9653,8 @@ template <class D> static void load_checkpoint(D dev, Model<D>& m, TrainState<D>
     put("", m.params);
     bool finite = true;
     for (float x : tmp) finite &= std::isfinite(x);
-    put("optimizer.m.", s.adam_m); put("optimizer.v.", s.adam_v);
+    put("optimizer.m.", s.adam_m);
+    put("optimizer.v.", s.adam_v);
     if (s.avg) put("average.", s.avg);
     s.step = atoi(f.meta["step"].c_str());
     s.train_ms = atof(f.meta["train_ms"].c_str());
@@ -8900,7 +9731,10 @@ static void stop_signals_catch(bool on) {
     if (on == caught) return;
     caught = on;
     for (int i = 0; i < 2; i++) {
-        if (!on) { sigaction(sigs[i], &before[i], nullptr); continue; }
+        if (!on) {
+            sigaction(sigs[i], &before[i], nullptr);
+            continue;
+        }
         struct sigaction sa = {};
         sa.sa_handler = on_stop_signal;
         sa.sa_flags = SA_RESTART;  // file I/O in progress carries on
@@ -9123,7 +9957,8 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
     refresh_compute_weights(dev, m, s.qat_active);
     train_loss_weights_upload(dev, m, s);
     m.looping = false;  // (a resumed run switches it on again before its first step, if it was on)
-    if (c.warmup_steps > 0) log0("warmup_steps:%d not needed (no JIT compiler to warm up); training starts at step 0\n", c.warmup_steps);
+    if (c.warmup_steps > 0)
+        log0("warmup_steps:%d not needed (no JIT compiler to warm up); training starts at step 0\n", c.warmup_steps);
     stop_signals_catch(true);
     while (true) {
         bool last = s.step >= c.iterations || (stop_after >= 0 && s.step >= stop_after);
@@ -9158,7 +9993,8 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
             ck = ck.empty() ? "none: no checkpoint from before the divergence is on disk "
                               "(set CHECKPOINT_EVERY, and CHECKPOINT_KEEP=0 or ≥ 2)"
                             : ck + "; resuming replays the same steps, so lower the lr or change the data order";
-            fail("train_loss is %f at step %d: stopping (last good checkpoint: %s)", train_loss, s.step + 1, ck.c_str());
+            fail("train_loss is %f at step %d: stopping (last good checkpoint: %s)", train_loss, s.step + 1,
+                 ck.c_str());
         }
         // PR #456: late QAT switches on after the first step whose lr multiplier is below the threshold
         if (c.late_qat && !s.qat_active && scale < c.qat_threshold) {
@@ -9178,15 +10014,18 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         if (c.train_log_every > 0 && (s.step <= 10 || s.step % c.train_log_every == 0 || stop_after >= 0)) {
             double eta = c.max_wallclock_seconds > 0 ? std::max(0.0, train_cap_seconds(c) * 1000 - approx) / 1000
                                                      : (c.iterations - s.step) * approx / s.step / 1000;
-            log0("step:%d/%d train_loss:%.4f train_time:%.0fms step_avg:%.2fms tok/s:%.0f eta:%.0fs\n", s.step, c.iterations,
-                 train_loss, approx, approx / s.step, tokens_per_step * s.step / (approx / 1000), eta);
+            log0("step:%d/%d train_loss:%.4f train_time:%.0fms step_avg:%.2fms tok/s:%.0f eta:%.0fs\n", s.step,
+                 c.iterations, train_loss, approx, approx / s.step, tokens_per_step * s.step / (approx / 1000), eta);
         }
         bool capped = c.max_wallclock_seconds > 0 && approx >= 1000 * train_cap_seconds(c);
         if (stop_after < 0 && any_rank(capped)) stop_after = s.step;
         // PR #600: QAT from a step, and its "SWA" (an EMA over the last SWA_STEPS steps)
         if (c.qat_bits > 0 && !c.late_qat && !s.qat_active) {
             int begin = c.qat_start_step >= 0 ? c.qat_start_step : std::max(0, c.iterations - c.warmdown_iters);
-            if (s.step > begin) { s.qat_active = true; log0("qat:enabled step:%d bits:%d\n", s.step, c.qat_bits); }
+            if (s.step > begin) {
+                s.qat_active = true;
+                log0("qat:enabled step:%d bits:%d\n", s.step, c.qat_bits);
+            }
         }
         if (c.swa_steps > 0) {
             int end = stop_after >= 0 ? stop_after : c.iterations;
@@ -9239,7 +10078,11 @@ static std::vector<std::string> split_list(const std::string& s) {
 // free their state), for activations of act_B × act_T positions: LoRA TTT's adapters and optimizer
 // (lora_state_init), full TTT's saved weights and moments (eval_full_ttt). The GPU memory plan counts it,
 // so a run that could not evaluate fails before training.
-struct EvalMemory { size_t bytes = 0; const char* mode = ""; const char* settings = ""; };
+struct EvalMemory {
+    size_t bytes = 0;
+    const char* mode = "";
+    const char* settings = "";
+};
 [[maybe_unused]] static EvalMemory eval_memory(const Config& c, int act_B, int act_T, size_t nparams, size_t grad_bytes,
                                                size_t compute_bytes, size_t act_bytes) {
     EvalMemory e;
@@ -9278,13 +10121,19 @@ template <class D> static std::vector<EvalResult> evaluate_modes(D dev, Model<D>
         else fail("EVAL_MODE: unknown mode \"%s\" (expected standard, sliding, lora_ttt, full_ttt, phased_ttt)",
                   mode.c_str());
         results.push_back(r);
-        for (EvalResult& e : extra) { e.same_pass = true; results.push_back(e); }
+        for (EvalResult& e : extra) {
+            e.same_pass = true;
+            results.push_back(e);
+        }
         for (size_t i = results.size() - 1 - extra.size(); i < results.size(); i++) {
             const EvalResult& x = results[i];
-            log0("final_%s val_loss:%.4f val_bpb:%.4f eval_time:%.0fms%s%s\n", x.mode.c_str(), x.val_loss, x.val_bpb, x.ms,
-                 x.note.empty() ? "" : " ", x.note.c_str());
-            log0("final_%s_exact val_loss:%.8f val_bpb:%.8f scored_tokens:%.0f\n", x.mode.c_str(), x.val_loss, x.val_bpb, x.tokens);
-            if (g_world < 8) log0("final_%s projected_eval_time_8gpu:%.0fms (×%d/8 ranks, assuming linear scaling)\n", x.mode.c_str(), x.ms * g_world / 8, g_world);
+            log0("final_%s val_loss:%.4f val_bpb:%.4f eval_time:%.0fms%s%s\n", x.mode.c_str(), x.val_loss, x.val_bpb,
+                 x.ms, x.note.empty() ? "" : " ", x.note.c_str());
+            log0("final_%s_exact val_loss:%.8f val_bpb:%.8f scored_tokens:%.0f\n", x.mode.c_str(), x.val_loss,
+                 x.val_bpb, x.tokens);
+            if (g_world < 8)
+                log0("final_%s projected_eval_time_8gpu:%.0fms (×%d/8 ranks, assuming linear scaling)\n",
+                     x.mode.c_str(), x.ms * g_world / 8, g_world);
         }
         if (!c.nll_dump.empty()) {  // each position was scored by exactly one rank: a sum gathers them
             std::vector<double> all(rec.nll.size());
@@ -9302,13 +10151,19 @@ template <class D> static std::vector<EvalResult> evaluate_modes(D dev, Model<D>
 template <class D> static void run(D dev, Config& c, const char* device_name) {
     double run_start = now_ms();
     SpmModel sp;
-    try { sp = spm_load(c.tokenizer_path); } catch (const std::exception& e) { fail("TOKENIZER_PATH: %s", e.what()); }
+    try {
+        sp = spm_load(c.tokenizer_path);
+    } catch (const std::exception& e) {
+        fail("TOKENIZER_PATH: %s", e.what());
+    }
     if ((int)sp.pieces.size() != c.vocab_size)
-        fail("VOCAB_SIZE=%d does not match the tokenizer %s (%zu pieces)", c.vocab_size, c.tokenizer_path.c_str(), sp.pieces.size());
+        fail("VOCAB_SIZE=%d does not match the tokenizer %s (%zu pieces)", c.vocab_size, c.tokenizer_path.c_str(),
+             sp.pieces.size());
     EvalData ev;
     ev.luts = spm_byte_luts(sp, c.vocab_size);
     ev.val = load_validation_tokens(c);
-    log0("tokenizer:%s pieces:%zu checksum:%016llx\n", c.tokenizer_path.c_str(), sp.pieces.size(), (unsigned long long)sp.checksum);
+    log0("tokenizer:%s pieces:%zu checksum:%016llx\n", c.tokenizer_path.c_str(), sp.pieces.size(),
+         (unsigned long long)sp.checksum);
     check_data_tokenizer(c, sp, ev.val);
     if (c.caseops_enabled) {
         ev.val_bytes = load_validation_bytes(c, ev.val);
@@ -9334,16 +10189,19 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     size_t pbytes = m.nparams * sizeof(typename D::grad);
     log0("memory: params %.1f MiB, grads %.1f MiB, optimizer %.1f MiB, activations %.1f MiB (%d × %d tokens)\n",
          pbytes / 1048576.0, pbytes / 1048576.0, 3 * pbytes / 1048576.0, m.act_bytes / 1048576.0, m.acts.B, m.acts.T);
-    log0("device:%s world_size:%d local_rank:%d grad_accum_steps:%d\n", device_name, g_world, g_local_rank, grad_accum_steps(c, g_world));
+    log0("device:%s world_size:%d local_rank:%d grad_accum_steps:%d\n", device_name, g_world, g_local_rank,
+         grad_accum_steps(c, g_world));
 
     std::string json;
     auto add_json = [&](const std::string& line) { json += (json.empty() ? "" : ",\n") + std::string("  ") + line; };
     add_json(fmt("\"run_id\": \"%s\"", json_escape(c.run_id).c_str()));
     add_json(fmt("\"preset\": \"%s\"", json_escape(c.preset).c_str()));
     add_json(fmt("\"device\": \"%s\", \"world_size\": %d", device_name, g_world));
-    add_json(fmt("\"seed\": %d, \"eval_mode\": \"%s\", \"data_path\": \"%s\", \"val_tokens\": %zu, \"val_tokens_limit\": %ld",
-                 c.seed, json_escape(c.eval_mode).c_str(), json_escape(c.data_path).c_str(), ev.val.size(), c.val_tokens_limit));
-    add_json(fmt("\"tokenizer_checksum\": \"%016llx\", \"code_checksum\": \"%s\"", (unsigned long long)sp.checksum, PGOLF_CODE_CHECKSUM));
+    add_json(fmt(
+        "\"seed\": %d, \"eval_mode\": \"%s\", \"data_path\": \"%s\", \"val_tokens\": %zu, \"val_tokens_limit\": %ld",
+        c.seed, json_escape(c.eval_mode).c_str(), json_escape(c.data_path).c_str(), ev.val.size(), c.val_tokens_limit));
+    add_json(fmt("\"tokenizer_checksum\": \"%016llx\", \"code_checksum\": \"%s\"", (unsigned long long)sp.checksum,
+                 PGOLF_CODE_CHECKSUM));
     size_t artifact_bytes = 0;
     std::vector<uint8_t> artifact;
     std::string artifact_path = c.out_dir + "/final_model.pgz";
@@ -9352,20 +10210,25 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     if (c.load_artifact.empty()) {
         TrainState<D> s;
         train_state_init(dev, s, m);
-        s.loader.rank = g_rank; s.loader.world = g_world;
+        s.loader.rank = g_rank;
+        s.loader.world = g_world;
         s.loader.stream.open(train_files, c.vocab_size);
         if (!c.resume.empty()) load_checkpoint(dev, m, s, c.resume);
         train(dev, m, s, ev);
         if (c.checkpoint_every > 0) save_checkpoint(dev, m, s);
         add_json(fmt("\"steps\": %d, \"train_time_ms\": %.0f", s.step, s.train_ms));
-        steps = s.step; train_ms = s.train_ms;
+        steps = s.step;
+        train_ms = s.train_ms;
         // export: final weights (full precision), pruning, quantization, zstd
         std::vector<typename D::grad> wd(m.nparams);
         to_host(dev, wd.data(), m.params, m.nparams);
         std::vector<float> w(wd.begin(), wd.end());
         std::string weights_path;
         if (g_rank == 0) weights_path = save_final_weights(c, m.table, w);
-        if (c.prune_frac > 0) { magnitude_prune(c, m.table, w.data()); log0("magnitude_pruning: frac=%g\n", c.prune_frac); }
+        if (c.prune_frac > 0) {
+            magnitude_prune(c, m.table, w.data());
+            log0("magnitude_pruning: frac=%g\n", c.prune_frac);
+        }
         Hessians hs;
         if (c.gptq && g_rank == 0) {  // the training stream goes on: calibration never reads validation data
             double t_cal = now_ms();
@@ -9403,12 +10266,17 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     long code = PGOLF_CODE_BYTES, code_stripped = PGOLF_CODE_BYTES_STRIPPED, code_sfx = PGOLF_CODE_BYTES_SFX;
     long counted = code_sfx > 0 ? code_sfx : code_stripped > 0 ? code_stripped : code;
     long total = (long)artifact_bytes + counted;
-    log0("artifact:%s bytes:%zu (read back and dequantized for every score below)\n", artifact_path.c_str(), artifact_bytes);
+    log0("artifact:%s bytes:%zu (read back and dequantized for every score below)\n", artifact_path.c_str(),
+         artifact_bytes);
     log0("Code size: %ld bytes (full source %ld, stripped submission %ld, its xz self-extracting form %ld)\n", counted,
          code, code_stripped, code_sfx);
-    log0("Total submission size: %ld bytes%s\n", total, total > ARTIFACT_LIMIT_BYTES ? "  <-- OVER THE 16,000,000-BYTE LIMIT: not a valid submission" : "");
+    log0("Total submission size: %ld bytes%s\n", total,
+         total > ARTIFACT_LIMIT_BYTES ? "  <-- OVER THE 16,000,000-BYTE LIMIT: not a valid submission" : "");
     if (total > ARTIFACT_LIMIT_BYTES && g_rank == 0)
-        fprintf(stderr, "WARNING: total submission size %ld bytes exceeds 16,000,000 bytes; outputs are kept, but this is not a valid submission\n", total);
+        fprintf(stderr,
+                "WARNING: total submission size %ld bytes exceeds 16,000,000 bytes; outputs are kept, but this is not "
+                "a valid submission\n",
+                total);
     add_json(fmt("\"artifact_bytes\": %zu, \"code_bytes\": %ld, \"code_bytes_full\": %ld, "
                  "\"code_bytes_stripped\": %ld, \"code_bytes_sfx\": %ld, \"total_bytes\": %ld, \"under_limit\": %s",
                  artifact_bytes, counted, code, code_stripped, code_sfx, total,
@@ -9417,21 +10285,25 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
     std::vector<EvalResult> results = evaluate_modes(dev, m, ev);
     std::string evj = "\"eval\": {";
     for (size_t i = 0; i < results.size(); i++)
-        evj += fmt("%s\n    \"%s\": {\"val_loss\": %.8f, \"val_bpb\": %.8f, \"eval_time_ms\": %.0f, \"scored_tokens\": %.0f, \"legal\": %s}",
-                   i ? "," : "", results[i].mode.c_str(), results[i].val_loss, results[i].val_bpb, results[i].ms, results[i].tokens,
+        evj += fmt("%s\n    \"%s\": {\"val_loss\": %.8f, \"val_bpb\": %.8f, \"eval_time_ms\": %.0f, \"scored_tokens\": "
+                   "%.0f, \"legal\": %s}",
+                   i ? "," : "", results[i].mode.c_str(), results[i].val_loss, results[i].val_bpb, results[i].ms,
+                   results[i].tokens,
                    results[i].note.find("not competition-legal") == std::string::npos ? "true" : "false");
     add_json(evj + "\n  }");
     add_json(fmt("\"wall_time_s\": %.1f", (now_ms() - run_start) / 1000));
     write_result_json(c, json);
     // summary
     log0("\n%-22s %12s %12s %12s\n", "summary", "val_loss", "val_bpb", "eval_ms");
-    for (const EvalResult& r : results) log0("%-22s %12.6f %12.6f %12.0f%s\n", ("final_" + r.mode).c_str(), r.val_loss, r.val_bpb, r.ms, r.note.empty() ? "" : "  (not competition-legal)");
+    for (const EvalResult& r : results)
+        log0("%-22s %12.6f %12.6f %12.0f%s\n", ("final_" + r.mode).c_str(), r.val_loss, r.val_bpb, r.ms,
+             r.note.empty() ? "" : "  (not competition-legal)");
     double eval_ms = 0;
     for (const EvalResult& r : results) eval_ms += r.same_pass ? 0 : r.ms;
     if (steps > 0) log0("%-22s %12d steps in %.1f s\n", "train", steps, train_ms / 1000);
     log0("%-22s %12.1f s (all modes)\n", "eval", eval_ms / 1000);
-    log0("%-22s %12zu bytes\n%-22s %12ld bytes\n%-22s %12ld bytes of 16000000 %s\n", "artifact", artifact_bytes, "code", counted,
-         "total", total, total <= ARTIFACT_LIMIT_BYTES ? "(ok)" : "(OVER)");
+    log0("%-22s %12zu bytes\n%-22s %12ld bytes\n%-22s %12ld bytes of 16000000 %s\n", "artifact", artifact_bytes, "code",
+         counted, "total", total, total <= ARTIFACT_LIMIT_BYTES ? "(ok)" : "(OVER)");
     log0("outputs in %s\n", c.out_dir.c_str());
 }
 
@@ -9448,9 +10320,15 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
 // node. A Cuda op that changes its launches must change its twin here (each names what it
 // mirrors); tests/test_cost.cuh checks the totals against closed forms and a hand count.
 
-struct CostBf16 { uint16_t bits; };  // the size of a bf16: the cost model only takes sizeof
+struct CostBf16 {  // the size of a bf16: the cost model only takes sizeof
+    uint16_t bits;
+};
 struct Cost {
-    using act = CostBf16; using mat = CostBf16; using vec = float; using grad = float; using stat = float;
+    using act = CostBf16;
+    using mat = CostBf16;
+    using vec = float;
+    using grad = float;
+    using stat = float;
     static constexpr bool is_cuda = false;
 };
 struct CostEntry {
@@ -9933,17 +10811,25 @@ static void cost_model_init(Model<Cost>& m, TrainState<Cost>& s, const Config& c
     m.cfg = c;
     m.table = build_param_table(c);
     m.nparams = param_arena_size(m.table);
-    m.params = cost_region<float>(1); m.grads = cost_region<float>(2);
-    m.compute_mat = cost_region<CostBf16>(3); m.compute_vec = m.params;  // as model_bind_compute on the GPU
+    m.params = cost_region<float>(1);
+    m.grads = cost_region<float>(2);
+    // as model_bind_compute on the GPU
+    m.compute_mat = cost_region<CostBf16>(3);
+    m.compute_vec = m.params;
     m.w = point_weights(c, m.table, m.compute_mat, m.compute_vec);
     m.g = point_weights(c, m.table, m.grads, m.grads);
     Arena ar;
-    ar.base = cost_region<uint8_t>(4); ar.cap = COST_REGION;
+    ar.base = cost_region<uint8_t>(4);
+    ar.cap = COST_REGION;
     carve_acts(ar, m.acts, c, B, T);
-    s.adam_m = cost_region<float>(5); s.adam_v = cost_region<float>(6);
+    s.adam_m = cost_region<float>(5);
+    s.adam_v = cost_region<float>(6);
     s.plan = opt_plan(c, m.table, g_world, g_rank);
-    s.scalars = cost_region<StepScalars>(7); s.clip_ss = cost_region<double>(9);
-    s.comm = cost_region<float>(10); s.own_grad = cost_region<float>(11); s.updates = cost_region<CostBf16>(12);
+    s.scalars = cost_region<StepScalars>(7);
+    s.clip_ss = cost_region<double>(9);
+    s.comm = cost_region<float>(10);
+    s.own_grad = cost_region<float>(11);
+    s.updates = cost_region<CostBf16>(12);
     if (c.swa_enabled || c.swa_steps > 0 || c.ema_decay > 0) s.avg = cost_region<float>(8);
 }
 
@@ -9956,7 +10842,8 @@ static void cost_model_init(Model<Cost>& m, TrainState<Cost>& s, const Config& c
 // tests/test_cost_emu.cuh checks these counts against an emulated step's.
 static std::vector<CostEntry> cost_step_launches(const Config& c, int world, bool looping = false) {
     int saved_world = g_world, saved_rank = g_rank;
-    g_world = world; g_rank = 0;
+    g_world = world;
+    g_rank = 0;
     int accum = grad_accum_steps(c, world);
     long local = c.train_batch_tokens / ((long)world * accum);
     int T = c.train_seq_len, B = (int)(local / T);
@@ -9967,15 +10854,19 @@ static std::vector<CostEntry> cost_step_launches(const Config& c, int world, boo
     g_cost = CostLog();
     g_cost.model = &m;
     Cost dev;
-    s.accum = accum; s.B = B; s.T = T;
-    s.batch = cost_region<int32_t>(9); s.batch_losses = cost_region<float>(10);
+    s.accum = accum;
+    s.B = B;
+    s.T = T;
+    s.batch = cost_region<int32_t>(9);
+    s.batch_losses = cost_region<float>(10);
     // the device work of one iteration of train()'s loop, in its order; the train loss's MPI sum, the
     // wall-clock and stop-signal checks run on the host while the GPU works through the queued optimizer
     train_step(dev, m, s, 1.0, (float)muon_momentum_at(c, 0));
     if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, false);
     if (c.ema_decay > 0) round_bf16_tables(dev, m, s.avg);
     refresh_compute_weights(dev, m, false);
-    g_world = saved_world; g_rank = saved_rank;
+    g_world = saved_world;
+    g_rank = saved_rank;
     std::vector<CostEntry> out;
     out.swap(g_cost.entries);
     g_cost = CostLog();
@@ -9997,7 +10888,9 @@ static const double GRAPH_NODE_S = 2e-6;         // the same, replayed from a CU
 static const double SYNC_S = 20e-6;              // cudaStreamSynchronize round trip and refilling an empty queue
 static const double NCCL_LATENCY_S = 30e-6;      // ring all-reduce over 8 GPUs: 14 steps of a few µs
 // The fraction of the peak rate (tensor cores / HBM) each class reaches; see docs/perf.md for each.
-struct CostEfficiency { double flops, bytes; };
+struct CostEfficiency {
+    double flops, bytes;
+};
 static const CostEfficiency COST_EFFICIENCY[OP_NUM] = {
     {0.60, 0.80},  // GEMMs: d512 shapes (K = 512…1536) on cuBLASLt reach ~600 TFLOP/s, not the ~800 of large squares
     {0.30, 0.80},  // attention forward: mma.sync flash kernel (no wgmma/TMA), 16 rows per warp: FA2-class ~300 TFLOP/s
@@ -10022,7 +10915,10 @@ struct CostTotals {
 static CostTotals cost_totals(const std::vector<CostEntry>& list) {
     CostTotals t;
     for (const CostEntry& e : list) {
-        t.launches[e.cls]++; t.flops[e.cls] += e.flops; t.hbm[e.cls] += e.hbm_bytes; t.link[e.cls] += e.link_bytes;
+        t.launches[e.cls]++;
+        t.flops[e.cls] += e.flops;
+        t.hbm[e.cls] += e.hbm_bytes;
+        t.link[e.cls] += e.link_bytes;
         t.seconds[e.cls] += cost_seconds(e);
     }
     return t;
@@ -10068,15 +10964,25 @@ static std::vector<long> cost_doc_preds(double scale) {
 // Adapters laid out as lora_alloc lays them, at addresses only.
 static void cost_lora_init(Lora<Cost>& lo, const Config& c, int docs, size_t max_tokens) {
     LoraLayout y = lora_layout(c, docs, max_tokens);
-    lo.docs = docs; lo.rank = c.ttt_lora_rank; lo.nparams = y.n;
+    lo.docs = docs;
+    lo.rank = c.ttt_lora_rank;
+    lo.nparams = y.n;
     lo.scale = c.ttt_lora_alpha > 0 ? c.ttt_lora_alpha / c.ttt_lora_rank : 1.0f;
-    lo.params = cost_region<float>(9); lo.grads = cost_region<float>(10); lo.compute = cost_region<CostBf16>(11);
+    lo.params = cost_region<float>(9);
+    lo.grads = cost_region<float>(10);
+    lo.compute = cost_region<CostBf16>(11);
     lo.dtmp = cost_region<CostBf16>(12);
     for (int t = 0; t < LORA_NUM; t++) {
-        lo.on[t] = y.on[t]; lo.in_dim[t] = y.in_dim[t]; lo.out_dim[t] = y.out_dim[t];
+        lo.on[t] = y.on[t];
+        lo.in_dim[t] = y.in_dim[t];
+        lo.out_dim[t] = y.out_dim[t];
         size_t k = y.offA[t].size();
-        lo.A[t].assign(k, lo.params); lo.B[t].assign(k, lo.params); lo.dA[t].assign(k, lo.grads);
-        lo.dB[t].assign(k, lo.grads); lo.Ac[t].assign(k, lo.compute); lo.Bc[t].assign(k, lo.compute);
+        lo.A[t].assign(k, lo.params);
+        lo.B[t].assign(k, lo.params);
+        lo.dA[t].assign(k, lo.grads);
+        lo.dB[t].assign(k, lo.grads);
+        lo.Ac[t].assign(k, lo.compute);
+        lo.Bc[t].assign(k, lo.compute);
         lo.tmp[t].assign(k, lo.dtmp);
     }
 }
@@ -10098,7 +11004,10 @@ static CostEval cost_lora_chunk(Model<Cost>& m, Lora<Cost>& lo, const Config& c,
     std::vector<int32_t> x((size_t)k * W), y((size_t)k * W);
     std::vector<float> nll, weights((size_t)k * W);
     LoraState<Cost> st;
-    st.lo = lo; st.lo.docs = k; st.m1 = cost_region<float>(13); st.m2 = cost_region<float>(14);
+    st.lo = lo;
+    st.lo.docs = k;
+    st.m1 = cost_region<float>(13);
+    st.m2 = cost_region<float>(14);
     if (tr > 0) to_device(dev, m.acts.loss_weights, weights.data(), weights.size());
     forward_nll(dev, m, x, y, k, W, nll, &st.lo, tr > 0);
     for (int s = 0; tr > 0 && s < c.ttt_steps; s++) {
@@ -10138,8 +11047,10 @@ static CostEval cost_lora_batches(Model<Cost>& m, Lora<Cost>& lo, const Config& 
             auto key = std::make_tuple(k, W, tr);
             auto it = memo.find(key);
             if (it == memo.end()) it = memo.emplace(key, cost_lora_chunk(m, lo, c, k, W, tr)).first;
-            sum.seconds += it->second.seconds; sum.forwards += it->second.forwards;
-            sum.launches += it->second.launches; sum.per_doc_launches += it->second.per_doc_launches;
+            sum.seconds += it->second.seconds;
+            sum.forwards += it->second.forwards;
+            sum.launches += it->second.launches;
+            sum.per_doc_launches += it->second.per_doc_launches;
             for (int q = 0; q < OP_NUM; q++) sum.cls[q] += it->second.cls[q];
         }
     }
@@ -10304,11 +11215,16 @@ static int cost_main(int argc, char** argv) {
            "%d micro-batch%s, %ld tokens per step in all\n", c.preset.c_str(), world, local,
            (int)(local / c.train_seq_len), c.train_seq_len, accum, accum == 1 ? "" : "es", c.train_batch_tokens);
     printf("%-30s %9s %10s %10s %10s %12s\n", "class", "launches", "TFLOP", "HBM_GB", "link_GB", "projected_ms");
-    long launches = 0; double flops = 0, hbm = 0, link = 0, sec = 0;
+    long launches = 0;
+    double flops = 0, hbm = 0, link = 0, sec = 0;
     for (int k = 0; k < OP_NUM; k++) {
         printf("%-30s %9ld %10.3f %10.2f %10.3f %12.2f\n", OP_CLASS_NAMES[k], t.launches[k], t.flops[k] / 1e12,
                t.hbm[k] / 1e9, t.link[k] / 1e9, t.seconds[k] * 1e3);
-        launches += t.launches[k]; flops += t.flops[k]; hbm += t.hbm[k]; link += t.link[k]; sec += t.seconds[k];
+        launches += t.launches[k];
+        flops += t.flops[k];
+        hbm += t.hbm[k];
+        link += t.link[k];
+        sec += t.seconds[k];
     }
     printf("%-30s %9ld %10.3f %10.2f %10.3f %12.2f\n", "total", launches, flops / 1e12, hbm / 1e9, link / 1e9,
            sec * 1e3);
@@ -10324,7 +11240,10 @@ static int cost_main(int argc, char** argv) {
         std::map<std::pair<std::string, int>, CostTotals> ops;
         for (const CostEntry& e : list) {
             CostTotals& o = ops[{e.op, e.cls}];
-            o.launches[0]++; o.flops[0] += e.flops; o.hbm[0] += e.hbm_bytes; o.seconds[0] += cost_seconds(e);
+            o.launches[0]++;
+            o.flops[0] += e.flops;
+            o.hbm[0] += e.hbm_bytes;
+            o.seconds[0] += cost_seconds(e);
         }
         std::vector<std::pair<double, std::string>> rows;
         for (auto& [key, o] : ops)
@@ -10390,7 +11309,10 @@ static CudaMemoryPlan cuda_memory_plan(const Config& c, int world, size_t sort_t
     p.optimizer = (2 + (avg ? 1 : 0)) * n * sizeof(float) + opt_buffers_bytes(op, world, sizeof(float), sizeof(bf16));
     // the same capacity as the driver's activation_capacity, naming the setting that sets it
     long micro = c.train_batch_tokens / ((long)world * grad_accum_steps(c, world));
-    struct { long tokens; const char* setting; } cand[] = {
+    struct {
+        long tokens;
+        const char* setting;
+    } cand[] = {
         {micro, "TRAIN_BATCH_TOKENS (or raise GRAD_ACCUM_STEPS)"},
         {(long)c.eval_batch_seqs * c.eval_len(), "EVAL_BATCH_SEQS"},
         {(long)c.ttt_batch_size * c.ttt_eval_seq_len, "TTT_BATCH_SIZE"},
@@ -10398,7 +11320,11 @@ static CudaMemoryPlan cuda_memory_plan(const Config& c, int world, size_t sort_t
         {(long)c.train_seq_len, "TRAIN_SEQ_LEN"},
     };
     p.act_tokens = 0;
-    for (auto& k : cand) if (k.tokens > p.act_tokens) { p.act_tokens = k.tokens; p.act_setting = k.setting; }
+    for (auto& k : cand)
+        if (k.tokens > p.act_tokens) {
+            p.act_tokens = k.tokens;
+            p.act_setting = k.setting;
+        }
     p.act_t = std::max({c.train_seq_len, c.eval_len(), c.ttt_eval_seq_len});
     int B = (int)((p.act_tokens + p.act_t - 1) / p.act_t);
     Arena ar;
@@ -10411,39 +11337,51 @@ static CudaMemoryPlan cuda_memory_plan(const Config& c, int world, size_t sort_t
     int widest = std::max({c.model_dim, c.bigram_dim, c.num_heads});
     size_t need = 0;
     {
-        Arena a; SortScratch s;
+        Arena a;
+        SortScratch s;
         carve_sort_scratch(a, s, (int)N, std::max(c.model_dim, c.bigram_dim), sort_temp_bytes);
         need = std::max(need, a.used);
     }
     {
         Arena a;  // branch_add: scale and gate partials; resid_mix: 2C partials; qk dgain rows + partials
-        a.take<float>((size_t)rc.chunks * widest); a.take<float>((size_t)rc.chunks * widest);
+        a.take<float>((size_t)rc.chunks * widest);
+        a.take<float>((size_t)rc.chunks * widest);
         need = std::max(need, a.used);
-        Arena b; b.take<float>((size_t)rc.chunks * 2 * c.model_dim);
+        Arena b;
+        b.take<float>((size_t)rc.chunks * 2 * c.model_dim);
         need = std::max(need, b.used);
-        Arena q; q.take<float>((size_t)N * c.num_heads); q.take<float>((size_t)rc.chunks * c.num_heads);
+        Arena q;
+        q.take<float>((size_t)N * c.num_heads);
+        q.take<float>((size_t)rc.chunks * c.num_heads);
         need = std::max(need, q.used);
-        Arena d; d.take<float>((size_t)N * c.num_heads);  // attention backward: D = rowsum(dO ⊙ O)
+        // attention backward: D = rowsum(dO ⊙ O)
+        Arena d;
+        d.take<float>((size_t)N * c.num_heads);
         need = std::max(need, d.used);
     }
     {
-        Arena a; MuonScratch ms;  // Muon's iterates; the clip's partials
+        // Muon's iterates; the clip's partials
+        Arena a;
+        MuonScratch ms;
         carve_muon_scratch(a, ms, op);
         need = std::max({need, a.used, 2 * NORM_BLOCKS * sizeof(double)});
     }
     p.scratch = need;
     p.workspace = CUBLASLT_WORKSPACE_BYTES;
     EvalMemory e = eval_memory(c, B, p.act_t, n, sizeof(float), sizeof(bf16), sizeof(bf16));
-    p.evaluation = e.bytes; p.eval_mode = e.mode; p.eval_settings = e.settings;
+    p.evaluation = e.bytes;
+    p.eval_mode = e.mode;
+    p.eval_settings = e.settings;
     return p;
 }
 static void cuda_memory_plan_print(const CudaMemoryPlan& p) {
     auto mib = [](size_t b) { return b / 1048576.0; };
-    log0("cuda_memory_plan: params %.1f MiB (fp32 master) + bf16 copy %.1f + grads %.1f + optimizer %.1f + activations %.1f "
+    log0("cuda_memory_plan: params %.1f MiB (fp32 master) + bf16 copy %.1f + grads %.1f + optimizer %.1f + activations "
+         "%.1f "
          "(%ld tokens × up to %d, set by %s) + scratch %.1f + cuBLASLt workspace %.1f "
          "+ evaluation %.1f%s%s%s = %.1f MiB\n",
-         mib(p.params), mib(p.compute), mib(p.grads), mib(p.optimizer), mib(p.activations), p.act_tokens, p.act_t, p.act_setting,
-         mib(p.scratch), mib(p.workspace), mib(p.evaluation), *p.eval_mode ? " (" : "", p.eval_mode,
+         mib(p.params), mib(p.compute), mib(p.grads), mib(p.optimizer), mib(p.activations), p.act_tokens, p.act_t,
+         p.act_setting, mib(p.scratch), mib(p.workspace), mib(p.evaluation), *p.eval_mode ? " (" : "", p.eval_mode,
          *p.eval_mode ? ")" : "", mib(p.total()));
 }
 // Refuses a plan that cannot fit, before any allocation, naming the setting to lower.
@@ -10456,10 +11394,11 @@ static void cuda_memory_plan_check(const CudaMemoryPlan& p, size_t free_bytes, s
              need / 1048576.0, p.total() / 1048576.0, MEMORY_HEADROOM / 1048576.0, free_bytes / 1048576.0,
              total_bytes / 1048576.0, p.eval_mode, p.evaluation / 1048576.0, p.eval_settings);
     if (need > free_bytes)
-        fail("GPU memory: this run needs %.0f MiB (%.0f MiB planned + %.0f MiB headroom) but the GPU has %.0f MiB free of %.0f MiB; "
+        fail("GPU memory: this run needs %.0f MiB (%.0f MiB planned + %.0f MiB headroom) but the GPU has %.0f MiB free "
+             "of %.0f MiB; "
              "activations take %.0f MiB for %ld tokens: lower %s",
-             need / 1048576.0, p.total() / 1048576.0, MEMORY_HEADROOM / 1048576.0, free_bytes / 1048576.0, total_bytes / 1048576.0,
-             p.activations / 1048576.0, p.act_tokens, p.act_setting);
+             need / 1048576.0, p.total() / 1048576.0, MEMORY_HEADROOM / 1048576.0, free_bytes / 1048576.0,
+             total_bytes / 1048576.0, p.activations / 1048576.0, p.act_tokens, p.act_setting);
 }
 
 
@@ -10475,7 +11414,8 @@ static void run_cuda(Config& c) {
     cudaCheck(cudaRuntimeGetVersion(&rt));
     size_t fr = 0, tot = 0;
     cudaCheck(cudaMemGetInfo(&fr, &tot));
-    log0("cuda: rank %d → GPU %d: %s, compute capability %d.%d, %d SMs, %.1f GiB (%.1f GiB free), driver %d.%d, runtime %d.%d\n",
+    log0("cuda: rank %d → GPU %d: %s, compute capability %d.%d, %d SMs, %.1f GiB (%.1f GiB free), driver %d.%d, "
+         "runtime %d.%d\n",
          g_rank, cx.device, cx.prop.name, cx.prop.major, cx.prop.minor, cx.prop.multiProcessorCount, tot / 1073741824.0,
          fr / 1073741824.0, drv / 1000, drv % 1000 / 10, rt / 1000, rt % 1000 / 10);
     cudaFuncAttributes fa;  // which of the binary's GPU codes this GPU runs: its own machine code, or compiled PTX
@@ -10520,10 +11460,24 @@ static void omp_passive_wait_by_default(char** argv) {
 int main(int argc, char** argv) {
     omp_passive_wait_by_default(argv);
     distributed_init(&argc, &argv);
-    if (argc > 1 && !strcmp(argv[1], "inspect")) { int rc = inspect_main(argc, argv); distributed_finish(); return rc; }
-    if (argc > 1 && !strcmp(argv[1], "settings")) { print_settings_table(); return 0; }
-    if (argc > 1 && !strcmp(argv[1], "cost")) { int rc = cost_main(argc, argv); distributed_finish(); return rc; }
-    if (argc > 1) fail("unknown argument \"%s\": settings are environment variables (e.g. CONFIG=pr467 ./train_gpt), `./train_gpt inspect ARTIFACT [CHECKPOINT]`, `./train_gpt cost [KEY=VALUE …]` or `./train_gpt settings`", argv[1]);
+    if (argc > 1 && !strcmp(argv[1], "inspect")) {
+        int rc = inspect_main(argc, argv);
+        distributed_finish();
+        return rc;
+    }
+    if (argc > 1 && !strcmp(argv[1], "settings")) {
+        print_settings_table();
+        return 0;
+    }
+    if (argc > 1 && !strcmp(argv[1], "cost")) {
+        int rc = cost_main(argc, argv);
+        distributed_finish();
+        return rc;
+    }
+    if (argc > 1)
+        fail("unknown argument \"%s\": settings are environment variables (e.g. CONFIG=pr467 ./train_gpt), "
+             "`./train_gpt inspect ARTIFACT [CHECKPOINT]`, `./train_gpt cost [KEY=VALUE …]` or `./train_gpt settings`",
+             argv[1]);
     Config c = config_from_env();
     if (!c.load_artifact.empty()) {
         // The model comes from the artifact, the other settings from its preset; env vars may change
@@ -10531,12 +11485,16 @@ int main(int argc, char** argv) {
         std::vector<uint8_t> bytes;
         if (g_rank == 0) bytes = read_file(c.load_artifact);
         host_broadcast(bytes);
-        Config art; std::vector<float> w;
+        Config art;
+        std::vector<float> w;
         artifact_parse(bytes, c.load_artifact, &art, &w);
         c = config_for_artifact(c, art, c.load_artifact);
     }
     if (c.run_id.empty()) {
-        char buf[64]; time_t t = time(nullptr); strftime(buf, sizeof buf, "%Y%m%d_%H%M%S", localtime(&t)); c.run_id = buf;
+        char buf[64];
+        time_t t = time(nullptr);
+        strftime(buf, sizeof buf, "%Y%m%d_%H%M%S", localtime(&t));
+        c.run_id = buf;
     }
     if (c.out_dir.empty()) c.out_dir = "runs/" + c.run_id;
     std::string device = c.device;
@@ -10553,7 +11511,8 @@ int main(int argc, char** argv) {
     log0("pgolf train_gpt: code_bytes:%ld stripped:%ld sfx:%ld\n", (long)PGOLF_CODE_BYTES,
          (long)PGOLF_CODE_BYTES_STRIPPED, (long)PGOLF_CODE_BYTES_SFX);
     if (c.device == "cpu" && (long)c.model_dim * c.num_layers > 1024 && c.load_artifact.empty())
-        log0("note: DEVICE=cpu runs the plain C++ reference; a %d-layer d%d model trains very slowly on a CPU\n", c.num_layers, c.model_dim);
+        log0("note: DEVICE=cpu runs the plain C++ reference; a %d-layer d%d model trains very slowly on a CPU\n",
+             c.num_layers, c.model_dim);
     config_print(c);
     if (c.device == "cpu") {
 #if PGOLF_CPU_REFERENCE

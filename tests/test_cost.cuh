@@ -2,12 +2,20 @@
 // linear layer in closed form, causal attention in closed form, a launch count made by hand for a
 // small config, and how the totals scale with batch, layers and ranks.
 
-struct CostSums { long launches[OP_NUM] = {}; double flops[OP_NUM] = {}, hbm[OP_NUM] = {}, link[OP_NUM] = {}; long total = 0; };
+struct CostSums {
+    long launches[OP_NUM] = {};
+    double flops[OP_NUM] = {}, hbm[OP_NUM] = {}, link[OP_NUM] = {};
+    long total = 0;
+};
 static CostSums cost_sums(const Config& c, int world) {
     CostSums s;
     config_validate(c, world);
     for (const CostEntry& e : cost_step_launches(c, world)) {
-        s.launches[e.cls]++; s.flops[e.cls] += e.flops; s.hbm[e.cls] += e.hbm_bytes; s.link[e.cls] += e.link_bytes; s.total++;
+        s.launches[e.cls]++;
+        s.flops[e.cls] += e.flops;
+        s.hbm[e.cls] += e.hbm_bytes;
+        s.link[e.cls] += e.link_bytes;
+        s.total++;
     }
     return s;
 }
@@ -26,7 +34,10 @@ static double matmul_params(const Config& c) {
 }
 
 TEST(cost_gemm_flops_are_6_N_T) {
-    struct { const char* preset; int world; } cases[] = {{"tiny", 1}, {"baseline", 8}, {"pr467", 8}, {"pr600", 8}, {"pr456", 8}, {"pr467", 2}};
+    struct {
+        const char* preset;
+        int world;
+    } cases[] = {{"tiny", 1}, {"baseline", 8}, {"pr467", 8}, {"pr600", 8}, {"pr456", 8}, {"pr467", 2}};
     for (auto& k : cases) {
         Config c = cost_preset(k.preset);
         double tokens = (double)c.train_batch_tokens / k.world;  // every micro-batch of this rank
@@ -48,11 +59,13 @@ TEST(cost_attention_flops_match_the_causal_closed_form) {
         // > 1: the masked part of each diagonal tile is computed too (query tiles of 128 packed rows forward,
         // 64 backward: at most 128 positions a query tile past its diagonal)
         double ratio = s.flops[OP_ATTN_FWD] / useful;
-        CHECK_MSG(ratio >= 1.0 && ratio <= 1.0 + 2 * 128.0 / T, "%s: attention forward %.6g FLOPs, causal closed form %.6g (ratio %.4f)",
-                  name, s.flops[OP_ATTN_FWD], useful, ratio);
+        CHECK_MSG(ratio >= 1.0 && ratio <= 1.0 + 2 * 128.0 / T,
+                  "%s: attention forward %.6g FLOPs, causal closed form %.6g (ratio %.4f)", name, s.flops[OP_ATTN_FWD],
+                  useful, ratio);
         double bwd = s.flops[OP_ATTN_BWD] / (3.5 * useful);  // 7 products against 2
-        CHECK_MSG(bwd >= 1.0 && bwd <= 1.0 + 128.0 / T, "%s: attention backward %.6g FLOPs, 3.5 × causal closed form %.6g (ratio %.4f)",
-                  name, s.flops[OP_ATTN_BWD], 3.5 * useful, bwd);
+        CHECK_MSG(bwd >= 1.0 && bwd <= 1.0 + 128.0 / T,
+                  "%s: attention backward %.6g FLOPs, 3.5 × causal closed form %.6g (ratio %.4f)", name,
+                  s.flops[OP_ATTN_BWD], 3.5 * useful, bwd);
         CHECK(s.launches[OP_ATTN_FWD] == c.num_layers && s.launches[OP_ATTN_BWD] == 3 * c.num_layers);
     }
 }
@@ -61,10 +74,15 @@ TEST(cost_attention_flops_match_the_causal_closed_form) {
 // micro-batch, counted by reading each Cuda op of train()'s step.
 TEST(cost_launches_match_a_hand_count) {
     Config c = cost_preset("baseline");
-    c.num_layers = 2; c.model_dim = 64; c.num_heads = 2; c.num_kv_heads = 1; c.train_seq_len = 64; c.train_batch_tokens = 128;
+    c.num_layers = 2;
+    c.model_dim = 64;
+    c.num_heads = 2;
+    c.num_kv_heads = 1;
+    c.train_seq_len = 64;
+    c.train_batch_tokens = 128;
     c.grad_accum_steps = 1;
-    CHECK(c.grad_clip_norm == 0 && c.tie_embeddings && !c.bigram_vocab_size && !c.bigram_hash_size && !c.smear && !c.smear_gate &&
-          c.xsa_last_n == 0 && c.muon_backend_steps == 5 && c.ema_decay == 0);
+    CHECK(c.grad_clip_norm == 0 && c.tie_embeddings && !c.bigram_vocab_size && !c.bigram_hash_size && !c.smear &&
+          !c.smear_gate && c.xsa_last_n == 0 && c.muon_backend_steps == 5 && c.ema_decay == 0);
     CostSums s = cost_sums(c, 1);
     // memsets: the gradient arena; backward head: d_residual, d_residual_x0, the skip's gradient, d_norm; per layer
     // d_residual_after_attn, d_mlp_proj_out, d_mlp_act, d_mlp_hidden, d_norm, d_residual_mixed, d_attn_proj_out,

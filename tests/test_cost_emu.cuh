@@ -23,7 +23,11 @@ static CallCounts cost_call_counts(const std::vector<CostEntry>& list, bool host
 }
 static CallCounts emu_call_counts_of(const EmuCounts& e) {
     CallCounts n;
-    n.launches = e.launches; n.memsets = e.memsets; n.copies = e.copies; n.gemms = e.gemms; n.collectives = e.collectives;
+    n.launches = e.launches;
+    n.memsets = e.memsets;
+    n.copies = e.copies;
+    n.gemms = e.gemms;
+    n.collectives = e.collectives;
     n.graphs = e.graph_launches;
     return n;
 }
@@ -33,13 +37,15 @@ static std::string emu_kernel_list(const EmuCounts& e) {
     for (auto& k : e.kernels) s += test_format("\n    %4ld %s", k.second, k.first);
     return s;
 }
-static void check_call_counts(const std::string& what, const CallCounts& cost, const CallCounts& emu, const EmuCounts& e) {
+static void check_call_counts(const std::string& what, const CallCounts& cost, const CallCounts& emu,
+                              const EmuCounts& e) {
     bool same = cost.launches == emu.launches && cost.memsets == emu.memsets && cost.copies == emu.copies &&
                 cost.gemms == emu.gemms && cost.collectives == emu.collectives && cost.graphs == emu.graphs;
-    CHECK_MSG(same, "%s: cost model / emulator: kernel launches %ld / %ld, memsets %ld / %ld, copies %ld / %ld, "
-              "GEMMs %ld / %ld, collectives %ld / %ld, graph launches %ld / %ld; the emulator's kernels:%s", what.c_str(),
-              cost.launches, emu.launches, cost.memsets, emu.memsets, cost.copies, emu.copies, cost.gemms, emu.gemms,
-              cost.collectives, emu.collectives, cost.graphs, emu.graphs, emu_kernel_list(e).c_str());
+    CHECK_MSG(same,
+              "%s: cost model / emulator: kernel launches %ld / %ld, memsets %ld / %ld, copies %ld / %ld, "
+              "GEMMs %ld / %ld, collectives %ld / %ld, graph launches %ld / %ld; the emulator's kernels:%s",
+              what.c_str(), cost.launches, emu.launches, cost.memsets, emu.memsets, cost.copies, emu.copies, cost.gemms,
+              emu.gemms, cost.collectives, emu.collectives, cost.graphs, emu.graphs, emu_kernel_list(e).c_str());
 }
 
 // One iteration of train()'s loop on one rank with one micro-batch (its device work in its order, as

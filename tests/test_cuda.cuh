@@ -91,12 +91,16 @@ static void check_band(const char* what, const std::vector<double>& got, const s
         double e = std::isnan(got[i]) || std::isnan(want[i]) ? INFINITY : std::fabs(got[i] - want[i]);
         if (e > worst) { worst = e; wi = i; }
     }
-    CHECK_MSG(worst <= tol * std::max(mx, 1e-30), "%s: worst element [%zu] got %.7g want %.7g: error %.3g > %g × max|want| %.4g (n=%zu)",
-              what, wi, got.empty() ? 0.0 : got[wi], want.empty() ? 0.0 : want[wi], worst, tol, mx, got.size());
+    CHECK_MSG(worst <= tol * std::max(mx, 1e-30),
+              "%s: worst element [%zu] got %.7g want %.7g: error %.3g > %g × max|want| %.4g (n=%zu)", what, wi,
+              got.empty() ? 0.0 : got[wi], want.empty() ? 0.0 : want[wi], worst, tol, mx, got.size());
 }
 static double rel_l2(const std::vector<double>& got, const std::vector<double>& want) {
     double num = 0, den = 0;
-    for (size_t i = 0; i < got.size(); i++) { num += (got[i] - want[i]) * (got[i] - want[i]); den += want[i] * want[i]; }
+    for (size_t i = 0; i < got.size(); i++) {
+        num += (got[i] - want[i]) * (got[i] - want[i]);
+        den += want[i] * want[i];
+    }
     if (std::isnan(num)) return INFINITY;
     return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
@@ -118,7 +122,8 @@ static void colmajor_gemm(double* C, const double* A, const double* B, const Gem
         }
 }
 // A row-major product run exactly as gemm_bf16 hands it to cuBLAS (operands swapped, plan from gemm_row_major).
-static void rowmajor_via_cublas_plan(double* D, const double* A, const double* B, const RowMajorGemm& r, double alpha, double beta) {
+static void rowmajor_via_cublas_plan(double* D, const double* A, const double* B, const RowMajorGemm& r, double alpha,
+                                     double beta) {
     GemmDesc g = gemm_row_major(r.M, r.N, r.K, r.a_trans, r.b_trans);
     colmajor_gemm(D, B, A, g, alpha, beta);
 }
@@ -134,7 +139,8 @@ TEST(cuda_host_gemm_row_major_mapping) {
         for (int at = 0; at < 2; at++)
             for (int bt = 0; bt < 2; bt++) {
                 int M = s[0], N = s[1], K = s[2];
-                std::vector<double> A = cu_randn((size_t)M * K, rng, 1.0, false), B = cu_randn((size_t)K * N, rng, 1.0, false);
+                std::vector<double> A = cu_randn((size_t)M * K, rng, 1.0, false),
+                                    B = cu_randn((size_t)K * N, rng, 1.0, false);
                 std::vector<double> C0 = cu_randn((size_t)M * N, rng, 1.0, false), D = C0, want(C0.size());
                 int a_cols = at ? M : K, b_cols = bt ? K : N;  // stored row lengths
                 for (int i = 0; i < M; i++)
@@ -146,15 +152,18 @@ TEST(cuda_host_gemm_row_major_mapping) {
                 rowmajor_via_cublas_plan(D.data(), A.data(), B.data(), {M, N, K, at != 0, bt != 0}, 0.5, 2.0);
                 for (size_t i = 0; i < D.size(); i++)
                     CHECK_MSG(std::fabs(D[i] - want[i]) <= 1e-12 * (1 + std::fabs(want[i])),
-                              "M=%d N=%d K=%d a_trans=%d b_trans=%d: element %zu got %g want %g", M, N, K, at, bt, i, D[i], want[i]);
+                              "M=%d N=%d K=%d a_trans=%d b_trans=%d: element %zu got %g want %g", M, N, K, at, bt, i,
+                              D[i], want[i]);
                 // the layouts cuBLASLt is given are valid: leading dimension ≥ stored rows
                 GemmDesc g = gemm_row_major(M, N, K, at, bt);
                 CHECK(g.lda >= (g.ta ? g.k : g.m) && g.ldb >= (g.tb ? g.n : g.k) && g.ldc >= g.m);
             }
     // the three products of a linear layer, with the descriptors the Cuda launchers use, against the CPU reference
     int N = 6, IC = 5, OC = 4;
-    std::vector<double> x = cu_randn((size_t)N * IC, rng), w = cu_randn((size_t)OC * IC, rng), dy = cu_randn((size_t)N * OC, rng);
-    std::vector<double> out(N * OC, 0.0), out_ref(N * OC, 0.0), dx(N * IC, 0.1), dx_ref(N * IC, 0.1), dw(OC * IC, -0.2), dw_ref(OC * IC, -0.2);
+    std::vector<double> x = cu_randn((size_t)N * IC, rng), w = cu_randn((size_t)OC * IC, rng),
+                        dy = cu_randn((size_t)N * OC, rng);
+    std::vector<double> out(N * OC, 0.0), out_ref(N * OC, 0.0), dx(N * IC, 0.1), dx_ref(N * IC, 0.1), dw(OC * IC, -0.2),
+        dw_ref(OC * IC, -0.2);
     matmul_forward(Cpu<double>{}, out_ref.data(), x.data(), w.data(), N, IC, OC);
     matmul_backward(Cpu<double>{}, dx_ref.data(), dw_ref.data(), dy.data(), x.data(), w.data(), N, IC, OC);
     rowmajor_via_cublas_plan(out.data(), x.data(), w.data(), linear_forward_gemm(N, IC, OC), 1, 0);
@@ -234,7 +243,10 @@ TEST(cuda_host_launch_geometry) {
 }
 
 TEST(cuda_host_rope_table_matches_cpu_bitwise) {
-    struct { int T, rd; float base; } cases[] = {{300, 16, 10000.0f}, {64, 64, 10000.0f}, {2048, 64, 10000.0f}, {9, 4, 500.0f}};
+    struct {
+        int T, rd;
+        float base;
+    } cases[] = {{300, 16, 10000.0f}, {64, 64, 10000.0f}, {2048, 64, 10000.0f}, {9, 4, 500.0f}};
     for (auto& k : cases) {
         std::vector<float2> t;
         rope_table_host(t, k.T, k.rd, k.base);
@@ -242,7 +254,8 @@ TEST(cuda_host_rope_table_matches_cpu_bitwise) {
         rope_table(cs, sn, k.T, k.rd, k.base);
         CHECK(t.size() == cs.size());
         for (size_t i = 0; i < t.size(); i++)
-            CHECK_MSG(t[i].x == cs[i] && t[i].y == sn[i], "T=%d rd=%d: entry %zu differs from the CPU reference's rope_table", k.T, k.rd, i);
+            CHECK_MSG(t[i].x == cs[i] && t[i].y == sn[i],
+                      "T=%d rd=%d: entry %zu differs from the CPU reference's rope_table", k.T, k.rd, i);
     }
 }
 
@@ -257,11 +270,14 @@ TEST(cuda_host_memory_plan) {
         CHECK(p.params == 4 * n && p.grads == 4 * n && p.compute == 2 * n && p.optimizer == 3 * 4 * n + opt);
         long tokens; int max_t;
         activation_capacity(c, world, &tokens, &max_t);
-        CHECK_MSG(p.act_tokens == tokens && p.act_t == max_t, "plan capacity %ld×%d, driver %ld×%d", p.act_tokens, p.act_t, tokens, max_t);
+        CHECK_MSG(p.act_tokens == tokens && p.act_t == max_t, "plan capacity %ld×%d, driver %ld×%d", p.act_tokens,
+                  p.act_t, tokens, max_t);
         CHECK(p.act_rows >= p.act_tokens && p.activations > 0 && p.scratch > 0);
-        CHECK(p.total() == p.params + p.compute + p.grads + p.optimizer + p.activations + p.scratch + p.workspace + p.evaluation);
+        CHECK(p.total() ==
+              p.params + p.compute + p.grads + p.optimizer + p.activations + p.scratch + p.workspace + p.evaluation);
         int B = (int)((tokens + max_t - 1) / max_t);
-        CHECK(p.evaluation > 0 && p.evaluation == eval_memory(c, B, max_t, n, 4, 2, 2).bytes);  // pr467 evaluates with LoRA TTT
+        // pr467 evaluates with LoRA TTT
+        CHECK(p.evaluation > 0 && p.evaluation == eval_memory(c, B, max_t, n, 4, 2, 2).bytes);
         CHECK(strstr(p.act_setting, "TRAIN_BATCH_TOKENS"));  // 98,304 tokens per micro-batch sets it
         cuda_memory_plan_check(p, p.total() + MEMORY_HEADROOM, 80ul << 30);  // fits exactly
         CHECK_THROWS(cuda_memory_plan_check(p, p.total() / 2, 80ul << 30), "lower TRAIN_BATCH_TOKENS");
@@ -276,8 +292,10 @@ TEST(cuda_host_memory_plan) {
     preset_pr600(c);
     c.eval_mode = "sliding,lora_ttt";
     p = cuda_memory_plan(c, 8, 0);
-    CHECK_MSG(p.evaluation > (14ul << 30) && !strcmp(p.eval_mode, "lora_ttt"), "evaluation %.1f GiB", p.evaluation / 1073741824.0);
-    CHECK_THROWS(cuda_memory_plan_check(p, p.total() - p.evaluation + MEMORY_HEADROOM, 80ul << 30), "EVAL_MODE=lora_ttt");
+    CHECK_MSG(p.evaluation > (14ul << 30) && !strcmp(p.eval_mode, "lora_ttt"), "evaluation %.1f GiB",
+              p.evaluation / 1073741824.0);
+    CHECK_THROWS(cuda_memory_plan_check(p, p.total() - p.evaluation + MEMORY_HEADROOM, 80ul << 30),
+                 "EVAL_MODE=lora_ttt");
     CHECK_THROWS(cuda_memory_plan_check(p, p.total() - p.evaluation + MEMORY_HEADROOM, 80ul << 30), "TTT_BATCH_SIZE");
     cuda_memory_plan_check(p, p.total() + MEMORY_HEADROOM, 80ul << 30);
 }
@@ -291,14 +309,20 @@ TEST(cuda_host_attention_smem_per_arch) {
     CHECK(attention_smem_bytes(128, &kernel) == 104448 && !strcmp(kernel, "attention_backward_dq_kernel"));
     // hd 64: dK/dV's K, V tiles and four 64-row tiles plus 6·64 floats and ints (lse, D, document starts of
     // two stages) outgrow dQ's six tiles
-    CHECK(attention_smem_bytes(64, &kernel) == (2 * 64 + 4 * 64) * 72 * 2 + 6 * 64 * 4 && !strcmp(kernel, "attention_backward_dkdv_kernel"));
-    struct { int major, minor; size_t optin; } archs[] = {{8, 0, 166912}, {8, 6, 101376}, {8, 9, 101376}, {9, 0, 232448}};
+    CHECK(attention_smem_bytes(64, &kernel) == (2 * 64 + 4 * 64) * 72 * 2 + 6 * 64 * 4 &&
+          !strcmp(kernel, "attention_backward_dkdv_kernel"));
+    struct {
+        int major, minor;
+        size_t optin;
+    } archs[] = {{8, 0, 166912}, {8, 6, 101376}, {8, 9, 101376}, {9, 0, 232448}};
     for (auto a : archs)
         for (int hd : {16, 32, 64, 128}) {
             if (hd == 128 && a.optin < 104448)
                 CHECK_THROWS(attention_smem_check(hd, a.optin, a.major, a.minor, "test GPU"),
-                             test_format("attention_backward_dq_kernel needs 104448 bytes of shared memory per block, but test GPU (sm_%d%d) "
-                                         "allows at most 101376", a.major, a.minor));
+                             test_format("attention_backward_dq_kernel needs 104448 bytes of shared memory per block, "
+                                         "but test GPU (sm_%d%d) "
+                                         "allows at most 101376",
+                                         a.major, a.minor));
             else
                 attention_smem_check(hd, a.optin, a.major, a.minor, "test GPU");
         }
@@ -310,7 +334,8 @@ TEST(cuda_host_compute_arena_layout) {
     for (const Preset& pr : PRESETS) {
         Config c; pr.apply(c);
         std::vector<ParamSpec> t = build_param_table(c);
-        for (const ParamSpec& p : t) CHECK_MSG(p.offset % 16 == 0, "%s: %s at element %zu", pr.name, p.name.c_str(), p.offset);
+        for (const ParamSpec& p : t)
+            CHECK_MSG(p.offset % 16 == 0, "%s: %s at element %zu", pr.name, p.name.c_str(), p.offset);
         bf16* wbase = (bf16*)(uintptr_t)0x10000000;   // stand-ins for allocations (256-byte aligned)
         float* vbase = (float*)(uintptr_t)0x20000000;
         Weights<bf16, float> w = point_weights(c, t, wbase, vbase);
@@ -358,7 +383,9 @@ TEST(cuda_memory_ops) {
     cast_params(Cuda{}, c16.b(), a.f(), n);
     std::vector<uint16_t> bits(n);
     to_host(Cuda{}, bits.data(), (const uint16_t*)c16.p, n);
-    for (size_t i = 0; i < n; i++) CHECK_MSG(bits[i] == float_to_bf16(h[i]), "cast_params[%zu]: %04x, expected %04x", i, bits[i], float_to_bf16(h[i]));
+    for (size_t i = 0; i < n; i++)
+        CHECK_MSG(bits[i] == float_to_bf16(h[i]), "cast_params[%zu]: %04x, expected %04x", i, bits[i],
+                  float_to_bf16(h[i]));
     std::vector<int32_t> ih = cu_randint(n, rng, 1 << 30), iback(n);
     to_device(Cuda{}, a.i(), ih.data(), n);
     to_host(Cuda{}, iback.data(), a.i(), n);
@@ -391,7 +418,8 @@ TEST(cuda_embedding) {
         for (int rep = 0; rep < 2; rep++) {
             CU_UP(dtab, f32, dtab0);
             embedding_backward(Cuda{}, dtab->f(), ddo->b(), di->i(), N, C);
-            check_band(test_format("embedding_backward N=%d C=%d V=%d", N, C, V).c_str(), down_f32(dtab->p, dtab0.size()), dref, F32_TOL);
+            check_band(test_format("embedding_backward N=%d C=%d V=%d", N, C, V).c_str(),
+                       down_f32(dtab->p, dtab0.size()), dref, F32_TOL);
             std::vector<uint32_t> bits = down_bits(dtab->p, dtab0.size());
             if (rep == 0) first = bits;
             else CHECK_MSG(bits == first, "embedding_backward N=%d: two runs differ (must be deterministic)", N);
@@ -424,7 +452,8 @@ TEST(cuda_rmsnorm) {
     int shapes[][2] = {{1, 8}, {7, 33}, {300, 512}, {1029, EMU_OR(1536, 384)}};
     for (auto& s : shapes) {
         int N = s[0], C = s[1];
-        std::vector<double> x = cu_randn((size_t)N * C, rng, 2.0), dy = cu_randn((size_t)N * C, rng), dx0 = cu_randn((size_t)N * C, rng, 0.5);
+        std::vector<double> x = cu_randn((size_t)N * C, rng, 2.0), dy = cu_randn((size_t)N * C, rng),
+                            dx0 = cu_randn((size_t)N * C, rng, 0.5);
         std::vector<double> out((size_t)N * C), rstd(N), dx = dx0;
         rmsnorm_forward(Cpu<double>{}, out.data(), rstd.data(), x.data(), N, C);
         rmsnorm_backward(Cpu<double>{}, dx.data(), dy.data(), x.data(), rstd.data(), N, C);
@@ -443,11 +472,15 @@ TEST(cuda_rmsnorm) {
 TEST(cuda_matmul) {
     REQUIRE_GPU();
     Rng rng(25);
-    int shapes[][3] = {{1, 8, 8}, {7, 33, 17}, {64, 128, 384}, {300, EMU_OR(512, 128), EMU_OR(1024, 256)}, {257, 96, 1000}};  // N, IC, OC
+    // N, IC, OC
+    int shapes[][3] = {
+        {1, 8, 8}, {7, 33, 17}, {64, 128, 384}, {300, EMU_OR(512, 128), EMU_OR(1024, 256)}, {257, 96, 1000}};
     for (auto& s : shapes) {
         int N = s[0], IC = s[1], OC = s[2];
-        std::vector<double> x = cu_randn((size_t)N * IC, rng), w = cu_randn((size_t)OC * IC, rng, 0.1), dy = cu_randn((size_t)N * OC, rng);
-        std::vector<double> acc0 = cu_randn((size_t)N * OC, rng), dx0 = cu_randn((size_t)N * IC, rng, 0.5), dw0 = cu_randn((size_t)OC * IC, rng, 3.0, false);
+        std::vector<double> x = cu_randn((size_t)N * IC, rng), w = cu_randn((size_t)OC * IC, rng, 0.1),
+                            dy = cu_randn((size_t)N * OC, rng);
+        std::vector<double> acc0 = cu_randn((size_t)N * OC, rng), dx0 = cu_randn((size_t)N * IC, rng, 0.5),
+                            dw0 = cu_randn((size_t)OC * IC, rng, 3.0, false);
         CU_UP(dx_in, bf16, x); CU_UP(dwt, bf16, w); CU_UP(ddy, bf16, dy);
         std::string tag = test_format("matmul N=%d IC=%d OC=%d", N, IC, OC);
         for (int accumulate = 0; accumulate < 2; accumulate++) {
@@ -456,14 +489,17 @@ TEST(cuda_matmul) {
             std::unique_ptr<GpuBuf> out(accumulate ? up_bf16(acc0) : new GpuBuf((size_t)N * OC * 2));
             if (!accumulate) out->poison();
             matmul_forward(Cuda{}, out->b(), dx_in->b(), dwt->b(), N, IC, OC, accumulate != 0);
-            check_band((tag + (accumulate ? " forward (accumulate)" : " forward")).c_str(), down_bf16(out->p, want.size()), want, BF16_TOL);
+            check_band((tag + (accumulate ? " forward (accumulate)" : " forward")).c_str(),
+                       down_bf16(out->p, want.size()), want, BF16_TOL);
         }
         for (int which = 0; which < 3; which++) {  // dinp only, dW only, both
             bool want_dx = which != 1, want_dw = which != 0;
             std::vector<double> dx = dx0, dw = dw0;
-            matmul_backward(Cpu<double>{}, want_dx ? dx.data() : nullptr, want_dw ? dw.data() : nullptr, dy.data(), x.data(), w.data(), N, IC, OC);
+            matmul_backward(Cpu<double>{}, want_dx ? dx.data() : nullptr, want_dw ? dw.data() : nullptr, dy.data(),
+                            x.data(), w.data(), N, IC, OC);
             CU_UP(gdx, bf16, dx0); CU_UP(gdw, f32, dw0);
-            matmul_backward(Cuda{}, want_dx ? gdx->b() : nullptr, want_dw ? gdw->f() : nullptr, ddy->b(), dx_in->b(), dwt->b(), N, IC, OC);
+            matmul_backward(Cuda{}, want_dx ? gdx->b() : nullptr, want_dw ? gdw->f() : nullptr, ddy->b(), dx_in->b(),
+                            dwt->b(), N, IC, OC);
             check_band((tag + " dinp").c_str(), down_bf16(gdx->p, dx.size()), dx, BF16_TOL);
             check_band((tag + " dW").c_str(), down_f32(gdw->p, dw.size()), dw, F32_TOL);
         }
@@ -473,8 +509,12 @@ TEST(cuda_matmul) {
 TEST(cuda_qk_norm_rope) {
     REQUIRE_GPU();
     Rng rng(26);
-    struct { int B, T, nh, hd, rd; bool gain; } cases[] = {
-        {2, 5, 3, 8, 4, true}, {2, 64, 4, 64, 64, true}, {3, 33, 8, 64, 16, true}, {1, 17, 2, 256, 256, false}, {2, 9, 2, 96, 32, false}};
+    struct { int B, T, nh, hd, rd; bool gain;
+    } cases[] = {{2, 5, 3, 8, 4, true},
+                 {2, 64, 4, 64, 64, true},
+                 {3, 33, 8, 64, 16, true},
+                 {1, 17, 2, 256, 256, false},
+                 {2, 9, 2, 96, 32, false}};
     for (auto& k : cases) {
         int N = k.B * k.T;
         size_t n = (size_t)N * k.nh * k.hd;
@@ -485,13 +525,19 @@ TEST(cuda_qk_norm_rope) {
         std::vector<double> out(n), rstd((size_t)N * k.nh), dx = dx0, dgain = dgain0;
         const double* gp = k.gain ? gain.data() : nullptr;
         qk_norm_rope_forward(Cpu<double>{}, out.data(), rstd.data(), x.data(), gp, N, k.T, k.nh, k.hd, k.rd, base);
-        qk_norm_rope_backward(Cpu<double>{}, dx.data(), k.gain ? dgain.data() : nullptr, dy.data(), x.data(), rstd.data(), gp, N, k.T, k.nh, k.hd, k.rd, base);
-        CU_UP(gx, bf16, x); CU_UP(gdy, bf16, dy); CU_UP(gdx, bf16, dx0); CU_UP(ggain, f32, gain); CU_UP(gdgain, f32, dgain0);
+        qk_norm_rope_backward(Cpu<double>{}, dx.data(), k.gain ? dgain.data() : nullptr, dy.data(), x.data(),
+                              rstd.data(), gp, N, k.T, k.nh, k.hd, k.rd, base);
+        CU_UP(gx, bf16, x);
+        CU_UP(gdy, bf16, dy);
+        CU_UP(gdx, bf16, dx0);
+        CU_UP(ggain, f32, gain);
+        CU_UP(gdgain, f32, dgain0);
         GpuBuf gout(n * 2), grstd((size_t)N * k.nh * 4);
         gout.poison(); grstd.poison();
         const float* ggp = k.gain ? ggain->f() : nullptr;
         qk_norm_rope_forward(Cuda{}, gout.b(), grstd.f(), gx->b(), ggp, N, k.T, k.nh, k.hd, k.rd, base);
-        qk_norm_rope_backward(Cuda{}, gdx->b(), k.gain ? gdgain->f() : nullptr, gdy->b(), gx->b(), grstd.f(), ggp, N, k.T, k.nh, k.hd, k.rd, base);
+        qk_norm_rope_backward(Cuda{}, gdx->b(), k.gain ? gdgain->f() : nullptr, gdy->b(), gx->b(), grstd.f(), ggp, N,
+                              k.T, k.nh, k.hd, k.rd, base);
         std::string tag = test_format("qk_norm_rope B=%d T=%d nh=%d hd=%d rd=%d", k.B, k.T, k.nh, k.hd, k.rd);
         check_band((tag + " out").c_str(), down_bf16(gout.p, n), out, BF16_TOL);
         check_band((tag + " rstd").c_str(), down_f32(grstd.p, rstd.size()), rstd, F32_TOL);
@@ -530,11 +576,14 @@ TEST(cuda_resid_mix) {
     for (auto& s : shapes) {
         int N = s[0], C = s[1];
         size_t n = (size_t)N * C;
-        std::vector<double> x = cu_randn(n, rng), x0 = cu_randn(n, rng), mix = cu_randn(2 * C, rng, 1.0, false), dy = cu_randn(n, rng);
-        std::vector<double> dx0_ = cu_randn(n, rng, 0.5), dxx0 = cu_randn(n, rng, 0.5), dmix0 = cu_randn(2 * C, rng, 1.0, false);
+        std::vector<double> x = cu_randn(n, rng), x0 = cu_randn(n, rng), mix = cu_randn(2 * C, rng, 1.0, false),
+                            dy = cu_randn(n, rng);
+        std::vector<double> dx0_ = cu_randn(n, rng, 0.5), dxx0 = cu_randn(n, rng, 0.5),
+                            dmix0 = cu_randn(2 * C, rng, 1.0, false);
         std::vector<double> out(n), dx = dx0_, dx0 = dxx0, dmix = dmix0;
         resid_mix_forward(Cpu<double>{}, out.data(), x.data(), x0.data(), mix.data(), N, C);
-        resid_mix_backward(Cpu<double>{}, dx.data(), dx0.data(), dmix.data(), dy.data(), x.data(), x0.data(), mix.data(), N, C);
+        resid_mix_backward(Cpu<double>{}, dx.data(), dx0.data(), dmix.data(), dy.data(), x.data(), x0.data(),
+                           mix.data(), N, C);
         CU_UP(gx, bf16, x); CU_UP(gx0, bf16, x0); CU_UP(gmix, f32, mix); CU_UP(gdy, bf16, dy);
         GpuBuf gout(n * 2);
         gout.poison();
@@ -558,9 +607,10 @@ TEST(cuda_resid_mix) {
 TEST(cuda_branch_add) {
     REQUIRE_GPU();
     Rng rng(29);
-    struct { int N, C; bool gate, scalar, dres, dscale; } cases[] = {
-        {1, 8, false, false, true, true}, {7, 33, true, false, true, true}, {300, 512, true, false, false, true},
-        {257, 128, false, true, false, true}, {64, 64, true, false, true, false}, {1000, 130, false, false, false, true}};
+    struct { int N, C; bool gate, scalar, dres, dscale;
+    } cases[] = {{1, 8, false, false, true, true},     {7, 33, true, false, true, true},
+                 {300, 512, true, false, false, true}, {257, 128, false, true, false, true},
+                 {64, 64, true, false, true, false},   {1000, 130, false, false, false, true}};
     for (auto& k : cases) {
         int N = k.N, C = k.C, stride = k.scalar ? 0 : 1;
         size_t n = (size_t)N * C;
@@ -571,9 +621,14 @@ TEST(cuda_branch_add) {
         std::vector<double> out(n), dres = dres0, dbr = dbr0, dscale = dscale0, dgate = dgate0;
         const double* gp = k.gate ? gate.data() : nullptr;
         branch_add_forward(Cpu<double>{}, out.data(), res.data(), br.data(), scale.data(), gp, N, C, stride);
-        branch_add_backward(Cpu<double>{}, k.dres ? dres.data() : nullptr, dbr.data(), k.dscale ? dscale.data() : nullptr,
-                            k.gate ? dgate.data() : nullptr, dy.data(), br.data(), scale.data(), gp, N, C, stride);
-        CU_UP(gres, bf16, res); CU_UP(gbr, bf16, br); CU_UP(gdy, bf16, dy); CU_UP(gscale, f32, scale); CU_UP(ggate, f32, gate);
+        branch_add_backward(Cpu<double>{}, k.dres ? dres.data() : nullptr, dbr.data(),
+                            k.dscale ? dscale.data() : nullptr, k.gate ? dgate.data() : nullptr, dy.data(), br.data(),
+                            scale.data(), gp, N, C, stride);
+        CU_UP(gres, bf16, res);
+        CU_UP(gbr, bf16, br);
+        CU_UP(gdy, bf16, dy);
+        CU_UP(gscale, f32, scale);
+        CU_UP(ggate, f32, gate);
         CU_UP(gdres, bf16, dres0); CU_UP(gdbr, bf16, dbr0); CU_UP(gdscale, f32, dscale0); CU_UP(gdgate, f32, dgate0);
         GpuBuf gout(n * 2);
         gout.poison();
@@ -598,10 +653,15 @@ TEST(cuda_smear) {
         int B = k[0], T = k[1], C = k[2], N = B * T;
         size_t n = (size_t)N * C;
         std::vector<double> x = cu_randn(n, rng), dy = cu_randn(n, rng), gate = cu_randn(C, rng, 1.0, false);
-        std::vector<double> dx0 = cu_randn(n, rng, 0.5), dgate0 = cu_randn(C, rng, 1.0, false), out(n), dx = dx0, dgate = dgate0;
+        std::vector<double> dx0 = cu_randn(n, rng, 0.5), dgate0 = cu_randn(C, rng, 1.0, false), out(n), dx = dx0,
+                            dgate = dgate0;
         smear_forward(Cpu<double>{}, out.data(), x.data(), gate.data(), N, T, C);
         smear_backward(Cpu<double>{}, dx.data(), dgate.data(), dy.data(), x.data(), gate.data(), N, T, C);
-        CU_UP(gx, bf16, x); CU_UP(gdy, bf16, dy); CU_UP(ggate, f32, gate); CU_UP(gdx, bf16, dx0); CU_UP(gdgate, f32, dgate0);
+        CU_UP(gx, bf16, x);
+        CU_UP(gdy, bf16, dy);
+        CU_UP(ggate, f32, gate);
+        CU_UP(gdx, bf16, dx0);
+        CU_UP(gdgate, f32, dgate0);
         GpuBuf gout(n * 2);
         gout.poison();
         smear_forward(Cuda{}, gout.b(), gx->b(), ggate->f(), N, T, C);
@@ -618,7 +678,8 @@ TEST(cuda_mlp_act) {
     Rng rng(31);
     for (size_t n : {(size_t)1, (size_t)1000, (size_t)100003})
         for (int leaky = 0; leaky < 2; leaky++) {
-            std::vector<double> h = cu_randn(n, rng, 2.0), dy = cu_randn(n, rng), dh0 = cu_randn(n, rng, 0.5), out(n), dh = dh0;
+            std::vector<double> h = cu_randn(n, rng, 2.0), dy = cu_randn(n, rng), dh0 = cu_randn(n, rng, 0.5), out(n),
+                                dh = dh0;
             mlp_act_forward(Cpu<double>{}, out.data(), h.data(), n, leaky != 0);
             mlp_act_backward(Cpu<double>{}, dh.data(), dy.data(), h.data(), n, leaky != 0);
             CU_UP(gh, bf16, h); CU_UP(gdy, bf16, dy); CU_UP(gdh, bf16, dh0);
@@ -651,7 +712,8 @@ TEST(cuda_softcap_ce) {
         GpuBuf gloss((size_t)N * 4);
         gloss.poison();
         std::vector<double> before = down_bf16(gl->p, n);
-        softcap_ce(Cuda{}, gloss.f(), gl->b(), gy->i(), nullptr, N, V, k.cap);  // no weights: logits must stay as they were
+        // no weights: logits must stay as they were
+        softcap_ce(Cuda{}, gloss.f(), gl->b(), gy->i(), nullptr, N, V, k.cap);
         CHECK_MSG(down_bf16(gl->p, n) == before, "softcap_ce without weights changed the logits (N=%d V=%d)", N, V);
         std::string tag = test_format("softcap_ce N=%d V=%d cap=%g", N, V, k.cap);
         check_band((tag + " losses (no weights)").c_str(), down_f32(gloss.p, N), losses, F32_TOL);
@@ -675,7 +737,9 @@ TEST(cuda_elementwise_helpers) {
     for (size_t i = 0; i < n; i++) CHECK_MSG(got[i] == round_to_bf16((float)x[i] + (float)y[i]), "add_forward[%zu]", i);
     add_inplace(Cuda{}, out.b(), gx->b(), n);
     got = down_bf16(out.p, n);
-    for (size_t i = 0; i < n; i++) CHECK_MSG(got[i] == round_to_bf16((float)round_to_bf16((float)x[i] + (float)y[i]) + (float)x[i]), "add_inplace[%zu]", i);
+    for (size_t i = 0; i < n; i++)
+        CHECK_MSG(got[i] == round_to_bf16((float)round_to_bf16((float)x[i] + (float)y[i]) + (float)x[i]),
+                  "add_inplace[%zu]", i);
     scale_inplace(Cuda{}, out.b(), n, 0.37f);
     std::vector<double> got2 = down_bf16(out.p, n);
     for (size_t i = 0; i < n; i++) CHECK_MSG(got2[i] == round_to_bf16((float)got[i] * 0.37f), "scale_inplace[%zu]", i);
@@ -693,14 +757,16 @@ TEST(cuda_optimizer_updates) {
     REQUIRE_GPU();
     Rng rng(34);
     for (size_t n : {(size_t)1000, (size_t)100003}) {
-        std::vector<double> p = cu_randn(n, rng, 1.0, false), g = cu_randn(n, rng, 0.1, false), m = cu_randn(n, rng, 0.05, false), v(n);
+        std::vector<double> p = cu_randn(n, rng, 1.0, false), g = cu_randn(n, rng, 0.1, false),
+                            m = cu_randn(n, rng, 0.05, false), v(n);
         for (double& x : v) x = 0.01 * rng.uniform();
         auto to_f = [](const std::vector<double>& d) { return std::vector<float>(d.begin(), d.end()); };
         auto to_d = [](const std::vector<float>& f) { return std::vector<double>(f.begin(), f.end()); };
         for (int t : {1, 7})
             for (float wd : {0.0f, 0.1f}) {
                 std::vector<float> pc = to_f(p), mc = to_f(m), vc = to_f(v), gc = to_f(g);
-                adamw_update(Cpu<float>{}, pc.data(), gc.data(), mc.data(), vc.data(), n, 0.01f, 0.9f, 0.95f, 1e-8f, wd, t);
+                adamw_update(Cpu<float>{}, pc.data(), gc.data(), mc.data(), vc.data(), n, 0.01f, 0.9f, 0.95f, 1e-8f, wd,
+                             t);
                 CU_UP(gp, f32, p); CU_UP(gg, f32, g); CU_UP(gm, f32, m); CU_UP(gv, f32, v);
                 adamw_update(Cuda{}, gp->f(), gg->f(), gm->f(), gv->f(), n, 0.01f, 0.9f, 0.95f, 1e-8f, wd, t);
                 std::string tag = test_format("adamw n=%zu t=%d wd=%g", n, t, wd);
@@ -729,7 +795,8 @@ TEST(cuda_optimizer_updates) {
             average_accumulate(Cpu<float>{}, ac.data(), wc.data(), n, a.decay, a.first);
             CU_UP(ga, f32, m); CU_UP(gw, f32, p);
             average_accumulate(Cuda{}, ga->f(), gw->f(), n, a.decay, a.first);
-            check_band(test_format("average decay=%g first=%d", a.decay, a.first).c_str(), down_f32(ga->p, n), to_d(ac), 1e-6);
+            check_band(test_format("average decay=%g first=%d", a.decay, a.first).c_str(), down_f32(ga->p, n), to_d(ac),
+                       1e-6);
         }
     }
 }
@@ -765,8 +832,9 @@ TEST(cuda_fake_quant_rows) {
                 fake_quant_rows(Cuda{}, out.b(), gw->f(), rows, cols, clip, floor);
                 std::vector<double> got = down_bf16(out.p, wf.size());
                 for (size_t i = 0; i < got.size(); i++)  // the same fp32 value, then one bf16 rounding: exact
-                    CHECK_MSG(got[i] == round_to_bf16(want[i]), "fake_quant_rows %d×%d clip %d floor %g: [%zu] got %g want %g",
-                              rows, cols, clip, floor, i, got[i], (double)round_to_bf16(want[i]));
+                    CHECK_MSG(got[i] == round_to_bf16(want[i]),
+                              "fake_quant_rows %d×%d clip %d floor %g: [%zu] got %g want %g", rows, cols, clip, floor,
+                              i, got[i], (double)round_to_bf16(want[i]));
             }
 }
 
@@ -840,7 +908,10 @@ TEST(cuda_optimizer_step_matches_cpu) {
 // --- GPU: the model ------------------------------------------------------------------------------
 
 static void cuda_train_state_free(TrainState<Cuda>& s) {
-    device_free(Cuda{}, s.adam_m); device_free(Cuda{}, s.adam_v); device_free(Cuda{}, s.update); device_free(Cuda{}, s.avg);
+    device_free(Cuda{}, s.adam_m);
+    device_free(Cuda{}, s.adam_v);
+    device_free(Cuda{}, s.update);
+    device_free(Cuda{}, s.avg);
     s.adam_m = s.adam_v = s.update = s.avg = nullptr;
     for (void* p : {(void*)s.scalars, (void*)s.clip_ss, (void*)s.comm, (void*)s.own_grad, (void*)s.updates,
                     (void*)s.d_own, (void*)s.d_all, (void*)s.d_adam, (void*)s.d_pack})
@@ -870,10 +941,12 @@ TEST(cuda_refresh_compute_weights_qat) {
         to_host(Cuda{}, got.data(), (const uint16_t*)m.compute_mat, m.nparams);
         for (const ParamSpec& p : m.table) {
             std::vector<float> want(w.begin() + p.offset, w.begin() + p.offset + p.numel);
-            if (qat && qat_applies(p)) fake_quant_rows(Cpu<float>{}, want.data(), w.data() + p.offset, p.rows(), p.cols(), qat_clip(c), c.qat_scale_floor);
+            if (qat && qat_applies(p))
+                fake_quant_rows(Cpu<float>{}, want.data(), w.data() + p.offset, p.rows(), p.cols(), qat_clip(c),
+                                c.qat_scale_floor);
             for (size_t i = 0; i < p.numel; i++)
-                CHECK_MSG(got[p.offset + i] == float_to_bf16(want[i]), "qat=%d %s[%zu]: %04x, expected %04x", qat, p.name.c_str(), i,
-                          got[p.offset + i], float_to_bf16(want[i]));
+                CHECK_MSG(got[p.offset + i] == float_to_bf16(want[i]), "qat=%d %s[%zu]: %04x, expected %04x", qat,
+                          p.name.c_str(), i, got[p.offset + i], float_to_bf16(want[i]));
         }
     }
     model_free(Cuda{}, m);
@@ -917,7 +990,8 @@ template <class D> static double loss_and_grads(D dev, Model<D>& m, const std::v
     return s;
 }
 // One training step as train() runs it with one micro-batch: forward, backward, optimizer, refresh.
-template <class D> static double train_step(D dev, Model<D>& m, TrainState<D>& s, const std::vector<int32_t>& tok, int B, int T) {
+template <class D>
+static double train_step(D dev, Model<D>& m, TrainState<D>& s, const std::vector<int32_t>& tok, int B, int T) {
     double loss = loss_and_grads(dev, m, tok, B, T);
     optimizer_step(dev, m, s, lr_multiplier(m.cfg, s.step, 0), (float)muon_momentum_at(m.cfg, s.step));
     s.step++;
@@ -948,7 +1022,8 @@ static void compare_one_step(Config c, int B) {
     double lc = loss_and_grads(Cpu<float>{}, mc, tok, B, T);
     std::vector<float> gc(mc.grads, mc.grads + mc.nparams);
     Rng rng(99);
-    for (size_t i = 0; i < w.size(); i++) mc.params[i] = w[i] * (rng.uniform() < 0.5 ? 1.0f - 1.0f / 256 : 1.0f + 1.0f / 256);
+    for (size_t i = 0; i < w.size(); i++)
+        mc.params[i] = w[i] * (rng.uniform() < 0.5 ? 1.0f - 1.0f / 256 : 1.0f + 1.0f / 256);
     loss_and_grads(Cpu<float>{}, mc, tok, B, T);
     std::vector<float> gp(mc.grads, mc.grads + mc.nparams);
     Model<Cuda> mg;
@@ -1034,8 +1109,10 @@ TEST(cuda_tiny_50_steps_loss_curve) {
     }
     cuda_train_state_free(sg);
     model_free(Cuda{}, mg);
-    if (getenv("PGOLF_CUDA_TEST_VERBOSE")) printf("  loss cpu/gpu:%s (worst %.3f%% at step %d)\n", curve.c_str(), 100 * worst, worst_step);
-    CHECK_MSG(worst <= 0.01, "step %d: GPU loss off by %.2f%% of the CPU's (cpu/gpu:%s)", worst_step, 100 * worst, curve.c_str());
+    if (getenv("PGOLF_CUDA_TEST_VERBOSE"))
+        printf("  loss cpu/gpu:%s (worst %.3f%% at step %d)\n", curve.c_str(), 100 * worst, worst_step);
+    CHECK_MSG(worst <= 0.01, "step %d: GPU loss off by %.2f%% of the CPU's (cpu/gpu:%s)", worst_step, 100 * worst,
+              curve.c_str());
 }
 
 // Two fresh GPU runs of tiny: identical losses and weights, bit for bit.
@@ -1064,8 +1141,8 @@ TEST(cuda_training_is_deterministic) {
         model_free(Cuda{}, m);
     }
     for (int k = 0; k < steps; k++)
-        CHECK_MSG(memcmp(&losses[0][k], &losses[1][k], sizeof(double)) == 0, "step %d: loss %.17g vs %.17g in two identical runs", k,
-                  losses[0][k], losses[1][k]);
+        CHECK_MSG(memcmp(&losses[0][k], &losses[1][k], sizeof(double)) == 0,
+                  "step %d: loss %.17g vs %.17g in two identical runs", k, losses[0][k], losses[1][k]);
     CHECK_MSG(weights[0] == weights[1], "weights differ after %d steps of two identical runs", steps);
 }
 #endif  // PGOLF_CUDA

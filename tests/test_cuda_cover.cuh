@@ -41,7 +41,8 @@ TEST(cuda_column_reductions_saturated_chunks) {
     Rng rng(62);
     const int T = 40001, N = T, C = 8;  // one sequence (smear), one column block
     RowChunks rc = row_chunks(N);
-    CHECK_MSG(rc.chunks > CHUNK_MAX - 8 && rc.rows_per_chunk > CHUNK_MIN_ROWS && (long)rc.chunks * rc.rows_per_chunk > N,
+    CHECK_MSG(rc.chunks > CHUNK_MAX - 8 && rc.rows_per_chunk > CHUNK_MIN_ROWS &&
+                  (long)rc.chunks * rc.rows_per_chunk > N,
               "%d chunks of %ld rows", rc.chunks, rc.rows_per_chunk);
     size_t n = (size_t)N * C;
     std::vector<double> x = cu_randn(n, rng), x0 = cu_randn(n, rng), dy = cu_randn(n, rng);
@@ -50,7 +51,8 @@ TEST(cuda_column_reductions_saturated_chunks) {
     CU_UP(gx, bf16, x); CU_UP(gx0, bf16, x0); CU_UP(gdy, bf16, dy); CU_UP(gmix, f32, mix); CU_UP(ggate, f32, gate);
     {  // resid_mix: dmix[2C]
         std::vector<double> dx(n, 0.0), dx0(n, 0.0), dmix = dmix0;
-        resid_mix_backward(Cpu<double>{}, dx.data(), dx0.data(), dmix.data(), dy.data(), x.data(), x0.data(), mix.data(), N, C);
+        resid_mix_backward(Cpu<double>{}, dx.data(), dx0.data(), dmix.data(), dy.data(), x.data(), x0.data(),
+                           mix.data(), N, C);
         GpuBuf gdx(n * 2), gdx0(n * 2);
         cudaCheck(cudaMemset(gdx.p, 0, n * 2));
         cudaCheck(cudaMemset(gdx0.p, 0, n * 2));
@@ -62,13 +64,14 @@ TEST(cuda_column_reductions_saturated_chunks) {
     {  // branch_add: dscale[C], dgate[C]
         std::vector<double> dbr(n, 0.0), dscale = dvec0, dgate = dmix0;
         dgate.resize(C);
-        branch_add_backward(Cpu<double>{}, (double*)nullptr, dbr.data(), dscale.data(), dgate.data(), dy.data(), x.data(),
-                            gate.data(), gate.data(), N, C, 1);
+        branch_add_backward(Cpu<double>{}, (double*)nullptr, dbr.data(), dscale.data(), dgate.data(), dy.data(),
+                            x.data(), gate.data(), gate.data(), N, C, 1);
         GpuBuf gdbr(n * 2);
         cudaCheck(cudaMemset(gdbr.p, 0, n * 2));
         CU_UP(gdscale, f32, dvec0);
         CU_UP(gdgate, f32, std::vector<double>(dmix0.begin(), dmix0.begin() + C));
-        branch_add_backward(Cuda{}, nullptr, gdbr.b(), gdscale->f(), gdgate->f(), gdy->b(), gx->b(), ggate->f(), ggate->f(), N, C, 1);
+        branch_add_backward(Cuda{}, nullptr, gdbr.b(), gdscale->f(), gdgate->f(), gdy->b(), gx->b(), ggate->f(),
+                            ggate->f(), N, C, 1);
         check_band("branch_add dscale (saturated chunks)", down_f32(gdscale->p, C), dscale, F32_TOL);
         check_band("branch_add dgate (saturated chunks)", down_f32(gdgate->p, C), dgate, F32_TOL);
     }
@@ -208,11 +211,14 @@ TEST(cuda_train_step_graph_replay_bitwise) {
     cudaCheck(cudaGraphLaunch(exec, st));
     cudaCheck(cudaStreamSynchronize(st));
     size_t np = runs[0].m.nparams;
-    CHECK_MSG(down_bits(runs[1].m.acts.losses, N) == down_bits(runs[0].m.acts.losses, N), "replayed step: losses differ");
+    CHECK_MSG(down_bits(runs[1].m.acts.losses, N) == down_bits(runs[0].m.acts.losses, N),
+              "replayed step: losses differ");
     CHECK_MSG(down_bits(runs[1].m.grads, np) == down_bits(runs[0].m.grads, np), "replayed step: gradients differ");
     CHECK_MSG(down_bits(runs[1].m.params, np) == down_bits(runs[0].m.params, np), "replayed step: weights differ");
-    CHECK_MSG(down_bits(runs[1].s.adam_m, np) == down_bits(runs[0].s.adam_m, np), "replayed step: Adam/Muon moments differ");
-    CHECK_MSG(down_bits(runs[1].s.adam_v, np) == down_bits(runs[0].s.adam_v, np), "replayed step: Adam second moments differ");
+    CHECK_MSG(down_bits(runs[1].s.adam_m, np) == down_bits(runs[0].s.adam_m, np),
+              "replayed step: Adam/Muon moments differ");
+    CHECK_MSG(down_bits(runs[1].s.adam_v, np) == down_bits(runs[0].s.adam_v, np),
+              "replayed step: Adam second moments differ");
     cudaCheck(cudaGraphExecDestroy(exec));
     cudaCheck(cudaGraphDestroy(graph));
     for (Run& r : runs) {
@@ -230,7 +236,11 @@ TEST(cuda_train_step_graphs_match_direct_launches) {
     Config c; preset_tiny(c);
     c.num_layers = 2; c.model_dim = 64; c.num_heads = 2; c.num_kv_heads = 1; c.bigram_dim = 32;
     int T = 32, B = 1, N = B * T, steps = 3;
-    c.train_seq_len = T; c.eval_stride = 16; c.train_batch_tokens = 2L * N; c.grad_accum_steps = 2; c.grad_clip_norm = 1e-3f;
+    c.train_seq_len = T;
+    c.eval_stride = 16;
+    c.train_batch_tokens = 2L * N;
+    c.grad_accum_steps = 2;
+    c.grad_clip_norm = 1e-3f;
     config_validate(c, 1);
     std::vector<int32_t> tok = synthetic_tokens((size_t)steps * 2 * (N + 1), c.vocab_size, 13);
     std::vector<float> w = perturbed_init(c, 82);
@@ -313,7 +323,8 @@ TEST(cuda_memory_plan_matches_allocations) {
     Model<Cuda> m; TrainState<Cuda> s;
     model_init_for_run(Cuda{}, m, c);
     size_t held_model = device_bytes_held() - held0;
-    CHECK_MSG(m.act_bytes == plan.activations, "activations: %zu bytes allocated, %zu planned", m.act_bytes, plan.activations);
+    CHECK_MSG(m.act_bytes == plan.activations, "activations: %zu bytes allocated, %zu planned", m.act_bytes,
+              plan.activations);
     CHECK_MSG(held_model == plan.params + plan.compute + plan.grads + plan.activations,
               "model_init_for_run allocated %zu bytes, the plan says %zu", held_model,
               plan.params + plan.compute + plan.grads + plan.activations);
@@ -322,14 +333,17 @@ TEST(cuda_memory_plan_matches_allocations) {
               device_bytes_held() - held0 - held_model, plan.optimizer);
     cuda_scratch(plan.scratch);
     size_t held = device_bytes_held(), rope0 = rope_table_bytes();
-    CHECK_MSG(held - held0 == plan.params + plan.compute + plan.grads + plan.optimizer + plan.activations + plan.scratch,
+    CHECK_MSG(held - held0 ==
+                  plan.params + plan.compute + plan.grads + plan.optimizer + plan.activations + plan.scratch,
               "run_cuda's arrays take %zu bytes, the plan %zu", held - held0,
               plan.params + plan.compute + plan.grads + plan.optimizer + plan.activations + plan.scratch);
     int T = plan.act_t, B = (int)(plan.act_rows / T);
     std::vector<int32_t> tok = synthetic_tokens((size_t)B * T + 1, c.vocab_size, 12);
     train_step(Cuda{}, m, s, tok, B, T);
-    CHECK_MSG(cuda_ctx().scratch_bytes == plan.scratch, "a step at the plan's capacity (%d×%d) grew the scratch to %zu bytes "
-              "(planned %zu)", B, T, cuda_ctx().scratch_bytes, plan.scratch);
+    CHECK_MSG(cuda_ctx().scratch_bytes == plan.scratch,
+              "a step at the plan's capacity (%d×%d) grew the scratch to %zu bytes "
+              "(planned %zu)",
+              B, T, cuda_ctx().scratch_bytes, plan.scratch);
     CHECK_MSG(device_bytes_held() - held == rope_table_bytes() - rope0, "the step allocated %zu bytes",
               device_bytes_held() - held);
     cuda_train_state_free(s);
@@ -352,7 +366,8 @@ TEST(cuda_grow_only_buffers) {
         std::vector<double> x = cu_randn(n, rng), x0 = cu_randn(n, rng), dy = cu_randn(n, rng);
         std::vector<double> mix = cu_randn(2 * C, rng, 1.0, false), dmix0 = cu_randn(2 * C, rng, 1.0, false);
         std::vector<double> dx(n, 0.0), dx0(n, 0.0), dmix = dmix0;
-        resid_mix_backward(Cpu<double>{}, dx.data(), dx0.data(), dmix.data(), dy.data(), x.data(), x0.data(), mix.data(), N, C);
+        resid_mix_backward(Cpu<double>{}, dx.data(), dx0.data(), dmix.data(), dy.data(), x.data(), x0.data(),
+                           mix.data(), N, C);
         CU_UP(gx, bf16, x); CU_UP(gx0, bf16, x0); CU_UP(gdy, bf16, dy); CU_UP(gmix, f32, mix); CU_UP(gdmix, f32, dmix0);
         GpuBuf gdx(n * 2), gdx0(n * 2);
         device_zero(Cuda{}, gdx.p, n * 2);
@@ -361,10 +376,10 @@ TEST(cuda_grow_only_buffers) {
         resid_mix_backward(Cuda{}, gdx.b(), gdx0.b(), gdmix->f(), gdy->b(), gx->b(), gx0->b(), gmix->f(), N, C);
         size_t need = (size_t)row_chunks(N).chunks * 2 * C * sizeof(float), now = cuda_ctx().scratch_bytes;
         CHECK_MSG(now == std::max(last, need), "N=%d: scratch %zu bytes, expected max(%zu, %zu)", N, now, last, need);
-        CHECK_MSG(device_bytes_held() - before == now - last, "N=%d: growing the scratch %zu → %zu took %zu bytes", N, last,
-                  now, device_bytes_held() - before);
-        check_band(test_format("resid_mix dmix N=%d (scratch %zu → %zu)", N, last, now).c_str(), down_f32(gdmix->p, 2 * C),
-                   dmix, F32_TOL);
+        CHECK_MSG(device_bytes_held() - before == now - last, "N=%d: growing the scratch %zu → %zu took %zu bytes", N,
+                  last, now, device_bytes_held() - before);
+        check_band(test_format("resid_mix dmix N=%d (scratch %zu → %zu)", N, last, now).c_str(),
+                   down_f32(gdmix->p, 2 * C), dmix, F32_TOL);
         last = now;
     }
     CHECK(device_bytes_held() - held0 == last);

@@ -41,7 +41,8 @@ TEST(cuda_eval_every_mode_matches_cpu) {
         EvalResult a = eval_run_mode(mode, mc, d, rc), b = eval_run_mode(mode, mg, d, rg);
         eval_test_model_free(mc);
         model_free(Cuda{}, mg);
-        CHECK_MSG(a.tokens == b.tokens && a.tokens > 0, "%s: %.0f positions scored on the GPU, %.0f on the CPU", mode, b.tokens, a.tokens);
+        CHECK_MSG(a.tokens == b.tokens && a.tokens > 0, "%s: %.0f positions scored on the GPU, %.0f on the CPU", mode,
+                  b.tokens, a.tokens);
         // Adam's first step is lr·sign(g) (eps 1e-10): bf16 noise flips the sign of ~1% of the LoRA gradient's
         // elements (cuda_lora_gradients_match_cpu), each a 2·lr difference, and later chunks are scored by
         // adapters that grew apart (measured, mean |ΔNLL| by chunk: 0.016, 0.018, 0.029, 0.028, ..., 0.21 past
@@ -52,7 +53,8 @@ TEST(cuda_eval_every_mode_matches_cpu) {
         double worst = 0, sum = 0, n = 0;
         size_t at = 0;
         for (size_t j = 0; j < rc.nll.size(); j++) {
-            CHECK_MSG(std::isnan(rc.nll[j]) == std::isnan(rg.nll[j]), "%s: position %zu scored on one device only", tag, j);
+            CHECK_MSG(std::isnan(rc.nll[j]) == std::isnan(rg.nll[j]), "%s: position %zu scored on one device only", tag,
+                      j);
             if (std::isnan(rc.nll[j]) || (adam_lora && chunk[j] > 0)) continue;
             double e = std::fabs(rc.nll[j] - rg.nll[j]);
             sum += e;

@@ -62,7 +62,8 @@ static void gradcheck_model(int variant) {
         }
         double rel = std::sqrt(num / std::max(den, 1e-300));
         CHECK_MSG(den > 0, "%s: gradient is identically zero on the checked elements", p.name.c_str());
-        CHECK_MSG(rel < 1e-6, "%s: relative error %.3g of the analytic gradient vs finite differences", p.name.c_str(), rel);
+        CHECK_MSG(rel < 1e-6, "%s: relative error %.3g of the analytic gradient vs finite differences", p.name.c_str(),
+                  rel);
     }
 }
 
@@ -96,7 +97,8 @@ TEST(attention_documents_equal_separate_sequences) {
     Rng rng(91);
     std::vector<int32_t> doc(B * T);
     document_starts(Cpu<double>{}, doc.data(), &ATTN_DOC_TOKENS[0][0], B, T);
-    std::vector<double> q = attn_random<double>((size_t)B * T * H * hd, rng), k = attn_random<double>((size_t)B * T * Hk * hd, rng);
+    std::vector<double> q = attn_random<double>((size_t)B * T * H * hd, rng),
+                        k = attn_random<double>((size_t)B * T * Hk * hd, rng);
     std::vector<double> v = attn_random<double>(k.size(), rng), out(q.size()), lse((size_t)B * H * T);
     attention_forward(Cpu<double>{}, out.data(), lse.data(), q.data(), k.data(), v.data(), B, T, H, Hk, hd, doc.data());
     int checked = 0;
@@ -105,7 +107,8 @@ TEST(attention_documents_equal_separate_sequences) {
             int s1 = s0 + 1;
             while (s1 < T && ATTN_DOC_TOKENS[b][s1] != BOS_ID) s1++;
             int n = s1 - s0;  // one document as its own sequence
-            std::vector<double> dq((size_t)n * H * hd), dk((size_t)n * Hk * hd), dv(dk.size()), dout(dq.size()), dl((size_t)H * n);
+            std::vector<double> dq((size_t)n * H * hd), dk((size_t)n * Hk * hd), dv(dk.size()), dout(dq.size()),
+                dl((size_t)H * n);
             for (int t = 0; t < n; t++) {
                 memcpy(&dq[(size_t)t * H * hd], &q[((size_t)b * T + s0 + t) * H * hd], H * hd * sizeof(double));
                 memcpy(&dk[(size_t)t * Hk * hd], &k[((size_t)b * T + s0 + t) * Hk * hd], Hk * hd * sizeof(double));
@@ -117,11 +120,13 @@ TEST(attention_documents_equal_separate_sequences) {
                     CHECK_MSG(std::fabs(lse[((size_t)b * H + h) * T + s0 + t] - dl[(size_t)h * n + t]) < 1e-12,
                               "row %d position %d head %d: lse differs from its document's own", b, s0 + t, h);
                     for (int i = 0; i < hd; i++)
-                        CHECK_MSG(std::fabs(out[(((size_t)b * T + s0 + t) * H + h) * hd + i] - dout[((size_t)t * H + h) * hd + i]) < 1e-12,
+                        CHECK_MSG(std::fabs(out[(((size_t)b * T + s0 + t) * H + h) * hd + i] -
+                                            dout[((size_t)t * H + h) * hd + i]) < 1e-12,
                                   "row %d position %d head %d: output differs from its document's own", b, s0 + t, h);
                     if (t == 0)  // a document's first position sees itself only: out = its own value
                         for (int i = 0; i < hd; i++)
-                            CHECK(std::fabs(out[(((size_t)b * T + s0) * H + h) * hd + i] - v[(((size_t)b * T + s0) * Hk + h / group) * hd + i]) < 1e-12);
+                            CHECK(std::fabs(out[(((size_t)b * T + s0) * H + h) * hd + i] -
+                                            v[(((size_t)b * T + s0) * Hk + h / group) * hd + i]) < 1e-12);
                 }
             checked++;
             s0 = s1;
@@ -135,18 +140,20 @@ TEST(attention_documents_gradcheck) {
     Rng rng(92);
     std::vector<int32_t> doc(B * T);
     document_starts(Cpu<double>{}, doc.data(), &ATTN_DOC_TOKENS[0][0], B, T);
-    std::vector<double> q = attn_random<double>((size_t)B * T * H * hd, rng), k = attn_random<double>((size_t)B * T * Hk * hd, rng);
+    std::vector<double> q = attn_random<double>((size_t)B * T * H * hd, rng),
+                        k = attn_random<double>((size_t)B * T * Hk * hd, rng);
     std::vector<double> v = attn_random<double>(k.size(), rng), w = attn_random<double>(q.size(), rng);
     std::vector<double> out(q.size()), lse((size_t)B * H * T), dq(q.size(), 0.0), dk(k.size(), 0.0), dv(v.size(), 0.0);
     auto loss = [&]() {
-        attention_forward(Cpu<double>{}, out.data(), lse.data(), q.data(), k.data(), v.data(), B, T, H, Hk, hd, doc.data());
+        attention_forward(Cpu<double>{}, out.data(), lse.data(), q.data(), k.data(), v.data(), B, T, H, Hk, hd,
+                          doc.data());
         double L = 0;
         for (size_t i = 0; i < out.size(); i++) L += w[i] * out[i];
         return L;
     };
     loss();
-    attention_backward(Cpu<double>{}, dq.data(), dk.data(), dv.data(), w.data(), q.data(), k.data(), v.data(), out.data(), lse.data(),
-                       B, T, H, Hk, hd, doc.data());
+    attention_backward(Cpu<double>{}, dq.data(), dk.data(), dv.data(), w.data(), q.data(), k.data(), v.data(),
+                       out.data(), lse.data(), B, T, H, Hk, hd, doc.data());
     const double h = 1e-6;
     std::vector<double>* xs[3] = {&q, &k, &v};
     std::vector<double>* gs[3] = {&dq, &dk, &dv};
@@ -162,7 +169,11 @@ TEST(attention_documents_gradcheck) {
             den += std::max(fd * fd, an * an);
         }
         double rel = std::sqrt(num / den);
-        CHECK_MSG(rel < 1e-7, "%s: relative error %.3g against finite differences", x == 0 ? "dq" : x == 1 ? "dk" : "dv", rel);
+        CHECK_MSG(rel < 1e-7, "%s: relative error %.3g against finite differences",
+                  x == 0   ? "dq"
+                  : x == 1 ? "dk"
+                           : "dv",
+                  rel);
     }
 }
 
@@ -194,8 +205,8 @@ TEST(model_documents_do_not_see_each_other) {
         for (int t = 3; t < 7; t++) doc2_changed |= m.acts.losses[7 + t] != before[7 + t];
         for (int t = 0; t < 7; t++) CHECK(m.acts.losses[t] == before[t]);  // row 0 is another sequence
         CHECK(doc1_changed);
-        CHECK_MSG(doc2_changed == !varlen, "VARLEN_ATTN=%d: document 2's losses %s when document 1's tokens change", varlen,
-                  doc2_changed ? "changed" : "did not change");
+        CHECK_MSG(doc2_changed == !varlen, "VARLEN_ATTN=%d: document 2's losses %s when document 1's tokens change",
+                  varlen, doc2_changed ? "changed" : "did not change");
         model_free(Cpu<double>{}, m);
     }
 }
