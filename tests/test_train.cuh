@@ -120,7 +120,8 @@ TEST(config_rejects_head_dims_the_cuda_kernels_lack) {
 TEST(config_env_errors_and_presets) {
     setenv("CONFIG", "nonexistent", 1);
     CHECK_THROWS(config_from_env(),
-                 "CONFIG=nonexistent: unknown preset (expected one of baseline, pr467, pr600, pr456, tiny, frontier, frontier_tiny)");
+                 "CONFIG=nonexistent: unknown preset (expected one of baseline, pr467, pr600, pr456, tiny, frontier, "
+                 "frontier_tiny)");
     setenv("CONFIG", "pr467", 1);
     setenv("ITERATIONS", "12x", 1);
     CHECK_THROWS(config_from_env(), "ITERATIONS=\"12x\": expected an integer");
