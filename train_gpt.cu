@@ -718,7 +718,7 @@ static void* host_alloc(Cuda, size_t bytes) {
     memset(p, 0, bytes);
     return p;
 }
-static void host_free(Cuda, void* p) { if (p) cudaCheck(cudaFreeHost(p)); }
+__attribute__((unused)) static void host_free(Cuda, void* p) { if (p) cudaCheck(cudaFreeHost(p)); }
 static void device_zero(Cuda, void* p, size_t bytes) {
     PROFILE_OP(OP_MEMSET);
     if (bytes) cudaCheck(cudaMemsetAsync(p, 0, bytes, cuda_ctx().stream));
@@ -4376,8 +4376,8 @@ static void smear_backward(Cuda, bf16* dx, float* dgate, const bf16* dout, const
 // --- BOS-masked SmearGate on the token embedding (PR #1667; the BOS fix of #1851/#1855) -----------
 // out[t] = x[t] + λ·σ(w·x[t][:W])·x[t−1] where t is not a sequence's first position and token t is not
 // BOS; out[t] = x[t] elsewhere, so nothing crosses a document start. x: (N, C) rows of B sequences of T.
-static bool smear_bos_active(const int32_t* ids, long n, int T_) { return n % T_ != 0 && ids[n] != BOS_ID; }
 #if PGOLF_CPU_REFERENCE
+static bool smear_bos_active(const int32_t* ids, long n, int T_) { return n % T_ != 0 && ids[n] != BOS_ID; }
 template <class T> static T smear_bos_logit(const T* xrow, const T* w, int W) {
     T z = 0;
     for (int j = 0; j < W; j++) z += w[j] * xrow[j];
@@ -6115,15 +6115,6 @@ static void sgd_update(Cuda, float* p, const float* g, float* buf, size_t n, flo
                        bool first) {
     if (!n) return;
     PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, sgd_kernel)(p, g, buf, n, lr, momentum, wd, first);
-    launchCheck();
-}
-__global__ void apply_update_kernel(float* p, const float* u, size_t n, float lr, float wd) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        p[i] = p[i] * (1.0f - lr * wd) - lr * u[i];
-}
-static void apply_update(Cuda, float* p, const float* update, size_t n, float lr, float wd) {
-    if (!n) return;
-    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, apply_update_kernel)(p, update, n, lr, wd);
     launchCheck();
 }
 __global__ void average_kernel(float* avg, const float* w, size_t n, float decay, bool first) {
@@ -9919,7 +9910,7 @@ static void step_gradients(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s) {
 static void step_losses_wait(Cuda, TrainState<Cuda>& s) {
     if (s.gpu) cudaCheck(cudaEventSynchronize(s.gpu->done));
 }
-static void step_graph_free(TrainState<Cuda>& s) {
+__attribute__((unused)) static void step_graph_free(TrainState<Cuda>& s) {
     if (!s.gpu) return;
     CudaStepGraph& g = *s.gpu;
     if (g.exec) cudaCheck(cudaGraphExecDestroy(g.exec));
@@ -10686,10 +10677,7 @@ static void adamw_update(Cost, float*, const float*, float*, float*, size_t n, f
 static void sgd_update(Cost, float*, const float*, float*, size_t n, float, float, float, bool) {
     if (n) cost_add(OP_ELEMENTWISE, "sgd", 0, 5 * cb<float>(n));
 }
-// apply_update: apply_update_kernel; average_accumulate: average_kernel; scale_grads: scale_inplace
-static void apply_update(Cost, float*, const float*, size_t n, float, float) {
-    if (n) cost_add(OP_ELEMENTWISE, "apply_update", 0, 3 * cb<float>(n));
-}
+// average_accumulate: average_kernel; scale_grads: scale_inplace
 static void average_accumulate(Cost, float*, const float*, size_t n, float, bool first) {
     if (n) cost_add(OP_ELEMENTWISE, "average", 0, (first ? 2 : 3) * cb<float>(n));
 }

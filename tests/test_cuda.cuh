@@ -782,13 +782,6 @@ TEST(cuda_optimizer_updates) {
             check_band("sgd p", down_f32(gp->p, n), to_d(pc), 1e-5);
             check_band("sgd buf", down_f32(gb->p, n), to_d(bc), 1e-5);
         }
-        {
-            std::vector<float> pc = to_f(p), uc = to_f(g);
-            apply_update(Cpu<float>{}, pc.data(), uc.data(), n, 0.02f, 0.04f);
-            CU_UP(gp, f32, p); CU_UP(gu, f32, g);
-            apply_update(Cuda{}, gp->f(), gu->f(), n, 0.02f, 0.04f);
-            check_band("apply_update", down_f32(gp->p, n), to_d(pc), 1e-5);
-        }
         struct { float decay; bool first; } avgs[] = {{-1.0f, false}, {0.4f, false}, {0.997f, true}};
         for (auto& a : avgs) {
             std::vector<float> ac = to_f(m), wc = to_f(p);

@@ -23,7 +23,7 @@ TEST(cuda_grid_stride_loops_go_round) {
     test_cuda_smear();
     test_cuda_mlp_act();
     test_cuda_elementwise_helpers();      // add, scale, copy
-    test_cuda_optimizer_updates();        // adamw, sgd, apply_update, average
+    test_cuda_optimizer_updates();        // adamw, sgd, average
     test_cuda_refresh_compute_weights_qat();  // cast_params
     Rng rng(61);
     size_t n = 5 * BLOCK + 3;
