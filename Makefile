@@ -180,6 +180,7 @@ emu: $(EMU_TESTS) $(if $(EMU_TESTS),train_gpt_emu)
 corpus: tokenize
 	@scripts/make_corpus
 	@scripts/make_corpus --vocab 8192
+	@scripts/make_corpus --vocab 8192 --caseops
 
 test: all train_gpt_cpu tests/test_main $(EMU_TESTS) $(if $(EMU_TESTS),train_gpt_emu) tests/test_tokenizer $(EMU_LIBS_TEST) \
       corpus

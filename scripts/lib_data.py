@@ -54,12 +54,13 @@ def fnv1a64(data):
     return h
 
 
-def write_manifest(dataset_dir, model_path, vocab_size):
-    """dataset_dir/manifest.txt as ./tokenize shard writes it: train_gpt checks the tokenizer against it."""
+def write_manifest(dataset_dir, model_path, vocab_size, transform="none"):
+    """dataset_dir/manifest.txt as ./tokenize shard writes it: train_gpt checks the tokenizer against it
+    (and transform=caseops against CASEOPS_ENABLED)."""
     with open(model_path, "rb") as f:
         checksum = fnv1a64(f.read())
     text = (f"format=pgolf-shards-1\ntokenizer={os.path.basename(model_path)}\n"
-            f"tokenizer_checksum={checksum:016x}\nvocab_size={vocab_size}\n")
+            f"tokenizer_checksum={checksum:016x}\nvocab_size={vocab_size}\ntransform={transform}\n")
     path = os.path.join(dataset_dir, "manifest.txt")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)

@@ -24,6 +24,7 @@ cd "$PG_ROOT"
 PG_NAME=$(basename "$0")
 PG_PRESET=""
 PG_VOCAB=1024  # the tokenizer of the data the recipe trains on (scripts/frontier: 8192)
+PG_CASEOPS=0   # 1: the CaseOps form of that data (PR #1729's sp8192 caseops_v1_reserved tokenizer, byte sidecar)
 
 pg_die() { echo "$PG_NAME: error: $*" >&2; exit 1; }
 pg_say() { echo "$PG_NAME: $*" >&2; }
@@ -138,9 +139,15 @@ pg_has_shards() {
 }
 
 # Data, first found: DATA_PATH; FineWeb in data/datasets/fineweb10B_sp$PG_VOCAB; DOWNLOAD=1 fetches it;
-# else the embedded Debian prose corpus (scripts/make_corpus --vocab $PG_VOCAB).
+# else the embedded Debian prose corpus (scripts/make_corpus --vocab $PG_VOCAB). With PG_CASEOPS=1 the
+# CaseOps forms: fineweb10B_sp8192_lossless_caps_caseops_v1_reserved, debian_prose_sp8192_caseops.
 pg_data() {
-    local fw=data/datasets/fineweb10B_sp$PG_VOCAB corpus=data/datasets/debian_prose_sp$PG_VOCAB
+    local variant=sp$PG_VOCAB corpus=data/datasets/debian_prose_sp$PG_VOCAB corpus_flags=() tok=fineweb_${PG_VOCAB}_bpe
+    if [ "$PG_CASEOPS" = 1 ]; then
+        variant=sp${PG_VOCAB}_lossless_caps_caseops_v1_reserved corpus+=_caseops corpus_flags=(--caseops)
+        tok+=_lossless_caps_caseops_v1_reserved
+    fi
+    local fw=data/datasets/fineweb10B_$variant
     if [ -n "${DATA_PATH:-}" ]; then
         local want="fineweb_train_*.bin and fineweb_val_*.bin"
         [ -n "${LOAD_ARTIFACT:-}" ] && want="fineweb_val_*.bin"
@@ -148,7 +155,7 @@ pg_data() {
     elif pg_has_shards "$fw"; then
         DATA_PATH=$fw
     elif [ "${DOWNLOAD:-0}" = 1 ]; then
-        scripts/download_fineweb --variant "sp$PG_VOCAB" --train-shards "${TRAIN_SHARDS:-80}" >&2 ||
+        scripts/download_fineweb --variant "$variant" --train-shards "${TRAIN_SHARDS:-80}" >&2 ||
             pg_die "scripts/download_fineweb failed"
         DATA_PATH=$fw
     else
@@ -156,8 +163,8 @@ pg_data() {
         if [ "$PG_VOCAB" != 1024 ]; then  # the sp1024 build makes the text the others re-tokenize
             scripts/make_corpus >&2 || pg_die "scripts/make_corpus failed; set DATA_PATH or DOWNLOAD=1"
         fi
-        scripts/make_corpus --vocab "$PG_VOCAB" >&2 ||
-            pg_die "scripts/make_corpus --vocab $PG_VOCAB failed; set DATA_PATH to FineWeb shards or DOWNLOAD=1"
+        scripts/make_corpus --vocab "$PG_VOCAB" "${corpus_flags[@]}" >&2 ||
+            pg_die "scripts/make_corpus --vocab $PG_VOCAB ${corpus_flags[*]} failed; set DATA_PATH to FineWeb shards or DOWNLOAD=1"
         DATA_PATH=$corpus
         if [ "$DEVICE" = cuda ]; then
             pg_say "WARNING: no FineWeb shards ($fw): training on the Debian prose corpus;" \
@@ -165,7 +172,7 @@ pg_data() {
         fi
     fi
     export DATA_PATH
-    export TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/fineweb_${PG_VOCAB}_bpe.model}
+    export TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/$tok.model}
     [ -f "$TOKENIZER_PATH" ] || pg_die "TOKENIZER_PATH=$TOKENIZER_PATH: no such file"
 }
 

@@ -845,7 +845,7 @@ TEST(cuda_optimizer_step_matches_cpu) {
         c.num_layers = 2; c.model_dim = EMU_OR(128, 64); c.num_heads = 2; c.num_kv_heads = 1;
         c.vocab_size = 96; c.bigram_vocab_size = 64; c.bigram_dim = 32; c.train_seq_len = 64;
         c.train_batch_tokens = 64; c.grad_accum_steps = 1; c.grad_clip_norm = 0.05f;
-        c.muon_weight_decay = 0.04f; c.adam_wd = 0.01f;
+        c.muon_weight_decay = 0.04f; c.adam_wd = 0.01f; c.embed_wd = variant ? 0.3f : -1.0f;  // EMBED_WD
         c.muon_row_normalize = variant; c.muon_polar_express = variant; c.embed_bf16 = variant;
         config_validate(c, 1);
         Model<Cpu<float>> mc; TrainState<Cpu<float>> sc;

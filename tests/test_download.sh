@@ -34,7 +34,14 @@ shard(f"{d}/fineweb_val_000000.bin", 3000)
 for i, n in enumerate([5000, 5000, 2345]):
     shard(f"{d}/fineweb_train_{i:06d}.bin", n)
 shard(f"{src}/datasets/fineweb10B_sp2048/fineweb_val_000000.bin", 100)  # manifest says 99: a wrong N
+co = f"{src}/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"  # CaseOps: val shard + byte sidecar
+shard(f"{co}/fineweb_val_000000.bin", 2000)
+shard(f"{co}/fineweb_val_bytes_000000.bin", 2000)
+shard(f"{co}/fineweb_train_000000.bin", 1500)
 os.makedirs(f"{src}/tokenizers")
+cm = "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+with open(f"{root}/data/tokenizers/{cm}", "rb") as f, open(f"{src}/tokenizers/{cm}", "wb") as g:
+    g.write(f.read())
 with open(f"{root}/data/tokenizers/fineweb_1024_bpe.model", "rb") as f, open(f"{src}/tokenizers/fineweb_1024_bpe.model", "wb") as g:
     g.write(f.read())
 with open(f"{src}/tokenizers/fineweb_1024_bpe.vocab", "w") as f:
@@ -46,10 +53,13 @@ def ds(name, tok, files_val, files_train, tokens_val, tokens_train):
 manifest = {"version": "test", "shard_size": 5000,
             "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model",
                             "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"},
-                           {"name": "sp_bpe_2048", "model_path": "tokenizers/none.model"}],
+                           {"name": "sp_bpe_2048", "model_path": "tokenizers/none.model"},
+                           {"name": "sp8192_caseops", "model_path": f"tokenizers/{cm}"}],
             "datasets": [ds("fineweb10B_sp1024", "sp_bpe_1024", 1, 3, 3000, 12345),
                          ds("fineweb10B_sp2048", "sp_bpe_2048", 1, 0, 99, 0),
-                         ds("fineweb10B_sp512", "sp_bpe_1024", 1, 0, 50, 0)]}  # its shard is not on the server
+                         ds("fineweb10B_sp512", "sp_bpe_1024", 1, 0, 50, 0),  # its shard is not on the server
+                         dict(ds("fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", "sp8192_caseops", 1, 1, 2000,
+                                 1500), vocab_size=8192, val_bytes_glob="fineweb_val_bytes_*.bin")]}
 with open(f"{src}/manifest.json", "w") as f:
     json.dump(manifest, f)
 EOF
@@ -261,6 +271,54 @@ else
     fail too_many_shards "$(tail -n 1 "$out")"
 fi
 
+# 11b. the CaseOps variant: val shard, its byte sidecar, the CaseOps tokenizer, manifest.txt with
+# transform=caseops (train_gpt refuses CaseOps shards without CASEOPS_ENABLED=1 by it); the sidecar is
+# checked as a shard of the val shard's length (a wrong one is refused, nothing left behind)
+cd_=$dest/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved
+csd=$src/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved
+ctok=fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model
+if dl --variant sp8192_lossless_caps_caseops_v1_reserved --train-shards 1 \
+   && cmp -s "$csd/fineweb_val_bytes_000000.bin" "$cd_/fineweb_val_bytes_000000.bin" \
+   && cmp -s "$csd/fineweb_val_000000.bin" "$cd_/fineweb_val_000000.bin" \
+   && cmp -s "$src/tokenizers/$ctok" "$dest/tokenizers/$ctok" \
+   && grep -qx "transform=caseops" "$cd_/manifest.txt" && grep -qx "tokenizer=$ctok" "$cd_/manifest.txt" \
+   && grep -qx "transform=none" "$dd/manifest.txt"; then
+    pass caseops_variant
+else
+    fail caseops_variant "$(tail -n 2 "$out"); $(tr '\n' ' ' < "$cd_/manifest.txt" 2>&1)"
+fi
+rm "$cd_/fineweb_val_bytes_000000.bin"
+control '{"corrupt_always": ["fineweb_val_bytes_000000.bin"]}'
+if ! dl --variant sp8192_lossless_caps_caseops_v1_reserved --train-shards 1 \
+   && grep -q 'fineweb_val_bytes_000000.bin: still bad' "$out" && [ ! -e "$cd_/fineweb_val_bytes_000000.bin" ]; then
+    pass caseops_bad_sidecar
+else
+    fail caseops_bad_sidecar "$(tail -n 2 "$out")"
+fi
+control '{}'
+# the default source of each variant (no network: the repo each would ask, from the script itself)
+if python3 - "$repo_root/scripts/download_fineweb" <<'EOF'
+import importlib.machinery, importlib.util, os, sys
+sys.dont_write_bytecode = True
+for k in ("MATCHED_FINEWEB_REPO_ID",):
+    os.environ.pop(k, None)
+loader = importlib.machinery.SourceFileLoader("download_fineweb", sys.argv[1])
+spec = importlib.util.spec_from_loader("download_fineweb", loader)
+m = importlib.util.module_from_spec(spec)
+loader.exec_module(m)
+want = {"sp1024": "willdepueoai/parameter-golf", "sp8192": "kevclark/parameter-golf",
+        "sp8192_lossless_caps_caseops_v1_reserved": "romeerp/parameter-golf-caseops-v1"}
+bad = [f"{v}: {m.Remote(v).repo}" for v, r in want.items() if m.Remote(v).repo != r]
+bad += [] if m.dataset_dir_for_variant("sp8192_lossless_caps_caseops_v1_reserved") == \
+    "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved" else ["caseops dataset dir"]
+sys.exit(", ".join(bad) if bad else 0)
+EOF
+then
+    pass variant_repos
+else
+    fail variant_repos "default repos differ"
+fi
+
 # 11. a variant the manifest does not list, and a file missing on the server
 if ! dl --variant sp4096 && grep -q 'no dataset fineweb10B_sp4096' "$out" \
    && ! dl --variant sp512 --train-shards 0 && grep -q "HTTP 404 .* for http://127.0.0.1:$port/datasets/test/fake-repo/resolve/main/exp/datasets/fineweb10B_sp512/fineweb_val_000000.bin" "$out"; then
@@ -283,7 +341,10 @@ fi
 
 # 13. bad flags
 if ! scripts/download_fineweb --dest "$tmp/other" --train-shards -1 > "$out" 2>&1 && grep -q -- '--train-shards: expected 0 or more' "$out" \
-   && ! scripts/download_fineweb --dest "$tmp/other" --variant gpt2 > "$out" 2>&1 && grep -q -- '--variant: expected' "$out"; then
+   && ! scripts/download_fineweb --dest "$tmp/other" --variant gpt2 > "$out" 2>&1 && grep -q -- '--variant: expected' "$out" \
+   && ! scripts/download_fineweb --dest "$tmp/other" --variant sp8192_ > "$out" 2>&1 && grep -q -- '--variant: expected' "$out" \
+   && ! scripts/download_fineweb --dest "$tmp/other" --variant 'sp8192_../x' > "$out" 2>&1 \
+   && grep -q -- '--variant: expected' "$out"; then
     pass bad_flags
 else
     fail bad_flags "$(cat "$out")"

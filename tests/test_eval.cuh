@@ -541,16 +541,18 @@ TEST(eval_lora_multi_epoch_reports_first_exposure) {
 }
 
 // dA, dB of every target against finite differences, base weights frozen (no parameter gradient).
-static void lora_gradcheck(int variant) {
-    Config c = gradcheck_config(variant);
-    c.ttt_lora_targets = "q,k,v,o,mlp_up,mlp_down,lm_head,attn_out,mlp"; c.ttt_lora_rank = 3;
+static void lora_gradcheck(Config c, int seed, const char* targets = "q,k,v,o,mlp_up,mlp_down,lm_head,attn_out,mlp",
+                           int samples = 24) {
+    c.ttt_lora_targets = targets; c.ttt_lora_rank = 3;
     c.ttt_lora_alpha = 6.0f;  // scale 2
+    c.eval_mode = "lora_ttt,phased_ttt";
     config_validate(c, 1);
     int B = 2, T = 7;
     Cpu<double> dev;
     Model<Cpu<double>> m;
     model_init(dev, m, c, B, T);
-    Rng rng(4321 + variant);
+    CHECK(m.looping == (c.num_loops > 0));  // evaluation runs the loop: one adapter per virtual layer
+    Rng rng(seed);
     randomize(m.params, m.nparams, rng, 0.3);
     Lora<Cpu<double>> lo;
     lora_alloc(dev, lo, c, B, (size_t)B * T);
@@ -578,7 +580,7 @@ static void lora_gradcheck(int variant) {
                 double* p = which ? lo.B[t][l] : lo.A[t][l];
                 size_t n = (size_t)B * lo.rank * (which ? lo.out_dim[t] : lo.in_dim[t]);
                 double num = 0, den = 0;
-                for (int k = 0; k < 24; k++) {
+                for (int k = 0; k < samples; k++) {
                     size_t i = (size_t)(rng.uniform() * n);
                     double orig = p[i];
                     p[i] = orig + h; double lp = loss();
@@ -596,7 +598,21 @@ static void lora_gradcheck(int variant) {
     lora_free(dev, lo);
     eval_test_model_free(m);
 }
-TEST(eval_lora_gradcheck_every_target) { lora_gradcheck(0); lora_gradcheck(1); }
+TEST(eval_lora_gradcheck_every_target) {
+    lora_gradcheck(gradcheck_config(0), 4321);
+    lora_gradcheck(gradcheck_config(1), 4322);
+}
+// LoRA TTT with NUM_LOOPS (#1855's BatchedTTTLoRA: one slot per virtual layer of the looped sequence, so a
+// block run three times has three adapters): every slot's dA, dB against finite differences, frontier features on.
+TEST(eval_lora_gradcheck_looped) {
+    Config c = frontier_gradcheck_config();  // blocks 0 1 2 1 2 3 4: 7 virtual layers
+    lora_gradcheck(c, 4323, "q,attn_out,mlp,lm_head", 3);  // (few samples: 22 slots × 2 factors)
+    Lora<Cpu<double>> lo;
+    lora_alloc(Cpu<double>{}, lo, c, 1, 7);
+    CHECK_MSG(lo.A[LORA_Q].size() == 7 && lo.A[LORA_HEAD].size() == 1, "%zu q slots, %zu head slots",
+              lo.A[LORA_Q].size(), lo.A[LORA_HEAD].size());
+    lora_free(Cpu<double>{}, lo);
+}
 
 // Under `mpirun -np 2` (tests/test_eval_mpi.sh): every mode on 2 ranks equals the same mode run on
 // one rank in the same process. All collectives run before any check, so a failure cannot hang.

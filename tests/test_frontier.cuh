@@ -41,7 +41,7 @@ TEST(frontier_block_sequence) {
 // lr = 1 until 15% of training, then (1 − frac)/0.85 (PR #1855's lr_mul without MIN_LR).
 TEST(frontier_warmdown_frac) {
     Config c = frontier_config("frontier");
-    c.max_wallclock_seconds = 0; c.iterations = 1000;
+    c.max_wallclock_seconds = 0; c.iterations = 1000; c.min_lr = 0;  // (the preset's MIN_LR floor: test_train.cuh)
     CHECK(lr_multiplier(c, 0, 0) == 1.0 && lr_multiplier(c, 149, 0) == 1.0);
     CHECK(std::fabs(lr_multiplier(c, 150, 0) - 1.0) < 1e-12);
     CHECK(std::fabs(lr_multiplier(c, 575, 0) - 0.5) < 1e-12);

@@ -199,22 +199,22 @@ expect_refusal submission_refuses_duplicate_seed "same SEED" "$tmp/fx/dest_dup" 
 
 # --- 2. the recipes on the CPU --------------------------------------------------------------------
 recipes=(baseline pr467 pr600 pr456 frontier)
-declare -A modes=([baseline]="standard" [pr467]="sliding,lora_ttt" [pr600]="sliding" [pr456]="full_ttt" [frontier]="sliding")  # each preset's final evaluation
+declare -A modes=([baseline]="standard" [pr467]="sliding,lora_ttt" [pr600]="sliding" [pr456]="full_ttt" [frontier]="phased_ttt")  # each preset's final evaluation
 # short lengths for every recipe; the shape stays the recipes' CPU default (tiny: 4 layers, d128)
 short=(ITERATIONS=8 WARMDOWN_ITERS=16 TRAIN_SEQ_LEN=64 TRAIN_BATCH_TOKENS=512 VAL_TOKENS_LIMIT=2048
        VAL_LOSS_EVERY=4 TRAIN_LOG_EVERY=1 EVAL_STRIDE=32 EVAL_BATCH_SEQS=8
        TTT_EVAL_SEQ_LEN=64 TTT_CHUNK_SIZE=32 TTT_BATCH_SIZE=8 TTT_CHUNK_TOKENS=512 TTT_BATCH_SEQS=4)
 declare -A extra=([baseline]="" [pr467]="SWA_EVERY=1" [pr600]="SWA_STEPS=4" [pr456]="SWA_EVERY=1"
-                  [frontier]="ITERATIONS=4 VAL_LOSS_EVERY=2 ENABLE_LOOPING_AT=0.5")
+                  [frontier]="ITERATIONS=4 VAL_LOSS_EVERY=2 ENABLE_LOOPING_AT=0.5 TTT_BATCH_SIZE=1 GLOBAL_TTT_CHUNK_TOKENS=256 GLOBAL_TTT_BATCH_SEQS=2")
 # what must still be in force at the tiny shape: each preset's algorithm
 declare -A algo=(
     [baseline]="QUANT_SCHEME=int8 BIGRAM_VOCAB_SIZE=0 SMEAR=0 SWA_ENABLED=0 EVAL_MODE=standard"
     [pr467]="SMEAR=1 BIGRAM_VOCAB_SIZE=2048 ORTHO_INIT=2 SWA_ENABLED=1 SWA_START_FRAC=0.35 PRUNE_FRAC=0.03 QUANT_SCHEME=mixed PACK=auto MUON_WEIGHT_DECAY=0.04 TTT_LORA_RANK=8 TTT_LORA_TARGETS=q,v TTT_LORA_SCHEDULE=cosine_epochs TTT_N_EPOCHS=2 TTT_REPORT_FINAL_EPOCH=1"
     [pr600]="SMEAR_GATE=1 BIGRAM_HASH_SIZE=2048 ORTHO_INIT=1 QAT_BITS=6 QUANT_SCHEME=int6 PACK=auto SWA_STEPS=4 SWA_DECAY=0.4"
     [pr456]="XSA_LAST_N=3 UNIQUE_LAYERS=4 NAMED_CORES=1 SMEAR=1 LATE_QAT=1 SWA_ENABLED=1 QUANT_SCHEME=mixed TTT_OPTIMIZER=adamw TTT_LR=0.0005 TTT_EPOCHS=1"
-    [frontier]="VOCAB_SIZE=8192 NUM_LOOPS=2 LOOP_START=1 LOOP_END=2 PARALLEL_START_LAYER=3 SPARSE_ATTN_GATE_ENABLED=1 SPARSE_ATTN_GATE_SCALE=0.5 SMEAR_GATE_ENABLED=1 SKIP_GATES_ENABLED=1 LN_SCALE=1 XSA_LAST_N=4 ROPE_DIMS=16 QK_GAIN_INIT=5 MLP_ACTIVATION=leaky_relu_sq EMA_DECAY=0.9965 WARMDOWN_FRAC=0.85 BETA2=0.99")
+    [frontier]="VOCAB_SIZE=8192 NUM_LOOPS=2 LOOP_START=1 LOOP_END=2 PARALLEL_START_LAYER=3 SPARSE_ATTN_GATE_ENABLED=1 SPARSE_ATTN_GATE_SCALE=0.5 SMEAR_GATE_ENABLED=1 SKIP_GATES_ENABLED=1 LN_SCALE=1 XSA_LAST_N=4 ROPE_DIMS=16 QK_GAIN_INIT=5 MLP_ACTIVATION=leaky_relu_sq EMA_DECAY=0.9965 WARMDOWN_FRAC=0.85 BETA2=0.99 VARLEN_ATTN=1 MIN_LR=0.1 MUON_ROW_NORMALIZE=1 MUON_POLAR_EXPRESS=1 EMBED_WD=0.085 GPTQ=1 MATRIX_BITS=6 EMBED_BITS=7 MLP_CLIP_SIGMAS=11.5 EMBED_CLIP_SIGMAS=14 LQER_ENABLED=1 LQER_RANK=4 LQER_TOP_K=3 COMPRESSOR=brotli CASEOPS_ENABLED=1 TTT_LORA_TARGETS=q,k,v,attn_out,mlp,lm_head TTT_LORA_OPTIMIZER=adamw TTT_LORA_BETA2=0.99 TTT_LORA_WD=0.5 PHASED_TTT_NUM_PHASES=3 TTT_WARM_START_A=1")
 declare -A algo_log=([baseline]="" [pr467]="swa:applying averaged" [pr600]="qat:enabled|swa_ema:applying averaged weights" [pr456]="swa:applying averaged|late_qat:enabled"
-                     [frontier]="layer_loop:enabled step:2 frac:0.500 encoder:\\[0, 1, 2, 1\\] decoder:\\[2, 1, 2, 3\\]|ema:applying averaged")
+                     [frontier]="layer_loop:enabled step:2 frac:0.500 encoder:\\[0, 1, 2, 1\\] decoder:\\[2, 1, 2, 3\\]|ema:applying averaged|gptq:calibrated 4 micro-batches|export: gptq int7 params [1-9][0-9]*, lqer corrections: [^,]*,[^,]*,[^,]*$|Serialized model int6/int7+brotli|val_bytes: CaseOps sidecar|phased_ttt:phase 2/3 global_sgd docs:2 tokens:[0-9]* steps:[1-9]")
 
 t0=$(now)
 if ! build_out=$(make -s train_gpt_cpu 2>&1) || [ ! -x ./train_gpt_cpu ]; then
@@ -235,20 +235,20 @@ fi
 
 # which eval modes train_gpt has: a 0-step run per mode; "not implemented" means not yet
 declare -A have=([standard]=1)
-for m in sliding lora_ttt full_ttt; do
+for m in sliding lora_ttt full_ttt phased_ttt; do
     env CONFIG=tiny DEVICE=cpu DATA_PATH="$data" OUT_DIR="$tmp/probe_$m" "${short[@]}" ITERATIONS=0 VAL_TOKENS_LIMIT=512 \
         EVAL_MODE="$m" ./train_gpt_cpu >"$tmp/probe.out" 2>&1
     if grep -q "not implemented" "$tmp/probe.out"; then have[$m]=0; else have[$m]=1; fi
 done
 
 ok_runs=()
-# CONFIG=frontier reads the corpus tokenized with the 8192 model (make corpus builds both)
-data8192=${DATA_PATH_8192:-data/datasets/debian_prose_sp8192}
+# CONFIG=frontier reads the corpus in its CaseOps form, tokenized with the 8192 caseops model (make corpus)
+data8192=${DATA_PATH_8192:-data/datasets/debian_prose_sp8192_caseops}
 for r in "${recipes[@]}"; do
     rdata=$data
     if [ "$r" = frontier ]; then
         if ! compgen -G "$data8192/fineweb_val_*.bin" >/dev/null; then
-            skip recipe_frontier "no sp8192 data in $data8192: run make corpus (scripts/make_corpus --vocab 8192)"
+            skip recipe_frontier "no sp8192 CaseOps data in $data8192: run make corpus (scripts/make_corpus --vocab 8192 --caseops)"
             continue
         fi
         rdata=$data8192
@@ -325,6 +325,17 @@ EOF
     if [ "$r" = pr467 ] && [ "${have[lora_ttt]}" = 1 ]; then  # 2 epochs: the final-epoch score is reported, marked illegal
         python3 -c 'import json,sys; e=json.load(open(sys.argv[1]))["eval"]; sys.exit(0 if any(v["legal"] is False for v in e.values()) else 1)' \
             "$out_dir/result.json" || why+="no eval entry marked not competition-legal (TTT_N_EPOCHS=2, TTT_REPORT_FINAL_EPOCH=1); "
+    fi
+    if [ "$r" = frontier ]; then  # CaseOps accounting: the bytes charged are the sidecar's, summed independently
+        why+=$(python3 - "$out_dir/log.txt" "$rdata/fineweb_val_bytes_000000.bin" <<'EOF'
+import re, struct, sys
+m = re.search(r"^val_bytes: CaseOps sidecar, (\d+) original bytes for (\d+) tokens", open(sys.argv[1]).read(), re.M)
+d = open(sys.argv[2], "rb").read()[1024:]
+side = struct.unpack(f"<{len(d) // 2}H", d)
+if not m or int(m.group(1)) != sum(side[:int(m.group(2))]):
+    print(f"val_bytes line {m and m.group(0)!r} disagrees with the sidecar's sum; ")
+EOF
+        )
     fi
     if [ -n "$why" ]; then fail "recipe_${r}_algorithm" "$why"; else pass "recipe_${r}_algorithm" "$(since "$t0")"; fi
 done

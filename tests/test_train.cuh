@@ -580,6 +580,43 @@ TEST(muon_row_normalize_matches_fp64) {
     CHECK_ALL_CLOSE(upd.data(), want.data(), upd.size(), 2e-4, 2e-5);
     for (int j = 0; j < cols; j++) CHECK(upd[3 * cols + j] == 0.0f);
 }
+// EMBED_WD (#1855's AdamW on tok_emb with weight_decay 0.085, the scalars with ADAM_WD): with zero gradients
+// Adam moves nothing, so one step leaves w·(1 − lr·wd) — EMBED_WD's on tok_emb only, ADAM_WD's on the rest of
+// the Adam tensors; EMBED_WD=-1 gives tok_emb ADAM_WD's decay as before.
+TEST(embed_wd_decays_only_the_embedding) {
+    for (float ewd : {0.3f, -1.0f}) {
+        Config c; preset_frontier_tiny(c);
+        c.vocab_size = 64; c.num_layers = 2; c.model_dim = 32; c.num_heads = 2; c.num_kv_heads = 1;
+        c.parallel_start_layer = 0; c.num_loops = 0; c.xsa_last_n = 2; c.gate_window = 4;
+        c.train_seq_len = 16; c.train_batch_tokens = 16; c.grad_accum_steps = 1;
+        c.adam_wd = 0.01f; c.embed_wd = ewd; c.grad_clip_norm = 0; c.eval_mode = "standard"; c.eval_stride = 16;
+        config_validate(c, 1);
+        Model<Cpu<float>> m;
+        TrainState<Cpu<float>> s;
+        model_init(Cpu<float>{}, m, c, 1, 16);
+        Rng rng(8);
+        for (size_t i = 0; i < m.nparams; i++) m.params[i] = (float)(0.5 + rng.uniform());
+        train_state_init(Cpu<float>{}, s, m);
+        std::vector<float> w0(m.params, m.params + m.nparams);
+        memset(m.grads, 0, m.nparams * sizeof(float));
+        double scale = 0.5;
+        optimizer_step(Cpu<float>{}, m, s, scale, 0.95f);
+        int checked = 0;
+        for (const ParamSpec& p : m.table) {
+            if (p.group == GROUP_MATRIX) continue;
+            double lr = group_lr(c, p.group) * scale;
+            double wd = p.role == P_TOK_EMB && ewd >= 0 ? ewd : c.adam_wd;
+            for (size_t i = 0; i < p.numel; i++) {
+                double want = w0[p.offset + i] * (1.0 - lr * wd);
+                CHECK_MSG(std::fabs(m.params[p.offset + i] - want) <= 1e-6 * std::fabs(want),
+                          "EMBED_WD=%g %s[%zu]: %.9g, want %.9g", ewd, p.name.c_str(), i, m.params[p.offset + i], want);
+            }
+            checked += p.role == P_TOK_EMB ? 100 : 1;
+        }
+        CHECK_MSG(checked > 100, "tok_emb and another Adam tensor must both be checked (%d)", checked);
+        model_free(Cpu<float>{}, m);
+    }
+}
 TEST(lr_multiplier_matches_reference_formula) {
     Config c;
     c.iterations = 1000; c.warmdown_iters = 200; c.max_wallclock_seconds = 0;
