@@ -1,7 +1,8 @@
 // Every EVAL_MODE on the CUDA path against the CPU reference (the model of tests/test_eval.cuh, at
 // head dim 16, the CUDA kernels' smallest): the same positions scored, the losses within bf16
 // tolerance; LoRA TTT with every target (q, k, v, o, mlp_up, mlp_down, lm_head: PR #467's and PR
-// #600's setups are subsets) and full TTT train on the GPU between chunks.
+// #600's setups are subsets) and full TTT train on the GPU between chunks; phased TTT with #1855's targets
+// (q, k, v, attn_out, mlp, lm_head), warm-started A, and global SGD on the scored prefix between its 2 phases.
 #ifdef PGOLF_CUDA
 
 // Each position's chunk within its document (LoRA TTT's chunks restart at every BOS).
@@ -24,11 +25,17 @@ TEST(cuda_eval_every_mode_matches_cpu) {
     std::vector<int> chunk = eval_chunk_in_document(t, c.ttt_chunk_size);
     struct { const char* mode; float lr; const char* lora_opt; } runs[] = {
         {"standard", 0, ""}, {"sliding", 0, ""}, {"lora_ttt", 0.02f, "adam"}, {"lora_ttt", 0.02f, "sgd"},
-        {"lora_ttt", 0, "adam"}, {"full_ttt", 0.02f, ""}, {"full_ttt", 0, ""}};  // full TTT: SGD (eval_test_config)
+        {"lora_ttt", 0, "adam"}, {"full_ttt", 0.02f, ""}, {"full_ttt", 0, ""},  // full TTT: SGD (eval_test_config)
+        {"phased_ttt", 0.02f, "sgd"}};  // phased: 7 prefix documents, 2 phases, global SGD lr 0.05
     for (auto run : runs) {
         const char* mode = run.mode;
         c.ttt_lora_lr = c.ttt_lr = run.lr;  // lr 0: the TTT machinery runs and must leave the base model's scores
         if (*run.lora_opt) c.ttt_lora_optimizer = run.lora_opt;
+        bool phased = !strcmp(mode, "phased_ttt");
+        if (phased) {
+            c.ttt_lora_targets = "q,k,v,attn_out,mlp,lm_head";
+            c.ttt_warm_start_a = 1;
+        }
         char tag[64];
         snprintf(tag, sizeof tag, "%s lr %g%s%s", mode, run.lr, *run.lora_opt ? " " : "", run.lora_opt);
         Model<Cpu<float>> mc;
