@@ -162,6 +162,35 @@ else
     echo "SKIP corpus_matches_spm_encode: spm_encode not installed (scripts/setup)"
 fi
 
+# The CaseOps form (scripts/make_corpus --vocab 8192 --caseops): one BOS per document as the text has them,
+# and the val byte sidecar charging each document exactly its original UTF-8 bytes (the text's, not the
+# transformed text's: val_bpb stays comparable), BOS positions 0.
+cdir=data/datasets/debian_prose_sp8192_caseops
+if [ -f "$cdir/fineweb_val_bytes_000000.bin" ] && [ -f "$text" ]; then
+    python3 - "$cdir" "$text" <<'EOF' || failed=1
+import re, sys
+sys.dont_write_bytecode = True
+sys.path.insert(0, "scripts")
+import lib_data
+d, text_path = sys.argv[1:3]
+toks = lib_data.read_shard_tokens(f"{d}/fineweb_val_000000.bin")
+side = lib_data.read_shard_tokens(f"{d}/fineweb_val_bytes_000000.bin")
+with open(text_path, encoding="utf-8") as f:
+    docs = re.split(r"\n[ \t]*\n", f.read().strip("\n"))
+starts = [i for i, t in enumerate(toks) if t == 1] + [len(toks)]
+bad = [k for k in range(len(starts) - 1)
+       if sum(side[starts[k]:starts[k + 1]]) != len(docs[k].encode("utf-8")) or side[starts[k]] != 0]
+if len(side) == len(toks) and len(starts) > 100 and starts[0] == 0 and not bad:
+    print(f"PASS corpus_caseops_sidecar_bytes ({len(starts) - 1} val documents, {sum(side):,} bytes)")
+else:
+    print(f"FAIL corpus_caseops_sidecar_bytes: {len(side)} sidecar vs {len(toks)} tokens, "
+          f"{len(starts) - 1} documents, {len(bad)} with a wrong byte sum (first {bad[:3]})")
+    sys.exit(1)
+EOF
+else
+    echo "SKIP corpus_caseops_sidecar_bytes: no CaseOps corpus (scripts/make_corpus --vocab 8192 --caseops)"
+fi
+
 # A second run of make_corpus is a no-op: same files, untouched.
 before=$(stat -c '%n %i %s %Y' "$dir"/*.bin "$text")
 out=$(scripts/make_corpus 2>&1)
