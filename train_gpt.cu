@@ -566,21 +566,21 @@ __device__ float column_reduce(float v, float* sh /* RED_ROWS·32 */) {
     return s;
 }
 
-// Second pass: out[c] += Σ_p partial[p, c], p in order.
-__global__ void column_sums_add_kernel(float* out, const float* partial, int P, int C) {
+// Second pass: out[c] (+)= Σ_p partial[p, c], p in order (accumulate: add to out, else overwrite it).
+__global__ void column_sums_add_kernel(float* out, const float* partial, int P, int C, bool accumulate) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     float s = 0.0f;
     for (int p = 0; p < P; p++) s += partial[(size_t)p * C + c];
-    out[c] += s;
+    out[c] = accumulate ? out[c] + s : s;
 }
-// out[0] += Σ v (one block; each thread sums a fixed stride, then a fixed tree).
-__global__ void total_sum_add_kernel(float* out, const float* v, size_t n) {
+// out[0] (+)= Σ v (one block; each thread sums a fixed stride, then a fixed tree).
+__global__ void total_sum_add_kernel(float* out, const float* v, size_t n, bool accumulate) {
     __shared__ float red[32];
     float s = 0.0f;
     for (size_t i = threadIdx.x; i < n; i += blockDim.x) s += v[i];
     s = block_sum(s, red);
-    if (threadIdx.x == 0) out[0] += s;
+    if (threadIdx.x == 0) out[0] = accumulate ? out[0] + s : s;
 }
 // First pass for a plain fp32 matrix [R, C]: partial[chunk, c] = Σ of the chunk's rows.
 __global__ void column_partial_sums_kernel(float* partial, const float* in, int R, int C, long rows_per_chunk) {
@@ -593,13 +593,13 @@ __global__ void column_partial_sums_kernel(float* partial, const float* in, int 
     acc = column_reduce(acc, sh);
     if (threadIdx.y == 0 && c < C) partial[(size_t)blockIdx.y * C + c] = acc;
 }
-static void column_sums_add(float* out, const float* partial, int P, int C) {
+static void column_sums_add(float* out, const float* partial, int P, int C, bool accumulate = true) {
     if (C <= 0) return;
-    PGOLF_LAUNCH(ceil_div(C, BLOCK), BLOCK, 0, g_cuda.stream, column_sums_add_kernel)(out, partial, P, C);
+    PGOLF_LAUNCH(ceil_div(C, BLOCK), BLOCK, 0, g_cuda.stream, column_sums_add_kernel)(out, partial, P, C, accumulate);
     launchCheck();
 }
-static void total_sum_add(float* out, const float* partial, size_t n) {
-    PGOLF_LAUNCH(1, 1024, 0, g_cuda.stream, total_sum_add_kernel)(out, partial, n);
+static void total_sum_add(float* out, const float* partial, size_t n, bool accumulate = true) {
+    PGOLF_LAUNCH(1, 1024, 0, g_cuda.stream, total_sum_add_kernel)(out, partial, n, accumulate);
     launchCheck();
 }
 static dim3 reduce_grid(int C, const RowChunks& rc) { return dim3(ceil_div(C, 32), rc.chunks); }
@@ -1745,8 +1745,9 @@ static void print_param_table(const std::vector<ParamSpec>& t) {
 // ============================================================================================
 // Conventions: rows are tokens (N = B·T, row n is position n % T of sequence n / T); matrices
 // are stored [out, in] as PyTorch's nn.Linear, so a linear layer computes out = inp · Wᵀ.
-// Backward functions ADD into the gradients of their inputs and parameters (callers zero them),
-// so branches of the residual stream and layers sharing a block simply accumulate.
+// Backward functions write the gradients of their inputs and parameters either way, as the caller
+// says: OVERWRITE (the buffer's first writer in a backward pass: no zeroing beforehand) or ACCUMULATE
+// (a later writer: branches of the residual stream, layers sharing a block, later micro-batches).
 // The device tag picks the implementation: Cpu<float> (training), Cpu<double> (gradient checks).
 
 template <class T> struct Cpu {
@@ -1757,6 +1758,9 @@ template <class T> struct Cpu {
     using stat = T;    // normalization statistics, log-sum-exps, losses
     static constexpr bool is_cuda = false;
 };
+
+enum GradWrite { OVERWRITE, ACCUMULATE };
+template <class T> static inline void write_grad(T& dst, T v, GradWrite w) { dst = w == ACCUMULATE ? dst + v : v; }
 
 static const double RMSNORM_EPS = 1.1920928955078125e-07;  // F.rms_norm(eps=None): fp32 machine epsilon
 static const double XSA_EPS = 1e-12;                        // F.normalize's default eps
@@ -1770,7 +1774,11 @@ template <class T> static inline T sigmoid(T x) { return T(1) / (T(1) + std::exp
 template <class T> static void embedding_forward(Cpu<T>, T* out, const int32_t* idx, const T* table, int N, int C) {
     for (int n = 0; n < N; n++) memcpy(out + (size_t)n * C, table + (size_t)idx[n] * C, C * sizeof(T));
 }
-template <class T> static void embedding_backward(Cpu<T>, T* dtable, const T* dout, const int32_t* idx, int N, int C) {
+// dtable [rows, C]: OVERWRITE leaves every row the sum of its positions' dout rows (zero where none)
+template <class T> static void embedding_backward(Cpu<T>, T* dtable, const T* dout, const int32_t* idx, int N, int C,
+                                                  int rows,
+                                                   GradWrite write) {
+    if (write == OVERWRITE) memset(dtable, 0, (size_t)rows * C * sizeof(T));
     for (int n = 0; n < N; n++)  // sequential: rows that share an index add up in a fixed order
         for (int c = 0; c < C; c++) dtable[(size_t)idx[n] * C + c] += dout[(size_t)n * C + c];
 }
@@ -1798,19 +1806,31 @@ __global__ void iota_kernel(int32_t* out, int n) {
 }
 static const int EMB_RUNS_PER_BLOCK = 32;  // sorted entries whose run starts each block owns
 // Block b owns sorted entries [b·S, (b+1)·S); it sums every run that starts there, following a
-// run past its range when the run is longer.
-__global__ void embedding_backward_kernel(float* dtable, const bf16* dout, const int32_t* keys, const int32_t* pos, int N, int C) {
+// run past its range when the run is longer. Overwriting (accumulate false), a run's block also
+// zeroes the table rows between the previous run's key and its own, and the last entry's block the
+// rows after the last key: every row of the table is written once.
+__global__ void embedding_backward_kernel(float* dtable, const bf16* dout, const int32_t* keys, const int32_t* pos,
+                                          int N, int C,
+                                          int rows, bool accumulate) {
     int i0 = blockIdx.x * EMB_RUNS_PER_BLOCK, i1 = min(i0 + EMB_RUNS_PER_BLOCK, N);
     for (int i = i0; i < i1; i++) {
         int key = keys[i];
         if (i > 0 && keys[i - 1] == key) continue;  // not a run start (the same for every thread)
         int end = i + 1;
         while (end < N && keys[end] == key) end++;
+        size_t gap = (size_t)(i > 0 ? keys[i - 1] + 1 : 0) * C;  // the first row after the previous run's
+        if (!accumulate)
+            for (size_t e = gap + threadIdx.x; e < (size_t)key * C; e += blockDim.x) dtable[e] = 0.0f;
         for (int c = threadIdx.x; c < C; c += blockDim.x) {
             float acc = 0.0f;
             for (int j = i; j < end; j++) acc += to_f32(dout[(size_t)pos[j] * C + c]);
-            dtable[(size_t)key * C + c] += acc;
+            float* d = dtable + (size_t)key * C + c;
+            *d = accumulate ? *d + acc : acc;
         }
+    }
+    if (!accumulate && i0 < N && N <= i1) {
+        size_t tail = (size_t)(keys[N - 1] + 1) * C;
+        for (size_t e = tail + threadIdx.x; e < (size_t)rows * C; e += blockDim.x) dtable[e] = 0.0f;
     }
 }
 struct SortScratch { int32_t *keys, *pos_in, *pos; void* temp; size_t temp_bytes; };
@@ -1830,8 +1850,13 @@ static void carve_sort_scratch(Arena& a, SortScratch& s, int N, size_t temp_byte
 //  would cut the passes from 4 to 2; and one block sums a whole run, so a token at 4% of a 98k-token
 //  batch is ~4,000 rows for one block: cut long runs into fixed segments, then add the segment sums
 //  in order — still deterministic)
-static void embedding_backward(Cuda, float* dtable, const bf16* dout, const int32_t* idx, int N, int C) {
-    if (N <= 0 || C <= 0 || !dtable) return;
+static void embedding_backward(Cuda dev, float* dtable, const bf16* dout, const int32_t* idx, int N, int C, int rows,
+                               GradWrite write) {
+    if (C <= 0 || !dtable) return;
+    if (N <= 0) {  // no positions: an overwritten table is all zeros
+        if (write == OVERWRITE) device_zero(dev, dtable, (size_t)rows * C * sizeof(float));
+        return;
+    }
     size_t temp_bytes = radix_sort_temp_bytes(N);
     SortScratch s;
     scratch_carve([&](Arena& a) { carve_sort_scratch(a, s, N, temp_bytes); });
@@ -1839,7 +1864,8 @@ static void embedding_backward(Cuda, float* dtable, const bf16* dout, const int3
     PGOLF_LAUNCH(grid_for(N), BLOCK, 0, st, iota_kernel)(s.pos_in, N);
     launchCheck();
     cudaCheck(cub::DeviceRadixSort::SortPairs(s.temp, s.temp_bytes, idx, s.keys, s.pos_in, s.pos, N, 0, 32, st));
-    PGOLF_LAUNCH(ceil_div(N, EMB_RUNS_PER_BLOCK), 128, 0, st, embedding_backward_kernel)(dtable, dout, s.keys, s.pos, N, C);
+    PGOLF_LAUNCH(ceil_div(N, EMB_RUNS_PER_BLOCK), 128, 0, st, embedding_backward_kernel)(
+        dtable, dout, s.keys, s.pos, N, C, rows, write == ACCUMULATE);
     launchCheck();
 }
 #endif
@@ -1886,15 +1912,17 @@ template <class T> static void rmsnorm_forward(Cpu<T>, T* out, T* rstd, const T*
         for (int c = 0; c < C; c++) out[(size_t)n * C + c] = x[c] * r;
     }
 }
-// dx = r·dy − r³·x·(dy·x)/C
-template <class T> static void rmsnorm_backward(Cpu<T>, T* dinp, const T* dout, const T* inp, const T* rstd, int N, int C) {
+// dx (+)= r·dy − r³·x·(dy·x)/C
+template <class T> static void rmsnorm_backward(Cpu<T>, T* dinp, const T* dout, const T* inp, const T* rstd, int N,
+                                                int C,
+                                                 GradWrite write) {
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const T *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
         T r = rstd[n], dot = 0;
         for (int c = 0; c < C; c++) dot += dy[c] * x[c];
         T k = r * r * r * dot / C;
-        for (int c = 0; c < C; c++) dinp[(size_t)n * C + c] += r * dy[c] - k * x[c];
+        for (int c = 0; c < C; c++) write_grad(dinp[(size_t)n * C + c], r * dy[c] - k * x[c], write);
     }
 }
 #endif
@@ -1911,8 +1939,9 @@ __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* inp, 
     if (lane == 0) rstd[row] = r;
     for (int c = lane; c < C; c += 32) out[(size_t)row * C + c] = from_f32<bf16>(to_f32(x[c]) * r);
 }
-// dx += r·dy − r³·x·(dy·x)/C
-__global__ void rmsnorm_backward_kernel(bf16* dinp, const bf16* dout, const bf16* inp, const float* rstd, int N, int C) {
+// dx (+)= r·dy − r³·x·(dy·x)/C
+__global__ void rmsnorm_backward_kernel(bf16* dinp, const bf16* dout, const bf16* inp, const float* rstd, int N, int C,
+                                        bool accumulate) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= N) return;
     const bf16 *x = inp + (size_t)row * C, *dy = dout + (size_t)row * C;
@@ -1921,7 +1950,10 @@ __global__ void rmsnorm_backward_kernel(bf16* dinp, const bf16* dout, const bf16
     dot = warp_sum(dot);
     float r = rstd[row], k = r * r * r * dot / C;
     bf16* dx = dinp + (size_t)row * C;
-    for (int c = lane; c < C; c += 32) dx[c] = from_f32<bf16>(to_f32(dx[c]) + r * to_f32(dy[c]) - k * to_f32(x[c]));
+    for (int c = lane; c < C; c += 32) {
+        float g = r * to_f32(dy[c]) - k * to_f32(x[c]);
+        dx[c] = from_f32<bf16>(accumulate ? to_f32(dx[c]) + g : g);
+    }
 }
 static const int ROWS_PER_BLOCK = 8;  // warps per block of the warp-per-row kernels
 static void rmsnorm_forward(Cuda, bf16* out, float* rstd, const bf16* inp, int N, int C) {
@@ -1929,9 +1961,11 @@ static void rmsnorm_forward(Cuda, bf16* out, float* rstd, const bf16* inp, int N
     PGOLF_LAUNCH(ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream, rmsnorm_forward_kernel)(out, rstd, inp, N, C, (float)RMSNORM_EPS);
     launchCheck();
 }
-static void rmsnorm_backward(Cuda, bf16* dinp, const bf16* dout, const bf16* inp, const float* rstd, int N, int C) {
+static void rmsnorm_backward(Cuda, bf16* dinp, const bf16* dout, const bf16* inp, const float* rstd, int N, int C,
+                             GradWrite write) {
     if (N <= 0) return;
-    PGOLF_LAUNCH(ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream, rmsnorm_backward_kernel)(dinp, dout, inp, rstd, N, C);
+    PGOLF_LAUNCH(ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream, rmsnorm_backward_kernel)(
+        dinp, dout, inp, rstd, N, C, write == ACCUMULATE);
     launchCheck();
 }
 #endif
@@ -1979,10 +2013,13 @@ template <class T> static void matmul_forward(Cpu<T>, T* out, const T* inp, cons
         for (int i = 0; i < IC; i++) wt[(size_t)i * OC + o] = w[(size_t)o * IC + i];
     gemm_cpu(out, inp, IC, 1, wt.data(), N, OC, IC, accumulate);
 }
-// dinp += dout · W ; dW += doutᵀ · inp   (either may be null: frozen weights, or input of no interest)
-template <class T> static void matmul_backward(Cpu<T>, T* dinp, T* dw, const T* dout, const T* inp, const T* w, int N, int IC, int OC) {
-    if (dinp) gemm_cpu(dinp, dout, OC, 1, w, N, IC, OC, true);
-    if (dw) gemm_cpu(dw, dout, 1, OC, inp, OC, IC, N, true);
+// dinp (+)= dout · W ; dW (+)= doutᵀ · inp   (either may be null: frozen weights, or input of no interest)
+template <class T> static void matmul_backward(Cpu<T>, T* dinp, T* dw, const T* dout, const T* inp, const T* w, int N,
+                                               int IC,
+                                                int OC, GradWrite dinp_write = ACCUMULATE,
+                                                GradWrite dw_write = ACCUMULATE) {
+    if (dinp) gemm_cpu(dinp, dout, OC, 1, w, N, IC, OC, dinp_write == ACCUMULATE);
+    if (dw) gemm_cpu(dw, dout, 1, OC, inp, OC, IC, N, dw_write == ACCUMULATE);
 }
 #endif
 #ifdef PGOLF_CUDA
@@ -2099,10 +2136,15 @@ static void gemm_bf16(void* d, cudaDataType_t d_type, const bf16* a, const bf16*
 static void matmul_forward(Cuda, bf16* out, const bf16* inp, const bf16* w, int N, int IC, int OC, bool accumulate = false) {
     gemm_bf16(out, CUDA_R_16BF, inp, w, linear_forward_gemm(N, IC, OC), 1.0f, accumulate ? 1.0f : 0.0f);
 }
-// dinp[N,IC] += dout[N,OC]·W[OC,IC] (bf16); dW[OC,IC] += dout[N,OC]ᵀ·inp[N,IC] (fp32 grads, beta = 1)
-static void matmul_backward(Cuda, bf16* dinp, float* dw, const bf16* dout, const bf16* inp, const bf16* w, int N, int IC, int OC) {
-    if (dinp) gemm_bf16(dinp, CUDA_R_16BF, dout, w, linear_dinp_gemm(N, IC, OC), 1.0f, 1.0f);
-    if (dw) gemm_bf16(dw, CUDA_R_32F, dout, inp, linear_dweight_gemm(N, IC, OC), 1.0f, 1.0f);
+// dinp[N,IC] (+)= dout[N,OC]·W[OC,IC] (bf16); dW[OC,IC] (+)= dout[N,OC]ᵀ·inp[N,IC] (fp32 grads);
+// beta = 1 accumulates, beta = 0 overwrites (the output is not read)
+static void matmul_backward(Cuda, bf16* dinp, float* dw, const bf16* dout, const bf16* inp, const bf16* w, int N,
+                            int IC,
+                            int OC, GradWrite dinp_write = ACCUMULATE, GradWrite dw_write = ACCUMULATE) {
+    float dinp_beta = dinp_write == ACCUMULATE ? 1.0f : 0.0f;
+    float dw_beta = dw_write == ACCUMULATE ? 1.0f : 0.0f;
+    if (dinp) gemm_bf16(dinp, CUDA_R_16BF, dout, w, linear_dinp_gemm(N, IC, OC), 1.0f, dinp_beta);
+    if (dw) gemm_bf16(dw, CUDA_R_32F, dout, inp, linear_dweight_gemm(N, IC, OC), 1.0f, dw_beta);
 }
 #endif
 
@@ -2156,7 +2198,8 @@ template <class T> static void qk_norm_rope_forward(Cpu<T>, T* out, T* rstd, con
     }
 }
 template <class T> static void qk_norm_rope_backward(Cpu<T>, T* dx, T* dgain, const T* dout, const T* x, const T* rstd,
-                                                      const T* gain, int N, int T_, int nh, int hd, int rd, float base) {
+                                                      const T* gain, int N, int T_, int nh, int hd, int rd, float base,
+                                                      GradWrite dx_write, GradWrite dgain_write) {
     int half = rd / 2;
     std::vector<T> cst, snt;
     rope_table(cst, snt, T_, rd, base);
@@ -2181,12 +2224,16 @@ template <class T> static void qk_norm_rope_backward(Cpu<T>, T* dx, T* dgain, co
             T dot = 0;
             for (int d = 0; d < hd; d++) dot += dn[d] * xi[d];
             T k = r * r * r * dot / hd;
-            for (int d = 0; d < hd; d++) dx[(size_t)n * nh * hd + h * hd + d] += r * dn[d] - k * xi[d];
+            T* dxi = dx + (size_t)n * nh * hd + h * hd;
+            for (int d = 0; d < hd; d++) write_grad(dxi[d], r * dn[d] - k * xi[d], dx_write);
         }
     }
     if (dgain)
-        for (int n = 0; n < N; n++)
-            for (int h = 0; h < nh; h++) dgain[h] += dgain_rows[(size_t)n * nh + h];
+        for (int h = 0; h < nh; h++) {
+            T sum = 0;
+            for (int n = 0; n < N; n++) sum += dgain_rows[(size_t)n * nh + h];
+            write_grad(dgain[h], sum, dgain_write);
+        }
 }
 #endif
 #ifdef PGOLF_CUDA
@@ -2246,10 +2293,12 @@ __global__ void qk_norm_rope_forward_kernel(bf16* out, float* rstd, const bf16* 
         yo[d] = from_f32<bf16>(y);
     }
 }
-// dn = g·Rᵀ·dy; dgain = dy·R(n); dx += r·dn − r³·x·(dn·x)/hd. Each (token, head) writes its dgain
+// dn = g·Rᵀ·dy; dgain = dy·R(n); dx (+)= r·dn − r³·x·(dn·x)/hd. Each (token, head) writes its dgain
 // term to dgain_rows, summed over tokens afterwards in a fixed order.
 __global__ void qk_norm_rope_backward_kernel(bf16* dx, float* dgain_rows, const bf16* dout, const bf16* x, const float* rstd,
-                                             const float* gain, const float2* rope, int rows, int T, int nh, int hd, int rd) {
+                                             const float* gain, const float2* rope, int rows, int T, int nh, int hd,
+                                             int rd,
+                                             bool accumulate) {
     PGOLF_DYNAMIC_SMEM(float, qk_sh);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;
@@ -2286,7 +2335,9 @@ __global__ void qk_norm_rope_backward_kernel(bf16* dx, float* dgain_rows, const 
     #pragma unroll
     for (int j = 0; j < MAX_HEAD_DIM / 32; j++) {
         int d = lane + 32 * j;
-        if (d < hd) dxo[d] = from_f32<bf16>(to_f32(dxo[d]) + r * dn[j] - k * xs[d]);
+        if (d >= hd) continue;
+        float g = r * dn[j] - k * xs[d];
+        dxo[d] = from_f32<bf16>(accumulate ? to_f32(dxo[d]) + g : g);
     }
     if (dgain_rows && lane == 0) dgain_rows[row] = dg;
 }
@@ -2305,7 +2356,8 @@ static void qk_norm_rope_forward(Cuda, bf16* out, float* rstd, const bf16* x, co
     launchCheck();
 }
 static void qk_norm_rope_backward(Cuda, bf16* dx, float* dgain, const bf16* dout, const bf16* x, const float* rstd,
-                                  const float* gain, int N, int T_, int nh, int hd, int rd, float base) {
+                                  const float* gain, int N, int T_, int nh, int hd, int rd, float base,
+                                  GradWrite dx_write, GradWrite dgain_write) {
     int rows = N * nh;
     if (rows <= 0) return;
     check_head_dim(hd, "qk_norm_rope_backward");
@@ -2315,12 +2367,12 @@ static void qk_norm_rope_backward(Cuda, bf16* dx, float* dgain, const bf16* dout
     if (dgain) scratch_carve([&](Arena& a) { drows = a.take<float>(rows); partial = a.take<float>((size_t)rc.chunks * nh); });
     size_t sh = HEADS_PER_BLOCK * 2 * hd * sizeof(float);
     PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, sh, g_cuda.stream, qk_norm_rope_backward_kernel)(
-        dx, drows, dout, x, rstd, gain, rope, rows, T_, nh, hd, rd);
+        dx, drows, dout, x, rstd, gain, rope, rows, T_, nh, hd, rd, dx_write == ACCUMULATE);
     launchCheck();
     if (dgain) {  // [N, nh] → [nh], in a fixed order
         PGOLF_LAUNCH(reduce_grid(nh, rc), REDUCE_BLOCK, 0, g_cuda.stream, column_partial_sums_kernel)(partial, drows, N, nh, rc.rows_per_chunk);
         launchCheck();
-        column_sums_add(dgain, partial, rc.chunks, nh);
+        column_sums_add(dgain, partial, rc.chunks, nh, dgain_write == ACCUMULATE);
     }
 }
 #endif
@@ -3075,8 +3127,10 @@ template <class T> static void xsa_forward(Cpu<T>, T* out, const T* a, const T* 
             for (int i = 0; i < hd; i++) out[((size_t)n * H + h) * hd + i] = ah[i] - s * vg[i] * inv;
         }
 }
-// With u = v̂: da += dy − (dy·u)u; du = −Σ_heads [(a·u)dy + (dy·u)a]; dv += (du − (du·u)u)/|v|
-template <class T> static void xsa_backward(Cpu<T>, T* da, T* dv, const T* dout, const T* a, const T* v, int N, int H, int Hk, int hd) {
+// With u = v̂: da (+)= dy − (dy·u)u; du = −Σ_heads [(a·u)dy + (dy·u)a]; dv (+)= (du − (du·u)u)/|v|
+template <class T> static void xsa_backward(Cpu<T>, T* da, T* dv, const T* dout, const T* a, const T* v, int N, int H,
+                                            int Hk,
+                                             int hd, GradWrite write) {
     int group = H / Hk;
     #pragma omp parallel for
     for (int n = 0; n < N; n++)
@@ -3093,16 +3147,17 @@ template <class T> static void xsa_backward(Cpu<T>, T* da, T* dv, const T* dout,
                 T au = 0, du_dot = 0;
                 for (int i = 0; i < hd; i++) { au += ah[i] * u[i]; du_dot += dy[i] * u[i]; }
                 for (int i = 0; i < hd; i++) {
-                    da[((size_t)n * H + h) * hd + i] += dy[i] - du_dot * u[i];
+                    write_grad(da[((size_t)n * H + h) * hd + i], dy[i] - du_dot * u[i], write);
                     du[i] -= au * dy[i] + du_dot * ah[i];
                 }
             }
+            T* dvg = dv + ((size_t)n * Hk + g) * hd;
             if (nrm > XSA_EPS) {  // below eps the normalization is a constant scale 1/eps
                 T duu = 0;
                 for (int i = 0; i < hd; i++) duu += du[i] * u[i];
-                for (int i = 0; i < hd; i++) dv[((size_t)n * Hk + g) * hd + i] += (du[i] - duu * u[i]) * inv;
+                for (int i = 0; i < hd; i++) write_grad(dvg[i], (du[i] - duu * u[i]) * inv, write);
             } else {
-                for (int i = 0; i < hd; i++) dv[((size_t)n * Hk + g) * hd + i] += du[i] * inv;
+                for (int i = 0; i < hd; i++) write_grad(dvg[i], du[i] * inv, write);
             }
         }
 }
@@ -3130,9 +3185,9 @@ __global__ void xsa_forward_kernel(bf16* out, const bf16* a, const bf16* v, int 
         for (int d = lane; d < hd; d += 32) out[((size_t)n * H + h) * hd + d] = from_f32<bf16>(to_f32(ah[d]) - s * vs[d] * inv);
     }
 }
-// u = v̂: da += dy − (dy·u)u; du = −Σ_heads [(a·u)dy + (dy·u)a]; dv += (du − (du·u)u)/|v| (or du/eps below eps)
+// u = v̂: da (+)= dy − (dy·u)u; du = −Σ_heads [(a·u)dy + (dy·u)a]; dv (+)= (du − (du·u)u)/|v| (or du/eps below eps)
 __global__ void xsa_backward_kernel(bf16* da, bf16* dv, const bf16* dout, const bf16* a, const bf16* v, int rows, int H, int Hk,
-                                    int hd, float eps, double eps_d) {
+                                    int hd, float eps, double eps_d, bool accumulate) {
     PGOLF_DYNAMIC_SMEM(float, xsa_sh);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;
@@ -3159,7 +3214,8 @@ __global__ void xsa_backward_kernel(bf16* da, bf16* dv, const bf16* dout, const 
             int d = lane + 32 * j;
             if (d >= hd) continue;
             float dy = to_f32(dout[base + d]), ah = to_f32(a[base + d]);
-            da[base + d] = from_f32<bf16>(to_f32(da[base + d]) + dy - dyu * us[d]);
+            float g = dy - dyu * us[d];
+            da[base + d] = from_f32<bf16>(accumulate ? to_f32(da[base + d]) + g : g);
             du[j] -= au * dy + dyu * ah;
         }
     }
@@ -3173,7 +3229,7 @@ __global__ void xsa_backward_kernel(bf16* da, bf16* dv, const bf16* dout, const 
         int d = lane + 32 * j;
         if (d >= hd) continue;
         float add = normalized ? (du[j] - duu * us[d]) * inv : du[j] * inv;
-        dv[(size_t)row * hd + d] = from_f32<bf16>(to_f32(dv[(size_t)row * hd + d]) + add);
+        dv[(size_t)row * hd + d] = from_f32<bf16>(accumulate ? to_f32(dv[(size_t)row * hd + d]) + add : add);
     }
 }
 static void xsa_forward(Cuda, bf16* out, const bf16* a, const bf16* v, int N, int H, int Hk, int hd) {
@@ -3184,12 +3240,14 @@ static void xsa_forward(Cuda, bf16* out, const bf16* a, const bf16* v, int N, in
         out, a, v, rows, H, Hk, hd, (float)XSA_EPS);
     launchCheck();
 }
-static void xsa_backward(Cuda, bf16* da, bf16* dv, const bf16* dout, const bf16* a, const bf16* v, int N, int H, int Hk, int hd) {
+static void xsa_backward(Cuda, bf16* da, bf16* dv, const bf16* dout, const bf16* a, const bf16* v, int N, int H,
+                         int Hk, int hd,
+                         GradWrite write) {
     int rows = N * Hk;
     if (rows <= 0) return;
     check_head_dim(hd, "xsa_backward");
     PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, HEADS_PER_BLOCK * hd * sizeof(float), cuda_ctx().stream, xsa_backward_kernel)(
-        da, dv, dout, a, v, rows, H, Hk, hd, (float)XSA_EPS, XSA_EPS);
+        da, dv, dout, a, v, rows, H, Hk, hd, (float)XSA_EPS, XSA_EPS, write == ACCUMULATE);
     launchCheck();
 }
 #endif
@@ -3205,14 +3263,19 @@ template <class T> static void resid_mix_forward(Cpu<T>, T* out, const T* x, con
         }
 }
 template <class T> static void resid_mix_backward(Cpu<T>, T* dx, T* dx0, T* dmix, const T* dout, const T* x, const T* x0,
-                                                   const T* mix, int N, int C) {
+                                                   const T* mix, int N, int C, GradWrite dx_write, GradWrite dx0_write,
+                                                   GradWrite dmix_write) {
+    std::vector<T> dmix_sum(2 * C, T(0));
     for (int n = 0; n < N; n++)
         for (int c = 0; c < C; c++) {
             size_t i = (size_t)n * C + c;
-            dx[i] += mix[c] * dout[i];
-            dx0[i] += mix[C + c] * dout[i];
-            if (dmix) { dmix[c] += dout[i] * x[i]; dmix[C + c] += dout[i] * x0[i]; }  // null: frozen base (LoRA TTT)
+            write_grad(dx[i], mix[c] * dout[i], dx_write);
+            write_grad(dx0[i], mix[C + c] * dout[i], dx0_write);
+            dmix_sum[c] += dout[i] * x[i];
+            dmix_sum[C + c] += dout[i] * x0[i];
         }
+    if (dmix)  // null: frozen base (LoRA TTT)
+        for (int c = 0; c < 2 * C; c++) write_grad(dmix[c], dmix_sum[c], dmix_write);
 }
 #endif
 #ifdef PGOLF_CUDA
@@ -3226,7 +3289,8 @@ __global__ void resid_mix_forward_kernel(bf16* out, const bf16* x, const bf16* x
 }
 // Block (column tile, row chunk): elementwise input gradients, and the chunk's dmix partials [chunk, 2C].
 __global__ void resid_mix_backward_kernel(bf16* dx, bf16* dx0, float* partial, const bf16* dout, const bf16* x, const bf16* x0,
-                                          const float* mix, int N, int C, long rows_per_chunk) {
+                                          const float* mix, int N, int C, long rows_per_chunk, bool dx_accumulate,
+                                          bool dx0_accumulate) {
     __shared__ float sh[RED_ROWS * 32];
     int c = blockIdx.x * 32 + threadIdx.x;
     long n0 = blockIdx.y * rows_per_chunk, n1 = min(n0 + rows_per_chunk, (long)N);
@@ -3236,8 +3300,8 @@ __global__ void resid_mix_backward_kernel(bf16* dx, bf16* dx0, float* partial, c
         for (long n = n0 + threadIdx.y; n < n1; n += RED_ROWS) {
             size_t i = (size_t)n * C + c;
             float d = to_f32(dout[i]);
-            dx[i] = from_f32<bf16>(to_f32(dx[i]) + m0 * d);
-            dx0[i] = from_f32<bf16>(to_f32(dx0[i]) + m1 * d);
+            dx[i] = from_f32<bf16>(dx_accumulate ? to_f32(dx[i]) + m0 * d : m0 * d);
+            dx0[i] = from_f32<bf16>(dx0_accumulate ? to_f32(dx0[i]) + m1 * d : m1 * d);
             a0 += d * to_f32(x[i]);
             a1 += d * to_f32(x0[i]);
         }
@@ -3256,14 +3320,16 @@ static void resid_mix_forward(Cuda, bf16* out, const bf16* x, const bf16* x0, co
     launchCheck();
 }
 static void resid_mix_backward(Cuda, bf16* dx, bf16* dx0, float* dmix, const bf16* dout, const bf16* x, const bf16* x0,
-                               const float* mix, int N, int C) {
+                               const float* mix, int N, int C, GradWrite dx_write, GradWrite dx0_write,
+                               GradWrite dmix_write) {
     if (N <= 0 || C <= 0) return;
     RowChunks rc = row_chunks(N);
     float* partial = nullptr;
     if (dmix) scratch_carve([&](Arena& a) { partial = a.take<float>((size_t)rc.chunks * 2 * C); });
-    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, resid_mix_backward_kernel)(dx, dx0, partial, dout, x, x0, mix, N, C, rc.rows_per_chunk);
+    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, resid_mix_backward_kernel)(
+        dx, dx0, partial, dout, x, x0, mix, N, C, rc.rows_per_chunk, dx_write == ACCUMULATE, dx0_write == ACCUMULATE);
     launchCheck();
-    if (dmix) column_sums_add(dmix, partial, rc.chunks, 2 * C);
+    if (dmix) column_sums_add(dmix, partial, rc.chunks, 2 * C, dmix_write == ACCUMULATE);
 }
 #endif
 
@@ -3281,18 +3347,24 @@ template <class T> static void branch_add_forward(Cpu<T>, T* out, const T* res, 
             out[i] = res[i] + s * branch[i];
         }
 }
+// act_write: how dres and dbranch are written; param_write: dscale and dgate
 template <class T> static void branch_add_backward(Cpu<T>, T* dres, T* dbranch, T* dscale, T* dgate, const T* dout,
                                                     const T* branch, const T* scale, const T* gate, int N, int C,
-                                                    int scale_stride = 1) {
+                                                    int scale_stride, GradWrite act_write, GradWrite param_write) {
+    std::vector<T> dscale_sum(C, T(0)), dgate_sum(C, T(0));
     for (int n = 0; n < N; n++)
         for (int c = 0; c < C; c++) {
             size_t i = (size_t)n * C + c;
             T sg = gate ? sigmoid(gate[c]) : T(1), sc = scale[c * scale_stride];
-            if (dres) dres[i] += dout[i];
-            dbranch[i] += sc * sg * dout[i];
-            if (dscale) dscale[c * scale_stride] += dout[i] * sg * branch[i];
-            if (dgate) dgate[c] += dout[i] * sc * branch[i] * sg * (T(1) - sg);
+            if (dres) write_grad(dres[i], dout[i], act_write);
+            if (dbranch) write_grad(dbranch[i], sc * sg * dout[i], act_write);
+            dscale_sum[c * scale_stride] += dout[i] * sg * branch[i];
+            dgate_sum[c] += dout[i] * sc * branch[i] * sg * (T(1) - sg);
         }
+    if (dscale)
+        for (int c = 0; c < (scale_stride ? C : 1); c++) write_grad(dscale[c], dscale_sum[c], param_write);
+    if (dgate && gate)
+        for (int c = 0; c < C; c++) write_grad(dgate[c], dgate_sum[c], param_write);
 }
 #endif
 #ifdef PGOLF_CUDA
@@ -3308,7 +3380,9 @@ __global__ void branch_add_forward_kernel(bf16* out, const bf16* res, const bf16
     }
 }
 __global__ void branch_add_backward_kernel(bf16* dres, bf16* dbranch, float* pscale, float* pgate, const bf16* dout, const bf16* branch,
-                                           const float* scale, const float* gate, int N, int C, int scale_stride, long rows_per_chunk) {
+                                           const float* scale, const float* gate, int N, int C, int scale_stride,
+                                           long rows_per_chunk,
+                                           bool accumulate) {
     __shared__ float sh[RED_ROWS * 32];
     int c = blockIdx.x * 32 + threadIdx.x;
     long n0 = blockIdx.y * rows_per_chunk, n1 = min(n0 + rows_per_chunk, (long)N);
@@ -3318,8 +3392,8 @@ __global__ void branch_add_backward_kernel(bf16* dres, bf16* dbranch, float* psc
         for (long n = n0 + threadIdx.y; n < n1; n += RED_ROWS) {
             size_t i = (size_t)n * C + c;
             float d = to_f32(dout[i]), br = to_f32(branch[i]);
-            if (dres) dres[i] = from_f32<bf16>(to_f32(dres[i]) + d);
-            if (dbranch) dbranch[i] = from_f32<bf16>(to_f32(dbranch[i]) + sc * sg * d);
+            if (dres) dres[i] = from_f32<bf16>(accumulate ? to_f32(dres[i]) + d : d);
+            if (dbranch) dbranch[i] = from_f32<bf16>(accumulate ? to_f32(dbranch[i]) + sc * sg * d : sc * sg * d);
             as += d * sg * br;
             ag += d * sc * br * sg * (1.0f - sg);
         }
@@ -3339,7 +3413,9 @@ static void branch_add_forward(Cuda, bf16* out, const bf16* res, const bf16* bra
     launchCheck();
 }
 static void branch_add_backward(Cuda, bf16* dres, bf16* dbranch, float* dscale, float* dgate, const bf16* dout, const bf16* branch,
-                                const float* scale, const float* gate, int N, int C, int scale_stride = 1) {
+                                const float* scale, const float* gate, int N, int C, int scale_stride,
+                                GradWrite act_write,
+                                GradWrite param_write) {
     if (N <= 0 || C <= 0) return;
     RowChunks rc = row_chunks(N);
     float *pscale = nullptr, *pgate = nullptr;
@@ -3349,13 +3425,16 @@ static void branch_add_backward(Cuda, bf16* dres, bf16* dbranch, float* dscale, 
             pgate = dgate && gate ? a.take<float>((size_t)rc.chunks * C) : nullptr;
         });
     PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, branch_add_backward_kernel)(
-        dres, dbranch, pscale, pgate, dout, branch, scale, gate, N, C, scale_stride, rc.rows_per_chunk);
+        dres, dbranch, pscale, pgate, dout, branch, scale, gate, N, C, scale_stride, rc.rows_per_chunk,
+        act_write == ACCUMULATE);
     launchCheck();
+    bool accumulate = param_write == ACCUMULATE;
     if (pscale) {
-        if (scale_stride == 0) total_sum_add(dscale, pscale, (size_t)rc.chunks * C);  // one scalar: every term in one sum
-        else column_sums_add(dscale, pscale, rc.chunks, C);
+        // one scalar: every term in one sum
+        if (scale_stride == 0) total_sum_add(dscale, pscale, (size_t)rc.chunks * C, accumulate);
+        else column_sums_add(dscale, pscale, rc.chunks, C, accumulate);
     }
-    if (pgate) column_sums_add(dgate, pgate, rc.chunks, C);
+    if (pgate) column_sums_add(dgate, pgate, rc.chunks, C, accumulate);
 }
 #endif
 
@@ -3369,15 +3448,22 @@ template <class T> static void smear_forward(Cpu<T>, T* out, const T* x, const T
             out[(size_t)n * C + c] = (T(1) - g) * x[(size_t)n * C + c] + g * prev;
         }
 }
-template <class T> static void smear_backward(Cpu<T>, T* dx, T* dgate, const T* dout, const T* x, const T* gate, int N, int T_, int C) {
+// dx[t] (+)= (1−g)·d[t] + g·d[t+1] (the next position of the same sequence)
+template <class T> static void smear_backward(Cpu<T>, T* dx, T* dgate, const T* dout, const T* x, const T* gate,
+                                              int N, int T_,
+                                               int C, GradWrite dx_write, GradWrite dgate_write) {
+    std::vector<T> dgate_sum(C, T(0));
     for (int n = 0; n < N; n++)
         for (int c = 0; c < C; c++) {
             T g = sigmoid(gate[c]), prev = n % T_ ? x[(size_t)(n - 1) * C + c] : T(0);
             T d = dout[(size_t)n * C + c];
-            dx[(size_t)n * C + c] += (T(1) - g) * d;
-            if (n % T_) dx[(size_t)(n - 1) * C + c] += g * d;
-            if (dgate) dgate[c] += d * (prev - x[(size_t)n * C + c]) * g * (T(1) - g);
+            T dxn = (T(1) - g) * d;
+            if ((n + 1) % T_ != 0 && n + 1 < N) dxn += g * dout[(size_t)(n + 1) * C + c];
+            write_grad(dx[(size_t)n * C + c], dxn, dx_write);
+            dgate_sum[c] += d * (prev - x[(size_t)n * C + c]) * g * (T(1) - g);
         }
+    if (dgate)
+        for (int c = 0; c < C; c++) write_grad(dgate[c], dgate_sum[c], dgate_write);
 }
 #endif
 #ifdef PGOLF_CUDA
@@ -3390,9 +3476,9 @@ __global__ void smear_forward_kernel(bf16* out, const bf16* x, const float* gate
         out[i] = from_f32<bf16>((1.0f - g) * to_f32(x[i]) + g * prev);
     }
 }
-// dx[t] += (1−g)·d[t] + g·d[t+1] (gathered, so no two threads write one element); dgate per chunk.
+// dx[t] (+)= (1−g)·d[t] + g·d[t+1] (gathered, so no two threads write one element); dgate per chunk.
 __global__ void smear_backward_kernel(bf16* dx, float* partial, const bf16* dout, const bf16* x, const float* gate, int N, int T, int C,
-                                      long rows_per_chunk) {
+                                      long rows_per_chunk, bool accumulate) {
     __shared__ float sh[RED_ROWS * 32];
     int c = blockIdx.x * 32 + threadIdx.x;
     long n0 = blockIdx.y * rows_per_chunk, n1 = min(n0 + rows_per_chunk, (long)N);
@@ -3404,7 +3490,7 @@ __global__ void smear_backward_kernel(bf16* dx, float* partial, const bf16* dout
             float d = to_f32(dout[i]), xv = to_f32(x[i]);
             float add = (1.0f - g) * d;
             if ((n + 1) % T != 0 && n + 1 < N) add += g * to_f32(dout[i + C]);
-            dx[i] = from_f32<bf16>(to_f32(dx[i]) + add);
+            dx[i] = from_f32<bf16>(accumulate ? to_f32(dx[i]) + add : add);
             float prev = n % T ? to_f32(x[i - C]) : 0.0f;
             ag += d * (prev - xv) * g * (1.0f - g);
         }
@@ -3418,14 +3504,17 @@ static void smear_forward(Cuda, bf16* out, const bf16* x, const float* gate, int
     PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, smear_forward_kernel)(out, x, gate, n, T_, C);
     launchCheck();
 }
-static void smear_backward(Cuda, bf16* dx, float* dgate, const bf16* dout, const bf16* x, const float* gate, int N, int T_, int C) {
+static void smear_backward(Cuda, bf16* dx, float* dgate, const bf16* dout, const bf16* x, const float* gate, int N,
+                           int T_, int C,
+                           GradWrite dx_write, GradWrite dgate_write) {
     if (N <= 0 || C <= 0) return;
     RowChunks rc = row_chunks(N);
     float* partial = nullptr;
     if (dgate) scratch_carve([&](Arena& a) { partial = a.take<float>((size_t)rc.chunks * C); });
-    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, smear_backward_kernel)(dx, partial, dout, x, gate, N, T_, C, rc.rows_per_chunk);
+    PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, smear_backward_kernel)(
+        dx, partial, dout, x, gate, N, T_, C, rc.rows_per_chunk, dx_write == ACCUMULATE);
     launchCheck();
-    if (dgate) column_sums_add(dgate, partial, rc.chunks, C);
+    if (dgate) column_sums_add(dgate, partial, rc.chunks, C, dgate_write == ACCUMULATE);
 }
 #endif
 
@@ -3438,11 +3527,12 @@ template <class T> static void mlp_act_forward(Cpu<T>, T* out, const T* h, size_
         out[i] = a * a;
     }
 }
-template <class T> static void mlp_act_backward(Cpu<T>, T* dh, const T* dout, const T* h, size_t n, bool leaky) {
+template <class T> static void mlp_act_backward(Cpu<T>, T* dh, const T* dout, const T* h, size_t n, bool leaky,
+                                                GradWrite write) {
     #pragma omp parallel for
     for (size_t i = 0; i < n; i++) {
         T slope = h[i] > 0 ? T(1) : (leaky ? T(LEAKY_SLOPE) : T(0));
-        dh[i] += dout[i] * T(2) * slope * slope * h[i];  // d/dh (slope·h)² = 2·slope²·h
+        write_grad(dh[i], dout[i] * T(2) * slope * slope * h[i], write);  // d/dh (slope·h)² = 2·slope²·h
     }
 }
 #endif
@@ -3455,10 +3545,12 @@ __global__ void mlp_act_forward_kernel(bf16* out, const bf16* h, size_t n, float
         out[i] = from_f32<bf16>(a * a);
     }
 }
-__global__ void mlp_act_backward_kernel(bf16* dh, const bf16* dout, const bf16* h, size_t n, float slope_neg) {
+__global__ void mlp_act_backward_kernel(bf16* dh, const bf16* dout, const bf16* h, size_t n, float slope_neg,
+                                        bool accumulate) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float v = to_f32(h[i]), slope = v > 0.0f ? 1.0f : slope_neg;
-        dh[i] = from_f32<bf16>(to_f32(dh[i]) + to_f32(dout[i]) * 2.0f * slope * slope * v);  // d/dh (slope·h)² = 2·slope²·h
+        float g = to_f32(dout[i]) * 2.0f * slope * slope * v;  // d/dh (slope·h)² = 2·slope²·h
+        dh[i] = from_f32<bf16>(accumulate ? to_f32(dh[i]) + g : g);
     }
 }
 static void mlp_act_forward(Cuda, bf16* out, const bf16* h, size_t n, bool leaky) {
@@ -3466,9 +3558,10 @@ static void mlp_act_forward(Cuda, bf16* out, const bf16* h, size_t n, bool leaky
     PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, mlp_act_forward_kernel)(out, h, n, leaky ? LEAKY_SLOPE : 0.0f);
     launchCheck();
 }
-static void mlp_act_backward(Cuda, bf16* dh, const bf16* dout, const bf16* h, size_t n, bool leaky) {
+static void mlp_act_backward(Cuda, bf16* dh, const bf16* dout, const bf16* h, size_t n, bool leaky, GradWrite write) {
     if (!n) return;
-    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, mlp_act_backward_kernel)(dh, dout, h, n, leaky ? LEAKY_SLOPE : 0.0f);
+    PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, mlp_act_backward_kernel)(
+        dh, dout, h, n, leaky ? LEAKY_SLOPE : 0.0f, write == ACCUMULATE);
     launchCheck();
 }
 #endif
@@ -3658,6 +3751,29 @@ template <class D> struct Acts {
     std::vector<A*> d_skips;       // (B*T, C) each: gradient flowing back into each encoder output that feeds a skip
 };
 
+// The backward's buffer rule. The d_X buffers are scratch that every layer reuses: while the backward
+// differentiates one layer, d_X holds the gradient of that layer's X. No buffer is zeroed beforehand:
+// the first op that writes a buffer for the current layer OVERWRITEs it, a later op writing the same
+// buffer for the same layer ACCUMULATEs (GradWrite). Writers in backward order, W = overwrite, + = add:
+//   d_norm                 head dinp GEMM W, LoRA head +            → the final norm's rmsnorm_backward
+//                          fc dinp GEMM W, LoRA up +                → the MLP norm's rmsnorm_backward
+//                          c_q dinp GEMM W, c_k +, c_v +, LoRA +    → the attention norm's rmsnorm_backward
+//                          smear_backward W                         → the embedding norm's rmsnorm_backward
+//   d_residual             final rmsnorm_backward W; an encoder layer that fed skip j adds d_skips[j] +;
+//                          resid_mix_backward W (now the gradient of residual_in, passed to the layer below)
+//   d_residual_after_attn  MLP branch_add_backward W, MLP rmsnorm_backward +
+//   d_residual_mixed       attention branch_add_backward W, attention rmsnorm_backward +
+//   d_residual_x0          resid_mix_backward of the last layer W, of every other layer +, layer 0's
+//                          d_residual +; lives across all layers, read by the embedding's backward
+//   d_skips[i]             the skip's branch_add_backward in decoder layer enc+i W; lives until encoder
+//                          layer enc−1−i adds it to d_residual
+//   d_v_proj               xsa_backward W in XSA layers, zeroed in the others; attention_backward +
+//   d_q_rope, d_k_rope     zeroed, attention_backward + (its kernels add into dQ, dK, dV)
+//   every other d_X        one writer W (LoRA hooks then +)
+// Parameter gradients (m.grads) follow the same rule across a whole step: in the step's first
+// micro-batch the first writer of each gradient overwrites it and every later writer adds (tied
+// embeddings, layers sharing a block); later micro-batches add everywhere. ParamGradWrites keeps the
+// list; a gradient that no op wrote is zeroed at the end of the backward (none in the presets).
 template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c, int B, int T) {
     using A = typename D::act;
     using S = typename D::stat;
@@ -3715,6 +3831,7 @@ template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c
     a.final_norm_rstd = ar.take<S>(N);
     a.logits = ar.take<A>(N * c.vocab_size);
     a.losses = ar.take<S>(N);
+    // the backward scratch comes last: from d_residual to the end (tests poison it all)
     a.d_residual = ar.take<A>(N * C);
     a.d_residual_x0 = ar.take<A>(N * C);
     a.d_residual_after_attn = ar.take<A>(N * C);
@@ -3926,9 +4043,42 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
     softcap_ce(dev, a.losses, a.logits, a.targets, with_grad ? a.loss_weights : nullptr, N, c.vocab_size, c.logit_softcap);
 }
 
-// Backward of the last forward (which must have had with_grad). Adds into m.grads and the LoRA
-// grads; with param_grads = false only the LoRA adapters get gradients (the base is frozen).
-template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr, bool param_grads = true) {
+// Parameter gradients the current backward has written: the first write of each overwrites it (when
+// `first` is OVERWRITE), every later one adds. Writers of one gradient pass the same pointer.
+template <class D> struct ParamGradWrites {
+    using G = typename D::grad;
+    GradWrite first = ACCUMULATE;
+    std::vector<std::pair<const G*, size_t>> written;  // (gradient, elements), in writing order
+    GradWrite operator()(const G* g, size_t n) {
+        if (!g || first == ACCUMULATE) return ACCUMULATE;
+        for (auto& w : written)
+            if (w.first == g) return ACCUMULATE;
+        written.push_back({g, n});
+        return OVERWRITE;
+    }
+};
+// Zeroes the parts of the parameter gradients that no op of an overwriting backward wrote.
+template <class D> static void zero_unwritten_param_grads(D dev, const Model<D>& m, ParamGradWrites<D> pw) {
+    using G = typename D::grad;
+    std::sort(pw.written.begin(), pw.written.end());
+    for (const ParamSpec& p : m.table) {
+        const G* at = m.grads + p.offset;
+        const G* end = at + p.numel;
+        for (auto& w : pw.written) {
+            if (w.first + w.second <= at || w.first >= end) continue;
+            if (w.first > at) device_zero(dev, (G*)at, (w.first - at) * sizeof(G));
+            at = std::max(at, w.first + w.second);
+        }
+        if (at < end) device_zero(dev, (G*)at, (end - at) * sizeof(G));
+    }
+}
+
+// Backward of the last forward (which must have had with_grad), following the buffer rule above
+// carve_acts. param_write: OVERWRITE in a step's first micro-batch (m.grads need no zeroing), else
+// ACCUMULATE. With param_grads = false only the LoRA adapters get gradients (the base is frozen).
+template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr,
+                                            bool param_grads = true,
+                                            GradWrite param_write = ACCUMULATE) {
     const Config& c = m.cfg;
     Acts<D>& a = m.acts;
     auto& W = m.w;
@@ -3936,19 +4086,21 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
     if (!param_grads) G = point_weights(c, m.table, (typename D::grad*)nullptr, (typename D::grad*)nullptr);
     using A = typename D::act;
     int N = B * T, Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden(), H = c.num_heads, Hk = c.num_kv_heads, hd = c.head_dim();
-    size_t ND = (size_t)N * Dm, NKV = (size_t)N * KV, NF = (size_t)N * F;
+    size_t ND = (size_t)N * Dm, NKV = (size_t)N * KV;
     auto zero = [&](A* p, size_t n) { device_zero(dev, p, n * sizeof(A)); };
     typename D::grad* no_grad = nullptr;
     const typename D::vec* no_vec = nullptr;
-    zero(a.d_residual, ND);
-    zero(a.d_residual_x0, ND);
-    for (A* d : a.d_skips) zero(d, ND);
+    ParamGradWrites<D> pw;
+    pw.first = param_grads ? param_write : ACCUMULATE;
+    size_t C1 = Dm;  // elements of a per-channel parameter
     // head (a.logits now holds dlogits)
-    zero(a.d_norm, ND);
-    matmul_backward(dev, a.d_norm, c.tie_embeddings ? G.tok_emb : G.lm_head, a.logits, a.final_norm,
-                    c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm, c.vocab_size);
+    typename D::grad* d_head = c.tie_embeddings ? G.tok_emb : G.lm_head;
+    GradWrite head_write = pw(d_head, (size_t)c.vocab_size * Dm);
+    matmul_backward(dev, a.d_norm, d_head, a.logits, a.final_norm, c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm,
+                    c.vocab_size, OVERWRITE, head_write);
     lora_backward(dev, lo, LORA_HEAD, 0, a.d_norm, a.logits, a.final_norm, T);
-    rmsnorm_backward(dev, a.d_residual, a.d_norm, a.layers[c.num_layers - 1].residual_out, a.final_norm_rstd, N, Dm);
+    rmsnorm_backward(dev, a.d_residual, a.d_norm, a.layers[c.num_layers - 1].residual_out, a.final_norm_rstd, N, Dm,
+                     OVERWRITE);
     int enc = c.num_encoder_layers();
     for (int l = c.num_layers - 1; l >= 0; l--) {
         LayerActs<D>& L = a.layers[l];
@@ -3956,94 +4108,111 @@ template <class D> static void gpt_backward(D dev, Model<D>& m, int B, int T, Lo
         const auto& LG = G.layers[l];
         if (l < enc && l >= enc - c.num_skip_weights())  // this encoder output also fed a skip
             add_inplace(dev, a.d_residual, a.d_skips[enc - 1 - l], ND);
-        // MLP branch: x_out = xa + mlp_scale ⊙ σ(gate) ⊙ m
-        zero(a.d_residual_after_attn, ND);
-        zero(a.d_mlp_proj_out, ND);
+        // MLP branch: residual_out = residual_after_attn + mlp_scale ⊙ σ(gate) ⊙ mlp_proj_out
+        GradWrite scale_write = pw(LG.mlp_scale, C1);  // the gate's gradient is written with the scale's
+        if (LW.mlp_gate) pw(LG.mlp_gate, C1);
         branch_add_backward(dev, a.d_residual_after_attn, a.d_mlp_proj_out, LG.mlp_scale, LG.mlp_gate, a.d_residual,
-                            L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate, N, Dm);
-        zero(a.d_mlp_act, NF);
-        matmul_backward(dev, a.d_mlp_act, LG.mlp_proj, a.d_mlp_proj_out, L.mlp_act, LW.mlp_proj, N, F, Dm);
+                            L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate, N, Dm, 1, OVERWRITE, scale_write);
+        GradWrite w_write = pw(LG.mlp_proj, (size_t)Dm * F);
+        matmul_backward(dev, a.d_mlp_act, LG.mlp_proj, a.d_mlp_proj_out, L.mlp_act, LW.mlp_proj, N, F, Dm, OVERWRITE,
+                        w_write);
         lora_backward(dev, lo, LORA_DOWN, l, a.d_mlp_act, a.d_mlp_proj_out, L.mlp_act, T);
-        zero(a.d_mlp_hidden, NF);
-        mlp_act_backward(dev, a.d_mlp_hidden, a.d_mlp_act, L.mlp_hidden, NF, c.mlp_activation == "leaky_relu_sq");
-        zero(a.d_norm, ND);
-        matmul_backward(dev, a.d_norm, LG.fc, a.d_mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F);
+        mlp_act_backward(dev, a.d_mlp_hidden, a.d_mlp_act, L.mlp_hidden, (size_t)N * F,
+                         c.mlp_activation == "leaky_relu_sq", OVERWRITE);
+        w_write = pw(LG.fc, (size_t)F * Dm);
+        matmul_backward(dev, a.d_norm, LG.fc, a.d_mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F, OVERWRITE, w_write);
         lora_backward(dev, lo, LORA_UP, l, a.d_norm, a.d_mlp_hidden, L.mlp_norm, T);
-        rmsnorm_backward(dev, a.d_residual_after_attn, a.d_norm, L.residual_after_attn, L.mlp_norm_rstd, N, Dm);
-        // attention branch: xa = xm + attn_scale ⊙ σ(gate) ⊙ a
-        zero(a.d_residual_mixed, ND);
-        zero(a.d_attn_proj_out, ND);
+        rmsnorm_backward(dev, a.d_residual_after_attn, a.d_norm, L.residual_after_attn, L.mlp_norm_rstd, N, Dm,
+                         ACCUMULATE);
+        // attention branch: residual_after_attn = residual_mixed + attn_scale ⊙ σ(gate) ⊙ attn_proj_out
+        scale_write = pw(LG.attn_scale, C1);
+        if (LW.attn_gate) pw(LG.attn_gate, C1);
         branch_add_backward(dev, a.d_residual_mixed, a.d_attn_proj_out, LG.attn_scale, LG.attn_gate,
-                            a.d_residual_after_attn, L.attn_proj_out, LW.attn_scale, LW.attn_gate, N, Dm);
-        zero(a.d_attn_proj_in, ND);
+                            a.d_residual_after_attn, L.attn_proj_out, LW.attn_scale, LW.attn_gate, N, Dm, 1, OVERWRITE,
+                            scale_write);
+        w_write = pw(LG.attn_proj, (size_t)Dm * Dm);
         matmul_backward(dev, a.d_attn_proj_in, LG.attn_proj, a.d_attn_proj_out, L.attn_proj_in, LW.attn_proj,
-                        N, Dm, Dm);
+                        N, Dm, Dm, OVERWRITE, w_write);
         lora_backward(dev, lo, LORA_O, l, a.d_attn_proj_in, a.d_attn_proj_out, L.attn_proj_in, T);
-        zero(a.d_v_proj, NKV);
         A* d_attn_out = a.d_attn_proj_in;
         if (layer_has_xsa(c, l)) {
-            zero(a.d_attn_out, ND);
-            xsa_backward(dev, a.d_attn_out, a.d_v_proj, a.d_attn_proj_in, L.attn_out, L.v_proj, N, H, Hk, hd);
+            xsa_backward(dev, a.d_attn_out, a.d_v_proj, a.d_attn_proj_in, L.attn_out, L.v_proj, N, H, Hk, hd,
+                         OVERWRITE);
             d_attn_out = a.d_attn_out;
+        } else {
+            zero(a.d_v_proj, NKV);
         }
         zero(a.d_q_rope, ND);
         zero(a.d_k_rope, NKV);
         attention_backward(dev, a.d_q_rope, a.d_k_rope, a.d_v_proj, d_attn_out, L.q_rope, L.k_rope, L.v_proj,
                            L.attn_out, L.attn_lse, B, T, H, Hk, hd);
-        zero(a.d_q_proj, ND);
-        zero(a.d_k_proj, NKV);
+        GradWrite gain_write = pw(LG.q_gain, (size_t)H);
         qk_norm_rope_backward(dev, a.d_q_proj, LG.q_gain, a.d_q_rope, L.q_proj, L.q_rstd, LW.q_gain, N, T, H, hd,
-                              c.rotary_dims(), c.rope_base);
+                              c.rotary_dims(), c.rope_base, OVERWRITE, gain_write);
         qk_norm_rope_backward(dev, a.d_k_proj, no_grad, a.d_k_rope, L.k_proj, L.k_rstd, no_vec, N, T, Hk, hd,
-                              c.rotary_dims(), c.rope_base);
-        zero(a.d_norm, ND);
-        matmul_backward(dev, a.d_norm, LG.c_q, a.d_q_proj, L.attn_norm, LW.c_q, N, Dm, Dm);
-        matmul_backward(dev, a.d_norm, LG.c_k, a.d_k_proj, L.attn_norm, LW.c_k, N, Dm, KV);
-        matmul_backward(dev, a.d_norm, LG.c_v, a.d_v_proj, L.attn_norm, LW.c_v, N, Dm, KV);
+                              c.rotary_dims(), c.rope_base, OVERWRITE, ACCUMULATE);
+        w_write = pw(LG.c_q, (size_t)Dm * Dm);
+        matmul_backward(dev, a.d_norm, LG.c_q, a.d_q_proj, L.attn_norm, LW.c_q, N, Dm, Dm, OVERWRITE, w_write);
+        w_write = pw(LG.c_k, (size_t)KV * Dm);
+        matmul_backward(dev, a.d_norm, LG.c_k, a.d_k_proj, L.attn_norm, LW.c_k, N, Dm, KV, ACCUMULATE, w_write);
+        w_write = pw(LG.c_v, (size_t)KV * Dm);
+        matmul_backward(dev, a.d_norm, LG.c_v, a.d_v_proj, L.attn_norm, LW.c_v, N, Dm, KV, ACCUMULATE, w_write);
         lora_backward(dev, lo, LORA_Q, l, a.d_norm, a.d_q_proj, L.attn_norm, T);
         lora_backward(dev, lo, LORA_K, l, a.d_norm, a.d_k_proj, L.attn_norm, T);
         lora_backward(dev, lo, LORA_V, l, a.d_norm, a.d_v_proj, L.attn_norm, T);
-        rmsnorm_backward(dev, a.d_residual_mixed, a.d_norm, L.residual_mixed, L.attn_norm_rstd, N, Dm);
-        // residual lanes: xm = mix0 ⊙ x_in + mix1 ⊙ x0
-        zero(a.d_residual, ND);  // d_residual now becomes the gradient of residual_in
+        rmsnorm_backward(dev, a.d_residual_mixed, a.d_norm, L.residual_mixed, L.attn_norm_rstd, N, Dm, ACCUMULATE);
+        // residual lanes: residual_mixed = mix0 ⊙ residual_in + mix1 ⊙ x0
+        GradWrite x0_write = l == c.num_layers - 1 ? OVERWRITE : ACCUMULATE;
+        GradWrite mix_write = pw(LG.resid_mix, 2 * C1);
         resid_mix_backward(dev, a.d_residual, a.d_residual_x0, LG.resid_mix, a.d_residual_mixed, L.residual_in,
-                           a.residual_x0, LW.resid_mix, N, Dm);
-        if (l >= enc && l - enc < c.num_skip_weights()) {  // x_in = x_out[l−1] + w ⊙ skip
+                           a.residual_x0, LW.resid_mix, N, Dm, OVERWRITE, x0_write, mix_write);
+        if (l >= enc && l - enc < c.num_skip_weights()) {  // residual_in = residual_out[l−1] + w ⊙ skip
             int i = l - enc;
             typename D::grad* d_skip_weight = G.skip_weights ? G.skip_weights + (size_t)i * Dm : nullptr;
             const typename D::vec* skip_weight = W.skip_weights + (size_t)i * Dm;
+            GradWrite skip_write = pw(d_skip_weight, C1);
             branch_add_backward(dev, (A*)nullptr, a.d_skips[i], d_skip_weight, no_grad, a.d_residual,
-                                a.layers[enc - 1 - i].residual_out, skip_weight, no_vec, N, Dm);
-            // the residual part (x_out[l−1]) passes dx through unchanged
+                                a.layers[enc - 1 - i].residual_out, skip_weight, no_vec, N, Dm, 1, OVERWRITE,
+                                skip_write);
+            // the residual part (residual_out[l−1]) passes d_residual through unchanged
         }
-        if (l == 0) add_inplace(dev, a.d_residual_x0, a.d_residual, ND);  // x_in of layer 0 is x0
+        if (l == 0) add_inplace(dev, a.d_residual_x0, a.d_residual, ND);  // residual_in of layer 0 is x0
     }
     // embeddings
     A* d_embed_norm = a.d_residual_x0;
     if (c.smear) {
-        zero(a.d_norm, ND);
-        smear_backward(dev, a.d_norm, G.smear_gate, a.d_residual_x0, a.embed_norm, W.smear_gate, N, T, Dm);
+        GradWrite gate_write = pw(G.smear_gate, C1);
+        smear_backward(dev, a.d_norm, G.smear_gate, a.d_residual_x0, a.embed_norm, W.smear_gate, N, T, Dm, OVERWRITE,
+                       gate_write);
         d_embed_norm = a.d_norm;
     }
-    zero(a.d_embed_sum, ND);
     const A* e = (c.bigram_vocab_size || c.bigram_hash_size) ? a.embed_sum : a.tok_embed;
-    rmsnorm_backward(dev, a.d_embed_sum, d_embed_norm, e, a.embed_norm_rstd, N, Dm);
-    if (G.tok_emb) embedding_backward(dev, G.tok_emb, a.d_embed_sum, a.inputs, N, Dm);
+    rmsnorm_backward(dev, a.d_embed_sum, d_embed_norm, e, a.embed_norm_rstd, N, Dm, OVERWRITE);
+    if (G.tok_emb) {
+        GradWrite tok_write = pw(G.tok_emb, (size_t)c.vocab_size * Dm);
+        embedding_backward(dev, G.tok_emb, a.d_embed_sum, a.inputs, N, Dm, c.vocab_size, tok_write);
+    }
     if (c.bigram_vocab_size) {
         A* d_bigram_branch = W.bigram_proj ? a.d_bigram_proj_out : a.d_bigram_embed;
         const A* bigram_branch = W.bigram_proj ? a.bigram_proj_out : a.bigram_embed;
-        zero(d_bigram_branch, (size_t)N * (W.bigram_proj ? Dm : c.bigram_dim));
+        GradWrite scale_write = pw(G.bigram_scale, 1);
         branch_add_backward(dev, (A*)nullptr, d_bigram_branch, G.bigram_scale, no_grad, a.d_embed_sum,
-                            bigram_branch, W.bigram_scale, no_vec, N, Dm, 0);
+                            bigram_branch, W.bigram_scale, no_vec, N, Dm, 0, OVERWRITE, scale_write);
         if (W.bigram_proj) {
-            zero(a.d_bigram_embed, (size_t)N * c.bigram_dim);
+            GradWrite proj_write = pw(G.bigram_proj, (size_t)Dm * c.bigram_dim);
             matmul_backward(dev, a.d_bigram_embed, G.bigram_proj, a.d_bigram_proj_out, a.bigram_embed, W.bigram_proj,
-                            N, c.bigram_dim, Dm);
+                            N, c.bigram_dim, Dm, OVERWRITE, proj_write);
         }
-        if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, a.d_bigram_embed, a.bigram_idx, N, c.bigram_dim);
-    } else if (c.bigram_hash_size) {
-        if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, a.d_embed_sum, a.bigram_idx, N, Dm);
+        if (G.bigram_embed) {
+            GradWrite table_write = pw(G.bigram_embed, (size_t)c.bigram_vocab_size * c.bigram_dim);
+            embedding_backward(dev, G.bigram_embed, a.d_bigram_embed, a.bigram_idx, N, c.bigram_dim,
+                               c.bigram_vocab_size, table_write);
+        }
+    } else if (c.bigram_hash_size && G.bigram_embed) {
+        GradWrite table_write = pw(G.bigram_embed, (size_t)c.bigram_hash_size * Dm);
+        embedding_backward(dev, G.bigram_embed, a.d_embed_sum, a.bigram_idx, N, Dm, c.bigram_hash_size, table_write);
     }
+    if (pw.first == OVERWRITE) zero_unwritten_param_grads(dev, m, pw);
 }
 
 // ============================================================================================
@@ -6403,14 +6572,14 @@ template <class D> static void train(D dev, Model<D>& m, TrainState<D>& s, const
         double elapsed = s.train_ms + now_ms() - t0;
         double scale = lr_multiplier(c, s.step, elapsed);
         profile_step_begin(dev);
-        device_zero(dev, m.grads, m.nparams * sizeof(typename D::grad));
         double loss_sum = 0;
         for (int micro = 0; micro < accum; micro++) {
             s.loader.next_batch(c.train_batch_tokens, accum, x, y);
             to_device(dev, m.acts.loss_weights, weights.data(), local);
             std::vector<float> nll;
             forward_nll(dev, m, x, y, B, T, nll, (Lora<D>*)nullptr, true);
-            gpt_backward(dev, m, B, T);
+            GradWrite param_write = micro == 0 ? OVERWRITE : ACCUMULATE;  // micro-batch 0 needs no zeroed m.grads
+            gpt_backward(dev, m, B, T, (Lora<D>*)nullptr, true, param_write);
             for (float v : nll) loss_sum += v;
         }
         double train_loss = loss_sum / ((double)local * accum);
@@ -6704,7 +6873,6 @@ struct CostEntry {
 struct CostLog {
     std::vector<CostEntry> entries;
     bool optimizer = false;              // inside optimizer_step (op_scope)
-    const Model<Cost>* model = nullptr;  // for the embedding backward's table sizes
 };
 static CostLog g_cost;
 static void cost_add(OpClass cls, const char* op, double flops, double hbm, double link = 0) {
@@ -6761,30 +6929,31 @@ static void matmul_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, in
                            bool accumulate = false) {
     cost_gemm(N, OC, IC, BF, accumulate);
 }
-// matmul_backward: linear_dinp_gemm dinp[N,IC] += dout·W (bf16), linear_dweight_gemm dW[OC,IC] += doutᵀ·inp (fp32)
+// matmul_backward: linear_dinp_gemm dinp[N,IC] (+)= dout·W (bf16), linear_dweight_gemm dW[OC,IC] (+)= doutᵀ·inp
+// (fp32); beta = 1 only where accumulating
 static void matmul_backward(Cost, CostBf16* dinp, float* dw, const CostBf16*, const CostBf16*, const CostBf16*,
-                            int N, int IC, int OC) {
-    if (dinp) cost_gemm(N, IC, OC, BF, true);
-    if (dw) cost_gemm(OC, IC, N, F32, true);
+                            int N, int IC, int OC, GradWrite dinp_write = ACCUMULATE, GradWrite dw_write = ACCUMULATE) {
+    if (dinp) cost_gemm(N, IC, OC, BF, dinp_write == ACCUMULATE);
+    if (dw) cost_gemm(OC, IC, N, F32, dw_write == ACCUMULATE);
 }
 // embedding_forward: embedding_forward_kernel (indices, gathered rows, output)
 static void embedding_forward(Cost, CostBf16*, const int32_t*, const CostBf16*, int N, int C) {
     if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "embedding_forward", 0, N * I32 + 2.0 * N * C * BF);
 }
-// Rows of the gradient table dtable points at (the model's parameter table), for the row updates.
-static double cost_table_rows(const float* dtable, int N) {
-    const Model<Cost>* m = g_cost.model;
-    if (m) for (const ParamSpec& p : m->table) if (m->grads + p.offset == dtable) return std::min<double>(p.rows(), N);
-    return N;
-}
 // embedding_backward: iota_kernel; cub::DeviceRadixSort::SortPairs of 32-bit keys and values as CUB
 // dispatches it on sm_90: up to one tile of 256 × 19 pairs one single-tile kernel, beyond that onesweep
 // (memsets of the pass counters and histograms, histogram, exclusive sum, then 4 passes of 8 bits, each a
 // memset of its lookback and a kernel reading and writing keys and values: 6 launches and 6 memsets);
-// embedding_backward_kernel (sorted pairs, dout rows, read-modify-write of the touched table rows)
+// embedding_backward_kernel (sorted pairs, dout rows, read-modify-write of the touched table rows, or
+// overwriting: every table row written once); no positions: a memset when overwriting
 static const int COST_SORT_SINGLE_TILE = 256 * 19;
-static void embedding_backward(Cost, float* dtable, const CostBf16*, const int32_t*, int N, int C) {
-    if (N <= 0 || C <= 0 || !dtable) return;
+static void embedding_backward(Cost dev, float* dtable, const CostBf16*, const int32_t*, int N, int C, int rows,
+                               GradWrite write) {
+    if (C <= 0 || !dtable) return;
+    if (N <= 0) {
+        if (write == OVERWRITE) device_zero(dev, dtable, (size_t)rows * C * sizeof(float));
+        return;
+    }
     cost_add(OP_ELEMENTWISE, "iota", 0, N * I32);
     if (N <= COST_SORT_SINGLE_TILE) {
         cost_add(OP_ELEMENTWISE, "radix_sort_single_tile", 0, 4.0 * N * I32);
@@ -6799,32 +6968,35 @@ static void embedding_backward(Cost, float* dtable, const CostBf16*, const int32
             cost_add(OP_ELEMENTWISE, "radix_sort_onesweep", 0, 4.0 * N * I32);
         }
     }
-    double rows = cost_table_rows(dtable, N);
-    cost_add(OP_ELEMENTWISE, "embedding_backward", 0, 2.0 * N * I32 + (double)N * C * BF + 2 * rows * C * F32);
+    double table = write == ACCUMULATE ? 2.0 * std::min(rows, N) * C * F32 : (double)rows * C * F32;
+    cost_add(OP_ELEMENTWISE, "embedding_backward", 0, 2.0 * N * I32 + (double)N * C * BF + table);
 }
 // bigram_lookup: bigram_lookup_kernel
 static void bigram_lookup(Cost, int32_t*, const int32_t*, int B, int T_, int, int, bool) {
     if (B * T_ > 0) cost_add(OP_ELEMENTWISE, "bigram_lookup", 0, 2.0 * B * T_ * I32);
 }
-// rmsnorm_forward / rmsnorm_backward: one warp-per-row kernel each (the backward adds into dinp)
+// rmsnorm_forward / rmsnorm_backward: one warp-per-row kernel each (the backward reads dinp only to add to it)
 static void rmsnorm_forward(Cost, CostBf16*, float*, const CostBf16*, int N, int C) {
     if (N > 0) cost_add(OP_ELEMENTWISE, "rmsnorm_forward", 0, 2.0 * N * C * BF + N * F32);
 }
-static void rmsnorm_backward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, int N, int C) {
-    if (N > 0) cost_add(OP_ELEMENTWISE, "rmsnorm_backward", 0, 4.0 * N * C * BF + N * F32);
+static void rmsnorm_backward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, int N, int C,
+                             GradWrite write) {
+    double dinp = (write == ACCUMULATE ? 2.0 : 1.0) * N * C * BF;
+    if (N > 0) cost_add(OP_ELEMENTWISE, "rmsnorm_backward", 0, 2.0 * N * C * BF + dinp + N * F32);
 }
 // qk_norm_rope_forward: qk_norm_rope_forward_kernel (x → out, rstd per head; the rope table is L2-resident)
 static void qk_norm_rope_forward(Cost, CostBf16*, float*, const CostBf16*, const float*, int N, int, int nh, int hd,
                                  int, float) {
     if (N * nh > 0) cost_add(OP_ELEMENTWISE, "qk_norm_rope_forward", 0, 2.0 * N * nh * hd * BF + (double)N * nh * F32);
 }
-// qk_norm_rope_backward: the kernel (dout, x, rstd, dx += …, per-row gain partials), and for the gain
+// qk_norm_rope_backward: the kernel (dout, x, rstd, dx (+)= …, per-row gain partials), and for the gain
 // column_partial_sums_kernel + column_sums_add_kernel over row chunks
 static void qk_norm_rope_backward(Cost, CostBf16*, float* dgain, const CostBf16*, const CostBf16*, const float*,
-                                  const float*, int N, int, int nh, int hd, int, float) {
+                                  const float*, int N, int, int nh, int hd, int, float, GradWrite dx_write, GradWrite) {
     double rows = (double)N * nh;
     if (rows <= 0) return;
-    cost_add(OP_ELEMENTWISE, "qk_norm_rope_backward", 0, 4 * rows * hd * BF + rows * F32 * (dgain ? 2 : 1));
+    double dx = (dx_write == ACCUMULATE ? 2 : 1) * rows * hd * BF;
+    cost_add(OP_ELEMENTWISE, "qk_norm_rope_backward", 0, 2 * rows * hd * BF + dx + rows * F32 * (dgain ? 2 : 1));
     if (dgain) {
         int chunks = row_chunks_count(N);
         cost_add(OP_ELEMENTWISE, "column_partial_sums", 0, rows * F32 + (double)chunks * nh * F32);
@@ -6866,23 +7038,26 @@ static void attention_backward(Cost, CostBf16*, CostBf16*, CostBf16*, const Cost
     cost_add(OP_ATTN_BWD, "attention_backward_dq", cost_attn_flops(B, T, H, Hk, hd, 3), 4 * q + 2 * kv + 2 * row);
     cost_add(OP_ATTN_BWD, "attention_backward_dkdv", cost_attn_flops(B, T, H, Hk, hd, 4), 2 * q + 6 * kv + 2 * row);
 }
-// xsa_forward / xsa_backward: one warp-per-kv-head kernel each (the backward adds into da and dv)
+// xsa_forward / xsa_backward: one warp-per-kv-head kernel each (the backward reads da and dv only to add to them)
 static void xsa_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, int N, int H, int Hk, int hd) {
     if (N * Hk > 0) cost_add(OP_ELEMENTWISE, "xsa_forward", 0, (double)N * hd * BF * (2.0 * H + Hk));
 }
 static void xsa_backward(Cost, CostBf16*, CostBf16*, const CostBf16*, const CostBf16*, const CostBf16*,
-                         int N, int H, int Hk, int hd) {
-    if (N * Hk > 0) cost_add(OP_ELEMENTWISE, "xsa_backward", 0, (double)N * hd * BF * (4.0 * H + 3.0 * Hk));
+                         int N, int H, int Hk, int hd, GradWrite write) {
+    double grads = write == ACCUMULATE ? 2.0 * H + 2.0 * Hk : 1.0 * H + Hk;  // da, dv
+    if (N * Hk > 0) cost_add(OP_ELEMENTWISE, "xsa_backward", 0, (double)N * hd * BF * (2.0 * H + Hk + grads));
 }
-// resid_mix_forward: one kernel; resid_mix_backward: the chunked kernel (dx, dx0 += …) + column_sums_add for dmix
+// resid_mix_forward: one kernel; resid_mix_backward: the chunked kernel (dx, dx0 (+)= …) + column_sums_add for dmix
 static void resid_mix_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, int N, int C) {
     if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "resid_mix_forward", 0, 3.0 * N * C * BF);
 }
 static void resid_mix_backward(Cost, CostBf16*, CostBf16*, float* dmix, const CostBf16*, const CostBf16*,
-                               const CostBf16*, const float*, int N, int C) {
+                               const CostBf16*, const float*, int N, int C, GradWrite dx_write, GradWrite dx0_write,
+                               GradWrite) {
     if (N <= 0 || C <= 0) return;
     double part = (double)row_chunks_count(N) * 2 * C * F32;
-    cost_add(OP_ELEMENTWISE, "resid_mix_backward", 0, 7.0 * N * C * BF + (dmix ? part : 0));
+    double grads = (dx_write == ACCUMULATE ? 2 : 1) + (dx0_write == ACCUMULATE ? 2 : 1);
+    cost_add(OP_ELEMENTWISE, "resid_mix_backward", 0, (3.0 + grads) * N * C * BF + (dmix ? part : 0));
     if (dmix) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 4.0 * C * F32);
 }
 // branch_add_forward: one kernel; branch_add_backward: the chunked kernel (dres, dbranch += …) and one
@@ -6892,14 +7067,15 @@ static void branch_add_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*
     if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "branch_add_forward", 0, 3.0 * N * C * BF);
 }
 static void branch_add_backward(Cost, CostBf16* dres, CostBf16* dbranch, float* dscale, float* dgate, const CostBf16*,
-                                const CostBf16*, const float*, const float* gate, int N, int C, int scale_stride = 1) {
+                                const CostBf16*, const float*, const float* gate, int N, int C, int scale_stride,
+                                GradWrite act_write, GradWrite) {
     if (N <= 0 || C <= 0) return;
     double part = (double)row_chunks_count(N) * C * F32;
     bool pgate = dgate && gate;
-    double nc = (double)N * C * BF;
+    double nc = (double)N * C * BF * (act_write == ACCUMULATE ? 2 : 1);  // read-modify-write, or write
     double partials = part * ((dscale ? 1 : 0) + (pgate ? 1 : 0));
-    double grads = (dres ? 2 * nc : 0) + (dbranch ? 2 * nc : 0);  // read-modify-write
-    cost_add(OP_ELEMENTWISE, "branch_add_backward", 0, 2 * nc + grads + partials);
+    double grads = (dres ? nc : 0) + (dbranch ? nc : 0);
+    cost_add(OP_ELEMENTWISE, "branch_add_backward", 0, 2.0 * N * C * BF + grads + partials);
     const char* sums = scale_stride == 0 ? "total_sum_add" : "column_sums_add";
     if (dscale) cost_add(OP_ELEMENTWISE, sums, 0, part + 2.0 * C * F32);
     if (pgate) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
@@ -6909,18 +7085,19 @@ static void smear_forward(Cost, CostBf16*, const CostBf16*, const float*, int N,
     if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "smear_forward", 0, 2.0 * N * C * BF);
 }
 static void smear_backward(Cost, CostBf16*, float* dgate, const CostBf16*, const CostBf16*, const float*,
-                           int N, int, int C) {
+                           int N, int, int C, GradWrite dx_write, GradWrite) {
     if (N <= 0 || C <= 0) return;
     double part = (double)row_chunks_count(N) * C * F32;
-    cost_add(OP_ELEMENTWISE, "smear_backward", 0, 4.0 * N * C * BF + (dgate ? part : 0));
+    double dx = (dx_write == ACCUMULATE ? 2.0 : 1.0) * N * C * BF;
+    cost_add(OP_ELEMENTWISE, "smear_backward", 0, 2.0 * N * C * BF + dx + (dgate ? part : 0));
     if (dgate) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
 }
-// mlp_act_forward / mlp_act_backward: one elementwise kernel each (the backward adds into dh)
+// mlp_act_forward / mlp_act_backward: one elementwise kernel each (the backward reads dh only to add to it)
 static void mlp_act_forward(Cost, CostBf16*, const CostBf16*, size_t n, bool) {
     if (n) cost_add(OP_ELEMENTWISE, "mlp_act_forward", 0, 2.0 * n * BF);
 }
-static void mlp_act_backward(Cost, CostBf16*, const CostBf16*, const CostBf16*, size_t n, bool) {
-    if (n) cost_add(OP_ELEMENTWISE, "mlp_act_backward", 0, 4.0 * n * BF);
+static void mlp_act_backward(Cost, CostBf16*, const CostBf16*, const CostBf16*, size_t n, bool, GradWrite write) {
+    if (n) cost_add(OP_ELEMENTWISE, "mlp_act_backward", 0, (write == ACCUMULATE ? 4.0 : 3.0) * n * BF);
 }
 // softcap_ce: softcap_ce_kernel, one block per row (reads the logits; with weights, writes dlogits over them)
 static void softcap_ce(Cost, float*, CostBf16*, const int32_t*, const float* weights, int N, int V, float) {
@@ -7033,16 +7210,14 @@ static std::vector<CostEntry> cost_step_launches(const Config& c, int world) {
     TrainState<Cost> s;
     cost_model_init(m, s, c, B, T);
     g_cost = CostLog();
-    g_cost.model = &m;
     Cost dev;
     std::vector<int32_t> x(local), y(local);
     std::vector<float> weights(local), nll;
     // the device work of one iteration of train()'s loop, in its order
-    device_zero(dev, m.grads, m.nparams * sizeof(float));
     for (int micro = 0; micro < accum; micro++) {
         to_device(dev, m.acts.loss_weights, weights.data(), local);
         forward_nll(dev, m, x, y, B, T, nll, (Lora<Cost>*)nullptr, true);
-        gpt_backward(dev, m, B, T);
+        gpt_backward(dev, m, B, T, (Lora<Cost>*)nullptr, true, micro == 0 ? OVERWRITE : ACCUMULATE);
     }
     // the train loss's host_allreduce_sum (MPI): the GPU idles until the optimizer is issued (the
     // wall-clock and stop-signal checks after the optimizer overlap its queued work: not counted)

@@ -62,10 +62,9 @@ TEST(cost_launches_match_a_hand_count) {
     CHECK(c.grad_clip_norm == 0 && c.tie_embeddings && !c.bigram_vocab_size && !c.bigram_hash_size && !c.smear && !c.smear_gate &&
           c.xsa_last_n == 0 && c.muon_backend_steps == 5 && c.ema_decay == 0);
     CostSums s = cost_sums(c, 1);
-    // memsets: the gradient arena; backward head: d_residual, d_residual_x0, the skip's gradient, d_norm; per layer
-    // d_residual_after_attn, d_mlp_proj_out, d_mlp_act, d_mlp_hidden, d_norm, d_residual_mixed, d_attn_proj_out,
-    // d_attn_proj_in, d_v_proj, d_q_rope, d_k_rope, d_q_proj, d_k_proj, d_norm, d_residual (15); d_embed_sum
-    CHECK(s.launches[OP_MEMSET] == 1 + 4 + 2 * 15 + 1);
+    // memsets: per layer d_v_proj, d_q_rope, d_k_rope, which attention_backward adds into; every other
+    // gradient buffer and the parameter gradients are overwritten by their first writer (no XSA here)
+    CHECK_MSG(s.launches[OP_MEMSET] == 2 * 3, "memsets %ld", s.launches[OP_MEMSET]);
     // host syncs: loss weights, inputs, targets up; losses down (one rank: no NCCL, no MPI; no clipping)
     CHECK(s.launches[OP_SYNC] == 4);
     CHECK(s.launches[OP_COMM] == 0);

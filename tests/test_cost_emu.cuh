@@ -58,10 +58,9 @@ static void cost_matches_emulated_step(Config c, int B) {
     refresh_compute_weights(dev, m, false);
     train_state_init(dev, s, m);
     auto step = [&]() {
-        device_zero(dev, m.grads, m.nparams * sizeof(float));
         to_device(dev, m.acts.loss_weights, weights.data(), N);
         forward_nll(dev, m, x, y, B, T, nll, (Lora<Cuda>*)nullptr, true);
-        gpt_backward(dev, m, B, T);
+        gpt_backward(dev, m, B, T, (Lora<Cuda>*)nullptr, true, OVERWRITE);
         optimizer_step(dev, m, s, 1.0, (float)muon_momentum_at(c, 0));
         if (c.ema_decay > 0) average_accumulate(dev, s.avg, m.params, m.nparams, c.ema_decay, false);
         if (c.ema_decay > 0) round_bf16_tables(dev, m, s.avg);
@@ -118,7 +117,7 @@ TEST(cost_emu_embedding_backward_sort_calls_match) {
         to_device(dev, didx, idx.data(), idx.size());
         to_device(dev, ddout, dout.data(), dout.size());
         emu::reset_counts();
-        embedding_backward(dev, dtable, ddout, didx, N, C);
+        embedding_backward(dev, dtable, ddout, didx, N, C, V, ACCUMULATE);
         EmuCounts e = emu::counts();
         std::vector<float> table((size_t)V * C);
         to_host(dev, table.data(), dtable, table.size());
@@ -127,7 +126,8 @@ TEST(cost_emu_embedding_backward_sort_calls_match) {
         for (float v : table) sum += v;
         CHECK_CLOSE(sum, 0.5 * N * C, 0, 1e-3);  // every position's row landed once
         g_cost = CostLog();
-        embedding_backward(Cost{}, cost_region<float>(2), cost_region<CostBf16>(3), cost_region<int32_t>(4), N, C);
+        embedding_backward(Cost{}, cost_region<float>(2), cost_region<CostBf16>(3), cost_region<int32_t>(4), N, C, V,
+                           ACCUMULATE);
         CallCounts cost = cost_call_counts(g_cost.entries);
         g_cost = CostLog();
         check_call_counts(test_format("embedding_backward of %d pairs", N), cost, emu_call_counts_of(e), e);

@@ -51,12 +51,12 @@ TEST(cuda_column_reductions_saturated_chunks) {
     CU_UP(gx, bf16, x); CU_UP(gx0, bf16, x0); CU_UP(gdy, bf16, dy); CU_UP(gmix, f32, mix); CU_UP(ggate, f32, gate);
     {  // resid_mix: dmix[2C]
         std::vector<double> dx(n, 0.0), dx0(n, 0.0), dmix = dmix0;
-        resid_mix_backward(Cpu<double>{}, dx.data(), dx0.data(), dmix.data(), dy.data(), x.data(), x0.data(), mix.data(), N, C);
+        resid_mix_backward(Cpu<double>{}, dx.data(), dx0.data(), dmix.data(), dy.data(), x.data(), x0.data(), mix.data(), N, C, ACCUMULATE, ACCUMULATE, ACCUMULATE);
         GpuBuf gdx(n * 2), gdx0(n * 2);
         cudaCheck(cudaMemset(gdx.p, 0, n * 2));
         cudaCheck(cudaMemset(gdx0.p, 0, n * 2));
         CU_UP(gdmix, f32, dmix0);
-        resid_mix_backward(Cuda{}, gdx.b(), gdx0.b(), gdmix->f(), gdy->b(), gx->b(), gx0->b(), gmix->f(), N, C);
+        resid_mix_backward(Cuda{}, gdx.b(), gdx0.b(), gdmix->f(), gdy->b(), gx->b(), gx0->b(), gmix->f(), N, C, ACCUMULATE, ACCUMULATE, ACCUMULATE);
         check_band("resid_mix dmix (saturated chunks)", down_f32(gdmix->p, 2 * C), dmix, F32_TOL);
         check_band("resid_mix dx (saturated chunks)", down_bf16(gdx.p, n), dx, BF16_TOL);
     }
@@ -64,22 +64,22 @@ TEST(cuda_column_reductions_saturated_chunks) {
         std::vector<double> dbr(n, 0.0), dscale = dvec0, dgate = dmix0;
         dgate.resize(C);
         branch_add_backward(Cpu<double>{}, (double*)nullptr, dbr.data(), dscale.data(), dgate.data(), dy.data(), x.data(),
-                            gate.data(), gate.data(), N, C, 1);
+                            gate.data(), gate.data(), N, C, 1, ACCUMULATE, ACCUMULATE);
         GpuBuf gdbr(n * 2);
         cudaCheck(cudaMemset(gdbr.p, 0, n * 2));
         CU_UP(gdscale, f32, dvec0);
         CU_UP(gdgate, f32, std::vector<double>(dmix0.begin(), dmix0.begin() + C));
-        branch_add_backward(Cuda{}, nullptr, gdbr.b(), gdscale->f(), gdgate->f(), gdy->b(), gx->b(), ggate->f(), ggate->f(), N, C, 1);
+        branch_add_backward(Cuda{}, nullptr, gdbr.b(), gdscale->f(), gdgate->f(), gdy->b(), gx->b(), ggate->f(), ggate->f(), N, C, 1, ACCUMULATE, ACCUMULATE);
         check_band("branch_add dscale (saturated chunks)", down_f32(gdscale->p, C), dscale, F32_TOL);
         check_band("branch_add dgate (saturated chunks)", down_f32(gdgate->p, C), dgate, F32_TOL);
     }
     {  // smear: dgate[C]
         std::vector<double> dx(n, 0.0), dgate = dvec0;
-        smear_backward(Cpu<double>{}, dx.data(), dgate.data(), dy.data(), x.data(), gate.data(), N, T, C);
+        smear_backward(Cpu<double>{}, dx.data(), dgate.data(), dy.data(), x.data(), gate.data(), N, T, C, ACCUMULATE, ACCUMULATE);
         GpuBuf gdx(n * 2);
         cudaCheck(cudaMemset(gdx.p, 0, n * 2));
         CU_UP(gdgate, f32, dvec0);
-        smear_backward(Cuda{}, gdx.b(), gdgate->f(), gdy->b(), gx->b(), ggate->f(), N, T, C);
+        smear_backward(Cuda{}, gdx.b(), gdgate->f(), gdy->b(), gx->b(), ggate->f(), N, T, C, ACCUMULATE, ACCUMULATE);
         check_band("smear dgate (saturated chunks)", down_f32(gdgate->p, C), dgate, F32_TOL);
     }
 }
@@ -94,9 +94,9 @@ TEST(cuda_embedding_backward_hot_token) {
         if (n % 50) idx[n] = hot;  // 5880 of 6000 positions
     std::vector<double> dout = cu_randn((size_t)N * C, rng), dtab0 = cu_randn((size_t)V * C, rng, 5.0, false);
     std::vector<double> dref = dtab0;
-    embedding_backward(Cpu<double>{}, dref.data(), dout.data(), idx.data(), N, C);
+    embedding_backward(Cpu<double>{}, dref.data(), dout.data(), idx.data(), N, C, V, ACCUMULATE);
     CU_UP(di, i32, idx); CU_UP(ddo, bf16, dout); CU_UP(dtab, f32, dtab0);
-    embedding_backward(Cuda{}, dtab->f(), ddo->b(), di->i(), N, C);
+    embedding_backward(Cuda{}, dtab->f(), ddo->b(), di->i(), N, C, V, ACCUMULATE);
     check_band("embedding_backward hot token", down_f32(dtab->p, dtab0.size()), dref, F32_TOL);
     // the kernel sums a run in position order in fp32, then adds it to the row once: equal bit for bit
     std::vector<double> got = down_f32(dtab->p, dtab0.size());
@@ -249,13 +249,13 @@ TEST(cuda_grow_only_buffers) {
         std::vector<double> x = cu_randn(n, rng), x0 = cu_randn(n, rng), dy = cu_randn(n, rng);
         std::vector<double> mix = cu_randn(2 * C, rng, 1.0, false), dmix0 = cu_randn(2 * C, rng, 1.0, false);
         std::vector<double> dx(n, 0.0), dx0(n, 0.0), dmix = dmix0;
-        resid_mix_backward(Cpu<double>{}, dx.data(), dx0.data(), dmix.data(), dy.data(), x.data(), x0.data(), mix.data(), N, C);
+        resid_mix_backward(Cpu<double>{}, dx.data(), dx0.data(), dmix.data(), dy.data(), x.data(), x0.data(), mix.data(), N, C, ACCUMULATE, ACCUMULATE, ACCUMULATE);
         CU_UP(gx, bf16, x); CU_UP(gx0, bf16, x0); CU_UP(gdy, bf16, dy); CU_UP(gmix, f32, mix); CU_UP(gdmix, f32, dmix0);
         GpuBuf gdx(n * 2), gdx0(n * 2);
         device_zero(Cuda{}, gdx.p, n * 2);
         device_zero(Cuda{}, gdx0.p, n * 2);
         size_t before = device_bytes_held();
-        resid_mix_backward(Cuda{}, gdx.b(), gdx0.b(), gdmix->f(), gdy->b(), gx->b(), gx0->b(), gmix->f(), N, C);
+        resid_mix_backward(Cuda{}, gdx.b(), gdx0.b(), gdmix->f(), gdy->b(), gx->b(), gx0->b(), gmix->f(), N, C, ACCUMULATE, ACCUMULATE, ACCUMULATE);
         size_t need = (size_t)row_chunks(N).chunks * 2 * C * sizeof(float), now = cuda_ctx().scratch_bytes;
         CHECK_MSG(now == std::max(last, need), "N=%d: scratch %zu bytes, expected max(%zu, %zu)", N, now, last, need);
         CHECK_MSG(device_bytes_held() - before == now - last, "N=%d: growing the scratch %zu → %zu took %zu bytes", N, last,

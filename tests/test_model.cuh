@@ -68,3 +68,56 @@ static void gradcheck_model(int variant) {
 
 TEST(model_gradcheck_every_component) { gradcheck_model(0); }
 TEST(model_gradcheck_untied_leaky_recurrent) { gradcheck_model(1); }
+
+// The backward's buffer rule (gpt_backward): no gradient buffer needs zeroing beforehand. With every
+// parameter gradient and every backward scratch buffer poisoned with NaN, a first micro-batch's
+// backward (OVERWRITE) gives exactly the gradients of zeroing them and adding (ACCUMULATE), and a
+// second micro-batch's (ACCUMULATE) adds to them: twice (to rounding). Both configs: tied and untied heads,
+// BigramHash both ways, SmearGate, gates, XSA, and layers sharing a block.
+static void poison_backward_scratch(Model<Cpu<double>>& m) {
+    double* end = (double*)((char*)m.act_memory + m.act_bytes);
+    std::fill(m.acts.d_residual, end, std::nan(""));
+}
+static void backward_overwrite_matches_accumulate(int variant) {
+    Config c = gradcheck_config(variant);
+    config_validate(c, 1);
+    int B = 2, T = 7;
+    Model<Cpu<double>> m;
+    model_init(Cpu<double>{}, m, c, B, T);
+    Rng rng(4321 + variant);
+    randomize(m.params, m.nparams, rng, 0.3);
+    for (int n = 0; n < B * T; n++) {
+        m.acts.inputs[n] = (int32_t)(rng.uniform() * c.vocab_size);
+        m.acts.targets[n] = (int32_t)(rng.uniform() * c.vocab_size);
+        m.acts.loss_weights[n] = (float)(0.5 + rng.uniform());
+    }
+    weighted_loss(m, B, T);
+    std::vector<double> dlogits(m.acts.logits, m.acts.logits + (size_t)B * T * c.vocab_size);
+    memset(m.grads, 0, m.nparams * sizeof(double));
+    gpt_backward(Cpu<double>{}, m, B, T, (Lora<Cpu<double>>*)nullptr, true, ACCUMULATE);
+    std::vector<double> want(m.grads, m.grads + m.nparams);
+    std::fill(m.grads, m.grads + m.nparams, std::nan(""));
+    poison_backward_scratch(m);
+    memcpy(m.acts.logits, dlogits.data(), dlogits.size() * sizeof(double));
+    gpt_backward(Cpu<double>{}, m, B, T, (Lora<Cpu<double>>*)nullptr, true, OVERWRITE);
+    for (const ParamSpec& p : m.table)
+        for (size_t i = 0; i < p.numel; i++)
+            CHECK_MSG(m.grads[p.offset + i] == want[p.offset + i], "%s[%zu]: overwritten %.17g, zeroed and added %.17g",
+                      p.name.c_str(), i, m.grads[p.offset + i], want[p.offset + i]);
+    poison_backward_scratch(m);
+    memcpy(m.acts.logits, dlogits.data(), dlogits.size() * sizeof(double));
+    gpt_backward(Cpu<double>{}, m, B, T, (Lora<Cpu<double>>*)nullptr, true, ACCUMULATE);
+    for (const ParamSpec& p : m.table) {  // (a gradient with two writers adds four terms in another order)
+        double scale = 0;
+        for (size_t i = 0; i < p.numel; i++) scale = std::max(scale, std::fabs(want[p.offset + i]));
+        for (size_t i = 0; i < p.numel; i++)
+            CHECK_MSG(std::fabs(m.grads[p.offset + i] - 2 * want[p.offset + i]) <= 1e-13 * scale,
+                      "%s[%zu]: second micro-batch %.17g, expected %.17g", p.name.c_str(), i, m.grads[p.offset + i],
+                      2 * want[p.offset + i]);
+    }
+    model_free(Cpu<double>{}, m);
+}
+TEST(model_backward_overwrites_without_zeroing) {
+    backward_overwrite_matches_accumulate(0);
+    backward_overwrite_matches_accumulate(1);
+}
