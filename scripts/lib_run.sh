@@ -23,6 +23,7 @@ PG_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$PG_ROOT"
 PG_NAME=$(basename "$0")
 PG_PRESET=""
+PG_VOCAB=1024  # the tokenizer of the data the recipe trains on (scripts/frontier: 8192)
 
 pg_die() { echo "$PG_NAME: error: $*" >&2; exit 1; }
 pg_say() { echo "$PG_NAME: $*" >&2; }
@@ -136,29 +137,35 @@ pg_has_shards() {
     compgen -G "$1/fineweb_val_*.bin" >/dev/null && { [ -n "${LOAD_ARTIFACT:-}" ] || compgen -G "$1/fineweb_train_*.bin" >/dev/null; }
 }
 
-# Data, first found: DATA_PATH; FineWeb in data/datasets/fineweb10B_sp1024; DOWNLOAD=1 fetches it;
-# else the embedded Debian prose corpus (scripts/make_corpus).
+# Data, first found: DATA_PATH; FineWeb in data/datasets/fineweb10B_sp$PG_VOCAB; DOWNLOAD=1 fetches it;
+# else the embedded Debian prose corpus (scripts/make_corpus --vocab $PG_VOCAB).
 pg_data() {
+    local fw=data/datasets/fineweb10B_sp$PG_VOCAB corpus=data/datasets/debian_prose_sp$PG_VOCAB
     if [ -n "${DATA_PATH:-}" ]; then
         local want="fineweb_train_*.bin and fineweb_val_*.bin"
         [ -n "${LOAD_ARTIFACT:-}" ] && want="fineweb_val_*.bin"
         pg_has_shards "$DATA_PATH" || pg_die "DATA_PATH=$DATA_PATH: expected $want shards there"
-    elif pg_has_shards data/datasets/fineweb10B_sp1024; then
-        DATA_PATH=data/datasets/fineweb10B_sp1024
+    elif pg_has_shards "$fw"; then
+        DATA_PATH=$fw
     elif [ "${DOWNLOAD:-0}" = 1 ]; then
-        scripts/download_fineweb --train-shards "${TRAIN_SHARDS:-80}" >&2 || pg_die "scripts/download_fineweb failed"
-        DATA_PATH=data/datasets/fineweb10B_sp1024
+        scripts/download_fineweb --variant "sp$PG_VOCAB" --train-shards "${TRAIN_SHARDS:-80}" >&2 ||
+            pg_die "scripts/download_fineweb failed"
+        DATA_PATH=$fw
     else
         make -s tokenize >&2 || pg_die "build failed (make tokenize, needed by scripts/make_corpus)"
-        scripts/make_corpus >&2 || pg_die "scripts/make_corpus failed; set DATA_PATH to FineWeb shards or DOWNLOAD=1"
-        DATA_PATH=data/datasets/debian_prose_sp1024
+        if [ "$PG_VOCAB" != 1024 ]; then  # the sp1024 build makes the text the others re-tokenize
+            scripts/make_corpus >&2 || pg_die "scripts/make_corpus failed; set DATA_PATH or DOWNLOAD=1"
+        fi
+        scripts/make_corpus --vocab "$PG_VOCAB" >&2 ||
+            pg_die "scripts/make_corpus --vocab $PG_VOCAB failed; set DATA_PATH to FineWeb shards or DOWNLOAD=1"
+        DATA_PATH=$corpus
         if [ "$DEVICE" = cuda ]; then
-            pg_say "WARNING: no FineWeb shards (data/datasets/fineweb10B_sp1024): training on the Debian prose corpus;" \
+            pg_say "WARNING: no FineWeb shards ($fw): training on the Debian prose corpus;" \
                    "its val_bpb is not comparable with the challenge's (DOWNLOAD=1 fetches FineWeb)"
         fi
     fi
     export DATA_PATH
-    export TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/fineweb_1024_bpe.model}
+    export TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/fineweb_${PG_VOCAB}_bpe.model}
     [ -f "$TOKENIZER_PATH" ] || pg_die "TOKENIZER_PATH=$TOKENIZER_PATH: no such file"
 }
 

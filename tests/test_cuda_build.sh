@@ -41,7 +41,8 @@ if "$NVCC" -O3 -std=c++17 $gpu_code -x cu -Xcompiler -fopenmp,-Wall,-Wextra -Xpt
     pass "cuda_build_submission_compiles_$arch ($(wc -c < "$sub") bytes, $((SECONDS - t0))s)"
     # Known and tolerated only in builds with sm_80 code: ptxas holds the hd-32 dQ kernel to 128 registers
     # for sm_80 and spills 4 bytes (its sm_90 code does not spill). Any other warning fails.
-    known='attention_backward_dq_kernelILi32E'
+    # The dK/dV kernel at 3 blocks per SM (170 registers) keeps a 24-byte stack frame (docs/perf.md).
+    known='attention_backward_dq_kernelILi32E|attention_backward_dkdv_kernel'
     [[ "$gpu_code" == *sm_80* ]] || known='^$'
     others=$(grep -iE 'warning' "$log" | grep -vE "$known")
     if [ -n "$others" ]; then fail cuda_build_submission_no_warnings "$(head -n 3 <<<"$others" | tr '\n' ' ')"

@@ -41,7 +41,8 @@ TEST(cuda_eval_every_mode_matches_cpu) {
         EvalResult a = eval_run_mode(mode, mc, d, rc), b = eval_run_mode(mode, mg, d, rg);
         eval_test_model_free(mc);
         model_free(Cuda{}, mg);
-        CHECK_MSG(a.tokens == b.tokens && a.tokens > 0, "%s: %.0f positions scored on the GPU, %.0f on the CPU", mode, b.tokens, a.tokens);
+        CHECK_MSG(a.tokens == b.tokens && a.tokens > 0, "%s: %.0f positions scored on the GPU, %.0f on the CPU", mode,
+                  b.tokens, a.tokens);
         // Adam's first step is lr·sign(g) (eps 1e-10): bf16 noise flips the sign of ~1% of the LoRA gradient's
         // elements (cuda_lora_gradients_match_cpu), each a 2·lr difference, and later chunks are scored by
         // adapters that grew apart (measured, mean |ΔNLL| by chunk: 0.016, 0.018, 0.029, 0.028, ..., 0.21 past
@@ -52,7 +53,8 @@ TEST(cuda_eval_every_mode_matches_cpu) {
         double worst = 0, sum = 0, n = 0;
         size_t at = 0;
         for (size_t j = 0; j < rc.nll.size(); j++) {
-            CHECK_MSG(std::isnan(rc.nll[j]) == std::isnan(rg.nll[j]), "%s: position %zu scored on one device only", tag, j);
+            CHECK_MSG(std::isnan(rc.nll[j]) == std::isnan(rg.nll[j]), "%s: position %zu scored on one device only", tag,
+                      j);
             if (std::isnan(rc.nll[j]) || (adam_lora && chunk[j] > 0)) continue;
             double e = std::fabs(rc.nll[j] - rg.nll[j]);
             sum += e;
@@ -72,6 +74,48 @@ TEST(cuda_eval_every_mode_matches_cpu) {
                   tag, mean, at, rg.nll[at], rc.nll[at]);
         CHECK_MSG(worst <= 0.2, "%s: position %zu NLL GPU %.5f vs CPU %.5f", tag, at, rg.nll[at], rc.nll[at]);
     }
+}
+
+// Sliding evaluation runs the head (final norm, projection, softcap CE) on the scored positions only: a
+// forward scoring some rows gives the full forward's NLLs at those rows (CPU: to fp32 rounding; GPU: within
+// bf16 tolerance of the CPU), and leaves the logits of the other rows uncomputed.
+TEST(cuda_forward_scores_only_the_rows_asked) {
+    REQUIRE_GPU();
+    Config c = eval_test_config();
+    c.num_heads = 2; c.num_kv_heads = 1;  // head dim 16
+    Model<Cpu<float>> mc;
+    eval_test_model(mc, c);
+    Model<Cuda> mg;
+    model_init_for_run(Cuda{}, mg, c);
+    to_device(Cuda{}, mg.params, mc.params, mc.nparams);
+    refresh_compute_weights(Cuda{}, mg, false);
+    int B = 2, T = 32, N = B * T;
+    Rng rng(19);
+    std::vector<int32_t> x(N), y(N);
+    for (int n = 0; n < N; n++) {
+        x[n] = (int32_t)(rng.uniform() * c.vocab_size);
+        y[n] = (int32_t)(rng.uniform() * c.vocab_size);
+    }
+    std::vector<int32_t> rows = {0, 5, 24, 31, 32, 40, 62, 63}, yr;
+    for (int32_t r : rows) yr.push_back(y[r]);
+    std::vector<float> full, part, gpu;
+    forward_nll(Cpu<float>{}, mc, x, y, B, T, full);
+    std::fill(mc.acts.logits, mc.acts.logits + (size_t)N * c.vocab_size, NAN);
+    forward_nll_rows(Cpu<float>{}, mc, x, rows, yr, B, T, part);
+    forward_nll_rows(Cuda{}, mg, x, rows, yr, B, T, gpu);
+    size_t R = rows.size();
+    CHECK(part.size() == R && gpu.size() == R);
+    for (size_t r = 0; r < R && r < part.size() && r < gpu.size(); r++) {
+        float want = full[rows[r]];
+        CHECK_MSG(std::fabs(part[r] - want) <= 1e-5f * std::fabs(want), "row %d: CPU %.7g, full forward %.7g", rows[r],
+                  part[r], want);
+        CHECK_MSG(std::fabs(gpu[r] - want) <= 0.2f, "row %d: GPU %.5f, CPU %.5f", rows[r], gpu[r], want);
+    }
+    bool untouched = true;
+    for (size_t i = R * c.vocab_size; i < (size_t)N * c.vocab_size; i++) untouched &= std::isnan(mc.acts.logits[i]);
+    CHECK_MSG(untouched, "the head computed logits beyond the %zu scored rows", R);
+    eval_test_model_free(mc);
+    model_free(Cuda{}, mg);
 }
 
 // One LoRA TTT step's adapter gradients, GPU against the CPU reference, every target and layer: B

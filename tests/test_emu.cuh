@@ -32,7 +32,8 @@ static int emu_run_child(const std::function<void()>& f, std::string* out) {
     return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 // `f` must end the program with a message containing every one of `needles`.
-static void emu_expect_caught(const char* what, const std::function<void()>& f, std::initializer_list<const char*> needles) {
+static void emu_expect_caught(const char* what, const std::function<void()>& f,
+                              std::initializer_list<const char*> needles) {
     std::string out;
     int st = emu_run_child(f, &out);
     CHECK_MSG(st != 0, "%s: not caught (exit 0), output: %s", what, out.c_str());
@@ -77,9 +78,11 @@ TEST(emu_mma_fragments_match_ptx_figure) {
     for (int l = 0; l < 32; l++) {
         int g = l >> 2, t = l % 4;
         for (int i = 0; i < 4; i++)
-            a[l * 4 + i] = float_to_bf16(A[g + A_ROW[i]][2 * t + A_COL[i]]) | (uint32_t)float_to_bf16(A[g + A_ROW[i]][2 * t + A_COL[i] + 1]) << 16;
+            a[l * 4 + i] = float_to_bf16(A[g + A_ROW[i]][2 * t + A_COL[i]]) |
+                           (uint32_t)float_to_bf16(A[g + A_ROW[i]][2 * t + A_COL[i] + 1]) << 16;
         for (int i = 0; i < 2; i++)
-            b[l * 2 + i] = float_to_bf16(B[2 * t + B_ROW[i]][g]) | (uint32_t)float_to_bf16(B[2 * t + B_ROW[i] + 1][g]) << 16;
+            b[l * 2 + i] = float_to_bf16(B[2 * t + B_ROW[i]][g]) | (uint32_t)float_to_bf16(B[2 * t + B_ROW[i] + 1][g])
+                                                                       << 16;
         for (int e = 0; e < 4; e++) d[l * 4 + e] = C[g + C_ROW[e]][2 * t + C_COL[e]];
     }
     GpuBuf gd(512), ga(512), gb(256);
@@ -124,8 +127,9 @@ TEST(emu_ldmatrix_fragments_match_ptx_figure) {
                 for (int h = 0; h < 2; h++) {
                     int r = l / 4, c = 2 * (l % 4) + h;
                     int want = trans ? 64 * q + 8 * c + r + 1 : 64 * q + 8 * r + c + 1;
-                    CHECK_MSG((int)(got[l * 4 + q] >> 16 * h & 0xffff) == want, "ldmatrix%s lane %d matrix %d half %d: got %u want %d",
-                              trans ? ".trans" : "", l, q, h, got[l * 4 + q] >> 16 * h & 0xffff, want);
+                    CHECK_MSG((int)(got[l * 4 + q] >> 16 * h & 0xffff) == want,
+                              "ldmatrix%s lane %d matrix %d half %d: got %u want %d", trans ? ".trans" : "", l, q, h,
+                              got[l * 4 + q] >> 16 * h & 0xffff, want);
                 }
     }
 }
@@ -158,7 +162,8 @@ TEST(emu_catches_shared_race) {
             emu_sync();
         };
     };
-    emu_expect_caught("race", run(false), {"emu_planted_race_kernel", "dynamic shared offset 12", "thread 33", "thread 70", "race"});
+    emu_expect_caught("race", run(false),
+                      {"emu_planted_race_kernel", "dynamic shared offset 12", "thread 33", "thread 70", "race"});
     emu_expect_clean("race with a barrier", run(true));
 }
 // Within one warp: lane 1 reads what lane 0 wrote, ordered only by __syncwarp (fixed: with it).
@@ -196,7 +201,8 @@ TEST(emu_catches_uninitialized_shared_read) {
             emu_sync();
         };
     };
-    emu_expect_caught("uninitialized read", run(false), {"emu_planted_uninit_kernel", "block (1,0,0)", "never written in this block"});
+    emu_expect_caught("uninitialized read", run(false),
+                      {"emu_planted_uninit_kernel", "block (1,0,0)", "never written in this block"});
     emu_expect_clean("initialized read", run(true));
 }
 // __syncthreads skipped by the threads that returned early.
@@ -213,7 +219,8 @@ TEST(emu_catches_barrier_not_reached) {
             emu_sync();
         };
     };
-    emu_expect_caught("barrier", run(40), {"emu_planted_barrier_kernel", "__syncthreads", "every thread of the block must reach it"});
+    emu_expect_caught("barrier", run(40),
+                      {"emu_planted_barrier_kernel", "__syncthreads", "every thread of the block must reach it"});
     emu_expect_clean("barrier reached by all", run(64));
 }
 // A full-mask shuffle that only half the warp executes; and two halves with different masks.
@@ -296,7 +303,8 @@ TEST(emu_attention_runs_on_context_stream_with_planned_scratch) {
     emu_expect_clean("attention captured in a graph", [&]() {
         auto step = [&]() {
             attention_forward(Cuda{}, out.b(), lse.f(), gq->b(), gk->b(), gv->b(), B, T, H, Hk, hd);
-            attention_backward(Cuda{}, dq.b(), dk.b(), dv.b(), gdo->b(), gq->b(), gk->b(), gv->b(), out.b(), lse.f(), B, T, H, Hk, hd);
+            attention_backward(Cuda{}, dq.b(), dk.b(), dv.b(), gdo->b(), gq->b(), gk->b(), gv->b(), out.b(), lse.f(), B,
+                               T, H, Hk, hd);
         };
         auto grads = [&]() {
             std::vector<uint16_t> g(2 * nq + 2 * nk);
@@ -336,17 +344,22 @@ TEST(emu_launch_limits_per_target) {
     auto launch = [&](const char* arch, unsigned threads, size_t smem, int optin) {
         return [&, arch, threads, smem, optin]() {
             emu::set_target(arch);
-            if (optin) cudaCheck(cudaFuncSetAttribute(emu_planted_launch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+            if (optin)
+                cudaCheck(cudaFuncSetAttribute(emu_planted_launch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               optin));
             PGOLF_LAUNCH(1, threads, smem, cuda_ctx().stream, emu_planted_launch_kernel)(out.f());
             emu_sync();
         };
     };
     emu_expect_caught("1025 threads", launch("sm_90a", 1025, 0, 0), {"emu_planted_launch_kernel", "block (1025,1,1)"});
-    emu_expect_caught("over 48 KB without opt-in", launch("sm_90a", 32, 49153, 0), {"emu_planted_launch_kernel", "49152 default"});
+    emu_expect_caught("over 48 KB without opt-in", launch("sm_90a", 32, 49153, 0),
+                      {"emu_planted_launch_kernel", "49152 default"});
     emu_expect_clean("48 KB", launch("sm_80", 32, 49152, 0));
     emu_expect_clean("opt-in 200 KB on sm_90a", launch("sm_90a", 32, 200000, 200000));
-    emu_expect_caught("opt-in 200 KB on sm_80", launch("sm_80", 32, 200000, 200000), {"cudaFuncSetAttribute", "invalid argument"});
-    emu_expect_caught("over sm_89's 99 KB", launch("sm_89", 32, 101377, 0), {"emu_planted_launch_kernel", "101376", "sm_89"});
+    emu_expect_caught("opt-in 200 KB on sm_80", launch("sm_80", 32, 200000, 200000),
+                      {"cudaFuncSetAttribute", "invalid argument"});
+    emu_expect_caught("over sm_89's 99 KB", launch("sm_89", 32, 101377, 0),
+                      {"emu_planted_launch_kernel", "101376", "sm_89"});
     emu_expect_clean("sm_89's 99 KB", launch("sm_89", 32, 101376, 101376));
 }
 #endif  // PGOLF_EMU

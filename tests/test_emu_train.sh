@@ -3,7 +3,9 @@
 # without a GPU:
 #   emu_train_tiny_matches_cpu      CONFIG=tiny for a few steps: DEVICE=cuda's losses match DEVICE=cpu's
 #                                   within bf16 tolerance, then it compresses and scores the artifact;
-#   emu_train_two_ranks_equal_one   mpirun -np 2 (NCCL over MPI) gives one rank's losses.
+#   emu_train_two_ranks_equal_one   mpirun -np 2 (NCCL over MPI: Parallel Muon's bank reduce-scatter and
+#                                   bf16 all-gather, one all-reduce of the replicated gradients) gives one
+#                                   rank's losses.
 set -u
 cd "$(dirname "$0")/.."
 emu=./train_gpt_emu cpu=./train_gpt_cpu

@@ -14,6 +14,8 @@ static Config eval_test_config() {
     c.ttt_eval_seq_len = 24; c.ttt_chunk_size = 8; c.ttt_batch_size = 3; c.ttt_lora_rank = 4; c.ttt_lora_lr = 0.02f;
     c.ttt_lora_targets = "q,k,v,o,mlp_up,mlp_down,lm_head"; c.ttt_steps = 2;
     c.ttt_chunk_tokens = 64; c.ttt_epochs = 2; c.ttt_batch_seqs = 2; c.ttt_lr = 0.02f; c.ttt_optimizer = "sgd";
+    c.phased_ttt_prefix_docs = 7; c.phased_ttt_num_phases = 2; c.global_ttt_chunk_tokens = 80;
+    c.global_ttt_batch_seqs = 2; c.global_ttt_lr = 0.05f;
     return c;
 }
 
@@ -28,7 +30,8 @@ template <class D> static void eval_test_model_free(Model<D>& m) { model_free(D{
 
 // Documents of the given lengths (BOS included), bodies of random ids in [2, vocab); final_bos ends
 // the stream with a lone BOS, so that every document's last target is a BOS.
-static std::vector<uint16_t> eval_test_stream(const std::vector<int>& lens, int vocab, uint64_t seed, bool final_bos = false) {
+static std::vector<uint16_t> eval_test_stream(const std::vector<int>& lens, int vocab, uint64_t seed,
+                                              bool final_bos = false) {
     Rng rng(seed);
     std::vector<uint16_t> t;
     for (int len : lens) {
@@ -38,7 +41,8 @@ static std::vector<uint16_t> eval_test_stream(const std::vector<int>& lens, int 
     if (final_bos) t.push_back(BOS_ID);
     return t;
 }
-static const std::vector<int> EVAL_DOC_LENS = {37, 1, 2, 90, 5, 1, 150, 3, 17, 64, 2, 41};  // the last one is cut by the stream's end
+// the last one is cut by the stream's end
+static const std::vector<int> EVAL_DOC_LENS = {37, 1, 2, 90, 5, 1, 150, 3, 17, 64, 2, 41};
 
 // A made-up byte table for the test vocabulary: ids 0–3 are boundaries (0 bytes), others v % 4
 // bytes, every third one with a leading space.
@@ -51,20 +55,28 @@ static ByteLuts eval_test_luts(int vocab) {
     }
     return l;
 }
-static EvalData eval_test_data(const std::vector<uint16_t>& t, int vocab) { EvalData d; d.val = t; d.luts = eval_test_luts(vocab); return d; }
+static EvalData eval_test_data(const std::vector<uint16_t>& t, int vocab) {
+    EvalData d;
+    d.val = t;
+    d.luts = eval_test_luts(vocab);
+    return d;
+}
 
-template <class D> static EvalResult eval_run_mode(const std::string& mode, Model<D>& m, const EvalData& d, NllRecord& rec,
-                                                   std::vector<EvalResult>* extra = nullptr) {
+template <class D>
+static EvalResult eval_run_mode(const std::string& mode, Model<D>& m, const EvalData& d, NllRecord& rec,
+                                std::vector<EvalResult>* extra = nullptr) {
     rec.init(d.val.size() - 1);
     if (mode == "standard") return eval_standard(D{}, m, d, &rec);
     if (mode == "sliding") return eval_sliding(D{}, m, d, &rec);
     if (mode == "lora_ttt") return eval_lora_ttt(D{}, m, d, &rec, extra);
     if (mode == "full_ttt") return eval_full_ttt(D{}, m, d, &rec);
+    if (mode == "phased_ttt") return eval_phased_ttt(D{}, m, d, &rec);
     throw TestFailure("unknown mode " + mode);
 }
 
 // The sums of a result, recomputed from its per-position record with the byte rule written out.
-static void check_result_matches_record(const EvalResult& r, const NllRecord& rec, const EvalData& d, const char* what) {
+static void check_result_matches_record(const EvalResult& r, const NllRecord& rec, const EvalData& d,
+                                        const char* what) {
     double loss = 0, n = 0, bytes = 0;
     for (size_t j = 0; j < rec.nll.size(); j++) {
         if (std::isnan(rec.nll[j])) continue;
@@ -73,9 +85,11 @@ static void check_result_matches_record(const EvalResult& r, const NllRecord& re
         bytes += d.luts.base_bytes[tgt] + (d.luts.has_leading_space[tgt] && !d.luts.is_boundary[prev] ? 1 : 0);
     }
     CHECK_MSG(r.tokens == n, "%s: %.0f tokens counted, %.0f positions recorded", what, r.tokens, n);
-    CHECK_MSG(std::fabs(r.val_loss - loss / n) <= 1e-9 * loss / n, "%s: val_loss %.12g vs %.12g from the record", what, r.val_loss, loss / n);
+    CHECK_MSG(std::fabs(r.val_loss - loss / n) <= 1e-9 * loss / n, "%s: val_loss %.12g vs %.12g from the record", what,
+              r.val_loss, loss / n);
     double bpb = loss / M_LN2 / bytes;
-    CHECK_MSG(std::fabs(r.val_bpb - bpb) <= 1e-9 * bpb, "%s: val_bpb %.12g vs %.12g from the record", what, r.val_bpb, bpb);
+    CHECK_MSG(std::fabs(r.val_bpb - bpb) <= 1e-9 * bpb, "%s: val_bpb %.12g vs %.12g from the record", what, r.val_bpb,
+              bpb);
 }
 static size_t scored_count(const NllRecord& rec) {
     size_t n = 0;
@@ -87,7 +101,8 @@ static bool nll_same(float a, float b) { return std::fabs(a - b) <= 2.5e-7 * std
 static void check_records_equal(const NllRecord& a, const NllRecord& b, size_t from, size_t to, const char* what) {
     for (size_t j = from; j < to; j++) {
         bool na = std::isnan(a.nll[j]), nb = std::isnan(b.nll[j]);
-        CHECK_MSG(na == nb && (na || nll_same(a.nll[j], b.nll[j])), "%s: position %zu: %.9g vs %.9g", what, j, a.nll[j], b.nll[j]);
+        CHECK_MSG(na == nb && (na || nll_same(a.nll[j], b.nll[j])), "%s: position %zu: %.9g vs %.9g", what, j, a.nll[j],
+                  b.nll[j]);
     }
 }
 
@@ -143,16 +158,17 @@ TEST(eval_every_position_scored_once) {
     std::vector<uint16_t> plain = eval_test_stream(EVAL_DOC_LENS, c.vocab_size, 11);
     std::vector<uint16_t> odd = eval_test_stream({20, 1, 45, 3}, c.vocab_size, 12, true);
     odd.insert(odd.begin(), {7, 9, 30});  // a prefix before the first BOS
-    const char* modes[] = {"standard", "sliding", "lora_ttt", "full_ttt"};
+    const char* modes[] = {"standard", "sliding", "lora_ttt", "full_ttt", "phased_ttt"};
     for (const std::vector<uint16_t>* t : {&plain, &odd}) {
         EvalData d = eval_test_data(*t, c.vocab_size);
         size_t N = t->size();
-        if (t == &plain) CHECK((N - 1) % c.eval_stride != 0 && (N - 1) % c.ttt_chunk_tokens != 0);  // partial last window and chunk
+        // partial last window and chunk
+        if (t == &plain) CHECK((N - 1) % c.eval_stride != 0 && (N - 1) % c.ttt_chunk_tokens != 0);
         for (const char* mode : modes) {
             NllRecord rec;
             EvalResult r = eval_run_mode(mode, m, d, rec);
-            CHECK_MSG(scored_count(rec) == N - 1 && r.tokens == N - 1, "%s: %zu positions recorded, %.0f counted, want %zu",
-                      mode, scored_count(rec), r.tokens, N - 1);
+            CHECK_MSG(scored_count(rec) == N - 1 && r.tokens == N - 1,
+                      "%s: %zu positions recorded, %.0f counted, want %zu", mode, scored_count(rec), r.tokens, N - 1);
             check_result_matches_record(r, rec, d, mode);
         }
         // the multi-epoch loop, and the reference's rule for the last window of a document
@@ -201,17 +217,39 @@ TEST(eval_causality_every_mode) {
     std::vector<uint16_t> t = eval_test_stream(EVAL_DOC_LENS, c.vocab_size, 21);
     struct Variant { const char* mode; void (*set)(Config&); };
     Variant variants[] = {
-        {"standard", [](Config&) {}}, {"sliding", [](Config&) {}}, {"sliding", [](Config& k) { k.sliding = "reference"; }},
+        {"standard", [](Config&) {}},
+        {"sliding", [](Config&) {}},
+        {"sliding", [](Config& k) { k.sliding = "reference"; }},
         {"lora_ttt", [](Config&) {}},
-        {"lora_ttt", [](Config& k) { k.ttt_n_epochs = 2; k.ttt_report_final_epoch = 1; k.ttt_lora_schedule = "cosine_epochs"; }},
-        {"lora_ttt", [](Config& k) { k.ttt_lora_optimizer = "sgd"; k.ttt_lora_lr = 0.5f; k.ttt_steps = 1; }},
+        {"lora_ttt",
+         [](Config& k) {
+             k.ttt_n_epochs = 2;
+             k.ttt_report_final_epoch = 1;
+             k.ttt_lora_schedule = "cosine_epochs";
+         }},
+        {"lora_ttt",
+         [](Config& k) {
+             k.ttt_lora_optimizer = "sgd";
+             k.ttt_lora_lr = 0.5f;
+             k.ttt_steps = 1;
+         }},
         {"full_ttt", [](Config&) {}},
-        {"full_ttt", [](Config& k) { k.ttt_optimizer = "adamw"; k.ttt_lr = 0.01f; k.ttt_freeze_blocks = 1; k.ttt_wd = 0.1f; }},
+        {"full_ttt",
+         [](Config& k) {
+             k.ttt_optimizer = "adamw";
+             k.ttt_lr = 0.01f;
+             k.ttt_freeze_blocks = 1;
+             k.ttt_wd = 0.1f;
+         }},
+        // phases make a score depend on the documents scored before it in the length-sorted queue, which
+        // may come later in the stream: eval_phased_ttt_queue_causality covers them
+        {"phased_ttt", [](Config& k) { k.phased_ttt_prefix_docs = 0; }},
     };
     Rng rng(5);
     for (long P : {40L, 131L, 300L}) {
         std::vector<uint16_t> u = t;
-        for (size_t j = P + 1; j < u.size(); j++) u[j] = rng.uniform() < 0.05 ? BOS_ID : (uint16_t)(2 + rng.uniform() * (c.vocab_size - 2));
+        for (size_t j = P + 1; j < u.size(); j++)
+            u[j] = rng.uniform() < 0.05 ? BOS_ID : (uint16_t)(2 + rng.uniform() * (c.vocab_size - 2));
         EvalData d0 = eval_test_data(t, c.vocab_size), d1 = eval_test_data(u, c.vocab_size);
         for (const Variant& v : variants) {
             m.cfg = c; v.set(m.cfg);
@@ -233,13 +271,15 @@ static std::vector<std::pair<long, long>> test_documents(const std::vector<uint1
     std::vector<std::pair<long, long>> docs;
     for (long i = 0; i < (long)t.size(); i++)
         if (t[i] == BOS_ID || i == 0) docs.push_back({i, 0});
-    for (size_t k = 0; k < docs.size(); k++) docs[k].second = (k + 1 < docs.size() ? docs[k + 1].first : (long)t.size() - 1) - docs[k].first;
+    for (size_t k = 0; k < docs.size(); k++)
+        docs[k].second = (k + 1 < docs.size() ? docs[k + 1].first : (long)t.size() - 1) - docs[k].first;
     return docs;
 }
 // Per document, its NLLs in order.
 static std::vector<std::vector<float>> per_document(const std::vector<uint16_t>& t, const NllRecord& rec) {
     std::vector<std::vector<float>> out;
-    for (auto& dd : test_documents(t)) out.emplace_back(rec.nll.begin() + dd.first, rec.nll.begin() + dd.first + dd.second);
+    for (auto& dd : test_documents(t))
+        out.emplace_back(rec.nll.begin() + dd.first, rec.nll.begin() + dd.first + dd.second);
     return out;
 }
 static void check_docs_equal(const std::vector<float>& a, const std::vector<float>& b, const char* what, size_t doc) {
@@ -264,7 +304,8 @@ TEST(eval_lora_document_isolation) {
     std::vector<uint16_t> u = t;
     auto docs = test_documents(t);
     Rng rng(9);
-    for (long j = docs[6].first + 1; j < docs[6].first + docs[6].second; j++) u[j] = (uint16_t)(2 + rng.uniform() * (c.vocab_size - 2));
+    for (long j = docs[6].first + 1; j < docs[6].first + docs[6].second; j++)
+        u[j] = (uint16_t)(2 + rng.uniform() * (c.vocab_size - 2));
     NllRecord r1;
     eval_run_mode("lora_ttt", m, eval_test_data(u, c.vocab_size), r1);
     std::vector<std::vector<float>> B = per_document(u, r1);
@@ -344,8 +385,19 @@ TEST(eval_lora_lr0_and_deadline_equal_per_document_base) {
     struct Variant { const char* name; void (*set)(Config&); };
     Variant variants[] = {
         {"adam lr 0", [](Config& k) { k.ttt_lora_lr = 0; }},
-        {"adamw lr 0, 3 epochs", [](Config& k) { k.ttt_lora_lr = 0; k.ttt_lora_optimizer = "adamw"; k.ttt_lora_wd = 0.5f; k.ttt_n_epochs = 3; k.ttt_report_final_epoch = 1; }},
-        {"sgd lr 0", [](Config& k) { k.ttt_lora_lr = 0; k.ttt_lora_optimizer = "sgd"; }},
+        {"adamw lr 0, 3 epochs",
+         [](Config& k) {
+             k.ttt_lora_lr = 0;
+             k.ttt_lora_optimizer = "adamw";
+             k.ttt_lora_wd = 0.5f;
+             k.ttt_n_epochs = 3;
+             k.ttt_report_final_epoch = 1;
+         }},
+        {"sgd lr 0",
+         [](Config& k) {
+             k.ttt_lora_lr = 0;
+             k.ttt_lora_optimizer = "sgd";
+         }},
         {"deadline passed", [](Config& k) { k.eval_max_wallclock_seconds = 1e-9; }},
     };
     for (const Variant& v : variants) {
@@ -419,14 +471,34 @@ TEST(eval_ttt_trains_only_on_scored_positions) {
     long T = (long)t.size() - 1;
     std::vector<char> last_chunks(T, 0), last_stream_chunk(T, 0);
     for (auto& dd : test_documents(t))
-        for (long j = (dd.second - 1) / c.ttt_chunk_size * c.ttt_chunk_size; j < dd.second; j++) last_chunks[dd.first + j] = 1;
+        for (long j = (dd.second - 1) / c.ttt_chunk_size * c.ttt_chunk_size; j < dd.second; j++)
+            last_chunks[dd.first + j] = 1;
     for (long j = (T - 1) / c.ttt_chunk_tokens * c.ttt_chunk_tokens; j < T; j++) last_stream_chunk[j] = 1;
     struct Variant { const char* mode; void (*set)(Config&); std::vector<char>* forbidden; };
     Variant variants[] = {
         {"lora_ttt", [](Config&) {}, &last_chunks},
-        {"lora_ttt", [](Config& k) { k.ttt_n_epochs = 3; k.ttt_report_final_epoch = 1; }, nullptr},
+        {"lora_ttt",
+         [](Config& k) {
+             k.ttt_n_epochs = 3;
+             k.ttt_report_final_epoch = 1;
+         },
+         nullptr},
         {"full_ttt", [](Config&) {}, &last_stream_chunk},
-        {"full_ttt", [](Config& k) { k.sliding = "reference"; k.ttt_chunk_tokens = 48; k.ttt_batch_seqs = 1; }, nullptr},
+        {"full_ttt",
+         [](Config& k) {
+             k.sliding = "reference";
+             k.ttt_chunk_tokens = 48;
+             k.ttt_batch_seqs = 1;
+         },
+         nullptr},
+        {"phased_ttt", [](Config&) {}, nullptr},
+        {"phased_ttt",
+         [](Config& k) {
+             k.phased_ttt_num_phases = 3;
+             k.ttt_warm_start_a = 1;
+             k.global_ttt_epochs = 2;
+         },
+         nullptr},
     };
     for (const Variant& v : variants) {
         m.cfg = c; v.set(m.cfg);
@@ -436,6 +508,7 @@ TEST(eval_ttt_trains_only_on_scored_positions) {
         g_ttt_step_hook = legal_hook;
         try {
             if (!strcmp(v.mode, "lora_ttt")) eval_lora_ttt(Cpu<float>{}, m, d, &rec);
+            else if (!strcmp(v.mode, "phased_ttt")) eval_phased_ttt(Cpu<float>{}, m, d, &rec);
             else eval_full_ttt(Cpu<float>{}, m, d, &rec);
         } catch (...) { g_ttt_step_hook = nullptr; throw; }
         g_ttt_step_hook = nullptr;
@@ -462,14 +535,16 @@ TEST(eval_lora_multi_epoch_reports_first_exposure) {
     CHECK(r3.note.empty());
     CHECK(extra.size() == 1 && extra[0].mode == "lora_ttt_final_epoch");
     CHECK(extra[0].note.find("not competition-legal") != std::string::npos);
-    CHECK_MSG(extra[0].val_loss < r3.val_loss, "final epoch %.6f vs first exposure %.6f", extra[0].val_loss, r3.val_loss);
+    CHECK_MSG(extra[0].val_loss < r3.val_loss, "final epoch %.6f vs first exposure %.6f", extra[0].val_loss,
+              r3.val_loss);
     eval_test_model_free(m);
 }
 
 // dA, dB of every target against finite differences, base weights frozen (no parameter gradient).
 static void lora_gradcheck(int variant) {
     Config c = gradcheck_config(variant);
-    c.ttt_lora_targets = "q,k,v,o,mlp_up,mlp_down,lm_head"; c.ttt_lora_rank = 3; c.ttt_lora_alpha = 6.0f;  // scale 2
+    c.ttt_lora_targets = "q,k,v,o,mlp_up,mlp_down,lm_head,attn_out,mlp"; c.ttt_lora_rank = 3;
+    c.ttt_lora_alpha = 6.0f;  // scale 2
     config_validate(c, 1);
     int B = 2, T = 7;
     Cpu<double> dev;
@@ -513,8 +588,10 @@ static void lora_gradcheck(int variant) {
                     num += (fd - an) * (fd - an); den += std::max(fd * fd, an * an);
                 }
                 double rel = std::sqrt(num / std::max(den, 1e-300));
-                CHECK_MSG(den > 0, "%s layer %zu d%s: zero on every sampled element", LORA_TARGET_NAMES[t], l, which ? "B" : "A");
-                CHECK_MSG(rel < 1e-6, "%s layer %zu d%s: relative error %.3g vs finite differences", LORA_TARGET_NAMES[t], l, which ? "B" : "A", rel);
+                CHECK_MSG(den > 0, "%s layer %zu d%s: zero on every sampled element", LORA_TARGET_NAMES[t], l,
+                          which ? "B" : "A");
+                CHECK_MSG(rel < 1e-6, "%s layer %zu d%s: relative error %.3g vs finite differences",
+                          LORA_TARGET_NAMES[t], l, which ? "B" : "A", rel);
             }
     lora_free(dev, lo);
     eval_test_model_free(m);
@@ -540,15 +617,36 @@ TEST(eval_mpi_two_ranks_match_one_rank) {
         {"sliding", "sliding", [](Config&) {}},
         {"sliding reference", "sliding", [](Config& k) { k.sliding = "reference"; }},
         {"lora_ttt", "lora_ttt", [](Config&) {}},
-        {"lora_ttt 2 epochs", "lora_ttt", [](Config& k) { k.ttt_n_epochs = 2; k.ttt_report_final_epoch = 1; k.ttt_batch_size = 2; }},
+        {"lora_ttt 2 epochs", "lora_ttt",
+         [](Config& k) {
+             k.ttt_n_epochs = 2;
+             k.ttt_report_final_epoch = 1;
+             k.ttt_batch_size = 2;
+         }},
         // the final-epoch score depends on the batch (as in PR #467, documents whose chunks ran out
         // still take momentum-only steps until the epoch ends): compare it one document per batch
-        {"lora_ttt 2 epochs, batch 1", "lora_ttt", [](Config& k) { k.ttt_n_epochs = 2; k.ttt_report_final_epoch = 1; k.ttt_batch_size = 1; }},
+        {"lora_ttt 2 epochs, batch 1", "lora_ttt",
+         [](Config& k) {
+             k.ttt_n_epochs = 2;
+             k.ttt_report_final_epoch = 1;
+             k.ttt_batch_size = 1;
+         }},
         {"full_ttt sgd", "full_ttt", [](Config&) {}},
         // one sequence per chunk: rank 1 never holds one and must still join every all-reduce
-        {"full_ttt adamw, 1 seq per chunk", "full_ttt", [](Config& k) { k.ttt_optimizer = "adamw"; k.ttt_chunk_tokens = 40; k.ttt_freeze_blocks = 1; }},
+        {"full_ttt adamw, 1 seq per chunk", "full_ttt",
+         [](Config& k) {
+             k.ttt_optimizer = "adamw";
+             k.ttt_chunk_tokens = 40;
+             k.ttt_freeze_blocks = 1;
+         }},
     };
-    struct Outcome { std::string name; EvalResult one, two; std::vector<EvalResult> extra1, extra2; NllRecord rec1; std::vector<double> sum2, count2; };
+    struct Outcome {
+        std::string name;
+        EvalResult one, two;
+        std::vector<EvalResult> extra1, extra2;
+        NllRecord rec1;
+        std::vector<double> sum2, count2;
+    };
     std::vector<Outcome> out;
     for (const Variant& v : variants) {
         Outcome o;
@@ -573,16 +671,19 @@ TEST(eval_mpi_two_ranks_match_one_rank) {
     for (const Outcome& o : out) {
         const char* n = o.name.c_str();
         CHECK_MSG(o.two.tokens == o.one.tokens, "%s: %.0f tokens on 2 ranks, %.0f on 1", n, o.two.tokens, o.one.tokens);
-        CHECK_MSG(std::fabs(o.two.val_bpb - o.one.val_bpb) <= 1e-10 * o.one.val_bpb, "%s: val_bpb %.15g on 2 ranks, %.15g on 1", n, o.two.val_bpb, o.one.val_bpb);
+        CHECK_MSG(std::fabs(o.two.val_bpb - o.one.val_bpb) <= 1e-10 * o.one.val_bpb,
+                  "%s: val_bpb %.15g on 2 ranks, %.15g on 1", n, o.two.val_bpb, o.one.val_bpb);
         CHECK_MSG(std::fabs(o.two.val_loss - o.one.val_loss) <= 1e-10 * o.one.val_loss, "%s: val_loss differs", n);
         CHECK_MSG(o.extra1.size() == o.extra2.size(), "%s: extra results differ", n);
         if (o.name == "lora_ttt 2 epochs") CHECK(o.extra2.size() == 1 && o.extra2[0].tokens == o.one.tokens);
         else for (size_t i = 0; i < o.extra1.size(); i++)
-            CHECK_MSG(std::fabs(o.extra2[i].val_bpb - o.extra1[i].val_bpb) <= 1e-10 * o.extra1[i].val_bpb, "%s: %s differs", n, o.extra1[i].mode.c_str());
+                CHECK_MSG(std::fabs(o.extra2[i].val_bpb - o.extra1[i].val_bpb) <= 1e-10 * o.extra1[i].val_bpb,
+                          "%s: %s differs", n, o.extra1[i].mode.c_str());
         if (o.name == "sliding reference") continue;  // overlapping windows may sit on both ranks
         for (size_t j = 0; j < o.sum2.size(); j++) {
             CHECK_MSG(o.count2[j] == 1, "%s: position %zu scored by %.0f ranks", n, j, o.count2[j]);
-            CHECK_MSG(nll_same((float)o.sum2[j], o.rec1.nll[j]), "%s: position %zu: %.9g on 2 ranks, %.9g on 1", n, j, o.sum2[j], o.rec1.nll[j]);
+            CHECK_MSG(nll_same((float)o.sum2[j], o.rec1.nll[j]), "%s: position %zu: %.9g on 2 ranks, %.9g on 1", n, j,
+                      o.sum2[j], o.rec1.nll[j]);
         }
     }
 #endif
@@ -603,14 +704,17 @@ TEST(eval_memory_counts_ttt_state) {
     size_t nparams = param_arena_size(build_param_table(c));
     EvalMemory e = eval_memory(c, B, T, nparams, 4, 2, 2);
     CHECK(!strcmp(e.mode, "lora_ttt") && strstr(e.settings, "TTT_BATCH_SIZE"));
-    size_t docs = std::min<long>(c.ttt_batch_size, (long)B * T / c.ttt_eval_seq_len), r = c.ttt_lora_rank, L = c.num_layers;
+    size_t docs = std::min<long>(c.ttt_batch_size, (long)B * T / c.ttt_eval_seq_len), r = c.ttt_lora_rank,
+           L = c.num_layers;
     size_t Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden(), V = c.vocab_size;
     size_t nA = docs * r * (L * (5 * Dm + F) + Dm);                       // in: q k v o up = Dm, down = F; head Dm
-    size_t nB = docs * r * (L * (Dm + KV + KV + Dm + F + Dm) + V);        // out: q o down = Dm, k v = KV, up = F; head V
+    // out: q o down = Dm, k v = KV, up = F; head V
+    size_t nB = docs * r * (L * (Dm + KV + KV + Dm + F + Dm) + V);
     size_t blocks = 6 * L + 1, tmp = docs * c.ttt_eval_seq_len * r;
     size_t want = (nA + nB) * (4 + 4 + 4 + 4 + 2) + nA * 4 + (blocks + 1) * tmp * 2;
     CHECK_MSG(e.bytes == want, "lora_ttt state %zu bytes, counted %zu", e.bytes, want);
-    CHECK_MSG(e.bytes > (14ul << 30) && e.bytes < (15ul << 30), "pr600's LoRA TTT state is %.2f GiB", e.bytes / 1073741824.0);
+    CHECK_MSG(e.bytes > (14ul << 30) && e.bytes < (15ul << 30), "pr600's LoRA TTT state is %.2f GiB",
+              e.bytes / 1073741824.0);
     c.ttt_lora_optimizer = "sgd";  // one moment
     CHECK(eval_memory(c, B, T, nparams, 4, 2, 2).bytes == want - (nA + nB) * 4);
     c.eval_mode = "full_ttt";  // saved weights and the moments: 2 with SGD, 3 with AdamW
@@ -639,6 +743,148 @@ TEST(eval_memory_matches_lora_allocations) {
         struct mallinfo2 after = mallinfo2();
         size_t got = (after.uordblks + after.hblkhd) - (before.uordblks + before.hblkhd);
         lora_state_free(Cpu<float>{}, st);
-        CHECK_MSG(got >= want && got <= want + 8 * 4096, "%s: lora_state_init allocated %zu bytes, lora_state_bytes says %zu", opt, got, want);
+        CHECK_MSG(got >= want && got <= want + 8 * 4096,
+                  "%s: lora_state_init allocated %zu bytes, lora_state_bytes says %zu", opt, got, want);
     }
+}
+
+// --- CaseOps byte sidecar -------------------------------------------------------------------------
+
+// A sidecar as ./tokenize shard --transform caseops writes it: header [3] kind, [4..5] fnv1a64 of `tokens`.
+static void write_sidecar_file(const std::string& path, const std::vector<uint16_t>& tokens,
+                               const std::vector<uint16_t>& b, bool with_checksum = true) {
+    int32_t header[256] = {SHARD_MAGIC, SHARD_VERSION, (int32_t)b.size()};
+    if (with_checksum) {
+        uint64_t h = fnv1a64(tokens.data(), 2 * tokens.size());
+        header[3] = (int32_t)SIDECAR_KIND; header[4] = (int32_t)(uint32_t)h; header[5] = (int32_t)(uint32_t)(h >> 32);
+    }
+    std::vector<uint8_t> buf(sizeof header + 2 * b.size());
+    memcpy(buf.data(), header, sizeof header);
+    memcpy(buf.data() + sizeof header, b.data(), 2 * b.size());
+    write_file_atomic(path, buf.data(), buf.size());
+}
+
+// val_bpb charges the sidecar's bytes (of each scored target), in every mode; a sidecar that belongs to other
+// tokens (checksum, count, a BOS with bytes) is refused with the file's name, and the sidecars are not read
+// as token shards.
+TEST(eval_caseops_sidecar_bytes) {
+    Config c = eval_test_config();
+    std::string d = test_dir("caseops");
+    std::vector<uint16_t> t0 = eval_test_stream({37, 20, 90}, c.vocab_size, 91);
+    std::vector<uint16_t> t1 = eval_test_stream({41, 30}, c.vocab_size, 92);
+    auto bytes_of = [](const std::vector<uint16_t>& t, uint64_t seed) {
+        Rng rng(seed);
+        std::vector<uint16_t> b(t.size());
+        for (size_t i = 0; i < t.size(); i++) b[i] = t[i] == BOS_ID ? 0 : (uint16_t)(rng.uniform() * 7);
+        return b;
+    };
+    std::vector<uint16_t> b0 = bytes_of(t0, 1), b1 = bytes_of(t1, 2);
+    write_shard_file(d + "/fineweb_val_000000.bin", t0);
+    write_shard_file(d + "/fineweb_val_000001.bin", t1);
+    write_sidecar_file(d + "/fineweb_val_bytes_000000.bin", t0, b0);
+    write_sidecar_file(d + "/fineweb_val_bytes_000001.bin", t1, b1, false);  // the reference's: no checksum
+    c.data_path = d; c.caseops_enabled = 1;
+    EvalData ev = eval_test_data({}, c.vocab_size);
+    ev.val = load_validation_tokens(c);
+    CHECK(ev.val.size() == t0.size() + t1.size());  // the sidecars were not taken for tokens
+    ev.val_bytes = load_validation_bytes(c, ev.val);
+    std::vector<uint16_t> want = b0;
+    want.insert(want.end(), b1.begin(), b1.end());
+    CHECK(ev.val_bytes == want);
+    Model<Cpu<float>> m;
+    eval_test_model(m, c);
+    for (const char* mode : {"standard", "sliding", "lora_ttt", "full_ttt"}) {
+        NllRecord rec;
+        EvalResult r = eval_run_mode(mode, m, ev, rec);
+        double loss = 0, bytes = 0;
+        for (size_t j = 0; j < rec.nll.size(); j++) { loss += rec.nll[j]; bytes += want[j + 1]; }
+        double want_bpb = loss / M_LN2 / bytes;
+        CHECK_MSG(std::fabs(r.val_bpb - want_bpb) <= 1e-9 * r.val_bpb, "%s: val_bpb %.12g, from the sidecar %.12g",
+                  mode, r.val_bpb, want_bpb);
+    }
+    eval_test_model_free(m);
+    // a wrong table: another shard's sidecar, a BOS charged bytes, a short one
+    std::string f0 = d + "/fineweb_val_bytes_000000.bin", f1 = d + "/fineweb_val_bytes_000001.bin";
+    std::vector<uint16_t> shifted(t0.begin() + 1, t0.end());
+    shifted.push_back(5);
+    write_sidecar_file(f0, shifted, b0);
+    CHECK_THROWS(load_validation_bytes(c, ev.val), f0 + ": written for other tokens than");
+    write_sidecar_file(f0, t0, b0);
+    std::vector<uint16_t> bad = b1;
+    bad[0] = 3;  // t1[0] is BOS
+    write_sidecar_file(f1, t1, bad, false);
+    CHECK_THROWS(load_validation_bytes(c, ev.val), f1 + ": entry 0 is 3 bytes, but token 0 is BOS");
+    write_sidecar_file(f1, t1, std::vector<uint16_t>(b1.begin(), b1.end() - 1), false);
+    CHECK_THROWS(load_validation_bytes(c, ev.val), f1 + ": " + std::to_string(b1.size() - 1) + " byte entries");
+    remove(f1.c_str());
+    CHECK_THROWS(load_validation_bytes(c, ev.val), f1 + " is missing");
+}
+
+// --- Phased score-first TTT -------------------------------------------------------------------------
+
+// The queue and its segments, derived here from the rules (not from the code under test): documents sorted
+// by length into batches of TTT_BATCH_SIZE, longest batch first; segment p ends with the first batch after
+// which prefix·(p+1)/P documents are scored. Returns each document's segment.
+static std::vector<int> phased_segments(const std::vector<std::pair<long, long>>& docs, int bs, long prefix, int P) {
+    std::vector<long> idx;  // a final lone BOS predicts nothing: no document
+    for (size_t i = 0; i < docs.size(); i++)
+        if (docs[i].second > 0) idx.push_back((long)i);
+    std::stable_sort(idx.begin(), idx.end(), [&](long a, long b) { return docs[a].second < docs[b].second; });
+    std::vector<std::vector<long>> batches;
+    for (size_t i = 0; i < idx.size(); i += bs)
+        batches.emplace_back(idx.begin() + i, idx.begin() + std::min(idx.size(), i + (size_t)bs));
+    std::stable_sort(batches.begin(), batches.end(), [&](const std::vector<long>& a, const std::vector<long>& b) {
+        return docs[a.back()].second > docs[b.back()].second;
+    });
+    std::vector<int> seg(docs.size(), 0);
+    long scored = 0;
+    int p = 0;
+    for (const auto& b : batches) {
+        for (long i : b) seg[i] = p;
+        scored += (long)b.size();
+        if (p < P && prefix > 0 && scored >= prefix * (p + 1) / P) p++;
+    }
+    return seg;
+}
+
+// Without phases, phased TTT is per-document LoRA TTT (the same NLLs, in another order). With phases: the
+// documents of the first segment are scored by the loaded model (as lora_ttt scores them), later ones by the
+// model the global SGD updated; a document's NLLs depend only on itself and the documents scored before it
+// (its segment's others and earlier segments): changing a last-segment document changes no other score.
+TEST(eval_phased_ttt_queue_order) {
+    Config c = eval_test_config();
+    Model<Cpu<double>> m;
+    eval_test_model(m, c);
+    std::vector<uint16_t> t = eval_test_stream(EVAL_DOC_LENS, c.vocab_size, 31, true);
+    EvalData d = eval_test_data(t, c.vocab_size);
+    auto docs = test_documents(t);
+    NllRecord lora, none, ph;
+    eval_run_mode("lora_ttt", m, d, lora);
+    m.cfg.phased_ttt_prefix_docs = 0;
+    eval_run_mode("phased_ttt", m, d, none);
+    check_records_equal(lora, none, 0, t.size() - 1, "phased_ttt without phases vs lora_ttt");
+    m.cfg = c;
+    eval_run_mode("phased_ttt", m, d, ph);
+    std::vector<int> seg = phased_segments(docs, c.ttt_batch_size, c.phased_ttt_prefix_docs, c.phased_ttt_num_phases);
+    std::vector<std::vector<float>> A = per_document(t, lora), B = per_document(t, ph);
+    size_t later_changed = 0, last = docs.size();  // the longest document of the last segment
+    for (size_t k = 0; k < docs.size(); k++) {
+        if (seg[k] == 0) check_docs_equal(A[k], B[k], "first segment vs lora_ttt", k);
+        else for (size_t i = 0; i < A[k].size(); i++) later_changed += !nll_same(A[k][i], B[k][i]);
+        bool longer = last == docs.size() || A[k].size() > A[last].size();
+        if (seg[k] == c.phased_ttt_num_phases && longer) last = k;
+    }
+    CHECK_MSG(later_changed > 0, "no score after a global SGD phase changed");
+    CHECK_MSG(last < docs.size() && A[last].size() >= 2, "the test stream has no document of 2+ positions in the last "
+              "segment");
+    std::vector<uint16_t> u = t;
+    Rng rng(19);
+    for (long j = docs[last].first + 1; j < docs[last].first + docs[last].second; j++)
+        u[j] = (uint16_t)(2 + rng.uniform() * (c.vocab_size - 2));
+    NllRecord r;
+    eval_run_mode("phased_ttt", m, eval_test_data(u, c.vocab_size), r);
+    std::vector<std::vector<float>> C = per_document(u, r);
+    for (size_t k = 0; k < docs.size(); k++)
+        if (k != last) check_docs_equal(B[k], C[k], "a last-segment document changed", k);
+    eval_test_model_free(m);
 }

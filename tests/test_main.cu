@@ -14,14 +14,18 @@ static inline float round_to_half(float f) { return half_to_float(float_to_half(
 static inline float round_to_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
 #include "test_model.cuh"
+#include "test_frontier.cuh"
 #include "test_train.cuh"
 #include "test_compress.cuh"
+#include "test_gptq.cuh"
 #include "test_eval.cuh"
 #include "test_parity.cuh"
 #include "test_cost.cuh"
 #include "test_cuda.cuh"  // defines REQUIRE_GPU: before the other CUDA tests
 #include "test_cuda_attention.cuh"
+#include "test_cuda_frontier.cuh"
 #include "test_cuda_eval.cuh"
+#include "test_gptq_cuda.cuh"  // after test_cuda.cuh: REQUIRE_GPU, perturbed_init
 #include "test_parity_cuda.cuh"  // the parity dumps through the CUDA path
 #include "test_cost_emu.cuh"  // the cost model's launch counts against an emulated step (emulated build only)
 #include "test_cuda_cover.cuh"

@@ -35,7 +35,10 @@ static Config parity_config(const SafetensorsFile& f, const std::string& data_di
     const std::string preset = f.meta.at("preset");
     for (const Preset& p : PRESETS)
         if (preset == p.name) p.apply(c);
-    c.ttt_batch_size = 2; c.ttt_eval_seq_len = 64; c.ttt_batch_seqs = 2;  // a small activation plan, unless the dump says
+    // a small activation plan, unless the dump says
+    c.ttt_batch_size = 2;
+    c.ttt_eval_seq_len = 64;
+    c.ttt_batch_seqs = 2;
     std::vector<Setting> settings = config_settings(c);
     std::string env = f.meta.at("env");
     for (size_t pos = 0; pos < env.size();) {
@@ -49,7 +52,9 @@ static Config parity_config(const SafetensorsFile& f, const std::string& data_di
         bool known = false;
         for (const Setting& s : settings)
             if (key == s.name) { setting_parse(s, value.c_str(), f.path); known = true; }
-        if (!known) throw TestFailure(test_format("%s: the reference setting %s has no counterpart here", f.path.c_str(), key.c_str()));
+        if (!known)
+            throw TestFailure(
+                test_format("%s: the reference setting %s has no counterpart here", f.path.c_str(), key.c_str()));
     }
     c.data_path = data_dir;
     c.val_truncate_to_seq = 1;
@@ -73,18 +78,22 @@ static std::string parity_data(const SafetensorsFile& f, const char* preset) {
 // Copies prefix.<name> of the dump into every parameter; each parameter must be there, and every
 // tensor of the dump under that prefix must be a parameter here. jitter > 0 multiplies each weight by a
 // random 1 ± jitter (the tolerance studies of tests/test_parity_cuda.cuh).
-template <class D> static void parity_put(const SafetensorsFile& f, const std::string& prefix, Model<D>& m, double jitter = 0,
-                                          uint64_t seed = 1) {
+template <class D>
+static void parity_put(const SafetensorsFile& f, const std::string& prefix, Model<D>& m, double jitter = 0,
+                       uint64_t seed = 1) {
     size_t found = 0;
     for (auto& kv : f.tensors) found += kv.first.compare(0, prefix.size(), prefix) == 0;
-    CHECK_MSG(found == m.table.size(), "%s: %zu tensors under %s, %zu parameters here", f.path.c_str(), found, prefix.c_str(), m.table.size());
+    CHECK_MSG(found == m.table.size(), "%s: %zu tensors under %s, %zu parameters here", f.path.c_str(), found,
+              prefix.c_str(), m.table.size());
     std::vector<typename D::grad> host(m.nparams, 0);
     Rng rng(seed);
     for (const ParamSpec& p : m.table) {
         std::vector<float> v = parity_tensor(f, prefix + p.name);
-        CHECK_MSG(v.size() == p.numel, "%s%s: %zu elements, %zu here", prefix.c_str(), p.name.c_str(), v.size(), p.numel);
+        CHECK_MSG(v.size() == p.numel, "%s%s: %zu elements, %zu here", prefix.c_str(), p.name.c_str(), v.size(),
+                  p.numel);
         for (size_t i = 0; i < p.numel && i < v.size(); i++)
-            host[p.offset + i] = (typename D::grad)(jitter > 0 ? v[i] * (rng.uniform() < 0.5 ? 1 - jitter : 1 + jitter) : v[i]);
+            host[p.offset + i] =
+                (typename D::grad)(jitter > 0 ? v[i] * (rng.uniform() < 0.5 ? 1 - jitter : 1 + jitter) : v[i]);
     }
     to_device(D{}, m.params, host.data(), m.nparams);
 }
@@ -99,7 +108,8 @@ template <class T> static double rel_l2(const T* a, const float* b, size_t n) {
 // The first step: GRAD_ACCUM micro-batches of the stream, as the reference's loader cuts them (each takes
 // the next local+1 tokens); loss = their mean, gradients summed with weight 1/(local·accum) into m.grads.
 // on_logits(m) sees the first micro-batch's soft-capped logits (the forward leaves them in place).
-template <class D, class F> static double parity_first_step_run(D dev, Model<D>& m, const SafetensorsFile& f, F on_logits) {
+template <class D, class F>
+static double parity_first_step_run(D dev, Model<D>& m, const SafetensorsFile& f, F on_logits) {
     const Config& c = m.cfg;
     refresh_compute_weights(dev, m, false);
     int accum = atoi(f.meta.at("grad_accum").c_str());
@@ -112,7 +122,10 @@ template <class D, class F> static double parity_first_step_run(D dev, Model<D>&
     device_zero(dev, m.grads, m.nparams * sizeof(typename D::grad));
     double sum = 0;
     for (int k = 0; k < accum; k++) {
-        for (long i = 0; i < local; i++) { x[i] = (int32_t)stream[k * (local + 1) + i]; y[i] = (int32_t)stream[k * (local + 1) + i + 1]; }
+        for (long i = 0; i < local; i++) {
+            x[i] = (int32_t)stream[k * (local + 1) + i];
+            y[i] = (int32_t)stream[k * (local + 1) + i + 1];
+        }
         if (k == 0) {
             forward_nll(dev, m, x, y, B, L, nll);
             on_logits(m);
@@ -145,7 +158,8 @@ template <class T> static void parity_first_step(const char* preset, double loss
         CHECK_CLOSE(s1, stats[0], 0, 1e-5 * std::sqrt(s2));
     });
     double want = atof(f.meta.at("loss").c_str());
-    CHECK_MSG(std::fabs(loss - want) <= loss_rtol * std::fabs(want), "%s loss %.9g, reference %.9g", preset, loss, want);
+    CHECK_MSG(std::fabs(loss - want) <= loss_rtol * std::fabs(want), "%s loss %.9g, reference %.9g", preset, loss,
+              want);
     for (const ParamSpec& p : m.table) {
         std::vector<float> g = parity_tensor(f, "grad." + p.name);
         double e = rel_l2(m.grads + p.offset, g.data(), p.numel);
@@ -175,8 +189,8 @@ static void parity_ten_steps(const char* preset) {
     std::vector<float> want = parity_tensor(f, "step_losses");
     CHECK(s.losses.size() == want.size());
     for (size_t i = 0; i < want.size() && i < s.losses.size(); i++)
-        CHECK_MSG(std::fabs(s.losses[i] - want[i]) <= 1e-4 * std::fabs(want[i]), "%s step %zu loss %.7f, reference %.7f",
-                  preset, i + 1, s.losses[i], want[i]);
+        CHECK_MSG(std::fabs(s.losses[i] - want[i]) <= 1e-4 * std::fabs(want[i]),
+                  "%s step %zu loss %.7f, reference %.7f", preset, i + 1, s.losses[i], want[i]);
     std::string worst;
     double worst_e = 0;
     for (const ParamSpec& p : m.table) {
@@ -221,13 +235,15 @@ static void parity_eval(const char* preset) {
             size_t first = 0, held = 0;
             for (const EvalDoc& doc : find_documents(d.val)) first += std::min<long>(doc.pred, c.ttt_chunk_size);
             for (float v : want) held += !std::isnan(v);
-            CHECK_MSG(held == first, "%s lora_ttt: the dump scores %zu first-chunk positions, %zu expected", preset, held, first);
+            CHECK_MSG(held == first, "%s lora_ttt: the dump scores %zu first-chunk positions, %zu expected", preset,
+                      held, first);
             for (size_t j = 0; j < want.size() && j < rec.nll.size(); j++) if (std::isnan(want[j])) rec.nll[j] = NAN;
         }
         size_t scored = 0, bad = 0, first_bad = 0;
         for (size_t j = 0; j < want.size(); j++) {
             float got = j < rec.nll.size() ? rec.nll[j] : NAN;
-            if (std::isnan(want[j]) != std::isnan(got) || (!std::isnan(got) && std::fabs(got - want[j]) > 1e-5 * std::max(1.0f, std::fabs(want[j])))) {
+            if (std::isnan(want[j]) != std::isnan(got) ||
+                (!std::isnan(got) && std::fabs(got - want[j]) > 1e-5 * std::max(1.0f, std::fabs(want[j])))) {
                 if (!bad++) first_bad = j;
             }
             scored += !std::isnan(want[j]);
@@ -235,7 +251,9 @@ static void parity_eval(const char* preset) {
         CHECK_MSG(bad == 0, "%s %s: %zu of %zu positions differ, first at %zu: %g vs reference %g", preset, mode, bad,
                   want.size(), first_bad, first_bad < rec.nll.size() ? rec.nll[first_bad] : NAN, want[first_bad]);
         double ref = atof(f.meta.at(std::string("val_loss.") + mode).c_str());
-        if (!lora) CHECK_MSG(std::fabs(r.val_loss - ref) <= 1e-6 * ref, "%s %s val_loss %.9f, reference %.9f", preset, mode, r.val_loss, ref);
+        if (!lora)
+            CHECK_MSG(std::fabs(r.val_loss - ref) <= 1e-6 * ref, "%s %s val_loss %.9f, reference %.9f", preset, mode,
+                      r.val_loss, ref);
         CHECK(scored > 0);
     }
     CHECK(modes > 0);

@@ -84,7 +84,10 @@ for seed, r in logs.items():
     want(got.get("bytes_total") == rj["total_bytes"], f"seed {seed} bytes_total {got.get('bytes_total')}")
     log = os.path.join(dest, f"train_seed{seed}.log")
     want(os.path.isfile(log) and filecmp.cmp(log, os.path.join(r, "log.txt"), shallow=False), f"train_seed{seed}.log differs from {r}/log.txt")
-want(filecmp.cmp(os.path.join(dest, "train_gpt.cu"), "build/submission/train_gpt.cu", shallow=False), "train_gpt.cu differs from build/submission/train_gpt.cu")
+code = "train_gpt.sh" if res[0].get("code_bytes_sfx", 0) > 0 else "train_gpt.cu"  # the counted form the runs counted
+want(filecmp.cmp(os.path.join(dest, code), "build/submission/" + code, shallow=False), f"{code} differs from build/submission/{code}")
+want(os.path.isfile(os.path.join(dest, code)) and os.path.getsize(os.path.join(dest, code)) == res[0]["code_bytes"] or res[0].get("code_bytes_stripped", 0) == 0,
+     f"{code} is not the {res[0]['code_bytes']} bytes the run counted")
 readme = open(os.path.join(dest, "README.md")).read()
 want(f"{sub.get('val_bpb', 0):.8f}" in readme, "README lacks the val_bpb")
 want(f"{sub.get('bytes_total', 0):,}" in readme, "README lacks the total bytes")
@@ -195,20 +198,23 @@ cp -r "$tmp/fx/a" "$tmp/fx/a_again"
 expect_refusal submission_refuses_duplicate_seed "same SEED" "$tmp/fx/dest_dup" "$tmp/fx/a" "$tmp/fx/a_again"
 
 # --- 2. the recipes on the CPU --------------------------------------------------------------------
-recipes=(baseline pr467 pr600 pr456)
-declare -A modes=([baseline]="standard" [pr467]="sliding,lora_ttt" [pr600]="sliding" [pr456]="full_ttt")  # each preset's final evaluation
+recipes=(baseline pr467 pr600 pr456 frontier)
+declare -A modes=([baseline]="standard" [pr467]="sliding,lora_ttt" [pr600]="sliding" [pr456]="full_ttt" [frontier]="sliding")  # each preset's final evaluation
 # short lengths for every recipe; the shape stays the recipes' CPU default (tiny: 4 layers, d128)
 short=(ITERATIONS=8 WARMDOWN_ITERS=16 TRAIN_SEQ_LEN=64 TRAIN_BATCH_TOKENS=512 VAL_TOKENS_LIMIT=2048
        VAL_LOSS_EVERY=4 TRAIN_LOG_EVERY=1 EVAL_STRIDE=32 EVAL_BATCH_SEQS=8
        TTT_EVAL_SEQ_LEN=64 TTT_CHUNK_SIZE=32 TTT_BATCH_SIZE=8 TTT_CHUNK_TOKENS=512 TTT_BATCH_SEQS=4)
-declare -A extra=([baseline]="" [pr467]="SWA_EVERY=1" [pr600]="SWA_STEPS=4" [pr456]="SWA_EVERY=1")
+declare -A extra=([baseline]="" [pr467]="SWA_EVERY=1" [pr600]="SWA_STEPS=4" [pr456]="SWA_EVERY=1"
+                  [frontier]="ITERATIONS=4 VAL_LOSS_EVERY=2 ENABLE_LOOPING_AT=0.5")
 # what must still be in force at the tiny shape: each preset's algorithm
 declare -A algo=(
     [baseline]="QUANT_SCHEME=int8 BIGRAM_VOCAB_SIZE=0 SMEAR=0 SWA_ENABLED=0 EVAL_MODE=standard"
     [pr467]="SMEAR=1 BIGRAM_VOCAB_SIZE=2048 ORTHO_INIT=2 SWA_ENABLED=1 SWA_START_FRAC=0.35 PRUNE_FRAC=0.03 QUANT_SCHEME=mixed PACK=auto MUON_WEIGHT_DECAY=0.04 TTT_LORA_RANK=8 TTT_LORA_TARGETS=q,v TTT_LORA_SCHEDULE=cosine_epochs TTT_N_EPOCHS=2 TTT_REPORT_FINAL_EPOCH=1"
     [pr600]="SMEAR_GATE=1 BIGRAM_HASH_SIZE=2048 ORTHO_INIT=1 QAT_BITS=6 QUANT_SCHEME=int6 PACK=auto SWA_STEPS=4 SWA_DECAY=0.4"
-    [pr456]="XSA_LAST_N=3 UNIQUE_LAYERS=4 NAMED_CORES=1 SMEAR=1 LATE_QAT=1 SWA_ENABLED=1 QUANT_SCHEME=mixed TTT_OPTIMIZER=adamw TTT_LR=0.0005 TTT_EPOCHS=1")
-declare -A algo_log=([baseline]="" [pr467]="swa:applying averaged" [pr600]="qat:enabled|swa_ema:applying averaged weights" [pr456]="swa:applying averaged|late_qat:enabled")
+    [pr456]="XSA_LAST_N=3 UNIQUE_LAYERS=4 NAMED_CORES=1 SMEAR=1 LATE_QAT=1 SWA_ENABLED=1 QUANT_SCHEME=mixed TTT_OPTIMIZER=adamw TTT_LR=0.0005 TTT_EPOCHS=1"
+    [frontier]="VOCAB_SIZE=8192 NUM_LOOPS=2 LOOP_START=1 LOOP_END=2 PARALLEL_START_LAYER=3 SPARSE_ATTN_GATE_ENABLED=1 SPARSE_ATTN_GATE_SCALE=0.5 SMEAR_GATE_ENABLED=1 SKIP_GATES_ENABLED=1 LN_SCALE=1 XSA_LAST_N=4 ROPE_DIMS=16 QK_GAIN_INIT=5 MLP_ACTIVATION=leaky_relu_sq EMA_DECAY=0.9965 WARMDOWN_FRAC=0.85 BETA2=0.99")
+declare -A algo_log=([baseline]="" [pr467]="swa:applying averaged" [pr600]="qat:enabled|swa_ema:applying averaged weights" [pr456]="swa:applying averaged|late_qat:enabled"
+                     [frontier]="layer_loop:enabled step:2 frac:0.500 encoder:\\[0, 1, 2, 1\\] decoder:\\[2, 1, 2, 3\\]|ema:applying averaged")
 
 t0=$(now)
 if ! build_out=$(make -s train_gpt_cpu 2>&1) || [ ! -x ./train_gpt_cpu ]; then
@@ -236,7 +242,17 @@ for m in sliding lora_ttt full_ttt; do
 done
 
 ok_runs=()
+# CONFIG=frontier reads the corpus tokenized with the 8192 model (make corpus builds both)
+data8192=${DATA_PATH_8192:-data/datasets/debian_prose_sp8192}
 for r in "${recipes[@]}"; do
+    rdata=$data
+    if [ "$r" = frontier ]; then
+        if ! compgen -G "$data8192/fineweb_val_*.bin" >/dev/null; then
+            skip recipe_frontier "no sp8192 data in $data8192: run make corpus (scripts/make_corpus --vocab 8192)"
+            continue
+        fi
+        rdata=$data8192
+    fi
     run_modes=()
     for m in ${modes[$r]//,/ }; do
         if [ "${have[$m]}" = 1 ]; then run_modes+=("$m")
@@ -247,7 +263,7 @@ for r in "${recipes[@]}"; do
     out_dir="$tmp/runs/$r"
     t0=$(now)
     # shellcheck disable=SC2086  # extra[] holds KEY=VALUE words
-    env DEVICE=cpu DATA_PATH="$data" OUT_DIR="$out_dir" RUN_ID="test_$r" timeout 300 "scripts/$r" "${short[@]}" ${extra[$r]} EVAL_MODE="$eval_mode" >"$tmp/$r.out" 2>&1
+    env DEVICE=cpu DATA_PATH="$rdata" OUT_DIR="$out_dir" RUN_ID="test_$r" timeout 300 "scripts/$r" "${short[@]}" ${extra[$r]} EVAL_MODE="$eval_mode" >"$tmp/$r.out" 2>&1
     rc=$?
     secs=$(since "$t0")
     if [ "$rc" -ne 0 ]; then

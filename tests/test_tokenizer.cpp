@@ -29,7 +29,8 @@ static const SpmModel& model(int vocab) {  // loaded once per test binary
     if (it != cache.end()) return it->second;
     std::string p = model_path(vocab);
     if (p.empty()) {
-        if (vocab == 1024 || vocab == 8192) throw TestFailure("data/tokenizers/fineweb_" + std::to_string(vocab) + "_bpe.model is missing");
+        if (vocab == 1024 || vocab == 8192)
+            throw TestFailure("data/tokenizers/fineweb_" + std::to_string(vocab) + "_bpe.model is missing");
         SKIP("data/tokenizers/fineweb_" + std::to_string(vocab) + "_bpe.model not present");
     }
     return cache.emplace(vocab, spm_load(p)).first->second;
@@ -77,9 +78,16 @@ static std::string pb_varint_bytes(uint64_t v) {
     return s;
 }
 static std::string pb_key_bytes(int field, int wire) { return pb_varint_bytes((uint64_t)field << 3 | (uint64_t)wire); }
-static std::string pb_len_field(int field, const std::string& payload) { return pb_key_bytes(field, 2) + pb_varint_bytes(payload.size()) + payload; }
+static std::string pb_len_field(int field, const std::string& payload) {
+    return pb_key_bytes(field, 2) + pb_varint_bytes(payload.size()) + payload;
+}
 static std::string pb_int_field(int field, int64_t v) { return pb_key_bytes(field, 0) + pb_varint_bytes((uint64_t)v); }
-static std::string pb_float_field(int field, float f) { std::string s = pb_key_bytes(field, 5); char b[4]; memcpy(b, &f, 4); return s + std::string(b, 4); }
+static std::string pb_float_field(int field, float f) {
+    std::string s = pb_key_bytes(field, 5);
+    char b[4];
+    memcpy(b, &f, 4);
+    return s + std::string(b, 4);
+}
 
 struct TinyPiece { std::string piece; float score; int type; };
 
@@ -90,25 +98,34 @@ static std::string tiny_piece_bytes(const TinyPiece& p) {
 }
 
 // A BPE model like the challenge's (specials 0-3, identity normalizer, no dummy prefix) over `normal`.
-static std::string tiny_model_bytes(const std::vector<TinyPiece>& normal, bool byte_fallback = false, bool byte_pieces = false) {
-    std::vector<TinyPiece> all = {{"<pad>", 0, SPM_CONTROL}, {"<s>", 0, SPM_CONTROL}, {"</s>", 0, SPM_CONTROL}, {"<unk>", 0, SPM_UNKNOWN}};
+static std::string tiny_model_bytes(const std::vector<TinyPiece>& normal, bool byte_fallback = false,
+                                    bool byte_pieces = false) {
+    std::vector<TinyPiece> all = {
+        {"<pad>", 0, SPM_CONTROL}, {"<s>", 0, SPM_CONTROL}, {"</s>", 0, SPM_CONTROL}, {"<unk>", 0, SPM_UNKNOWN}};
     if (byte_pieces)
-        for (int b = 0; b < 256; b++) { char name[8]; snprintf(name, sizeof name, "<0x%02X>", b); all.push_back({name, 0, SPM_BYTE}); }
+        for (int b = 0; b < 256; b++) {
+            char name[8];
+            snprintf(name, sizeof name, "<0x%02X>", b);
+            all.push_back({name, 0, SPM_BYTE});
+        }
     all.insert(all.end(), normal.begin(), normal.end());
     std::string s;
     for (auto& p : all) s += tiny_piece_bytes(p);
-    std::string trainer = pb_int_field(3, SPM_BPE) + pb_int_field(4, (int64_t)all.size()) + pb_int_field(35, byte_fallback) +
-                          pb_int_field(40, 3) + pb_int_field(41, 1) + pb_int_field(42, 2) + pb_int_field(43, 0);
+    std::string trainer = pb_int_field(3, SPM_BPE) + pb_int_field(4, (int64_t)all.size()) +
+                          pb_int_field(35, byte_fallback) + pb_int_field(40, 3) + pb_int_field(41, 1) +
+                          pb_int_field(42, 2) + pb_int_field(43, 0);
     s += pb_len_field(2, trainer);
     s += pb_len_field(3, pb_len_field(1, "identity") + pb_int_field(3, 0));
     return s;
 }
 
+// table: the pieces of the tiny model, rows of data
 static std::vector<TinyPiece> tiny_vocab() {
     return {{"ab", -1, SPM_NORMAL}, {"bc", -0.5f, SPM_NORMAL}, {"aa", -2, SPM_NORMAL}, {"\xE2\x96\x81" "a", -3, SPM_NORMAL},
             {"a", -10, SPM_NORMAL}, {"b", -11, SPM_NORMAL}, {"c", -12, SPM_NORMAL},
             {"\xE2\x96\x81", -13, SPM_NORMAL}, {"\xC3\xA9", -14, SPM_NORMAL}};
 }
+// end table
 
 // --- checksum ----------------------------------------------------------------------------------------
 
@@ -120,11 +137,13 @@ TEST(fnv1a64_published_vectors) {
 
 // --- model facts -------------------------------------------------------------------
 
+// table: the 84 single-character pieces of the 1024 model, in id order
 static const char* SINGLE_CHARS[84] = {
     "\xE2\x96\x81", "e", "t", "a", "o", "i", "n", "s", "r", "h", "l", "d", "c", "u", "m", "p", "g", "f", "y", "w", "b", ".", "v", ",",
     "k", "T", "I", "S", "A", "-", "C", "0", "1", "M", "P", "B", "x", "2", "W", "D", "R", "E", "H", "F", "L", "O", "N",
     "\xE2\x80\x99", "'", ":", "G", "j", ")", "3", "(", "z", "5", "q", "\"", "U", "4", "J", "9", "6", "8", "V", "Y", "K", "7",
     "!", "|", "/", "?", "\xE2\x80\x9C", "\xE2\x80\x9D", ";", "\xE2\x80\x93", "&", "$", "\xE2\x80\x94", "Q", "X", "%", "Z"};
+// end table
 
 TEST(model_1024_facts) {
     const SpmModel& m = model(1024);
@@ -137,21 +156,25 @@ TEST(model_1024_facts) {
     CHECK(m.unk_id == 3 && m.bos_id == 1 && m.eos_id == 2 && m.pad_id == 0);
     CHECK(m.unk_surface == " \xE2\x81\x87 ");
     CHECK(m.pieces[0] == "<pad>" && m.pieces[1] == "<s>" && m.pieces[2] == "</s>" && m.pieces[3] == "<unk>");
-    CHECK(m.types[0] == SPM_CONTROL && m.types[1] == SPM_CONTROL && m.types[2] == SPM_CONTROL && m.types[3] == SPM_UNKNOWN);
+    CHECK(m.types[0] == SPM_CONTROL && m.types[1] == SPM_CONTROL && m.types[2] == SPM_CONTROL &&
+          m.types[3] == SPM_UNKNOWN);
     for (int i = 0; i < 4; i++) CHECK(m.scores[i] == 0.0f);
     for (int i = 4; i < 1024; i++) {
         CHECK_MSG(m.types[i] == SPM_NORMAL, "id %d type %d", i, m.types[i]);
         CHECK_MSG(m.scores[i] == -(float)(i - 4), "id %d score %g", i, m.scores[i]);
     }
-    for (int i = 0; i < 84; i++) CHECK_MSG(m.pieces[940 + i] == SINGLE_CHARS[i], "id %d is \"%s\"", 940 + i, m.pieces[940 + i].c_str());
+    for (int i = 0; i < 84; i++)
+        CHECK_MSG(m.pieces[940 + i] == SINGLE_CHARS[i], "id %d is \"%s\"", 940 + i, m.pieces[940 + i].c_str());
     int lead = 0, space_inside = 0;
     for (int i = 4; i < 1024; i++) {
         if (m.pieces[i].compare(0, 3, SPM_SPACE) == 0) lead++;
         if (m.pieces[i].find(SPM_SPACE, 1) != std::string::npos) space_inside++;
     }
     CHECK(lead == 476 && space_inside == 0);
-    CHECK(m.pieces[4] == "\xE2\x96\x81t" && m.pieces[11] == "\xE2\x96\x81the" && m.pieces[23] == "ing" && m.pieces[97] == "\xE2\x96\x81The");
-    CHECK(m.pieces[650] == "\xE2\x96\x81information" && m.pieces[939] == "\xE2\x96\x81water" && m.pieces[255] == "\xE2\x96\x81\xE2\x80\x9C");
+    CHECK(m.pieces[4] == "\xE2\x96\x81t" && m.pieces[11] == "\xE2\x96\x81the" && m.pieces[23] == "ing" &&
+          m.pieces[97] == "\xE2\x96\x81The");
+    CHECK(m.pieces[650] == "\xE2\x96\x81information" && m.pieces[939] == "\xE2\x96\x81water" &&
+          m.pieces[255] == "\xE2\x96\x81\xE2\x80\x9C");
     CHECK(m.normalizer.name == "nmt_nfkc" && m.normalizer.precompiled_charsmap.size() == 240007);
     CHECK(!m.normalizer.add_dummy_prefix && m.normalizer.remove_extra_whitespaces && m.normalizer.escape_whitespaces);
     CHECK(!m.has_denormalizer);
@@ -165,9 +188,11 @@ TEST(model_8192_facts) {
     for (int b = 0; b < 256; b++) {
         char name[8];
         snprintf(name, sizeof name, "<0x%02X>", b);
-        CHECK_MSG(m.pieces[4 + b] == name && m.types[4 + b] == SPM_BYTE, "id %d is \"%s\"", 4 + b, m.pieces[4 + b].c_str());
+        CHECK_MSG(m.pieces[4 + b] == name && m.types[4 + b] == SPM_BYTE, "id %d is \"%s\"", 4 + b,
+                  m.pieces[4 + b].c_str());
     }
-    for (int i = 260; i < 8192; i++) CHECK_MSG(m.types[i] == SPM_NORMAL && m.scores[i] == -(float)(i - 260), "id %d", i);
+    for (int i = 260; i < 8192; i++)
+        CHECK_MSG(m.types[i] == SPM_NORMAL && m.scores[i] == -(float)(i - 260), "id %d", i);
     for (int i = 0; i < 84; i++) CHECK(m.pieces[8108 + i] == SINGLE_CHARS[i]);
     CHECK(m.normalizer.precompiled_charsmap == model(1024).normalizer.precompiled_charsmap);
 }
@@ -181,7 +206,8 @@ TEST(model_2048_4096_facts) {
     }
 }
 
-// --- byte tables (the reference's build_sentencepiece_luts) -------------------------------------------------------------------
+// --- byte tables (the reference's build_sentencepiece_luts)
+// -------------------------------------------------------------------
 
 TEST(byte_luts_1024) {
     const SpmModel& m = model(1024);
@@ -191,7 +217,8 @@ TEST(byte_luts_1024) {
     std::map<int, int> hist;
     for (int i = 0; i < 1024; i++) { sum += t.base_bytes[i]; lead += t.has_leading_space[i]; hist[t.base_bytes[i]]++; }
     CHECK(sum == 3058 && lead == 476);
-    std::map<int, int> want = {{0, 1 + 4}, {1, 129}, {2, 247}, {3, 327}, {4, 194}, {5, 83}, {6, 23}, {7, 10}, {8, 1}, {9, 4}, {11, 1}};
+    std::map<int, int> want = {{0, 1 + 4}, {1, 129}, {2, 247}, {3, 327}, {4, 194}, {5, 83},
+                               {6, 23},    {7, 10},  {8, 1},   {9, 4},   {11, 1}};
     CHECK(hist == want);  // the spec's histogram covers the 1020 NORMAL pieces; the 4 specials add 4 zeros
     CHECK(t.base_bytes[940] == 0 && t.has_leading_space[940] && !t.is_boundary[940]);
     for (int i = 0; i < 4; i++) CHECK(t.is_boundary[i] && t.base_bytes[i] == 0 && !t.has_leading_space[i]);
@@ -270,7 +297,9 @@ TEST(encode_examples_1024) {
     CHECK_IDS(enc(e, "Hello world"), 982, 211, 944, 706);
     CHECK_IDS(enc(e, "Hello\n\nworld"), 982, 211, 944, 706);
     CHECK_IDS(enc(e, "A\x01" "B"), 968, 975);
-    CHECK_IDS(enc(e, "\xE6\x97\xA5\xE6\x9C\xAC\xE8\xAA\x9E\xE3\x81\xAE\xE3\x83\x86\xE3\x82\xAD\xE3\x82\xB9\xE3\x83\x88"), 3);  // 日本語のテキスト
+    // 日本語のテキスト
+    CHECK_IDS(
+        enc(e, "\xE6\x97\xA5\xE6\x9C\xAC\xE8\xAA\x9E\xE3\x81\xAE\xE3\x83\x86\xE3\x82\xAD\xE3\x82\xB9\xE3\x83\x88"), 3);
     CHECK_IDS(enc(e, "\xF0\x9F\x98\x80\xF0\x9F\x98\x80"), 3);  // two emoji: one <unk>
     CHECK_IDS(enc(e, "\xC3\xA9"), 3);
     CHECK(enc(e, "").empty() && enc(e, "   \n ").empty());
@@ -286,13 +315,15 @@ TEST(encode_examples_1024) {
     for (const char* s : {"x\xC2\xA0y", "x\xEF\xBF\xBDy", "x\xE2\x96\x81y"})
         CHECK(pieces(enc(e, s)) == (std::vector<std::string>{"x", S + "y"}));
     CHECK(pieces(enc(e, "a\xC2\xB4" "b")) == (std::vector<std::string>{"a", S, "<unk>", "b"}));
-    CHECK(pieces(enc(e, "a # b")) == (std::vector<std::string>{"a", S, "<unk>", S + "b"}));  // unk runs stop at known pieces
+    // unk runs stop at known pieces
+    CHECK(pieces(enc(e, "a # b")) == (std::vector<std::string>{"a", S, "<unk>", S + "b"}));
 }
 
 TEST(encode_byte_fallback_8192) {
     const SpmEncoder& e = encoder(8192);
     CHECK_IDS(enc(e, "\xC3\xA9"), 0xC3 + 4, 0xA9 + 4);
-    CHECK_IDS(enc(e, "\xF0\x9F\x98\x80\xF0\x9F\x98\x80"), 0xF4, 0x9F + 4, 0x98 + 4, 0x84, 0xF4, 0x9F + 4, 0x98 + 4, 0x84);
+    CHECK_IDS(enc(e, "\xF0\x9F\x98\x80\xF0\x9F\x98\x80"), 0xF4, 0x9F + 4, 0x98 + 4, 0x84, 0xF4, 0x9F + 4, 0x98 + 4,
+              0x84);
     std::vector<int> ids = enc(e, "\xFF");  // invalid byte -> U+FFFD -> its three bytes
     CHECK_IDS(ids, 0xEF + 4, 0xBF + 4, 0xBD + 4);
 }
@@ -300,7 +331,11 @@ TEST(encode_byte_fallback_8192) {
 TEST(encode_hand_worked_bpe) {
     SpmModel m = spm_load_bytes(tiny_model_bytes(tiny_vocab()), "tiny.model");
     SpmEncoder e = spm_encoder_build(m);
-    auto id = [&](const std::string& p) { for (size_t i = 0; i < m.pieces.size(); i++) if (m.pieces[i] == p) return (int)i; return -1; };
+    auto id = [&](const std::string& p) {
+        for (size_t i = 0; i < m.pieces.size(); i++)
+            if (m.pieces[i] == p) return (int)i;
+        return -1;
+    };
     // "abc": bc (-0.5) is merged before ab (-1), so ab never forms
     CHECK_IDS(enc(e, "abc"), id("a"), id("bc"));
     // "b aa": aa (-2) is merged before ▁a (-3)
@@ -345,7 +380,10 @@ TEST(decode_rules) {
 TEST(decode_inverts_encode_on_unk_free_text) {
     const std::string S = SPM_SPACE;
     for (int v : {1024, 8192}) {
-        for (const char* text : {"The  quick\tbrown fox, 1999 “quoted” — dash.", "  \xEF\xAC\x81ne caf" "e\xCC\x81 ", "x\xC2\xA0y"}) {
+        for (const char* text : {"The  quick\tbrown fox, 1999 “quoted” — dash.",
+                                 "  \xEF\xAC\x81ne caf"
+                                 "e\xCC\x81 ",
+                                 "x\xC2\xA0y"}) {
             std::vector<int> ids = enc(encoder(v), text);
             if (v == 1024 && std::find(ids.begin(), ids.end(), 3) != ids.end()) continue;
             std::string want = normalize(v, text);
@@ -365,7 +403,10 @@ static std::string json_text(const std::string& line) {
 
 TEST(json_text_field_parses) {
     CHECK(json_text("{\"text\": \"hello\"}") == "hello");
-    CHECK(json_text("  {\"id\":7,\"text\":\"a\",\"meta\":{\"x\":[1,-2.5e-3,0,true,false,null,{\"y\":\"z\"},[]],\"e\":{}}}  ") == "a");
+    CHECK(
+        json_text(
+            "  {\"id\":7,\"text\":\"a\",\"meta\":{\"x\":[1,-2.5e-3,0,true,false,null,{\"y\":\"z\"},[]],\"e\":{}}}  ") ==
+        "a");
     CHECK(json_text("{\"text\":\"q\\\"\\\\\\/\\b\\f\\n\\r\\t\"}") == "q\"\\/\b\f\n\r\t");
     CHECK(json_text("{\"text\":\"\\u00e9\\u20AC\\ud83d\\ude00\"}") == "\xC3\xA9\xE2\x82\xAC\xF0\x9F\x98\x80");
     CHECK(json_text("{\"text\":\"\\u0000x\"}") == std::string("\0x", 2));
@@ -426,7 +467,8 @@ TEST(document_reader) {
     auto docs = read_docs({text, jsonl, sniffed});
     std::vector<std::string> want = {"first line\nsecond line", "third\r", "fourth", "j1", "j2\nx", "s1", "s2"};
     CHECK(docs == want);
-    CHECK(read_docs({jsonl}, FORMAT_TEXT) == (std::vector<std::string>{"{\"text\": \"j1\"}", "{\"text\": \"j2\\nx\"}"}));
+    CHECK(read_docs({jsonl}, FORMAT_TEXT) ==
+          (std::vector<std::string>{"{\"text\": \"j1\"}", "{\"text\": \"j2\\nx\"}"}));
     CHECK_THROWS(read_docs({bad}), bad + ":3: malformed JSONL");
     CHECK_THROWS(read_docs({"/nonexistent/file.txt"}), "/nonexistent/file.txt: cannot open");
     for (auto& p : {text, jsonl, sniffed, bad}) remove(p.c_str());
@@ -448,14 +490,16 @@ static bool load_or_clean_error(const std::string& bytes, const std::string& pat
     }
     try {
         SpmEncoder e = spm_encoder_build(m);
-        std::vector<int> ids = enc(e, "Hello w\xC3\xB6rld \xEF\xAC\x81 e\xCC\x81 \xFF\xE2\x96\x81 \xF0\x9F\x98\x80 abc");
+        std::vector<int> ids =
+            enc(e, "Hello w\xC3\xB6rld \xEF\xAC\x81 e\xCC\x81 \xFF\xE2\x96\x81 \xF0\x9F\x98\x80 abc");
         for (int id : ids) if (id < 0 || id >= (int)m.pieces.size()) throw TestFailure("encoded id out of range");
         spm_decode(m, ids.data(), ids.size());
         spm_byte_luts(m, 1024);
     } catch (const TestFailure&) {
         throw;
     } catch (const std::runtime_error& e) {
-        if (std::string(e.what()).find(path) == std::string::npos) throw TestFailure(std::string("error lacks the path: ") + e.what());
+        if (std::string(e.what()).find(path) == std::string::npos)
+            throw TestFailure(std::string("error lacks the path: ") + e.what());
     }
     return true;
 }
@@ -500,7 +544,8 @@ TEST(corrupt_model_specific_errors) {
     CHECK_THROWS(spm_load_bytes(pb_key_bytes(9, 7) + base, "m"), "found 7");
     CHECK_THROWS(spm_load_bytes(pb_int_field(1, 5) + base, "m"), "expected wire type 2, found 0");
     CHECK_THROWS(spm_load_bytes(pb_key_bytes(0, 0) + base, "m"), "field number");
-    CHECK_THROWS(spm_load_bytes(pb_key_bytes(1, 2) + pb_varint_bytes(1u << 30) + base, "m"), "expected a length within");
+    CHECK_THROWS(spm_load_bytes(pb_key_bytes(1, 2) + pb_varint_bytes(1u << 30) + base, "m"),
+                 "expected a length within");
     CHECK_THROWS(spm_load_bytes(pb_key_bytes(9, 0) + std::string(11, '\xFF') + base, "m"), "at most 10 bytes");
     CHECK_THROWS(spm_load_bytes("", "empty.model"), "empty.model: byte offset 0: expected a trainer_spec");
     // unknown fields of every wire type are skipped
@@ -519,11 +564,13 @@ TEST(corrupt_model_specific_errors) {
     CHECK_THROWS(spm_load_bytes(with({{"<unk2>", 0, SPM_UNKNOWN}}), "m"), "exactly one UNKNOWN piece, found 2");
     CHECK_THROWS(spm_load_bytes(with({{"", 0, SPM_NORMAL}}), "m"), "non-empty piece");
     CHECK_THROWS(spm_load_bytes(with({{"z", 0, 9}}), "m"), "piece type in 1..6");
-    CHECK_THROWS(spm_load_bytes(with({{"<0x41>", 0, SPM_BYTE}}), "m"), "byte_fallback is false: expected 0 BYTE pieces, found 1");
+    CHECK_THROWS(spm_load_bytes(with({{"<0x41>", 0, SPM_BYTE}}), "m"),
+                 "byte_fallback is false: expected 0 BYTE pieces, found 1");
     CHECK_THROWS(spm_load_bytes(with({}, true, false), "m"), "expected 256 BYTE pieces, found 0");
     CHECK_THROWS(spm_load_bytes(with({{"<0xZZ>", 0, SPM_BYTE}}, true, true), "m"), "named <0xXX>");
     std::string no_unknown;
-    for (auto& p : std::vector<TinyPiece>{{"<pad>", 0, SPM_CONTROL}, {"<s>", 0, SPM_CONTROL}, {"</s>", 0, SPM_CONTROL}, {"a", 0, SPM_NORMAL}})
+    for (auto& p : std::vector<TinyPiece>{
+             {"<pad>", 0, SPM_CONTROL}, {"<s>", 0, SPM_CONTROL}, {"</s>", 0, SPM_CONTROL}, {"a", 0, SPM_NORMAL}})
         no_unknown += tiny_piece_bytes(p);
     no_unknown += pb_len_field(2, pb_int_field(3, 2)) + pb_len_field(3, "");
     CHECK_THROWS(spm_load_bytes(no_unknown, "m"), "exactly one UNKNOWN piece, found 0");
@@ -552,13 +599,196 @@ TEST(cli_usage_errors) {
     CHECK_THROWS(run_cli({"encode", m, "--bogus"}), "unknown option");
     CHECK_THROWS(run_cli({"shard", m}), "expected OUTDIR");
     CHECK_THROWS(run_cli({"shard", m, "/tmp/x", "--format", "xml"}), "expected jsonl or text");
-    CHECK_THROWS(run_cli({"shard", m, "/tmp/x", "--shard-tokens", "2147483648"}), "--shard-tokens: expected an integer in 0..2147483647");
+    CHECK_THROWS(run_cli({"shard", m, "/tmp/x", "--shard-tokens", "2147483648"}),
+                 "--shard-tokens: expected an integer in 0..2147483647");
     CHECK_THROWS(run_cli({"shard", m, "/tmp/x", "--shard-tokens", "0"}), "at least 1");
     CHECK_THROWS(run_cli({"shard", m, "/tmp/x", "--val-docs", "-3"}), "--val-docs");
     CHECK_THROWS(run_cli({"shard", m, "/tmp/x", "--val-docs", "1", "--val-tokens", "5"}), "not both");
     CHECK_THROWS(run_cli({"shard", m, "/tmp/x", "--threads"}), "expects a value");
     CHECK_THROWS(run_cli({"encode", "/nonexistent.model"}), "/nonexistent.model: cannot open");
     CHECK_THROWS(run_cli({"encode", m, "/nonexistent.txt"}), "/nonexistent.txt: cannot open");
+}
+
+// --- CaseOps (PR #1729's lossless case transform) and the per-token byte sidecar ------------------------
+
+static std::string co_enc(const std::string& s) { std::string o; caseops_encode(s.data(), s.size(), &o); return o; }
+static const std::string CT = "\xEE\x80\x81", CA = "\xEE\x80\x82", CN = "\xEE\x80\x83", CE = "\xEE\x80\x84";
+
+// Hand-worked examples of every rule, from the rules of lossless_caps_caseops_v1.
+TEST(caseops_examples) {
+    CHECK(co_enc("The NASA Launch") == CT + "the " + CA + "nasa " + CT + "launch");
+    CHECK(co_enc("a I x") == "a " + CT + "i x");                                   // one capital: Title
+    CHECK(co_enc("iPhone McDonald") == "i" + CN + "phone " + CT + "mc" + CN + "donald");
+    CHECK(co_enc("ABc") == CT + "a" + CN + "bc");                                  // not ALLCAPS: mixed
+    // non-ASCII splits words
+    CHECK(co_enc("caf\xC3\xA9 \xC3\x89T\xC3\x89") == "caf\xC3\xA9 \xC3\x89" + CT + "t\xC3\x89");
+    CHECK(co_enc("x" + CT + "Y") == "x" + CE + CT + CT + "y");                     // a literal operator is escaped
+    CHECK(co_enc("AB1cd") == CA + "ab1cd");
+    std::string out, err;
+    CHECK(!caseops_decode("A", 1, &out, &err) && err.find("upper-case") != std::string::npos);
+    std::string bad = CT + "1";
+    CHECK(!caseops_decode(bad.data(), bad.size(), &out, &err) &&
+          err.find("not followed by a letter") != std::string::npos);
+    bad = "ab" + CA;
+    CHECK(!caseops_decode(bad.data(), bad.size(), &out, &err));
+    bad = CT + "a" + CN + "b";  // decodes to "AB", whose canonical form is ALLCAPS + "ab"
+    CHECK(!caseops_decode(bad.data(), bad.size(), &out, &err) && err.find("canonical") != std::string::npos);
+    bad = CE + "x";
+    CHECK(!caseops_decode(bad.data(), bad.size(), &out, &err));
+}
+
+// Random byte strings over an alphabet rich in letters, operator bytes and broken UTF-8: decode(encode(x))
+// is x, and decode accepts encode's output only (a mutated output is either rejected or re-encodes to itself).
+TEST(caseops_fuzz_round_trip) {
+    std::mt19937_64 rng(20240520);
+    const std::vector<std::string> atoms = {"a",
+                                            "z",
+                                            "A",
+                                            "Z",
+                                            "q",
+                                            "Q",
+                                            " ",
+                                            "1",
+                                            "\n",
+                                            "\xEE",
+                                            "\x80",
+                                            "\x81",
+                                            "\x84",
+                                            "\xEE\x80",
+                                            CT,
+                                            CA,
+                                            CN,
+                                            CE,
+                                            "\xEE\x80\x85",
+                                            "\xC3\xA9",
+                                            "\xFF",
+                                            std::string(1, '\0')};
+    long rejected = 0;
+    for (int it = 0; it < 20000; it++) {
+        std::string x;
+        int len = (int)(rng() % 24);
+        for (int k = 0; k < len; k++) {
+            if (rng() % 4 == 0) x.push_back((char)(rng() & 0xFF));
+            else x += atoms[rng() % atoms.size()];
+        }
+        std::string y = co_enc(x), back, err;
+        CHECK_MSG(caseops_decode(y.data(), y.size(), &back, &err), "iteration %d: decode failed: %s", it, err.c_str());
+        CHECK_MSG(back == x, "iteration %d: round trip changed the text", it);
+        std::vector<uint8_t> w;
+        caseops_byte_weights(y.data(), y.size(), &w);
+        size_t sum = 0;
+        for (uint8_t v : w) sum += v;
+        CHECK_MSG(sum == x.size(), "iteration %d: weights sum to %zu, the original has %zu bytes", it, sum, x.size());
+        // mutate one byte of the transformed text: whatever decodes must be canonical
+        if (y.empty()) continue;
+        std::string z = y;
+        z[rng() % z.size()] = (char)atoms[rng() % atoms.size()][0];
+        if (caseops_decode(z.data(), z.size(), &back, &err)) CHECK(co_enc(back) == z);
+        else rejected++;
+    }
+    CHECK(rejected > 100);  // the strict decoder is exercised
+}
+
+// Token surfaces tile the input: every original byte lands in exactly one token, in order.
+static std::vector<int64_t> caseops_doc_bytes(const SpmEncoder& e, const std::string& doc, std::vector<int>* ids) {
+    std::vector<int64_t> nb;
+    SpmScratch sc;
+    caseops_token_bytes(e, co_enc(doc), ids, &nb, &sc);
+    return nb;
+}
+
+// The sidecar of a document sums to the document's UTF-8 length (every original byte charged once), with
+// the CaseOps model (operators are user-defined pieces) and with the plain one; spans do not change ids.
+TEST(caseops_sidecar_sums_to_original_bytes) {
+    std::string path = "data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model";
+    if (access(path.c_str(), R_OK) != 0) throw TestFailure(path + " is missing");
+    SpmModel cm = spm_load(path);
+    SpmEncoder ce = spm_encoder_build(cm);
+    int ops = 0;
+    for (const std::string& p : {CT, CA, CN, CE})
+        for (size_t i = 0; i < cm.pieces.size(); i++) ops += cm.pieces[i] == p && cm.types[i] == SPM_USER_DEFINED;
+    CHECK_MSG(ops == 4, "the CaseOps model has %d of the 4 operators as user-defined pieces", ops);
+    std::vector<std::string> docs = {"The NASA Launch, said Dr. McDonald (iPhone 15).",
+                                     "  leading and trailing  \t",
+                                     "Caf\xC3\xA9 \xEF\xAC\x81ne \xE6\x97\xA5\xE6\x9C\xAC \xF0\x9F\x98\x80 x" + CT +
+                                         "Y",
+                                     "a\n\n\nb    c",
+                                     "\xFF\xFE broken \xE2\x96 utf8",
+                                     "ALLCAPS WORDS EVERYWHERE"};
+    std::mt19937_64 rng(7);
+    const char* atoms[] = {"The", " ", "  ", "quick", "BROWN", "fOx", "\n", "\xC3\xA9", "\xEF\xAC\x81", "\xEE\x80\x82",
+                           "\xFF", "42", ".", "\xE2\x80\x99", "\t", "McX"};
+    for (int i = 0; i < 300; i++) {
+        std::string d;
+        for (int k = (int)(rng() % 30); k > 0; k--) d += atoms[rng() % 16];
+        docs.push_back(d);
+    }
+    for (const SpmEncoder* e : {(const SpmEncoder*)&ce, &encoder(8192)}) {
+        for (const std::string& d : docs) {
+            std::vector<int> ids;
+            std::vector<int64_t> nb = caseops_doc_bytes(*e, d, &ids);
+            CHECK(nb.size() == ids.size());
+            int64_t sum = 0;
+            for (int64_t b : nb) { CHECK(b >= 0); sum += b; }
+            if (ids.empty()) continue;  // whitespace only: no token to charge
+            CHECK_MSG(sum == (int64_t)d.size(), "document \"%s\": sidecar sums to %lld, UTF-8 length %zu", d.c_str(),
+                      (long long)sum, d.size());
+            std::string t = co_enc(d);
+            CHECK(enc(*e, t) == ids);
+        }
+    }
+    // a title-case word: the operator piece carries 0 bytes, the word its letters
+    std::vector<int> ids;
+    std::vector<int64_t> nb = caseops_doc_bytes(ce, "Hello", &ids);
+    CHECK(ids.size() >= 2 && cm.pieces[ids[0]] == CT && nb[0] == 0);
+}
+
+// The shard writer: a val sidecar beside each val shard, headed by its token file's checksum; train gets none.
+TEST(caseops_shard_writes_sidecar) {
+    std::string path = "data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model";
+    if (access(path.c_str(), R_OK) != 0) throw TestFailure(path + " is missing");
+    char dir[] = "/tmp/pgolf_caseops_XXXXXX";
+    if (!mkdtemp(dir)) throw TestFailure("mkdtemp failed");
+    std::string in = std::string(dir) + "/docs.jsonl", out = std::string(dir) + "/out";
+    std::vector<std::string> docs = {"The NASA Launch", "  iPhone  ", "caf\xC3\xA9 ALLCAPS", "plain text", "Train Doc"};
+    FILE* f = fopen(in.c_str(), "wb");
+    for (auto& d : docs) fprintf(f, "{\"text\": \"%s\"}\n", d.c_str());
+    fclose(f);
+    run_cli({"shard", path, out, "--val-docs", "4", "--shard-tokens", "9", "--transform", "caseops", in});
+    auto read_shard = [](const std::string& p, int32_t* header) {
+        std::string b = read_file(p);
+        memcpy(header, b.data(), 1024);
+        std::vector<uint16_t> v((b.size() - 1024) / 2);
+        memcpy(v.data(), b.data() + 1024, v.size() * 2);
+        return v;
+    };
+    size_t total = 0, orig = 0;
+    for (int k = 0; k < 4; k++) orig += docs[k].size();
+    int files = 0;
+    for (int k = 0;; k++) {
+        char name[64];
+        snprintf(name, sizeof name, "/fineweb_val_%06d.bin", k);
+        if (access((out + name).c_str(), R_OK) != 0) break;
+        files++;
+        int32_t ht[256], hb[256];
+        std::vector<uint16_t> t = read_shard(out + name, ht);
+        snprintf(name, sizeof name, "/fineweb_val_bytes_%06d.bin", k);
+        std::vector<uint16_t> b = read_shard(out + name, hb);
+        CHECK(t.size() == b.size() && hb[2] == ht[2] && (uint32_t)hb[3] == SIDECAR_KIND);
+        uint64_t h = fnv1a64(t.data(), t.size() * 2);
+        CHECK(((uint64_t)(uint32_t)hb[5] << 32 | (uint32_t)hb[4]) == h);
+        for (size_t i = 0; i < t.size(); i++) {
+            if (t[i] == 1) CHECK(b[i] == 0);
+            total += b[i];
+        }
+    }
+    CHECK(files >= 2);
+    CHECK_MSG(total == orig, "val sidecars sum to %zu bytes, the 4 val documents hold %zu", total, orig);
+    CHECK(access((out + "/fineweb_train_bytes_000000.bin").c_str(), F_OK) != 0);
+    CHECK(read_file(out + "/manifest.txt").find("transform=caseops\n") != std::string::npos);
+    CHECK_THROWS(run_cli({"shard", path, out + "2", "--transform", "upper"}), "expected none or caseops");
+    std::string cmd = std::string("rm -rf ") + dir;
+    CHECK(system(cmd.c_str()) == 0);
 }
 
 int main(int c, char** v) { return test_main(c, v); }

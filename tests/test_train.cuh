@@ -102,7 +102,8 @@ TEST(config_rejects_head_dims_the_cuda_kernels_lack) {
     c.device = "cpu";
     config_validate(c, 1);
     c.device = "cuda";
-    CHECK_THROWS(config_validate(c, 1), "head dim MODEL_DIM/NUM_HEADS=384/8=48: the CUDA attention kernels support 16, 32, 64 or 128");
+    CHECK_THROWS(config_validate(c, 1),
+                 "head dim MODEL_DIM/NUM_HEADS=384/8=48: the CUDA attention kernels support 16, 32, 64 or 128");
     c = Config(); c.num_heads = 32; c.num_kv_heads = 1; c.device = "cuda";  // 32 query heads per kv head at hd 16: fits
     config_validate(c, 1);
     c.model_dim = 4096;  // hd 128: 32 query heads per kv head fit, 64 do not
@@ -118,7 +119,9 @@ TEST(config_rejects_head_dims_the_cuda_kernels_lack) {
 }
 TEST(config_env_errors_and_presets) {
     setenv("CONFIG", "nonexistent", 1);
-    CHECK_THROWS(config_from_env(), "CONFIG=nonexistent: unknown preset (expected one of baseline, pr467, pr600, pr456, tiny)");
+    CHECK_THROWS(config_from_env(),
+                 "CONFIG=nonexistent: unknown preset (expected one of baseline, pr467, pr600, pr456, tiny, frontier, "
+                 "frontier_tiny)");
     setenv("CONFIG", "pr467", 1);
     setenv("ITERATIONS", "12x", 1);
     CHECK_THROWS(config_from_env(), "ITERATIONS=\"12x\": expected an integer");
@@ -168,31 +171,48 @@ TEST(config_validates_evaluation_settings_before_training) {
 }
 // A mistyped setting name is reported with the closest real one; other variables are left alone.
 TEST(unknown_settings_are_named_with_the_closest_setting) {
-    const char* env[] = {"ITERATION=2", "PATH=/usr/bin", "HOME=/root", "OMP_NUM_THREADS=1", "TTT_LORA_RANKS=4", "SEED=1",
-                         "USER=x", "MATRIX_LR=0.1", nullptr};
+    const char* env[] = {
+        "ITERATION=2", "PATH=/usr/bin", "HOME=/root", "OMP_NUM_THREADS=1", "TTT_LORA_RANKS=4", "SEED=1",
+        "USER=x",      "MATRIX_LR=0.1", nullptr};
     std::vector<std::string> w = unknown_setting_warnings((char**)env);
     CHECK_MSG(w.size() == 2, "%zu warnings", w.size());
-    CHECK(w[0].find("ITERATION is not a pgolf setting") != std::string::npos && w[0].find("did you mean ITERATIONS?") != std::string::npos);
+    CHECK(w[0].find("ITERATION is not a pgolf setting") != std::string::npos &&
+          w[0].find("did you mean ITERATIONS?") != std::string::npos);
     CHECK(w[1].find("did you mean TTT_LORA_RANK?") != std::string::npos);
-    CHECK(edit_distance("ITERATION", "ITERATIONS") == 1 && edit_distance("kitten", "sitting") == 3 && edit_distance("", "ab") == 2);
+    CHECK(edit_distance("ITERATION", "ITERATIONS") == 1 && edit_distance("kitten", "sitting") == 3 &&
+          edit_distance("", "ab") == 2);
 }
 // Every setting has one scope, and the scopes say what each setting does: a model setting changes
 // the parameter table or the function the same weights compute; no other setting changes either.
-// Each setting is moved to a nearby valid value, under two bases (tiny-like, and PR #600-like).
+// Each setting is moved to a nearby valid value, under three bases (tiny-like, PR #600-like, frontier-like).
 TEST(setting_scopes_match_what_each_setting_does) {
     Config a = small_train_config("unused");
     a.vocab_size = 64; a.smear = 1; a.xsa_last_n = 0; a.rope_dims = 0;
     Config b = a;
     b.bigram_vocab_size = 0; b.bigram_hash_size = 64; b.smear = 0; b.smear_gate = 1; b.swa_enabled = 0; b.swa_steps = 3;
     b.tie_embeddings = 0; b.rope_dims = 4; b.xsa_last_n = 1; b.named_cores = 1;
+    Config f = a;  // a third base for the settings that act only together with others (frontier's)
+    f.sparse_attn_gate = 1;
+    f.gate_window = 4;
+    f.num_layers = 4;
+    f.parallel_start_layer = 3;
+    f.num_loops = 1;  // blocks 1..2 twice, with looping on in nll_of
+    f.loop_start = 1;
+    f.loop_end = 2;
     const int B = 2, T = 16;
     Rng rng(5);
     std::vector<int32_t> x(B * T), y(B * T);
-    for (int i = 0; i < B * T; i++) { x[i] = (int)(rng.uniform() * 64); y[i] = (int)(rng.uniform() * 64); }
+    for (int i = 0; i < B * T; i++) {
+        x[i] = (int)(rng.uniform() * 64);
+        y[i] = (int)(rng.uniform() * 64);
+    }
+    x[5] = 1;  // a BOS (id 1) inside each row: document masking (VARLEN_ATTN) must change the forward
+    x[T + 9] = 1;
     auto nll_of = [&](const Config& c, std::vector<ParamSpec>& table) {
         Cpu<float> dev;
         Model<Cpu<float>> m;
         model_init(dev, m, c, B, T);
+        m.looping = c.num_loops > 0;
         Rng w(9);
         for (size_t i = 0; i < m.nparams; i++) m.params[i] = (float)(0.3 * w.normal());
         refresh_compute_weights(dev, m, false);
@@ -203,7 +223,7 @@ TEST(setting_scopes_match_what_each_setting_does) {
         return nll;
     };
     std::map<std::string, int> changed;
-    for (Config base : {a, b}) {
+    for (Config base : {a, b, f}) {
         config_validate(base, 1);
         std::vector<ParamSpec> t0;
         std::vector<float> n0 = nll_of(base, t0);
@@ -221,7 +241,9 @@ TEST(setting_scopes_match_what_each_setting_does) {
                 double dv = atof(v.c_str());
                 cand = {fmt("%.9g", dv * 1.5 + 0.25), fmt("%.9g", dv * 0.5)};
             } else {
-                cand = {"leaky_relu_sq", "relu_sq", "standard", "sliding", "mixed", "q,k", "bits", "adamw", "reference", "x"};
+                cand = {"leaky_relu_sq", "relu_sq", "standard", "sliding",   "mixed",
+                        "q,k",           "bits",    "adamw",    "reference", "attn",
+                        "mlp",           "x"};
             }
             bool moved = false;
             for (const std::string& nv : cand) {
@@ -237,10 +259,12 @@ TEST(setting_scopes_match_what_each_setting_does) {
             std::vector<ParamSpec> t1;
             std::vector<float> n1 = nll_of(c, t1);
             bool same_table = t0.size() == t1.size();
-            for (size_t i = 0; same_table && i < t0.size(); i++) same_table = t0[i].name == t1[i].name && t0[i].shape == t1[i].shape;
+            for (size_t i = 0; same_table && i < t0.size(); i++)
+                same_table = t0[i].name == t1[i].name && t0[i].shape == t1[i].shape;
             bool same = same_table && memcmp(n0.data(), n1.data(), n0.size() * sizeof(float)) == 0;
             if (!same) changed[s.name]++;
-            CHECK_MSG(same || scope == SCOPE_MODEL, "%s (scope %s) changes the model: tag it model", s.name, SCOPE_NAMES[scope]);
+            CHECK_MSG(same || scope == SCOPE_MODEL, "%s (scope %s) changes the model: tag it model", s.name,
+                      SCOPE_NAMES[scope]);
         }
     }
     for (const Setting& s : config_settings(a))
@@ -252,20 +276,23 @@ TEST(setting_scopes_match_what_each_setting_does) {
 TEST(every_model_setting_is_refused_at_load_time) {
     Config art; preset_tiny(art);
     int model = 0;
-    for (const char* name : {"MLP_ACTIVATION", "ROPE_DIMS", "ROPE_BASE", "LOGIT_SOFTCAP"}) CHECK(setting_scope(name) == SCOPE_MODEL);
+    for (const char* name : {"MLP_ACTIVATION", "ROPE_DIMS", "ROPE_BASE", "LOGIT_SOFTCAP"})
+        CHECK(setting_scope(name) == SCOPE_MODEL);
     std::vector<Setting> settings = config_settings(art);
     for (size_t k = 0; k < settings.size(); k++) {
         const Setting& s = settings[k];
         Scope scope = setting_scope(s.name);
         std::string v = setting_value(s);
-        std::string other = s.kind == 's' ? v + "_other" : s.kind == 'f' || s.kind == 'd' ? fmt("%.9g", 2 * atof(v.c_str()) + 1)
-                                                                                          : std::to_string(atol(v.c_str()) + 7);
+        std::string other = s.kind == 's'                    ? v + "_other"
+                            : s.kind == 'f' || s.kind == 'd' ? fmt("%.9g", 2 * atof(v.c_str()) + 1)
+                                                             : std::to_string(atol(v.c_str()) + 7);
         setenv("CONFIG", "tiny", 1);
         setenv(s.name, other.c_str(), 1);
         Config e = config_from_env();
         if (scope == SCOPE_MODEL) {
             model++;
-            CHECK_THROWS(config_for_artifact(e, art, "a.pgz"), fmt("LOAD_ARTIFACT: %s=%s contradicts", s.name, other.c_str()).c_str());
+            CHECK_THROWS(config_for_artifact(e, art, "a.pgz"),
+                         fmt("LOAD_ARTIFACT: %s=%s contradicts", s.name, other.c_str()).c_str());
             CHECK_THROWS(config_check_resume(art, e, "c.safetensors"), fmt("checkpoint has %s=", s.name).c_str());
         } else {  // the environment's value is the one in force
             Config got = config_for_artifact(e, art, "a.pgz");
@@ -287,14 +314,17 @@ TEST(shard_bad_inputs_name_the_file) {
     write_shard_file(d + "/version.bin", toks, SHARD_MAGIC, 2);
     CHECK_THROWS(load_shard(d + "/version.bin", 64), "version.bin: unsupported shard version 2");
     write_shard_file(d + "/count.bin", toks, SHARD_MAGIC, 1, 10);
-    CHECK_THROWS(load_shard(d + "/count.bin", 64), "count.bin: header says 10 tokens, i.e. 1044 bytes, but the file has 1032 bytes (truncated?)");
+    CHECK_THROWS(load_shard(d + "/count.bin", 64),
+                 "count.bin: header says 10 tokens, i.e. 1044 bytes, but the file has 1032 bytes (truncated?)");
     write_shard_file(d + "/odd.bin", toks, SHARD_MAGIC, 1, -1, 1);
-    CHECK_THROWS(load_shard(d + "/odd.bin", 64), "odd.bin: header says 4 tokens, i.e. 1032 bytes, but the file has 1033 bytes");
+    CHECK_THROWS(load_shard(d + "/odd.bin", 64),
+                 "odd.bin: header says 4 tokens, i.e. 1032 bytes, but the file has 1033 bytes");
     std::vector<uint8_t> tiny(100, 0);
     write_file_atomic(d + "/short.bin", tiny.data(), tiny.size());
     CHECK_THROWS(load_shard(d + "/short.bin", 64), "short.bin: 100 bytes is shorter than the 1024-byte shard header");
     write_shard_file(d + "/vocab.bin", {1, 5, 99});
-    CHECK_THROWS(load_shard(d + "/vocab.bin", 64), "vocab.bin: token 99 at position 2 is outside the vocabulary (VOCAB_SIZE=64)");
+    CHECK_THROWS(load_shard(d + "/vocab.bin", 64),
+                 "vocab.bin: token 99 at position 2 is outside the vocabulary (VOCAB_SIZE=64)");
     CHECK_THROWS(load_shard(d + "/missing.bin", 64), "cannot open");
     CHECK_THROWS(shard_files(d + "/nowhere", "train"), "no train shards match");
     CHECK(load_shard(d + "/vocab.bin", 128).size() == 3);
@@ -308,7 +338,8 @@ TEST(shard_check_at_start_full_or_sampled) {
     b[500001] = 999;  // between two of the 64 evenly spaced 4096-token samples
     write_shard_file(files[0], a);
     write_shard_file(files[1], b);
-    CHECK_THROWS(validate_train_shards(files, 64), "fineweb_train_000001.bin: token 999 at position 500001 is outside the vocabulary");
+    CHECK_THROWS(validate_train_shards(files, 64),
+                 "fineweb_train_000001.bin: token 999 at position 500001 is outside the vocabulary");
     CHECK(validate_train_shards(files, 64, 1000) == 2000000);  // sampled: not seen here
     CHECK_THROWS(load_shard(files[1], 64), "token 999 at position 500001");  // but when training loads the shard
     b[500001] = 7;
@@ -329,9 +360,17 @@ TEST(loader_order_is_world_size_invariant) {
     std::vector<int32_t> x, y, x2, y2;
     for (int step = 0; step < 30; step++) {  // crosses shard boundaries and wraps around
         std::vector<int32_t> all1, all2;
-        for (int micro = 0; micro < 8; micro++) { one.next_batch(global, 8, x, y); all1.insert(all1.end(), x.begin(), x.end()); all1.insert(all1.end(), y.begin(), y.end()); }
+        for (int micro = 0; micro < 8; micro++) {
+            one.next_batch(global, 8, x, y);
+            all1.insert(all1.end(), x.begin(), x.end());
+            all1.insert(all1.end(), y.begin(), y.end());
+        }
         for (int micro = 0; micro < 4; micro++)
-            for (int r = 0; r < 2; r++) { two[r].next_batch(global, 4, x2, y2); all2.insert(all2.end(), x2.begin(), x2.end()); all2.insert(all2.end(), y2.begin(), y2.end()); }
+            for (int r = 0; r < 2; r++) {
+                two[r].next_batch(global, 4, x2, y2);
+                all2.insert(all2.end(), x2.begin(), x2.end());
+                all2.insert(all2.end(), y2.begin(), y2.end());
+            }
         CHECK_MSG(all1 == all2, "step %d: world 1 and world 2 see different tokens", step);
     }
     // and targets are inputs shifted by one within each rank's span
@@ -385,7 +424,8 @@ TEST(newton_schulz_maps_singular_values) {
             std::vector<double> G((size_t)rows * cols, 0.0);
             for (int i = 0; i < rows; i++)
                 for (int j = 0; j < cols; j++)
-                    for (int k = 0; k < r; k++) G[(size_t)i * cols + j] += U[(size_t)i * rows + k] * sv[k] * V[(size_t)j * cols + k];
+                    for (int k = 0; k < r; k++)
+                        G[(size_t)i * cols + j] += U[(size_t)i * rows + k] * sv[k] * V[(size_t)j * cols + k];
             return G;
         };
         std::vector<double> G = build(s);
@@ -421,6 +461,125 @@ TEST(muon_step_matches_hand_computation) {
     apply_update(Cpu<float>{}, p.data(), upd.data(), 18, lr, wd);
     for (int i = 0; i < 18; i++) CHECK_CLOSE(p[i], p0[i] * (1 - lr * wd) - lr * want[i], 1e-6, 1e-7);
 }
+// An independent fp64 Newton–Schulz as #1855 writes it: X = G/(‖G‖_F + 1e−7), transposed when tall;
+// per iteration (a, b, c): A = XXᵀ, B = bA + cA², X = aX + BX. The Polar Express table as published (PR #1344).
+static const double PE_TABLE[5][3] = {
+    {8.156554524902461, -22.48329292557795, 15.878769915207462},
+    {4.042929935166739, -2.808917465908714, 0.5000178451051316},
+    {3.8916678022926607, -2.772484153217685, 0.5060648178503393},
+    {3.285753657755655, -2.3681294933425376, 0.46449024233003106},
+    {2.3465413258596377, -1.7097828382687081, 0.42323551169305323},
+};
+static std::vector<double> ns_fp64(const std::vector<double>& G, int rows, int cols, int steps, bool polar) {
+    bool tr = rows > cols;
+    int r = tr ? cols : rows, k = tr ? rows : cols;
+    double fro = 0;
+    for (double x : G) fro += x * x;
+    fro = std::sqrt(fro) + 1e-7;
+    std::vector<double> X((size_t)r * k), A((size_t)r * r), B((size_t)r * r), Y((size_t)r * k);
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) X[tr ? (size_t)j * k + i : (size_t)i * k + j] = G[(size_t)i * cols + j] / fro;
+    for (int s = 0; s < steps; s++) {
+        double a = polar ? PE_TABLE[s][0] : 3.4445;
+        double b = polar ? PE_TABLE[s][1] : -4.7750;
+        double c = polar ? PE_TABLE[s][2] : 2.0315;
+        for (int i = 0; i < r; i++)
+            for (int j = 0; j < r; j++) {
+                double t = 0;
+                for (int q = 0; q < k; q++) t += X[(size_t)i * k + q] * X[(size_t)j * k + q];
+                A[(size_t)i * r + j] = t;
+            }
+        for (int i = 0; i < r; i++)
+            for (int j = 0; j < r; j++) {
+                double t = 0;
+                for (int q = 0; q < r; q++) t += A[(size_t)i * r + q] * A[(size_t)q * r + j];
+                B[(size_t)i * r + j] = b * A[(size_t)i * r + j] + c * t;
+            }
+        for (int i = 0; i < r; i++)
+            for (int j = 0; j < k; j++) {
+                double t = 0;
+                for (int q = 0; q < r; q++) t += B[(size_t)i * r + q] * X[(size_t)q * k + j];
+                Y[(size_t)i * k + j] = a * X[(size_t)i * k + j] + t;
+            }
+        X = Y;
+    }
+    std::vector<double> out(G.size());
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) out[(size_t)i * cols + j] = X[tr ? (size_t)j * k + i : (size_t)i * k + j];
+    return out;
+}
+// Polar Express: the CPU reference's Newton–Schulz with MUON_POLAR_EXPRESS=1 against the fp64 one with
+// the published table, wide and tall, 3 and 5 steps; after 5 steps every singular value is within
+// [0.5, 1.25] of 1 (the stock quintic leaves the small ones far lower), and the two schedules differ.
+TEST(polar_express_newton_schulz_matches_fp64) {
+    for (int shape = 0; shape < 2; shape++) {
+        int rows = shape ? 40 : 16, cols = shape ? 16 : 40;
+        Rng rng(11 + shape);
+        std::vector<double> G((size_t)rows * cols);
+        for (double& x : G) x = rng.normal();
+        std::vector<float> Gf(G.begin(), G.end()), out(G.size()), stock(G.size());
+        for (int steps : {3, 5}) {
+            newton_schulz(Cpu<float>{}, out.data(), Gf.data(), rows, cols, steps, true);
+            std::vector<double> want = ns_fp64(G, rows, cols, steps, true);
+            CHECK_ALL_CLOSE(out.data(), want.data(), out.size(), 1e-4, 2e-5);
+        }
+        newton_schulz(Cpu<float>{}, stock.data(), Gf.data(), rows, cols, 5, false);
+        std::vector<double> stock_want = ns_fp64(G, rows, cols, 5, false);
+        CHECK_ALL_CLOSE(stock.data(), stock_want.data(), stock.size(), 1e-4, 2e-5);
+        double diff = 0;
+        for (size_t i = 0; i < out.size(); i++) diff = std::max(diff, (double)std::fabs(out[i] - stock[i]));
+        CHECK_MSG(diff > 1e-2, "Polar Express and the stock quintic give the same matrix (max diff %g)", diff);
+        // the singular values both leave: Polar Express ends nearer to orthogonal (‖O·Oᵀ − I‖_F smaller)
+        auto gram_dev = [&](const std::vector<float>& O) {
+            int r = std::min(rows, cols), k = std::max(rows, cols);
+            double fro = 0;
+            for (int i = 0; i < r; i++)
+                for (int j = 0; j < r; j++) {
+                    double t = i == j ? -1.0 : 0.0;
+                    for (int q = 0; q < k; q++) {
+                        double x = rows < cols ? O[(size_t)i * cols + q] : O[(size_t)q * cols + i];
+                        double y = rows < cols ? O[(size_t)j * cols + q] : O[(size_t)q * cols + j];
+                        t += x * y;
+                    }
+                    fro += t * t;
+                }
+            return std::sqrt(fro);
+        };
+        double dev_pe = gram_dev(out), dev_stock = gram_dev(stock);
+        CHECK_MSG(dev_pe < dev_stock, "Polar Express %g not nearer orthogonal than the stock quintic %g", dev_pe,
+                  dev_stock);
+    }
+    Config c;
+    c.muon_polar_express = 1; c.muon_backend_steps = 6;
+    CHECK_THROWS(config_validate(c, 1), "MUON_POLAR_EXPRESS");
+}
+// MuonEq-R: each row of g + μ·buf divided by max(‖row‖₂, 1e−7) before Newton–Schulz (a zero row stays
+// zero), against fp64 with the same momentum; the momentum buffer itself is not normalized.
+TEST(muon_row_normalize_matches_fp64) {
+    int rows = 24, cols = 10;
+    Rng rng(5);
+    std::vector<float> g((size_t)rows * cols), buf(g.size()), upd(g.size());
+    for (auto& x : g) x = (float)rng.normal();
+    for (auto& x : buf) x = (float)rng.normal();
+    for (int j = 0; j < cols; j++) { g[3 * cols + j] = 0.0f; buf[3 * cols + j] = 0.0f; }  // a zero row
+    for (int j = 0; j < cols; j++) g[5 * cols + j] *= 100.0f;  // a row 100× the others
+    std::vector<float> buf0 = buf;
+    float mu = 0.97f;
+    muon_direction(Cpu<float>{}, upd.data(), g.data(), buf.data(), rows, cols, mu, 5, true, true);
+    std::vector<double> nest(g.size()), b(g.size());
+    for (size_t i = 0; i < g.size(); i++) { b[i] = (double)(mu * buf0[i] + g[i]); nest[i] = g[i] + mu * b[i]; }
+    for (int i = 0; i < rows; i++) {
+        double ss = 0;
+        for (int j = 0; j < cols; j++) ss += nest[(size_t)i * cols + j] * nest[(size_t)i * cols + j];
+        double rn = std::max(std::sqrt(ss), 1e-7);
+        for (int j = 0; j < cols; j++) nest[(size_t)i * cols + j] /= rn;
+    }
+    std::vector<double> want = ns_fp64(nest, rows, cols, 5, true);
+    for (double& x : want) x *= std::sqrt((double)rows / cols);
+    CHECK_ALL_CLOSE(buf.data(), b.data(), buf.size(), 1e-6, 1e-6);
+    CHECK_ALL_CLOSE(upd.data(), want.data(), upd.size(), 2e-4, 2e-5);
+    for (int j = 0; j < cols; j++) CHECK(upd[3 * cols + j] == 0.0f);
+}
 TEST(lr_multiplier_matches_reference_formula) {
     Config c;
     c.iterations = 1000; c.warmdown_iters = 200; c.max_wallclock_seconds = 0;
@@ -433,6 +592,19 @@ TEST(lr_multiplier_matches_reference_formula) {
     CHECK_CLOSE(lr_multiplier(c, 5900, 590000), 10000.0 / 20000.0 * (5900.0 / 5900.0), 1e-12, 0);
     CHECK_CLOSE(lr_multiplier(c, 5990, 599000), 1000.0 / (200 * 599000.0 / 5990), 1e-12, 0);
     CHECK(lr_multiplier(c, 6100, 610000) == 0.0);
+    c.min_lr = 0.1f;  // #1787's floor inside the warm-down: max(ramp, MIN_LR)
+    CHECK(lr_multiplier(c, 5000, 500000) == 1.0);
+    CHECK_CLOSE(lr_multiplier(c, 5900, 590000), 0.5, 1e-12, 0);
+    CHECK_CLOSE(lr_multiplier(c, 5990, 599000), (double)c.min_lr, 1e-12, 0);
+    c.max_wallclock_seconds = 0;
+    CHECK_CLOSE(lr_multiplier(c, 900, 0), 0.5, 1e-12, 0);
+    CHECK_CLOSE(lr_multiplier(c, 999, 0), (double)c.min_lr, 1e-12, 0);
+    CHECK(lr_multiplier(c, 700, 0) == 1.0);
+    c.warmdown_frac = 0.5;  // #1855's form: max((1 − frac)/WARMDOWN_FRAC, MIN_LR)
+    CHECK_CLOSE(lr_multiplier(c, 900, 0), 0.2, 1e-12, 0);
+    CHECK_CLOSE(lr_multiplier(c, 990, 0), (double)c.min_lr, 1e-12, 0);
+    c.warmdown_frac = 0;
+    c.min_lr = 0; c.max_wallclock_seconds = 600;
     c.warmdown_iters = 0;
     CHECK(lr_multiplier(c, 5990, 599000) == 1.0);
     c.muon_momentum_warmup_start = 0.85f; c.muon_momentum = 0.95f; c.muon_momentum_warmup_steps = 500;
@@ -478,7 +650,8 @@ TEST(swa_is_the_mean_of_the_snapshots) {
     std::vector<float> avg = train_weights(c);
     for (size_t i = 0; i < avg.size(); i++) {
         double mean = ((double)snaps[0][i] + snaps[1][i] + snaps[2][i]) / 3;
-        CHECK_MSG(std::fabs(avg[i] - mean) <= 1e-6 * (1 + std::fabs(mean)), "element %zu: %g vs mean %g", i, avg[i], mean);
+        CHECK_MSG(std::fabs(avg[i] - mean) <= 1e-6 * (1 + std::fabs(mean)), "element %zu: %g vs mean %g", i, avg[i],
+                  mean);
     }
 }
 // Schedule ties compare as the reference's Python floats: with PR #456's thresholds (0.2, 0.1) and
@@ -546,14 +719,16 @@ TEST(embed_bf16_keeps_the_tables_in_bf16) {
         bool want = p.role == P_TOK_EMB || p.role == P_BIGRAM_EMBED;
         tables += want;
         size_t off = 0, n_bf16 = 0;
-        for (const float* buf : {(const float*)m.params, (const float*)s.adam_m, (const float*)s.adam_v, (const float*)s.avg})
+        for (const float* buf :
+             {(const float*)m.params, (const float*)s.adam_m, (const float*)s.adam_v, (const float*)s.avg})
             for (size_t i = 0; i < p.numel; i++) n_bf16 += is_bf16(buf[p.offset + i]) ? 1 : 0;
         off = 4 * p.numel;
         if (want) CHECK_MSG(n_bf16 == off, "%s: %zu of %zu values are not bf16", p.name.c_str(), off - n_bf16, off);
         size_t fp32 = 0, nonzero = 0;  // other tensors: their non-zero weights are not all bf16 values
         for (size_t i = 0; i < p.numel; i++) nonzero += m.params[p.offset + i] != 0;
         for (size_t i = 0; i < p.numel; i++) fp32 += m.params[p.offset + i] != 0 && !is_bf16(m.params[p.offset + i]);
-        if (!want && nonzero > 64) CHECK_MSG(fp32 > 0, "%s: every weight is a bf16 value (should stay fp32)", p.name.c_str());
+        if (!want && nonzero > 64)
+            CHECK_MSG(fp32 > 0, "%s: every weight is a bf16 value (should stay fp32)", p.name.c_str());
     }
     CHECK(tables == 2);
     CHECK(memcmp(plain.data(), m.params, plain.size() * 4) != 0);
@@ -571,7 +746,8 @@ TEST(resume_is_bit_identical) {
     Config b = c; b.checkpoint_every = 0;
     std::vector<float> resumed = train_weights(b, checkpoint_path(c, 3), &steps);
     CHECK(steps == 8);
-    CHECK_MSG(memcmp(straight.data(), resumed.data(), straight.size() * 4) == 0, "resumed weights differ from the straight run");
+    CHECK_MSG(memcmp(straight.data(), resumed.data(), straight.size() * 4) == 0,
+              "resumed weights differ from the straight run");
 }
 TEST(checkpoint_rejects_other_shapes_and_corruption) {
     std::string d = small_dataset("ckpt");
@@ -579,7 +755,8 @@ TEST(checkpoint_rejects_other_shapes_and_corruption) {
     c.iterations = 1; c.checkpoint_every = 1; c.out_dir = test_dir("ckpt_run");
     train_weights(c);
     Config other = c; other.model_dim = 64; other.num_heads = 2;
-    CHECK_THROWS(train_weights(other, checkpoint_path(c, 1)), "checkpoint has MODEL_DIM=32 but this run has MODEL_DIM=64");
+    CHECK_THROWS(train_weights(other, checkpoint_path(c, 1)),
+                 "checkpoint has MODEL_DIM=32 but this run has MODEL_DIM=64");
     std::vector<uint8_t> bytes = read_file(checkpoint_path(c, 1));
     std::string cut = c.out_dir + "/cut.safetensors";
     write_file_atomic(cut, bytes.data(), bytes.size() / 2);
@@ -609,8 +786,10 @@ TEST(resume_rejects_a_step_past_iterations_and_missing_shards) {
     write_shard_file(fewer + "/fineweb_train_000000.bin", synthetic_stream(300, 64, 1));
     write_shard_file(fewer + "/fineweb_val_000000.bin", synthetic_stream(700, 64, 3));
     b.data_path = fewer; b.iterations = 6;
-    CHECK_THROWS(train_weights(b, ck), fmt("is train shard #1 (0-based), token %s, but DATA_PATH=%s holds 1 train shards",
-                                           f.meta["loader_pos"].c_str(), fewer.c_str()).c_str());
+    CHECK_THROWS(train_weights(b, ck),
+                 fmt("is train shard #1 (0-based), token %s, but DATA_PATH=%s holds 1 train shards",
+                     f.meta["loader_pos"].c_str(), fewer.c_str())
+                     .c_str());
     write_shard_file(fewer + "/fineweb_train_000001.bin", synthetic_stream(10, 64, 2));
     CHECK_THROWS(train_weights(b, ck), "fineweb_train_000001.bin, which holds 10 tokens");
 }
@@ -643,7 +822,8 @@ TEST(tiny_trains_below_unigram_baseline) {
     for (const std::string& f : shard_files(c.data_path, "train"))
         for (uint16_t t : load_shard(f, c.vocab_size)) { count[t] += 1; total += 1; }
     ScoreSums uni;
-    for (size_t j = 0; j + 1 < ev.val.size(); j++) uni.add(-std::log(count[ev.val[j + 1]] / total), ev.val[j], ev.val[j + 1], ev.luts);
+    for (size_t j = 0; j + 1 < ev.val.size(); j++)
+        uni.add(-std::log(count[ev.val[j + 1]] / total), ev.val[j], ev.val[j + 1], ev.luts);
     Cpu<float> dev;
     Model<Cpu<float>> m;
     TrainState<Cpu<float>> s;
@@ -651,5 +831,6 @@ TEST(tiny_trains_below_unigram_baseline) {
     train(dev, m, s, ev);
     EvalResult r = eval_standard(dev, m, ev);
     printf("    unigram val_bpb %.4f, tiny after %d steps %.4f\n", uni.val_bpb(), c.iterations, r.val_bpb);
-    CHECK_MSG(r.val_bpb < uni.val_bpb() - 0.25, "tiny reached val_bpb %.4f, not clearly below the unigram baseline %.4f", r.val_bpb, uni.val_bpb());
+    CHECK_MSG(r.val_bpb < uni.val_bpb() - 0.25,
+              "tiny reached val_bpb %.4f, not clearly below the unigram baseline %.4f", r.val_bpb, uni.val_bpb());
 }

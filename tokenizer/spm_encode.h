@@ -42,7 +42,8 @@ inline int spm_utf8_valid_len(const uint8_t* s, size_t n) {
     }
     if (c >= 0xF0 && c <= 0xF4) {
         if (!cont(1) || !cont(2) || !cont(3)) return 0;
-        uint32_t cp = (uint32_t)(c & 0x07) << 18 | (uint32_t)(s[1] & 0x3F) << 12 | (uint32_t)(s[2] & 0x3F) << 6 | (s[3] & 0x3F);
+        uint32_t cp =
+            (uint32_t)(c & 0x07) << 18 | (uint32_t)(s[1] & 0x3F) << 12 | (uint32_t)(s[2] & 0x3F) << 6 | (s[3] & 0x3F);
         return (cp < 0x10000 || cp > 0x10FFFF) ? 0 : 4;
     }
     return 0;
@@ -74,11 +75,13 @@ inline SpmCharsmap spm_charsmap_parse(const std::string& blob, const std::string
     SpmCharsmap cm;
     if (blob.empty()) return cm;
     const uint8_t* b = (const uint8_t*)blob.data();
-    uint64_t trie_bytes = blob.size() >= 4 ? (uint64_t)b[0] | (uint64_t)b[1] << 8 | (uint64_t)b[2] << 16 | (uint64_t)b[3] << 24 : 0;
+    uint64_t trie_bytes =
+        blob.size() >= 4 ? (uint64_t)b[0] | (uint64_t)b[1] << 8 | (uint64_t)b[2] << 16 | (uint64_t)b[3] << 24 : 0;
     if (blob.size() < 4 || trie_bytes > blob.size() - 4 || trie_bytes % 4 != 0 || trie_bytes == 0)
-        throw std::runtime_error("spm model " + path + ": precompiled_charsmap of " + std::to_string(blob.size()) +
-                                 " bytes: expected a trie size that is a positive multiple of 4 within the blob, found " +
-                                 std::to_string(trie_bytes));
+        throw std::runtime_error(
+            "spm model " + path + ": precompiled_charsmap of " + std::to_string(blob.size()) +
+            " bytes: expected a trie size that is a positive multiple of 4 within the blob, found " +
+            std::to_string(trie_bytes));
     cm.units.resize(trie_bytes / 4);
     for (size_t i = 0; i < cm.units.size(); i++) {
         const uint8_t* p = b + 4 + 4 * i;
@@ -91,7 +94,8 @@ inline SpmCharsmap spm_charsmap_parse(const std::string& blob, const std::string
 // Longest key that is a prefix of s[0..n): returns its length in bytes (0: no key) and points
 // *repl at its NUL-terminated replacement. Node indices are checked, so a corrupt trie only
 // fails to match.
-inline size_t spm_charsmap_match(const SpmCharsmap& cm, const uint8_t* s, size_t n, const char** repl, size_t* repl_len) {
+inline size_t spm_charsmap_match(const SpmCharsmap& cm, const uint8_t* s, size_t n, const char** repl,
+                                 size_t* repl_len) {
     size_t units = cm.units.size();
     if (units == 0) return 0;
     size_t best = 0;
@@ -117,7 +121,8 @@ inline size_t spm_charsmap_match(const SpmCharsmap& cm, const uint8_t* s, size_t
 
 // Every (key, replacement) rule of the trie, depth-first; stops at `limit` rules so a corrupt
 // trie cannot make it run away. Used by tests and `tokenize charsmap`.
-inline std::vector<std::pair<std::string, std::string>> spm_charsmap_rules(const SpmCharsmap& cm, size_t limit = 10000000) {
+inline std::vector<std::pair<std::string, std::string>> spm_charsmap_rules(const SpmCharsmap& cm,
+                                                                           size_t limit = 10000000) {
     std::vector<std::pair<std::string, std::string>> rules;
     if (cm.units.empty()) return rules;
     std::vector<std::pair<size_t, std::string>> stack = {{darts_offset(cm.units[0]), ""}};
@@ -146,9 +151,18 @@ inline std::vector<std::pair<std::string, std::string>> spm_charsmap_rules(const
 struct SpmNormalizer {
     SpmCharsmap charsmap;
     bool add_dummy_prefix, remove_extra_whitespaces, escape_whitespaces, treat_whitespace_as_suffix;
+    std::vector<std::string> user;  // USER_DEFINED pieces, longest first: matched whole, never normalized
 };
 
-inline SpmNormalizer spm_normalizer_build(const SpmNormalizerSpec& spec, bool treat_whitespace_as_suffix, const std::string& path) {
+// Length of the longest USER_DEFINED piece that s[0..n) starts with (0: none).
+inline size_t spm_user_match(const std::vector<std::string>& user, const uint8_t* s, size_t n) {
+    for (const std::string& p : user)
+        if (p.size() <= n && memcmp(p.data(), s, p.size()) == 0) return p.size();
+    return 0;
+}
+
+inline SpmNormalizer spm_normalizer_build(const SpmNormalizerSpec& spec, bool treat_whitespace_as_suffix,
+                                          const std::string& path) {
     SpmNormalizer n;
     n.charsmap = spm_charsmap_parse(spec.precompiled_charsmap, path);
     n.add_dummy_prefix = spec.add_dummy_prefix;
@@ -158,9 +172,11 @@ inline SpmNormalizer spm_normalizer_build(const SpmNormalizerSpec& spec, bool tr
     return n;
 }
 
-// One normalization unit at s[0..n): the longest charsmap key, else one valid UTF-8 character
-// unchanged, else one invalid byte that becomes U+FFFD. Returns the bytes consumed.
+// One normalization unit at s[0..n): a USER_DEFINED piece, else the longest charsmap key, else one
+// valid UTF-8 character unchanged, else one invalid byte that becomes U+FFFD. Returns the bytes consumed.
 inline size_t spm_next_unit(const SpmNormalizer& nm, const uint8_t* s, size_t n, const char** repl, size_t* repl_len) {
+    size_t user = nm.user.empty() ? 0 : spm_user_match(nm.user, s, n);
+    if (user) { *repl = (const char*)s; *repl_len = user; return user; }  // a user-defined piece, as written
     size_t len = spm_charsmap_match(nm.charsmap, s, n, repl, repl_len);
     if (len) return len;
     int clen = spm_utf8_valid_len(s, n);
@@ -170,9 +186,12 @@ inline size_t spm_next_unit(const SpmNormalizer& nm, const uint8_t* s, size_t n,
 }
 
 // Normalized text as the BPE sees it: charsmap applied, leading and trailing
-// whitespace dropped, whitespace runs collapsed to one, spaces written as "▁".
-inline void spm_normalize(const SpmNormalizer& nm, const char* text, size_t n, std::string* out) {
+// whitespace dropped, whitespace runs collapsed to one, spaces written as "▁". With `orig`, each
+// output byte also gets the input offset of the unit that produced it (SentencePiece's norm_to_orig).
+inline void spm_normalize(const SpmNormalizer& nm, const char* text, size_t n, std::string* out,
+                          std::vector<uint32_t>* orig = nullptr) {
     out->clear();
+    if (orig) orig->clear();
     const uint8_t* s = (const uint8_t*)text;
     const char* space = nm.escape_whitespaces ? SPM_SPACE : " ";
     size_t space_len = strlen(space);
@@ -188,7 +207,9 @@ inline void spm_normalize(const SpmNormalizer& nm, const char* text, size_t n, s
     if (i == n) return;  // nothing but whitespace: no tokens
     if (nm.add_dummy_prefix && !nm.treat_whitespace_as_suffix) out->append(space, space_len);
     bool prev_space = nm.remove_extra_whitespaces;
+    if (orig) orig->assign(out->size(), (uint32_t)i);
     while (i < n) {
+        size_t unit = i;
         i += spm_next_unit(nm, s + i, n - i, &r, &rlen);
         if (nm.remove_extra_whitespaces && prev_space)
             while (rlen > 0 && r[0] == ' ') { r++; rlen--; }
@@ -197,12 +218,14 @@ inline void spm_normalize(const SpmNormalizer& nm, const char* text, size_t n, s
             if (r[k] == ' ') out->append(space, space_len);
             else out->push_back(r[k]);
         }
+        if (orig) orig->resize(out->size(), (uint32_t)unit);
         prev_space = r[rlen - 1] == ' ';
     }
     if (nm.remove_extra_whitespaces)
         while (out->size() >= space_len && out->compare(out->size() - space_len, space_len, space) == 0)
             out->resize(out->size() - space_len);
     if (nm.add_dummy_prefix && nm.treat_whitespace_as_suffix) out->append(space, space_len);
+    if (orig) orig->resize(out->size(), (uint32_t)n);
 }
 
 // --- BPE -------------------------------------------------------------------------------------------
@@ -263,23 +286,31 @@ struct SpmEncoder {
     std::string space;                    // "▁", or " " without escape_whitespaces
 };
 
-inline bool spm_mergeable(int type) { return type == SPM_NORMAL || type == SPM_USER_DEFINED || type == SPM_UNUSED; }
+// USER_DEFINED pieces (CaseOps' operators) are symbols of their own that never merge (SentencePiece
+// freezes them); the BPE finds their ids by name.
+inline bool spm_mergeable(int type) { return type == SPM_NORMAL || type == SPM_UNUSED; }
 
 inline SpmEncoder spm_encoder_build(const SpmModel& m) {
     if (m.model_type != SPM_BPE)
-        throw std::runtime_error("spm model " + m.path + ": expected model_type BPE (2), found " + std::to_string(m.model_type));
+        throw std::runtime_error("spm model " + m.path + ": expected model_type BPE (2), found " +
+                                 std::to_string(m.model_type));
     for (size_t i = 0; i < m.pieces.size(); i++) {
-        // USER_DEFINED pieces would be matched whole before normalization and BPE, UNUSED ones split
-        // back after it; the challenge's models have neither, so they are refused, not guessed at.
-        if (m.types[i] == SPM_USER_DEFINED || m.types[i] == SPM_UNUSED)
+        // UNUSED pieces would be split back after the BPE; the challenge's models have none, so they
+        // are refused, not guessed at.
+        if (m.types[i] == SPM_UNUSED)
             throw std::runtime_error("spm model " + m.path + ": piece " + std::to_string(i) +
-                                     " is USER_DEFINED or UNUSED, which this encoder does not support");
+                                     " is UNUSED, which this encoder does not support");
     }
     if (m.has_denormalizer)
-        throw std::runtime_error("spm model " + m.path + ": has a denormalizer_spec, which this encoder does not support");
+        throw std::runtime_error("spm model " + m.path +
+                                 ": has a denormalizer_spec, which this encoder does not support");
     SpmEncoder e;
     e.path = m.path;
     e.normalizer = spm_normalizer_build(m.normalizer, m.treat_whitespace_as_suffix, m.path);
+    for (size_t i = 0; i < m.pieces.size(); i++)
+        if (m.types[i] == SPM_USER_DEFINED && !m.pieces[i].empty()) e.normalizer.user.push_back(m.pieces[i]);
+    std::stable_sort(e.normalizer.user.begin(), e.normalizer.user.end(),
+                     [](const std::string& a, const std::string& b) { return a.size() > b.size(); });
     e.n_pieces = (int)m.pieces.size();
     e.unk_id = m.unk_id;
     e.byte_fallback = m.byte_fallback;
@@ -354,6 +385,7 @@ struct SpmScratch {
     std::vector<SpmSymbol> symbols;
     std::vector<SpmCandidate> heap;
     std::unordered_map<std::string, std::vector<int>> word_cache;  // word -> ids (split_words only)
+    std::vector<uint32_t> orig, begins;  // spans only: input offset per normalized byte, normalized begin per id
 };
 
 inline void spm_push_candidate(const SpmEncoder& e, SpmScratch& sc, int left, int right) {
@@ -367,15 +399,21 @@ inline void spm_push_candidate(const SpmEncoder& e, SpmScratch& sc, int left, in
     std::push_heap(sc.heap.begin(), sc.heap.end(), spm_candidate_less);
 }
 
-// BPE over text[0..n) (already normalized); appends ids, unknown symbols as unk_id or bytes.
-inline void spm_bpe(const SpmEncoder& e, const char* text, size_t n, std::vector<int>* ids, SpmScratch& sc) {
+// BPE over text[0..n) (already normalized); appends ids, unknown symbols as unk_id or bytes. With
+// `begins`, each id also gets base + the offset of its first byte in text.
+inline void spm_bpe(const SpmEncoder& e, const char* text, size_t n, std::vector<int>* ids, SpmScratch& sc,
+                    std::vector<uint32_t>* begins = nullptr, uint32_t base = 0) {
     const uint8_t* s = (const uint8_t*)text;
-    if (n > (size_t)INT32_MAX) throw std::runtime_error("encode: a word of " + std::to_string(n) + " bytes is over the 2 GiB limit");
+    if (n > (size_t)INT32_MAX)
+        throw std::runtime_error("encode: a word of " + std::to_string(n) + " bytes is over the 2 GiB limit");
     sc.symbols.clear();
     sc.heap.clear();
+    const std::vector<std::string>& user = e.normalizer.user;
     for (size_t i = 0; i < n;) {
         int len = (int)spm_char_len(s + i, n - i);
         int code = s[i] < 0x80 ? e.ascii_code[s[i]] : spm_hash_get(e.char_codes, spm_char_key(s + i, len));
+        int ulen = user.empty() ? 0 : (int)spm_user_match(user, s + i, n - i);
+        if (ulen) { len = ulen; code = -1; }  // frozen: found by name below
         int k = (int)sc.symbols.size();
         sc.symbols.push_back({(int)i, len, code, k - 1, k + 1});
         i += len;
@@ -408,20 +446,36 @@ inline void spm_bpe(const SpmEncoder& e, const char* text, size_t n, std::vector
         }
         if (id == e.unk_id && e.byte_fallback) {
             for (int b = 0; b < sym.len; b++) ids->push_back(e.byte_ids[s[sym.begin + b]]);
+            if (begins) begins->resize(ids->size(), base + (uint32_t)sym.begin);
             continue;
         }
         ids->push_back(id);
+        if (begins) begins->push_back(base + (uint32_t)sym.begin);
     }
 }
 
-// Encodes one document (raw UTF-8, any bytes) and appends its ids.
-inline void spm_encode(const SpmEncoder& e, const char* text, size_t n, std::vector<int>* ids, SpmScratch* scratch) {
+// Encodes one document (raw UTF-8, any bytes) and appends its ids. With `spans`, each id also gets
+// the input offset where its surface begins: token k's surface is text[spans[k], spans[k+1]) (the
+// last one's ends at n), SentencePiece's surfaces, except that the first token's starts at 0, so
+// that leading whitespace the normalizer drops is charged too and the surfaces tile the input.
+inline void spm_encode(const SpmEncoder& e, const char* text, size_t n, std::vector<int>* ids, SpmScratch* scratch,
+                       std::vector<uint32_t>* spans = nullptr) {
     SpmScratch& sc = *scratch;
-    spm_normalize(e.normalizer, text, n, &sc.normalized);
+    if (spans && n > UINT32_MAX) throw std::runtime_error("encode: a document over 4 GiB cannot carry byte spans");
+    spm_normalize(e.normalizer, text, n, &sc.normalized, spans ? &sc.orig : nullptr);
     const std::string& t = sc.normalized;
     size_t first = ids->size();
+    std::vector<uint32_t>* begins = spans ? &sc.begins : nullptr;
+    if (begins) begins->clear();
     if (!e.split_words) {
-        spm_bpe(e, t.data(), t.size(), ids, sc);
+        spm_bpe(e, t.data(), t.size(), ids, sc, begins);
+    } else if (begins) {  // the word cache holds no offsets
+        for (size_t begin = 0; begin < t.size();) {
+            size_t end = t.find(e.space, begin + 1);
+            if (end == std::string::npos) end = t.size();
+            spm_bpe(e, t.data() + begin, end - begin, ids, sc, begins, (uint32_t)begin);
+            begin = end;
+        }
     } else {
         if (sc.word_cache.size() > 200000) sc.word_cache.clear();  // bounded memory on huge corpora
         std::string word;
@@ -445,9 +499,12 @@ inline void spm_encode(const SpmEncoder& e, const char* text, size_t n, std::vec
     for (size_t r = first; r < ids->size(); r++) {
         int id = (*ids)[r];
         if (id == e.unk_id && w > first && (*ids)[w - 1] == e.unk_id) continue;
+        if (begins) (*begins)[w - first] = (*begins)[r - first];
         (*ids)[w++] = id;
     }
     ids->resize(w);
+    if (!spans) return;
+    for (size_t k = 0; k < w - first; k++) spans->push_back(k == 0 ? 0 : sc.orig[(*begins)[k]]);
 }
 
 // --- decode ----------------------------------------------------------------------------------------

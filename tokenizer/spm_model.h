@@ -116,7 +116,8 @@ inline PbField pb_key(PbReader& r) {
     PbField f = {(uint32_t)(key >> 3), (int)(key & 7), at};
     if (key > 0xFFFFFFFFull || f.number == 0)
         pb_fail(r, at, "expected a field key with a field number in 1..2^29-1, found " + std::to_string(key));
-    if (f.wire == 3 || f.wire == 4) pb_fail(r, at, "expected wire type 0, 1, 2 or 5, found group wire type " + std::to_string(f.wire));
+    if (f.wire == 3 || f.wire == 4)
+        pb_fail(r, at, "expected wire type 0, 1, 2 or 5, found group wire type " + std::to_string(f.wire));
     if (f.wire > 5) pb_fail(r, at, "expected wire type 0, 1, 2 or 5, found " + std::to_string(f.wire));
     return f;
 }
@@ -124,15 +125,17 @@ inline PbField pb_key(PbReader& r) {
 // A known field must arrive with the wire type its declaration implies.
 inline void pb_expect(const PbReader& r, const PbField& f, int wire, const char* name) {
     if (f.wire != wire)
-        pb_fail(r, f.offset, std::string("field ") + name + " (#" + std::to_string(f.number) + "): expected wire type " +
-                             std::to_string(wire) + ", found " + std::to_string(f.wire));
+        pb_fail(r, f.offset,
+                std::string("field ") + name + " (#" + std::to_string(f.number) + "): expected wire type " +
+                    std::to_string(wire) + ", found " + std::to_string(f.wire));
 }
 
 inline void pb_skip(PbReader& r, const PbField& f) {
     if (f.wire == 0) { pb_varint(r); return; }
     if (f.wire == 2) { pb_sub(r); return; }
     size_t n = f.wire == 1 ? 8 : 4;
-    if (r.end - r.pos < n) pb_fail(r, r.pos, "expected " + std::to_string(n) + " bytes of a fixed-size field, found the end (truncated)");
+    if (r.end - r.pos < n)
+        pb_fail(r, r.pos, "expected " + std::to_string(n) + " bytes of a fixed-size field, found the end (truncated)");
     r.pos += n;
 }
 
@@ -150,10 +153,13 @@ inline void spm_parse_piece(PbReader r, SpmModel& m) {
         }
         else if (f.number == 3) {
             pb_expect(r, f, 0, "type"); type = pb_varint(r);
-            if (type < 1 || type > 6) pb_fail(r, f.offset, "expected a piece type in 1..6, found " + std::to_string(type));
+            if (type < 1 || type > 6)
+                pb_fail(r, f.offset, "expected a piece type in 1..6, found " + std::to_string(type));
         } else pb_skip(r, f);
     }
-    if (piece.empty()) pb_fail(r, start, "expected a non-empty piece string for id " + std::to_string(m.pieces.size()) + ", found none");
+    if (piece.empty())
+        pb_fail(r, start,
+                "expected a non-empty piece string for id " + std::to_string(m.pieces.size()) + ", found none");
     m.pieces.push_back(piece); m.scores.push_back(score); m.types.push_back((uint8_t)type);
 }
 
@@ -163,7 +169,10 @@ inline void spm_parse_trainer(PbReader r, SpmModel& m) {
         switch (f.number) {
         case 3: pb_expect(r, f, 0, "model_type"); m.model_type = (int)pb_varint(r); break;
         case 4: pb_expect(r, f, 0, "vocab_size"); m.trainer_vocab_size = (int)pb_varint(r); break;
-        case 24: pb_expect(r, f, 0, "treat_whitespace_as_suffix"); m.treat_whitespace_as_suffix = pb_varint(r) != 0; break;
+        case 24:
+            pb_expect(r, f, 0, "treat_whitespace_as_suffix");
+            m.treat_whitespace_as_suffix = pb_varint(r) != 0;
+            break;
         case 35: pb_expect(r, f, 0, "byte_fallback"); m.byte_fallback = pb_varint(r) != 0; break;
         case 40: pb_expect(r, f, 0, "unk_id"); m.unk_id = (int)pb_varint(r); break;  // int32: 64-bit two's complement
         case 41: pb_expect(r, f, 0, "bos_id"); m.bos_id = (int)pb_varint(r); break;
@@ -203,7 +212,8 @@ inline void spm_validate(const SpmModel& m, const PbReader& r) {
     std::unordered_set<std::string> seen;
     int n_unknown = 0, unknown_id = -1, n_byte = 0;
     for (int i = 0; i < n; i++) {
-        if (!seen.insert(m.pieces[i]).second) pb_fail(r, 0, "expected unique pieces, found a second \"" + m.pieces[i] + "\" at id " + std::to_string(i));
+        if (!seen.insert(m.pieces[i]).second)
+            pb_fail(r, 0, "expected unique pieces, found a second \"" + m.pieces[i] + "\" at id " + std::to_string(i));
         if (m.types[i] == SPM_UNKNOWN) { n_unknown++; unknown_id = i; }
         if (m.types[i] == SPM_BYTE) {
             // byte pieces are named <0x00> ... <0xFF>; decode reads the byte value from the name
@@ -215,7 +225,9 @@ inline void spm_validate(const SpmModel& m, const PbReader& r) {
     }
     if (n_unknown != 1) pb_fail(r, 0, "expected exactly one UNKNOWN piece, found " + std::to_string(n_unknown));
     if (m.unk_id != unknown_id)
-        pb_fail(r, 0, "expected trainer_spec.unk_id to be the UNKNOWN piece's id " + std::to_string(unknown_id) + ", found " + std::to_string(m.unk_id));
+        pb_fail(r, 0,
+                "expected trainer_spec.unk_id to be the UNKNOWN piece's id " + std::to_string(unknown_id) + ", found " +
+                    std::to_string(m.unk_id));
     if (m.byte_fallback ? n_byte != 256 : n_byte != 0)
         pb_fail(r, 0, std::string("byte_fallback is ") + (m.byte_fallback ? "true" : "false") + ": expected " +
                       (m.byte_fallback ? "256" : "0") + " BYTE pieces, found " + std::to_string(n_byte));
@@ -223,8 +235,9 @@ inline void spm_validate(const SpmModel& m, const PbReader& r) {
     const char* names[3] = {"bos_id", "eos_id", "pad_id"};
     for (int k = 0; k < 3; k++)
         if (ids[k] >= n || (ids[k] >= 0 && m.types[ids[k]] != SPM_CONTROL))
-            pb_fail(r, 0, std::string("expected ") + names[k] + " " + std::to_string(ids[k]) + " to be -1 or a CONTROL piece among " +
-                          std::to_string(n) + " pieces");
+            pb_fail(r, 0,
+                    std::string("expected ") + names[k] + " " + std::to_string(ids[k]) +
+                        " to be -1 or a CONTROL piece among " + std::to_string(n) + " pieces");
 }
 
 // Parses a ModelProto from memory; `path` only names the source in error messages.
@@ -240,8 +253,16 @@ inline SpmModel spm_load_bytes(const std::string& bytes, const std::string& path
         switch (f.number) {
         case 1: pb_expect(r, f, 2, "pieces"); spm_parse_piece(pb_sub(r), m); break;
         case 2: pb_expect(r, f, 2, "trainer_spec"); spm_parse_trainer(pb_sub(r), m); has_trainer = true; break;
-        case 3: pb_expect(r, f, 2, "normalizer_spec"); spm_parse_normalizer(pb_sub(r), m.normalizer); has_normalizer = true; break;
-        case 5: pb_expect(r, f, 2, "denormalizer_spec"); spm_parse_normalizer(pb_sub(r), m.denormalizer); m.has_denormalizer = true; break;
+        case 3:
+            pb_expect(r, f, 2, "normalizer_spec");
+            spm_parse_normalizer(pb_sub(r), m.normalizer);
+            has_normalizer = true;
+            break;
+        case 5:
+            pb_expect(r, f, 2, "denormalizer_spec");
+            spm_parse_normalizer(pb_sub(r), m.denormalizer);
+            m.has_denormalizer = true;
+            break;
         default: pb_skip(r, f);
         }
     }
@@ -260,7 +281,8 @@ inline SpmModel spm_load(const std::string& path) {
     while ((got = fread(chunk, 1, sizeof chunk, f)) > 0) bytes.append(chunk, got);
     bool bad = ferror(f) != 0;
     fclose(f);
-    if (bad) throw std::runtime_error("spm model " + path + ": read error after " + std::to_string(bytes.size()) + " bytes");
+    if (bad)
+        throw std::runtime_error("spm model " + path + ": read error after " + std::to_string(bytes.size()) + " bytes");
     return spm_load_bytes(bytes, path);
 }
 

@@ -24,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "caseops.h"
 #include "spm_encode.h"
 
 struct UsageError : std::runtime_error { using std::runtime_error::runtime_error; };
@@ -115,7 +116,10 @@ static bool json_hex4(JsonParser& p, uint32_t* v) {
     *v = 0;
     for (int k = 0; k < 4; k++, p.i++) {
         char c = p.i < p.n ? p.s[p.i] : 0;
-        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        int d = c >= '0' && c <= '9'   ? c - '0'
+                : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                       : -1;
         if (d < 0) return json_fail(p, "expected 4 hex digits after \\u");
         *v = *v << 4 | (uint32_t)d;
     }
@@ -147,17 +151,23 @@ static bool json_string(JsonParser& p, std::string* out) {
             p.i++;
             continue;
         }
-        if (e != 'u') return json_fail(p, std::string("expected an escape (\\\" \\\\ \\/ \\b \\f \\n \\r \\t \\uXXXX), found '\\") + (e ? std::string(1, e) : "") + "'");
+        if (e != 'u')
+            return json_fail(p,
+                             std::string("expected an escape (\\\" \\\\ \\/ \\b \\f \\n \\r \\t \\uXXXX), found '\\") +
+                                 (e ? std::string(1, e) : "") + "'");
         p.i++;
         uint32_t cp;
         if (!json_hex4(p, &cp)) return false;
-        if (cp >= 0xDC00 && cp <= 0xDFFF) return json_fail(p, "expected a high surrogate before low surrogate \\u" + std::to_string(cp));
+        if (cp >= 0xDC00 && cp <= 0xDFFF)
+            return json_fail(p, "expected a high surrogate before low surrogate \\u" + std::to_string(cp));
         if (cp >= 0xD800 && cp <= 0xDBFF) {  // UTF-16 pair: \uD83D\uDE00 -> U+1F600
-            if (p.i + 1 >= p.n || p.s[p.i] != '\\' || p.s[p.i + 1] != 'u') return json_fail(p, "expected a low surrogate \\uDC00-\\uDFFF after a high surrogate");
+            if (p.i + 1 >= p.n || p.s[p.i] != '\\' || p.s[p.i + 1] != 'u')
+                return json_fail(p, "expected a low surrogate \\uDC00-\\uDFFF after a high surrogate");
             p.i += 2;
             uint32_t lo;
             if (!json_hex4(p, &lo)) return false;
-            if (lo < 0xDC00 || lo > 0xDFFF) return json_fail(p, "expected a low surrogate \\uDC00-\\uDFFF after a high surrogate");
+            if (lo < 0xDC00 || lo > 0xDFFF)
+                return json_fail(p, "expected a low surrogate \\uDC00-\\uDFFF after a high surrogate");
             cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
         }
         if (out) utf8_append(out, cp);
@@ -167,7 +177,11 @@ static bool json_string(JsonParser& p, std::string* out) {
 static bool json_value(JsonParser& p);
 
 static bool json_number(JsonParser& p) {
-    auto digits = [&]() { size_t j = p.i; while (p.i < p.n && p.s[p.i] >= '0' && p.s[p.i] <= '9') p.i++; return p.i > j; };
+    auto digits = [&]() {
+        size_t j = p.i;
+        while (p.i < p.n && p.s[p.i] >= '0' && p.s[p.i] <= '9') p.i++;
+        return p.i > j;
+    };
     if (p.i < p.n && p.s[p.i] == '-') p.i++;
     if (p.i < p.n && p.s[p.i] == '0') p.i++;
     else if (!digits()) return json_fail(p, "expected a digit");
@@ -301,7 +315,9 @@ static bool doc_reader_next(DocReader& d, std::string* doc) {
                         if (!is_blank(l)) break;
                     }
                     size_t k = d.pending.empty() ? 0 : d.pending.back().find_first_not_of(" \t\r");
-                    d.format = (!d.pending.empty() && k != std::string::npos && d.pending.back()[k] == '{') ? FORMAT_JSONL : FORMAT_TEXT;
+                    d.format = (!d.pending.empty() && k != std::string::npos && d.pending.back()[k] == '{')
+                                   ? FORMAT_JSONL
+                                   : FORMAT_TEXT;
                 }
             }
         }
@@ -311,7 +327,8 @@ static bool doc_reader_next(DocReader& d, std::string* doc) {
                 std::string err;
                 doc->clear();
                 if (!json_text_field(d.line, doc, &err))
-                    throw std::runtime_error(d.lr.name + ":" + std::to_string(d.lr.line_no - (long)d.pending.size()) + ": malformed JSONL: " + err);
+                    throw std::runtime_error(d.lr.name + ":" + std::to_string(d.lr.line_no - (long)d.pending.size()) +
+                                             ": malformed JSONL: " + err);
                 return true;
             }
         } else {
@@ -331,11 +348,16 @@ static bool doc_reader_next(DocReader& d, std::string* doc) {
     }
 }
 
-// --- shard files (the challenge's format, as llm.c's) -------------------------------------------------------------------
-// 256 little-endian int32 header [20240520, 1, N, 0...], then N little-endian uint16 tokens.
-// Each file is written as NAME.tmp and renamed when complete.
+// --- shard files (the challenge's format, as llm.c's)
+// ------------------------------------------------------------------- 256 little-endian int32 header [20240520, 1, N,
+// 0...], then N little-endian uint16 tokens. Each file is written as NAME.tmp and renamed when complete. With a byte
+// sidecar (CaseOps, as PR #1729 writes it), every val file fineweb_val_K.bin gets a twin fineweb_val_bytes_K.bin of the
+// same layout whose entry i is the number of original UTF-8 bytes token i stands for (BOS: 0). Its header adds [3] =
+// SIDECAR_KIND and [4], [5] = the low and high halves of the fnv1a64 of the token file's N uint16 values, so a reader
+// can tell that the two belong together.
 
 static const int SHARD_MAGIC = 20240520, SHARD_VERSION = 1;
+static const uint32_t SIDECAR_KIND = 0x53594221;  // "!BYS"
 
 struct ShardWriter {
     std::string outdir, split;      // split: "val" or "train"
@@ -347,14 +369,27 @@ struct ShardWriter {
     std::vector<uint8_t> buf;
     std::vector<std::string> written;
     int64_t total = 0;
+    bool sidecar = false;           // also write fineweb_val_bytes_K.bin
+    FILE* fb = nullptr;
+    std::string bytes_tmp, bytes_path;
+    std::vector<uint8_t> bbuf;
+    uint64_t fnv = 0;               // fnv1a64 of the open file's token bytes
 };
 
-static void put_le32(uint8_t* p, uint32_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24); }
+static void put_le32(uint8_t* p, uint32_t v) {
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
 
 static void shard_flush_buf(ShardWriter& w) {
     if (!w.buf.empty() && fwrite(w.buf.data(), 1, w.buf.size(), w.f) != w.buf.size())
         throw std::runtime_error(w.tmp_path + ": write error: " + strerror(errno));
     w.buf.clear();
+    if (w.fb && !w.bbuf.empty() && fwrite(w.bbuf.data(), 1, w.bbuf.size(), w.fb) != w.bbuf.size())
+        throw std::runtime_error(w.bytes_tmp + ": write error: " + strerror(errno));
+    w.bbuf.clear();
 }
 
 static void shard_close(ShardWriter& w) {
@@ -372,13 +407,29 @@ static void shard_close(ShardWriter& w) {
         throw std::runtime_error(w.tmp_path + ": cannot rename to " + w.path + ": " + strerror(errno));
     fprintf(stderr, "wrote %s (%lld tokens)\n", w.path.c_str(), (long long)w.n);
     w.written.push_back(w.path);
+    if (!w.fb) return;
+    put_le32(header + 12, SIDECAR_KIND);
+    put_le32(header + 16, (uint32_t)w.fnv);
+    put_le32(header + 20, (uint32_t)(w.fnv >> 32));
+    ok = fseek(w.fb, 0, SEEK_SET) == 0 && fwrite(header, 1, sizeof header, w.fb) == sizeof header;
+    ok = (fclose(w.fb) == 0) && ok;
+    w.fb = nullptr;
+    if (!ok) throw std::runtime_error(w.bytes_tmp + ": write error: " + strerror(errno));
+    if (rename(w.bytes_tmp.c_str(), w.bytes_path.c_str()) != 0)
+        throw std::runtime_error(w.bytes_tmp + ": cannot rename to " + w.bytes_path + ": " + strerror(errno));
+    w.written.push_back(w.bytes_path);
 }
 
-static void shard_put(ShardWriter& w, int id) {
-    if (id < 0 || id > 65535) throw std::runtime_error("shard: token id " + std::to_string(id) + " does not fit in uint16");
+// `bytes`: the token's original UTF-8 bytes, for the sidecar.
+static void shard_put(ShardWriter& w, int id, int64_t bytes = 0) {
+    if (id < 0 || id > 65535)
+        throw std::runtime_error("shard: token id " + std::to_string(id) + " does not fit in uint16");
+    if (w.sidecar && (bytes < 0 || bytes > 65535))
+        throw std::runtime_error("shard: a token stands for " + std::to_string(bytes) + " original bytes, more than a "
+                                 "uint16 sidecar entry holds (a whitespace run of that length?)");
     if (!w.f) {
         char name[64];
-        snprintf(name, sizeof name, "fineweb_%s_%06d.bin", w.split.c_str(), w.index++);
+        snprintf(name, sizeof name, "fineweb_%s_%06d.bin", w.split.c_str(), w.index);
         w.path = w.outdir + "/" + name;
         w.tmp_path = w.path + ".tmp";
         w.f = fopen(w.tmp_path.c_str(), "wb");
@@ -386,10 +437,26 @@ static void shard_put(ShardWriter& w, int id) {
         uint8_t placeholder[1024] = {0};  // the header is written at close, when N is known
         if (fwrite(placeholder, 1, sizeof placeholder, w.f) != sizeof placeholder)
             throw std::runtime_error(w.tmp_path + ": write error: " + strerror(errno));
+        if (w.sidecar) {
+            snprintf(name, sizeof name, "fineweb_%s_bytes_%06d.bin", w.split.c_str(), w.index);
+            w.bytes_path = w.outdir + "/" + name;
+            w.bytes_tmp = w.bytes_path + ".tmp";
+            w.fb = fopen(w.bytes_tmp.c_str(), "wb");
+            if (!w.fb) throw std::runtime_error(w.bytes_tmp + ": cannot create: " + strerror(errno));
+            if (fwrite(placeholder, 1, sizeof placeholder, w.fb) != sizeof placeholder)
+                throw std::runtime_error(w.bytes_tmp + ": write error: " + strerror(errno));
+            w.fnv = 14695981039346656037ull;
+        }
+        w.index++;
         w.n = 0;
     }
     w.buf.push_back((uint8_t)id);
     w.buf.push_back((uint8_t)(id >> 8));
+    if (w.sidecar) {
+        for (int k = 0; k < 2; k++) { w.fnv ^= (uint8_t)(id >> (8 * k)); w.fnv *= 1099511628211ull; }
+        w.bbuf.push_back((uint8_t)bytes);
+        w.bbuf.push_back((uint8_t)(bytes >> 8));
+    }
     w.n++;
     w.total++;
     if (w.buf.size() >= (1 << 22)) shard_flush_buf(w);
@@ -443,8 +510,10 @@ static void parse_ids(const std::string& line, const LineReader& lr, std::vector
         char* end;
         errno = 0;
         long v = strtol(p, &end, 10);
-        if (end == p || errno || v < INT32_MIN || v > INT32_MAX || (*end && *end != ' ' && *end != '\t' && *end != '\r'))
-            throw std::runtime_error(lr.name + ":" + std::to_string(lr.line_no) + ": expected space-separated integer ids, found \"" +
+        if (end == p || errno || v < INT32_MIN || v > INT32_MAX ||
+            (*end && *end != ' ' && *end != '\t' && *end != '\r'))
+            throw std::runtime_error(lr.name + ":" + std::to_string(lr.line_no) +
+                                     ": expected space-separated integer ids, found \"" +
                                      std::string(p, strcspn(p, " \t\r")) + "\"");
         ids->push_back((int)v);
         p = end;
@@ -452,7 +521,8 @@ static void parse_ids(const std::string& line, const LineReader& lr, std::vector
 }
 
 static int cmd_decode(const SpmModel& m, const std::vector<std::string>& files) {
-    if (m.has_denormalizer) throw std::runtime_error(m.path + ": has a denormalizer_spec, which decode does not support");
+    if (m.has_denormalizer)
+        throw std::runtime_error(m.path + ": has a denormalizer_spec, which decode does not support");
     std::vector<int> ids;
     for_each_line(files, [&](const std::string& line, const LineReader& lr, std::string& out) {
         parse_ids(line, lr, &ids);
@@ -496,7 +566,9 @@ static std::string codepoints_hex(const std::string& s) {
         else if (len == 1) cp = b[i];
         else if (len == 2) cp = (uint32_t)(b[i] & 0x1F) << 6 | (b[i + 1] & 0x3F);
         else if (len == 3) cp = (uint32_t)(b[i] & 0x0F) << 12 | (uint32_t)(b[i + 1] & 0x3F) << 6 | (b[i + 2] & 0x3F);
-        else cp = (uint32_t)(b[i] & 0x07) << 18 | (uint32_t)(b[i + 1] & 0x3F) << 12 | (uint32_t)(b[i + 2] & 0x3F) << 6 | (b[i + 3] & 0x3F);
+        else
+            cp = (uint32_t)(b[i] & 0x07) << 18 | (uint32_t)(b[i + 1] & 0x3F) << 12 | (uint32_t)(b[i + 2] & 0x3F) << 6 |
+                 (b[i + 3] & 0x3F);
         char num[16];
         snprintf(num, sizeof num, "%s%X", out.empty() ? "" : " ", cp);
         out += num;
@@ -509,7 +581,8 @@ static std::string codepoints_hex(const std::string& s) {
 static int cmd_charsmap(const SpmModel& m) {
     SpmCharsmap cm = spm_charsmap_parse(m.normalizer.precompiled_charsmap, m.path);
     std::string out;
-    for (auto& rule : spm_charsmap_rules(cm)) out += codepoints_hex(rule.first) + "\t" + codepoints_hex(rule.second) + "\n";
+    for (auto& rule : spm_charsmap_rules(cm))
+        out += codepoints_hex(rule.first) + "\t" + codepoints_hex(rule.second) + "\n";
     write_out(out);
     return 0;
 }
@@ -535,9 +608,11 @@ static int cmd_info(const SpmModel& m) {
     printf("byte_fallback: %s\n", m.byte_fallback ? "true" : "false");
     printf("treat_whitespace_as_suffix: %s\n", m.treat_whitespace_as_suffix ? "true" : "false");
     printf("unk_surface: \"%s\"\n", m.unk_surface.c_str());
-    printf("normalizer: %s, charsmap %zu bytes, add_dummy_prefix %s, remove_extra_whitespaces %s, escape_whitespaces %s\n",
-           m.normalizer.name.c_str(), m.normalizer.precompiled_charsmap.size(), m.normalizer.add_dummy_prefix ? "true" : "false",
-           m.normalizer.remove_extra_whitespaces ? "true" : "false", m.normalizer.escape_whitespaces ? "true" : "false");
+    printf(
+        "normalizer: %s, charsmap %zu bytes, add_dummy_prefix %s, remove_extra_whitespaces %s, escape_whitespaces %s\n",
+        m.normalizer.name.c_str(), m.normalizer.precompiled_charsmap.size(),
+        m.normalizer.add_dummy_prefix ? "true" : "false", m.normalizer.remove_extra_whitespaces ? "true" : "false",
+        m.normalizer.escape_whitespaces ? "true" : "false");
     printf("denormalizer: %s\n", m.has_denormalizer ? "present" : "none");
     printf("piece types:");
     for (int t = 1; t <= 6; t++) printf(" %s %d%s", type_name(t), counts[t], t < 6 ? "," : "\n");
@@ -550,6 +625,7 @@ struct ShardOptions {
     int64_t val_docs = 50000, val_tokens = -1;  // val_tokens >= 0 replaces val_docs
     int64_t shard_tokens = 100000000;
     int threads = 2;
+    bool caseops = false;  // --transform caseops: CaseOps text, and the val split's byte sidecar
 };
 
 static int64_t parse_count(const std::string& flag, const char* v, int64_t max) {
@@ -562,15 +638,16 @@ static int64_t parse_count(const std::string& flag, const char* v, int64_t max) 
 }
 
 // OUTDIR/manifest.txt: which tokenizer made the shards (train_gpt refuses another one).
-static void write_manifest(const SpmModel& m, const std::string& outdir, int64_t val_tokens, int64_t train_tokens) {
+static void write_manifest(const SpmModel& m, const std::string& outdir, int64_t val_tokens, int64_t train_tokens,
+                           bool caseops) {
     std::string path = outdir + "/manifest.txt", tmp = path + ".tmp";
     size_t slash = m.path.rfind('/');
     char text[1024];
     const char* name = slash == std::string::npos ? m.path.c_str() : m.path.c_str() + slash + 1;
     int n = snprintf(text, sizeof text,
                      "format=pgolf-shards-1\ntokenizer=%s\ntokenizer_checksum=%016llx\nvocab_size=%zu\n"
-                     "val_tokens=%lld\ntrain_tokens=%lld\n", name, (unsigned long long)m.checksum, m.pieces.size(),
-                     (long long)val_tokens, (long long)train_tokens);
+                     "val_tokens=%lld\ntrain_tokens=%lld\ntransform=%s\n", name, (unsigned long long)m.checksum,
+                     m.pieces.size(), (long long)val_tokens, (long long)train_tokens, caseops ? "caseops" : "none");
     FILE* f = fopen(tmp.c_str(), "wb");
     bool ok = f && fwrite(text, 1, n, f) == (size_t)n;
     ok = (f && fclose(f) == 0) && ok;
@@ -580,11 +657,32 @@ static void write_manifest(const SpmModel& m, const std::string& outdir, int64_t
     }
 }
 
+// CaseOps: encodes one transformed document, appending its ids and, per id, the original UTF-8 bytes
+// its surface stands for (caseops_byte_weights summed over the surface). Over the document they add
+// up to the original text's length.
+static void caseops_token_bytes(const SpmEncoder& enc, const std::string& transformed, std::vector<int>* ids,
+                                std::vector<int64_t>* nbytes, SpmScratch* scratch) {
+    std::vector<uint32_t> spans;
+    std::vector<uint8_t> weight;
+    size_t first = ids->size();
+    spm_encode(enc, transformed.data(), transformed.size(), ids, scratch, &spans);
+    caseops_byte_weights(transformed.data(), transformed.size(), &weight);
+    std::vector<int64_t> prefix(weight.size() + 1, 0);
+    for (size_t i = 0; i < weight.size(); i++) prefix[i + 1] = prefix[i] + weight[i];
+    size_t n = ids->size() - first;
+    for (size_t k = 0; k < n; k++) {
+        size_t b = spans[k], e = k + 1 < n ? spans[k + 1] : transformed.size();
+        nbytes->push_back(prefix[e] - prefix[b]);
+    }
+}
+
 // Documents are encoded in batches by `threads` workers, each on a contiguous slice, and written in
 // input order, so the output does not depend on the thread count.
-static int cmd_shard(const SpmModel& m, const std::string& outdir, const ShardOptions& opt, const std::vector<std::string>& files) {
+static int cmd_shard(const SpmModel& m, const std::string& outdir, const ShardOptions& opt,
+                     const std::vector<std::string>& files) {
     if (m.bos_id < 0) throw std::runtime_error(m.path + ": model has no BOS piece, which shards need");
-    if (mkdir(outdir.c_str(), 0755) != 0 && errno != EEXIST) throw std::runtime_error(outdir + ": cannot create directory: " + strerror(errno));
+    if (mkdir(outdir.c_str(), 0755) != 0 && errno != EEXIST)
+        throw std::runtime_error(outdir + ": cannot create directory: " + strerror(errno));
     // Training reads every fineweb_*.bin of a folder: old shards left beside new ones would be read too.
     if (DIR* d = opendir(outdir.c_str())) {
         std::string first;
@@ -608,6 +706,7 @@ static int cmd_shard(const SpmModel& m, const std::string& outdir, const ShardOp
     val.split = "val";
     train.split = "train";
     val.shard_tokens = train.shard_tokens = opt.shard_tokens;
+    val.sidecar = opt.caseops;
     int64_t docs_val = 0, docs_train = 0, text_bytes = 0;
     bool in_val = true;
     auto t0 = std::chrono::steady_clock::now();
@@ -615,6 +714,7 @@ static int cmd_shard(const SpmModel& m, const std::string& outdir, const ShardOp
     std::vector<std::string> batch;
     std::vector<std::vector<int>> ids(threads);
     std::vector<std::vector<size_t>> ends(threads);  // end offset of each document in ids[t]
+    std::vector<std::vector<int64_t>> nbytes(threads);  // CaseOps: original bytes of each token in ids[t]
     bool more = true;
     while (more) {
         batch.clear();
@@ -631,14 +731,22 @@ static int cmd_shard(const SpmModel& m, const std::string& outdir, const ShardOp
         size_t acc = 0;
         for (size_t k = 0; k < batch.size(); k++) {
             acc += batch[k].size();
-            if (bounds.size() < (size_t)threads && acc * threads >= batch_bytes * bounds.size()) bounds.push_back(k + 1);
+            if (bounds.size() < (size_t)threads && acc * threads >= batch_bytes * bounds.size())
+                bounds.push_back(k + 1);
         }
         while (bounds.size() <= (size_t)threads) bounds.push_back(batch.size());
         auto work = [&](int t) {
             ids[t].clear();
             ends[t].clear();
+            nbytes[t].clear();
+            std::string transformed;
             for (size_t k = bounds[t]; k < bounds[t + 1]; k++) {
-                spm_encode(enc, batch[k].data(), batch[k].size(), &ids[t], &scratch[t]);
+                if (opt.caseops) {
+                    caseops_encode(batch[k].data(), batch[k].size(), &transformed);
+                    caseops_token_bytes(enc, transformed, &ids[t], &nbytes[t], &scratch[t]);
+                } else {
+                    spm_encode(enc, batch[k].data(), batch[k].size(), &ids[t], &scratch[t]);
+                }
                 ends[t].push_back(ids[t].size());
             }
         };
@@ -655,7 +763,7 @@ static int cmd_shard(const SpmModel& m, const std::string& outdir, const ShardOp
                 }
                 ShardWriter& w = in_val ? val : train;
                 shard_put(w, m.bos_id);  // every document starts with BOS (no EOS), as the reference export
-                for (size_t k = begin; k < end; k++) shard_put(w, ids[t][k]);
+                for (size_t k = begin; k < end; k++) shard_put(w, ids[t][k], opt.caseops ? nbytes[t][k] : 0);
                 (in_val ? docs_val : docs_train)++;
                 begin = end;
             }
@@ -663,12 +771,15 @@ static int cmd_shard(const SpmModel& m, const std::string& outdir, const ShardOp
     }
     shard_close(val);
     shard_close(train);
-    write_manifest(m, outdir, val.total, train.total);
+    write_manifest(m, outdir, val.total, train.total, opt.caseops);
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    printf("documents: %lld (val %lld, train %lld)\n", (long long)(docs_val + docs_train), (long long)docs_val, (long long)docs_train);
-    printf("tokens: %lld (val %lld, train %lld), BOS included\n", (long long)(val.total + train.total), (long long)val.total, (long long)train.total);
+    printf("documents: %lld (val %lld, train %lld)\n", (long long)(docs_val + docs_train), (long long)docs_val,
+           (long long)docs_train);
+    printf("tokens: %lld (val %lld, train %lld), BOS included\n", (long long)(val.total + train.total),
+           (long long)val.total, (long long)train.total);
     printf("files: %zu val, %zu train in %s\n", val.written.size(), train.written.size(), outdir.c_str());
-    printf("text: %.1f MB in %.2f s, %.2f MB/s with %d thread(s)\n", text_bytes / 1e6, secs, text_bytes / 1e6 / (secs > 0 ? secs : 1e-9), threads);
+    printf("text: %.1f MB in %.2f s, %.2f MB/s with %d thread(s)\n", text_bytes / 1e6, secs,
+           text_bytes / 1e6 / (secs > 0 ? secs : 1e-9), threads);
     return 0;
 }
 
@@ -681,7 +792,8 @@ static int tokenize_main(int argc, char** argv) {
         throw UsageError("unknown subcommand \"" + cmd + "\"");
     for (const std::string& a : rest)
         if (cmd != "shard" && a.size() > 1 && a[0] == '-') throw UsageError(cmd + ": unknown option \"" + a + "\"");
-    if ((cmd == "info" || cmd == "charsmap") && !rest.empty()) throw UsageError(cmd + ": expected no argument after MODEL");
+    if ((cmd == "info" || cmd == "charsmap") && !rest.empty())
+        throw UsageError(cmd + ": expected no argument after MODEL");
     ShardOptions opt;
     std::string outdir;
     std::vector<std::string> files = rest;
@@ -705,6 +817,10 @@ static int tokenize_main(int argc, char** argv) {
             else if (a == "--shard-tokens") {
                 opt.shard_tokens = parse_count(a, v, INT32_MAX);  // the header's N is an int32
                 if (opt.shard_tokens == 0) throw UsageError("--shard-tokens: expected at least 1, found 0");
+            } else if (a == "--transform") {
+                std::string f = v;
+                if (f == "caseops") opt.caseops = true;
+                else if (f != "none") throw UsageError("--transform: expected none or caseops, found \"" + f + "\"");
             } else if (a == "--threads") {
                 opt.threads = (int)parse_count(a, v, 64);
                 if (opt.threads == 0) throw UsageError("--threads: expected 1..64, found 0");
@@ -730,7 +846,7 @@ int main(int argc, char** argv) {
         "       tokenize bytes MODEL [FILE...]\n"
         "       tokenize charsmap MODEL\n"
         "       tokenize shard MODEL OUTDIR [--format jsonl|text] [--val-docs N | --val-tokens N]\n"
-        "                      [--shard-tokens N] [--threads N] [FILE...]\n";
+        "                      [--shard-tokens N] [--threads N] [--transform none|caseops] [FILE...]\n";
     if (argc < 2) { fputs(usage, stderr); return 2; }
     try {
         return tokenize_main(argc, argv);

@@ -52,7 +52,8 @@ void cp_async_16(void* dst, const void* src, bool valid);
 void cp_async_commit();
 void cp_async_wait(int n);
 
-void set_target(const char* arch);  // the launch limits of sm_90a (default, or PGOLF_EMU_ARCH), sm_90, sm_89, sm_86, sm_80
+// the launch limits of sm_90a (default, or PGOLF_EMU_ARCH), sm_90, sm_89, sm_86, sm_80
+void set_target(const char* arch);
 const char* target_name();
 size_t allocated_bytes();            // what cudaMalloc holds now
 
@@ -123,7 +124,9 @@ template <class X> inline X* dynamic_smem() { return (X*)emu::dynamic_shared(); 
 // The inline-PTX helpers of the attention kernels (train_gpt.cu defines them with asm under nvcc).
 inline void ldmatrix_x4(uint32_t r[4], const __nv_bfloat16* p) { emu::ldmatrix_x4(r, p, false); }
 inline void ldmatrix_x4_trans(uint32_t r[4], const __nv_bfloat16* p) { emu::ldmatrix_x4(r, p, true); }
-inline void mma_bf16_16816(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) { emu::mma_bf16_16816(d, a, b0, b1); }
+inline void mma_bf16_16816(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    emu::mma_bf16_16816(d, a, b0, b1);
+}
 inline void cp_async_16(void* dst, const void* src, bool valid) { emu::cp_async_16(dst, src, valid); }
 inline void cp_async_commit() { emu::cp_async_commit(); }
 template <int N> inline void cp_async_wait() { emu::cp_async_wait(N); }

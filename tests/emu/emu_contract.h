@@ -29,6 +29,7 @@ struct EmuCounts {
     long copies = 0;                      // cudaMemcpy / cudaMemcpyAsync of at least one byte
     long gemms = 0;                       // cublasLtMatmul calls
     long collectives = 0;                 // NCCL all-reduce, broadcast, reduce-scatter and all-gather calls
+    long graph_launches = 0;              // cudaGraphLaunch calls (the work they replay was counted at capture)
 };
 inline EmuCounts& emu_counts() {
     static EmuCounts counts;

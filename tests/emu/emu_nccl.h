@@ -4,7 +4,7 @@
 //
 // Emulated: ncclGetUniqueId, ncclCommInitRank, ncclCommDestroy/Abort, ncclCommGetAsyncError,
 // ncclCommCount/UserRank, ncclGroupStart/End, ncclAllReduce, ncclBroadcast, ncclReduceScatter,
-// ncclAllGather; reductions ncclSum and ncclAvg over ncclFloat32 and ncclBfloat16 (broadcast and
+// ncclAllGather; reductions ncclSum and ncclAvg over ncclFloat32, ncclBfloat16 and ncclFloat64 (broadcast and
 // all-gather move any type). Each collective runs in its stream's order. A reduction adds the ranks'
 // values in rank order in fp32 and rounds once to the buffer's type (NCCL's ring rounds a bf16 partial
 // sum at every hop; its order is no more defined than this one), and every rank gets the same bits.
@@ -84,8 +84,9 @@ inline size_t type_bytes(ncclDataType_t t, const char* what) {
 }
 // Reductions are emulated for the types and ops train_gpt.cu reduces.
 inline void check_reduction(ncclDataType_t t, ncclRedOp_t op, const char* what) {
-    if (t != ncclFloat32 && t != ncclBfloat16)
-        emu_fail("%s: reduction over %s is not emulated (only ncclFloat32, ncclBfloat16)", what, type_name(t));
+    if (t != ncclFloat32 && t != ncclBfloat16 && t != ncclFloat64)
+        emu_fail("%s: reduction over %s is not emulated (only ncclFloat32, ncclBfloat16, ncclFloat64)", what,
+                 type_name(t));
     if (op != ncclSum && op != ncclAvg)
         emu_fail("%s: reduction op %d is not emulated (only ncclSum, ncclAvg)", what, (int)op);
 }
@@ -101,6 +102,14 @@ inline void store(void* p, ncclDataType_t t, size_t i, float v) {
 // out[i] = the ranks' in[r][i] summed in rank order (averaged for ncclAvg); in[r] is bytes of rank r.
 inline void reduce_rank_order(const std::vector<const void*>& in, void* out, size_t count, ncclDataType_t t,
                               ncclRedOp_t op) {
+    if (t == ncclFloat64) {  // fp64 sums (the gradient norm): in double, rank order
+        for (size_t i = 0; i < count; i++) {
+            double s = 0.0;
+            for (const void* r : in) s += ((const double*)r)[i];
+            ((double*)out)[i] = op == ncclAvg ? s / (double)in.size() : s;
+        }
+        return;
+    }
     float scale = op == ncclAvg ? 1.0f / (float)in.size() : 1.0f;
     for (size_t i = 0; i < count; i++) {
         float s = 0.0f;

@@ -183,8 +183,8 @@ static size_t g_main_stack_size = 0;
 static std::string where() {
     char b[256];
     snprintf(b, sizeof b, "%s, block (%u,%u,%u) of grid (%u,%u,%u), block (%u,%u,%u)", g_launch ? g_launch->name : "?",
-             g_blockIdx.x, g_blockIdx.y, g_blockIdx.z, g_gridDim.x, g_gridDim.y, g_gridDim.z, g_blockDim.x, g_blockDim.y,
-             g_blockDim.z);
+             g_blockIdx.x, g_blockIdx.y, g_blockIdx.z, g_gridDim.x, g_gridDim.y, g_gridDim.z, g_blockDim.x,
+             g_blockDim.y, g_blockDim.z);
     return b;
 }
 static std::string thread_name(int tid) {
@@ -199,7 +199,8 @@ static void init_stacks() {
     g_threads = new Thread[MAX_THREADS];
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
     size_t each = STACK_BYTES + page;  // a guard page below each stack
-    char* base = (char*)mmap(nullptr, each * MAX_THREADS, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    char* base = (char*)mmap(nullptr, each * MAX_THREADS, PROT_READ | PROT_WRITE,
+                             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (base == MAP_FAILED) emu_fail("cannot map %zu MiB of fiber stacks", each * MAX_THREADS >> 20);
     for (int i = 0; i < MAX_THREADS; i++) {
         mprotect(base + i * each, page, PROT_NONE);
@@ -264,14 +265,16 @@ static uint32_t g_epoch = 1, g_block_epoch0 = 1;  // +1 at each block start and 
 static bool shared_range(uintptr_t a, size_t n, Shadow** sh, const char** region, size_t* off) {
     if (a - g_sta_lo < g_sta_n) {
         *off = a - g_sta_lo; *sh = g_sta_shadow + *off; *region = "static";
-        if (*off + n > g_sta_n) emu_fail("%s: %s accesses %zu bytes past the end of static shared memory", where().c_str(),
-                                         thread_name(g_cur ? g_cur->tid : -1).c_str(), *off + n - g_sta_n);
+        if (*off + n > g_sta_n)
+            emu_fail("%s: %s accesses %zu bytes past the end of static shared memory", where().c_str(),
+                     thread_name(g_cur ? g_cur->tid : -1).c_str(), *off + n - g_sta_n);
         return true;
     }
     if (a - g_dyn_lo < g_dyn_n) {
         *off = a - g_dyn_lo; *sh = g_dyn_shadow + *off; *region = "dynamic";
-        if (*off + n > g_dyn_n) emu_fail("%s: %s accesses shared memory past the %zu dynamic bytes of the launch",
-                                         where().c_str(), thread_name(g_cur ? g_cur->tid : -1).c_str(), (size_t)g_dyn_n);
+        if (*off + n > g_dyn_n)
+            emu_fail("%s: %s accesses shared memory past the %zu dynamic bytes of the launch", where().c_str(),
+                     thread_name(g_cur ? g_cur->tid : -1).c_str(), (size_t)g_dyn_n);
         return true;
     }
     // just past the dynamic allocation of this launch, inside what a larger launch could use
@@ -298,7 +301,8 @@ static void check_access(uintptr_t a, size_t n, bool write, int tid) {
     for (size_t i = 0; i < n; i++) {
         Shadow& s = sh[i];
         if (s.pending)
-            emu_fail("%s: %s %s %s shared offset %zu while a cp.async into it has not completed (cp.async.wait_group missing)",
+            emu_fail("%s: %s %s %s shared offset %zu while a cp.async into it has not completed (cp.async.wait_group "
+                     "missing)",
                      where().c_str(), thread_name(tid).c_str(), write ? "writes" : "reads", region, off + i);
         bool written = s.w_epoch >= g_block_epoch0;
         if (!write) {
@@ -316,11 +320,13 @@ static void check_access(uintptr_t a, size_t n, bool write, int tid) {
                 s.r_wepoch = we;
             }
         } else {
-            if (written && !ordered(s.w_epoch, s.w_wepoch, s.w_tid, tid)) race(region, off + i, s.w_tid, "wrote", tid, "writes");
+            if (written && !ordered(s.w_epoch, s.w_wepoch, s.w_tid, tid))
+                race(region, off + i, s.w_tid, "wrote", tid, "writes");
             if (s.r_epoch == g_epoch && s.r_epoch >= g_block_epoch0) {
                 bool other = s.r_tid != tid || s.r_several;
                 bool warp_ordered = !s.r_xwarp && s.r_tid / 32 == tid / 32 && s.r_wepoch != we;
-                if (other && !warp_ordered) race(region, off + i, s.r_tid, s.r_several ? "(and others) read" : "read", tid, "writes");
+                if (other && !warp_ordered)
+                    race(region, off + i, s.r_tid, s.r_several ? "(and others) read" : "read", tid, "writes");
             }
             s.w_epoch = g_epoch; s.w_wepoch = we; s.w_tid = (uint16_t)tid;
         }
@@ -375,7 +381,8 @@ static bool arrive(Kind kind, unsigned mask) {
         if (!(o.mask & mask)) continue;
         if (o.mask != mask || o.kind != kind)
             emu_fail("%s: %s calls %s with mask 0x%08x while lanes 0x%08x of its warp wait in %s with mask 0x%08x",
-                     where().c_str(), thread_name(t.tid).c_str(), KIND_NAME[kind], mask, o.arrived, KIND_NAME[o.kind], o.mask);
+                     where().c_str(), thread_name(t.tid).c_str(), KIND_NAME[kind], mask, o.arrived, KIND_NAME[o.kind],
+                     o.mask);
         c = &o;
     }
     if (!c) {  // the first lane to arrive checks the mask; a lane that exits later fails in emu_fiber_entry
@@ -383,10 +390,11 @@ static bool arrive(Kind kind, unsigned mask) {
             if (!(mask >> l & 1)) continue;
             int o = warp * 32 + l;
             if (o >= g_nthreads)
-                emu_fail("%s: %s calls %s with mask 0x%08x naming lane %d, which the block does not have", where().c_str(),
-                         thread_name(t.tid).c_str(), KIND_NAME[kind], mask, l);
+                emu_fail("%s: %s calls %s with mask 0x%08x naming lane %d, which the block does not have",
+                         where().c_str(), thread_name(t.tid).c_str(), KIND_NAME[kind], mask, l);
             if (g_threads[o].state == DONE)
-                emu_fail("%s: %s calls %s with mask 0x%08x naming lane %d, which has exited (mask does not match the lanes that arrive)",
+                emu_fail("%s: %s calls %s with mask 0x%08x naming lane %d, which has exited (mask does not match the "
+                         "lanes that arrive)",
                          where().c_str(), thread_name(t.tid).c_str(), KIND_NAME[kind], mask, l);
         }
         open.push_back({kind, mask, 0u});
@@ -594,13 +602,14 @@ extern "C" void emu_fiber_entry() {
 static void deadlock() {
     std::string s;
     int at_bar = 0;
-    for (int i = 0; i < g_nthreads; i++) at_bar += g_threads[i].state == BLOCKED && !strcmp(g_threads[i].waiting, "__syncthreads");
+    for (int i = 0; i < g_nthreads; i++)
+        at_bar += g_threads[i].state == BLOCKED && !strcmp(g_threads[i].waiting, "__syncthreads");
     if (at_bar) s += std::to_string(at_bar) + " thread(s) wait at __syncthreads; ";
     for (int w = 0; w * 32 < g_nthreads; w++)
         for (const Collective& c : g_warp_open[w]) {
             char b[200];
-            snprintf(b, sizeof b, "warp %d: lanes 0x%08x wait in %s for lanes 0x%08x; ", w, c.arrived, KIND_NAME[c.kind],
-                     c.mask & ~c.arrived);
+            snprintf(b, sizeof b, "warp %d: lanes 0x%08x wait in %s for lanes 0x%08x; ", w, c.arrived,
+                     KIND_NAME[c.kind], c.mask & ~c.arrived);
             s += b;
         }
     emu_fail("%s: deadlock: %s%d of %d threads have exited", where().c_str(), s.c_str(), g_exited, g_nthreads);
@@ -682,8 +691,9 @@ void launch(const LaunchConfig& c, std::function<void()> thread) {
     const Target& tg = target();
     size_t threads = (size_t)c.block.x * c.block.y * c.block.z;
     if (!threads || threads > 1024 || c.block.x > 1024 || c.block.y > 1024 || c.block.z > 64)
-        emu_fail("launch of %s: block (%u,%u,%u) is not a valid block on %s (at most 1024 threads; x, y ≤ 1024, z ≤ 64)",
-                 c.name, c.block.x, c.block.y, c.block.z, tg.name);
+        emu_fail(
+            "launch of %s: block (%u,%u,%u) is not a valid block on %s (at most 1024 threads; x, y ≤ 1024, z ≤ 64)",
+            c.name, c.block.x, c.block.y, c.block.z, tg.name);
     if (!c.grid.x || !c.grid.y || !c.grid.z || c.grid.x > 2147483647u || c.grid.y > 65535 || c.grid.z > 65535)
         emu_fail("launch of %s: grid (%u,%u,%u) is not a valid grid on %s (x ≤ 2^31−1, y, z ≤ 65535, none 0)",
                  c.name, c.grid.x, c.grid.y, c.grid.z, tg.name);
@@ -691,8 +701,8 @@ void launch(const LaunchConfig& c, std::function<void()> thread) {
         auto it = g_max_dynamic_smem.find(c.fn);
         int optin = it == g_max_dynamic_smem.end() ? 0 : it->second;
         if (c.smem > tg.smem_optin)
-            emu_fail("launch of %s: %zu bytes of dynamic shared memory, over the %zu a block can have on %s", c.name, c.smem,
-                     tg.smem_optin, tg.name);
+            emu_fail("launch of %s: %zu bytes of dynamic shared memory, over the %zu a block can have on %s", c.name,
+                     c.smem, tg.smem_optin, tg.name);
         if ((size_t)optin < c.smem)
             emu_fail("launch of %s: %zu bytes of dynamic shared memory, over the %zu default without "
                      "cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize) (set: %d)",
@@ -811,7 +821,8 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, const void* f) {
     return cudaSuccess;
 }
 cudaError_t cudaFuncSetAttribute(const void* f, cudaFuncAttribute attr, int value) {
-    if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) emu_fail("cudaFuncSetAttribute(%d): attribute not emulated", (int)attr);
+    if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize)
+        emu_fail("cudaFuncSetAttribute(%d): attribute not emulated", (int)attr);
     if (value < 0 || (size_t)value > emu::target().smem_optin) return err(cudaErrorInvalidValue);
     emu::g_max_dynamic_smem[f] = value;
     return cudaSuccess;
@@ -860,9 +871,16 @@ cudaError_t cudaFree(void* p) {
     free(p);
     return cudaSuccess;
 }
-cudaError_t cudaMallocHost(void** p, size_t bytes) { *p = malloc(bytes ? bytes : 1); return *p ? cudaSuccess : err(cudaErrorMemoryAllocation); }
+cudaError_t cudaMallocHost(void** p, size_t bytes) {
+    *p = malloc(bytes ? bytes : 1);
+    return *p ? cudaSuccess : err(cudaErrorMemoryAllocation);
+}
 cudaError_t cudaFreeHost(void* p) { free(p); return cudaSuccess; }
-cudaError_t cudaMemGetInfo(size_t* fr, size_t* tot) { *tot = TOTAL_MEMORY; *fr = TOTAL_MEMORY - g_alloc_bytes; return cudaSuccess; }
+cudaError_t cudaMemGetInfo(size_t* fr, size_t* tot) {
+    *tot = TOTAL_MEMORY;
+    *fr = TOTAL_MEMORY - g_alloc_bytes;
+    return cudaSuccess;
+}
 
 static cudaError_t sync_check(const char* what) {
     if (g_capturing) {
@@ -925,6 +943,7 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned lon
     return cudaSuccess;
 }
 cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s) {
+    emu_counts().graph_launches++;
     for (auto& w : e->work) emu_stream_submit(s, w);
     return cudaSuccess;
 }
@@ -942,7 +961,10 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t) { return sync_check("cudaEventSynchronize"); }
 cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
-cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) { *ms = (float)(b->ms - a->ms); return cudaSuccess; }
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
+    *ms = (float)(b->ms - a->ms);
+    return cudaSuccess;
+}
 cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
 }  // extern "C"
 
