@@ -116,8 +116,8 @@ TEST(attention_skip_and_mask_decisions_are_exact) {
         for (int T : ATTN_TEST_T) {
             std::vector<int32_t> docs = attn_test_docs(T, every ? every : T + 1);
             const int32_t* doc = every ? docs.data() : nullptr;
-            // forward (128 rows, 32 per warp; 64 and 16 at hd 128) and dQ (64, 16): warp w holds packed rows
-            // wr·w .. wr·w + wr − 1 of a tile, key tiles of 64 from the tile's first document on
+            // forward (128 rows, 32 per warp; 64 and 16 at hd 128): warp w holds packed rows wr·w .. wr·w + wr − 1
+            // of a tile, key tiles of 64 from the tile's first document on
             int n_kt = (T + ATTN_TILE - 1) / ATTN_TILE;
             for (int rows : {attn_forward_rows(64), ATTN_TILE}) {
                 int positions = attn_tile_positions(rows, group), wr = rows / 4;
@@ -147,13 +147,25 @@ TEST(attention_skip_and_mask_decisions_are_exact) {
                         }
                 }
             }
-            // dK/dV: warp w holds keys 16w..16w+15 of a key tile, against whole query tiles of BQ rows up to the
-            // last one whose documents reach the key tile
+            // backward: warp w holds keys 16w..16w+15 of a key tile, against whole query tiles of BQ rows up to
+            // the last one whose documents reach the key tile; the whole block skips the dQ product of a tile
+            // pair without a visible pair
             for (int bq : {64, 32}) {
                 if (group > bq) continue;
                 int pos = attn_tile_positions(bq, group);
                 for (int j = 0; j < n_kt; j++) {
                     int n_qt = attn_query_tiles(attn_doc_positions(doc, 0, j * ATTN_TILE + ATTN_TILE - 1, T), pos);
+                    for (int i = 0; i < attn_query_tiles(T, pos); i++) {
+                        int lo, hi;
+                        bool vis, hid;
+                        attn_row_positions(i, 0, bq, pos, group, &lo, &hi);
+                        attn_pairs(i, 0, bq, j * ATTN_TILE, (j + 1) * ATTN_TILE, bq, pos, group, T, doc, &vis, &hid);
+                        CHECK_MSG(!(attn_all_masked(j * ATTN_TILE, j * ATTN_TILE + ATTN_TILE - 1, hi,
+                                                    attn_doc_start(doc, 0, lo, T)) && vis),
+                                  "docs %d group %d T %d BQ %d: key tile %d skips the dQ share of query tile %d, "
+                                  "which sees it",
+                                  every, group, T, bq, j, i);
+                    }
                     for (int i = 0; i < attn_query_tiles(T, pos); i++)
                         for (int w = 0; w < 4; w++) {
                             int lo, hi, kw0 = j * ATTN_TILE + w * 16;
@@ -190,6 +202,19 @@ TEST(attention_statistics_index_matches_layouts) {
                 CHECK(attn_lse_index(b, h, t, T, H) == (size_t)(b * H + h) * T + t);
                 CHECK(attn_row_lse_index(r, T, H) == attn_lse_index(b, h, t, T, H));
             }
+}
+
+// The backward's fixed-point exponent puts a row's bound in [2^61, 2^62) units: below int64's 2^63 with
+// room for rounding, and no coarser than needed, from denormal bounds to FLT_MAX; inf and NaN are flagged.
+TEST(attention_dq_exponent_bounds_the_fixed_point_range) {
+    for (float bound : {1e-40f, 1e-30f, 1e-12f, 0.75f, 1.f, 3.f, 1e8f, 1e30f, FLT_MAX}) {
+        int e = attn_dq_exponent(bound);
+        double scaled = std::ldexp((double)bound, e);
+        CHECK_MSG(scaled >= std::ldexp(1.0, ATTN_DQ_BITS - 1) && scaled < std::ldexp(1.0, ATTN_DQ_BITS),
+                  "bound %g: exponent %d puts it at %g", bound, e, scaled);
+    }
+    CHECK(attn_dq_exponent(0.f) == ATTN_DQ_BITS);
+    CHECK(attn_dq_exponent(INFINITY) == ATTN_DQ_BAD && attn_dq_exponent(NAN) == ATTN_DQ_BAD);
 }
 
 // --- a warp of ldmatrix and mma.sync, emulated from the PTX ISA's fragment tables ---------------
@@ -407,10 +432,11 @@ static double attn_max_abs(const std::vector<float>& x) {
 }
 
 // every > 0: document-masked (VARLEN_ATTN), each row cut into documents by attn_test_docs(T, every + b),
-// the document starts in device memory as gpt_forward keeps them.
-static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd, int every = 0) {
-    std::string shape =
-        test_format("(B,T,H,Hk,hd)=(%d,%d,%d,%d,%d)%s", B, T, H, Hk, hd, every ? " with documents" : "");
+// the document starts in device memory as gpt_forward keeps them. dscale scales dO (and so every gradient).
+static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd, int every = 0, double dscale = 1) {
+    std::string scaled = dscale != 1 ? test_format(", dO × %g", dscale) : "";
+    std::string shape = test_format("(B,T,H,Hk,hd)=(%d,%d,%d,%d,%d)%s%s", B, T, H, Hk, hd,
+                                    every ? " with documents" : "", scaled.c_str());
     const char* sh = shape.c_str();
     size_t nq = (size_t)B * T * H * hd, nk = (size_t)B * T * Hk * hd, nl = (size_t)B * H * T;
     Rng rng(1000003ull * T + 1009 * H + 31 * Hk + hd + 7 * B + every);
@@ -430,7 +456,7 @@ static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd, int every 
     };
     // q·k/√hd then has standard deviation 1.5: softmax rows are neither flat nor one-hot
     std::vector<uint16_t> q = random_bf16(nq, 1.5), k = random_bf16(nk, 1.0), v = random_bf16(nk, 1.0),
-                          dout = random_bf16(nq, 1.0);
+                          dout = random_bf16(nq, dscale);
     std::vector<float> qf = attn_widen(q), kf = attn_widen(k), vf = attn_widen(v), doutf = attn_widen(dout);
     std::vector<float> out_ref(nq), lse_ref(nl);
     attention_forward(Cpu<float>{}, out_ref.data(), lse_ref.data(), qf.data(), kf.data(), vf.data(), B, T, H, Hk, hd,
@@ -493,11 +519,12 @@ static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd, int every 
         std::vector<uint16_t> g[3] = {attn_download<uint16_t>(dq_, nq), attn_download<uint16_t>(dk_, nk),
                                       attn_download<uint16_t>(dv_, nk)};
         if (run == 0) {
-            attn_expect_band("dq", sh, attn_widen(g[0]), plus(dq0, dq_ref), mq, 1e-2, 1e-5, T, H, hd);
-            attn_expect_band("dk", sh, attn_widen(g[1]), plus(dk0, dk_ref), mk, 1e-2, 1e-5, T, Hk, hd);
-            attn_expect_band("dv", sh, attn_widen(g[2]), plus(dv0, dv_ref), mv, 1e-2, 1e-5, T, Hk, hd);
+            double fl = 1e-5 * dscale;
+            attn_expect_band("dq", sh, attn_widen(g[0]), plus(dq0, dq_ref), mq, 1e-2, fl, T, H, hd);
+            attn_expect_band("dk", sh, attn_widen(g[1]), plus(dk0, dk_ref), mk, 1e-2, fl, T, Hk, hd);
+            attn_expect_band("dv", sh, attn_widen(g[2]), plus(dv0, dv_ref), mv, 1e-2, fl, T, Hk, hd);
             for (int x = 0; x < 3; x++) g1[x] = g[x];
-        } else {
+        } else {  // the emulator's block order differs from the first run's (its seeded generator moved on)
             for (int x = 0; x < 3; x++)
                 CHECK_MSG(g[x] == g1[x], "backward %s: %s of a second run differs from the first", sh,
                           x == 0   ? "dq"
@@ -519,6 +546,14 @@ TEST(cuda_attention_t2048_hd64) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 2048, E
 // key tiles wholly before a query tile's documents skipped (T 200: rows with BOS every 29 and 30 positions).
 TEST(cuda_attention_documents_gqa_hd32) { REQUIRE_GPU(); attention_gpu_vs_cpu(2, 77, 4, 2, 32, 5); }
 TEST(cuda_attention_documents_gqa_hd64) { REQUIRE_GPU(); attention_gpu_vs_cpu(2, 200, 4, 2, 64, 29); }
+// hd 128's 32-row query tiles (the dQ product split by columns across warps) with documents; gradients from
+// 1e-12 to 1e8 (a span of 2^66: no single fixed-point scale of an int64 holds both; the per-row exponents do).
+TEST(cuda_attention_documents_gqa_hd128) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 150, 4, 2, 128, 37); }
+TEST(cuda_attention_gradient_range) {
+    REQUIRE_GPU();
+    attention_gpu_vs_cpu(1, 100, 4, 2, 32, 0, 1e-12);
+    attention_gpu_vs_cpu(1, 100, 4, 2, 32, 0, 1e8);
+}
 
 // document_starts on the GPU against the CPU: rows longer than the block (several positions per thread),
 // without any BOS, with BOS on chunk edges and in the first and last positions, and shorter than the block.
