@@ -3161,14 +3161,16 @@ template <class T> static void attention_backward(Cpu<T>, T* dq, T* dk, T* dv, c
 // core, and the kernel should reach FlashAttention-2's rate: ~335–350 TFLOP/s non-causal at hd 64
 // (FlashAttention-3 paper, H100 benchmarks), of which we assume 85% for a simpler pipeline and the
 // causal diagonal: 0.30 of peak, ≈ 0.7 ms a layer. ptxas (sm_90): 255 registers, no spills: 2 blocks
-// per SM. The backward should reach FlashAttention-2's backward class, ~200 TFLOP/s issued (0.20;
-// its 5 products ≈ 2.6 ms a layer): FA2 adds dQ with fp32 atomics, the same traffic pattern as the
-// int64 adds here at twice the bytes, into L2 (see ATTN_DQ_BITS). ptxas (CUDA 13, sm_90 and sm_80):
-// the backward kernel holds 164 (sm_80: 168) registers at hd 64 under its 3-blocks-per-SM bound, no
-// stack frame, no spills (each query tile is taken in two halves of Sᵀ, dPᵀ). FA3's deterministic mode
-// orders fp32 dQ adds with a per-query-tile counter that blocks spin on, which the tests' emulator
-// (blocks one after another, in a random order) cannot run. Next: (a) measure; (b) Hopper wgmma fed by
-// TMA with a producer warp (FlashAttention-3), past 500 TFLOP/s.
+// per SM. The backward should reach FlashAttention-2's backward rate: 264 TFLOP/s at hd 64, sequence 2k,
+// non-causal (FlashAttention-3 paper, H100), of which 85% for the simpler pipeline and 85% for the
+// causal diagonal ≈ 190–200 TFLOP/s (0.20; its 5 products ≈ 2.6 ms a layer). FA2 adds dQ with fp32
+// atomics, the same traffic pattern as the int64 adds here at twice the bytes, into L2 (see ATTN_DQ_BITS).
+// ptxas (CUDA 13, sm_90 and sm_80): the backward kernel holds 164 (sm_80: 168) registers at hd 64
+// under its 3-blocks-per-SM bound, no stack frame, no spills (each query tile is taken in two halves
+// of Sᵀ, dPᵀ). FA3's deterministic mode orders fp32 dQ adds with a per-query-tile counter that blocks
+// spin on, which the tests' emulator (blocks one after another, in a random order) cannot run.
+// Next: (a) measure; (b) Hopper wgmma fed by TMA with a producer warp (FlashAttention-3), past 500
+// TFLOP/s.
 
 static constexpr int ATTN_TILE = 64;      // keys per key tile
 static constexpr int ATTN_THREADS = 128;  // 4 warps
@@ -10967,7 +10969,7 @@ struct CostEfficiency {
 static const CostEfficiency COST_EFFICIENCY[OP_NUM] = {
     {0.60, 0.80},  // GEMMs: d512 shapes (K = 512…1536) on cuBLASLt reach ~600 TFLOP/s, not the ~800 of large squares
     {0.30, 0.80},  // attention forward: mma.sync flash kernel (no wgmma/TMA), 16 rows per warp: FA2-class ~300 TFLOP/s
-    {0.20, 0.80},  // attention backward: FA2-class backward with 7 products and 2 passes: ~200 TFLOP/s
+    {0.20, 0.80},  // attention backward: FA2's 5 products in one pass, 264 TFLOP/s (hd 64, 2k) × 0.85²
     {1.00, 0.80},  // memsets: cudaMemset writes near the HBM rate
     {1.00, 0.55},  // elementwise/norms/reductions: 2-byte scalar loads, column-strided partial sums
     {0.25, 0.70},  // optimizer: Newton–Schulz GEMMs of ≤ 1536×512 fill few SMs; fp32 streams of Adam and Muon
