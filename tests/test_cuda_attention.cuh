@@ -509,13 +509,25 @@ static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd, int every 
     attn_upload(out_, out_in);
     cudaCheck(cudaMemcpy(lse_.p, lse_ref.data(), nl * 4, cudaMemcpyHostToDevice));
     std::vector<uint16_t> g1[3];
+    // the fixed-point dQ sums in the scratch, where the op carves them: compared bit for bit between the runs
+    // (rounded to bf16, dq alone would hide most order-dependent fp32 sums)
+    std::vector<long long> acc1;
     for (int run = 0; run < 2; run++) {
         attn_upload(dq_, dq0); attn_upload(dk_, dk0); attn_upload(dv_, dv0);
-        // the D scratch must be rewritten before it is read: poison it before the second run
+        // the scratch must be rewritten before it is read: poison it before the second run
         if (run == 1) cudaCheck(cudaMemset(g_cuda.scratch, 0xff, g_cuda.scratch_bytes));
         attention_backward(Cuda{}, bf(dq_), bf(dk_), bf(dv_), bf(dout_), bf(q_), bf(k_), bf(v_), bf(out_),
                            lse_.as<float>(), B, T, H, Hk, hd, ddoc);
         cudaCheck(cudaDeviceSynchronize());
+        Arena carve;
+        carve.base = g_cuda.scratch;
+        carve.cap = g_cuda.scratch_bytes;
+        AttnBackwardScratch sc;
+        carve_attention_backward_scratch(carve, sc, (size_t)B * T, H, Hk, hd);
+        std::vector<long long> acc(nq);
+        cudaCheck(cudaMemcpy(acc.data(), sc.dq_acc, nq * 8, cudaMemcpyDeviceToHost));
+        if (run == 0) acc1 = acc;
+        else CHECK_MSG(acc == acc1, "backward %s: the dQ sums of a second run differ from the first", sh);
         std::vector<uint16_t> g[3] = {attn_download<uint16_t>(dq_, nq), attn_download<uint16_t>(dk_, nk),
                                       attn_download<uint16_t>(dv_, nk)};
         if (run == 0) {
