@@ -3350,13 +3350,6 @@ __device__ static inline void attn_mma_slabs_by_tile(float (&acc)[MW][HDIM / 8][
         }
     }
 }
-// The same for one slab (the dQ kernel's 16 rows per warp).
-template <int HDIM>
-__device__ static inline void attn_mma_rows_by_tile(float (&acc)[HDIM / 8][4], const float (&s)[ATTN_TILE / 8][4],
-                                                    const __nv_bfloat16* X, int lane) {
-    attn_mma_slabs_by_tile<HDIM, 1>(reinterpret_cast<float(&)[1][HDIM / 8][4]>(acc),
-                                    reinterpret_cast<const float(&)[1][ATTN_TILE / 8][4]>(s), X, lane);
-}
 // Double buffering over key tiles: start copying key/value tile j+1 into the other stage, then wait
 // until tile j (in stage j & 1) has landed for every thread.
 template <int HDIM>
@@ -3621,27 +3614,6 @@ __global__ void attention_backward_rowdot_kernel(float* D, int* E, long long* dq
     }
 }
 
-// Backward (4): dq += dQ accumulator · 2^−e, per row; 8 elements per thread.
-template <int HDIM>
-__global__ void attention_backward_dq_kernel(__nv_bfloat16* dq, const long long* dq_acc, const int* E, size_t rows,
-                                             int T, int H) {
-    constexpr int LANES = HDIM / 8;
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x, row = idx / LANES;
-    if (row >= rows) return;
-    int e = E[attn_row_lse_index(row, T, H)];
-    uint4 d = *(const uint4*)(dq + idx * 8);
-    __nv_bfloat162* d2 = (__nv_bfloat162*)&d;
-    const long long* a = dq_acc + idx * 8;
-#pragma unroll
-    for (int x = 0; x < 4; x++) {
-        float2 old = __bfloat1622float2(d2[x]);
-        float lo = e == ATTN_DQ_BAD ? NAN : ldexpf((float)a[2 * x], -e);
-        float hi = e == ATTN_DQ_BAD ? NAN : ldexpf((float)a[2 * x + 1], -e);
-        d2[x] = __floats2bfloat162_rn(old.x + lo, old.y + hi);
-    }
-    *(uint4*)(dq + idx * 8) = d;
-}
-
 // Backward (3), 5 products per tile pair: dV += Pᵀ·dO and dK += dSᵀ·Q/√hd for one tile of 64 keys of kv
 // head g, summed over every packed query row (all heads of the group) at or after the keys, and each
 // query tile's share dQ += dS·K/√hd added into the fixed-point accumulator. Each warp owns 16 keys and
@@ -3835,6 +3807,27 @@ attention_backward_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv, long long* dq_ac
             *pv = pack_bf16(ov.x + dva[n][2 * r], ov.y + dva[n][2 * r + 1]);
         }
     }
+}
+
+// Backward (4): dq += dQ accumulator · 2^−e, per row; 8 elements per thread.
+template <int HDIM>
+__global__ void attention_backward_dq_kernel(__nv_bfloat16* dq, const long long* dq_acc, const int* E, size_t rows,
+                                             int T, int H) {
+    constexpr int LANES = HDIM / 8;
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x, row = idx / LANES;
+    if (row >= rows) return;
+    int e = E[attn_row_lse_index(row, T, H)];
+    uint4 d = *(const uint4*)(dq + idx * 8);
+    __nv_bfloat162* d2 = (__nv_bfloat162*)&d;
+    const long long* a = dq_acc + idx * 8;
+#pragma unroll
+    for (int x = 0; x < 4; x++) {
+        float2 old = __bfloat1622float2(d2[x]);
+        float lo = e == ATTN_DQ_BAD ? NAN : ldexpf((float)a[2 * x], -e);
+        float hi = e == ATTN_DQ_BAD ? NAN : ldexpf((float)a[2 * x + 1], -e);
+        d2[x] = __floats2bfloat162_rn(old.x + lo, old.y + hi);
+    }
+    *(uint4*)(dq + idx * 8) = d;
 }
 
 // Query rows per dK/dV query tile: 64, or 32 at hd 128 to keep dK, dV, Sᵀ, dPᵀ in registers.

@@ -364,6 +364,33 @@ TEST(attention_fragment_plans_match_ptx_layouts) {
     for (int hd : {16, 32, 64, 128}) attn_check_fragment_plans(hd, rng);
 }
 
+// The backward's dQ product reads its A operand dS [query][key] from the dSᵀ tile stored [key][query]: ldmatrix
+// .trans at the B-operand addresses (ldsm_b_row, ldsm_b_col) of the stored tile gives the registers ldmatrix
+// without .trans gives at the A-operand addresses of dS stored [query][key].
+TEST(attention_transposed_a_operand_plan) {
+    Rng rng(5);
+    const int LDS = 64 + ATTN_PAD, r0 = 16, c0 = 32;  // a 16 × 16 block inside a wider padded tile
+    std::vector<uint16_t> a((size_t)64 * LDS, 0x7fc0), at((size_t)64 * LDS, 0x7fc0);  // NaN where not written
+    for (int m = 0; m < 64; m++)
+        for (int k = 0; k < 64; k++) {
+            uint16_t x = float_to_bf16((float)rng.normal());
+            a[(size_t)m * LDS + k] = x;   // dS [query m][key k]
+            at[(size_t)k * LDS + m] = x;  // dSᵀ [key k][query m]
+        }
+    const uint16_t *pa[32], *pt[32];
+    for (int l = 0; l < 32; l++) {
+        pa[l] = &a[(size_t)(r0 + ldsm_a_row(l)) * LDS + c0 + ldsm_a_col(l)];
+        pt[l] = &at[(size_t)(c0 + ldsm_b_row(l)) * LDS + r0 + ldsm_b_col(l)];
+    }
+    uint32_t want[32][4], got[32][4];
+    emu_ldmatrix_x4(want, pa, false);
+    emu_ldmatrix_x4(got, pt, true);
+    for (int l = 0; l < 32; l++)
+        for (int j = 0; j < 4; j++)
+            CHECK_MSG(got[l][j] == want[l][j], "lane %d register %d: %08x from dSᵀ, %08x from dS", l, j, got[l][j],
+                      want[l][j]);
+}
+
 TEST(attention_rejects_unsupported_shapes) {
     __nv_bfloat16* z = nullptr;
     float* l = nullptr;
