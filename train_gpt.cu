@@ -3946,10 +3946,11 @@ struct AttnBackwardScratch {
     float* kv_max = nullptr;
     long long* dq_acc = nullptr;
 };
-static void carve_attention_backward_scratch(Arena& a, AttnBackwardScratch& s, size_t tokens, int H, int Hk, int hd) {
+static void carve_attention_backward_scratch(Arena& a, AttnBackwardScratch& s, int B, int T, int H, int Hk, int hd) {
+    size_t tokens = (size_t)B * T;
     s.D = a.take<float>(tokens * H);
     s.E = a.take<int>(tokens * H);
-    s.kv_max = a.take<float>(tokens * Hk * 2);  // at most B·Hk·2 (B ≤ tokens)
+    s.kv_max = a.take<float>((size_t)B * Hk * 2);
     s.dq_acc = a.take<long long>(tokens * H * hd);
 }
 template <int HDIM>
@@ -3992,7 +3993,7 @@ static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_
     if (B == 0 || T == 0) return;
     PROFILE_OP(OP_ATTN_BWD);
     AttnBackwardScratch sc;
-    scratch_carve([&](Arena& a) { carve_attention_backward_scratch(a, sc, (size_t)B * T, H, Hk, hd); });
+    scratch_carve([&](Arena& a) { carve_attention_backward_scratch(a, sc, B, T, H, Hk, hd); });
     switch (hd) {
         case 16:
             attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk);
@@ -11425,7 +11426,8 @@ static CudaMemoryPlan cuda_memory_plan(const Config& c, int world, size_t sort_t
         // attention backward: D, exponents, K/V bounds, the dQ accumulator
         Arena d;
         AttnBackwardScratch as;
-        carve_attention_backward_scratch(d, as, (size_t)N, c.num_heads, c.num_kv_heads, c.head_dim());
+        // calls of any B·T ≤ N (evaluation's shorter rows): B = N, T = 1 needs the most (one kv bound per row)
+        carve_attention_backward_scratch(d, as, (int)N, 1, c.num_heads, c.num_kv_heads, c.head_dim());
         need = std::max(need, d.used);
     }
     {

@@ -550,7 +550,7 @@ static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd, int every 
         carve.base = g_cuda.scratch;
         carve.cap = g_cuda.scratch_bytes;
         AttnBackwardScratch sc;
-        carve_attention_backward_scratch(carve, sc, (size_t)B * T, H, Hk, hd);
+        carve_attention_backward_scratch(carve, sc, B, T, H, Hk, hd);
         std::vector<long long> acc(nq);
         cudaCheck(cudaMemcpy(acc.data(), sc.dq_acc, nq * 8, cudaMemcpyDeviceToHost));
         if (run == 0) acc1 = acc;

@@ -317,7 +317,7 @@ TEST(emu_attention_runs_on_context_stream_with_planned_scratch) {
         auto zero = [&]() { for (GpuBuf* b : {&out, &lse, &dq, &dk, &dv}) device_zero(Cuda{}, b->p, b->bytes); };
         Arena plan;  // run_cuda reserves the planned scratch before training (cuda_memory_plan carves the same)
         AttnBackwardScratch planned;
-        carve_attention_backward_scratch(plan, planned, (size_t)B * T, H, Hk, hd);
+        carve_attention_backward_scratch(plan, planned, B, T, H, Hk, hd);
         cuda_scratch(plan.used);
         zero();
         size_t held = emu::allocated_bytes();
