@@ -594,6 +594,35 @@ TEST(cuda_attention_gradient_range) {
     attention_gpu_vs_cpu(1, 100, 4, 2, 32, 0, 1e8);
 }
 
+// A NaN in K reaches dq as NaN, never as a finite number: every query row that sees the key (and so gets a NaN
+// share) reads NaN, though a NaN has no fixed-point value (its kv head's rows are all flagged).
+TEST(cuda_attention_backward_nan_stays_nan) {
+    REQUIRE_GPU();
+    const int B = 1, T = 70, H = 4, Hk = 2, hd = 32, bad_t = 40, bad_g = 1;
+    size_t nq = (size_t)B * T * H * hd, nk = (size_t)B * T * Hk * hd, nl = (size_t)B * H * T;
+    Rng rng(23);
+    std::vector<uint16_t> x[4];  // q, k, v, dout
+    size_t sizes[4] = {nq, nk, nk, nq};
+    for (int i = 0; i < 4; i++)
+        for (size_t e = 0; e < sizes[i]; e++) x[i].push_back(float_to_bf16((float)rng.normal()));
+    x[1][attn_index(0, bad_t, bad_g, T, Hk, hd) + 3] = 0x7fc0;  // bf16 NaN
+    AttnDev q_(nq * 2), k_(nk * 2), v_(nk * 2), dout_(nq * 2), out_(nq * 2), lse_(nl * 4), dq_(nq * 2), dk_(nk * 2),
+        dv_(nk * 2);
+    attn_upload(q_, x[0]); attn_upload(k_, x[1]); attn_upload(v_, x[2]); attn_upload(dout_, x[3]);
+    for (const AttnDev* d : {&dq_, &dk_, &dv_}) cudaCheck(cudaMemset(d->p, 0, d == &dq_ ? nq * 2 : nk * 2));
+    auto bf = [](const AttnDev& d) { return d.as<__nv_bfloat16>(); };
+    attention_forward(Cuda{}, bf(out_), lse_.as<float>(), bf(q_), bf(k_), bf(v_), B, T, H, Hk, hd);
+    attention_backward(Cuda{}, bf(dq_), bf(dk_), bf(dv_), bf(dout_), bf(q_), bf(k_), bf(v_), bf(out_),
+                       lse_.as<float>(), B, T, H, Hk, hd);
+    cudaCheck(cudaDeviceSynchronize());
+    std::vector<float> dq = attn_widen(attn_download<uint16_t>(dq_, nq));
+    size_t finite = 0;
+    for (int t = bad_t; t < T; t++)
+        for (int h = bad_g * (H / Hk); h < (bad_g + 1) * (H / Hk); h++)
+            for (int i = 0; i < hd; i++) finite += std::isfinite(dq[attn_index(0, t, h, T, H, hd) + i]);
+    CHECK_MSG(finite == 0, "%zu dq elements of the rows that see the NaN key are finite", finite);
+}
+
 // document_starts on the GPU against the CPU: rows longer than the block (several positions per thread),
 // without any BOS, with BOS on chunk edges and in the first and last positions, and shorter than the block.
 TEST(cuda_document_starts_match_cpu) {
