@@ -106,6 +106,13 @@ template <class X> inline X __shfl_xor_sync(unsigned mask, X v, int lane_mask, i
     memcpy(&r, &bits, sizeof(X));
     return r;
 }
+// 64-bit integer atomics (the attention backward's fixed-point dQ sums): the fibers of a block run on one
+// host thread and switch only inside collectives, so a read-modify-write is atomic here.
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    unsigned long long old = *p;
+    *p = old + v;
+    return old;
+}
 template <class X> inline X min(X a, X b) { return b < a ? b : a; }
 template <class X> inline X max(X a, X b) { return a < b ? b : a; }
 
