@@ -1901,7 +1901,8 @@ struct TokenStream {
 
 // Each micro-batch takes world·(local+1) tokens; rank r keeps span r, inputs = span[:-1] and
 // targets = span[1:], exactly as the reference, so the same tokens reach the same step at any
-// world size with the same global batch.
+// world size with the same global batch and the same world·GRAD_ACCUM_STEPS (each span is one token
+// longer than its inputs: with 1 rank × 2 micro-batches rank 1's tokens are micro-batch 1's, with 1 × 1 not).
 struct DataLoader {
     TokenStream stream;
     int rank = 0, world = 1;
