@@ -3,6 +3,8 @@
 # without a GPU:
 #   emu_train_tiny_matches_cpu      CONFIG=tiny for a few steps: DEVICE=cuda's losses match DEVICE=cpu's
 #                                   within bf16 tolerance, then it compresses and scores the artifact;
+#   emu_train_frees_its_state       and frees its page-locked buffers and step graphs (the emulator's
+#                                   PGOLF_EMU_LEAK_CHECK=1 names what was never freed);
 #   emu_train_two_ranks_equal_one   mpirun -np 2 (NCCL over MPI: Parallel Muon's bank reduce-scatter and
 #                                   bf16 all-gather, one all-reduce of the replicated gradients) gives one
 #                                   rank's losses;
@@ -26,7 +28,7 @@ common=(CONFIG=tiny DATA_PATH=data/datasets/debian_prose_sp1024 ITERATIONS=3 WAR
 failed=0
 env "${common[@]}" GRAD_ACCUM_STEPS=2 DEVICE=cpu OUT_DIR="$tmp/cpu" "$cpu" > "$tmp/cpu.log" 2>&1 || { echo "FAIL emu_train: DEVICE=cpu failed"; tail "$tmp/cpu.log"; exit 1; }
 t0=$SECONDS
-env "${common[@]}" GRAD_ACCUM_STEPS=2 DEVICE=cuda OUT_DIR="$tmp/emu" "$emu" > "$tmp/emu.log" 2>&1 || { echo "FAIL emu_train_tiny_matches_cpu: the emulated run failed"; tail "$tmp/emu.log"; exit 1; }
+env "${common[@]}" GRAD_ACCUM_STEPS=2 PGOLF_EMU_LEAK_CHECK=1 DEVICE=cuda OUT_DIR="$tmp/emu" "$emu" > "$tmp/emu.log" 2>&1 || { echo "FAIL emu_train_tiny_matches_cpu: the emulated run failed"; tail "$tmp/emu.log"; exit 1; }
 secs=$((SECONDS - t0))
 compare() {  # compare NAME LOG_A LOG_B TOLERANCE
     python3 - "$@" <<'PY'
@@ -52,6 +54,11 @@ compare emu_train_tiny_matches_cpu "$tmp/cpu.log" "$tmp/emu.log" 2e-2 || failed=
 grep -q "CUDA emulator" "$tmp/emu.log" || { echo "FAIL emu_train_tiny_matches_cpu: the run did not say it ran on the emulator"; failed=1; }
 [ -s "$tmp/emu/final_model.pgz" ] || { echo "FAIL emu_train_tiny_matches_cpu: no artifact written in $tmp/emu"; failed=1; }
 echo "    (the emulated run took ${secs}s: the emulator checks, it does not time)"
+if grep -q "never freed" "$tmp/emu.log"; then
+    echo "FAIL emu_train_frees_its_state: $(grep "never freed" "$tmp/emu.log")"; failed=1
+else
+    echo "PASS emu_train_frees_its_state"
+fi
 if command -v mpirun >/dev/null 2>&1; then
     root=(); [ "$(id -u)" -eq 0 ] && root=(--allow-run-as-root)
     mpirun -np 2 --oversubscribe "${root[@]}" env "${common[@]}" GRAD_ACCUM_STEPS=1 DEVICE=cuda OUT_DIR="$tmp/two" "$emu" > "$tmp/two.log" 2>&1 \
