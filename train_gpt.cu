@@ -11311,6 +11311,11 @@ static int cost_main(int argc, char** argv) {
     printf("launches: %ld issued by the host (%ld of them cudaGraphLaunch), %ld replayed inside graphs; "
            "%ld host synchronizations\n", outside, graphs, launches - outside - t.launches[OP_SYNC],
            t.launches[OP_SYNC]);
+    // every entry runs alone on one stream: the collectives add to the step (none starts before the backward ends)
+    if (t.launches[OP_COMM] > 0)
+        printf("communication: %ld collectives, %.2f ms of the step, 0 ms overlapped with compute (the gradients' "
+               "reduce-scatter and all-reduce start after the whole backward)\n", t.launches[OP_COMM],
+               t.seconds[OP_COMM] * 1e3);
     if (by_op) {  // the same entries by op and class, most projected time first
         std::map<std::pair<std::string, int>, CostTotals> ops;
         for (const CostEntry& e : list) {

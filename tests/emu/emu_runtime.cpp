@@ -901,7 +901,8 @@ cudaError_t cudaMallocHost(void** p, size_t bytes) {
 cudaError_t cudaFreeHost(void* p) {
     if (!p) return cudaSuccess;
     auto it = g_host_allocs.find(p);
-    if (it == g_host_allocs.end()) emu_fail("cudaFreeHost(%p): not a pointer cudaMallocHost returned (or freed twice)", p);
+    if (it == g_host_allocs.end())
+        emu_fail("cudaFreeHost(%p): not a pointer cudaMallocHost returned (or freed twice)", p);
     g_host_alloc_bytes -= it->second;
     g_host_allocs.erase(it);
     free(p);
