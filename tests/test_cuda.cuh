@@ -944,21 +944,7 @@ TEST(cuda_optimizer_step_matches_cpu) {
 
 // --- GPU: the model ------------------------------------------------------------------------------
 
-static void cuda_train_state_free(TrainState<Cuda>& s) {
-    device_free(Cuda{}, s.adam_m);
-    device_free(Cuda{}, s.adam_v);
-    device_free(Cuda{}, s.update);
-    device_free(Cuda{}, s.avg);
-    s.adam_m = s.adam_v = s.update = s.avg = nullptr;
-    for (void* p : {(void*)s.scalars, (void*)s.clip_ss, (void*)s.comm, (void*)s.own_grad, (void*)s.updates,
-                    (void*)s.d_own, (void*)s.d_all, (void*)s.d_adam, (void*)s.d_pack})
-        device_free(Cuda{}, p);
-    s.scalars = nullptr; s.clip_ss = nullptr; s.comm = s.own_grad = nullptr; s.updates = nullptr;
-    s.d_own = s.d_all = nullptr; s.d_adam = s.d_pack = nullptr;
-    host_free(Cuda{}, s.batch); host_free(Cuda{}, s.batch_losses);
-    step_graph_free(s);
-    s.batch = nullptr; s.batch_losses = nullptr;
-}
+static void cuda_train_state_free(TrainState<Cuda>& s) { train_state_free(Cuda{}, s); }
 
 TEST(cuda_refresh_compute_weights_qat) {
     REQUIRE_GPU();

@@ -56,6 +56,8 @@ void cp_async_wait(int n);
 void set_target(const char* arch);
 const char* target_name();
 size_t allocated_bytes();            // what cudaMalloc holds now
+size_t host_allocated_bytes();       // what cudaMallocHost holds now (page-locked)
+long graph_execs();                  // instantiated graphs not yet destroyed
 
 // The launches, memsets, copies, cuBLASLt matmuls and NCCL collectives issued since the last reset.
 inline const EmuCounts& counts() { return emu_counts(); }
