@@ -55,8 +55,9 @@ static Config parity_config(const SafetensorsFile& f, const std::string& data_di
         for (const Setting& s : settings)
             if (key == s.name) { setting_parse(s, value.c_str(), f.path); known = true; }
         if (!known && key == "EMBED_WD") {  // until pgolf has EMBED_WD, the dump's must be the Adam groups' ADAM_WD
-            CHECK_MSG((float)atof(value.c_str()) == c.adam_wd, "%s: EMBED_WD=%s, pgolf's embedding decays by ADAM_WD=%g",
-                      f.path.c_str(), value.c_str(), c.adam_wd);
+            CHECK_MSG((float)atof(value.c_str()) == c.adam_wd,
+                      "%s: EMBED_WD=%s, pgolf's embedding decays by ADAM_WD=%g", f.path.c_str(), value.c_str(),
+                      c.adam_wd);
             known = true;
         }
         if (!known)
@@ -155,8 +156,9 @@ static double parity_first_step_run(D dev, Model<D>& m, const SafetensorsFile& f
 // Every gradient against the dump's prefix.<name>, relative to its own norm; a reference gradient that is
 // rounding noise (zero in exact arithmetic, e.g. an RMSNorm's scale invariance at init) below 1e-3 of the
 // largest is compared absolutely at that scale.
-template <class D> static void parity_check_grads(const SafetensorsFile& f, const Model<D>& m, const std::string& prefix,
-                                                  double grad_rtol) {
+template <class D>
+static void parity_check_grads(const SafetensorsFile& f, const Model<D>& m, const std::string& prefix,
+                               double grad_rtol) {
     double largest = 0;
     for (const ParamSpec& p : m.table) {
         std::vector<float> g = parity_tensor(f, prefix + p.name);
