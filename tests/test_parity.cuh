@@ -68,6 +68,7 @@ static Config parity_config(const SafetensorsFile& f, const std::string& data_di
         c.varlen_attn = 1;
         c.muon_row_normalize = 1;
         c.muon_polar_express = 1;
+        c.caseops_enabled = 0;  // the dump's shards are plain tokens (the record's CASEOPS_ENABLED defaults to 0)
     }
     c.data_path = data_dir;
     c.val_truncate_to_seq = 1;
