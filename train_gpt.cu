@@ -369,7 +369,8 @@ template <class D> static OpScopeNone op_scope(D, OpClass) { return {}; }
 // registers. One stream orders all work, so no op needs a device-wide synchronize.
 // Determinism: no float atomics. Sums over tokens (parameter gradients of gains, scales, mixes,
 // gates, embedding rows) are cut into fixed row chunks, each summed in order by one block, then
-// the chunk partials are added in chunk order: two identical runs give identical bits.
+// the chunk partials are added in chunk order: two identical runs give identical bits. The attention
+// backward's dQ adds its key tiles' shares with 64-bit integer atomics (fixed point): any order, same bits.
 
 #ifdef PGOLF_CUDA
 // --- The device tag, error checks, the device context -------------------------------------------
@@ -645,21 +646,21 @@ __device__ float column_reduce(float v, float* sh /* RED_ROWS·32 */) {
     return s;
 }
 
-// Second pass: out[c] += Σ_p partial[p, c], p in order.
-__global__ void column_sums_add_kernel(float* out, const float* partial, int P, int C) {
+// Second pass: out[c] (+)= Σ_p partial[p, c], p in order (accumulate: add to out, else overwrite it).
+__global__ void column_sums_add_kernel(float* out, const float* partial, int P, int C, bool accumulate) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     float s = 0.0f;
     for (int p = 0; p < P; p++) s += partial[(size_t)p * C + c];
-    out[c] += s;
+    out[c] = accumulate ? out[c] + s : s;
 }
-// out[0] += Σ v (one block; each thread sums a fixed stride, then a fixed tree).
-__global__ void total_sum_add_kernel(float* out, const float* v, size_t n) {
+// out[0] (+)= Σ v (one block; each thread sums a fixed stride, then a fixed tree).
+__global__ void total_sum_add_kernel(float* out, const float* v, size_t n, bool accumulate) {
     __shared__ float red[32];
     float s = 0.0f;
     for (size_t i = threadIdx.x; i < n; i += blockDim.x) s += v[i];
     s = block_sum(s, red);
-    if (threadIdx.x == 0) out[0] += s;
+    if (threadIdx.x == 0) out[0] = accumulate ? out[0] + s : s;
 }
 // First pass for a plain fp32 matrix [R, C]: partial[chunk, c] = Σ of the chunk's rows.
 __global__ void column_partial_sums_kernel(float* partial, const float* in, int R, int C, long rows_per_chunk) {
@@ -672,13 +673,13 @@ __global__ void column_partial_sums_kernel(float* partial, const float* in, int 
     acc = column_reduce(acc, sh);
     if (threadIdx.y == 0 && c < C) partial[(size_t)blockIdx.y * C + c] = acc;
 }
-static void column_sums_add(float* out, const float* partial, int P, int C) {
+static void column_sums_add(float* out, const float* partial, int P, int C, bool accumulate = true) {
     if (C <= 0) return;
-    PGOLF_LAUNCH(ceil_div(C, BLOCK), BLOCK, 0, g_cuda.stream, column_sums_add_kernel)(out, partial, P, C);
+    PGOLF_LAUNCH(ceil_div(C, BLOCK), BLOCK, 0, g_cuda.stream, column_sums_add_kernel)(out, partial, P, C, accumulate);
     launchCheck();
 }
-static void total_sum_add(float* out, const float* partial, size_t n) {
-    PGOLF_LAUNCH(1, 1024, 0, g_cuda.stream, total_sum_add_kernel)(out, partial, n);
+static void total_sum_add(float* out, const float* partial, size_t n, bool accumulate = true) {
+    PGOLF_LAUNCH(1, 1024, 0, g_cuda.stream, total_sum_add_kernel)(out, partial, n, accumulate);
     launchCheck();
 }
 static dim3 reduce_grid(int C, const RowChunks& rc) { return dim3(ceil_div(C, 32), rc.chunks); }
@@ -718,7 +719,7 @@ static void* host_alloc(Cuda, size_t bytes) {
     memset(p, 0, bytes);
     return p;
 }
-__attribute__((unused)) static void host_free(Cuda, void* p) { if (p) cudaCheck(cudaFreeHost(p)); }
+static void host_free(Cuda, void* p) { if (p) cudaCheck(cudaFreeHost(p)); }
 static void device_zero(Cuda, void* p, size_t bytes) {
     PROFILE_OP(OP_MEMSET);
     if (bytes) cudaCheck(cudaMemsetAsync(p, 0, bytes, cuda_ctx().stream));
@@ -1920,7 +1921,8 @@ struct TokenStream {
 
 // Each micro-batch takes world·(local+1) tokens; rank r keeps span r, inputs = span[:-1] and
 // targets = span[1:], exactly as the reference, so the same tokens reach the same step at any
-// world size with the same global batch.
+// world size with the same global batch and the same world·GRAD_ACCUM_STEPS (each span is one token
+// longer than its inputs: with 1 rank × 2 micro-batches rank 1's tokens are micro-batch 1's, with 1 × 1 not).
 struct DataLoader {
     TokenStream stream;
     int rank = 0, world = 1;
@@ -2288,8 +2290,9 @@ static void print_param_table(const std::vector<ParamSpec>& t) {
 // ============================================================================================
 // Conventions: rows are tokens (N = B·T, row n is position n % T of sequence n / T); matrices
 // are stored [out, in] as PyTorch's nn.Linear, so a linear layer computes out = inp · Wᵀ.
-// Backward functions ADD into the gradients of their inputs and parameters (callers zero them),
-// so branches of the residual stream and layers sharing a block simply accumulate.
+// Backward functions write the gradients of their inputs and parameters either way, as the caller
+// says: OVERWRITE (the buffer's first writer in a backward pass: no zeroing beforehand) or ACCUMULATE
+// (a later writer: branches of the residual stream, layers sharing a block, later micro-batches).
 // The device tag picks the implementation: Cpu<float> (training), Cpu<double> (gradient checks).
 
 template <class T> struct Cpu {
@@ -2300,6 +2303,9 @@ template <class T> struct Cpu {
     using stat = T;    // normalization statistics, log-sum-exps, losses
     static constexpr bool is_cuda = false;
 };
+
+enum GradWrite { OVERWRITE, ACCUMULATE };
+template <class T> static inline void write_grad(T& dst, T v, GradWrite w) { dst = w == ACCUMULATE ? dst + v : v; }
 
 static const double RMSNORM_EPS = 1.1920928955078125e-07;  // F.rms_norm(eps=None): fp32 machine epsilon
 static const double XSA_EPS = 1e-12;                        // F.normalize's default eps
@@ -2313,7 +2319,11 @@ template <class T> static inline T sigmoid(T x) { return T(1) / (T(1) + std::exp
 template <class T> static void embedding_forward(Cpu<T>, T* out, const int32_t* idx, const T* table, int N, int C) {
     for (int n = 0; n < N; n++) memcpy(out + (size_t)n * C, table + (size_t)idx[n] * C, C * sizeof(T));
 }
-template <class T> static void embedding_backward(Cpu<T>, T* dtable, const T* dout, const int32_t* idx, int N, int C) {
+// dtable [rows, C]: OVERWRITE leaves every row the sum of its positions' dout rows (zero where none)
+template <class T> static void embedding_backward(Cpu<T>, T* dtable, const T* dout, const int32_t* idx, int N, int C,
+                                                  int rows,
+                                                   GradWrite write) {
+    if (write == OVERWRITE) memset(dtable, 0, (size_t)rows * C * sizeof(T));
     for (int n = 0; n < N; n++)  // sequential: rows that share an index add up in a fixed order
         for (int c = 0; c < C; c++) dtable[(size_t)idx[n] * C + c] += dout[(size_t)n * C + c];
 }
@@ -2345,8 +2355,11 @@ __global__ void iota_kernel(int32_t* out, int n) {
 static const int EMB_WINDOW = 128;  // sorted entries per block
 // Window b = sorted entries [b·W, (b+1)·W). head[b]: the piece of a run that began before the window;
 // tail[b]: the piece of a run that begins in the window and goes on past it. Both (windows, C).
+// Overwriting (accumulate false), the block where a run begins also zeroes the table rows between the
+// previous run's key and its own, and the last window the rows after the last key: every row is written.
 __global__ void embedding_backward_kernel(float* dtable, float* head, float* tail, const bf16* dout,
-                                          const int32_t* keys, const int32_t* pos, int N, int C) {
+                                          const int32_t* keys, const int32_t* pos, int N, int C, int rows,
+                                          bool accumulate) {
     int i0 = blockIdx.x * EMB_WINDOW;
     int i1 = min(i0 + EMB_WINDOW, N);
     for (int i = i0; i < i1;) {
@@ -2355,19 +2368,26 @@ __global__ void embedding_backward_kernel(float* dtable, float* head, float* tai
         while (end < i1 && keys[end] == key) end++;
         bool from_before = i == i0 && i0 > 0 && keys[i0 - 1] == key;
         bool goes_on = end == i1 && i1 < N && keys[i1] == key;
+        size_t gap = (size_t)(i > 0 ? keys[i - 1] + 1 : 0) * C;  // the first row after the previous run's
+        if (!accumulate && !from_before)
+            for (size_t e = gap + threadIdx.x; e < (size_t)key * C; e += blockDim.x) dtable[e] = 0.0f;
         for (int c = threadIdx.x; c < C; c += blockDim.x) {
             float acc = 0.0f;
             for (int j = i; j < end; j++) acc += to_f32(dout[(size_t)pos[j] * C + c]);
             if (from_before) head[(size_t)blockIdx.x * C + c] = acc;
             else if (goes_on) tail[(size_t)blockIdx.x * C + c] = acc;
-            else dtable[(size_t)key * C + c] += acc;
+            else dtable[(size_t)key * C + c] = accumulate ? dtable[(size_t)key * C + c] + acc : acc;
         }
         i = end;
+    }
+    if (!accumulate && i0 < N && N <= i1) {
+        size_t after = (size_t)(keys[N - 1] + 1) * C;
+        for (size_t e = after + threadIdx.x; e < (size_t)rows * C; e += blockDim.x) dtable[e] = 0.0f;
     }
 }
 // Block b: when a run begins in window b and goes on past it, its pieces in window order, then its row.
 __global__ void embedding_backward_long_runs_kernel(float* dtable, const float* head, const float* tail,
-                                                    const int32_t* keys, int N, int C) {
+                                                    const int32_t* keys, int N, int C, bool accumulate) {
     int b = blockIdx.x;
     int i1 = min((b + 1) * EMB_WINDOW, N);
     if (i1 >= N) return;
@@ -2379,7 +2399,8 @@ __global__ void embedding_backward_long_runs_kernel(float* dtable, const float* 
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
         float acc = tail[(size_t)b * C + c];
         for (int w = b + 1; w <= last; w++) acc += head[(size_t)w * C + c];
-        dtable[(size_t)key * C + c] += acc;
+        float* d = dtable + (size_t)key * C + c;
+        *d = accumulate ? *d + acc : acc;
     }
 }
 struct SortScratch {
@@ -2409,8 +2430,14 @@ static void carve_sort_scratch(Arena& a, SortScratch& s, int N, int C, size_t te
 }
 // (perf: the table's row count is not an argument, so the sort uses all 32 key bits — passing it
 //  would cut the passes from 4 to 2)
-static void embedding_backward(Cuda, float* dtable, const bf16* dout, const int32_t* idx, int N, int C) {
-    if (N <= 0 || C <= 0 || !dtable) return;
+static void embedding_backward(Cuda dev, float* dtable, const bf16* dout, const int32_t* idx, int N, int C, int rows,
+                               GradWrite write) {
+    if (C <= 0 || !dtable) return;
+    if (N <= 0) {  // no positions: an overwritten table is all zeros
+        if (write == OVERWRITE) device_zero(dev, dtable, (size_t)rows * C * sizeof(float));
+        return;
+    }
+    bool accumulate = write == ACCUMULATE;
     size_t temp_bytes = radix_sort_temp_bytes(N);
     SortScratch s;
     scratch_carve([&](Arena& a) { carve_sort_scratch(a, s, N, C, temp_bytes); });
@@ -2419,9 +2446,11 @@ static void embedding_backward(Cuda, float* dtable, const bf16* dout, const int3
     PGOLF_LAUNCH(grid_for(N), BLOCK, 0, st, iota_kernel)(s.pos_in, N);
     launchCheck();
     cudaCheck(cub::DeviceRadixSort::SortPairs(s.temp, s.temp_bytes, idx, s.keys, s.pos_in, s.pos, N, 0, 32, st));
-    PGOLF_LAUNCH(windows, 128, 0, st, embedding_backward_kernel)(dtable, s.head, s.tail, dout, s.keys, s.pos, N, C);
+    PGOLF_LAUNCH(windows, 128, 0, st, embedding_backward_kernel)(
+        dtable, s.head, s.tail, dout, s.keys, s.pos, N, C, rows, accumulate);
     launchCheck();
-    PGOLF_LAUNCH(windows, 128, 0, st, embedding_backward_long_runs_kernel)(dtable, s.head, s.tail, s.keys, N, C);
+    PGOLF_LAUNCH(windows, 128, 0, st, embedding_backward_long_runs_kernel)(
+        dtable, s.head, s.tail, s.keys, N, C, accumulate);
     launchCheck();
 }
 #endif
@@ -2474,16 +2503,17 @@ template <class T> static void rmsnorm_forward(Cpu<T>, T* out, T* rstd, const T*
         for (int c = 0; c < C; c++) out[(size_t)n * C + c] = x[c] * r;
     }
 }
-// dx = r·dy − r³·x·(dy·x)/C
+// dx (+)= r·dy − r³·x·(dy·x)/C
 template <class T>
-static void rmsnorm_backward(Cpu<T>, T* dinp, const T* dout, const T* inp, const T* rstd, int N, int C) {
+static void rmsnorm_backward(Cpu<T>, T* dinp, const T* dout, const T* inp, const T* rstd, int N, int C,
+                             GradWrite write) {
 #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const T *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
         T r = rstd[n], dot = 0;
         for (int c = 0; c < C; c++) dot += dy[c] * x[c];
         T k = r * r * r * dot / C;
-        for (int c = 0; c < C; c++) dinp[(size_t)n * C + c] += r * dy[c] - k * x[c];
+        for (int c = 0; c < C; c++) write_grad(dinp[(size_t)n * C + c], r * dy[c] - k * x[c], write);
     }
 }
 #endif
@@ -2503,9 +2533,9 @@ __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* inp, 
     if (lane == 0) rstd[row] = r;
     for (int c = lane; c < C; c += 32) out[(size_t)row * C + c] = from_f32<bf16>(to_f32(x[c]) * r);
 }
-// dx += r·dy − r³·x·(dy·x)/C
-__global__ void rmsnorm_backward_kernel(bf16* dinp, const bf16* dout, const bf16* inp, const float* rstd, int N,
-                                        int C) {
+// dx (+)= r·dy − r³·x·(dy·x)/C
+__global__ void rmsnorm_backward_kernel(bf16* dinp, const bf16* dout, const bf16* inp, const float* rstd, int N, int C,
+                                        bool accumulate) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= N) return;
     const bf16 *x = inp + (size_t)row * C, *dy = dout + (size_t)row * C;
@@ -2514,7 +2544,10 @@ __global__ void rmsnorm_backward_kernel(bf16* dinp, const bf16* dout, const bf16
     dot = warp_sum(dot);
     float r = rstd[row], k = r * r * r * dot / C;
     bf16* dx = dinp + (size_t)row * C;
-    for (int c = lane; c < C; c += 32) dx[c] = from_f32<bf16>(to_f32(dx[c]) + r * to_f32(dy[c]) - k * to_f32(x[c]));
+    for (int c = lane; c < C; c += 32) {
+        float g = r * to_f32(dy[c]) - k * to_f32(x[c]);
+        dx[c] = from_f32<bf16>(accumulate ? to_f32(dx[c]) + g : g);
+    }
 }
 static const int ROWS_PER_BLOCK = 8;  // warps per block of the warp-per-row kernels
 static void rmsnorm_forward(Cuda, bf16* out, float* rstd, const bf16* inp, int N, int C) {
@@ -2523,10 +2556,11 @@ static void rmsnorm_forward(Cuda, bf16* out, float* rstd, const bf16* inp, int N
         (out, rstd, inp, N, C, (float)RMSNORM_EPS);
     launchCheck();
 }
-static void rmsnorm_backward(Cuda, bf16* dinp, const bf16* dout, const bf16* inp, const float* rstd, int N, int C) {
+static void rmsnorm_backward(Cuda, bf16* dinp, const bf16* dout, const bf16* inp, const float* rstd, int N, int C,
+                             GradWrite write) {
     if (N <= 0) return;
-    PGOLF_LAUNCH(ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream, rmsnorm_backward_kernel)
-        (dinp, dout, inp, rstd, N, C);
+    PGOLF_LAUNCH(ceil_div(N, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, cuda_ctx().stream, rmsnorm_backward_kernel)(
+        dinp, dout, inp, rstd, N, C, write == ACCUMULATE);
     launchCheck();
 }
 #endif
@@ -2576,11 +2610,12 @@ static void matmul_forward(Cpu<T>, T* out, const T* inp, const T* w, int N, int 
         for (int i = 0; i < IC; i++) wt[(size_t)i * OC + o] = w[(size_t)o * IC + i];
     gemm_cpu(out, inp, IC, 1, wt.data(), N, OC, IC, accumulate);
 }
-// dinp += dout · W ; dW += doutᵀ · inp   (either may be null: frozen weights, or input of no interest)
+// dinp (+)= dout · W ; dW (+)= doutᵀ · inp   (either may be null: frozen weights, or input of no interest)
 template <class T>
-static void matmul_backward(Cpu<T>, T* dinp, T* dw, const T* dout, const T* inp, const T* w, int N, int IC, int OC) {
-    if (dinp) gemm_cpu(dinp, dout, OC, 1, w, N, IC, OC, true);
-    if (dw) gemm_cpu(dw, dout, 1, OC, inp, OC, IC, N, true);
+static void matmul_backward(Cpu<T>, T* dinp, T* dw, const T* dout, const T* inp, const T* w, int N, int IC, int OC,
+                            GradWrite dinp_write = ACCUMULATE, GradWrite dw_write = ACCUMULATE) {
+    if (dinp) gemm_cpu(dinp, dout, OC, 1, w, N, IC, OC, dinp_write == ACCUMULATE);
+    if (dw) gemm_cpu(dw, dout, 1, OC, inp, OC, IC, N, dw_write == ACCUMULATE);
 }
 // Batched over b < batch, one weight per b (LoRA: one adapter per document), operands back to back:
 // inp [batch, N, IC], W [batch, OC, IC], out [batch, N, OC]. out[b] (+)= alpha·inp[b]·W[b]ᵀ.
@@ -2753,11 +2788,14 @@ static void matmul_forward(Cuda, bf16* out, const bf16* inp, const bf16* w, int 
                            bool accumulate = false) {
     gemm_bf16(out, CUDA_R_16BF, inp, w, linear_forward_gemm(N, IC, OC), 1.0f, accumulate ? 1.0f : 0.0f);
 }
-// dinp[N,IC] += dout[N,OC]·W[OC,IC] (bf16); dW[OC,IC] += dout[N,OC]ᵀ·inp[N,IC] (fp32 grads, beta = 1)
+// dinp[N,IC] (+)= dout[N,OC]·W[OC,IC] (bf16); dW[OC,IC] (+)= dout[N,OC]ᵀ·inp[N,IC] (fp32 grads);
+// beta = 1 accumulates, beta = 0 overwrites (the output is not read)
 static void matmul_backward(Cuda, bf16* dinp, float* dw, const bf16* dout, const bf16* inp, const bf16* w, int N,
-                            int IC, int OC) {
-    if (dinp) gemm_bf16(dinp, CUDA_R_16BF, dout, w, linear_dinp_gemm(N, IC, OC), 1.0f, 1.0f);
-    if (dw) gemm_bf16(dw, CUDA_R_32F, dout, inp, linear_dweight_gemm(N, IC, OC), 1.0f, 1.0f);
+                            int IC, int OC, GradWrite dinp_write = ACCUMULATE, GradWrite dw_write = ACCUMULATE) {
+    float dinp_beta = dinp_write == ACCUMULATE ? 1.0f : 0.0f;
+    float dw_beta = dw_write == ACCUMULATE ? 1.0f : 0.0f;
+    if (dinp) gemm_bf16(dinp, CUDA_R_16BF, dout, w, linear_dinp_gemm(N, IC, OC), 1.0f, dinp_beta);
+    if (dw) gemm_bf16(dw, CUDA_R_32F, dout, inp, linear_dweight_gemm(N, IC, OC), 1.0f, dw_beta);
 }
 // The batched products (see the CPU reference): one strided-batched cuBLASLt call each, whatever the batch.
 static void matmul_forward_batched(Cuda, bf16* out, const bf16* inp, const bf16* w, int batch, int N, int IC, int OC,
@@ -2832,7 +2870,8 @@ template <class T> static void qk_norm_rope_forward(Cpu<T>, T* out, T* rstd, con
 }
 template <class T>
 static void qk_norm_rope_backward(Cpu<T>, T* dx, T* dgain, const T* dout, const T* x, const T* rstd, const T* gain,
-                                  int N, int T_, int nh, int hd, int rd, float base) {
+                                  int N, int T_, int nh, int hd, int rd, float base, GradWrite dx_write,
+                                  GradWrite dgain_write) {
     int half = rd / 2;
     std::vector<T> cst, snt;
     rope_table(cst, snt, T_, rd, base);
@@ -2860,12 +2899,16 @@ static void qk_norm_rope_backward(Cpu<T>, T* dx, T* dgain, const T* dout, const 
             T dot = 0;
             for (int d = 0; d < hd; d++) dot += dn[d] * xi[d];
             T k = r * r * r * dot / hd;
-            for (int d = 0; d < hd; d++) dx[(size_t)n * nh * hd + h * hd + d] += r * dn[d] - k * xi[d];
+            T* dxi = dx + (size_t)n * nh * hd + h * hd;
+            for (int d = 0; d < hd; d++) write_grad(dxi[d], r * dn[d] - k * xi[d], dx_write);
         }
     }
     if (dgain)
-        for (int n = 0; n < N; n++)
-            for (int h = 0; h < nh; h++) dgain[h] += dgain_rows[(size_t)n * nh + h];
+        for (int h = 0; h < nh; h++) {
+            T sum = 0;
+            for (int n = 0; n < N; n++) sum += dgain_rows[(size_t)n * nh + h];
+            write_grad(dgain[h], sum, dgain_write);
+        }
 }
 #endif
 #ifdef PGOLF_CUDA
@@ -2938,11 +2981,11 @@ __global__ void qk_norm_rope_forward_kernel(bf16* out, float* rstd, const bf16* 
         yo[d] = from_f32<bf16>(y);
     }
 }
-// dn = g·Rᵀ·dy; dgain = dy·R(n); dx += r·dn − r³·x·(dn·x)/hd. Each (token, head) writes its dgain
+// dn = g·Rᵀ·dy; dgain = dy·R(n); dx (+)= r·dn − r³·x·(dn·x)/hd. Each (token, head) writes its dgain
 // term to dgain_rows, summed over tokens afterwards in a fixed order.
 __global__ void qk_norm_rope_backward_kernel(bf16* dx, float* dgain_rows, const bf16* dout, const bf16* x,
                                              const float* rstd, const float* gain, const float2* rope, int rows, int T,
-                                             int nh, int hd, int rd) {
+                                             int nh, int hd, int rd, bool accumulate) {
     PGOLF_DYNAMIC_SMEM(float, qk_sh);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;
@@ -2982,7 +3025,9 @@ __global__ void qk_norm_rope_backward_kernel(bf16* dx, float* dgain_rows, const 
     #pragma unroll
     for (int j = 0; j < MAX_HEAD_DIM / 32; j++) {
         int d = lane + 32 * j;
-        if (d < hd) dxo[d] = from_f32<bf16>(to_f32(dxo[d]) + r * dn[j] - k * xs[d]);
+        if (d >= hd) continue;
+        float g = r * dn[j] - k * xs[d];
+        dxo[d] = from_f32<bf16>(accumulate ? to_f32(dxo[d]) + g : g);
     }
     if (dgain_rows && lane == 0) dgain_rows[row] = dg;
 }
@@ -3003,7 +3048,8 @@ static void qk_norm_rope_forward(Cuda, bf16* out, float* rstd, const bf16* x, co
     launchCheck();
 }
 static void qk_norm_rope_backward(Cuda, bf16* dx, float* dgain, const bf16* dout, const bf16* x, const float* rstd,
-                                  const float* gain, int N, int T_, int nh, int hd, int rd, float base) {
+                                  const float* gain, int N, int T_, int nh, int hd, int rd, float base,
+                                  GradWrite dx_write, GradWrite dgain_write) {
     int rows = N * nh;
     if (rows <= 0) return;
     check_head_dim(hd, "qk_norm_rope_backward");
@@ -3017,13 +3063,13 @@ static void qk_norm_rope_backward(Cuda, bf16* dx, float* dgain, const bf16* dout
         });
     size_t sh = HEADS_PER_BLOCK * 2 * hd * sizeof(float);
     PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, sh, g_cuda.stream, qk_norm_rope_backward_kernel)
-        (dx, drows, dout, x, rstd, gain, rope, rows, T_, nh, hd, rd);
+        (dx, drows, dout, x, rstd, gain, rope, rows, T_, nh, hd, rd, dx_write == ACCUMULATE);
     launchCheck();
     if (dgain) {  // [N, nh] → [nh], in a fixed order
         PGOLF_LAUNCH(reduce_grid(nh, rc), REDUCE_BLOCK, 0, g_cuda.stream, column_partial_sums_kernel)
             (partial, drows, N, nh, rc.rows_per_chunk);
         launchCheck();
-        column_sums_add(dgain, partial, rc.chunks, nh);
+        column_sums_add(dgain, partial, rc.chunks, nh, dgain_write == ACCUMULATE);
     }
 }
 #endif
@@ -3153,11 +3199,12 @@ template <class T> static void attention_backward(Cpu<T>, T* dq, T* dk, T* dv, c
 // ops' arena (a step can be captured as a CUDA graph).
 //   forward  block = one tile of 128 packed query rows, 32 per warp (64 and 16 at hd 128); visits
 //            64-key tiles up to the diagonal; out = P·V / l and lse = max + log l, kept online.
-//   backward (1) D = rowsum(dO ⊙ O) per (b, h, t) into a scratch buffer;
-//            (2) dQ: block = 64 packed query rows, 16 per warp; visits key tiles, recomputes S, dP;
-//            (3) dK, dV: block = 64 keys of one kv head, 3 blocks per SM; visits the packed query
-//                tiles that see them. Each output element belongs to one thread and sums its terms
-//                in a fixed order: no atomics, so two runs give bit-identical gradients.
+//   backward (1) max |K|, max |V_k| per (b, kv head); (2) D = rowsum(dO ⊙ O) and a fixed-point
+//            exponent per (b, h, t), the row's dQ accumulator zeroed; (3) block = 64 keys of one kv
+//            head, 3 blocks per SM; visits the packed query tiles that see them with the 5 products of
+//            FlashAttention-2: dK, dV in its registers (each element owned by one thread, summed in a
+//            fixed order), each query tile's dQ share added to the int64 accumulator (integer adds:
+//            the same bits in any order); (4) dq += the accumulator. Two runs give identical bits.
 // GQA packing: a query tile holds all `group = H/Hk` query heads of one kv head for rows/group
 // consecutive positions, packed row m = (position t0 + m/group, head g·group + m%group). The
 // heads of a group are adjacent in q's [B,T,H,hd] layout; the group's K/V tiles are loaded once
@@ -3169,8 +3216,7 @@ template <class T> static void attention_backward(Cpu<T>, T* dq, T* dk, T* dv, c
 //
 // Performance, hd 64, per GPU at the thwu1 shape (B·T = 98,304 tokens, H 8, Hk 4, T 2048, 10
 // layers): the causal forward is 2 products of B·H·T²·hd FLOPs each ≈ 0.21 TFLOP a layer; the
-// backward does 7 such products where FlashAttention-2 does 5 (the dQ pass recomputes S and dP:
-// the price of determinism without atomics) ≈ 0.72 TFLOP. Rates the design should reach (no GPU
+// backward does 5 such products, as FlashAttention-2 does, ≈ 0.52 TFLOP. Rates the design should reach (no GPU
 // has timed it; the cost model, section 13, uses them): an H100 SM issues one m16n8k16 (4,096
 // FLOPs) per clock at the 989 TFLOP/s peak and reads 128 B of shared memory per clock. One
 // ldmatrix.x4 of K or V (512 B, 4 clocks) feeds one mma per 16-row slab it is used for, twice per
@@ -3179,16 +3225,18 @@ template <class T> static void attention_backward(Cpu<T>, T* dq, T* dk, T* dv, c
 // core, and the kernel should reach FlashAttention-2's rate: ~335–350 TFLOP/s non-causal at hd 64
 // (FlashAttention-3 paper, H100 benchmarks), of which we assume 85% for a simpler pipeline and the
 // causal diagonal: 0.30 of peak, ≈ 0.7 ms a layer. ptxas (sm_90): 255 registers, no spills: 2 blocks
-// per SM. The backward should reach FlashAttention-2's backward class, ~200 TFLOP/s issued (0.20;
-// its 7 products ≈ 3.6 ms a layer). The dK/dV kernel holds 168 registers at 3 blocks per SM.
-// Not done: 5 products. FlashAttention-2 adds dQ with fp32 atomics (not deterministic); FA3's
-// deterministic mode orders the key tiles' dQ adds with a per-query-tile counter that blocks spin on,
-// which the tests' emulator (blocks one after another, in a random order) cannot run; per-key-tile
-// partial dQ buffers cost 2 × 16 KB of HBM per tile pair (≈ 6.6 GB a layer here), more than the two
-// products they save. Next: (a) measure; (b) an ordered dQ (the counter above) once the emulator can
-// interleave blocks; (c) Hopper wgmma fed by TMA with a producer warp (FlashAttention-3), past 500.
+// per SM. The backward should reach FlashAttention-2's backward rate: 264 TFLOP/s at hd 64, sequence 2k,
+// non-causal (FlashAttention-3 paper, H100), of which 85% for the simpler pipeline and 85% for the
+// causal diagonal ≈ 190–200 TFLOP/s (0.20; its 5 products ≈ 2.6 ms a layer). FA2 adds dQ with fp32
+// atomics, the same traffic pattern as the int64 adds here at twice the bytes, into L2 (see ATTN_DQ_BITS).
+// ptxas (CUDA 13, sm_90 and sm_80): the backward kernel holds 164 (sm_80: 168) registers at hd 64
+// under its 3-blocks-per-SM bound, no stack frame, no spills (each query tile is taken in two halves
+// of Sᵀ, dPᵀ). FA3's deterministic mode orders fp32 dQ adds with a per-query-tile counter that blocks
+// spin on, which the tests' emulator (blocks one after another, in a random order) cannot run.
+// Next: (a) measure; (b) Hopper wgmma fed by TMA with a producer warp (FlashAttention-3), past 500
+// TFLOP/s.
 
-static constexpr int ATTN_TILE = 64;      // keys per key tile; packed query rows per dQ tile
+static constexpr int ATTN_TILE = 64;      // keys per key tile
 static constexpr int ATTN_THREADS = 128;  // 4 warps
 static constexpr int ATTN_PAD = 8;        // bf16 of padding per shared-memory row (see below)
 static constexpr float ATTN_LOG2E = 1.4426950408889634f, ATTN_LN2 = 0.6931471805599453f;
@@ -3366,13 +3414,6 @@ __device__ static inline void attn_mma_slabs_by_tile(float (&acc)[MW][HDIM / 8][
         }
     }
 }
-// The same for one slab (the dQ kernel's 16 rows per warp).
-template <int HDIM>
-__device__ static inline void attn_mma_rows_by_tile(float (&acc)[HDIM / 8][4], const float (&s)[ATTN_TILE / 8][4],
-                                                    const __nv_bfloat16* X, int lane) {
-    attn_mma_slabs_by_tile<HDIM, 1>(reinterpret_cast<float(&)[1][HDIM / 8][4]>(acc),
-                                    reinterpret_cast<const float(&)[1][ATTN_TILE / 8][4]>(s), X, lane);
-}
 // Double buffering over key tiles: start copying key/value tile j+1 into the other stage, then wait
 // until tile j (in stage j & 1) has landed for every thread.
 template <int HDIM>
@@ -3525,13 +3566,90 @@ __global__ void __launch_bounds__(ATTN_THREADS)
         }
 }
 
-// Backward (1): D[b,h,t] = Σ_i dO·O, one row per HDIM/8 lanes, 16 bytes each, reduced by shuffles.
+// dQ shares of the key tiles, summed in 64-bit fixed point: integer adds are associative, so the atomics
+// give the same bits in any order (deterministic) while each key-tile block adds its share as it goes.
+// Row (b, h, t) counts in units of 2^−e[b,h,t], with e from a bound on every partial sum of the row:
+// dQ_t = scale·Σ_k P_tk (dP_tk − D_t) K_k, |dP_tk − D_t| = |dO_t·(V_k − O_t)| ≤ |dO_t|·(max_k |V_k| + |O_t|)
+// and Σ_k P_tk = 1, so |any partial| ≤ scale·max|K|·|dO_t|·(max|V| + |O_t|); twice that (bf16 rounding of
+// dS, exp2 of P) is below 2^(62 − e): no overflow, and a resolution of 2^−62 of the bound, finer than an
+// fp32 sum's. The choice, at pr467 (B·T = 98,304, T 2048, H 8, Hk 4, hd 64, 10 layers) per layer:
+// - partial dQ buffers (key tile, B, H, T, hd) in fp32, reduced in key-tile order: 16.5 key tiles per row
+//   on average, 3.3 GB written and read again (≈ 2 ms at 3.35 TB/s), more than the 2 recomputed products
+//   they save (0.21 TFLOP, ≈ 1 ms);
+// - fixed-point atomics (this): 8·B·T·H·hd = 0.4 GB of accumulator zeroed (by the D kernel) and read once
+//   (≈ 0.25 ms); the 6.6 GB of 64-bit adds go to L2, where the accumulator rows of the ~12 (b, kv head)
+//   pairs that 3 blocks × 132 SMs work on at a time (25 MB) stay resident, overlapped with the products.
+static constexpr int ATTN_DQ_BITS = 62;
+static constexpr int ATTN_DQ_BAD = -(1 << 20);  // a row whose bound is not finite (inf/NaN inputs): dq = NaN
+HD static inline int attn_dq_exponent(float bound) {
+    if (!(bound <= FLT_MAX)) return ATTN_DQ_BAD;
+    int x = 0;
+    frexpf(bound, &x);  // bound < 2^x
+    return ATTN_DQ_BITS - x;
+}
+
+// Backward (1): per (b, kv head): max |K| over its elements and max |V_k| over its rows (NaN when either
+// holds inf or NaN), into kv_max[2·(b·Hk + g) + 0, 1]. Grid (Hk, B); HDIM/8 lanes per row, 16 bytes each.
 template <int HDIM>
-__global__ void attention_backward_rowdot_kernel(float* D, const __nv_bfloat16* dout, const __nv_bfloat16* out,
-                                                 size_t rows, int T, int H) {
+__global__ void __launch_bounds__(ATTN_THREADS)
+    attention_backward_bounds_kernel(float* kv_max, const __nv_bfloat16* k, const __nv_bfloat16* v, int T, int Hk) {
+    constexpr int LANES = HDIM / 8;
+    __shared__ float red[2][ATTN_THREADS / 32];
+    __shared__ int red_bad[ATTN_THREADS / 32];
+    const int g = blockIdx.x, b = blockIdx.y;
+    float kmax = 0.f, vmax2 = 0.f;
+    bool bad = false;
+    for (int base = 0; base < T * LANES; base += ATTN_THREADS) {  // warp-uniform trip count: shuffles below
+        int c = base + threadIdx.x, t = c / LANES;
+        float v2 = 0.f;
+        if (t < T) {
+            size_t at = attn_index(b, t, g, T, Hk, HDIM) + c % LANES * 8;
+            uint4 a = *(const uint4*)(k + at), w = *(const uint4*)(v + at);
+            const __nv_bfloat162* a2 = (const __nv_bfloat162*)&a;
+            const __nv_bfloat162* w2 = (const __nv_bfloat162*)&w;
+#pragma unroll
+            for (int x = 0; x < 4; x++) {
+                float2 fa = __bfloat1622float2(a2[x]), fw = __bfloat1622float2(w2[x]);
+                float m = fmaxf(fabsf(fa.x), fabsf(fa.y));
+                bad |= !(m <= FLT_MAX) || !(fabsf(fw.x) <= FLT_MAX) || !(fabsf(fw.y) <= FLT_MAX);
+                kmax = fmaxf(kmax, m);
+                v2 += fw.x * fw.x + fw.y * fw.y;
+            }
+        }
+        for (int off = LANES / 2; off > 0; off /= 2) v2 += __shfl_xor_sync(0xffffffffu, v2, off);
+        vmax2 = fmaxf(vmax2, v2);
+    }
+    for (int off = 16; off > 0; off /= 2) {
+        kmax = fmaxf(kmax, __shfl_xor_sync(0xffffffffu, kmax, off));
+        vmax2 = fmaxf(vmax2, __shfl_xor_sync(0xffffffffu, vmax2, off));
+        bad |= __shfl_xor_sync(0xffffffffu, (int)bad, off) != 0;
+    }
+    if (threadIdx.x % 32 == 0) {
+        red[0][threadIdx.x / 32] = kmax;
+        red[1][threadIdx.x / 32] = vmax2;
+        red_bad[threadIdx.x / 32] = bad;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < ATTN_THREADS / 32; w++) {
+            kmax = fmaxf(kmax, red[0][w]);
+            vmax2 = fmaxf(vmax2, red[1][w]);
+            bad |= red_bad[w] != 0;
+        }
+        kv_max[2 * ((size_t)b * Hk + g)] = bad ? NAN : kmax;
+        kv_max[2 * ((size_t)b * Hk + g) + 1] = bad ? NAN : sqrtf(vmax2);
+    }
+}
+
+// Backward (2): per row (b, t, h): D = Σ_i dO·O, the row's fixed-point exponent e (above) into E, and the
+// row's dQ accumulator zeroed. One row per HDIM/8 lanes, 16 bytes of dO and O each, reduced by shuffles.
+template <int HDIM>
+__global__ void attention_backward_rowdot_kernel(float* D, int* E, long long* dq_acc, const float* kv_max,
+                                                 const __nv_bfloat16* dout, const __nv_bfloat16* out, size_t rows,
+                                                 int T, int H, int Hk, float scale) {
     constexpr int LANES = HDIM / 8;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x, row = idx / LANES;
-    float s = 0.f;
+    float s = 0.f, dd = 0.f, oo = 0.f;
     if (row < rows) {
         uint4 a = *(const uint4*)(dout + idx * 8), c = *(const uint4*)(out + idx * 8);
         const __nv_bfloat162* a2 = (const __nv_bfloat162*)&a;
@@ -3540,122 +3658,47 @@ __global__ void attention_backward_rowdot_kernel(float* D, const __nv_bfloat16* 
         for (int x = 0; x < 4; x++) {
             float2 fa = __bfloat1622float2(a2[x]), fc = __bfloat1622float2(c2[x]);
             s += fa.x * fc.x + fa.y * fc.y;
+            dd += fa.x * fa.x + fa.y * fa.y;
+            oo += fc.x * fc.x + fc.y * fc.y;
         }
+        uint4* z = (uint4*)(dq_acc + idx * 8);  // 8 int64: 4 × 16 bytes
+        for (int x = 0; x < 4; x++) z[x] = make_uint4(0, 0, 0, 0);
     }
-    for (int off = LANES / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (row < rows && idx % LANES == 0) D[attn_row_lse_index(row, T, H)] = s;
-}
-
-// Backward (2): dQ += (P ⊙ (dP − D))·K/√hd with P = exp(S/√hd − lse), dP = dO·Vᵀ, over the key
-// tiles up to the diagonal. Grid (query tiles, Hk, B). Shared: Q, dO tiles, two stages of K, V.
-template <int HDIM>
-__global__ void __launch_bounds__(ATTN_THREADS)
-    attention_backward_dq_kernel(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,
-                                 const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
-                                 const int32_t* doc, int T, int H, int Hk, float scale_log2, float scale) {
-    constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = ATTN_TILE / 8, TILE = ATTN_TILE * LD;
-    PGOLF_DYNAMIC_SMEM(uint4, attn_smem);
-    __nv_bfloat16* sQ = (__nv_bfloat16*)attn_smem;
-    __nv_bfloat16* sdO = sQ + TILE;
-    __nv_bfloat16* sK = sdO + TILE;     // stage s at sK + s·TILE
-    __nv_bfloat16* sV = sK + 2 * TILE;
-    const int group = H / Hk, positions = attn_tile_positions(ATTN_TILE, group);
-    const int i = gridDim.x - 1 - blockIdx.x;
-    const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int n_kt = attn_key_tiles(i, positions, T, ATTN_TILE);
-    const int j0 = attn_doc_start(doc, b, i * positions, T) / ATTN_TILE;
-    int w_lo, w_hi;
-    attn_row_positions(i, warp * 16, 16, positions, group, &w_lo, &w_hi);
-    const int d_lo = attn_doc_start(doc, b, w_lo, T), d_hi = attn_doc_start(doc, b, w_hi, T);
-    int t_row[2], d_row[2];
-    float lse2[2], dsum[2];  // padding rows: lse = +∞ makes P = 0
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int hoff;
-        bool valid = attn_packed_row(i, warp * 16 + mma_acc_row(lane, 2 * r), positions, group, T, &t_row[r], &hoff);
-        d_row[r] = attn_doc_start(doc, b, t_row[r], T);
-        size_t at = valid ? attn_lse_index(b, g * group + hoff, t_row[r], T, H) : 0;
-        lse2[r] = valid ? lse[at] * ATTN_LOG2E : INFINITY;
-        dsum[r] = valid ? D[at] : 0.f;
+    for (int off = LANES / 2; off > 0; off /= 2) {
+        s += __shfl_xor_sync(0xffffffffu, s, off);
+        dd += __shfl_xor_sync(0xffffffffu, dd, off);
+        oo += __shfl_xor_sync(0xffffffffu, oo, off);
     }
-
-    attn_load_query_tile<ATTN_TILE, HDIM>(sQ, q, b, i, g, positions, group, T, H);
-    attn_load_query_tile<ATTN_TILE, HDIM>(sdO, dout, b, i, g, positions, group, T, H);
-    attn_load_key_tile<HDIM>(sK + (j0 & 1) * TILE, k, b, j0 * ATTN_TILE, g, T, Hk);
-    attn_load_key_tile<HDIM>(sV + (j0 & 1) * TILE, v, b, j0 * ATTN_TILE, g, T, Hk);
-    cp_async_commit();
-
-    uint32_t qf[KS][4];  // this warp's Q rows as A operands (its dO rows are read per use: fewer registers)
-    float acc[HDIM / 8][4] = {};
-    for (int j = j0; j < n_kt; j++) {
-        attn_stage_next_kv<HDIM>(sK, sV, k, v, b, j, n_kt, g, T, Hk);
-        if (j == j0)
-#pragma unroll
-            for (int kk = 0; kk < KS; kk++)
-                ldmatrix_x4(qf[kk], sQ + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
-        const __nv_bfloat16* cK = sK + (j & 1) * TILE;
-        const __nv_bfloat16* cV = sV + (j & 1) * TILE;
-        const int key0 = j * ATTN_TILE;
-        if (!attn_all_masked(key0, key0 + ATTN_TILE - 1, w_hi, d_lo)) {
-            float s[NT][4] = {}, dp[NT][4] = {};
-#pragma unroll
-            for (int kk = 0; kk < KS; kk++) {
-                uint32_t df[4];
-                ldmatrix_x4(df, sdO + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
-#pragma unroll
-                for (int np = 0; np < NT / 2; np++) {  // S = Q·Kᵀ and dP = dO·Vᵀ
-                    uint32_t kb[4], vb[4];
-                    ldmatrix_x4(kb, cK + (np * 16 + ldsm_b_row(lane)) * LD + kk * 16 + ldsm_b_col(lane));
-                    ldmatrix_x4(vb, cV + (np * 16 + ldsm_b_row(lane)) * LD + kk * 16 + ldsm_b_col(lane));
-                    mma_bf16_16816(s[2 * np], qf[kk], kb[0], kb[1]);
-                    mma_bf16_16816(s[2 * np + 1], qf[kk], kb[2], kb[3]);
-                    mma_bf16_16816(dp[2 * np], df, vb[0], vb[1]);
-                    mma_bf16_16816(dp[2 * np + 1], df, vb[2], vb[3]);
-                }
-            }
-            const bool mask = attn_any_masked(key0, key0 + ATTN_TILE - 1, w_lo, d_hi);
-#pragma unroll
-            for (int n = 0; n < NT; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {  // s becomes dS·√hd = P ⊙ (dP − D)
-                    int key = key0 + n * 8 + mma_acc_col(lane, e);
-                    bool hidden = mask && attn_hidden(key, t_row[e >> 1], d_row[e >> 1]);
-                    float p = hidden ? 0.f : exp2f(s[n][e] * scale_log2 - lse2[e >> 1]);
-                    s[n][e] = p * (dp[n][e] - dsum[e >> 1]);
-                }
-            attn_mma_rows_by_tile<HDIM>(acc, s, cK, lane);  // dQ += dS·K
-        }
-        __syncthreads();
-    }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int t, hoff;
-        if (!attn_packed_row(i, warp * 16 + mma_acc_row(lane, 2 * r), positions, group, T, &t, &hoff)) continue;
-        __nv_bfloat16* row = dq + attn_index(b, t, g * group + hoff, T, H, HDIM);
-#pragma unroll
-        for (int n = 0; n < HDIM / 8; n++) {  // add into dq: this thread owns these two elements
-            uint32_t* p = (uint32_t*)(row + n * 8 + mma_acc_col(lane, 0));
-            float2 old = __bfloat1622float2(*(const __nv_bfloat162*)p);
-            *p = pack_bf16(old.x + acc[n][2 * r] * scale, old.y + acc[n][2 * r + 1] * scale);
-        }
+    if (row < rows && idx % LANES == 0) {
+        size_t h = row % H, b = row / H / T, g = h / (H / Hk);
+        const float* m = kv_max + 2 * (b * Hk + g);
+        float bound = 2.f * scale * m[0] * sqrtf(dd) * (m[1] + sqrtf(oo));
+        D[attn_row_lse_index(row, T, H)] = s;
+        E[attn_row_lse_index(row, T, H)] = attn_dq_exponent(bound);
     }
 }
 
-// Backward (3): dV += Pᵀ·dO and dK += dSᵀ·Q/√hd for one tile of 64 keys of kv head g, summed over
-// every packed query row (all heads of the group) at or after the keys. Each warp owns 16 keys and
-// works on transposed tiles (Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ), so its sums stay in its own registers.
-// Grid (key tiles, Hk, B). Shared: K, V tiles, two stages of Q, dO tiles and their lse, D, document starts.
-// Occupancy: 3 blocks per SM at hd ≤ 64 (launch bounds cap registers at 65,536 / (3·128) = 170 per
-// thread; shared memory 56,832 B per block at hd 64, 170 KB for three of sm_90's 227 KB), 2 at hd 128.
+// Backward (3), 5 products per tile pair: dV += Pᵀ·dO and dK += dSᵀ·Q/√hd for one tile of 64 keys of kv
+// head g, summed over every packed query row (all heads of the group) at or after the keys, and each
+// query tile's share dQ += dS·K/√hd added into the fixed-point accumulator. Each warp owns 16 keys and
+// works on transposed tiles (Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ), so its dK, dV sums stay in its own registers; dSᵀ
+// goes through shared memory to the dQ product, where warp w takes 16 query rows (BQ 64) or 16 rows and
+// half the columns (BQ 32).
+// Grid (key tiles, Hk, B). Shared: K, V tiles, two stages of Q, dO tiles and their lse, D, exponents,
+// document starts, and the dSᵀ tile. Occupancy: 3 blocks per SM at hd ≤ 64 (launch bounds cap registers
+// at 65,536 / (3·128) = 170 per thread; shared memory 66,560 B per block at hd 64, 195 KB for three of
+// sm_90's 227 KB), 2 at hd 128.
 template <int HDIM, int BQ>
 __global__ void __launch_bounds__(ATTN_THREADS, attn_dkdv_blocks_per_sm(HDIM))
-attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
-                               const __nv_bfloat16* dout, const __nv_bfloat16* q,
-                               const __nv_bfloat16* k, const __nv_bfloat16* v,
-                               const float* lse, const float* D,
-                               const int32_t* doc, int T, int H, int Hk,
-                               float scale_log2, float scale) {
-    constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = BQ / 8, KTILE = ATTN_TILE * LD, QTILE = BQ * LD;
+attention_backward_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv, long long* dq_acc,
+                          const __nv_bfloat16* dout, const __nv_bfloat16* q,
+                          const __nv_bfloat16* k, const __nv_bfloat16* v,
+                          const float* lse, const float* D, const int* E,
+                          const int32_t* doc, int T, int H, int Hk,
+                          float scale_log2, float scale) {
+    constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NH = BQ / 16, KTILE = ATTN_TILE * LD, QTILE = BQ * LD;
+    constexpr int LDS = BQ + ATTN_PAD;                  // dSᵀ rows: 64 keys × BQ packed query rows
+    constexpr int RS = BQ / 16, CW = HDIM * RS / 4;     // dQ: row slabs, and columns per warp
     PGOLF_DYNAMIC_SMEM(uint4, attn_smem);
     __nv_bfloat16* sK = (__nv_bfloat16*)attn_smem;
     __nv_bfloat16* sV = sK + KTILE;
@@ -3664,6 +3707,8 @@ attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
     float* sL = (float*)(sdO + 2 * QTILE);  // stage s at sL + s·BQ: lse·log2(e) of the packed rows
     float* sD = sL + 2 * BQ;                // stage s at sD + s·BQ
     int* sS = (int*)(sD + 2 * BQ);          // stage s at sS + s·BQ: document starts of the packed rows
+    int* sE = sS + 2 * BQ;                  // stage s at sE + s·BQ: fixed-point exponents of the packed rows
+    __nv_bfloat16* sdS = (__nv_bfloat16*)(sE + 2 * BQ);  // dSᵀ·√hd, [key][packed row]
     const int group = H / Hk, positions = attn_tile_positions(BQ, group);
     const int j = blockIdx.x;  // key tile: the first ones see the most query tiles, so start first
     const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -3673,14 +3718,16 @@ attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
     const int n_qt = attn_query_tiles(attn_doc_positions(doc, b, j * ATTN_TILE + ATTN_TILE - 1, T), positions);
     const int kw0 = j * ATTN_TILE + warp * 16;  // this warp's first key
 
-    // lse, D and document start of query tile i's packed rows; padding rows get lse = +∞ (so P = 0) and D = 0
-    auto load_stats = [&](float* dl, float* dd, int* ds, int i) {
+    // lse, D, exponent and document start of query tile i's packed rows; padding rows get lse = +∞ (so
+    // P = 0) and D = 0
+    auto load_stats = [&](float* dl, float* dd, int* ds, int* de, int i) {
         for (int m = threadIdx.x; m < BQ; m += ATTN_THREADS) {
             int t, hoff;
             bool ok = attn_packed_row(i, m, positions, group, T, &t, &hoff);
             size_t at = ok ? attn_lse_index(b, g * group + hoff, t, T, H) : 0;
             dl[m] = ok ? lse[at] * ATTN_LOG2E : INFINITY;
             dd[m] = ok ? D[at] : 0.f;
+            de[m] = ok ? E[at] : 0;
             ds[m] = attn_doc_start(doc, b, t, T);
         }
     };
@@ -3688,7 +3735,7 @@ attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
     attn_load_key_tile<HDIM>(sV, v, b, j * ATTN_TILE, g, T, Hk);
     attn_load_query_tile<BQ, HDIM>(sQ, q, b, i0, g, positions, group, T, H);
     attn_load_query_tile<BQ, HDIM>(sdO, dout, b, i0, g, positions, group, T, H);
-    load_stats(sL, sD, sS, i0);
+    load_stats(sL, sD, sS, sE, i0);
     cp_async_commit();
 
     float dka[HDIM / 8][4] = {}, dva[HDIM / 8][4] = {};
@@ -3697,7 +3744,7 @@ attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
         if (i + 1 < n_qt) {
             attn_load_query_tile<BQ, HDIM>(sQ + (st ^ 1) * QTILE, q, b, i + 1, g, positions, group, T, H);
             attn_load_query_tile<BQ, HDIM>(sdO + (st ^ 1) * QTILE, dout, b, i + 1, g, positions, group, T, H);
-            load_stats(sL + (st ^ 1) * BQ, sD + (st ^ 1) * BQ, sS + (st ^ 1) * BQ, i + 1);
+            load_stats(sL + (st ^ 1) * BQ, sD + (st ^ 1) * BQ, sS + (st ^ 1) * BQ, sE + (st ^ 1) * BQ, i + 1);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -3712,50 +3759,98 @@ attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
         int t_lo, t_hi;
         attn_row_positions(i, 0, BQ, positions, group, &t_lo, &t_hi);
         const int d_lo = attn_doc_start(doc, b, t_lo, T), d_hi = attn_doc_start(doc, b, t_hi, T);
+        const bool block_masked = attn_all_masked(j * ATTN_TILE, j * ATTN_TILE + ATTN_TILE - 1, t_hi, d_lo);
+        __nv_bfloat16* wdS = sdS + (warp * 16) * LDS;  // this warp's 16 keys of dSᵀ
         if (!attn_all_masked(kw0, kw0 + 15, t_hi, d_lo)) {
-            float s[NT][4] = {}, dp[NT][4] = {};
+            const bool mask = attn_any_masked(kw0, kw0 + 15, t_lo, d_hi);
+#pragma unroll 1
+            for (int c0 = 0; c0 < BQ; c0 += BQ / 2) {  // half the query tile at a time: half the Sᵀ, dPᵀ registers
+                float s[NH][4] = {}, dp[NH][4] = {};
 #pragma unroll
-            for (int kk = 0; kk < KS; kk++) {  // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, A operands straight from shared memory
-                uint32_t ka[4], va[4];
-                ldmatrix_x4(ka, sK + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
-                ldmatrix_x4(va, sV + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
+                for (int kk = 0; kk < KS; kk++) {  // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, A operands straight from shared memory
+                    uint32_t ka[4], va[4];
+                    ldmatrix_x4(ka, sK + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
+                    ldmatrix_x4(va, sV + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
 #pragma unroll
-                for (int np = 0; np < NT / 2; np++) {
-                    uint32_t qb[4], ob[4];
-                    ldmatrix_x4(qb, cQ + (np * 16 + ldsm_b_row(lane)) * LD + kk * 16 + ldsm_b_col(lane));
-                    ldmatrix_x4(ob, cdO + (np * 16 + ldsm_b_row(lane)) * LD + kk * 16 + ldsm_b_col(lane));
-                    mma_bf16_16816(s[2 * np], ka, qb[0], qb[1]);
-                    mma_bf16_16816(s[2 * np + 1], ka, qb[2], qb[3]);
-                    mma_bf16_16816(dp[2 * np], va, ob[0], ob[1]);
-                    mma_bf16_16816(dp[2 * np + 1], va, ob[2], ob[3]);
+                    for (int np = 0; np < NH / 2; np++) {
+                        uint32_t qb[4], ob[4];
+                        ldmatrix_x4(qb, cQ + (c0 + np * 16 + ldsm_b_row(lane)) * LD + kk * 16 + ldsm_b_col(lane));
+                        ldmatrix_x4(ob, cdO + (c0 + np * 16 + ldsm_b_row(lane)) * LD + kk * 16 + ldsm_b_col(lane));
+                        mma_bf16_16816(s[2 * np], ka, qb[0], qb[1]);
+                        mma_bf16_16816(s[2 * np + 1], ka, qb[2], qb[3]);
+                        mma_bf16_16816(dp[2 * np], va, ob[0], ob[1]);
+                        mma_bf16_16816(dp[2 * np + 1], va, ob[2], ob[3]);
+                    }
+                }
+#pragma unroll
+                for (int n = 0; n < NH; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {  // rows are keys, columns packed query rows
+                        int c = c0 + n * 8 + mma_acc_col(lane, e);
+                        bool hidden = mask && attn_hidden(kw0 + mma_acc_row(lane, e), i * positions + c / group, cS[c]);
+                        float p = hidden ? 0.f : exp2f(s[n][e] * scale_log2 - cL[c]);
+                        s[n][e] = p;                        // Pᵀ
+                        dp[n][e] = p * (dp[n][e] - cD[c]);  // dSᵀ·√hd
+                    }
+#pragma unroll
+                for (int n = 0; n < NH; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e += 2)  // the bf16 dSᵀ the dK product reads, for the dQ product
+                        *(uint32_t*)(wdS + mma_acc_row(lane, e) * LDS + c0 + n * 8 + mma_acc_col(lane, 0)) =
+                            pack_bf16(dp[n][e], dp[n][e + 1]);
+#pragma unroll
+                for (int kk = 0; kk < NH / 2; kk++) {  // dV += Pᵀ·dO and dK += dSᵀ·Q, 16 query rows at a time
+                    uint32_t pa[4], sa[4];
+                    acc_to_a(pa, s[2 * kk], s[2 * kk + 1]);
+                    acc_to_a(sa, dp[2 * kk], dp[2 * kk + 1]);
+                    const int r0 = c0 + kk * 16 + ldsm_a_row(lane);
+#pragma unroll
+                    for (int dd = 0; dd < HDIM / 16; dd++) {
+                        uint32_t ob[4], qb[4];
+                        ldmatrix_x4_trans(ob, cdO + r0 * LD + dd * 16 + ldsm_a_col(lane));
+                        ldmatrix_x4_trans(qb, cQ + r0 * LD + dd * 16 + ldsm_a_col(lane));
+                        mma_bf16_16816(dva[2 * dd], pa, ob[0], ob[1]);
+                        mma_bf16_16816(dva[2 * dd + 1], pa, ob[2], ob[3]);
+                        mma_bf16_16816(dka[2 * dd], sa, qb[0], qb[1]);
+                        mma_bf16_16816(dka[2 * dd + 1], sa, qb[2], qb[3]);
+                    }
                 }
             }
-            const bool mask = attn_any_masked(kw0, kw0 + 15, t_lo, d_hi);
+        } else if (!block_masked) {  // keys hidden from the whole query tile: their dS is 0
+            for (int x = lane; x < 16 * BQ / 2; x += 32)
+                *(uint32_t*)(wdS + x / (BQ / 2) * LDS + x % (BQ / 2) * 2) = 0u;
+        }
+        if (!block_masked) {  // block-uniform
+            __syncthreads();  // the dSᵀ tile is complete
+            const int rs = warp % RS, c0 = warp / RS * CW;
+            float dqa[CW / 8][4] = {};
 #pragma unroll
-            for (int n = 0; n < NT; n++)
+            for (int kk = 0; kk < ATTN_TILE / 16; kk++) {  // dQ = dS·K; A = (dSᵀ)ᵀ through ldmatrix .trans
+                uint32_t a[4];
+                ldmatrix_x4_trans(a, sdS + (kk * 16 + ldsm_b_row(lane)) * LDS + rs * 16 + ldsm_b_col(lane));
 #pragma unroll
-                for (int e = 0; e < 4; e++) {  // rows are keys, columns packed query rows
-                    int c = n * 8 + mma_acc_col(lane, e);
-                    bool hidden = mask && attn_hidden(kw0 + mma_acc_row(lane, e), i * positions + c / group, cS[c]);
-                    float p = hidden ? 0.f : exp2f(s[n][e] * scale_log2 - cL[c]);
-                    s[n][e] = p;                      // Pᵀ
-                    dp[n][e] = p * (dp[n][e] - cD[c]);  // dSᵀ·√hd
+                for (int dd = 0; dd < CW / 16; dd++) {
+                    uint32_t kb[4];
+                    ldmatrix_x4_trans(kb, sK + (kk * 16 + ldsm_a_row(lane)) * LD + c0 + dd * 16 + ldsm_a_col(lane));
+                    mma_bf16_16816(dqa[2 * dd], a, kb[0], kb[1]);
+                    mma_bf16_16816(dqa[2 * dd + 1], a, kb[2], kb[3]);
                 }
+            }
+            const int* cE = sE + st * BQ;
 #pragma unroll
-            for (int kk = 0; kk < NT / 2; kk++) {  // dV += Pᵀ·dO and dK += dSᵀ·Q, 16 query rows at a time
-                uint32_t pa[4], sa[4];
-                acc_to_a(pa, s[2 * kk], s[2 * kk + 1]);
-                acc_to_a(sa, dp[2 * kk], dp[2 * kk + 1]);
+            for (int r = 0; r < 2; r++) {  // this tile's share into the rows' fixed-point sums
+                int m = rs * 16 + mma_acc_row(lane, 2 * r), t, hoff;
+                if (!attn_packed_row(i, m, positions, group, T, &t, &hoff)) continue;
+                const int e = cE[m];
+                long long* row = dq_acc + attn_index(b, t, g * group + hoff, T, H, HDIM) + c0;
 #pragma unroll
-                for (int dd = 0; dd < HDIM / 16; dd++) {
-                    uint32_t ob[4], qb[4];
-                    ldmatrix_x4_trans(ob, cdO + (kk * 16 + ldsm_a_row(lane)) * LD + dd * 16 + ldsm_a_col(lane));
-                    ldmatrix_x4_trans(qb, cQ + (kk * 16 + ldsm_a_row(lane)) * LD + dd * 16 + ldsm_a_col(lane));
-                    mma_bf16_16816(dva[2 * dd], pa, ob[0], ob[1]);
-                    mma_bf16_16816(dva[2 * dd + 1], pa, ob[2], ob[3]);
-                    mma_bf16_16816(dka[2 * dd], sa, qb[0], qb[1]);
-                    mma_bf16_16816(dka[2 * dd + 1], sa, qb[2], qb[3]);
-                }
+                for (int n = 0; n < CW / 8; n++)
+#pragma unroll
+                    for (int x = 0; x < 2; x++) {
+                        long long fx = llrintf(ldexpf(dqa[n][2 * r + x] * scale, e));
+                        unsigned long long* at = (unsigned long long*)(row + n * 8 + mma_acc_col(lane, x));
+                        if (fx) atomicAdd(at, (unsigned long long)fx);  // two's complement: a negative fx subtracts
+                    }
             }
         }
         __syncthreads();
@@ -3778,6 +3873,27 @@ attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
     }
 }
 
+// Backward (4): dq += dQ accumulator · 2^−e, per row; 8 elements per thread.
+template <int HDIM>
+__global__ void attention_backward_dq_kernel(__nv_bfloat16* dq, const long long* dq_acc, const int* E, size_t rows,
+                                             int T, int H) {
+    constexpr int LANES = HDIM / 8;
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x, row = idx / LANES;
+    if (row >= rows) return;
+    int e = E[attn_row_lse_index(row, T, H)];
+    uint4 d = *(const uint4*)(dq + idx * 8);
+    __nv_bfloat162* d2 = (__nv_bfloat162*)&d;
+    const long long* a = dq_acc + idx * 8;
+#pragma unroll
+    for (int x = 0; x < 4; x++) {
+        float2 old = __bfloat1622float2(d2[x]);
+        float lo = e == ATTN_DQ_BAD ? NAN : ldexpf((float)a[2 * x], -e);
+        float hi = e == ATTN_DQ_BAD ? NAN : ldexpf((float)a[2 * x + 1], -e);
+        d2[x] = __floats2bfloat162_rn(old.x + lo, old.y + hi);
+    }
+    *(uint4*)(dq + idx * 8) = d;
+}
+
 // Query rows per dK/dV query tile: 64, or 32 at hd 128 to keep dK, dV, Sᵀ, dPᵀ in registers.
 template <int HDIM> static constexpr int attn_dkdv_rows() { return HDIM <= 64 ? 64 : 32; }
 // 16-row slabs per warp in the forward: 2 (32 query rows per warp, 128 per block), 1 at hd 128, where two
@@ -3787,48 +3903,41 @@ HD static inline int attn_forward_rows(int hd) { return hd <= 64 ? 128 : 64; }  
 template <int HDIM> static size_t attn_forward_smem() {
     return ((size_t)attn_forward_rows(HDIM) + 4 * (size_t)ATTN_TILE) * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16);
 }
-template <int HDIM> static size_t attn_dq_smem() {
-    return 6 * (size_t)ATTN_TILE * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16);
-}
-template <int HDIM> static size_t attn_dkdv_smem() {
-    return (2 * (size_t)ATTN_TILE + 4 * (size_t)attn_dkdv_rows<HDIM>()) * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16) +
-           6 * (size_t)attn_dkdv_rows<HDIM>() * sizeof(float);  // lse, D and document starts, two stages
+template <int HDIM> static size_t attn_backward_smem() {
+    constexpr size_t BQ = attn_dkdv_rows<HDIM>();
+    return (2 * (size_t)ATTN_TILE + 4 * BQ) * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16) +
+           8 * BQ * sizeof(float) +                                   // lse, D, exponents, document starts: 2 stages
+           (size_t)ATTN_TILE * (BQ + ATTN_PAD) * sizeof(__nv_bfloat16);  // dSᵀ
 }
 
-// Dynamic shared memory per block the attention kernels need at head dim hd: the largest of the three,
-// named in *kernel. At hd 128 the dQ kernel (Q, dO and two stages of K and V) needs 104,448 B.
+// Dynamic shared memory per block the attention kernels need at head dim hd: the larger of the two,
+// named in *kernel. At hd 128 the forward (64 query rows, two stages of K and V) needs 87,040 B.
 static size_t attention_smem_bytes(int hd, const char** kernel) {
-    size_t f = 0, q = 0, kv = 0;
+    size_t f = 0, kv = 0;
     switch (hd) {
         case 16:
             f = attn_forward_smem<16>();
-            q = attn_dq_smem<16>();
-            kv = attn_dkdv_smem<16>();
+            kv = attn_backward_smem<16>();
             break;
         case 32:
             f = attn_forward_smem<32>();
-            q = attn_dq_smem<32>();
-            kv = attn_dkdv_smem<32>();
+            kv = attn_backward_smem<32>();
             break;
         case 64:
             f = attn_forward_smem<64>();
-            q = attn_dq_smem<64>();
-            kv = attn_dkdv_smem<64>();
+            kv = attn_backward_smem<64>();
             break;
         default:
             f = attn_forward_smem<128>();
-            q = attn_dq_smem<128>();
-            kv = attn_dkdv_smem<128>();
+            kv = attn_backward_smem<128>();
             break;
     }
-    *kernel = q >= f && q >= kv ? "attention_backward_dq_kernel"
-              : f >= kv         ? "attention_forward_kernel"
-                                : "attention_backward_dkdv_kernel";
-    return std::max({f, q, kv});
+    *kernel = f >= kv ? "attention_forward_kernel" : "attention_backward_kernel";
+    return std::max(f, kv);
 }
 // At start, on the GPU the run got: a head dim whose attention kernels need more shared memory per block
-// than the GPU's opt-in maximum (sm_86/sm_89: 101,376 B, under hd 128's dQ tile) fails with the reason
-// instead of at the first backward.
+// than the GPU's opt-in maximum (hd 128: 87,040 B, under sm_86/sm_89's 101,376 B) fails with the reason
+// instead of at the first launch.
 static void attention_smem_check(int hd, size_t optin_bytes, int major, int minor, const char* gpu) {
     const char* kernel = "";
     size_t need = attention_smem_bytes(hd, &kernel);
@@ -3893,35 +4002,49 @@ static void attention_forward(Cuda, __nv_bfloat16* out, float* lse, const __nv_b
     }
 }
 
-// D = rowsum(dO ⊙ O), [B,H,T]: in the ops' scratch (cuda_memory_plan counts it).
+// The backward's scratch, in the ops' arena (cuda_memory_plan counts it): D = rowsum(dO ⊙ O) and the
+// fixed-point exponents E [B,H,T], the bounds of K and V [B,Hk,2], the dQ accumulator [B,T,H,hd] int64.
+struct AttnBackwardScratch {
+    float* D = nullptr;
+    int* E = nullptr;
+    float* kv_max = nullptr;
+    long long* dq_acc = nullptr;
+};
+static void carve_attention_backward_scratch(Arena& a, AttnBackwardScratch& s, int B, int T, int H, int Hk, int hd) {
+    size_t tokens = (size_t)B * T;
+    s.D = a.take<float>(tokens * H);
+    s.E = a.take<int>(tokens * H);
+    s.kv_max = a.take<float>((size_t)B * Hk * 2);
+    s.dq_acc = a.take<long long>(tokens * H * hd);
+}
 template <int HDIM>
 static void attention_backward_hd(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                                   const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                  const __nv_bfloat16* out, const float* lse, float* D, const int32_t* doc,
-                                  int B, int T, int H, int Hk) {
+                                  const __nv_bfloat16* out, const float* lse, const AttnBackwardScratch& sc,
+                                  const int32_t* doc, int B, int T, int H, int Hk) {
     constexpr int BQ = attn_dkdv_rows<HDIM>();
-    size_t smem_dq = attn_dq_smem<HDIM>(), smem_kv = attn_dkdv_smem<HDIM>();
+    size_t smem = attn_backward_smem<HDIM>();
     static bool smem_set = false;
     if (!smem_set) {
-        cudaCheck(cudaFuncSetAttribute(attention_backward_dq_kernel<HDIM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)smem_dq));
-        cudaCheck(cudaFuncSetAttribute(attention_backward_dkdv_kernel<HDIM, BQ>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_kv));
+        cudaCheck(cudaFuncSetAttribute(attention_backward_kernel<HDIM, BQ>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         smem_set = true;
     }
     float scale = 1.f / sqrtf((float)HDIM), scale_log2 = ATTN_LOG2E * scale;
     size_t rows = (size_t)B * T * H, threads = rows * (HDIM / 8);
-    PGOLF_LAUNCH((unsigned)((threads + 255) / 256), 256, 0, g_cuda.stream, attention_backward_rowdot_kernel<HDIM>)
-        (D, dout, out, rows, T, H);
+    unsigned row_blocks = (unsigned)((threads + 255) / 256);
+    PGOLF_LAUNCH(dim3(Hk, B), ATTN_THREADS, 0, g_cuda.stream, attention_backward_bounds_kernel<HDIM>)
+        (sc.kv_max, k, v, T, Hk);
     cudaCheck(cudaGetLastError());
-    int group = H / Hk;
-    dim3 grid_q(attn_query_tiles(T, attn_tile_positions(ATTN_TILE, group)), Hk, B);
-    PGOLF_LAUNCH(grid_q, ATTN_THREADS, smem_dq, g_cuda.stream, attention_backward_dq_kernel<HDIM>)(
-        dq, dout, q, k, v, lse, D, doc, T, H, Hk, scale_log2, scale);
+    PGOLF_LAUNCH(row_blocks, 256, 0, g_cuda.stream, attention_backward_rowdot_kernel<HDIM>)
+        (sc.D, sc.E, sc.dq_acc, sc.kv_max, dout, out, rows, T, H, Hk, scale);
     cudaCheck(cudaGetLastError());
     dim3 grid_k((T + ATTN_TILE - 1) / ATTN_TILE, Hk, B);
-    PGOLF_LAUNCH(grid_k, ATTN_THREADS, smem_kv, g_cuda.stream, attention_backward_dkdv_kernel<HDIM, BQ>)(
-        dk, dv, dout, q, k, v, lse, D, doc, T, H, Hk, scale_log2, scale);
+    PGOLF_LAUNCH(grid_k, ATTN_THREADS, smem, g_cuda.stream, attention_backward_kernel<HDIM, BQ>)(
+        dk, dv, sc.dq_acc, dout, q, k, v, lse, sc.D, sc.E, doc, T, H, Hk, scale_log2, scale);
+    cudaCheck(cudaGetLastError());
+    PGOLF_LAUNCH(row_blocks, 256, 0, g_cuda.stream, attention_backward_dq_kernel<HDIM>)
+        (dq, sc.dq_acc, sc.E, rows, T, H);
     cudaCheck(cudaGetLastError());
 }
 static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
@@ -3933,20 +4056,20 @@ static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_
     attention_check("attention_backward", ptrs, names, 8, B, T, H, Hk, hd);
     if (B == 0 || T == 0) return;
     PROFILE_OP(OP_ATTN_BWD);
-    float* D = nullptr;
-    scratch_carve([&](Arena& a) { D = a.take<float>((size_t)B * H * T); });
+    AttnBackwardScratch sc;
+    scratch_carve([&](Arena& a) { carve_attention_backward_scratch(a, sc, B, T, H, Hk, hd); });
     switch (hd) {
         case 16:
-            attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk);
+            attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk);
             break;
         case 32:
-            attention_backward_hd<32>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk);
+            attention_backward_hd<32>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk);
             break;
         case 64:
-            attention_backward_hd<64>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk);
+            attention_backward_hd<64>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk);
             break;
         default:
-            attention_backward_hd<128>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk);
+            attention_backward_hd<128>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk);
             break;
     }
 }
@@ -4002,9 +4125,10 @@ template <class T> static void xsa_forward(Cpu<T>, T* out, const T* a, const T* 
             for (int i = 0; i < hd; i++) out[((size_t)n * H + h) * hd + i] = ah[i] - s * vg[i] * inv;
         }
 }
-// With u = v̂: da += dy − (dy·u)u; du = −Σ_heads [(a·u)dy + (dy·u)a]; dv += (du − (du·u)u)/|v|
+// With u = v̂: da (+)= dy − (dy·u)u; du = −Σ_heads [(a·u)dy + (dy·u)a]; dv (+)= (du − (du·u)u)/|v|
 template <class T>
-static void xsa_backward(Cpu<T>, T* da, T* dv, const T* dout, const T* a, const T* v, int N, int H, int Hk, int hd) {
+static void xsa_backward(Cpu<T>, T* da, T* dv, const T* dout, const T* a, const T* v, int N, int H, int Hk, int hd,
+                         GradWrite write) {
     int group = H / Hk;
     #pragma omp parallel for
     for (int n = 0; n < N; n++)
@@ -4024,16 +4148,17 @@ static void xsa_backward(Cpu<T>, T* da, T* dv, const T* dout, const T* a, const 
                     du_dot += dy[i] * u[i];
                 }
                 for (int i = 0; i < hd; i++) {
-                    da[((size_t)n * H + h) * hd + i] += dy[i] - du_dot * u[i];
+                    write_grad(da[((size_t)n * H + h) * hd + i], dy[i] - du_dot * u[i], write);
                     du[i] -= au * dy[i] + du_dot * ah[i];
                 }
             }
+            T* dvg = dv + ((size_t)n * Hk + g) * hd;
             if (nrm > XSA_EPS) {  // below eps the normalization is a constant scale 1/eps
                 T duu = 0;
                 for (int i = 0; i < hd; i++) duu += du[i] * u[i];
-                for (int i = 0; i < hd; i++) dv[((size_t)n * Hk + g) * hd + i] += (du[i] - duu * u[i]) * inv;
+                for (int i = 0; i < hd; i++) write_grad(dvg[i], (du[i] - duu * u[i]) * inv, write);
             } else {
-                for (int i = 0; i < hd; i++) dv[((size_t)n * Hk + g) * hd + i] += du[i] * inv;
+                for (int i = 0; i < hd; i++) write_grad(dvg[i], du[i] * inv, write);
             }
         }
 }
@@ -4067,9 +4192,10 @@ __global__ void xsa_forward_kernel(bf16* out, const bf16* a, const bf16* v, int 
             out[((size_t)n * H + h) * hd + d] = from_f32<bf16>(to_f32(ah[d]) - s * vs[d] * inv);
     }
 }
-// u = v̂: da += dy − (dy·u)u; du = −Σ_heads [(a·u)dy + (dy·u)a]; dv += (du − (du·u)u)/|v| (or du/eps below eps)
+// u = v̂: da (+)= dy − (dy·u)u; du = −Σ_heads [(a·u)dy + (dy·u)a]; dv (+)= (du − (du·u)u)/|v| (or du/eps
+// below eps)
 __global__ void xsa_backward_kernel(bf16* da, bf16* dv, const bf16* dout, const bf16* a, const bf16* v, int rows, int H,
-                                    int Hk, int hd, float eps, double eps_d) {
+                                    int Hk, int hd, float eps, double eps_d, bool accumulate) {
     PGOLF_DYNAMIC_SMEM(float, xsa_sh);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;
@@ -4103,7 +4229,8 @@ __global__ void xsa_backward_kernel(bf16* da, bf16* dv, const bf16* dout, const 
             int d = lane + 32 * j;
             if (d >= hd) continue;
             float dy = to_f32(dout[base + d]), ah = to_f32(a[base + d]);
-            da[base + d] = from_f32<bf16>(to_f32(da[base + d]) + dy - dyu * us[d]);
+            float g = dy - dyu * us[d];
+            da[base + d] = from_f32<bf16>(accumulate ? to_f32(da[base + d]) + g : g);
             du[j] -= au * dy + dyu * ah;
         }
     }
@@ -4120,7 +4247,7 @@ __global__ void xsa_backward_kernel(bf16* da, bf16* dv, const bf16* dout, const 
         int d = lane + 32 * j;
         if (d >= hd) continue;
         float add = normalized ? (du[j] - duu * us[d]) * inv : du[j] * inv;
-        dv[(size_t)row * hd + d] = from_f32<bf16>(to_f32(dv[(size_t)row * hd + d]) + add);
+        dv[(size_t)row * hd + d] = from_f32<bf16>(accumulate ? to_f32(dv[(size_t)row * hd + d]) + add : add);
     }
 }
 static void xsa_forward(Cuda, bf16* out, const bf16* a, const bf16* v, int N, int H, int Hk, int hd) {
@@ -4133,13 +4260,13 @@ static void xsa_forward(Cuda, bf16* out, const bf16* a, const bf16* v, int N, in
     launchCheck();
 }
 static void xsa_backward(Cuda, bf16* da, bf16* dv, const bf16* dout, const bf16* a, const bf16* v, int N, int H, int Hk,
-                         int hd) {
+                         int hd, GradWrite write) {
     int rows = N * Hk;
     if (rows <= 0) return;
     check_head_dim(hd, "xsa_backward");
     PGOLF_LAUNCH(ceil_div(rows, HEADS_PER_BLOCK), 32 * HEADS_PER_BLOCK, HEADS_PER_BLOCK * hd * sizeof(float),
                  cuda_ctx().stream, xsa_backward_kernel)
-    (da, dv, dout, a, v, rows, H, Hk, hd, (float)XSA_EPS, XSA_EPS);
+    (da, dv, dout, a, v, rows, H, Hk, hd, (float)XSA_EPS, XSA_EPS, write == ACCUMULATE);
     launchCheck();
 }
 #endif
@@ -4156,17 +4283,18 @@ template <class T> static void resid_mix_forward(Cpu<T>, T* out, const T* x, con
 }
 template <class T>
 static void resid_mix_backward(Cpu<T>, T* dx, T* dx0, T* dmix, const T* dout, const T* x, const T* x0, const T* mix,
-                               int N, int C) {
+                               int N, int C, GradWrite dx_write, GradWrite dx0_write, GradWrite dmix_write) {
+    std::vector<T> dmix_sum(2 * C, T(0));
     for (int n = 0; n < N; n++)
         for (int c = 0; c < C; c++) {
             size_t i = (size_t)n * C + c;
-            dx[i] += mix[c] * dout[i];
-            dx0[i] += mix[C + c] * dout[i];
-            if (dmix) {  // null: frozen base (LoRA TTT)
-                dmix[c] += dout[i] * x[i];
-                dmix[C + c] += dout[i] * x0[i];
-            }
+            write_grad(dx[i], mix[c] * dout[i], dx_write);
+            write_grad(dx0[i], mix[C + c] * dout[i], dx0_write);
+            dmix_sum[c] += dout[i] * x[i];
+            dmix_sum[C + c] += dout[i] * x0[i];
         }
+    if (dmix)  // null: frozen base (LoRA TTT)
+        for (int c = 0; c < 2 * C; c++) write_grad(dmix[c], dmix_sum[c], dmix_write);
 }
 #endif
 #ifdef PGOLF_CUDA
@@ -4180,7 +4308,8 @@ __global__ void resid_mix_forward_kernel(bf16* out, const bf16* x, const bf16* x
 }
 // Block (column tile, row chunk): elementwise input gradients, and the chunk's dmix partials [chunk, 2C].
 __global__ void resid_mix_backward_kernel(bf16* dx, bf16* dx0, float* partial, const bf16* dout, const bf16* x,
-                                          const bf16* x0, const float* mix, int N, int C, long rows_per_chunk) {
+                                          const bf16* x0, const float* mix, int N, int C, long rows_per_chunk,
+                                          bool dx_accumulate, bool dx0_accumulate) {
     __shared__ float sh[RED_ROWS * 32];
     int c = blockIdx.x * 32 + threadIdx.x;
     long n0 = blockIdx.y * rows_per_chunk, n1 = min(n0 + rows_per_chunk, (long)N);
@@ -4190,8 +4319,8 @@ __global__ void resid_mix_backward_kernel(bf16* dx, bf16* dx0, float* partial, c
         for (long n = n0 + threadIdx.y; n < n1; n += RED_ROWS) {
             size_t i = (size_t)n * C + c;
             float d = to_f32(dout[i]);
-            dx[i] = from_f32<bf16>(to_f32(dx[i]) + m0 * d);
-            dx0[i] = from_f32<bf16>(to_f32(dx0[i]) + m1 * d);
+            dx[i] = from_f32<bf16>(dx_accumulate ? to_f32(dx[i]) + m0 * d : m0 * d);
+            dx0[i] = from_f32<bf16>(dx0_accumulate ? to_f32(dx0[i]) + m1 * d : m1 * d);
             a0 += d * to_f32(x[i]);
             a1 += d * to_f32(x0[i]);
         }
@@ -4210,15 +4339,16 @@ static void resid_mix_forward(Cuda, bf16* out, const bf16* x, const bf16* x0, co
     launchCheck();
 }
 static void resid_mix_backward(Cuda, bf16* dx, bf16* dx0, float* dmix, const bf16* dout, const bf16* x, const bf16* x0,
-                               const float* mix, int N, int C) {
+                               const float* mix, int N, int C, GradWrite dx_write, GradWrite dx0_write,
+                               GradWrite dmix_write) {
     if (N <= 0 || C <= 0) return;
     RowChunks rc = row_chunks(N);
     float* partial = nullptr;
     if (dmix) scratch_carve([&](Arena& a) { partial = a.take<float>((size_t)rc.chunks * 2 * C); });
     PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, resid_mix_backward_kernel)
-        (dx, dx0, partial, dout, x, x0, mix, N, C, rc.rows_per_chunk);
+        (dx, dx0, partial, dout, x, x0, mix, N, C, rc.rows_per_chunk, dx_write == ACCUMULATE, dx0_write == ACCUMULATE);
     launchCheck();
-    if (dmix) column_sums_add(dmix, partial, rc.chunks, 2 * C);
+    if (dmix) column_sums_add(dmix, partial, rc.chunks, 2 * C, dmix_write == ACCUMULATE);
 }
 #endif
 
@@ -4236,18 +4366,25 @@ template <class T> static void branch_add_forward(Cpu<T>, T* out, const T* res, 
             out[i] = res[i] + s * branch[i];
         }
 }
+// act_write: how dres and dbranch are written; scale_write: dscale; gate_write: dgate
 template <class T> static void branch_add_backward(Cpu<T>, T* dres, T* dbranch, T* dscale, T* dgate, const T* dout,
                                                     const T* branch, const T* scale, const T* gate, int N, int C,
-                                                    int scale_stride = 1) {
+                                                    int scale_stride, GradWrite act_write, GradWrite scale_write,
+                                                    GradWrite gate_write) {
+    std::vector<T> dscale_sum(C, T(0)), dgate_sum(C, T(0));
     for (int n = 0; n < N; n++)
         for (int c = 0; c < C; c++) {
             size_t i = (size_t)n * C + c;
             T sg = gate ? sigmoid(gate[c]) : T(1), sc = scale[c * scale_stride];
-            if (dres) dres[i] += dout[i];
-            dbranch[i] += sc * sg * dout[i];
-            if (dscale) dscale[c * scale_stride] += dout[i] * sg * branch[i];
-            if (dgate) dgate[c] += dout[i] * sc * branch[i] * sg * (T(1) - sg);
+            if (dres) write_grad(dres[i], dout[i], act_write);
+            if (dbranch) write_grad(dbranch[i], sc * sg * dout[i], act_write);
+            dscale_sum[c * scale_stride] += dout[i] * sg * branch[i];
+            dgate_sum[c] += dout[i] * sc * branch[i] * sg * (T(1) - sg);
         }
+    if (dscale)
+        for (int c = 0; c < (scale_stride ? C : 1); c++) write_grad(dscale[c], dscale_sum[c], scale_write);
+    if (dgate && gate)
+        for (int c = 0; c < C; c++) write_grad(dgate[c], dgate_sum[c], gate_write);
 }
 #endif
 #ifdef PGOLF_CUDA
@@ -4264,7 +4401,7 @@ __global__ void branch_add_forward_kernel(bf16* out, const bf16* res, const bf16
 }
 __global__ void branch_add_backward_kernel(bf16* dres, bf16* dbranch, float* pscale, float* pgate, const bf16* dout,
                                            const bf16* branch, const float* scale, const float* gate, int N, int C,
-                                           int scale_stride, long rows_per_chunk) {
+                                           int scale_stride, long rows_per_chunk, bool accumulate) {
     __shared__ float sh[RED_ROWS * 32];
     int c = blockIdx.x * 32 + threadIdx.x;
     long n0 = blockIdx.y * rows_per_chunk, n1 = min(n0 + rows_per_chunk, (long)N);
@@ -4274,8 +4411,8 @@ __global__ void branch_add_backward_kernel(bf16* dres, bf16* dbranch, float* psc
         for (long n = n0 + threadIdx.y; n < n1; n += RED_ROWS) {
             size_t i = (size_t)n * C + c;
             float d = to_f32(dout[i]), br = to_f32(branch[i]);
-            if (dres) dres[i] = from_f32<bf16>(to_f32(dres[i]) + d);
-            if (dbranch) dbranch[i] = from_f32<bf16>(to_f32(dbranch[i]) + sc * sg * d);
+            if (dres) dres[i] = from_f32<bf16>(accumulate ? to_f32(dres[i]) + d : d);
+            if (dbranch) dbranch[i] = from_f32<bf16>(accumulate ? to_f32(dbranch[i]) + sc * sg * d : sc * sg * d);
             as += d * sg * br;
             ag += d * sc * br * sg * (1.0f - sg);
         }
@@ -4297,7 +4434,7 @@ static void branch_add_forward(Cuda, bf16* out, const bf16* res, const bf16* bra
 }
 static void branch_add_backward(Cuda, bf16* dres, bf16* dbranch, float* dscale, float* dgate, const bf16* dout,
                                 const bf16* branch, const float* scale, const float* gate, int N, int C,
-                                int scale_stride = 1) {
+                                int scale_stride, GradWrite act_write, GradWrite scale_write, GradWrite gate_write) {
     if (N <= 0 || C <= 0) return;
     RowChunks rc = row_chunks(N);
     float *pscale = nullptr, *pgate = nullptr;
@@ -4307,15 +4444,17 @@ static void branch_add_backward(Cuda, bf16* dres, bf16* dbranch, float* dscale, 
             pgate = dgate && gate ? a.take<float>((size_t)rc.chunks * C) : nullptr;
         });
     PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, branch_add_backward_kernel)(
-        dres, dbranch, pscale, pgate, dout, branch, scale, gate, N, C, scale_stride, rc.rows_per_chunk);
+        dres, dbranch, pscale, pgate, dout, branch, scale, gate, N, C, scale_stride, rc.rows_per_chunk,
+        act_write == ACCUMULATE);
     launchCheck();
+    bool scale_add = scale_write == ACCUMULATE;
     if (pscale) {
         // one scalar: every term in one sum
         if (scale_stride == 0)
-            total_sum_add(dscale, pscale, (size_t)rc.chunks * C);
-        else column_sums_add(dscale, pscale, rc.chunks, C);
+            total_sum_add(dscale, pscale, (size_t)rc.chunks * C, scale_add);
+        else column_sums_add(dscale, pscale, rc.chunks, C, scale_add);
     }
-    if (pgate) column_sums_add(dgate, pgate, rc.chunks, C);
+    if (pgate) column_sums_add(dgate, pgate, rc.chunks, C, gate_write == ACCUMULATE);
 }
 #endif
 
@@ -4329,16 +4468,22 @@ template <class T> static void smear_forward(Cpu<T>, T* out, const T* x, const T
             out[(size_t)n * C + c] = (T(1) - g) * x[(size_t)n * C + c] + g * prev;
         }
 }
+// dx[t] (+)= (1−g)·d[t] + g·d[t+1] (the next position of the same sequence)
 template <class T>
-static void smear_backward(Cpu<T>, T* dx, T* dgate, const T* dout, const T* x, const T* gate, int N, int T_, int C) {
+static void smear_backward(Cpu<T>, T* dx, T* dgate, const T* dout, const T* x, const T* gate, int N, int T_, int C,
+                           GradWrite dx_write, GradWrite dgate_write) {
+    std::vector<T> dgate_sum(C, T(0));
     for (int n = 0; n < N; n++)
         for (int c = 0; c < C; c++) {
             T g = sigmoid(gate[c]), prev = n % T_ ? x[(size_t)(n - 1) * C + c] : T(0);
             T d = dout[(size_t)n * C + c];
-            dx[(size_t)n * C + c] += (T(1) - g) * d;
-            if (n % T_) dx[(size_t)(n - 1) * C + c] += g * d;
-            if (dgate) dgate[c] += d * (prev - x[(size_t)n * C + c]) * g * (T(1) - g);
+            T dxn = (T(1) - g) * d;
+            if ((n + 1) % T_ != 0 && n + 1 < N) dxn += g * dout[(size_t)(n + 1) * C + c];
+            write_grad(dx[(size_t)n * C + c], dxn, dx_write);
+            dgate_sum[c] += d * (prev - x[(size_t)n * C + c]) * g * (T(1) - g);
         }
+    if (dgate)
+        for (int c = 0; c < C; c++) write_grad(dgate[c], dgate_sum[c], dgate_write);
 }
 #endif
 #ifdef PGOLF_CUDA
@@ -4351,9 +4496,9 @@ __global__ void smear_forward_kernel(bf16* out, const bf16* x, const float* gate
         out[i] = from_f32<bf16>((1.0f - g) * to_f32(x[i]) + g * prev);
     }
 }
-// dx[t] += (1−g)·d[t] + g·d[t+1] (gathered, so no two threads write one element); dgate per chunk.
+// dx[t] (+)= (1−g)·d[t] + g·d[t+1] (gathered, so no two threads write one element); dgate per chunk.
 __global__ void smear_backward_kernel(bf16* dx, float* partial, const bf16* dout, const bf16* x, const float* gate,
-                                      int N, int T, int C, long rows_per_chunk) {
+                                      int N, int T, int C, long rows_per_chunk, bool accumulate) {
     __shared__ float sh[RED_ROWS * 32];
     int c = blockIdx.x * 32 + threadIdx.x;
     long n0 = blockIdx.y * rows_per_chunk, n1 = min(n0 + rows_per_chunk, (long)N);
@@ -4365,7 +4510,7 @@ __global__ void smear_backward_kernel(bf16* dx, float* partial, const bf16* dout
             float d = to_f32(dout[i]), xv = to_f32(x[i]);
             float add = (1.0f - g) * d;
             if ((n + 1) % T != 0 && n + 1 < N) add += g * to_f32(dout[i + C]);
-            dx[i] = from_f32<bf16>(to_f32(dx[i]) + add);
+            dx[i] = from_f32<bf16>(accumulate ? to_f32(dx[i]) + add : add);
             float prev = n % T ? to_f32(x[i - C]) : 0.0f;
             ag += d * (prev - xv) * g * (1.0f - g);
         }
@@ -4380,15 +4525,15 @@ static void smear_forward(Cuda, bf16* out, const bf16* x, const float* gate, int
     launchCheck();
 }
 static void smear_backward(Cuda, bf16* dx, float* dgate, const bf16* dout, const bf16* x, const float* gate, int N,
-                           int T_, int C) {
+                           int T_, int C, GradWrite dx_write, GradWrite dgate_write) {
     if (N <= 0 || C <= 0) return;
     RowChunks rc = row_chunks(N);
     float* partial = nullptr;
     if (dgate) scratch_carve([&](Arena& a) { partial = a.take<float>((size_t)rc.chunks * C); });
     PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, smear_backward_kernel)
-        (dx, partial, dout, x, gate, N, T_, C, rc.rows_per_chunk);
+        (dx, partial, dout, x, gate, N, T_, C, rc.rows_per_chunk, dx_write == ACCUMULATE);
     launchCheck();
-    if (dgate) column_sums_add(dgate, partial, rc.chunks, C);
+    if (dgate) column_sums_add(dgate, partial, rc.chunks, C, dgate_write == ACCUMULATE);
 }
 #endif
 
@@ -4413,10 +4558,12 @@ template <class T> static void smear_bos_forward(Cpu<T>, T* out, const T* x, con
         for (int c = 0; c < C; c++) o[c] = on ? xr[c] + g * xr[c - C] : xr[c];
     }
 }
-// Overwrites dx; adds into dw and dlambda (either may be null).
+// Overwrites dx; writes dw and dlambda as param_write says (either may be null).
 template <class T> static void smear_bos_backward(Cpu<T>, T* dx, T* dw, T* dlambda, const T* dout, const T* x,
                                                   const int32_t* ids, const T* w, const T* lambda, int N, int T_,
-                                                  int C, int W) {
+                                                  int C, int W, GradWrite param_write) {
+    std::vector<T> dw_sum(W, T(0));
+    T dlambda_sum = 0;
     for (int n = 0; n < N; n++) {
         const T* xr = x + (size_t)n * C;
         const T* d = dout + (size_t)n * C;
@@ -4431,12 +4578,14 @@ template <class T> static void smear_bos_backward(Cpu<T>, T* dx, T* dw, T* dlamb
         for (int c = 0; c < C; c++) s += d[c] * xr[c - C];
         T sg = sigmoid(smear_bos_logit(xr, w, W));
         T dz = lambda[0] * sg * (T(1) - sg) * s;
-        if (dlambda) dlambda[0] += sg * s;
+        dlambda_sum += sg * s;
         for (int j = 0; j < W; j++) {
-            if (dw) dw[j] += dz * xr[j];
+            dw_sum[j] += dz * xr[j];
             dxr[j] += dz * w[j];
         }
     }
+    if (dlambda) write_grad(dlambda[0], dlambda_sum, param_write);
+    for (int j = 0; dw && j < W; j++) write_grad(dw[j], dw_sum[j], param_write);
 }
 #endif
 #ifdef PGOLF_CUDA
@@ -4495,7 +4644,8 @@ static void smear_bos_forward(Cuda, bf16* out, const bf16* x, const int32_t* ids
     launchCheck();
 }
 static void smear_bos_backward(Cuda, bf16* dx, float* dw, float* dlambda, const bf16* dout, const bf16* x,
-                               const int32_t* ids, const float* w, const float* lambda, int N, int T_, int C, int W) {
+                               const int32_t* ids, const float* w, const float* lambda, int N, int T_, int C, int W,
+                               GradWrite param_write) {
     if (N <= 0 || C <= 0) return;
     float *plambda = nullptr, *pw = nullptr;
     if (dw || dlambda)
@@ -4506,8 +4656,8 @@ static void smear_bos_backward(Cuda, bf16* dx, float* dw, float* dlambda, const 
     PGOLF_LAUNCH(N, BLOCK, 0, cuda_ctx().stream, smear_bos_backward_kernel)(dx, plambda, pw, dout, x, ids, w, lambda,
                                                                           N, T_, C, W);
     launchCheck();
-    if (dlambda) total_sum_add(dlambda, plambda, N);
-    if (dw) column_sums_add(dw, pw, N, W);
+    if (dlambda) total_sum_add(dlambda, plambda, N, param_write == ACCUMULATE);
+    if (dw) column_sums_add(dw, pw, N, W, param_write == ACCUMULATE);
 }
 #endif
 
@@ -4530,11 +4680,12 @@ template <class T> static void attn_gate_forward(Cpu<T>, T* out, const T* y, con
         }
 }
 // Two calls: attn_gate_backward overwrites dy and dz (N, H), the gradient of each gate's logit
-// (before its scale), and adds into dwg (null: none); attn_gate_backward_input then adds the input's
+// (before its scale), and writes dwg as dwg_write says (null: none); attn_gate_backward_input then adds the input's
 // share, dx[:, :GW] += Σ_h dz·W_h — a separate call, so that it can follow whatever writes dx first.
 template <class T, class S> static void attn_gate_backward(Cpu<T>, T* dy, S* dz, T* dwg, const T* dout, const T* y,
                                                            const T* x, const T* wg, int N, int H, int hd, int C,
-                                                           int GW, float scale) {
+                                                           int GW, float scale, GradWrite dwg_write) {
+    std::vector<T> dwg_sum((size_t)H * GW, T(0));
     for (int n = 0; n < N; n++)
         for (int h = 0; h < H; h++) {
             const T* xr = x + (size_t)n * C;
@@ -4547,8 +4698,9 @@ template <class T, class S> static void attn_gate_backward(Cpu<T>, T* dy, S* dz,
             }
             T dzv = T(scale) * dg * g * (T(1) - g);
             dz[(size_t)n * H + h] = dzv;
-            for (int j = 0; dwg && j < GW; j++) dwg[(size_t)h * GW + j] += dzv * xr[j];
+            for (int j = 0; j < GW; j++) dwg_sum[(size_t)h * GW + j] += dzv * xr[j];
         }
+    for (size_t i = 0; dwg && i < dwg_sum.size(); i++) write_grad(dwg[i], dwg_sum[i], dwg_write);
 }
 template <class T, class S> static void attn_gate_backward_input(Cpu<T>, T* dx, const S* dz, const T* wg, int N, int H,
                                                                  int C, int GW) {
@@ -4623,7 +4775,8 @@ static void attn_gate_forward(Cuda, bf16* out, const bf16* y, const bf16* x, con
     launchCheck();
 }
 static void attn_gate_backward(Cuda, bf16* dy, float* dz, float* dwg, const bf16* dout, const bf16* y, const bf16* x,
-                               const float* wg, int N, int H, int hd, int C, int GW, float scale) {
+                               const float* wg, int N, int H, int hd, int C, int GW, float scale,
+                               GradWrite dwg_write) {
     size_t threads = (size_t)N * H * 32;
     if (!threads) return;
     PGOLF_LAUNCH(ceil_div(threads, BLOCK), BLOCK, 0, cuda_ctx().stream, attn_gate_backward_kernel)(
@@ -4636,7 +4789,7 @@ static void attn_gate_backward(Cuda, bf16* dy, float* dz, float* dwg, const bf16
     PGOLF_LAUNCH(reduce_grid(H * GW, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, attn_gate_dw_kernel)(
         partial, dz, x, N, H, C, GW, rc.rows_per_chunk);
     launchCheck();
-    column_sums_add(dwg, partial, rc.chunks, H * GW);
+    column_sums_add(dwg, partial, rc.chunks, H * GW, dwg_write == ACCUMULATE);
 }
 static void attn_gate_backward_input(Cuda, bf16* dx, const float* dz, const float* wg, int N, int H, int C, int GW) {
     if ((size_t)N * GW == 0) return;
@@ -4657,18 +4810,23 @@ template <class T> static void skip_gate_forward(Cpu<T>, T* out, const T* x, con
             out[i] = g * x[i] + (T(1) - g) * w[c] * skip[i];
         }
 }
-// Overwrites dx (which may be dout itself) with σ⊙dout; adds into dskip, dw, dgate (dw, dgate may be null).
+// Overwrites dx (which may be dout itself) with σ⊙dout and dskip; writes dw, dgate (either may be null) as
+// w_write, gate_write say.
 template <class T> static void skip_gate_backward(Cpu<T>, T* dx, T* dskip, T* dw, T* dgate, const T* dout, const T* x,
-                                                  const T* skip, const T* w, const T* gate, int N, int C) {
+                                                  const T* skip, const T* w, const T* gate, int N, int C,
+                                                  GradWrite w_write, GradWrite gate_write) {
+    std::vector<T> dw_sum(C, T(0)), dgate_sum(C, T(0));
     for (int n = 0; n < N; n++)
         for (int c = 0; c < C; c++) {
             size_t i = (size_t)n * C + c;
             T g = sigmoid(gate[c]), d = dout[i];
             dx[i] = g * d;
-            dskip[i] += (T(1) - g) * w[c] * d;
-            if (dw) dw[c] += d * (T(1) - g) * skip[i];
-            if (dgate) dgate[c] += d * (x[i] - w[c] * skip[i]) * g * (T(1) - g);
+            dskip[i] = (T(1) - g) * w[c] * d;
+            dw_sum[c] += d * (T(1) - g) * skip[i];
+            dgate_sum[c] += d * (x[i] - w[c] * skip[i]) * g * (T(1) - g);
         }
+    for (int c = 0; dw && c < C; c++) write_grad(dw[c], dw_sum[c], w_write);
+    for (int c = 0; dgate && c < C; c++) write_grad(dgate[c], dgate_sum[c], gate_write);
 }
 #endif
 #ifdef PGOLF_CUDA
@@ -4694,7 +4852,7 @@ __global__ void skip_gate_backward_kernel(bf16* dx, bf16* dskip, float* pw, floa
             size_t i = (size_t)n * C + c;
             float d = to_f32(dout[i]), xv = to_f32(x[i]), sv = to_f32(skip[i]);
             dx[i] = from_f32<bf16>(g * d);  // (read before: dx may be dout)
-            dskip[i] = from_f32<bf16>(to_f32(dskip[i]) + (1.0f - g) * wc * d);
+            dskip[i] = from_f32<bf16>((1.0f - g) * wc * d);
             aw += d * (1.0f - g) * sv;
             ag += d * (xv - wc * sv) * g * (1.0f - g);
         }
@@ -4714,7 +4872,8 @@ static void skip_gate_forward(Cuda, bf16* out, const bf16* x, const bf16* skip, 
     launchCheck();
 }
 static void skip_gate_backward(Cuda, bf16* dx, bf16* dskip, float* dw, float* dgate, const bf16* dout, const bf16* x,
-                               const bf16* skip, const float* w, const float* gate, int N, int C) {
+                               const bf16* skip, const float* w, const float* gate, int N, int C, GradWrite w_write,
+                               GradWrite gate_write) {
     if (N <= 0 || C <= 0) return;
     RowChunks rc = row_chunks(N);
     float *pw = nullptr, *pgate = nullptr;
@@ -4726,8 +4885,8 @@ static void skip_gate_backward(Cuda, bf16* dx, bf16* dskip, float* dw, float* dg
     PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, skip_gate_backward_kernel)(
         dx, dskip, pw, pgate, dout, x, skip, w, gate, N, C, rc.rows_per_chunk);
     launchCheck();
-    if (pw) column_sums_add(dw, pw, rc.chunks, C);
-    if (pgate) column_sums_add(dgate, pgate, rc.chunks, C);
+    if (pw) column_sums_add(dw, pw, rc.chunks, C, w_write == ACCUMULATE);
+    if (pgate) column_sums_add(dgate, pgate, rc.chunks, C, gate_write == ACCUMULATE);
 }
 #endif
 
@@ -4749,10 +4908,14 @@ template <class T> static void lanes_forward(Cpu<T>, T* out0, T* out1, const T* 
         }
 }
 // d0, d1 (the outputs' gradients) become the input lanes' in place; da, dm are overwritten; the
-// parameter gradients (any may be null) are added into.
+// parameter gradients (any may be null) are written as sa_write (dsa), sm_write (dsm), lanes_write
+// (dresid, dpost) say.
 template <class T> static void lanes_backward(Cpu<T>, T* d0, T* d1, T* da, T* dm, T* dsa, T* dsm, T* dresid, T* dpost,
                                               const T* lane0, const T* lane1, const T* a, const T* m, const T* sa,
-                                              const T* sm, const T* resid, const T* post, int N, int C) {
+                                              const T* sm, const T* resid, const T* post, int N, int C,
+                                              GradWrite sa_write, GradWrite sm_write, GradWrite lanes_write) {
+    std::vector<T> dsa_sum(C, T(0)), dsm_sum(C, T(0));
+    T dresid_sum[2] = {}, dpost_sum[4] = {};
     for (int n = 0; n < N; n++)
         for (int c = 0; c < C; c++) {
             size_t i = (size_t)n * C + c;
@@ -4760,21 +4923,21 @@ template <class T> static void lanes_backward(Cpu<T>, T* d0, T* d1, T* da, T* dm
             T dA = post[0] * g0 + post[1] * g1, dM = post[2] * g0 + post[3] * g1;
             da[i] = sa[c] * dA;
             dm[i] = sm[c] * dM;
-            if (dsa) dsa[c] += a[i] * dA;
-            if (dsm) dsm[c] += m[i] * dM;
-            if (dresid) {
-                dresid[0] += g0 * lane0[i];
-                dresid[1] += g1 * lane1[i];
-            }
-            if (dpost) {
-                dpost[0] += g0 * A;
-                dpost[1] += g1 * A;
-                dpost[2] += g0 * M;
-                dpost[3] += g1 * M;
-            }
+            dsa_sum[c] += a[i] * dA;
+            dsm_sum[c] += m[i] * dM;
+            dresid_sum[0] += g0 * lane0[i];
+            dresid_sum[1] += g1 * lane1[i];
+            dpost_sum[0] += g0 * A;
+            dpost_sum[1] += g1 * A;
+            dpost_sum[2] += g0 * M;
+            dpost_sum[3] += g1 * M;
             d0[i] = resid[0] * g0;
             d1[i] = resid[1] * g1;
         }
+    for (int c = 0; dsa && c < C; c++) write_grad(dsa[c], dsa_sum[c], sa_write);
+    for (int c = 0; dsm && c < C; c++) write_grad(dsm[c], dsm_sum[c], sm_write);
+    for (int k = 0; dresid && k < 2; k++) write_grad(dresid[k], dresid_sum[k], lanes_write);
+    for (int k = 0; dpost && k < 4; k++) write_grad(dpost[k], dpost_sum[k], lanes_write);
 }
 #endif
 #ifdef PGOLF_CUDA
@@ -4833,7 +4996,8 @@ static void lanes_forward(Cuda, bf16* out0, bf16* out1, const bf16* lane0, const
 }
 static void lanes_backward(Cuda, bf16* d0, bf16* d1, bf16* da, bf16* dm, float* dsa, float* dsm, float* dresid,
                            float* dpost, const bf16* lane0, const bf16* lane1, const bf16* a, const bf16* m,
-                           const float* sa, const float* sm, const float* resid, const float* post, int N, int C) {
+                           const float* sa, const float* sm, const float* resid, const float* post, int N, int C,
+                           GradWrite sa_write, GradWrite sm_write, GradWrite lanes_write) {
     if (N <= 0 || C <= 0) return;
     RowChunks rc = row_chunks(N);
     size_t block = (size_t)rc.chunks * C;  // one partial's [chunks, C]
@@ -4842,10 +5006,11 @@ static void lanes_backward(Cuda, bf16* d0, bf16* d1, bf16* da, bf16* dm, float* 
     PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, lanes_backward_kernel)(
         d0, d1, da, dm, partial, lane0, lane1, a, m, sa, sm, resid, post, N, C, rc.rows_per_chunk);
     launchCheck();
-    if (dsa) column_sums_add(dsa, partial, rc.chunks, C);
-    if (dsm) column_sums_add(dsm, partial + block, rc.chunks, C);
-    for (int k = 0; k < 2 && dresid; k++) total_sum_add(dresid + k, partial + (2 + k) * block, block);
-    for (int k = 0; k < 4 && dpost; k++) total_sum_add(dpost + k, partial + (4 + k) * block, block);
+    bool lanes_add = lanes_write == ACCUMULATE;
+    if (dsa) column_sums_add(dsa, partial, rc.chunks, C, sa_write == ACCUMULATE);
+    if (dsm) column_sums_add(dsm, partial + block, rc.chunks, C, sm_write == ACCUMULATE);
+    for (int k = 0; k < 2 && dresid; k++) total_sum_add(dresid + k, partial + (2 + k) * block, block, lanes_add);
+    for (int k = 0; k < 4 && dpost; k++) total_sum_add(dpost + k, partial + (4 + k) * block, block, lanes_add);
 }
 #endif
 
@@ -4858,11 +5023,12 @@ template <class T> static void mlp_act_forward(Cpu<T>, T* out, const T* h, size_
         out[i] = a * a;
     }
 }
-template <class T> static void mlp_act_backward(Cpu<T>, T* dh, const T* dout, const T* h, size_t n, bool leaky) {
+template <class T> static void mlp_act_backward(Cpu<T>, T* dh, const T* dout, const T* h, size_t n, bool leaky,
+                                                GradWrite write) {
     #pragma omp parallel for
     for (size_t i = 0; i < n; i++) {
         T slope = h[i] > 0 ? T(1) : (leaky ? T(LEAKY_SLOPE) : T(0));
-        dh[i] += dout[i] * T(2) * slope * slope * h[i];  // d/dh (slope·h)² = 2·slope²·h
+        write_grad(dh[i], dout[i] * T(2) * slope * slope * h[i], write);  // d/dh (slope·h)² = 2·slope²·h
     }
 }
 #endif
@@ -4875,11 +5041,12 @@ __global__ void mlp_act_forward_kernel(bf16* out, const bf16* h, size_t n, float
         out[i] = from_f32<bf16>(a * a);
     }
 }
-__global__ void mlp_act_backward_kernel(bf16* dh, const bf16* dout, const bf16* h, size_t n, float slope_neg) {
+__global__ void mlp_act_backward_kernel(bf16* dh, const bf16* dout, const bf16* h, size_t n, float slope_neg,
+                                        bool accumulate) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float v = to_f32(h[i]), slope = v > 0.0f ? 1.0f : slope_neg;
-        // d/dh (slope·h)² = 2·slope²·h
-        dh[i] = from_f32<bf16>(to_f32(dh[i]) + to_f32(dout[i]) * 2.0f * slope * slope * v);
+        float g = to_f32(dout[i]) * 2.0f * slope * slope * v;  // d/dh (slope·h)² = 2·slope²·h
+        dh[i] = from_f32<bf16>(accumulate ? to_f32(dh[i]) + g : g);
     }
 }
 static void mlp_act_forward(Cuda, bf16* out, const bf16* h, size_t n, bool leaky) {
@@ -4888,10 +5055,10 @@ static void mlp_act_forward(Cuda, bf16* out, const bf16* h, size_t n, bool leaky
         (out, h, n, leaky ? LEAKY_SLOPE : 0.0f);
     launchCheck();
 }
-static void mlp_act_backward(Cuda, bf16* dh, const bf16* dout, const bf16* h, size_t n, bool leaky) {
+static void mlp_act_backward(Cuda, bf16* dh, const bf16* dout, const bf16* h, size_t n, bool leaky, GradWrite write) {
     if (!n) return;
     PGOLF_LAUNCH(grid_for(n), BLOCK, 0, cuda_ctx().stream, mlp_act_backward_kernel)
-        (dh, dout, h, n, leaky ? LEAKY_SLOPE : 0.0f);
+        (dh, dout, h, n, leaky ? LEAKY_SLOPE : 0.0f, write == ACCUMULATE);
     launchCheck();
 }
 #endif
@@ -5039,6 +5206,7 @@ template <class T> static void* device_alloc(Cpu<T>, size_t bytes) {
 }
 template <class T> static void device_free(Cpu<T>, void* p) { free(p); }
 template <class T> static void* host_alloc(Cpu<T> dev, size_t bytes) { return device_alloc(dev, bytes); }
+template <class T> static void host_free(Cpu<T> dev, void* p) { device_free(dev, p); }
 template <class T> static void device_zero(Cpu<T>, void* p, size_t bytes) { memset(p, 0, bytes); }
 template <class T, class X> static void to_device(Cpu<T>, X* dst, const X* src, size_t n) {
     memcpy(dst, src, n * sizeof(X));
@@ -5143,6 +5311,37 @@ static bool layer_parallel(const Config& c, int l, bool loop) {
 // LN_SCALE: block b's norm outputs × 1/√(b+1).
 static float ln_scale_of(const Config& c, int b) { return c.ln_scale ? (float)(1.0 / std::sqrt(b + 1.0)) : 1.0f; }
 
+// The backward's buffer rule. The d_X buffers are scratch that every layer reuses: while the backward
+// differentiates one virtual layer, d_X holds the gradient of that layer's X. No buffer is zeroed beforehand:
+// the first op that writes a buffer for the current layer OVERWRITEs it, a later op writing the same
+// buffer for the same layer ACCUMULATEs (GradWrite). Writers in backward order, W = overwrite, + = add:
+//   d_norm                 head dinp GEMM W, LoRA head +            → the final norm's rmsnorm_backward
+//                          fc dinp GEMM W, LoRA up/mlp +            → the MLP norm's rmsnorm_backward
+//                          c_q dinp GEMM W, c_k +, c_v +, LoRA +, attention gate input +  → the attention norm's
+//                          smear_backward W, or smear_bos_backward W (after the embedding norm's backward)
+//   d_residual             final rmsnorm_backward W (final_hidden_backward splits it into the lanes); an
+//                          encoder layer that fed skip j adds d_skips[j] +; lanes_backward in place;
+//                          resid_mix_backward W (+ in a parallel block: lane 0's own part) — now the
+//                          gradient of the block's input, passed to the layer below; skip_gate_backward
+//                          in place; a first parallel block adds d_lane1 +
+//   d_lane1                final_hidden_backward W; lanes_backward in place; the MLP norm's backward +
+//   d_residual_after_attn  MLP branch_add_backward W, MLP rmsnorm_backward +
+//   d_residual_mixed       attention branch_add_backward W, attention rmsnorm_backward + (W in a parallel
+//                          block, where the attention's output goes to the lanes)
+//   d_attn_proj_out, d_mlp_proj_out  branch_add_backward W, or lanes_backward W
+//   d_attn_proj_in         attn_proj dinp GEMM W, LoRA +, attn_gate_backward in place
+//   d_residual_x0          resid_mix_backward of the last virtual layer W, of every other one +, layer 0's
+//                          d_residual +; lives across all layers, read by the embedding's backward
+//   d_skips[i]             the skip's branch_add_backward or skip_gate_backward in decoder layer enc+i W;
+//                          lives until encoder layer enc−1−i adds it to d_residual
+//   d_v_proj               xsa_backward W in XSA layers, zeroed in the others; attention_backward +
+//   d_q_rope, d_k_rope     zeroed, attention_backward + (its kernels add into dQ, dK, dV)
+//   every other d_X        one writer W (LoRA hooks then +)
+// Parameter gradients (m.grads) follow the same rule across a whole step: in the step's first
+// micro-batch the first writer of each gradient overwrites it and every later writer adds (tied
+// embeddings, the virtual layers of a looped block, blocks shared by layers); later micro-batches add
+// everywhere. ParamGradWrites keeps the list; a gradient that no op wrote is zeroed at the end of the
+// backward (skip weights the loop's shorter sequence leaves unused).
 template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c, int B, int T) {
     using A = typename D::act;
     using S = typename D::stat;
@@ -5211,6 +5410,7 @@ template <class D> static void carve_acts(Arena& ar, Acts<D>& a, const Config& c
     a.final_norm_rstd = ar.take<S>(N);
     a.logits = ar.take<A>(N * c.vocab_size);
     a.losses = ar.take<S>(N);
+    // the backward scratch comes last: from d_residual to the end (tests poison it all)
     a.d_residual = ar.take<A>(N * C);
     a.d_residual_x0 = ar.take<A>(N * C);
     a.d_residual_after_attn = ar.take<A>(N * C);
@@ -5387,19 +5587,22 @@ template <class D> static const typename D::act* final_hidden(D dev, Model<D>& m
 }
 // Its backward: d_residual holds the gradient of what the final norm read; it becomes lane 0's, and
 // d_lane1 lane 1's.
+// d_lane1 is overwritten.
 template <class D> static void final_hidden_backward(D dev, Model<D>& m, int N) {
     const Config& c = m.cfg;
     Acts<D>& a = m.acts;
     size_t n = (size_t)N * c.model_dim;
-    device_zero(dev, a.d_lane1, n * sizeof(*a.d_lane1));
-    if (c.parallel_final_lane == "attn") return;
-    add_inplace(dev, a.d_lane1, a.d_residual, n);
+    if (c.parallel_final_lane == "attn") {
+        device_zero(dev, a.d_lane1, n * sizeof(*a.d_lane1));
+        return;
+    }
     if (c.parallel_final_lane == "mlp") {
+        copy_forward(dev, a.d_lane1, a.d_residual, n);
         device_zero(dev, a.d_residual, n * sizeof(*a.d_residual));
         return;
     }
     scale_inplace(dev, a.d_residual, n, 0.5f);
-    scale_inplace(dev, a.d_lane1, n, 0.5f);
+    copy_forward(dev, a.d_lane1, a.d_residual, n);
 }
 
 // Forward over a.inputs/a.targets (already on the device). Per-position NLLs land in a.losses.
@@ -5517,10 +5720,42 @@ template <class D> static void gpt_forward(D dev, Model<D>& m, int B, int T, boo
                c.logit_softcap);
 }
 
-// Backward of the last forward (which must have had with_grad). Adds into m.grads and the LoRA
-// grads; with param_grads = false only the LoRA adapters get gradients (the base is frozen).
+// Parameter gradients the current backward has written: the first write of each overwrites it (when
+// `first` is OVERWRITE), every later one adds. Writers of one gradient pass the same pointer.
+template <class D> struct ParamGradWrites {
+    using G = typename D::grad;
+    GradWrite first = ACCUMULATE;
+    std::vector<std::pair<const G*, size_t>> written;  // (gradient, elements), in writing order
+    GradWrite operator()(const G* g, size_t n) {
+        if (!g || first == ACCUMULATE) return ACCUMULATE;
+        for (auto& w : written)
+            if (w.first == g) return ACCUMULATE;
+        written.push_back({g, n});
+        return OVERWRITE;
+    }
+};
+// Zeroes the parts of the parameter gradients that no op of an overwriting backward wrote.
+template <class D> static void zero_unwritten_param_grads(D dev, const Model<D>& m, ParamGradWrites<D> pw) {
+    using G = typename D::grad;
+    std::sort(pw.written.begin(), pw.written.end());
+    for (const ParamSpec& p : m.table) {
+        const G* at = m.grads + p.offset;
+        const G* end = at + p.numel;
+        for (auto& w : pw.written) {
+            if (w.first + w.second <= at || w.first >= end) continue;
+            if (w.first > at) device_zero(dev, (G*)at, (w.first - at) * sizeof(G));
+            at = std::max(at, w.first + w.second);
+        }
+        if (at < end) device_zero(dev, (G*)at, (end - at) * sizeof(G));
+    }
+}
+
+// Backward of the last forward (which must have had with_grad), following the buffer rule above
+// carve_acts. param_write: OVERWRITE in a step's first micro-batch (m.grads need no zeroing), else
+// ACCUMULATE. With param_grads = false only the LoRA adapters get gradients (the base is frozen).
 template <class D>
-static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr, bool param_grads = true) {
+static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr, bool param_grads = true,
+                         GradWrite param_write = ACCUMULATE) {
     const Config& c = m.cfg;
     Acts<D>& a = m.acts;
     auto& W = m.w;
@@ -5529,21 +5764,23 @@ static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr
     using A = typename D::act;
     int N = B * T, Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden(), H = c.num_heads, Hk = c.num_kv_heads,
         hd = c.head_dim();
-    size_t ND = (size_t)N * Dm, NKV = (size_t)N * KV, NF = (size_t)N * F;
+    size_t ND = (size_t)N * Dm, NKV = (size_t)N * KV;
     auto zero = [&](A* p, size_t n) { device_zero(dev, p, n * sizeof(A)); };
     typename D::grad* no_grad = nullptr;
     const typename D::vec* no_vec = nullptr;
-    zero(a.d_residual, ND);
-    zero(a.d_residual_x0, ND);
-    for (A* d : a.d_skips) zero(d, ND);
+    ParamGradWrites<D> pw;
+    pw.first = param_grads ? param_write : ACCUMULATE;
+    size_t C1 = Dm;  // elements of a per-channel parameter
     // head (a.logits now holds dlogits)
-    zero(a.d_norm, ND);
-    matmul_backward(dev, a.d_norm, c.tie_embeddings ? G.tok_emb : G.lm_head, a.logits, a.final_norm,
-                    c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm, c.vocab_size);
+    typename D::grad* d_head = c.tie_embeddings ? G.tok_emb : G.lm_head;
+    GradWrite head_write = pw(d_head, (size_t)c.vocab_size * Dm);
+    matmul_backward(dev, a.d_norm, d_head, a.logits, a.final_norm, c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm,
+                    c.vocab_size, OVERWRITE, head_write);
     lora_backward(dev, lo, LORA_HEAD, 0, a.d_norm, a.logits, a.final_norm, T);
     bool loop = m.looping && c.num_loops > 0;
     int layers = c.num_virtual(loop), enc = c.num_encoder(loop), skips = c.num_skips(loop);
-    rmsnorm_backward(dev, a.d_residual, a.d_norm, final_hidden(dev, m, N, loop, false), a.final_norm_rstd, N, Dm);
+    rmsnorm_backward(dev, a.d_residual, a.d_norm, final_hidden(dev, m, N, loop, false), a.final_norm_rstd, N, Dm,
+                     OVERWRITE);
     if (layer_parallel(c, layers - 1, loop)) final_hidden_backward(dev, m, N);  // d_residual → lane 0's, d_lane1
     for (int l = layers - 1; l >= 0; l--) {
         int b = c.block_of(l, loop);
@@ -5559,66 +5796,81 @@ static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr
         if (par) {  // the lanes: d_residual, d_lane1 become the input lanes'; the branches' gradients are written
             typename D::grad* d_resid = G.parallel_resid ? G.parallel_resid + 2 * b : nullptr;
             typename D::grad* d_post = G.parallel_post ? G.parallel_post + 4 * b : nullptr;
+            GradWrite sa_write = pw(LG.attn_scale, C1);
+            GradWrite sm_write = pw(LG.mlp_scale, C1);
+            GradWrite lanes_write = pw(d_resid, 2);
+            pw(d_post, 4);  // written with d_resid, always
             lanes_backward(dev, a.d_residual, a.d_lane1, a.d_attn_proj_out, a.d_mlp_proj_out, LG.attn_scale,
                            LG.mlp_scale, d_resid, d_post, x_in, lane1_in, L.attn_proj_out, L.mlp_proj_out,
-                           LW.attn_scale, LW.mlp_scale, W.parallel_resid + 2 * b, W.parallel_post + 4 * b, N, Dm);
+                           LW.attn_scale, LW.mlp_scale, W.parallel_resid + 2 * b, W.parallel_post + 4 * b, N, Dm,
+                           sa_write, sm_write, lanes_write);
         } else {
-            // MLP branch: x_out = xa + mlp_scale ⊙ σ(gate) ⊙ m
-            zero(a.d_residual_after_attn, ND);
-            zero(a.d_mlp_proj_out, ND);
+            // MLP branch: residual_out = residual_after_attn + mlp_scale ⊙ σ(gate) ⊙ mlp_proj_out
+            GradWrite scale_write = pw(LG.mlp_scale, C1);
+            GradWrite gate_write = pw(LG.mlp_gate, C1);
             branch_add_backward(dev, a.d_residual_after_attn, a.d_mlp_proj_out, LG.mlp_scale, LG.mlp_gate,
-                                a.d_residual, L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate, N, Dm);
+                                a.d_residual, L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate, N, Dm, 1, OVERWRITE,
+                                scale_write, gate_write);
         }
-        zero(a.d_mlp_act, NF);
-        matmul_backward(dev, a.d_mlp_act, LG.mlp_proj, a.d_mlp_proj_out, L.mlp_act, LW.mlp_proj, N, F, Dm);
+        GradWrite w_write = pw(LG.mlp_proj, (size_t)Dm * F);
+        matmul_backward(dev, a.d_mlp_act, LG.mlp_proj, a.d_mlp_proj_out, L.mlp_act, LW.mlp_proj, N, F, Dm, OVERWRITE,
+                        w_write);
         lora_backward(dev, lo, LORA_DOWN, l, a.d_mlp_act, a.d_mlp_proj_out, L.mlp_act, T);
-        zero(a.d_mlp_hidden, NF);
-        mlp_act_backward(dev, a.d_mlp_hidden, a.d_mlp_act, L.mlp_hidden, NF, c.mlp_activation == "leaky_relu_sq");
-        zero(a.d_norm, ND);
-        matmul_backward(dev, a.d_norm, LG.fc, a.d_mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F);
+        mlp_act_backward(dev, a.d_mlp_hidden, a.d_mlp_act, L.mlp_hidden, (size_t)N * F,
+                         c.mlp_activation == "leaky_relu_sq", OVERWRITE);
+        w_write = pw(LG.fc, (size_t)F * Dm);
+        matmul_backward(dev, a.d_norm, LG.fc, a.d_mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F, OVERWRITE, w_write);
         lora_backward(dev, lo, LORA_UP, l, a.d_norm, a.d_mlp_hidden, L.mlp_norm, T);
         lora_backward(dev, lo, LORA_MLP, l, a.d_norm, a.d_mlp_proj_out, L.mlp_norm, T);
         if (c.ln_scale) scale_inplace(dev, a.d_norm, ND, ln_scale_of(c, b));
         if (par)
-            rmsnorm_backward(dev, a.d_lane1, a.d_norm, lane1_in, L.mlp_norm_rstd, N, Dm);
+            rmsnorm_backward(dev, a.d_lane1, a.d_norm, lane1_in, L.mlp_norm_rstd, N, Dm, ACCUMULATE);
         else
-            rmsnorm_backward(dev, a.d_residual_after_attn, a.d_norm, L.residual_after_attn, L.mlp_norm_rstd, N, Dm);
-        // attention branch: xa = xm + attn_scale ⊙ σ(gate) ⊙ a
-        zero(a.d_residual_mixed, ND);
+            rmsnorm_backward(dev, a.d_residual_after_attn, a.d_norm, L.residual_after_attn, L.mlp_norm_rstd, N, Dm,
+                             ACCUMULATE);
+        // attention branch: residual_after_attn = residual_mixed + attn_scale ⊙ σ(gate) ⊙ attn_proj_out (a
+        // parallel block's attention output goes to the lanes: residual_mixed's gradient is its norm's alone)
         if (!par) {
-            zero(a.d_attn_proj_out, ND);
+            GradWrite scale_write = pw(LG.attn_scale, C1);
+            GradWrite gate_write = pw(LG.attn_gate, C1);
             branch_add_backward(dev, a.d_residual_mixed, a.d_attn_proj_out, LG.attn_scale, LG.attn_gate,
-                                a.d_residual_after_attn, L.attn_proj_out, LW.attn_scale, LW.attn_gate, N, Dm);
+                                a.d_residual_after_attn, L.attn_proj_out, LW.attn_scale, LW.attn_gate, N, Dm, 1,
+                                OVERWRITE, scale_write, gate_write);
         }
         const A* proj_in = c.sparse_attn_gate ? L.attn_gated : L.attn_proj_in;
-        zero(a.d_attn_proj_in, ND);
-        matmul_backward(dev, a.d_attn_proj_in, LG.attn_proj, a.d_attn_proj_out, proj_in, LW.attn_proj, N, Dm, Dm);
+        w_write = pw(LG.attn_proj, (size_t)Dm * Dm);
+        matmul_backward(dev, a.d_attn_proj_in, LG.attn_proj, a.d_attn_proj_out, proj_in, LW.attn_proj, N, Dm, Dm,
+                        OVERWRITE, w_write);
         lora_backward(dev, lo, LORA_O, l, a.d_attn_proj_in, a.d_attn_proj_out, proj_in, T);
-        if (c.sparse_attn_gate)  // in place: d_attn_proj_in becomes the gradient of the ungated heads
+        if (c.sparse_attn_gate) {  // in place: d_attn_proj_in becomes the gradient of the ungated heads
+            GradWrite gate_w_write = pw(LG.attn_gate_w, (size_t)H * c.gate_window);
             attn_gate_backward(dev, a.d_attn_proj_in, a.d_attn_gate_logit, LG.attn_gate_w, a.d_attn_proj_in,
                                L.attn_proj_in, L.attn_norm, LW.attn_gate_w, N, H, hd, Dm, c.gate_window,
-                               c.sparse_attn_gate_scale);
-        zero(a.d_v_proj, NKV);
+                               c.sparse_attn_gate_scale, gate_w_write);
+        }
         A* d_attn_out = a.d_attn_proj_in;
         if (layer_has_xsa(c, b)) {
-            zero(a.d_attn_out, ND);
-            xsa_backward(dev, a.d_attn_out, a.d_v_proj, a.d_attn_proj_in, L.attn_out, L.v_proj, N, H, Hk, hd);
+            xsa_backward(dev, a.d_attn_out, a.d_v_proj, a.d_attn_proj_in, L.attn_out, L.v_proj, N, H, Hk, hd,
+                         OVERWRITE);
             d_attn_out = a.d_attn_out;
+        } else {
+            zero(a.d_v_proj, NKV);
         }
         zero(a.d_q_rope, ND);
         zero(a.d_k_rope, NKV);
         attention_backward(dev, a.d_q_rope, a.d_k_rope, a.d_v_proj, d_attn_out, L.q_rope, L.k_rope, L.v_proj,
                            L.attn_out, L.attn_lse, B, T, H, Hk, hd, a.doc_start);
-        zero(a.d_q_proj, ND);
-        zero(a.d_k_proj, NKV);
+        GradWrite gain_write = pw(LG.q_gain, (size_t)H);
         qk_norm_rope_backward(dev, a.d_q_proj, LG.q_gain, a.d_q_rope, L.q_proj, L.q_rstd, LW.q_gain, N, T, H, hd,
-                              c.rotary_dims(), c.rope_base);
+                              c.rotary_dims(), c.rope_base, OVERWRITE, gain_write);
         qk_norm_rope_backward(dev, a.d_k_proj, no_grad, a.d_k_rope, L.k_proj, L.k_rstd, no_vec, N, T, Hk, hd,
-                              c.rotary_dims(), c.rope_base);
-        zero(a.d_norm, ND);
-        matmul_backward(dev, a.d_norm, LG.c_q, a.d_q_proj, L.attn_norm, LW.c_q, N, Dm, Dm);
-        matmul_backward(dev, a.d_norm, LG.c_k, a.d_k_proj, L.attn_norm, LW.c_k, N, Dm, KV);
-        matmul_backward(dev, a.d_norm, LG.c_v, a.d_v_proj, L.attn_norm, LW.c_v, N, Dm, KV);
+                              c.rotary_dims(), c.rope_base, OVERWRITE, ACCUMULATE);
+        w_write = pw(LG.c_q, (size_t)Dm * Dm);
+        matmul_backward(dev, a.d_norm, LG.c_q, a.d_q_proj, L.attn_norm, LW.c_q, N, Dm, Dm, OVERWRITE, w_write);
+        w_write = pw(LG.c_k, (size_t)KV * Dm);
+        matmul_backward(dev, a.d_norm, LG.c_k, a.d_k_proj, L.attn_norm, LW.c_k, N, Dm, KV, ACCUMULATE, w_write);
+        w_write = pw(LG.c_v, (size_t)KV * Dm);
+        matmul_backward(dev, a.d_norm, LG.c_v, a.d_v_proj, L.attn_norm, LW.c_v, N, Dm, KV, ACCUMULATE, w_write);
         lora_backward(dev, lo, LORA_Q, l, a.d_norm, a.d_q_proj, L.attn_norm, T);
         lora_backward(dev, lo, LORA_K, l, a.d_norm, a.d_k_proj, L.attn_norm, T);
         lora_backward(dev, lo, LORA_V, l, a.d_norm, a.d_v_proj, L.attn_norm, T);
@@ -5626,24 +5878,29 @@ static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr
         if (c.sparse_attn_gate)
             attn_gate_backward_input(dev, a.d_norm, a.d_attn_gate_logit, LW.attn_gate_w, N, H, Dm, c.gate_window);
         if (c.ln_scale) scale_inplace(dev, a.d_norm, ND, ln_scale_of(c, b));
-        rmsnorm_backward(dev, a.d_residual_mixed, a.d_norm, L.residual_mixed, L.attn_norm_rstd, N, Dm);
-        // residual lanes: xm = mix0 ⊙ x_in + mix1 ⊙ x0 (a parallel block's lane 0 already holds its own part)
-        if (!par) zero(a.d_residual, ND);  // d_residual now becomes the gradient of residual_in
+        rmsnorm_backward(dev, a.d_residual_mixed, a.d_norm, L.residual_mixed, L.attn_norm_rstd, N, Dm,
+                         par ? OVERWRITE : ACCUMULATE);
+        // residual lanes: residual_mixed = mix0 ⊙ x_in + mix1 ⊙ x0; d_residual becomes the gradient of x_in
+        // (a parallel block's lane 0 already holds its own part)
+        GradWrite x0_write = l == layers - 1 ? OVERWRITE : ACCUMULATE;
+        GradWrite mix_write = pw(LG.resid_mix, 2 * C1);
         resid_mix_backward(dev, a.d_residual, a.d_residual_x0, LG.resid_mix, a.d_residual_mixed, x_in,
-                           a.residual_x0, LW.resid_mix, N, Dm);
+                           a.residual_x0, LW.resid_mix, N, Dm, par ? ACCUMULATE : OVERWRITE, x0_write, mix_write);
         if (l >= enc && l - enc < skips) {  // x_in = x_out[l−1] + w ⊙ skip, or lerp(w ⊙ skip, x_out[l−1], σ(gate))
             int i = l - enc;
             typename D::grad* d_skip_weight = G.skip_weights ? G.skip_weights + (size_t)i * Dm : nullptr;
             const typename D::vec* skip_weight = W.skip_weights + (size_t)i * Dm;
             const A* skip = a.layers[enc - 1 - i].residual_out;
+            GradWrite skip_write = pw(d_skip_weight, C1);
             if (W.skip_gates) {  // in place: d_residual becomes σ ⊙ itself, x_out[l−1]'s share
                 typename D::grad* d_gate = G.skip_gates ? G.skip_gates + (size_t)i * Dm : nullptr;
+                GradWrite gate_write = pw(d_gate, C1);
                 skip_gate_backward(dev, a.d_residual, a.d_skips[i], d_skip_weight, d_gate, a.d_residual,
                                    a.layers[l - 1].residual_out, skip, skip_weight, W.skip_gates + (size_t)i * Dm,
-                                   N, Dm);
+                                   N, Dm, skip_write, gate_write);
             } else {
                 branch_add_backward(dev, (A*)nullptr, a.d_skips[i], d_skip_weight, no_grad, a.d_residual, skip,
-                                    skip_weight, no_vec, N, Dm);
+                                    skip_weight, no_vec, N, Dm, 1, OVERWRITE, skip_write, ACCUMULATE);
                 // the residual part (x_out[l−1]) passes dx through unchanged
             }
         }
@@ -5653,36 +5910,47 @@ static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr
     // embeddings
     A* d_embed_norm = a.d_residual_x0;
     if (c.smear) {
-        zero(a.d_norm, ND);
-        smear_backward(dev, a.d_norm, G.smear_gate, a.d_residual_x0, a.embed_norm, W.smear_gate, N, T, Dm);
+        GradWrite gate_write = pw(G.smear_gate, C1);
+        smear_backward(dev, a.d_norm, G.smear_gate, a.d_residual_x0, a.embed_norm, W.smear_gate, N, T, Dm, OVERWRITE,
+                       gate_write);
         d_embed_norm = a.d_norm;
     }
-    zero(a.d_embed_sum, ND);
     const A* e = (c.bigram_vocab_size || c.bigram_hash_size) ? a.embed_sum : a.tok_embed;
     const A* normed = c.smear_gate_enabled ? a.embed_smeared : e;
-    rmsnorm_backward(dev, a.d_embed_sum, d_embed_norm, normed, a.embed_norm_rstd, N, Dm);
+    rmsnorm_backward(dev, a.d_embed_sum, d_embed_norm, normed, a.embed_norm_rstd, N, Dm, OVERWRITE);
     A* d_e = a.d_embed_sum;  // the gradient of e (the token embedding plus any bigram branch)
     if (c.smear_gate_enabled) {  // d_norm is free again (the SMEAR=1 SmearGate is refused with this one)
+        GradWrite smear_write = pw(G.smear_w, (size_t)c.gate_window);
+        pw(G.smear_lambda, 1);  // written with smear_w, always
         smear_bos_backward(dev, a.d_norm, G.smear_w, G.smear_lambda, a.d_embed_sum, e, a.inputs, W.smear_w,
-                           W.smear_lambda, N, T, Dm, c.gate_window);
+                           W.smear_lambda, N, T, Dm, c.gate_window, smear_write);
         d_e = a.d_norm;
     }
-    if (G.tok_emb) embedding_backward(dev, G.tok_emb, d_e, a.inputs, N, Dm);
+    if (G.tok_emb) {
+        GradWrite tok_write = pw(G.tok_emb, (size_t)c.vocab_size * Dm);
+        embedding_backward(dev, G.tok_emb, d_e, a.inputs, N, Dm, c.vocab_size, tok_write);
+    }
     if (c.bigram_vocab_size) {
         A* d_bigram_branch = W.bigram_proj ? a.d_bigram_proj_out : a.d_bigram_embed;
         const A* bigram_branch = W.bigram_proj ? a.bigram_proj_out : a.bigram_embed;
-        zero(d_bigram_branch, (size_t)N * (W.bigram_proj ? Dm : c.bigram_dim));
-        branch_add_backward(dev, (A*)nullptr, d_bigram_branch, G.bigram_scale, no_grad, d_e,
-                            bigram_branch, W.bigram_scale, no_vec, N, Dm, 0);
+        GradWrite scale_write = pw(G.bigram_scale, 1);
+        branch_add_backward(dev, (A*)nullptr, d_bigram_branch, G.bigram_scale, no_grad, d_e, bigram_branch,
+                            W.bigram_scale, no_vec, N, Dm, 0, OVERWRITE, scale_write, ACCUMULATE);
         if (W.bigram_proj) {
-            zero(a.d_bigram_embed, (size_t)N * c.bigram_dim);
+            GradWrite proj_write = pw(G.bigram_proj, (size_t)Dm * c.bigram_dim);
             matmul_backward(dev, a.d_bigram_embed, G.bigram_proj, a.d_bigram_proj_out, a.bigram_embed, W.bigram_proj,
-                            N, c.bigram_dim, Dm);
+                            N, c.bigram_dim, Dm, OVERWRITE, proj_write);
         }
-        if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, a.d_bigram_embed, a.bigram_idx, N, c.bigram_dim);
-    } else if (c.bigram_hash_size) {
-        if (G.bigram_embed) embedding_backward(dev, G.bigram_embed, d_e, a.bigram_idx, N, Dm);
+        if (G.bigram_embed) {
+            GradWrite table_write = pw(G.bigram_embed, (size_t)c.bigram_vocab_size * c.bigram_dim);
+            embedding_backward(dev, G.bigram_embed, a.d_bigram_embed, a.bigram_idx, N, c.bigram_dim,
+                               c.bigram_vocab_size, table_write);
+        }
+    } else if (c.bigram_hash_size && G.bigram_embed) {
+        GradWrite table_write = pw(G.bigram_embed, (size_t)c.bigram_hash_size * Dm);
+        embedding_backward(dev, G.bigram_embed, d_e, a.bigram_idx, N, Dm, c.bigram_hash_size, table_write);
     }
+    if (pw.first == OVERWRITE) zero_unwritten_param_grads(dev, m, pw);
 }
 
 // ============================================================================================
@@ -6669,12 +6937,11 @@ static void nccl_init() {
 #endif
 }
 #if defined(PGOLF_NCCL) && defined(PGOLF_MPI)
-// A collective whose peer failed can block forever. Poll the stream and NCCL's asynchronous error
-// so a failure ends this rank through fail(), whose MPI_Abort ends the others: no hang.
-// (perf: this waits for the whole backward; with bucketed all-reduce overlap, poll from a watchdog)
-static void nccl_wait(const char* what) {
+// A collective whose peer failed can block forever. Poll the stream (or the event `until`) and NCCL's
+// asynchronous error so a failure ends this rank through fail(), whose MPI_Abort ends the others: no hang.
+static void nccl_wait(const char* what, cudaEvent_t until = nullptr) {
     for (;;) {
-        cudaError_t e = cudaStreamQuery(g_cuda.stream);
+        cudaError_t e = until ? cudaEventQuery(until) : cudaStreamQuery(g_cuda.stream);
         if (e == cudaSuccess) return;
         if (e != cudaErrorNotReady) cudaCheck(e);
         ncclResult_t r = ncclSuccess;
@@ -6717,6 +6984,17 @@ static void allgather_bf16(const bf16* mine, bf16* all, size_t chunk) {
     if (g_world == 1 || chunk == 0) return;
     PROFILE_OP(OP_COMM);
     PGOLF_NCCL_OR_FAIL(ncclAllGather(mine, all, chunk, ncclBfloat16, g_cuda.nccl, g_cuda.stream));
+}
+// The host waits for an event; with ranks, watching NCCL for a failed peer meanwhile.
+static void nccl_event_wait(cudaEvent_t e, const char* what) {
+#if defined(PGOLF_NCCL) && defined(PGOLF_MPI)
+    if (g_world > 1 && g_cuda.nccl) {
+        nccl_wait(what, e);
+        return;
+    }
+#endif
+    (void)what;
+    cudaCheck(cudaEventSynchronize(e));
 }
 // After the step: wait for its collectives unless the stream is being captured (a graph's launch waits).
 static void nccl_check(Cuda, const char* what) {
@@ -9543,6 +9821,27 @@ template <class D> static void train_state_init(D dev, TrainState<D>& s, Model<D
     train_batch_init(dev, s, c);
 }
 
+// The GPU's step graphs and their buffers (section 12's CudaStepGraph); nothing elsewhere.
+template <class D> static void step_graph_free(TrainState<D>&) {}
+// Everything train_state_init and the steps allocated: device buffers, page-locked batches, the graphs.
+template <class D> static void train_state_free(D dev, TrainState<D>& s) {
+    for (void* p : {(void*)s.adam_m, (void*)s.adam_v, (void*)s.update, (void*)s.avg, (void*)s.scalars,
+                    (void*)s.clip_ss, (void*)s.comm, (void*)s.own_grad, (void*)s.updates, (void*)s.d_own,
+                    (void*)s.d_all, (void*)s.d_adam, (void*)s.d_pack})
+        device_free(dev, p);
+    s.adam_m = s.adam_v = s.update = s.avg = s.comm = s.own_grad = nullptr;
+    s.scalars = nullptr;
+    s.clip_ss = nullptr;
+    s.updates = nullptr;
+    s.d_own = s.d_all = nullptr;
+    s.d_adam = s.d_pack = nullptr;
+    host_free(dev, s.batch);
+    host_free(dev, s.batch_losses);
+    s.batch = nullptr;
+    s.batch_losses = nullptr;
+    step_graph_free(s);
+}
+
 // One optimizer step over the summed gradients of this step's micro-batches, reading its lr scale,
 // momentum and bias corrections from `scalars` (device memory on the GPU): no host sync, no allocation
 // once the scratch has grown, so the step can be captured in a CUDA graph.
@@ -9806,17 +10105,17 @@ template <class D> static void train_loss_weights_upload(D dev, Model<D>& m, con
     to_device(dev, m.acts.loss_weights, weights.data(), N);
 }
 
-// The gradients of one step: zeroed, then the forward and backward of each micro-batch of `tokens`
-// (in device memory, laid out as s.batch) add theirs into m.grads; each position's loss goes back to
-// s.batch_losses without waiting (train_step_loss waits). No host synchronization: a CUDA graph holds it.
+// The gradients of one step: the forward and backward of each micro-batch of `tokens` (in device memory,
+// laid out as s.batch); the first micro-batch's backward overwrites m.grads (no zeroing), the others add
+// theirs. Each position's loss goes back to s.batch_losses without waiting (train_step_loss waits). No
+// host synchronization: a CUDA graph holds it.
 template <class D> static void step_micro_batches(D dev, Model<D>& m, TrainState<D>& s, const int32_t* tokens) {
     size_t N = (size_t)s.B * s.T;
-    device_zero(dev, m.grads, m.nparams * sizeof(typename D::grad));
     for (int micro = 0; micro < s.accum; micro++) {
         device_copy(dev, m.acts.inputs, tokens + micro * 2 * N, N);
         device_copy(dev, m.acts.targets, tokens + micro * 2 * N + N, N);
         gpt_forward(dev, m, s.B, s.T, true);
-        gpt_backward(dev, m, s.B, s.T);
+        gpt_backward(dev, m, s.B, s.T, (Lora<D>*)nullptr, true, micro == 0 ? OVERWRITE : ACCUMULATE);
         to_host_async(dev, s.batch_losses + micro * N, m.acts.losses, N);
     }
 }
@@ -9825,11 +10124,17 @@ template <class D> static void step_gradients(D dev, Model<D>& m, TrainState<D>&
     step_micro_batches(dev, m, s, s.batch);
 }
 
+// The optimizer with this step's lr multiplier and momentum (the GPU's copies them up and replays a graph).
+template <class D> static void step_optimizer(D dev, Model<D>& m, TrainState<D>& s, double lr_scale,
+                                              float muon_momentum) {
+    optimizer_step(dev, m, s, lr_scale, muon_momentum);
+}
+
 // One training step on the micro-batches in s.batch: forward and backward, then the optimizer
 // (which all-reduces the gradients, clips them and updates the weights).
 template <class D> static void train_step(D dev, Model<D>& m, TrainState<D>& s, double lr_scale, float muon_momentum) {
     step_gradients(dev, m, s);
-    optimizer_step(dev, m, s, lr_scale, muon_momentum);
+    step_optimizer(dev, m, s, lr_scale, muon_momentum);
 }
 
 // The step's losses are in s.batch_losses once the step's copies have landed (section 1: the GPU's wait).
@@ -9847,21 +10152,27 @@ template <class D> static double train_step_loss(D dev, TrainState<D>& s) {
 }
 
 #ifdef PGOLF_CUDA
-// --- The step on the GPU: the micro-batches as one CUDA graph --------------------------------------
-// The gradients' ~1,000 kernels and cuBLASLt calls go out in one cudaGraphLaunch. The graph is captured
-// after one step has run directly (which grows the scratch and the rope table to the step's size), and
-// replayed while nothing it baked in changes (step_graph_key); when something does (an evaluation grew
-// the scratch), it is captured again. The tokens go up from page-locked s.batch on a stream of their
-// own, behind the previous step's graph, while its optimizer still runs; the losses come back inside the
-// graph. CUDA_GRAPHS=0 launches every kernel directly (as does PROFILE=1: its events time each class).
+// --- The step on the GPU: two CUDA graphs, the micro-batches and the optimizer ----------------------
+// The gradients' ~1,000 kernels and cuBLASLt calls go out in one cudaGraphLaunch, the optimizer's (pack,
+// collectives, clip, Muon, Adam) in a second. Each graph is captured after one step has run directly
+// (which grows the scratch and the rope table to the step's size), and replayed while nothing it baked
+// in changes (its key); when something does (an evaluation grew the scratch), it is captured again. The
+// tokens go up from page-locked s.batch on a stream of their own, behind the previous step's gradients,
+// while its optimizer still runs; the losses come back inside the first graph; the step's lr and
+// momentum go up from page-locked memory ahead of the second. No host wait inside the step: the host
+// next waits for `done` (train_step_loss), polling NCCL for a failed peer meanwhile.
+// CUDA_GRAPHS=0 launches every kernel directly (as does PROFILE=1: its events time each class).
 struct CudaStepGraph {
     int32_t* tokens = nullptr;              // (accum, 2, B·T): the step's tokens on the device
-    cudaStream_t upload = nullptr;          // their copy from s.batch
+    StepScalars* scalars = nullptr;         // the step's lr scale, momentum, bias corrections (page-locked)
+    cudaStream_t upload = nullptr;          // the tokens' copy from s.batch
     cudaEvent_t uploaded = nullptr;         // the copy has landed
-    cudaEvent_t done = nullptr;             // the step's gradients and losses are complete
-    cudaGraphExec_t exec = nullptr;
-    std::vector<const void*> key;           // what exec was captured with
+    cudaEvent_t done = nullptr;             // the step's gradients and losses are complete, its scalars copied
+    cudaGraphExec_t exec = nullptr;         // the micro-batches
+    cudaGraphExec_t opt_exec = nullptr;     // the optimizer
+    std::vector<const void*> key, opt_key;  // what exec and opt_exec were captured with
     bool warm = false;                      // a step ran directly: scratch and rope table have their size
+    bool opt_warm = false;                  // an optimizer step ran directly
 };
 static int g_cuda_graphs = -1;  // CUDA_GRAPHS (1 by default); tests set it
 static bool cuda_graphs_on() {
@@ -9884,21 +10195,31 @@ static std::vector<const void*> step_graph_key(const Model<Cuda>& m, const Train
             num((size_t)cx.rope_rows), num((size_t)cx.rope_rd), s.batch_losses, num((size_t)s.B), num((size_t)s.T),
             num((size_t)s.accum), num((size_t)m.looping)};  // (NUM_LOOPS: the loop switching on)
 }
-static void step_graph_capture(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s, CudaStepGraph& g) {
+// The optimizer's: weights, gradients, scratch (Muon's iterates, the clip's partials), the state's buffers.
+static std::vector<const void*> opt_graph_key(const Model<Cuda>& m, const TrainState<Cuda>& s) {
+    const CudaContext& cx = g_cuda;
+    return {m.params, m.grads, cx.scratch, (const void*)(uintptr_t)cx.scratch_bytes, s.scalars, s.adam_m, s.adam_v,
+            s.comm, s.own_grad, s.updates};
+}
+// `work`'s launches on the context stream captured into `exec` (replacing what it held).
+template <class F> static void graph_capture(cudaGraphExec_t& exec, F&& work) {
     cudaStream_t st = cuda_ctx().stream;
-    if (g.exec) cudaCheck(cudaGraphExecDestroy(g.exec));
-    g.exec = nullptr;
+    if (exec) cudaCheck(cudaGraphExecDestroy(exec));
+    exec = nullptr;
     cudaGraph_t graph = nullptr;
     cudaCheck(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
     try {
-        step_micro_batches(dev, m, s, g.tokens);
+        work();
     } catch (...) {  // (tests: a failure leaves the stream usable)
         cudaStreamEndCapture(st, &graph);
         throw;
     }
     cudaCheck(cudaStreamEndCapture(st, &graph));
-    cudaCheck(cudaGraphInstantiate(&g.exec, graph, 0));
+    cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
     cudaCheck(cudaGraphDestroy(graph));
+}
+static void step_graph_capture(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s, CudaStepGraph& g) {
+    graph_capture(g.exec, [&]() { step_micro_batches(dev, m, s, g.tokens); });
     g.key = step_graph_key(m, s);
 }
 static void step_gradients(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s) {
@@ -9907,6 +10228,7 @@ static void step_gradients(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s) {
     if (!s.gpu) {
         s.gpu = new CudaStepGraph;
         s.gpu->tokens = (int32_t*)cuda_malloc_checked(n * sizeof(int32_t), "the step's tokens");
+        s.gpu->scalars = (StepScalars*)host_alloc(dev, sizeof(StepScalars));
         cudaCheck(cudaStreamCreate(&s.gpu->upload));
         cudaCheck(cudaEventCreateWithFlags(&s.gpu->uploaded, cudaEventDisableTiming));
         cudaCheck(cudaEventCreateWithFlags(&s.gpu->done, cudaEventDisableTiming));
@@ -9924,20 +10246,43 @@ static void step_gradients(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s) {
         if (!g.exec || step_graph_key(m, s) != g.key) step_graph_capture(dev, m, s, g);
         cudaCheck(cudaGraphLaunch(g.exec, st));
     }
+}
+// `done` recorded, then the optimizer: run directly the first time (and with CUDA_GRAPHS=0), its scalars
+// written by a launch; after, replayed from its graph, its scalars copied up from page-locked memory.
+static void step_optimizer(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s, double lr_scale, float muon_momentum) {
+    cudaStream_t st = cuda_ctx().stream;
+    CudaStepGraph& g = *s.gpu;  // (step_gradients made it)
+    if (!cuda_graphs_on() || !g.opt_warm) {
+        cudaCheck(cudaEventRecord(g.done, st));
+        optimizer_step(dev, m, s, lr_scale, muon_momentum);
+        g.opt_warm = true;
+        return;
+    }
+    cudaCheck(cudaEventSynchronize(g.done));  // the last step's copy has read g.scalars (passed already in train())
+    *g.scalars = step_scalars(m.cfg, s.step, lr_scale, muon_momentum);
+    cudaCheck(cudaMemcpyAsync(s.scalars, g.scalars, sizeof(StepScalars), cudaMemcpyHostToDevice, st));
     cudaCheck(cudaEventRecord(g.done, st));
+    if (!g.opt_exec || opt_graph_key(m, s) != g.opt_key) {
+        graph_capture(g.opt_exec, [&]() { optimizer_step(dev, m, s, (const StepScalars*)s.scalars); });
+        g.opt_key = opt_graph_key(m, s);
+    }
+    cudaCheck(cudaGraphLaunch(g.opt_exec, st));
 }
-// The host reads s.batch_losses (and may refill s.batch) once the step's event has passed.
+// The host reads s.batch_losses (and may refill s.batch) once the step's event has passed; a failed
+// peer ends the wait (nccl_event_wait) instead of hanging it.
 static void step_losses_wait(Cuda, TrainState<Cuda>& s) {
-    if (s.gpu) cudaCheck(cudaEventSynchronize(s.gpu->done));
+    if (s.gpu) nccl_event_wait(s.gpu->done, "training step");
 }
-__attribute__((unused)) static void step_graph_free(TrainState<Cuda>& s) {
+static void step_graph_free(TrainState<Cuda>& s) {
     if (!s.gpu) return;
     CudaStepGraph& g = *s.gpu;
     if (g.exec) cudaCheck(cudaGraphExecDestroy(g.exec));
+    if (g.opt_exec) cudaCheck(cudaGraphExecDestroy(g.opt_exec));
     cudaCheck(cudaEventDestroy(g.uploaded));
     cudaCheck(cudaEventDestroy(g.done));
     cudaCheck(cudaStreamDestroy(g.upload));
     cudaCheck(cudaFree(g.tokens));
+    host_free(Cuda{}, g.scalars);
     delete s.gpu;
     s.gpu = nullptr;
 }
@@ -10261,6 +10606,7 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
             print_export_report(rep);
         }
         host_barrier();
+        train_state_free(dev, s);
     } else {
         artifact_path = c.load_artifact;
     }
@@ -10354,7 +10700,6 @@ struct CostLog {
     std::vector<CostEntry> entries;
     bool optimizer = false;              // inside optimizer_step (op_scope)
     bool in_graph = false;               // inside the step's CUDA graph (step_gradients)
-    const Model<Cost>* model = nullptr;  // for the embedding backward's table sizes
 };
 static CostLog g_cost;
 static void cost_add(OpClass cls, const char* op, double flops, double hbm, double link = 0) {
@@ -10426,31 +10771,32 @@ static void matmul_backward_batched(Cost, CostBf16* dinp, float* dw, const CostB
     if (dinp) cost_gemm(N, IC, OC, BF, dinp_accumulate, batch);
     if (dw) cost_gemm(OC, IC, N, F32, dw_accumulate, batch);
 }
-// matmul_backward: linear_dinp_gemm dinp[N,IC] += dout·W (bf16), linear_dweight_gemm dW[OC,IC] += doutᵀ·inp (fp32)
+// matmul_backward: linear_dinp_gemm dinp[N,IC] (+)= dout·W (bf16), linear_dweight_gemm dW[OC,IC] (+)= doutᵀ·inp
+// (fp32); beta = 1 only where accumulating
 static void matmul_backward(Cost, CostBf16* dinp, float* dw, const CostBf16*, const CostBf16*, const CostBf16*,
-                            int N, int IC, int OC) {
-    if (dinp) cost_gemm(N, IC, OC, BF, true);
-    if (dw) cost_gemm(OC, IC, N, F32, true);
+                            int N, int IC, int OC, GradWrite dinp_write = ACCUMULATE, GradWrite dw_write = ACCUMULATE) {
+    if (dinp) cost_gemm(N, IC, OC, BF, dinp_write == ACCUMULATE);
+    if (dw) cost_gemm(OC, IC, N, F32, dw_write == ACCUMULATE);
 }
 // embedding_forward: embedding_forward_kernel (indices, gathered rows, output)
 static void embedding_forward(Cost, CostBf16*, const int32_t*, const CostBf16*, int N, int C) {
     if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "embedding_forward", 0, N * I32 + 2.0 * N * C * BF);
 }
-// Rows of the gradient table dtable points at (the model's parameter table), for the row updates.
-static double cost_table_rows(const float* dtable, int N) {
-    const Model<Cost>* m = g_cost.model;
-    if (m) for (const ParamSpec& p : m->table) if (m->grads + p.offset == dtable) return std::min<double>(p.rows(), N);
-    return N;
-}
 // embedding_backward: iota_kernel; cub::DeviceRadixSort::SortPairs of 32-bit keys and values as CUB
 // dispatches it on sm_90: up to one tile of 256 × 19 pairs one single-tile kernel, beyond that onesweep
 // (memsets of the pass counters and histograms, histogram, exclusive sum, then 4 passes of 8 bits, each a
 // memset of its lookback and a kernel reading and writing keys and values: 6 launches and 6 memsets);
-// embedding_backward_kernel (sorted pairs, dout rows, read-modify-write of the touched table rows) and
-// embedding_backward_long_runs_kernel
+// embedding_backward_kernel (sorted pairs, dout rows, read-modify-write of the touched table rows, or
+// overwriting: every table row written once) and embedding_backward_long_runs_kernel; no positions: a
+// memset when overwriting
 static const int COST_SORT_SINGLE_TILE = 256 * 19;
-static void embedding_backward(Cost, float* dtable, const CostBf16*, const int32_t*, int N, int C) {
-    if (N <= 0 || C <= 0 || !dtable) return;
+static void embedding_backward(Cost dev, float* dtable, const CostBf16*, const int32_t*, int N, int C, int rows,
+                               GradWrite write) {
+    if (C <= 0 || !dtable) return;
+    if (N <= 0) {
+        if (write == OVERWRITE) device_zero(dev, dtable, (size_t)rows * C * sizeof(float));
+        return;
+    }
     cost_add(OP_ELEMENTWISE, "iota", 0, N * I32);
     if (N <= COST_SORT_SINGLE_TILE) {
         cost_add(OP_ELEMENTWISE, "radix_sort_single_tile", 0, 4.0 * N * I32);
@@ -10465,8 +10811,8 @@ static void embedding_backward(Cost, float* dtable, const CostBf16*, const int32
             cost_add(OP_ELEMENTWISE, "radix_sort_onesweep", 0, 4.0 * N * I32);
         }
     }
-    double rows = cost_table_rows(dtable, N);
-    cost_add(OP_ELEMENTWISE, "embedding_backward", 0, 2.0 * N * I32 + (double)N * C * BF + 2 * rows * C * F32);
+    double table = write == ACCUMULATE ? 2.0 * std::min(rows, N) * C * F32 : (double)rows * C * F32;
+    cost_add(OP_ELEMENTWISE, "embedding_backward", 0, 2.0 * N * I32 + (double)N * C * BF + table);
     // embedding_backward_long_runs_kernel: the windows' last keys; the pieces of runs that cross windows
     // (at most one per window) read once and their rows updated (the model counts every window's piece)
     double windows = std::ceil(N / 128.0);  // EMB_WINDOW
@@ -10476,25 +10822,28 @@ static void embedding_backward(Cost, float* dtable, const CostBf16*, const int32
 static void bigram_lookup(Cost, int32_t*, const int32_t*, int B, int T_, int, int, bool) {
     if (B * T_ > 0) cost_add(OP_ELEMENTWISE, "bigram_lookup", 0, 2.0 * B * T_ * I32);
 }
-// rmsnorm_forward / rmsnorm_backward: one warp-per-row kernel each (the backward adds into dinp)
+// rmsnorm_forward / rmsnorm_backward: one warp-per-row kernel each (the backward reads dinp only to add to it)
 static void rmsnorm_forward(Cost, CostBf16*, float*, const CostBf16*, int N, int C) {
     if (N > 0) cost_add(OP_ELEMENTWISE, "rmsnorm_forward", 0, 2.0 * N * C * BF + N * F32);
 }
-static void rmsnorm_backward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, int N, int C) {
-    if (N > 0) cost_add(OP_ELEMENTWISE, "rmsnorm_backward", 0, 4.0 * N * C * BF + N * F32);
+static void rmsnorm_backward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, int N, int C,
+                             GradWrite write) {
+    double dinp = (write == ACCUMULATE ? 2.0 : 1.0) * N * C * BF;
+    if (N > 0) cost_add(OP_ELEMENTWISE, "rmsnorm_backward", 0, 2.0 * N * C * BF + dinp + N * F32);
 }
 // qk_norm_rope_forward: qk_norm_rope_forward_kernel (x → out, rstd per head; the rope table is L2-resident)
 static void qk_norm_rope_forward(Cost, CostBf16*, float*, const CostBf16*, const float*, int N, int, int nh, int hd,
                                  int, float) {
     if (N * nh > 0) cost_add(OP_ELEMENTWISE, "qk_norm_rope_forward", 0, 2.0 * N * nh * hd * BF + (double)N * nh * F32);
 }
-// qk_norm_rope_backward: the kernel (dout, x, rstd, dx += …, per-row gain partials), and for the gain
+// qk_norm_rope_backward: the kernel (dout, x, rstd, dx (+)= …, per-row gain partials), and for the gain
 // column_partial_sums_kernel + column_sums_add_kernel over row chunks
 static void qk_norm_rope_backward(Cost, CostBf16*, float* dgain, const CostBf16*, const CostBf16*, const float*,
-                                  const float*, int N, int, int nh, int hd, int, float) {
+                                  const float*, int N, int, int nh, int hd, int, float, GradWrite dx_write, GradWrite) {
     double rows = (double)N * nh;
     if (rows <= 0) return;
-    cost_add(OP_ELEMENTWISE, "qk_norm_rope_backward", 0, 4 * rows * hd * BF + rows * F32 * (dgain ? 2 : 1));
+    double dx = (dx_write == ACCUMULATE ? 2 : 1) * rows * hd * BF;
+    cost_add(OP_ELEMENTWISE, "qk_norm_rope_backward", 0, 2 * rows * hd * BF + dx + rows * F32 * (dgain ? 2 : 1));
     if (dgain) {
         int chunks = row_chunks_count(N);
         cost_add(OP_ELEMENTWISE, "column_partial_sums", 0, rows * F32 + (double)chunks * nh * F32);
@@ -10533,67 +10882,75 @@ static void attention_forward(Cost, CostBf16*, float*, const CostBf16*, const Co
     int rows = hd <= 64 ? 128 : 64;  // attn_forward_rows
     cost_add(OP_ATTN_FWD, "attention_forward", cost_attn_flops(B, T, H, Hk, hd, rows, 2), 2 * q + 2 * kv + lse);
 }
-// attention_backward: attention_backward_rowdot_kernel (D = rowsum(dO⊙O)); attention_backward_dq_kernel
-// (S, dP = dO·Vᵀ, dQ += dS·K: 3 products); attention_backward_dkdv_kernel (S, dP, dV += Pᵀ·dO, dK += dSᵀ·Q:
-// 4 products, over the same tile pairs)
+// attention_backward: attention_backward_bounds_kernel (max |K|, max |V_k| per kv head);
+// attention_backward_rowdot_kernel (D, exponents, the int64 dQ accumulator zeroed: 4 bytes per bf16 of q);
+// attention_backward_kernel (S = K·Qᵀ, dP = V·dOᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q, dQ += dS·K: 5 products over
+// query tiles of 64 packed rows, 32 at hd 128; its 64-bit adds into the accumulator go to L2, where the
+// rows of the (b, kv head) pairs in flight stay, so they count as no HBM traffic);
+// attention_backward_dq_kernel (accumulator → dq += …)
 static void attention_backward(Cost, CostBf16*, CostBf16*, CostBf16*, const CostBf16*, const CostBf16*, const CostBf16*,
                                const CostBf16*, const CostBf16*, const float*, int B, int T, int H, int Hk, int hd,
                                const int32_t* = nullptr) {
     if (B == 0 || T == 0) return;
     double q = (double)B * T * H * hd * BF, kv = (double)B * T * Hk * hd * BF, row = (double)B * T * H * F32;
-    cost_add(OP_ATTN_BWD, "attention_backward_rowdot", 0, 2 * q + row);
-    cost_add(OP_ATTN_BWD, "attention_backward_dq", cost_attn_flops(B, T, H, Hk, hd, COST_ATTN_TILE, 3),
-             4 * q + 2 * kv + 2 * row);
-    cost_add(OP_ATTN_BWD, "attention_backward_dkdv", cost_attn_flops(B, T, H, Hk, hd, COST_ATTN_TILE, 4),
-             2 * q + 6 * kv + 2 * row);
+    int rows = hd <= 64 ? 64 : 32;  // attn_dkdv_rows
+    cost_add(OP_ATTN_BWD, "attention_backward_bounds", 0, 2 * kv);
+    cost_add(OP_ATTN_BWD, "attention_backward_rowdot", 0, 2 * q + 2 * row + 4 * q);
+    cost_add(OP_ATTN_BWD, "attention_backward", cost_attn_flops(B, T, H, Hk, hd, rows, 5), 2 * q + 6 * kv + 3 * row);
+    cost_add(OP_ATTN_BWD, "attention_backward_dq", 0, 4 * q + 2 * q + row);
 }
-// xsa_forward / xsa_backward: one warp-per-kv-head kernel each (the backward adds into da and dv)
+// xsa_forward / xsa_backward: one warp-per-kv-head kernel each (the backward reads da and dv only to add to them)
 static void xsa_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, int N, int H, int Hk, int hd) {
     if (N * Hk > 0) cost_add(OP_ELEMENTWISE, "xsa_forward", 0, (double)N * hd * BF * (2.0 * H + Hk));
 }
 static void xsa_backward(Cost, CostBf16*, CostBf16*, const CostBf16*, const CostBf16*, const CostBf16*,
-                         int N, int H, int Hk, int hd) {
-    if (N * Hk > 0) cost_add(OP_ELEMENTWISE, "xsa_backward", 0, (double)N * hd * BF * (4.0 * H + 3.0 * Hk));
+                         int N, int H, int Hk, int hd, GradWrite write) {
+    double grads = write == ACCUMULATE ? 2.0 * H + 2.0 * Hk : 1.0 * H + Hk;  // da, dv
+    if (N * Hk > 0) cost_add(OP_ELEMENTWISE, "xsa_backward", 0, (double)N * hd * BF * (2.0 * H + Hk + grads));
 }
-// resid_mix_forward: one kernel; resid_mix_backward: the chunked kernel (dx, dx0 += …) + column_sums_add for dmix
+// resid_mix_forward: one kernel; resid_mix_backward: the chunked kernel (dx, dx0 (+)= …) + column_sums_add for dmix
 static void resid_mix_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, int N, int C) {
     if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "resid_mix_forward", 0, 3.0 * N * C * BF);
 }
 static void resid_mix_backward(Cost, CostBf16*, CostBf16*, float* dmix, const CostBf16*, const CostBf16*,
-                               const CostBf16*, const float*, int N, int C) {
+                               const CostBf16*, const float*, int N, int C, GradWrite dx_write, GradWrite dx0_write,
+                               GradWrite) {
     if (N <= 0 || C <= 0) return;
     double part = (double)row_chunks_count(N) * 2 * C * F32;
-    cost_add(OP_ELEMENTWISE, "resid_mix_backward", 0, 7.0 * N * C * BF + (dmix ? part : 0));
+    double grads = (dx_write == ACCUMULATE ? 2 : 1) + (dx0_write == ACCUMULATE ? 2 : 1);
+    cost_add(OP_ELEMENTWISE, "resid_mix_backward", 0, (3.0 + grads) * N * C * BF + (dmix ? part : 0));
     if (dmix) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 4.0 * C * F32);
 }
-// branch_add_forward: one kernel; branch_add_backward: the chunked kernel (dres, dbranch += …) and one
+// branch_add_forward: one kernel; branch_add_backward: the chunked kernel (dres, dbranch (+)= …) and one
 // column_sums_add (total_sum_add for a scalar scale) per parameter gradient
 static void branch_add_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, const float*,
                                int N, int C, int = 1) {
     if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "branch_add_forward", 0, 3.0 * N * C * BF);
 }
 static void branch_add_backward(Cost, CostBf16* dres, CostBf16* dbranch, float* dscale, float* dgate, const CostBf16*,
-                                const CostBf16*, const float*, const float* gate, int N, int C, int scale_stride = 1) {
+                                const CostBf16*, const float*, const float* gate, int N, int C, int scale_stride,
+                                GradWrite act_write, GradWrite, GradWrite) {
     if (N <= 0 || C <= 0) return;
     double part = (double)row_chunks_count(N) * C * F32;
     bool pgate = dgate && gate;
-    double nc = (double)N * C * BF;
+    double nc = (double)N * C * BF * (act_write == ACCUMULATE ? 2 : 1);  // read-modify-write, or write
     double partials = part * ((dscale ? 1 : 0) + (pgate ? 1 : 0));
-    double grads = (dres ? 2 * nc : 0) + (dbranch ? 2 * nc : 0);  // read-modify-write
-    cost_add(OP_ELEMENTWISE, "branch_add_backward", 0, 2 * nc + grads + partials);
+    double grads = (dres ? nc : 0) + (dbranch ? nc : 0);
+    cost_add(OP_ELEMENTWISE, "branch_add_backward", 0, 2.0 * N * C * BF + grads + partials);
     const char* sums = scale_stride == 0 ? "total_sum_add" : "column_sums_add";
     if (dscale) cost_add(OP_ELEMENTWISE, sums, 0, part + 2.0 * C * F32);
     if (pgate) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
 }
-// smear_forward: one kernel; smear_backward: the chunked kernel (dx += …) + column_sums_add for the gate
+// smear_forward: one kernel; smear_backward: the chunked kernel (dx (+)= …) + column_sums_add for the gate
 static void smear_forward(Cost, CostBf16*, const CostBf16*, const float*, int N, int, int C) {
     if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "smear_forward", 0, 2.0 * N * C * BF);
 }
 static void smear_backward(Cost, CostBf16*, float* dgate, const CostBf16*, const CostBf16*, const float*,
-                           int N, int, int C) {
+                           int N, int, int C, GradWrite dx_write, GradWrite) {
     if (N <= 0 || C <= 0) return;
     double part = (double)row_chunks_count(N) * C * F32;
-    cost_add(OP_ELEMENTWISE, "smear_backward", 0, 4.0 * N * C * BF + (dgate ? part : 0));
+    double dx = (dx_write == ACCUMULATE ? 2.0 : 1.0) * N * C * BF;
+    cost_add(OP_ELEMENTWISE, "smear_backward", 0, 2.0 * N * C * BF + dx + (dgate ? part : 0));
     if (dgate) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
 }
 // smear_bos_forward: one block per row; smear_bos_backward: one block per row (dx overwritten, per-row
@@ -10603,7 +10960,7 @@ static void smear_bos_forward(Cost, CostBf16*, const CostBf16*, const int32_t*, 
     if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "smear_bos_forward", 0, 3.0 * N * C * BF + N * I32);
 }
 static void smear_bos_backward(Cost, CostBf16*, float* dw, float* dlambda, const CostBf16*, const CostBf16*,
-                               const int32_t*, const float*, const float*, int N, int, int C, int W) {
+                               const int32_t*, const float*, const float*, int N, int, int C, int W, GradWrite) {
     if (N <= 0 || C <= 0) return;
     double part = (dw || dlambda) ? (double)N * (W + 1) * F32 : 0;
     cost_add(OP_ELEMENTWISE, "smear_bos_backward", 0, 5.0 * N * C * BF + 2.0 * N * I32 + part);
@@ -10618,7 +10975,7 @@ static void attn_gate_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*,
     if ((size_t)N * H > 0) cost_add(OP_ELEMENTWISE, "attn_gate_forward", 0, bytes);
 }
 static void attn_gate_backward(Cost, CostBf16*, float*, float* dwg, const CostBf16*, const CostBf16*,
-                               const CostBf16*, const float*, int N, int H, int hd, int, int GW, float) {
+                               const CostBf16*, const float*, int N, int H, int hd, int, int GW, float, GradWrite) {
     if ((size_t)N * H == 0) return;
     double dz = (double)N * H * F32, xw = (double)N * GW * BF;
     cost_add(OP_ELEMENTWISE, "attn_gate_backward", 0, 3.0 * N * H * hd * BF + xw + dz);
@@ -10631,17 +10988,17 @@ static void attn_gate_backward_input(Cost, CostBf16*, const float*, const float*
     double dz = (double)N * H * F32, xw = (double)N * GW * BF;
     if ((size_t)N * GW > 0) cost_add(OP_ELEMENTWISE, "attn_gate_dx", 0, dz + 2 * xw);
 }
-// skip_gate_forward: one elementwise kernel; skip_gate_backward: the chunked kernel (dx, dskip +=) + sums
+// skip_gate_forward: one elementwise kernel; skip_gate_backward: the chunked kernel (dx, dskip =) + sums
 static void skip_gate_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, const float*, const float*, int N,
                               int C) {
     if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "skip_gate_forward", 0, 3.0 * N * C * BF);
 }
 static void skip_gate_backward(Cost, CostBf16*, CostBf16*, float* dw, float* dgate, const CostBf16*, const CostBf16*,
-                               const CostBf16*, const float*, const float*, int N, int C) {
+                               const CostBf16*, const float*, const float*, int N, int C, GradWrite, GradWrite) {
     if (N <= 0 || C <= 0) return;
     double part = (double)row_chunks_count(N) * C * F32;
     double partials = part * ((dw ? 1 : 0) + (dgate ? 1 : 0));
-    cost_add(OP_ELEMENTWISE, "skip_gate_backward", 0, 6.0 * N * C * BF + partials);
+    cost_add(OP_ELEMENTWISE, "skip_gate_backward", 0, 5.0 * N * C * BF + partials);
     if (dw) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
     if (dgate) cost_add(OP_ELEMENTWISE, "column_sums_add", 0, part + 2.0 * C * F32);
 }
@@ -10653,7 +11010,8 @@ static void lanes_forward(Cost, CostBf16*, CostBf16*, const CostBf16*, const Cos
 }
 static void lanes_backward(Cost, CostBf16*, CostBf16*, CostBf16*, CostBf16*, float* dsa, float* dsm, float* dresid,
                            float* dpost, const CostBf16*, const CostBf16*, const CostBf16*, const CostBf16*,
-                           const float*, const float*, const float*, const float*, int N, int C) {
+                           const float*, const float*, const float*, const float*, int N, int C, GradWrite,
+                           GradWrite, GradWrite) {
     if (N <= 0 || C <= 0) return;
     double block = (double)row_chunks_count(N) * C * F32;
     cost_add(OP_ELEMENTWISE, "lanes_backward", 0, 10.0 * N * C * BF + 8 * block);
@@ -10666,8 +11024,8 @@ static void lanes_backward(Cost, CostBf16*, CostBf16*, CostBf16*, CostBf16*, flo
 static void mlp_act_forward(Cost, CostBf16*, const CostBf16*, size_t n, bool) {
     if (n) cost_add(OP_ELEMENTWISE, "mlp_act_forward", 0, 2.0 * n * BF);
 }
-static void mlp_act_backward(Cost, CostBf16*, const CostBf16*, const CostBf16*, size_t n, bool) {
-    if (n) cost_add(OP_ELEMENTWISE, "mlp_act_backward", 0, 4.0 * n * BF);
+static void mlp_act_backward(Cost, CostBf16*, const CostBf16*, const CostBf16*, size_t n, bool, GradWrite write) {
+    if (n) cost_add(OP_ELEMENTWISE, "mlp_act_backward", 0, (write == ACCUMULATE ? 4.0 : 3.0) * n * BF);
 }
 // softcap_ce: softcap_ce_kernel, one block per row (reads the logits; with weights, writes dlogits over them)
 static void softcap_ce(Cost, float*, CostBf16*, const int32_t*, const float* weights, int N, int V, float) {
@@ -10714,14 +11072,11 @@ static double sum_squares(Cost dev, const float*, size_t n) {
     to_host(dev, partial, (const double*)nullptr, 256);
     return HUGE_VAL;
 }
-// The optimizer step as the GPU runs it (section 7): step_scalars_kernel; with W > 1 pack_tiles_kernel,
-// one ncclReduceScatter of the banks and one ncclAllReduce of the replicated gradients; the clip's
+// The optimizer step as the GPU's graph runs it (section 7; its scalars copied up before it): with W > 1
+// pack_tiles_kernel, one ncclReduceScatter of the banks and one ncclAllReduce of the replicated gradients; the clip's
 // sum_squares partials (one or two) and their sum (+ an fp64 ncclAllReduce); per rank one momentum and
 // one normalize launch for its matrices, `steps` × 3 strided-batched GEMMs per bank it holds, one bf16
-// ncclAllGather, one apply launch for every matrix; one Adam launch; nccl_check's wait (W > 1).
-static void step_scalars_store(Cost, StepScalars*, const StepScalars&) {
-    cost_add(OP_ELEMENTWISE, "step_scalars", 0, sizeof(StepScalars));
-}
+// ncclAllGather, one apply launch for every matrix; one Adam launch; nccl_check's wait (W > 1, not in a graph).
 // A ring reduce-scatter or all-gather over `bytes` (the whole buffer): each GPU sends (W−1)/W of it.
 static void cost_ring(const char* op, double bytes, bool reduce) {
     double wire = (double)(g_world - 1) / g_world * bytes;
@@ -10778,8 +11133,9 @@ template <class S> static void adam_step(Cost, Model<Cost>&, S& s, const StepSca
     for (const AdamItem& k : s.plan.adam) n += (double)k.n;
     if (n > 0) cost_add(OP_ELEMENTWISE, "adam_tiles", 0, 7 * F32 * n);
 }
+// (a captured optimizer holds no wait: the host's next wait is train_step_loss's, on the step's event)
 static void nccl_check(Cost, const char*) {
-    if (g_world > 1) cost_add(OP_SYNC, "nccl_wait", 0, 0);
+    if (g_world > 1 && !g_cost.in_graph) cost_add(OP_SYNC, "nccl_wait", 0, 0);
 }
 // allreduce_sum: one ncclAllReduce (ring: each GPU sends and receives 2·(W−1)/W of the buffer), then
 // nccl_wait, which polls the stream until it drains: a host synchronize. Nothing on one rank.
@@ -10805,6 +11161,15 @@ static void step_gradients(Cost dev, Model<Cost>& m, TrainState<Cost>& s) {
     cost_add(OP_ELEMENTWISE, "cudaMemcpyAsync", 0, tokens * I32, tokens * I32);
     g_cost.in_graph = true;
     step_micro_batches(dev, m, s, s.batch);
+    g_cost.in_graph = false;
+    cost_add(OP_ELEMENTWISE, "cudaGraphLaunch", 0, 0);
+}
+// step_optimizer (the GPU's): the step's scalars up from page-locked memory (cudaMemcpyAsync), then one
+// cudaGraphLaunch of the optimizer (CUDA_GRAPHS=1)
+static void step_optimizer(Cost dev, Model<Cost>& m, TrainState<Cost>& s, double, float) {
+    cost_add(OP_ELEMENTWISE, "cudaMemcpyAsync", 0, sizeof(StepScalars), sizeof(StepScalars));
+    g_cost.in_graph = true;
+    optimizer_step(dev, m, s, (const StepScalars*)s.scalars);
     g_cost.in_graph = false;
     cost_add(OP_ELEMENTWISE, "cudaGraphLaunch", 0, 0);
 }
@@ -10860,7 +11225,6 @@ static std::vector<CostEntry> cost_step_launches(const Config& c, int world, boo
     cost_model_init(m, s, c, B, T);
     m.looping = looping && c.num_loops > 0;  // NUM_LOOPS: the step after ENABLE_LOOPING_AT (longer sequence)
     g_cost = CostLog();
-    g_cost.model = &m;
     Cost dev;
     s.accum = accum;
     s.B = B;
@@ -10902,7 +11266,7 @@ struct CostEfficiency {
 static const CostEfficiency COST_EFFICIENCY[OP_NUM] = {
     {0.60, 0.80},  // GEMMs: d512 shapes (K = 512…1536) on cuBLASLt reach ~600 TFLOP/s, not the ~800 of large squares
     {0.30, 0.80},  // attention forward: mma.sync flash kernel (no wgmma/TMA), 16 rows per warp: FA2-class ~300 TFLOP/s
-    {0.20, 0.80},  // attention backward: FA2-class backward with 7 products and 2 passes: ~200 TFLOP/s
+    {0.20, 0.80},  // attention backward: FA2's 5 products in one pass, 264 TFLOP/s (hd 64, 2k) × 0.85²
     {1.00, 0.80},  // memsets: cudaMemset writes near the HBM rate
     {1.00, 0.55},  // elementwise/norms/reductions: 2-byte scalar loads, column-strided partial sums
     {0.25, 0.70},  // optimizer: Newton–Schulz GEMMs of ≤ 1536×512 fill few SMs; fp32 streams of Adam and Muon
@@ -11007,7 +11371,6 @@ struct CostEval {
 // One chunk of lora_batch: k active documents in a window of W, the first tr of them training.
 static CostEval cost_lora_chunk(Model<Cost>& m, Lora<Cost>& lo, const Config& c, int k, int W, int tr) {
     g_cost = CostLog();
-    g_cost.model = &m;
     Cost dev;
     std::vector<int32_t> x((size_t)k * W), y((size_t)k * W);
     std::vector<float> nll, weights((size_t)k * W);
@@ -11067,7 +11430,6 @@ static CostEval cost_lora_batches(Model<Cost>& m, Lora<Cost>& lo, const Config& 
 // One global SGD step of global_sgd_phase on one of `world` ranks: its rows of L, the all-reduce, clip, SGD.
 static CostEval cost_global_step(Model<Cost>& m, const Config& c, int rows) {
     g_cost = CostLog();
-    g_cost.model = &m;
     Cost dev;
     int L = c.eval_len();
     std::vector<int32_t> x((size_t)rows * L), y((size_t)rows * L);
@@ -11244,6 +11606,11 @@ static int cost_main(int argc, char** argv) {
     printf("launches: %ld issued by the host (%ld of them cudaGraphLaunch), %ld replayed inside graphs; "
            "%ld host synchronizations\n", outside, graphs, launches - outside - t.launches[OP_SYNC],
            t.launches[OP_SYNC]);
+    // every entry runs alone on one stream: the collectives add to the step (none starts before the backward ends)
+    if (t.launches[OP_COMM] > 0)
+        printf("communication: %ld collectives, %.2f ms of the step, 0 ms overlapped with compute (the gradients' "
+               "reduce-scatter and all-reduce start after the whole backward)\n", t.launches[OP_COMM],
+               t.seconds[OP_COMM] * 1e3);
     if (by_op) {  // the same entries by op and class, most projected time first
         std::map<std::pair<std::string, int>, CostTotals> ops;
         for (const CostEntry& e : list) {
@@ -11362,9 +11729,11 @@ static CudaMemoryPlan cuda_memory_plan(const Config& c, int world, size_t sort_t
         q.take<float>((size_t)N * c.num_heads);
         q.take<float>((size_t)rc.chunks * c.num_heads);
         need = std::max(need, q.used);
-        // attention backward: D = rowsum(dO ⊙ O)
+        // attention backward: D, exponents, K/V bounds, the dQ accumulator
         Arena d;
-        d.take<float>((size_t)N * c.num_heads);
+        AttnBackwardScratch as;
+        // calls of any B·T ≤ N (evaluation's shorter rows): B = N, T = 1 needs the most (one kv bound per row)
+        carve_attention_backward_scratch(d, as, (int)N, 1, c.num_heads, c.num_kv_heads, c.head_dim());
         need = std::max(need, d.used);
     }
     {
@@ -11410,9 +11779,8 @@ static void cuda_memory_plan_check(const CudaMemoryPlan& p, size_t free_bytes, s
 }
 
 
-// (perf: the step's micro-batches run as one CUDA graph (step_gradients); the optimizer is still
-//  launched kernel by kernel: its lr and momentum are kernel arguments and its all-reduces wait on the
-//  host (nccl_wait). Capturing it needs both in device memory.)
+// (perf: the step runs as two CUDA graphs, the micro-batches (step_gradients) and the optimizer
+//  (step_optimizer), with no host wait inside; its collectives still start after the whole backward.)
 
 // DEVICE=cuda: this rank's GPU (its local rank), what it is, the NCCL communicator, the memory plan.
 static void run_cuda(Config& c) {

@@ -105,6 +105,23 @@ static double rel_l2(const std::vector<double>& got, const std::vector<double>& 
     return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 static const double BF16_TOL = 1e-2, F32_TOL = 1e-4;
+// The two ways a backward op writes its outputs: ACCUMULATE starts from random values, OVERWRITE
+// from poison on the GPU (the CPU reference starts from the same random values either way).
+static const GradWrite GRAD_WRITES[] = {ACCUMULATE, OVERWRITE};
+static const char* grad_write_name(GradWrite w) { return w == OVERWRITE ? " (overwrite)" : " (accumulate)"; }
+// A device copy of v (ACCUMULATE), or a poisoned buffer of its size (OVERWRITE).
+static GpuBuf* up_grad_bf16(const std::vector<double>& v, GradWrite w) {
+    if (w == ACCUMULATE) return up_bf16(v);
+    GpuBuf* g = new GpuBuf(std::max<size_t>(v.size(), 1) * 2);
+    g->poison();
+    return g;
+}
+static GpuBuf* up_grad_f32(const std::vector<double>& v, GradWrite w) {
+    if (w == ACCUMULATE) return up_f32(v);
+    GpuBuf* g = new GpuBuf(std::max<size_t>(v.size(), 1) * 4);
+    g->poison();
+    return g;
+}
 
 // --- host-only: the logic the kernels rely on, checked without a GPU ----------------------------
 
@@ -302,30 +319,25 @@ TEST(cuda_host_memory_plan) {
 
 // The attention kernels' shared memory per block against each architecture's opt-in maximum
 // (CUDA C++ Programming Guide, compute capabilities table): sm_80 163 KB, sm_86/sm_89 99 KB, sm_90 227 KB.
-// Head dim 128's dQ kernel needs 6 tiles of 64 × (128 + 8) bf16 = 104,448 B: it fits sm_80 and sm_90,
-// and is refused at start on sm_86/sm_89 with the reason; head dim 64 and below fit everywhere.
+// Head dim 128's forward needs 64 query rows and two stages of K and V tiles of 64 × (128 + 8) bf16 =
+// 87,040 B, the most of any head dim: every head dim fits every architecture; a GPU with less (64 KB here)
+// is refused at start with the reason.
 TEST(cuda_host_attention_smem_per_arch) {
     const char* kernel = "";
-    CHECK(attention_smem_bytes(128, &kernel) == 104448 && !strcmp(kernel, "attention_backward_dq_kernel"));
-    // hd 64: dK/dV's K, V tiles and four 64-row tiles plus 6·64 floats and ints (lse, D, document starts of
-    // two stages) outgrow dQ's six tiles
-    CHECK(attention_smem_bytes(64, &kernel) == (2 * 64 + 4 * 64) * 72 * 2 + 6 * 64 * 4 &&
-          !strcmp(kernel, "attention_backward_dkdv_kernel"));
+    CHECK(attention_smem_bytes(128, &kernel) == 87040 && !strcmp(kernel, "attention_forward_kernel"));
+    // hd 64: the backward's K, V tiles and four 64-row tiles, 8·64 floats and ints (lse, D, exponents,
+    // document starts of two stages) and the 64 × (64 + 8) dSᵀ tile outgrow the forward's six tiles
+    CHECK(attention_smem_bytes(64, &kernel) == (2 * 64 + 4 * 64) * 72 * 2 + 8 * 64 * 4 + 64 * 72 * 2 &&
+          !strcmp(kernel, "attention_backward_kernel"));
     struct {
         int major, minor;
         size_t optin;
     } archs[] = {{8, 0, 166912}, {8, 6, 101376}, {8, 9, 101376}, {9, 0, 232448}};
     for (auto a : archs)
-        for (int hd : {16, 32, 64, 128}) {
-            if (hd == 128 && a.optin < 104448)
-                CHECK_THROWS(attention_smem_check(hd, a.optin, a.major, a.minor, "test GPU"),
-                             test_format("attention_backward_dq_kernel needs 104448 bytes of shared memory per block, "
-                                         "but test GPU (sm_%d%d) "
-                                         "allows at most 101376",
-                                         a.major, a.minor));
-            else
-                attention_smem_check(hd, a.optin, a.major, a.minor, "test GPU");
-        }
+        for (int hd : {16, 32, 64, 128}) attention_smem_check(hd, a.optin, a.major, a.minor, "test GPU");
+    CHECK_THROWS(attention_smem_check(128, 65536, 7, 5, "test GPU"),
+                 "attention_forward_kernel needs 87040 bytes of shared memory per block, but test GPU (sm_75) allows "
+                 "at most 65536");
 }
 
 TEST(cuda_host_compute_arena_layout) {
@@ -412,17 +424,19 @@ TEST(cuda_embedding) {
         std::vector<double> got = down_bf16(out.p, (size_t)N * C), want((size_t)N * C);
         embedding_forward(Cpu<double>{}, want.data(), idx.data(), table.data(), N, C);
         CHECK_MSG(got == want, "embedding_forward N=%d C=%d: not an exact copy of the table rows", N, C);
-        std::vector<double> dref = dtab0;
-        embedding_backward(Cpu<double>{}, dref.data(), dout.data(), idx.data(), N, C);
-        std::vector<uint32_t> first;
-        for (int rep = 0; rep < 2; rep++) {
-            CU_UP(dtab, f32, dtab0);
-            embedding_backward(Cuda{}, dtab->f(), ddo->b(), di->i(), N, C);
-            check_band(test_format("embedding_backward N=%d C=%d V=%d", N, C, V).c_str(),
-                       down_f32(dtab->p, dtab0.size()), dref, F32_TOL);
-            std::vector<uint32_t> bits = down_bits(dtab->p, dtab0.size());
-            if (rep == 0) first = bits;
-            else CHECK_MSG(bits == first, "embedding_backward N=%d: two runs differ (must be deterministic)", N);
+        for (GradWrite w : GRAD_WRITES) {
+            std::vector<double> dref = dtab0;
+            embedding_backward(Cpu<double>{}, dref.data(), dout.data(), idx.data(), N, C, V, w);
+            std::vector<uint32_t> first;
+            for (int rep = 0; rep < 2; rep++) {
+                std::unique_ptr<GpuBuf> dtab(up_grad_f32(dtab0, w));
+                embedding_backward(Cuda{}, dtab->f(), ddo->b(), di->i(), N, C, V, w);
+                std::string tag = test_format("embedding_backward N=%d C=%d V=%d%s", N, C, V, grad_write_name(w));
+                check_band(tag.c_str(), down_f32(dtab->p, dtab0.size()), dref, F32_TOL);
+                std::vector<uint32_t> bits = down_bits(dtab->p, dtab0.size());
+                if (rep == 0) first = bits;
+                else CHECK_MSG(bits == first, "embedding_backward N=%d: two runs differ (must be deterministic)", N);
+            }
         }
     }
 }
@@ -454,18 +468,22 @@ TEST(cuda_rmsnorm) {
         int N = s[0], C = s[1];
         std::vector<double> x = cu_randn((size_t)N * C, rng, 2.0), dy = cu_randn((size_t)N * C, rng),
                             dx0 = cu_randn((size_t)N * C, rng, 0.5);
-        std::vector<double> out((size_t)N * C), rstd(N), dx = dx0;
+        std::vector<double> out((size_t)N * C), rstd(N);
         rmsnorm_forward(Cpu<double>{}, out.data(), rstd.data(), x.data(), N, C);
-        rmsnorm_backward(Cpu<double>{}, dx.data(), dy.data(), x.data(), rstd.data(), N, C);
-        CU_UP(dxin, bf16, x); CU_UP(ddy, bf16, dy); CU_UP(ddx, bf16, dx0);
+        CU_UP(dxin, bf16, x); CU_UP(ddy, bf16, dy);
         GpuBuf gout((size_t)N * C * 2), grstd((size_t)N * 4);
         gout.poison(); grstd.poison();
         rmsnorm_forward(Cuda{}, gout.b(), grstd.f(), dxin->b(), N, C);
-        rmsnorm_backward(Cuda{}, ddx->b(), ddy->b(), dxin->b(), grstd.f(), N, C);
         std::string tag = test_format("rmsnorm N=%d C=%d", N, C);
         check_band((tag + " out").c_str(), down_bf16(gout.p, out.size()), out, BF16_TOL);
         check_band((tag + " rstd").c_str(), down_f32(grstd.p, N), rstd, F32_TOL);
-        check_band((tag + " dinp").c_str(), down_bf16(ddx->p, dx.size()), dx, BF16_TOL);
+        for (GradWrite w : GRAD_WRITES) {
+            std::vector<double> dx = dx0;
+            rmsnorm_backward(Cpu<double>{}, dx.data(), dy.data(), x.data(), rstd.data(), N, C, w);
+            std::unique_ptr<GpuBuf> ddx(up_grad_bf16(dx0, w));
+            rmsnorm_backward(Cuda{}, ddx->b(), ddy->b(), dxin->b(), grstd.f(), N, C, w);
+            check_band((tag + " dinp" + grad_write_name(w)).c_str(), down_bf16(ddx->p, dx.size()), dx, BF16_TOL);
+        }
     }
 }
 
@@ -492,16 +510,17 @@ TEST(cuda_matmul) {
             check_band((tag + (accumulate ? " forward (accumulate)" : " forward")).c_str(),
                        down_bf16(out->p, want.size()), want, BF16_TOL);
         }
-        for (int which = 0; which < 3; which++) {  // dinp only, dW only, both
+        for (int which = 0; which < 4; which++) {  // dinp only, dW only, both; both overwritten (beta = 0)
             bool want_dx = which != 1, want_dw = which != 0;
+            GradWrite gw = which == 3 ? OVERWRITE : ACCUMULATE;
             std::vector<double> dx = dx0, dw = dw0;
             matmul_backward(Cpu<double>{}, want_dx ? dx.data() : nullptr, want_dw ? dw.data() : nullptr, dy.data(),
-                            x.data(), w.data(), N, IC, OC);
-            CU_UP(gdx, bf16, dx0); CU_UP(gdw, f32, dw0);
+                            x.data(), w.data(), N, IC, OC, gw, gw);
+            std::unique_ptr<GpuBuf> gdx(up_grad_bf16(dx0, gw)), gdw(up_grad_f32(dw0, gw));
             matmul_backward(Cuda{}, want_dx ? gdx->b() : nullptr, want_dw ? gdw->f() : nullptr, ddy->b(), dx_in->b(),
-                            dwt->b(), N, IC, OC);
-            check_band((tag + " dinp").c_str(), down_bf16(gdx->p, dx.size()), dx, BF16_TOL);
-            check_band((tag + " dW").c_str(), down_f32(gdw->p, dw.size()), dw, F32_TOL);
+                            dwt->b(), N, IC, OC, gw, gw);
+            check_band((tag + " dinp" + grad_write_name(gw)).c_str(), down_bf16(gdx->p, dx.size()), dx, BF16_TOL);
+            check_band((tag + " dW" + grad_write_name(gw)).c_str(), down_f32(gdw->p, dw.size()), dw, F32_TOL);
         }
     }
 }
@@ -522,27 +541,28 @@ TEST(cuda_qk_norm_rope) {
         std::vector<double> x = cu_randn(n, rng, 1.5), dy = cu_randn(n, rng), dx0 = cu_randn(n, rng, 0.5);
         std::vector<double> gain(k.nh), dgain0 = cu_randn(k.nh, rng, 1.0, false);
         for (double& g : gain) g = 1.5 + 0.2 * rng.normal();
-        std::vector<double> out(n), rstd((size_t)N * k.nh), dx = dx0, dgain = dgain0;
+        std::vector<double> out(n), rstd((size_t)N * k.nh);
         const double* gp = k.gain ? gain.data() : nullptr;
         qk_norm_rope_forward(Cpu<double>{}, out.data(), rstd.data(), x.data(), gp, N, k.T, k.nh, k.hd, k.rd, base);
-        qk_norm_rope_backward(Cpu<double>{}, dx.data(), k.gain ? dgain.data() : nullptr, dy.data(), x.data(),
-                              rstd.data(), gp, N, k.T, k.nh, k.hd, k.rd, base);
-        CU_UP(gx, bf16, x);
-        CU_UP(gdy, bf16, dy);
-        CU_UP(gdx, bf16, dx0);
-        CU_UP(ggain, f32, gain);
-        CU_UP(gdgain, f32, dgain0);
+        CU_UP(gx, bf16, x); CU_UP(gdy, bf16, dy); CU_UP(ggain, f32, gain);
         GpuBuf gout(n * 2), grstd((size_t)N * k.nh * 4);
         gout.poison(); grstd.poison();
         const float* ggp = k.gain ? ggain->f() : nullptr;
         qk_norm_rope_forward(Cuda{}, gout.b(), grstd.f(), gx->b(), ggp, N, k.T, k.nh, k.hd, k.rd, base);
-        qk_norm_rope_backward(Cuda{}, gdx->b(), k.gain ? gdgain->f() : nullptr, gdy->b(), gx->b(), grstd.f(), ggp, N,
-                              k.T, k.nh, k.hd, k.rd, base);
         std::string tag = test_format("qk_norm_rope B=%d T=%d nh=%d hd=%d rd=%d", k.B, k.T, k.nh, k.hd, k.rd);
         check_band((tag + " out").c_str(), down_bf16(gout.p, n), out, BF16_TOL);
         check_band((tag + " rstd").c_str(), down_f32(grstd.p, rstd.size()), rstd, F32_TOL);
-        check_band((tag + " dx").c_str(), down_bf16(gdx->p, n), dx, BF16_TOL);
-        if (k.gain) check_band((tag + " dgain").c_str(), down_f32(gdgain->p, k.nh), dgain, F32_TOL);
+        for (GradWrite w : GRAD_WRITES) {
+            std::vector<double> dx = dx0, dgain = dgain0;
+            qk_norm_rope_backward(Cpu<double>{}, dx.data(), k.gain ? dgain.data() : nullptr, dy.data(), x.data(),
+                                  rstd.data(), gp, N, k.T, k.nh, k.hd, k.rd, base, w, w);
+            std::unique_ptr<GpuBuf> gdx(up_grad_bf16(dx0, w)), gdgain(up_grad_f32(dgain0, w));
+            qk_norm_rope_backward(Cuda{}, gdx->b(), k.gain ? gdgain->f() : nullptr, gdy->b(), gx->b(), grstd.f(), ggp,
+                                  N, k.T, k.nh, k.hd, k.rd, base, w, w);
+            check_band((tag + " dx" + grad_write_name(w)).c_str(), down_bf16(gdx->p, n), dx, BF16_TOL);
+            if (k.gain)
+                check_band((tag + " dgain" + grad_write_name(w)).c_str(), down_f32(gdgain->p, k.nh), dgain, F32_TOL);
+        }
     }
 }
 
@@ -554,18 +574,22 @@ TEST(cuda_xsa) {
         int N = k[0], H = k[1], Hk = k[2], hd = k[3];
         size_t na = (size_t)N * H * hd, nv = (size_t)N * Hk * hd;
         std::vector<double> a = cu_randn(na, rng), v = cu_randn(nv, rng), dy = cu_randn(na, rng);
-        std::vector<double> da0 = cu_randn(na, rng, 0.5), dv0 = cu_randn(nv, rng, 0.5), out(na), da = da0, dv = dv0;
+        std::vector<double> da0 = cu_randn(na, rng, 0.5), dv0 = cu_randn(nv, rng, 0.5), out(na);
         xsa_forward(Cpu<double>{}, out.data(), a.data(), v.data(), N, H, Hk, hd);
-        xsa_backward(Cpu<double>{}, da.data(), dv.data(), dy.data(), a.data(), v.data(), N, H, Hk, hd);
-        CU_UP(ga, bf16, a); CU_UP(gv, bf16, v); CU_UP(gdy, bf16, dy); CU_UP(gda, bf16, da0); CU_UP(gdv, bf16, dv0);
+        CU_UP(ga, bf16, a); CU_UP(gv, bf16, v); CU_UP(gdy, bf16, dy);
         GpuBuf gout(na * 2);
         gout.poison();
         xsa_forward(Cuda{}, gout.b(), ga->b(), gv->b(), N, H, Hk, hd);
-        xsa_backward(Cuda{}, gda->b(), gdv->b(), gdy->b(), ga->b(), gv->b(), N, H, Hk, hd);
         std::string tag = test_format("xsa N=%d H=%d Hk=%d hd=%d", N, H, Hk, hd);
         check_band((tag + " out").c_str(), down_bf16(gout.p, na), out, BF16_TOL);
-        check_band((tag + " da").c_str(), down_bf16(gda->p, na), da, BF16_TOL);
-        check_band((tag + " dv").c_str(), down_bf16(gdv->p, nv), dv, BF16_TOL);
+        for (GradWrite w : GRAD_WRITES) {
+            std::vector<double> da = da0, dv = dv0;
+            xsa_backward(Cpu<double>{}, da.data(), dv.data(), dy.data(), a.data(), v.data(), N, H, Hk, hd, w);
+            std::unique_ptr<GpuBuf> gda(up_grad_bf16(da0, w)), gdv(up_grad_bf16(dv0, w));
+            xsa_backward(Cuda{}, gda->b(), gdv->b(), gdy->b(), ga->b(), gv->b(), N, H, Hk, hd, w);
+            check_band((tag + " da" + grad_write_name(w)).c_str(), down_bf16(gda->p, na), da, BF16_TOL);
+            check_band((tag + " dv" + grad_write_name(w)).c_str(), down_bf16(gdv->p, nv), dv, BF16_TOL);
+        }
     }
 }
 
@@ -580,26 +604,35 @@ TEST(cuda_resid_mix) {
                             dy = cu_randn(n, rng);
         std::vector<double> dx0_ = cu_randn(n, rng, 0.5), dxx0 = cu_randn(n, rng, 0.5),
                             dmix0 = cu_randn(2 * C, rng, 1.0, false);
-        std::vector<double> out(n), dx = dx0_, dx0 = dxx0, dmix = dmix0;
+        std::vector<double> out(n);
         resid_mix_forward(Cpu<double>{}, out.data(), x.data(), x0.data(), mix.data(), N, C);
-        resid_mix_backward(Cpu<double>{}, dx.data(), dx0.data(), dmix.data(), dy.data(), x.data(), x0.data(),
-                           mix.data(), N, C);
         CU_UP(gx, bf16, x); CU_UP(gx0, bf16, x0); CU_UP(gmix, f32, mix); CU_UP(gdy, bf16, dy);
         GpuBuf gout(n * 2);
         gout.poison();
         resid_mix_forward(Cuda{}, gout.b(), gx->b(), gx0->b(), gmix->f(), N, C);
         std::string tag = test_format("resid_mix N=%d C=%d", N, C);
         check_band((tag + " out").c_str(), down_bf16(gout.p, n), out, BF16_TOL);
-        std::vector<uint32_t> first;
-        for (int rep = 0; rep < 2; rep++) {
-            CU_UP(gdx, bf16, dx0_); CU_UP(gdx0, bf16, dxx0); CU_UP(gdmix, f32, dmix0);
-            resid_mix_backward(Cuda{}, gdx->b(), gdx0->b(), gdmix->f(), gdy->b(), gx->b(), gx0->b(), gmix->f(), N, C);
-            check_band((tag + " dx").c_str(), down_bf16(gdx->p, n), dx, BF16_TOL);
-            check_band((tag + " dx0").c_str(), down_bf16(gdx0->p, n), dx0, BF16_TOL);
-            check_band((tag + " dmix").c_str(), down_f32(gdmix->p, 2 * C), dmix, F32_TOL);
-            std::vector<uint32_t> bits = down_bits(gdmix->p, 2 * C);
-            if (rep == 0) first = bits;
-            else CHECK_MSG(bits == first, "%s: dmix differs between two runs", tag.c_str());
+        // the three outputs' ways in turn: all accumulate; dx, dmix overwrite (x0 accumulates); all overwrite
+        GradWrite ways[][3] = {{ACCUMULATE, ACCUMULATE, ACCUMULATE}, {OVERWRITE, ACCUMULATE, OVERWRITE},
+                               {OVERWRITE, OVERWRITE, OVERWRITE}};
+        for (auto& w : ways) {
+            std::vector<double> dx = dx0_, dx0 = dxx0, dmix = dmix0;
+            resid_mix_backward(Cpu<double>{}, dx.data(), dx0.data(), dmix.data(), dy.data(), x.data(), x0.data(),
+                               mix.data(), N, C, w[0], w[1], w[2]);
+            std::string wtag = tag + test_format(" ways %d%d%d", w[0], w[1], w[2]);
+            std::vector<uint32_t> first;
+            for (int rep = 0; rep < 2; rep++) {
+                std::unique_ptr<GpuBuf> gdx(up_grad_bf16(dx0_, w[0])), gdx0(up_grad_bf16(dxx0, w[1]));
+                std::unique_ptr<GpuBuf> gdmix(up_grad_f32(dmix0, w[2]));
+                resid_mix_backward(Cuda{}, gdx->b(), gdx0->b(), gdmix->f(), gdy->b(), gx->b(), gx0->b(), gmix->f(), N,
+                                   C, w[0], w[1], w[2]);
+                check_band((wtag + " dx").c_str(), down_bf16(gdx->p, n), dx, BF16_TOL);
+                check_band((wtag + " dx0").c_str(), down_bf16(gdx0->p, n), dx0, BF16_TOL);
+                check_band((wtag + " dmix").c_str(), down_f32(gdmix->p, 2 * C), dmix, F32_TOL);
+                std::vector<uint32_t> bits = down_bits(gdmix->p, 2 * C);
+                if (rep == 0) first = bits;
+                else CHECK_MSG(bits == first, "%s: dmix differs between two runs", wtag.c_str());
+            }
         }
     }
 }
@@ -618,30 +651,39 @@ TEST(cuda_branch_add) {
         std::vector<double> scale = cu_randn(k.scalar ? 1 : C, rng, 1.0, false), gate = cu_randn(C, rng, 1.0, false);
         std::vector<double> dres0 = cu_randn(n, rng, 0.5), dbr0 = cu_randn(n, rng, 0.5);
         std::vector<double> dscale0 = cu_randn(scale.size(), rng, 1.0, false), dgate0 = cu_randn(C, rng, 1.0, false);
-        std::vector<double> out(n), dres = dres0, dbr = dbr0, dscale = dscale0, dgate = dgate0;
+        std::vector<double> out(n);
         const double* gp = k.gate ? gate.data() : nullptr;
         branch_add_forward(Cpu<double>{}, out.data(), res.data(), br.data(), scale.data(), gp, N, C, stride);
-        branch_add_backward(Cpu<double>{}, k.dres ? dres.data() : nullptr, dbr.data(),
-                            k.dscale ? dscale.data() : nullptr, k.gate ? dgate.data() : nullptr, dy.data(), br.data(),
-                            scale.data(), gp, N, C, stride);
         CU_UP(gres, bf16, res);
         CU_UP(gbr, bf16, br);
         CU_UP(gdy, bf16, dy);
         CU_UP(gscale, f32, scale);
         CU_UP(ggate, f32, gate);
-        CU_UP(gdres, bf16, dres0); CU_UP(gdbr, bf16, dbr0); CU_UP(gdscale, f32, dscale0); CU_UP(gdgate, f32, dgate0);
         GpuBuf gout(n * 2);
         gout.poison();
         const float* ggp = k.gate ? ggate->f() : nullptr;
         branch_add_forward(Cuda{}, gout.b(), gres->b(), gbr->b(), gscale->f(), ggp, N, C, stride);
-        branch_add_backward(Cuda{}, k.dres ? gdres->b() : nullptr, gdbr->b(), k.dscale ? gdscale->f() : nullptr,
-                            k.gate ? gdgate->f() : nullptr, gdy->b(), gbr->b(), gscale->f(), ggp, N, C, stride);
         std::string tag = test_format("branch_add N=%d C=%d gate=%d scalar=%d", N, C, k.gate, k.scalar);
         check_band((tag + " out").c_str(), down_bf16(gout.p, n), out, BF16_TOL);
-        check_band((tag + " dres").c_str(), down_bf16(gdres->p, n), dres, BF16_TOL);  // untouched when null
-        check_band((tag + " dbranch").c_str(), down_bf16(gdbr->p, n), dbr, BF16_TOL);
-        check_band((tag + " dscale").c_str(), down_f32(gdscale->p, scale.size()), dscale, F32_TOL);
-        check_band((tag + " dgate").c_str(), down_f32(gdgate->p, C), dgate, F32_TOL);
+        for (GradWrite w : GRAD_WRITES) {
+            std::vector<double> dres = dres0, dbr = dbr0, dscale = dscale0, dgate = dgate0;
+            branch_add_backward(Cpu<double>{}, k.dres ? dres.data() : nullptr, dbr.data(),
+                                k.dscale ? dscale.data() : nullptr, k.gate ? dgate.data() : nullptr, dy.data(),
+                                br.data(), scale.data(), gp, N, C, stride, w, w, w);
+            // outputs passed as null stay as they were: those start from their values either way
+            std::unique_ptr<GpuBuf> gdres(k.dres ? up_grad_bf16(dres0, w) : up_bf16(dres0)),
+                gdbr(up_grad_bf16(dbr0, w));
+            std::unique_ptr<GpuBuf> gdscale(k.dscale ? up_grad_f32(dscale0, w) : up_f32(dscale0));
+            std::unique_ptr<GpuBuf> gdgate(k.gate ? up_grad_f32(dgate0, w) : up_f32(dgate0));
+            branch_add_backward(Cuda{}, k.dres ? gdres->b() : nullptr, gdbr->b(), k.dscale ? gdscale->f() : nullptr,
+                                k.gate ? gdgate->f() : nullptr, gdy->b(), gbr->b(), gscale->f(), ggp, N, C, stride, w,
+                                w, w);
+            std::string wtag = tag + grad_write_name(w);
+            check_band((wtag + " dres").c_str(), down_bf16(gdres->p, n), dres, BF16_TOL);  // untouched when null
+            check_band((wtag + " dbranch").c_str(), down_bf16(gdbr->p, n), dbr, BF16_TOL);
+            check_band((wtag + " dscale").c_str(), down_f32(gdscale->p, scale.size()), dscale, F32_TOL);
+            check_band((wtag + " dgate").c_str(), down_f32(gdgate->p, C), dgate, F32_TOL);
+        }
     }
 }
 
@@ -653,23 +695,22 @@ TEST(cuda_smear) {
         int B = k[0], T = k[1], C = k[2], N = B * T;
         size_t n = (size_t)N * C;
         std::vector<double> x = cu_randn(n, rng), dy = cu_randn(n, rng), gate = cu_randn(C, rng, 1.0, false);
-        std::vector<double> dx0 = cu_randn(n, rng, 0.5), dgate0 = cu_randn(C, rng, 1.0, false), out(n), dx = dx0,
-                            dgate = dgate0;
+        std::vector<double> dx0 = cu_randn(n, rng, 0.5), dgate0 = cu_randn(C, rng, 1.0, false), out(n);
         smear_forward(Cpu<double>{}, out.data(), x.data(), gate.data(), N, T, C);
-        smear_backward(Cpu<double>{}, dx.data(), dgate.data(), dy.data(), x.data(), gate.data(), N, T, C);
-        CU_UP(gx, bf16, x);
-        CU_UP(gdy, bf16, dy);
-        CU_UP(ggate, f32, gate);
-        CU_UP(gdx, bf16, dx0);
-        CU_UP(gdgate, f32, dgate0);
+        CU_UP(gx, bf16, x); CU_UP(gdy, bf16, dy); CU_UP(ggate, f32, gate);
         GpuBuf gout(n * 2);
         gout.poison();
         smear_forward(Cuda{}, gout.b(), gx->b(), ggate->f(), N, T, C);
-        smear_backward(Cuda{}, gdx->b(), gdgate->f(), gdy->b(), gx->b(), ggate->f(), N, T, C);
         std::string tag = test_format("smear B=%d T=%d C=%d", B, T, C);
         check_band((tag + " out").c_str(), down_bf16(gout.p, n), out, BF16_TOL);
-        check_band((tag + " dx").c_str(), down_bf16(gdx->p, n), dx, BF16_TOL);
-        check_band((tag + " dgate").c_str(), down_f32(gdgate->p, C), dgate, F32_TOL);
+        for (GradWrite w : GRAD_WRITES) {
+            std::vector<double> dx = dx0, dgate = dgate0;
+            smear_backward(Cpu<double>{}, dx.data(), dgate.data(), dy.data(), x.data(), gate.data(), N, T, C, w, w);
+            std::unique_ptr<GpuBuf> gdx(up_grad_bf16(dx0, w)), gdgate(up_grad_f32(dgate0, w));
+            smear_backward(Cuda{}, gdx->b(), gdgate->f(), gdy->b(), gx->b(), ggate->f(), N, T, C, w, w);
+            check_band((tag + " dx" + grad_write_name(w)).c_str(), down_bf16(gdx->p, n), dx, BF16_TOL);
+            check_band((tag + " dgate" + grad_write_name(w)).c_str(), down_f32(gdgate->p, C), dgate, F32_TOL);
+        }
     }
 }
 
@@ -678,18 +719,21 @@ TEST(cuda_mlp_act) {
     Rng rng(31);
     for (size_t n : {(size_t)1, (size_t)1000, (size_t)100003})
         for (int leaky = 0; leaky < 2; leaky++) {
-            std::vector<double> h = cu_randn(n, rng, 2.0), dy = cu_randn(n, rng), dh0 = cu_randn(n, rng, 0.5), out(n),
-                                dh = dh0;
+            std::vector<double> h = cu_randn(n, rng, 2.0), dy = cu_randn(n, rng), dh0 = cu_randn(n, rng, 0.5), out(n);
             mlp_act_forward(Cpu<double>{}, out.data(), h.data(), n, leaky != 0);
-            mlp_act_backward(Cpu<double>{}, dh.data(), dy.data(), h.data(), n, leaky != 0);
-            CU_UP(gh, bf16, h); CU_UP(gdy, bf16, dy); CU_UP(gdh, bf16, dh0);
+            CU_UP(gh, bf16, h); CU_UP(gdy, bf16, dy);
             GpuBuf gout(n * 2);
             gout.poison();
             mlp_act_forward(Cuda{}, gout.b(), gh->b(), n, leaky != 0);
-            mlp_act_backward(Cuda{}, gdh->b(), gdy->b(), gh->b(), n, leaky != 0);
             std::string tag = test_format("mlp_act n=%zu leaky=%d", n, leaky);
             check_band((tag + " out").c_str(), down_bf16(gout.p, n), out, BF16_TOL);
-            check_band((tag + " dh").c_str(), down_bf16(gdh->p, n), dh, BF16_TOL);
+            for (GradWrite w : GRAD_WRITES) {
+                std::vector<double> dh = dh0;
+                mlp_act_backward(Cpu<double>{}, dh.data(), dy.data(), h.data(), n, leaky != 0, w);
+                std::unique_ptr<GpuBuf> gdh(up_grad_bf16(dh0, w));
+                mlp_act_backward(Cuda{}, gdh->b(), gdy->b(), gh->b(), n, leaky != 0, w);
+                check_band((tag + " dh" + grad_write_name(w)).c_str(), down_bf16(gdh->p, n), dh, BF16_TOL);
+            }
         }
 }
 
@@ -900,21 +944,7 @@ TEST(cuda_optimizer_step_matches_cpu) {
 
 // --- GPU: the model ------------------------------------------------------------------------------
 
-static void cuda_train_state_free(TrainState<Cuda>& s) {
-    device_free(Cuda{}, s.adam_m);
-    device_free(Cuda{}, s.adam_v);
-    device_free(Cuda{}, s.update);
-    device_free(Cuda{}, s.avg);
-    s.adam_m = s.adam_v = s.update = s.avg = nullptr;
-    for (void* p : {(void*)s.scalars, (void*)s.clip_ss, (void*)s.comm, (void*)s.own_grad, (void*)s.updates,
-                    (void*)s.d_own, (void*)s.d_all, (void*)s.d_adam, (void*)s.d_pack})
-        device_free(Cuda{}, p);
-    s.scalars = nullptr; s.clip_ss = nullptr; s.comm = s.own_grad = nullptr; s.updates = nullptr;
-    s.d_own = s.d_all = nullptr; s.d_adam = s.d_pack = nullptr;
-    host_free(Cuda{}, s.batch); host_free(Cuda{}, s.batch_losses);
-    step_graph_free(s);
-    s.batch = nullptr; s.batch_losses = nullptr;
-}
+static void cuda_train_state_free(TrainState<Cuda>& s) { train_state_free(Cuda{}, s); }
 
 TEST(cuda_refresh_compute_weights_qat) {
     REQUIRE_GPU();
@@ -965,7 +995,19 @@ static std::vector<float> perturbed_init(const Config& c, uint64_t seed) {
         for (size_t i = 0; i < p.numel; i++) w[p.offset + i] += (float)(0.02 * rng.normal());
     return w;
 }
+// NaN over the parameter gradients and the backward scratch (carved last, from d_residual on): the
+// backward must write every value it reads there before reading it (the buffer rule in gpt_backward).
+static void poison_gradients(Cpu<float>, Model<Cpu<float>>& m) {
+    std::fill(m.grads, m.grads + m.nparams, std::nanf(""));
+    std::fill((float*)m.acts.d_residual, (float*)((char*)m.act_memory + m.act_bytes), std::nanf(""));
+}
+static void poison_gradients(Cuda, Model<Cuda>& m) {
+    cudaCheck(cudaMemsetAsync(m.grads, 0xFF, m.nparams * sizeof(float), cuda_ctx().stream));
+    size_t scratch = (char*)m.act_memory + m.act_bytes - (char*)m.acts.d_residual;
+    cudaCheck(cudaMemsetAsync(m.acts.d_residual, 0xFF, scratch, cuda_ctx().stream));
+}
 // One forward/backward over tokens [0, B·T] (inputs, then targets shifted by one), weights 1/N; returns Σ w·nll.
+// The backward is a step's first micro-batch's: it overwrites the (poisoned) gradients.
 template <class D> static double loss_and_grads(D dev, Model<D>& m, const std::vector<int32_t>& tok, int B, int T) {
     int N = B * T;
     std::vector<int32_t> x(tok.begin(), tok.begin() + N), y(tok.begin() + 1, tok.begin() + N + 1);
@@ -973,9 +1015,9 @@ template <class D> static double loss_and_grads(D dev, Model<D>& m, const std::v
     to_device(dev, m.acts.inputs, x.data(), N);
     to_device(dev, m.acts.targets, y.data(), N);
     to_device(dev, m.acts.loss_weights, w.data(), N);
-    device_zero(dev, m.grads, m.nparams * sizeof(typename D::grad));
+    poison_gradients(dev, m);
     gpt_forward(dev, m, B, T, true);
-    gpt_backward(dev, m, B, T);
+    gpt_backward(dev, m, B, T, (Lora<D>*)nullptr, true, OVERWRITE);
     std::vector<typename D::stat> l(N);
     to_host(dev, l.data(), m.acts.losses, N);
     double s = 0;
@@ -1070,6 +1112,65 @@ TEST(cuda_train_step_pr467_matches_cpu) {
     c.num_layers = 2; c.train_seq_len = 64;  // the full width and every feature, fewer layers and positions
 #endif
     compare_one_step(c, 2);  // TRAIN_BATCH_TOKENS = 2 × TRAIN_SEQ_LEN: the full shape, a CPU-sized batch
+}
+// The buffer rule on the GPU (as model_backward_overwrites_without_zeroing on the CPU): the frontier's ops,
+// the loop on (a looped block's gradients written by two virtual layers), at width 64 and vocab 512. From
+// poisoned scratch, a first micro-batch's backward into poisoned gradients (OVERWRITE) gives the same bits
+// as into zeroed ones (ACCUMULATE); a second micro-batch's (ACCUMULATE) doubles them, to rounding.
+TEST(cuda_backward_overwrites_without_zeroing_frontier) {
+    REQUIRE_GPU();
+    Config c; preset_frontier_tiny(c);
+    c.vocab_size = 512; c.model_dim = 64; c.train_seq_len = 32; c.eval_stride = 16;
+    int B = 2, T = c.train_seq_len, N = B * T;
+    c.train_batch_tokens = N; c.grad_accum_steps = 1;
+    config_validate(c, 1);
+    std::vector<float> w = perturbed_init(c, 78);
+    std::vector<int32_t> tok = synthetic_tokens((size_t)N + 1, c.vocab_size, 6);
+    tok[5] = BOS_ID;  // a document start inside a sequence (the BOS-masked SmearGate)
+    Cuda dev;
+    Model<Cuda> m;
+    model_init(dev, m, c, B, T);
+    m.looping = true;
+    to_device(dev, m.params, w.data(), w.size());
+    refresh_compute_weights(dev, m, false);
+    std::vector<float> lw(N, 1.0f / N);
+    to_device(dev, m.acts.inputs, tok.data(), N);
+    to_device(dev, m.acts.targets, tok.data() + 1, N);
+    to_device(dev, m.acts.loss_weights, lw.data(), N);
+    auto backward = [&](GradWrite write) {
+        poison_gradients(dev, m);
+        if (write == ACCUMULATE) device_zero(dev, m.grads, m.nparams * sizeof(float));
+        gpt_forward(dev, m, B, T, true);
+        gpt_backward(dev, m, B, T, (Lora<Cuda>*)nullptr, true, write);
+        return down_bits(m.grads, m.nparams);
+    };
+    std::vector<uint32_t> want = backward(ACCUMULATE), got = backward(OVERWRITE);
+    for (const ParamSpec& p : m.table)
+        for (size_t i = 0; i < p.numel; i++) {
+            size_t k = p.offset + i;
+            float a, b;
+            memcpy(&a, &want[k], 4);
+            memcpy(&b, &got[k], 4);
+            CHECK_MSG(got[k] == want[k] && std::isfinite(a), "%s[%zu]: overwritten %.9g, zeroed and added %.9g",
+                      p.name.c_str(), i, b, a);
+        }
+    size_t scratch = (char*)m.act_memory + m.act_bytes - (char*)m.acts.d_residual;
+    cudaCheck(cudaMemsetAsync(m.acts.d_residual, 0xFF, scratch, cuda_ctx().stream));
+    gpt_forward(dev, m, B, T, true);
+    gpt_backward(dev, m, B, T, (Lora<Cuda>*)nullptr, true, ACCUMULATE);
+    std::vector<float> twice(m.nparams);
+    to_host(dev, twice.data(), m.grads, m.nparams);
+    for (const ParamSpec& p : m.table) {
+        double scale = 0;
+        std::vector<float> once(p.numel);
+        memcpy(once.data(), &want[p.offset], p.numel * 4);
+        for (float v : once) scale = std::max(scale, (double)std::fabs(v));
+        for (size_t i = 0; i < p.numel; i++)
+            CHECK_MSG(std::fabs(twice[p.offset + i] - 2.0 * once[i]) <= 1e-6 * scale,
+                      "%s[%zu]: second micro-batch %.9g, expected %.9g", p.name.c_str(), i, twice[p.offset + i],
+                      2.0 * once[i]);
+    }
+    model_free(dev, m);
 }
 
 // 50 steps of tiny (4,096 tokens per step) on both devices: every step's loss within 1% of the CPU's.

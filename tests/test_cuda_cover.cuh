@@ -52,12 +52,13 @@ TEST(cuda_column_reductions_saturated_chunks) {
     {  // resid_mix: dmix[2C]
         std::vector<double> dx(n, 0.0), dx0(n, 0.0), dmix = dmix0;
         resid_mix_backward(Cpu<double>{}, dx.data(), dx0.data(), dmix.data(), dy.data(), x.data(), x0.data(),
-                           mix.data(), N, C);
+                           mix.data(), N, C, ACCUMULATE, ACCUMULATE, ACCUMULATE);
         GpuBuf gdx(n * 2), gdx0(n * 2);
         cudaCheck(cudaMemset(gdx.p, 0, n * 2));
         cudaCheck(cudaMemset(gdx0.p, 0, n * 2));
         CU_UP(gdmix, f32, dmix0);
-        resid_mix_backward(Cuda{}, gdx.b(), gdx0.b(), gdmix->f(), gdy->b(), gx->b(), gx0->b(), gmix->f(), N, C);
+        resid_mix_backward(Cuda{}, gdx.b(), gdx0.b(), gdmix->f(), gdy->b(), gx->b(), gx0->b(), gmix->f(), N, C,
+                           ACCUMULATE, ACCUMULATE, ACCUMULATE);
         check_band("resid_mix dmix (saturated chunks)", down_f32(gdmix->p, 2 * C), dmix, F32_TOL);
         check_band("resid_mix dx (saturated chunks)", down_bf16(gdx.p, n), dx, BF16_TOL);
     }
@@ -65,23 +66,24 @@ TEST(cuda_column_reductions_saturated_chunks) {
         std::vector<double> dbr(n, 0.0), dscale = dvec0, dgate = dmix0;
         dgate.resize(C);
         branch_add_backward(Cpu<double>{}, (double*)nullptr, dbr.data(), dscale.data(), dgate.data(), dy.data(),
-                            x.data(), gate.data(), gate.data(), N, C, 1);
+                            x.data(), gate.data(), gate.data(), N, C, 1, ACCUMULATE, ACCUMULATE, ACCUMULATE);
         GpuBuf gdbr(n * 2);
         cudaCheck(cudaMemset(gdbr.p, 0, n * 2));
         CU_UP(gdscale, f32, dvec0);
         CU_UP(gdgate, f32, std::vector<double>(dmix0.begin(), dmix0.begin() + C));
         branch_add_backward(Cuda{}, nullptr, gdbr.b(), gdscale->f(), gdgate->f(), gdy->b(), gx->b(), ggate->f(),
-                            ggate->f(), N, C, 1);
+                            ggate->f(), N, C, 1, ACCUMULATE, ACCUMULATE, ACCUMULATE);
         check_band("branch_add dscale (saturated chunks)", down_f32(gdscale->p, C), dscale, F32_TOL);
         check_band("branch_add dgate (saturated chunks)", down_f32(gdgate->p, C), dgate, F32_TOL);
     }
     {  // smear: dgate[C]
         std::vector<double> dx(n, 0.0), dgate = dvec0;
-        smear_backward(Cpu<double>{}, dx.data(), dgate.data(), dy.data(), x.data(), gate.data(), N, T, C);
+        smear_backward(Cpu<double>{}, dx.data(), dgate.data(), dy.data(), x.data(), gate.data(), N, T, C, ACCUMULATE,
+                       ACCUMULATE);
         GpuBuf gdx(n * 2);
         cudaCheck(cudaMemset(gdx.p, 0, n * 2));
         CU_UP(gdgate, f32, dvec0);
-        smear_backward(Cuda{}, gdx.b(), gdgate->f(), gdy->b(), gx->b(), ggate->f(), N, T, C);
+        smear_backward(Cuda{}, gdx.b(), gdgate->f(), gdy->b(), gx->b(), ggate->f(), N, T, C, ACCUMULATE, ACCUMULATE);
         check_band("smear dgate (saturated chunks)", down_f32(gdgate->p, C), dgate, F32_TOL);
     }
 }
@@ -121,34 +123,40 @@ static std::vector<float> embedding_backward_window_order(const std::vector<doub
 
 // One token thousands of times: a single sorted run spanning many windows, split across blocks; and
 // runs that begin mid-window and cross one boundary, or end on one. Against the CPU reference, and bit
-// for bit against the windowed order.
+// for bit against the windowed order; accumulating, and overwriting a poisoned table (rows 2 and 9 have
+// no entries: zeroed between runs and after the last).
 TEST(cuda_embedding_backward_hot_token) {
     REQUIRE_GPU();
     Rng rng(63);
-    const int N = 6000, C = 24, V = 9, hot = 4;
+    const int N = 6000, C = 24, V = 10, hot = 4;
     std::vector<int32_t> hot_idx = cu_randint(N, rng, V);
     for (int n = 0; n < N; n++)
         if (n % 50) hot_idx[n] = hot;  // 5880 of 6000 positions: ~46 windows
     // entries per row (positions shuffled); sorted, with windows of 128: row 1 begins mid-window 0 and ends
     // on window 1's end, row 3 is window 2 exactly, row 6 spans parts of three windows
     std::vector<int32_t> mixed;
-    int counts[V] = {100, 156, 0, 128, 7, 1, 250, 2, 40};
+    int counts[V] = {100, 156, 0, 128, 7, 1, 250, 2, 40, 0};
     for (int v = 0; v < V; v++)
         for (int k = 0; k < counts[v]; k++) mixed.push_back(v);
     for (size_t k = mixed.size() - 1; k > 0; k--) std::swap(mixed[k], mixed[(size_t)(rng.uniform() * (k + 1))]);
     for (const std::vector<int32_t>& idx : {hot_idx, mixed}) {
         int n = (int)idx.size();
         std::vector<double> dout = cu_randn((size_t)n * C, rng), dtab0 = cu_randn((size_t)V * C, rng, 5.0, false);
-        std::vector<double> dref = dtab0;
-        embedding_backward(Cpu<double>{}, dref.data(), dout.data(), idx.data(), n, C);
-        CU_UP(di, i32, idx); CU_UP(ddo, bf16, dout); CU_UP(dtab, f32, dtab0);
-        embedding_backward(Cuda{}, dtab->f(), ddo->b(), di->i(), n, C);
-        check_band("embedding_backward long runs", down_f32(dtab->p, dtab0.size()), dref, F32_TOL);
-        std::vector<double> got = down_f32(dtab->p, dtab0.size());
-        std::vector<float> want = embedding_backward_window_order(dtab0, dout, idx, C);
-        for (size_t i = 0; i < want.size(); i++)
-            CHECK_MSG(got[i] == (double)want[i], "%d positions, row %zu col %zu: %.9g, windowed order %.9g", n, i / C,
-                      i % C, got[i], (double)want[i]);
+        CU_UP(di, i32, idx); CU_UP(ddo, bf16, dout);
+        for (GradWrite w : GRAD_WRITES) {
+            std::vector<double> start = w == ACCUMULATE ? dtab0 : std::vector<double>(dtab0.size(), 0.0);
+            std::vector<double> dref = dtab0;
+            embedding_backward(Cpu<double>{}, dref.data(), dout.data(), idx.data(), n, C, V, w);
+            std::unique_ptr<GpuBuf> dtab(up_grad_f32(dtab0, w));
+            embedding_backward(Cuda{}, dtab->f(), ddo->b(), di->i(), n, C, V, w);
+            std::string tag = test_format("embedding_backward long runs, %d positions%s", n, grad_write_name(w));
+            check_band(tag.c_str(), down_f32(dtab->p, dtab0.size()), dref, F32_TOL);
+            std::vector<double> got = down_f32(dtab->p, dtab0.size());
+            std::vector<float> want = embedding_backward_window_order(start, dout, idx, C);
+            for (size_t i = 0; i < want.size(); i++)
+                CHECK_MSG(got[i] == (double)want[i], "%s, row %zu col %zu: %.9g, windowed order %.9g", tag.c_str(),
+                          i / C, i % C, got[i], (double)want[i]);
+        }
     }
 }
 
@@ -228,9 +236,11 @@ TEST(cuda_train_step_graph_replay_bitwise) {
 }
 
 // train_step on the GPU as train() runs it, with CUDA graphs (the default: the first step runs directly,
-// the second captures the micro-batches, the later ones replay them) against the same steps with every
-// kernel launched directly (CUDA_GRAPHS=0): three steps on new tokens each, two micro-batches, a binding
-// gradient clip: the same losses, gradients, weights and moments, bit for bit; and the graph replays.
+// the second captures the micro-batches and the optimizer, the later ones replay them) against the same
+// steps with every kernel launched directly (CUDA_GRAPHS=0): three steps on new tokens each, two
+// micro-batches, a binding gradient clip, lr and momentum changing per step (the optimizer's graph reads
+// them from the device): the same losses, gradients, weights and moments, bit for bit; both graphs
+// replay; and train_state_free gives back the page-locked buffers and the graphs (the emulator counts them).
 TEST(cuda_train_step_graphs_match_direct_launches) {
     REQUIRE_GPU();
     Config c; preset_tiny(c);
@@ -246,6 +256,10 @@ TEST(cuda_train_step_graphs_match_direct_launches) {
     std::vector<float> w = perturbed_init(c, 82);
     struct Run { Model<Cuda> m; TrainState<Cuda> s; std::vector<double> losses; long graph_launches = 0; } runs[2];
     int saved = g_cuda_graphs;
+#ifdef PGOLF_EMU
+    size_t pinned0 = emu::host_allocated_bytes();
+    long execs0 = emu::graph_execs();
+#endif
     for (int r = 0; r < 2; r++) {
         Run& run = runs[r];
         g_cuda_graphs = r == 0;
@@ -263,7 +277,7 @@ TEST(cuda_train_step_graphs_match_direct_launches) {
                 std::copy(t, t + N, run.s.batch + micro * 2 * N);
                 std::copy(t + 1, t + N + 1, run.s.batch + micro * 2 * N + N);
             }
-            train_step(Cuda{}, run.m, run.s, lr_multiplier(c, k, 0), (float)muon_momentum_at(c, k));
+            train_step(Cuda{}, run.m, run.s, 1.0 - 0.25 * k, (float)muon_momentum_at(c, k) - 0.01f * k);
             run.losses.push_back(train_step_loss(Cuda{}, run.s));
             refresh_compute_weights(Cuda{}, run.m, false);
             run.s.step++;
@@ -271,12 +285,12 @@ TEST(cuda_train_step_graphs_match_direct_launches) {
 #ifdef PGOLF_EMU
         run.graph_launches = emu::counts().graph_launches;
 #else
-        run.graph_launches = run.s.gpu->exec ? steps - 1 : 0;
+        run.graph_launches = ((run.s.gpu->exec != nullptr) + (run.s.gpu->opt_exec != nullptr)) * (steps - 1);
 #endif
     }
     g_cuda_graphs = saved;
-    CHECK_MSG(runs[0].graph_launches == steps - 1 && runs[1].graph_launches == 0, "graph launches %ld (graphs), %ld "
-              "(direct)", runs[0].graph_launches, runs[1].graph_launches);
+    CHECK_MSG(runs[0].graph_launches == 2 * (steps - 1) && runs[1].graph_launches == 0, "graph launches %ld "
+              "(graphs), %ld (direct)", runs[0].graph_launches, runs[1].graph_launches);
     size_t np = runs[0].m.nparams;
     for (int k = 0; k < steps; k++)
         CHECK_MSG(runs[0].losses[k] == runs[1].losses[k], "step %d: loss %.9g with graphs, %.9g without", k + 1,
@@ -292,7 +306,13 @@ TEST(cuda_train_step_graphs_match_direct_launches) {
     for (Run& r : runs) {
         cuda_train_state_free(r.s);
         model_free(Cuda{}, r.m);
+        CHECK(r.s.gpu == nullptr && r.s.batch == nullptr && r.s.adam_m == nullptr);
     }
+#ifdef PGOLF_EMU
+    CHECK_MSG(emu::host_allocated_bytes() == pinned0 && emu::graph_execs() == execs0, "after train_state_free: "
+              "%zu page-locked bytes and %ld graph executables more than before", emu::host_allocated_bytes() - pinned0,
+              emu::graph_execs() - execs0);
+#endif
 }
 
 // Bytes of the device's RoPE table (grown on demand, outside the memory plan's arrays: its headroom).
@@ -367,13 +387,14 @@ TEST(cuda_grow_only_buffers) {
         std::vector<double> mix = cu_randn(2 * C, rng, 1.0, false), dmix0 = cu_randn(2 * C, rng, 1.0, false);
         std::vector<double> dx(n, 0.0), dx0(n, 0.0), dmix = dmix0;
         resid_mix_backward(Cpu<double>{}, dx.data(), dx0.data(), dmix.data(), dy.data(), x.data(), x0.data(),
-                           mix.data(), N, C);
+                           mix.data(), N, C, ACCUMULATE, ACCUMULATE, ACCUMULATE);
         CU_UP(gx, bf16, x); CU_UP(gx0, bf16, x0); CU_UP(gdy, bf16, dy); CU_UP(gmix, f32, mix); CU_UP(gdmix, f32, dmix0);
         GpuBuf gdx(n * 2), gdx0(n * 2);
         device_zero(Cuda{}, gdx.p, n * 2);
         device_zero(Cuda{}, gdx0.p, n * 2);
         size_t before = device_bytes_held();
-        resid_mix_backward(Cuda{}, gdx.b(), gdx0.b(), gdmix->f(), gdy->b(), gx->b(), gx0->b(), gmix->f(), N, C);
+        resid_mix_backward(Cuda{}, gdx.b(), gdx0.b(), gdmix->f(), gdy->b(), gx->b(), gx0->b(), gmix->f(), N, C,
+                           ACCUMULATE, ACCUMULATE, ACCUMULATE);
         size_t need = (size_t)row_chunks(N).chunks * 2 * C * sizeof(float), now = cuda_ctx().scratch_bytes;
         CHECK_MSG(now == std::max(last, need), "N=%d: scratch %zu bytes, expected max(%zu, %zu)", N, now, last, need);
         CHECK_MSG(device_bytes_held() - before == now - last, "N=%d: growing the scratch %zu → %zu took %zu bytes", N,

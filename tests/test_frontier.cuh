@@ -86,7 +86,7 @@ TEST(frontier_ops_gradcheck) {
         };
         std::vector<double> dx(N * C), dw(W, 0.0), dl(1, 0.0);
         smear_bos_backward(dev, dx.data(), dw.data(), dl.data(), r.data(), x.data(), ids.data(), w.data(), lam.data(),
-                           N, T, C, W);
+                           N, T, C, W, OVERWRITE);
         check("smear_bos dx", x, loss, dx);
         check("smear_bos dw", w, loss, dw);
         check("smear_bos dlambda", lam, loss, dl);
@@ -101,7 +101,7 @@ TEST(frontier_ops_gradcheck) {
         };
         std::vector<double> dy(N * C), dx(N * C, 0.0), dwg(H * GW, 0.0), dz(N * H);
         attn_gate_backward(dev, dy.data(), dz.data(), dwg.data(), r.data(), y.data(), x.data(), wg.data(), N, H, hd, C,
-                           GW, 0.5f);
+                           GW, 0.5f, OVERWRITE);
         attn_gate_backward_input(dev, dx.data(), dz.data(), wg.data(), N, H, C, GW);
         check("attn_gate dy", y, loss, dy);
         check("attn_gate dx", x, loss, dx);
@@ -117,7 +117,7 @@ TEST(frontier_ops_gradcheck) {
         };
         std::vector<double> dx = randv(N * C, 1), ds(N * C, 0.0), dw(C, 0.0), dg(C, 0.0);  // dx: overwritten
         skip_gate_backward(dev, dx.data(), ds.data(), dw.data(), dg.data(), r.data(), x.data(), sk.data(), w.data(),
-                           g.data(), N, C);
+                           g.data(), N, C, OVERWRITE, OVERWRITE);
         check("skip_gate dx", x, loss, dx);
         check("skip_gate dskip", sk, loss, ds);
         check("skip_gate dw", w, loss, dw);
@@ -136,7 +136,8 @@ TEST(frontier_ops_gradcheck) {
         };
         std::vector<double> g0 = r0, g1 = r1, da(n), dm(n), dsa(C, 0.0), dsm(C, 0.0), dr(2, 0.0), dp(4, 0.0);
         lanes_backward(dev, g0.data(), g1.data(), da.data(), dm.data(), dsa.data(), dsm.data(), dr.data(), dp.data(),
-                       l0.data(), l1.data(), a.data(), m.data(), sa.data(), sm.data(), rs.data(), po.data(), N, C);
+                       l0.data(), l1.data(), a.data(), m.data(), sa.data(), sm.data(), rs.data(), po.data(), N, C,
+                       OVERWRITE, OVERWRITE, OVERWRITE);
         check("lanes dlane0", l0, loss, g0);
         check("lanes dlane1", l1, loss, g1);
         check("lanes da", a, loss, da);
@@ -223,6 +224,21 @@ static void frontier_gradcheck(Config c, bool looping) {
                   p.name.c_str(), looping, c.parallel_final_lane.c_str(), rel);
     }
     model_free(Cpu<double>{}, m);
+}
+// The buffer rule (test_model.cuh) on the gradcheck configs and on the frontier's: both block sequences
+// (a looped block's gradients written by several virtual layers; skip weights the shorter sequence leaves
+// unused), both final lanes, gated and plain skips.
+TEST(model_backward_overwrites_without_zeroing) {
+    backward_overwrite_matches_accumulate(gradcheck_config(0));
+    backward_overwrite_matches_accumulate(gradcheck_config(1));
+    int32_t ids[] = {1, 9, 12, 1, 40, 7, 3, 22, 1, 5, 1, 1, 60, 2};  // BOS inside and at the start of sequences
+    Config f = frontier_gradcheck_config();
+    backward_overwrite_matches_accumulate(f, false, ids);
+    backward_overwrite_matches_accumulate(f, true, ids);
+    f.parallel_final_lane = "mlp";
+    f.tie_embeddings = 0;
+    f.skip_gates_enabled = 0;
+    backward_overwrite_matches_accumulate(f, true, ids);
 }
 TEST(frontier_gradcheck_loop_off) { frontier_gradcheck(frontier_gradcheck_config(), false); }
 TEST(frontier_gradcheck_loop_on) { frontier_gradcheck(frontier_gradcheck_config(), true); }

@@ -70,6 +70,58 @@ static void gradcheck_model(int variant) {
 TEST(model_gradcheck_every_component) { gradcheck_model(0); }
 TEST(model_gradcheck_untied_leaky_recurrent) { gradcheck_model(1); }
 
+// The backward's buffer rule (gpt_backward): no gradient buffer needs zeroing beforehand. With every
+// parameter gradient and every backward scratch buffer poisoned with NaN, a first micro-batch's
+// backward (OVERWRITE) gives exactly the gradients of zeroing them and adding (ACCUMULATE), and a
+// second micro-batch's (ACCUMULATE) adds to them: twice (to rounding). Configs: tied and untied heads,
+// BigramHash both ways, SmearGate, gates, XSA, layers sharing a block (here); the frontier's features
+// with the loop on and off (test_frontier.cuh). ids: the input tokens (null: random).
+static void poison_backward_scratch(Model<Cpu<double>>& m) {
+    double* end = (double*)((char*)m.act_memory + m.act_bytes);
+    std::fill(m.acts.d_residual, end, std::nan(""));
+}
+static void backward_overwrite_matches_accumulate(Config c, bool looping = false, const int32_t* ids = nullptr) {
+    config_validate(c, 1);
+    int B = 2, T = 7;
+    Model<Cpu<double>> m;
+    model_init(Cpu<double>{}, m, c, B, T);
+    m.looping = looping;
+    Rng rng(4321 + c.num_layers + looping);
+    randomize(m.params, m.nparams, rng, 0.3);
+    for (int n = 0; n < B * T; n++) {
+        m.acts.inputs[n] = ids ? ids[n] : (int32_t)(rng.uniform() * c.vocab_size);
+        m.acts.targets[n] = (int32_t)(rng.uniform() * c.vocab_size);
+        m.acts.loss_weights[n] = (float)(0.5 + rng.uniform());
+    }
+    weighted_loss(m, B, T);
+    std::vector<double> dlogits(m.acts.logits, m.acts.logits + (size_t)B * T * c.vocab_size);
+    memset(m.grads, 0, m.nparams * sizeof(double));
+    poison_backward_scratch(m);  // (a buffer read before its first write makes the reference NaN too)
+    gpt_backward(Cpu<double>{}, m, B, T, (Lora<Cpu<double>>*)nullptr, true, ACCUMULATE);
+    std::vector<double> want(m.grads, m.grads + m.nparams);
+    std::fill(m.grads, m.grads + m.nparams, std::nan(""));
+    poison_backward_scratch(m);
+    memcpy(m.acts.logits, dlogits.data(), dlogits.size() * sizeof(double));
+    gpt_backward(Cpu<double>{}, m, B, T, (Lora<Cpu<double>>*)nullptr, true, OVERWRITE);
+    for (const ParamSpec& p : m.table)
+        for (size_t i = 0; i < p.numel; i++)
+            CHECK_MSG(m.grads[p.offset + i] == want[p.offset + i],
+                      "%s[%zu] (looping %d): overwritten %.17g, zeroed and added %.17g", p.name.c_str(), i, looping,
+                      m.grads[p.offset + i], want[p.offset + i]);
+    poison_backward_scratch(m);
+    memcpy(m.acts.logits, dlogits.data(), dlogits.size() * sizeof(double));
+    gpt_backward(Cpu<double>{}, m, B, T, (Lora<Cpu<double>>*)nullptr, true, ACCUMULATE);
+    for (const ParamSpec& p : m.table) {  // (a gradient with two writers adds four terms in another order)
+        double scale = 0;
+        for (size_t i = 0; i < p.numel; i++) scale = std::max(scale, std::fabs(want[p.offset + i]));
+        for (size_t i = 0; i < p.numel; i++)
+            CHECK_MSG(std::fabs(m.grads[p.offset + i] - 2 * want[p.offset + i]) <= 1e-13 * scale,
+                      "%s[%zu] (looping %d): second micro-batch %.17g, expected %.17g", p.name.c_str(), i, looping,
+                      m.grads[p.offset + i], 2 * want[p.offset + i]);
+    }
+    model_free(Cpu<double>{}, m);
+}
+
 // --- Document-masked attention (VARLEN_ATTN) -------------------------------------------------------
 // The document starts on the CPU: the last BOS at or before each position, 0 before the first.
 TEST(document_starts_are_the_last_bos) {
