@@ -52,6 +52,9 @@
 #ifdef PGOLF_BROTLI
 #include <brotli/decode.h>
 #include <brotli/encode.h>
+static const bool BUILT_WITH_BROTLI = true;
+#else
+static const bool BUILT_WITH_BROTLI = false;
 #endif
 #include <fcntl.h>
 #include <sys/file.h>
@@ -1576,6 +1579,9 @@ static void config_validate(const Config& c, int world) {
          c.lqer_asym_group);
     need(c.compressor == "zstd" || c.compressor == "brotli", "COMPRESSOR=%s: expected zstd or brotli",
          c.compressor.c_str());
+    // at startup, not after ten minutes of training
+    need(c.compressor != "brotli" || BUILT_WITH_BROTLI,
+         "COMPRESSOR=brotli: this build has no brotli (install libbrotli-dev, e.g. scripts/setup, and rebuild)");
     need(c.prune_frac >= 0 && c.prune_frac < 1, "PRUNE_FRAC=%g: expected [0, 1)", c.prune_frac);
     need(c.sliding == "exact" || c.sliding == "reference", "SLIDING=%s: expected exact or reference",
          c.sliding.c_str());
@@ -7913,6 +7919,9 @@ static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpe
     bool same = want.size() == t.size();
     for (size_t i = 0; same && i < t.size(); i++) same = want[i].name == t[i].name && want[i].shape == t[i].shape;
     if (!same) fail("export: the parameter table does not match the config's (CONFIG=%s)", c.preset.c_str());
+    // before the threads: a failure inside an OpenMP region cannot be caught, it would end the process
+    if (c.compressor == "brotli" && !BUILT_WITH_BROTLI)
+        fail("COMPRESSOR=brotli: this build has no brotli (install libbrotli-dev, e.g. scripts/setup, and rebuild)");
     std::vector<QTensor> qt = quantize_model(c, t, w, hs);
     // Every group in its primary packing (bytes, or float byte planes); int5/int6 bit-packed too,
     // all compressed at once (independent single-threaded frames: the bytes do not depend on it).

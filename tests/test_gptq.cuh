@@ -440,6 +440,7 @@ TEST(gptq_brotli_artifact) {
     Hessians hs = gptq_fake_hessians(c, t);
     c.compressor = "brotli";
 #ifndef PGOLF_BROTLI
+    CHECK_THROWS(config_validate(c, 1), "COMPRESSOR=brotli: this build has no brotli");
     CHECK_THROWS(artifact_build(c, t, w.data(), nullptr, &hs), "this build has no brotli");
     SKIP("built without brotli (USE_BROTLI=0 or no libbrotli-dev)");
 #else
