@@ -369,7 +369,8 @@ template <class D> static OpScopeNone op_scope(D, OpClass) { return {}; }
 // registers. One stream orders all work, so no op needs a device-wide synchronize.
 // Determinism: no float atomics. Sums over tokens (parameter gradients of gains, scales, mixes,
 // gates, embedding rows) are cut into fixed row chunks, each summed in order by one block, then
-// the chunk partials are added in chunk order: two identical runs give identical bits.
+// the chunk partials are added in chunk order: two identical runs give identical bits. The attention
+// backward's dQ adds its key tiles' shares with 64-bit integer atomics (fixed point): any order, same bits.
 
 #ifdef PGOLF_CUDA
 // --- The device tag, error checks, the device context -------------------------------------------
@@ -718,7 +719,7 @@ static void* host_alloc(Cuda, size_t bytes) {
     memset(p, 0, bytes);
     return p;
 }
-__attribute__((unused)) static void host_free(Cuda, void* p) { if (p) cudaCheck(cudaFreeHost(p)); }
+static void host_free(Cuda, void* p) { if (p) cudaCheck(cudaFreeHost(p)); }
 static void device_zero(Cuda, void* p, size_t bytes) {
     PROFILE_OP(OP_MEMSET);
     if (bytes) cudaCheck(cudaMemsetAsync(p, 0, bytes, cuda_ctx().stream));
@@ -1901,7 +1902,8 @@ struct TokenStream {
 
 // Each micro-batch takes world·(local+1) tokens; rank r keeps span r, inputs = span[:-1] and
 // targets = span[1:], exactly as the reference, so the same tokens reach the same step at any
-// world size with the same global batch.
+// world size with the same global batch and the same world·GRAD_ACCUM_STEPS (each span is one token
+// longer than its inputs: with 1 rank × 2 micro-batches rank 1's tokens are micro-batch 1's, with 1 × 1 not).
 struct DataLoader {
     TokenStream stream;
     int rank = 0, world = 1;
@@ -3178,11 +3180,12 @@ template <class T> static void attention_backward(Cpu<T>, T* dq, T* dk, T* dv, c
 // ops' arena (a step can be captured as a CUDA graph).
 //   forward  block = one tile of 128 packed query rows, 32 per warp (64 and 16 at hd 128); visits
 //            64-key tiles up to the diagonal; out = P·V / l and lse = max + log l, kept online.
-//   backward (1) D = rowsum(dO ⊙ O) per (b, h, t) into a scratch buffer;
-//            (2) dQ: block = 64 packed query rows, 16 per warp; visits key tiles, recomputes S, dP;
-//            (3) dK, dV: block = 64 keys of one kv head, 3 blocks per SM; visits the packed query
-//                tiles that see them. Each output element belongs to one thread and sums its terms
-//                in a fixed order: no atomics, so two runs give bit-identical gradients.
+//   backward (1) max |K|, max |V_k| per (b, kv head); (2) D = rowsum(dO ⊙ O) and a fixed-point
+//            exponent per (b, h, t), the row's dQ accumulator zeroed; (3) block = 64 keys of one kv
+//            head, 3 blocks per SM; visits the packed query tiles that see them with the 5 products of
+//            FlashAttention-2: dK, dV in its registers (each element owned by one thread, summed in a
+//            fixed order), each query tile's dQ share added to the int64 accumulator (integer adds:
+//            the same bits in any order); (4) dq += the accumulator. Two runs give identical bits.
 // GQA packing: a query tile holds all `group = H/Hk` query heads of one kv head for rows/group
 // consecutive positions, packed row m = (position t0 + m/group, head g·group + m%group). The
 // heads of a group are adjacent in q's [B,T,H,hd] layout; the group's K/V tiles are loaded once
@@ -3194,8 +3197,7 @@ template <class T> static void attention_backward(Cpu<T>, T* dq, T* dk, T* dv, c
 //
 // Performance, hd 64, per GPU at the thwu1 shape (B·T = 98,304 tokens, H 8, Hk 4, T 2048, 10
 // layers): the causal forward is 2 products of B·H·T²·hd FLOPs each ≈ 0.21 TFLOP a layer; the
-// backward does 7 such products where FlashAttention-2 does 5 (the dQ pass recomputes S and dP:
-// the price of determinism without atomics) ≈ 0.72 TFLOP. Rates the design should reach (no GPU
+// backward does 5 such products, as FlashAttention-2 does, ≈ 0.52 TFLOP. Rates the design should reach (no GPU
 // has timed it; the cost model, section 13, uses them): an H100 SM issues one m16n8k16 (4,096
 // FLOPs) per clock at the 989 TFLOP/s peak and reads 128 B of shared memory per clock. One
 // ldmatrix.x4 of K or V (512 B, 4 clocks) feeds one mma per 16-row slab it is used for, twice per
@@ -3204,16 +3206,18 @@ template <class T> static void attention_backward(Cpu<T>, T* dq, T* dk, T* dv, c
 // core, and the kernel should reach FlashAttention-2's rate: ~335–350 TFLOP/s non-causal at hd 64
 // (FlashAttention-3 paper, H100 benchmarks), of which we assume 85% for a simpler pipeline and the
 // causal diagonal: 0.30 of peak, ≈ 0.7 ms a layer. ptxas (sm_90): 255 registers, no spills: 2 blocks
-// per SM. The backward should reach FlashAttention-2's backward class, ~200 TFLOP/s issued (0.20;
-// its 7 products ≈ 3.6 ms a layer). The dK/dV kernel holds 168 registers at 3 blocks per SM.
-// Not done: 5 products. FlashAttention-2 adds dQ with fp32 atomics (not deterministic); FA3's
-// deterministic mode orders the key tiles' dQ adds with a per-query-tile counter that blocks spin on,
-// which the tests' emulator (blocks one after another, in a random order) cannot run; per-key-tile
-// partial dQ buffers cost 2 × 16 KB of HBM per tile pair (≈ 6.6 GB a layer here), more than the two
-// products they save. Next: (a) measure; (b) an ordered dQ (the counter above) once the emulator can
-// interleave blocks; (c) Hopper wgmma fed by TMA with a producer warp (FlashAttention-3), past 500.
+// per SM. The backward should reach FlashAttention-2's backward rate: 264 TFLOP/s at hd 64, sequence 2k,
+// non-causal (FlashAttention-3 paper, H100), of which 85% for the simpler pipeline and 85% for the
+// causal diagonal ≈ 190–200 TFLOP/s (0.20; its 5 products ≈ 2.6 ms a layer). FA2 adds dQ with fp32
+// atomics, the same traffic pattern as the int64 adds here at twice the bytes, into L2 (see ATTN_DQ_BITS).
+// ptxas (CUDA 13, sm_90 and sm_80): the backward kernel holds 164 (sm_80: 168) registers at hd 64
+// under its 3-blocks-per-SM bound, no stack frame, no spills (each query tile is taken in two halves
+// of Sᵀ, dPᵀ). FA3's deterministic mode orders fp32 dQ adds with a per-query-tile counter that blocks
+// spin on, which the tests' emulator (blocks one after another, in a random order) cannot run.
+// Next: (a) measure; (b) Hopper wgmma fed by TMA with a producer warp (FlashAttention-3), past 500
+// TFLOP/s.
 
-static constexpr int ATTN_TILE = 64;      // keys per key tile; packed query rows per dQ tile
+static constexpr int ATTN_TILE = 64;      // keys per key tile
 static constexpr int ATTN_THREADS = 128;  // 4 warps
 static constexpr int ATTN_PAD = 8;        // bf16 of padding per shared-memory row (see below)
 static constexpr float ATTN_LOG2E = 1.4426950408889634f, ATTN_LN2 = 0.6931471805599453f;
@@ -3391,13 +3395,6 @@ __device__ static inline void attn_mma_slabs_by_tile(float (&acc)[MW][HDIM / 8][
         }
     }
 }
-// The same for one slab (the dQ kernel's 16 rows per warp).
-template <int HDIM>
-__device__ static inline void attn_mma_rows_by_tile(float (&acc)[HDIM / 8][4], const float (&s)[ATTN_TILE / 8][4],
-                                                    const __nv_bfloat16* X, int lane) {
-    attn_mma_slabs_by_tile<HDIM, 1>(reinterpret_cast<float(&)[1][HDIM / 8][4]>(acc),
-                                    reinterpret_cast<const float(&)[1][ATTN_TILE / 8][4]>(s), X, lane);
-}
 // Double buffering over key tiles: start copying key/value tile j+1 into the other stage, then wait
 // until tile j (in stage j & 1) has landed for every thread.
 template <int HDIM>
@@ -3550,13 +3547,90 @@ __global__ void __launch_bounds__(ATTN_THREADS)
         }
 }
 
-// Backward (1): D[b,h,t] = Σ_i dO·O, one row per HDIM/8 lanes, 16 bytes each, reduced by shuffles.
+// dQ shares of the key tiles, summed in 64-bit fixed point: integer adds are associative, so the atomics
+// give the same bits in any order (deterministic) while each key-tile block adds its share as it goes.
+// Row (b, h, t) counts in units of 2^−e[b,h,t], with e from a bound on every partial sum of the row:
+// dQ_t = scale·Σ_k P_tk (dP_tk − D_t) K_k, |dP_tk − D_t| = |dO_t·(V_k − O_t)| ≤ |dO_t|·(max_k |V_k| + |O_t|)
+// and Σ_k P_tk = 1, so |any partial| ≤ scale·max|K|·|dO_t|·(max|V| + |O_t|); twice that (bf16 rounding of
+// dS, exp2 of P) is below 2^(62 − e): no overflow, and a resolution of 2^−62 of the bound, finer than an
+// fp32 sum's. The choice, at pr467 (B·T = 98,304, T 2048, H 8, Hk 4, hd 64, 10 layers) per layer:
+// - partial dQ buffers (key tile, B, H, T, hd) in fp32, reduced in key-tile order: 16.5 key tiles per row
+//   on average, 3.3 GB written and read again (≈ 2 ms at 3.35 TB/s), more than the 2 recomputed products
+//   they save (0.21 TFLOP, ≈ 1 ms);
+// - fixed-point atomics (this): 8·B·T·H·hd = 0.4 GB of accumulator zeroed (by the D kernel) and read once
+//   (≈ 0.25 ms); the 6.6 GB of 64-bit adds go to L2, where the accumulator rows of the ~12 (b, kv head)
+//   pairs that 3 blocks × 132 SMs work on at a time (25 MB) stay resident, overlapped with the products.
+static constexpr int ATTN_DQ_BITS = 62;
+static constexpr int ATTN_DQ_BAD = -(1 << 20);  // a row whose bound is not finite (inf/NaN inputs): dq = NaN
+HD static inline int attn_dq_exponent(float bound) {
+    if (!(bound <= FLT_MAX)) return ATTN_DQ_BAD;
+    int x = 0;
+    frexpf(bound, &x);  // bound < 2^x
+    return ATTN_DQ_BITS - x;
+}
+
+// Backward (1): per (b, kv head): max |K| over its elements and max |V_k| over its rows (NaN when either
+// holds inf or NaN), into kv_max[2·(b·Hk + g) + 0, 1]. Grid (Hk, B); HDIM/8 lanes per row, 16 bytes each.
 template <int HDIM>
-__global__ void attention_backward_rowdot_kernel(float* D, const __nv_bfloat16* dout, const __nv_bfloat16* out,
-                                                 size_t rows, int T, int H) {
+__global__ void __launch_bounds__(ATTN_THREADS)
+    attention_backward_bounds_kernel(float* kv_max, const __nv_bfloat16* k, const __nv_bfloat16* v, int T, int Hk) {
+    constexpr int LANES = HDIM / 8;
+    __shared__ float red[2][ATTN_THREADS / 32];
+    __shared__ int red_bad[ATTN_THREADS / 32];
+    const int g = blockIdx.x, b = blockIdx.y;
+    float kmax = 0.f, vmax2 = 0.f;
+    bool bad = false;
+    for (int base = 0; base < T * LANES; base += ATTN_THREADS) {  // warp-uniform trip count: shuffles below
+        int c = base + threadIdx.x, t = c / LANES;
+        float v2 = 0.f;
+        if (t < T) {
+            size_t at = attn_index(b, t, g, T, Hk, HDIM) + c % LANES * 8;
+            uint4 a = *(const uint4*)(k + at), w = *(const uint4*)(v + at);
+            const __nv_bfloat162* a2 = (const __nv_bfloat162*)&a;
+            const __nv_bfloat162* w2 = (const __nv_bfloat162*)&w;
+#pragma unroll
+            for (int x = 0; x < 4; x++) {
+                float2 fa = __bfloat1622float2(a2[x]), fw = __bfloat1622float2(w2[x]);
+                float m = fmaxf(fabsf(fa.x), fabsf(fa.y));
+                bad |= !(m <= FLT_MAX) || !(fabsf(fw.x) <= FLT_MAX) || !(fabsf(fw.y) <= FLT_MAX);
+                kmax = fmaxf(kmax, m);
+                v2 += fw.x * fw.x + fw.y * fw.y;
+            }
+        }
+        for (int off = LANES / 2; off > 0; off /= 2) v2 += __shfl_xor_sync(0xffffffffu, v2, off);
+        vmax2 = fmaxf(vmax2, v2);
+    }
+    for (int off = 16; off > 0; off /= 2) {
+        kmax = fmaxf(kmax, __shfl_xor_sync(0xffffffffu, kmax, off));
+        vmax2 = fmaxf(vmax2, __shfl_xor_sync(0xffffffffu, vmax2, off));
+        bad |= __shfl_xor_sync(0xffffffffu, (int)bad, off) != 0;
+    }
+    if (threadIdx.x % 32 == 0) {
+        red[0][threadIdx.x / 32] = kmax;
+        red[1][threadIdx.x / 32] = vmax2;
+        red_bad[threadIdx.x / 32] = bad;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < ATTN_THREADS / 32; w++) {
+            kmax = fmaxf(kmax, red[0][w]);
+            vmax2 = fmaxf(vmax2, red[1][w]);
+            bad |= red_bad[w] != 0;
+        }
+        kv_max[2 * ((size_t)b * Hk + g)] = bad ? NAN : kmax;
+        kv_max[2 * ((size_t)b * Hk + g) + 1] = bad ? NAN : sqrtf(vmax2);
+    }
+}
+
+// Backward (2): per row (b, t, h): D = Σ_i dO·O, the row's fixed-point exponent e (above) into E, and the
+// row's dQ accumulator zeroed. One row per HDIM/8 lanes, 16 bytes of dO and O each, reduced by shuffles.
+template <int HDIM>
+__global__ void attention_backward_rowdot_kernel(float* D, int* E, long long* dq_acc, const float* kv_max,
+                                                 const __nv_bfloat16* dout, const __nv_bfloat16* out, size_t rows,
+                                                 int T, int H, int Hk, float scale) {
     constexpr int LANES = HDIM / 8;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x, row = idx / LANES;
-    float s = 0.f;
+    float s = 0.f, dd = 0.f, oo = 0.f;
     if (row < rows) {
         uint4 a = *(const uint4*)(dout + idx * 8), c = *(const uint4*)(out + idx * 8);
         const __nv_bfloat162* a2 = (const __nv_bfloat162*)&a;
@@ -3565,122 +3639,47 @@ __global__ void attention_backward_rowdot_kernel(float* D, const __nv_bfloat16* 
         for (int x = 0; x < 4; x++) {
             float2 fa = __bfloat1622float2(a2[x]), fc = __bfloat1622float2(c2[x]);
             s += fa.x * fc.x + fa.y * fc.y;
+            dd += fa.x * fa.x + fa.y * fa.y;
+            oo += fc.x * fc.x + fc.y * fc.y;
         }
+        uint4* z = (uint4*)(dq_acc + idx * 8);  // 8 int64: 4 × 16 bytes
+        for (int x = 0; x < 4; x++) z[x] = make_uint4(0, 0, 0, 0);
     }
-    for (int off = LANES / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (row < rows && idx % LANES == 0) D[attn_row_lse_index(row, T, H)] = s;
-}
-
-// Backward (2): dQ += (P ⊙ (dP − D))·K/√hd with P = exp(S/√hd − lse), dP = dO·Vᵀ, over the key
-// tiles up to the diagonal. Grid (query tiles, Hk, B). Shared: Q, dO tiles, two stages of K, V.
-template <int HDIM>
-__global__ void __launch_bounds__(ATTN_THREADS)
-    attention_backward_dq_kernel(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,
-                                 const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
-                                 const int32_t* doc, int T, int H, int Hk, float scale_log2, float scale) {
-    constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = ATTN_TILE / 8, TILE = ATTN_TILE * LD;
-    PGOLF_DYNAMIC_SMEM(uint4, attn_smem);
-    __nv_bfloat16* sQ = (__nv_bfloat16*)attn_smem;
-    __nv_bfloat16* sdO = sQ + TILE;
-    __nv_bfloat16* sK = sdO + TILE;     // stage s at sK + s·TILE
-    __nv_bfloat16* sV = sK + 2 * TILE;
-    const int group = H / Hk, positions = attn_tile_positions(ATTN_TILE, group);
-    const int i = gridDim.x - 1 - blockIdx.x;
-    const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int n_kt = attn_key_tiles(i, positions, T, ATTN_TILE);
-    const int j0 = attn_doc_start(doc, b, i * positions, T) / ATTN_TILE;
-    int w_lo, w_hi;
-    attn_row_positions(i, warp * 16, 16, positions, group, &w_lo, &w_hi);
-    const int d_lo = attn_doc_start(doc, b, w_lo, T), d_hi = attn_doc_start(doc, b, w_hi, T);
-    int t_row[2], d_row[2];
-    float lse2[2], dsum[2];  // padding rows: lse = +∞ makes P = 0
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int hoff;
-        bool valid = attn_packed_row(i, warp * 16 + mma_acc_row(lane, 2 * r), positions, group, T, &t_row[r], &hoff);
-        d_row[r] = attn_doc_start(doc, b, t_row[r], T);
-        size_t at = valid ? attn_lse_index(b, g * group + hoff, t_row[r], T, H) : 0;
-        lse2[r] = valid ? lse[at] * ATTN_LOG2E : INFINITY;
-        dsum[r] = valid ? D[at] : 0.f;
+    for (int off = LANES / 2; off > 0; off /= 2) {
+        s += __shfl_xor_sync(0xffffffffu, s, off);
+        dd += __shfl_xor_sync(0xffffffffu, dd, off);
+        oo += __shfl_xor_sync(0xffffffffu, oo, off);
     }
-
-    attn_load_query_tile<ATTN_TILE, HDIM>(sQ, q, b, i, g, positions, group, T, H);
-    attn_load_query_tile<ATTN_TILE, HDIM>(sdO, dout, b, i, g, positions, group, T, H);
-    attn_load_key_tile<HDIM>(sK + (j0 & 1) * TILE, k, b, j0 * ATTN_TILE, g, T, Hk);
-    attn_load_key_tile<HDIM>(sV + (j0 & 1) * TILE, v, b, j0 * ATTN_TILE, g, T, Hk);
-    cp_async_commit();
-
-    uint32_t qf[KS][4];  // this warp's Q rows as A operands (its dO rows are read per use: fewer registers)
-    float acc[HDIM / 8][4] = {};
-    for (int j = j0; j < n_kt; j++) {
-        attn_stage_next_kv<HDIM>(sK, sV, k, v, b, j, n_kt, g, T, Hk);
-        if (j == j0)
-#pragma unroll
-            for (int kk = 0; kk < KS; kk++)
-                ldmatrix_x4(qf[kk], sQ + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
-        const __nv_bfloat16* cK = sK + (j & 1) * TILE;
-        const __nv_bfloat16* cV = sV + (j & 1) * TILE;
-        const int key0 = j * ATTN_TILE;
-        if (!attn_all_masked(key0, key0 + ATTN_TILE - 1, w_hi, d_lo)) {
-            float s[NT][4] = {}, dp[NT][4] = {};
-#pragma unroll
-            for (int kk = 0; kk < KS; kk++) {
-                uint32_t df[4];
-                ldmatrix_x4(df, sdO + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
-#pragma unroll
-                for (int np = 0; np < NT / 2; np++) {  // S = Q·Kᵀ and dP = dO·Vᵀ
-                    uint32_t kb[4], vb[4];
-                    ldmatrix_x4(kb, cK + (np * 16 + ldsm_b_row(lane)) * LD + kk * 16 + ldsm_b_col(lane));
-                    ldmatrix_x4(vb, cV + (np * 16 + ldsm_b_row(lane)) * LD + kk * 16 + ldsm_b_col(lane));
-                    mma_bf16_16816(s[2 * np], qf[kk], kb[0], kb[1]);
-                    mma_bf16_16816(s[2 * np + 1], qf[kk], kb[2], kb[3]);
-                    mma_bf16_16816(dp[2 * np], df, vb[0], vb[1]);
-                    mma_bf16_16816(dp[2 * np + 1], df, vb[2], vb[3]);
-                }
-            }
-            const bool mask = attn_any_masked(key0, key0 + ATTN_TILE - 1, w_lo, d_hi);
-#pragma unroll
-            for (int n = 0; n < NT; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {  // s becomes dS·√hd = P ⊙ (dP − D)
-                    int key = key0 + n * 8 + mma_acc_col(lane, e);
-                    bool hidden = mask && attn_hidden(key, t_row[e >> 1], d_row[e >> 1]);
-                    float p = hidden ? 0.f : exp2f(s[n][e] * scale_log2 - lse2[e >> 1]);
-                    s[n][e] = p * (dp[n][e] - dsum[e >> 1]);
-                }
-            attn_mma_rows_by_tile<HDIM>(acc, s, cK, lane);  // dQ += dS·K
-        }
-        __syncthreads();
-    }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int t, hoff;
-        if (!attn_packed_row(i, warp * 16 + mma_acc_row(lane, 2 * r), positions, group, T, &t, &hoff)) continue;
-        __nv_bfloat16* row = dq + attn_index(b, t, g * group + hoff, T, H, HDIM);
-#pragma unroll
-        for (int n = 0; n < HDIM / 8; n++) {  // add into dq: this thread owns these two elements
-            uint32_t* p = (uint32_t*)(row + n * 8 + mma_acc_col(lane, 0));
-            float2 old = __bfloat1622float2(*(const __nv_bfloat162*)p);
-            *p = pack_bf16(old.x + acc[n][2 * r] * scale, old.y + acc[n][2 * r + 1] * scale);
-        }
+    if (row < rows && idx % LANES == 0) {
+        size_t h = row % H, b = row / H / T, g = h / (H / Hk);
+        const float* m = kv_max + 2 * (b * Hk + g);
+        float bound = 2.f * scale * m[0] * sqrtf(dd) * (m[1] + sqrtf(oo));
+        D[attn_row_lse_index(row, T, H)] = s;
+        E[attn_row_lse_index(row, T, H)] = attn_dq_exponent(bound);
     }
 }
 
-// Backward (3): dV += Pᵀ·dO and dK += dSᵀ·Q/√hd for one tile of 64 keys of kv head g, summed over
-// every packed query row (all heads of the group) at or after the keys. Each warp owns 16 keys and
-// works on transposed tiles (Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ), so its sums stay in its own registers.
-// Grid (key tiles, Hk, B). Shared: K, V tiles, two stages of Q, dO tiles and their lse, D, document starts.
-// Occupancy: 3 blocks per SM at hd ≤ 64 (launch bounds cap registers at 65,536 / (3·128) = 170 per
-// thread; shared memory 56,832 B per block at hd 64, 170 KB for three of sm_90's 227 KB), 2 at hd 128.
+// Backward (3), 5 products per tile pair: dV += Pᵀ·dO and dK += dSᵀ·Q/√hd for one tile of 64 keys of kv
+// head g, summed over every packed query row (all heads of the group) at or after the keys, and each
+// query tile's share dQ += dS·K/√hd added into the fixed-point accumulator. Each warp owns 16 keys and
+// works on transposed tiles (Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ), so its dK, dV sums stay in its own registers; dSᵀ
+// goes through shared memory to the dQ product, where warp w takes 16 query rows (BQ 64) or 16 rows and
+// half the columns (BQ 32).
+// Grid (key tiles, Hk, B). Shared: K, V tiles, two stages of Q, dO tiles and their lse, D, exponents,
+// document starts, and the dSᵀ tile. Occupancy: 3 blocks per SM at hd ≤ 64 (launch bounds cap registers
+// at 65,536 / (3·128) = 170 per thread; shared memory 66,560 B per block at hd 64, 195 KB for three of
+// sm_90's 227 KB), 2 at hd 128.
 template <int HDIM, int BQ>
 __global__ void __launch_bounds__(ATTN_THREADS, attn_dkdv_blocks_per_sm(HDIM))
-attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
-                               const __nv_bfloat16* dout, const __nv_bfloat16* q,
-                               const __nv_bfloat16* k, const __nv_bfloat16* v,
-                               const float* lse, const float* D,
-                               const int32_t* doc, int T, int H, int Hk,
-                               float scale_log2, float scale) {
-    constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NT = BQ / 8, KTILE = ATTN_TILE * LD, QTILE = BQ * LD;
+attention_backward_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv, long long* dq_acc,
+                          const __nv_bfloat16* dout, const __nv_bfloat16* q,
+                          const __nv_bfloat16* k, const __nv_bfloat16* v,
+                          const float* lse, const float* D, const int* E,
+                          const int32_t* doc, int T, int H, int Hk,
+                          float scale_log2, float scale) {
+    constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NH = BQ / 16, KTILE = ATTN_TILE * LD, QTILE = BQ * LD;
+    constexpr int LDS = BQ + ATTN_PAD;                  // dSᵀ rows: 64 keys × BQ packed query rows
+    constexpr int RS = BQ / 16, CW = HDIM * RS / 4;     // dQ: row slabs, and columns per warp
     PGOLF_DYNAMIC_SMEM(uint4, attn_smem);
     __nv_bfloat16* sK = (__nv_bfloat16*)attn_smem;
     __nv_bfloat16* sV = sK + KTILE;
@@ -3689,6 +3688,8 @@ attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
     float* sL = (float*)(sdO + 2 * QTILE);  // stage s at sL + s·BQ: lse·log2(e) of the packed rows
     float* sD = sL + 2 * BQ;                // stage s at sD + s·BQ
     int* sS = (int*)(sD + 2 * BQ);          // stage s at sS + s·BQ: document starts of the packed rows
+    int* sE = sS + 2 * BQ;                  // stage s at sE + s·BQ: fixed-point exponents of the packed rows
+    __nv_bfloat16* sdS = (__nv_bfloat16*)(sE + 2 * BQ);  // dSᵀ·√hd, [key][packed row]
     const int group = H / Hk, positions = attn_tile_positions(BQ, group);
     const int j = blockIdx.x;  // key tile: the first ones see the most query tiles, so start first
     const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -3698,14 +3699,16 @@ attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
     const int n_qt = attn_query_tiles(attn_doc_positions(doc, b, j * ATTN_TILE + ATTN_TILE - 1, T), positions);
     const int kw0 = j * ATTN_TILE + warp * 16;  // this warp's first key
 
-    // lse, D and document start of query tile i's packed rows; padding rows get lse = +∞ (so P = 0) and D = 0
-    auto load_stats = [&](float* dl, float* dd, int* ds, int i) {
+    // lse, D, exponent and document start of query tile i's packed rows; padding rows get lse = +∞ (so
+    // P = 0) and D = 0
+    auto load_stats = [&](float* dl, float* dd, int* ds, int* de, int i) {
         for (int m = threadIdx.x; m < BQ; m += ATTN_THREADS) {
             int t, hoff;
             bool ok = attn_packed_row(i, m, positions, group, T, &t, &hoff);
             size_t at = ok ? attn_lse_index(b, g * group + hoff, t, T, H) : 0;
             dl[m] = ok ? lse[at] * ATTN_LOG2E : INFINITY;
             dd[m] = ok ? D[at] : 0.f;
+            de[m] = ok ? E[at] : 0;
             ds[m] = attn_doc_start(doc, b, t, T);
         }
     };
@@ -3713,7 +3716,7 @@ attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
     attn_load_key_tile<HDIM>(sV, v, b, j * ATTN_TILE, g, T, Hk);
     attn_load_query_tile<BQ, HDIM>(sQ, q, b, i0, g, positions, group, T, H);
     attn_load_query_tile<BQ, HDIM>(sdO, dout, b, i0, g, positions, group, T, H);
-    load_stats(sL, sD, sS, i0);
+    load_stats(sL, sD, sS, sE, i0);
     cp_async_commit();
 
     float dka[HDIM / 8][4] = {}, dva[HDIM / 8][4] = {};
@@ -3722,7 +3725,7 @@ attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
         if (i + 1 < n_qt) {
             attn_load_query_tile<BQ, HDIM>(sQ + (st ^ 1) * QTILE, q, b, i + 1, g, positions, group, T, H);
             attn_load_query_tile<BQ, HDIM>(sdO + (st ^ 1) * QTILE, dout, b, i + 1, g, positions, group, T, H);
-            load_stats(sL + (st ^ 1) * BQ, sD + (st ^ 1) * BQ, sS + (st ^ 1) * BQ, i + 1);
+            load_stats(sL + (st ^ 1) * BQ, sD + (st ^ 1) * BQ, sS + (st ^ 1) * BQ, sE + (st ^ 1) * BQ, i + 1);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -3737,50 +3740,98 @@ attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
         int t_lo, t_hi;
         attn_row_positions(i, 0, BQ, positions, group, &t_lo, &t_hi);
         const int d_lo = attn_doc_start(doc, b, t_lo, T), d_hi = attn_doc_start(doc, b, t_hi, T);
+        const bool block_masked = attn_all_masked(j * ATTN_TILE, j * ATTN_TILE + ATTN_TILE - 1, t_hi, d_lo);
+        __nv_bfloat16* wdS = sdS + (warp * 16) * LDS;  // this warp's 16 keys of dSᵀ
         if (!attn_all_masked(kw0, kw0 + 15, t_hi, d_lo)) {
-            float s[NT][4] = {}, dp[NT][4] = {};
+            const bool mask = attn_any_masked(kw0, kw0 + 15, t_lo, d_hi);
+#pragma unroll 1
+            for (int c0 = 0; c0 < BQ; c0 += BQ / 2) {  // half the query tile at a time: half the Sᵀ, dPᵀ registers
+                float s[NH][4] = {}, dp[NH][4] = {};
 #pragma unroll
-            for (int kk = 0; kk < KS; kk++) {  // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, A operands straight from shared memory
-                uint32_t ka[4], va[4];
-                ldmatrix_x4(ka, sK + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
-                ldmatrix_x4(va, sV + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
+                for (int kk = 0; kk < KS; kk++) {  // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, A operands straight from shared memory
+                    uint32_t ka[4], va[4];
+                    ldmatrix_x4(ka, sK + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
+                    ldmatrix_x4(va, sV + (warp * 16 + ldsm_a_row(lane)) * LD + kk * 16 + ldsm_a_col(lane));
 #pragma unroll
-                for (int np = 0; np < NT / 2; np++) {
-                    uint32_t qb[4], ob[4];
-                    ldmatrix_x4(qb, cQ + (np * 16 + ldsm_b_row(lane)) * LD + kk * 16 + ldsm_b_col(lane));
-                    ldmatrix_x4(ob, cdO + (np * 16 + ldsm_b_row(lane)) * LD + kk * 16 + ldsm_b_col(lane));
-                    mma_bf16_16816(s[2 * np], ka, qb[0], qb[1]);
-                    mma_bf16_16816(s[2 * np + 1], ka, qb[2], qb[3]);
-                    mma_bf16_16816(dp[2 * np], va, ob[0], ob[1]);
-                    mma_bf16_16816(dp[2 * np + 1], va, ob[2], ob[3]);
+                    for (int np = 0; np < NH / 2; np++) {
+                        uint32_t qb[4], ob[4];
+                        ldmatrix_x4(qb, cQ + (c0 + np * 16 + ldsm_b_row(lane)) * LD + kk * 16 + ldsm_b_col(lane));
+                        ldmatrix_x4(ob, cdO + (c0 + np * 16 + ldsm_b_row(lane)) * LD + kk * 16 + ldsm_b_col(lane));
+                        mma_bf16_16816(s[2 * np], ka, qb[0], qb[1]);
+                        mma_bf16_16816(s[2 * np + 1], ka, qb[2], qb[3]);
+                        mma_bf16_16816(dp[2 * np], va, ob[0], ob[1]);
+                        mma_bf16_16816(dp[2 * np + 1], va, ob[2], ob[3]);
+                    }
+                }
+#pragma unroll
+                for (int n = 0; n < NH; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {  // rows are keys, columns packed query rows
+                        int c = c0 + n * 8 + mma_acc_col(lane, e);
+                        bool hidden = mask && attn_hidden(kw0 + mma_acc_row(lane, e), i * positions + c / group, cS[c]);
+                        float p = hidden ? 0.f : exp2f(s[n][e] * scale_log2 - cL[c]);
+                        s[n][e] = p;                        // Pᵀ
+                        dp[n][e] = p * (dp[n][e] - cD[c]);  // dSᵀ·√hd
+                    }
+#pragma unroll
+                for (int n = 0; n < NH; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e += 2)  // the bf16 dSᵀ the dK product reads, for the dQ product
+                        *(uint32_t*)(wdS + mma_acc_row(lane, e) * LDS + c0 + n * 8 + mma_acc_col(lane, 0)) =
+                            pack_bf16(dp[n][e], dp[n][e + 1]);
+#pragma unroll
+                for (int kk = 0; kk < NH / 2; kk++) {  // dV += Pᵀ·dO and dK += dSᵀ·Q, 16 query rows at a time
+                    uint32_t pa[4], sa[4];
+                    acc_to_a(pa, s[2 * kk], s[2 * kk + 1]);
+                    acc_to_a(sa, dp[2 * kk], dp[2 * kk + 1]);
+                    const int r0 = c0 + kk * 16 + ldsm_a_row(lane);
+#pragma unroll
+                    for (int dd = 0; dd < HDIM / 16; dd++) {
+                        uint32_t ob[4], qb[4];
+                        ldmatrix_x4_trans(ob, cdO + r0 * LD + dd * 16 + ldsm_a_col(lane));
+                        ldmatrix_x4_trans(qb, cQ + r0 * LD + dd * 16 + ldsm_a_col(lane));
+                        mma_bf16_16816(dva[2 * dd], pa, ob[0], ob[1]);
+                        mma_bf16_16816(dva[2 * dd + 1], pa, ob[2], ob[3]);
+                        mma_bf16_16816(dka[2 * dd], sa, qb[0], qb[1]);
+                        mma_bf16_16816(dka[2 * dd + 1], sa, qb[2], qb[3]);
+                    }
                 }
             }
-            const bool mask = attn_any_masked(kw0, kw0 + 15, t_lo, d_hi);
+        } else if (!block_masked) {  // keys hidden from the whole query tile: their dS is 0
+            for (int x = lane; x < 16 * BQ / 2; x += 32)
+                *(uint32_t*)(wdS + x / (BQ / 2) * LDS + x % (BQ / 2) * 2) = 0u;
+        }
+        if (!block_masked) {  // block-uniform
+            __syncthreads();  // the dSᵀ tile is complete
+            const int rs = warp % RS, c0 = warp / RS * CW;
+            float dqa[CW / 8][4] = {};
 #pragma unroll
-            for (int n = 0; n < NT; n++)
+            for (int kk = 0; kk < ATTN_TILE / 16; kk++) {  // dQ = dS·K; A = (dSᵀ)ᵀ through ldmatrix .trans
+                uint32_t a[4];
+                ldmatrix_x4_trans(a, sdS + (kk * 16 + ldsm_b_row(lane)) * LDS + rs * 16 + ldsm_b_col(lane));
 #pragma unroll
-                for (int e = 0; e < 4; e++) {  // rows are keys, columns packed query rows
-                    int c = n * 8 + mma_acc_col(lane, e);
-                    bool hidden = mask && attn_hidden(kw0 + mma_acc_row(lane, e), i * positions + c / group, cS[c]);
-                    float p = hidden ? 0.f : exp2f(s[n][e] * scale_log2 - cL[c]);
-                    s[n][e] = p;                      // Pᵀ
-                    dp[n][e] = p * (dp[n][e] - cD[c]);  // dSᵀ·√hd
+                for (int dd = 0; dd < CW / 16; dd++) {
+                    uint32_t kb[4];
+                    ldmatrix_x4_trans(kb, sK + (kk * 16 + ldsm_a_row(lane)) * LD + c0 + dd * 16 + ldsm_a_col(lane));
+                    mma_bf16_16816(dqa[2 * dd], a, kb[0], kb[1]);
+                    mma_bf16_16816(dqa[2 * dd + 1], a, kb[2], kb[3]);
                 }
+            }
+            const int* cE = sE + st * BQ;
 #pragma unroll
-            for (int kk = 0; kk < NT / 2; kk++) {  // dV += Pᵀ·dO and dK += dSᵀ·Q, 16 query rows at a time
-                uint32_t pa[4], sa[4];
-                acc_to_a(pa, s[2 * kk], s[2 * kk + 1]);
-                acc_to_a(sa, dp[2 * kk], dp[2 * kk + 1]);
+            for (int r = 0; r < 2; r++) {  // this tile's share into the rows' fixed-point sums
+                int m = rs * 16 + mma_acc_row(lane, 2 * r), t, hoff;
+                if (!attn_packed_row(i, m, positions, group, T, &t, &hoff)) continue;
+                const int e = cE[m];
+                long long* row = dq_acc + attn_index(b, t, g * group + hoff, T, H, HDIM) + c0;
 #pragma unroll
-                for (int dd = 0; dd < HDIM / 16; dd++) {
-                    uint32_t ob[4], qb[4];
-                    ldmatrix_x4_trans(ob, cdO + (kk * 16 + ldsm_a_row(lane)) * LD + dd * 16 + ldsm_a_col(lane));
-                    ldmatrix_x4_trans(qb, cQ + (kk * 16 + ldsm_a_row(lane)) * LD + dd * 16 + ldsm_a_col(lane));
-                    mma_bf16_16816(dva[2 * dd], pa, ob[0], ob[1]);
-                    mma_bf16_16816(dva[2 * dd + 1], pa, ob[2], ob[3]);
-                    mma_bf16_16816(dka[2 * dd], sa, qb[0], qb[1]);
-                    mma_bf16_16816(dka[2 * dd + 1], sa, qb[2], qb[3]);
-                }
+                for (int n = 0; n < CW / 8; n++)
+#pragma unroll
+                    for (int x = 0; x < 2; x++) {
+                        long long fx = llrintf(ldexpf(dqa[n][2 * r + x] * scale, e));
+                        unsigned long long* at = (unsigned long long*)(row + n * 8 + mma_acc_col(lane, x));
+                        if (fx) atomicAdd(at, (unsigned long long)fx);  // two's complement: a negative fx subtracts
+                    }
             }
         }
         __syncthreads();
@@ -3803,6 +3854,27 @@ attention_backward_dkdv_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv,
     }
 }
 
+// Backward (4): dq += dQ accumulator · 2^−e, per row; 8 elements per thread.
+template <int HDIM>
+__global__ void attention_backward_dq_kernel(__nv_bfloat16* dq, const long long* dq_acc, const int* E, size_t rows,
+                                             int T, int H) {
+    constexpr int LANES = HDIM / 8;
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x, row = idx / LANES;
+    if (row >= rows) return;
+    int e = E[attn_row_lse_index(row, T, H)];
+    uint4 d = *(const uint4*)(dq + idx * 8);
+    __nv_bfloat162* d2 = (__nv_bfloat162*)&d;
+    const long long* a = dq_acc + idx * 8;
+#pragma unroll
+    for (int x = 0; x < 4; x++) {
+        float2 old = __bfloat1622float2(d2[x]);
+        float lo = e == ATTN_DQ_BAD ? NAN : ldexpf((float)a[2 * x], -e);
+        float hi = e == ATTN_DQ_BAD ? NAN : ldexpf((float)a[2 * x + 1], -e);
+        d2[x] = __floats2bfloat162_rn(old.x + lo, old.y + hi);
+    }
+    *(uint4*)(dq + idx * 8) = d;
+}
+
 // Query rows per dK/dV query tile: 64, or 32 at hd 128 to keep dK, dV, Sᵀ, dPᵀ in registers.
 template <int HDIM> static constexpr int attn_dkdv_rows() { return HDIM <= 64 ? 64 : 32; }
 // 16-row slabs per warp in the forward: 2 (32 query rows per warp, 128 per block), 1 at hd 128, where two
@@ -3812,48 +3884,41 @@ HD static inline int attn_forward_rows(int hd) { return hd <= 64 ? 128 : 64; }  
 template <int HDIM> static size_t attn_forward_smem() {
     return ((size_t)attn_forward_rows(HDIM) + 4 * (size_t)ATTN_TILE) * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16);
 }
-template <int HDIM> static size_t attn_dq_smem() {
-    return 6 * (size_t)ATTN_TILE * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16);
-}
-template <int HDIM> static size_t attn_dkdv_smem() {
-    return (2 * (size_t)ATTN_TILE + 4 * (size_t)attn_dkdv_rows<HDIM>()) * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16) +
-           6 * (size_t)attn_dkdv_rows<HDIM>() * sizeof(float);  // lse, D and document starts, two stages
+template <int HDIM> static size_t attn_backward_smem() {
+    constexpr size_t BQ = attn_dkdv_rows<HDIM>();
+    return (2 * (size_t)ATTN_TILE + 4 * BQ) * (HDIM + ATTN_PAD) * sizeof(__nv_bfloat16) +
+           8 * BQ * sizeof(float) +                                   // lse, D, exponents, document starts: 2 stages
+           (size_t)ATTN_TILE * (BQ + ATTN_PAD) * sizeof(__nv_bfloat16);  // dSᵀ
 }
 
-// Dynamic shared memory per block the attention kernels need at head dim hd: the largest of the three,
-// named in *kernel. At hd 128 the dQ kernel (Q, dO and two stages of K and V) needs 104,448 B.
+// Dynamic shared memory per block the attention kernels need at head dim hd: the larger of the two,
+// named in *kernel. At hd 128 the forward (64 query rows, two stages of K and V) needs 87,040 B.
 static size_t attention_smem_bytes(int hd, const char** kernel) {
-    size_t f = 0, q = 0, kv = 0;
+    size_t f = 0, kv = 0;
     switch (hd) {
         case 16:
             f = attn_forward_smem<16>();
-            q = attn_dq_smem<16>();
-            kv = attn_dkdv_smem<16>();
+            kv = attn_backward_smem<16>();
             break;
         case 32:
             f = attn_forward_smem<32>();
-            q = attn_dq_smem<32>();
-            kv = attn_dkdv_smem<32>();
+            kv = attn_backward_smem<32>();
             break;
         case 64:
             f = attn_forward_smem<64>();
-            q = attn_dq_smem<64>();
-            kv = attn_dkdv_smem<64>();
+            kv = attn_backward_smem<64>();
             break;
         default:
             f = attn_forward_smem<128>();
-            q = attn_dq_smem<128>();
-            kv = attn_dkdv_smem<128>();
+            kv = attn_backward_smem<128>();
             break;
     }
-    *kernel = q >= f && q >= kv ? "attention_backward_dq_kernel"
-              : f >= kv         ? "attention_forward_kernel"
-                                : "attention_backward_dkdv_kernel";
-    return std::max({f, q, kv});
+    *kernel = f >= kv ? "attention_forward_kernel" : "attention_backward_kernel";
+    return std::max(f, kv);
 }
 // At start, on the GPU the run got: a head dim whose attention kernels need more shared memory per block
-// than the GPU's opt-in maximum (sm_86/sm_89: 101,376 B, under hd 128's dQ tile) fails with the reason
-// instead of at the first backward.
+// than the GPU's opt-in maximum (hd 128: 87,040 B, under sm_86/sm_89's 101,376 B) fails with the reason
+// instead of at the first launch.
 static void attention_smem_check(int hd, size_t optin_bytes, int major, int minor, const char* gpu) {
     const char* kernel = "";
     size_t need = attention_smem_bytes(hd, &kernel);
@@ -3918,35 +3983,49 @@ static void attention_forward(Cuda, __nv_bfloat16* out, float* lse, const __nv_b
     }
 }
 
-// D = rowsum(dO ⊙ O), [B,H,T]: in the ops' scratch (cuda_memory_plan counts it).
+// The backward's scratch, in the ops' arena (cuda_memory_plan counts it): D = rowsum(dO ⊙ O) and the
+// fixed-point exponents E [B,H,T], the bounds of K and V [B,Hk,2], the dQ accumulator [B,T,H,hd] int64.
+struct AttnBackwardScratch {
+    float* D = nullptr;
+    int* E = nullptr;
+    float* kv_max = nullptr;
+    long long* dq_acc = nullptr;
+};
+static void carve_attention_backward_scratch(Arena& a, AttnBackwardScratch& s, int B, int T, int H, int Hk, int hd) {
+    size_t tokens = (size_t)B * T;
+    s.D = a.take<float>(tokens * H);
+    s.E = a.take<int>(tokens * H);
+    s.kv_max = a.take<float>((size_t)B * Hk * 2);
+    s.dq_acc = a.take<long long>(tokens * H * hd);
+}
 template <int HDIM>
 static void attention_backward_hd(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                                   const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                  const __nv_bfloat16* out, const float* lse, float* D, const int32_t* doc,
-                                  int B, int T, int H, int Hk) {
+                                  const __nv_bfloat16* out, const float* lse, const AttnBackwardScratch& sc,
+                                  const int32_t* doc, int B, int T, int H, int Hk) {
     constexpr int BQ = attn_dkdv_rows<HDIM>();
-    size_t smem_dq = attn_dq_smem<HDIM>(), smem_kv = attn_dkdv_smem<HDIM>();
+    size_t smem = attn_backward_smem<HDIM>();
     static bool smem_set = false;
     if (!smem_set) {
-        cudaCheck(cudaFuncSetAttribute(attention_backward_dq_kernel<HDIM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)smem_dq));
-        cudaCheck(cudaFuncSetAttribute(attention_backward_dkdv_kernel<HDIM, BQ>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_kv));
+        cudaCheck(cudaFuncSetAttribute(attention_backward_kernel<HDIM, BQ>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         smem_set = true;
     }
     float scale = 1.f / sqrtf((float)HDIM), scale_log2 = ATTN_LOG2E * scale;
     size_t rows = (size_t)B * T * H, threads = rows * (HDIM / 8);
-    PGOLF_LAUNCH((unsigned)((threads + 255) / 256), 256, 0, g_cuda.stream, attention_backward_rowdot_kernel<HDIM>)
-        (D, dout, out, rows, T, H);
+    unsigned row_blocks = (unsigned)((threads + 255) / 256);
+    PGOLF_LAUNCH(dim3(Hk, B), ATTN_THREADS, 0, g_cuda.stream, attention_backward_bounds_kernel<HDIM>)
+        (sc.kv_max, k, v, T, Hk);
     cudaCheck(cudaGetLastError());
-    int group = H / Hk;
-    dim3 grid_q(attn_query_tiles(T, attn_tile_positions(ATTN_TILE, group)), Hk, B);
-    PGOLF_LAUNCH(grid_q, ATTN_THREADS, smem_dq, g_cuda.stream, attention_backward_dq_kernel<HDIM>)(
-        dq, dout, q, k, v, lse, D, doc, T, H, Hk, scale_log2, scale);
+    PGOLF_LAUNCH(row_blocks, 256, 0, g_cuda.stream, attention_backward_rowdot_kernel<HDIM>)
+        (sc.D, sc.E, sc.dq_acc, sc.kv_max, dout, out, rows, T, H, Hk, scale);
     cudaCheck(cudaGetLastError());
     dim3 grid_k((T + ATTN_TILE - 1) / ATTN_TILE, Hk, B);
-    PGOLF_LAUNCH(grid_k, ATTN_THREADS, smem_kv, g_cuda.stream, attention_backward_dkdv_kernel<HDIM, BQ>)(
-        dk, dv, dout, q, k, v, lse, D, doc, T, H, Hk, scale_log2, scale);
+    PGOLF_LAUNCH(grid_k, ATTN_THREADS, smem, g_cuda.stream, attention_backward_kernel<HDIM, BQ>)(
+        dk, dv, sc.dq_acc, dout, q, k, v, lse, sc.D, sc.E, doc, T, H, Hk, scale_log2, scale);
+    cudaCheck(cudaGetLastError());
+    PGOLF_LAUNCH(row_blocks, 256, 0, g_cuda.stream, attention_backward_dq_kernel<HDIM>)
+        (dq, sc.dq_acc, sc.E, rows, T, H);
     cudaCheck(cudaGetLastError());
 }
 static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
@@ -3958,20 +4037,20 @@ static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_
     attention_check("attention_backward", ptrs, names, 8, B, T, H, Hk, hd);
     if (B == 0 || T == 0) return;
     PROFILE_OP(OP_ATTN_BWD);
-    float* D = nullptr;
-    scratch_carve([&](Arena& a) { D = a.take<float>((size_t)B * H * T); });
+    AttnBackwardScratch sc;
+    scratch_carve([&](Arena& a) { carve_attention_backward_scratch(a, sc, B, T, H, Hk, hd); });
     switch (hd) {
         case 16:
-            attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk);
+            attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk);
             break;
         case 32:
-            attention_backward_hd<32>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk);
+            attention_backward_hd<32>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk);
             break;
         case 64:
-            attention_backward_hd<64>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk);
+            attention_backward_hd<64>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk);
             break;
         default:
-            attention_backward_hd<128>(dq, dk, dv, dout, q, k, v, out, lse, D, doc, B, T, H, Hk);
+            attention_backward_hd<128>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk);
             break;
     }
 }
@@ -5109,6 +5188,7 @@ template <class T> static void* device_alloc(Cpu<T>, size_t bytes) {
 }
 template <class T> static void device_free(Cpu<T>, void* p) { free(p); }
 template <class T> static void* host_alloc(Cpu<T> dev, size_t bytes) { return device_alloc(dev, bytes); }
+template <class T> static void host_free(Cpu<T> dev, void* p) { device_free(dev, p); }
 template <class T> static void device_zero(Cpu<T>, void* p, size_t bytes) { memset(p, 0, bytes); }
 template <class T, class X> static void to_device(Cpu<T>, X* dst, const X* src, size_t n) {
     memcpy(dst, src, n * sizeof(X));
@@ -6810,12 +6890,11 @@ static void nccl_init() {
 #endif
 }
 #if defined(PGOLF_NCCL) && defined(PGOLF_MPI)
-// A collective whose peer failed can block forever. Poll the stream and NCCL's asynchronous error
-// so a failure ends this rank through fail(), whose MPI_Abort ends the others: no hang.
-// (perf: this waits for the whole backward; with bucketed all-reduce overlap, poll from a watchdog)
-static void nccl_wait(const char* what) {
+// A collective whose peer failed can block forever. Poll the stream (or the event `until`) and NCCL's
+// asynchronous error so a failure ends this rank through fail(), whose MPI_Abort ends the others: no hang.
+static void nccl_wait(const char* what, cudaEvent_t until = nullptr) {
     for (;;) {
-        cudaError_t e = cudaStreamQuery(g_cuda.stream);
+        cudaError_t e = until ? cudaEventQuery(until) : cudaStreamQuery(g_cuda.stream);
         if (e == cudaSuccess) return;
         if (e != cudaErrorNotReady) cudaCheck(e);
         ncclResult_t r = ncclSuccess;
@@ -6858,6 +6937,17 @@ static void allgather_bf16(const bf16* mine, bf16* all, size_t chunk) {
     if (g_world == 1 || chunk == 0) return;
     PROFILE_OP(OP_COMM);
     PGOLF_NCCL_OR_FAIL(ncclAllGather(mine, all, chunk, ncclBfloat16, g_cuda.nccl, g_cuda.stream));
+}
+// The host waits for an event; with ranks, watching NCCL for a failed peer meanwhile.
+static void nccl_event_wait(cudaEvent_t e, const char* what) {
+#if defined(PGOLF_NCCL) && defined(PGOLF_MPI)
+    if (g_world > 1 && g_cuda.nccl) {
+        nccl_wait(what, e);
+        return;
+    }
+#endif
+    (void)what;
+    cudaCheck(cudaEventSynchronize(e));
 }
 // After the step: wait for its collectives unless the stream is being captured (a graph's launch waits).
 static void nccl_check(Cuda, const char* what) {
@@ -9684,6 +9774,27 @@ template <class D> static void train_state_init(D dev, TrainState<D>& s, Model<D
     train_batch_init(dev, s, c);
 }
 
+// The GPU's step graphs and their buffers (section 12's CudaStepGraph); nothing elsewhere.
+template <class D> static void step_graph_free(TrainState<D>&) {}
+// Everything train_state_init and the steps allocated: device buffers, page-locked batches, the graphs.
+template <class D> static void train_state_free(D dev, TrainState<D>& s) {
+    for (void* p : {(void*)s.adam_m, (void*)s.adam_v, (void*)s.update, (void*)s.avg, (void*)s.scalars,
+                    (void*)s.clip_ss, (void*)s.comm, (void*)s.own_grad, (void*)s.updates, (void*)s.d_own,
+                    (void*)s.d_all, (void*)s.d_adam, (void*)s.d_pack})
+        device_free(dev, p);
+    s.adam_m = s.adam_v = s.update = s.avg = s.comm = s.own_grad = nullptr;
+    s.scalars = nullptr;
+    s.clip_ss = nullptr;
+    s.updates = nullptr;
+    s.d_own = s.d_all = nullptr;
+    s.d_adam = s.d_pack = nullptr;
+    host_free(dev, s.batch);
+    host_free(dev, s.batch_losses);
+    s.batch = nullptr;
+    s.batch_losses = nullptr;
+    step_graph_free(s);
+}
+
 // One optimizer step over the summed gradients of this step's micro-batches, reading its lr scale,
 // momentum and bias corrections from `scalars` (device memory on the GPU): no host sync, no allocation
 // once the scratch has grown, so the step can be captured in a CUDA graph.
@@ -9966,11 +10077,17 @@ template <class D> static void step_gradients(D dev, Model<D>& m, TrainState<D>&
     step_micro_batches(dev, m, s, s.batch);
 }
 
+// The optimizer with this step's lr multiplier and momentum (the GPU's copies them up and replays a graph).
+template <class D> static void step_optimizer(D dev, Model<D>& m, TrainState<D>& s, double lr_scale,
+                                              float muon_momentum) {
+    optimizer_step(dev, m, s, lr_scale, muon_momentum);
+}
+
 // One training step on the micro-batches in s.batch: forward and backward, then the optimizer
 // (which all-reduces the gradients, clips them and updates the weights).
 template <class D> static void train_step(D dev, Model<D>& m, TrainState<D>& s, double lr_scale, float muon_momentum) {
     step_gradients(dev, m, s);
-    optimizer_step(dev, m, s, lr_scale, muon_momentum);
+    step_optimizer(dev, m, s, lr_scale, muon_momentum);
 }
 
 // The step's losses are in s.batch_losses once the step's copies have landed (section 1: the GPU's wait).
@@ -9988,21 +10105,27 @@ template <class D> static double train_step_loss(D dev, TrainState<D>& s) {
 }
 
 #ifdef PGOLF_CUDA
-// --- The step on the GPU: the micro-batches as one CUDA graph --------------------------------------
-// The gradients' ~1,000 kernels and cuBLASLt calls go out in one cudaGraphLaunch. The graph is captured
-// after one step has run directly (which grows the scratch and the rope table to the step's size), and
-// replayed while nothing it baked in changes (step_graph_key); when something does (an evaluation grew
-// the scratch), it is captured again. The tokens go up from page-locked s.batch on a stream of their
-// own, behind the previous step's graph, while its optimizer still runs; the losses come back inside the
-// graph. CUDA_GRAPHS=0 launches every kernel directly (as does PROFILE=1: its events time each class).
+// --- The step on the GPU: two CUDA graphs, the micro-batches and the optimizer ----------------------
+// The gradients' ~1,000 kernels and cuBLASLt calls go out in one cudaGraphLaunch, the optimizer's (pack,
+// collectives, clip, Muon, Adam) in a second. Each graph is captured after one step has run directly
+// (which grows the scratch and the rope table to the step's size), and replayed while nothing it baked
+// in changes (its key); when something does (an evaluation grew the scratch), it is captured again. The
+// tokens go up from page-locked s.batch on a stream of their own, behind the previous step's gradients,
+// while its optimizer still runs; the losses come back inside the first graph; the step's lr and
+// momentum go up from page-locked memory ahead of the second. No host wait inside the step: the host
+// next waits for `done` (train_step_loss), polling NCCL for a failed peer meanwhile.
+// CUDA_GRAPHS=0 launches every kernel directly (as does PROFILE=1: its events time each class).
 struct CudaStepGraph {
     int32_t* tokens = nullptr;              // (accum, 2, B·T): the step's tokens on the device
-    cudaStream_t upload = nullptr;          // their copy from s.batch
+    StepScalars* scalars = nullptr;         // the step's lr scale, momentum, bias corrections (page-locked)
+    cudaStream_t upload = nullptr;          // the tokens' copy from s.batch
     cudaEvent_t uploaded = nullptr;         // the copy has landed
-    cudaEvent_t done = nullptr;             // the step's gradients and losses are complete
-    cudaGraphExec_t exec = nullptr;
-    std::vector<const void*> key;           // what exec was captured with
+    cudaEvent_t done = nullptr;             // the step's gradients and losses are complete, its scalars copied
+    cudaGraphExec_t exec = nullptr;         // the micro-batches
+    cudaGraphExec_t opt_exec = nullptr;     // the optimizer
+    std::vector<const void*> key, opt_key;  // what exec and opt_exec were captured with
     bool warm = false;                      // a step ran directly: scratch and rope table have their size
+    bool opt_warm = false;                  // an optimizer step ran directly
 };
 static int g_cuda_graphs = -1;  // CUDA_GRAPHS (1 by default); tests set it
 static bool cuda_graphs_on() {
@@ -10025,21 +10148,31 @@ static std::vector<const void*> step_graph_key(const Model<Cuda>& m, const Train
             num((size_t)cx.rope_rows), num((size_t)cx.rope_rd), s.batch_losses, num((size_t)s.B), num((size_t)s.T),
             num((size_t)s.accum), num((size_t)m.looping)};  // (NUM_LOOPS: the loop switching on)
 }
-static void step_graph_capture(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s, CudaStepGraph& g) {
+// The optimizer's: weights, gradients, scratch (Muon's iterates, the clip's partials), the state's buffers.
+static std::vector<const void*> opt_graph_key(const Model<Cuda>& m, const TrainState<Cuda>& s) {
+    const CudaContext& cx = g_cuda;
+    return {m.params, m.grads, cx.scratch, (const void*)(uintptr_t)cx.scratch_bytes, s.scalars, s.adam_m, s.adam_v,
+            s.comm, s.own_grad, s.updates};
+}
+// `work`'s launches on the context stream captured into `exec` (replacing what it held).
+template <class F> static void graph_capture(cudaGraphExec_t& exec, F&& work) {
     cudaStream_t st = cuda_ctx().stream;
-    if (g.exec) cudaCheck(cudaGraphExecDestroy(g.exec));
-    g.exec = nullptr;
+    if (exec) cudaCheck(cudaGraphExecDestroy(exec));
+    exec = nullptr;
     cudaGraph_t graph = nullptr;
     cudaCheck(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
     try {
-        step_micro_batches(dev, m, s, g.tokens);
+        work();
     } catch (...) {  // (tests: a failure leaves the stream usable)
         cudaStreamEndCapture(st, &graph);
         throw;
     }
     cudaCheck(cudaStreamEndCapture(st, &graph));
-    cudaCheck(cudaGraphInstantiate(&g.exec, graph, 0));
+    cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
     cudaCheck(cudaGraphDestroy(graph));
+}
+static void step_graph_capture(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s, CudaStepGraph& g) {
+    graph_capture(g.exec, [&]() { step_micro_batches(dev, m, s, g.tokens); });
     g.key = step_graph_key(m, s);
 }
 static void step_gradients(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s) {
@@ -10048,6 +10181,7 @@ static void step_gradients(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s) {
     if (!s.gpu) {
         s.gpu = new CudaStepGraph;
         s.gpu->tokens = (int32_t*)cuda_malloc_checked(n * sizeof(int32_t), "the step's tokens");
+        s.gpu->scalars = (StepScalars*)host_alloc(dev, sizeof(StepScalars));
         cudaCheck(cudaStreamCreate(&s.gpu->upload));
         cudaCheck(cudaEventCreateWithFlags(&s.gpu->uploaded, cudaEventDisableTiming));
         cudaCheck(cudaEventCreateWithFlags(&s.gpu->done, cudaEventDisableTiming));
@@ -10065,20 +10199,43 @@ static void step_gradients(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s) {
         if (!g.exec || step_graph_key(m, s) != g.key) step_graph_capture(dev, m, s, g);
         cudaCheck(cudaGraphLaunch(g.exec, st));
     }
+}
+// `done` recorded, then the optimizer: run directly the first time (and with CUDA_GRAPHS=0), its scalars
+// written by a launch; after, replayed from its graph, its scalars copied up from page-locked memory.
+static void step_optimizer(Cuda dev, Model<Cuda>& m, TrainState<Cuda>& s, double lr_scale, float muon_momentum) {
+    cudaStream_t st = cuda_ctx().stream;
+    CudaStepGraph& g = *s.gpu;  // (step_gradients made it)
+    if (!cuda_graphs_on() || !g.opt_warm) {
+        cudaCheck(cudaEventRecord(g.done, st));
+        optimizer_step(dev, m, s, lr_scale, muon_momentum);
+        g.opt_warm = true;
+        return;
+    }
+    cudaCheck(cudaEventSynchronize(g.done));  // the last step's copy has read g.scalars (passed already in train())
+    *g.scalars = step_scalars(m.cfg, s.step, lr_scale, muon_momentum);
+    cudaCheck(cudaMemcpyAsync(s.scalars, g.scalars, sizeof(StepScalars), cudaMemcpyHostToDevice, st));
     cudaCheck(cudaEventRecord(g.done, st));
+    if (!g.opt_exec || opt_graph_key(m, s) != g.opt_key) {
+        graph_capture(g.opt_exec, [&]() { optimizer_step(dev, m, s, (const StepScalars*)s.scalars); });
+        g.opt_key = opt_graph_key(m, s);
+    }
+    cudaCheck(cudaGraphLaunch(g.opt_exec, st));
 }
-// The host reads s.batch_losses (and may refill s.batch) once the step's event has passed.
+// The host reads s.batch_losses (and may refill s.batch) once the step's event has passed; a failed
+// peer ends the wait (nccl_event_wait) instead of hanging it.
 static void step_losses_wait(Cuda, TrainState<Cuda>& s) {
-    if (s.gpu) cudaCheck(cudaEventSynchronize(s.gpu->done));
+    if (s.gpu) nccl_event_wait(s.gpu->done, "training step");
 }
-__attribute__((unused)) static void step_graph_free(TrainState<Cuda>& s) {
+static void step_graph_free(TrainState<Cuda>& s) {
     if (!s.gpu) return;
     CudaStepGraph& g = *s.gpu;
     if (g.exec) cudaCheck(cudaGraphExecDestroy(g.exec));
+    if (g.opt_exec) cudaCheck(cudaGraphExecDestroy(g.opt_exec));
     cudaCheck(cudaEventDestroy(g.uploaded));
     cudaCheck(cudaEventDestroy(g.done));
     cudaCheck(cudaStreamDestroy(g.upload));
     cudaCheck(cudaFree(g.tokens));
+    host_free(Cuda{}, g.scalars);
     delete s.gpu;
     s.gpu = nullptr;
 }
@@ -10402,6 +10559,7 @@ template <class D> static void run(D dev, Config& c, const char* device_name) {
             print_export_report(rep);
         }
         host_barrier();
+        train_state_free(dev, s);
     } else {
         artifact_path = c.load_artifact;
     }
@@ -10677,19 +10835,22 @@ static void attention_forward(Cost, CostBf16*, float*, const CostBf16*, const Co
     int rows = hd <= 64 ? 128 : 64;  // attn_forward_rows
     cost_add(OP_ATTN_FWD, "attention_forward", cost_attn_flops(B, T, H, Hk, hd, rows, 2), 2 * q + 2 * kv + lse);
 }
-// attention_backward: attention_backward_rowdot_kernel (D = rowsum(dO⊙O)); attention_backward_dq_kernel
-// (S, dP = dO·Vᵀ, dQ += dS·K: 3 products); attention_backward_dkdv_kernel (S, dP, dV += Pᵀ·dO, dK += dSᵀ·Q:
-// 4 products, over the same tile pairs)
+// attention_backward: attention_backward_bounds_kernel (max |K|, max |V_k| per kv head);
+// attention_backward_rowdot_kernel (D, exponents, the int64 dQ accumulator zeroed: 4 bytes per bf16 of q);
+// attention_backward_kernel (S = K·Qᵀ, dP = V·dOᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q, dQ += dS·K: 5 products over
+// query tiles of 64 packed rows, 32 at hd 128; its 64-bit adds into the accumulator go to L2, where the
+// rows of the (b, kv head) pairs in flight stay, so they count as no HBM traffic);
+// attention_backward_dq_kernel (accumulator → dq += …)
 static void attention_backward(Cost, CostBf16*, CostBf16*, CostBf16*, const CostBf16*, const CostBf16*, const CostBf16*,
                                const CostBf16*, const CostBf16*, const float*, int B, int T, int H, int Hk, int hd,
                                const int32_t* = nullptr) {
     if (B == 0 || T == 0) return;
     double q = (double)B * T * H * hd * BF, kv = (double)B * T * Hk * hd * BF, row = (double)B * T * H * F32;
-    cost_add(OP_ATTN_BWD, "attention_backward_rowdot", 0, 2 * q + row);
-    cost_add(OP_ATTN_BWD, "attention_backward_dq", cost_attn_flops(B, T, H, Hk, hd, COST_ATTN_TILE, 3),
-             4 * q + 2 * kv + 2 * row);
-    cost_add(OP_ATTN_BWD, "attention_backward_dkdv", cost_attn_flops(B, T, H, Hk, hd, COST_ATTN_TILE, 4),
-             2 * q + 6 * kv + 2 * row);
+    int rows = hd <= 64 ? 64 : 32;  // attn_dkdv_rows
+    cost_add(OP_ATTN_BWD, "attention_backward_bounds", 0, 2 * kv);
+    cost_add(OP_ATTN_BWD, "attention_backward_rowdot", 0, 2 * q + 2 * row + 4 * q);
+    cost_add(OP_ATTN_BWD, "attention_backward", cost_attn_flops(B, T, H, Hk, hd, rows, 5), 2 * q + 6 * kv + 3 * row);
+    cost_add(OP_ATTN_BWD, "attention_backward_dq", 0, 4 * q + 2 * q + row);
 }
 // xsa_forward / xsa_backward: one warp-per-kv-head kernel each (the backward reads da and dv only to add to them)
 static void xsa_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, int N, int H, int Hk, int hd) {
@@ -10865,14 +11026,11 @@ static double sum_squares(Cost dev, const float*, size_t n) {
     to_host(dev, partial, (const double*)nullptr, 256);
     return HUGE_VAL;
 }
-// The optimizer step as the GPU runs it (section 7): step_scalars_kernel; with W > 1 pack_tiles_kernel,
-// one ncclReduceScatter of the banks and one ncclAllReduce of the replicated gradients; the clip's
+// The optimizer step as the GPU's graph runs it (section 7; its scalars copied up before it): with W > 1
+// pack_tiles_kernel, one ncclReduceScatter of the banks and one ncclAllReduce of the replicated gradients; the clip's
 // sum_squares partials (one or two) and their sum (+ an fp64 ncclAllReduce); per rank one momentum and
 // one normalize launch for its matrices, `steps` × 3 strided-batched GEMMs per bank it holds, one bf16
-// ncclAllGather, one apply launch for every matrix; one Adam launch; nccl_check's wait (W > 1).
-static void step_scalars_store(Cost, StepScalars*, const StepScalars&) {
-    cost_add(OP_ELEMENTWISE, "step_scalars", 0, sizeof(StepScalars));
-}
+// ncclAllGather, one apply launch for every matrix; one Adam launch; nccl_check's wait (W > 1, not in a graph).
 // A ring reduce-scatter or all-gather over `bytes` (the whole buffer): each GPU sends (W−1)/W of it.
 static void cost_ring(const char* op, double bytes, bool reduce) {
     double wire = (double)(g_world - 1) / g_world * bytes;
@@ -10929,8 +11087,9 @@ template <class S> static void adam_step(Cost, Model<Cost>&, S& s, const StepSca
     for (const AdamItem& k : s.plan.adam) n += (double)k.n;
     if (n > 0) cost_add(OP_ELEMENTWISE, "adam_tiles", 0, 7 * F32 * n);
 }
+// (a captured optimizer holds no wait: the host's next wait is train_step_loss's, on the step's event)
 static void nccl_check(Cost, const char*) {
-    if (g_world > 1) cost_add(OP_SYNC, "nccl_wait", 0, 0);
+    if (g_world > 1 && !g_cost.in_graph) cost_add(OP_SYNC, "nccl_wait", 0, 0);
 }
 // allreduce_sum: one ncclAllReduce (ring: each GPU sends and receives 2·(W−1)/W of the buffer), then
 // nccl_wait, which polls the stream until it drains: a host synchronize. Nothing on one rank.
@@ -10956,6 +11115,15 @@ static void step_gradients(Cost dev, Model<Cost>& m, TrainState<Cost>& s) {
     cost_add(OP_ELEMENTWISE, "cudaMemcpyAsync", 0, tokens * I32, tokens * I32);
     g_cost.in_graph = true;
     step_micro_batches(dev, m, s, s.batch);
+    g_cost.in_graph = false;
+    cost_add(OP_ELEMENTWISE, "cudaGraphLaunch", 0, 0);
+}
+// step_optimizer (the GPU's): the step's scalars up from page-locked memory (cudaMemcpyAsync), then one
+// cudaGraphLaunch of the optimizer (CUDA_GRAPHS=1)
+static void step_optimizer(Cost dev, Model<Cost>& m, TrainState<Cost>& s, double, float) {
+    cost_add(OP_ELEMENTWISE, "cudaMemcpyAsync", 0, sizeof(StepScalars), sizeof(StepScalars));
+    g_cost.in_graph = true;
+    optimizer_step(dev, m, s, (const StepScalars*)s.scalars);
     g_cost.in_graph = false;
     cost_add(OP_ELEMENTWISE, "cudaGraphLaunch", 0, 0);
 }
@@ -11052,7 +11220,7 @@ struct CostEfficiency {
 static const CostEfficiency COST_EFFICIENCY[OP_NUM] = {
     {0.60, 0.80},  // GEMMs: d512 shapes (K = 512…1536) on cuBLASLt reach ~600 TFLOP/s, not the ~800 of large squares
     {0.30, 0.80},  // attention forward: mma.sync flash kernel (no wgmma/TMA), 16 rows per warp: FA2-class ~300 TFLOP/s
-    {0.20, 0.80},  // attention backward: FA2-class backward with 7 products and 2 passes: ~200 TFLOP/s
+    {0.20, 0.80},  // attention backward: FA2's 5 products in one pass, 264 TFLOP/s (hd 64, 2k) × 0.85²
     {1.00, 0.80},  // memsets: cudaMemset writes near the HBM rate
     {1.00, 0.55},  // elementwise/norms/reductions: 2-byte scalar loads, column-strided partial sums
     {0.25, 0.70},  // optimizer: Newton–Schulz GEMMs of ≤ 1536×512 fill few SMs; fp32 streams of Adam and Muon
@@ -11392,6 +11560,11 @@ static int cost_main(int argc, char** argv) {
     printf("launches: %ld issued by the host (%ld of them cudaGraphLaunch), %ld replayed inside graphs; "
            "%ld host synchronizations\n", outside, graphs, launches - outside - t.launches[OP_SYNC],
            t.launches[OP_SYNC]);
+    // every entry runs alone on one stream: the collectives add to the step (none starts before the backward ends)
+    if (t.launches[OP_COMM] > 0)
+        printf("communication: %ld collectives, %.2f ms of the step, 0 ms overlapped with compute (the gradients' "
+               "reduce-scatter and all-reduce start after the whole backward)\n", t.launches[OP_COMM],
+               t.seconds[OP_COMM] * 1e3);
     if (by_op) {  // the same entries by op and class, most projected time first
         std::map<std::pair<std::string, int>, CostTotals> ops;
         for (const CostEntry& e : list) {
@@ -11510,9 +11683,11 @@ static CudaMemoryPlan cuda_memory_plan(const Config& c, int world, size_t sort_t
         q.take<float>((size_t)N * c.num_heads);
         q.take<float>((size_t)rc.chunks * c.num_heads);
         need = std::max(need, q.used);
-        // attention backward: D = rowsum(dO ⊙ O)
+        // attention backward: D, exponents, K/V bounds, the dQ accumulator
         Arena d;
-        d.take<float>((size_t)N * c.num_heads);
+        AttnBackwardScratch as;
+        // calls of any B·T ≤ N (evaluation's shorter rows): B = N, T = 1 needs the most (one kv bound per row)
+        carve_attention_backward_scratch(d, as, (int)N, 1, c.num_heads, c.num_kv_heads, c.head_dim());
         need = std::max(need, d.used);
     }
     {
@@ -11558,9 +11733,8 @@ static void cuda_memory_plan_check(const CudaMemoryPlan& p, size_t free_bytes, s
 }
 
 
-// (perf: the step's micro-batches run as one CUDA graph (step_gradients); the optimizer is still
-//  launched kernel by kernel: its lr and momentum are kernel arguments and its all-reduces wait on the
-//  host (nccl_wait). Capturing it needs both in device memory.)
+// (perf: the step runs as two CUDA graphs, the micro-batches (step_gradients) and the optimizer
+//  (step_optimizer), with no host wait inside; its collectives still start after the whole backward.)
 
 // DEVICE=cuda: this rank's GPU (its local rank), what it is, the NCCL communicator, the memory plan.
 static void run_cuda(Config& c) {

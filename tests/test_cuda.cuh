@@ -319,30 +319,25 @@ TEST(cuda_host_memory_plan) {
 
 // The attention kernels' shared memory per block against each architecture's opt-in maximum
 // (CUDA C++ Programming Guide, compute capabilities table): sm_80 163 KB, sm_86/sm_89 99 KB, sm_90 227 KB.
-// Head dim 128's dQ kernel needs 6 tiles of 64 × (128 + 8) bf16 = 104,448 B: it fits sm_80 and sm_90,
-// and is refused at start on sm_86/sm_89 with the reason; head dim 64 and below fit everywhere.
+// Head dim 128's forward needs 64 query rows and two stages of K and V tiles of 64 × (128 + 8) bf16 =
+// 87,040 B, the most of any head dim: every head dim fits every architecture; a GPU with less (64 KB here)
+// is refused at start with the reason.
 TEST(cuda_host_attention_smem_per_arch) {
     const char* kernel = "";
-    CHECK(attention_smem_bytes(128, &kernel) == 104448 && !strcmp(kernel, "attention_backward_dq_kernel"));
-    // hd 64: dK/dV's K, V tiles and four 64-row tiles plus 6·64 floats and ints (lse, D, document starts of
-    // two stages) outgrow dQ's six tiles
-    CHECK(attention_smem_bytes(64, &kernel) == (2 * 64 + 4 * 64) * 72 * 2 + 6 * 64 * 4 &&
-          !strcmp(kernel, "attention_backward_dkdv_kernel"));
+    CHECK(attention_smem_bytes(128, &kernel) == 87040 && !strcmp(kernel, "attention_forward_kernel"));
+    // hd 64: the backward's K, V tiles and four 64-row tiles, 8·64 floats and ints (lse, D, exponents,
+    // document starts of two stages) and the 64 × (64 + 8) dSᵀ tile outgrow the forward's six tiles
+    CHECK(attention_smem_bytes(64, &kernel) == (2 * 64 + 4 * 64) * 72 * 2 + 8 * 64 * 4 + 64 * 72 * 2 &&
+          !strcmp(kernel, "attention_backward_kernel"));
     struct {
         int major, minor;
         size_t optin;
     } archs[] = {{8, 0, 166912}, {8, 6, 101376}, {8, 9, 101376}, {9, 0, 232448}};
     for (auto a : archs)
-        for (int hd : {16, 32, 64, 128}) {
-            if (hd == 128 && a.optin < 104448)
-                CHECK_THROWS(attention_smem_check(hd, a.optin, a.major, a.minor, "test GPU"),
-                             test_format("attention_backward_dq_kernel needs 104448 bytes of shared memory per block, "
-                                         "but test GPU (sm_%d%d) "
-                                         "allows at most 101376",
-                                         a.major, a.minor));
-            else
-                attention_smem_check(hd, a.optin, a.major, a.minor, "test GPU");
-        }
+        for (int hd : {16, 32, 64, 128}) attention_smem_check(hd, a.optin, a.major, a.minor, "test GPU");
+    CHECK_THROWS(attention_smem_check(128, 65536, 7, 5, "test GPU"),
+                 "attention_forward_kernel needs 87040 bytes of shared memory per block, but test GPU (sm_75) allows "
+                 "at most 65536");
 }
 
 TEST(cuda_host_compute_arena_layout) {
@@ -949,21 +944,7 @@ TEST(cuda_optimizer_step_matches_cpu) {
 
 // --- GPU: the model ------------------------------------------------------------------------------
 
-static void cuda_train_state_free(TrainState<Cuda>& s) {
-    device_free(Cuda{}, s.adam_m);
-    device_free(Cuda{}, s.adam_v);
-    device_free(Cuda{}, s.update);
-    device_free(Cuda{}, s.avg);
-    s.adam_m = s.adam_v = s.update = s.avg = nullptr;
-    for (void* p : {(void*)s.scalars, (void*)s.clip_ss, (void*)s.comm, (void*)s.own_grad, (void*)s.updates,
-                    (void*)s.d_own, (void*)s.d_all, (void*)s.d_adam, (void*)s.d_pack})
-        device_free(Cuda{}, p);
-    s.scalars = nullptr; s.clip_ss = nullptr; s.comm = s.own_grad = nullptr; s.updates = nullptr;
-    s.d_own = s.d_all = nullptr; s.d_adam = s.d_pack = nullptr;
-    host_free(Cuda{}, s.batch); host_free(Cuda{}, s.batch_losses);
-    step_graph_free(s);
-    s.batch = nullptr; s.batch_losses = nullptr;
-}
+static void cuda_train_state_free(TrainState<Cuda>& s) { train_state_free(Cuda{}, s); }
 
 TEST(cuda_refresh_compute_weights_qat) {
     REQUIRE_GPU();

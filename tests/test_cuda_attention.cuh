@@ -116,8 +116,8 @@ TEST(attention_skip_and_mask_decisions_are_exact) {
         for (int T : ATTN_TEST_T) {
             std::vector<int32_t> docs = attn_test_docs(T, every ? every : T + 1);
             const int32_t* doc = every ? docs.data() : nullptr;
-            // forward (128 rows, 32 per warp; 64 and 16 at hd 128) and dQ (64, 16): warp w holds packed rows
-            // wr·w .. wr·w + wr − 1 of a tile, key tiles of 64 from the tile's first document on
+            // forward (128 rows, 32 per warp; 64 and 16 at hd 128): warp w holds packed rows wr·w .. wr·w + wr − 1
+            // of a tile, key tiles of 64 from the tile's first document on
             int n_kt = (T + ATTN_TILE - 1) / ATTN_TILE;
             for (int rows : {attn_forward_rows(64), ATTN_TILE}) {
                 int positions = attn_tile_positions(rows, group), wr = rows / 4;
@@ -147,13 +147,25 @@ TEST(attention_skip_and_mask_decisions_are_exact) {
                         }
                 }
             }
-            // dK/dV: warp w holds keys 16w..16w+15 of a key tile, against whole query tiles of BQ rows up to the
-            // last one whose documents reach the key tile
+            // backward: warp w holds keys 16w..16w+15 of a key tile, against whole query tiles of BQ rows up to
+            // the last one whose documents reach the key tile; the whole block skips the dQ product of a tile
+            // pair without a visible pair
             for (int bq : {64, 32}) {
                 if (group > bq) continue;
                 int pos = attn_tile_positions(bq, group);
                 for (int j = 0; j < n_kt; j++) {
                     int n_qt = attn_query_tiles(attn_doc_positions(doc, 0, j * ATTN_TILE + ATTN_TILE - 1, T), pos);
+                    for (int i = 0; i < attn_query_tiles(T, pos); i++) {
+                        int lo, hi;
+                        bool vis, hid;
+                        attn_row_positions(i, 0, bq, pos, group, &lo, &hi);
+                        attn_pairs(i, 0, bq, j * ATTN_TILE, (j + 1) * ATTN_TILE, bq, pos, group, T, doc, &vis, &hid);
+                        CHECK_MSG(!(attn_all_masked(j * ATTN_TILE, j * ATTN_TILE + ATTN_TILE - 1, hi,
+                                                    attn_doc_start(doc, 0, lo, T)) && vis),
+                                  "docs %d group %d T %d BQ %d: key tile %d skips the dQ share of query tile %d, "
+                                  "which sees it",
+                                  every, group, T, bq, j, i);
+                    }
                     for (int i = 0; i < attn_query_tiles(T, pos); i++)
                         for (int w = 0; w < 4; w++) {
                             int lo, hi, kw0 = j * ATTN_TILE + w * 16;
@@ -190,6 +202,19 @@ TEST(attention_statistics_index_matches_layouts) {
                 CHECK(attn_lse_index(b, h, t, T, H) == (size_t)(b * H + h) * T + t);
                 CHECK(attn_row_lse_index(r, T, H) == attn_lse_index(b, h, t, T, H));
             }
+}
+
+// The backward's fixed-point exponent puts a row's bound in [2^61, 2^62) units: below int64's 2^63 with
+// room for rounding, and no coarser than needed, from denormal bounds to FLT_MAX; inf and NaN are flagged.
+TEST(attention_dq_exponent_bounds_the_fixed_point_range) {
+    for (float bound : {1e-40f, 1e-30f, 1e-12f, 0.75f, 1.f, 3.f, 1e8f, 1e30f, FLT_MAX}) {
+        int e = attn_dq_exponent(bound);
+        double scaled = std::ldexp((double)bound, e);
+        CHECK_MSG(scaled >= std::ldexp(1.0, ATTN_DQ_BITS - 1) && scaled < std::ldexp(1.0, ATTN_DQ_BITS),
+                  "bound %g: exponent %d puts it at %g", bound, e, scaled);
+    }
+    CHECK(attn_dq_exponent(0.f) == ATTN_DQ_BITS);
+    CHECK(attn_dq_exponent(INFINITY) == ATTN_DQ_BAD && attn_dq_exponent(NAN) == ATTN_DQ_BAD);
 }
 
 // --- a warp of ldmatrix and mma.sync, emulated from the PTX ISA's fragment tables ---------------
@@ -339,6 +364,33 @@ TEST(attention_fragment_plans_match_ptx_layouts) {
     for (int hd : {16, 32, 64, 128}) attn_check_fragment_plans(hd, rng);
 }
 
+// The backward's dQ product reads its A operand dS [query][key] from the dSᵀ tile stored [key][query]: ldmatrix
+// .trans at the B-operand addresses (ldsm_b_row, ldsm_b_col) of the stored tile gives the registers ldmatrix
+// without .trans gives at the A-operand addresses of dS stored [query][key].
+TEST(attention_transposed_a_operand_plan) {
+    Rng rng(5);
+    const int LDS = 64 + ATTN_PAD, r0 = 16, c0 = 32;  // a 16 × 16 block inside a wider padded tile
+    std::vector<uint16_t> a((size_t)64 * LDS, 0x7fc0), at((size_t)64 * LDS, 0x7fc0);  // NaN where not written
+    for (int m = 0; m < 64; m++)
+        for (int k = 0; k < 64; k++) {
+            uint16_t x = float_to_bf16((float)rng.normal());
+            a[(size_t)m * LDS + k] = x;   // dS [query m][key k]
+            at[(size_t)k * LDS + m] = x;  // dSᵀ [key k][query m]
+        }
+    const uint16_t *pa[32], *pt[32];
+    for (int l = 0; l < 32; l++) {
+        pa[l] = &a[(size_t)(r0 + ldsm_a_row(l)) * LDS + c0 + ldsm_a_col(l)];
+        pt[l] = &at[(size_t)(c0 + ldsm_b_row(l)) * LDS + r0 + ldsm_b_col(l)];
+    }
+    uint32_t want[32][4], got[32][4];
+    emu_ldmatrix_x4(want, pa, false);
+    emu_ldmatrix_x4(got, pt, true);
+    for (int l = 0; l < 32; l++)
+        for (int j = 0; j < 4; j++)
+            CHECK_MSG(got[l][j] == want[l][j], "lane %d register %d: %08x from dSᵀ, %08x from dS", l, j, got[l][j],
+                      want[l][j]);
+}
+
 TEST(attention_rejects_unsupported_shapes) {
     __nv_bfloat16* z = nullptr;
     float* l = nullptr;
@@ -407,10 +459,11 @@ static double attn_max_abs(const std::vector<float>& x) {
 }
 
 // every > 0: document-masked (VARLEN_ATTN), each row cut into documents by attn_test_docs(T, every + b),
-// the document starts in device memory as gpt_forward keeps them.
-static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd, int every = 0) {
-    std::string shape =
-        test_format("(B,T,H,Hk,hd)=(%d,%d,%d,%d,%d)%s", B, T, H, Hk, hd, every ? " with documents" : "");
+// the document starts in device memory as gpt_forward keeps them. dscale scales dO (and so every gradient).
+static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd, int every = 0, double dscale = 1) {
+    std::string scaled = dscale != 1 ? test_format(", dO × %g", dscale) : "";
+    std::string shape = test_format("(B,T,H,Hk,hd)=(%d,%d,%d,%d,%d)%s%s", B, T, H, Hk, hd,
+                                    every ? " with documents" : "", scaled.c_str());
     const char* sh = shape.c_str();
     size_t nq = (size_t)B * T * H * hd, nk = (size_t)B * T * Hk * hd, nl = (size_t)B * H * T;
     Rng rng(1000003ull * T + 1009 * H + 31 * Hk + hd + 7 * B + every);
@@ -430,7 +483,7 @@ static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd, int every 
     };
     // q·k/√hd then has standard deviation 1.5: softmax rows are neither flat nor one-hot
     std::vector<uint16_t> q = random_bf16(nq, 1.5), k = random_bf16(nk, 1.0), v = random_bf16(nk, 1.0),
-                          dout = random_bf16(nq, 1.0);
+                          dout = random_bf16(nq, dscale);
     std::vector<float> qf = attn_widen(q), kf = attn_widen(k), vf = attn_widen(v), doutf = attn_widen(dout);
     std::vector<float> out_ref(nq), lse_ref(nl);
     attention_forward(Cpu<float>{}, out_ref.data(), lse_ref.data(), qf.data(), kf.data(), vf.data(), B, T, H, Hk, hd,
@@ -483,21 +536,34 @@ static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd, int every 
     attn_upload(out_, out_in);
     cudaCheck(cudaMemcpy(lse_.p, lse_ref.data(), nl * 4, cudaMemcpyHostToDevice));
     std::vector<uint16_t> g1[3];
+    // the fixed-point dQ sums in the scratch, where the op carves them: compared bit for bit between the runs
+    // (rounded to bf16, dq alone would hide most order-dependent fp32 sums)
+    std::vector<long long> acc1;
     for (int run = 0; run < 2; run++) {
         attn_upload(dq_, dq0); attn_upload(dk_, dk0); attn_upload(dv_, dv0);
-        // the D scratch must be rewritten before it is read: poison it before the second run
+        // the scratch must be rewritten before it is read: poison it before the second run
         if (run == 1) cudaCheck(cudaMemset(g_cuda.scratch, 0xff, g_cuda.scratch_bytes));
         attention_backward(Cuda{}, bf(dq_), bf(dk_), bf(dv_), bf(dout_), bf(q_), bf(k_), bf(v_), bf(out_),
                            lse_.as<float>(), B, T, H, Hk, hd, ddoc);
         cudaCheck(cudaDeviceSynchronize());
+        Arena carve;
+        carve.base = g_cuda.scratch;
+        carve.cap = g_cuda.scratch_bytes;
+        AttnBackwardScratch sc;
+        carve_attention_backward_scratch(carve, sc, B, T, H, Hk, hd);
+        std::vector<long long> acc(nq);
+        cudaCheck(cudaMemcpy(acc.data(), sc.dq_acc, nq * 8, cudaMemcpyDeviceToHost));
+        if (run == 0) acc1 = acc;
+        else CHECK_MSG(acc == acc1, "backward %s: the dQ sums of a second run differ from the first", sh);
         std::vector<uint16_t> g[3] = {attn_download<uint16_t>(dq_, nq), attn_download<uint16_t>(dk_, nk),
                                       attn_download<uint16_t>(dv_, nk)};
         if (run == 0) {
-            attn_expect_band("dq", sh, attn_widen(g[0]), plus(dq0, dq_ref), mq, 1e-2, 1e-5, T, H, hd);
-            attn_expect_band("dk", sh, attn_widen(g[1]), plus(dk0, dk_ref), mk, 1e-2, 1e-5, T, Hk, hd);
-            attn_expect_band("dv", sh, attn_widen(g[2]), plus(dv0, dv_ref), mv, 1e-2, 1e-5, T, Hk, hd);
+            double fl = 1e-5 * dscale;
+            attn_expect_band("dq", sh, attn_widen(g[0]), plus(dq0, dq_ref), mq, 1e-2, fl, T, H, hd);
+            attn_expect_band("dk", sh, attn_widen(g[1]), plus(dk0, dk_ref), mk, 1e-2, fl, T, Hk, hd);
+            attn_expect_band("dv", sh, attn_widen(g[2]), plus(dv0, dv_ref), mv, 1e-2, fl, T, Hk, hd);
             for (int x = 0; x < 3; x++) g1[x] = g[x];
-        } else {
+        } else {  // the emulator's block order differs from the first run's (its seeded generator moved on)
             for (int x = 0; x < 3; x++)
                 CHECK_MSG(g[x] == g1[x], "backward %s: %s of a second run differs from the first", sh,
                           x == 0   ? "dq"
@@ -519,6 +585,43 @@ TEST(cuda_attention_t2048_hd64) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 2048, E
 // key tiles wholly before a query tile's documents skipped (T 200: rows with BOS every 29 and 30 positions).
 TEST(cuda_attention_documents_gqa_hd32) { REQUIRE_GPU(); attention_gpu_vs_cpu(2, 77, 4, 2, 32, 5); }
 TEST(cuda_attention_documents_gqa_hd64) { REQUIRE_GPU(); attention_gpu_vs_cpu(2, 200, 4, 2, 64, 29); }
+// hd 128's 32-row query tiles (the dQ product split by columns across warps) with documents; gradients from
+// 1e-12 to 1e8 (a span of 2^66: no single fixed-point scale of an int64 holds both; the per-row exponents do).
+TEST(cuda_attention_documents_gqa_hd128) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 150, 4, 2, 128, 37); }
+TEST(cuda_attention_gradient_range) {
+    REQUIRE_GPU();
+    attention_gpu_vs_cpu(1, 100, 4, 2, 32, 0, 1e-12);
+    attention_gpu_vs_cpu(1, 100, 4, 2, 32, 0, 1e8);
+}
+
+// A NaN in K reaches dq as NaN, never as a finite number: every query row that sees the key (and so gets a NaN
+// share) reads NaN, though a NaN has no fixed-point value (its kv head's rows are all flagged).
+TEST(cuda_attention_backward_nan_stays_nan) {
+    REQUIRE_GPU();
+    const int B = 1, T = 70, H = 4, Hk = 2, hd = 32, bad_t = 40, bad_g = 1;
+    size_t nq = (size_t)B * T * H * hd, nk = (size_t)B * T * Hk * hd, nl = (size_t)B * H * T;
+    Rng rng(23);
+    std::vector<uint16_t> x[4];  // q, k, v, dout
+    size_t sizes[4] = {nq, nk, nk, nq};
+    for (int i = 0; i < 4; i++)
+        for (size_t e = 0; e < sizes[i]; e++) x[i].push_back(float_to_bf16((float)rng.normal()));
+    x[1][attn_index(0, bad_t, bad_g, T, Hk, hd) + 3] = 0x7fc0;  // bf16 NaN
+    AttnDev q_(nq * 2), k_(nk * 2), v_(nk * 2), dout_(nq * 2), out_(nq * 2), lse_(nl * 4), dq_(nq * 2), dk_(nk * 2),
+        dv_(nk * 2);
+    attn_upload(q_, x[0]); attn_upload(k_, x[1]); attn_upload(v_, x[2]); attn_upload(dout_, x[3]);
+    for (const AttnDev* d : {&dq_, &dk_, &dv_}) cudaCheck(cudaMemset(d->p, 0, d == &dq_ ? nq * 2 : nk * 2));
+    auto bf = [](const AttnDev& d) { return d.as<__nv_bfloat16>(); };
+    attention_forward(Cuda{}, bf(out_), lse_.as<float>(), bf(q_), bf(k_), bf(v_), B, T, H, Hk, hd);
+    attention_backward(Cuda{}, bf(dq_), bf(dk_), bf(dv_), bf(dout_), bf(q_), bf(k_), bf(v_), bf(out_),
+                       lse_.as<float>(), B, T, H, Hk, hd);
+    cudaCheck(cudaDeviceSynchronize());
+    std::vector<float> dq = attn_widen(attn_download<uint16_t>(dq_, nq));
+    size_t finite = 0;
+    for (int t = bad_t; t < T; t++)
+        for (int h = bad_g * (H / Hk); h < (bad_g + 1) * (H / Hk); h++)
+            for (int i = 0; i < hd; i++) finite += std::isfinite(dq[attn_index(0, t, h, T, H, hd) + i]);
+    CHECK_MSG(finite == 0, "%zu dq elements of the rows that see the NaN key are finite", finite);
+}
 
 // document_starts on the GPU against the CPU: rows longer than the block (several positions per thread),
 // without any BOS, with BOS on chunk edges and in the first and last positions, and shorter than the block.

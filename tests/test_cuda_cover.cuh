@@ -236,9 +236,11 @@ TEST(cuda_train_step_graph_replay_bitwise) {
 }
 
 // train_step on the GPU as train() runs it, with CUDA graphs (the default: the first step runs directly,
-// the second captures the micro-batches, the later ones replay them) against the same steps with every
-// kernel launched directly (CUDA_GRAPHS=0): three steps on new tokens each, two micro-batches, a binding
-// gradient clip: the same losses, gradients, weights and moments, bit for bit; and the graph replays.
+// the second captures the micro-batches and the optimizer, the later ones replay them) against the same
+// steps with every kernel launched directly (CUDA_GRAPHS=0): three steps on new tokens each, two
+// micro-batches, a binding gradient clip, lr and momentum changing per step (the optimizer's graph reads
+// them from the device): the same losses, gradients, weights and moments, bit for bit; both graphs
+// replay; and train_state_free gives back the page-locked buffers and the graphs (the emulator counts them).
 TEST(cuda_train_step_graphs_match_direct_launches) {
     REQUIRE_GPU();
     Config c; preset_tiny(c);
@@ -254,6 +256,10 @@ TEST(cuda_train_step_graphs_match_direct_launches) {
     std::vector<float> w = perturbed_init(c, 82);
     struct Run { Model<Cuda> m; TrainState<Cuda> s; std::vector<double> losses; long graph_launches = 0; } runs[2];
     int saved = g_cuda_graphs;
+#ifdef PGOLF_EMU
+    size_t pinned0 = emu::host_allocated_bytes();
+    long execs0 = emu::graph_execs();
+#endif
     for (int r = 0; r < 2; r++) {
         Run& run = runs[r];
         g_cuda_graphs = r == 0;
@@ -271,7 +277,7 @@ TEST(cuda_train_step_graphs_match_direct_launches) {
                 std::copy(t, t + N, run.s.batch + micro * 2 * N);
                 std::copy(t + 1, t + N + 1, run.s.batch + micro * 2 * N + N);
             }
-            train_step(Cuda{}, run.m, run.s, lr_multiplier(c, k, 0), (float)muon_momentum_at(c, k));
+            train_step(Cuda{}, run.m, run.s, 1.0 - 0.25 * k, (float)muon_momentum_at(c, k) - 0.01f * k);
             run.losses.push_back(train_step_loss(Cuda{}, run.s));
             refresh_compute_weights(Cuda{}, run.m, false);
             run.s.step++;
@@ -279,12 +285,12 @@ TEST(cuda_train_step_graphs_match_direct_launches) {
 #ifdef PGOLF_EMU
         run.graph_launches = emu::counts().graph_launches;
 #else
-        run.graph_launches = run.s.gpu->exec ? steps - 1 : 0;
+        run.graph_launches = ((run.s.gpu->exec != nullptr) + (run.s.gpu->opt_exec != nullptr)) * (steps - 1);
 #endif
     }
     g_cuda_graphs = saved;
-    CHECK_MSG(runs[0].graph_launches == steps - 1 && runs[1].graph_launches == 0, "graph launches %ld (graphs), %ld "
-              "(direct)", runs[0].graph_launches, runs[1].graph_launches);
+    CHECK_MSG(runs[0].graph_launches == 2 * (steps - 1) && runs[1].graph_launches == 0, "graph launches %ld "
+              "(graphs), %ld (direct)", runs[0].graph_launches, runs[1].graph_launches);
     size_t np = runs[0].m.nparams;
     for (int k = 0; k < steps; k++)
         CHECK_MSG(runs[0].losses[k] == runs[1].losses[k], "step %d: loss %.9g with graphs, %.9g without", k + 1,
@@ -300,7 +306,13 @@ TEST(cuda_train_step_graphs_match_direct_launches) {
     for (Run& r : runs) {
         cuda_train_state_free(r.s);
         model_free(Cuda{}, r.m);
+        CHECK(r.s.gpu == nullptr && r.s.batch == nullptr && r.s.adam_m == nullptr);
     }
+#ifdef PGOLF_EMU
+    CHECK_MSG(emu::host_allocated_bytes() == pinned0 && emu::graph_execs() == execs0, "after train_state_free: "
+              "%zu page-locked bytes and %ld graph executables more than before", emu::host_allocated_bytes() - pinned0,
+              emu::graph_execs() - execs0);
+#endif
 }
 
 // Bytes of the device's RoPE table (grown on demand, outside the memory plan's arrays: its headroom).

@@ -315,11 +315,15 @@ TEST(emu_attention_runs_on_context_stream_with_planned_scratch) {
             return g;
         };
         auto zero = [&]() { for (GpuBuf* b : {&out, &lse, &dq, &dk, &dv}) device_zero(Cuda{}, b->p, b->bytes); };
-        cuda_scratch((size_t)B * H * T * sizeof(float));  // run_cuda reserves the planned scratch before training
+        Arena plan;  // run_cuda reserves the planned scratch before training (cuda_memory_plan carves the same)
+        AttnBackwardScratch planned;
+        carve_attention_backward_scratch(plan, planned, B, T, H, Hk, hd);
+        cuda_scratch(plan.used);
         zero();
-        step();
-        std::vector<uint16_t> direct = grads();
         size_t held = emu::allocated_bytes();
+        step();
+        if (emu::allocated_bytes() != held) { printf("attention outgrew its planned scratch\n"); _exit(1); }
+        std::vector<uint16_t> direct = grads();
         cudaStream_t st = cuda_ctx().stream;
         cudaGraph_t graph;
         cudaGraphExec_t exec;

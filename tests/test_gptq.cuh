@@ -557,3 +557,54 @@ TEST(gptq_calibration_frontier_loop_and_gate) {
     CHECK(with_h == 6 * c.num_layers + 1);
     model_free(dev, m);
 }
+
+// Parity with the record's quantizer: tests/parity/gptq.safetensors holds what PR #1855's
+// gptq_quantize_weight (torch, float32) made of a small weight and Hessian (scripts/make_parity_dump
+// REFERENCE gptq; 144 columns, a dead one). Same Hessian in, same fp16 scales and integers out.
+TEST(gptq_parity_with_the_record) {
+    SafetensorsFile f = safetensors_read("tests/parity/gptq.safetensors");
+    CHECK(f.meta["format"] == "pgolf-parity-1" && f.meta["preset"] == "gptq");
+    auto tensor = [&](const std::string& name) {
+        CHECK_MSG(f.tensors.count(name), "%s: no tensor %s", f.path.c_str(), name.c_str());
+        size_t n = 1;
+        for (long long d : f.tensors.at(name).shape) n *= (size_t)d;
+        std::vector<float> v(n);
+        safetensors_get(f, name, v.data(), n);
+        return v;
+    };
+    std::vector<float> w = tensor("gptq.w"), H = tensor("gptq.H");
+    const std::vector<long long>& shape = f.tensors.at("gptq.w").shape;
+    int rows = (int)shape[0], cols = (int)shape[1];
+    CHECK(H.size() == (size_t)cols * cols);
+    std::string cases = f.meta.at("cases");
+    int n = 0;
+    for (size_t pos = 0; pos < cases.size(); n++) {  // name:k:clip, space separated
+        size_t sp = std::min(cases.find(' ', pos), cases.size());
+        std::string item = cases.substr(pos, sp - pos);
+        pos = sp + 1;
+        size_t c1 = item.find(':'), c2 = item.rfind(':');
+        std::string name = item.substr(0, c1);
+        float k = (float)atof(item.substr(c1 + 1, c2 - c1 - 1).c_str());
+        int clip = atoi(item.substr(c2 + 1).c_str());
+        Config c;
+        c.gptq = 1;
+        c.gptq_passthrough_numel = 0;  // a small tensor: quantized all the same
+        c.embed_bits = c.matrix_bits = clip == 63 ? 7 : 6;
+        c.embed_clip_sigmas = c.mlp_clip_sigmas = k;
+        CHECK(sdclip_sigmas(c, name) == k);
+        QTensor t = quantize_tensor(c, gptq_test_param(name, rows, cols), w.data(), &H);
+        CHECK(t.plan.rule == QR_GPTQ && t.plan.clip == clip);
+        std::vector<float> q = tensor("gptq." + name + ".q"), s = tensor("gptq." + name + ".s");
+        size_t bad_s = 0, bad_q = 0, moved = 0;
+        for (int r = 0; r < rows; r++) bad_s += half_to_float(t.scales[r]) != s[r];
+        for (size_t i = 0; i < q.size(); i++) {
+            bad_q += t.q[i] != (int)q[i];
+            int rtn = (int)std::min(std::max(rintf(w[i] / s[i / cols]), (float)-clip), (float)clip);
+            moved += rtn != (int)q[i];
+        }
+        CHECK_MSG(bad_s == 0, "%s: %zu of %d scales differ from the record's", name.c_str(), bad_s, rows);
+        CHECK_MSG(bad_q == 0, "%s: %zu of %zu integers differ from the record's", name.c_str(), bad_q, q.size());
+        CHECK(moved > q.size() / 20);  // the record's GPTQ moved integers away from plain rounding
+    }
+    CHECK(n == 2);
+}

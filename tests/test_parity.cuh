@@ -49,12 +49,26 @@ static Config parity_config(const SafetensorsFile& f, const std::string& data_di
         std::string key = item.substr(0, eq), value = item.substr(eq + 1);
         if (key == "TORCH_COMPILE" || key == "TTT_ENABLED") continue;  // no compiler; TTT is an EVAL_MODE here
         if (key == "SLIDING_EVAL_STRIDE") key = "EVAL_STRIDE";         // PR #600's name
+        if (key == "VAL_BATCH_TOKENS") key = "VAL_BATCH_SIZE";         // PR #1855's name
+        if (key == "FUSED_CE_ENABLED") continue;  // its fused and eager CE are one formula; pgolf's is fused
         bool known = false;
         for (const Setting& s : settings)
             if (key == s.name) { setting_parse(s, value.c_str(), f.path); known = true; }
+        if (!known && key == "EMBED_WD") {  // until pgolf has EMBED_WD, the dump's must be the Adam groups' ADAM_WD
+            CHECK_MSG((float)atof(value.c_str()) == c.adam_wd,
+                      "%s: EMBED_WD=%s, pgolf's embedding decays by ADAM_WD=%g", f.path.c_str(), value.c_str(),
+                      c.adam_wd);
+            known = true;
+        }
         if (!known)
             throw TestFailure(
                 test_format("%s: the reference setting %s has no counterpart here", f.path.c_str(), key.c_str()));
+    }
+    if (preset == "frontier") {  // what PR #1855's code always does: settings of their own here
+        c.varlen_attn = 1;
+        c.muon_row_normalize = 1;
+        c.muon_polar_express = 1;
+        c.caseops_enabled = 0;  // the dump's shards are plain tokens (the record's CASEOPS_ENABLED defaults to 0)
     }
     c.data_path = data_dir;
     c.val_truncate_to_seq = 1;
@@ -105,12 +119,13 @@ template <class T> static double rel_l2(const T* a, const float* b, size_t n) {
     return r > 0 ? std::sqrt(d / r) : std::sqrt(d);
 }
 
-// The first step: GRAD_ACCUM micro-batches of the stream, as the reference's loader cuts them (each takes
-// the next local+1 tokens); loss = their mean, gradients summed with weight 1/(local·accum) into m.grads.
-// on_logits(m) sees the first micro-batch's soft-capped logits (the forward leaves them in place).
+// One step (step 0: the first): GRAD_ACCUM micro-batches of the stream, as the reference's loader cuts them
+// (each takes the next local+1 tokens); loss = their mean, gradients summed with weight 1/(local·accum) into
+// m.grads. on_logits(m) sees the first micro-batch's soft-capped logits (the forward leaves them in place).
 template <class D, class F>
-static double parity_first_step_run(D dev, Model<D>& m, const SafetensorsFile& f, F on_logits) {
+static double parity_first_step_run(D dev, Model<D>& m, const SafetensorsFile& f, F on_logits, int step = 0) {
     const Config& c = m.cfg;
+    m.looping = c.num_loops > 0 && training_frac(c, step, 0) >= c.enable_looping_at;  // as train() decides it
     refresh_compute_weights(dev, m, false);
     int accum = atoi(f.meta.at("grad_accum").c_str());
     long local = c.train_batch_tokens / accum;
@@ -122,9 +137,10 @@ static double parity_first_step_run(D dev, Model<D>& m, const SafetensorsFile& f
     device_zero(dev, m.grads, m.nparams * sizeof(typename D::grad));
     double sum = 0;
     for (int k = 0; k < accum; k++) {
+        size_t at = ((size_t)step * accum + k) * (local + 1);
         for (long i = 0; i < local; i++) {
-            x[i] = (int32_t)stream[k * (local + 1) + i];
-            y[i] = (int32_t)stream[k * (local + 1) + i + 1];
+            x[i] = (int32_t)stream[at + i];
+            y[i] = (int32_t)stream[at + i + 1];
         }
         if (k == 0) {
             forward_nll(dev, m, x, y, B, L, nll);
@@ -136,6 +152,32 @@ static double parity_first_step_run(D dev, Model<D>& m, const SafetensorsFile& f
         for (float v : nll) sum += v;
     }
     return sum / ((double)local * accum);
+}
+
+// Every gradient against the dump's prefix.<name>, relative to its own norm; a reference gradient that is
+// rounding noise (zero in exact arithmetic, e.g. an RMSNorm's scale invariance at init) below 1e-3 of the
+// largest is compared absolutely at that scale.
+template <class D>
+static void parity_check_grads(const SafetensorsFile& f, const Model<D>& m, const std::string& prefix,
+                               double grad_rtol) {
+    double largest = 0;
+    for (const ParamSpec& p : m.table) {
+        std::vector<float> g = parity_tensor(f, prefix + p.name);
+        double n = 0;
+        for (float v : g) n += (double)v * v;
+        largest = std::max(largest, std::sqrt(n));
+    }
+    for (const ParamSpec& p : m.table) {
+        std::vector<float> g = parity_tensor(f, prefix + p.name);
+        double d = 0, r = 0;
+        for (size_t i = 0; i < p.numel; i++) {
+            d += ((double)m.grads[p.offset + i] - g[i]) * ((double)m.grads[p.offset + i] - g[i]);
+            r += (double)g[i] * g[i];
+        }
+        double e = std::sqrt(d) / std::max(std::sqrt(r), 1e-3 * largest);
+        if (getenv("PARITY_VERBOSE")) printf("  %s%s: relative L2 error %.3g\n", prefix.c_str(), p.name.c_str(), e);
+        CHECK_MSG(e <= grad_rtol, "%s%s: relative L2 error %.3g", prefix.c_str(), p.name.c_str(), e);
+    }
 }
 
 template <class T> static void parity_first_step(const char* preset, double loss_rtol, double grad_rtol) {
@@ -160,11 +202,25 @@ template <class T> static void parity_first_step(const char* preset, double loss
     double want = atof(f.meta.at("loss").c_str());
     CHECK_MSG(std::fabs(loss - want) <= loss_rtol * std::fabs(want), "%s loss %.9g, reference %.9g", preset, loss,
               want);
-    for (const ParamSpec& p : m.table) {
-        std::vector<float> g = parity_tensor(f, "grad." + p.name);
-        double e = rel_l2(m.grads + p.offset, g.data(), p.numel);
-        CHECK_MSG(e <= grad_rtol, "%s grad %s: relative L2 error %.3g", preset, p.name.c_str(), e);
-    }
+    parity_check_grads(f, m, "grad.", grad_rtol);
+}
+
+// The dump's mid step (its weights before step K and that step's loss and gradients): by then every path
+// carries gradient and, for PR #1855, the loop is on.
+template <class T> static void parity_mid_step(const char* preset, double loss_rtol, double grad_rtol) {
+    SafetensorsFile f = parity_load(preset);
+    Config c = parity_config(f, parity_data(f, preset));
+    Cpu<T> dev;
+    Model<Cpu<T>> m;
+    model_init_for_run(dev, m, c);
+    parity_put(f, "mid.", m);
+    int step = atoi(f.meta.at("mid_step").c_str()) - 1;
+    double loss = parity_first_step_run(dev, m, f, [](const Model<Cpu<T>>&) {}, step);
+    CHECK(m.looping == (training_frac(c, step, 0) >= c.enable_looping_at));
+    double want = atof(f.meta.at("mid_loss").c_str());
+    CHECK_MSG(std::fabs(loss - want) <= loss_rtol * std::fabs(want), "%s step %d loss %.9g, reference %.9g", preset,
+              step + 1, loss, want);
+    parity_check_grads(f, m, "midgrad.", grad_rtol);
 }
 
 // Ten optimizer steps through the training loop (its loader, schedule, clipping, averaging), from the
@@ -177,7 +233,10 @@ template <class D> static std::vector<double> parity_train_run(D dev, Model<D>& 
     return s.losses;
 }
 
-static void parity_ten_steps(const char* preset) {
+// weight_rtol: 1e-4, but 1.5e-3 for frontier, whose final weights are chaotic at ~1e-4: Polar Express's
+// Newton–Schulz (first coefficient 8.16) amplifies rounding, and pgolf against itself with its init perturbed by
+// 1e-7 moves ten steps' weights by up to 2.4e-4 (attention projections); its step losses stay within 1e-6.
+static void parity_ten_steps(const char* preset, double weight_rtol = 1e-4, double loss_rtol = 1e-4) {
     SafetensorsFile f = parity_load(preset);
     Config c = parity_config(f, parity_data(f, preset));
     Cpu<float> dev;
@@ -189,7 +248,7 @@ static void parity_ten_steps(const char* preset) {
     std::vector<float> want = parity_tensor(f, "step_losses");
     CHECK(s.losses.size() == want.size());
     for (size_t i = 0; i < want.size() && i < s.losses.size(); i++)
-        CHECK_MSG(std::fabs(s.losses[i] - want[i]) <= 1e-4 * std::fabs(want[i]),
+        CHECK_MSG(std::fabs(s.losses[i] - want[i]) <= loss_rtol * std::fabs(want[i]),
                   "%s step %zu loss %.7f, reference %.7f", preset, i + 1, s.losses[i], want[i]);
     std::string worst;
     double worst_e = 0;
@@ -199,7 +258,7 @@ static void parity_ten_steps(const char* preset) {
         if (getenv("PARITY_VERBOSE")) printf("  %s final %s: relative L2 error %.3g\n", preset, p.name.c_str(), e);
         if (e > worst_e) { worst_e = e; worst = p.name; }
     }
-    CHECK_MSG(worst_e <= 1e-4, "%s final %s: relative L2 error %.3g", preset, worst.c_str(), worst_e);
+    CHECK_MSG(worst_e <= weight_rtol, "%s final %s: relative L2 error %.3g", preset, worst.c_str(), worst_e);
 }
 
 // Each evaluation mode of the dump on its final weights: per-position NLL and the mean the reference
@@ -259,12 +318,18 @@ static void parity_eval(const char* preset) {
     CHECK(modes > 0);
 }
 
-#define PARITY_TESTS(preset) \
+#define PARITY_FIRST_STEP_AND_EVAL(preset) \
     TEST(parity_##preset##_first_step_fp64) { parity_first_step<double>(#preset, 1e-6, 1e-5); } \
     TEST(parity_##preset##_first_step_fp32) { parity_first_step<float>(#preset, 1e-5, 1e-5); } \
-    TEST(parity_##preset##_ten_steps) { parity_ten_steps(#preset); } \
     TEST(parity_##preset##_eval_modes) { parity_eval(#preset); }
+#define PARITY_TESTS(preset) \
+    PARITY_FIRST_STEP_AND_EVAL(preset) \
+    TEST(parity_##preset##_ten_steps) { parity_ten_steps(#preset); }
 PARITY_TESTS(pr467)
 PARITY_TESTS(pr600)
 PARITY_TESTS(pr456)
 PARITY_TESTS(baseline)
+PARITY_FIRST_STEP_AND_EVAL(frontier)
+TEST(parity_frontier_ten_steps) { parity_ten_steps("frontier", 1.5e-3, 1e-5); }
+TEST(parity_frontier_mid_step_fp64) { parity_mid_step<double>("frontier", 1e-6, 1e-5); }
+TEST(parity_frontier_mid_step_fp32) { parity_mid_step<float>("frontier", 1e-5, 1e-5); }

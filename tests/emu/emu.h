@@ -56,6 +56,8 @@ void cp_async_wait(int n);
 void set_target(const char* arch);
 const char* target_name();
 size_t allocated_bytes();            // what cudaMalloc holds now
+size_t host_allocated_bytes();       // what cudaMallocHost holds now (page-locked)
+long graph_execs();                  // instantiated graphs not yet destroyed
 
 // The launches, memsets, copies, cuBLASLt matmuls and NCCL collectives issued since the last reset.
 inline const EmuCounts& counts() { return emu_counts(); }
@@ -105,6 +107,13 @@ template <class X> inline X __shfl_xor_sync(unsigned mask, X v, int lane_mask, i
     X r;
     memcpy(&r, &bits, sizeof(X));
     return r;
+}
+// 64-bit integer atomics (the attention backward's fixed-point dQ sums): the fibers of a block run on one
+// host thread and switch only inside collectives, so a read-modify-write is atomic here.
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    unsigned long long old = *p;
+    *p = old + v;
+    return old;
 }
 template <class X> inline X min(X a, X b) { return b < a ? b : a; }
 template <class X> inline X max(X a, X b) { return a < b ? b : a; }

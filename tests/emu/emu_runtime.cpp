@@ -741,6 +741,9 @@ static cudaError_t g_last_error = cudaSuccess;
 static int g_capturing = 0;  // streams being captured
 static std::map<const void*, size_t> g_allocs;
 static size_t g_alloc_bytes = 0;
+static std::map<const void*, size_t> g_host_allocs;  // cudaMallocHost's
+static size_t g_host_alloc_bytes = 0;
+static long g_graph_execs = 0;
 static const size_t TOTAL_MEMORY = (size_t)80 << 30;
 
 static cudaError_t err(cudaError_t e) {
@@ -761,6 +764,8 @@ void emu_stream_submit(cudaStream_t stream, std::function<void()> work) {
 
 namespace emu {
 size_t allocated_bytes() { return g_alloc_bytes; }
+size_t host_allocated_bytes() { return g_host_alloc_bytes; }
+long graph_execs() { return g_graph_execs; }
 }
 
 extern "C" {
@@ -871,11 +876,38 @@ cudaError_t cudaFree(void* p) {
     free(p);
     return cudaSuccess;
 }
-cudaError_t cudaMallocHost(void** p, size_t bytes) {
-    *p = malloc(bytes ? bytes : 1);
-    return *p ? cudaSuccess : err(cudaErrorMemoryAllocation);
+// PGOLF_EMU_LEAK_CHECK=1: at exit, page-locked buffers and graph executables the program never freed are
+// reported on stderr (a program's teardown frees them; the tests grep for the line).
+static void leak_report() {
+    if (g_host_allocs.empty() && g_graph_execs == 0) return;
+    fprintf(stderr, "cuda emulator: at exit %zu page-locked buffers (%zu bytes) and %ld graph executables were "
+            "never freed\n", g_host_allocs.size(), g_host_alloc_bytes, g_graph_execs);
 }
-cudaError_t cudaFreeHost(void* p) { free(p); return cudaSuccess; }
+static void leak_check_arm() {
+    static bool armed = false;
+    const char* e = getenv("PGOLF_EMU_LEAK_CHECK");
+    if (armed || !e || strcmp(e, "1")) return;
+    armed = true;
+    atexit(leak_report);
+}
+cudaError_t cudaMallocHost(void** p, size_t bytes) {
+    leak_check_arm();
+    *p = malloc(bytes ? bytes : 1);
+    if (!*p) return err(cudaErrorMemoryAllocation);
+    g_host_allocs[*p] = bytes;
+    g_host_alloc_bytes += bytes;
+    return cudaSuccess;
+}
+cudaError_t cudaFreeHost(void* p) {
+    if (!p) return cudaSuccess;
+    auto it = g_host_allocs.find(p);
+    if (it == g_host_allocs.end())
+        emu_fail("cudaFreeHost(%p): not a pointer cudaMallocHost returned (or freed twice)", p);
+    g_host_alloc_bytes -= it->second;
+    g_host_allocs.erase(it);
+    free(p);
+    return cudaSuccess;
+}
 cudaError_t cudaMemGetInfo(size_t* fr, size_t* tot) {
     *tot = TOTAL_MEMORY;
     *fr = TOTAL_MEMORY - g_alloc_bytes;
@@ -940,6 +972,7 @@ cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus* st) {
 }
 cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned long long) {
     *e = new CUgraphExec_st{g->work};
+    g_graph_execs++;
     return cudaSuccess;
 }
 cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s) {
@@ -948,7 +981,11 @@ cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s) {
     return cudaSuccess;
 }
 cudaError_t cudaGraphDestroy(cudaGraph_t g) { delete g; return cudaSuccess; }
-cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) { delete e; return cudaSuccess; }
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) {
+    if (e) g_graph_execs--;
+    delete e;
+    return cudaSuccess;
+}
 
 cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = new CUevent_st; return cudaSuccess; }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { *e = new CUevent_st; return cudaSuccess; }
