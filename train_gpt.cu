@@ -4564,10 +4564,10 @@ template <class T> static void smear_bos_forward(Cpu<T>, T* out, const T* x, con
         for (int c = 0; c < C; c++) o[c] = on ? xr[c] + g * xr[c - C] : xr[c];
     }
 }
-// Overwrites dx; writes dw and dlambda as param_write says (either may be null).
+// Overwrites dx; writes dw and dlambda (either may be null) as dw_write, dlambda_write say.
 template <class T> static void smear_bos_backward(Cpu<T>, T* dx, T* dw, T* dlambda, const T* dout, const T* x,
                                                   const int32_t* ids, const T* w, const T* lambda, int N, int T_,
-                                                  int C, int W, GradWrite param_write) {
+                                                  int C, int W, GradWrite dw_write, GradWrite dlambda_write) {
     std::vector<T> dw_sum(W, T(0));
     T dlambda_sum = 0;
     for (int n = 0; n < N; n++) {
@@ -4590,8 +4590,8 @@ template <class T> static void smear_bos_backward(Cpu<T>, T* dx, T* dw, T* dlamb
             dxr[j] += dz * w[j];
         }
     }
-    if (dlambda) write_grad(dlambda[0], dlambda_sum, param_write);
-    for (int j = 0; dw && j < W; j++) write_grad(dw[j], dw_sum[j], param_write);
+    if (dlambda) write_grad(dlambda[0], dlambda_sum, dlambda_write);
+    for (int j = 0; dw && j < W; j++) write_grad(dw[j], dw_sum[j], dw_write);
 }
 #endif
 #ifdef PGOLF_CUDA
@@ -4651,7 +4651,7 @@ static void smear_bos_forward(Cuda, bf16* out, const bf16* x, const int32_t* ids
 }
 static void smear_bos_backward(Cuda, bf16* dx, float* dw, float* dlambda, const bf16* dout, const bf16* x,
                                const int32_t* ids, const float* w, const float* lambda, int N, int T_, int C, int W,
-                               GradWrite param_write) {
+                               GradWrite dw_write, GradWrite dlambda_write) {
     if (N <= 0 || C <= 0) return;
     float *plambda = nullptr, *pw = nullptr;
     if (dw || dlambda)
@@ -4662,8 +4662,8 @@ static void smear_bos_backward(Cuda, bf16* dx, float* dw, float* dlambda, const 
     PGOLF_LAUNCH(N, BLOCK, 0, cuda_ctx().stream, smear_bos_backward_kernel)(dx, plambda, pw, dout, x, ids, w, lambda,
                                                                           N, T_, C, W);
     launchCheck();
-    if (dlambda) total_sum_add(dlambda, plambda, N, param_write == ACCUMULATE);
-    if (dw) column_sums_add(dw, pw, N, W, param_write == ACCUMULATE);
+    if (dlambda) total_sum_add(dlambda, plambda, N, dlambda_write == ACCUMULATE);
+    if (dw) column_sums_add(dw, pw, N, W, dw_write == ACCUMULATE);
 }
 #endif
 
@@ -4914,12 +4914,12 @@ template <class T> static void lanes_forward(Cpu<T>, T* out0, T* out1, const T* 
         }
 }
 // d0, d1 (the outputs' gradients) become the input lanes' in place; da, dm are overwritten; the
-// parameter gradients (any may be null) are written as sa_write (dsa), sm_write (dsm), lanes_write
-// (dresid, dpost) say.
+// parameter gradients (any may be null) are written as sa_write, sm_write, resid_write, post_write say.
 template <class T> static void lanes_backward(Cpu<T>, T* d0, T* d1, T* da, T* dm, T* dsa, T* dsm, T* dresid, T* dpost,
                                               const T* lane0, const T* lane1, const T* a, const T* m, const T* sa,
                                               const T* sm, const T* resid, const T* post, int N, int C,
-                                              GradWrite sa_write, GradWrite sm_write, GradWrite lanes_write) {
+                                              GradWrite sa_write, GradWrite sm_write, GradWrite resid_write,
+                                              GradWrite post_write) {
     std::vector<T> dsa_sum(C, T(0)), dsm_sum(C, T(0));
     T dresid_sum[2] = {}, dpost_sum[4] = {};
     for (int n = 0; n < N; n++)
@@ -4942,8 +4942,8 @@ template <class T> static void lanes_backward(Cpu<T>, T* d0, T* d1, T* da, T* dm
         }
     for (int c = 0; dsa && c < C; c++) write_grad(dsa[c], dsa_sum[c], sa_write);
     for (int c = 0; dsm && c < C; c++) write_grad(dsm[c], dsm_sum[c], sm_write);
-    for (int k = 0; dresid && k < 2; k++) write_grad(dresid[k], dresid_sum[k], lanes_write);
-    for (int k = 0; dpost && k < 4; k++) write_grad(dpost[k], dpost_sum[k], lanes_write);
+    for (int k = 0; dresid && k < 2; k++) write_grad(dresid[k], dresid_sum[k], resid_write);
+    for (int k = 0; dpost && k < 4; k++) write_grad(dpost[k], dpost_sum[k], post_write);
 }
 #endif
 #ifdef PGOLF_CUDA
@@ -5003,7 +5003,7 @@ static void lanes_forward(Cuda, bf16* out0, bf16* out1, const bf16* lane0, const
 static void lanes_backward(Cuda, bf16* d0, bf16* d1, bf16* da, bf16* dm, float* dsa, float* dsm, float* dresid,
                            float* dpost, const bf16* lane0, const bf16* lane1, const bf16* a, const bf16* m,
                            const float* sa, const float* sm, const float* resid, const float* post, int N, int C,
-                           GradWrite sa_write, GradWrite sm_write, GradWrite lanes_write) {
+                           GradWrite sa_write, GradWrite sm_write, GradWrite resid_write, GradWrite post_write) {
     if (N <= 0 || C <= 0) return;
     RowChunks rc = row_chunks(N);
     size_t block = (size_t)rc.chunks * C;  // one partial's [chunks, C]
@@ -5012,11 +5012,12 @@ static void lanes_backward(Cuda, bf16* d0, bf16* d1, bf16* da, bf16* dm, float* 
     PGOLF_LAUNCH(reduce_grid(C, rc), REDUCE_BLOCK, 0, cuda_ctx().stream, lanes_backward_kernel)(
         d0, d1, da, dm, partial, lane0, lane1, a, m, sa, sm, resid, post, N, C, rc.rows_per_chunk);
     launchCheck();
-    bool lanes_add = lanes_write == ACCUMULATE;
+    bool resid_add = resid_write == ACCUMULATE;
+    bool post_add = post_write == ACCUMULATE;
     if (dsa) column_sums_add(dsa, partial, rc.chunks, C, sa_write == ACCUMULATE);
     if (dsm) column_sums_add(dsm, partial + block, rc.chunks, C, sm_write == ACCUMULATE);
-    for (int k = 0; k < 2 && dresid; k++) total_sum_add(dresid + k, partial + (2 + k) * block, block, lanes_add);
-    for (int k = 0; k < 4 && dpost; k++) total_sum_add(dpost + k, partial + (4 + k) * block, block, lanes_add);
+    for (int k = 0; k < 2 && dresid; k++) total_sum_add(dresid + k, partial + (2 + k) * block, block, resid_add);
+    for (int k = 0; k < 4 && dpost; k++) total_sum_add(dpost + k, partial + (4 + k) * block, block, post_add);
 }
 #endif
 
@@ -5774,14 +5775,11 @@ static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr
     auto zero = [&](A* p, size_t n) { device_zero(dev, p, n * sizeof(A)); };
     typename D::grad* no_grad = nullptr;
     const typename D::vec* no_vec = nullptr;
-    ParamGradWrites<D> pw;
-    pw.first = param_grads ? param_write : ACCUMULATE;
-    size_t C1 = Dm;  // elements of a per-channel parameter
+    ParamGradWrites<D> pw{param_grads ? param_write : ACCUMULATE, {}};  // pw(gradient, elements): how to write it
     // head (a.logits now holds dlogits)
     typename D::grad* d_head = c.tie_embeddings ? G.tok_emb : G.lm_head;
-    GradWrite head_write = pw(d_head, (size_t)c.vocab_size * Dm);
     matmul_backward(dev, a.d_norm, d_head, a.logits, a.final_norm, c.tie_embeddings ? W.tok_emb : W.lm_head, N, Dm,
-                    c.vocab_size, OVERWRITE, head_write);
+                    c.vocab_size, OVERWRITE, pw(d_head, (size_t)c.vocab_size * Dm));
     lora_backward(dev, lo, LORA_HEAD, 0, a.d_norm, a.logits, a.final_norm, T);
     bool loop = m.looping && c.num_loops > 0;
     int layers = c.num_virtual(loop), enc = c.num_encoder(loop), skips = c.num_skips(loop);
@@ -5802,30 +5800,23 @@ static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr
         if (par) {  // the lanes: d_residual, d_lane1 become the input lanes'; the branches' gradients are written
             typename D::grad* d_resid = G.parallel_resid ? G.parallel_resid + 2 * b : nullptr;
             typename D::grad* d_post = G.parallel_post ? G.parallel_post + 4 * b : nullptr;
-            GradWrite sa_write = pw(LG.attn_scale, C1);
-            GradWrite sm_write = pw(LG.mlp_scale, C1);
-            GradWrite lanes_write = pw(d_resid, 2);
-            pw(d_post, 4);  // written with d_resid, always
             lanes_backward(dev, a.d_residual, a.d_lane1, a.d_attn_proj_out, a.d_mlp_proj_out, LG.attn_scale,
                            LG.mlp_scale, d_resid, d_post, x_in, lane1_in, L.attn_proj_out, L.mlp_proj_out,
                            LW.attn_scale, LW.mlp_scale, W.parallel_resid + 2 * b, W.parallel_post + 4 * b, N, Dm,
-                           sa_write, sm_write, lanes_write);
+                           pw(LG.attn_scale, Dm), pw(LG.mlp_scale, Dm), pw(d_resid, 2), pw(d_post, 4));
         } else {
             // MLP branch: residual_out = residual_after_attn + mlp_scale ⊙ σ(gate) ⊙ mlp_proj_out
-            GradWrite scale_write = pw(LG.mlp_scale, C1);
-            GradWrite gate_write = pw(LG.mlp_gate, C1);
             branch_add_backward(dev, a.d_residual_after_attn, a.d_mlp_proj_out, LG.mlp_scale, LG.mlp_gate,
                                 a.d_residual, L.mlp_proj_out, LW.mlp_scale, LW.mlp_gate, N, Dm, 1, OVERWRITE,
-                                scale_write, gate_write);
+                                pw(LG.mlp_scale, Dm), pw(LG.mlp_gate, Dm));
         }
-        GradWrite w_write = pw(LG.mlp_proj, (size_t)Dm * F);
         matmul_backward(dev, a.d_mlp_act, LG.mlp_proj, a.d_mlp_proj_out, L.mlp_act, LW.mlp_proj, N, F, Dm, OVERWRITE,
-                        w_write);
+                        pw(LG.mlp_proj, (size_t)Dm * F));
         lora_backward(dev, lo, LORA_DOWN, l, a.d_mlp_act, a.d_mlp_proj_out, L.mlp_act, T);
         mlp_act_backward(dev, a.d_mlp_hidden, a.d_mlp_act, L.mlp_hidden, (size_t)N * F,
                          c.mlp_activation == "leaky_relu_sq", OVERWRITE);
-        w_write = pw(LG.fc, (size_t)F * Dm);
-        matmul_backward(dev, a.d_norm, LG.fc, a.d_mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F, OVERWRITE, w_write);
+        matmul_backward(dev, a.d_norm, LG.fc, a.d_mlp_hidden, L.mlp_norm, LW.fc, N, Dm, F, OVERWRITE,
+                        pw(LG.fc, (size_t)F * Dm));
         lora_backward(dev, lo, LORA_UP, l, a.d_norm, a.d_mlp_hidden, L.mlp_norm, T);
         lora_backward(dev, lo, LORA_MLP, l, a.d_norm, a.d_mlp_proj_out, L.mlp_norm, T);
         if (c.ln_scale) scale_inplace(dev, a.d_norm, ND, ln_scale_of(c, b));
@@ -5836,24 +5827,18 @@ static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr
                              ACCUMULATE);
         // attention branch: residual_after_attn = residual_mixed + attn_scale ⊙ σ(gate) ⊙ attn_proj_out (a
         // parallel block's attention output goes to the lanes: residual_mixed's gradient is its norm's alone)
-        if (!par) {
-            GradWrite scale_write = pw(LG.attn_scale, C1);
-            GradWrite gate_write = pw(LG.attn_gate, C1);
+        if (!par)
             branch_add_backward(dev, a.d_residual_mixed, a.d_attn_proj_out, LG.attn_scale, LG.attn_gate,
                                 a.d_residual_after_attn, L.attn_proj_out, LW.attn_scale, LW.attn_gate, N, Dm, 1,
-                                OVERWRITE, scale_write, gate_write);
-        }
+                                OVERWRITE, pw(LG.attn_scale, Dm), pw(LG.attn_gate, Dm));
         const A* proj_in = c.sparse_attn_gate ? L.attn_gated : L.attn_proj_in;
-        w_write = pw(LG.attn_proj, (size_t)Dm * Dm);
         matmul_backward(dev, a.d_attn_proj_in, LG.attn_proj, a.d_attn_proj_out, proj_in, LW.attn_proj, N, Dm, Dm,
-                        OVERWRITE, w_write);
+                        OVERWRITE, pw(LG.attn_proj, (size_t)Dm * Dm));
         lora_backward(dev, lo, LORA_O, l, a.d_attn_proj_in, a.d_attn_proj_out, proj_in, T);
-        if (c.sparse_attn_gate) {  // in place: d_attn_proj_in becomes the gradient of the ungated heads
-            GradWrite gate_w_write = pw(LG.attn_gate_w, (size_t)H * c.gate_window);
+        if (c.sparse_attn_gate)  // in place: d_attn_proj_in becomes the gradient of the ungated heads
             attn_gate_backward(dev, a.d_attn_proj_in, a.d_attn_gate_logit, LG.attn_gate_w, a.d_attn_proj_in,
                                L.attn_proj_in, L.attn_norm, LW.attn_gate_w, N, H, hd, Dm, c.gate_window,
-                               c.sparse_attn_gate_scale, gate_w_write);
-        }
+                               c.sparse_attn_gate_scale, pw(LG.attn_gate_w, (size_t)H * c.gate_window));
         A* d_attn_out = a.d_attn_proj_in;
         if (layer_has_xsa(c, b)) {
             xsa_backward(dev, a.d_attn_out, a.d_v_proj, a.d_attn_proj_in, L.attn_out, L.v_proj, N, H, Hk, hd,
@@ -5866,17 +5851,16 @@ static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr
         zero(a.d_k_rope, NKV);
         attention_backward(dev, a.d_q_rope, a.d_k_rope, a.d_v_proj, d_attn_out, L.q_rope, L.k_rope, L.v_proj,
                            L.attn_out, L.attn_lse, B, T, H, Hk, hd, a.doc_start);
-        GradWrite gain_write = pw(LG.q_gain, (size_t)H);
         qk_norm_rope_backward(dev, a.d_q_proj, LG.q_gain, a.d_q_rope, L.q_proj, L.q_rstd, LW.q_gain, N, T, H, hd,
-                              c.rotary_dims(), c.rope_base, OVERWRITE, gain_write);
+                              c.rotary_dims(), c.rope_base, OVERWRITE, pw(LG.q_gain, (size_t)H));
         qk_norm_rope_backward(dev, a.d_k_proj, no_grad, a.d_k_rope, L.k_proj, L.k_rstd, no_vec, N, T, Hk, hd,
                               c.rotary_dims(), c.rope_base, OVERWRITE, ACCUMULATE);
-        w_write = pw(LG.c_q, (size_t)Dm * Dm);
-        matmul_backward(dev, a.d_norm, LG.c_q, a.d_q_proj, L.attn_norm, LW.c_q, N, Dm, Dm, OVERWRITE, w_write);
-        w_write = pw(LG.c_k, (size_t)KV * Dm);
-        matmul_backward(dev, a.d_norm, LG.c_k, a.d_k_proj, L.attn_norm, LW.c_k, N, Dm, KV, ACCUMULATE, w_write);
-        w_write = pw(LG.c_v, (size_t)KV * Dm);
-        matmul_backward(dev, a.d_norm, LG.c_v, a.d_v_proj, L.attn_norm, LW.c_v, N, Dm, KV, ACCUMULATE, w_write);
+        matmul_backward(dev, a.d_norm, LG.c_q, a.d_q_proj, L.attn_norm, LW.c_q, N, Dm, Dm, OVERWRITE,
+                        pw(LG.c_q, (size_t)Dm * Dm));
+        matmul_backward(dev, a.d_norm, LG.c_k, a.d_k_proj, L.attn_norm, LW.c_k, N, Dm, KV, ACCUMULATE,
+                        pw(LG.c_k, (size_t)KV * Dm));
+        matmul_backward(dev, a.d_norm, LG.c_v, a.d_v_proj, L.attn_norm, LW.c_v, N, Dm, KV, ACCUMULATE,
+                        pw(LG.c_v, (size_t)KV * Dm));
         lora_backward(dev, lo, LORA_Q, l, a.d_norm, a.d_q_proj, L.attn_norm, T);
         lora_backward(dev, lo, LORA_K, l, a.d_norm, a.d_k_proj, L.attn_norm, T);
         lora_backward(dev, lo, LORA_V, l, a.d_norm, a.d_v_proj, L.attn_norm, T);
@@ -5888,25 +5872,22 @@ static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr
                          par ? OVERWRITE : ACCUMULATE);
         // residual lanes: residual_mixed = mix0 ⊙ x_in + mix1 ⊙ x0; d_residual becomes the gradient of x_in
         // (a parallel block's lane 0 already holds its own part)
-        GradWrite x0_write = l == layers - 1 ? OVERWRITE : ACCUMULATE;
-        GradWrite mix_write = pw(LG.resid_mix, 2 * C1);
         resid_mix_backward(dev, a.d_residual, a.d_residual_x0, LG.resid_mix, a.d_residual_mixed, x_in,
-                           a.residual_x0, LW.resid_mix, N, Dm, par ? ACCUMULATE : OVERWRITE, x0_write, mix_write);
+                           a.residual_x0, LW.resid_mix, N, Dm, par ? ACCUMULATE : OVERWRITE,
+                           l == layers - 1 ? OVERWRITE : ACCUMULATE, pw(LG.resid_mix, 2 * Dm));
         if (l >= enc && l - enc < skips) {  // x_in = x_out[l−1] + w ⊙ skip, or lerp(w ⊙ skip, x_out[l−1], σ(gate))
             int i = l - enc;
             typename D::grad* d_skip_weight = G.skip_weights ? G.skip_weights + (size_t)i * Dm : nullptr;
             const typename D::vec* skip_weight = W.skip_weights + (size_t)i * Dm;
             const A* skip = a.layers[enc - 1 - i].residual_out;
-            GradWrite skip_write = pw(d_skip_weight, C1);
             if (W.skip_gates) {  // in place: d_residual becomes σ ⊙ itself, x_out[l−1]'s share
                 typename D::grad* d_gate = G.skip_gates ? G.skip_gates + (size_t)i * Dm : nullptr;
-                GradWrite gate_write = pw(d_gate, C1);
                 skip_gate_backward(dev, a.d_residual, a.d_skips[i], d_skip_weight, d_gate, a.d_residual,
                                    a.layers[l - 1].residual_out, skip, skip_weight, W.skip_gates + (size_t)i * Dm,
-                                   N, Dm, skip_write, gate_write);
+                                   N, Dm, pw(d_skip_weight, Dm), pw(d_gate, Dm));
             } else {
                 branch_add_backward(dev, (A*)nullptr, a.d_skips[i], d_skip_weight, no_grad, a.d_residual, skip,
-                                    skip_weight, no_vec, N, Dm, 1, OVERWRITE, skip_write, ACCUMULATE);
+                                    skip_weight, no_vec, N, Dm, 1, OVERWRITE, pw(d_skip_weight, Dm), ACCUMULATE);
                 // the residual part (x_out[l−1]) passes dx through unchanged
             }
         }
@@ -5916,9 +5897,8 @@ static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr
     // embeddings
     A* d_embed_norm = a.d_residual_x0;
     if (c.smear) {
-        GradWrite gate_write = pw(G.smear_gate, C1);
         smear_backward(dev, a.d_norm, G.smear_gate, a.d_residual_x0, a.embed_norm, W.smear_gate, N, T, Dm, OVERWRITE,
-                       gate_write);
+                       pw(G.smear_gate, Dm));
         d_embed_norm = a.d_norm;
     }
     const A* e = (c.bigram_vocab_size || c.bigram_hash_size) ? a.embed_sum : a.tok_embed;
@@ -5926,35 +5906,28 @@ static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr
     rmsnorm_backward(dev, a.d_embed_sum, d_embed_norm, normed, a.embed_norm_rstd, N, Dm, OVERWRITE);
     A* d_e = a.d_embed_sum;  // the gradient of e (the token embedding plus any bigram branch)
     if (c.smear_gate_enabled) {  // d_norm is free again (the SMEAR=1 SmearGate is refused with this one)
-        GradWrite smear_write = pw(G.smear_w, (size_t)c.gate_window);
-        pw(G.smear_lambda, 1);  // written with smear_w, always
         smear_bos_backward(dev, a.d_norm, G.smear_w, G.smear_lambda, a.d_embed_sum, e, a.inputs, W.smear_w,
-                           W.smear_lambda, N, T, Dm, c.gate_window, smear_write);
+                           W.smear_lambda, N, T, Dm, c.gate_window, pw(G.smear_w, (size_t)c.gate_window),
+                           pw(G.smear_lambda, 1));
         d_e = a.d_norm;
     }
-    if (G.tok_emb) {
-        GradWrite tok_write = pw(G.tok_emb, (size_t)c.vocab_size * Dm);
-        embedding_backward(dev, G.tok_emb, d_e, a.inputs, N, Dm, c.vocab_size, tok_write);
-    }
+    if (G.tok_emb)
+        embedding_backward(dev, G.tok_emb, d_e, a.inputs, N, Dm, c.vocab_size,
+                           pw(G.tok_emb, (size_t)c.vocab_size * Dm));
     if (c.bigram_vocab_size) {
         A* d_bigram_branch = W.bigram_proj ? a.d_bigram_proj_out : a.d_bigram_embed;
         const A* bigram_branch = W.bigram_proj ? a.bigram_proj_out : a.bigram_embed;
-        GradWrite scale_write = pw(G.bigram_scale, 1);
         branch_add_backward(dev, (A*)nullptr, d_bigram_branch, G.bigram_scale, no_grad, d_e, bigram_branch,
-                            W.bigram_scale, no_vec, N, Dm, 0, OVERWRITE, scale_write, ACCUMULATE);
-        if (W.bigram_proj) {
-            GradWrite proj_write = pw(G.bigram_proj, (size_t)Dm * c.bigram_dim);
+                            W.bigram_scale, no_vec, N, Dm, 0, OVERWRITE, pw(G.bigram_scale, 1), ACCUMULATE);
+        if (W.bigram_proj)
             matmul_backward(dev, a.d_bigram_embed, G.bigram_proj, a.d_bigram_proj_out, a.bigram_embed, W.bigram_proj,
-                            N, c.bigram_dim, Dm, OVERWRITE, proj_write);
-        }
-        if (G.bigram_embed) {
-            GradWrite table_write = pw(G.bigram_embed, (size_t)c.bigram_vocab_size * c.bigram_dim);
+                            N, c.bigram_dim, Dm, OVERWRITE, pw(G.bigram_proj, (size_t)Dm * c.bigram_dim));
+        if (G.bigram_embed)
             embedding_backward(dev, G.bigram_embed, a.d_bigram_embed, a.bigram_idx, N, c.bigram_dim,
-                               c.bigram_vocab_size, table_write);
-        }
+                               c.bigram_vocab_size, pw(G.bigram_embed, (size_t)c.bigram_vocab_size * c.bigram_dim));
     } else if (c.bigram_hash_size && G.bigram_embed) {
-        GradWrite table_write = pw(G.bigram_embed, (size_t)c.bigram_hash_size * Dm);
-        embedding_backward(dev, G.bigram_embed, d_e, a.bigram_idx, N, Dm, c.bigram_hash_size, table_write);
+        embedding_backward(dev, G.bigram_embed, d_e, a.bigram_idx, N, Dm, c.bigram_hash_size,
+                           pw(G.bigram_embed, (size_t)c.bigram_hash_size * Dm));
     }
     if (pw.first == OVERWRITE) zero_unwritten_param_grads(dev, m, pw);
 }
@@ -10969,7 +10942,8 @@ static void smear_bos_forward(Cost, CostBf16*, const CostBf16*, const int32_t*, 
     if ((size_t)N * C > 0) cost_add(OP_ELEMENTWISE, "smear_bos_forward", 0, 3.0 * N * C * BF + N * I32);
 }
 static void smear_bos_backward(Cost, CostBf16*, float* dw, float* dlambda, const CostBf16*, const CostBf16*,
-                               const int32_t*, const float*, const float*, int N, int, int C, int W, GradWrite) {
+                               const int32_t*, const float*, const float*, int N, int, int C, int W, GradWrite,
+                               GradWrite) {
     if (N <= 0 || C <= 0) return;
     double part = (dw || dlambda) ? (double)N * (W + 1) * F32 : 0;
     cost_add(OP_ELEMENTWISE, "smear_bos_backward", 0, 5.0 * N * C * BF + 2.0 * N * I32 + part);
@@ -11020,7 +10994,7 @@ static void lanes_forward(Cost, CostBf16*, CostBf16*, const CostBf16*, const Cos
 static void lanes_backward(Cost, CostBf16*, CostBf16*, CostBf16*, CostBf16*, float* dsa, float* dsm, float* dresid,
                            float* dpost, const CostBf16*, const CostBf16*, const CostBf16*, const CostBf16*,
                            const float*, const float*, const float*, const float*, int N, int C, GradWrite,
-                           GradWrite, GradWrite) {
+                           GradWrite, GradWrite, GradWrite) {
     if (N <= 0 || C <= 0) return;
     double block = (double)row_chunks_count(N) * C * F32;
     cost_add(OP_ELEMENTWISE, "lanes_backward", 0, 10.0 * N * C * BF + 8 * block);

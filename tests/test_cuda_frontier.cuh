@@ -25,12 +25,13 @@ TEST(cuda_frontier_smear_bos) {
         check_band((tag + " out").c_str(), down_bf16(gout.p, n), out, BF16_TOL);
         for (GradWrite gw_ : GRAD_WRITES) {
             std::vector<double> dw = dw0, dl = dl0;
+            GradWrite other = gw_ == OVERWRITE ? ACCUMULATE : OVERWRITE;  // dlambda the other way
             smear_bos_backward(Cpu<double>{}, dx.data(), dw.data(), dl.data(), dy.data(), x.data(), ids.data(),
-                               w.data(), lam.data(), N, T, C, W, gw_);
-            std::unique_ptr<GpuBuf> gdw(up_grad_f32(dw0, gw_)), gdl(up_grad_f32(dl0, gw_));
+                               w.data(), lam.data(), N, T, C, W, gw_, other);
+            std::unique_ptr<GpuBuf> gdw(up_grad_f32(dw0, gw_)), gdl(up_grad_f32(dl0, other));
             gdx.poison();  // overwritten
             smear_bos_backward(Cuda{}, gdx.b(), gdw->f(), gdl->f(), gdy->b(), gx->b(), gids->i(), gw->f(), gl->f(), N,
-                               T, C, W, gw_);
+                               T, C, W, gw_, other);
             std::string wtag = tag + grad_write_name(gw_);
             check_band((wtag + " dx").c_str(), down_bf16(gdx.p, n), dx, BF16_TOL);
             check_band((wtag + " dw").c_str(), down_f32(gdw->p, W), dw, F32_TOL);
@@ -131,22 +132,22 @@ TEST(cuda_frontier_lanes) {
                       sm.data(), resid.data(), post.data(), N, C);
         // each parameter gradient overwritten in some case, added in another
         GradWrite sa_write = N == 1 ? ACCUMULATE : OVERWRITE, sm_write = N == 9 ? ACCUMULATE : OVERWRITE;
-        GradWrite lanes_write = N == 200 ? ACCUMULATE : OVERWRITE;
+        GradWrite resid_write = N == 200 ? ACCUMULATE : OVERWRITE, post_write = N == 1 ? ACCUMULATE : OVERWRITE;
         lanes_backward(Cpu<double>{}, g0.data(), g1.data(), da.data(), dm.data(), dsa.data(), dsm.data(), dr.data(),
                        dp.data(), l0.data(), l1.data(), a.data(), m.data(), sa.data(), sm.data(), resid.data(),
-                       post.data(), N, C, sa_write, sm_write, lanes_write);
+                       post.data(), N, C, sa_write, sm_write, resid_write, post_write);
         CU_UP(gl0, bf16, l0); CU_UP(gl1, bf16, l1); CU_UP(ga, bf16, a); CU_UP(gm, bf16, m);
         CU_UP(gd0, bf16, d0); CU_UP(gd1, bf16, d1); CU_UP(gsa, f32, sa); CU_UP(gsm, f32, sm);
         CU_UP(gr, f32, resid); CU_UP(gp, f32, post);
         std::unique_ptr<GpuBuf> gdsa(up_grad_f32(dsa0, sa_write)), gdsm(up_grad_f32(dsm0, sm_write));
-        std::unique_ptr<GpuBuf> gdr(up_grad_f32(dr0, lanes_write)), gdp(up_grad_f32(dp0, lanes_write));
+        std::unique_ptr<GpuBuf> gdr(up_grad_f32(dr0, resid_write)), gdp(up_grad_f32(dp0, post_write));
         GpuBuf go0(n * 2), go1(n * 2), gda(n * 2), gdm(n * 2);
         for (GpuBuf* b : {&go0, &go1, &gda, &gdm}) b->poison();
         lanes_forward(Cuda{}, go0.b(), go1.b(), gl0->b(), gl1->b(), ga->b(), gm->b(), gsa->f(), gsm->f(), gr->f(),
                       gp->f(), N, C);
         lanes_backward(Cuda{}, gd0->b(), gd1->b(), gda.b(), gdm.b(), gdsa->f(), gdsm->f(), gdr->f(), gdp->f(), gl0->b(),
                        gl1->b(), ga->b(), gm->b(), gsa->f(), gsm->f(), gr->f(), gp->f(), N, C, sa_write, sm_write,
-                       lanes_write);
+                       resid_write, post_write);
         std::string tag = test_format("lanes N=%d C=%d", N, C);
         check_band((tag + " lane0").c_str(), down_bf16(go0.p, n), o0, BF16_TOL);
         check_band((tag + " lane1").c_str(), down_bf16(go1.p, n), o1, BF16_TOL);

@@ -86,7 +86,7 @@ TEST(frontier_ops_gradcheck) {
         };
         std::vector<double> dx(N * C), dw(W, 0.0), dl(1, 0.0);
         smear_bos_backward(dev, dx.data(), dw.data(), dl.data(), r.data(), x.data(), ids.data(), w.data(), lam.data(),
-                           N, T, C, W, OVERWRITE);
+                           N, T, C, W, OVERWRITE, OVERWRITE);
         check("smear_bos dx", x, loss, dx);
         check("smear_bos dw", w, loss, dw);
         check("smear_bos dlambda", lam, loss, dl);
@@ -137,7 +137,7 @@ TEST(frontier_ops_gradcheck) {
         std::vector<double> g0 = r0, g1 = r1, da(n), dm(n), dsa(C, 0.0), dsm(C, 0.0), dr(2, 0.0), dp(4, 0.0);
         lanes_backward(dev, g0.data(), g1.data(), da.data(), dm.data(), dsa.data(), dsm.data(), dr.data(), dp.data(),
                        l0.data(), l1.data(), a.data(), m.data(), sa.data(), sm.data(), rs.data(), po.data(), N, C,
-                       OVERWRITE, OVERWRITE, OVERWRITE);
+                       OVERWRITE, OVERWRITE, OVERWRITE, OVERWRITE);
         check("lanes dlane0", l0, loss, g0);
         check("lanes dlane1", l1, loss, g1);
         check("lanes da", a, loss, da);
