@@ -3103,9 +3103,11 @@ template <class T> static void head_gather(T* dst, const T* src, int b, int h, i
     for (int t = 0; t < T_; t++)
         memcpy(dst + (size_t)t * hd, src + (((size_t)b * T_ + t) * nh + h) * hd, hd * sizeof(T));
 }
-template <class T> static void head_scatter_add(T* dst, const T* src, int b, int h, int T_, int nh, int hd) {
+template <class T>
+static void head_scatter(T* dst, const T* src, int b, int h, int T_, int nh, int hd, GradWrite write) {
     for (int t = 0; t < T_; t++)
-        for (int i = 0; i < hd; i++) dst[(((size_t)b * T_ + t) * nh + h) * hd + i] += src[(size_t)t * hd + i];
+        for (int i = 0; i < hd; i++)
+            write_grad(dst[(((size_t)b * T_ + t) * nh + h) * hd + i], src[(size_t)t * hd + i], write);
 }
 template <class T> static void transpose(T* dst, const T* src, int rows, int cols) {
     for (int r = 0; r < rows; r++)
@@ -3150,9 +3152,11 @@ template <class T> static void attention_forward(Cpu<T>, T* out, T* lse, const T
         }
 }
 // P from S and lse; dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ O)); dQ = dS K/√hd; dK = dSᵀ Q/√hd; dV = Pᵀ dO.
+// qk_write: dq and dk overwritten or added into; v_write: dv's (the XSA backward may have written it first).
 template <class T> static void attention_backward(Cpu<T>, T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k,
                                                    const T* v, const T* out, const T* lse, int B, int T_, int H, int Hk,
-                                                   int hd, const int32_t* doc = nullptr) {
+                                                   int hd, const int32_t* doc = nullptr,
+                                                   GradWrite qk_write = ACCUMULATE, GradWrite v_write = ACCUMULATE) {
     T scale = T(1) / std::sqrt(T(hd));
     int group = H / Hk;
     #pragma omp parallel for collapse(2)
@@ -3185,10 +3189,10 @@ template <class T> static void attention_backward(Cpu<T>, T* dq, T* dk, T* dv, c
                 gemm_cpu(dQ.data(), dP.data(), T_, 1, K.data(), T_, hd, T_, false);  // dQ = dS K
                 gemm_cpu(dK.data(), dP.data(), 1, T_, Q.data(), T_, hd, T_, true);   // dK += dSᵀ Q
                 gemm_cpu(dV.data(), S.data(), 1, T_, dO.data(), T_, hd, T_, true);   // dV += Pᵀ dO
-                head_scatter_add(dq, dQ.data(), b, h, T_, H, hd);
+                head_scatter(dq, dQ.data(), b, h, T_, H, hd, qk_write);
             }
-            head_scatter_add(dk, dK.data(), b, g, T_, Hk, hd);
-            head_scatter_add(dv, dV.data(), b, g, T_, Hk, hd);
+            head_scatter(dk, dK.data(), b, g, T_, Hk, hd, qk_write);
+            head_scatter(dv, dV.data(), b, g, T_, Hk, hd, v_write);
         }
 }
 #endif
@@ -3701,7 +3705,7 @@ attention_backward_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv, long long* dq_ac
                           const __nv_bfloat16* k, const __nv_bfloat16* v,
                           const float* lse, const float* D, const int* E,
                           const int32_t* doc, int T, int H, int Hk,
-                          float scale_log2, float scale) {
+                          float scale_log2, float scale, bool add_k, bool add_v) {
     constexpr int LD = HDIM + ATTN_PAD, KS = HDIM / 16, NH = BQ / 16, KTILE = ATTN_TILE * LD, QTILE = BQ * LD;
     constexpr int LDS = BQ + ATTN_PAD;                  // dSᵀ rows: 64 keys × BQ packed query rows
     constexpr int RS = BQ / 16, CW = HDIM * RS / 4;     // dQ: row slabs, and columns per warp
@@ -3868,26 +3872,26 @@ attention_backward_kernel(__nv_bfloat16* dk, __nv_bfloat16* dv, long long* dq_ac
         __nv_bfloat16* krow = dk + attn_index(b, key, g, T, Hk, HDIM);
         __nv_bfloat16* vrow = dv + attn_index(b, key, g, T, Hk, HDIM);
 #pragma unroll
-        for (int n = 0; n < HDIM / 8; n++) {  // add into dk, dv: this thread owns these elements
+        for (int n = 0; n < HDIM / 8; n++) {  // write or add into dk, dv: this thread owns these elements
             uint32_t* pk = (uint32_t*)(krow + n * 8 + mma_acc_col(lane, 0));
             uint32_t* pv = (uint32_t*)(vrow + n * 8 + mma_acc_col(lane, 0));
-            float2 ok = __bfloat1622float2(*(const __nv_bfloat162*)pk),
-                   ov = __bfloat1622float2(*(const __nv_bfloat162*)pv);
+            float2 ok = add_k ? __bfloat1622float2(*(const __nv_bfloat162*)pk) : make_float2(0.f, 0.f);
+            float2 ov = add_v ? __bfloat1622float2(*(const __nv_bfloat162*)pv) : make_float2(0.f, 0.f);
             *pk = pack_bf16(ok.x + dka[n][2 * r] * scale, ok.y + dka[n][2 * r + 1] * scale);
             *pv = pack_bf16(ov.x + dva[n][2 * r], ov.y + dva[n][2 * r + 1]);
         }
     }
 }
 
-// Backward (4): dq += dQ accumulator · 2^−e, per row; 8 elements per thread.
+// Backward (4): dq = (or +=) dQ accumulator · 2^−e, per row; 8 elements per thread.
 template <int HDIM>
 __global__ void attention_backward_dq_kernel(__nv_bfloat16* dq, const long long* dq_acc, const int* E, size_t rows,
-                                             int T, int H) {
+                                             int T, int H, bool add) {
     constexpr int LANES = HDIM / 8;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x, row = idx / LANES;
     if (row >= rows) return;
     int e = E[attn_row_lse_index(row, T, H)];
-    uint4 d = *(const uint4*)(dq + idx * 8);
+    uint4 d = add ? *(const uint4*)(dq + idx * 8) : make_uint4(0, 0, 0, 0);
     __nv_bfloat162* d2 = (__nv_bfloat162*)&d;
     const long long* a = dq_acc + idx * 8;
 #pragma unroll
@@ -4027,7 +4031,7 @@ template <int HDIM>
 static void attention_backward_hd(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                                   const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                                   const __nv_bfloat16* out, const float* lse, const AttnBackwardScratch& sc,
-                                  const int32_t* doc, int B, int T, int H, int Hk) {
+                                  const int32_t* doc, int B, int T, int H, int Hk, bool add_qk, bool add_v) {
     constexpr int BQ = attn_dkdv_rows<HDIM>();
     size_t smem = attn_backward_smem<HDIM>();
     static bool smem_set = false;
@@ -4047,16 +4051,17 @@ static void attention_backward_hd(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfl
     cudaCheck(cudaGetLastError());
     dim3 grid_k((T + ATTN_TILE - 1) / ATTN_TILE, Hk, B);
     PGOLF_LAUNCH(grid_k, ATTN_THREADS, smem, g_cuda.stream, attention_backward_kernel<HDIM, BQ>)(
-        dk, dv, sc.dq_acc, dout, q, k, v, lse, sc.D, sc.E, doc, T, H, Hk, scale_log2, scale);
+        dk, dv, sc.dq_acc, dout, q, k, v, lse, sc.D, sc.E, doc, T, H, Hk, scale_log2, scale, add_qk, add_v);
     cudaCheck(cudaGetLastError());
     PGOLF_LAUNCH(row_blocks, 256, 0, g_cuda.stream, attention_backward_dq_kernel<HDIM>)
-        (dq, sc.dq_acc, sc.E, rows, T, H);
+        (dq, sc.dq_acc, sc.E, rows, T, H, add_qk);
     cudaCheck(cudaGetLastError());
 }
 static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                                const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                                const __nv_bfloat16* out, const float* lse, int B, int T, int H, int Hk, int hd,
-                               const int32_t* doc = nullptr) {
+                               const int32_t* doc = nullptr, GradWrite qk_write = ACCUMULATE,
+                               GradWrite v_write = ACCUMULATE) {
     const void* ptrs[] = {dq, dk, dv, dout, q, k, v, out};
     const char* names[] = {"dq", "dk", "dv", "dout", "q", "k", "v", "out"};
     attention_check("attention_backward", ptrs, names, 8, B, T, H, Hk, hd);
@@ -4064,18 +4069,19 @@ static void attention_backward(Cuda, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_
     PROFILE_OP(OP_ATTN_BWD);
     AttnBackwardScratch sc;
     scratch_carve([&](Arena& a) { carve_attention_backward_scratch(a, sc, B, T, H, Hk, hd); });
+    bool add_qk = qk_write == ACCUMULATE, add_v = v_write == ACCUMULATE;
     switch (hd) {
         case 16:
-            attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk);
+            attention_backward_hd<16>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk, add_qk, add_v);
             break;
         case 32:
-            attention_backward_hd<32>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk);
+            attention_backward_hd<32>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk, add_qk, add_v);
             break;
         case 64:
-            attention_backward_hd<64>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk);
+            attention_backward_hd<64>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk, add_qk, add_v);
             break;
         default:
-            attention_backward_hd<128>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk);
+            attention_backward_hd<128>(dq, dk, dv, dout, q, k, v, out, lse, sc, doc, B, T, H, Hk, add_qk, add_v);
             break;
     }
 }
@@ -5341,8 +5347,8 @@ static float ln_scale_of(const Config& c, int b) { return c.ln_scale ? (float)(1
 //                          d_residual +; lives across all layers, read by the embedding's backward
 //   d_skips[i]             the skip's branch_add_backward or skip_gate_backward in decoder layer enc+i W;
 //                          lives until encoder layer enc−1−i adds it to d_residual
-//   d_v_proj               xsa_backward W in XSA layers, zeroed in the others; attention_backward +
-//   d_q_rope, d_k_rope     zeroed, attention_backward + (its kernels add into dQ, dK, dV)
+//   d_v_proj               xsa_backward W in XSA layers, then attention_backward +; attention_backward W in the others
+//   d_q_rope, d_k_rope     attention_backward W
 //   every other d_X        one writer W (LoRA hooks then +)
 // Parameter gradients (m.grads) follow the same rule across a whole step: in the step's first
 // micro-batch the first writer of each gradient overwrites it and every later writer adds (tied
@@ -5771,8 +5777,7 @@ static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr
     using A = typename D::act;
     int N = B * T, Dm = c.model_dim, KV = c.kv_dim(), F = c.mlp_hidden(), H = c.num_heads, Hk = c.num_kv_heads,
         hd = c.head_dim();
-    size_t ND = (size_t)N * Dm, NKV = (size_t)N * KV;
-    auto zero = [&](A* p, size_t n) { device_zero(dev, p, n * sizeof(A)); };
+    size_t ND = (size_t)N * Dm;
     typename D::grad* no_grad = nullptr;
     const typename D::vec* no_vec = nullptr;
     ParamGradWrites<D> pw{param_grads ? param_write : ACCUMULATE, {}};  // pw(gradient, elements): how to write it
@@ -5844,13 +5849,10 @@ static void gpt_backward(D dev, Model<D>& m, int B, int T, Lora<D>* lo = nullptr
             xsa_backward(dev, a.d_attn_out, a.d_v_proj, a.d_attn_proj_in, L.attn_out, L.v_proj, N, H, Hk, hd,
                          OVERWRITE);
             d_attn_out = a.d_attn_out;
-        } else {
-            zero(a.d_v_proj, NKV);
         }
-        zero(a.d_q_rope, ND);
-        zero(a.d_k_rope, NKV);
         attention_backward(dev, a.d_q_rope, a.d_k_rope, a.d_v_proj, d_attn_out, L.q_rope, L.k_rope, L.v_proj,
-                           L.attn_out, L.attn_lse, B, T, H, Hk, hd, a.doc_start);
+                           L.attn_out, L.attn_lse, B, T, H, Hk, hd, a.doc_start, OVERWRITE,
+                           layer_has_xsa(c, b) ? ACCUMULATE : OVERWRITE);
         qk_norm_rope_backward(dev, a.d_q_proj, LG.q_gain, a.d_q_rope, L.q_proj, L.q_rstd, LW.q_gain, N, T, H, hd,
                               c.rotary_dims(), c.rope_base, OVERWRITE, pw(LG.q_gain, (size_t)H));
         qk_norm_rope_backward(dev, a.d_k_proj, no_grad, a.d_k_rope, L.k_proj, L.k_rstd, no_vec, N, T, Hk, hd,
@@ -10869,17 +10871,20 @@ static void attention_forward(Cost, CostBf16*, float*, const CostBf16*, const Co
 // attention_backward_kernel (S = K·Qᵀ, dP = V·dOᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q, dQ += dS·K: 5 products over
 // query tiles of 64 packed rows, 32 at hd 128; its 64-bit adds into the accumulator go to L2, where the
 // rows of the (b, kv head) pairs in flight stay, so they count as no HBM traffic);
-// attention_backward_dq_kernel (accumulator → dq += …)
+// attention_backward_dq_kernel (accumulator → dq = or += …); dq, dk, dv read back only when added into
 static void attention_backward(Cost, CostBf16*, CostBf16*, CostBf16*, const CostBf16*, const CostBf16*, const CostBf16*,
                                const CostBf16*, const CostBf16*, const float*, int B, int T, int H, int Hk, int hd,
-                               const int32_t* = nullptr) {
+                               const int32_t* = nullptr, GradWrite qk_write = ACCUMULATE,
+                               GradWrite v_write = ACCUMULATE) {
     if (B == 0 || T == 0) return;
     double q = (double)B * T * H * hd * BF, kv = (double)B * T * Hk * hd * BF, row = (double)B * T * H * F32;
+    double qk_rw = qk_write == ACCUMULATE ? 2 : 1, v_rw = v_write == ACCUMULATE ? 2 : 1;
     int rows = hd <= 64 ? 64 : 32;  // attn_dkdv_rows
     cost_add(OP_ATTN_BWD, "attention_backward_bounds", 0, 2 * kv);
     cost_add(OP_ATTN_BWD, "attention_backward_rowdot", 0, 2 * q + 2 * row + 4 * q);
-    cost_add(OP_ATTN_BWD, "attention_backward", cost_attn_flops(B, T, H, Hk, hd, rows, 5), 2 * q + 6 * kv + 3 * row);
-    cost_add(OP_ATTN_BWD, "attention_backward_dq", 0, 4 * q + 2 * q + row);
+    cost_add(OP_ATTN_BWD, "attention_backward", cost_attn_flops(B, T, H, Hk, hd, rows, 5),
+             2 * q + (2 + qk_rw + v_rw) * kv + 3 * row);
+    cost_add(OP_ATTN_BWD, "attention_backward_dq", 0, 4 * q + qk_rw * q + row);
 }
 // xsa_forward / xsa_backward: one warp-per-kv-head kernel each (the backward reads da and dv only to add to them)
 static void xsa_forward(Cost, CostBf16*, const CostBf16*, const CostBf16*, int N, int H, int Hk, int hd) {

@@ -99,7 +99,7 @@ static void cost_matches_emulated_step(Config c, int B, bool looping = false) {
         printf("  %s B=%d T=%d: kernel launches %ld, memsets %ld, copies %ld, GEMMs %ld, collectives %ld\n",
                c.preset.c_str(), B, T, emu.launches, emu.memsets, emu.copies, emu.gemms, emu.collectives);
     check_call_counts(c.preset, cost, emu, e);
-    CHECK(emu.launches > 0 && emu.gemms > 0 && emu.memsets > 0 && emu.copies > 0 && emu.graphs == 2);
+    CHECK(emu.launches > 0 && emu.gemms > 0 && emu.copies > 0 && emu.graphs == 2);  // memsets: 0 at one rank
     CallCounts host = emu_call_counts_of(replay);
     check_call_counts(c.preset + " (replayed)", cost_call_counts(cost_step_launches(c, 1), true), host, replay);
     CHECK(host.graphs == 2 && host.launches + host.gemms < emu.launches + emu.gemms);

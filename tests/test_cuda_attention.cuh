@@ -460,7 +460,9 @@ static double attn_max_abs(const std::vector<float>& x) {
 
 // every > 0: document-masked (VARLEN_ATTN), each row cut into documents by attn_test_docs(T, every + b),
 // the document starts in device memory as gpt_forward keeps them. dscale scales dO (and so every gradient).
-static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd, int every = 0, double dscale = 1) {
+// overwrite: also the backward that writes dq, dk (and dv) over poisoned buffers, as gpt_backward calls it.
+static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd, int every = 0, double dscale = 1,
+                                 bool overwrite = false) {
     std::string scaled = dscale != 1 ? test_format(", dO × %g", dscale) : "";
     std::string shape = test_format("(B,T,H,Hk,hd)=(%d,%d,%d,%d,%d)%s%s", B, T, H, Hk, hd,
                                     every ? " with documents" : "", scaled.c_str());
@@ -571,6 +573,23 @@ static void attention_gpu_vs_cpu(int B, int T, int H, int Hk, int hd, int every 
                                    : "dv");
         }
     }
+    for (GradWrite v_write : {OVERWRITE, ACCUMULATE}) {  // without and with an XSA backward before it
+        if (!overwrite) break;
+        std::vector<uint16_t> poison_q(nq, 0xffff), poison_k(nk, 0xffff);  // bf16 NaN
+        attn_upload(dq_, poison_q); attn_upload(dk_, poison_k);
+        attn_upload(dv_, v_write == OVERWRITE ? poison_k : dv0);
+        attention_backward(Cuda{}, bf(dq_), bf(dk_), bf(dv_), bf(dout_), bf(q_), bf(k_), bf(v_), bf(out_),
+                           lse_.as<float>(), B, T, H, Hk, hd, ddoc, OVERWRITE, v_write);
+        cudaCheck(cudaDeviceSynchronize());
+        std::string w = shape + (v_write == OVERWRITE ? ", overwriting" : ", overwriting dq, dk");
+        std::vector<float> dv_want = v_write == OVERWRITE ? dv_ref : plus(dv0, dv_ref);
+        attn_expect_band("dq", w.c_str(), attn_widen(attn_download<uint16_t>(dq_, nq)), dq_ref, mq, 1e-2, 1e-5, T, H,
+                         hd);
+        attn_expect_band("dk", w.c_str(), attn_widen(attn_download<uint16_t>(dk_, nk)), dk_ref, mk, 1e-2, 1e-5, T, Hk,
+                         hd);
+        attn_expect_band("dv", w.c_str(), attn_widen(attn_download<uint16_t>(dv_, nk)), dv_want, mv, 1e-2, 1e-5, T,
+                         Hk, hd);
+    }
 }
 
 TEST(cuda_attention_single_token_hd64) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 1, 1, 1, 64); }
@@ -583,11 +602,11 @@ TEST(cuda_attention_ragged_hd128) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 100, 
 TEST(cuda_attention_t2048_hd64) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 2048, EMU_OR(8, 2), EMU_OR(4, 1), 64); }
 // Document-masked: boundaries inside tiles and on their edges, documents shorter and longer than a tile,
 // key tiles wholly before a query tile's documents skipped (T 200: rows with BOS every 29 and 30 positions).
-TEST(cuda_attention_documents_gqa_hd32) { REQUIRE_GPU(); attention_gpu_vs_cpu(2, 77, 4, 2, 32, 5); }
+TEST(cuda_attention_documents_gqa_hd32) { REQUIRE_GPU(); attention_gpu_vs_cpu(2, 77, 4, 2, 32, 5, 1, true); }
 TEST(cuda_attention_documents_gqa_hd64) { REQUIRE_GPU(); attention_gpu_vs_cpu(2, 200, 4, 2, 64, 29); }
 // hd 128's 32-row query tiles (the dQ product split by columns across warps) with documents; gradients from
 // 1e-12 to 1e8 (a span of 2^66: no single fixed-point scale of an int64 holds both; the per-row exponents do).
-TEST(cuda_attention_documents_gqa_hd128) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 150, 4, 2, 128, 37); }
+TEST(cuda_attention_documents_gqa_hd128) { REQUIRE_GPU(); attention_gpu_vs_cpu(1, 150, 4, 2, 128, 37, 1, true); }
 TEST(cuda_attention_gradient_range) {
     REQUIRE_GPU();
     attention_gpu_vs_cpu(1, 100, 4, 2, 32, 0, 1e-12);
