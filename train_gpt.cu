@@ -9666,7 +9666,7 @@ struct SavedCheckpoint {  // its weights are finite (others are not written)
     int step;
 };
 
-struct CudaStepGraph;  // the GPU's step: its CUDA graph and token upload (after train_step)
+struct CudaStepGraph;  // the GPU's step: its two CUDA graphs and the uploads (after train_step)
 
 // Optimizer and averaging state, all in the parameter layout.
 template <class D> struct TrainState {
