@@ -9070,6 +9070,95 @@ template <class D> static EvalResult eval_lora_ttt(D dev, Model<D>& m, const Eva
     return r;
 }
 
+// --- Whole-model TTT steps: full TTT and phased TTT's global SGD -------------------------------------
+// What a step trains and how: the arena ranges it changes, the optimizer and its state.
+template <class D> struct TttOptimizer {
+    std::vector<std::pair<size_t, size_t>> runs;  // the trained arena ranges [begin, end)
+    bool sgd = true;  // SGD with momentum (torch.optim.SGD), else AdamW
+    float momentum = 0, beta1 = 0, beta2 = 0, eps = 0, wd = 0;
+    double grad_clip = 0;  // clip the trained gradients' global norm to this; 0: no clipping
+    bool per_use_grads = false;  // depth recurrence: a shared core's gradient times 1/uses (PR #456's hooks)
+    typename D::grad* m1 = nullptr;  // (nparams,) SGD momentum, or Adam's m
+    typename D::grad* m2 = nullptr;  // (nparams,) Adam's v; AdamW only
+    int step = 0;  // steps taken: the first one starts the SGD momentum at the gradient
+};
+
+// lr·½(1 + cos(π·ci/(chunks − 1))): the reference's cosine decay over the chunks of the stream.
+static float ttt_cosine_lr(double lr, long ci, long nchunks) {
+    return (float)(lr * 0.5 * (1.0 + std::cos(M_PI * ci / std::max(nchunks - 1, 1L))));
+}
+
+// One step on the group of gn whole sequences of L tokens that starts at tokens[first]. The group is split
+// across ranks and its loss is the mean over all of it: the same steps at any world size (the reference's
+// per-rank groups agree whenever a chunk fits in one group, as in its runs). src holds each token's stream
+// position (nullptr: tokens is the stream itself); a pair that is not adjacent in the stream (a document's
+// last token, then the next document's BOS) carries no loss (the reference trains BOS -> BOS there).
+template <class D>
+static void ttt_group_step(D dev, Model<D>& m, const uint16_t* tokens, const long* src, long first, long gn, int L,
+                           float lr, TttOptimizer<D>& opt) {
+    int cap_rows = (int)std::max<long>(1, (long)m.acts.B * m.acts.T / L);  // sequences per forward
+    long s0 = split_begin(gn, g_rank, g_world);
+    long s1 = split_begin(gn, g_rank + 1, g_world);
+    std::vector<int32_t> x, y;
+    std::vector<float> nll, weights;
+    device_zero(dev, m.grads, m.nparams * sizeof(typename D::grad));
+    for (long s = s0; s < s1; s += cap_rows) {
+        int B = (int)std::min<long>(cap_rows, s1 - s);
+        long o = first + s * L;  // tokens[o ..] are this forward's inputs, tokens[o + 1 ..] its targets
+        x.resize((size_t)B * L);
+        y.resize((size_t)B * L);
+        weights.assign(x.size(), (float)(1.0 / ((double)gn * L)));
+        for (size_t i = 0; i < x.size(); i++) {
+            x[i] = tokens[o + i];
+            y[i] = tokens[o + i + 1];
+            if (src && src[o + i + 1] != src[o + i] + 1) weights[i] = 0;
+        }
+        to_device(dev, m.acts.loss_weights, weights.data(), weights.size());
+        forward_nll(dev, m, x, y, B, L, nll, (Lora<D>*)nullptr, true);
+        gpt_backward(dev, m, B, L);
+    }
+#ifdef PGOLF_TESTING
+    if (g_ttt_step_hook) {  // the stream positions (target t[j+1]) that carry loss
+        std::vector<long> pos;
+        for (long i = first + s0 * L; i < first + s1 * L; i++)
+            if (!src) pos.push_back(i);
+            else if (src[i + 1] == src[i] + 1) pos.push_back(src[i]);
+        g_ttt_step_hook(pos);
+    }
+#endif
+    // every rank joins, with zero gradient when it holds no sequence: no deadlock
+    allreduce_sum(dev, m.grads, m.nparams);
+    if (opt.per_use_grads)
+        for (const ParamSpec& p : m.table)
+            if (p.uses > 1) scale_grads(dev, m.grads + p.offset, p.numel, 1.0f / p.uses);
+    if (opt.grad_clip > 0) {  // torch's clip_grad_norm_ over the trained parameters
+        double ss = 0;
+        for (auto& r : opt.runs) ss += sum_squares(dev, m.grads + r.first, r.second - r.first);
+        double coef = opt.grad_clip / (std::sqrt(ss) + 1e-6);
+        if (coef < 1.0)
+            for (auto& r : opt.runs) scale_grads(dev, m.grads + r.first, r.second - r.first, (float)coef);
+    }
+    opt.step++;
+    for (auto& r : opt.runs) {
+        size_t o = r.first, k = r.second - r.first;
+        if (opt.sgd)
+            sgd_update(dev, m.params + o, m.grads + o, opt.m1 + o, k, lr, opt.momentum, opt.wd, opt.step == 1);
+        else
+            adamw_update(dev, m.params + o, m.grads + o, opt.m1 + o, opt.m2 + o, k, lr, opt.beta1, opt.beta2, opt.eps,
+                         opt.wd, opt.step);
+    }
+    refresh_compute_weights(dev, m, false);
+}
+
+// Train on one chunk: its `seqs` whole sequences from tokens[cs], in groups of batch_seqs, `epochs` times.
+template <class D>
+static void ttt_train_chunk(D dev, Model<D>& m, const uint16_t* tokens, const long* src, long cs, long seqs, int L,
+                            float lr, int epochs, int batch_seqs, TttOptimizer<D>& opt) {
+    for (int ep = 0; ep < epochs; ep++)
+        for (long g0 = 0; g0 < seqs; g0 += batch_seqs)
+            ttt_group_step(dev, m, tokens, src, cs + g0 * L, std::min<long>(batch_seqs, seqs - g0), L, lr, opt);
+}
+
 // --- Full-model score-first TTT -------------------------------------------------------------------
 // The stream is cut into chunks of TTT_CHUNK_TOKENS positions; each sliding window (same set as
 // `sliding`) belongs to the chunk of its first scored position. Per chunk: score its windows, then
@@ -9111,9 +9200,10 @@ template <class D> static EvalResult eval_full_ttt(D dev, Model<D>& m, const Eva
         prev_ci = ci;
     }
     for (long ci = 0; ci < nchunks; ci++) cw[ci + 1] += cw[ci];
-    std::vector<std::pair<size_t, size_t>> runs = ttt_trainable_runs(c, m.table);
+    TttOptimizer<D> opt;
+    opt.runs = ttt_trainable_runs(c, m.table);
     size_t trainable = 0;
-    for (auto& r : runs) trainable += r.second - r.first;
+    for (auto& r : opt.runs) trainable += r.second - r.first;
     bool sgd = c.ttt_optimizer == "sgd";
     log0("full_ttt:start chunks:%ld chunk_tokens:%ld windows:%zu stride:%d window:%d optimizer:%s lr:%g epochs:%d "
          "batch_seqs:%d freeze_blocks:%d trainable:%zu\n",
@@ -9127,12 +9217,18 @@ template <class D> static EvalResult eval_full_ttt(D dev, Model<D>& m, const Eva
     device_zero(dev, m1, bytes);
     if (m2) device_zero(dev, m2, bytes);
     if (L > m.acts.T) fail("internal: eval length %d exceeds the activation plan (%d positions)", L, m.acts.T);
-    int cap_rows = (int)std::max<long>(1, (long)m.acts.B * m.acts.T / L);  // sequences per forward
+    opt.sgd = sgd;
+    opt.momentum = c.ttt_momentum;
+    opt.beta1 = c.ttt_beta1;
+    opt.beta2 = c.ttt_beta2;
+    opt.eps = c.ttt_eps;
+    opt.wd = c.ttt_wd;
+    opt.grad_clip = c.ttt_grad_clip;
+    opt.per_use_grads = true;
+    opt.m1 = m1;
+    opt.m2 = m2;
     ScoreSums sums;
     EvalProgress prog("full_ttt");
-    std::vector<int32_t> x, y;
-    std::vector<float> nll, weights;
-    int step = 0;
     for (long ci = 0; ci < nchunks; ci++) {
         // phase 1: score this chunk's windows with the weights trained on chunks < ci
         long a = cw[ci], nw = cw[ci + 1] - cw[ci];
@@ -9142,57 +9238,8 @@ template <class D> static EvalResult eval_full_ttt(D dev, Model<D>& m, const Eva
         if (ci == nchunks - 1) break;  // the last chunk is never trained on
         // phase 2: train on the chunk's whole sequences (targets t[cs+1 .. cs+seqs·L], all scored above)
         long cs = ci * Ct, seqs = (std::min(cs + Ct, T) - cs) / L;
-        float lr = (float)(c.ttt_lr * 0.5 * (1.0 + std::cos(M_PI * ci / std::max(nchunks - 1, 1L))));
-        for (int ep = 0; ep < c.ttt_epochs; ep++)
-            for (long g0 = 0; g0 < seqs; g0 += c.ttt_batch_seqs) {
-                // A group of TTT_BATCH_SEQS sequences is split across ranks, and its loss is the mean over
-                // all of it: the same steps at any world size (the reference's per-rank groups agree
-                // whenever a chunk fits in one group, as in its runs).
-                long gn = std::min<long>(c.ttt_batch_seqs, seqs - g0);
-                long s0 = g0 + split_begin(gn, g_rank, g_world), s1 = g0 + split_begin(gn, g_rank + 1, g_world);
-                device_zero(dev, m.grads, bytes);
-                for (long s = s0; s < s1; s += cap_rows) {
-                    int B = (int)std::min<long>(cap_rows, s1 - s);
-                    x.resize((size_t)B * L);
-                    y.resize((size_t)B * L);
-                    for (size_t i = 0; i < x.size(); i++) {
-                        x[i] = d.val[cs + s * L + i];
-                        y[i] = d.val[cs + s * L + i + 1];
-                    }
-                    weights.assign(x.size(), (float)(1.0 / ((double)gn * L)));
-                    to_device(dev, m.acts.loss_weights, weights.data(), weights.size());
-                    forward_nll(dev, m, x, y, B, L, nll, (Lora<D>*)nullptr, true);
-                    gpt_backward(dev, m, B, L);
-                }
-#ifdef PGOLF_TESTING
-                if (g_ttt_step_hook) {
-                    std::vector<long> pos;
-                    for (long j = cs + s0 * L; j < cs + s1 * L; j++) pos.push_back(j);
-                    g_ttt_step_hook(pos);
-                }
-#endif
-                // every rank joins, with zero gradient when it holds no sequence: no deadlock
-                allreduce_sum(dev, m.grads, m.nparams);
-                for (const ParamSpec& p : m.table)  // depth recurrence: PR #456's 1/uses gradient hooks
-                    if (p.uses > 1) scale_grads(dev, m.grads + p.offset, p.numel, 1.0f / p.uses);
-                if (c.ttt_grad_clip > 0) {  // torch's clip_grad_norm_ over the trained parameters
-                    double ss = 0;
-                    for (auto& r : runs) ss += sum_squares(dev, m.grads + r.first, r.second - r.first);
-                    double coef = c.ttt_grad_clip / (std::sqrt(ss) + 1e-6);
-                    if (coef < 1.0)
-                        for (auto& r : runs) scale_grads(dev, m.grads + r.first, r.second - r.first, (float)coef);
-                }
-                step++;
-                for (auto& r : runs) {
-                    size_t o = r.first, k = r.second - r.first;
-                    if (sgd)
-                        sgd_update(dev, m.params + o, m.grads + o, m1 + o, k, lr, c.ttt_momentum, c.ttt_wd, step == 1);
-                    else
-                        adamw_update(dev, m.params + o, m.grads + o, m1 + o, m2 + o, k, lr, c.ttt_beta1, c.ttt_beta2,
-                                     c.ttt_eps, c.ttt_wd, step);
-                }
-                refresh_compute_weights(dev, m, false);
-            }
+        float lr = ttt_cosine_lr(c.ttt_lr, ci, nchunks);
+        ttt_train_chunk(dev, m, d.val.data(), nullptr, cs, seqs, L, lr, c.ttt_epochs, c.ttt_batch_seqs, opt);
     }
     // later modes (and the artifact) see the weights as loaded, not the TTT-updated ones
     device_copy(dev, m.params, saved, m.nparams);
@@ -9201,7 +9248,7 @@ template <class D> static EvalResult eval_full_ttt(D dev, Model<D>& m, const Eva
     device_free(dev, m1);
     if (m2) device_free(dev, m2);
     sums.reduce();
-    log0("full_ttt:done steps:%d\n", step);
+    log0("full_ttt:done steps:%d\n", opt.step);
     return eval_result("full_ttt", sums, t0);
 }
 
@@ -9218,63 +9265,25 @@ template <class D> static EvalResult eval_full_ttt(D dev, Model<D>& m, const Eva
 // Global SGD of the phases, as the reference's train_val_ttt_global_sgd_distributed: `tokens` (their stream
 // positions in src) in chunks of GLOBAL_TTT_CHUNK_TOKENS; each chunk but the last, its whole rows of L
 // tokens in groups of GLOBAL_TTT_BATCH_SEQS split across ranks, loss = mean over the group, averaged
-// gradients, clip, SGD with momentum at lr·½(1 + cos(π·ci/(chunks − 1))).
+// gradients, clip, SGD with momentum (fresh each phase) at lr·½(1 + cos(π·ci/(chunks − 1))).
 template <class D> static int global_sgd_phase(D dev, Model<D>& m, const std::vector<uint16_t>& tokens,
                                                const std::vector<long>& src, typename D::grad* mom) {
-    using G = typename D::grad;
     const Config& c = m.cfg;
     int L = c.eval_len();
     long T = (long)tokens.size() - 1, Ct = c.global_ttt_chunk_tokens;
     long nchunks = (T + Ct - 1) / Ct;
-    int cap_rows = (int)std::max<long>(1, (long)m.acts.B * m.acts.T / L);  // sequences per forward
-    size_t bytes = m.nparams * sizeof(G);
-    std::vector<int32_t> x, y;
-    std::vector<float> nll, weights;
-    int step = 0;
+    TttOptimizer<D> opt;
+    opt.runs = {{0, m.nparams}};  // the whole model
+    opt.momentum = c.global_ttt_momentum;
+    opt.grad_clip = c.global_ttt_grad_clip;
+    opt.m1 = mom;
     for (long ci = 0; ci + 1 < nchunks; ci++) {  // the last chunk is never trained on (as the reference)
         long cs = ci * Ct, seqs = (std::min(cs + Ct, T) - cs) / L;
-        float lr = (float)(c.global_ttt_lr * 0.5 * (1.0 + std::cos(M_PI * ci / std::max(nchunks - 1, 1L))));
-        for (int ep = 0; ep < c.global_ttt_epochs; ep++)
-            for (long g0 = 0; g0 < seqs; g0 += c.global_ttt_batch_seqs) {
-                long gn = std::min<long>(c.global_ttt_batch_seqs, seqs - g0);
-                long s0 = g0 + split_begin(gn, g_rank, g_world), s1 = g0 + split_begin(gn, g_rank + 1, g_world);
-                device_zero(dev, m.grads, bytes);
-                for (long s = s0; s < s1; s += cap_rows) {
-                    int B = (int)std::min<long>(cap_rows, s1 - s);
-                    x.resize((size_t)B * L);
-                    y.resize((size_t)B * L);
-                    for (size_t i = 0; i < x.size(); i++) {
-                        x[i] = tokens[cs + s * L + i];
-                        y[i] = tokens[cs + s * L + i + 1];
-                    }
-                    // a document's last token (the next BOS) followed by the next document's BOS is no pair
-                    // of the stream: it carries no loss (the reference trains BOS -> BOS there)
-                    weights.assign(x.size(), (float)(1.0 / ((double)gn * L)));
-                    for (size_t i = 0; i < x.size(); i++)
-                        if (src[cs + s * L + i + 1] != src[cs + s * L + i] + 1) weights[i] = 0;
-                    to_device(dev, m.acts.loss_weights, weights.data(), weights.size());
-                    forward_nll(dev, m, x, y, B, L, nll, (Lora<D>*)nullptr, true);
-                    gpt_backward(dev, m, B, L);
-                }
-#ifdef PGOLF_TESTING
-                if (g_ttt_step_hook) {  // the stream positions (target t[j+1]) that carry loss
-                    std::vector<long> pos;
-                    for (long i = cs + s0 * L; i < cs + s1 * L; i++)
-                        if (src[i + 1] == src[i] + 1) pos.push_back(src[i]);
-                    g_ttt_step_hook(pos);
-                }
-#endif
-                allreduce_sum(dev, m.grads, m.nparams);  // every rank joins, with zero gradient if it has no row
-                if (c.global_ttt_grad_clip > 0) {
-                    double coef = c.global_ttt_grad_clip / (std::sqrt(sum_squares(dev, m.grads, m.nparams)) + 1e-6);
-                    if (coef < 1.0) scale_grads(dev, m.grads, m.nparams, (float)coef);
-                }
-                step++;
-                sgd_update(dev, m.params, m.grads, mom, m.nparams, lr, c.global_ttt_momentum, 0.0f, step == 1);
-                refresh_compute_weights(dev, m, false);
-            }
+        float lr = ttt_cosine_lr(c.global_ttt_lr, ci, nchunks);
+        ttt_train_chunk(dev, m, tokens.data(), src.data(), cs, seqs, L, lr, c.global_ttt_epochs,
+                        c.global_ttt_batch_seqs, opt);
     }
-    return step;
+    return opt.step;
 }
 
 // The queue: batches of document indices (each shortest first, id = place in shortest-first order) in
