@@ -54,10 +54,16 @@ for bin in tests/test_tokenizer tests/test_emu_libs; do
     [ "$cpu_only" = 1 ] && [ "$bin" = tests/test_emu_libs ] && continue
     [ -x "$bin" ] && run_binary "$bin" "$bin"
 done
+# The test program's shapes are tiny: on one OpenMP thread it runs in a third of the time, as waking a
+# second thread for each small loop costs more than the loop (eval_lora_gradcheck_every_target: 106 s on
+# two threads, 3.4 s on one). An OMP_NUM_THREADS given by the caller is kept.
+threads_given=${OMP_NUM_THREADS-}
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 if [ "$cpu_only" = 1 ]; then
     [ -x tests/test_main_cpu ] || { echo "FAIL tests/test_main_cpu is not built (make tests/test_main_cpu)"; exit 1; }
     export TEST_BIN=tests/test_main_cpu  # the scripts that run the test binary (test_eval_mpi.sh)
     run_binary tests/test_main_cpu tests/test_main_cpu
+    if [ -n "$threads_given" ]; then export OMP_NUM_THREADS="$threads_given"; else unset OMP_NUM_THREADS; fi
 else
     # The CUDA tests: natively where a GPU is, and always through the emulator (tests/emu) when it is built;
     # without a GPU the native binary leaves them to the emulator (all but the no-GPU failure test).
@@ -67,6 +73,7 @@ else
         if [ "$has_gpu" = 1 ] || [ ! -x tests/test_main_emu ]; then run_binary tests/test_main tests/test_main
         else run_binary tests/test_main tests/test_main -cuda_ cuda_host_without_gpu; fi
     fi
+    if [ -n "$threads_given" ]; then export OMP_NUM_THREADS="$threads_given"; else unset OMP_NUM_THREADS; fi
     [ -x tests/test_main_emu ] && run_binary "tests/test_main_emu (CUDA emulator)" tests/test_main_emu cuda_ \
         -cuda_host_without_gpu emu_
 fi
