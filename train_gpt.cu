@@ -131,6 +131,12 @@ static FILE* g_logfile = nullptr;  // the run's log.txt once it is open (rank 0)
     exit(1);
 #endif
 }
+// COMPRESSOR=brotli needs libbrotli at build time: checked at startup and again before export's threads (a
+// failure inside an OpenMP region cannot be caught, it would end the process).
+static void brotli_check_built(const std::string& compressor) {
+    if (compressor == "brotli" && !BUILT_WITH_BROTLI)
+        fail("COMPRESSOR=brotli: this build has no brotli (install libbrotli-dev, e.g. scripts/setup, and rebuild)");
+}
 
 // printf on rank 0 only, also appended to the run's log file when one is open.
 static bool g_quiet = false;  // tests silence the training log
@@ -1579,9 +1585,7 @@ static void config_validate(const Config& c, int world) {
          c.lqer_asym_group);
     need(c.compressor == "zstd" || c.compressor == "brotli", "COMPRESSOR=%s: expected zstd or brotli",
          c.compressor.c_str());
-    // at startup, not after ten minutes of training
-    need(c.compressor != "brotli" || BUILT_WITH_BROTLI,
-         "COMPRESSOR=brotli: this build has no brotli (install libbrotli-dev, e.g. scripts/setup, and rebuild)");
+    brotli_check_built(c.compressor);  // at startup, not after ten minutes of training
     need(c.prune_frac >= 0 && c.prune_frac < 1, "PRUNE_FRAC=%g: expected [0, 1)", c.prune_frac);
     need(c.sliding == "exact" || c.sliding == "reference", "SLIDING=%s: expected exact or reference",
          c.sliding.c_str());
@@ -7054,7 +7058,7 @@ static std::vector<uint8_t> brotli_compress(const uint8_t* src, size_t n) {
 #else
     (void)src;
     (void)n;
-    fail("COMPRESSOR=brotli: this build has no brotli (install libbrotli-dev, e.g. scripts/setup, and rebuild)");
+    fail("internal: brotli_compress in a build without brotli (brotli_check_built refuses COMPRESSOR=brotli first)");
 #endif
 }
 // Exactly `want` bytes out of exactly the n bytes given, or a one-line error (a stream that would
@@ -7894,9 +7898,7 @@ static std::vector<uint8_t> artifact_build(Config& c, const std::vector<ParamSpe
     bool same = want.size() == t.size();
     for (size_t i = 0; same && i < t.size(); i++) same = want[i].name == t[i].name && want[i].shape == t[i].shape;
     if (!same) fail("export: the parameter table does not match the config's (CONFIG=%s)", c.preset.c_str());
-    // before the threads: a failure inside an OpenMP region cannot be caught, it would end the process
-    if (c.compressor == "brotli" && !BUILT_WITH_BROTLI)
-        fail("COMPRESSOR=brotli: this build has no brotli (install libbrotli-dev, e.g. scripts/setup, and rebuild)");
+    brotli_check_built(c.compressor);  // before the threads
     std::vector<QTensor> qt = quantize_model(c, t, w, hs);
     // Every group in its primary packing (bytes, or float byte planes); int5/int6 bit-packed too,
     // all compressed at once (independent single-threaded frames: the bytes do not depend on it).
