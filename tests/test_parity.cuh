@@ -174,13 +174,20 @@ static void parity_check_grads(const SafetensorsFile& f, const Model<D>& m, cons
     }
 }
 
+// The dump's config, and a model holding its weights under `prefix` ("init.", "mid.", "final.").
+template <class D> static Config parity_model(const SafetensorsFile& f, const char* preset, const char* prefix, D dev,
+                                              Model<D>& m) {
+    Config c = parity_config(f, parity_data(f, preset));
+    model_init_for_run(dev, m, c);
+    parity_put(f, prefix, m);
+    return c;
+}
+
 template <class T> static void parity_first_step(const char* preset, double loss_rtol, double grad_rtol) {
     SafetensorsFile f = parity_load(preset);
-    Config c = parity_config(f, parity_data(f, preset));
     Cpu<T> dev;
     Model<Cpu<T>> m;
-    model_init_for_run(dev, m, c);
-    parity_put(f, "init.", m);
+    Config c = parity_model(f, preset, "init.", dev, m);
     long local = c.train_batch_tokens / atoi(f.meta.at("grad_accum").c_str());
     double loss = parity_first_step_run(dev, m, f, [&](const Model<Cpu<T>>& mm) {
         std::vector<float> slice = parity_tensor(f, "logits.slice"), stats = parity_tensor(f, "logits.stats");
@@ -203,11 +210,9 @@ template <class T> static void parity_first_step(const char* preset, double loss
 // carries gradient and, for PR #1855, the loop is on.
 template <class T> static void parity_mid_step(const char* preset, double loss_rtol, double grad_rtol) {
     SafetensorsFile f = parity_load(preset);
-    Config c = parity_config(f, parity_data(f, preset));
     Cpu<T> dev;
     Model<Cpu<T>> m;
-    model_init_for_run(dev, m, c);
-    parity_put(f, "mid.", m);
+    Config c = parity_model(f, preset, "mid.", dev, m);
     int step = atoi(f.meta.at("mid_step").c_str()) - 1;
     double loss = parity_first_step_run(dev, m, f, [](const Model<Cpu<T>>&) {}, step);
     CHECK(m.looping == (training_frac(c, step, 0) >= c.enable_looping_at));
@@ -232,12 +237,10 @@ template <class D> static std::vector<double> parity_train_run(D dev, Model<D>& 
 // 1e-7 moves ten steps' weights by up to 2.4e-4 (attention projections); its step losses stay within 1e-6.
 static void parity_ten_steps(const char* preset, double weight_rtol = 1e-4, double loss_rtol = 1e-4) {
     SafetensorsFile f = parity_load(preset);
-    Config c = parity_config(f, parity_data(f, preset));
     Cpu<float> dev;
     Model<Cpu<float>> m;
     TrainState<Cpu<float>> s;
-    model_init_for_run(dev, m, c);
-    parity_put(f, "init.", m);
+    Config c = parity_model(f, preset, "init.", dev, m);
     parity_train_run(dev, m, s);
     std::vector<float> want = parity_tensor(f, "step_losses");
     CHECK(s.losses.size() == want.size());
@@ -259,11 +262,9 @@ static void parity_ten_steps(const char* preset, double weight_rtol = 1e-4, doub
 // reported (which counts a position twice where its window set scores it twice).
 static void parity_eval(const char* preset) {
     SafetensorsFile f = parity_load(preset);
-    Config c = parity_config(f, parity_data(f, preset));
     Cpu<float> dev;
     Model<Cpu<float>> m;
-    model_init_for_run(dev, m, c);
-    parity_put(f, "final.", m);
+    Config c = parity_model(f, preset, "final.", dev, m);
     refresh_compute_weights(dev, m, false);
     EvalData ev = unit_byte_eval_data(c);
     int modes = 0;
